@@ -1,0 +1,281 @@
+//! The filter's JSON configuration: the wire form ([`RawFilterConfig`]) and the
+//! validated form ([`FilterConfig`]) the rest of the logic works with.
+//!
+//! The same document arrives inline in an Envoy bootstrap, as an Istio
+//! WasmPlugin `pluginConfig`, or through ECDS from the control plane. The
+//! control plane runs the same validation before it pushes, so a config the
+//! filter would reject never leaves the API.
+
+use serde::{Deserialize, Serialize};
+
+/// Routes are matched linearly on every request; the cap keeps that bounded.
+pub const MAX_ROUTES: usize = 256;
+/// Stat names are built from these; Envoy's stat names should stay short.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// The configuration exactly as written, before validation.
+///
+/// Unknown fields are rejected so that a typo (`"stat_prefx"`) is an error
+/// rather than a silently ignored setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFilterConfig {
+    /// Prefix of every metric the filter defines (under Envoy's `wasmcustom.`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stat_prefix: Option<String>,
+    /// Routes the filter knows by name, matched in order by path prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RawRoute>,
+}
+
+/// One route as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+}
+
+fn default_prefix() -> String {
+    "/".to_owned()
+}
+
+/// Everything that can be wrong with a filter configuration. Each message
+/// names the field at fault so an operator can fix it without reading code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The bytes are not a JSON document of the expected shape (this includes
+    /// unknown fields and wrong types; serde's message names them).
+    #[error("filter config is not valid: {0}")]
+    Syntax(String),
+    /// A name used in stat names has characters Envoy's stat tags cannot carry.
+    #[error("{field}: {value:?} is not a valid name: {reason}")]
+    InvalidName {
+        field: String,
+        value: String,
+        reason: &'static str,
+    },
+    /// A path prefix that can never match a request path.
+    #[error("{field}: {value:?} must start with '/'")]
+    InvalidPathPrefix { field: String, value: String },
+    /// Two routes with one name would share (and confuse) their stats.
+    #[error("routes[{second}].name: {name:?} is already used by routes[{first}]")]
+    DuplicateRoute {
+        name: String,
+        first: usize,
+        second: usize,
+    },
+    /// More routes than the filter is willing to scan per request.
+    #[error("routes: {count} routes configured, at most {max} are allowed")]
+    TooManyRoutes { count: usize, max: usize },
+}
+
+/// A validated filter configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterConfig {
+    stat_prefix: String,
+    routes: Vec<Route>,
+}
+
+/// A validated route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub path_prefix: String,
+}
+
+impl FilterConfig {
+    /// Parses and validates the plugin configuration bytes Envoy hands the
+    /// filter. Empty input means "all defaults", as when no configuration is set.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Self::try_from(RawFilterConfig::default());
+        }
+        let raw: RawFilterConfig =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        Self::try_from(raw)
+    }
+
+    /// Validates a JSON value (the control plane's path: it stores the config as JSON).
+    pub fn from_value(value: &serde_json::Value) -> Result<Self, ConfigError> {
+        let raw = RawFilterConfig::deserialize(value).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        Self::try_from(raw)
+    }
+
+    pub fn stat_prefix(&self) -> &str {
+        &self.stat_prefix
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The first route (in configured order, as Envoy does) whose prefix matches `path`.
+    pub fn match_route(&self, path: &str) -> Option<usize> {
+        self.routes
+            .iter()
+            .position(|r| path.starts_with(r.path_prefix.as_str()))
+    }
+}
+
+impl TryFrom<RawFilterConfig> for FilterConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawFilterConfig) -> Result<Self, Self::Error> {
+        let stat_prefix = raw.stat_prefix.unwrap_or_else(|| "understudy".to_owned());
+        validate_name("stat_prefix", &stat_prefix)?;
+        if raw.routes.len() > MAX_ROUTES {
+            return Err(ConfigError::TooManyRoutes {
+                count: raw.routes.len(),
+                max: MAX_ROUTES,
+            });
+        }
+        let mut routes: Vec<Route> = Vec::with_capacity(raw.routes.len());
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            validate_name(&format!("routes[{i}].name"), &r.name)?;
+            if !r.path_prefix.starts_with('/') {
+                return Err(ConfigError::InvalidPathPrefix {
+                    field: format!("routes[{i}].path_prefix"),
+                    value: r.path_prefix,
+                });
+            }
+            if let Some(first) = routes.iter().position(|x| x.name == r.name) {
+                return Err(ConfigError::DuplicateRoute {
+                    name: r.name,
+                    first,
+                    second: i,
+                });
+            }
+            routes.push(Route {
+                name: r.name,
+                path_prefix: r.path_prefix,
+            });
+        }
+        Ok(Self {
+            stat_prefix,
+            routes,
+        })
+    }
+}
+
+/// Names end up inside stat names such as `wasmcustom.understudy.route.<name>.requests`,
+/// so dots (the tag separator) and anything outside `[A-Za-z0-9_-]` are refused.
+pub fn validate_name(field: &str, value: &str) -> Result<(), ConfigError> {
+    let reason = if value.is_empty() {
+        Some("it is empty")
+    } else if value.len() > MAX_NAME_LEN {
+        Some("it is longer than 64 characters")
+    } else if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        Some("only letters, digits, '_' and '-' are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(ConfigError::InvalidName {
+            field: field.to_owned(),
+            value: value.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_means_defaults() {
+        let c = FilterConfig::from_json(b"  ").unwrap();
+        assert_eq!(c.stat_prefix(), "understudy");
+        assert!(c.routes().is_empty());
+        assert_eq!(FilterConfig::from_json(b"{}").unwrap(), c);
+    }
+
+    #[test]
+    fn routes_match_in_order() {
+        let c = FilterConfig::from_json(
+            br#"{"routes":[{"name":"api","path_prefix":"/api"},{"name":"all"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.match_route("/api/cart"), Some(0));
+        assert_eq!(c.match_route("/index.html"), Some(1));
+        let only_api =
+            FilterConfig::from_json(br#"{"routes":[{"name":"api","path_prefix":"/api"}]}"#).unwrap();
+        assert_eq!(only_api.match_route("/"), None);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = FilterConfig::from_json(br#"{"stat_prefx":"x"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `stat_prefx`"), "{err}");
+    }
+
+    #[test]
+    fn malformed_json_is_a_syntax_error() {
+        let err = FilterConfig::from_json(b"{\"routes\": [").unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax(_)), "{err:?}");
+        let err = FilterConfig::from_json(b"[1,2]").unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax(_)), "{err:?}");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"stat_prefix":"a.b"}"#, "stat_prefix: \"a.b\""),
+            (r#"{"stat_prefix":""}"#, "stat_prefix: \"\" is not a valid name: it is empty"),
+            (r#"{"routes":[{"name":"ok"},{"name":"x y"}]}"#, "routes[1].name"),
+            (r#"{"routes":[{"name":"a","path_prefix":"api"}]}"#, "routes[0].path_prefix: \"api\" must start with '/'"),
+            (r#"{"routes":[{"name":"a"},{"name":"a"}]}"#, "routes[1].name: \"a\" is already used by routes[0]"),
+        ];
+        for (json, expected) in cases {
+            let err = FilterConfig::from_json(json.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(expected), "{json}: got {err:?}, want {expected:?}");
+        }
+    }
+
+    #[test]
+    fn too_many_routes_is_refused() {
+        let routes: Vec<_> = (0..=MAX_ROUTES)
+            .map(|i| serde_json::json!({"name": format!("r{i}")}))
+            .collect();
+        let err = FilterConfig::from_value(&serde_json::json!({ "routes": routes })).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::TooManyRoutes {
+                count: MAX_ROUTES + 1,
+                max: MAX_ROUTES
+            }
+        );
+    }
+
+    proptest::proptest! {
+        // Whatever bytes arrive, parsing returns (never panics), and a config
+        // that validates always re-validates identically after a round trip.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = FilterConfig::from_json(&bytes);
+        }
+
+        #[test]
+        fn valid_names_round_trip(names in proptest::collection::btree_set("[a-z0-9_-]{1,20}", 0..8)) {
+            let raw = RawFilterConfig {
+                stat_prefix: None,
+                routes: names.iter().map(|n| RawRoute { name: n.clone(), path_prefix: format!("/{n}") }).collect(),
+            };
+            let json = serde_json::to_vec(&raw).unwrap();
+            let parsed = FilterConfig::from_json(&json).unwrap();
+            proptest::prop_assert_eq!(parsed.routes().len(), names.len());
+            for (i, n) in names.iter().enumerate() {
+                let path = format!("/{n}/x");
+                let hit = parsed.match_route(&path).unwrap();
+                // Order matters: an earlier route whose prefix is a prefix of this one wins.
+                proptest::prop_assert!(hit <= i);
+            }
+        }
+    }
+}

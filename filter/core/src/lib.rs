@@ -1,0 +1,17 @@
+//! `understudy-core`: everything the Understudy filter decides, as plain Rust.
+//!
+//! This crate has no proxy-wasm or tokio dependency. It builds natively (where
+//! its unit and property tests run) and for `wasm32-wasip1` (inside the filter).
+//! The `understudy-filter` crate forwards Envoy's host events into it and
+//! carries out what comes back; the control plane uses it to validate filter
+//! configuration before pushing it, so both sides agree on what is valid.
+//!
+//! # Layout
+//! - [`config`]: the JSON configuration, parsed into validated types.
+//! - [`stats`]: the names of the metrics the filter defines, shared with the
+//!   tests and the control plane so nobody spells them twice.
+
+pub mod config;
+pub mod stats;
+
+pub use config::{ConfigError, FilterConfig};
