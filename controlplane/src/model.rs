@@ -1,0 +1,373 @@
+//! The desired state the operator edits: services with a stable and a canary
+//! backend, the data-plane listener, and the filter. Everything here is
+//! validated on the way in ([`DesiredState::validate`]), so the xDS
+//! translation in [`crate::resources`] never sees an impossible state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// A canary weight in percent: the share of a service's traffic that goes to
+/// the canary backend. Always within `0..=100`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "i64", into = "u32")]
+pub struct Weight(u32);
+
+impl Weight {
+    pub const ZERO: Weight = Weight(0);
+    pub const MAX: u32 = 100;
+
+    pub fn percent(self) -> u32 {
+        self.0
+    }
+}
+
+impl TryFrom<i64> for Weight {
+    type Error = ModelError;
+
+    fn try_from(value: i64) -> Result<Self, Self::Error> {
+        match u32::try_from(value) {
+            Ok(v) if v <= Self::MAX => Ok(Weight(v)),
+            _ => Err(ModelError::WeightOutOfRange(value)),
+        }
+    }
+}
+
+impl From<Weight> for u32 {
+    fn from(w: Weight) -> u32 {
+        w.0
+    }
+}
+
+/// One version of a service: the endpoints that serve it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// `ip:port` pairs. Envoy's EDS needs IP addresses, not host names.
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// A service whose traffic is split between a stable and a canary backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    /// Host names (`Host`/`:authority`) this service answers to. `"*"` matches any.
+    pub domains: Vec<String>,
+    pub stable: Backend,
+    #[serde(default)]
+    pub canary: Backend,
+    #[serde(default = "zero_weight")]
+    pub canary_weight: Weight,
+}
+
+fn zero_weight() -> Weight {
+    Weight::ZERO
+}
+
+impl Service {
+    pub fn stable_cluster(&self) -> String {
+        format!("{}-stable", self.name)
+    }
+
+    pub fn canary_cluster(&self) -> String {
+        format!("{}-canary", self.name)
+    }
+
+    /// Checks what can be checked about one service on its own.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        understudy_core::config::validate_name("name", &self.name).map_err(|e| {
+            ModelError::InvalidService {
+                service: self.name.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let invalid = |reason: String| ModelError::InvalidService {
+            service: self.name.clone(),
+            reason,
+        };
+        if self.domains.is_empty() {
+            return Err(invalid("domains: at least one domain is required".into()));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, d) in self.domains.iter().enumerate() {
+            validate_domain(d).map_err(|r| invalid(format!("domains[{i}]: {d:?} {r}")))?;
+            if !seen.insert(d.to_ascii_lowercase()) {
+                return Err(invalid(format!("domains[{i}]: {d:?} is listed twice")));
+            }
+        }
+        for (which, backend) in [("stable", &self.stable), ("canary", &self.canary)] {
+            for (i, ep) in backend.endpoints.iter().enumerate() {
+                if ep.port() == 0 {
+                    return Err(invalid(format!("{which}.endpoints[{i}]: port 0 is not a valid endpoint port")));
+                }
+            }
+        }
+        let w = self.canary_weight.percent();
+        if w > 0 && self.canary.endpoints.is_empty() {
+            return Err(ModelError::NoCanaryEndpoints {
+                service: self.name.clone(),
+                weight: w,
+            });
+        }
+        if w < Weight::MAX && self.stable.endpoints.is_empty() {
+            return Err(invalid(format!(
+                "stable.endpoints: empty, but {}% of traffic would go to stable",
+                Weight::MAX - w
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Envoy's rules for virtual-host domains: no whitespace, and a wildcard only
+/// as the whole domain or as a leading `*.`/`*-` style prefix or a trailing suffix.
+fn validate_domain(d: &str) -> Result<(), &'static str> {
+    if d.is_empty() {
+        return Err("is empty");
+    }
+    if d.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains whitespace");
+    }
+    let stars = d.matches('*').count();
+    if stars > 1 || (stars == 1 && !d.starts_with('*') && !d.ends_with('*')) {
+        return Err("may only have one wildcard, at the start or the end");
+    }
+    Ok(())
+}
+
+/// Where Envoy listens for the traffic Understudy manages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSettings {
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+/// The Understudy filter as Envoy should load it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterSettings {
+    /// Path of the `.wasm` module on the Envoy host. The control plane cannot
+    /// see Envoy's file system, so a wrong path shows up as an ECDS NACK.
+    pub wasm_path: String,
+    /// The filter's JSON configuration, validated with `understudy-core`
+    /// (the same code the filter runs) before it is accepted.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+impl FilterSettings {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.wasm_path.trim().is_empty() {
+            return Err(ModelError::InvalidFilter("wasm_path: must not be empty".into()));
+        }
+        understudy_core::FilterConfig::from_value(&self.config)
+            .map_err(|e| ModelError::InvalidFilter(format!("config: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Everything the control plane wants Envoy to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredState {
+    pub listener: ListenerSettings,
+    pub filter: FilterSettings,
+    #[serde(default, with = "services_as_list")]
+    pub services: BTreeMap<String, Service>,
+}
+
+impl DesiredState {
+    /// Validates every service, the filter, and the rules that span services
+    /// (Envoy rejects a route configuration in which two virtual hosts share a domain).
+    pub fn validate(&self) -> Result<(), ModelError> {
+        self.filter.validate()?;
+        let mut owners: BTreeMap<String, &str> = BTreeMap::new();
+        for (key, svc) in &self.services {
+            if key != &svc.name {
+                return Err(ModelError::InvalidService {
+                    service: svc.name.clone(),
+                    reason: format!("stored under the name {key:?}"),
+                });
+            }
+            svc.validate()?;
+            for d in &svc.domains {
+                if let Some(other) = owners.insert(d.to_ascii_lowercase(), &svc.name) {
+                    return Err(ModelError::DomainConflict {
+                        domain: d.clone(),
+                        first: other.to_owned(),
+                        second: svc.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Services are written as a list in files and the API, kept as a map by name.
+mod services_as_list {
+    use super::Service;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<String, Service>, s: S) -> Result<S::Ok, S::Error> {
+        map.values().collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Service>, D::Error> {
+        let list = Vec::<Service>::deserialize(d)?;
+        let mut map = BTreeMap::new();
+        for svc in list {
+            let name = svc.name.clone();
+            if map.insert(name.clone(), svc).is_some() {
+                return Err(D::Error::custom(format!("service {name:?} is defined twice")));
+            }
+        }
+        Ok(map)
+    }
+}
+
+/// What is wrong with a requested change. Each message names the service or
+/// field at fault; the API returns it verbatim with status 400 (or 404).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// The weight is not an integer percentage.
+    #[error("canary weight must be an integer from 0 to 100, got {0}")]
+    WeightOutOfRange(i64),
+    /// A weight above zero would send traffic nowhere.
+    #[error("service {service:?}: canary weight {weight} needs at least one canary endpoint")]
+    NoCanaryEndpoints { service: String, weight: u32 },
+    /// A field of one service is invalid.
+    #[error("service {service:?}: {reason}")]
+    InvalidService { service: String, reason: String },
+    /// Two services claim the same domain; Envoy would reject the routes.
+    #[error("domain {domain:?} is used by both service {first:?} and service {second:?}")]
+    DomainConflict {
+        domain: String,
+        first: String,
+        second: String,
+    },
+    /// The filter settings are invalid.
+    #[error("filter {0}")]
+    InvalidFilter(String),
+    /// The named service does not exist.
+    #[error("no service named {0:?}")]
+    UnknownService(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn service(weight: u32) -> Service {
+        Service {
+            name: "checkout".into(),
+            domains: vec!["*".into()],
+            stable: Backend {
+                endpoints: vec!["127.0.0.1:8081".parse().unwrap()],
+            },
+            canary: Backend {
+                endpoints: vec!["127.0.0.1:8082".parse().unwrap()],
+            },
+            canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
+        }
+    }
+
+    #[test]
+    fn weight_bounds() {
+        assert!(Weight::try_from(0).is_ok());
+        assert!(Weight::try_from(100).is_ok());
+        assert_eq!(Weight::try_from(101), Err(ModelError::WeightOutOfRange(101)));
+        assert_eq!(Weight::try_from(-1), Err(ModelError::WeightOutOfRange(-1)));
+        let err = serde_json::from_value::<Weight>(json!(50.5)).unwrap_err();
+        assert!(err.to_string().contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn canary_weight_needs_canary_endpoints() {
+        let mut s = service(10);
+        s.canary.endpoints.clear();
+        assert!(matches!(s.validate(), Err(ModelError::NoCanaryEndpoints { weight: 10, .. })));
+        s.canary_weight = Weight::ZERO;
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn stable_needed_unless_all_canary() {
+        let mut s = service(100);
+        s.stable.endpoints.clear();
+        s.validate().unwrap();
+        s.canary_weight = Weight::try_from(99).unwrap();
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("stable.endpoints"), "{err}");
+    }
+
+    #[test]
+    fn domains_are_checked() {
+        for (domains, needle) in [
+            (vec![], "at least one domain"),
+            (vec!["a b".to_string()], "whitespace"),
+            (vec!["a.*.com".to_string()], "one wildcard"),
+            (vec!["x.com".to_string(), "X.com".to_string()], "listed twice"),
+        ] {
+            let mut s = service(0);
+            s.domains = domains;
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn two_services_cannot_share_a_domain() {
+        let mut other = service(0);
+        other.name = "other".into();
+        let state = DesiredState {
+            listener: ListenerSettings {
+                address: "127.0.0.1".parse().unwrap(),
+                port: 10000,
+            },
+            filter: FilterSettings {
+                wasm_path: "f.wasm".into(),
+                config: json!({}),
+            },
+            services: [("checkout".to_string(), service(0)), ("other".to_string(), other)]
+                .into_iter()
+                .collect(),
+        };
+        let err = state.validate().unwrap_err();
+        assert!(matches!(err, ModelError::DomainConflict { .. }), "{err}");
+    }
+
+    #[test]
+    fn filter_config_is_validated_by_the_filter_logic() {
+        let f = FilterSettings {
+            wasm_path: "f.wasm".into(),
+            config: json!({"routes": [{"name": "a", "path_prefix": "nope"}]}),
+        };
+        let err = f.validate().unwrap_err().to_string();
+        assert!(err.contains("routes[0].path_prefix"), "{err}");
+    }
+
+    #[test]
+    fn services_file_form_rejects_duplicates() {
+        let doc = json!({
+            "listener": {"address": "127.0.0.1", "port": 10000},
+            "filter": {"wasm_path": "f.wasm"},
+            "services": [
+                {"name": "a", "domains": ["a"], "stable": {"endpoints": ["127.0.0.1:1"]}},
+                {"name": "a", "domains": ["b"], "stable": {"endpoints": ["127.0.0.1:2"]}}
+            ]
+        });
+        let err = serde_json::from_value::<DesiredState>(doc).unwrap_err();
+        assert!(err.to_string().contains("defined twice"), "{err}");
+    }
+}

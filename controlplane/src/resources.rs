@@ -1,0 +1,438 @@
+//! Translation of the [`DesiredState`] into Envoy resources, grouped by xDS
+//! type into a [`Snapshot`].
+//!
+//! A snapshot is built once per change and shared (behind an `Arc`) by every
+//! connected Envoy, so the per-connection cost is only the bookkeeping in
+//! [`crate::xds::stream`]. Each type's version is a hash of its content, so an
+//! unchanged type keeps its version and is not sent again.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, AsyncDataSource, ConfigSource, DataSource,
+    ExtensionConfigSource, SocketAddress, TypedExtensionConfig, address, async_data_source,
+    config_source, data_source, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, route,
+    route_action, route_match, weighted_cluster,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::wasm::v3::{FailurePolicy, PluginConfig, VmConfig, plugin_config};
+use envoy_types::pb::google::protobuf::{Any, StringValue, UInt32Value};
+use envoy_types::util::pack_any;
+use prost::{Message, Name};
+use sha2::{Digest, Sha256};
+
+use crate::model::{Backend, DesiredState, FilterSettings, Service};
+
+/// xDS type URLs, in the order Understudy sends them (make before break):
+/// clusters, then their endpoints, then listeners, then routes, then the
+/// filter's extension config.
+pub mod type_url {
+    pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    pub const EXTENSION_CONFIG: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+
+    /// Every type, in send order.
+    pub const ORDER: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, EXTENSION_CONFIG];
+
+    /// Short names used in the API and logs.
+    pub fn short(url: &str) -> &'static str {
+        match url {
+            CLUSTER => "cds",
+            ENDPOINT => "eds",
+            LISTENER => "lds",
+            ROUTE => "rds",
+            EXTENSION_CONFIG => "ecds",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Names of the fixed resources Understudy manages.
+pub const LISTENER_NAME: &str = "understudy_http";
+pub const ROUTE_CONFIG_NAME: &str = "understudy_routes";
+/// The HTTP filter's name, which is also its ECDS resource name.
+pub const FILTER_NAME: &str = "understudy";
+
+/// All resources of one xDS type, with a version derived from their content.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeSnapshot {
+    pub version: String,
+    pub resources: BTreeMap<String, Any>,
+}
+
+impl TypeSnapshot {
+    fn new(resources: BTreeMap<String, Any>) -> Self {
+        let mut hash = Sha256::new();
+        for (name, any) in &resources {
+            hash.update((name.len() as u64).to_le_bytes());
+            hash.update(name.as_bytes());
+            hash.update((any.value.len() as u64).to_le_bytes());
+            hash.update(&any.value);
+        }
+        let digest = hash.finalize();
+        let version = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        Self { version, resources }
+    }
+}
+
+/// The Envoy resources for one desired state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Increases with every change; lets the API say which change Envoy has.
+    pub generation: u64,
+    types: BTreeMap<&'static str, TypeSnapshot>,
+}
+
+impl Snapshot {
+    pub fn get(&self, type_url: &str) -> Option<&TypeSnapshot> {
+        self.types.get(type_url)
+    }
+
+    /// Builds every resource. The state must already be validated.
+    pub fn build(state: &DesiredState, generation: u64) -> Self {
+        let mut clusters = BTreeMap::new();
+        let mut endpoints = BTreeMap::new();
+        for svc in state.services.values() {
+            for (name, backend) in [
+                (svc.stable_cluster(), &svc.stable),
+                (svc.canary_cluster(), &svc.canary),
+            ] {
+                clusters.insert(name.clone(), pack_any(eds_cluster(&name)));
+                endpoints.insert(name.clone(), pack_any(load_assignment(&name, backend)));
+            }
+        }
+        let listeners = BTreeMap::from([(LISTENER_NAME.to_owned(), pack_any(listener(state)))]);
+        let routes = BTreeMap::from([(
+            ROUTE_CONFIG_NAME.to_owned(),
+            pack_any(route_configuration(state.services.values())),
+        )]);
+        let extension = BTreeMap::from([(
+            FILTER_NAME.to_owned(),
+            pack_any(TypedExtensionConfig {
+                name: FILTER_NAME.to_owned(),
+                typed_config: Some(wasm_filter(&state.filter, &state.filter.config)),
+            }),
+        )]);
+        let types = BTreeMap::from([
+            (type_url::CLUSTER, TypeSnapshot::new(clusters)),
+            (type_url::ENDPOINT, TypeSnapshot::new(endpoints)),
+            (type_url::LISTENER, TypeSnapshot::new(listeners)),
+            (type_url::ROUTE, TypeSnapshot::new(routes)),
+            (type_url::EXTENSION_CONFIG, TypeSnapshot::new(extension)),
+        ]);
+        Self { generation, types }
+    }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+fn duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
+    envoy_types::pb::google::protobuf::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn eds_cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.to_owned(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(duration(Duration::from_secs(1))),
+        ..Default::default()
+    }
+}
+
+fn load_assignment(cluster: &str, backend: &Backend) -> ClusterLoadAssignment {
+    let lb_endpoints = backend
+        .endpoints
+        .iter()
+        .map(|ep| LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: ep.ip().to_string(),
+                        port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                            ep.port(),
+                        ))),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: cluster.to_owned(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The Wasm filter as Envoy loads it: V8 runtime, the module from the Envoy
+/// host's file system, and the JSON config as a `StringValue`.
+pub fn wasm_filter(filter: &FilterSettings, config: &serde_json::Value) -> Any {
+    let plugin = PluginConfig {
+        name: FILTER_NAME.to_owned(),
+        root_id: FILTER_NAME.to_owned(),
+        vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+            vm_id: FILTER_NAME.to_owned(),
+            runtime: "envoy.wasm.runtime.v8".to_owned(),
+            code: Some(AsyncDataSource {
+                specifier: Some(async_data_source::Specifier::Local(DataSource {
+                    specifier: Some(data_source::Specifier::Filename(filter.wasm_path.clone())),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        configuration: Some(pack_any(StringValue {
+            value: config.to_string(),
+        })),
+        // Shadowing, hedging and limits are improvements on top of normal
+        // proxying: if the VM fails, traffic keeps flowing without them.
+        failure_policy: FailurePolicy::FailOpen as i32,
+        ..Default::default()
+    };
+    pack_any(Wasm {
+        config: Some(plugin),
+    })
+}
+
+fn listener(state: &DesiredState) -> Listener {
+    let hcm = HttpConnectionManager {
+        stat_prefix: "understudy".to_owned(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: ROUTE_CONFIG_NAME.to_owned(),
+        })),
+        http_filters: vec![
+            HttpFilter {
+                name: FILTER_NAME.to_owned(),
+                config_type: Some(http_filter::ConfigType::ConfigDiscovery(ExtensionConfigSource {
+                    config_source: Some(ads()),
+                    // Without a default, a failed first fetch makes the listener
+                    // answer 500; the default is the filter with an empty config.
+                    default_config: Some(wasm_filter(
+                        &state.filter,
+                        &serde_json::Value::Object(Default::default()),
+                    )),
+                    apply_default_config_without_warming: false,
+                    type_urls: vec![Wasm::type_url()],
+                })),
+                ..Default::default()
+            },
+            HttpFilter {
+                name: "envoy.filters.http.router".to_owned(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    Listener {
+        name: LISTENER_NAME.to_owned(),
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: state.listener.address.to_string(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                    state.listener.port,
+                ))),
+                ..Default::default()
+            })),
+        }),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".to_owned(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> RouteConfiguration {
+    let virtual_hosts = services
+        .map(|svc| {
+            let canary = svc.canary_weight.percent();
+            let weighted = WeightedCluster {
+                clusters: vec![
+                    weighted_cluster::ClusterWeight {
+                        name: svc.stable_cluster(),
+                        weight: Some(UInt32Value { value: 100 - canary }),
+                        ..Default::default()
+                    },
+                    weighted_cluster::ClusterWeight {
+                        name: svc.canary_cluster(),
+                        weight: Some(UInt32Value { value: canary }),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            };
+            VirtualHost {
+                name: svc.name.clone(),
+                domains: svc.domains.clone(),
+                routes: vec![Route {
+                    name: svc.name.clone(),
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_owned())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::Route(RouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(
+                            weighted,
+                        )),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+        })
+        .collect();
+    RouteConfiguration {
+        name: ROUTE_CONFIG_NAME.to_owned(),
+        virtual_hosts,
+        ..Default::default()
+    }
+}
+
+/// Decodes a resource back (tests and the API's debugging views use it).
+pub fn decode<T: Message + Default>(any: &Any) -> Result<T, prost::DecodeError> {
+    T::decode(any.value.as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ListenerSettings, Weight};
+
+    fn state(weight: u32) -> DesiredState {
+        let svc = Service {
+            name: "shop".into(),
+            domains: vec!["*".into()],
+            stable: Backend {
+                endpoints: vec!["127.0.0.1:8081".parse().unwrap()],
+            },
+            canary: Backend {
+                endpoints: vec!["127.0.0.1:8082".parse().unwrap()],
+            },
+            canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
+        };
+        DesiredState {
+            listener: ListenerSettings {
+                address: "127.0.0.1".parse().unwrap(),
+                port: 10000,
+            },
+            filter: FilterSettings {
+                wasm_path: "/f.wasm".into(),
+                config: serde_json::json!({}),
+            },
+            services: [("shop".to_string(), svc)].into_iter().collect(),
+        }
+    }
+
+    fn weights(snap: &Snapshot) -> Vec<(String, u32)> {
+        let any = &snap.get(type_url::ROUTE).unwrap().resources[ROUTE_CONFIG_NAME];
+        let rc: RouteConfiguration = decode(any).unwrap();
+        let Some(route::Action::Route(action)) = &rc.virtual_hosts[0].routes[0].action else {
+            panic!("no route action")
+        };
+        let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier
+        else {
+            panic!("not weighted")
+        };
+        wc.clusters
+            .iter()
+            .map(|c| (c.name.clone(), c.weight.unwrap().value))
+            .collect()
+    }
+
+    #[test]
+    fn weights_follow_the_canary_weight() {
+        let snap = Snapshot::build(&state(20), 1);
+        assert_eq!(
+            weights(&snap),
+            vec![("shop-stable".into(), 80), ("shop-canary".into(), 20)]
+        );
+    }
+
+    #[test]
+    fn a_weight_change_only_changes_the_route_version() {
+        let a = Snapshot::build(&state(0), 1);
+        let b = Snapshot::build(&state(50), 2);
+        for t in type_url::ORDER {
+            let same = a.get(t).unwrap().version == b.get(t).unwrap().version;
+            assert_eq!(same, t != type_url::ROUTE, "{}", type_url::short(t));
+        }
+        // Content-derived: rebuilding the same state gives the same versions.
+        assert_eq!(Snapshot::build(&state(50), 9).get(type_url::ROUTE), b.get(type_url::ROUTE));
+    }
+
+    #[test]
+    fn every_cluster_has_an_assignment() {
+        let snap = Snapshot::build(&state(0), 1);
+        let clusters: Vec<_> = snap.get(type_url::CLUSTER).unwrap().resources.keys().collect();
+        let eds: Vec<_> = snap.get(type_url::ENDPOINT).unwrap().resources.keys().collect();
+        assert_eq!(clusters, eds);
+        assert_eq!(clusters, vec!["shop-canary", "shop-stable"]);
+    }
+
+    #[test]
+    fn the_filter_config_travels_as_json() {
+        let mut s = state(0);
+        s.filter.config = serde_json::json!({"routes": [{"name": "all"}]});
+        let snap = Snapshot::build(&s, 1);
+        let ext: TypedExtensionConfig =
+            decode(&snap.get(type_url::EXTENSION_CONFIG).unwrap().resources[FILTER_NAME]).unwrap();
+        let wasm: Wasm = decode(ext.typed_config.as_ref().unwrap()).unwrap();
+        let plugin = wasm.config.unwrap();
+        let json: StringValue = decode(plugin.configuration.as_ref().unwrap()).unwrap();
+        assert_eq!(json.value, r#"{"routes":[{"name":"all"}]}"#);
+        assert_eq!(plugin.failure_policy, FailurePolicy::FailOpen as i32);
+    }
+}
+
+#[cfg(test)]
+impl Snapshot {
+    /// Lets protocol tests simulate a change to one type alone.
+    pub(crate) fn set_version_for_test(&mut self, type_url: &'static str, version: &str) {
+        if let Some(t) = self.types.get_mut(type_url) {
+            t.version = version.to_owned();
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Which Envoys are connected and what each has accepted or rejected: the
+//! data behind `GET /v1/envoys` and `GET /v1/nacks`.
+//!
+//! A stream registers on connect and is removed when its [`StreamGuard`]
+//! drops, so per-connection state is freed however the stream ends.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::stream::{AdsStream, Nack, TypeState, unix_ms};
+use crate::resources::type_url;
+
+/// NACKs kept for `GET /v1/nacks`, newest last; older ones are dropped.
+pub const NACK_HISTORY: usize = 100;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EnvoyStatus {
+    pub connection_id: u64,
+    pub node_id: Option<String>,
+    pub node_cluster: Option<String>,
+    #[serde(with = "unix_ms")]
+    pub connected_at: SystemTime,
+    /// Keyed by short type name: `cds`, `eds`, `lds`, `rds`, `ecds`.
+    pub types: BTreeMap<&'static str, TypeState>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NackRecord {
+    pub connection_id: u64,
+    pub node_id: Option<String>,
+    #[serde(flatten)]
+    pub nack: Nack,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    streams: BTreeMap<u64, EnvoyStatus>,
+    nacks: VecDeque<NackRecord>,
+}
+
+/// Removes its stream from the registry when dropped.
+pub struct StreamGuard {
+    registry: Arc<Registry>,
+    pub id: u64,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.registry.lock().streams.remove(&self.id);
+    }
+}
+
+impl Registry {
+    pub fn connect(self: &Arc<Self>, now: SystemTime) -> StreamGuard {
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.streams.insert(
+            id,
+            EnvoyStatus {
+                connection_id: id,
+                node_id: None,
+                node_cluster: None,
+                connected_at: now,
+                types: BTreeMap::new(),
+            },
+        );
+        StreamGuard {
+            registry: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// Copies a stream's protocol state into its status entry.
+    pub fn update(&self, id: u64, stream: &AdsStream) {
+        let mut inner = self.lock();
+        if let Some(status) = inner.streams.get_mut(&id) {
+            status.node_id = stream.node_id().map(str::to_owned);
+            status.node_cluster = stream.node_cluster().map(str::to_owned);
+            status.types = stream
+                .types()
+                .filter(|(_, st)| st.subscribed)
+                .map(|(url, st)| (type_url::short(url), st.clone()))
+                .collect();
+        }
+    }
+
+    pub fn record_nack(&self, id: u64, node_id: Option<&str>, nack: Nack) {
+        let mut inner = self.lock();
+        if inner.nacks.len() == NACK_HISTORY {
+            inner.nacks.pop_front();
+        }
+        inner.nacks.push_back(NackRecord {
+            connection_id: id,
+            node_id: node_id.map(str::to_owned),
+            nack,
+        });
+    }
+
+    pub fn envoys(&self) -> Vec<EnvoyStatus> {
+        self.lock().streams.values().cloned().collect()
+    }
+
+    pub fn nacks(&self) -> Vec<NackRecord> {
+        self.lock().nacks.iter().cloned().collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_are_freed_on_drop_and_nacks_are_bounded() {
+        let r = Arc::new(Registry::default());
+        let g1 = r.connect(SystemTime::UNIX_EPOCH);
+        let g2 = r.connect(SystemTime::UNIX_EPOCH);
+        assert_eq!(r.envoys().len(), 2);
+        drop(g1);
+        let left: Vec<u64> = r.envoys().iter().map(|e| e.connection_id).collect();
+        assert_eq!(left, vec![g2.id]);
+        for i in 0..(NACK_HISTORY + 5) {
+            r.record_nack(
+                g2.id,
+                Some("n"),
+                Nack {
+                    type_url: "t".into(),
+                    version: i.to_string(),
+                    error: "e".into(),
+                    at: SystemTime::UNIX_EPOCH,
+                },
+            );
+        }
+        let nacks = r.nacks();
+        assert_eq!(nacks.len(), NACK_HISTORY);
+        assert_eq!(nacks[0].nack.version, "5", "oldest dropped first");
+    }
+}

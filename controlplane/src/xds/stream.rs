@@ -1,0 +1,429 @@
+//! The state-of-the-world ADS protocol for one Envoy connection, as a plain
+//! state machine: feed it each [`DiscoveryRequest`] ([`AdsStream::on_request`])
+//! and ask it what to send for the current snapshot ([`AdsStream::pending`]).
+//! It does no I/O, so every protocol rule is unit-tested without a network.
+//!
+//! Rules it enforces:
+//! - **Per type URL**: subscribed names, last version and nonce sent, the
+//!   version Envoy last ACKed, and the last NACK with Envoy's `error_detail`.
+//! - **Make before break**: types go out in the order CDS, EDS, LDS, RDS,
+//!   ECDS, and a type is only sent once every earlier type has no response
+//!   awaiting Envoy's ACK or NACK. A CDS response forces its EDS out again,
+//!   because Envoy keeps a changed cluster warming until it gets endpoints.
+//! - **No NACK loop**: a rejected version is never sent again on this stream;
+//!   the next send for that type happens only when the desired content (or
+//!   the subscription) changes.
+//! - **Stale nonces** (replies to an older response) are ignored, as the xDS
+//!   protocol specifies.
+
+use std::collections::BTreeSet;
+use std::time::SystemTime;
+
+use envoy_types::pb::envoy::config::core::v3::ControlPlane;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use serde::Serialize;
+
+use crate::resources::{Snapshot, type_url};
+
+/// A rejected config, as Envoy reported it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Nack {
+    pub type_url: String,
+    /// The version Envoy rejected.
+    pub version: String,
+    /// Envoy's `error_detail.message`.
+    pub error: String,
+    #[serde(with = "unix_ms")]
+    pub at: SystemTime,
+}
+
+/// What one request meant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestEvent {
+    /// First request for a type on this stream (or a resubscription).
+    Subscribed { type_url: String },
+    /// Envoy accepted `version`.
+    Ack { type_url: String, version: String },
+    /// Envoy rejected a version.
+    Nack(Nack),
+    /// A reply to a response that has since been superseded.
+    Stale { type_url: String },
+    /// A type Understudy does not serve; it gets no response.
+    Unknown { type_url: String },
+}
+
+/// Bookkeeping for one type URL on one stream.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TypeState {
+    pub subscribed: bool,
+    /// Names Envoy asked for. Empty means "all" (wildcard) for CDS and LDS.
+    pub resource_names: BTreeSet<String>,
+    pub sent_version: Option<String>,
+    #[serde(skip)]
+    sent_names: BTreeSet<String>,
+    pub sent_nonce: Option<String>,
+    /// A response went out and Envoy has not ACKed or NACKed it yet.
+    pub awaiting_reply: bool,
+    pub acked_version: Option<String>,
+    pub last_nack: Option<Nack>,
+    pub responses_sent: u64,
+    /// Set when a CDS push requires the endpoints to follow (EDS only).
+    #[serde(skip)]
+    force_resend: bool,
+}
+
+/// One ADS stream's protocol state.
+#[derive(Debug, Clone)]
+pub struct AdsStream {
+    node_id: Option<String>,
+    node_cluster: Option<String>,
+    types: Vec<(&'static str, TypeState)>,
+    next_nonce: u64,
+}
+
+impl Default for AdsStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AdsStream {
+    pub fn new() -> Self {
+        Self {
+            node_id: None,
+            node_cluster: None,
+            types: type_url::ORDER
+                .iter()
+                .map(|t| (*t, TypeState::default()))
+                .collect(),
+            next_nonce: 0,
+        }
+    }
+
+    /// Envoy sends its node only on the first request of a stream.
+    pub fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
+    }
+
+    pub fn node_cluster(&self) -> Option<&str> {
+        self.node_cluster.as_deref()
+    }
+
+    pub fn types(&self) -> impl Iterator<Item = (&'static str, &TypeState)> {
+        self.types.iter().map(|(t, s)| (*t, s))
+    }
+
+    pub fn type_state(&self, type_url: &str) -> Option<&TypeState> {
+        self.types.iter().find(|(t, _)| *t == type_url).map(|(_, s)| s)
+    }
+
+    /// Records what a request says: subscription, ACK or NACK.
+    pub fn on_request(&mut self, req: &DiscoveryRequest, now: SystemTime) -> RequestEvent {
+        if let Some(node) = &req.node {
+            self.node_id = Some(node.id.clone());
+            self.node_cluster = Some(node.cluster.clone());
+        }
+        let Some((_, st)) = self.types.iter_mut().find(|(t, _)| *t == req.type_url) else {
+            return RequestEvent::Unknown {
+                type_url: req.type_url.clone(),
+            };
+        };
+        let type_url = req.type_url.clone();
+        if !req.response_nonce.is_empty() && st.sent_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+            return RequestEvent::Stale { type_url };
+        }
+        st.subscribed = true;
+        st.resource_names = req.resource_names.iter().cloned().collect();
+        if req.response_nonce.is_empty() {
+            return RequestEvent::Subscribed { type_url };
+        }
+        st.awaiting_reply = false;
+        match &req.error_detail {
+            Some(status) => {
+                let nack = Nack {
+                    type_url,
+                    version: st.sent_version.clone().unwrap_or_default(),
+                    error: status.message.clone(),
+                    at: now,
+                };
+                st.last_nack = Some(nack.clone());
+                RequestEvent::Nack(nack)
+            }
+            None => {
+                st.acked_version = Some(req.version_info.clone());
+                RequestEvent::Ack {
+                    type_url,
+                    version: req.version_info.clone(),
+                }
+            }
+        }
+    }
+
+    /// The responses to send now for `snapshot`, in order. Call after every
+    /// request and every snapshot change; it returns nothing when nothing is due.
+    pub fn pending(&mut self, snapshot: &Snapshot, control_plane_id: &str) -> Vec<DiscoveryResponse> {
+        let mut out = Vec::new();
+        for i in 0..self.types.len() {
+            let (url, st) = &self.types[i];
+            let url = *url;
+            if st.awaiting_reply {
+                // Make before break: nothing after this type until Envoy answers.
+                break;
+            }
+            if !st.subscribed {
+                continue;
+            }
+            let Some(desired) = snapshot.get(url) else {
+                continue;
+            };
+            let wildcard = st.resource_names.is_empty() && matches!(url, type_url::CLUSTER | type_url::LISTENER);
+            let names: BTreeSet<String> = if wildcard {
+                BTreeSet::new()
+            } else {
+                st.resource_names.clone()
+            };
+            let due = st.force_resend
+                || st.sent_version.as_deref() != Some(desired.version.as_str())
+                || st.sent_names != names;
+            if !due {
+                continue;
+            }
+            let resources = desired
+                .resources
+                .iter()
+                .filter(|(name, _)| wildcard || names.contains(*name))
+                .map(|(_, any)| any.clone())
+                .collect();
+            self.next_nonce += 1;
+            let nonce = self.next_nonce.to_string();
+            let st = &mut self.types[i].1;
+            st.sent_version = Some(desired.version.clone());
+            st.sent_names = names;
+            st.sent_nonce = Some(nonce.clone());
+            st.awaiting_reply = true;
+            st.force_resend = false;
+            st.responses_sent += 1;
+            out.push(DiscoveryResponse {
+                version_info: desired.version.clone(),
+                resources,
+                type_url: url.to_owned(),
+                nonce,
+                control_plane: Some(ControlPlane {
+                    identifier: control_plane_id.to_owned(),
+                }),
+                ..Default::default()
+            });
+            if url == type_url::CLUSTER {
+                if let Some((_, eds)) = self.types.iter_mut().find(|(t, _)| *t == type_url::ENDPOINT) {
+                    eds.force_resend = true;
+                }
+            }
+            // This type now awaits its reply; later types wait for it.
+            break;
+        }
+        out
+    }
+}
+
+/// Timestamps as milliseconds since the Unix epoch in JSON.
+pub(crate) mod unix_ms {
+    use serde::Serializer;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        let ms = t.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        s.serialize_u64(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight};
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::google::rpc::Status;
+
+    fn state(weight: u32, stable_port: u16) -> DesiredState {
+        let svc = Service {
+            name: "shop".into(),
+            domains: vec!["*".into()],
+            stable: Backend {
+                endpoints: vec![format!("127.0.0.1:{stable_port}").parse().unwrap()],
+            },
+            canary: Backend {
+                endpoints: vec!["127.0.0.1:8082".parse().unwrap()],
+            },
+            canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
+        };
+        DesiredState {
+            listener: ListenerSettings {
+                address: "127.0.0.1".parse().unwrap(),
+                port: 10000,
+            },
+            filter: FilterSettings {
+                wasm_path: "/f.wasm".into(),
+                config: serde_json::json!({}),
+            },
+            services: [("shop".to_string(), svc)].into_iter().collect(),
+        }
+    }
+
+    fn req(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A NACK as Envoy sends it: same subscription, the rejected nonce, an error.
+    fn nack(type_url: &str, names: &[&str], nonce: &str, msg: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            error_detail: Some(Status {
+                code: 3,
+                message: msg.into(),
+                details: vec![],
+            }),
+            ..req(type_url, names, "", nonce)
+        }
+    }
+
+    const NOW: SystemTime = SystemTime::UNIX_EPOCH;
+
+    /// Plays Envoy's startup: CDS+LDS wildcard, then EDS/RDS/ECDS by name, ACKing each.
+    fn converge(s: &mut AdsStream, snap: &Snapshot) -> Vec<String> {
+        let mut order = vec![];
+        s.on_request(
+            &DiscoveryRequest {
+                node: Some(Node {
+                    id: "envoy-1".into(),
+                    ..Default::default()
+                }),
+                ..req(type_url::CLUSTER, &[], "", "")
+            },
+            NOW,
+        );
+        s.on_request(&req(type_url::LISTENER, &[], "", ""), NOW);
+        for _ in 0..10 {
+            let out = s.pending(snap, "cp");
+            let Some(resp) = out.first() else { break };
+            assert_eq!(out.len(), 1, "one type at a time");
+            order.push(type_url::short(&resp.type_url).to_string());
+            match resp.type_url.as_str() {
+                type_url::CLUSTER => {
+                    s.on_request(&req(type_url::ENDPOINT, &["shop-canary", "shop-stable"], "", ""), NOW);
+                }
+                type_url::LISTENER => {
+                    s.on_request(&req(type_url::ROUTE, &["understudy_routes"], "", ""), NOW);
+                    s.on_request(&req(type_url::EXTENSION_CONFIG, &["understudy"], "", ""), NOW);
+                }
+                _ => {}
+            }
+            let names: Vec<String> = s.type_state(&resp.type_url).unwrap().resource_names.iter().cloned().collect();
+            let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+            let ev = s.on_request(&req(&resp.type_url, &names, &resp.version_info, &resp.nonce), NOW);
+            assert!(matches!(ev, RequestEvent::Ack { .. }), "{ev:?}");
+        }
+        order
+    }
+
+    #[test]
+    fn startup_goes_out_in_make_before_break_order() {
+        let snap = Snapshot::build(&state(0, 8081), 1);
+        let mut s = AdsStream::new();
+        assert_eq!(converge(&mut s, &snap), ["cds", "eds", "lds", "rds", "ecds"]);
+        assert_eq!(s.node_id(), Some("envoy-1"));
+        assert!(s.pending(&snap, "cp").is_empty(), "nothing more once converged");
+        for (_, st) in s.types() {
+            assert_eq!(st.responses_sent, 1);
+            assert_eq!(st.acked_version, st.sent_version);
+        }
+    }
+
+    #[test]
+    fn eds_only_lists_requested_clusters() {
+        let snap = Snapshot::build(&state(0, 8081), 1);
+        let mut s = AdsStream::new();
+        converge(&mut s, &snap);
+        s.on_request(&req(type_url::ENDPOINT, &["shop-stable"], "x", s.type_state(type_url::ENDPOINT).unwrap().sent_nonce.clone().unwrap().as_str()), NOW);
+        let out = s.pending(&snap, "cp");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].resources.len(), 1, "only the subscribed cluster");
+    }
+
+    #[test]
+    fn a_weight_change_sends_only_routes() {
+        let mut s = AdsStream::new();
+        converge(&mut s, &Snapshot::build(&state(0, 8081), 1));
+        let out = s.pending(&Snapshot::build(&state(50, 8081), 2), "cp");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].type_url, type_url::ROUTE);
+    }
+
+    #[test]
+    fn a_cluster_change_resends_its_endpoints_after_the_ack() {
+        let mut s = AdsStream::new();
+        converge(&mut s, &Snapshot::build(&state(0, 8081), 1));
+        // A change to the clusters alone (say, a new connect timeout).
+        let mut snap = Snapshot::build(&state(0, 8081), 2);
+        let eds_version = snap.get(type_url::ENDPOINT).unwrap().version.clone();
+        snap.set_version_for_test(type_url::CLUSTER, "changed");
+        let out = s.pending(&snap, "cp");
+        assert_eq!(out[0].type_url, type_url::CLUSTER);
+        assert!(s.pending(&snap, "cp").is_empty(), "EDS waits for the CDS ACK");
+        s.on_request(&req(type_url::CLUSTER, &[], &out[0].version_info, &out[0].nonce), NOW);
+        let out = s.pending(&snap, "cp");
+        assert_eq!(out[0].type_url, type_url::ENDPOINT, "EDS follows CDS");
+        assert_eq!(out[0].version_info, eds_version, "same endpoints, sent again");
+    }
+
+    #[test]
+    fn a_nack_is_recorded_and_not_resent() {
+        let mut s = AdsStream::new();
+        converge(&mut s, &Snapshot::build(&state(0, 8081), 1));
+        let bad = Snapshot::build(&state(0, 9999), 2);
+        let out = s.pending(&bad, "cp");
+        assert_eq!(out[0].type_url, type_url::ENDPOINT);
+        let ev = s.on_request(
+            &nack(type_url::ENDPOINT, &["shop-canary", "shop-stable"], &out[0].nonce, "malformed"),
+            NOW,
+        );
+        let RequestEvent::Nack(n) = ev else { panic!("{ev:?}") };
+        assert_eq!(n.version, out[0].version_info);
+        assert_eq!(n.error, "malformed");
+        // The NACK is itself a request; answering it with the same version
+        // would be the go-control-plane loop. Nothing is due.
+        assert!(s.pending(&bad, "cp").is_empty());
+        assert!(s.pending(&bad, "cp").is_empty());
+        assert_eq!(s.type_state(type_url::ENDPOINT).unwrap().responses_sent, 2);
+        // A new desired state is sent.
+        let fixed = Snapshot::build(&state(0, 8083), 3);
+        let out = s.pending(&fixed, "cp");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].type_url, type_url::ENDPOINT);
+    }
+
+    #[test]
+    fn stale_nonces_are_ignored() {
+        let mut s = AdsStream::new();
+        let snap = Snapshot::build(&state(0, 8081), 1);
+        converge(&mut s, &snap);
+        let first_nonce = s.type_state(type_url::ROUTE).unwrap().sent_nonce.clone().unwrap();
+        let out = s.pending(&Snapshot::build(&state(10, 8081), 2), "cp");
+        assert_eq!(out[0].type_url, type_url::ROUTE);
+        let ev = s.on_request(&nack(type_url::ROUTE, &["understudy_routes"], &first_nonce, "old"), NOW);
+        assert!(matches!(ev, RequestEvent::Stale { .. }));
+        assert!(s.type_state(type_url::ROUTE).unwrap().last_nack.is_none());
+        assert!(s.type_state(type_url::ROUTE).unwrap().awaiting_reply);
+    }
+
+    #[test]
+    fn unknown_types_get_nothing() {
+        let mut s = AdsStream::new();
+        let ev = s.on_request(&req("type.googleapis.com/envoy.Whatever", &[], "", ""), NOW);
+        assert!(matches!(ev, RequestEvent::Unknown { .. }));
+        assert!(s.pending(&Snapshot::build(&state(0, 8081), 1), "cp").is_empty());
+    }
+}
