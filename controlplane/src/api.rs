@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::model::{FilterSettings, ModelError, Service, Weight};
-use crate::store::Store;
+use crate::store::{ChangeError, Store};
 use crate::xds::Registry;
 use crate::xds::registry::{EnvoyStatus, NackRecord};
 
@@ -45,7 +45,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/filter", get(get_filter).put(put_filter))
         .route("/v1/envoys", get(envoys))
         .route("/v1/nacks", get(nacks))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
         .with_state(state)
 }
 
@@ -89,6 +91,19 @@ impl From<ModelError> for ApiError {
     }
 }
 
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::Invalid(e) => e.into(),
+            ChangeError::Persist(_) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "persist_failed",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_body", r.body_text())
@@ -119,7 +134,10 @@ async fn put_service(
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_service",
-            format!("the body names service {:?} but the path names {name:?}", service.name),
+            format!(
+                "the body names service {:?} but the path names {name:?}",
+                service.name
+            ),
         ));
     }
     Ok(Json(s.store.put_service(service)?))
@@ -143,7 +161,10 @@ async fn set_weight(
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_weight",
-                format!("canary weight must be an integer from 0 to 100, got {}", body.weight),
+                format!(
+                    "canary weight must be an integer from 0 to 100, got {}",
+                    body.weight
+                ),
             ));
         }
     };

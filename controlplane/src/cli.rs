@@ -8,7 +8,11 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "understudy", version, about = "Understudy control plane and client")]
+#[command(
+    name = "understudy",
+    version,
+    about = "Understudy control plane and client"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -18,9 +22,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the control plane.
     Serve {
-        /// Desired-state file (JSON): listener, filter and services.
-        #[arg(long, env = "UNDERSTUDY_CONFIG")]
-        config: PathBuf,
+        /// Desired-state file (JSON): listener, filter and services. Every
+        /// accepted API change is written back to it, so a restart resumes.
+        #[arg(long, env = "UNDERSTUDY_STATE")]
+        state: PathBuf,
         /// Address of the ADS gRPC server Envoy connects to.
         #[arg(long, default_value = "127.0.0.1:18000", env = "UNDERSTUDY_XDS_ADDR")]
         xds_addr: SocketAddr,

@@ -1,7 +1,7 @@
 //! `understudy-controlplane`: serves Envoy over ADS and gives operators a JSON
 //! API over the desired state (services, canary weights, the filter).
 //!
-//! Start at [`run`]: it takes two bound listeners (xDS gRPC and the HTTP API)
+//! Start at [`run`]: it takes the [`store::Store`], two bound listeners (xDS gRPC and the HTTP API)
 //! and a shutdown signal. The `understudy` binary (`src/main.rs`) only parses
 //! arguments and calls it, or talks to a running control plane ([`cli`]).
 //!
@@ -22,68 +22,34 @@ pub mod store;
 pub mod xds;
 
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
-use crate::model::{DesiredState, ModelError};
 use crate::store::Store;
 use crate::xds::{AdsServer, Registry};
 
-/// Why the control plane could not start or stopped.
+/// Why the control plane stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The state file could not be read.
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    /// The state file is not valid JSON of the expected shape.
-    #[error("{path}: {source}")]
-    Parse {
-        path: String,
-        source: serde_json::Error,
-    },
-    /// The state is well-formed but invalid.
-    #[error("invalid desired state: {0}")]
-    Invalid(#[from] ModelError),
     #[error("xDS server failed: {0}")]
     Xds(#[from] tonic::transport::Error),
     #[error("API server failed: {0}")]
     Api(std::io::Error),
 }
 
-/// Reads and validates a desired-state file (JSON, the shape of [`DesiredState`]).
-pub fn load_state(path: &Path) -> Result<DesiredState, RunError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| RunError::Read {
-        path: shown.clone(),
-        source,
-    })?;
-    let state: DesiredState =
-        serde_json::from_str(&text).map_err(|source| RunError::Parse { path: shown, source })?;
-    state.validate()?;
-    Ok(state)
-}
-
 /// Runs the xDS server and the API until `shutdown` completes or either fails.
 pub async fn run(
-    initial: DesiredState,
+    store: Store,
     xds_listener: TcpListener,
     api_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let store = Store::new(initial)?;
     let registry = Arc::new(Registry::default());
     let ads = AdsServer::new(store.subscribe(), Arc::clone(&registry));
-    let app = api::router(api::ApiState {
-        store,
-        registry,
-    });
+    let app = api::router(api::ApiState { store, registry });
     info!(xds = ?xds_listener.local_addr().ok(), api = ?api_listener.local_addr().ok(), "control plane listening");
     let xds = tonic::transport::Server::builder()
         // Envoy keeps one long-lived ADS stream; keepalives find dead peers.

@@ -7,24 +7,23 @@ use understudy_controlplane::cli::{Cli, Command, client};
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve {
-            config,
+            state,
             xds_addr,
             api_addr,
         } => {
-            let state = understudy_controlplane::load_state(&config)?;
+            let store = understudy_controlplane::store::Store::open(&state)?;
             let xds = tokio::net::TcpListener::bind(xds_addr).await?;
             let api = tokio::net::TcpListener::bind(api_addr).await?;
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
-            understudy_controlplane::run(state, xds, api, shutdown).await?;
+            understudy_controlplane::run(store, xds, api, shutdown).await?;
         }
         other => client(other).await?,
     }

@@ -101,7 +101,9 @@ impl Service {
         for (which, backend) in [("stable", &self.stable), ("canary", &self.canary)] {
             for (i, ep) in backend.endpoints.iter().enumerate() {
                 if ep.port() == 0 {
-                    return Err(invalid(format!("{which}.endpoints[{i}]: port 0 is not a valid endpoint port")));
+                    return Err(invalid(format!(
+                        "{which}.endpoints[{i}]: port 0 is not a valid endpoint port"
+                    )));
                 }
             }
         }
@@ -166,7 +168,9 @@ fn empty_object() -> serde_json::Value {
 impl FilterSettings {
     pub fn validate(&self) -> Result<(), ModelError> {
         if self.wasm_path.trim().is_empty() {
-            return Err(ModelError::InvalidFilter("wasm_path: must not be empty".into()));
+            return Err(ModelError::InvalidFilter(
+                "wasm_path: must not be empty".into(),
+            ));
         }
         understudy_core::FilterConfig::from_value(&self.config)
             .map_err(|e| ModelError::InvalidFilter(format!("config: {e}")))?;
@@ -218,17 +222,24 @@ mod services_as_list {
     use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error};
     use std::collections::BTreeMap;
 
-    pub fn serialize<S: Serializer>(map: &BTreeMap<String, Service>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Service>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         map.values().collect::<Vec<_>>().serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Service>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Service>, D::Error> {
         let list = Vec::<Service>::deserialize(d)?;
         let mut map = BTreeMap::new();
         for svc in list {
             let name = svc.name.clone();
             if map.insert(name.clone(), svc).is_some() {
-                return Err(D::Error::custom(format!("service {name:?} is defined twice")));
+                return Err(D::Error::custom(format!(
+                    "service {name:?} is defined twice"
+                )));
             }
         }
         Ok(map)
@@ -286,7 +297,10 @@ mod tests {
     fn weight_bounds() {
         assert!(Weight::try_from(0).is_ok());
         assert!(Weight::try_from(100).is_ok());
-        assert_eq!(Weight::try_from(101), Err(ModelError::WeightOutOfRange(101)));
+        assert_eq!(
+            Weight::try_from(101),
+            Err(ModelError::WeightOutOfRange(101))
+        );
         assert_eq!(Weight::try_from(-1), Err(ModelError::WeightOutOfRange(-1)));
         let err = serde_json::from_value::<Weight>(json!(50.5)).unwrap_err();
         assert!(err.to_string().contains("invalid type"), "{err}");
@@ -296,7 +310,10 @@ mod tests {
     fn canary_weight_needs_canary_endpoints() {
         let mut s = service(10);
         s.canary.endpoints.clear();
-        assert!(matches!(s.validate(), Err(ModelError::NoCanaryEndpoints { weight: 10, .. })));
+        assert!(matches!(
+            s.validate(),
+            Err(ModelError::NoCanaryEndpoints { weight: 10, .. })
+        ));
         s.canary_weight = Weight::ZERO;
         s.validate().unwrap();
     }
@@ -317,7 +334,10 @@ mod tests {
             (vec![], "at least one domain"),
             (vec!["a b".to_string()], "whitespace"),
             (vec!["a.*.com".to_string()], "one wildcard"),
-            (vec!["x.com".to_string(), "X.com".to_string()], "listed twice"),
+            (
+                vec!["x.com".to_string(), "X.com".to_string()],
+                "listed twice",
+            ),
         ] {
             let mut s = service(0);
             s.domains = domains;
@@ -339,9 +359,12 @@ mod tests {
                 wasm_path: "f.wasm".into(),
                 config: json!({}),
             },
-            services: [("checkout".to_string(), service(0)), ("other".to_string(), other)]
-                .into_iter()
-                .collect(),
+            services: [
+                ("checkout".to_string(), service(0)),
+                ("other".to_string(), other),
+            ]
+            .into_iter()
+            .collect(),
         };
         let err = state.validate().unwrap_err();
         assert!(matches!(err, ModelError::DomainConflict { .. }), "{err}");

@@ -28,7 +28,9 @@ use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
-use envoy_types::pb::envoy::extensions::wasm::v3::{FailurePolicy, PluginConfig, VmConfig, plugin_config};
+use envoy_types::pb::envoy::extensions::wasm::v3::{
+    FailurePolicy, PluginConfig, VmConfig, plugin_config,
+};
 use envoy_types::pb::google::protobuf::{Any, StringValue, UInt32Value};
 use envoy_types::util::pack_any;
 use prost::{Message, Name};
@@ -44,7 +46,8 @@ pub mod type_url {
     pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
     pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
     pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-    pub const EXTENSION_CONFIG: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+    pub const EXTENSION_CONFIG: &str =
+        "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
 
     /// Every type, in send order.
     pub const ORDER: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, EXTENSION_CONFIG];
@@ -241,22 +244,26 @@ fn listener(state: &DesiredState) -> Listener {
         http_filters: vec![
             HttpFilter {
                 name: FILTER_NAME.to_owned(),
-                config_type: Some(http_filter::ConfigType::ConfigDiscovery(ExtensionConfigSource {
-                    config_source: Some(ads()),
-                    // Without a default, a failed first fetch makes the listener
-                    // answer 500; the default is the filter with an empty config.
-                    default_config: Some(wasm_filter(
-                        &state.filter,
-                        &serde_json::Value::Object(Default::default()),
-                    )),
-                    apply_default_config_without_warming: false,
-                    type_urls: vec![Wasm::type_url()],
-                })),
+                config_type: Some(http_filter::ConfigType::ConfigDiscovery(
+                    ExtensionConfigSource {
+                        config_source: Some(ads()),
+                        // Without a default, a failed first fetch makes the listener
+                        // answer 500; the default is the filter with an empty config.
+                        default_config: Some(wasm_filter(
+                            &state.filter,
+                            &serde_json::Value::Object(Default::default()),
+                        )),
+                        apply_default_config_without_warming: false,
+                        type_urls: vec![Wasm::type_url()],
+                    },
+                )),
                 ..Default::default()
             },
             HttpFilter {
                 name: "envoy.filters.http.router".to_owned(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                    Router::default(),
+                ))),
                 ..Default::default()
             },
         ],
@@ -292,7 +299,9 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
                 clusters: vec![
                     weighted_cluster::ClusterWeight {
                         name: svc.stable_cluster(),
-                        weight: Some(UInt32Value { value: 100 - canary }),
+                        weight: Some(UInt32Value {
+                            value: 100 - canary,
+                        }),
                         ..Default::default()
                     },
                     weighted_cluster::ClusterWeight {
@@ -400,14 +409,27 @@ mod tests {
             assert_eq!(same, t != type_url::ROUTE, "{}", type_url::short(t));
         }
         // Content-derived: rebuilding the same state gives the same versions.
-        assert_eq!(Snapshot::build(&state(50), 9).get(type_url::ROUTE), b.get(type_url::ROUTE));
+        assert_eq!(
+            Snapshot::build(&state(50), 9).get(type_url::ROUTE),
+            b.get(type_url::ROUTE)
+        );
     }
 
     #[test]
     fn every_cluster_has_an_assignment() {
         let snap = Snapshot::build(&state(0), 1);
-        let clusters: Vec<_> = snap.get(type_url::CLUSTER).unwrap().resources.keys().collect();
-        let eds: Vec<_> = snap.get(type_url::ENDPOINT).unwrap().resources.keys().collect();
+        let clusters: Vec<_> = snap
+            .get(type_url::CLUSTER)
+            .unwrap()
+            .resources
+            .keys()
+            .collect();
+        let eds: Vec<_> = snap
+            .get(type_url::ENDPOINT)
+            .unwrap()
+            .resources
+            .keys()
+            .collect();
         assert_eq!(clusters, eds);
         assert_eq!(clusters, vec!["shop-canary", "shop-stable"]);
     }

@@ -6,7 +6,12 @@
 //! stored state exactly as it was. Connected Envoys watch the snapshot
 //! through a `tokio::sync::watch` channel, which also coalesces bursts of
 //! changes: a slow stream only ever sees the newest one.
+//!
+//! With a state file ([`Store::open`]), every accepted change is written to
+//! it (atomically: a temporary file, then a rename) *before* it is published,
+//! so a restarted control plane resumes exactly the state Envoy last received.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -22,11 +27,55 @@ pub struct Store {
 struct Inner {
     state: Mutex<DesiredState>,
     snapshots: watch::Sender<Arc<Snapshot>>,
+    file: Option<PathBuf>,
+}
+
+/// Why a state file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The file is not JSON of the expected shape.
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
+    /// The file parses, but describes an invalid state.
+    #[error("{path}: {source}")]
+    Invalid { path: String, source: ModelError },
+}
+
+/// Why a change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Invalid(#[from] ModelError),
+    /// The change is valid but could not be saved; it was not applied.
+    #[error("the change could not be saved, so it was not applied: {0}")]
+    Persist(StoreError),
 }
 
 impl Store {
     /// Validates the initial state and builds its first snapshot.
     pub fn new(initial: DesiredState) -> Result<Self, ModelError> {
+        Self::build(initial, None)
+    }
+
+    /// Loads the state file and keeps it up to date with every change.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let state = load_state(path)?;
+        Self::build(state, Some(path.to_owned())).map_err(|source| StoreError::Invalid {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    fn build(initial: DesiredState, file: Option<PathBuf>) -> Result<Self, ModelError> {
         initial.validate()?;
         let snapshot = Arc::new(Snapshot::build(&initial, 1));
         let (snapshots, _) = watch::channel(snapshot);
@@ -34,6 +83,7 @@ impl Store {
             inner: Arc::new(Inner {
                 state: Mutex::new(initial),
                 snapshots,
+                file,
             }),
         })
     }
@@ -59,7 +109,7 @@ impl Store {
             .ok_or_else(|| ModelError::UnknownService(name.to_owned()))
     }
 
-    pub fn set_canary_weight(&self, name: &str, weight: Weight) -> Result<Service, ModelError> {
+    pub fn set_canary_weight(&self, name: &str, weight: Weight) -> Result<Service, ChangeError> {
         self.update(|state| {
             let svc = state
                 .services
@@ -71,30 +121,33 @@ impl Store {
     }
 
     /// Creates or replaces a service.
-    pub fn put_service(&self, service: Service) -> Result<Service, ModelError> {
+    pub fn put_service(&self, service: Service) -> Result<Service, ChangeError> {
         self.update(|state| {
             state.services.insert(service.name.clone(), service.clone());
             Ok(service)
         })
     }
 
-    pub fn put_filter(&self, filter: FilterSettings) -> Result<FilterSettings, ModelError> {
+    pub fn put_filter(&self, filter: FilterSettings) -> Result<FilterSettings, ChangeError> {
         self.update(|state| {
             state.filter = filter.clone();
             Ok(filter)
         })
     }
 
-    /// Applies `change` to a copy, validates, publishes a snapshot, commits.
+    /// Applies `change` to a copy, validates, saves, publishes a snapshot, commits.
     fn update<T>(
         &self,
         change: impl FnOnce(&mut DesiredState) -> Result<T, ModelError>,
-    ) -> Result<T, ModelError> {
+    ) -> Result<T, ChangeError> {
         let mut guard = self.lock();
         let mut next = guard.clone();
         let out = change(&mut next)?;
         next.validate()?;
         if next != *guard {
+            if let Some(path) = &self.inner.file {
+                save_state(path, &next).map_err(ChangeError::Persist)?;
+            }
             let generation = self.inner.snapshots.borrow().generation + 1;
             let snapshot = Arc::new(Snapshot::build(&next, generation));
             *guard = next;
@@ -108,6 +161,39 @@ impl Store {
         // (changes are applied to a copy), so a poisoned lock is still sound.
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Reads and validates a desired-state file (JSON, the shape of [`DesiredState`]).
+pub fn load_state(path: &Path) -> Result<DesiredState, StoreError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| StoreError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    let state: DesiredState = serde_json::from_str(&text).map_err(|source| StoreError::Parse {
+        path: shown.clone(),
+        source,
+    })?;
+    state.validate().map_err(|source| StoreError::Invalid {
+        path: shown,
+        source,
+    })?;
+    Ok(state)
+}
+
+/// Writes the state next to `path`, then renames it over `path`, so a crash
+/// mid-write leaves the previous state intact.
+fn save_state(path: &Path, state: &DesiredState) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let json = serde_json::to_vec_pretty(state).map_err(|e| io(std::io::Error::other(e)))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, json).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 #[cfg(test)]
@@ -146,8 +232,13 @@ mod tests {
         let before = s.state();
         let gen_before = s.snapshot().generation;
         // No canary endpoints: a weight above zero is refused...
-        let err = s.set_canary_weight("shop", Weight::try_from(10).unwrap()).unwrap_err();
-        assert!(matches!(err, ModelError::NoCanaryEndpoints { .. }));
+        let err = s
+            .set_canary_weight("shop", Weight::try_from(10).unwrap())
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ChangeError::Invalid(ModelError::NoCanaryEndpoints { .. })
+        ));
         // ...and nothing changed.
         assert_eq!(s.state(), before);
         assert_eq!(s.snapshot().generation, gen_before);
@@ -173,7 +264,8 @@ mod tests {
         let snap = rx.borrow_and_update().clone();
         assert_eq!(snap.generation, 2);
         // Setting the same weight again is not a change.
-        s.set_canary_weight("shop", Weight::try_from(5).unwrap()).unwrap();
+        s.set_canary_weight("shop", Weight::try_from(5).unwrap())
+            .unwrap();
         assert!(!rx.has_changed().unwrap());
         assert!(snap.get(type_url::ROUTE).is_some());
     }
@@ -181,6 +273,44 @@ mod tests {
     #[test]
     fn unknown_service() {
         let err = store().set_canary_weight("nope", Weight::ZERO).unwrap_err();
-        assert_eq!(err, ModelError::UnknownService("nope".into()));
+        assert!(matches!(err, ChangeError::Invalid(ModelError::UnknownService(n)) if n == "nope"));
+    }
+
+    #[test]
+    fn the_state_file_follows_every_change_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, serde_json::to_vec(&store().state()).unwrap()).unwrap();
+        let s = Store::open(&path).unwrap();
+        let mut svc = s.service("shop").unwrap();
+        svc.canary.endpoints = vec!["127.0.0.1:8082".parse().unwrap()];
+        s.put_service(svc).unwrap();
+        s.set_canary_weight("shop", Weight::try_from(20).unwrap())
+            .unwrap();
+        // A refused change does not touch the file.
+        s.set_canary_weight("nope", Weight::ZERO).unwrap_err();
+        let reloaded = Store::open(&path).unwrap();
+        assert_eq!(reloaded.state(), s.state());
+        assert_eq!(
+            reloaded.service("shop").unwrap().canary_weight.percent(),
+            20
+        );
+    }
+
+    #[test]
+    fn bad_state_files_name_the_file_and_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let missing = Store::open(&path).err().unwrap().to_string();
+        assert!(missing.contains("state.json"), "{missing}");
+        std::fs::write(&path, r#"{"listener": {"address": "127.0.0.1", "port": 1}, "filter": {"wasm_path": "f"}, "services": [{"name": "a", "domains": ["*"], "stable": {}, "canary_weight": 7}]}"#).unwrap();
+        let invalid = Store::open(&path).err().unwrap().to_string();
+        assert!(
+            invalid.contains("canary weight 7 needs at least one canary endpoint"),
+            "{invalid}"
+        );
+        std::fs::write(&path, "{").unwrap();
+        let parse = Store::open(&path).err().unwrap().to_string();
+        assert!(parse.contains("EOF"), "{parse}");
     }
 }

@@ -93,21 +93,27 @@ impl RootContext for Root {
     /// Envoy reject the configuration (a static listener fails to load; an
     /// ECDS update is NACKed and the previous filter config stays in force).
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let bytes =
-            match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, plugin_configuration_size) {
-                Ok(bytes) => bytes.unwrap_or_default(),
-                Err(status) => {
-                    log(
-                        LogLevel::Error,
-                        &format!("understudy: reading the plugin configuration failed: {status:?}"),
-                    );
-                    return false;
-                }
-            };
+        let bytes = match hostcalls::get_buffer(
+            BufferType::PluginConfiguration,
+            0,
+            plugin_configuration_size,
+        ) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                log(
+                    LogLevel::Error,
+                    &format!("understudy: reading the plugin configuration failed: {status:?}"),
+                );
+                return false;
+            }
+        };
         let config = match FilterConfig::from_json(&bytes) {
             Ok(config) => config,
             Err(err) => {
-                log(LogLevel::Error, &format!("understudy: rejecting configuration: {err}"));
+                log(
+                    LogLevel::Error,
+                    &format!("understudy: rejecting configuration: {err}"),
+                );
                 return false;
             }
         };
@@ -124,7 +130,10 @@ impl RootContext for Root {
                 true
             }
             Err(reason) => {
-                log(LogLevel::Error, &format!("understudy: rejecting configuration: {reason}"));
+                log(
+                    LogLevel::Error,
+                    &format!("understudy: rejecting configuration: {reason}"),
+                );
                 false
             }
         }

@@ -36,6 +36,9 @@ mod tests {
         };
         let decoded = ReportBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded, batch);
-        assert_eq!(decoded.mismatches[0].differences[0].kind(), Kind::ValueChange);
+        assert_eq!(
+            decoded.mismatches[0].differences[0].kind(),
+            Kind::ValueChange
+        );
     }
 }

@@ -119,7 +119,11 @@ async fn serve_stream(
         }
         registry.update(id, &stream);
     }
-    info!(connection = id, node = stream.node_id().unwrap_or("?"), "ADS stream closed");
+    info!(
+        connection = id,
+        node = stream.node_id().unwrap_or("?"),
+        "ADS stream closed"
+    );
     drop(guard);
 }
 

@@ -114,7 +114,10 @@ impl AdsStream {
     }
 
     pub fn type_state(&self, type_url: &str) -> Option<&TypeState> {
-        self.types.iter().find(|(t, _)| *t == type_url).map(|(_, s)| s)
+        self.types
+            .iter()
+            .find(|(t, _)| *t == type_url)
+            .map(|(_, s)| s)
     }
 
     /// Records what a request says: subscription, ACK or NACK.
@@ -129,7 +132,9 @@ impl AdsStream {
             };
         };
         let type_url = req.type_url.clone();
-        if !req.response_nonce.is_empty() && st.sent_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+        if !req.response_nonce.is_empty()
+            && st.sent_nonce.as_deref() != Some(req.response_nonce.as_str())
+        {
             return RequestEvent::Stale { type_url };
         }
         st.subscribed = true;
@@ -161,7 +166,11 @@ impl AdsStream {
 
     /// The responses to send now for `snapshot`, in order. Call after every
     /// request and every snapshot change; it returns nothing when nothing is due.
-    pub fn pending(&mut self, snapshot: &Snapshot, control_plane_id: &str) -> Vec<DiscoveryResponse> {
+    pub fn pending(
+        &mut self,
+        snapshot: &Snapshot,
+        control_plane_id: &str,
+    ) -> Vec<DiscoveryResponse> {
         let mut out = Vec::new();
         for i in 0..self.types.len() {
             let (url, st) = &self.types[i];
@@ -176,7 +185,8 @@ impl AdsStream {
             let Some(desired) = snapshot.get(url) else {
                 continue;
             };
-            let wildcard = st.resource_names.is_empty() && matches!(url, type_url::CLUSTER | type_url::LISTENER);
+            let wildcard = st.resource_names.is_empty()
+                && matches!(url, type_url::CLUSTER | type_url::LISTENER);
             let names: BTreeSet<String> = if wildcard {
                 BTreeSet::new()
             } else {
@@ -214,7 +224,11 @@ impl AdsStream {
                 ..Default::default()
             });
             if url == type_url::CLUSTER {
-                if let Some((_, eds)) = self.types.iter_mut().find(|(t, _)| *t == type_url::ENDPOINT) {
+                if let Some((_, eds)) = self
+                    .types
+                    .iter_mut()
+                    .find(|(t, _)| *t == type_url::ENDPOINT)
+                {
                     eds.force_resend = true;
                 }
             }
@@ -231,7 +245,10 @@ pub(crate) mod unix_ms {
     use std::time::{SystemTime, UNIX_EPOCH};
 
     pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        let ms = t.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let ms = t
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
         s.serialize_u64(u64::try_from(ms).unwrap_or(u64::MAX))
     }
 }
@@ -313,17 +330,32 @@ mod tests {
             order.push(type_url::short(&resp.type_url).to_string());
             match resp.type_url.as_str() {
                 type_url::CLUSTER => {
-                    s.on_request(&req(type_url::ENDPOINT, &["shop-canary", "shop-stable"], "", ""), NOW);
+                    s.on_request(
+                        &req(type_url::ENDPOINT, &["shop-canary", "shop-stable"], "", ""),
+                        NOW,
+                    );
                 }
                 type_url::LISTENER => {
                     s.on_request(&req(type_url::ROUTE, &["understudy_routes"], "", ""), NOW);
-                    s.on_request(&req(type_url::EXTENSION_CONFIG, &["understudy"], "", ""), NOW);
+                    s.on_request(
+                        &req(type_url::EXTENSION_CONFIG, &["understudy"], "", ""),
+                        NOW,
+                    );
                 }
                 _ => {}
             }
-            let names: Vec<String> = s.type_state(&resp.type_url).unwrap().resource_names.iter().cloned().collect();
+            let names: Vec<String> = s
+                .type_state(&resp.type_url)
+                .unwrap()
+                .resource_names
+                .iter()
+                .cloned()
+                .collect();
             let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-            let ev = s.on_request(&req(&resp.type_url, &names, &resp.version_info, &resp.nonce), NOW);
+            let ev = s.on_request(
+                &req(&resp.type_url, &names, &resp.version_info, &resp.nonce),
+                NOW,
+            );
             assert!(matches!(ev, RequestEvent::Ack { .. }), "{ev:?}");
         }
         order
@@ -333,9 +365,15 @@ mod tests {
     fn startup_goes_out_in_make_before_break_order() {
         let snap = Snapshot::build(&state(0, 8081), 1);
         let mut s = AdsStream::new();
-        assert_eq!(converge(&mut s, &snap), ["cds", "eds", "lds", "rds", "ecds"]);
+        assert_eq!(
+            converge(&mut s, &snap),
+            ["cds", "eds", "lds", "rds", "ecds"]
+        );
         assert_eq!(s.node_id(), Some("envoy-1"));
-        assert!(s.pending(&snap, "cp").is_empty(), "nothing more once converged");
+        assert!(
+            s.pending(&snap, "cp").is_empty(),
+            "nothing more once converged"
+        );
         for (_, st) in s.types() {
             assert_eq!(st.responses_sent, 1);
             assert_eq!(st.acked_version, st.sent_version);
@@ -347,7 +385,20 @@ mod tests {
         let snap = Snapshot::build(&state(0, 8081), 1);
         let mut s = AdsStream::new();
         converge(&mut s, &snap);
-        s.on_request(&req(type_url::ENDPOINT, &["shop-stable"], "x", s.type_state(type_url::ENDPOINT).unwrap().sent_nonce.clone().unwrap().as_str()), NOW);
+        s.on_request(
+            &req(
+                type_url::ENDPOINT,
+                &["shop-stable"],
+                "x",
+                s.type_state(type_url::ENDPOINT)
+                    .unwrap()
+                    .sent_nonce
+                    .clone()
+                    .unwrap()
+                    .as_str(),
+            ),
+            NOW,
+        );
         let out = s.pending(&snap, "cp");
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].resources.len(), 1, "only the subscribed cluster");
@@ -372,11 +423,20 @@ mod tests {
         snap.set_version_for_test(type_url::CLUSTER, "changed");
         let out = s.pending(&snap, "cp");
         assert_eq!(out[0].type_url, type_url::CLUSTER);
-        assert!(s.pending(&snap, "cp").is_empty(), "EDS waits for the CDS ACK");
-        s.on_request(&req(type_url::CLUSTER, &[], &out[0].version_info, &out[0].nonce), NOW);
+        assert!(
+            s.pending(&snap, "cp").is_empty(),
+            "EDS waits for the CDS ACK"
+        );
+        s.on_request(
+            &req(type_url::CLUSTER, &[], &out[0].version_info, &out[0].nonce),
+            NOW,
+        );
         let out = s.pending(&snap, "cp");
         assert_eq!(out[0].type_url, type_url::ENDPOINT, "EDS follows CDS");
-        assert_eq!(out[0].version_info, eds_version, "same endpoints, sent again");
+        assert_eq!(
+            out[0].version_info, eds_version,
+            "same endpoints, sent again"
+        );
     }
 
     #[test]
@@ -387,10 +447,17 @@ mod tests {
         let out = s.pending(&bad, "cp");
         assert_eq!(out[0].type_url, type_url::ENDPOINT);
         let ev = s.on_request(
-            &nack(type_url::ENDPOINT, &["shop-canary", "shop-stable"], &out[0].nonce, "malformed"),
+            &nack(
+                type_url::ENDPOINT,
+                &["shop-canary", "shop-stable"],
+                &out[0].nonce,
+                "malformed",
+            ),
             NOW,
         );
-        let RequestEvent::Nack(n) = ev else { panic!("{ev:?}") };
+        let RequestEvent::Nack(n) = ev else {
+            panic!("{ev:?}")
+        };
         assert_eq!(n.version, out[0].version_info);
         assert_eq!(n.error, "malformed");
         // The NACK is itself a request; answering it with the same version
@@ -410,10 +477,18 @@ mod tests {
         let mut s = AdsStream::new();
         let snap = Snapshot::build(&state(0, 8081), 1);
         converge(&mut s, &snap);
-        let first_nonce = s.type_state(type_url::ROUTE).unwrap().sent_nonce.clone().unwrap();
+        let first_nonce = s
+            .type_state(type_url::ROUTE)
+            .unwrap()
+            .sent_nonce
+            .clone()
+            .unwrap();
         let out = s.pending(&Snapshot::build(&state(10, 8081), 2), "cp");
         assert_eq!(out[0].type_url, type_url::ROUTE);
-        let ev = s.on_request(&nack(type_url::ROUTE, &["understudy_routes"], &first_nonce, "old"), NOW);
+        let ev = s.on_request(
+            &nack(type_url::ROUTE, &["understudy_routes"], &first_nonce, "old"),
+            NOW,
+        );
         assert!(matches!(ev, RequestEvent::Stale { .. }));
         assert!(s.type_state(type_url::ROUTE).unwrap().last_nack.is_none());
         assert!(s.type_state(type_url::ROUTE).unwrap().awaiting_reply);
@@ -424,6 +499,9 @@ mod tests {
         let mut s = AdsStream::new();
         let ev = s.on_request(&req("type.googleapis.com/envoy.Whatever", &[], "", ""), NOW);
         assert!(matches!(ev, RequestEvent::Unknown { .. }));
-        assert!(s.pending(&Snapshot::build(&state(0, 8081), 1), "cp").is_empty());
+        assert!(
+            s.pending(&Snapshot::build(&state(0, 8081), 1), "cp")
+                .is_empty()
+        );
     }
 }

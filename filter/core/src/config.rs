@@ -99,7 +99,8 @@ impl FilterConfig {
 
     /// Validates a JSON value (the control plane's path: it stores the config as JSON).
     pub fn from_value(value: &serde_json::Value) -> Result<Self, ConfigError> {
-        let raw = RawFilterConfig::deserialize(value).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let raw =
+            RawFilterConfig::deserialize(value).map_err(|e| ConfigError::Syntax(e.to_string()))?;
         Self::try_from(raw)
     }
 
@@ -205,14 +206,18 @@ mod tests {
         assert_eq!(c.match_route("/api/cart"), Some(0));
         assert_eq!(c.match_route("/index.html"), Some(1));
         let only_api =
-            FilterConfig::from_json(br#"{"routes":[{"name":"api","path_prefix":"/api"}]}"#).unwrap();
+            FilterConfig::from_json(br#"{"routes":[{"name":"api","path_prefix":"/api"}]}"#)
+                .unwrap();
         assert_eq!(only_api.match_route("/"), None);
     }
 
     #[test]
     fn unknown_field_is_named() {
         let err = FilterConfig::from_json(br#"{"stat_prefx":"x"}"#).unwrap_err();
-        assert!(err.to_string().contains("unknown field `stat_prefx`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `stat_prefx`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -227,14 +232,31 @@ mod tests {
     fn bad_values_name_their_field() {
         let cases: &[(&str, &str)] = &[
             (r#"{"stat_prefix":"a.b"}"#, "stat_prefix: \"a.b\""),
-            (r#"{"stat_prefix":""}"#, "stat_prefix: \"\" is not a valid name: it is empty"),
-            (r#"{"routes":[{"name":"ok"},{"name":"x y"}]}"#, "routes[1].name"),
-            (r#"{"routes":[{"name":"a","path_prefix":"api"}]}"#, "routes[0].path_prefix: \"api\" must start with '/'"),
-            (r#"{"routes":[{"name":"a"},{"name":"a"}]}"#, "routes[1].name: \"a\" is already used by routes[0]"),
+            (
+                r#"{"stat_prefix":""}"#,
+                "stat_prefix: \"\" is not a valid name: it is empty",
+            ),
+            (
+                r#"{"routes":[{"name":"ok"},{"name":"x y"}]}"#,
+                "routes[1].name",
+            ),
+            (
+                r#"{"routes":[{"name":"a","path_prefix":"api"}]}"#,
+                "routes[0].path_prefix: \"api\" must start with '/'",
+            ),
+            (
+                r#"{"routes":[{"name":"a"},{"name":"a"}]}"#,
+                "routes[1].name: \"a\" is already used by routes[0]",
+            ),
         ];
         for (json, expected) in cases {
-            let err = FilterConfig::from_json(json.as_bytes()).unwrap_err().to_string();
-            assert!(err.contains(expected), "{json}: got {err:?}, want {expected:?}");
+            let err = FilterConfig::from_json(json.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(expected),
+                "{json}: got {err:?}, want {expected:?}"
+            );
         }
     }
 

@@ -27,8 +27,15 @@ mod tests {
 
     #[test]
     fn names_follow_the_prefix() {
-        let c = FilterConfig::from_json(br#"{"stat_prefix":"us","routes":[{"name":"cart"}]}"#).unwrap();
-        assert_eq!(in_envoy(&requests_total(&c)), "wasmcustom.us.requests_total");
-        assert_eq!(route_requests_total(&c, "cart"), "us.route.cart.requests_total");
+        let c =
+            FilterConfig::from_json(br#"{"stat_prefix":"us","routes":[{"name":"cart"}]}"#).unwrap();
+        assert_eq!(
+            in_envoy(&requests_total(&c)),
+            "wasmcustom.us.requests_total"
+        );
+        assert_eq!(
+            route_requests_total(&c, "cart"),
+            "us.route.cart.requests_total"
+        );
     }
 }
