@@ -1,0 +1,486 @@
+//! In-process integration tests of the control plane's JSON API: a real
+//! server on loopback listeners, called over HTTP with reqwest.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use understudy_controlplane::model::{
+    Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight,
+};
+use understudy_controlplane::store::Store;
+
+/// The weight the test service starts with, so "unchanged" is not just "zero".
+const START_WEIGHT: u64 = 10;
+
+/// One service, `shop`, answering to `shop.example`, with stable and canary endpoints.
+fn desired_state() -> DesiredState {
+    let shop = Service {
+        name: "shop".into(),
+        domains: vec!["shop.example".into()],
+        stable: Backend {
+            endpoints: vec!["127.0.0.1:8081".parse().unwrap()],
+        },
+        canary: Backend {
+            endpoints: vec!["127.0.0.1:8082".parse().unwrap()],
+        },
+        canary_weight: Weight::try_from(i64::try_from(START_WEIGHT).unwrap()).unwrap(),
+    };
+    DesiredState {
+        listener: ListenerSettings {
+            address: "127.0.0.1".parse().unwrap(),
+            port: 10000,
+        },
+        filter: FilterSettings {
+            wasm_path: "/etc/envoy/understudy.wasm".into(),
+            config: json!({"routes": [{"name": "api", "path_prefix": "/api"}]}),
+        },
+        services: [("shop".to_string(), shop)].into_iter().collect(),
+    }
+}
+
+/// A response: status, whether it was labelled JSON, and the body parsed as JSON.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    json_content_type: bool,
+    body: Value,
+}
+
+/// A client for one running control plane.
+struct Api {
+    base: String,
+    client: reqwest::Client,
+}
+
+/// Starts the control plane on loopback listeners (bound before the server is
+/// spawned, so it is ready at once) and returns a client for its API.
+async fn start(store: Store) -> Api {
+    let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", api.local_addr().unwrap());
+    tokio::spawn(understudy_controlplane::run(
+        store,
+        xds,
+        api,
+        std::future::pending(),
+    ));
+    Api {
+        base,
+        client: reqwest::Client::new(),
+    }
+}
+
+async fn start_default() -> Api {
+    start(Store::new(desired_state()).unwrap()).await
+}
+
+impl Api {
+    async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let json_content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
+        Reply {
+            status,
+            json_content_type,
+            body,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.send(self.client.get(self.url(path))).await
+    }
+
+    async fn put(&self, path: &str, body: &Value) -> Reply {
+        self.send(self.client.put(self.url(path)).json(body)).await
+    }
+
+    /// A PUT with a raw body and an optional content type.
+    async fn put_raw(&self, path: &str, body: &'static str, content_type: Option<&str>) -> Reply {
+        let mut req = self.client.put(self.url(path)).body(body);
+        if let Some(ct) = content_type {
+            req = req.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        self.send(req).await
+    }
+
+    /// GETs `path`, asserting a 200 JSON answer, and returns the body.
+    async fn get_ok(&self, path: &str) -> Value {
+        let r = self.get(path).await;
+        assert_eq!(r.status, 200, "GET {path}: {r:?}");
+        assert!(r.json_content_type, "GET {path}: {r:?}");
+        r.body
+    }
+
+    async fn weight(&self, service: &str) -> u64 {
+        let svc = self.get_ok(&format!("/v1/services/{service}")).await;
+        svc["canary_weight"].as_u64().unwrap()
+    }
+
+    async fn generation(&self) -> u64 {
+        self.get_ok("/v1/envoys").await["generation"]
+            .as_u64()
+            .unwrap()
+    }
+}
+
+/// Asserts `r` is an API error with this status and code and returns its message.
+fn assert_error(r: &Reply, status: u16, code: &str) -> String {
+    assert_eq!(r.status, status, "{r:?}");
+    assert!(r.json_content_type, "{r:?}");
+    assert_eq!(r.body["error"]["code"], code, "{r:?}");
+    let message = r.body["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r:?}"));
+    assert!(!message.is_empty(), "{r:?}");
+    message.to_owned()
+}
+
+fn assert_error_mentions(r: &Reply, status: u16, code: &str, needle: &str) {
+    let message = assert_error(r, status, code);
+    assert!(
+        message.contains(needle),
+        "message {message:?} should mention {needle:?}"
+    );
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer_json() {
+    let api = start_default().await;
+    assert_eq!(api.get_ok("/healthz").await, json!({"status": "ok"}));
+    let ready = api.get_ok("/readyz").await;
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["generation"], 1);
+}
+
+#[tokio::test]
+async fn services_are_listed_and_fetched_by_name() {
+    let api = start_default().await;
+    let list = api.get_ok("/v1/services").await;
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["name"], "shop");
+
+    let shop = api.get_ok("/v1/services/shop").await;
+    assert_eq!(shop, list[0]);
+    assert_eq!(shop["domains"], json!(["shop.example"]));
+    assert_eq!(shop["stable"]["endpoints"], json!(["127.0.0.1:8081"]));
+    assert_eq!(shop["canary"]["endpoints"], json!(["127.0.0.1:8082"]));
+    assert_eq!(shop["canary_weight"], START_WEIGHT);
+
+    let r = api.get("/v1/services/nope").await;
+    assert_error_mentions(&r, 404, "unknown_service", "nope");
+    let r = api
+        .put("/v1/services/nope/canary-weight", &json!({"weight": 0}))
+        .await;
+    assert_error_mentions(&r, 404, "unknown_service", "nope");
+}
+
+#[tokio::test]
+async fn setting_the_canary_weight() {
+    let api = start_default().await;
+    let r = api
+        .put("/v1/services/shop/canary-weight", &json!({"weight": 50}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.json_content_type, "{r:?}");
+    assert_eq!(r.body["name"], "shop");
+    assert_eq!(r.body["canary_weight"], 50);
+    assert_eq!(api.weight("shop").await, 50);
+
+    // The bounds themselves are accepted.
+    for w in [0, 100] {
+        let r = api
+            .put("/v1/services/shop/canary-weight", &json!({"weight": w}))
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(api.weight("shop").await, w);
+    }
+}
+
+#[tokio::test]
+async fn bad_weights_are_refused_and_change_nothing() {
+    let api = start_default().await;
+    let path = "/v1/services/shop/canary-weight";
+    let before = api.get_ok("/v1/services/shop").await;
+    let generation = api.generation().await;
+
+    // Out of range, not an integer, not a number, null: each message says
+    // what a weight must be and echoes the value that was sent.
+    for (weight, shown) in [
+        (json!(101), "101"),
+        (json!(-1), "-1"),
+        (json!(50.5), "50.5"),
+        (json!("50"), "\"50\""),
+        (json!(null), "null"),
+    ] {
+        let r = api.put(path, &json!({"weight": weight})).await;
+        let message = assert_error(&r, 400, "invalid_weight");
+        assert!(
+            message.contains("integer from 0 to 100"),
+            "weight {weight}: {message:?}"
+        );
+        assert!(
+            message.contains(&format!("got {shown}")),
+            "weight {weight}: {message:?}"
+        );
+    }
+
+    // Malformed JSON.
+    let r = api
+        .put_raw(path, "{\"weight\": ", Some("application/json"))
+        .await;
+    assert_error(&r, 400, "invalid_body");
+    // An unknown field is named.
+    let r = api.put(path, &json!({"weight": 5, "x": 1})).await;
+    assert_error_mentions(&r, 400, "invalid_body", "unknown field `x`");
+    // The weight is required.
+    let r = api.put(path, &json!({})).await;
+    assert_error_mentions(&r, 400, "invalid_body", "weight");
+    // No body and no content type.
+    let r = api.put_raw(path, "", None).await;
+    assert_error_mentions(&r, 400, "invalid_body", "Content-Type");
+    // A JSON body without a JSON content type.
+    let r = api
+        .put_raw(path, "{\"weight\": 5}", Some("text/plain"))
+        .await;
+    assert_error_mentions(&r, 400, "invalid_body", "Content-Type");
+    // A JSON content type and no body.
+    let r = api.put_raw(path, "", Some("application/json")).await;
+    assert_error(&r, 400, "invalid_body");
+
+    assert_eq!(api.get_ok("/v1/services/shop").await, before);
+    assert_eq!(api.weight("shop").await, START_WEIGHT);
+    assert_eq!(api.generation().await, generation);
+}
+
+#[tokio::test]
+async fn a_canary_weight_needs_canary_endpoints() {
+    let mut state = desired_state();
+    let shop = state.services.get_mut("shop").unwrap();
+    shop.canary.endpoints.clear();
+    shop.canary_weight = Weight::ZERO;
+    let api = start(Store::new(state).unwrap()).await;
+
+    let r = api
+        .put("/v1/services/shop/canary-weight", &json!({"weight": 20}))
+        .await;
+    assert_error_mentions(&r, 400, "invalid_weight", "canary endpoint");
+    assert_eq!(api.weight("shop").await, 0);
+    // Zero is still fine.
+    let r = api
+        .put("/v1/services/shop/canary-weight", &json!({"weight": 0}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[tokio::test]
+async fn the_filter_is_validated_before_it_is_stored() {
+    let api = start_default().await;
+    let before = api.get_ok("/v1/filter").await;
+    assert_eq!(
+        before,
+        json!({
+            "wasm_path": "/etc/envoy/understudy.wasm",
+            "config": {"routes": [{"name": "api", "path_prefix": "/api"}]}
+        })
+    );
+
+    let bad = json!({
+        "wasm_path": "/x.wasm",
+        "config": {"routes": [{"name": "a", "path_prefix": "nope"}]}
+    });
+    let r = api.put("/v1/filter", &bad).await;
+    assert_error_mentions(&r, 400, "invalid_filter", "routes[0].path_prefix");
+    // An unknown key inside the filter config is named too.
+    let r = api
+        .put(
+            "/v1/filter",
+            &json!({"wasm_path": "/x.wasm", "config": {"bogus": 1}}),
+        )
+        .await;
+    assert_error_mentions(&r, 400, "invalid_filter", "bogus");
+    // An empty wasm path.
+    let r = api
+        .put("/v1/filter", &json!({"wasm_path": " ", "config": {}}))
+        .await;
+    assert_error_mentions(&r, 400, "invalid_filter", "wasm_path");
+    assert_eq!(api.get_ok("/v1/filter").await, before);
+
+    let good = json!({
+        "wasm_path": "/x.wasm",
+        "config": {"stat_prefix": "shop", "routes": [{"name": "a", "path_prefix": "/a"}]}
+    });
+    let r = api.put("/v1/filter", &good).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, good);
+    assert_eq!(api.get_ok("/v1/filter").await, good);
+}
+
+#[tokio::test]
+async fn services_are_created_and_domain_conflicts_refused() {
+    let api = start_default().await;
+    let generation = api.generation().await;
+
+    let conflicting = json!({
+        "name": "search",
+        "domains": ["shop.example"],
+        "stable": {"endpoints": ["127.0.0.1:9001"]}
+    });
+    let r = api.put("/v1/services/search", &conflicting).await;
+    assert_error_mentions(&r, 400, "invalid_service", "shop.example");
+    // Domains are compared case-insensitively, as Envoy does.
+    let mut upper = conflicting.clone();
+    upper["domains"] = json!(["SHOP.example"]);
+    let r = api.put("/v1/services/search", &upper).await;
+    assert_error(&r, 400, "invalid_service");
+    // The body must name the service of the path.
+    let mut renamed = conflicting.clone();
+    renamed["domains"] = json!(["search.example"]);
+    let r = api.put("/v1/services/other", &renamed).await;
+    assert_error_mentions(&r, 400, "invalid_service", "other");
+    assert_error(
+        &api.get("/v1/services/search").await,
+        404,
+        "unknown_service",
+    );
+    assert_eq!(api.generation().await, generation);
+
+    let good = json!({
+        "name": "search",
+        "domains": ["search.example"],
+        "stable": {"endpoints": ["127.0.0.1:9001"]}
+    });
+    let r = api.put("/v1/services/search", &good).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["name"], "search");
+    // Defaults are filled in.
+    assert_eq!(r.body["canary_weight"], 0);
+    assert_eq!(r.body["canary"], json!({"endpoints": []}));
+    let names: Vec<Value> = api
+        .get_ok("/v1/services")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("search"), json!("shop")]);
+    assert_eq!(api.get_ok("/v1/services/search").await, r.body);
+    assert_eq!(api.generation().await, generation + 1);
+}
+
+fn read_state_file(path: &Path) -> (Vec<u8>, Value) {
+    let bytes = std::fs::read(path).unwrap();
+    let value = serde_json::from_slice(&bytes).unwrap();
+    (bytes, value)
+}
+
+fn file_weight(state: &Value, service: &str) -> u64 {
+    let services = state["services"].as_array().unwrap();
+    let svc = services.iter().find(|s| s["name"] == service).unwrap();
+    svc["canary_weight"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn the_state_file_follows_accepted_changes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&desired_state()).unwrap()).unwrap();
+    let api = start(Store::open(&path).unwrap()).await;
+
+    let r = api
+        .put("/v1/services/shop/canary-weight", &json!({"weight": 35}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let (saved, state) = read_state_file(&path);
+    assert_eq!(file_weight(&state, "shop"), 35);
+    // What is on disk is what a restart would load.
+    let reloaded = Store::open(&path).unwrap();
+    assert_eq!(
+        reloaded.service("shop").unwrap().canary_weight.percent(),
+        35
+    );
+
+    // Refused changes of every kind leave the file as it was, byte for byte.
+    let refused = [
+        api.put("/v1/services/shop/canary-weight", &json!({"weight": 101}))
+            .await,
+        api.put("/v1/services/nope/canary-weight", &json!({"weight": 1}))
+            .await,
+        api.put(
+            "/v1/filter",
+            &json!({"wasm_path": "/x.wasm", "config": {"routes": [{"name": "a", "path_prefix": "nope"}]}}),
+        )
+        .await,
+        api.put(
+            "/v1/services/search",
+            &json!({"name": "search", "domains": ["shop.example"], "stable": {"endpoints": ["127.0.0.1:9001"]}}),
+        )
+        .await,
+    ];
+    for r in &refused {
+        assert!((400..500).contains(&r.status), "{r:?}");
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), saved);
+    assert!(
+        !dir.path().join("state.json.tmp").exists(),
+        "no temporary file is left behind"
+    );
+}
+
+#[tokio::test]
+async fn envoys_and_the_generation() {
+    let api = start_default().await;
+    let envoys = api.get_ok("/v1/envoys").await;
+    assert_eq!(envoys, json!({"generation": 1, "envoys": []}));
+    assert_eq!(api.get_ok("/v1/nacks").await, json!([]));
+
+    // An accepted change: one generation more.
+    let r = api
+        .put("/v1/services/shop/canary-weight", &json!({"weight": 60}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(api.generation().await, 2);
+    assert_eq!(api.get_ok("/readyz").await["generation"], 2);
+
+    // A refused change: none.
+    let r = api
+        .put("/v1/services/shop/canary-weight", &json!({"weight": 101}))
+        .await;
+    assert_error(&r, 400, "invalid_weight");
+    assert_eq!(api.generation().await, 2);
+
+    // Setting the weight it already has is accepted but is not a change.
+    let r = api
+        .put("/v1/services/shop/canary-weight", &json!({"weight": 60}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(api.generation().await, 2);
+    assert_eq!(
+        api.get_ok("/v1/envoys").await,
+        json!({"generation": 2, "envoys": []})
+    );
+}
+
+#[tokio::test]
+async fn unknown_paths_are_json_404s() {
+    let api = start_default().await;
+    for path in ["/nope", "/v1", "/v1/services/shop/nope", "/v2/services"] {
+        let r = api.get(path).await;
+        assert_error(&r, 404, "not_found");
+    }
+    let r = api.put("/v1/nope", &json!({})).await;
+    assert_error(&r, 404, "not_found");
+}

@@ -1,0 +1,82 @@
+//! The real control plane, run in-process on a runtime of its own so a test
+//! can kill it (every socket closes at once, as with SIGKILL) and restart it
+//! on the same ports from its state file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use understudy_controlplane::model::DesiredState;
+use understudy_controlplane::store::Store;
+
+pub struct ControlPlane {
+    pub xds: SocketAddr,
+    pub api: SocketAddr,
+    state_file: PathBuf,
+    runtime: Option<tokio::runtime::Runtime>,
+    _dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    /// Writes `state` to a fresh state file and starts on free loopback ports.
+    pub fn start(state: &DesiredState) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let state_file = dir.path().join("state.json");
+        std::fs::write(&state_file, serde_json::to_vec_pretty(state)?)?;
+        let xds = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let api = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let mut cp = Self {
+            xds: xds.local_addr()?,
+            api: api.local_addr()?,
+            state_file,
+            runtime: None,
+            _dir: dir,
+        };
+        cp.serve(xds, api)?;
+        Ok(cp)
+    }
+
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// Stops abruptly: the runtime is dropped with every task and socket.
+    pub fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Starts again on the same ports, from the state file (as the binary does).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let xds = std::net::TcpListener::bind(self.xds).context("rebinding the xDS port")?;
+        let api = std::net::TcpListener::bind(self.api).context("rebinding the API port")?;
+        self.serve(xds, api)
+    }
+
+    fn serve(&mut self, xds: std::net::TcpListener, api: std::net::TcpListener) -> Result<()> {
+        xds.set_nonblocking(true)?;
+        api.set_nonblocking(true)?;
+        let store = Store::open(&self.state_file)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("controlplane")
+            .enable_all()
+            .build()?;
+        runtime.spawn(async move {
+            let xds = tokio::net::TcpListener::from_std(xds)?;
+            let api = tokio::net::TcpListener::from_std(api)?;
+            understudy_controlplane::run(store, xds, api, std::future::pending()).await?;
+            anyhow::Ok(())
+        });
+        self.runtime = Some(runtime);
+        Ok(())
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

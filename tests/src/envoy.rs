@@ -1,0 +1,220 @@
+//! A real Envoy process: started from a committed config (with ports and
+//! paths rewritten), watched through its admin API, killed on drop.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::paths;
+use crate::wait;
+
+/// How long Envoy may take to start (V8 compiles the filter on every worker).
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Reads a config from `envoy/` and applies `replacements` (each `from` must
+/// occur, so a config edit that breaks the harness fails loudly, not silently).
+pub fn render(name: &str, replacements: &[(&str, String)]) -> Result<String> {
+    let path = paths::envoy_config(name);
+    let mut text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    for (from, to) in replacements {
+        if !text.contains(from) {
+            bail!("{}: expected to find {from:?} to replace", path.display());
+        }
+        text = text.replace(from, to);
+    }
+    Ok(text)
+}
+
+pub struct Envoy {
+    child: Child,
+    pub admin: SocketAddr,
+    log_path: PathBuf,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy with `config` (YAML text) and `--concurrency 2`, and waits
+    /// until its admin API is up. Its admin port must be 0 in `config`; the
+    /// real one is read from `--admin-address-path`.
+    pub async fn start(config: &str, extra_args: &[&str]) -> Result<Self> {
+        let bin = paths::envoy_binary()?;
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, config)?;
+        let admin_path = dir.path().join("admin_address");
+        let log_path = dir.path().join("envoy.log");
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new(&bin)
+            .current_dir(paths::repo_root())
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", "2", "--disable-hot-restart", "--log-level", "info"])
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut envoy = Self {
+            child,
+            admin: "127.0.0.1:0".parse()?,
+            log_path,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
+            _dir: dir,
+        };
+        let admin = wait::until("Envoy's admin address", START_DEADLINE, || {
+            let exited = envoy.child.try_wait();
+            let text = std::fs::read_to_string(&admin_path).unwrap_or_default();
+            async move {
+                if let Ok(Some(status)) = exited {
+                    bail!("Envoy exited during startup ({status})");
+                }
+                Ok(text.trim().parse::<SocketAddr>().ok())
+            }
+        })
+        .await
+        .with_context(|| envoy.log_tail(60))?;
+        envoy.admin = admin;
+        Ok(envoy)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Waits for `/ready` (all initial xDS fetches done, listeners warm).
+    pub async fn wait_ready(&self) -> Result<()> {
+        let http = self.http.clone();
+        let url = self.admin_url("/ready");
+        wait::until("Envoy /ready", START_DEADLINE, || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http.get(&url).send().await?;
+                Ok(r.status().is_success().then_some(()))
+            }
+        })
+        .await
+        .with_context(|| self.log_tail(60))
+    }
+
+    /// All stats, as `name -> value` text.
+    pub async fn stats(&self) -> Result<BTreeMap<String, String>> {
+        let text = self.http.get(self.admin_url("/stats")).send().await?.text().await?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect())
+    }
+
+    /// A counter or gauge, or `None` if Envoy does not have it (yet).
+    pub async fn stat(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self.stats().await?.get(name).and_then(|v| v.parse().ok()))
+    }
+
+    pub async fn config_dump(&self, resource: &str) -> Result<Value> {
+        let url = self.admin_url(&format!("/config_dump?resource={resource}"));
+        Ok(self.http.get(url).send().await?.json().await?)
+    }
+
+    /// `(cluster, weight)` of the first weighted route in the dynamic route configs.
+    pub async fn route_weights(&self) -> Result<Vec<(String, u64)>> {
+        let dump = self.config_dump("dynamic_route_configs").await?;
+        Ok(find_key(&dump, "weighted_clusters")
+            .and_then(|wc| wc.get("clusters"))
+            .and_then(Value::as_array)
+            .map(|clusters| {
+                clusters
+                    .iter()
+                    .map(|c| {
+                        let name = c["name"].as_str().unwrap_or_default().to_owned();
+                        (name, c["weight"].as_u64().unwrap_or(0))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Waits for Envoy to exit by itself (a rejected static config, say).
+    pub async fn wait_exit(&mut self, deadline: Duration) -> Result<ExitStatus> {
+        let child = &mut self.child;
+        let mut status = None;
+        wait::until("Envoy to exit", deadline, || {
+            let polled = child.try_wait();
+            if let Ok(Some(s)) = polled {
+                status = Some(s);
+            }
+            let done = status;
+            async move { Ok(done) }
+        })
+        .await
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log(), lines)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- Envoy log ({}) -----\n{}\n----- end of Envoy log -----",
+                self.log_path.display(),
+                self.log_tail(300)
+            );
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Depth-first search for the first object member called `key`.
+pub fn find_key<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    match v {
+        Value::Object(map) => map
+            .get(key)
+            .or_else(|| map.values().find_map(|child| find_key(child, key))),
+        Value::Array(items) => items.iter().find_map(|child| find_key(child, key)),
+        _ => None,
+    }
+}
+
+/// Runs `envoy --mode validate` on a config file, from the repository root
+/// (so relative paths in committed configs resolve as documented).
+pub fn validate(config: &Path) -> Result<String> {
+    let bin = paths::envoy_binary()?;
+    let out = Command::new(&bin)
+        .current_dir(paths::repo_root())
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(config)
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("{} does not validate:\n{}", config.display(), tail(&text, 30));
+    }
+    Ok(text)
+}

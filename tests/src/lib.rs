@@ -1,0 +1,26 @@
+//! `understudy-e2e`: the end-to-end harness, and the project's task runner.
+//!
+//! The tests in `tests/tests/` start a real Envoy 1.40 (V8) with the real
+//! filter `.wasm`, the real control plane and programmable upstreams on
+//! loopback, and wait on conditions (never sleeps). Start with [`stack::Stack`].
+//!
+//! # Layout
+//! - [`paths`]: where Envoy, the `.wasm` and the configs are; the setup hint.
+//! - [`envoy`]: one Envoy process (config rendering, admin API, log on failure).
+//! - [`controlplane`]: the control plane in-process, killable and restartable.
+//! - [`upstream`]: the programmable upstream (also the `understudy-upstream` binary).
+//! - [`traffic`]: client load and its tally.
+//! - [`stack`]: all of the above wired together.
+//! - [`wait`]: condition waits with deadlines.
+//! - [`bench`]: benchmark scenarios (`cargo xtask bench`).
+//!
+//! The `xtask` binary (`cargo xtask ...`) sets up, tests, demos and benchmarks.
+
+pub mod bench;
+pub mod controlplane;
+pub mod envoy;
+pub mod paths;
+pub mod stack;
+pub mod traffic;
+pub mod upstream;
+pub mod wait;

@@ -1,0 +1,143 @@
+//! The whole path, assembled: two upstreams (stable `v1`, canary `v2`), the
+//! control plane, and an Envoy bootstrapped from `envoy/bootstrap.yaml` whose
+//! listener, routes, clusters and filter all arrive over ADS.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use understudy_controlplane::model::{
+    Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight,
+};
+
+use crate::controlplane::ControlPlane;
+use crate::envoy::{self, Envoy};
+use crate::upstream::{Behavior, UpstreamHandle};
+use crate::{paths, traffic, wait};
+
+pub const SERVICE: &str = "demo";
+pub const NODE_ID: &str = "e2e-envoy";
+
+/// A free loopback port (the OS picks it; it is released for Envoy to bind).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The filter config the stack starts with.
+pub fn default_filter_config() -> Value {
+    json!({"routes": [{"name": "all", "path_prefix": "/"}]})
+}
+
+pub struct Stack {
+    pub stable: UpstreamHandle,
+    pub canary: UpstreamHandle,
+    pub cp: ControlPlane,
+    pub envoy: Envoy,
+    /// `http://127.0.0.1:<listener>` : traffic enters Envoy here.
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    pub async fn start() -> Result<Self> {
+        let stable = UpstreamHandle::start("v1", Behavior::default()).await?;
+        let canary = UpstreamHandle::start("v2", Behavior::default()).await?;
+        let listener_port = free_port()?;
+        let state = DesiredState {
+            listener: ListenerSettings {
+                address: "127.0.0.1".parse()?,
+                port: listener_port,
+            },
+            filter: FilterSettings {
+                wasm_path: paths::filter_wasm()?.display().to_string(),
+                config: default_filter_config(),
+            },
+            services: [(
+                SERVICE.to_owned(),
+                Service {
+                    name: SERVICE.to_owned(),
+                    domains: vec!["*".to_owned()],
+                    stable: Backend {
+                        endpoints: vec![stable.addr],
+                    },
+                    canary: Backend {
+                        endpoints: vec![canary.addr],
+                    },
+                    canary_weight: Weight::ZERO,
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let cp = ControlPlane::start(&state)?;
+        let config = envoy::render(
+            "bootstrap.yaml",
+            &[
+                ("port_value: 9901", "port_value: 0".to_owned()),
+                ("port_value: 18000", format!("port_value: {}", cp.xds.port())),
+                ("id: envoy-1", format!("id: {NODE_ID}")),
+            ],
+        )?;
+        let envoy = Envoy::start(&config, &[]).await?;
+        envoy.wait_ready().await?;
+        let stack = Self {
+            stable,
+            canary,
+            cp,
+            envoy,
+            url: format!("http://127.0.0.1:{listener_port}/"),
+            http: traffic::client(),
+        };
+        let (http, url) = (stack.http.clone(), stack.url.clone());
+        wait::until("the listener to answer 200", Duration::from_secs(10), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { Ok(http.get(&url).send().await?.status().is_success().then_some(())) }
+        })
+        .await?;
+        Ok(stack)
+    }
+
+    /// `PUT /v1/services/demo/canary-weight`; returns the HTTP status and body.
+    pub async fn set_weight(&self, weight: Value) -> Result<(u16, Value)> {
+        let r = self
+            .http
+            .put(self.cp.api_url(&format!("/v1/services/{SERVICE}/canary-weight")))
+            .json(&json!({ "weight": weight }))
+            .send()
+            .await
+            .context("calling the control plane API")?;
+        Ok((r.status().as_u16(), r.json().await?))
+    }
+
+    pub async fn api_get(&self, path: &str) -> Result<Value> {
+        Ok(self.http.get(self.cp.api_url(path)).send().await?.json().await?)
+    }
+
+    pub async fn api_put(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        let r = self.http.put(self.cp.api_url(path)).json(body).send().await?;
+        Ok((r.status().as_u16(), r.json().await?))
+    }
+
+    /// Waits until Envoy's applied route weights are `(stable, canary)`.
+    pub async fn wait_weights(&self, stable: u64, canary: u64, deadline: Duration) -> Result<()> {
+        let want = vec![
+            (format!("{SERVICE}-stable"), stable),
+            (format!("{SERVICE}-canary"), canary),
+        ];
+        wait::until(&format!("Envoy to apply weights {want:?}"), deadline, || {
+            let got = self.envoy.route_weights();
+            let want = want.clone();
+            async move { Ok((got.await? == want).then_some(())) }
+        })
+        .await
+    }
+
+    /// This Envoy's entry in `GET /v1/envoys`, once it has one.
+    pub async fn envoy_status(&self) -> Result<Option<Value>> {
+        let all = self.api_get("/v1/envoys").await?;
+        Ok(all["envoys"]
+            .as_array()
+            .and_then(|list| list.iter().find(|e| e["node_id"] == NODE_ID))
+            .cloned())
+    }
+}

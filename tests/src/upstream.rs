@@ -1,0 +1,269 @@
+//! A programmable upstream server (axum), used in-process by the e2e tests and
+//! as the `understudy-upstream` binary by the demo and benchmarks.
+//!
+//! Every answer carries `x-upstream-version` (its label). Its behaviour can
+//! be set at start or at run time through `PUT /_upstream/behavior`:
+//! a latency distribution, an error rate, and a JSON body. It counts requests
+//! and remembers the headers of the most recent ones (`GET /_upstream/stats`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+/// Requests whose headers are remembered; older ones are dropped.
+pub const SEEN_CAPACITY: usize = 10_000;
+pub const VERSION_HEADER: &str = "x-upstream-version";
+
+/// A share of requests that take a given time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyBand {
+    /// Percent of requests (0..=100) in this band.
+    pub pct: f64,
+    pub ms: u64,
+}
+
+/// How the upstream answers. The default is a fast 200 with a small JSON body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Behavior {
+    /// Bands tried in order; requests outside every band take `default_ms`.
+    /// Example: `[{"pct": 5, "ms": 300}]` with `default_ms: 5`.
+    pub latency: Vec<LatencyBand>,
+    pub default_ms: u64,
+    /// Fraction (0..=1) of requests answered with `error_status`.
+    pub error_rate: f64,
+    /// Status for errors; 503 when unset.
+    pub error_status: Option<u16>,
+    /// Body for successful answers; by default `{"version": ..., "path": ...}`.
+    pub body: Option<serde_json::Value>,
+}
+
+impl Behavior {
+    pub fn validate(&self) -> Result<()> {
+        let total: f64 = self.latency.iter().map(|b| b.pct).sum();
+        if self.latency.iter().any(|b| !(0.0..=100.0).contains(&b.pct)) || total > 100.0 {
+            bail!("latency: each pct must be within 0..=100 and their sum at most 100, got {total}");
+        }
+        if !(0.0..=1.0).contains(&self.error_rate) {
+            bail!("error_rate must be within 0..=1, got {}", self.error_rate);
+        }
+        if let Some(s) = self.error_status {
+            if StatusCode::from_u16(s).is_err() {
+                bail!("error_status {s} is not an HTTP status");
+            }
+        }
+        Ok(())
+    }
+
+    fn pick_latency(&self, roll: f64) -> Duration {
+        let mut acc = 0.0;
+        for band in &self.latency {
+            acc += band.pct;
+            if roll * 100.0 < acc {
+                return Duration::from_millis(band.ms);
+            }
+        }
+        Duration::from_millis(self.default_ms)
+    }
+}
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: BTreeMap<String, String>,
+    pub body_len: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpstreamStats {
+    pub version: String,
+    pub requests: u64,
+    pub seen: Vec<Seen>,
+}
+
+/// The upstream's state, shared by its handlers and (in-process) the test.
+pub struct Upstream {
+    version: String,
+    behavior: Mutex<Behavior>,
+    requests: AtomicU64,
+    seen: Mutex<VecDeque<Seen>>,
+}
+
+impl Upstream {
+    pub fn new(version: &str, behavior: Behavior) -> Result<Arc<Self>> {
+        behavior.validate()?;
+        Ok(Arc::new(Self {
+            version: version.to_owned(),
+            behavior: Mutex::new(behavior),
+            requests: AtomicU64::new(0),
+            seen: Mutex::new(VecDeque::new()),
+        }))
+    }
+
+    pub fn set_behavior(&self, behavior: Behavior) -> Result<()> {
+        behavior.validate()?;
+        *lock(&self.behavior) = behavior;
+        Ok(())
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.seen).iter().cloned().collect()
+    }
+
+    pub fn stats(&self) -> UpstreamStats {
+        UpstreamStats {
+            version: self.version.clone(),
+            requests: self.requests(),
+            seen: self.seen(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn router(state: Arc<Upstream>) -> Router {
+    Router::new()
+        .route("/_upstream/stats", get(|State(s): State<Arc<Upstream>>| async move { Json(s.stats()) }))
+        .route(
+            "/_upstream/behavior",
+            get(|State(s): State<Arc<Upstream>>| async move { Json(lock(&s.behavior).clone()) }).put(
+                |State(s): State<Arc<Upstream>>, Json(b): Json<Behavior>| async move {
+                    match s.set_behavior(b) {
+                        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+                        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+                    }
+                },
+            ),
+        )
+        .fallback(serve)
+        .with_state(state)
+}
+
+async fn serve(
+    State(s): State<Arc<Upstream>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    s.requests.fetch_add(1, Ordering::Relaxed);
+    {
+        let mut seen = lock(&s.seen);
+        if seen.len() == SEEN_CAPACITY {
+            seen.pop_front();
+        }
+        seen.push_back(Seen {
+            method: method.to_string(),
+            path: uri.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect(),
+            body_len: body.len(),
+        });
+    }
+    let behavior = lock(&s.behavior).clone();
+    let (latency_roll, error_roll) = {
+        let mut rng = rand::rng();
+        (rng.random::<f64>(), rng.random::<f64>())
+    };
+    let delay = behavior.pick_latency(latency_roll);
+    if !delay.is_zero() {
+        // The configured latency is the behaviour under test, not synchronization.
+        tokio::time::sleep(delay).await;
+    }
+    let version = [(VERSION_HEADER, s.version.clone())];
+    if error_roll < behavior.error_rate {
+        let status = behavior
+            .error_status
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return (status, version, Json(serde_json::json!({"error": "injected"}))).into_response();
+    }
+    let body = behavior
+        .body
+        .unwrap_or_else(|| serde_json::json!({"version": s.version, "path": uri.path()}));
+    (StatusCode::OK, version, Json(body)).into_response()
+}
+
+/// A running in-process upstream.
+pub struct UpstreamHandle {
+    pub addr: SocketAddr,
+    pub state: Arc<Upstream>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UpstreamHandle {
+    /// Binds `127.0.0.1:0` and serves on the current tokio runtime.
+    pub async fn start(version: &str, behavior: Behavior) -> Result<Self> {
+        let state = Upstream::new(version, behavior)?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = router(Arc::clone(&state));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, state, task })
+    }
+}
+
+impl Drop for UpstreamHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_bands_split_by_roll() {
+        let b = Behavior {
+            latency: vec![LatencyBand { pct: 5.0, ms: 300 }],
+            default_ms: 5,
+            ..Default::default()
+        };
+        assert_eq!(b.pick_latency(0.01), Duration::from_millis(300));
+        assert_eq!(b.pick_latency(0.049), Duration::from_millis(300));
+        assert_eq!(b.pick_latency(0.05), Duration::from_millis(5));
+        assert_eq!(b.pick_latency(0.99), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn bad_behaviors_are_refused() {
+        let over = Behavior {
+            latency: vec![LatencyBand { pct: 60.0, ms: 1 }, LatencyBand { pct: 50.0, ms: 2 }],
+            ..Default::default()
+        };
+        assert!(over.validate().is_err());
+        let rate = Behavior {
+            error_rate: 1.5,
+            ..Default::default()
+        };
+        assert!(rate.validate().is_err());
+    }
+}
