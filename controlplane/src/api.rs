@@ -48,6 +48,13 @@ pub fn router(state: ApiState) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not accept that method",
+            )
+        })
         .with_state(state)
 }
 
@@ -152,9 +159,20 @@ struct WeightBody {
 async fn set_weight(
     State(s): State<ApiState>,
     Path(name): Path<String>,
-    body: Result<Json<WeightBody>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<Service> {
     let Json(body) = body?;
+    // serde would also read a struct from a JSON array (`[50]`); only the
+    // documented object form is accepted.
+    if !body.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            r#"expected a JSON object like {"weight": 20}"#,
+        ));
+    }
+    let body: WeightBody = serde_json::from_value(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
     let weight = match body.weight.as_i64() {
         Some(w) => Weight::try_from(w)?,
         None => {

@@ -346,6 +346,16 @@ pub fn decode<T: Message + Default>(any: &Any) -> Result<T, prost::DecodeError> 
 }
 
 #[cfg(test)]
+impl Snapshot {
+    /// Lets protocol tests simulate a change to one type alone.
+    pub(crate) fn set_version_for_test(&mut self, type_url: &'static str, version: &str) {
+        if let Some(t) = self.types.get_mut(type_url) {
+            t.version = version.to_owned();
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{ListenerSettings, Weight};
@@ -446,15 +456,5 @@ mod tests {
         let json: StringValue = decode(plugin.configuration.as_ref().unwrap()).unwrap();
         assert_eq!(json.value, r#"{"routes":[{"name":"all"}]}"#);
         assert_eq!(plugin.failure_policy, FailurePolicy::FailOpen as i32);
-    }
-}
-
-#[cfg(test)]
-impl Snapshot {
-    /// Lets protocol tests simulate a change to one type alone.
-    pub(crate) fn set_version_for_test(&mut self, type_url: &'static str, version: &str) {
-        if let Some(t) = self.types.get_mut(type_url) {
-            t.version = version.to_owned();
-        }
     }
 }

@@ -484,3 +484,28 @@ async fn unknown_paths_are_json_404s() {
     let r = api.put("/v1/nope", &json!({})).await;
     assert_error(&r, 404, "not_found");
 }
+
+#[tokio::test]
+async fn wrong_methods_are_json_405s() {
+    let api = start_default().await;
+    let http = reqwest::Client::new();
+    for req in [
+        http.post(api.url("/v1/services")),
+        http.delete(api.url("/v1/services/shop")),
+        http.post(api.url("/v1/filter")),
+    ] {
+        let r = api.send(req).await;
+        assert_error(&r, 405, "method_not_allowed");
+    }
+}
+
+#[tokio::test]
+async fn a_weight_body_must_be_an_object() {
+    let api = start_default().await;
+    let before = api.weight("shop").await;
+    let r = api
+        .put("/v1/services/shop/canary-weight", &json!([50]))
+        .await;
+    assert_error_mentions(&r, 400, "invalid_body", "JSON object");
+    assert_eq!(api.weight("shop").await, before);
+}

@@ -55,7 +55,13 @@ impl Envoy {
             .current_dir(paths::repo_root())
             .arg("-c")
             .arg(&config_path)
-            .args(["--concurrency", "2", "--disable-hot-restart", "--log-level", "info"])
+            .args([
+                "--concurrency",
+                "2",
+                "--disable-hot-restart",
+                "--log-level",
+                "info",
+            ])
             .arg("--admin-address-path")
             .arg(&admin_path)
             .args(extra_args)
@@ -68,7 +74,9 @@ impl Envoy {
             child,
             admin: "127.0.0.1:0".parse()?,
             log_path,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?,
             _dir: dir,
         };
         let admin = wait::until("Envoy's admin address", START_DEADLINE, || {
@@ -108,7 +116,13 @@ impl Envoy {
 
     /// All stats, as `name -> value` text.
     pub async fn stats(&self) -> Result<BTreeMap<String, String>> {
-        let text = self.http.get(self.admin_url("/stats")).send().await?.text().await?;
+        let text = self
+            .http
+            .get(self.admin_url("/stats"))
+            .send()
+            .await?
+            .text()
+            .await?;
         Ok(text
             .lines()
             .filter_map(|l| l.split_once(": "))
@@ -214,7 +228,11 @@ pub fn validate(config: &Path) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     if !out.status.success() {
-        bail!("{} does not validate:\n{}", config.display(), tail(&text, 30));
+        bail!(
+            "{} does not validate:\n{}",
+            config.display(),
+            tail(&text, 30)
+        );
     }
     Ok(text)
 }

@@ -20,7 +20,9 @@ pub const NODE_ID: &str = "e2e-envoy";
 
 /// A free loopback port (the OS picks it; it is released for Envoy to bind).
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The filter config the stack starts with.
@@ -74,7 +76,10 @@ impl Stack {
             "bootstrap.yaml",
             &[
                 ("port_value: 9901", "port_value: 0".to_owned()),
-                ("port_value: 18000", format!("port_value: {}", cp.xds.port())),
+                (
+                    "port_value: 18000",
+                    format!("port_value: {}", cp.xds.port()),
+                ),
                 ("id: envoy-1", format!("id: {NODE_ID}")),
             ],
         )?;
@@ -89,10 +94,22 @@ impl Stack {
             http: traffic::client(),
         };
         let (http, url) = (stack.http.clone(), stack.url.clone());
-        wait::until("the listener to answer 200", Duration::from_secs(10), || {
-            let (http, url) = (http.clone(), url.clone());
-            async move { Ok(http.get(&url).send().await?.status().is_success().then_some(())) }
-        })
+        wait::until(
+            "the listener to answer 200",
+            Duration::from_secs(10),
+            || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    Ok(http
+                        .get(&url)
+                        .send()
+                        .await?
+                        .status()
+                        .is_success()
+                        .then_some(()))
+                }
+            },
+        )
         .await?;
         Ok(stack)
     }
@@ -101,7 +118,10 @@ impl Stack {
     pub async fn set_weight(&self, weight: Value) -> Result<(u16, Value)> {
         let r = self
             .http
-            .put(self.cp.api_url(&format!("/v1/services/{SERVICE}/canary-weight")))
+            .put(
+                self.cp
+                    .api_url(&format!("/v1/services/{SERVICE}/canary-weight")),
+            )
             .json(&json!({ "weight": weight }))
             .send()
             .await
@@ -110,11 +130,22 @@ impl Stack {
     }
 
     pub async fn api_get(&self, path: &str) -> Result<Value> {
-        Ok(self.http.get(self.cp.api_url(path)).send().await?.json().await?)
+        Ok(self
+            .http
+            .get(self.cp.api_url(path))
+            .send()
+            .await?
+            .json()
+            .await?)
     }
 
     pub async fn api_put(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let r = self.http.put(self.cp.api_url(path)).json(body).send().await?;
+        let r = self
+            .http
+            .put(self.cp.api_url(path))
+            .json(body)
+            .send()
+            .await?;
         Ok((r.status().as_u16(), r.json().await?))
     }
 
@@ -124,11 +155,15 @@ impl Stack {
             (format!("{SERVICE}-stable"), stable),
             (format!("{SERVICE}-canary"), canary),
         ];
-        wait::until(&format!("Envoy to apply weights {want:?}"), deadline, || {
-            let got = self.envoy.route_weights();
-            let want = want.clone();
-            async move { Ok((got.await? == want).then_some(())) }
-        })
+        wait::until(
+            &format!("Envoy to apply weights {want:?}"),
+            deadline,
+            || {
+                let got = self.envoy.route_weights();
+                let want = want.clone();
+                async move { Ok((got.await? == want).then_some(())) }
+            },
+        )
         .await
     }
 

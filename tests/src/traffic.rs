@@ -98,8 +98,11 @@ pub async fn send(url: &str, n: usize, concurrency: usize) -> Tally {
     for w in workers {
         let _ = w.await;
     }
-    let t = tally.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    t
+    read(&tally)
+}
+
+fn read(tally: &Mutex<Tally>) -> Tally {
+    tally.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Continuous load in the background until [`Load::stop`].
@@ -116,7 +119,8 @@ impl Load {
         let tally = Arc::new(Mutex::new(Tally::default()));
         let workers = (0..concurrency.max(1))
             .map(|_| {
-                let (http, url, stop, tally) = (http.clone(), url.to_owned(), stop.clone(), tally.clone());
+                let (http, url, stop, tally) =
+                    (http.clone(), url.to_owned(), stop.clone(), tally.clone());
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
                         let start = Instant::now();
@@ -127,12 +131,16 @@ impl Load {
                 })
             })
             .collect();
-        Self { stop, tally, workers }
+        Self {
+            stop,
+            tally,
+            workers,
+        }
     }
 
     /// The tally so far.
     pub fn snapshot(&self) -> Tally {
-        self.tally.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        read(&self.tally)
     }
 
     pub async fn stop(self) -> Tally {
@@ -140,7 +148,6 @@ impl Load {
         for w in self.workers {
             let _ = w.await;
         }
-        let t = self.tally.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        t
+        read(&self.tally)
     }
 }

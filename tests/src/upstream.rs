@@ -57,15 +57,17 @@ impl Behavior {
     pub fn validate(&self) -> Result<()> {
         let total: f64 = self.latency.iter().map(|b| b.pct).sum();
         if self.latency.iter().any(|b| !(0.0..=100.0).contains(&b.pct)) || total > 100.0 {
-            bail!("latency: each pct must be within 0..=100 and their sum at most 100, got {total}");
+            bail!(
+                "latency: each pct must be within 0..=100 and their sum at most 100, got {total}"
+            );
         }
         if !(0.0..=1.0).contains(&self.error_rate) {
             bail!("error_rate must be within 0..=1, got {}", self.error_rate);
         }
-        if let Some(s) = self.error_status {
-            if StatusCode::from_u16(s).is_err() {
-                bail!("error_status {s} is not an HTTP status");
-            }
+        if let Some(s) = self.error_status
+            && StatusCode::from_u16(s).is_err()
+        {
+            bail!("error_status {s} is not an HTTP status");
         }
         Ok(())
     }
@@ -146,17 +148,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 pub fn router(state: Arc<Upstream>) -> Router {
     Router::new()
-        .route("/_upstream/stats", get(|State(s): State<Arc<Upstream>>| async move { Json(s.stats()) }))
+        .route(
+            "/_upstream/stats",
+            get(|State(s): State<Arc<Upstream>>| async move { Json(s.stats()) }),
+        )
         .route(
             "/_upstream/behavior",
-            get(|State(s): State<Arc<Upstream>>| async move { Json(lock(&s.behavior).clone()) }).put(
-                |State(s): State<Arc<Upstream>>, Json(b): Json<Behavior>| async move {
-                    match s.set_behavior(b) {
-                        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-                        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
-                    }
-                },
-            ),
+            get(|State(s): State<Arc<Upstream>>| async move { Json(lock(&s.behavior).clone()) })
+                .put(
+                    |State(s): State<Arc<Upstream>>, Json(b): Json<Behavior>| async move {
+                        match s.set_behavior(b) {
+                            Ok(()) => StatusCode::NO_CONTENT.into_response(),
+                            Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+                        }
+                    },
+                ),
         )
         .fallback(serve)
         .with_state(state)
@@ -180,7 +186,12 @@ async fn serve(
             path: uri.to_string(),
             headers: headers
                 .iter()
-                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect(),
             body_len: body.len(),
         });
@@ -201,7 +212,12 @@ async fn serve(
             .error_status
             .and_then(|c| StatusCode::from_u16(c).ok())
             .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return (status, version, Json(serde_json::json!({"error": "injected"}))).into_response();
+        return (
+            status,
+            version,
+            Json(serde_json::json!({"error": "injected"})),
+        )
+            .into_response();
     }
     let body = behavior
         .body
@@ -256,7 +272,10 @@ mod tests {
     #[test]
     fn bad_behaviors_are_refused() {
         let over = Behavior {
-            latency: vec![LatencyBand { pct: 60.0, ms: 1 }, LatencyBand { pct: 50.0, ms: 2 }],
+            latency: vec![
+                LatencyBand { pct: 60.0, ms: 1 },
+                LatencyBand { pct: 50.0, ms: 2 },
+            ],
             ..Default::default()
         };
         assert!(over.validate().is_err());

@@ -28,7 +28,9 @@ where
         }
         if start.elapsed() > deadline {
             match last_error {
-                Some(e) => bail!("timed out after {deadline:?} waiting for {what}; last error: {e:#}"),
+                Some(e) => {
+                    bail!("timed out after {deadline:?} waiting for {what}; last error: {e:#}")
+                }
                 None => bail!("timed out after {deadline:?} waiting for {what}"),
             }
         }

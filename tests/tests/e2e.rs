@@ -31,16 +31,36 @@ async fn wait_stat(envoy: &Envoy, name: &str, want: u64, deadline: Duration) -> 
 async fn filter_loads_and_counts_requests() -> Result<()> {
     let stack = Stack::start().await?;
     // Stack::start sent requests while waiting for the listener; count from here.
-    let before = stack.envoy.stat(REQUESTS_TOTAL).await?.context("filter metric missing from /stats")?;
+    let before = stack
+        .envoy
+        .stat(REQUESTS_TOTAL)
+        .await?
+        .context("filter metric missing from /stats")?;
     let route_metric = stats::in_envoy(&stats::route_requests_total(
         &FilterConfig::from_value(&default_filter_config())?,
         "all",
     ));
-    let route_before = stack.envoy.stat(&route_metric).await?.context("route metric missing")?;
+    let route_before = stack
+        .envoy
+        .stat(&route_metric)
+        .await?
+        .context("route metric missing")?;
     let tally = traffic::send(&stack.url, 25, 4).await;
     assert_eq!(tally.failures(), 0, "{tally:?}");
-    wait_stat(&stack.envoy, REQUESTS_TOTAL, before + 25, Duration::from_secs(5)).await?;
-    wait_stat(&stack.envoy, &route_metric, route_before + 25, Duration::from_secs(5)).await?;
+    wait_stat(
+        &stack.envoy,
+        REQUESTS_TOTAL,
+        before + 25,
+        Duration::from_secs(5),
+    )
+    .await?;
+    wait_stat(
+        &stack.envoy,
+        &route_metric,
+        route_before + 25,
+        Duration::from_secs(5),
+    )
+    .await?;
     // The filter is loaded in V8 and its config came over ECDS.
     let dump = stack.envoy.config_dump("ecds_filters").await?;
     let runtime = envoy::find_key(&dump, "runtime").and_then(Value::as_str);
@@ -58,7 +78,9 @@ async fn canary_weights_split_traffic() -> Result<()> {
         let (status, body) = stack.set_weight(json!(canary)).await?;
         assert_eq!(status, 200, "{body}");
         let called = Instant::now();
-        stack.wait_weights(100 - canary, canary, Duration::from_secs(1)).await?;
+        stack
+            .wait_weights(100 - canary, canary, Duration::from_secs(1))
+            .await?;
         let applied_in = called.elapsed();
         eprintln!("weight {canary}: applied in Envoy after {applied_in:?}");
 
@@ -77,7 +99,10 @@ async fn canary_weights_split_traffic() -> Result<()> {
                 // 99.9% two-sided binomial bound: z = 3.29, sd = sqrt(n p (1-p)).
                 let bound = 3.29 * (N as f64 * 0.25).sqrt();
                 let off = (v2 as f64 - N as f64 / 2.0).abs();
-                assert!(off <= bound, "canary got {v2}/{N}, outside ±{bound:.1} of 50%");
+                assert!(
+                    off <= bound,
+                    "canary got {v2}/{N}, outside ±{bound:.1} of 50%"
+                );
             }
         }
     }
@@ -89,23 +114,39 @@ async fn canary_weights_split_traffic() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_is_recorded_sent_once_and_traffic_keeps_flowing() -> Result<()> {
     let stack = Stack::start().await?;
-    let status = stack.envoy_status().await?.context("Envoy not listed in /v1/envoys")?;
+    let status = stack
+        .envoy_status()
+        .await?
+        .context("Envoy not listed in /v1/envoys")?;
     let good_version = status["types"]["ecds"]["acked_version"].clone();
-    let sent_before = status["types"]["ecds"]["responses_sent"].as_u64().unwrap_or(0);
+    let sent_before = status["types"]["ecds"]["responses_sent"]
+        .as_u64()
+        .unwrap_or(0);
 
     // The control plane cannot see Envoy's file system, so it accepts this
     // path; Envoy fails to load the module and NACKs the ECDS update.
-    let bad = json!({"wasm_path": "/nonexistent/understudy.wasm", "config": default_filter_config()});
+    let bad =
+        json!({"wasm_path": "/nonexistent/understudy.wasm", "config": default_filter_config()});
     let (code, body) = stack.api_put("/v1/filter", &bad).await?;
     assert_eq!(code, 200, "{body}");
-    let nack = wait::until("the NACK to be recorded", Duration::from_secs(10), || async {
-        let nacks = stack.api_get("/v1/nacks").await?;
-        Ok(nacks.as_array().and_then(|l| l.first()).cloned())
-    })
+    let nack = wait::until(
+        "the NACK to be recorded",
+        Duration::from_secs(10),
+        || async {
+            let nacks = stack.api_get("/v1/nacks").await?;
+            Ok(nacks.as_array().and_then(|l| l.first()).cloned())
+        },
+    )
     .await?;
-    assert_eq!(nack["type_url"], "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig");
+    assert_eq!(
+        nack["type_url"],
+        "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+    );
     assert!(
-        nack["error"].as_str().unwrap_or("").contains("/nonexistent/understudy.wasm"),
+        nack["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/nonexistent/understudy.wasm"),
         "NACK should carry Envoy's error_detail: {nack}"
     );
     wait_stat(&stack.envoy, ECDS_REJECTED, 1, Duration::from_secs(5)).await?;
@@ -114,34 +155,64 @@ async fn nack_is_recorded_sent_once_and_traffic_keeps_flowing() -> Result<()> {
     let counted_before = stack.envoy.stat(REQUESTS_TOTAL).await?.unwrap_or(0);
     let tally = traffic::send(&stack.url, 300, 4).await;
     assert_eq!(tally.failures(), 0, "{tally:?}");
-    wait_stat(&stack.envoy, REQUESTS_TOTAL, counted_before + 300, Duration::from_secs(5)).await?;
+    wait_stat(
+        &stack.envoy,
+        REQUESTS_TOTAL,
+        counted_before + 300,
+        Duration::from_secs(5),
+    )
+    .await?;
 
     // Sent once: after the NACK and all that traffic, no further ECDS
     // response went out and Envoy rejected exactly one update.
-    let status = stack.envoy_status().await?.context("Envoy gone from /v1/envoys")?;
+    let status = stack
+        .envoy_status()
+        .await?
+        .context("Envoy gone from /v1/envoys")?;
     let ecds = &status["types"]["ecds"];
-    assert_eq!(ecds["responses_sent"].as_u64(), Some(sent_before + 1), "{ecds}");
-    assert_eq!(ecds["acked_version"], good_version, "the last good version stays ACKed");
+    assert_eq!(
+        ecds["responses_sent"].as_u64(),
+        Some(sent_before + 1),
+        "{ecds}"
+    );
+    assert_eq!(
+        ecds["acked_version"], good_version,
+        "the last good version stays ACKed"
+    );
     assert_eq!(ecds["last_nack"]["version"], nack["version"]);
     assert_eq!(stack.envoy.stat(ECDS_REJECTED).await?, Some(1));
 
     // A change of desired state is sent again, and Envoy takes it.
     let fixed_config = json!({"stat_prefix": "fixed", "routes": [{"name": "all"}]});
-    let fixed = json!({"wasm_path": paths::filter_wasm()?.display().to_string(), "config": fixed_config});
+    let fixed =
+        json!({"wasm_path": paths::filter_wasm()?.display().to_string(), "config": fixed_config});
     let (code, body) = stack.api_put("/v1/filter", &fixed).await?;
     assert_eq!(code, 200, "{body}");
-    wait::until("Envoy to ACK the fixed filter", Duration::from_secs(10), || async {
-        let s = stack.envoy_status().await?;
-        let ecds = s.as_ref().map(|s| s["types"]["ecds"].clone()).unwrap_or_default();
-        Ok((ecds["responses_sent"].as_u64() == Some(sent_before + 2)
-            && !ecds["awaiting_reply"].as_bool().unwrap_or(true)
-            && ecds["acked_version"] == ecds["sent_version"])
-        .then_some(()))
-    })
+    wait::until(
+        "Envoy to ACK the fixed filter",
+        Duration::from_secs(10),
+        || async {
+            let s = stack.envoy_status().await?;
+            let ecds = s
+                .as_ref()
+                .map(|s| s["types"]["ecds"].clone())
+                .unwrap_or_default();
+            Ok((ecds["responses_sent"].as_u64() == Some(sent_before + 2)
+                && !ecds["awaiting_reply"].as_bool().unwrap_or(true)
+                && ecds["acked_version"] == ecds["sent_version"])
+                .then_some(()))
+        },
+    )
     .await?;
     let tally = traffic::send(&stack.url, 10, 2).await;
     assert_eq!(tally.failures(), 0);
-    wait_stat(&stack.envoy, "wasmcustom.fixed.requests_total", 10, Duration::from_secs(5)).await?;
+    wait_stat(
+        &stack.envoy,
+        "wasmcustom.fixed.requests_total",
+        10,
+        Duration::from_secs(5),
+    )
+    .await?;
     Ok(())
 }
 
@@ -160,27 +231,47 @@ async fn control_plane_outage_fails_no_requests() -> Result<()> {
         move |l: &Load| l.snapshot().total >= from + n
     };
     let warm = progressed(&load, 100);
-    wait::until("load before the outage", Duration::from_secs(20), || async { Ok(warm(&load).then_some(())) }).await?;
+    wait::until(
+        "load before the outage",
+        Duration::from_secs(20),
+        || async { Ok(warm(&load).then_some(())) },
+    )
+    .await?;
 
     stack.cp.kill();
     wait_stat(&stack.envoy, CONNECTED, 0, Duration::from_secs(15)).await?;
     let during = progressed(&load, 300);
-    wait::until("load during the outage", Duration::from_secs(30), || async { Ok(during(&load).then_some(())) }).await?;
+    wait::until(
+        "load during the outage",
+        Duration::from_secs(30),
+        || async { Ok(during(&load).then_some(())) },
+    )
+    .await?;
     let mid = load.snapshot();
-    assert_eq!(mid.failures(), 0, "requests failed while the control plane was down: {mid:?}");
+    assert_eq!(
+        mid.failures(),
+        0,
+        "requests failed while the control plane was down: {mid:?}"
+    );
 
     stack.cp.restart()?;
     wait_stat(&stack.envoy, CONNECTED, 1, Duration::from_secs(30)).await?;
     // Converged: every type the new stream sent is ACKed, and the weights are the persisted ones.
-    wait::until("Envoy to ACK everything after reconnecting", Duration::from_secs(15), || async {
-        let Some(s) = stack.envoy_status().await? else { return Ok(None) };
-        let types = s["types"].as_object().cloned().unwrap_or_default();
-        let all_acked = types.len() == 5
-            && types
-                .values()
-                .all(|t| !t["sent_version"].is_null() && t["acked_version"] == t["sent_version"]);
-        Ok(all_acked.then_some(()))
-    })
+    wait::until(
+        "Envoy to ACK everything after reconnecting",
+        Duration::from_secs(15),
+        || async {
+            let Some(s) = stack.envoy_status().await? else {
+                return Ok(None);
+            };
+            let types = s["types"].as_object().cloned().unwrap_or_default();
+            let all_acked = types.len() == 5
+                && types.values().all(|t| {
+                    !t["sent_version"].is_null() && t["acked_version"] == t["sent_version"]
+                });
+            Ok(all_acked.then_some(()))
+        },
+    )
     .await?;
     stack.wait_weights(0, 100, Duration::from_secs(5)).await?;
 
@@ -189,12 +280,23 @@ async fn control_plane_outage_fails_no_requests() -> Result<()> {
     assert_eq!(status, 200);
     stack.wait_weights(100, 0, Duration::from_secs(5)).await?;
     let after = progressed(&load, 100);
-    wait::until("load after the restart", Duration::from_secs(20), || async { Ok(after(&load).then_some(())) }).await?;
+    wait::until(
+        "load after the restart",
+        Duration::from_secs(20),
+        || async { Ok(after(&load).then_some(())) },
+    )
+    .await?;
 
     let tally = load.stop().await;
     assert_eq!(tally.failures(), 0, "{tally:?}");
-    assert!(tally.version("v2") > 0 && tally.version("v1") > 0, "{tally:?}");
-    eprintln!("outage test: {} requests, 0 failed, by version {:?}", tally.total, tally.by_version);
+    assert!(
+        tally.version("v2") > 0 && tally.version("v1") > 0,
+        "{tally:?}"
+    );
+    eprintln!(
+        "outage test: {} requests, 0 failed, by version {:?}",
+        tally.total, tally.by_version
+    );
     Ok(())
 }
 
@@ -229,7 +331,10 @@ fn static_filter_config(upstream_port: u16, filter_json: &str) -> Result<(String
 async fn filter_rejects_invalid_config() -> Result<()> {
     let upstream = UpstreamHandle::start("v1", Behavior::default()).await?;
     let cases = [
-        (r#"{"routes":[{"name":"all","path_prefix":"nope"}]}"#, r#"routes[0].path_prefix: "nope" must start with '/'"#),
+        (
+            r#"{"routes":[{"name":"all","path_prefix":"nope"}]}"#,
+            r#"routes[0].path_prefix: "nope" must start with '/'"#,
+        ),
         (r#"{"routez":[]}"#, "unknown field `routez`"),
         (r#"{"routes":["#, "filter config is not valid"),
         (r#"{"stat_prefix":"a.b"}"#, "stat_prefix"),
@@ -249,14 +354,16 @@ async fn filter_rejects_invalid_config() -> Result<()> {
             }
             Err(e) => format!("{e:#}"),
         };
-        let expected = format!("understudy: rejecting configuration: ");
         assert!(
-            log.contains(&expected) && log.contains(reason),
+            log.contains("understudy: rejecting configuration: ") && log.contains(reason),
             "config {bad}: Envoy's log should give the filter's reason {reason:?}:\n{log}"
         );
     }
     // The valid config loads, and only the filtered listener counts requests.
-    let (config, with, plain) = static_filter_config(upstream.addr.port(), r#"{"routes":[{"name":"all","path_prefix":"/"}]}"#)?;
+    let (config, with, plain) = static_filter_config(
+        upstream.addr.port(),
+        r#"{"routes":[{"name":"all","path_prefix":"/"}]}"#,
+    )?;
     let envoy = Envoy::start(&config, &[]).await?;
     envoy.wait_ready().await?;
     let a = traffic::send(&format!("http://127.0.0.1:{with}/"), 10, 2).await;
@@ -279,6 +386,9 @@ fn committed_envoy_configs_validate() -> Result<()> {
             checked += 1;
         }
     }
-    assert!(checked >= 2, "expected the committed configs, found {checked}");
+    assert!(
+        checked >= 2,
+        "expected the committed configs, found {checked}"
+    );
     Ok(())
 }

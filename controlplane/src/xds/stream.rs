@@ -223,14 +223,13 @@ impl AdsStream {
                 }),
                 ..Default::default()
             });
-            if url == type_url::CLUSTER {
-                if let Some((_, eds)) = self
+            if url == type_url::CLUSTER
+                && let Some((_, eds)) = self
                     .types
                     .iter_mut()
                     .find(|(t, _)| *t == type_url::ENDPOINT)
-                {
-                    eds.force_resend = true;
-                }
+            {
+                eds.force_resend = true;
             }
             // This type now awaits its reply; later types wait for it.
             break;

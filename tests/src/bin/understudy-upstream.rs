@@ -26,7 +26,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let state = Upstream::new(&args.label, behavior)?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    eprintln!("understudy-upstream {} listening on {}", args.label, listener.local_addr()?);
+    eprintln!(
+        "understudy-upstream {} listening on {}",
+        args.label,
+        listener.local_addr()?
+    );
     axum::serve(listener, router(state)).await?;
     Ok(())
 }
