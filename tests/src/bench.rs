@@ -1,1 +1,228 @@
-pub fn placeholder() {}
+//! Benchmarks: real Envoy, real load generator (oha), figures as JSON under
+//! `target/bench/<scenario>.json`.
+//!
+//! The machine is small and shared, so every scenario compares variants
+//! *side by side in one run*, alternating rounds (A, B, A, B, ...), and
+//! reports ratios; absolute numbers are only context.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::envoy::{self, Envoy};
+use crate::paths;
+use crate::stack::free_port;
+
+/// Every scenario, by name.
+pub const SCENARIOS: &[&str] = &["filter_overhead"];
+
+pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
+    let selected: Vec<&str> = match name {
+        Some(n) if SCENARIOS.contains(&n) => vec![n],
+        Some(n) => bail!("unknown scenario {n:?}; known: {}", SCENARIOS.join(", ")),
+        None => SCENARIOS.to_vec(),
+    };
+    let oha = Oha {
+        bin: oha.to_path_buf(),
+    };
+    for scenario in selected {
+        let figures = match scenario {
+            "filter_overhead" => filter_overhead(&oha).await?,
+            _ => unreachable!("checked above"),
+        };
+        let path = write(scenario, figures)?;
+        println!("{scenario}: {}", path.display());
+        println!("{}", std::fs::read_to_string(&path)?);
+    }
+    Ok(())
+}
+
+/// One oha run's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadResult {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub success_rate: f64,
+}
+
+pub struct Oha {
+    bin: PathBuf,
+}
+
+impl Oha {
+    /// `oha -z <seconds>s -c <connections>` against `url`.
+    pub async fn run(&self, url: &str, seconds: u64, connections: u32) -> Result<LoadResult> {
+        let out = tokio::process::Command::new(&self.bin)
+            .args(["--no-tui", "--output-format", "json", "-z"])
+            .arg(format!("{seconds}s"))
+            .arg("-c")
+            .arg(connections.to_string())
+            .arg(url)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("running {}", self.bin.display()))?;
+        if !out.status.success() {
+            bail!("oha failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).context("parsing oha's JSON")?;
+        let ms = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+        Ok(LoadResult {
+            rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+            p50_ms: ms("p50"),
+            p99_ms: ms("p99"),
+            success_rate: v["summary"]["successRate"].as_f64().unwrap_or(0.0),
+        })
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Writes `target/bench/<scenario>.json` with the fields every scenario carries.
+fn write(scenario: &str, figures: Value) -> Result<PathBuf> {
+    let dir = paths::repo_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let mut doc = json!({
+        "scenario": scenario,
+        "envoy_version": paths::ENVOY_VERSION,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    });
+    if let (Some(d), Some(f)) = (doc.as_object_mut(), figures.as_object()) {
+        d.extend(f.clone());
+    }
+    let path = dir.join(format!("{scenario}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+    Ok(path)
+}
+
+/// A child process killed when dropped.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The release `understudy-upstream` binary on a free port.
+fn start_upstream() -> Result<(ChildGuard, u16)> {
+    let port = free_port()?;
+    let bin = paths::repo_root().join("target/release/understudy-upstream");
+    let child = std::process::Command::new(&bin)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--label", "v1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (cargo xtask bench builds it)", bin.display()))?;
+    Ok((ChildGuard(child), port))
+}
+
+/// Plain Envoy against Envoy with the filter loaded and passing traffic: one
+/// Envoy, two listeners (`envoy/static-filter.yaml`), same upstream,
+/// alternating rounds at a fixed connection count.
+async fn filter_overhead(oha: &Oha) -> Result<Value> {
+    const ROUNDS: usize = 3;
+    const SECONDS: u64 = 5;
+    const CONNECTIONS: u32 = 16;
+    let (_upstream, upstream_port) = start_upstream()?;
+    let (with, plain) = (free_port()?, free_port()?);
+    let config = envoy::render(
+        "static-filter.yaml",
+        &[
+            ("port_value: 9901", "port_value: 0".into()),
+            ("port_value: 10000", format!("port_value: {with}")),
+            ("port_value: 10001", format!("port_value: {plain}")),
+            ("port_value: 8081", format!("port_value: {upstream_port}")),
+            (
+                "filename: target/wasm32-wasip1/release/understudy_filter.wasm",
+                format!("filename: {}", paths::filter_wasm()?.display()),
+            ),
+        ],
+    )?;
+    let envoy = Envoy::start(&config, &[]).await?;
+    envoy.wait_ready().await?;
+    let url_with = format!("http://127.0.0.1:{with}/");
+    let url_plain = format!("http://127.0.0.1:{plain}/");
+    // Warm both paths (connections, V8 tiers) before measuring.
+    oha.run(&url_plain, 1, CONNECTIONS).await?;
+    oha.run(&url_with, 1, CONNECTIONS).await?;
+    let (mut plain_runs, mut filter_runs) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // Alternate which goes first so drift in machine load hits both alike.
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for filtered in order {
+            let url = if filtered { &url_with } else { &url_plain };
+            let r = oha.run(url, SECONDS, CONNECTIONS).await?;
+            eprintln!(
+                "round {round} {}: {r:?}",
+                if filtered { "filter" } else { "plain" }
+            );
+            if filtered {
+                filter_runs.push(r)
+            } else {
+                plain_runs.push(r)
+            }
+        }
+    }
+    let counted = envoy
+        .stat("wasmcustom.understudy.requests_total")
+        .await?
+        .unwrap_or(0);
+    if counted == 0 {
+        bail!("the filter counted no requests: it was not on the measured path");
+    }
+    let pick =
+        |runs: &[LoadResult], f: fn(&LoadResult) -> f64| median(runs.iter().map(f).collect());
+    let rps_plain = pick(&plain_runs, |r| r.rps);
+    let rps_filter = pick(&filter_runs, |r| r.rps);
+    Ok(json!({
+        "duration_s": ROUNDS as u64 * SECONDS * 2,
+        "connections": CONNECTIONS,
+        "rounds": ROUNDS,
+        "seconds_per_round": SECONDS,
+        "aggregation": "median of rounds",
+        "rps_plain": round3(rps_plain),
+        "rps_filter": round3(rps_filter),
+        "throughput_ratio": round3(rps_filter / rps_plain),
+        "p50_ms_plain": round3(pick(&plain_runs, |r| r.p50_ms)),
+        "p50_ms_filter": round3(pick(&filter_runs, |r| r.p50_ms)),
+        "p99_ms_plain": round3(pick(&plain_runs, |r| r.p99_ms)),
+        "p99_ms_filter": round3(pick(&filter_runs, |r| r.p99_ms)),
+        "success_rate_min": plain_runs.iter().chain(&filter_runs).map(|r| r.success_rate).fold(1.0, f64::min),
+        "filter_counted_requests": counted,
+        "runs": {"plain": plain_runs, "filter": filter_runs},
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_rounds() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+}

