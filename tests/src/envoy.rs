@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -65,6 +66,9 @@ impl Envoy {
             .arg("--admin-address-path")
             .arg(&admin_path)
             .args(extra_args)
+            // Own process group, so a Ctrl-C meant for the harness does not
+            // stop Envoy under traffic; the harness kills it on drop.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

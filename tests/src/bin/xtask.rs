@@ -5,6 +5,7 @@
 //! - `demo [--bad-canary]`: control plane + Envoy + v1/v2 upstreams + traffic; shifts the canary 0 → 100.
 //! - `bench [SCENARIO]`: runs benchmarks, writing `target/bench/<scenario>.json`.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -194,6 +195,9 @@ fn spawn(name: &'static str, bin: &Path, args: &[String], log: &Path) -> Result<
     let file = std::fs::File::create(log)?;
     let child = Command::new(bin)
         .args(args)
+        // Own process group: a terminal's Ctrl-C reaches only xtask, which
+        // stops the load first and then these processes.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)
