@@ -509,3 +509,31 @@ async fn a_weight_body_must_be_an_object() {
     assert_error_mentions(&r, 400, "invalid_body", "JSON object");
     assert_eq!(api.weight("shop").await, before);
 }
+
+#[tokio::test]
+async fn the_cli_client_drives_the_api() {
+    use understudy_controlplane::cli::{Command, client};
+    let api = start_default().await;
+    let base = api.url("");
+    client(Command::SetWeight {
+        service: "shop".into(),
+        weight: 30,
+        api: base.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(api.weight("shop").await, 30);
+    let err = client(Command::SetWeight {
+        service: "shop".into(),
+        weight: 130,
+        api: base.clone(),
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("400"), "{err}");
+    assert_eq!(api.weight("shop").await, 30);
+    client(Command::Services { api: base.clone() })
+        .await
+        .unwrap();
+    client(Command::Envoys { api: base }).await.unwrap();
+}

@@ -177,6 +177,12 @@ impl Envoy {
         .await
     }
 
+    /// Kills Envoy now (it is also killed on drop).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
@@ -188,8 +194,7 @@ impl Envoy {
 
 impl Drop for Envoy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         if std::thread::panicking() {
             eprintln!(
                 "----- Envoy log ({}) -----\n{}\n----- end of Envoy log -----",

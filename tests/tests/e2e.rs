@@ -65,6 +65,24 @@ async fn filter_loads_and_counts_requests() -> Result<()> {
     let dump = stack.envoy.config_dump("ecds_filters").await?;
     let runtime = envoy::find_key(&dump, "runtime").and_then(Value::as_str);
     assert_eq!(runtime, Some("envoy.wasm.runtime.v8"));
+
+    // The control plane lists this Envoy while connected and frees its
+    // per-connection state when it goes away.
+    assert!(stack.envoy_status().await?.is_some());
+    let mut stack = stack;
+    stack.envoy.kill();
+    wait::until(
+        "the control plane to drop the disconnected Envoy",
+        Duration::from_secs(10),
+        || async {
+            let all = stack.api_get("/v1/envoys").await?;
+            Ok(all["envoys"]
+                .as_array()
+                .is_some_and(|l| l.is_empty())
+                .then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }
 
