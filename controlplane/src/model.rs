@@ -274,6 +274,44 @@ pub enum ModelError {
     UnknownService(String),
 }
 
+/// Fixtures shared by the crate's unit tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// One service `shop` (domain `*`) with a stable endpoint on
+    /// `stable_port`, a canary endpoint on 8082 unless `canary` is false,
+    /// and the given canary weight.
+    pub fn state(weight: u32, stable_port: u16, canary: bool) -> DesiredState {
+        let svc = Service {
+            name: "shop".into(),
+            domains: vec!["*".into()],
+            stable: Backend {
+                endpoints: vec![SocketAddr::from(([127, 0, 0, 1], stable_port))],
+            },
+            canary: Backend {
+                endpoints: if canary {
+                    vec![SocketAddr::from(([127, 0, 0, 1], 8082))]
+                } else {
+                    vec![]
+                },
+            },
+            canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
+        };
+        DesiredState {
+            listener: ListenerSettings {
+                address: "127.0.0.1".parse().unwrap(),
+                port: 10000,
+            },
+            filter: FilterSettings {
+                wasm_path: "/f.wasm".into(),
+                config: serde_json::json!({}),
+            },
+            services: [("shop".to_string(), svc)].into_iter().collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -358,31 +358,9 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ListenerSettings, Weight};
 
     fn state(weight: u32) -> DesiredState {
-        let svc = Service {
-            name: "shop".into(),
-            domains: vec!["*".into()],
-            stable: Backend {
-                endpoints: vec!["127.0.0.1:8081".parse().unwrap()],
-            },
-            canary: Backend {
-                endpoints: vec!["127.0.0.1:8082".parse().unwrap()],
-            },
-            canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
-        };
-        DesiredState {
-            listener: ListenerSettings {
-                address: "127.0.0.1".parse().unwrap(),
-                port: 10000,
-            },
-            filter: FilterSettings {
-                wasm_path: "/f.wasm".into(),
-                config: serde_json::json!({}),
-            },
-            services: [("shop".to_string(), svc)].into_iter().collect(),
-        }
+        crate::model::fixtures::state(weight, 8081, true)
     }
 
     fn weights(snap: &Snapshot) -> Vec<(String, u32)> {

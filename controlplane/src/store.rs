@@ -199,31 +199,10 @@ fn save_state(path: &Path, state: &DesiredState) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Backend, ListenerSettings};
     use crate::resources::type_url;
 
     fn store() -> Store {
-        let svc = Service {
-            name: "shop".into(),
-            domains: vec!["*".into()],
-            stable: Backend {
-                endpoints: vec!["127.0.0.1:8081".parse().unwrap()],
-            },
-            canary: Backend::default(),
-            canary_weight: Weight::ZERO,
-        };
-        Store::new(DesiredState {
-            listener: ListenerSettings {
-                address: "127.0.0.1".parse().unwrap(),
-                port: 10000,
-            },
-            filter: FilterSettings {
-                wasm_path: "/f.wasm".into(),
-                config: serde_json::json!({}),
-            },
-            services: [("shop".to_string(), svc)].into_iter().collect(),
-        })
-        .unwrap()
+        Store::new(crate::model::fixtures::state(0, 8081, false)).unwrap()
     }
 
     #[test]

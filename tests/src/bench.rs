@@ -142,20 +142,8 @@ async fn filter_overhead(oha: &Oha) -> Result<Value> {
     const SECONDS: u64 = 5;
     const CONNECTIONS: u32 = 16;
     let (_upstream, upstream_port) = start_upstream()?;
-    let (with, plain) = (free_port()?, free_port()?);
-    let config = envoy::render(
-        "static-filter.yaml",
-        &[
-            ("port_value: 9901", "port_value: 0".into()),
-            ("port_value: 10000", format!("port_value: {with}")),
-            ("port_value: 10001", format!("port_value: {plain}")),
-            ("port_value: 8081", format!("port_value: {upstream_port}")),
-            (
-                "filename: target/wasm32-wasip1/release/understudy_filter.wasm",
-                format!("filename: {}", paths::filter_wasm()?.display()),
-            ),
-        ],
-    )?;
+    let (config, with, plain) =
+        envoy::render_static_filter(upstream_port, envoy::STATIC_FILTER_CONFIG)?;
     let envoy = Envoy::start(&config, &[]).await?;
     envoy.wait_ready().await?;
     let url_with = format!("http://127.0.0.1:{with}/");

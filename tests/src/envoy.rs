@@ -32,6 +32,34 @@ pub fn render(name: &str, replacements: &[(&str, String)]) -> Result<String> {
     Ok(text)
 }
 
+/// The inline filter config `envoy/static-filter.yaml` is committed with.
+pub const STATIC_FILTER_CONFIG: &str = r#"{"routes":[{"name":"all","path_prefix":"/"}]}"#;
+
+/// `envoy/static-filter.yaml` rendered for this machine: free ports for its
+/// two listeners (returned: with the filter, plain), the upstream's port, the
+/// absolute `.wasm` path, and `filter_json` as the filter's config.
+pub fn render_static_filter(upstream_port: u16, filter_json: &str) -> Result<(String, u16, u16)> {
+    let (with, plain) = (crate::stack::free_port()?, crate::stack::free_port()?);
+    let text = render(
+        "static-filter.yaml",
+        &[
+            ("port_value: 9901", "port_value: 0".into()),
+            ("port_value: 10000", format!("port_value: {with}")),
+            ("port_value: 10001", format!("port_value: {plain}")),
+            ("port_value: 8081", format!("port_value: {upstream_port}")),
+            (
+                "filename: target/wasm32-wasip1/release/understudy_filter.wasm",
+                format!("filename: {}", paths::filter_wasm()?.display()),
+            ),
+            (
+                &format!("value: '{STATIC_FILTER_CONFIG}'"),
+                format!("value: '{filter_json}'"),
+            ),
+        ],
+    )?;
+    Ok((text, with, plain))
+}
+
 pub struct Envoy {
     child: Child,
     pub admin: SocketAddr,

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use understudy_core::FilterConfig;
 use understudy_core::stats;
 use understudy_e2e::envoy::{self, Envoy};
-use understudy_e2e::stack::{Stack, default_filter_config, free_port};
+use understudy_e2e::stack::{Stack, default_filter_config};
 use understudy_e2e::traffic::{self, Load};
 use understudy_e2e::upstream::{Behavior, UpstreamHandle};
 use understudy_e2e::{paths, wait};
@@ -318,31 +318,6 @@ async fn control_plane_outage_fails_no_requests() -> Result<()> {
     Ok(())
 }
 
-/// Renders `envoy/static-filter.yaml` for this machine: free ports, the
-/// upstream's port, the absolute `.wasm` path, and the filter config JSON.
-fn static_filter_config(upstream_port: u16, filter_json: &str) -> Result<(String, u16, u16)> {
-    let (with, plain) = (free_port()?, free_port()?);
-    let wasm = paths::filter_wasm()?;
-    let text = envoy::render(
-        "static-filter.yaml",
-        &[
-            ("port_value: 9901", "port_value: 0".into()),
-            ("port_value: 10000", format!("port_value: {with}")),
-            ("port_value: 10001", format!("port_value: {plain}")),
-            ("port_value: 8081", format!("port_value: {upstream_port}")),
-            (
-                "filename: target/wasm32-wasip1/release/understudy_filter.wasm",
-                format!("filename: {}", wasm.display()),
-            ),
-            (
-                r#"value: '{"routes":[{"name":"all","path_prefix":"/"}]}'"#,
-                format!("value: '{filter_json}'"),
-            ),
-        ],
-    )?;
-    Ok((text, with, plain))
-}
-
 /// (e) The filter itself rejects an invalid config: Envoy logs the reason
 /// from `on_configure` and refuses to start with it. A valid one loads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,7 +333,7 @@ async fn filter_rejects_invalid_config() -> Result<()> {
         (r#"{"stat_prefix":"a.b"}"#, "stat_prefix"),
     ];
     for (bad, reason) in cases {
-        let (config, _, _) = static_filter_config(upstream.addr.port(), bad)?;
+        let (config, _, _) = envoy::render_static_filter(upstream.addr.port(), bad)?;
         let mut envoy = Envoy::start(&config, &[]).await.or_else(|e| {
             // Envoy may exit before it even writes its admin address.
             ensure!(e.to_string().contains("exited"), "{e:#}");
@@ -378,10 +353,8 @@ async fn filter_rejects_invalid_config() -> Result<()> {
         );
     }
     // The valid config loads, and only the filtered listener counts requests.
-    let (config, with, plain) = static_filter_config(
-        upstream.addr.port(),
-        r#"{"routes":[{"name":"all","path_prefix":"/"}]}"#,
-    )?;
+    let (config, with, plain) =
+        envoy::render_static_filter(upstream.addr.port(), envoy::STATIC_FILTER_CONFIG)?;
     let envoy = Envoy::start(&config, &[]).await?;
     envoy.wait_ready().await?;
     let a = traffic::send(&format!("http://127.0.0.1:{with}/"), 10, 2).await;

@@ -255,33 +255,12 @@ pub(crate) mod unix_ms {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight};
+    use crate::model::DesiredState;
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::google::rpc::Status;
 
     fn state(weight: u32, stable_port: u16) -> DesiredState {
-        let svc = Service {
-            name: "shop".into(),
-            domains: vec!["*".into()],
-            stable: Backend {
-                endpoints: vec![format!("127.0.0.1:{stable_port}").parse().unwrap()],
-            },
-            canary: Backend {
-                endpoints: vec!["127.0.0.1:8082".parse().unwrap()],
-            },
-            canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
-        };
-        DesiredState {
-            listener: ListenerSettings {
-                address: "127.0.0.1".parse().unwrap(),
-                port: 10000,
-            },
-            filter: FilterSettings {
-                wasm_path: "/f.wasm".into(),
-                config: serde_json::json!({}),
-            },
-            services: [("shop".to_string(), svc)].into_iter().collect(),
-        }
+        crate::model::fixtures::state(weight, stable_port, true)
     }
 
     fn req(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
