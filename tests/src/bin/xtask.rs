@@ -84,8 +84,8 @@ fn main() -> Result<()> {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo).args(args))
+    // The rustup proxy, so rust-toolchain.toml picks the toolchain.
+    run(Command::new("cargo").args(args))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -118,6 +118,7 @@ fn setup() -> Result<()> {
     }
     let bin = paths::envoy_binary()?;
     eprintln!("Envoy: {}", bin.display());
+    ensure_wasm_target()?;
     cargo(&[
         "build",
         "-p",
@@ -127,6 +128,23 @@ fn setup() -> Result<()> {
         "--release",
     ])?;
     paths::filter_wasm()?;
+    Ok(())
+}
+
+/// rust-toolchain.toml lists the wasm target, but rustup only installs it by
+/// itself where auto-install is enabled; make sure it is there.
+fn ensure_wasm_target() -> Result<()> {
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()?;
+    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_owned();
+    if !Path::new(&sysroot)
+        .join("lib/rustlib/wasm32-wasip1")
+        .is_dir()
+    {
+        run(Command::new("rustup").args(["target", "add", "wasm32-wasip1"]))
+            .context("installing the wasm32-wasip1 target (needs rustup)")?;
+    }
     Ok(())
 }
 
@@ -165,8 +183,7 @@ fn ensure_oha() -> Result<std::path::PathBuf> {
             "installing oha (load generator) into {}; this compiles it once",
             root.display()
         );
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        run(Command::new(cargo)
+        run(Command::new("cargo")
             .args([
                 "install",
                 "oha",
