@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::hedge::{HedgeConfig, RawHedgeConfig};
+
 /// Routes are matched linearly on every request; the cap keeps that bounded.
 pub const MAX_ROUTES: usize = 256;
 /// Stat names are built from these; Envoy's stat names should stay short.
@@ -17,7 +19,7 @@ pub const MAX_NAME_LEN: usize = 64;
 ///
 /// Unknown fields are rejected so that a typo (`"stat_prefx"`) is an error
 /// rather than a silently ignored setting.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFilterConfig {
     /// Prefix of every metric the filter defines (under Envoy's `wasmcustom.`).
@@ -29,12 +31,15 @@ pub struct RawFilterConfig {
 }
 
 /// One route as written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub name: String,
     #[serde(default = "default_prefix")]
     pub path_prefix: String,
+    /// Hedged retries for this route (see [`crate::hedge`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<RawHedgeConfig>,
 }
 
 fn default_prefix() -> String {
@@ -69,20 +74,24 @@ pub enum ConfigError {
     /// More routes than the filter is willing to scan per request.
     #[error("routes: {count} routes configured, at most {max} are allowed")]
     TooManyRoutes { count: usize, max: usize },
+    /// A setting out of its range, or settings that contradict each other.
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
 }
 
 /// A validated filter configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FilterConfig {
     stat_prefix: String,
     routes: Vec<Route>,
 }
 
 /// A validated route.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub name: String,
     pub path_prefix: String,
+    pub hedge: Option<HedgeConfig>,
 }
 
 impl FilterConfig {
@@ -148,9 +157,14 @@ impl TryFrom<RawFilterConfig> for FilterConfig {
                     second: i,
                 });
             }
+            let hedge = r
+                .hedge
+                .map(|h| HedgeConfig::from_raw(h, &format!("routes[{i}].hedge")))
+                .transpose()?;
             routes.push(Route {
                 name: r.name,
                 path_prefix: r.path_prefix,
+                hedge,
             });
         }
         Ok(Self {
@@ -287,7 +301,7 @@ mod tests {
         fn valid_names_round_trip(names in proptest::collection::btree_set("[a-z0-9_-]{1,20}", 0..8)) {
             let raw = RawFilterConfig {
                 stat_prefix: None,
-                routes: names.iter().map(|n| RawRoute { name: n.clone(), path_prefix: format!("/{n}") }).collect(),
+                routes: names.iter().map(|n| RawRoute { name: n.clone(), path_prefix: format!("/{n}"), hedge: None }).collect(),
             };
             let json = serde_json::to_vec(&raw).unwrap();
             let parsed = FilterConfig::from_json(&json).unwrap();

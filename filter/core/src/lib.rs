@@ -8,10 +8,13 @@
 //!
 //! # Layout
 //! - [`config`]: the JSON configuration, parsed into validated types.
+//! - [`hedge`]: hedged requests: eligibility, adaptive delay, budget, and the
+//!   per-worker stream table as a state machine.
 //! - [`stats`]: the names of the metrics the filter defines, shared with the
 //!   tests and the control plane so nobody spells them twice.
 
 pub mod config;
+pub mod hedge;
 pub mod stats;
 
 pub use config::{ConfigError, FilterConfig};

@@ -16,6 +16,17 @@ pub fn route_requests_total(config: &FilterConfig, route: &str) -> String {
     format!("{}.route.{route}.requests_total", config.stat_prefix())
 }
 
+/// A per-route hedging stat: `sent`, `hedge_wins`, `primary_wins`,
+/// `budget_exhausted`, `delay_ms` (gauge), `not_hedged.<reason>`.
+pub fn hedge(config: &FilterConfig, route: &str, what: &str) -> String {
+    format!("{}.hedge.{route}.{what}", config.stat_prefix())
+}
+
+/// Gauge: streams in this Envoy's hedge tables (all workers summed).
+pub fn hedge_pending(config: &FilterConfig) -> String {
+    format!("{}.hedge.pending", config.stat_prefix())
+}
+
 /// The full name as it appears in Envoy's `/stats`.
 pub fn in_envoy(name: &str) -> String {
     format!("{ENVOY_NAMESPACE}.{name}")
