@@ -31,7 +31,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::wasm::v3::{
     FailurePolicy, PluginConfig, VmConfig, plugin_config,
 };
-use envoy_types::pb::google::protobuf::{Any, StringValue, UInt32Value};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, StringValue, UInt32Value};
 use envoy_types::util::pack_any;
 use prost::{Message, Name};
 use sha2::{Digest, Sha256};
@@ -227,6 +227,10 @@ pub fn wasm_filter(filter: &FilterSettings, config: &serde_json::Value) -> Any {
         // Shadowing, hedging and limits are improvements on top of normal
         // proxying: if the VM fails, traffic keeps flowing without them.
         failure_policy: FailurePolicy::FailOpen as i32,
+        // Lets the filter hold request headers while it reads the body
+        // (Idempotency-Key fingerprints) instead of Envoy's default, which
+        // turns a pause on headers into "stop everything" and never delivers the body.
+        allow_on_headers_stop_iteration: Some(BoolValue { value: true }),
         ..Default::default()
     };
     pack_any(Wasm {

@@ -1,25 +1,43 @@
 //! `understudy-filter`: the Envoy HTTP filter, compiled to `wasm32-wasip1`.
 //!
 //! This crate is thin glue. It reads Envoy's host events through
-//! `proxy_wasm::hostcalls`, hands them to [`understudy_core`] (where every
-//! decision is made and tested natively), and carries out the result.
-//! Start at [`Root::on_configure`] (config in, metrics defined) and
+//! `proxy_wasm::hostcalls` ([`host`]), hands them to [`understudy_core`]
+//! (where every decision is made and tested natively), and carries out the
+//! result. Start at [`Root::on_configure`] (config in, metrics defined) and
 //! [`Http::on_http_request_headers`] (the per-request hot path).
 //!
-//! A panic kills the wasm VM and, depending on `failure_policy`, the traffic
-//! through it, so this crate never unwraps: every host call's `Status` is
-//! handled, and a panic hook logs through the host if something slips through.
+//! # Layout
+//! - [`host`]: host-call wrappers that handle every `Status`.
+//! - [`hedging`]: hedged requests (per-worker table, `on_tick`, hedge replies).
+//! - [`dedupe`]: inbound duplicate suppression by Idempotency-Key (shared data).
+//!
+//! One VM runs per Envoy worker thread; its root context and HTTP contexts
+//! share a [`Worker`] through `Rc<RefCell<..>>`. Every borrow is a
+//! `try_borrow_mut` released before any host call that can re-enter the
+//! filter (a local reply runs the stream's response callbacks).
+//!
+//! A panic kills the wasm VM, so this crate never unwraps, and a panic hook
+//! logs through the host if something slips through.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 // proxy_wasm::main! exports the `_initialize` entry point with #[no_mangle].
 #![allow(unsafe_code)]
 
+pub mod dedupe;
+pub mod hedging;
+pub mod host;
+
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MetricType};
 use understudy_core::{FilterConfig, stats};
+
+use crate::dedupe::{Dedupe, DedupeStream, Start};
+use crate::hedging::Hedging;
+use crate::host::log;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -29,64 +47,73 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-/// Logs through the host. A failed log call has nowhere better to be reported.
-fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
-}
-
-/// State shared by the root context and every HTTP context of one VM (one per
-/// worker thread): the validated config and the ids of the metrics it defined.
-struct Configured {
+/// Everything one VM (worker) knows: the config, its metrics, and the
+/// per-feature state.
+pub struct Worker {
     config: FilterConfig,
     requests_total: u32,
     /// Indexed like `config.routes()`.
     route_requests: Vec<u32>,
+    hedging: Option<Hedging>,
+    dedupe: Option<Dedupe>,
 }
 
-impl Configured {
+type Shared = Rc<RefCell<Worker>>;
+
+impl Worker {
     fn new(config: FilterConfig) -> Result<Self, String> {
-        let define = |name: String| {
-            hostcalls::define_metric(MetricType::Counter, &name)
-                .map_err(|status| format!("defining metric {name:?} failed: {status:?}"))
-        };
-        let requests_total = define(stats::requests_total(&config))?;
+        let requests_total = host::define(MetricType::Counter, &stats::requests_total(&config))?;
         let route_requests = config
             .routes()
             .iter()
-            .map(|r| define(stats::route_requests_total(&config, &r.name)))
+            .map(|r| {
+                host::define(
+                    MetricType::Counter,
+                    &stats::route_requests_total(&config, &r.name),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        let hedging = Hedging::new(&config)?;
+        let dedupe = Dedupe::new(&config)?;
         Ok(Self {
             config,
             requests_total,
             route_requests,
+            hedging,
+            dedupe,
         })
-    }
-
-    fn count_request(&self, path: Option<&str>) {
-        increment(self.requests_total);
-        let route = path.and_then(|p| self.config.match_route(p));
-        if let Some(id) = route.and_then(|i| self.route_requests.get(i)) {
-            increment(*id);
-        }
-    }
-}
-
-fn increment(metric: u32) {
-    if let Err(status) = hostcalls::increment_metric(metric, 1) {
-        log(
-            LogLevel::Warn,
-            &format!("understudy: incrementing metric {metric} failed: {status:?}"),
-        );
     }
 }
 
 /// The root context: one per plugin configuration per VM.
 #[derive(Default)]
 pub struct Root {
-    configured: Option<Rc<Configured>>,
+    worker: Option<Shared>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// A hedge call's answer (calls made from `on_tick` come back here).
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(worker) = &self.worker else { return };
+        let deferred = match worker.try_borrow_mut() {
+            Ok(mut w) => w
+                .hedging
+                .as_mut()
+                .and_then(|h| h.on_call_response(token_id, body_size, host::now_us())),
+            Err(_) => None,
+        };
+        // The borrow is released: the local reply may re-enter the stream.
+        if let Some(d) = deferred {
+            d.run();
+        }
+    }
+}
 
 impl RootContext for Root {
     /// Parses and validates the plugin configuration. Returning `false` makes
@@ -107,26 +134,22 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let config = match FilterConfig::from_json(&bytes) {
-            Ok(config) => config,
-            Err(err) => {
-                log(
-                    LogLevel::Error,
-                    &format!("understudy: rejecting configuration: {err}"),
-                );
-                return false;
-            }
-        };
-        match Configured::new(config) {
-            Ok(configured) => {
+        let worker = FilterConfig::from_json(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(Worker::new);
+        match worker {
+            Ok(worker) => {
                 log(
                     LogLevel::Info,
                     &format!(
                         "understudy: configured with {} route(s)",
-                        configured.config.routes().len()
+                        worker.config.routes().len()
                     ),
                 );
-                self.configured = Some(Rc::new(configured));
+                if let Some(h) = &worker.hedging {
+                    host::set_tick_period(h.tick_period());
+                }
+                self.worker = Some(Rc::new(RefCell::new(worker)));
                 true
             }
             Err(reason) => {
@@ -139,10 +162,22 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_tick(&mut self) {
+        let Some(worker) = &self.worker else { return };
+        if let Ok(mut w) = worker.try_borrow_mut()
+            && let Some(h) = w.hedging.as_mut()
+        {
+            h.on_tick(host::now_us());
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Must never return None: the SDK panics on it.
         Some(Box::new(Http {
-            configured: self.configured.clone(),
+            id: context_id,
+            worker: self.worker.clone(),
+            hedged: false,
+            dedupe: None,
         }))
     }
 
@@ -153,19 +188,172 @@ impl RootContext for Root {
 
 /// One HTTP stream.
 pub struct Http {
-    configured: Option<Rc<Configured>>,
+    id: u32,
+    worker: Option<Shared>,
+    /// Tracked by the hedging table.
+    hedged: bool,
+    /// Taking part in duplicate suppression.
+    dedupe: Option<Box<DedupeStream>>,
+}
+
+impl Http {
+    /// Runs `f` on the worker state if it is configured and not borrowed.
+    fn with<T>(&self, default: T, f: impl FnOnce(&mut Worker) -> T) -> T {
+        match self.worker.as_ref().map(|w| w.try_borrow_mut()) {
+            Some(Ok(mut w)) => f(&mut w),
+            _ => default,
+        }
+    }
 }
 
 impl Context for Http {}
 
 impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(configured) = &self.configured {
-            let path = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":path")
-                .ok()
-                .flatten();
-            configured.count_request(path.as_deref());
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let id = self.id;
+        let (hedged, dedupe) = self.with((false, Start::NotInvolved), |w| {
+            host::increment(w.requests_total, 1);
+            let path = host::request_header(":path");
+            let Some(route) = path.and_then(|p| w.config.match_route(&p)) else {
+                return (false, Start::NotInvolved);
+            };
+            if let Some(metric) = w.route_requests.get(route) {
+                host::increment(*metric, 1);
+            }
+            // Dedupe first: it may answer locally, and then there is nothing to hedge.
+            let dedupe = w
+                .dedupe
+                .as_ref()
+                .map_or(Start::NotInvolved, |d| d.on_request_headers(route));
+            let hedged = !matches!(dedupe, Start::Answered)
+                && w.hedging.as_mut().is_some_and(|h| {
+                    h.on_request_headers(id, route, end_of_stream, host::now_us())
+                });
+            (hedged, dedupe)
+        });
+        self.hedged = hedged;
+        match dedupe {
+            Start::Answered => Action::Pause,
+            Start::Track(stream) => {
+                self.dedupe = Some(stream);
+                if end_of_stream {
+                    self.dedupe_decide(&[])
+                } else {
+                    Action::Pause
+                }
+            }
+            Start::NotInvolved => Action::Continue,
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.dedupe.is_some() {
+            // Held (and buffered by Envoy) until complete: the fingerprint needs all of it.
+            if !end_of_stream {
+                return Action::Pause;
+            }
+            let body = host::buffer(BufferType::HttpRequestBody, body_size);
+            let action = self.dedupe_decide(&body);
+            if self.hedged && action == Action::Continue {
+                let id = self.id;
+                self.with((), |w| {
+                    if let Some(h) = w.hedging.as_mut() {
+                        h.on_request_body(id, &body, true);
+                    }
+                });
+            }
+            return action;
+        }
+        if self.hedged {
+            let id = self.id;
+            let chunk = host::buffer(BufferType::HttpRequestBody, body_size);
+            self.with((), |w| {
+                if let Some(h) = w.hedging.as_mut() {
+                    h.on_request_body(id, &chunk, end_of_stream);
+                }
+            });
         }
         Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let id = self.id;
+        let hedged = self.hedged;
+        let mut dedupe = self.dedupe.take();
+        let action = self.with(Action::Continue, |w| {
+            if let (Some(d), Some(s)) = (w.dedupe.as_ref(), dedupe.as_mut()) {
+                d.on_response_headers(s, end_of_stream, host::now_us() / 1000);
+            }
+            match w.hedging.as_mut() {
+                Some(h) if hedged => h.on_response_headers(id, host::now_us()),
+                _ => Action::Continue,
+            }
+        });
+        self.dedupe = dedupe;
+        action
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let id = self.id;
+        // A held primary (failed while a hedge is out) keeps its body back too.
+        if self.hedged && self.with(false, |w| w.hedging.as_ref().is_some_and(|h| h.is_held(id))) {
+            return Action::Pause;
+        }
+        let mut dedupe = self.dedupe.take();
+        if let Some(s) = dedupe.as_mut() {
+            self.with((), |w| {
+                if let Some(d) = w.dedupe.as_ref() {
+                    d.on_response_body(s, body_size, end_of_stream, host::now_us() / 1000);
+                }
+            });
+        }
+        self.dedupe = dedupe;
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let id = self.id;
+        let hedged = self.hedged;
+        let mut dedupe = self.dedupe.take();
+        self.with((), |w| {
+            if let (Some(d), Some(s)) = (w.dedupe.as_ref(), dedupe.as_mut()) {
+                d.on_end(s, host::now_us() / 1000);
+            }
+            if hedged && let Some(h) = w.hedging.as_mut() {
+                h.on_end(id);
+            }
+        });
+    }
+}
+
+impl Http {
+    /// The request is complete: let dedupe decide. A local answer (replay,
+    /// 409, 422) ends the stream here, so hedging stops tracking it first.
+    fn dedupe_decide(&mut self, body: &[u8]) -> Action {
+        let Some(mut stream) = self.dedupe.take() else {
+            return Action::Continue;
+        };
+        let id = self.id;
+        let hedged = self.hedged;
+        // Decided while holding the worker state; a local reply made inside
+        // re-enters only callbacks that skip when the state is borrowed.
+        let action = self.with(Action::Continue, |w| {
+            let Some(d) = w.dedupe.as_ref() else {
+                return Action::Continue;
+            };
+            let action = d.on_request_complete(&mut stream, body, host::now_us() / 1000);
+            if action == Action::Pause
+                && hedged
+                && let Some(h) = w.hedging.as_mut()
+            {
+                h.on_end(id);
+            }
+            action
+        });
+        if action == Action::Pause {
+            self.hedged = false;
+        }
+        self.dedupe = Some(stream);
+        action
     }
 }

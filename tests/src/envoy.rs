@@ -221,15 +221,16 @@ impl Envoy {
 }
 
 impl Drop for Envoy {
+    /// Kills Envoy and prints the end of its log. The test runner captures
+    /// output and shows it only for failing tests (panics and `Err` returns
+    /// alike), so a failure always comes with Envoy's side of the story.
     fn drop(&mut self) {
         self.kill();
-        if std::thread::panicking() {
-            eprintln!(
-                "----- Envoy log ({}) -----\n{}\n----- end of Envoy log -----",
-                self.log_path.display(),
-                self.log_tail(300)
-            );
-        }
+        eprintln!(
+            "----- Envoy log ({}) -----\n{}\n----- end of Envoy log -----",
+            self.log_path.display(),
+            self.log_tail(150)
+        );
     }
 }
 

@@ -167,6 +167,46 @@ impl Stack {
         .await
     }
 
+    /// Pushes a new filter config through the API and waits until Envoy has
+    /// ACKed it over ECDS (a NACK fails with Envoy's error).
+    pub async fn put_filter_config(&self, config: Value) -> Result<()> {
+        let sent = |s: &Option<Value>| {
+            s.as_ref()
+                .and_then(|s| s["types"]["ecds"]["responses_sent"].as_u64())
+                .unwrap_or(0)
+        };
+        let before = sent(&self.envoy_status().await?);
+        let body =
+            json!({"wasm_path": paths::filter_wasm()?.display().to_string(), "config": config});
+        let (status, answer) = self.api_put("/v1/filter", &body).await?;
+        anyhow::ensure!(status == 200, "PUT /v1/filter answered {status}: {answer}");
+        wait::until(
+            "Envoy to ACK the new filter config",
+            Duration::from_secs(15),
+            || async {
+                let s = self.envoy_status().await?;
+                let ecds = s
+                    .as_ref()
+                    .map(|s| s["types"]["ecds"].clone())
+                    .unwrap_or_default();
+                if sent(&s) > before
+                    && !ecds["last_nack"].is_null()
+                    && ecds["last_nack"]["version"] == ecds["sent_version"]
+                {
+                    anyhow::bail!(
+                        "Envoy rejected the filter config: {}",
+                        ecds["last_nack"]["error"]
+                    );
+                }
+                Ok((sent(&s) > before
+                    && !ecds["awaiting_reply"].as_bool().unwrap_or(true)
+                    && ecds["acked_version"] == ecds["sent_version"])
+                    .then_some(()))
+            },
+        )
+        .await
+    }
+
     /// This Envoy's entry in `GET /v1/envoys`, once it has one.
     pub async fn envoy_status(&self) -> Result<Option<Value>> {
         let all = self.api_get("/v1/envoys").await?;

@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dedupe::{DedupeConfig, RawDedupeConfig};
 use crate::hedge::{HedgeConfig, RawHedgeConfig};
 
 /// Routes are matched linearly on every request; the cap keeps that bounded.
@@ -40,6 +41,9 @@ pub struct RawRoute {
     /// Hedged retries for this route (see [`crate::hedge`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hedge: Option<RawHedgeConfig>,
+    /// Inbound duplicate suppression by Idempotency-Key (see [`crate::dedupe`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedupe: Option<RawDedupeConfig>,
 }
 
 fn default_prefix() -> String {
@@ -92,6 +96,7 @@ pub struct Route {
     pub name: String,
     pub path_prefix: String,
     pub hedge: Option<HedgeConfig>,
+    pub dedupe: Option<DedupeConfig>,
 }
 
 impl FilterConfig {
@@ -161,10 +166,15 @@ impl TryFrom<RawFilterConfig> for FilterConfig {
                 .hedge
                 .map(|h| HedgeConfig::from_raw(h, &format!("routes[{i}].hedge")))
                 .transpose()?;
+            let dedupe = r
+                .dedupe
+                .map(|d| DedupeConfig::from_raw(d, &format!("routes[{i}].dedupe")))
+                .transpose()?;
             routes.push(Route {
                 name: r.name,
                 path_prefix: r.path_prefix,
                 hedge,
+                dedupe,
             });
         }
         Ok(Self {
@@ -301,7 +311,7 @@ mod tests {
         fn valid_names_round_trip(names in proptest::collection::btree_set("[a-z0-9_-]{1,20}", 0..8)) {
             let raw = RawFilterConfig {
                 stat_prefix: None,
-                routes: names.iter().map(|n| RawRoute { name: n.clone(), path_prefix: format!("/{n}"), hedge: None }).collect(),
+                routes: names.iter().map(|n| RawRoute { name: n.clone(), path_prefix: format!("/{n}"), hedge: None, dedupe: None }).collect(),
             };
             let json = serde_json::to_vec(&raw).unwrap();
             let parsed = FilterConfig::from_json(&json).unwrap();

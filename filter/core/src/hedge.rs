@@ -512,23 +512,30 @@ impl Budget {
         }
     }
 
-    pub fn on_request(&mut self) {
+    /// A request arrived: it earns `percent/100` of a hedge.
+    pub fn on_request(&mut self, now_us: u64) {
+        self.refill(now_us);
         self.tokens = (self.tokens + self.cfg.percent / 100.0).min(self.cfg.burst);
     }
 
     /// Spends a token if there is one.
     pub fn try_spend(&mut self, now_us: u64) -> bool {
-        if let Some(last) = self.last_us {
-            let dt = now_us.saturating_sub(last) as f64 / 1e6;
-            self.tokens = (self.tokens + dt * self.cfg.per_second_floor).min(self.cfg.burst);
-        }
-        self.last_us = Some(now_us);
+        self.refill(now_us);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+
+    /// Time earns `per_second_floor` tokens per second, from the first event on.
+    fn refill(&mut self, now_us: u64) {
+        if let Some(last) = self.last_us {
+            let dt = now_us.saturating_sub(last) as f64 / 1e6;
+            self.tokens = (self.tokens + dt * self.cfg.per_second_floor).min(self.cfg.burst);
+        }
+        self.last_us = Some(self.last_us.map_or(now_us, |l| l.max(now_us)));
     }
 }
 
@@ -756,6 +763,18 @@ impl HedgeTable {
         }
     }
 
+    /// The primary's response is held until a hedge answers.
+    pub fn is_held(&self, stream: u32) -> bool {
+        self.streams
+            .get(&stream)
+            .is_some_and(|t| t.phase == Phase::PrimaryHeld)
+    }
+
+    /// The route of a tracked stream.
+    pub fn route_of(&self, stream: u32) -> Option<usize> {
+        self.streams.get(&stream).map(|t| t.route)
+    }
+
     /// The route of a hedge call still in flight.
     pub fn route_of_call(&self, token: u32) -> Option<usize> {
         let stream = self.calls.get(&token)?;
@@ -943,7 +962,7 @@ mod tests {
         let mut b = Budget::new(c.budget);
         let mut spent = 0;
         for i in 0..1000u64 {
-            b.on_request();
+            b.on_request(i);
             if b.try_spend(i) {
                 spent += 1;
             }
@@ -960,7 +979,7 @@ mod tests {
             burst: 1.0,
         });
         assert!((0..100).all(|i| {
-            zero.on_request();
+            zero.on_request(i * 1_000_000);
             !zero.try_spend(i * 1_000_000)
         }));
     }
@@ -1052,6 +1071,7 @@ mod tests {
         t.track(1, 0, 0, complete()).unwrap();
         t.hedge_sent(1, 5);
         assert_eq!(t.on_primary_headers(1, false), PrimaryAction::Hold);
+        assert!(t.is_held(1));
         assert_eq!(
             t.on_hedge_response(5, None, false),
             HedgeAction::ReleasePrimary { stream: 1 }
@@ -1125,10 +1145,10 @@ mod tests {
                     0 => if !t.is_tracked(stream) { let _ = t.track(stream, 0, 0, complete()); },
                     1 => if t.is_tracked(stream) { next_token += 1; t.hedge_sent(stream, next_token); tokens.push(next_token); },
                     2 => { let _ = t.on_primary_headers(stream, ok); }
-                    3 => if let Some(tok) = tokens.pop() {
-                        if let HedgeAction::Reply { stream, .. } = t.on_hedge_response(tok, Some(if ok { 200 } else { 503 }), ok) {
-                            proptest::prop_assert!(replied.insert(stream), "second reply for {}", stream);
-                        }
+                    3 => if let Some(tok) = tokens.pop()
+                        && let HedgeAction::Reply { stream, .. } = t.on_hedge_response(tok, Some(if ok { 200 } else { 503 }), ok)
+                    {
+                        proptest::prop_assert!(replied.insert(stream), "second reply for {}", stream);
                     },
                     _ => { t.end(stream); replied.remove(&stream); }
                 }

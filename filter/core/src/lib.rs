@@ -8,12 +8,14 @@
 //!
 //! # Layout
 //! - [`config`]: the JSON configuration, parsed into validated types.
+//! - [`dedupe`]: suppressing duplicate requests by `Idempotency-Key`.
 //! - [`hedge`]: hedged requests: eligibility, adaptive delay, budget, and the
 //!   per-worker stream table as a state machine.
 //! - [`stats`]: the names of the metrics the filter defines, shared with the
 //!   tests and the control plane so nobody spells them twice.
 
 pub mod config;
+pub mod dedupe;
 pub mod hedge;
 pub mod stats;
 

@@ -27,6 +27,12 @@ pub fn hedge_pending(config: &FilterConfig) -> String {
     format!("{}.hedge.pending", config.stat_prefix())
 }
 
+/// A per-route dedupe stat: `replayed`, `in_flight_409`, `mismatch_422`,
+/// `invalid_key_400`, `slot_busy`, `stored`, `unreadable_slot`.
+pub fn dedupe(config: &FilterConfig, route: &str, what: &str) -> String {
+    format!("{}.dedupe.{route}.{what}", config.stat_prefix())
+}
+
 /// The full name as it appears in Envoy's `/stats`.
 pub fn in_envoy(name: &str) -> String {
     format!("{ENVOY_NAMESPACE}.{name}")
