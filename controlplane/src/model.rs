@@ -193,6 +193,7 @@ impl DesiredState {
     /// (Envoy rejects a route configuration in which two virtual hosts share a domain).
     pub fn validate(&self) -> Result<(), ModelError> {
         self.filter.validate()?;
+        self.validate_hedge_clusters()?;
         let mut owners: BTreeMap<String, &str> = BTreeMap::new();
         for (key, svc) in &self.services {
             if key != &svc.name {
@@ -210,6 +211,32 @@ impl DesiredState {
                         second: svc.name.clone(),
                     });
                 }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DesiredState {
+    /// A hedge sent to a cluster Envoy does not have would fail on every
+    /// request; catch it here rather than in production traffic.
+    fn validate_hedge_clusters(&self) -> Result<(), ModelError> {
+        let config = understudy_core::FilterConfig::from_value(&self.filter.config)
+            .map_err(|e| ModelError::InvalidFilter(format!("config: {e}")))?;
+        let known: Vec<String> = self
+            .services
+            .values()
+            .flat_map(|s| [s.stable_cluster(), s.canary_cluster()])
+            .collect();
+        for (i, route) in config.routes().iter().enumerate() {
+            if let Some(h) = &route.hedge
+                && !known.contains(&h.cluster)
+            {
+                return Err(ModelError::InvalidFilter(format!(
+                    "config: routes[{i}].hedge.cluster: {:?} is not a cluster of any service (known: {})",
+                    h.cluster,
+                    known.join(", ")
+                )));
             }
         }
         Ok(())
@@ -416,6 +443,21 @@ mod tests {
         };
         let err = f.validate().unwrap_err().to_string();
         assert!(err.contains("routes[0].path_prefix"), "{err}");
+    }
+
+    #[test]
+    fn hedges_must_go_to_a_known_cluster() {
+        let mut state = fixtures::state(0, 8081, true);
+        state.filter.config =
+            json!({"routes": [{"name": "all", "hedge": {"cluster": "shop-stable"}}]});
+        state.validate().unwrap();
+        state.filter.config = json!({"routes": [{"name": "all", "hedge": {"cluster": "nope"}}]});
+        let err = state.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("routes[0].hedge.cluster: \"nope\" is not a cluster"),
+            "{err}"
+        );
+        assert!(err.contains("shop-stable, shop-canary"), "{err}");
     }
 
     #[test]

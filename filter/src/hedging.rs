@@ -262,7 +262,12 @@ impl Hedging {
             .map(|r| match r {
                 Some(r) => {
                     let us = r.delay.current_us(now_us);
-                    if r.last_delay_ms != Some(us / 1000) {
+                    // Every VM shares the gauge, including the main thread's,
+                    // which sees no traffic: only a VM with latency samples
+                    // (or a fixed delay) reports its delay.
+                    let informed =
+                        r.delay.samples() > 0 || matches!(r.cfg.delay, DelayConfig::Fixed { .. });
+                    if informed && r.last_delay_ms != Some(us / 1000) {
                         host::record(r.metrics.delay_ms, us / 1000);
                         r.last_delay_ms = Some(us / 1000);
                     }

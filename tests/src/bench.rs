@@ -17,7 +17,7 @@ use crate::paths;
 use crate::stack::free_port;
 
 /// Every scenario, by name.
-pub const SCENARIOS: &[&str] = &["filter_overhead"];
+pub const SCENARIOS: &[&str] = &["filter_overhead", "hedging"];
 
 pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
     let selected: Vec<&str> = match name {
@@ -31,6 +31,7 @@ pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
     for scenario in selected {
         let figures = match scenario {
             "filter_overhead" => filter_overhead(&oha).await?,
+            "hedging" => hedging(&oha).await?,
             _ => unreachable!("checked above"),
         };
         let path = write(scenario, figures)?;
@@ -45,8 +46,12 @@ pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
 pub struct LoadResult {
     pub rps: f64,
     pub p50_ms: f64,
+    pub p90_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     pub success_rate: f64,
+    /// Requests sent, answered or cut off at the deadline.
+    pub requests: u64,
 }
 
 pub struct Oha {
@@ -71,11 +76,19 @@ impl Oha {
         }
         let v: Value = serde_json::from_slice(&out.stdout).context("parsing oha's JSON")?;
         let ms = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+        let sum = |k: &str| {
+            v[k].as_object()
+                .map(|m| m.values().filter_map(Value::as_u64).sum::<u64>())
+                .unwrap_or(0)
+        };
         Ok(LoadResult {
             rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
             p50_ms: ms("p50"),
+            p90_ms: ms("p90"),
             p99_ms: ms("p99"),
+            p999_ms: ms("p99.9"),
             success_rate: v["summary"]["successRate"].as_f64().unwrap_or(0.0),
+            requests: sum("statusCodeDistribution") + sum("errorDistribution"),
         })
     }
 }
@@ -120,12 +133,19 @@ impl Drop for ChildGuard {
     }
 }
 
-/// The release `understudy-upstream` binary on a free port.
-fn start_upstream() -> Result<(ChildGuard, u16)> {
+/// The release `understudy-upstream` binary on a free port, with `behavior` (JSON).
+fn start_upstream(behavior: &str) -> Result<(ChildGuard, u16)> {
     let port = free_port()?;
     let bin = paths::repo_root().join("target/release/understudy-upstream");
     let child = std::process::Command::new(&bin)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--label", "v1"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--label",
+            "v1",
+            "--behavior",
+            behavior,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -141,7 +161,7 @@ async fn filter_overhead(oha: &Oha) -> Result<Value> {
     const ROUNDS: usize = 3;
     const SECONDS: u64 = 5;
     const CONNECTIONS: u32 = 16;
-    let (_upstream, upstream_port) = start_upstream()?;
+    let (_upstream, upstream_port) = start_upstream("{}")?;
     let (config, with, plain) =
         envoy::render_static_filter(upstream_port, envoy::STATIC_FILTER_CONFIG)?;
     let envoy = Envoy::start(&config, &[]).await?;
@@ -201,6 +221,131 @@ async fn filter_overhead(oha: &Oha) -> Result<Value> {
         "filter_counted_requests": counted,
         "runs": {"plain": plain_runs, "filter": filter_runs},
     }))
+}
+
+/// Requests an upstream has served.
+async fn upstream_count(http: &reqwest::Client, port: u16) -> Result<u64> {
+    let v: Value = http
+        .get(format!("http://127.0.0.1:{port}/_upstream/count"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    v["requests"].as_u64().context("upstream count missing")
+}
+
+/// The same slow-tail upstream (5% of requests take 300 ms, the rest 5 ms)
+/// behind four listeners of one Envoy (`envoy/bench-hedging.yaml`): no
+/// hedging, Envoy's native per-try-timeout hedge, and the filter with a
+/// fixed and an adaptive delay. Rounds alternate the modes.
+async fn hedging(oha: &Oha) -> Result<Value> {
+    const ROUNDS: usize = 2;
+    const SECONDS: u64 = 8;
+    const CONNECTIONS: u32 = 8;
+    const BEHAVIOR: &str = r#"{"latency":[{"pct":5,"ms":300}],"default_ms":5}"#;
+    let modes = [
+        ("none", 10010u16, 8091u16),
+        ("native", 10011, 8092),
+        ("fixed", 10012, 8093),
+        ("adaptive", 10013, 8094),
+    ];
+    let mut upstreams = Vec::new();
+    let mut replacements: Vec<(&str, String)> = vec![
+        ("port_value: 9901", "port_value: 0".into()),
+        (
+            "filename: target/wasm32-wasip1/release/understudy_filter.wasm",
+            format!("filename: {}", paths::filter_wasm()?.display()),
+        ),
+    ];
+    let mut ports = Vec::new();
+    let listener_patterns: Vec<String> = modes
+        .iter()
+        .map(|m| format!("port_value: {}", m.1))
+        .collect();
+    let upstream_patterns: Vec<String> = modes
+        .iter()
+        .map(|m| format!("port_value: {}", m.2))
+        .collect();
+    for (i, _) in modes.iter().enumerate() {
+        let (guard, up) = start_upstream(BEHAVIOR)?;
+        upstreams.push(guard);
+        let listen = free_port()?;
+        ports.push((listen, up));
+        replacements.push((
+            listener_patterns[i].as_str(),
+            format!("port_value: {listen}"),
+        ));
+        replacements.push((upstream_patterns[i].as_str(), format!("port_value: {up}")));
+    }
+    let envoy = Envoy::start(&envoy::render("bench-hedging.yaml", &replacements)?, &[]).await?;
+    envoy.wait_ready().await?;
+    let http = reqwest::Client::new();
+    let url = |i: usize| format!("http://127.0.0.1:{}/", ports[i].0);
+    // Warm every path (and fill the adaptive window) before counting.
+    for i in 0..modes.len() {
+        oha.run(&url(i), 2, CONNECTIONS).await?;
+    }
+    let mut upstream_before = Vec::new();
+    for (_, up) in &ports {
+        upstream_before.push(upstream_count(&http, *up).await?);
+    }
+    let mut runs: Vec<Vec<LoadResult>> = vec![Vec::new(); modes.len()];
+    for round in 0..ROUNDS {
+        for k in 0..modes.len() {
+            let i = if round % 2 == 0 {
+                k
+            } else {
+                modes.len() - 1 - k
+            };
+            let r = oha.run(&url(i), SECONDS, CONNECTIONS).await?;
+            eprintln!("round {round} {}: {r:?}", modes[i].0);
+            runs[i].push(r);
+        }
+    }
+    let mut figures = serde_json::Map::new();
+    for (i, (mode, _, _)) in modes.iter().enumerate() {
+        let served = upstream_count(&http, ports[i].1).await? - upstream_before[i];
+        let sent: u64 = runs[i].iter().map(|r| r.requests).sum();
+        let pick = |f: fn(&LoadResult) -> f64| round3(median(runs[i].iter().map(f).collect()));
+        figures.insert(format!("{mode}_p50_ms"), json!(pick(|r| r.p50_ms)));
+        figures.insert(format!("{mode}_p90_ms"), json!(pick(|r| r.p90_ms)));
+        figures.insert(format!("{mode}_p99_ms"), json!(pick(|r| r.p99_ms)));
+        figures.insert(format!("{mode}_p999_ms"), json!(pick(|r| r.p999_ms)));
+        figures.insert(format!("{mode}_rps"), json!(pick(|r| r.rps)));
+        figures.insert(format!("{mode}_client_requests"), json!(sent));
+        figures.insert(format!("{mode}_upstream_requests"), json!(served));
+        figures.insert(
+            format!("{mode}_extra_load_pct"),
+            json!(round3((served as f64 / sent.max(1) as f64 - 1.0) * 100.0)),
+        );
+    }
+    for mode in ["fixed", "adaptive"] {
+        let delay = envoy
+            .stat(&format!("wasmcustom.{mode}.hedge.all.delay_ms"))
+            .await?;
+        figures.insert(format!("{mode}_delay_ms_at_end"), json!(delay));
+    }
+    figures.insert(
+        "duration_s".into(),
+        json!(ROUNDS as u64 * SECONDS * modes.len() as u64),
+    );
+    figures.insert("connections".into(), json!(CONNECTIONS));
+    figures.insert("rounds".into(), json!(ROUNDS));
+    figures.insert("aggregation".into(), json!("median of rounds"));
+    figures.insert(
+        "upstream".into(),
+        json!("5% of requests 300 ms, the rest 5 ms"),
+    );
+    figures.insert(
+        "modes".into(),
+        json!({
+            "none": "no hedging",
+            "native": "Envoy retry_policy per_try_timeout 40 ms + hedge_on_per_try_timeout",
+            "fixed": "Understudy, fixed 40 ms, budget 10% + 1/s",
+            "adaptive": "Understudy, p90 of recent latency within 10..200 ms, budget 10% + 1/s"
+        }),
+    );
+    Ok(Value::Object(figures))
 }
 
 #[cfg(test)]

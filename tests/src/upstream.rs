@@ -4,7 +4,8 @@
 //! Every answer carries `x-upstream-version` (its label). Its behaviour can
 //! be set at start or at run time through `PUT /_upstream/behavior`:
 //! a latency distribution, an error rate, and a JSON body. It counts requests
-//! and remembers the headers of the most recent ones (`GET /_upstream/stats`).
+//! (`GET /_upstream/count`) and remembers the headers of the most recent ones
+//! (`GET /_upstream/stats`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -151,6 +152,12 @@ pub fn router(state: Arc<Upstream>) -> Router {
         .route(
             "/_upstream/stats",
             get(|State(s): State<Arc<Upstream>>| async move { Json(s.stats()) }),
+        )
+        .route(
+            "/_upstream/count",
+            get(|State(s): State<Arc<Upstream>>| async move {
+                Json(serde_json::json!({"requests": s.requests()}))
+            }),
         )
         .route(
             "/_upstream/behavior",

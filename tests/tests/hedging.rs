@@ -415,3 +415,40 @@ async fn a_failed_primary_waits_for_the_hedge() -> Result<()> {
     tables_drain(&stack).await?;
     Ok(())
 }
+
+/// The adaptive delay starts at `initial_ms` and then follows the configured
+/// percentile of observed latency, shown in the `delay_ms` gauge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adaptive_delay_follows_observed_latency() -> Result<()> {
+    let stack = Stack::start().await?;
+    stack.stable.state.set_behavior(slow(100.0, 30, 0))?;
+    stack
+        .put_filter_config(hedge_config(json!({
+            "cluster": "demo-stable",
+            "delay": {"adaptive": {"percentile": 50, "initial_ms": 400, "min_ms": 5, "max_ms": 1000, "min_samples": 10, "window_s": 30}},
+            "budget": {"percent": 0, "per_second_floor": 0}
+        })))
+        .await?;
+    let tally = traffic::send(&stack.url, 80, 4).await;
+    assert_eq!(tally.failures(), 0);
+    let delay = wait::until(
+        "the delay gauge to follow the latency",
+        Duration::from_secs(5),
+        || async {
+            let d = stack.envoy.stat(&stat("all", "delay_ms")).await?;
+            Ok(d.filter(|d| *d < 400))
+        },
+    )
+    .await?;
+    assert!(
+        (25..=100).contains(&delay),
+        "p50 of ~30 ms latencies, got {delay} ms"
+    );
+    assert_eq!(
+        counter(&stack, &stat("all", "sent")).await?,
+        0,
+        "no budget, no hedges"
+    );
+    tables_drain(&stack).await?;
+    Ok(())
+}
