@@ -108,6 +108,18 @@ async fn hedging_cuts_the_slow_tail_within_budget() -> Result<()> {
     );
     let wins = counter(&stack, &stat("all", "hedge_wins")).await?;
     assert!(wins > 0, "some hedges should win against a 300 ms primary");
+    // A winning hedge ends the stream, and Envoy resets the primary's upstream
+    // request (on HTTP/1.1: closes its connection with the request active).
+    let resets = counter(
+        &stack,
+        "cluster.demo-stable.upstream_cx_destroy_local_with_active_rq",
+    )
+    .await?;
+    eprintln!("hedges sent {sent}, won {wins}, primaries reset {resets}");
+    assert!(
+        resets >= wins,
+        "{resets} upstream resets for {wins} hedge wins"
+    );
 
     // The same key on both attempts; the hedge is marked.
     let seen = stack.stable.state.seen();
