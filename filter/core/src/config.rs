@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dedupe::{DedupeConfig, RawDedupeConfig};
 use crate::hedge::{HedgeConfig, RawHedgeConfig};
+use crate::ratelimit::{RateLimitConfig, RawRateLimitConfig};
 
 /// Routes are matched linearly on every request; the cap keeps that bounded.
 pub const MAX_ROUTES: usize = 256;
@@ -29,6 +30,9 @@ pub struct RawFilterConfig {
     /// Routes the filter knows by name, matched in order by path prefix.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RawRoute>,
+    /// Adaptive per-tenant rate limits for every request (see [`crate::ratelimit`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RawRateLimitConfig>,
 }
 
 /// One route as written.
@@ -88,6 +92,7 @@ pub enum ConfigError {
 pub struct FilterConfig {
     stat_prefix: String,
     routes: Vec<Route>,
+    rate_limit: Option<RateLimitConfig>,
 }
 
 /// A validated route.
@@ -124,6 +129,10 @@ impl FilterConfig {
 
     pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+
+    pub fn rate_limit(&self) -> Option<&RateLimitConfig> {
+        self.rate_limit.as_ref()
     }
 
     /// The first route (in configured order, as Envoy does) whose prefix matches `path`.
@@ -177,9 +186,14 @@ impl TryFrom<RawFilterConfig> for FilterConfig {
                 dedupe,
             });
         }
+        let rate_limit = raw
+            .rate_limit
+            .map(|r| RateLimitConfig::from_raw(r, "rate_limit"))
+            .transpose()?;
         Ok(Self {
             stat_prefix,
             routes,
+            rate_limit,
         })
     }
 }
@@ -311,6 +325,7 @@ mod tests {
         fn valid_names_round_trip(names in proptest::collection::btree_set("[a-z0-9_-]{1,20}", 0..8)) {
             let raw = RawFilterConfig {
                 stat_prefix: None,
+                rate_limit: None,
                 routes: names.iter().map(|n| RawRoute { name: n.clone(), path_prefix: format!("/{n}"), hedge: None, dedupe: None }).collect(),
             };
             let json = serde_json::to_vec(&raw).unwrap();

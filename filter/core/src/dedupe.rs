@@ -186,7 +186,7 @@ pub fn validate_key(key: &str) -> Result<(), &'static str> {
 /// so that no two different part lists hash the same input bytes
 /// (`("a", "bc")` vs `("ab", "c")`). The tag keeps the slot hash and the
 /// fingerprint independent.
-fn framed_sha256(domain: &str, parts: &[&[u8]]) -> [u8; 32] {
+pub(crate) fn framed_sha256(domain: &str, parts: &[&[u8]]) -> [u8; 32] {
     let mut hasher = Sha256::new();
     for part in std::iter::once(domain.as_bytes()).chain(parts.iter().copied()) {
         hasher.update((part.len() as u64).to_be_bytes());

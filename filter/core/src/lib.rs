@@ -11,12 +11,15 @@
 //! - [`dedupe`]: suppressing duplicate requests by `Idempotency-Key`.
 //! - [`hedge`]: hedged requests: eligibility, adaptive delay, budget, and the
 //!   per-worker stream table as a state machine.
+//! - [`ratelimit`]: adaptive per-tenant rate limits: identity, tiers, buckets,
+//!   AIMD adaptation, the bounded tenant table, IETF RateLimit headers.
 //! - [`stats`]: the names of the metrics the filter defines, shared with the
 //!   tests and the control plane so nobody spells them twice.
 
 pub mod config;
 pub mod dedupe;
 pub mod hedge;
+pub mod ratelimit;
 pub mod stats;
 
 pub use config::{ConfigError, FilterConfig};

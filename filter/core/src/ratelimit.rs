@@ -1,0 +1,922 @@
+//! Adaptive per-tenant rate limits: who the tenant is, how many requests it
+//! may send now, and how its limit moves with its behaviour.
+//!
+//! - [`RateLimitConfig`]: identity sources, tiers and per-tenant overrides.
+//! - [`identify`]: the tenant of a request (header, hashed API key, or an
+//!   unverified JWT claim) and its tier.
+//! - [`TenantState`]: one tenant's bucket and adaptive limit, stored in
+//!   proxy-wasm shared data so every worker of an Envoy enforces one limit.
+//! - [`admit`] / [`Bucket::take`]: the admission decisions.
+//! - [`TenantState::observe`]: the AIMD step after each upstream answer.
+//! - [`headers_for`]: `Retry-After`, `RateLimit-Policy` and `RateLimit`.
+//!
+//! # The adaptive limit
+//! Each tenant's effective rate `r` starts at its tier's `initial`. After each
+//! upstream answer, exponentially weighted averages are updated:
+//! `success ← (1−α)·success + α·[status < 500]` and
+//! `latency ← (1−α)·latency + α·latency_ms`. At most once per `adjust_ms`
+//! (and only if the tenant sent traffic since), the rate moves:
+//! - if `success ≥ success_target` and `latency ≤ latency_target_ms`:
+//!   `r ← min(max, r + increase)` (additive increase);
+//! - otherwise: `r ← max(min, r × decrease)` (multiplicative decrease).
+//!
+//! # The table
+//! Shared data cannot delete or expire keys, so tenants live in a bounded
+//! table of `max_tenants` slots. A tenant may sit in one of two slots (two
+//! hashes); a new tenant takes a free one, else evicts the one seen least
+//! recently. An evicted tenant comes back at `initial`.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+use crate::dedupe::framed_sha256;
+
+pub const ANONYMOUS: &str = "anonymous";
+
+// === config ===
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimitConfig {
+    pub identity: RawIdentity,
+    pub tiers: BTreeMap<String, RawTier>,
+    /// Tier of a tenant that is identified but not listed in `tenants`.
+    pub default_tier: String,
+    /// Per-tenant overrides (the control plane pushes these).
+    pub tenants: BTreeMap<String, RawTenant>,
+    /// Count would-be rejections without rejecting (to try new limits safely).
+    pub shadow: bool,
+    pub max_tenants: u32,
+    pub adjust_ms: u64,
+    /// Also send `RateLimit` on allowed responses.
+    pub headers_on_allowed: bool,
+}
+
+impl Default for RawRateLimitConfig {
+    fn default() -> Self {
+        Self {
+            identity: RawIdentity::default(),
+            tiers: BTreeMap::new(),
+            default_tier: "standard".to_owned(),
+            tenants: BTreeMap::new(),
+            shadow: false,
+            max_tenants: 10_000,
+            adjust_ms: 1_000,
+            headers_on_allowed: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIdentity {
+    /// A header naming the tenant, e.g. `x-tenant-id`.
+    pub header: Option<String>,
+    /// A header carrying an API key; the tenant is a hash of it (never logged in clear).
+    pub api_key_header: Option<String>,
+    /// A claim of the `Authorization: Bearer` JWT. Read, not verified: put
+    /// Envoy's `jwt_authn` filter before this one to verify it.
+    pub jwt_claim: Option<String>,
+}
+
+impl Default for RawIdentity {
+    fn default() -> Self {
+        Self {
+            header: Some("x-tenant-id".to_owned()),
+            api_key_header: None,
+            jwt_claim: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    /// Requests per second a tenant never seen before starts with.
+    pub initial: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Bucket size, in seconds of the tenant's current rate (≥ 1 request).
+    #[serde(default = "one")]
+    pub burst_s: f64,
+    /// Capacity of the whole tier (all its tenants together), requests per
+    /// second; `None` means only per-tenant limits apply.
+    #[serde(default)]
+    pub pool_rate: Option<f64>,
+    #[serde(default = "success_target")]
+    pub success_target: f64,
+    #[serde(default = "latency_target")]
+    pub latency_target_ms: f64,
+    /// Requests per second added per adjustment while the tenant behaves.
+    #[serde(default = "one")]
+    pub increase: f64,
+    /// Factor applied per adjustment when errors or latency rise.
+    #[serde(default = "half")]
+    pub decrease: f64,
+    /// EWMA weight of each new observation.
+    #[serde(default = "alpha")]
+    pub ewma_alpha: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn half() -> f64 {
+    0.5
+}
+fn alpha() -> f64 {
+    0.1
+}
+fn success_target() -> f64 {
+    0.95
+}
+fn latency_target() -> f64 {
+    1_000.0
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// A fixed limit for this tenant, bypassing adaptation.
+    #[serde(default)]
+    pub rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tier {
+    pub name: String,
+    pub initial: f64,
+    pub min: f64,
+    pub max: f64,
+    pub burst_s: f64,
+    pub pool_rate: Option<f64>,
+    pub success_target: f64,
+    pub latency_target_ms: f64,
+    pub increase: f64,
+    pub decrease: f64,
+    pub ewma_alpha: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitConfig {
+    pub header: Option<String>,
+    pub api_key_header: Option<String>,
+    pub jwt_claim: Option<String>,
+    pub tiers: Vec<Tier>,
+    default_tier: usize,
+    anonymous_tier: usize,
+    /// tenant → (tier index, fixed rate)
+    tenants: BTreeMap<String, (usize, Option<f64>)>,
+    pub shadow: bool,
+    pub max_tenants: u32,
+    pub adjust_us: u64,
+    pub headers_on_allowed: bool,
+}
+
+impl RateLimitConfig {
+    /// Validates `raw`; `field` is its place in the document (`rate_limit`).
+    pub fn from_raw(raw: RawRateLimitConfig, field: &str) -> Result<Self, ConfigError> {
+        let invalid = |what: String, reason: String| ConfigError::Invalid {
+            field: format!("{field}.{what}"),
+            reason,
+        };
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        if !raw.tiers.contains_key(ANONYMOUS) {
+            return Err(invalid(
+                "tiers".into(),
+                format!("a tier named {ANONYMOUS:?} is required for requests without a tenant"),
+            ));
+        }
+        let mut tiers = Vec::new();
+        for (name, t) in &raw.tiers {
+            crate::config::validate_name(&format!("{field}.tiers.{name}"), name)?;
+            let f = |what: &str| format!("tiers.{name}.{what}");
+            for (what, v) in [
+                ("initial", t.initial),
+                ("min", t.min),
+                ("max", t.max),
+                ("burst_s", t.burst_s),
+                ("increase", t.increase),
+            ] {
+                if !positive(v) {
+                    return Err(invalid(f(what), format!("must be a rate above 0, got {v}")));
+                }
+            }
+            if t.min > t.max {
+                return Err(invalid(
+                    f("min"),
+                    format!("min ({}) is above max ({})", t.min, t.max),
+                ));
+            }
+            if !(t.min..=t.max).contains(&t.initial) {
+                return Err(invalid(
+                    f("initial"),
+                    format!(
+                        "{} is outside [min, max] = [{}, {}]",
+                        t.initial, t.min, t.max
+                    ),
+                ));
+            }
+            if let Some(p) = t.pool_rate
+                && !positive(p)
+            {
+                return Err(invalid(f("pool_rate"), format!("must be above 0, got {p}")));
+            }
+            if !(t.decrease > 0.0 && t.decrease < 1.0) {
+                return Err(invalid(
+                    f("decrease"),
+                    format!("must be in (0, 1), got {}", t.decrease),
+                ));
+            }
+            if !(t.ewma_alpha > 0.0 && t.ewma_alpha <= 1.0) {
+                return Err(invalid(
+                    f("ewma_alpha"),
+                    format!("must be in (0, 1], got {}", t.ewma_alpha),
+                ));
+            }
+            if !(0.0..=1.0).contains(&t.success_target) {
+                return Err(invalid(
+                    f("success_target"),
+                    format!("must be in [0, 1], got {}", t.success_target),
+                ));
+            }
+            if !positive(t.latency_target_ms) {
+                return Err(invalid(
+                    f("latency_target_ms"),
+                    format!("must be above 0, got {}", t.latency_target_ms),
+                ));
+            }
+            tiers.push(Tier {
+                name: name.clone(),
+                initial: t.initial,
+                min: t.min,
+                max: t.max,
+                burst_s: t.burst_s,
+                pool_rate: t.pool_rate,
+                success_target: t.success_target,
+                latency_target_ms: t.latency_target_ms,
+                increase: t.increase,
+                decrease: t.decrease,
+                ewma_alpha: t.ewma_alpha,
+            });
+        }
+        let index = |name: &str| tiers.iter().position(|t| t.name == name);
+        let default_tier = index(&raw.default_tier).ok_or_else(|| {
+            invalid(
+                "default_tier".into(),
+                format!("unknown tier {:?}", raw.default_tier),
+            )
+        })?;
+        let anonymous_tier = index(ANONYMOUS).unwrap_or(default_tier);
+        let mut tenants = BTreeMap::new();
+        for (id, t) in raw.tenants {
+            let tier = match &t.tier {
+                Some(name) => index(name).ok_or_else(|| {
+                    invalid(
+                        format!("tenants.{id}.tier"),
+                        format!("unknown tier {name:?}"),
+                    )
+                })?,
+                None => default_tier,
+            };
+            if let Some(r) = t.rate
+                && !positive(r)
+            {
+                return Err(invalid(
+                    format!("tenants.{id}.rate"),
+                    format!("must be a rate above 0, got {r}"),
+                ));
+            }
+            tenants.insert(id, (tier, t.rate));
+        }
+        if raw.max_tenants == 0 || raw.max_tenants > 1_000_000 {
+            return Err(invalid(
+                "max_tenants".into(),
+                format!("must be within 1..=1000000, got {}", raw.max_tenants),
+            ));
+        }
+        if raw.adjust_ms == 0 {
+            return Err(invalid("adjust_ms".into(), "must be at least 1".into()));
+        }
+        let identity = raw.identity;
+        if identity.header.is_none()
+            && identity.api_key_header.is_none()
+            && identity.jwt_claim.is_none()
+        {
+            return Err(invalid(
+                "identity".into(),
+                "at least one of header, api_key_header, jwt_claim is needed".into(),
+            ));
+        }
+        Ok(Self {
+            header: identity.header.map(|h| h.to_ascii_lowercase()),
+            api_key_header: identity.api_key_header.map(|h| h.to_ascii_lowercase()),
+            jwt_claim: identity.jwt_claim,
+            tiers,
+            default_tier,
+            anonymous_tier,
+            tenants,
+            shadow: raw.shadow,
+            max_tenants: raw.max_tenants,
+            adjust_us: raw.adjust_ms.saturating_mul(1000),
+            headers_on_allowed: raw.headers_on_allowed,
+        })
+    }
+
+    pub fn tier(&self, i: usize) -> Option<&Tier> {
+        self.tiers.get(i)
+    }
+}
+
+// === identity ===
+
+/// Who sent a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: String,
+    /// Index into [`RateLimitConfig::tiers`].
+    pub tier: usize,
+    /// A fixed rate from an override, if any.
+    fixed_rate: Option<FixedRate>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct FixedRate(f64);
+impl Eq for FixedRate {}
+
+/// The request values identity may come from.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityInput<'a> {
+    pub header: Option<&'a str>,
+    pub api_key: Option<&'a str>,
+    pub authorization: Option<&'a str>,
+}
+
+/// The tenant of a request: the first configured source that yields one, in
+/// the order header, API key (hashed), JWT claim; otherwise `anonymous`.
+pub fn identify(cfg: &RateLimitConfig, input: &IdentityInput<'_>) -> Tenant {
+    let id = input
+        .header
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .or_else(|| input.api_key.filter(|k| !k.is_empty()).map(hash_api_key))
+        .or_else(|| {
+            let claim = cfg.jwt_claim.as_deref()?;
+            jwt_claim(input.authorization?, claim)
+        });
+    let Some(id) = id else {
+        return Tenant {
+            id: ANONYMOUS.to_owned(),
+            tier: cfg.anonymous_tier,
+            fixed_rate: None,
+        };
+    };
+    let (tier, fixed) = cfg
+        .tenants
+        .get(&id)
+        .copied()
+        .unwrap_or((cfg.default_tier, None));
+    Tenant {
+        id,
+        tier,
+        fixed_rate: fixed.map(FixedRate),
+    }
+}
+
+/// `key:` and the first 16 hex digits of SHA-256: stable, not reversible.
+pub fn hash_api_key(key: &str) -> String {
+    let h = framed_sha256("understudy/ratelimit/api-key/v1", &[key.as_bytes()]);
+    let hex: String = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("key:{hex}")
+}
+
+/// Reads (does not verify) a claim from `Authorization: Bearer <jwt>`.
+pub fn jwt_claim(authorization: &str, claim: &str) -> Option<String> {
+    let token = authorization
+        .strip_prefix("Bearer ")
+        .or_else(|| authorization.strip_prefix("bearer "))?;
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    match json.get(claim)? {
+        serde_json::Value::String(s) if !s.is_empty() && s.len() <= 128 => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A short, stable, non-reversible form of a tenant id for the `pk` parameter.
+pub fn partition_key(tenant: &str) -> String {
+    let h = framed_sha256("understudy/ratelimit/pk/v1", &[tenant.as_bytes()]);
+    URL_SAFE_NO_PAD.encode(&h[..9])
+}
+
+// === buckets ===
+
+/// A token bucket: `tokens` at `at_us`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Bucket {
+    pub tokens: f64,
+    pub at_us: u64,
+}
+
+impl Bucket {
+    pub fn full(rate: f64, burst_s: f64, now_us: u64) -> Self {
+        Self {
+            tokens: capacity(rate, burst_s),
+            at_us: now_us,
+        }
+    }
+
+    /// Refills at `rate`/s up to `rate × burst_s` (at least one), then takes
+    /// one token if there is one. Returns whether it was taken.
+    pub fn take(&mut self, rate: f64, burst_s: f64, now_us: u64) -> bool {
+        let dt = now_us.saturating_sub(self.at_us) as f64 / 1e6;
+        self.tokens = (self.tokens + dt * rate).min(capacity(rate, burst_s));
+        self.at_us = self.at_us.max(now_us);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Seconds until one token is available at `rate` (0 if one is).
+    pub fn wait_s(&self, rate: f64) -> f64 {
+        if self.tokens >= 1.0 || rate <= 0.0 {
+            0.0
+        } else {
+            (1.0 - self.tokens) / rate
+        }
+    }
+}
+
+fn capacity(rate: f64, burst_s: f64) -> f64 {
+    (rate * burst_s).max(1.0)
+}
+
+/// One tenant, as kept in its shared-data slot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantState {
+    pub tenant: String,
+    pub tier: usize,
+    /// Current effective rate, requests per second.
+    pub rate: f64,
+    pub bucket: Bucket,
+    pub success: f64,
+    pub latency_ms: f64,
+    pub observed_since_adjust: u32,
+    pub adjusted_us: u64,
+    pub seen_us: u64,
+    pub allowed: u64,
+    pub limited: u64,
+}
+
+impl TenantState {
+    /// A tenant never seen before (or evicted): at its tier's `initial`.
+    pub fn new(tenant: &Tenant, cfg: &RateLimitConfig, now_us: u64) -> Self {
+        let tier = cfg.tier(tenant.tier);
+        let rate = tenant
+            .fixed_rate
+            .map(|f| f.0)
+            .or(tier.map(|t| t.initial))
+            .unwrap_or(1.0);
+        let burst_s = tier.map_or(1.0, |t| t.burst_s);
+        Self {
+            tenant: tenant.id.clone(),
+            tier: tenant.tier,
+            rate,
+            bucket: Bucket::full(rate, burst_s, now_us),
+            success: 1.0,
+            latency_ms: 0.0,
+            observed_since_adjust: 0,
+            adjusted_us: now_us,
+            seen_us: now_us,
+            allowed: 0,
+            limited: 0,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// One upstream answer for this tenant: update the averages and, at most
+    /// once per `adjust_us`, move the rate (AIMD). Fixed-rate tenants only average.
+    pub fn observe(
+        &mut self,
+        tenant: &Tenant,
+        cfg: &RateLimitConfig,
+        status: u16,
+        latency_ms: f64,
+        now_us: u64,
+    ) {
+        let Some(t) = cfg.tier(self.tier) else { return };
+        let ok = if status < 500 { 1.0 } else { 0.0 };
+        self.success = (1.0 - t.ewma_alpha) * self.success + t.ewma_alpha * ok;
+        self.latency_ms = (1.0 - t.ewma_alpha) * self.latency_ms + t.ewma_alpha * latency_ms;
+        self.observed_since_adjust = self.observed_since_adjust.saturating_add(1);
+        if tenant.fixed_rate.is_some() || now_us.saturating_sub(self.adjusted_us) < cfg.adjust_us {
+            return;
+        }
+        let healthy = self.success >= t.success_target && self.latency_ms <= t.latency_target_ms;
+        self.rate = if healthy {
+            (self.rate + t.increase).min(t.max)
+        } else {
+            (self.rate * t.decrease).max(t.min)
+        };
+        self.adjusted_us = now_us;
+        self.observed_since_adjust = 0;
+    }
+}
+
+/// What a request's admission decided.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Admission {
+    pub allowed: bool,
+    /// Seconds until the tenant has a token again (for `Retry-After`).
+    pub retry_after_s: f64,
+    /// The tenant's current limit (requests per second) and tokens left.
+    pub rate: f64,
+    pub remaining: f64,
+}
+
+/// Takes a token from the tenant's bucket at its current rate.
+pub fn admit(state: &mut TenantState, cfg: &RateLimitConfig, now_us: u64) -> Admission {
+    let burst_s = cfg.tier(state.tier).map_or(1.0, |t| t.burst_s);
+    let allowed = state.bucket.take(state.rate, burst_s, now_us);
+    state.seen_us = now_us;
+    if allowed {
+        state.allowed += 1;
+    } else {
+        state.limited += 1;
+    }
+    Admission {
+        allowed,
+        retry_after_s: state.bucket.wait_s(state.rate),
+        rate: state.rate,
+        remaining: state.bucket.tokens.max(0.0),
+    }
+}
+
+// === the table ===
+
+/// The two slots a tenant may occupy.
+pub fn candidate_slots(tenant: &str, slots: u32) -> [u32; 2] {
+    let h = framed_sha256("understudy/ratelimit/slot/v1", &[tenant.as_bytes()]);
+    let n = u64::from(slots.max(1));
+    let a = u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) % n;
+    let b = u64::from_be_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]) % n;
+    [u32::try_from(a).unwrap_or(0), u32::try_from(b).unwrap_or(0)]
+}
+
+/// Where a tenant goes, given what its two candidate slots hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// The tenant already lives in candidate `i`.
+    Found(usize),
+    /// Candidate `i` is free.
+    Free(usize),
+    /// Both hold other tenants: evict candidate `i` (seen least recently).
+    Evict(usize),
+}
+
+pub fn place(tenant: &str, candidates: [Option<&TenantState>; 2]) -> Placement {
+    if let Some(i) = candidates
+        .iter()
+        .position(|c| c.is_some_and(|s| s.tenant == tenant))
+    {
+        return Placement::Found(i);
+    }
+    if let Some(i) = candidates.iter().position(Option::is_none) {
+        return Placement::Free(i);
+    }
+    let seen = |i: usize| candidates[i].map_or(0, |s| s.seen_us);
+    Placement::Evict(if seen(0) <= seen(1) { 0 } else { 1 })
+}
+
+// === headers ===
+
+/// Response headers for a decision: `RateLimit-Policy` and `RateLimit`
+/// (draft-ietf-httpapi-ratelimit-headers, structured fields) and, when
+/// limited, `Retry-After`. The policy's quota is the tenant's current rate
+/// per 1-second window; `pk` is a hash of the tenant, never the id itself.
+pub fn headers_for(tenant: &Tenant, a: &Admission) -> Vec<(String, String)> {
+    let pk = partition_key(&tenant.id);
+    let quota = a.rate.round().max(1.0) as u64;
+    let remaining = a.remaining.floor().max(0.0) as u64;
+    let reset = a
+        .retry_after_s
+        .ceil()
+        .max(if a.allowed { 0.0 } else { 1.0 }) as u64;
+    let mut h = vec![
+        (
+            "ratelimit-policy".to_owned(),
+            format!("\"tenant\";q={quota};w=1;pk=:{pk}:"),
+        ),
+        (
+            "ratelimit".to_owned(),
+            format!("\"tenant\";r={remaining};t={reset};pk=:{pk}:"),
+        ),
+    ];
+    if !a.allowed {
+        h.push(("retry-after".to_owned(), reset.to_string()));
+    }
+    h
+}
+
+/// The JSON body of a 429.
+pub fn limited_body(tenant: &Tenant, cfg: &RateLimitConfig, a: &Admission) -> String {
+    let tier = cfg.tier(tenant.tier).map_or("unknown", |t| t.name.as_str());
+    serde_json::json!({
+        "error": "rate_limited",
+        "message": format!("tenant limit of {:.1} requests per second exceeded; retry after {} s", a.rate, a.retry_after_s.ceil().max(1.0)),
+        "tier": tier,
+        "retry_after_s": a.retry_after_s.ceil().max(1.0),
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cfg(extra: serde_json::Value) -> RateLimitConfig {
+        let mut raw = json!({
+            "tiers": {
+                "anonymous": {"initial": 5, "min": 1, "max": 10},
+                "standard": {"initial": 10, "min": 2, "max": 100, "increase": 5},
+                "partner": {"initial": 100, "min": 50, "max": 1000}
+            },
+            "tenants": {"acme": {"tier": "partner"}, "fixed": {"rate": 3}}
+        });
+        if let (Some(r), Some(e)) = (raw.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+        RateLimitConfig::from_raw(serde_json::from_value(raw).unwrap(), "rate_limit").unwrap()
+    }
+
+    fn err(raw: serde_json::Value) -> String {
+        match serde_json::from_value::<RawRateLimitConfig>(raw) {
+            Ok(r) => RateLimitConfig::from_raw(r, "rate_limit")
+                .unwrap_err()
+                .to_string(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let anon = json!({"initial": 1, "min": 1, "max": 1});
+        for (raw, needle) in [
+            (
+                json!({"tiers": {}}),
+                "a tier named \"anonymous\" is required",
+            ),
+            (
+                json!({"tiers": {"anonymous": {"initial": 5, "min": 10, "max": 1}}}),
+                "rate_limit.tiers.anonymous.min: min (10) is above max (1)",
+            ),
+            (
+                json!({"tiers": {"anonymous": {"initial": 0, "min": 0, "max": 1}}}),
+                "must be a rate above 0",
+            ),
+            (
+                json!({"tiers": {"anonymous": anon, "standard": anon}, "tenants": {"x": {"tier": "gold"}}}),
+                "rate_limit.tenants.x.tier: unknown tier \"gold\"",
+            ),
+            (
+                json!({"tiers": {"anonymous": anon}}),
+                "rate_limit.default_tier: unknown tier \"standard\"",
+            ),
+            (
+                json!({"tiers": {"anonymous": {"initial": 5, "min": 1, "max": 10, "decrease": 1.5}}, "default_tier": "anonymous"}),
+                "decrease",
+            ),
+            (
+                json!({"tiers": {"anonymous": anon}, "default_tier": "anonymous", "tenants": {"x": {"rate": -2}}}),
+                "rate_limit.tenants.x.rate",
+            ),
+        ] {
+            let e = err(raw.clone());
+            assert!(e.contains(needle), "{raw}: {e}");
+        }
+    }
+
+    #[test]
+    fn identity_precedence_and_tiers() {
+        let c = cfg(
+            json!({"identity": {"header": "x-tenant-id", "api_key_header": "x-api-key", "jwt_claim": "sub"}}),
+        );
+        let t = identify(
+            &c,
+            &IdentityInput {
+                header: Some("acme"),
+                api_key: Some("k"),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            (t.id.as_str(), c.tiers[t.tier].name.as_str()),
+            ("acme", "partner")
+        );
+        let t = identify(
+            &c,
+            &IdentityInput {
+                api_key: Some("secret-key"),
+                ..Default::default()
+            },
+        );
+        assert!(
+            t.id.starts_with("key:") && !t.id.contains("secret"),
+            "{}",
+            t.id
+        );
+        assert_eq!(c.tiers[t.tier].name, "standard");
+        let payload = URL_SAFE_NO_PAD.encode(br#"{"sub":"jwt-tenant","exp":1}"#);
+        let auth = format!("Bearer e30.{payload}.sig");
+        let t = identify(
+            &c,
+            &IdentityInput {
+                authorization: Some(&auth),
+                ..Default::default()
+            },
+        );
+        assert_eq!(t.id, "jwt-tenant");
+        let t = identify(
+            &c,
+            &IdentityInput {
+                authorization: Some("Bearer not-a-jwt"),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            (t.id.as_str(), c.tiers[t.tier].name.as_str()),
+            ("anonymous", "anonymous")
+        );
+    }
+
+    #[test]
+    fn a_bucket_admits_its_rate() {
+        let mut b = Bucket::full(10.0, 1.0, 0);
+        // 10 in the initial burst, then 10 per second.
+        let admitted = (0..1000u64)
+            .filter(|i| b.take(10.0, 1.0, i * 10_000))
+            .count();
+        assert!((108..=111).contains(&admitted), "{admitted}");
+        let mut empty = Bucket {
+            tokens: 0.25,
+            at_us: 0,
+        };
+        assert!(!empty.take(2.0, 1.0, 0));
+        assert!((empty.wait_s(2.0) - 0.375).abs() < 1e-9);
+    }
+
+    #[test]
+    fn aimd_raises_when_healthy_and_cuts_on_errors() {
+        let c = cfg(json!({}));
+        let t = identify(
+            &c,
+            &IdentityInput {
+                header: Some("new"),
+                ..Default::default()
+            },
+        );
+        let mut s = TenantState::new(&t, &c, 0);
+        assert_eq!(s.rate, 10.0, "starts at initial");
+        for sec in 1..=5u64 {
+            s.observe(&t, &c, 200, 10.0, sec * 1_000_000);
+        }
+        assert_eq!(s.rate, 35.0, "additive +5 per second");
+        for i in 0..30u64 {
+            s.observe(&t, &c, 503, 10.0, 6_000_000 + i * 100_000);
+        }
+        assert!(s.rate < 35.0 / 2.0 && s.rate >= 2.0, "{}", s.rate);
+        // Never below min.
+        for i in 0..100u64 {
+            s.observe(&t, &c, 503, 10.0, 10_000_000 + i * 1_000_000);
+        }
+        assert_eq!(s.rate, 2.0);
+        // Slow answers count against the tenant too.
+        let mut slow = TenantState::new(&t, &c, 0);
+        for sec in 1..=5u64 {
+            slow.observe(&t, &c, 200, 5_000.0, sec * 1_000_000);
+        }
+        assert!(slow.rate < 10.0, "{}", slow.rate);
+    }
+
+    #[test]
+    fn fixed_overrides_do_not_adapt() {
+        let c = cfg(json!({}));
+        let t = identify(
+            &c,
+            &IdentityInput {
+                header: Some("fixed"),
+                ..Default::default()
+            },
+        );
+        let mut s = TenantState::new(&t, &c, 0);
+        for sec in 1..=5u64 {
+            s.observe(&t, &c, 200, 1.0, sec * 1_000_000);
+        }
+        assert_eq!(s.rate, 3.0);
+    }
+
+    #[test]
+    fn placement_prefers_the_tenant_then_free_then_least_recent() {
+        let c = cfg(json!({}));
+        let mk = |id: &str, seen: u64| {
+            let mut s = TenantState::new(
+                &identify(
+                    &c,
+                    &IdentityInput {
+                        header: Some(id),
+                        ..Default::default()
+                    },
+                ),
+                &c,
+                0,
+            );
+            s.seen_us = seen;
+            s
+        };
+        let (a, b) = (mk("a", 5), mk("b", 9));
+        assert_eq!(place("b", [Some(&a), Some(&b)]), Placement::Found(1));
+        assert_eq!(place("c", [Some(&a), None]), Placement::Free(1));
+        assert_eq!(place("c", [Some(&a), Some(&b)]), Placement::Evict(0));
+    }
+
+    #[test]
+    fn headers_parse_as_structured_fields() {
+        let c = cfg(json!({}));
+        let t = identify(
+            &c,
+            &IdentityInput {
+                header: Some("acme"),
+                ..Default::default()
+            },
+        );
+        let a = Admission {
+            allowed: false,
+            retry_after_s: 0.3,
+            rate: 100.0,
+            remaining: 0.2,
+        };
+        let h: BTreeMap<_, _> = headers_for(&t, &a).into_iter().collect();
+        assert_eq!(h["retry-after"], "1");
+        assert!(h["ratelimit-policy"].starts_with("\"tenant\";q=100;w=1;pk=:"));
+        assert!(h["ratelimit"].starts_with("\"tenant\";r=0;t=1;pk=:"));
+        assert!(!h["ratelimit"].contains("acme"));
+        let body: serde_json::Value = serde_json::from_str(&limited_body(&t, &c, &a)).unwrap();
+        assert_eq!(body["tier"], "partner");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn state_round_trips_and_garbage_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), rate in 0.1f64..1e6) {
+            let _ = TenantState::decode(&bytes);
+            let c = cfg(json!({}));
+            let t = identify(&c, &IdentityInput { header: Some("p"), ..Default::default() });
+            let mut s = TenantState::new(&t, &c, 7);
+            s.rate = rate;
+            let back = TenantState::decode(&s.encode());
+            proptest::prop_assert!(back.is_some());
+            let back = back.unwrap_or_else(|| s.clone());
+            // JSON keeps rates to within float printing precision.
+            proptest::prop_assert!((back.rate - rate).abs() <= rate * 1e-12);
+            proptest::prop_assert_eq!(back.tenant, s.tenant);
+            proptest::prop_assert_eq!(back.bucket.at_us, s.bucket.at_us);
+        }
+
+        #[test]
+        fn the_rate_stays_within_its_tier(statuses in proptest::collection::vec(proptest::prelude::any::<bool>(), 1..300)) {
+            let c = cfg(json!({}));
+            let t = identify(&c, &IdentityInput { header: Some("p"), ..Default::default() });
+            let mut s = TenantState::new(&t, &c, 0);
+            for (i, ok) in statuses.iter().enumerate() {
+                s.observe(&t, &c, if *ok { 200 } else { 500 }, 5.0, i as u64 * 400_000);
+                proptest::prop_assert!(s.rate >= 2.0 && s.rate <= 100.0, "{}", s.rate);
+            }
+        }
+
+        #[test]
+        fn slots_are_in_range(id in ".{0,40}", n in 1u32..100_000) {
+            for s in candidate_slots(&id, n) {
+                proptest::prop_assert!(s < n);
+            }
+        }
+    }
+}
