@@ -50,6 +50,29 @@ pub fn set_request_header(name: &str, value: &str) {
     }
 }
 
+pub fn add_response_header(name: &str, value: &str) {
+    if let Err(status) = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value) {
+        log(
+            LogLevel::Warn,
+            &format!("understudy: adding header {name} failed: {status:?}"),
+        );
+    }
+}
+
+/// A local reply from the stream's own context.
+pub fn reply(status: u32, headers: &[(String, String)], body: &[u8]) {
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    if let Err(s) = hostcalls::send_http_response(status, headers, Some(body)) {
+        log(
+            LogLevel::Warn,
+            &format!("understudy: local reply {status} failed: {s:?}"),
+        );
+    }
+}
+
 pub fn headers(map: MapType) -> Vec<(String, String)> {
     hostcalls::get_map(map).unwrap_or_default()
 }

@@ -10,6 +10,7 @@
 //! - [`host`]: host-call wrappers that handle every `Status`.
 //! - [`hedging`]: hedged requests (per-worker table, `on_tick`, hedge replies).
 //! - [`dedupe`]: inbound duplicate suppression by Idempotency-Key (shared data).
+//! - [`ratelimit`]: adaptive per-tenant rate limits (shared data with CAS).
 //!
 //! One VM runs per Envoy worker thread; its root context and HTTP contexts
 //! share a [`Worker`] through `Rc<RefCell<..>>`. Every borrow is a
@@ -26,6 +27,7 @@
 pub mod dedupe;
 pub mod hedging;
 pub mod host;
+pub mod ratelimit;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -38,6 +40,7 @@ use understudy_core::{FilterConfig, stats};
 use crate::dedupe::{Dedupe, DedupeStream, Start};
 use crate::hedging::Hedging;
 use crate::host::log;
+use crate::ratelimit::{Admitted, Limiter, Verdict};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -56,6 +59,7 @@ pub struct Worker {
     route_requests: Vec<u32>,
     hedging: Option<Hedging>,
     dedupe: Option<Dedupe>,
+    limiter: Option<Limiter>,
 }
 
 type Shared = Rc<RefCell<Worker>>;
@@ -75,7 +79,9 @@ impl Worker {
             .collect::<Result<Vec<_>, _>>()?;
         let hedging = Hedging::new(&config)?;
         let dedupe = Dedupe::new(&config)?;
+        let limiter = Limiter::new(&config)?;
         Ok(Self {
+            limiter,
             config,
             requests_total,
             route_requests,
@@ -178,6 +184,7 @@ impl RootContext for Root {
             worker: self.worker.clone(),
             hedged: false,
             dedupe: None,
+            admitted: None,
         }))
     }
 
@@ -194,6 +201,8 @@ pub struct Http {
     hedged: bool,
     /// Taking part in duplicate suppression.
     dedupe: Option<Box<DedupeStream>>,
+    /// Admitted by the rate limiter: its answer adapts the tenant's limit.
+    admitted: Option<Box<Admitted>>,
 }
 
 impl Http {
@@ -210,9 +219,21 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // Rate limits first: a rejected request does no other work.
+        let verdict = self.with(None, |w| {
+            host::increment(w.requests_total, 1);
+            w.limiter.as_ref().map(|l| l.on_request(host::now_us()))
+        });
+        match verdict {
+            Some(Verdict::Reject { headers, body }) => {
+                host::reply(429, &headers, body.as_bytes());
+                return Action::Pause;
+            }
+            Some(Verdict::Allow(admitted)) => self.admitted = Some(admitted),
+            None => {}
+        }
         let id = self.id;
         let (hedged, dedupe) = self.with((false, Start::NotInvolved), |w| {
-            host::increment(w.requests_total, 1);
             let path = host::request_header(":path");
             let Some(route) = path.and_then(|p| w.config.match_route(&p)) else {
                 return (false, Start::NotInvolved);
@@ -277,6 +298,19 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if let Some(admitted) = self.admitted.take() {
+            let status = host::response_header(":status")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            self.with((), |w| {
+                if let Some(l) = w.limiter.as_ref() {
+                    l.on_response(&admitted, status, host::now_us());
+                }
+            });
+            for (k, v) in admitted.headers.iter().flatten() {
+                host::add_response_header(k, v);
+            }
+        }
         let id = self.id;
         let hedged = self.hedged;
         let mut dedupe = self.dedupe.take();

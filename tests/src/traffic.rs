@@ -151,3 +151,58 @@ impl Load {
         read(&self.tally)
     }
 }
+
+/// One answer, with the headers a test may need to read.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// 0 when the request got no HTTP answer.
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Open-loop load: `rps` requests per second for `duration`, each started on
+/// schedule whatever the previous ones are doing, with `headers` on each.
+pub async fn paced(
+    url: &str,
+    rps: f64,
+    duration: Duration,
+    headers: &[(&str, &str)],
+) -> Vec<Answer> {
+    let http = client();
+    let total = (rps * duration.as_secs_f64()).round() as usize;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rps));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::with_capacity(total);
+    for _ in 0..total {
+        ticker.tick().await;
+        let mut req = http.get(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        tasks.push(tokio::spawn(async move {
+            match req.send().await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let headers = r
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+                        .collect();
+                    let _ = r.bytes().await;
+                    Answer { status, headers }
+                }
+                Err(_) => Answer {
+                    status: 0,
+                    headers: BTreeMap::new(),
+                },
+            }
+        }));
+    }
+    let mut out = Vec::with_capacity(total);
+    for t in tasks {
+        if let Ok(a) = t.await {
+            out.push(a);
+        }
+    }
+    out
+}

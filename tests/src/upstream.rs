@@ -50,6 +50,8 @@ pub struct Behavior {
     pub error_rate: f64,
     /// Status for errors; 503 when unset.
     pub error_status: Option<u16>,
+    /// When set, errors apply only to requests whose header `name` equals `value`.
+    pub error_only_for: Option<HeaderMatch>,
     /// Body for successful answers; by default `{"version": ..., "path": ...}`.
     pub body: Option<serde_json::Value>,
 }
@@ -83,6 +85,13 @@ impl Behavior {
         }
         Duration::from_millis(self.default_ms)
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: String,
 }
 
 /// One request as the upstream saw it.
@@ -214,7 +223,10 @@ async fn serve(
         tokio::time::sleep(delay).await;
     }
     let version = [(VERSION_HEADER, s.version.clone())];
-    if error_roll < behavior.error_rate {
+    let targeted = behavior.error_only_for.as_ref().is_none_or(|m| {
+        headers.get(m.name.as_str()).and_then(|v| v.to_str().ok()) == Some(m.value.as_str())
+    });
+    if targeted && error_roll < behavior.error_rate {
         let status = behavior
             .error_status
             .and_then(|c| StatusCode::from_u16(c).ok())

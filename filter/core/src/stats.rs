@@ -33,6 +33,12 @@ pub fn dedupe(config: &FilterConfig, route: &str, what: &str) -> String {
     format!("{}.dedupe.{route}.{what}", config.stat_prefix())
 }
 
+/// A rate-limit stat: `<tier>.allowed`, `<tier>.limited`,
+/// `<tier>.shadow_limited`, `tenants` (gauge: slots in use), `evictions`.
+pub fn ratelimit(config: &FilterConfig, what: &str) -> String {
+    format!("{}.ratelimit.{what}", config.stat_prefix())
+}
+
 /// The full name as it appears in Envoy's `/stats`.
 pub fn in_envoy(name: &str) -> String {
     format!("{ENVOY_NAMESPACE}.{name}")

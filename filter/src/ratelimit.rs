@@ -1,0 +1,267 @@
+//! Rate-limit glue: carries out [`understudy_core::ratelimit`] decisions
+//! against proxy-wasm shared data, so one limit holds for the whole Envoy
+//! process rather than per worker.
+//!
+//! Why shared data with compare-and-swap rather than per-worker shares: a
+//! tenant's requests land on whichever worker its connection is on, often all
+//! on one. Fixed per-worker shares (rate ÷ workers) would then admit only half
+//! its rate on a 2-worker Envoy, and rebalancing them from the root context
+//! lags by a tick. A CAS on one small slot per request is exact at process
+//! level; its cost (a process-wide lock around a few hundred bytes) is what
+//! the `rate_limit` benchmark's `limiter_overhead_ratio` measures.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{LogLevel, MetricType, Status};
+use understudy_core::ratelimit::{
+    self, Admission, Bucket, IdentityInput, Placement, RateLimitConfig, Tenant, TenantState,
+};
+use understudy_core::{FilterConfig, stats};
+
+use crate::host;
+
+/// Attempts of a read-modify-CAS before giving up on exactness (and allowing).
+const CAS_RETRIES: usize = 8;
+
+struct TierMetrics {
+    allowed: u32,
+    limited: u32,
+    shadow_limited: u32,
+}
+
+pub struct Limiter {
+    cfg: RateLimitConfig,
+    prefix: String,
+    tiers: Vec<TierMetrics>,
+    tenants: u32,
+    evictions: u32,
+}
+
+/// A request the limiter admitted: its answer feeds the tenant's adaptive limit.
+pub struct Admitted {
+    tenant: Tenant,
+    started_us: u64,
+    /// `RateLimit` headers to add to the response, when configured.
+    pub headers: Option<Vec<(String, String)>>,
+}
+
+/// What to do with a request.
+pub enum Verdict {
+    Allow(Box<Admitted>),
+    /// Answer 429 with these headers and body.
+    Reject {
+        headers: Vec<(String, String)>,
+        body: String,
+    },
+}
+
+struct Slot {
+    key: String,
+    state: Option<TenantState>,
+    cas: Option<u32>,
+}
+
+fn read_slot(key: String) -> Result<Slot, Status> {
+    let (bytes, cas) = hostcalls::get_shared_data(&key)?;
+    let state = bytes.as_deref().and_then(TenantState::decode);
+    Ok(Slot { key, state, cas })
+}
+
+impl Limiter {
+    pub fn new(config: &FilterConfig) -> Result<Option<Self>, String> {
+        let Some(cfg) = config.rate_limit().cloned() else {
+            return Ok(None);
+        };
+        let counter = |name: String| host::define(MetricType::Counter, &name);
+        let tiers = cfg
+            .tiers
+            .iter()
+            .map(|t| {
+                Ok(TierMetrics {
+                    allowed: counter(stats::ratelimit(config, &format!("{}.allowed", t.name)))?,
+                    limited: counter(stats::ratelimit(config, &format!("{}.limited", t.name)))?,
+                    shadow_limited: counter(stats::ratelimit(
+                        config,
+                        &format!("{}.shadow_limited", t.name),
+                    ))?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Some(Self {
+            prefix: format!("{}/ratelimit", config.stat_prefix()),
+            tenants: host::define(MetricType::Gauge, &stats::ratelimit(config, "tenants"))?,
+            evictions: counter(stats::ratelimit(config, "evictions"))?,
+            tiers,
+            cfg,
+        }))
+    }
+
+    fn slot_keys(&self, tenant: &str) -> [String; 2] {
+        ratelimit::candidate_slots(tenant, self.cfg.max_tenants)
+            .map(|s| format!("{}/t/{s}", self.prefix))
+    }
+
+    /// Decides whether this request may go on.
+    pub fn on_request(&self, now_us: u64) -> Verdict {
+        let header = self.cfg.header.as_deref().and_then(host::request_header);
+        let api_key = self
+            .cfg
+            .api_key_header
+            .as_deref()
+            .and_then(host::request_header);
+        let authorization = self
+            .cfg
+            .jwt_claim
+            .as_ref()
+            .and_then(|_| host::request_header("authorization"));
+        let tenant = ratelimit::identify(
+            &self.cfg,
+            &IdentityInput {
+                header: header.as_deref(),
+                api_key: api_key.as_deref(),
+                authorization: authorization.as_deref(),
+            },
+        );
+        let admission = self.admit(&tenant, now_us);
+        let metrics = self.tiers.get(tenant.tier);
+        let Some(a) = admission else {
+            // Shared data failed: never block traffic on our own fault.
+            return Verdict::Allow(Box::new(Admitted {
+                tenant,
+                started_us: now_us,
+                headers: None,
+            }));
+        };
+        if a.allowed {
+            if let Some(m) = metrics {
+                host::increment(m.allowed, 1);
+            }
+            let headers = self
+                .cfg
+                .headers_on_allowed
+                .then(|| ratelimit::headers_for(&tenant, &a));
+            return Verdict::Allow(Box::new(Admitted {
+                tenant,
+                started_us: now_us,
+                headers,
+            }));
+        }
+        if self.cfg.shadow {
+            if let Some(m) = metrics {
+                host::increment(m.shadow_limited, 1);
+            }
+            return Verdict::Allow(Box::new(Admitted {
+                tenant,
+                started_us: now_us,
+                headers: None,
+            }));
+        }
+        if let Some(m) = metrics {
+            host::increment(m.limited, 1);
+        }
+        let mut headers = ratelimit::headers_for(&tenant, &a);
+        headers.push(("content-type".to_owned(), "application/json".to_owned()));
+        let body = ratelimit::limited_body(&tenant, &self.cfg, &a);
+        Verdict::Reject { headers, body }
+    }
+
+    /// Tenant bucket, then the tier's pool, as one read-modify-CAS of the
+    /// tenant's slot (a pool refusal gives the tenant its token back).
+    fn admit(&self, tenant: &Tenant, now_us: u64) -> Option<Admission> {
+        let [k0, k1] = self.slot_keys(&tenant.id);
+        for _ in 0..CAS_RETRIES {
+            let slots = [read_slot(k0.clone()).ok()?, read_slot(k1.clone()).ok()?];
+            let placement = ratelimit::place(
+                &tenant.id,
+                [slots[0].state.as_ref(), slots[1].state.as_ref()],
+            );
+            let (i, mut state) = match placement {
+                Placement::Found(i) => (i, slots[i].state.clone()?),
+                Placement::Free(i) | Placement::Evict(i) => {
+                    (i, TenantState::new(tenant, &self.cfg, now_us))
+                }
+            };
+            let mut a = ratelimit::admit(&mut state, &self.cfg, now_us);
+            if a.allowed && !self.take_from_pool(tenant.tier, now_us) {
+                state.bucket.tokens += 1.0;
+                state.allowed -= 1;
+                state.limited += 1;
+                a.allowed = false;
+                a.retry_after_s = a.retry_after_s.max(1.0);
+            }
+            match hostcalls::set_shared_data(&slots[i].key, Some(&state.encode()), slots[i].cas) {
+                Ok(()) => {
+                    match placement {
+                        Placement::Free(_) => host::increment(self.tenants, 1),
+                        Placement::Evict(_) => host::increment(self.evictions, 1),
+                        Placement::Found(_) => {}
+                    }
+                    return Some(a);
+                }
+                Err(Status::CasMismatch) => continue,
+                Err(status) => {
+                    host::log(
+                        LogLevel::Warn,
+                        &format!("understudy: rate-limit write failed: {status:?}"),
+                    );
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// The tier's shared capacity, if it has one.
+    fn take_from_pool(&self, tier: usize, now_us: u64) -> bool {
+        let Some(t) = self.cfg.tier(tier) else {
+            return true;
+        };
+        let Some(rate) = t.pool_rate else { return true };
+        let key = format!("{}/pool/{}", self.prefix, t.name);
+        for _ in 0..CAS_RETRIES {
+            let Ok((bytes, cas)) = hostcalls::get_shared_data(&key) else {
+                return true;
+            };
+            let mut bucket = bytes
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<Bucket>(b).ok())
+                .unwrap_or_else(|| Bucket::full(rate, t.burst_s, now_us));
+            let taken = bucket.take(rate, t.burst_s, now_us);
+            let bytes = serde_json::to_vec(&bucket).unwrap_or_default();
+            match hostcalls::set_shared_data(&key, Some(&bytes), cas) {
+                Ok(()) => return taken,
+                Err(Status::CasMismatch) => continue,
+                Err(_) => return true,
+            }
+        }
+        true
+    }
+
+    /// The upstream answered an admitted request: adapt the tenant's limit.
+    pub fn on_response(&self, admitted: &Admitted, status: u16, now_us: u64) {
+        let latency_ms = now_us.saturating_sub(admitted.started_us) as f64 / 1000.0;
+        let tenant = &admitted.tenant;
+        for _ in 0..CAS_RETRIES {
+            let found = self.slot_keys(&tenant.id).into_iter().find_map(|k| {
+                let slot = read_slot(k).ok()?;
+                slot.state
+                    .as_ref()
+                    .is_some_and(|s| s.tenant == tenant.id)
+                    .then_some(slot)
+            });
+            // Evicted meanwhile: it starts again at `initial` next time.
+            let Some(Slot {
+                key,
+                state: Some(mut state),
+                cas,
+            }) = found
+            else {
+                return;
+            };
+            state.observe(tenant, &self.cfg, status, latency_ms, now_us);
+            match hostcalls::set_shared_data(&key, Some(&state.encode()), cas) {
+                Err(Status::CasMismatch) => continue,
+                _ => return,
+            }
+        }
+    }
+}
