@@ -222,7 +222,9 @@ impl HttpContext for Http {
         // Rate limits first: a rejected request does no other work.
         let verdict = self.with(None, |w| {
             host::increment(w.requests_total, 1);
-            w.limiter.as_ref().map(|l| l.on_request(host::now_us()))
+            let limiter = w.limiter.as_ref()?;
+            let route = host::request_header(":path").and_then(|p| w.config.match_route(&p));
+            Some(limiter.on_request(route, host::now_us()))
         });
         match verdict {
             Some(Verdict::Reject { headers, body }) => {

@@ -34,6 +34,7 @@ pub struct Limiter {
     tiers: Vec<TierMetrics>,
     tenants: u32,
     evictions: u32,
+    route_limited: u32,
 }
 
 /// A request the limiter admitted: its answer feeds the tenant's adaptive limit.
@@ -90,6 +91,7 @@ impl Limiter {
             prefix: format!("{}/ratelimit", config.stat_prefix()),
             tenants: host::define(MetricType::Gauge, &stats::ratelimit(config, "tenants"))?,
             evictions: counter(stats::ratelimit(config, "evictions"))?,
+            route_limited: counter(stats::ratelimit(config, "route_limited"))?,
             tiers,
             cfg,
         }))
@@ -100,8 +102,11 @@ impl Limiter {
             .map(|s| format!("{}/t/{s}", self.prefix))
     }
 
-    /// Decides whether this request may go on.
-    pub fn on_request(&self, now_us: u64) -> Verdict {
+    /// Decides whether this request (on `route`, if it matched one) may go on.
+    pub fn on_request(&self, route: Option<usize>, now_us: u64) -> Verdict {
+        if let Some(rejection) = self.check_route_limits(route, now_us) {
+            return rejection;
+        }
         let header = self.cfg.header.as_deref().and_then(host::request_header);
         let api_key = self
             .cfg
@@ -164,6 +169,40 @@ impl Limiter {
         Verdict::Reject { headers, body }
     }
 
+    /// Process-wide route (and method) limits, before any tenant's token is spent.
+    fn check_route_limits(&self, route: Option<usize>, now_us: u64) -> Option<Verdict> {
+        if self.cfg.route_limits.is_empty() {
+            return None;
+        }
+        let method = host::request_header(":method").unwrap_or_default();
+        for (i, limit) in self.cfg.route_limits_for(route, &method) {
+            let key = format!("{}/route/{i}", self.prefix);
+            let Some((taken, bucket)) = take_shared_bucket(&key, limit.rate, limit.burst_s, now_us)
+            else {
+                continue;
+            };
+            if !taken {
+                host::increment(self.route_limited, 1);
+                let a = Admission {
+                    allowed: false,
+                    retry_after_s: bucket.wait_s(limit.rate),
+                    rate: limit.rate,
+                    remaining: 0.0,
+                };
+                let mut headers = ratelimit::policy_headers("route", &format!("{i}"), &a);
+                headers.push(("content-type".to_owned(), "application/json".to_owned()));
+                let body = serde_json::json!({
+                    "error": "rate_limited",
+                    "message": format!("route limit of {:.1} requests per second exceeded", limit.rate),
+                    "retry_after_s": a.retry_after_s.ceil().max(1.0),
+                })
+                .to_string();
+                return Some(Verdict::Reject { headers, body });
+            }
+        }
+        None
+    }
+
     /// Tenant bucket, then the tier's pool, as one read-modify-CAS of the
     /// tenant's slot (a pool refusal gives the tenant its token back).
     fn admit(&self, tenant: &Tenant, now_us: u64) -> Option<Admission> {
@@ -217,23 +256,7 @@ impl Limiter {
         };
         let Some(rate) = t.pool_rate else { return true };
         let key = format!("{}/pool/{}", self.prefix, t.name);
-        for _ in 0..CAS_RETRIES {
-            let Ok((bytes, cas)) = hostcalls::get_shared_data(&key) else {
-                return true;
-            };
-            let mut bucket = bytes
-                .as_deref()
-                .and_then(|b| serde_json::from_slice::<Bucket>(b).ok())
-                .unwrap_or_else(|| Bucket::full(rate, t.burst_s, now_us));
-            let taken = bucket.take(rate, t.burst_s, now_us);
-            let bytes = serde_json::to_vec(&bucket).unwrap_or_default();
-            match hostcalls::set_shared_data(&key, Some(&bytes), cas) {
-                Ok(()) => return taken,
-                Err(Status::CasMismatch) => continue,
-                Err(_) => return true,
-            }
-        }
-        true
+        take_shared_bucket(&key, rate, t.burst_s, now_us).is_none_or(|(taken, _)| taken)
     }
 
     /// The upstream answered an admitted request: adapt the tenant's limit.
@@ -264,4 +287,25 @@ impl Limiter {
             }
         }
     }
+}
+
+/// Takes a token from a process-wide bucket kept in shared data (read, take,
+/// compare-and-swap). `None` when shared data fails: callers then allow,
+/// since the limiter must never block traffic on its own fault.
+fn take_shared_bucket(key: &str, rate: f64, burst_s: f64, now_us: u64) -> Option<(bool, Bucket)> {
+    for _ in 0..CAS_RETRIES {
+        let (bytes, cas) = hostcalls::get_shared_data(key).ok()?;
+        let mut bucket = bytes
+            .as_deref()
+            .and_then(|b| serde_json::from_slice::<Bucket>(b).ok())
+            .unwrap_or_else(|| Bucket::full(rate, burst_s, now_us));
+        let taken = bucket.take(rate, burst_s, now_us);
+        let encoded = serde_json::to_vec(&bucket).ok()?;
+        match hostcalls::set_shared_data(key, Some(&encoded), cas) {
+            Ok(()) => return Some((taken, bucket)),
+            Err(Status::CasMismatch) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
 }

@@ -363,3 +363,48 @@ async fn invalid_limits_are_refused() -> Result<()> {
     }
     Ok(())
 }
+
+/// A per-route, per-method limit holds for all tenants together, and other
+/// methods on the route are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_and_method_limits_apply_alongside_tenant_limits() -> Result<()> {
+    let stack = Stack::start().await?;
+    stack
+        .put_filter_config(config(json!({"route_limits": [{"route": "all", "method": "POST", "rate": 5, "burst_s": 0.2}]})))
+        .await?;
+    let mut posts = Vec::new();
+    for i in 0..20 {
+        let tenant = format!("poster-{}", i % 4);
+        let r = stack
+            .http
+            .post(&stack.url)
+            .header("x-tenant-id", tenant)
+            .body("x")
+            .send()
+            .await?;
+        posts.push((
+            r.status().as_u16(),
+            r.headers()
+                .get("ratelimit-policy")
+                .map(|v| v.to_str().unwrap_or("").to_owned()),
+        ));
+    }
+    let limited: Vec<_> = posts.iter().filter(|(s, _)| *s == 429).collect();
+    assert!(limited.len() >= 10, "20 quick POSTs against 5/s: {posts:?}");
+    assert!(
+        limited
+            .iter()
+            .all(|(_, p)| p.as_deref().is_some_and(|p| p.starts_with("\"route\";q=5"))),
+        "{limited:?}"
+    );
+    let gets = traffic::paced(
+        &stack.url,
+        20.0,
+        Duration::from_secs(1),
+        &[("x-tenant-id", "reader")],
+    )
+    .await;
+    assert_eq!(count(&gets, 429), 0, "GETs are not under the POST limit");
+    assert!(stat(&stack, "route_limited").await? >= 10);
+    Ok(())
+}

@@ -186,9 +186,10 @@ impl TryFrom<RawFilterConfig> for FilterConfig {
                 dedupe,
             });
         }
+        let route_names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
         let rate_limit = raw
             .rate_limit
-            .map(|r| RateLimitConfig::from_raw(r, "rate_limit"))
+            .map(|r| RateLimitConfig::with_routes(r, "rate_limit", &route_names))
             .transpose()?;
         Ok(Self {
             stat_prefix,

@@ -54,6 +54,30 @@ pub struct RawRateLimitConfig {
     pub adjust_ms: u64,
     /// Also send `RateLimit` on allowed responses.
     pub headers_on_allowed: bool,
+    /// Process-wide limits on a route (optionally one method), for all tenants together.
+    pub route_limits: Vec<RawRouteLimit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteLimit {
+    /// A route name from `routes`.
+    pub route: String,
+    /// Only this method (e.g. `POST`); all methods when absent.
+    #[serde(default)]
+    pub method: Option<String>,
+    pub rate: f64,
+    #[serde(default = "one")]
+    pub burst_s: f64,
+}
+
+/// A validated route limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteLimit {
+    pub route: usize,
+    pub method: Option<String>,
+    pub rate: f64,
+    pub burst_s: f64,
 }
 
 impl Default for RawRateLimitConfig {
@@ -67,6 +91,7 @@ impl Default for RawRateLimitConfig {
             max_tenants: 10_000,
             adjust_ms: 1_000,
             headers_on_allowed: false,
+            route_limits: Vec::new(),
         }
     }
 }
@@ -177,11 +202,21 @@ pub struct RateLimitConfig {
     pub max_tenants: u32,
     pub adjust_us: u64,
     pub headers_on_allowed: bool,
+    pub route_limits: Vec<RouteLimit>,
 }
 
 impl RateLimitConfig {
-    /// Validates `raw`; `field` is its place in the document (`rate_limit`).
+    /// Validates `raw`; `field` is its place in the document (`rate_limit`),
+    /// `routes` the names of the configured routes (route limits refer to them).
     pub fn from_raw(raw: RawRateLimitConfig, field: &str) -> Result<Self, ConfigError> {
+        Self::with_routes(raw, field, &[])
+    }
+
+    pub fn with_routes(
+        raw: RawRateLimitConfig,
+        field: &str,
+        routes: &[&str],
+    ) -> Result<Self, ConfigError> {
         let invalid = |what: String, reason: String| ConfigError::Invalid {
             field: format!("{field}.{what}"),
             reason,
@@ -304,6 +339,38 @@ impl RateLimitConfig {
         if raw.adjust_ms == 0 {
             return Err(invalid("adjust_ms".into(), "must be at least 1".into()));
         }
+        let mut route_limits = Vec::new();
+        for (i, l) in raw.route_limits.into_iter().enumerate() {
+            let route = routes.iter().position(|r| *r == l.route).ok_or_else(|| {
+                invalid(
+                    format!("route_limits[{i}].route"),
+                    format!("unknown route {:?}", l.route),
+                )
+            })?;
+            if !positive(l.rate) || !positive(l.burst_s) {
+                return Err(invalid(
+                    format!("route_limits[{i}]"),
+                    format!(
+                        "rate and burst_s must be above 0, got {} and {}",
+                        l.rate, l.burst_s
+                    ),
+                ));
+            }
+            if let Some(m) = &l.method
+                && (m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()))
+            {
+                return Err(invalid(
+                    format!("route_limits[{i}].method"),
+                    format!("{m:?} is not an upper-case HTTP method"),
+                ));
+            }
+            route_limits.push(RouteLimit {
+                route,
+                method: l.method,
+                rate: l.rate,
+                burst_s: l.burst_s,
+            });
+        }
         let identity = raw.identity;
         if identity.header.is_none()
             && identity.api_key_header.is_none()
@@ -326,6 +393,18 @@ impl RateLimitConfig {
             max_tenants: raw.max_tenants,
             adjust_us: raw.adjust_ms.saturating_mul(1000),
             headers_on_allowed: raw.headers_on_allowed,
+            route_limits,
+        })
+    }
+
+    /// The route limits that apply to a request, with their indexes.
+    pub fn route_limits_for<'a>(
+        &'a self,
+        route: Option<usize>,
+        method: &'a str,
+    ) -> impl Iterator<Item = (usize, &'a RouteLimit)> + 'a {
+        self.route_limits.iter().enumerate().filter(move |(_, l)| {
+            Some(l.route) == route && l.method.as_deref().is_none_or(|m| m == method)
         })
     }
 
@@ -614,7 +693,12 @@ pub fn place(tenant: &str, candidates: [Option<&TenantState>; 2]) -> Placement {
 /// limited, `Retry-After`. The policy's quota is the tenant's current rate
 /// per 1-second window; `pk` is a hash of the tenant, never the id itself.
 pub fn headers_for(tenant: &Tenant, a: &Admission) -> Vec<(String, String)> {
-    let pk = partition_key(&tenant.id);
+    policy_headers("tenant", &partition_key(&tenant.id), a)
+}
+
+/// `RateLimit-Policy`, `RateLimit` and (when limited) `Retry-After` for the
+/// policy `name`, partitioned by `pk`.
+pub fn policy_headers(name: &str, pk: &str, a: &Admission) -> Vec<(String, String)> {
     let quota = a.rate.round().max(1.0) as u64;
     let remaining = a.remaining.floor().max(0.0) as u64;
     let reset = a
@@ -624,11 +708,11 @@ pub fn headers_for(tenant: &Tenant, a: &Admission) -> Vec<(String, String)> {
     let mut h = vec![
         (
             "ratelimit-policy".to_owned(),
-            format!("\"tenant\";q={quota};w=1;pk=:{pk}:"),
+            format!("\"{name}\";q={quota};w=1;pk=:{pk}:"),
         ),
         (
             "ratelimit".to_owned(),
-            format!("\"tenant\";r={remaining};t={reset};pk=:{pk}:"),
+            format!("\"{name}\";r={remaining};t={reset};pk=:{pk}:"),
         ),
     ];
     if !a.allowed {
@@ -833,6 +917,73 @@ mod tests {
             s.observe(&t, &c, 200, 1.0, sec * 1_000_000);
         }
         assert_eq!(s.rate, 3.0);
+    }
+
+    /// The glue's algorithm over a map standing in for shared data: 100,000
+    /// distinct tenants never occupy more than `max_tenants` slots.
+    #[test]
+    fn a_hundred_thousand_tenants_stay_within_the_table() {
+        let c = cfg(json!({"max_tenants": 1000}));
+        let mut shared: std::collections::HashMap<u32, TenantState> = Default::default();
+        let mut evictions = 0;
+        for i in 0..100_000u64 {
+            let id = format!("tenant-{i}");
+            let t = identify(
+                &c,
+                &IdentityInput {
+                    header: Some(&id),
+                    ..Default::default()
+                },
+            );
+            let slots = candidate_slots(&t.id, c.max_tenants);
+            let placement = place(&t.id, [shared.get(&slots[0]), shared.get(&slots[1])]);
+            let (slot, mut state) = match placement {
+                Placement::Found(k) => (slots[k], shared[&slots[k]].clone()),
+                Placement::Free(k) => (slots[k], TenantState::new(&t, &c, i)),
+                Placement::Evict(k) => {
+                    evictions += 1;
+                    (slots[k], TenantState::new(&t, &c, i))
+                }
+            };
+            assert!(
+                admit(&mut state, &c, i).allowed,
+                "a new tenant starts with its allowance"
+            );
+            shared.insert(slot, state);
+            assert!(shared.len() <= 1000);
+        }
+        assert!(
+            shared.len() > 950,
+            "two choices fill the table: {}",
+            shared.len()
+        );
+        assert!(evictions >= 100_000 - 1000);
+    }
+
+    #[test]
+    fn route_limits_name_routes_and_methods() {
+        let raw: RawRateLimitConfig = serde_json::from_value(json!({
+            "tiers": {"anonymous": {"initial": 1, "min": 1, "max": 1}},
+            "default_tier": "anonymous",
+            "route_limits": [{"route": "orders", "method": "POST", "rate": 5}, {"route": "all", "rate": 100}]
+        }))
+        .unwrap();
+        let c =
+            RateLimitConfig::with_routes(raw.clone(), "rate_limit", &["orders", "all"]).unwrap();
+        let hits: Vec<usize> = c
+            .route_limits_for(Some(0), "POST")
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(hits, vec![0]);
+        assert_eq!(c.route_limits_for(Some(0), "GET").count(), 0);
+        assert_eq!(c.route_limits_for(Some(1), "GET").count(), 1);
+        let e = RateLimitConfig::with_routes(raw, "rate_limit", &["all"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rate_limit.route_limits[0].route: unknown route \"orders\""),
+            "{e}"
+        );
     }
 
     #[test]
