@@ -10,6 +10,8 @@
 //! | GET/PUT | `/v1/filter` | the filter's wasm path and JSON config |
 //! | GET | `/v1/envoys` | connected Envoys: node, ACKed versions, last NACK |
 //! | GET | `/v1/nacks` | the most recent NACKs from any Envoy |
+//! | GET | `/v1/ratelimit/tenants?top=N` | top tenants: usage and current limits, from filter reports |
+//! | PUT/DELETE | `/v1/ratelimit/tenants/{id}` | a per-tenant override: `{"tier", "rate" or "fleet_rate"}` |
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with a 4xx status.
 
@@ -26,6 +28,7 @@ use serde_json::json;
 
 use crate::model::{FilterSettings, ModelError, Service, Weight};
 use crate::store::{ChangeError, Store};
+use crate::usage::{TenantUsage, UsageBook};
 use crate::xds::Registry;
 use crate::xds::registry::{EnvoyStatus, NackRecord};
 
@@ -33,6 +36,7 @@ use crate::xds::registry::{EnvoyStatus, NackRecord};
 pub struct ApiState {
     pub store: Store,
     pub registry: Arc<Registry>,
+    pub usage: Arc<UsageBook>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -45,6 +49,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/filter", get(get_filter).put(put_filter))
         .route("/v1/envoys", get(envoys))
         .route("/v1/nacks", get(nacks))
+        .route("/v1/ratelimit/tenants", get(top_tenants))
+        .route(
+            "/v1/ratelimit/tenants/{tenant}",
+            put(put_tenant_override).delete(delete_tenant_override),
+        )
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -218,4 +227,94 @@ async fn envoys(State(s): State<ApiState>) -> Json<Envoys> {
 
 async fn nacks(State(s): State<ApiState>) -> Json<Vec<NackRecord>> {
     Json(s.registry.nacks())
+}
+
+#[derive(Deserialize)]
+struct TopQuery {
+    top: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct TopTenants {
+    envoys: usize,
+    reports: u64,
+    dropped_by_filters: u64,
+    tenants: Vec<TenantUsage>,
+}
+
+async fn top_tenants(
+    State(s): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<TopQuery>,
+) -> Json<TopTenants> {
+    let (reports, dropped) = s.usage.counts();
+    let envoys = *s.registry.fleet().borrow();
+    Json(TopTenants {
+        envoys,
+        reports,
+        dropped_by_filters: dropped,
+        tenants: s.usage.top(q.top.unwrap_or(20).min(1000)),
+    })
+}
+
+/// Edits `rate_limit.tenants` in the filter config; the whole config is then
+/// validated (unknown tier, bad rate) before anything is stored or pushed.
+async fn put_tenant_override(
+    State(s): State<ApiState>,
+    Path(tenant): Path<String>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> ApiResult<FilterSettings> {
+    let Json(body) = body?;
+    if !body.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            r#"expected a JSON object like {"tier": "partner", "rate": 50}"#,
+        ));
+    }
+    edit_tenants(&s, |tenants| {
+        tenants.insert(tenant, body);
+        Ok(())
+    })
+}
+
+async fn delete_tenant_override(
+    State(s): State<ApiState>,
+    Path(tenant): Path<String>,
+) -> ApiResult<FilterSettings> {
+    edit_tenants(&s, |tenants| match tenants.remove(&tenant) {
+        Some(_) => Ok(()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_tenant",
+            format!("no override for tenant {tenant:?}"),
+        )),
+    })
+}
+
+fn edit_tenants(
+    s: &ApiState,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError>,
+) -> ApiResult<FilterSettings> {
+    let mut filter = s.store.state().filter;
+    let Some(rl) = filter
+        .config
+        .get_mut("rate_limit")
+        .and_then(|v| v.as_object_mut())
+    else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_rate_limit",
+            "the filter config has no rate_limit section to add tenant overrides to",
+        ));
+    };
+    let tenants = rl.entry("tenants").or_insert_with(|| json!({}));
+    let Some(tenants) = tenants.as_object_mut() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_filter",
+            "rate_limit.tenants is not an object",
+        ));
+    };
+    edit(tenants)?;
+    Ok(Json(s.store.put_filter(filter)?))
 }

@@ -11,6 +11,7 @@
 //!   translated and published as a snapshot, or rejected with nothing changed.
 //! - [`resources`]: desired state → Envoy resources (CDS, EDS, LDS, RDS, ECDS).
 //! - [`xds`]: the ADS server: per-stream protocol state, ACK/NACK tracking.
+//! - [`usage`]: per-tenant rate-limit usage reported by the filters (gRPC).
 //! - [`api`]: the axum JSON API.
 //! - [`cli`]: the `understudy` command's client side.
 
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod model;
 pub mod resources;
 pub mod store;
+pub mod usage;
 pub mod xds;
 
 use std::future::Future;
@@ -48,13 +50,29 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let registry = Arc::new(Registry::default());
+    let usage = Arc::new(usage::UsageBook::default());
     let ads = AdsServer::new(store.subscribe(), Arc::clone(&registry));
-    let app = api::router(api::ApiState { store, registry });
+    // Fleet-wide limits follow the number of connected Envoys.
+    let mut fleet = registry.fleet();
+    let fleet_store = store.clone();
+    tokio::spawn(async move {
+        while fleet.changed().await.is_ok() {
+            let n = *fleet.borrow_and_update();
+            fleet_store.set_fleet_size(n);
+        }
+    });
+    let app = api::router(api::ApiState {
+        store,
+        registry,
+        usage: Arc::clone(&usage),
+    });
     info!(xds = ?xds_listener.local_addr().ok(), api = ?api_listener.local_addr().ok(), "control plane listening");
     let xds = tonic::transport::Server::builder()
         // Envoy keeps one long-lived ADS stream; keepalives find dead peers.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(ads.into_service())
+        // Filters report usage on the same port they already reach for xDS.
+        .add_service(usage::Reports::new(usage).into_service())
         .serve_with_incoming(TcpListenerStream::new(xds_listener));
     let api = axum::serve(api_listener, app);
     // Shutdown is abrupt on purpose: ADS streams never end by themselves, and

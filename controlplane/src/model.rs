@@ -159,6 +159,14 @@ pub struct FilterSettings {
     /// (the same code the filter runs) before it is accepted.
     #[serde(default = "empty_object")]
     pub config: serde_json::Value,
+    /// The Envoy cluster (HTTP/2) through which the filter reaches this
+    /// control plane's gRPC port for usage reports; the bootstrap's xDS cluster.
+    #[serde(default = "default_report_cluster")]
+    pub report_cluster: String,
+}
+
+fn default_report_cluster() -> String {
+    "understudy_xds".to_owned()
 }
 
 fn empty_object() -> serde_json::Value {
@@ -333,6 +341,7 @@ pub(crate) mod fixtures {
             filter: FilterSettings {
                 wasm_path: "/f.wasm".into(),
                 config: serde_json::json!({}),
+                report_cluster: "understudy_xds".into(),
             },
             services: [("shop".to_string(), svc)].into_iter().collect(),
         }
@@ -423,6 +432,7 @@ mod tests {
             filter: FilterSettings {
                 wasm_path: "f.wasm".into(),
                 config: json!({}),
+                report_cluster: "understudy_xds".into(),
             },
             services: [
                 ("checkout".to_string(), service(0)),
@@ -440,6 +450,7 @@ mod tests {
         let f = FilterSettings {
             wasm_path: "f.wasm".into(),
             config: json!({"routes": [{"name": "a", "path_prefix": "nope"}]}),
+            report_cluster: "understudy_xds".into(),
         };
         let err = f.validate().unwrap_err().to_string();
         assert!(err.contains("routes[0].path_prefix"), "{err}");

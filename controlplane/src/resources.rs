@@ -106,8 +106,9 @@ impl Snapshot {
         self.types.get(type_url)
     }
 
-    /// Builds every resource. The state must already be validated.
-    pub fn build(state: &DesiredState, generation: u64) -> Self {
+    /// Builds every resource for a fleet of `fleet` connected Envoys. The
+    /// state must already be validated.
+    pub fn build(state: &DesiredState, generation: u64, fleet: usize) -> Self {
         let mut clusters = BTreeMap::new();
         let mut endpoints = BTreeMap::new();
         for svc in state.services.values() {
@@ -128,7 +129,10 @@ impl Snapshot {
             FILTER_NAME.to_owned(),
             pack_any(TypedExtensionConfig {
                 name: FILTER_NAME.to_owned(),
-                typed_config: Some(wasm_filter(&state.filter, &state.filter.config)),
+                typed_config: Some(wasm_filter(
+                    &state.filter,
+                    &per_envoy_config(&state.filter, fleet),
+                )),
             }),
         )]);
         let types = BTreeMap::from([
@@ -202,6 +206,39 @@ fn load_assignment(cluster: &str, backend: &Backend) -> ClusterLoadAssignment {
         }],
         ..Default::default()
     }
+}
+
+/// The filter config one Envoy gets: fleet-wide rates (`fleet_rate` on a
+/// tenant, `fleet_pool_rate` on a tier) divided by the connected Envoys into
+/// `rate` / `pool_rate`, and usage reports pointed at this control plane.
+pub fn per_envoy_config(filter: &FilterSettings, fleet: usize) -> serde_json::Value {
+    let mut config = filter.config.clone();
+    let share = |v: &serde_json::Value| {
+        v.as_f64()
+            .map(|r| serde_json::json!(r / fleet.max(1) as f64))
+    };
+    if let Some(rl) = config.get_mut("rate_limit").and_then(|v| v.as_object_mut()) {
+        for (section, from, to) in [
+            ("tenants", "fleet_rate", "rate"),
+            ("tiers", "fleet_pool_rate", "pool_rate"),
+        ] {
+            for entry in rl
+                .get_mut(section)
+                .and_then(|v| v.as_object_mut())
+                .into_iter()
+                .flat_map(|m| m.values_mut())
+            {
+                if let Some(obj) = entry.as_object_mut()
+                    && let Some(v) = obj.get(from).and_then(share)
+                {
+                    obj.insert(to.to_owned(), v);
+                }
+            }
+        }
+        rl.entry("report")
+            .or_insert_with(|| serde_json::json!({"cluster": filter.report_cluster}));
+    }
+    config
 }
 
 /// The Wasm filter as Envoy loads it: V8 runtime, the module from the Envoy
@@ -385,7 +422,7 @@ mod tests {
 
     #[test]
     fn weights_follow_the_canary_weight() {
-        let snap = Snapshot::build(&state(20), 1);
+        let snap = Snapshot::build(&state(20), 1, 1);
         assert_eq!(
             weights(&snap),
             vec![("shop-stable".into(), 80), ("shop-canary".into(), 20)]
@@ -394,22 +431,22 @@ mod tests {
 
     #[test]
     fn a_weight_change_only_changes_the_route_version() {
-        let a = Snapshot::build(&state(0), 1);
-        let b = Snapshot::build(&state(50), 2);
+        let a = Snapshot::build(&state(0), 1, 1);
+        let b = Snapshot::build(&state(50), 2, 1);
         for t in type_url::ORDER {
             let same = a.get(t).unwrap().version == b.get(t).unwrap().version;
             assert_eq!(same, t != type_url::ROUTE, "{}", type_url::short(t));
         }
         // Content-derived: rebuilding the same state gives the same versions.
         assert_eq!(
-            Snapshot::build(&state(50), 9).get(type_url::ROUTE),
+            Snapshot::build(&state(50), 9, 1).get(type_url::ROUTE),
             b.get(type_url::ROUTE)
         );
     }
 
     #[test]
     fn every_cluster_has_an_assignment() {
-        let snap = Snapshot::build(&state(0), 1);
+        let snap = Snapshot::build(&state(0), 1, 1);
         let clusters: Vec<_> = snap
             .get(type_url::CLUSTER)
             .unwrap()
@@ -427,10 +464,33 @@ mod tests {
     }
 
     #[test]
+    fn fleet_rates_are_divided_among_connected_envoys() {
+        let mut s = state(0);
+        s.filter.config = serde_json::json!({"rate_limit": {
+            "tiers": {"anonymous": {"initial": 1, "min": 1, "max": 1, "fleet_pool_rate": 90}},
+            "tenants": {"big": {"fleet_rate": 60}, "small": {"rate": 5}}
+        }});
+        let c = per_envoy_config(&s.filter, 3);
+        assert_eq!(c["rate_limit"]["tenants"]["big"]["rate"], 20.0);
+        assert_eq!(
+            c["rate_limit"]["tenants"]["small"]["rate"], 5,
+            "plain rates stay as they are"
+        );
+        assert_eq!(c["rate_limit"]["tiers"]["anonymous"]["pool_rate"], 30.0);
+        assert_eq!(c["rate_limit"]["report"]["cluster"], "understudy_xds");
+        assert_eq!(
+            per_envoy_config(&s.filter, 0)["rate_limit"]["tenants"]["big"]["rate"],
+            60.0
+        );
+        // No rate limits: nothing is added.
+        assert_eq!(per_envoy_config(&state(0).filter, 3), serde_json::json!({}));
+    }
+
+    #[test]
     fn the_filter_config_travels_as_json() {
         let mut s = state(0);
         s.filter.config = serde_json::json!({"routes": [{"name": "all"}]});
-        let snap = Snapshot::build(&s, 1);
+        let snap = Snapshot::build(&s, 1, 1);
         let ext: TypedExtensionConfig =
             decode(&snap.get(type_url::EXTENSION_CONFIG).unwrap().resources[FILTER_NAME]).unwrap();
         let wasm: Wasm = decode(ext.typed_config.as_ref().unwrap()).unwrap();

@@ -28,6 +28,8 @@ struct Inner {
     state: Mutex<DesiredState>,
     snapshots: watch::Sender<Arc<Snapshot>>,
     file: Option<PathBuf>,
+    /// Connected Envoys; fleet-wide limits are divided by it.
+    fleet: Mutex<usize>,
 }
 
 /// Why a state file could not be used.
@@ -77,13 +79,14 @@ impl Store {
 
     fn build(initial: DesiredState, file: Option<PathBuf>) -> Result<Self, ModelError> {
         initial.validate()?;
-        let snapshot = Arc::new(Snapshot::build(&initial, 1));
+        let snapshot = Arc::new(Snapshot::build(&initial, 1, 1));
         let (snapshots, _) = watch::channel(snapshot);
         Ok(Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(initial),
                 snapshots,
                 file,
+                fleet: Mutex::new(1),
             }),
         })
     }
@@ -135,6 +138,27 @@ impl Store {
         })
     }
 
+    fn fleet(&self) -> usize {
+        *self.inner.fleet.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The number of connected Envoys changed: fleet-wide limits get new
+    /// per-Envoy shares (only the filter config changes, so only ECDS is sent).
+    pub fn set_fleet_size(&self, envoys: usize) {
+        let envoys = envoys.max(1);
+        let guard = self.lock();
+        {
+            let mut fleet = self.inner.fleet.lock().unwrap_or_else(|p| p.into_inner());
+            if *fleet == envoys {
+                return;
+            }
+            *fleet = envoys;
+        }
+        let generation = self.inner.snapshots.borrow().generation + 1;
+        let snapshot = Arc::new(Snapshot::build(&guard, generation, envoys));
+        self.inner.snapshots.send_replace(snapshot);
+    }
+
     /// Applies `change` to a copy, validates, saves, publishes a snapshot, commits.
     fn update<T>(
         &self,
@@ -149,7 +173,7 @@ impl Store {
                 save_state(path, &next).map_err(ChangeError::Persist)?;
             }
             let generation = self.inner.snapshots.borrow().generation + 1;
-            let snapshot = Arc::new(Snapshot::build(&next, generation));
+            let snapshot = Arc::new(Snapshot::build(&next, generation, self.fleet()));
             *guard = next;
             self.inner.snapshots.send_replace(snapshot);
         }
@@ -225,6 +249,7 @@ mod tests {
             .put_filter(FilterSettings {
                 wasm_path: "/f.wasm".into(),
                 config: serde_json::json!({"bogus": 1}),
+                report_cluster: "understudy_xds".into(),
             })
             .unwrap_err();
         assert!(err.to_string().contains("unknown field `bogus`"), "{err}");

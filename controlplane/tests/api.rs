@@ -34,6 +34,7 @@ fn desired_state() -> DesiredState {
         filter: FilterSettings {
             wasm_path: "/etc/envoy/understudy.wasm".into(),
             config: json!({"routes": [{"name": "api", "path_prefix": "/api"}]}),
+            report_cluster: "understudy_xds".into(),
         },
         services: [("shop".to_string(), shop)].into_iter().collect(),
     }
@@ -293,7 +294,8 @@ async fn the_filter_is_validated_before_it_is_stored() {
         before,
         json!({
             "wasm_path": "/etc/envoy/understudy.wasm",
-            "config": {"routes": [{"name": "api", "path_prefix": "/api"}]}
+            "config": {"routes": [{"name": "api", "path_prefix": "/api"}]},
+            "report_cluster": "understudy_xds"
         })
     );
 
@@ -320,7 +322,8 @@ async fn the_filter_is_validated_before_it_is_stored() {
 
     let good = json!({
         "wasm_path": "/x.wasm",
-        "config": {"stat_prefix": "shop", "routes": [{"name": "a", "path_prefix": "/a"}]}
+        "config": {"stat_prefix": "shop", "routes": [{"name": "a", "path_prefix": "/a"}]},
+        "report_cluster": "understudy_xds"
     });
     let r = api.put("/v1/filter", &good).await;
     assert_eq!(r.status, 200, "{r:?}");

@@ -152,8 +152,12 @@ impl RootContext for Root {
                         worker.config.routes().len()
                     ),
                 );
-                if let Some(h) = &worker.hedging {
-                    host::set_tick_period(h.tick_period());
+                let ticks = [
+                    worker.hedging.as_ref().map(Hedging::tick_period),
+                    worker.limiter.as_ref().and_then(Limiter::report_interval),
+                ];
+                if let Some(period) = ticks.into_iter().flatten().min() {
+                    host::set_tick_period(period);
                 }
                 self.worker = Some(Rc::new(RefCell::new(worker)));
                 true
@@ -170,10 +174,14 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(worker) = &self.worker else { return };
-        if let Ok(mut w) = worker.try_borrow_mut()
-            && let Some(h) = w.hedging.as_mut()
-        {
-            h.on_tick(host::now_us());
+        if let Ok(mut w) = worker.try_borrow_mut() {
+            let now = host::now_us();
+            if let Some(h) = w.hedging.as_mut() {
+                h.on_tick(now);
+            }
+            if let Some(l) = w.limiter.as_mut() {
+                l.report_if_due(now);
+            }
         }
     }
 
@@ -222,8 +230,8 @@ impl HttpContext for Http {
         // Rate limits first: a rejected request does no other work.
         let verdict = self.with(None, |w| {
             host::increment(w.requests_total, 1);
-            let limiter = w.limiter.as_ref()?;
             let route = host::request_header(":path").and_then(|p| w.config.match_route(&p));
+            let limiter = w.limiter.as_mut()?;
             Some(limiter.on_request(route, host::now_us()))
         });
         match verdict {

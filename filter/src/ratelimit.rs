@@ -12,10 +12,15 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MetricType, Status};
+use std::time::Duration;
+
+use prost::Message;
 use understudy_core::ratelimit::{
     self, Admission, Bucket, IdentityInput, Placement, RateLimitConfig, Tenant, TenantState,
+    UsageTable,
 };
 use understudy_core::{FilterConfig, stats};
+use understudy_proto::v1::{TenantUsage, UsageReport};
 
 use crate::host;
 
@@ -35,6 +40,9 @@ pub struct Limiter {
     tenants: u32,
     evictions: u32,
     route_limited: u32,
+    usage: UsageTable,
+    last_report_us: u64,
+    reports_failed: u32,
 }
 
 /// A request the limiter admitted: its answer feeds the tenant's adaptive limit.
@@ -92,6 +100,9 @@ impl Limiter {
             tenants: host::define(MetricType::Gauge, &stats::ratelimit(config, "tenants"))?,
             evictions: counter(stats::ratelimit(config, "evictions"))?,
             route_limited: counter(stats::ratelimit(config, "route_limited"))?,
+            reports_failed: counter(stats::ratelimit(config, "reports_failed"))?,
+            usage: UsageTable::new(cfg.report.as_ref().map_or(0, |r| r.max_tenants)),
+            last_report_us: 0,
             tiers,
             cfg,
         }))
@@ -103,7 +114,7 @@ impl Limiter {
     }
 
     /// Decides whether this request (on `route`, if it matched one) may go on.
-    pub fn on_request(&self, route: Option<usize>, now_us: u64) -> Verdict {
+    pub fn on_request(&mut self, route: Option<usize>, now_us: u64) -> Verdict {
         if let Some(rejection) = self.check_route_limits(route, now_us) {
             return rejection;
         }
@@ -127,6 +138,9 @@ impl Limiter {
             },
         );
         let admission = self.admit(&tenant, now_us);
+        if let (Some(a), Some(_)) = (&admission, &self.cfg.report) {
+            self.usage.record(&tenant, a);
+        }
         let metrics = self.tiers.get(tenant.tier);
         let Some(a) = admission else {
             // Shared data failed: never block traffic on our own fault.
@@ -219,7 +233,7 @@ impl Limiter {
                     (i, TenantState::new(tenant, &self.cfg, now_us))
                 }
             };
-            let mut a = ratelimit::admit(&mut state, &self.cfg, now_us);
+            let mut a = ratelimit::admit(&mut state, tenant, &self.cfg, now_us);
             if a.allowed && !self.take_from_pool(tenant.tier, now_us) {
                 state.bucket.tokens += 1.0;
                 state.allowed -= 1;
@@ -257,6 +271,64 @@ impl Limiter {
         let Some(rate) = t.pool_rate else { return true };
         let key = format!("{}/pool/{}", self.prefix, t.name);
         take_shared_bucket(&key, rate, t.burst_s, now_us).is_none_or(|(taken, _)| taken)
+    }
+
+    /// How often the root context must tick for reports, if they are on.
+    pub fn report_interval(&self) -> Option<Duration> {
+        self.cfg
+            .report
+            .as_ref()
+            .map(|r| Duration::from_millis(r.interval_ms))
+    }
+
+    /// Sends this worker's usage since the last report, when one is due.
+    pub fn report_if_due(&mut self, now_us: u64) {
+        let Some(report) = &self.cfg.report else {
+            return;
+        };
+        if now_us.saturating_sub(self.last_report_us) < report.interval_ms * 1000 {
+            return;
+        }
+        self.last_report_us = now_us;
+        let (tenants, dropped) = self.usage.take();
+        if tenants.is_empty() && dropped == 0 {
+            return;
+        }
+        let node_id = node_id();
+        let message = UsageReport {
+            node_id,
+            dropped,
+            tenants: tenants
+                .into_iter()
+                .map(|(tenant, u)| TenantUsage {
+                    tenant,
+                    tier: self
+                        .cfg
+                        .tier(u.tier)
+                        .map(|t| t.name.clone())
+                        .unwrap_or_default(),
+                    allowed: u.allowed,
+                    limited: u.limited,
+                    limit_rps: u.limit_rps,
+                })
+                .collect(),
+        }
+        .encode_to_vec();
+        let sent = hostcalls::dispatch_grpc_call(
+            &report.cluster,
+            "understudy.v1.ReportService",
+            "PushUsage",
+            vec![],
+            Some(&message),
+            Duration::from_secs(5),
+        );
+        if let Err(status) = sent {
+            host::increment(self.reports_failed, 1);
+            host::log(
+                LogLevel::Debug,
+                &format!("understudy: usage report not sent: {status:?}"),
+            );
+        }
     }
 
     /// The upstream answered an admitted request: adapt the tenant's limit.
@@ -308,4 +380,25 @@ fn take_shared_bucket(key: &str, rate: f64, burst_s: f64, now_us: u64) -> Option
         }
     }
     None
+}
+
+/// Just the `id` field (1) of Envoy's `config.core.v3.Node`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NodeId {
+    #[prost(string, tag = "1")]
+    id: String,
+}
+
+/// This Envoy's node id: the `xds.node` attribute (a serialized `Node`), or
+/// the older wasm `node` attribute; empty if the host offers neither.
+fn node_id() -> String {
+    for path in [vec!["xds", "node"], vec!["node"]] {
+        if let Ok(Some(bytes)) = hostcalls::get_property(path)
+            && let Ok(node) = NodeId::decode(bytes.as_slice())
+            && !node.id.is_empty()
+        {
+            return node.id;
+        }
+    }
+    String::new()
 }

@@ -30,6 +30,24 @@ pub fn default_filter_config() -> Value {
     json!({"routes": [{"name": "all", "path_prefix": "/"}]})
 }
 
+/// An Envoy bootstrapped from `envoy/bootstrap.yaml` against `cp`, as `node`, ready.
+async fn start_envoy(cp: &ControlPlane, node: &str) -> Result<Envoy> {
+    let config = envoy::render(
+        "bootstrap.yaml",
+        &[
+            ("port_value: 9901", "port_value: 0".to_owned()),
+            (
+                "port_value: 18000",
+                format!("port_value: {}", cp.xds.port()),
+            ),
+            ("id: envoy-1", format!("id: {node}")),
+        ],
+    )?;
+    let envoy = Envoy::start(&config, &[]).await?;
+    envoy.wait_ready().await?;
+    Ok(envoy)
+}
+
 pub struct Stack {
     pub stable: UpstreamHandle,
     pub canary: UpstreamHandle,
@@ -53,6 +71,7 @@ impl Stack {
             filter: FilterSettings {
                 wasm_path: paths::filter_wasm()?.display().to_string(),
                 config: default_filter_config(),
+                report_cluster: "understudy_xds".into(),
             },
             services: [(
                 SERVICE.to_owned(),
@@ -72,19 +91,7 @@ impl Stack {
             .collect(),
         };
         let cp = ControlPlane::start(&state)?;
-        let config = envoy::render(
-            "bootstrap.yaml",
-            &[
-                ("port_value: 9901", "port_value: 0".to_owned()),
-                (
-                    "port_value: 18000",
-                    format!("port_value: {}", cp.xds.port()),
-                ),
-                ("id: envoy-1", format!("id: {NODE_ID}")),
-            ],
-        )?;
-        let envoy = Envoy::start(&config, &[]).await?;
-        envoy.wait_ready().await?;
+        let envoy = start_envoy(&cp, NODE_ID).await?;
         let stack = Self {
             stable,
             canary,
@@ -112,6 +119,12 @@ impl Stack {
         )
         .await?;
         Ok(stack)
+    }
+
+    /// Another Envoy on the same control plane (its listener shares the port
+    /// through SO_REUSEPORT, which Envoy sets by default).
+    pub async fn another_envoy(&self, node: &str) -> Result<Envoy> {
+        start_envoy(&self.cp, node).await
     }
 
     /// `PUT /v1/services/demo/canary-weight`; returns the HTTP status and body.

@@ -408,3 +408,112 @@ async fn route_and_method_limits_apply_alongside_tenant_limits() -> Result<()> {
     assert!(stat(&stack, "route_limited").await? >= 10);
     Ok(())
 }
+
+/// Fleet: a fleet-wide tenant limit is split across the connected Envoys and
+/// recomputed when one joins or leaves; the filters' usage reports show up in
+/// the API; per-tenant overrides are pushed through the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_shares_limits_and_reports_usage() -> Result<()> {
+    let stack = Stack::start().await?;
+    stack
+        .put_filter_config(config(json!({
+            "tenants": {"big": {"fleet_rate": 40}},
+            "report": {"cluster": "understudy_xds", "interval_ms": 300}
+        })))
+        .await?;
+    let quota_of = |tenant: &'static str| {
+        let stack = &stack;
+        async move {
+            let r = stack
+                .http
+                .get(&stack.url)
+                .header("x-tenant-id", tenant)
+                .send()
+                .await?;
+            let a = Answer {
+                status: r.status().as_u16(),
+                headers: r
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                    .collect(),
+            };
+            anyhow::Ok(quota(&a))
+        }
+    };
+    assert_eq!(
+        quota_of("big").await?,
+        Some(40),
+        "one Envoy: the whole fleet rate"
+    );
+
+    let mut second = stack.another_envoy("e2e-envoy-2").await?;
+    wait::until(
+        "the share to halve with two Envoys",
+        Duration::from_secs(15),
+        || async { Ok((quota_of("big").await? == Some(20)).then_some(())) },
+    )
+    .await?;
+    second.kill();
+    wait::until(
+        "the share to come back when the second Envoy leaves",
+        Duration::from_secs(15),
+        || async { Ok((quota_of("big").await? == Some(40)).then_some(())) },
+    )
+    .await?;
+
+    // Usage learned from the filters' reports.
+    traffic::paced(
+        &stack.url,
+        30.0,
+        Duration::from_secs(1),
+        &[("x-tenant-id", "big")],
+    )
+    .await;
+    let usage = wait::until(
+        "usage reports for the tenant",
+        Duration::from_secs(10),
+        || async {
+            let top = stack.api_get("/v1/ratelimit/tenants?top=5").await?;
+            let big = top["tenants"]
+                .as_array()
+                .and_then(|l| l.iter().find(|t| t["tenant"] == "big").cloned());
+            Ok(big.filter(|b| b["allowed"].as_u64().unwrap_or(0) >= 30))
+        },
+    )
+    .await?;
+    assert_eq!(usage["limit_rps_by_envoy"]["e2e-envoy"], 40.0, "{usage}");
+    assert_eq!(usage["tier"], "standard");
+
+    // Overrides through the API: validated, pushed, and removable. The tenant
+    // is known (in `standard`) before it is moved to `partner`.
+    assert_eq!(quota_of("vip").await?, Some(20));
+    let (status, body) = stack
+        .api_put("/v1/ratelimit/tenants/vip", &json!({"tier": "platinum"}))
+        .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unknown tier \"platinum\""),
+        "{body}"
+    );
+    let (status, body) = stack
+        .api_put("/v1/ratelimit/tenants/vip", &json!({"tier": "partner"}))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    wait::until(
+        "the override to reach Envoy",
+        Duration::from_secs(10),
+        || async { Ok((quota_of("vip").await? == Some(100)).then_some(())) },
+    )
+    .await?;
+    let r = stack
+        .http
+        .delete(stack.cp.api_url("/v1/ratelimit/tenants/vip"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    Ok(())
+}

@@ -35,9 +35,19 @@ pub struct NackRecord {
     pub nack: Nack,
 }
 
-#[derive(Default)]
 pub struct Registry {
     inner: Mutex<Inner>,
+    /// Distinct node ids connected now: the fleet a fleet-wide limit is divided by.
+    fleet: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            fleet: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -56,6 +66,7 @@ pub struct StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.registry.lock().streams.remove(&self.id);
+        self.registry.publish_fleet();
     }
 }
 
@@ -82,6 +93,11 @@ impl Registry {
 
     /// Copies a stream's protocol state into its status entry.
     pub fn update(&self, id: u64, stream: &AdsStream) {
+        self.update_status(id, stream);
+        self.publish_fleet();
+    }
+
+    fn update_status(&self, id: u64, stream: &AdsStream) {
         let mut inner = self.lock();
         if let Some(status) = inner.streams.get_mut(&id) {
             status.node_id = stream.node_id().map(str::to_owned);
@@ -92,6 +108,25 @@ impl Registry {
                 .map(|(url, st)| (type_url::short(url), st.clone()))
                 .collect();
         }
+    }
+
+    /// Watches the number of distinct connected Envoys.
+    pub fn fleet(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.fleet.subscribe()
+    }
+
+    fn publish_fleet(&self) {
+        let n = {
+            let inner = self.lock();
+            let nodes: std::collections::BTreeSet<&str> = inner
+                .streams
+                .values()
+                .filter_map(|s| s.node_id.as_deref())
+                .collect();
+            nodes.len()
+        };
+        self.fleet
+            .send_if_modified(|current| std::mem::replace(current, n) != n);
     }
 
     pub fn record_nack(&self, id: u64, node_id: Option<&str>, nack: Nack) {

@@ -341,7 +341,7 @@ mod tests {
 
     #[test]
     fn startup_goes_out_in_make_before_break_order() {
-        let snap = Snapshot::build(&state(0, 8081), 1);
+        let snap = Snapshot::build(&state(0, 8081), 1, 1);
         let mut s = AdsStream::new();
         assert_eq!(
             converge(&mut s, &snap),
@@ -360,7 +360,7 @@ mod tests {
 
     #[test]
     fn eds_only_lists_requested_clusters() {
-        let snap = Snapshot::build(&state(0, 8081), 1);
+        let snap = Snapshot::build(&state(0, 8081), 1, 1);
         let mut s = AdsStream::new();
         converge(&mut s, &snap);
         s.on_request(
@@ -385,8 +385,8 @@ mod tests {
     #[test]
     fn a_weight_change_sends_only_routes() {
         let mut s = AdsStream::new();
-        converge(&mut s, &Snapshot::build(&state(0, 8081), 1));
-        let out = s.pending(&Snapshot::build(&state(50, 8081), 2), "cp");
+        converge(&mut s, &Snapshot::build(&state(0, 8081), 1, 1));
+        let out = s.pending(&Snapshot::build(&state(50, 8081), 2, 1), "cp");
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].type_url, type_url::ROUTE);
     }
@@ -394,9 +394,9 @@ mod tests {
     #[test]
     fn a_cluster_change_resends_its_endpoints_after_the_ack() {
         let mut s = AdsStream::new();
-        converge(&mut s, &Snapshot::build(&state(0, 8081), 1));
+        converge(&mut s, &Snapshot::build(&state(0, 8081), 1, 1));
         // A change to the clusters alone (say, a new connect timeout).
-        let mut snap = Snapshot::build(&state(0, 8081), 2);
+        let mut snap = Snapshot::build(&state(0, 8081), 2, 1);
         let eds_version = snap.get(type_url::ENDPOINT).unwrap().version.clone();
         snap.set_version_for_test(type_url::CLUSTER, "changed");
         let out = s.pending(&snap, "cp");
@@ -420,8 +420,8 @@ mod tests {
     #[test]
     fn a_nack_is_recorded_and_not_resent() {
         let mut s = AdsStream::new();
-        converge(&mut s, &Snapshot::build(&state(0, 8081), 1));
-        let bad = Snapshot::build(&state(0, 9999), 2);
+        converge(&mut s, &Snapshot::build(&state(0, 8081), 1, 1));
+        let bad = Snapshot::build(&state(0, 9999), 2, 1);
         let out = s.pending(&bad, "cp");
         assert_eq!(out[0].type_url, type_url::ENDPOINT);
         let ev = s.on_request(
@@ -444,7 +444,7 @@ mod tests {
         assert!(s.pending(&bad, "cp").is_empty());
         assert_eq!(s.type_state(type_url::ENDPOINT).unwrap().responses_sent, 2);
         // A new desired state is sent.
-        let fixed = Snapshot::build(&state(0, 8083), 3);
+        let fixed = Snapshot::build(&state(0, 8083), 3, 1);
         let out = s.pending(&fixed, "cp");
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].type_url, type_url::ENDPOINT);
@@ -453,7 +453,7 @@ mod tests {
     #[test]
     fn stale_nonces_are_ignored() {
         let mut s = AdsStream::new();
-        let snap = Snapshot::build(&state(0, 8081), 1);
+        let snap = Snapshot::build(&state(0, 8081), 1, 1);
         converge(&mut s, &snap);
         let first_nonce = s
             .type_state(type_url::ROUTE)
@@ -461,7 +461,7 @@ mod tests {
             .sent_nonce
             .clone()
             .unwrap();
-        let out = s.pending(&Snapshot::build(&state(10, 8081), 2), "cp");
+        let out = s.pending(&Snapshot::build(&state(10, 8081), 2, 1), "cp");
         assert_eq!(out[0].type_url, type_url::ROUTE);
         let ev = s.on_request(
             &nack(type_url::ROUTE, &["understudy_routes"], &first_nonce, "old"),
@@ -478,7 +478,7 @@ mod tests {
         let ev = s.on_request(&req("type.googleapis.com/envoy.Whatever", &[], "", ""), NOW);
         assert!(matches!(ev, RequestEvent::Unknown { .. }));
         assert!(
-            s.pending(&Snapshot::build(&state(0, 8081), 1), "cp")
+            s.pending(&Snapshot::build(&state(0, 8081), 1, 1), "cp")
                 .is_empty()
         );
     }

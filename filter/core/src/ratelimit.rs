@@ -56,6 +56,36 @@ pub struct RawRateLimitConfig {
     pub headers_on_allowed: bool,
     /// Process-wide limits on a route (optionally one method), for all tenants together.
     pub route_limits: Vec<RawRouteLimit>,
+    /// Where and how often each worker reports per-tenant usage (gRPC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<RawReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReport {
+    /// An HTTP/2 cluster that reaches the control plane's gRPC port.
+    pub cluster: String,
+    #[serde(default = "report_interval")]
+    pub interval_ms: u64,
+    /// Tenants one worker remembers between reports; more are counted as dropped.
+    #[serde(default = "report_tenants")]
+    pub max_tenants: usize,
+}
+
+fn report_interval() -> u64 {
+    2_000
+}
+fn report_tenants() -> usize {
+    1_000
+}
+
+/// Validated usage-report settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub cluster: String,
+    pub interval_ms: u64,
+    pub max_tenants: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +122,7 @@ impl Default for RawRateLimitConfig {
             adjust_ms: 1_000,
             headers_on_allowed: false,
             route_limits: Vec::new(),
+            report: None,
         }
     }
 }
@@ -130,8 +161,11 @@ pub struct RawTier {
     pub burst_s: f64,
     /// Capacity of the whole tier (all its tenants together), requests per
     /// second; `None` means only per-tenant limits apply.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_rate: Option<f64>,
+    /// Capacity of the tier across the fleet; divided per Envoy like `fleet_rate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_pool_rate: Option<f64>,
     #[serde(default = "success_target")]
     pub success_target: f64,
     #[serde(default = "latency_target")]
@@ -171,6 +205,10 @@ pub struct RawTenant {
     /// A fixed limit for this tenant, bypassing adaptation.
     #[serde(default)]
     pub rate: Option<f64>,
+    /// A fixed limit for the whole fleet: the control plane divides it by the
+    /// number of connected Envoys and writes the share into `rate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -203,6 +241,7 @@ pub struct RateLimitConfig {
     pub adjust_us: u64,
     pub headers_on_allowed: bool,
     pub route_limits: Vec<RouteLimit>,
+    pub report: Option<Report>,
 }
 
 impl RateLimitConfig {
@@ -258,7 +297,7 @@ impl RateLimitConfig {
                     ),
                 ));
             }
-            if let Some(p) = t.pool_rate
+            if let Some(p) = t.pool_rate.or(t.fleet_pool_rate)
                 && !positive(p)
             {
                 return Err(invalid(f("pool_rate"), format!("must be above 0, got {p}")));
@@ -293,7 +332,7 @@ impl RateLimitConfig {
                 min: t.min,
                 max: t.max,
                 burst_s: t.burst_s,
-                pool_rate: t.pool_rate,
+                pool_rate: t.pool_rate.or(t.fleet_pool_rate),
                 success_target: t.success_target,
                 latency_target_ms: t.latency_target_ms,
                 increase: t.increase,
@@ -320,7 +359,8 @@ impl RateLimitConfig {
                 })?,
                 None => default_tier,
             };
-            if let Some(r) = t.rate
+            let rate = t.rate.or(t.fleet_rate);
+            if let Some(r) = rate
                 && !positive(r)
             {
                 return Err(invalid(
@@ -328,7 +368,7 @@ impl RateLimitConfig {
                     format!("must be a rate above 0, got {r}"),
                 ));
             }
-            tenants.insert(id, (tier, t.rate));
+            tenants.insert(id, (tier, rate));
         }
         if raw.max_tenants == 0 || raw.max_tenants > 1_000_000 {
             return Err(invalid(
@@ -394,6 +434,26 @@ impl RateLimitConfig {
             adjust_us: raw.adjust_ms.saturating_mul(1000),
             headers_on_allowed: raw.headers_on_allowed,
             route_limits,
+            report: match raw.report {
+                None => None,
+                Some(r) => {
+                    if r.cluster.trim().is_empty()
+                        || r.interval_ms < 100
+                        || r.max_tenants == 0
+                        || r.max_tenants > 100_000
+                    {
+                        return Err(invalid(
+                            "report".into(),
+                            "needs a cluster, interval_ms of at least 100 and max_tenants within 1..=100000".into(),
+                        ));
+                    }
+                    Some(Report {
+                        cluster: r.cluster,
+                        interval_ms: r.interval_ms,
+                        max_tenants: r.max_tenants,
+                    })
+                }
+            },
         })
     }
 
@@ -633,7 +693,26 @@ pub struct Admission {
 }
 
 /// Takes a token from the tenant's bucket at its current rate.
-pub fn admit(state: &mut TenantState, cfg: &RateLimitConfig, now_us: u64) -> Admission {
+pub fn admit(
+    state: &mut TenantState,
+    tenant: &Tenant,
+    cfg: &RateLimitConfig,
+    now_us: u64,
+) -> Admission {
+    // The config may have changed since the state was written (an override,
+    // a new fleet share, a new tier): the config wins.
+    let moved = state.tier != tenant.tier;
+    state.tier = tenant.tier;
+    if let Some(FixedRate(rate)) = tenant.fixed_rate {
+        state.rate = rate;
+    } else if let Some(t) = cfg.tier(tenant.tier) {
+        // A tenant moved to another tier starts over at that tier's initial.
+        state.rate = if moved {
+            t.initial
+        } else {
+            state.rate.clamp(t.min, t.max)
+        };
+    }
     let burst_s = cfg.tier(state.tier).map_or(1.0, |t| t.burst_s);
     let allowed = state.bucket.take(state.rate, burst_s, now_us);
     state.seen_us = now_us;
@@ -684,6 +763,67 @@ pub fn place(tenant: &str, candidates: [Option<&TenantState>; 2]) -> Placement {
     }
     let seen = |i: usize| candidates[i].map_or(0, |s| s.seen_us);
     Placement::Evict(if seen(0) <= seen(1) { 0 } else { 1 })
+}
+
+// === usage reports ===
+
+/// One tenant's usage on one worker since the last report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Usage {
+    pub tier: usize,
+    pub allowed: u64,
+    pub limited: u64,
+    pub limit_rps: f64,
+}
+
+/// Usage per tenant between two reports, bounded: tenants beyond `cap` are
+/// counted in `dropped` instead of remembered.
+#[derive(Debug, Clone, Default)]
+pub struct UsageTable {
+    cap: usize,
+    pub tenants: BTreeMap<String, Usage>,
+    pub dropped: u64,
+}
+
+impl UsageTable {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            tenants: BTreeMap::new(),
+            dropped: 0,
+        }
+    }
+
+    pub fn record(&mut self, tenant: &Tenant, a: &Admission) {
+        let full = self.tenants.len() >= self.cap;
+        match self.tenants.get_mut(&tenant.id) {
+            Some(u) => {
+                u.allowed += u64::from(a.allowed);
+                u.limited += u64::from(!a.allowed);
+                u.limit_rps = a.rate;
+            }
+            None if full => self.dropped += 1,
+            None => {
+                self.tenants.insert(
+                    tenant.id.clone(),
+                    Usage {
+                        tier: tenant.tier,
+                        allowed: u64::from(a.allowed),
+                        limited: u64::from(!a.allowed),
+                        limit_rps: a.rate,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Everything since the last report, leaving the table empty.
+    pub fn take(&mut self) -> (BTreeMap<String, Usage>, u64) {
+        (
+            std::mem::take(&mut self.tenants),
+            std::mem::take(&mut self.dropped),
+        )
+    }
 }
 
 // === headers ===
@@ -946,7 +1086,7 @@ mod tests {
                 }
             };
             assert!(
-                admit(&mut state, &c, i).allowed,
+                admit(&mut state, &t, &c, i).allowed,
                 "a new tenant starts with its allowance"
             );
             shared.insert(slot, state);
@@ -958,6 +1098,84 @@ mod tests {
             shared.len()
         );
         assert!(evictions >= 100_000 - 1000);
+    }
+
+    #[test]
+    fn usage_is_bounded_and_taken_once() {
+        let c = cfg(json!({}));
+        let mut u = UsageTable::new(2);
+        let a = Admission {
+            allowed: true,
+            retry_after_s: 0.0,
+            rate: 10.0,
+            remaining: 1.0,
+        };
+        let no = Admission {
+            allowed: false,
+            ..a
+        };
+        for id in ["a", "b", "a", "c"] {
+            let t = identify(
+                &c,
+                &IdentityInput {
+                    header: Some(id),
+                    ..Default::default()
+                },
+            );
+            u.record(&t, if id == "a" { &no } else { &a });
+        }
+        let (tenants, dropped) = u.take();
+        assert_eq!(dropped, 1, "c did not fit");
+        assert_eq!((tenants["a"].allowed, tenants["a"].limited), (0, 2));
+        assert!(u.take().0.is_empty());
+    }
+
+    #[test]
+    fn admission_follows_config_changes() {
+        let before = cfg(json!({"tenants": {"t": {"rate": 40}}}));
+        let t = identify(
+            &before,
+            &IdentityInput {
+                header: Some("t"),
+                ..Default::default()
+            },
+        );
+        let mut s = TenantState::new(&t, &before, 0);
+        let after = cfg(json!({"tenants": {"t": {"rate": 20}}}));
+        let t = identify(
+            &after,
+            &IdentityInput {
+                header: Some("t"),
+                ..Default::default()
+            },
+        );
+        assert_eq!(admit(&mut s, &t, &after, 1).rate, 20.0);
+        let moved = cfg(json!({"tenants": {"t": {"tier": "partner"}}}));
+        let t = identify(
+            &moved,
+            &IdentityInput {
+                header: Some("t"),
+                ..Default::default()
+            },
+        );
+        let a = admit(&mut s, &t, &moved, 2);
+        assert_eq!(
+            a.rate, 100.0,
+            "a tenant moved to the partner tier starts at its initial"
+        );
+    }
+
+    #[test]
+    fn fleet_rates_stand_in_for_rates() {
+        let c = cfg(json!({"tenants": {"big": {"fleet_rate": 40}}}));
+        let t = identify(
+            &c,
+            &IdentityInput {
+                header: Some("big"),
+                ..Default::default()
+            },
+        );
+        assert_eq!(TenantState::new(&t, &c, 0).rate, 40.0);
     }
 
     #[test]
