@@ -222,7 +222,19 @@ impl Limiter {
     fn admit(&self, tenant: &Tenant, now_us: u64) -> Option<Admission> {
         let [k0, k1] = self.slot_keys(&tenant.id);
         for _ in 0..CAS_RETRIES {
-            let slots = [read_slot(k0.clone()).ok()?, read_slot(k1.clone()).ok()?];
+            // Each shared-data call takes Envoy's process-wide lock: skip the
+            // second slot when the tenant already sits in the first.
+            let first = read_slot(k0.clone()).ok()?;
+            let second = if first.state.as_ref().is_some_and(|s| s.tenant == tenant.id) {
+                Slot {
+                    key: k1.clone(),
+                    state: None,
+                    cas: None,
+                }
+            } else {
+                read_slot(k1.clone()).ok()?
+            };
+            let slots = [first, second];
             let placement = ratelimit::place(
                 &tenant.id,
                 [slots[0].state.as_ref(), slots[1].state.as_ref()],

@@ -5,6 +5,7 @@
 //! *side by side in one run*, alternating rounds (A, B, A, B, ...), and
 //! reports ratios; absolute numbers are only context.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -17,7 +18,7 @@ use crate::paths;
 use crate::stack::free_port;
 
 /// Every scenario, by name.
-pub const SCENARIOS: &[&str] = &["filter_overhead", "hedging"];
+pub const SCENARIOS: &[&str] = &["filter_overhead", "hedging", "rate_limit"];
 
 pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
     let selected: Vec<&str> = match name {
@@ -32,6 +33,7 @@ pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
         let figures = match scenario {
             "filter_overhead" => filter_overhead(&oha).await?,
             "hedging" => hedging(&oha).await?,
+            "rate_limit" => rate_limit(&oha).await?,
             _ => unreachable!("checked above"),
         };
         let path = write(scenario, figures)?;
@@ -52,6 +54,31 @@ pub struct LoadResult {
     pub success_rate: f64,
     /// Requests sent, answered or cut off at the deadline.
     pub requests: u64,
+    /// Wall-clock seconds oha ran (its `summary.total`).
+    pub seconds: f64,
+    /// Answers by HTTP status (`"200"`, `"429"`, ...).
+    pub statuses: BTreeMap<String, u64>,
+    /// Requests without an answer (connection errors, cut off at the deadline).
+    pub errors: u64,
+}
+
+impl LoadResult {
+    /// Answers with this HTTP status.
+    pub fn status(&self, code: u16) -> u64 {
+        self.statuses.get(&code.to_string()).copied().unwrap_or(0)
+    }
+}
+
+/// How oha loads a URL.
+#[derive(Debug, Clone, Copy)]
+pub struct Load<'a> {
+    pub seconds: u64,
+    pub connections: u32,
+    /// Open loop at this many requests per second (oha `-q`); closed loop
+    /// (each connection sends as soon as it has its answer) when `None`.
+    pub qps: Option<u32>,
+    /// Extra request headers, `"name: value"`.
+    pub headers: &'a [&'a str],
 }
 
 pub struct Oha {
@@ -59,13 +86,34 @@ pub struct Oha {
 }
 
 impl Oha {
-    /// `oha -z <seconds>s -c <connections>` against `url`.
+    /// `oha -z <seconds>s -c <connections>` against `url` (closed loop).
     pub async fn run(&self, url: &str, seconds: u64, connections: u32) -> Result<LoadResult> {
-        let out = tokio::process::Command::new(&self.bin)
-            .args(["--no-tui", "--output-format", "json", "-z"])
-            .arg(format!("{seconds}s"))
+        self.load(
+            url,
+            Load {
+                seconds,
+                connections,
+                qps: None,
+                headers: &[],
+            },
+        )
+        .await
+    }
+
+    /// `oha -z <seconds>s -c <connections> [-q <qps>] [-H <header>]...` against `url`.
+    pub async fn load(&self, url: &str, load: Load<'_>) -> Result<LoadResult> {
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.args(["--no-tui", "--output-format", "json", "-z"])
+            .arg(format!("{}s", load.seconds))
             .arg("-c")
-            .arg(connections.to_string())
+            .arg(load.connections.to_string());
+        if let Some(qps) = load.qps {
+            cmd.arg("-q").arg(qps.to_string());
+        }
+        for header in load.headers {
+            cmd.arg("-H").arg(header);
+        }
+        let out = cmd
             .arg(url)
             .stdin(Stdio::null())
             .output()
@@ -76,11 +124,17 @@ impl Oha {
         }
         let v: Value = serde_json::from_slice(&out.stdout).context("parsing oha's JSON")?;
         let ms = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
-        let sum = |k: &str| {
+        let counts = |k: &str| -> BTreeMap<String, u64> {
             v[k].as_object()
-                .map(|m| m.values().filter_map(Value::as_u64).sum::<u64>())
-                .unwrap_or(0)
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, n)| Some((k.clone(), n.as_u64()?)))
+                        .collect()
+                })
+                .unwrap_or_default()
         };
+        let statuses = counts("statusCodeDistribution");
+        let errors = counts("errorDistribution").values().sum::<u64>();
         Ok(LoadResult {
             rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
             p50_ms: ms("p50"),
@@ -88,7 +142,10 @@ impl Oha {
             p99_ms: ms("p99"),
             p999_ms: ms("p99.9"),
             success_rate: v["summary"]["successRate"].as_f64().unwrap_or(0.0),
-            requests: sum("statusCodeDistribution") + sum("errorDistribution"),
+            requests: statuses.values().sum::<u64>() + errors,
+            seconds: v["summary"]["total"].as_f64().unwrap_or(f64::NAN),
+            statuses,
+            errors,
         })
     }
 }
@@ -290,6 +347,7 @@ async fn hedging(oha: &Oha) -> Result<Value> {
         upstream_before.push(upstream_count(&http, *up).await?);
     }
     let mut runs: Vec<Vec<LoadResult>> = vec![Vec::new(); modes.len()];
+    let mut delays = serde_json::Map::new();
     for round in 0..ROUNDS {
         for k in 0..modes.len() {
             let i = if round % 2 == 0 {
@@ -300,6 +358,13 @@ async fn hedging(oha: &Oha) -> Result<Value> {
             let r = oha.run(&url(i), SECONDS, CONNECTIONS).await?;
             eprintln!("round {round} {}: {r:?}", modes[i].0);
             runs[i].push(r);
+            // The delay the filter used, read while its latency window is fresh.
+            if modes[i].0 == "fixed" || modes[i].0 == "adaptive" {
+                let name = format!("wasmcustom.{}.hedge.all.delay_ms", modes[i].0);
+                if let Some(ms) = envoy.stat(&name).await? {
+                    delays.insert(format!("{}_delay_ms", modes[i].0), json!(ms));
+                }
+            }
         }
     }
     let mut figures = serde_json::Map::new();
@@ -319,12 +384,7 @@ async fn hedging(oha: &Oha) -> Result<Value> {
             json!(round3((served as f64 / sent.max(1) as f64 - 1.0) * 100.0)),
         );
     }
-    for mode in ["fixed", "adaptive"] {
-        let delay = envoy
-            .stat(&format!("wasmcustom.{mode}.hedge.all.delay_ms"))
-            .await?;
-        figures.insert(format!("{mode}_delay_ms_at_end"), json!(delay));
-    }
+    figures.extend(delays);
     figures.insert(
         "duration_s".into(),
         json!(ROUNDS as u64 * SECONDS * modes.len() as u64),
@@ -346,6 +406,237 @@ async fn hedging(oha: &Oha) -> Result<Value> {
         }),
     );
     Ok(Value::Object(figures))
+}
+
+/// A stat of the filter in `envoy`, 0 if Envoy does not have it.
+async fn filter_stat(envoy: &Envoy, name: &str) -> Result<u64> {
+    Ok(envoy
+        .stat(&format!("wasmcustom.{name}"))
+        .await?
+        .unwrap_or(0))
+}
+
+/// Per-tenant rate limits, one Envoy (`envoy/bench-ratelimit.yaml`), three
+/// listeners running the filter on one upstream:
+/// - accuracy: one tenant with a fixed rate R sends 2R/s open loop; admitted
+///   (200s) per second over R, at process level (two workers, one limit);
+/// - isolation: a tenant under its limit sends while another sends ten times
+///   its own limit, both open loop at once; the first one's success rate;
+/// - overhead: the limiter on but never limiting vs. the filter without
+///   `rate_limit`, closed loop, alternating rounds.
+async fn rate_limit(oha: &Oha) -> Result<Value> {
+    // The `limited` listener's tenants; checked against the YAML below.
+    const RATE: f64 = 200.0;
+    const BURST_S: f64 = 0.1;
+    const VICTIM_RATE: f64 = 50.0;
+    const AGGRESSOR_RATE: f64 = 50.0;
+    // Open-loop load.
+    const ACCURACY_SECONDS: u64 = 20;
+    const OFFERED_QPS: u32 = 2 * RATE as u32;
+    const CONTENTION_SECONDS: u64 = 10;
+    const VICTIM_QPS: u32 = 25;
+    const AGGRESSOR_QPS: u32 = 10 * AGGRESSOR_RATE as u32;
+    const OPEN_LOOP_CONNECTIONS: u32 = 32;
+    // Closed-loop overhead rounds.
+    const ROUNDS: usize = 3;
+    const SECONDS: u64 = 5;
+    const CONNECTIONS: u32 = 16;
+
+    let (_upstream, upstream_port) = start_upstream("{}")?;
+    let (limited, on, off) = (free_port()?, free_port()?, free_port()?);
+    let config = envoy::render(
+        "bench-ratelimit.yaml",
+        &[
+            ("port_value: 9901", "port_value: 0".into()),
+            ("port_value: 10020", format!("port_value: {limited}")),
+            ("port_value: 10021", format!("port_value: {on}")),
+            ("port_value: 10022", format!("port_value: {off}")),
+            ("port_value: 8095", format!("port_value: {upstream_port}")),
+            (
+                "filename: target/wasm32-wasip1/release/understudy_filter.wasm",
+                format!("filename: {}", paths::filter_wasm()?.display()),
+            ),
+        ],
+    )?;
+    for expected in [
+        format!(
+            r#""tenants":{{"bench":{{"rate":{RATE}}},"victim":{{"rate":{VICTIM_RATE}}},"aggressor":{{"rate":{AGGRESSOR_RATE}}}}}"#
+        ),
+        format!(r#""burst_s":{BURST_S}}}"#),
+    ] {
+        if !config.contains(&expected) {
+            bail!(
+                "envoy/bench-ratelimit.yaml no longer has {expected}; update the rate_limit benchmark's constants"
+            );
+        }
+    }
+    let envoy = Envoy::start(&config, &[]).await?;
+    envoy.wait_ready().await?;
+    let url = |port: u16| format!("http://127.0.0.1:{port}/");
+    // Warm every path (connections, V8 tiers); anonymous requests are not
+    // limited on `limited`, so its tenants start with full buckets.
+    oha.run(&url(limited), 1, OPEN_LOOP_CONNECTIONS).await?;
+    let bench_header = ["x-tenant-id: bench"];
+    let closed = Load {
+        seconds: SECONDS,
+        connections: CONNECTIONS,
+        qps: None,
+        headers: &bench_header,
+    };
+    let warm = Load {
+        seconds: 1,
+        ..closed
+    };
+    oha.load(&url(on), warm).await?;
+    oha.load(&url(off), warm).await?;
+
+    // Accuracy: R/s configured, 2R/s offered.
+    let acc = oha
+        .load(
+            &url(limited),
+            Load {
+                seconds: ACCURACY_SECONDS,
+                connections: OPEN_LOOP_CONNECTIONS,
+                qps: Some(OFFERED_QPS),
+                headers: &bench_header,
+            },
+        )
+        .await?;
+    eprintln!("accuracy: {acc:?}");
+    let admitted = acc.status(200);
+    let rejected = acc.status(429);
+    let burst = (RATE * BURST_S).max(1.0);
+    let filter_allowed = filter_stat(&envoy, "rl.ratelimit.standard.allowed").await?;
+    let filter_limited = filter_stat(&envoy, "rl.ratelimit.standard.limited").await?;
+
+    // Isolation: victim under its limit, aggressor at 10x its own, at once.
+    let victim_header = ["x-tenant-id: victim"];
+    let aggressor_header = ["x-tenant-id: aggressor"];
+    let url_limited = url(limited);
+    let (victim, aggressor) = tokio::join!(
+        oha.load(
+            &url_limited,
+            Load {
+                seconds: CONTENTION_SECONDS,
+                connections: 4,
+                qps: Some(VICTIM_QPS),
+                headers: &victim_header,
+            },
+        ),
+        oha.load(
+            &url_limited,
+            Load {
+                seconds: CONTENTION_SECONDS,
+                connections: OPEN_LOOP_CONNECTIONS,
+                qps: Some(AGGRESSOR_QPS),
+                headers: &aggressor_header,
+            },
+        ),
+    );
+    let (victim, aggressor) = (victim?, aggressor?);
+    eprintln!("victim: {victim:?}\naggressor: {aggressor:?}");
+    let victim_answered: u64 = victim.statuses.values().sum();
+
+    // Overhead: limiter on (never limiting) vs. off, both running the filter.
+    let (mut off_runs, mut on_runs) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // Alternate which goes first so drift in machine load hits both alike.
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for limiter in order {
+            let r = oha
+                .load(&url(if limiter { on } else { off }), closed)
+                .await?;
+            eprintln!(
+                "round {round} limiter {}: {r:?}",
+                if limiter { "on" } else { "off" }
+            );
+            if limiter {
+                on_runs.push(r)
+            } else {
+                off_runs.push(r)
+            }
+        }
+    }
+    let on_total = filter_stat(&envoy, "rl_on.requests_total").await?;
+    let on_allowed = filter_stat(&envoy, "rl_on.ratelimit.standard.allowed").await?;
+    let on_limited = filter_stat(&envoy, "rl_on.ratelimit.standard.limited").await?;
+    let off_total = filter_stat(&envoy, "rl_off.requests_total").await?;
+    if on_allowed == 0 || off_total == 0 {
+        bail!("the limiter-on or limiter-off filter counted no requests: not on the measured path");
+    }
+    if on_limited > 0 {
+        bail!("the limiter-on listener limited {on_limited} requests; it must never limit");
+    }
+    let pick =
+        |runs: &[LoadResult], f: fn(&LoadResult) -> f64| median(runs.iter().map(f).collect());
+    let rps_off = pick(&off_runs, |r| r.rps);
+    let rps_on = pick(&on_runs, |r| r.rps);
+
+    Ok(json!({
+        "duration_s": ACCURACY_SECONDS + CONTENTION_SECONDS + ROUNDS as u64 * SECONDS * 2,
+        "accuracy_ratio": round3(admitted as f64 / acc.seconds / RATE),
+        "accuracy_ratio_without_burst": round3((admitted as f64 - burst) / acc.seconds / RATE),
+        "accuracy": {
+            "note": "admitted includes the bucket's initial burst (rate x burst_s requests, the bucket starts full); accuracy_ratio_without_burst subtracts it",
+            "tenant_rate": RATE,
+            "offered_qps": OFFERED_QPS,
+            "seconds": round3(acc.seconds),
+            "connections": OPEN_LOOP_CONNECTIONS,
+            "burst_s": BURST_S,
+            "burst_requests": burst,
+            "expected_admitted": round3(RATE * acc.seconds + burst),
+            "admitted_200": admitted,
+            "limited_429": rejected,
+            "other_statuses": acc.statuses.values().sum::<u64>() - admitted - rejected,
+            "errors": acc.errors,
+            "sent": acc.requests,
+            "admitted_per_s": round3(admitted as f64 / acc.seconds),
+            "filter_allowed": filter_allowed,
+            "filter_limited": filter_limited,
+        },
+        "victim_success_pct": round3(100.0 * victim.status(200) as f64 / victim_answered.max(1) as f64),
+        "isolation": {
+            "seconds": CONTENTION_SECONDS,
+            "victim_rate": VICTIM_RATE,
+            "victim_offered_qps": VICTIM_QPS,
+            "victim_200": victim.status(200),
+            "victim_429": victim.status(429),
+            "victim_answered": victim_answered,
+            "victim_errors": victim.errors,
+            "victim_p99_ms": round3(victim.p99_ms),
+            "aggressor_rate": AGGRESSOR_RATE,
+            "aggressor_offered_qps": AGGRESSOR_QPS,
+            "aggressor_200": aggressor.status(200),
+            "aggressor_429": aggressor.status(429),
+            "aggressor_errors": aggressor.errors,
+            "aggressor_admitted_per_s": round3(aggressor.status(200) as f64 / aggressor.seconds),
+        },
+        "limiter_overhead_ratio": round3(rps_on / rps_off),
+        "overhead": {
+            "connections": CONNECTIONS,
+            "rounds": ROUNDS,
+            "seconds_per_round": SECONDS,
+            "aggregation": "median of rounds",
+            "rps_limiter_off": round3(rps_off),
+            "rps_limiter_on": round3(rps_on),
+            "p50_ms_limiter_off": round3(pick(&off_runs, |r| r.p50_ms)),
+            "p50_ms_limiter_on": round3(pick(&on_runs, |r| r.p50_ms)),
+            "p99_ms_limiter_off": round3(pick(&off_runs, |r| r.p99_ms)),
+            "p99_ms_limiter_on": round3(pick(&on_runs, |r| r.p99_ms)),
+            "success_rate_min": off_runs.iter().chain(&on_runs).map(|r| r.success_rate).fold(1.0, f64::min),
+            "limiter_on_filter_requests": on_total,
+            "limiter_on_filter_allowed": on_allowed,
+            // Requests the limiter let through without a decision (shared data
+            // failed or CAS retries ran out): 0 means every one paid full price.
+            "limiter_on_fail_open": on_total.saturating_sub(on_allowed + on_limited),
+            "limiter_off_filter_requests": off_total,
+            "runs": {"limiter_off": off_runs, "limiter_on": on_runs},
+        },
+    }))
 }
 
 #[cfg(test)]
