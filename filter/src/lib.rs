@@ -313,7 +313,7 @@ impl HttpContext for Http {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
             self.with((), |w| {
-                if let Some(l) = w.limiter.as_ref() {
+                if let Some(l) = w.limiter.as_mut() {
                     l.on_response(&admitted, status, host::now_us());
                 }
             });

@@ -15,9 +15,11 @@ use proxy_wasm::types::{LogLevel, MetricType, Status};
 use std::time::Duration;
 
 use prost::Message;
+use std::collections::BTreeMap;
+
 use understudy_core::ratelimit::{
-    self, Admission, Bucket, IdentityInput, Placement, RateLimitConfig, Tenant, TenantState,
-    UsageTable,
+    self, Admission, Bucket, Enforcement, IdentityInput, Placement, RateLimitConfig, Tenant,
+    TenantState, UsageTable,
 };
 use understudy_core::{FilterConfig, stats};
 use understudy_proto::v1::{TenantUsage, UsageReport};
@@ -43,6 +45,9 @@ pub struct Limiter {
     usage: UsageTable,
     last_report_us: u64,
     reports_failed: u32,
+    /// `per_worker` enforcement only: this worker's tenants and tier pools.
+    local: BTreeMap<String, TenantState>,
+    local_pools: BTreeMap<usize, Bucket>,
 }
 
 /// A request the limiter admitted: its answer feeds the tenant's adaptive limit.
@@ -103,6 +108,8 @@ impl Limiter {
             reports_failed: counter(stats::ratelimit(config, "reports_failed"))?,
             usage: UsageTable::new(cfg.report.as_ref().map_or(0, |r| r.max_tenants)),
             last_report_us: 0,
+            local: BTreeMap::new(),
+            local_pools: BTreeMap::new(),
             tiers,
             cfg,
         }))
@@ -219,7 +226,10 @@ impl Limiter {
 
     /// Tenant bucket, then the tier's pool, as one read-modify-CAS of the
     /// tenant's slot (a pool refusal gives the tenant its token back).
-    fn admit(&self, tenant: &Tenant, now_us: u64) -> Option<Admission> {
+    fn admit(&mut self, tenant: &Tenant, now_us: u64) -> Option<Admission> {
+        if self.cfg.enforcement == Enforcement::PerWorker {
+            return Some(self.admit_locally(tenant, now_us));
+        }
         let [k0, k1] = self.slot_keys(&tenant.id);
         for _ in 0..CAS_RETRIES {
             // Each shared-data call takes Envoy's process-wide lock: skip the
@@ -273,6 +283,56 @@ impl Limiter {
             }
         }
         None
+    }
+
+    /// `per_worker`: this worker alone enforces `1 / workers` of each rate,
+    /// with no shared data. Bounded like the shared table; the least recently
+    /// seen tenant is evicted.
+    fn admit_locally(&mut self, tenant: &Tenant, now_us: u64) -> Admission {
+        let share = 1.0 / f64::from(self.cfg.workers.max(1));
+        if !self.local.contains_key(&tenant.id) {
+            if self.local.len() >= self.cfg.max_tenants as usize {
+                let oldest = self
+                    .local
+                    .iter()
+                    .min_by_key(|(_, s)| s.seen_us)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    self.local.remove(&k);
+                    host::increment(self.evictions, 1);
+                }
+            } else {
+                host::increment(self.tenants, 1);
+            }
+            self.local.insert(
+                tenant.id.clone(),
+                TenantState::new(tenant, &self.cfg, now_us),
+            );
+        }
+        let Some(state) = self.local.get_mut(&tenant.id) else {
+            return Admission {
+                allowed: true,
+                retry_after_s: 0.0,
+                rate: 0.0,
+                remaining: 0.0,
+            };
+        };
+        let mut a = ratelimit::admit_share(state, tenant, &self.cfg, share, now_us);
+        if a.allowed
+            && let Some(t) = self.cfg.tier(tenant.tier)
+            && let Some(rate) = t.pool_rate
+        {
+            let pool = self
+                .local_pools
+                .entry(tenant.tier)
+                .or_insert_with(|| Bucket::full(rate * share, t.burst_s, now_us));
+            if !pool.take(rate * share, t.burst_s, now_us) {
+                state.bucket.tokens += 1.0;
+                a.allowed = false;
+                a.retry_after_s = a.retry_after_s.max(1.0);
+            }
+        }
+        a
     }
 
     /// The tier's shared capacity, if it has one.
@@ -344,9 +404,15 @@ impl Limiter {
     }
 
     /// The upstream answered an admitted request: adapt the tenant's limit.
-    pub fn on_response(&self, admitted: &Admitted, status: u16, now_us: u64) {
+    pub fn on_response(&mut self, admitted: &Admitted, status: u16, now_us: u64) {
         let latency_ms = now_us.saturating_sub(admitted.started_us) as f64 / 1000.0;
         let tenant = &admitted.tenant;
+        if self.cfg.enforcement == Enforcement::PerWorker {
+            if let Some(state) = self.local.get_mut(&tenant.id) {
+                state.observe(tenant, &self.cfg, status, latency_ms, now_us);
+            }
+            return;
+        }
         for _ in 0..CAS_RETRIES {
             let found = self.slot_keys(&tenant.id).into_iter().find_map(|k| {
                 let slot = read_slot(k).ok()?;

@@ -444,6 +444,7 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
 
     let (_upstream, upstream_port) = start_upstream("{}")?;
     let (limited, on, off) = (free_port()?, free_port()?, free_port()?);
+    let (limited_pw, on_pw) = (free_port()?, free_port()?);
     let config = envoy::render(
         "bench-ratelimit.yaml",
         &[
@@ -451,6 +452,8 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
             ("port_value: 10020", format!("port_value: {limited}")),
             ("port_value: 10021", format!("port_value: {on}")),
             ("port_value: 10022", format!("port_value: {off}")),
+            ("port_value: 10023", format!("port_value: {limited_pw}")),
+            ("port_value: 10024", format!("port_value: {on_pw}")),
             ("port_value: 8095", format!("port_value: {upstream_port}")),
             (
                 "filename: target/wasm32-wasip1/release/understudy_filter.wasm",
@@ -576,8 +579,57 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
     let rps_off = pick(&off_runs, |r| r.rps);
     let rps_on = pick(&on_runs, |r| r.rps);
 
+    // Shared data with CAS against per-worker shares, side by side: accuracy
+    // with load spread over both workers (32 connections) and with all of it
+    // on one worker (one connection), and the cost of each.
+    let mut comparison = serde_json::Map::new();
+    for (mode, port, never_limiting) in [("shared", limited, on), ("per_worker", limited_pw, on_pw)]
+    {
+        let mut figures = serde_json::Map::new();
+        for (label, connections) in [
+            ("32_connections", OPEN_LOOP_CONNECTIONS),
+            ("1_connection", 1),
+        ] {
+            let r = oha
+                .load(
+                    &url(port),
+                    Load {
+                        seconds: CONTENTION_SECONDS,
+                        connections,
+                        qps: Some(OFFERED_QPS),
+                        headers: &bench_header,
+                    },
+                )
+                .await?;
+            eprintln!("{mode} {label}: {r:?}");
+            figures.insert(
+                format!("accuracy_ratio_{label}"),
+                json!(round3((r.status(200) as f64 - burst) / r.seconds / RATE)),
+            );
+        }
+        let mut ratios = Vec::new();
+        for round in 0..ROUNDS {
+            let order = if round % 2 == 0 {
+                [off, never_limiting]
+            } else {
+                [never_limiting, off]
+            };
+            let mut rps = [0.0; 2];
+            for port in order {
+                let r = oha.load(&url(port), closed).await?;
+                rps[usize::from(port == never_limiting)] = r.rps;
+            }
+            ratios.push(rps[1] / rps[0]);
+        }
+        figures.insert("overhead_ratio".into(), json!(round3(median(ratios))));
+        comparison.insert(mode.into(), Value::Object(figures));
+    }
+
     Ok(json!({
-        "duration_s": ACCURACY_SECONDS + CONTENTION_SECONDS + ROUNDS as u64 * SECONDS * 2,
+        "duration_s": ACCURACY_SECONDS + CONTENTION_SECONDS + ROUNDS as u64 * SECONDS * 2
+            + 2 * (2 * CONTENTION_SECONDS + ROUNDS as u64 * SECONDS * 2),
+        "enforcement_comparison": comparison,
+        "enforcement_note": "accuracy ratios exclude the initial burst; one connection puts all of a tenant's load on one worker, where per-worker shares admit only rate/workers",
         "accuracy_ratio": round3(admitted as f64 / acc.seconds / RATE),
         "accuracy_ratio_without_burst": round3((admitted as f64 - burst) / acc.seconds / RATE),
         "accuracy": {

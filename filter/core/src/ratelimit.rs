@@ -59,6 +59,20 @@ pub struct RawRateLimitConfig {
     /// Where and how often each worker reports per-tenant usage (gRPC).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<RawReport>,
+    /// `shared` (default): one bucket per tenant for the whole Envoy process,
+    /// in shared data. `per_worker`: each worker enforces `rate / workers`
+    /// alone, without shared data (kept to measure against; see the README).
+    pub enforcement: Enforcement,
+    /// Envoy's `--concurrency`, for `per_worker` shares.
+    pub workers: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforcement {
+    #[default]
+    Shared,
+    PerWorker,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +137,8 @@ impl Default for RawRateLimitConfig {
             headers_on_allowed: false,
             route_limits: Vec::new(),
             report: None,
+            enforcement: Enforcement::Shared,
+            workers: 2,
         }
     }
 }
@@ -242,6 +258,8 @@ pub struct RateLimitConfig {
     pub headers_on_allowed: bool,
     pub route_limits: Vec<RouteLimit>,
     pub report: Option<Report>,
+    pub enforcement: Enforcement,
+    pub workers: u32,
 }
 
 impl RateLimitConfig {
@@ -434,6 +452,15 @@ impl RateLimitConfig {
             adjust_us: raw.adjust_ms.saturating_mul(1000),
             headers_on_allowed: raw.headers_on_allowed,
             route_limits,
+            enforcement: raw.enforcement,
+            workers: if raw.workers == 0 || raw.workers > 1024 {
+                return Err(invalid(
+                    "workers".into(),
+                    format!("must be within 1..=1024, got {}", raw.workers),
+                ));
+            } else {
+                raw.workers
+            },
             report: match raw.report {
                 None => None,
                 Some(r) => {
@@ -699,6 +726,18 @@ pub fn admit(
     cfg: &RateLimitConfig,
     now_us: u64,
 ) -> Admission {
+    admit_share(state, tenant, cfg, 1.0, now_us)
+}
+
+/// Like [`admit`], for a bucket that enforces `share` of the tenant's rate
+/// (a worker's part under `per_worker` enforcement).
+pub fn admit_share(
+    state: &mut TenantState,
+    tenant: &Tenant,
+    cfg: &RateLimitConfig,
+    share: f64,
+    now_us: u64,
+) -> Admission {
     // The config may have changed since the state was written (an override,
     // a new fleet share, a new tier): the config wins.
     let moved = state.tier != tenant.tier;
@@ -714,7 +753,8 @@ pub fn admit(
         };
     }
     let burst_s = cfg.tier(state.tier).map_or(1.0, |t| t.burst_s);
-    let allowed = state.bucket.take(state.rate, burst_s, now_us);
+    let bucket_rate = state.rate * share;
+    let allowed = state.bucket.take(bucket_rate, burst_s, now_us);
     state.seen_us = now_us;
     if allowed {
         state.allowed += 1;
@@ -723,7 +763,7 @@ pub fn admit(
     }
     Admission {
         allowed,
-        retry_after_s: state.bucket.wait_s(state.rate),
+        retry_after_s: state.bucket.wait_s(bucket_rate),
         rate: state.rate,
         remaining: state.bucket.tokens.max(0.0),
     }
@@ -1162,6 +1202,29 @@ mod tests {
         assert_eq!(
             a.rate, 100.0,
             "a tenant moved to the partner tier starts at its initial"
+        );
+    }
+
+    #[test]
+    fn a_per_worker_share_admits_its_part() {
+        let c =
+            cfg(json!({"enforcement": "per_worker", "workers": 2, "tenants": {"t": {"rate": 10}}}));
+        assert_eq!(c.enforcement, Enforcement::PerWorker);
+        let t = identify(
+            &c,
+            &IdentityInput {
+                header: Some("t"),
+                ..Default::default()
+            },
+        );
+        let mut s = TenantState::new(&t, &c, 0);
+        s.bucket.tokens = 0.0;
+        let admitted = (1..=100u64)
+            .filter(|i| admit_share(&mut s, &t, &c, 0.5, i * 100_000).allowed)
+            .count();
+        assert!(
+            (49..=51).contains(&admitted),
+            "half of 10/s over 10 s: {admitted}"
         );
     }
 
