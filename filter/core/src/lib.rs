@@ -16,6 +16,12 @@
 //! - [`stats`]: the names of the metrics the filter defines, shared with the
 //!   tests and the control plane so nobody spells them twice.
 
+// This code runs inside Envoy's wasm VM, where a panic kills the VM.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod config;
 pub mod dedupe;
 pub mod hedge;
