@@ -7,6 +7,8 @@
 //! configuration before pushing it, so both sides agree on what is valid.
 //!
 //! # Layout
+//! - [`compare`]: comparing a primary and a shadow response (dark launches):
+//!   field-level JSON differences, bucketed as serious or noise.
 //! - [`config`]: the JSON configuration, parsed into validated types.
 //! - [`dedupe`]: suppressing duplicate requests by `Idempotency-Key`.
 //! - [`hedge`]: hedged requests: eligibility, adaptive delay, budget, and the
@@ -22,6 +24,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod compare;
 pub mod config;
 pub mod dedupe;
 pub mod hedge;
