@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use crate::envoy::{self, Envoy};
 use crate::paths;
+use crate::process::ChildGuard;
 use crate::stack::free_port;
 
 /// Every scenario, by name.
@@ -150,6 +151,37 @@ impl Oha {
     }
 }
 
+/// Runs `load` against `a` and `b` for `rounds` rounds, alternating which
+/// goes first so drift in machine load hits both alike. Returns the runs of
+/// each, in round order.
+async fn alternate(
+    oha: &Oha,
+    rounds: usize,
+    (a_name, a): (&str, &str),
+    (b_name, b): (&str, &str),
+    load: Load<'_>,
+) -> Result<(Vec<LoadResult>, Vec<LoadResult>)> {
+    let (mut a_runs, mut b_runs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for second in order {
+            let (name, url) = if second { (b_name, b) } else { (a_name, a) };
+            let r = oha.load(url, load).await?;
+            eprintln!("round {round} {name}: {r:?}");
+            if second {
+                b_runs.push(r)
+            } else {
+                a_runs.push(r)
+            }
+        }
+    }
+    Ok((a_runs, b_runs))
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     match xs.len() {
@@ -180,16 +212,6 @@ fn write(scenario: &str, figures: Value) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A child process killed when dropped.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The release `understudy-upstream` binary on a free port, with `behavior` (JSON).
 fn start_upstream(behavior: &str) -> Result<(ChildGuard, u16)> {
     let port = free_port()?;
@@ -208,7 +230,7 @@ fn start_upstream(behavior: &str) -> Result<(ChildGuard, u16)> {
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {} (cargo xtask bench builds it)", bin.display()))?;
-    Ok((ChildGuard(child), port))
+    Ok((ChildGuard::new(child), port))
 }
 
 /// Plain Envoy against Envoy with the filter loaded and passing traffic: one
@@ -228,28 +250,20 @@ async fn filter_overhead(oha: &Oha) -> Result<Value> {
     // Warm both paths (connections, V8 tiers) before measuring.
     oha.run(&url_plain, 1, CONNECTIONS).await?;
     oha.run(&url_with, 1, CONNECTIONS).await?;
-    let (mut plain_runs, mut filter_runs) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
-        // Alternate which goes first so drift in machine load hits both alike.
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for filtered in order {
-            let url = if filtered { &url_with } else { &url_plain };
-            let r = oha.run(url, SECONDS, CONNECTIONS).await?;
-            eprintln!(
-                "round {round} {}: {r:?}",
-                if filtered { "filter" } else { "plain" }
-            );
-            if filtered {
-                filter_runs.push(r)
-            } else {
-                plain_runs.push(r)
-            }
-        }
-    }
+    let closed = Load {
+        seconds: SECONDS,
+        connections: CONNECTIONS,
+        qps: None,
+        headers: &[],
+    };
+    let (plain_runs, filter_runs) = alternate(
+        oha,
+        ROUNDS,
+        ("plain", &url_plain),
+        ("filter", &url_with),
+        closed,
+    )
+    .await?;
     let counted = envoy
         .stat("wasmcustom.understudy.requests_total")
         .await?
@@ -541,29 +555,14 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
     let victim_answered: u64 = victim.statuses.values().sum();
 
     // Overhead: limiter on (never limiting) vs. off, both running the filter.
-    let (mut off_runs, mut on_runs) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
-        // Alternate which goes first so drift in machine load hits both alike.
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for limiter in order {
-            let r = oha
-                .load(&url(if limiter { on } else { off }), closed)
-                .await?;
-            eprintln!(
-                "round {round} limiter {}: {r:?}",
-                if limiter { "on" } else { "off" }
-            );
-            if limiter {
-                on_runs.push(r)
-            } else {
-                off_runs.push(r)
-            }
-        }
-    }
+    let (off_runs, on_runs) = alternate(
+        oha,
+        ROUNDS,
+        ("limiter off", &url(off)),
+        ("limiter on", &url(on)),
+        closed,
+    )
+    .await?;
     let on_total = filter_stat(&envoy, "rl_on.requests_total").await?;
     let on_allowed = filter_stat(&envoy, "rl_on.ratelimit.standard.allowed").await?;
     let on_limited = filter_stat(&envoy, "rl_on.ratelimit.standard.limited").await?;
@@ -607,20 +606,19 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
                 json!(round3((r.status(200) as f64 - burst) / r.seconds / RATE)),
             );
         }
-        let mut ratios = Vec::new();
-        for round in 0..ROUNDS {
-            let order = if round % 2 == 0 {
-                [off, never_limiting]
-            } else {
-                [never_limiting, off]
-            };
-            let mut rps = [0.0; 2];
-            for port in order {
-                let r = oha.load(&url(port), closed).await?;
-                rps[usize::from(port == never_limiting)] = r.rps;
-            }
-            ratios.push(rps[1] / rps[0]);
-        }
+        let (off_runs, on_runs) = alternate(
+            oha,
+            ROUNDS,
+            ("limiter off", &url(off)),
+            (mode, &url(never_limiting)),
+            closed,
+        )
+        .await?;
+        let ratios = on_runs
+            .iter()
+            .zip(&off_runs)
+            .map(|(on, off)| on.rps / off.rps)
+            .collect();
         figures.insert("overhead_ratio".into(), json!(round3(median(ratios))));
         comparison.insert(mode.into(), Value::Object(figures));
     }

@@ -64,6 +64,8 @@ pub struct Envoy {
     child: Child,
     pub admin: SocketAddr,
     log_path: PathBuf,
+    /// Print the end of the log on drop (tests: shown only if they fail).
+    print_log_on_drop: bool,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
@@ -106,6 +108,7 @@ impl Envoy {
             child,
             admin: "127.0.0.1:0".parse()?,
             log_path,
+            print_log_on_drop: true,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()?,
@@ -205,6 +208,12 @@ impl Envoy {
         .await
     }
 
+    /// Keeps the log out of the terminal on drop (the demo prints its path instead).
+    pub fn quiet(mut self) -> Self {
+        self.print_log_on_drop = false;
+        self
+    }
+
     /// Kills Envoy now (it is also killed on drop).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -226,6 +235,9 @@ impl Drop for Envoy {
     /// alike), so a failure always comes with Envoy's side of the story.
     fn drop(&mut self) {
         self.kill();
+        if !self.print_log_on_drop {
+            return;
+        }
         eprintln!(
             "----- Envoy log ({}) -----\n{}\n----- end of Envoy log -----",
             self.log_path.display(),

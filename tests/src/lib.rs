@@ -9,6 +9,7 @@
 //! - [`envoy`]: one Envoy process (config rendering, admin API, log on failure).
 //! - [`controlplane`]: the control plane in-process, killable and restartable.
 //! - [`upstream`]: the programmable upstream (also the `understudy-upstream` binary).
+//! - [`process`]: child processes killed on drop.
 //! - [`traffic`]: client load and its tally.
 //! - [`stack`]: all of the above wired together.
 //! - [`wait`]: condition waits with deadlines.
@@ -20,6 +21,7 @@ pub mod bench;
 pub mod controlplane;
 pub mod envoy;
 pub mod paths;
+pub mod process;
 pub mod stack;
 pub mod traffic;
 pub mod upstream;

@@ -7,13 +7,14 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use understudy_e2e::envoy::{self, Envoy};
 use understudy_e2e::paths::{self, ENVOY_VERSION};
+use understudy_e2e::process::ChildGuard;
 use understudy_e2e::traffic::{Load, Tally};
 use understudy_e2e::{bench, wait};
 
@@ -197,18 +198,7 @@ fn ensure_oha() -> Result<std::path::PathBuf> {
     Ok(bin)
 }
 
-/// A child process killed when dropped.
-struct Guard(Child, &'static str);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        eprintln!("stopped {}", self.1);
-    }
-}
-
-fn spawn(name: &'static str, bin: &Path, args: &[String], log: &Path) -> Result<Guard> {
+fn spawn(name: &'static str, bin: &Path, args: &[String], log: &Path) -> Result<ChildGuard> {
     let file = std::fs::File::create(log)?;
     let child = Command::new(bin)
         .args(args)
@@ -220,7 +210,7 @@ fn spawn(name: &'static str, bin: &Path, args: &[String], log: &Path) -> Result<
         .stderr(file)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    Ok(Guard(child, name))
+    Ok(ChildGuard::named(child, name))
 }
 
 async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
@@ -272,7 +262,9 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
         &args(&["serve", "--state", &state_file.display().to_string()]),
         &dir.join("controlplane.log"),
     )?;
-    let envoy = Envoy::start(&envoy::render("bootstrap.yaml", &[])?, &[]).await?;
+    let envoy = Envoy::start(&envoy::render("bootstrap.yaml", &[])?, &[])
+        .await?
+        .quiet();
     envoy.wait_ready().await?;
     eprintln!(
         "Envoy admin on http://{}; control plane API on http://127.0.0.1:18080; logs in {}",
