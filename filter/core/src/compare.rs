@@ -416,10 +416,7 @@ impl CompareConfig {
         }
         let mut headers = Vec::with_capacity(raw.headers.len());
         for (i, h) in raw.headers.iter().enumerate() {
-            let valid = !h.is_empty()
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-            if !valid {
+            if !crate::config::is_header_name(h) {
                 return Err(invalid(
                     format!("headers[{i}]"),
                     format!("{h:?} is not a valid header name"),
@@ -523,6 +520,9 @@ pub struct Difference {
     pub primary: Option<String>,
     /// The shadow's value as compact JSON text (absent when missing).
     pub shadow: Option<String>,
+    /// A serious difference that no expected-divergence path covers (see
+    /// [`Scope`]). Noise is never unexpected.
+    pub unexpected: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -533,10 +533,15 @@ pub struct Comparison {
     pub serious: usize,
     /// Noise differences found, recorded or not.
     pub noise: usize,
+    /// Unexpected differences found, recorded or not.
+    pub unexpected: usize,
     /// Differences found but not recorded (beyond `max_differences`).
     pub omitted: usize,
     /// Why the comparison stopped early or skipped part of the bodies.
     pub truncated: Option<String>,
+    /// The side (`primary` or `shadow`) whose body says it is JSON (by its
+    /// content-type) but does not parse; the bodies were compared as bytes.
+    pub unparseable: Option<&'static str>,
 }
 
 impl Comparison {
@@ -550,6 +555,9 @@ impl Comparison {
         match d.bucket {
             Bucket::Serious => self.serious += 1,
             Bucket::Noise => self.noise += 1,
+        }
+        if d.unexpected {
+            self.unexpected += 1;
         }
         if self.differences.len() < cap {
             self.differences.push(d);
@@ -756,6 +764,50 @@ fn sha256_text(body: &[u8]) -> String {
     s
 }
 
+/// Replaces every value at (or under) a `redact` path in a JSON body with
+/// the string `sha256:<hex>` of its compact text, as differences report it.
+/// Two bodies redacted this way still compare equal exactly where their
+/// clear values were equal, so stored samples can be compared again.
+/// Returns `None` when the body is not JSON nested at most `max_depth`
+/// deep: it cannot be redacted, so it must not be kept.
+pub fn redact_body(body: &[u8], redact: &[PathPattern], max_depth: usize) -> Option<Vec<u8>> {
+    if redact.is_empty() {
+        return Some(body.to_vec());
+    }
+    if nesting_depth(body, max_depth) > max_depth {
+        return None;
+    }
+    let mut value: Value = serde_json::from_slice(body).ok()?;
+    let mut path = Vec::new();
+    redact_value(&mut value, redact, &mut path);
+    serde_json::to_vec(&value).ok()
+}
+
+/// Recursion is bounded by the depth check in [`redact_body`].
+fn redact_value(v: &mut Value, redact: &[PathPattern], path: &mut Vec<Seg>) {
+    if redact.iter().any(|r| r.matches_prefix(path)) {
+        *v = Value::String(sha256_text(v.to_string().as_bytes()));
+        return;
+    }
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                path.push(Seg::Key(k.clone()));
+                redact_value(child, redact, path);
+                path.pop();
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter_mut().enumerate() {
+                path.push(Seg::Index(i));
+                redact_value(child, redact, path);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
 fn header_value(headers: &[(String, String)], name: &str) -> Option<String> {
     let values: Vec<&str> = headers
         .iter()
@@ -765,6 +817,10 @@ fn header_value(headers: &[(String, String)], name: &str) -> Option<String> {
     (!values.is_empty()).then(|| values.join(", "))
 }
 
+fn declares_json(headers: &[(String, String)]) -> bool {
+    header_value(headers, "content-type").is_some_and(|ct| ct.to_ascii_lowercase().contains("json"))
+}
+
 fn declares_non_json(headers: &[(String, String)]) -> bool {
     header_value(headers, "content-type").is_some_and(|ct| {
         let ct = ct.to_ascii_lowercase();
@@ -772,8 +828,30 @@ fn declares_non_json(headers: &[(String, String)]) -> bool {
     })
 }
 
+/// Where differences are intended, and which values must not leave the
+/// filter in clear. The default scope expects nothing and redacts nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scope<'a> {
+    /// Paths where this request is expected to differ (from the matching
+    /// expected-divergence rule). A serious difference elsewhere is
+    /// unexpected; with no rule matched, every serious difference is.
+    pub expected: &'a [PathPattern],
+    /// Values at (or under) these paths are reported as `sha256:<hex>`.
+    pub redact: &'a [PathPattern],
+}
+
 /// Compares the shadow's response with the primary's under `cfg`.
 pub fn compare(cfg: &CompareConfig, primary: &Response<'_>, shadow: &Response<'_>) -> Comparison {
+    compare_in(cfg, Scope::default(), primary, shadow)
+}
+
+/// [`compare`], with expected-divergence paths and redaction.
+pub fn compare_in(
+    cfg: &CompareConfig,
+    scope: Scope<'_>,
+    primary: &Response<'_>,
+    shadow: &Response<'_>,
+) -> Comparison {
     let mut out = Comparison::default();
     let cap = cfg.max_differences;
     if primary.status != shadow.status {
@@ -790,6 +868,7 @@ pub fn compare(cfg: &CompareConfig, primary: &Response<'_>, shadow: &Response<'_
                 bucket,
                 primary: Some(primary.status.to_string()),
                 shadow: Some(shadow.status.to_string()),
+                unexpected: bucket == Bucket::Serious,
             },
         );
     }
@@ -805,15 +884,22 @@ pub fn compare(cfg: &CompareConfig, primary: &Response<'_>, shadow: &Response<'_
                     bucket: Bucket::Serious,
                     primary: a.map(|v| json_string(&v)),
                     shadow: b.map(|v| json_string(&v)),
+                    unexpected: true,
                 },
             );
         }
     }
-    compare_bodies(cfg, primary, shadow, &mut out);
+    compare_bodies(cfg, scope, primary, shadow, &mut out);
     out
 }
 
-fn compare_bodies(cfg: &CompareConfig, p: &Response<'_>, s: &Response<'_>, out: &mut Comparison) {
+fn compare_bodies(
+    cfg: &CompareConfig,
+    scope: Scope<'_>,
+    p: &Response<'_>,
+    s: &Response<'_>,
+    out: &mut Comparison,
+) {
     let mut json = !(declares_non_json(p.headers) || declares_non_json(s.headers));
     if json {
         for (side, body) in [("primary", p.body), ("shadow", s.body)] {
@@ -832,13 +918,19 @@ fn compare_bodies(cfg: &CompareConfig, p: &Response<'_>, s: &Response<'_>, out: 
             serde_json::from_slice::<Value>(s.body),
         ) {
             (Ok(a), Ok(b)) => Some((a, b)),
-            _ => None,
+            (a, b) => {
+                out.unparseable = [("primary", a.is_err(), p.headers), ("shadow", b.is_err(), s.headers)]
+                    .into_iter()
+                    .find(|(_, failed, headers)| *failed && declares_json(headers))
+                    .map(|(side, _, _)| side);
+                None
+            }
         }
     } else {
         None
     };
     match parsed {
-        Some((a, b)) => walk(cfg, &a, &b, out),
+        Some((a, b)) => walk(cfg, scope, &a, &b, out),
         None => {
             if p.body != s.body {
                 out.push(
@@ -849,6 +941,7 @@ fn compare_bodies(cfg: &CompareConfig, p: &Response<'_>, s: &Response<'_>, out: 
                         bucket: Bucket::Serious,
                         primary: Some(sha256_text(p.body)),
                         shadow: Some(sha256_text(s.body)),
+                        unexpected: !scope.expected.iter().any(|e| e.matches_prefix(&[])),
                     },
                 );
             }
@@ -858,6 +951,7 @@ fn compare_bodies(cfg: &CompareConfig, p: &Response<'_>, s: &Response<'_>, out: 
 
 struct Walker<'c> {
     cfg: &'c CompareConfig,
+    scope: Scope<'c>,
     out: &'c mut Comparison,
 }
 
@@ -896,6 +990,16 @@ impl Walker<'_> {
         primary: Option<String>,
         shadow: Option<String>,
     ) {
+        let (primary, shadow) = if self.scope.redact.iter().any(|r| r.matches_prefix(path)) {
+            (
+                primary.map(|v| sha256_text(v.as_bytes())),
+                shadow.map(|v| sha256_text(v.as_bytes())),
+            )
+        } else {
+            (primary, shadow)
+        };
+        let unexpected = bucket == Bucket::Serious
+            && !self.scope.expected.iter().any(|e| e.matches_prefix(path));
         self.out.push(
             self.cfg.max_differences,
             Difference {
@@ -904,6 +1008,7 @@ impl Walker<'_> {
                 bucket,
                 primary,
                 shadow,
+                unexpected,
             },
         );
     }
@@ -917,8 +1022,8 @@ fn child(path: &[Seg], seg: Seg) -> Vec<Seg> {
 }
 
 /// Walks both documents with an explicit stack (depth-first, document order).
-fn walk(cfg: &CompareConfig, a: &Value, b: &Value, out: &mut Comparison) {
-    let mut w = Walker { cfg, out };
+fn walk(cfg: &CompareConfig, scope: Scope<'_>, a: &Value, b: &Value, out: &mut Comparison) {
+    let mut w = Walker { cfg, scope, out };
     let mut stack: Vec<(Vec<Seg>, &Value, &Value)> = vec![(Vec::new(), a, b)];
     let mut visited = 0usize;
     while let Some((path, a, b)) = stack.pop() {
@@ -1214,6 +1319,62 @@ mod tests {
                 body: &bb,
             },
         )
+    }
+
+    fn resp(status: u16, body: &[u8]) -> Response<'_> {
+        Response {
+            status,
+            headers: &[],
+            body,
+        }
+    }
+
+    #[test]
+    fn unexpected_is_serious_outside_the_expected_paths() {
+        let cfg = cfg(serde_json::json!({}));
+        let expected = [PathPattern::parse("$.allocation").unwrap()];
+        let scope = Scope {
+            expected: &expected,
+            redact: &[],
+        };
+        let a = br#"{"allocation":{"gpu":1},"queue":"a","extra":null}"#;
+        let b = br#"{"allocation":{"gpu":2},"queue":"b","extra":null,"new":1}"#;
+        let c = compare_in(&cfg, scope, &resp(200, a), &resp(500, b));
+        assert!(!find(&c, "$.allocation.gpu").unexpected);
+        assert!(find(&c, "$.queue").unexpected);
+        assert!(find(&c, "status").unexpected);
+        assert!(!find(&c, "$.new").unexpected, "noise is never unexpected");
+        assert_eq!((c.serious, c.unexpected), (3, 2));
+        // No rule matched the request: every serious difference is unexpected.
+        let c = compare(&cfg, &resp(200, a), &resp(200, b));
+        assert_eq!((c.serious, c.unexpected), (2, 2));
+    }
+
+    #[test]
+    fn redacted_values_are_hashed_in_differences_and_bodies() {
+        let cfg = cfg(serde_json::json!({}));
+        let redact = [PathPattern::parse("$.customer").unwrap()];
+        let scope = Scope {
+            expected: &[],
+            redact: &redact,
+        };
+        let a = br#"{"customer":{"email":"a@x.io"},"n":1}"#;
+        let b = br#"{"customer":{"email":"b@x.io"},"n":1}"#;
+        let c = compare_in(&cfg, scope, &resp(200, a), &resp(200, b));
+        let d = find(&c, "$.customer.email");
+        assert_eq!(d.primary.as_deref(), Some(sha256_text(br#""a@x.io""#).as_str()));
+        assert!(!format!("{c:?}").contains("x.io"));
+        let ra = redact_body(a, &redact, 64).unwrap();
+        let rb = redact_body(b, &redact, 64).unwrap();
+        assert!(!String::from_utf8_lossy(&ra).contains("x.io"));
+        // Redacted bodies still differ where the clear values did, and only there.
+        let c = compare(&cfg, &resp(200, &ra), &resp(200, &rb));
+        assert_eq!(c.differences.len(), 1);
+        assert_eq!(c.differences[0].path, "$.customer");
+        assert_eq!(redact_body(a, &redact, 64), redact_body(a, &redact, 64));
+        assert_eq!(redact_body(b"not json", &redact, 64), None);
+        assert_eq!(redact_body(b"[[[[1]]]]", &redact, 2), None);
+        assert_eq!(redact_body(b"x", &[], 2).as_deref(), Some(&b"x"[..]));
     }
 
     fn find<'c>(c: &'c Comparison, path: &str) -> &'c Difference {

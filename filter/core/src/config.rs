@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::dedupe::{DedupeConfig, RawDedupeConfig};
 use crate::hedge::{HedgeConfig, RawHedgeConfig};
 use crate::ratelimit::{RateLimitConfig, RawRateLimitConfig};
+use crate::shadow::{RawShadowConfig, RawShadowReport, ShadowConfig, ShadowReport};
 
 /// Routes are matched linearly on every request; the cap keeps that bounded.
 pub const MAX_ROUTES: usize = 256;
@@ -33,6 +34,9 @@ pub struct RawFilterConfig {
     /// Adaptive per-tenant rate limits for every request (see [`crate::ratelimit`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RawRateLimitConfig>,
+    /// Where shadow mismatch records and counters are sent (see [`crate::shadow`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_report: Option<RawShadowReport>,
 }
 
 /// One route as written.
@@ -48,6 +52,9 @@ pub struct RawRoute {
     /// Inbound duplicate suppression by Idempotency-Key (see [`crate::dedupe`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedupe: Option<RawDedupeConfig>,
+    /// Shadow traffic with response comparison (see [`crate::shadow`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<RawShadowConfig>,
 }
 
 fn default_prefix() -> String {
@@ -93,6 +100,7 @@ pub struct FilterConfig {
     stat_prefix: String,
     routes: Vec<Route>,
     rate_limit: Option<RateLimitConfig>,
+    shadow_report: Option<ShadowReport>,
 }
 
 /// A validated route.
@@ -102,6 +110,7 @@ pub struct Route {
     pub path_prefix: String,
     pub hedge: Option<HedgeConfig>,
     pub dedupe: Option<DedupeConfig>,
+    pub shadow: Option<ShadowConfig>,
 }
 
 impl FilterConfig {
@@ -133,6 +142,10 @@ impl FilterConfig {
 
     pub fn rate_limit(&self) -> Option<&RateLimitConfig> {
         self.rate_limit.as_ref()
+    }
+
+    pub fn shadow_report(&self) -> Option<&ShadowReport> {
+        self.shadow_report.as_ref()
     }
 
     /// The first route (in configured order, as Envoy does) whose prefix matches `path`.
@@ -179,11 +192,16 @@ impl TryFrom<RawFilterConfig> for FilterConfig {
                 .dedupe
                 .map(|d| DedupeConfig::from_raw(d, &format!("routes[{i}].dedupe")))
                 .transpose()?;
+            let shadow = r
+                .shadow
+                .map(|s| ShadowConfig::from_raw(s, &format!("routes[{i}].shadow")))
+                .transpose()?;
             routes.push(Route {
                 name: r.name,
                 path_prefix: r.path_prefix,
                 hedge,
                 dedupe,
+                shadow,
             });
         }
         let route_names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
@@ -191,16 +209,28 @@ impl TryFrom<RawFilterConfig> for FilterConfig {
             .rate_limit
             .map(|r| RateLimitConfig::with_routes(r, "rate_limit", &route_names))
             .transpose()?;
+        let shadow_report = raw
+            .shadow_report
+            .map(|r| ShadowReport::from_raw(r, "shadow_report"))
+            .transpose()?;
         Ok(Self {
             stat_prefix,
             routes,
             rate_limit,
+            shadow_report,
         })
     }
 }
 
 /// Names end up inside stat names such as `wasmcustom.understudy.route.<name>.requests`,
 /// so dots (the tag separator) and anything outside `[A-Za-z0-9_-]` are refused.
+/// An HTTP header name as RFC 9110 allows it (a token).
+pub fn is_header_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 pub fn validate_name(field: &str, value: &str) -> Result<(), ConfigError> {
     let reason = if value.is_empty() {
         Some("it is empty")

@@ -29,6 +29,7 @@ pub mod config;
 pub mod dedupe;
 pub mod hedge;
 pub mod ratelimit;
+pub mod shadow;
 pub mod stats;
 
 pub use config::{ConfigError, FilterConfig};

@@ -39,6 +39,20 @@ pub fn ratelimit(config: &FilterConfig, what: &str) -> String {
     format!("{}.ratelimit.{what}", config.stat_prefix())
 }
 
+/// A per-route shadow stat: `sent`, `compared`, `matched`,
+/// `mismatched.serious`, `mismatched.noise`, `unexpected`, `latency_gap_ms`
+/// (histogram: shadow minus primary, clamped at 0), and one counter per
+/// [`crate::shadow::Skip`] reason (`skipped_too_large`, `shadow_timeout`, ...).
+pub fn shadow(config: &FilterConfig, route: &str, what: &str) -> String {
+    format!("{}.shadow.{route}.{what}", config.stat_prefix())
+}
+
+/// A worker-wide shadow stat: `pending` (gauge), `records_dropped`,
+/// `reports_sent`, `reports_failed`.
+pub fn shadow_all(config: &FilterConfig, what: &str) -> String {
+    format!("{}.shadow.{what}", config.stat_prefix())
+}
+
 /// The full name as it appears in Envoy's `/stats`.
 pub fn in_envoy(name: &str) -> String {
     format!("{ENVOY_NAMESPACE}.{name}")

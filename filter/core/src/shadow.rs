@@ -1,0 +1,1012 @@
+//! Shadow traffic (dark launches): which requests are copied to the new
+//! version, what the copy looks like, and the per-worker table that pairs
+//! each primary response with its shadow's and turns the pair into counts
+//! and mismatch records.
+//!
+//! Start at [`ShadowConfig`] (one per route), then [`ShadowTable`], the state
+//! machine the filter glue drives:
+//!
+//! 1. request headers: [`ShadowConfig::decide`] (method, sampling), then
+//!    [`ShadowTable::start`];
+//! 2. request body: [`ShadowTable::request_body`] (copied within the budget);
+//! 3. root `on_tick`: [`ShadowTable::to_send`] lists copies ready to go;
+//!    the glue dispatches them and reports [`ShadowTable::sent`];
+//! 4. the primary's response passes: [`ShadowTable::primary_headers`] and
+//!    [`ShadowTable::primary_body`] copy it, never holding it back;
+//! 5. the shadow answers: [`ShadowTable::shadow_response`];
+//! 6. once both sides are complete (or a side is skipped), the next tick's
+//!    [`ShadowTable::finish`] compares the pair into a [`Report`].
+//!
+//! **Why only safe methods by default**: a shadowed POST or DELETE runs
+//! twice, once against each version, and if both versions write to shared
+//! state (a database, a payment provider, a queue) the side effect happens
+//! twice. GET, HEAD and OPTIONS are safe by HTTP's definition. A route opts
+//! in to other methods (`unsafe_methods: true`) only when the shadow's writes
+//! are isolated or idempotent.
+//!
+//! Comparing happens on the tick, after both responses are complete: the
+//! client's response is never held for it.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::compare::{self, CompareConfig, Comparison, PathPattern, RawCompareConfig, Response};
+use crate::config::{ConfigError, is_header_name, validate_name};
+
+/// The header marking a shadow copy, so the new version (and its logs) can
+/// tell copies from real traffic.
+pub const SHADOW_MARKER: &str = "x-understudy-shadow";
+/// Streams one worker pairs at a time; more are skipped as `skipped_capacity`.
+pub const MAX_PENDING: usize = 1024;
+/// Budgets are per side and per pair; this bounds one worker's memory.
+pub const MAX_BODY_BYTES_LIMIT: usize = 4 * 1024 * 1024;
+pub const MAX_EXPECTED_RULES: usize = 64;
+/// Pairs compared per tick, so a burst never stalls the worker's event loop.
+pub const FINISH_PER_TICK: usize = 64;
+
+// === config ===
+
+/// A route's shadow settings as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShadowConfig {
+    /// The Envoy cluster the copies go to (the new version).
+    pub cluster: String,
+    /// Share of eligible requests copied, 0 to 100.
+    #[serde(default = "default_percent")]
+    pub percent: f64,
+    /// A request header (user or tenant id) that makes sampling consistent:
+    /// one key is always in or always out. Without it, sampling is random.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_key: Option<String>,
+    /// Shadow methods other than GET, HEAD and OPTIONS (see the module docs).
+    #[serde(default)]
+    pub unsafe_methods: bool,
+    /// Headers removed from the copy.
+    #[serde(default = "default_strip")]
+    pub strip_headers: Vec<String>,
+    /// Headers added to (or replaced in) the copy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add_headers: BTreeMap<String, String>,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// Bytes copied per body (request, primary response, shadow response);
+    /// a larger body is skipped as `skipped_too_large`.
+    #[serde(default = "default_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Bytes of each body kept in a mismatch record for replay.
+    #[serde(default = "default_record_bytes")]
+    pub record_body_bytes: usize,
+    #[serde(default)]
+    pub compare: RawCompareConfig,
+    /// Where differences are intended; anything else is flagged unexpected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expected: Vec<RawExpected>,
+    /// Paths whose values leave the filter only as `sha256:<hex>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact: Vec<String>,
+    /// A/A calibration: the shadow runs the primary's version, and what
+    /// differs is learned as noise by the control plane.
+    #[serde(default)]
+    pub calibration: bool,
+}
+
+/// An expected-divergence rule: requests it matches (by path prefix and/or
+/// one header value) may differ at `paths`, and nowhere else. A rule with
+/// an empty `paths` declares a segment that must not differ at all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExpected {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<RawHeaderMatch>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderMatch {
+    pub name: String,
+    pub value: String,
+}
+
+fn default_percent() -> f64 {
+    100.0
+}
+fn default_strip() -> Vec<String> {
+    vec!["authorization".into(), "cookie".into()]
+}
+fn default_timeout() -> u64 {
+    1_000
+}
+fn default_body_bytes() -> usize {
+    256 * 1024
+}
+fn default_record_bytes() -> usize {
+    16 * 1024
+}
+
+/// A validated expected-divergence rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expected {
+    pub name: String,
+    pub path_prefix: Option<String>,
+    /// Lower-cased name, exact value.
+    pub header: Option<(String, String)>,
+    pub paths: Vec<PathPattern>,
+}
+
+/// A route's validated shadow settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowConfig {
+    pub cluster: String,
+    /// Sampled when `hash < threshold` (out of 2^64); `u64::MAX` with
+    /// `all` = 100%.
+    threshold: u64,
+    all: bool,
+    pub percent: f64,
+    pub sample_key: Option<String>,
+    pub unsafe_methods: bool,
+    pub strip_headers: Vec<String>,
+    pub add_headers: Vec<(String, String)>,
+    pub timeout_ms: u64,
+    pub max_body_bytes: usize,
+    pub record_body_bytes: usize,
+    pub compare: CompareConfig,
+    pub expected: Vec<Expected>,
+    pub redact: Vec<PathPattern>,
+    pub calibration: bool,
+}
+
+impl ShadowConfig {
+    pub fn from_raw(raw: RawShadowConfig, field: &str) -> Result<Self, ConfigError> {
+        let invalid = |what: &str, reason: String| ConfigError::Invalid {
+            field: format!("{field}.{what}"),
+            reason,
+        };
+        validate_name(&format!("{field}.cluster"), &raw.cluster)?;
+        if !(raw.percent.is_finite() && (0.0..=100.0).contains(&raw.percent)) {
+            return Err(invalid(
+                "percent",
+                format!("must be between 0 and 100, got {}", raw.percent),
+            ));
+        }
+        let header = |what: String, h: &str| -> Result<String, ConfigError> {
+            if !is_header_name(h) {
+                return Err(ConfigError::Invalid {
+                    field: format!("{field}.{what}"),
+                    reason: format!("{h:?} is not a valid header name"),
+                });
+            }
+            Ok(h.to_ascii_lowercase())
+        };
+        let sample_key = raw
+            .sample_key
+            .as_deref()
+            .map(|h| header("sample_key".into(), h))
+            .transpose()?;
+        let mut strip_headers = Vec::with_capacity(raw.strip_headers.len());
+        for (i, h) in raw.strip_headers.iter().enumerate() {
+            strip_headers.push(header(format!("strip_headers[{i}]"), h)?);
+        }
+        let mut add_headers = Vec::with_capacity(raw.add_headers.len());
+        for (h, v) in &raw.add_headers {
+            let name = header(format!("add_headers.{h}"), h)?;
+            if name == SHADOW_MARKER || name.starts_with(':') {
+                return Err(invalid(
+                    &format!("add_headers.{h}"),
+                    "this header is set by the filter".into(),
+                ));
+            }
+            if v.chars().any(|c| c.is_control()) {
+                return Err(invalid(
+                    &format!("add_headers.{h}"),
+                    "the value has control characters".into(),
+                ));
+            }
+            add_headers.push((name, v.clone()));
+        }
+        if raw.timeout_ms == 0 || raw.timeout_ms > 60_000 {
+            return Err(invalid(
+                "timeout_ms",
+                format!("must be between 1 and 60000, got {}", raw.timeout_ms),
+            ));
+        }
+        if raw.max_body_bytes == 0 || raw.max_body_bytes > MAX_BODY_BYTES_LIMIT {
+            return Err(invalid(
+                "max_body_bytes",
+                format!(
+                    "must be between 1 and {MAX_BODY_BYTES_LIMIT}, got {}",
+                    raw.max_body_bytes
+                ),
+            ));
+        }
+        if raw.record_body_bytes > raw.max_body_bytes {
+            return Err(invalid(
+                "record_body_bytes",
+                format!(
+                    "{} is more than max_body_bytes ({})",
+                    raw.record_body_bytes, raw.max_body_bytes
+                ),
+            ));
+        }
+        let compare = CompareConfig::from_raw(raw.compare, &format!("{field}.compare"))?;
+        if raw.expected.len() > MAX_EXPECTED_RULES {
+            return Err(invalid(
+                "expected",
+                format!(
+                    "at most {MAX_EXPECTED_RULES} rules are allowed, got {}",
+                    raw.expected.len()
+                ),
+            ));
+        }
+        let mut expected: Vec<Expected> = Vec::with_capacity(raw.expected.len());
+        for (i, e) in raw.expected.into_iter().enumerate() {
+            validate_name(&format!("{field}.expected[{i}].name"), &e.name)?;
+            if expected.iter().any(|x| x.name == e.name) {
+                return Err(invalid(
+                    &format!("expected[{i}].name"),
+                    format!("{:?} is used by an earlier rule", e.name),
+                ));
+            }
+            if let Some(p) = &e.path_prefix
+                && !p.starts_with('/')
+            {
+                return Err(invalid(
+                    &format!("expected[{i}].path_prefix"),
+                    format!("{p:?} must start with '/'"),
+                ));
+            }
+            let header = e
+                .header
+                .map(|h| {
+                    header(format!("expected[{i}].header.name"), &h.name).map(|n| (n, h.value))
+                })
+                .transpose()?;
+            if e.paths.len() > compare::MAX_RULES {
+                return Err(invalid(
+                    &format!("expected[{i}].paths"),
+                    format!("at most {} paths are allowed", compare::MAX_RULES),
+                ));
+            }
+            let paths = e
+                .paths
+                .iter()
+                .enumerate()
+                .map(|(j, p)| {
+                    PathPattern::parse(p)
+                        .map_err(|reason| invalid(&format!("expected[{i}].paths[{j}]"), reason))
+                })
+                .collect::<Result<_, _>>()?;
+            expected.push(Expected {
+                name: e.name,
+                path_prefix: e.path_prefix,
+                header,
+                paths,
+            });
+        }
+        if raw.redact.len() > compare::MAX_RULES {
+            return Err(invalid(
+                "redact",
+                format!("at most {} paths are allowed", compare::MAX_RULES),
+            ));
+        }
+        let redact = raw
+            .redact
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                PathPattern::parse(p).map_err(|reason| invalid(&format!("redact[{i}]"), reason))
+            })
+            .collect::<Result<_, _>>()?;
+        let all = raw.percent >= 100.0;
+        // f64 -> u64 saturates; 2^64 * p / 100 fits for p < 100.
+        let threshold = ((raw.percent / 100.0) * 18_446_744_073_709_551_616.0) as u64;
+        Ok(Self {
+            cluster: raw.cluster,
+            threshold,
+            all,
+            percent: raw.percent,
+            sample_key,
+            unsafe_methods: raw.unsafe_methods,
+            strip_headers,
+            add_headers,
+            timeout_ms: raw.timeout_ms,
+            max_body_bytes: raw.max_body_bytes,
+            record_body_bytes: raw.record_body_bytes,
+            compare,
+            expected,
+            redact,
+            calibration: raw.calibration,
+        })
+    }
+
+    /// Whether to shadow a request: its method, then sampling. `key` is the
+    /// `sample_key` header's value; `random` is fresh randomness for
+    /// requests without one.
+    pub fn decide(&self, method: &str, key: Option<&str>, random: u64) -> Result<(), Skip> {
+        let safe = matches!(method, "GET" | "HEAD" | "OPTIONS");
+        if !safe && !self.unsafe_methods {
+            return Err(Skip::Method);
+        }
+        let draw = match key {
+            Some(k) if self.sample_key.is_some() => stable_hash(k),
+            _ => random,
+        };
+        if self.all || draw < self.threshold {
+            Ok(())
+        } else {
+            Err(Skip::NotSampled)
+        }
+    }
+
+    /// The copy's headers: stripped and added as configured, marked, and
+    /// with `-shadow` appended to the host (before any port), as Envoy's own
+    /// mirroring does, so the new version can tell shadow traffic apart.
+    pub fn shadow_headers(&self, headers: &[(String, String)]) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = headers
+            .iter()
+            .filter(|(k, _)| {
+                let k = k.to_ascii_lowercase();
+                k != "transfer-encoding"
+                    && k != SHADOW_MARKER
+                    && !self.strip_headers.contains(&k)
+                    && !self.add_headers.iter().any(|(a, _)| *a == k)
+            })
+            .map(|(k, v)| {
+                if k == ":authority" {
+                    (k.clone(), shadow_host(v))
+                } else {
+                    (k.clone(), v.clone())
+                }
+            })
+            .collect();
+        out.extend(self.add_headers.iter().cloned());
+        out.push((SHADOW_MARKER.to_owned(), "1".to_owned()));
+        out
+    }
+
+    /// The first expected-divergence rule matching the request.
+    pub fn segment(&self, path: &str, headers: &[(String, String)]) -> Option<usize> {
+        self.expected.iter().position(|e| {
+            e.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+                && e.header.as_ref().is_none_or(|(name, value)| {
+                    headers
+                        .iter()
+                        .any(|(k, v)| k.eq_ignore_ascii_case(name) && v == value)
+                })
+        })
+    }
+}
+
+fn shadow_host(host: &str) -> String {
+    // An IPv6 literal's colons are inside brackets; the port follows `]:`.
+    let split = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') && host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => {
+            Some(i)
+        }
+        _ => None,
+    };
+    match split {
+        Some(i) => format!("{}-shadow{}", &host[..i], &host[i..]),
+        None => format!("{host}-shadow"),
+    }
+}
+
+/// The same value on every worker and every Envoy, so sampling by key is
+/// consistent fleet-wide.
+fn stable_hash(key: &str) -> u64 {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(b)
+}
+
+/// Where mismatch records and counters go, as written (top-level
+/// `shadow_report` in the filter config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShadowReport {
+    /// An HTTP/2 cluster that reaches the control plane's gRPC port.
+    pub cluster: String,
+    #[serde(default = "default_report_interval")]
+    pub interval_ms: u64,
+    /// Mismatch records one worker queues between batches; more are dropped
+    /// and counted.
+    #[serde(default = "default_max_records")]
+    pub max_records: usize,
+}
+
+fn default_report_interval() -> u64 {
+    1_000
+}
+fn default_max_records() -> usize {
+    256
+}
+
+/// Validated [`RawShadowReport`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowReport {
+    pub cluster: String,
+    pub interval_ms: u64,
+    pub max_records: usize,
+}
+
+impl ShadowReport {
+    pub fn from_raw(raw: RawShadowReport, field: &str) -> Result<Self, ConfigError> {
+        validate_name(&format!("{field}.cluster"), &raw.cluster)?;
+        if !(100..=60_000).contains(&raw.interval_ms) {
+            return Err(ConfigError::Invalid {
+                field: format!("{field}.interval_ms"),
+                reason: format!("must be between 100 and 60000, got {}", raw.interval_ms),
+            });
+        }
+        if !(1..=10_000).contains(&raw.max_records) {
+            return Err(ConfigError::Invalid {
+                field: format!("{field}.max_records"),
+                reason: format!("must be between 1 and 10000, got {}", raw.max_records),
+            });
+        }
+        Ok(Self {
+            cluster: raw.cluster,
+            interval_ms: raw.interval_ms,
+            max_records: raw.max_records,
+        })
+    }
+}
+
+// === outcomes ===
+
+/// Why a request was not shadowed or a pair not compared. Every one is
+/// counted under its own stat, so nothing is silently dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Skip {
+    /// Not in the sample (not a failure; counted as `not_sampled`).
+    NotSampled,
+    /// An unsafe method on a route that did not opt in.
+    Method,
+    /// The worker's table is full.
+    Capacity,
+    /// A body (request, primary or shadow) over `max_body_bytes`.
+    TooLarge,
+    ShadowTimeout,
+    /// The shadow call failed (no response, or could not be sent).
+    ShadowError,
+    /// The primary stream ended before its response was complete (reset).
+    PrimaryIncomplete,
+    /// A body says it is JSON and does not parse.
+    Unparseable,
+}
+
+impl Skip {
+    pub const ALL: [Skip; 8] = [
+        Skip::NotSampled,
+        Skip::Method,
+        Skip::Capacity,
+        Skip::TooLarge,
+        Skip::ShadowTimeout,
+        Skip::ShadowError,
+        Skip::PrimaryIncomplete,
+        Skip::Unparseable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::NotSampled => "not_sampled",
+            Skip::Method => "skipped_method",
+            Skip::Capacity => "skipped_capacity",
+            Skip::TooLarge => "skipped_too_large",
+            Skip::ShadowTimeout => "shadow_timeout",
+            Skip::ShadowError => "shadow_error",
+            Skip::PrimaryIncomplete => "primary_incomplete",
+            Skip::Unparseable => "unparseable_body",
+        }
+    }
+}
+
+/// A compared pair's verdict, for the stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Matched,
+    /// Differences, all noise.
+    Noise,
+    /// At least one serious difference.
+    Serious,
+}
+
+/// One captured message (the request copy, or a response).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Captured {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// A pair that differed: what the control plane stores and shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mismatch {
+    pub route: usize,
+    pub request_id: String,
+    pub comparison: Comparison,
+    pub latency_gap_us: i64,
+    pub time_us: u64,
+    pub segment: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    /// The copy's headers (after stripping), and its body (redacted, cut to
+    /// `record_body_bytes`).
+    pub request: Captured,
+    pub request_body_truncated: bool,
+    /// The primary's response (redacted, cut to `record_body_bytes`).
+    pub primary: Captured,
+    pub primary_body_truncated: bool,
+}
+
+/// What [`ShadowTable::finish`] and the other transitions produce.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    Skipped {
+        route: usize,
+        reason: Skip,
+    },
+    Compared {
+        route: usize,
+        verdict: Verdict,
+        unexpected: bool,
+        latency_gap_us: i64,
+        mismatch: Option<Box<Mismatch>>,
+    },
+}
+
+// === the pair table ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// The request is still arriving.
+    Receiving,
+    /// Complete, waiting for the next tick to send it.
+    Ready,
+    Sent { token: u32, sent_us: u64 },
+    Answered,
+}
+
+#[derive(Debug)]
+struct Pair {
+    route: usize,
+    started_us: u64,
+    request: Captured,
+    call: Call,
+    primary: Option<Captured>,
+    primary_done_us: Option<u64>,
+    shadow: Option<(Captured, u64)>,
+}
+
+/// A copy to send: the glue hands these to `dispatch_http_call`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub stream: u32,
+    pub route: usize,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// One worker's pairs in progress, keyed by stream (context) id.
+#[derive(Debug, Default)]
+pub struct ShadowTable {
+    pairs: BTreeMap<u32, Pair>,
+    calls: BTreeMap<u32, u32>,
+    /// Pairs with both sides complete, compared on the next tick.
+    done: VecDeque<u32>,
+}
+
+impl ShadowTable {
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// Starts pairing a sampled request. `headers` are the copy's (already
+    /// built by [`ShadowConfig::shadow_headers`]).
+    pub fn start(
+        &mut self,
+        stream: u32,
+        route: usize,
+        headers: Vec<(String, String)>,
+        end_of_stream: bool,
+        now_us: u64,
+    ) -> Result<(), Report> {
+        if self.pairs.len() >= MAX_PENDING {
+            return Err(Report::Skipped {
+                route,
+                reason: Skip::Capacity,
+            });
+        }
+        self.pairs.insert(
+            stream,
+            Pair {
+                route,
+                started_us: now_us,
+                request: Captured {
+                    status: 0,
+                    headers,
+                    body: Vec::new(),
+                },
+                call: if end_of_stream {
+                    Call::Ready
+                } else {
+                    Call::Receiving
+                },
+                primary: None,
+                primary_done_us: None,
+                shadow: None,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn is_tracked(&self, stream: u32) -> bool {
+        self.pairs.contains_key(&stream)
+    }
+
+    pub fn route_of(&self, stream: u32) -> Option<usize> {
+        self.pairs.get(&stream).map(|p| p.route)
+    }
+
+    /// A request body chunk. Over the budget, the pair is dropped (skipped).
+    pub fn request_body(
+        &mut self,
+        stream: u32,
+        chunk: &[u8],
+        end_of_stream: bool,
+        max: usize,
+    ) -> Option<Report> {
+        let pair = self.pairs.get_mut(&stream)?;
+        if pair.call != Call::Receiving {
+            return None;
+        }
+        if pair.request.body.len() + chunk.len() > max {
+            return self.drop_pair(stream, Skip::TooLarge);
+        }
+        pair.request.body.extend_from_slice(chunk);
+        if end_of_stream {
+            pair.call = Call::Ready;
+        }
+        None
+    }
+
+    /// Copies whose requests are complete and not yet sent.
+    pub fn to_send(&self) -> Vec<Outgoing> {
+        self.pairs
+            .iter()
+            .filter(|(_, p)| p.call == Call::Ready)
+            .map(|(stream, p)| {
+                let mut headers = p.request.headers.clone();
+                if !p.request.body.is_empty() {
+                    // The copy's body is complete: a fixed length replaces chunking.
+                    headers.retain(|(k, _)| !k.eq_ignore_ascii_case("content-length"));
+                    headers.push(("content-length".into(), p.request.body.len().to_string()));
+                }
+                Outgoing {
+                    stream: *stream,
+                    route: p.route,
+                    headers,
+                    body: p.request.body.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// The copy went out as call `token`.
+    pub fn sent(&mut self, stream: u32, token: u32, now_us: u64) {
+        if let Some(p) = self.pairs.get_mut(&stream) {
+            p.call = Call::Sent {
+                token,
+                sent_us: now_us,
+            };
+            self.calls.insert(token, stream);
+        }
+    }
+
+    /// The copy could not be sent.
+    pub fn send_failed(&mut self, stream: u32) -> Option<Report> {
+        self.drop_pair(stream, Skip::ShadowError)
+    }
+
+    /// The primary's response headers. A declared length over the budget
+    /// skips the pair at once, before any copying.
+    pub fn primary_headers(
+        &mut self,
+        stream: u32,
+        status: u16,
+        headers: Vec<(String, String)>,
+        end_of_stream: bool,
+        max: usize,
+        now_us: u64,
+    ) -> Option<Report> {
+        let too_large = headers.iter().any(|(k, v)| {
+            k.eq_ignore_ascii_case("content-length") && v.parse::<usize>().is_ok_and(|n| n > max)
+        });
+        if too_large {
+            return self.drop_pair(stream, Skip::TooLarge);
+        }
+        let pair = self.pairs.get_mut(&stream)?;
+        pair.primary = Some(Captured {
+            status,
+            headers,
+            body: Vec::new(),
+        });
+        if end_of_stream {
+            self.primary_complete(stream, now_us);
+        }
+        None
+    }
+
+    /// A primary response body chunk, copied as it passes.
+    pub fn primary_body(
+        &mut self,
+        stream: u32,
+        chunk: &[u8],
+        end_of_stream: bool,
+        max: usize,
+        now_us: u64,
+    ) -> Option<Report> {
+        let primary = self.pairs.get_mut(&stream)?.primary.as_mut()?;
+        if primary.body.len() + chunk.len() > max {
+            return self.drop_pair(stream, Skip::TooLarge);
+        }
+        primary.body.extend_from_slice(chunk);
+        if end_of_stream {
+            self.primary_complete(stream, now_us);
+        }
+        None
+    }
+
+    fn primary_complete(&mut self, stream: u32, now_us: u64) {
+        if let Some(p) = self.pairs.get_mut(&stream)
+            && p.primary_done_us.is_none()
+        {
+            p.primary_done_us = Some(now_us);
+            if p.shadow.is_some() {
+                self.done.push_back(stream);
+            }
+        }
+    }
+
+    /// The primary stream ended. A response that never completed (a reset)
+    /// cannot be compared; a complete one waits for its shadow.
+    pub fn stream_end(&mut self, stream: u32) -> Option<Report> {
+        let p = self.pairs.get(&stream)?;
+        if p.primary_done_us.is_none() {
+            return self.drop_pair(stream, Skip::PrimaryIncomplete);
+        }
+        None
+    }
+
+    /// The shadow call `token` answered: `status` is `None` when the call
+    /// failed (Envoy gives a failed call zero headers). A failure at or
+    /// past the timeout is a timeout.
+    pub fn shadow_response(
+        &mut self,
+        token: u32,
+        status: Option<u16>,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        cfg_of: impl Fn(usize) -> Option<(u64, usize)>,
+        now_us: u64,
+    ) -> Option<Report> {
+        let stream = self.calls.remove(&token)?;
+        let pair = self.pairs.get_mut(&stream)?;
+        let Call::Sent { sent_us, .. } = pair.call else {
+            return None;
+        };
+        let (timeout_ms, max) = cfg_of(pair.route)?;
+        let Some(status) = status else {
+            let elapsed = now_us.saturating_sub(sent_us);
+            // Envoy's timer may fire a little early or late; 90% is a timeout.
+            let reason = if elapsed >= timeout_ms * 900 {
+                Skip::ShadowTimeout
+            } else {
+                Skip::ShadowError
+            };
+            return self.drop_pair(stream, reason);
+        };
+        if body.len() > max {
+            return self.drop_pair(stream, Skip::TooLarge);
+        }
+        pair.call = Call::Answered;
+        pair.shadow = Some((
+            Captured {
+                status,
+                headers,
+                body,
+            },
+            now_us.saturating_sub(sent_us),
+        ));
+        if pair.primary_done_us.is_some() {
+            self.done.push_back(stream);
+        }
+        None
+    }
+
+    /// Drops calls that never answered well past their timeout (Envoy
+    /// should have answered them; this bounds the table regardless).
+    pub fn expire(&mut self, now_us: u64, timeout_ms: impl Fn(usize) -> u64) -> Vec<Report> {
+        let stale: Vec<u32> = self
+            .pairs
+            .iter()
+            .filter_map(|(s, p)| match p.call {
+                Call::Sent { sent_us, .. }
+                    if now_us.saturating_sub(sent_us) > (timeout_ms(p.route) + 5_000) * 1000 =>
+                {
+                    Some(*s)
+                }
+                _ => None,
+            })
+            .collect();
+        stale
+            .into_iter()
+            .filter_map(|s| self.drop_pair(s, Skip::ShadowTimeout))
+            .collect()
+    }
+
+    fn drop_pair(&mut self, stream: u32, reason: Skip) -> Option<Report> {
+        let pair = self.pairs.remove(&stream)?;
+        if let Call::Sent { token, .. } = pair.call {
+            self.calls.remove(&token);
+        }
+        Some(Report::Skipped {
+            route: pair.route,
+            reason,
+        })
+    }
+
+    /// Compares up to [`FINISH_PER_TICK`] complete pairs. `cfg_of` gives a
+    /// route's shadow settings (a pair whose route lost them is dropped).
+    pub fn finish<'c>(
+        &mut self,
+        cfg_of: impl Fn(usize) -> Option<&'c ShadowConfig>,
+        now_us: u64,
+    ) -> Vec<Report> {
+        let mut out = Vec::new();
+        while out.len() < FINISH_PER_TICK {
+            let Some(stream) = self.done.pop_front() else {
+                break;
+            };
+            let Some(pair) = self.pairs.remove(&stream) else {
+                continue;
+            };
+            if let Some(cfg) = cfg_of(pair.route) {
+                out.push(evaluate(pair, cfg, now_us));
+            }
+        }
+        out
+    }
+}
+
+fn header<'h>(headers: &'h [(String, String)], name: &str) -> &'h str {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// A body as a record keeps it: redacted, and only when it fits the record
+/// budget whole (a cut JSON document could not be compared again).
+fn recorded_body(body: &[u8], cfg: &ShadowConfig) -> (Vec<u8>, bool) {
+    match compare::redact_body(body, &cfg.redact, cfg.compare.max_depth) {
+        Some(b) if b.len() <= cfg.record_body_bytes => (b, false),
+        _ => (Vec::new(), true),
+    }
+}
+
+fn evaluate(pair: Pair, cfg: &ShadowConfig, now_us: u64) -> Report {
+    let route = pair.route;
+    let (Some(primary), Some(done_us), Some((shadow, shadow_us))) =
+        (pair.primary, pair.primary_done_us, pair.shadow)
+    else {
+        // Only complete pairs are queued; anything else is a bug, counted.
+        return Report::Skipped {
+            route,
+            reason: Skip::PrimaryIncomplete,
+        };
+    };
+    let primary_us = done_us.saturating_sub(pair.started_us);
+    let latency_gap_us =
+        i64::try_from(shadow_us).unwrap_or(i64::MAX) - i64::try_from(primary_us).unwrap_or(i64::MAX);
+    let req = &pair.request;
+    let path = header(&req.headers, ":path");
+    let segment = cfg.segment(path, &req.headers);
+    let scope = compare::Scope {
+        expected: segment
+            .and_then(|i| cfg.expected.get(i))
+            .map_or(&[][..], |e| e.paths.as_slice()),
+        redact: &cfg.redact,
+    };
+    let comparison = compare::compare_in(
+        &cfg.compare,
+        scope,
+        &Response {
+            status: primary.status,
+            headers: &primary.headers,
+            body: &primary.body,
+        },
+        &Response {
+            status: shadow.status,
+            headers: &shadow.headers,
+            body: &shadow.body,
+        },
+    );
+    if comparison.unparseable.is_some() {
+        return Report::Skipped {
+            route,
+            reason: Skip::Unparseable,
+        };
+    }
+    let verdict = if comparison.serious > 0 {
+        Verdict::Serious
+    } else if comparison.noise > 0 {
+        Verdict::Noise
+    } else {
+        Verdict::Matched
+    };
+    let unexpected = comparison.unexpected > 0;
+    let mismatch = (verdict != Verdict::Matched).then(|| {
+        let (request_body, request_body_truncated) = recorded_body(&req.body, cfg);
+        let (primary_body, primary_body_truncated) = recorded_body(&primary.body, cfg);
+        let kept: Vec<(String, String)> = primary
+            .headers
+            .iter()
+            .filter(|(k, _)| {
+                let k = k.to_ascii_lowercase();
+                k == "content-type" || cfg.compare.headers.contains(&k)
+            })
+            .cloned()
+            .collect();
+        Box::new(Mismatch {
+            route,
+            request_id: header(&req.headers, "x-request-id").to_owned(),
+            latency_gap_us,
+            time_us: now_us,
+            segment: segment
+                .and_then(|i| cfg.expected.get(i))
+                .map(|e| e.name.clone()),
+            method: header(&req.headers, ":method").to_owned(),
+            path: path.to_owned(),
+            authority: header(&req.headers, ":authority").to_owned(),
+            request: Captured {
+                status: 0,
+                headers: req
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| !k.starts_with(':'))
+                    .cloned()
+                    .collect(),
+                body: request_body,
+            },
+            request_body_truncated,
+            primary: Captured {
+                status: primary.status,
+                headers: kept,
+                body: primary_body,
+            },
+            primary_body_truncated,
+            comparison,
+        })
+    });
+    Report::Compared {
+        route,
+        verdict,
+        unexpected,
+        latency_gap_us,
+        mismatch,
+    }
+}
