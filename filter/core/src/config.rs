@@ -357,7 +357,8 @@ mod tests {
             let raw = RawFilterConfig {
                 stat_prefix: None,
                 rate_limit: None,
-                routes: names.iter().map(|n| RawRoute { name: n.clone(), path_prefix: format!("/{n}"), hedge: None, dedupe: None }).collect(),
+                shadow_report: None,
+                routes: names.iter().map(|n| RawRoute { name: n.clone(), path_prefix: format!("/{n}"), hedge: None, dedupe: None, shadow: None }).collect(),
             };
             let json = serde_json::to_vec(&raw).unwrap();
             let parsed = FilterConfig::from_json(&json).unwrap();
