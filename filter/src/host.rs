@@ -4,6 +4,8 @@
 //! take the request (or the VM) down.
 
 use std::hash::{BuildHasher, RandomState};
+
+use prost::Message;
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
@@ -158,4 +160,25 @@ pub fn resume_response_on(stream: u32) {
             &format!("understudy: stream {stream} is gone ({s:?})"),
         ),
     }
+}
+
+/// Just the `id` field (1) of Envoy's `config.core.v3.Node`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NodeId {
+    #[prost(string, tag = "1")]
+    id: String,
+}
+
+/// This Envoy's node id: the `xds.node` attribute (a serialized `Node`), or
+/// the older wasm `node` attribute; empty if the host offers neither.
+pub fn node_id() -> String {
+    for path in [vec!["xds", "node"], vec!["node"]] {
+        if let Ok(Some(bytes)) = hostcalls::get_property(path)
+            && let Ok(node) = NodeId::decode(bytes.as_slice())
+            && !node.id.is_empty()
+        {
+            return node.id;
+        }
+    }
+    String::new()
 }

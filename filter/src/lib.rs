@@ -11,6 +11,7 @@
 //! - [`hedging`]: hedged requests (per-worker table, `on_tick`, hedge replies).
 //! - [`dedupe`]: inbound duplicate suppression by Idempotency-Key (shared data).
 //! - [`ratelimit`]: adaptive per-tenant rate limits (shared data with CAS).
+//! - [`shadow`]: shadow copies, response capture and comparison reports.
 //!
 //! One VM runs per Envoy worker thread; its root context and HTTP contexts
 //! share a [`Worker`] through `Rc<RefCell<..>>`. Every borrow is a
@@ -28,6 +29,7 @@ pub mod dedupe;
 pub mod hedging;
 pub mod host;
 pub mod ratelimit;
+pub mod shadow;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -41,6 +43,7 @@ use crate::dedupe::{Dedupe, DedupeStream, Start};
 use crate::hedging::Hedging;
 use crate::host::log;
 use crate::ratelimit::{Admitted, Limiter, Verdict};
+use crate::shadow::Shadowing;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -60,6 +63,7 @@ pub struct Worker {
     hedging: Option<Hedging>,
     dedupe: Option<Dedupe>,
     limiter: Option<Limiter>,
+    shadowing: Option<Shadowing>,
 }
 
 type Shared = Rc<RefCell<Worker>>;
@@ -80,8 +84,10 @@ impl Worker {
         let hedging = Hedging::new(&config)?;
         let dedupe = Dedupe::new(&config)?;
         let limiter = Limiter::new(&config)?;
+        let shadowing = Shadowing::new(&config)?;
         Ok(Self {
             limiter,
+            shadowing,
             config,
             requests_total,
             route_requests,
@@ -98,7 +104,8 @@ pub struct Root {
 }
 
 impl Context for Root {
-    /// A hedge call's answer (calls made from `on_tick` come back here).
+    /// A hedge's or a shadow copy's answer (calls made from `on_tick`
+    /// come back here).
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -108,10 +115,16 @@ impl Context for Root {
     ) {
         let Some(worker) = &self.worker else { return };
         let deferred = match worker.try_borrow_mut() {
-            Ok(mut w) => w
-                .hedging
-                .as_mut()
-                .and_then(|h| h.on_call_response(token_id, body_size, host::now_us())),
+            Ok(mut w) => match w.shadowing.as_mut() {
+                Some(s) if s.owns_call(token_id) => {
+                    s.on_call_response(token_id, body_size, host::now_us());
+                    None
+                }
+                _ => w
+                    .hedging
+                    .as_mut()
+                    .and_then(|h| h.on_call_response(token_id, body_size, host::now_us())),
+            },
             Err(_) => None,
         };
         // The borrow is released: the local reply may re-enter the stream.
@@ -155,6 +168,7 @@ impl RootContext for Root {
                 let ticks = [
                     worker.hedging.as_ref().map(Hedging::tick_period),
                     worker.limiter.as_ref().and_then(Limiter::report_interval),
+                    worker.shadowing.as_ref().map(Shadowing::tick_period),
                 ];
                 if let Some(period) = ticks.into_iter().flatten().min() {
                     host::set_tick_period(period);
@@ -182,6 +196,9 @@ impl RootContext for Root {
             if let Some(l) = w.limiter.as_mut() {
                 l.report_if_due(now);
             }
+            if let Some(s) = w.shadowing.as_mut() {
+                s.on_tick(now);
+            }
         }
     }
 
@@ -191,6 +208,7 @@ impl RootContext for Root {
             id: context_id,
             worker: self.worker.clone(),
             hedged: false,
+            shadowed: false,
             dedupe: None,
             admitted: None,
         }))
@@ -207,6 +225,8 @@ pub struct Http {
     worker: Option<Shared>,
     /// Tracked by the hedging table.
     hedged: bool,
+    /// Paired with a shadow copy.
+    shadowed: bool,
     /// Taking part in duplicate suppression.
     dedupe: Option<Box<DedupeStream>>,
     /// Admitted by the rate limiter: its answer adapts the tenant's limit.
@@ -243,10 +263,10 @@ impl HttpContext for Http {
             None => {}
         }
         let id = self.id;
-        let (hedged, dedupe) = self.with((false, Start::NotInvolved), |w| {
+        let (hedged, shadowed, dedupe) = self.with((false, false, Start::NotInvolved), |w| {
             let path = host::request_header(":path");
             let Some(route) = path.and_then(|p| w.config.match_route(&p)) else {
-                return (false, Start::NotInvolved);
+                return (false, false, Start::NotInvolved);
             };
             if let Some(metric) = w.route_requests.get(route) {
                 host::increment(*metric, 1);
@@ -256,13 +276,20 @@ impl HttpContext for Http {
                 .dedupe
                 .as_ref()
                 .map_or(Start::NotInvolved, |d| d.on_request_headers(route));
+            // Shadow before hedging: the copy carries the client's headers,
+            // not the key hedging may add.
+            let shadowed = !matches!(dedupe, Start::Answered)
+                && w.shadowing.as_mut().is_some_and(|s| {
+                    s.on_request_headers(id, route, end_of_stream, host::now_us())
+                });
             let hedged = !matches!(dedupe, Start::Answered)
                 && w.hedging.as_mut().is_some_and(|h| {
                     h.on_request_headers(id, route, end_of_stream, host::now_us())
                 });
-            (hedged, dedupe)
+            (hedged, shadowed, dedupe)
         });
         self.hedged = hedged;
+        self.shadowed = shadowed;
         match dedupe {
             Start::Answered => Action::Pause,
             Start::Track(stream) => {
@@ -285,24 +312,14 @@ impl HttpContext for Http {
             }
             let body = host::buffer(BufferType::HttpRequestBody, body_size);
             let action = self.dedupe_decide(&body);
-            if self.hedged && action == Action::Continue {
-                let id = self.id;
-                self.with((), |w| {
-                    if let Some(h) = w.hedging.as_mut() {
-                        h.on_request_body(id, &body, true);
-                    }
-                });
+            if action == Action::Continue {
+                self.copy_request_body(&body, true);
             }
             return action;
         }
-        if self.hedged {
-            let id = self.id;
+        if self.hedged || self.shadowed {
             let chunk = host::buffer(BufferType::HttpRequestBody, body_size);
-            self.with((), |w| {
-                if let Some(h) = w.hedging.as_mut() {
-                    h.on_request_body(id, &chunk, end_of_stream);
-                }
-            });
+            self.copy_request_body(&chunk, end_of_stream);
         }
         Action::Continue
     }
@@ -323,10 +340,14 @@ impl HttpContext for Http {
         }
         let id = self.id;
         let hedged = self.hedged;
+        let shadowed = self.shadowed;
         let mut dedupe = self.dedupe.take();
         let action = self.with(Action::Continue, |w| {
             if let (Some(d), Some(s)) = (w.dedupe.as_ref(), dedupe.as_mut()) {
                 d.on_response_headers(s, end_of_stream, host::now_us() / 1000);
+            }
+            if shadowed && let Some(s) = w.shadowing.as_mut() {
+                s.on_response_headers(id, end_of_stream, host::now_us());
             }
             match w.hedging.as_mut() {
                 Some(h) if hedged => h.on_response_headers(id, host::now_us()),
@@ -352,16 +373,27 @@ impl HttpContext for Http {
             });
         }
         self.dedupe = dedupe;
+        if self.shadowed {
+            self.with((), |w| {
+                if let Some(s) = w.shadowing.as_mut() {
+                    s.on_response_body(id, body_size, end_of_stream, host::now_us());
+                }
+            });
+        }
         Action::Continue
     }
 
     fn on_log(&mut self) {
         let id = self.id;
         let hedged = self.hedged;
+        let shadowed = self.shadowed;
         let mut dedupe = self.dedupe.take();
         self.with((), |w| {
             if let (Some(d), Some(s)) = (w.dedupe.as_ref(), dedupe.as_mut()) {
                 d.on_end(s, host::now_us() / 1000);
+            }
+            if shadowed && let Some(s) = w.shadowing.as_mut() {
+                s.on_end(id);
             }
             if hedged && let Some(h) = w.hedging.as_mut() {
                 h.on_end(id);
@@ -371,6 +403,19 @@ impl HttpContext for Http {
 }
 
 impl Http {
+    /// Hands a request body chunk to the features that copy it.
+    fn copy_request_body(&mut self, chunk: &[u8], end_of_stream: bool) {
+        let (id, hedged, shadowed) = (self.id, self.hedged, self.shadowed);
+        self.with((), |w| {
+            if hedged && let Some(h) = w.hedging.as_mut() {
+                h.on_request_body(id, chunk, end_of_stream);
+            }
+            if shadowed && let Some(s) = w.shadowing.as_mut() {
+                s.on_request_body(id, chunk, end_of_stream);
+            }
+        });
+    }
+
     /// The request is complete: let dedupe decide. A local answer (replay,
     /// 409, 422) ends the stream here, so hedging stops tracking it first.
     fn dedupe_decide(&mut self, body: &[u8]) -> Action {

@@ -366,7 +366,7 @@ impl Limiter {
         if tenants.is_empty() && dropped == 0 {
             return;
         }
-        let node_id = node_id();
+        let node_id = host::node_id();
         let message = UsageReport {
             node_id,
             dropped,
@@ -458,25 +458,4 @@ fn take_shared_bucket(key: &str, rate: f64, burst_s: f64, now_us: u64) -> Option
         }
     }
     None
-}
-
-/// Just the `id` field (1) of Envoy's `config.core.v3.Node`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct NodeId {
-    #[prost(string, tag = "1")]
-    id: String,
-}
-
-/// This Envoy's node id: the `xds.node` attribute (a serialized `Node`), or
-/// the older wasm `node` attribute; empty if the host offers neither.
-fn node_id() -> String {
-    for path in [vec!["xds", "node"], vec!["node"]] {
-        if let Ok(Some(bytes)) = hostcalls::get_property(path)
-            && let Ok(node) = NodeId::decode(bytes.as_slice())
-            && !node.id.is_empty()
-        {
-            return node.id;
-        }
-    }
-    String::new()
 }

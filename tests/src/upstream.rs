@@ -54,6 +54,59 @@ pub struct Behavior {
     pub error_only_for: Option<HeaderMatch>,
     /// Body for successful answers; by default `{"version": ..., "path": ...}`.
     pub body: Option<serde_json::Value>,
+    /// Answer `/orders/quote?lines=PRICE*QTY@RATE,...` with an order quote
+    /// whose tax is rounded this way (two versions that disagree on cents).
+    pub orders: Option<Rounding>,
+    /// Add a `generated_at` timestamp (µs) and a random `trace_id` to JSON
+    /// bodies: fields that differ on every response.
+    pub stamp: bool,
+}
+
+/// How an order quote rounds its tax to cents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rounding {
+    /// Sum the lines of each tax rate, then round that group's tax (v1).
+    PerGroup,
+    /// Round each line's tax, then sum (v2).
+    PerLine,
+}
+
+/// The quote for `lines` (`PRICE*QTY@RATE`, comma-separated), in cents
+/// arithmetic so the only difference between roundings is the rounding.
+pub fn quote(lines: &str, rounding: Rounding) -> Option<serde_json::Value> {
+    let mut parsed = Vec::new();
+    for line in lines.split(',') {
+        let (price, rest) = line.split_once('*')?;
+        let (qty, rate) = rest.split_once('@')?;
+        let cents = (price.parse::<f64>().ok()? * 100.0).round() as i64;
+        parsed.push((cents * qty.parse::<i64>().ok()?, rate.parse::<f64>().ok()?));
+    }
+    let subtotal: i64 = parsed.iter().map(|(c, _)| c).sum();
+    let tax: i64 = match rounding {
+        Rounding::PerLine => parsed
+            .iter()
+            .map(|(c, r)| (*c as f64 * r).round() as i64)
+            .sum(),
+        Rounding::PerGroup => {
+            let mut groups: BTreeMap<String, i64> = BTreeMap::new();
+            for (c, r) in &parsed {
+                *groups.entry(r.to_string()).or_default() += c;
+            }
+            groups
+                .iter()
+                .map(|(r, c)| (*c as f64 * r.parse::<f64>().unwrap_or(0.0)).round() as i64)
+                .sum()
+        }
+    };
+    let money = |c: i64| serde_json::json!((c as f64) / 100.0);
+    Some(serde_json::json!({
+        "lines": parsed.len(),
+        "subtotal": money(subtotal),
+        "tax": money(tax),
+        "total": money(subtotal + tax),
+        "currency": "EUR",
+    }))
 }
 
 impl Behavior {
@@ -238,9 +291,35 @@ async fn serve(
         )
             .into_response();
     }
-    let body = behavior
-        .body
+    let lines = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("lines=")));
+    let quoted = match (behavior.orders, lines) {
+        (Some(rounding), Some(lines)) if uri.path() == "/orders/quote" => {
+            match quote(lines, rounding) {
+                Some(q) => Some(q),
+                None => {
+                    return (StatusCode::BAD_REQUEST, version, "bad lines").into_response();
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut body = quoted
+        .or(behavior.body)
         .unwrap_or_else(|| serde_json::json!({"version": s.version, "path": uri.path()}));
+    if behavior.stamp
+        && let Some(obj) = body.as_object_mut()
+    {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        obj.insert("generated_at".into(), serde_json::json!(now));
+        obj.insert(
+            "trace_id".into(),
+            serde_json::json!(format!("{:016x}", rand::rng().random::<u64>())),
+        );
+    }
     (StatusCode::OK, version, Json(body)).into_response()
 }
 
@@ -286,6 +365,25 @@ mod tests {
         assert_eq!(b.pick_latency(0.049), Duration::from_millis(300));
         assert_eq!(b.pick_latency(0.05), Duration::from_millis(5));
         assert_eq!(b.pick_latency(0.99), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn quotes_differ_only_by_rounding() {
+        // 3 x 0.15 at 10%: per line 0.02 x 3 = 0.06; per group 0.045 -> 0.05.
+        let g = quote("0.15*1@0.1,0.15*1@0.1,0.15*1@0.1", Rounding::PerGroup).unwrap();
+        let l = quote("0.15*1@0.1,0.15*1@0.1,0.15*1@0.1", Rounding::PerLine).unwrap();
+        assert_eq!(
+            (g["tax"].as_f64(), l["tax"].as_f64()),
+            (Some(0.05), Some(0.06))
+        );
+        assert_eq!(
+            (g["total"].as_f64(), l["total"].as_f64()),
+            (Some(0.5), Some(0.51))
+        );
+        // One line: no grouping, so both agree.
+        let g = quote("19.99*2@0.2", Rounding::PerGroup).unwrap();
+        assert_eq!(g, quote("19.99*2@0.2", Rounding::PerLine).unwrap());
+        assert_eq!(quote("x", Rounding::PerLine), None);
     }
 
     #[test]

@@ -919,10 +919,13 @@ fn compare_bodies(
         ) {
             (Ok(a), Ok(b)) => Some((a, b)),
             (a, b) => {
-                out.unparseable = [("primary", a.is_err(), p.headers), ("shadow", b.is_err(), s.headers)]
-                    .into_iter()
-                    .find(|(_, failed, headers)| *failed && declares_json(headers))
-                    .map(|(side, _, _)| side);
+                out.unparseable = [
+                    ("primary", a.is_err(), p.headers),
+                    ("shadow", b.is_err(), s.headers),
+                ]
+                .into_iter()
+                .find(|(_, failed, headers)| *failed && declares_json(headers))
+                .map(|(side, _, _)| side);
                 None
             }
         }
@@ -1362,7 +1365,10 @@ mod tests {
         let b = br#"{"customer":{"email":"b@x.io"},"n":1}"#;
         let c = compare_in(&cfg, scope, &resp(200, a), &resp(200, b));
         let d = find(&c, "$.customer.email");
-        assert_eq!(d.primary.as_deref(), Some(sha256_text(br#""a@x.io""#).as_str()));
+        assert_eq!(
+            d.primary.as_deref(),
+            Some(sha256_text(br#""a@x.io""#).as_str())
+        );
         assert!(!format!("{c:?}").contains("x.io"));
         let ra = redact_body(a, &redact, 64).unwrap();
         let rb = redact_body(b, &redact, 64).unwrap();

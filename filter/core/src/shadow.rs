@@ -387,7 +387,9 @@ impl ShadowConfig {
 fn shadow_host(host: &str) -> String {
     // An IPv6 literal's colons are inside brackets; the port follows `]:`.
     let split = match host.rfind(':') {
-        Some(i) if !host[i..].contains(']') && host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => {
+        Some(i)
+            if !host[i..].contains(']') && host[i + 1..].bytes().all(|b| b.is_ascii_digit()) =>
+        {
             Some(i)
         }
         _ => None,
@@ -572,7 +574,10 @@ enum Call {
     Receiving,
     /// Complete, waiting for the next tick to send it.
     Ready,
-    Sent { token: u32, sent_us: u64 },
+    Sent {
+        token: u32,
+        sent_us: u64,
+    },
     Answered,
 }
 
@@ -655,6 +660,11 @@ impl ShadowTable {
 
     pub fn is_tracked(&self, stream: u32) -> bool {
         self.pairs.contains_key(&stream)
+    }
+
+    /// Whether call `token` is one of this table's shadow copies.
+    pub fn has_call(&self, token: u32) -> bool {
+        self.calls.contains_key(&token)
     }
 
     pub fn route_of(&self, stream: u32) -> Option<usize> {
@@ -920,8 +930,8 @@ fn evaluate(pair: Pair, cfg: &ShadowConfig, now_us: u64) -> Report {
         };
     };
     let primary_us = done_us.saturating_sub(pair.started_us);
-    let latency_gap_us =
-        i64::try_from(shadow_us).unwrap_or(i64::MAX) - i64::try_from(primary_us).unwrap_or(i64::MAX);
+    let latency_gap_us = i64::try_from(shadow_us).unwrap_or(i64::MAX)
+        - i64::try_from(primary_us).unwrap_or(i64::MAX);
     let req = &pair.request;
     let path = header(&req.headers, ":path");
     let segment = cfg.segment(path, &req.headers);

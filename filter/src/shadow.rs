@@ -1,0 +1,521 @@
+//! Shadow glue: feeds stream events into [`understudy_core::shadow`]'s pair
+//! table and carries out what it decides: copies go out from the root
+//! context's `on_tick` (a call made from a stream's context would be
+//! cancelled when the stream ends, and the shadow is often slower than the
+//! primary), comparisons run on the tick after both sides are complete, and
+//! results become stats plus batches for the control plane
+//! (`understudy.v1.ReportService/Push`).
+//!
+//! Nothing here ever holds or changes the client's response: response
+//! callbacks only copy bytes, within the route's budget.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use prost::Message;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
+
+use understudy_core::compare::{Bucket, DiffKind};
+use understudy_core::shadow::{
+    Mismatch, Report, ShadowConfig, ShadowReport, ShadowTable, Skip, Verdict,
+};
+use understudy_core::{FilterConfig, stats};
+use understudy_proto::v1::{
+    self as wire, MismatchRecord, RecordedRequest, RecordedResponse, ReportBatch, RouteCounts,
+    difference,
+};
+
+use crate::host;
+
+/// Records per gRPC batch; the rest wait for the next interval. Keeps one
+/// message well under Envoy's default buffer limits even with full bodies.
+const RECORDS_PER_BATCH: usize = 32;
+
+struct Metrics {
+    sent: u32,
+    compared: u32,
+    matched: u32,
+    serious: u32,
+    noise: u32,
+    unexpected: u32,
+    gap_ms: u32,
+    skipped: Vec<(Skip, u32)>,
+}
+
+struct RouteShadow {
+    name: String,
+    cfg: ShadowConfig,
+    metrics: Metrics,
+    /// Deltas since the last batch.
+    counts: RouteCounts,
+}
+
+/// One worker's shadowing state.
+pub struct Shadowing {
+    routes: Vec<Option<RouteShadow>>,
+    table: ShadowTable,
+    report: Option<ShadowReport>,
+    queue: VecDeque<Mismatch>,
+    dropped: u64,
+    last_report_us: u64,
+    draws: u64,
+    pending: u32,
+    records_dropped: u32,
+    reports_sent: u32,
+    reports_failed: u32,
+}
+
+impl Shadowing {
+    /// `None` when no route shadows.
+    pub fn new(config: &FilterConfig) -> Result<Option<Self>, String> {
+        if config.routes().iter().all(|r| r.shadow.is_none()) {
+            return Ok(None);
+        }
+        let mut routes = Vec::with_capacity(config.routes().len());
+        for r in config.routes() {
+            let Some(cfg) = r.shadow.clone() else {
+                routes.push(None);
+                continue;
+            };
+            let name = |what: &str| stats::shadow(config, &r.name, what);
+            let counter = |what: &str| host::define(MetricType::Counter, &name(what));
+            let metrics = Metrics {
+                sent: counter("sent")?,
+                compared: counter("compared")?,
+                matched: counter("matched")?,
+                serious: counter("mismatched.serious")?,
+                noise: counter("mismatched.noise")?,
+                unexpected: counter("unexpected")?,
+                gap_ms: host::define(MetricType::Histogram, &name("latency_gap_ms"))?,
+                skipped: Skip::ALL
+                    .iter()
+                    .map(|s| Ok((*s, counter(s.as_str())?)))
+                    .collect::<Result<_, String>>()?,
+            };
+            routes.push(Some(RouteShadow {
+                name: r.name.clone(),
+                counts: RouteCounts {
+                    route: r.name.clone(),
+                    calibration: cfg.calibration,
+                    ..Default::default()
+                },
+                cfg,
+                metrics,
+            }));
+        }
+        let all = |what: &str| stats::shadow_all(config, what);
+        Ok(Some(Self {
+            routes,
+            table: ShadowTable::default(),
+            report: config.shadow_report().cloned(),
+            queue: VecDeque::new(),
+            dropped: 0,
+            last_report_us: 0,
+            draws: 0,
+            pending: host::define(MetricType::Gauge, &all("pending"))?,
+            records_dropped: host::define(MetricType::Counter, &all("records_dropped"))?,
+            reports_sent: host::define(MetricType::Counter, &all("reports_sent"))?,
+            reports_failed: host::define(MetricType::Counter, &all("reports_failed"))?,
+        }))
+    }
+
+    /// Copies go out on the tick: it must be short for the copy to follow
+    /// its primary closely.
+    pub fn tick_period(&self) -> Duration {
+        Duration::from_millis(5)
+    }
+
+    fn route(&self, route: usize) -> Option<&RouteShadow> {
+        self.routes.get(route).and_then(Option::as_ref)
+    }
+
+    /// Request headers of a stream on `route`. Returns whether it is paired.
+    pub fn on_request_headers(
+        &mut self,
+        stream: u32,
+        route: usize,
+        end_of_stream: bool,
+        now_us: u64,
+    ) -> bool {
+        self.draws += 1;
+        let Some(r) = self.route(route) else {
+            return false;
+        };
+        let method = host::request_header(":method").unwrap_or_default();
+        let key = r.cfg.sample_key.as_deref().and_then(host::request_header);
+        if let Err(reason) = r
+            .cfg
+            .decide(&method, key.as_deref(), host::random_u64(self.draws))
+        {
+            self.apply(Report::Skipped { route, reason });
+            return false;
+        }
+        let headers = r
+            .cfg
+            .shadow_headers(&host::headers(MapType::HttpRequestHeaders));
+        match self
+            .table
+            .start(stream, route, headers, end_of_stream, now_us)
+        {
+            Ok(()) => {
+                host::increment(self.pending, 1);
+                true
+            }
+            Err(report) => {
+                self.apply(report);
+                false
+            }
+        }
+    }
+
+    pub fn on_request_body(&mut self, stream: u32, chunk: &[u8], end_of_stream: bool) {
+        let Some(max) = self.budget_of(stream) else {
+            return;
+        };
+        if let Some(report) = self.table.request_body(stream, chunk, end_of_stream, max) {
+            self.apply(report);
+        }
+    }
+
+    fn budget_of(&self, stream: u32) -> Option<usize> {
+        let route = self.table.route_of(stream)?;
+        Some(self.route(route)?.cfg.max_body_bytes)
+    }
+
+    pub fn on_response_headers(&mut self, stream: u32, end_of_stream: bool, now_us: u64) {
+        let Some(max) = self.budget_of(stream) else {
+            return;
+        };
+        let headers = host::headers(MapType::HttpResponseHeaders);
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        if let Some(report) =
+            self.table
+                .primary_headers(stream, status, headers, end_of_stream, max, now_us)
+        {
+            self.apply(report);
+        }
+    }
+
+    /// A response body chunk as it passes: copied, never held.
+    pub fn on_response_body(
+        &mut self,
+        stream: u32,
+        body_size: usize,
+        end_of_stream: bool,
+        now_us: u64,
+    ) {
+        let Some(max) = self.budget_of(stream) else {
+            return;
+        };
+        let chunk = if body_size == 0 {
+            Vec::new()
+        } else {
+            host::buffer(BufferType::HttpResponseBody, body_size)
+        };
+        if let Some(report) = self
+            .table
+            .primary_body(stream, &chunk, end_of_stream, max, now_us)
+        {
+            self.apply(report);
+        }
+    }
+
+    pub fn on_end(&mut self, stream: u32) {
+        if let Some(report) = self.table.stream_end(stream) {
+            self.apply(report);
+        }
+    }
+
+    /// Whether call `token` is a shadow copy (its answer belongs here).
+    pub fn owns_call(&self, token: u32) -> bool {
+        self.table.has_call(token)
+    }
+
+    /// A shadow copy answered (or failed: zero headers).
+    pub fn on_call_response(&mut self, token: u32, body_size: usize, now_us: u64) {
+        let headers = host::headers(MapType::HttpCallResponseHeaders);
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse().ok());
+        let body = if body_size == 0 {
+            Vec::new()
+        } else {
+            host::buffer(BufferType::HttpCallResponseBody, body_size)
+        };
+        let routes = &self.routes;
+        let report = self.table.shadow_response(
+            token,
+            status,
+            headers,
+            body,
+            |route| {
+                let r = routes.get(route)?.as_ref()?;
+                Some((r.cfg.timeout_ms, r.cfg.max_body_bytes))
+            },
+            now_us,
+        );
+        if let Some(report) = report {
+            self.apply(report);
+        }
+    }
+
+    /// Sends due copies, compares complete pairs, expires lost calls, and
+    /// sends a report batch when one is due.
+    pub fn on_tick(&mut self, now_us: u64) {
+        if !self.table.is_empty() {
+            for out in self.table.to_send() {
+                let Some(r) = self.route(out.route) else {
+                    continue;
+                };
+                let headers: Vec<(&str, &str)> = out
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let body = (!out.body.is_empty()).then_some(out.body.as_slice());
+                let sent = hostcalls::dispatch_http_call(
+                    &r.cfg.cluster,
+                    headers,
+                    body,
+                    vec![],
+                    Duration::from_millis(r.cfg.timeout_ms),
+                );
+                match sent {
+                    Ok(token) => {
+                        host::increment(r.metrics.sent, 1);
+                        self.table.sent(out.stream, token, now_us);
+                    }
+                    Err(status) => {
+                        host::log(
+                            LogLevel::Warn,
+                            &format!(
+                                "understudy: shadow to cluster {:?} failed to start: {status:?}",
+                                r.cfg.cluster
+                            ),
+                        );
+                        if let Some(report) = self.table.send_failed(out.stream) {
+                            self.apply(report);
+                        }
+                    }
+                }
+            }
+            let routes = &self.routes;
+            let mut reports = self.table.expire(now_us, |route| {
+                routes
+                    .get(route)
+                    .and_then(Option::as_ref)
+                    .map_or(0, |r| r.cfg.timeout_ms)
+            });
+            reports.extend(self.table.finish(
+                |route| routes.get(route).and_then(Option::as_ref).map(|r| &r.cfg),
+                now_us,
+            ));
+            for report in reports {
+                self.apply(report);
+            }
+        }
+        self.report_if_due(now_us);
+    }
+
+    /// Counts a result in the stats and the next batch; queues its record.
+    fn apply(&mut self, report: Report) {
+        match report {
+            Report::Skipped { route, reason } => {
+                // Counted in stats only: `not_sampled` is not a skip, and
+                // the pair was never in the table for `skipped_method`.
+                let Some(Some(r)) = self.routes.get_mut(route) else {
+                    return;
+                };
+                if let Some((_, id)) = r.metrics.skipped.iter().find(|(s, _)| *s == reason) {
+                    host::increment(*id, 1);
+                }
+                if reason != Skip::NotSampled {
+                    *r.counts
+                        .skipped
+                        .entry(reason.as_str().to_owned())
+                        .or_default() += 1;
+                }
+                if !matches!(reason, Skip::NotSampled | Skip::Method | Skip::Capacity) {
+                    host::increment(self.pending, -1);
+                }
+            }
+            Report::Compared {
+                route,
+                verdict,
+                unexpected,
+                latency_gap_us,
+                mismatch,
+            } => {
+                host::increment(self.pending, -1);
+                let Some(Some(r)) = self.routes.get_mut(route) else {
+                    return;
+                };
+                let m = &r.metrics;
+                host::increment(m.compared, 1);
+                r.counts.compared += 1;
+                match verdict {
+                    Verdict::Matched => {
+                        host::increment(m.matched, 1);
+                        r.counts.matched += 1;
+                    }
+                    Verdict::Noise => {
+                        host::increment(m.noise, 1);
+                        r.counts.mismatched_noise += 1;
+                    }
+                    Verdict::Serious => {
+                        host::increment(m.serious, 1);
+                        r.counts.mismatched_serious += 1;
+                    }
+                }
+                if unexpected {
+                    host::increment(m.unexpected, 1);
+                    r.counts.unexpected += 1;
+                }
+                host::record(m.gap_ms, u64::try_from(latency_gap_us / 1000).unwrap_or(0));
+                r.counts.latency_gap_us_sum += latency_gap_us;
+                if let Some(mismatch) = mismatch {
+                    self.enqueue(*mismatch);
+                }
+            }
+        }
+    }
+
+    fn enqueue(&mut self, mismatch: Mismatch) {
+        let Some(report) = &self.report else {
+            return;
+        };
+        if self.queue.len() >= report.max_records {
+            self.dropped += 1;
+            host::increment(self.records_dropped, 1);
+            return;
+        }
+        self.queue.push_back(mismatch);
+    }
+
+    fn report_if_due(&mut self, now_us: u64) {
+        let Some(report) = self.report.clone() else {
+            return;
+        };
+        if now_us.saturating_sub(self.last_report_us) < report.interval_ms * 1000 {
+            return;
+        }
+        self.last_report_us = now_us;
+        let counts: Vec<RouteCounts> = self
+            .routes
+            .iter_mut()
+            .flatten()
+            .filter(|r| r.counts.compared > 0 || !r.counts.skipped.is_empty())
+            .map(|r| {
+                let fresh = RouteCounts {
+                    route: r.counts.route.clone(),
+                    calibration: r.counts.calibration,
+                    ..Default::default()
+                };
+                std::mem::replace(&mut r.counts, fresh)
+            })
+            .collect();
+        if counts.is_empty() && self.queue.is_empty() && self.dropped == 0 {
+            return;
+        }
+        let take = self.queue.len().min(RECORDS_PER_BATCH);
+        let drained: Vec<Mismatch> = self.queue.drain(..take).collect();
+        let mismatches: Vec<MismatchRecord> = drained.into_iter().map(|m| self.record(m)).collect();
+        let batch = ReportBatch {
+            node_id: host::node_id(),
+            mismatches,
+            dropped: std::mem::take(&mut self.dropped),
+            routes: counts,
+        }
+        .encode_to_vec();
+        let sent = hostcalls::dispatch_grpc_call(
+            &report.cluster,
+            "understudy.v1.ReportService",
+            "Push",
+            vec![],
+            Some(&batch),
+            Duration::from_secs(5),
+        );
+        match sent {
+            Ok(_) => host::increment(self.reports_sent, 1),
+            Err(status) => {
+                host::increment(self.reports_failed, 1);
+                host::log(
+                    LogLevel::Debug,
+                    &format!("understudy: shadow report not sent: {status:?}"),
+                );
+            }
+        }
+    }
+
+    fn record(&self, m: Mismatch) -> MismatchRecord {
+        let r = self.route(m.route);
+        let headers = |h: Vec<(String, String)>| {
+            h.into_iter()
+                .map(|(name, value)| wire::Header { name, value })
+                .collect()
+        };
+        MismatchRecord {
+            route: r.map(|r| r.name.clone()).unwrap_or_default(),
+            request_id: m.request_id,
+            differences: m
+                .comparison
+                .differences
+                .into_iter()
+                .map(|d| wire::Difference {
+                    path: d.path,
+                    kind: kind(d.kind) as i32,
+                    bucket: match d.bucket {
+                        Bucket::Serious => difference::Bucket::Serious,
+                        Bucket::Noise => difference::Bucket::Noise,
+                    } as i32,
+                    primary: d.primary.unwrap_or_default(),
+                    shadow: d.shadow.unwrap_or_default(),
+                    unexpected: d.unexpected,
+                })
+                .collect(),
+            latency_gap_us: m.latency_gap_us,
+            calibration: r.is_some_and(|r| r.cfg.calibration),
+            time_unix_ms: m.time_us / 1000,
+            serious: m.comparison.serious > 0,
+            unexpected: m.comparison.unexpected > 0,
+            omitted: u32::try_from(m.comparison.omitted).unwrap_or(u32::MAX),
+            truncated: m.comparison.truncated.unwrap_or_default(),
+            segment: m.segment.unwrap_or_default(),
+            request: Some(RecordedRequest {
+                method: m.method,
+                path: m.path,
+                authority: m.authority,
+                headers: headers(m.request.headers),
+                body: m.request.body,
+                body_truncated: m.request_body_truncated,
+            }),
+            primary: Some(RecordedResponse {
+                status: u32::from(m.primary.status),
+                headers: headers(m.primary.headers),
+                body: m.primary.body,
+                body_truncated: m.primary_body_truncated,
+            }),
+            shadow_cluster: r.map(|r| r.cfg.cluster.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+fn kind(k: DiffKind) -> difference::Kind {
+    match k {
+        DiffKind::StatusChange => difference::Kind::Status,
+        DiffKind::MissingField => difference::Kind::MissingField,
+        DiffKind::ExtraField => difference::Kind::ExtraField,
+        DiffKind::TypeChange => difference::Kind::TypeChange,
+        DiffKind::ValueChange => difference::Kind::ValueChange,
+        DiffKind::ArrayLength => difference::Kind::ArrayLength,
+        DiffKind::OrderOnly => difference::Kind::OrderOnly,
+        DiffKind::HeaderChange => difference::Kind::HeaderChange,
+        DiffKind::BodyDiffers => difference::Kind::BodyDiffers,
+    }
+}
