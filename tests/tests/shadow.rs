@@ -27,9 +27,10 @@ fn shadow_config(shadow: Value) -> Value {
     json!({"routes": [{"name": "orders", "path_prefix": "/", "shadow": s}]})
 }
 
-/// Waits until `compared + skipped` on the route reaches `n`.
+/// Waits until the sum of the route's counters `what` reaches `n`; on
+/// timeout, says what every shadow counter of the route shows.
 async fn settled(stack: &Stack, route: &str, what: &[&str], n: u64) -> Result<()> {
-    wait::until(
+    let waited = wait::until(
         &format!("{what:?} on route {route} to reach {n}"),
         Duration::from_secs(15),
         || async {
@@ -40,7 +41,20 @@ async fn settled(stack: &Stack, route: &str, what: &[&str], n: u64) -> Result<()
             Ok((total >= n).then_some(()))
         },
     )
-    .await
+    .await;
+    if waited.is_err() {
+        let prefix = stat(route, "");
+        let all: Vec<String> = stack
+            .envoy
+            .stats()
+            .await?
+            .into_iter()
+            .filter(|(k, v)| k.starts_with(&prefix) && v != "0")
+            .map(|(k, v)| format!("{}={v}", &k[prefix.len()..]))
+            .collect();
+        return waited.with_context(|| format!("shadow counters: {}", all.join(" ")));
+    }
+    waited
 }
 
 /// The client's answer through Envoy and the primary's own answer to the

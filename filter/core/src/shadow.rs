@@ -795,7 +795,8 @@ impl ShadowTable {
     /// cannot be compared; a complete one waits for its shadow.
     pub fn stream_end(&mut self, stream: u32) -> Option<Report> {
         let p = self.pairs.get(&stream)?;
-        if p.primary_done_us.is_none() {
+        // A request whose body never completed can no longer be sent.
+        if p.primary_done_us.is_none() || p.call == Call::Receiving {
             return self.drop_pair(stream, Skip::PrimaryIncomplete);
         }
         None
@@ -1018,5 +1019,531 @@ fn evaluate(pair: Pair, cfg: &ShadowConfig, now_us: u64) -> Report {
         unexpected,
         latency_gap_us,
         mismatch,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn cfg(extra: serde_json::Value) -> ShadowConfig {
+        let mut raw = json!({"cluster": "shop-canary"});
+        if let (Some(r), Some(e)) = (raw.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+        ShadowConfig::from_raw(serde_json::from_value(raw).unwrap(), "routes[0].shadow").unwrap()
+    }
+
+    fn err(extra: serde_json::Value) -> String {
+        let mut raw = json!({"cluster": "shop-canary"});
+        if let (Some(r), Some(e)) = (raw.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+        ShadowConfig::from_raw(serde_json::from_value(raw).unwrap(), "routes[0].shadow")
+            .unwrap_err()
+            .to_string()
+    }
+
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn invalid_settings_name_their_field() {
+        for (extra, field) in [
+            (json!({"percent": 101}), "routes[0].shadow.percent"),
+            (json!({"percent": -1}), "routes[0].shadow.percent"),
+            (
+                json!({"sample_key": "bad header"}),
+                "routes[0].shadow.sample_key",
+            ),
+            (
+                json!({"strip_headers": ["ok", ""]}),
+                "routes[0].shadow.strip_headers[1]",
+            ),
+            (
+                json!({"add_headers": {"x-understudy-shadow": "0"}}),
+                "add_headers.x-understudy-shadow",
+            ),
+            (json!({"add_headers": {"x-a": "a\nb"}}), "add_headers.x-a"),
+            (json!({"timeout_ms": 0}), "routes[0].shadow.timeout_ms"),
+            (
+                json!({"max_body_bytes": 0}),
+                "routes[0].shadow.max_body_bytes",
+            ),
+            (
+                json!({"max_body_bytes": 10, "record_body_bytes": 11}),
+                "record_body_bytes",
+            ),
+            (
+                json!({"compare": {"ignore": ["total"]}}),
+                "routes[0].shadow.compare.ignore[0]",
+            ),
+            (
+                json!({"redact": ["$.a", "x"]}),
+                "routes[0].shadow.redact[1]",
+            ),
+            (
+                json!({"expected": [{"name": "a"}, {"name": "a"}]}),
+                "expected[1].name",
+            ),
+            (
+                json!({"expected": [{"name": "a", "path_prefix": "x"}]}),
+                "expected[0].path_prefix",
+            ),
+            (
+                json!({"expected": [{"name": "a", "paths": ["$["]}]}),
+                "expected[0].paths[0]",
+            ),
+        ] {
+            let e = err(extra.clone());
+            assert!(e.contains(field), "{extra}: {e}");
+        }
+        assert!(err(json!({"cluster": ""})).contains("routes[0].shadow.cluster"));
+        let unknown: Result<RawShadowConfig, _> =
+            serde_json::from_value(json!({"cluster": "c", "percnt": 5}));
+        assert!(unknown.unwrap_err().to_string().contains("percnt"));
+    }
+
+    #[test]
+    fn only_safe_methods_unless_the_route_opts_in() {
+        let c = cfg(json!({}));
+        for m in ["GET", "HEAD", "OPTIONS"] {
+            assert_eq!(c.decide(m, None, 0), Ok(()));
+        }
+        for m in ["POST", "PUT", "PATCH", "DELETE"] {
+            assert_eq!(c.decide(m, None, 0), Err(Skip::Method));
+        }
+        assert_eq!(
+            cfg(json!({"unsafe_methods": true})).decide("POST", None, 0),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn zero_percent_never_samples_and_hundred_always_does() {
+        let none = cfg(json!({"percent": 0}));
+        let all = cfg(json!({"percent": 100}));
+        for r in [0, 1, u64::MAX / 2, u64::MAX] {
+            assert_eq!(none.decide("GET", None, r), Err(Skip::NotSampled));
+            assert_eq!(all.decide("GET", None, r), Ok(()));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn keyed_sampling_is_consistent_and_near_the_percentage(
+            percent in 1.0f64..99.0,
+            seed in any::<u64>(),
+        ) {
+            let c = cfg(json!({"percent": percent, "sample_key": "X-User"}));
+            let keys: Vec<String> = (0..2000u64).map(|i| format!("user-{}", seed.wrapping_add(i))).collect();
+            let mut inside = 0usize;
+            for k in &keys {
+                let first = c.decide("GET", Some(k), 0);
+                // The random draw is ignored when a key is present.
+                prop_assert_eq!(first, c.decide("GET", Some(k), u64::MAX));
+                if first.is_ok() {
+                    inside += 1;
+                }
+            }
+            let share = inside as f64 / keys.len() as f64 * 100.0;
+            // 2000 draws: the standard error is at most 1.12 points; allow 5.
+            prop_assert!((share - percent).abs() < 5.0, "{share} vs {percent}");
+        }
+    }
+
+    #[test]
+    fn copies_are_marked_scrubbed_and_sent_to_the_shadow_host() {
+        let c = cfg(json!({"add_headers": {"x-env": "shadow", "x-tenant": "t-shadow"}}));
+        let out = c.shadow_headers(&h(&[
+            (":method", "GET"),
+            (":authority", "shop.example:8080"),
+            ("Authorization", "Bearer x"),
+            ("cookie", "a=b"),
+            ("x-tenant", "t1"),
+            ("transfer-encoding", "chunked"),
+            ("x-understudy-shadow", "spoofed"),
+            ("accept", "application/json"),
+        ]));
+        let get = |k: &str| {
+            out.iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get(":authority"), ["shop.example-shadow:8080"]);
+        assert!(get("authorization").is_empty() && get("cookie").is_empty());
+        assert!(get("transfer-encoding").is_empty());
+        assert_eq!(get("x-understudy-shadow"), ["1"]);
+        assert_eq!(get("x-tenant"), ["t-shadow"], "added headers replace");
+        assert_eq!(get("x-env"), ["shadow"]);
+        assert_eq!(get("accept"), ["application/json"]);
+        assert_eq!(shadow_host("shop"), "shop-shadow");
+        assert_eq!(shadow_host("[::1]:80"), "[::1]-shadow:80");
+        assert_eq!(shadow_host("[::1]"), "[::1]-shadow");
+    }
+
+    #[test]
+    fn segments_match_by_prefix_and_header_in_order() {
+        let c = cfg(json!({"expected": [
+            {"name": "inference", "header": {"name": "X-Job", "value": "inference"}, "paths": ["$.alloc"]},
+            {"name": "training", "path_prefix": "/jobs", "header": {"name": "x-job", "value": "training"}},
+            {"name": "rest", "path_prefix": "/"}
+        ]}));
+        assert_eq!(c.segment("/jobs", &h(&[("x-job", "inference")])), Some(0));
+        assert_eq!(c.segment("/jobs/1", &h(&[("x-job", "training")])), Some(1));
+        assert_eq!(c.segment("/other", &h(&[("x-job", "training")])), Some(2));
+    }
+
+    const S: u32 = 7;
+
+    fn primary_ok(t: &mut ShadowTable, body: &[u8], now: u64) -> Option<Report> {
+        let r = t.primary_headers(
+            S,
+            200,
+            h(&[("content-type", "application/json")]),
+            false,
+            1 << 20,
+            now,
+        );
+        assert!(r.is_none());
+        t.primary_body(S, body, true, 1 << 20, now)
+    }
+
+    fn limits(_: usize) -> Option<(u64, usize)> {
+        Some((1_000, 1 << 20))
+    }
+
+    fn request(path: &str) -> Vec<(String, String)> {
+        h(&[
+            (":method", "GET"),
+            (":path", path),
+            (":authority", "shop-shadow"),
+            ("x-request-id", "r-1"),
+        ])
+    }
+
+    #[test]
+    fn a_pair_compares_in_either_order_and_reports_the_differences() {
+        let c = cfg(json!({"redact": ["$.email"]}));
+        for shadow_first in [false, true] {
+            let mut t = ShadowTable::default();
+            t.start(S, 0, request("/orders/1"), true, 1_000).unwrap();
+            let out = t.to_send();
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].stream, S);
+            t.sent(S, 42, 2_000);
+            assert!(t.to_send().is_empty(), "sent once");
+            assert!(t.has_call(42));
+            let shadow_body = br#"{"total":51.4,"email":"b@x"}"#.to_vec();
+            let shadow_headers = h(&[(":status", "200"), ("content-type", "application/json")]);
+            if shadow_first {
+                assert!(
+                    t.shadow_response(
+                        42,
+                        Some(200),
+                        shadow_headers.clone(),
+                        shadow_body.clone(),
+                        limits,
+                        12_000
+                    )
+                    .is_none()
+                );
+                assert!(
+                    t.finish(|_| Some(&c), 12_000).is_empty(),
+                    "primary not done"
+                );
+                assert!(primary_ok(&mut t, br#"{"total":49.9,"email":"a@x"}"#, 21_000).is_none());
+            } else {
+                assert!(primary_ok(&mut t, br#"{"total":49.9,"email":"a@x"}"#, 21_000).is_none());
+                assert!(
+                    t.stream_end(S).is_none(),
+                    "a complete primary waits for its shadow"
+                );
+                assert!(
+                    t.shadow_response(42, Some(200), shadow_headers, shadow_body, limits, 12_000)
+                        .is_none()
+                );
+            }
+            let reports = t.finish(|_| Some(&c), 30_000);
+            assert!(t.is_empty() && !t.has_call(42));
+            let [
+                Report::Compared {
+                    verdict,
+                    unexpected,
+                    latency_gap_us,
+                    mismatch: Some(m),
+                    ..
+                },
+            ] = reports.as_slice()
+            else {
+                panic!("{reports:?}");
+            };
+            assert_eq!(*verdict, Verdict::Serious);
+            assert!(*unexpected);
+            // Shadow 10 ms after dispatch, primary 20 ms after the start.
+            assert_eq!(*latency_gap_us, 10_000 - 20_000);
+            assert_eq!(m.request_id, "r-1");
+            assert_eq!(m.path, "/orders/1");
+            let total = m
+                .comparison
+                .differences
+                .iter()
+                .find(|d| d.path == "$.total")
+                .unwrap();
+            assert_eq!(
+                (total.primary.as_deref(), total.shadow.as_deref()),
+                (Some("49.9"), Some("51.4"))
+            );
+            let text = format!("{m:?}");
+            assert!(
+                !text.contains("a@x") && !text.contains("b@x"),
+                "redacted: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn equal_answers_match_without_a_record() {
+        let c = cfg(json!({}));
+        let mut t = ShadowTable::default();
+        t.start(S, 0, request("/a"), true, 0).unwrap();
+        t.sent(S, 1, 0);
+        primary_ok(&mut t, br#"{"a":1}"#, 5);
+        t.shadow_response(
+            1,
+            Some(200),
+            h(&[("content-type", "application/json")]),
+            br#"{"a":1.0}"#.to_vec(),
+            limits,
+            5,
+        );
+        let r = t.finish(|_| Some(&c), 10);
+        assert!(
+            matches!(
+                r.as_slice(),
+                [Report::Compared {
+                    verdict: Verdict::Matched,
+                    mismatch: None,
+                    ..
+                }]
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn every_skip_has_its_reason() {
+        let skipped = |r: Option<Report>| match r {
+            Some(Report::Skipped { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        // Request body over budget.
+        let mut t = ShadowTable::default();
+        t.start(S, 0, request("/a"), false, 0).unwrap();
+        assert!(t.request_body(S, b"12345", false, 8).is_none());
+        assert_eq!(skipped(t.request_body(S, b"6789", true, 8)), Skip::TooLarge);
+        assert!(t.is_empty());
+        // Declared primary length over budget.
+        t.start(S, 0, request("/a"), true, 0).unwrap();
+        let r = t.primary_headers(S, 200, h(&[("content-length", "9")]), false, 8, 0);
+        assert_eq!(skipped(r), Skip::TooLarge);
+        // Streamed primary over budget.
+        t.start(S, 0, request("/a"), true, 0).unwrap();
+        t.primary_headers(S, 200, vec![], false, 8, 0);
+        assert_eq!(
+            skipped(t.primary_body(S, b"123456789", false, 8, 0)),
+            Skip::TooLarge
+        );
+        // Primary reset.
+        t.start(S, 0, request("/a"), true, 0).unwrap();
+        t.primary_headers(S, 200, vec![], false, 8, 0);
+        assert_eq!(skipped(t.stream_end(S)), Skip::PrimaryIncomplete);
+        // Failed call: early is an error, at the timeout a timeout.
+        for (after_us, reason) in [
+            (10_000, Skip::ShadowError),
+            (1_000_000, Skip::ShadowTimeout),
+        ] {
+            t.start(S, 0, request("/a"), true, 0).unwrap();
+            t.sent(S, 9, 0);
+            assert_eq!(
+                skipped(t.shadow_response(9, None, vec![], vec![], limits, after_us)),
+                reason
+            );
+            assert!(!t.has_call(9));
+        }
+        // Shadow body over budget.
+        t.start(S, 0, request("/a"), true, 0).unwrap();
+        t.sent(S, 9, 0);
+        let small = |_: usize| Some((1_000, 4));
+        assert_eq!(
+            skipped(t.shadow_response(9, Some(200), vec![], b"12345".to_vec(), small, 1)),
+            Skip::TooLarge
+        );
+        // A call never answered is expired well past its timeout.
+        t.start(S, 0, request("/a"), true, 0).unwrap();
+        t.sent(S, 9, 0);
+        assert!(t.expire(5_000_000, |_| 1_000).is_empty());
+        assert_eq!(
+            t.expire(7_000_000, |_| 1_000),
+            vec![Report::Skipped {
+                route: 0,
+                reason: Skip::ShadowTimeout
+            }]
+        );
+        // Could not be sent.
+        t.start(S, 0, request("/a"), true, 0).unwrap();
+        assert_eq!(skipped(t.send_failed(S)), Skip::ShadowError);
+        // JSON that does not parse.
+        let c = cfg(json!({}));
+        t.start(S, 0, request("/a"), true, 0).unwrap();
+        t.sent(S, 9, 0);
+        primary_ok(&mut t, b"{\"a\":", 1);
+        t.shadow_response(9, Some(200), vec![], b"{}".to_vec(), limits, 1);
+        assert_eq!(
+            t.finish(|_| Some(&c), 2),
+            vec![Report::Skipped {
+                route: 0,
+                reason: Skip::Unparseable
+            }]
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn the_table_is_capped() {
+        let mut t = ShadowTable::default();
+        for s in 0..MAX_PENDING as u32 {
+            t.start(s, 0, vec![], true, 0).unwrap();
+        }
+        assert_eq!(
+            t.start(u32::MAX, 0, vec![], true, 0),
+            Err(Report::Skipped {
+                route: 0,
+                reason: Skip::Capacity
+            })
+        );
+    }
+
+    #[test]
+    fn finishing_is_bounded_per_tick() {
+        let c = cfg(json!({}));
+        let mut t = ShadowTable::default();
+        let n = FINISH_PER_TICK as u32 + 3;
+        for s in 0..n {
+            t.start(s, 0, vec![], true, 0).unwrap();
+            t.sent(s, 1000 + s, 0);
+            t.primary_headers(s, 200, vec![], true, 64, 1);
+            t.shadow_response(1000 + s, Some(200), vec![], vec![], limits, 1);
+        }
+        assert_eq!(t.finish(|_| Some(&c), 2).len(), FINISH_PER_TICK);
+        assert_eq!(t.finish(|_| Some(&c), 2).len(), 3);
+        assert!(t.is_empty());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Ev {
+        Start(u8, bool),
+        Body(u8, u8, bool),
+        Send(u8),
+        PrimaryHeaders(u8, bool),
+        PrimaryBody(u8, u8, bool),
+        End(u8),
+        Answer(u8, bool, u8),
+        Tick(u32),
+    }
+
+    fn ev() -> impl Strategy<Value = Ev> {
+        prop_oneof![
+            (0u8..6, any::<bool>()).prop_map(|(s, e)| Ev::Start(s, e)),
+            (0u8..6, 0u8..40, any::<bool>()).prop_map(|(s, n, e)| Ev::Body(s, n, e)),
+            (0u8..6).prop_map(Ev::Send),
+            (0u8..6, any::<bool>()).prop_map(|(s, e)| Ev::PrimaryHeaders(s, e)),
+            (0u8..6, 0u8..40, any::<bool>()).prop_map(|(s, n, e)| Ev::PrimaryBody(s, n, e)),
+            (0u8..6).prop_map(Ev::End),
+            (0u8..6, any::<bool>(), 0u8..40).prop_map(|(s, ok, n)| Ev::Answer(s, ok, n)),
+            (0u32..3_000).prop_map(Ev::Tick),
+        ]
+    }
+
+    proptest! {
+        /// Any order of events: every started pair ends in exactly one
+        /// report once its stream has ended and time has passed, and the
+        /// table empties.
+        #[test]
+        fn every_pair_ends_once_whatever_the_order(events in proptest::collection::vec(ev(), 0..60)) {
+            let c = cfg(json!({"max_body_bytes": 64, "record_body_bytes": 64}));
+            let lim = |_: usize| Some((c.timeout_ms, c.max_body_bytes));
+            let mut t = ShadowTable::default();
+            let mut now = 0u64;
+            let mut started = 0usize;
+            let mut reports = 0usize;
+            let mut live: BTreeMap<u32, bool> = BTreeMap::new(); // stream -> ended
+            let mut count = |r: Option<Report>| usize::from(r.is_some());
+            for e in events {
+                now += 100;
+                match e {
+                    Ev::Start(s, eos) => {
+                        let s = u32::from(s);
+                        if !t.is_tracked(s) && !live.contains_key(&s) {
+                            t.start(s, 0, request("/p"), eos, now).unwrap();
+                            live.insert(s, false);
+                            started += 1;
+                        }
+                    }
+                    Ev::Body(s, n, eos) => reports += count(t.request_body(u32::from(s), &vec![b'x'; usize::from(n)], eos, 64)),
+                    Ev::Send(s) => {
+                        for o in t.to_send() {
+                            if o.stream == u32::from(s) {
+                                t.sent(o.stream, 100 + o.stream, now);
+                            }
+                        }
+                    }
+                    Ev::PrimaryHeaders(s, eos) => reports += count(t.primary_headers(u32::from(s), 200, vec![], eos, 64, now)),
+                    Ev::PrimaryBody(s, n, eos) => reports += count(t.primary_body(u32::from(s), &vec![b'{'; usize::from(n)], eos, 64, now)),
+                    Ev::End(s) => {
+                        let s = u32::from(s);
+                        if let Some(ended) = live.get_mut(&s) && !*ended {
+                            *ended = true;
+                            reports += count(t.stream_end(s));
+                        }
+                    }
+                    Ev::Answer(s, ok, n) => {
+                        let status = ok.then_some(200);
+                        reports += count(t.shadow_response(100 + u32::from(s), status, vec![], vec![b'1'; usize::from(n)], lim, now));
+                    }
+                    Ev::Tick(ms) => {
+                        now += u64::from(ms) * 1000;
+                        reports += t.expire(now, |_| c.timeout_ms).len();
+                        reports += t.finish(|_| Some(&c), now).len();
+                    }
+                }
+                // A stream id is reusable once its pair is gone and its stream ended.
+                live.retain(|s, ended| !(*ended && !t.is_tracked(*s)));
+            }
+            // Drain: end every stream, answer every call, let time pass.
+            for s in 0..6u32 {
+                if let Some(false) = live.get(&s) {
+                    reports += count(t.stream_end(s));
+                }
+                for o in t.to_send() {
+                    t.sent(o.stream, 100 + o.stream, now);
+                }
+                reports += count(t.shadow_response(100 + s, None, vec![], vec![], lim, now));
+            }
+            now += 100_000_000;
+            reports += t.expire(now, |_| c.timeout_ms).len();
+            while !t.done.is_empty() {
+                reports += t.finish(|_| Some(&c), now).len();
+            }
+            prop_assert_eq!(reports, started);
+            prop_assert!(t.is_empty() && t.calls.is_empty());
+        }
     }
 }
