@@ -12,6 +12,12 @@
 //! | GET | `/v1/nacks` | the most recent NACKs from any Envoy |
 //! | GET | `/v1/ratelimit/tenants?top=N` | top tenants: usage and current limits, from filter reports |
 //! | PUT/DELETE | `/v1/ratelimit/tenants/{id}` | a per-tenant override: `{"tier", "rate" or "fleet_rate"}` |
+//! | GET | `/v1/shadow/routes` | per-route shadow comparison summaries (rates null without data) |
+//! | GET | `/v1/shadow/routes/{route}` | one route's summary with its top differing paths and samples |
+//! | GET | `/v1/shadow/samples/{id}` | a stored mismatch record in full |
+//! | POST | `/v1/shadow/samples/{id}/replay` | replay it (`{"cluster"}` optional) and compare again |
+//! | GET | `/v1/shadow/noise` | noise learned from A/A calibration, per route and path |
+//! | DELETE | `/v1/shadow/noise/{route}` | forget a route's calibration data |
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with a 4xx status.
 
@@ -21,12 +27,14 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::model::{FilterSettings, ModelError, Service, Weight};
+use crate::shadow::replay::{self, ReplayError, ReplayOutcome};
+use crate::shadow::{BookCounts, RecordView, RouteDetail, RouteNoise, RouteSummary, ShadowBook};
 use crate::store::{ChangeError, Store};
 use crate::usage::{TenantUsage, UsageBook};
 use crate::xds::Registry;
@@ -37,6 +45,7 @@ pub struct ApiState {
     pub store: Store,
     pub registry: Arc<Registry>,
     pub usage: Arc<UsageBook>,
+    pub shadow: Arc<ShadowBook>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -54,6 +63,12 @@ pub fn router(state: ApiState) -> Router {
             "/v1/ratelimit/tenants/{tenant}",
             put(put_tenant_override).delete(delete_tenant_override),
         )
+        .route("/v1/shadow/routes", get(shadow_routes))
+        .route("/v1/shadow/routes/{route}", get(shadow_route))
+        .route("/v1/shadow/samples/{id}", get(shadow_sample))
+        .route("/v1/shadow/samples/{id}/replay", post(replay_sample))
+        .route("/v1/shadow/noise", get(shadow_noise))
+        .route("/v1/shadow/noise/{route}", delete(forget_noise))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -117,6 +132,22 @@ impl From<ChangeError> for ApiError {
                 e.to_string(),
             ),
         }
+    }
+}
+
+impl From<ReplayError> for ApiError {
+    fn from(e: ReplayError) -> Self {
+        let (status, code) = match &e {
+            ReplayError::BodyTruncated { .. } => (StatusCode::CONFLICT, "body_truncated"),
+            ReplayError::NoShadowConfig { .. } => (StatusCode::CONFLICT, "no_shadow_config"),
+            ReplayError::NoEndpoints { .. } => (StatusCode::CONFLICT, "no_endpoints"),
+            ReplayError::InvalidRecord { .. } => (StatusCode::CONFLICT, "invalid_sample"),
+            ReplayError::NoCluster => (StatusCode::BAD_REQUEST, "no_cluster"),
+            ReplayError::UnknownCluster { .. } => (StatusCode::BAD_REQUEST, "unknown_cluster"),
+            ReplayError::InvalidConfig(_) => (StatusCode::INTERNAL_SERVER_ERROR, "invalid_filter"),
+            ReplayError::Upstream { .. } => (StatusCode::BAD_GATEWAY, "upstream_failed"),
+        };
+        Self::new(status, code, e.to_string())
     }
 }
 
@@ -317,4 +348,117 @@ fn edit_tenants(
     };
     edit(tenants)?;
     Ok(Json(s.store.put_filter(filter)?))
+}
+
+#[derive(Serialize)]
+struct ShadowRoutes {
+    #[serde(flatten)]
+    counts: BookCounts,
+    routes: Vec<RouteSummary>,
+}
+
+async fn shadow_routes(State(s): State<ApiState>) -> Json<ShadowRoutes> {
+    Json(ShadowRoutes {
+        counts: s.shadow.counts(),
+        routes: s.shadow.summaries(),
+    })
+}
+
+fn unknown_route(route: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_route",
+        format!("no shadow reports for route {route:?}"),
+    )
+}
+
+async fn shadow_route(
+    State(s): State<ApiState>,
+    Path(route): Path<String>,
+) -> ApiResult<RouteDetail> {
+    s.shadow
+        .route(&route)
+        .map(Json)
+        .ok_or_else(|| unknown_route(&route))
+}
+
+/// Ids are numbers; anything else cannot name a sample, so it is unknown too.
+fn stored_sample(s: &ApiState, id: &str) -> Result<crate::shadow::StoredRecord, ApiError> {
+    id.parse::<u64>()
+        .ok()
+        .and_then(|n| s.shadow.record(n))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_sample",
+                format!(
+                    "no stored sample {id:?} (unknown, or evicted: only the most recent are kept)"
+                ),
+            )
+        })
+}
+
+async fn shadow_sample(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<RecordView> {
+    Ok(Json(stored_sample(&s, &id)?.view()))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    cluster: Option<String>,
+}
+
+/// The body is optional: empty means "replay to the sample's shadow cluster".
+fn replay_body(body: &[u8]) -> Result<ReplayBody, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ReplayBody::default());
+    }
+    let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", m);
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("the body is not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(invalid(
+            r#"expected a JSON object like {"cluster": "shop-canary"}"#.into(),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
+}
+
+async fn replay_sample(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<ReplayOutcome> {
+    let body = replay_body(&body)?;
+    let stored = stored_sample(&s, &id)?;
+    let plan = replay::plan(
+        stored.id,
+        &stored.record,
+        &s.store.state(),
+        body.cluster.as_deref(),
+    )?;
+    let replayed = replay::send(&plan).await?;
+    Ok(Json(replay::outcome(&plan, &replayed)))
+}
+
+#[derive(Serialize)]
+struct ShadowNoise {
+    routes: Vec<RouteNoise>,
+}
+
+async fn shadow_noise(State(s): State<ApiState>) -> Json<ShadowNoise> {
+    Json(ShadowNoise {
+        routes: s.shadow.noise(),
+    })
+}
+
+async fn forget_noise(
+    State(s): State<ApiState>,
+    Path(route): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if s.shadow.forget_noise(&route) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(unknown_route(&route))
+    }
 }

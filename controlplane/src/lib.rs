@@ -11,7 +11,11 @@
 //!   translated and published as a snapshot, or rejected with nothing changed.
 //! - [`resources`]: desired state → Envoy resources (CDS, EDS, LDS, RDS, ECDS).
 //! - [`xds`]: the ADS server: per-stream protocol state, ACK/NACK tracking.
-//! - [`usage`]: per-tenant rate-limit usage reported by the filters (gRPC).
+//! - [`usage`]: the filters' report service (gRPC): per-tenant rate-limit
+//!   usage, and shadow comparison batches handed to [`shadow`].
+//! - [`shadow`]: shadow comparison results: per-route rates with confidence
+//!   intervals, top differing paths, stored samples and their replay, noise
+//!   learned from A/A calibration.
 //! - [`api`]: the axum JSON API.
 //! - [`cli`]: the `understudy` command's client side.
 
@@ -19,6 +23,7 @@ pub mod api;
 pub mod cli;
 pub mod model;
 pub mod resources;
+pub mod shadow;
 pub mod store;
 pub mod usage;
 pub mod xds;
@@ -51,6 +56,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let registry = Arc::new(Registry::default());
     let usage = Arc::new(usage::UsageBook::default());
+    let shadow = Arc::new(shadow::ShadowBook::default());
     let ads = AdsServer::new(store.subscribe(), Arc::clone(&registry));
     // Fleet-wide limits follow the number of connected Envoys.
     let mut fleet = registry.fleet();
@@ -65,14 +71,15 @@ pub async fn run(
         store,
         registry,
         usage: Arc::clone(&usage),
+        shadow: Arc::clone(&shadow),
     });
     info!(xds = ?xds_listener.local_addr().ok(), api = ?api_listener.local_addr().ok(), "control plane listening");
     let xds = tonic::transport::Server::builder()
         // Envoy keeps one long-lived ADS stream; keepalives find dead peers.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(ads.into_service())
-        // Filters report usage on the same port they already reach for xDS.
-        .add_service(usage::Reports::new(usage).into_service())
+        // Filters report on the same port they already reach for xDS.
+        .add_service(usage::Reports::new(usage, shadow).into_service())
         .serve_with_incoming(TcpListenerStream::new(xds_listener));
     let api = axum::serve(api_listener, app);
     // Shutdown is abrupt on purpose: ADS streams never end by themselves, and

@@ -3,6 +3,9 @@
 //! its last report (`understudy.v1.ReportService/PushUsage`, served on the
 //! xDS port). The book keeps running totals and each Envoy's current limit,
 //! for `GET /v1/ratelimit/tenants`.
+//!
+//! The same gRPC service ([`Reports`]) receives the shadow comparison
+//! batches (`Push`) and hands them to the [`ShadowBook`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,6 +16,7 @@ use tonic::{Request, Response, Status};
 use understudy_proto::v1::report_service_server::{ReportService, ReportServiceServer};
 use understudy_proto::v1::{PushAck, ReportBatch, UsageReport};
 
+use crate::shadow::ShadowBook;
 use crate::xds::stream::unix_ms;
 
 /// Tenants the book remembers; the least recently reported is forgotten first.
@@ -110,11 +114,12 @@ impl UsageBook {
 #[derive(Clone)]
 pub struct Reports {
     book: Arc<UsageBook>,
+    shadow: Arc<ShadowBook>,
 }
 
 impl Reports {
-    pub fn new(book: Arc<UsageBook>) -> Self {
-        Self { book }
+    pub fn new(book: Arc<UsageBook>, shadow: Arc<ShadowBook>) -> Self {
+        Self { book, shadow }
     }
 
     pub fn into_service(self) -> ReportServiceServer<Self> {
@@ -124,10 +129,23 @@ impl Reports {
 
 #[tonic::async_trait]
 impl ReportService for Reports {
-    async fn push(&self, _request: Request<ReportBatch>) -> Result<Response<PushAck>, Status> {
-        Err(Status::unimplemented(
-            "shadow mismatch reports are not collected yet; only PushUsage is served",
-        ))
+    /// A batch is accepted as a whole; `accepted` counts the mismatch
+    /// records stored (records naming an invalid route are refused, and the
+    /// filter has no use for a per-record error).
+    async fn push(&self, request: Request<ReportBatch>) -> Result<Response<PushAck>, Status> {
+        let batch = request.into_inner();
+        let node = batch.node_id.clone();
+        let got = self.shadow.ingest(batch, SystemTime::now());
+        if got.rejected > 0 {
+            tracing::warn!(
+                node,
+                rejected = got.rejected,
+                "shadow report entries with invalid route names"
+            );
+        }
+        Ok(Response::new(PushAck {
+            accepted: got.accepted,
+        }))
     }
 
     async fn push_usage(&self, request: Request<UsageReport>) -> Result<Response<PushAck>, Status> {

@@ -1,0 +1,1442 @@
+//! Shadow comparison reports, as the filters send them
+//! (`understudy.v1.ReportService/Push`, served on the xDS port), turned into
+//! what an operator asks: how often does the new version answer like the old
+//! one, where does it differ, and what did a differing pair look like.
+//!
+//! [`ShadowBook`] keeps, per route and separately for A/A calibration and for
+//! live traffic:
+//!
+//! - **totals**, summed from each worker's per-route counter deltas
+//!   ([`RouteCounts`]): pairs compared, matched, mismatched (serious or noise
+//!   only), unexpected, skipped by reason, and the latency gap;
+//! - **rates** per compared pair ([`Stats`]): `serious_rate`,
+//!   `unexpected_rate`, `match_rate = 1 - serious_rate` (a pair whose
+//!   differences are all noise matches), `exact_match_rate` (no difference at
+//!   all), and a 95% Wilson score interval for `match_rate`. With nothing
+//!   compared every rate is `None`: no data is never "healthy";
+//! - **top differing paths**, from the individual mismatch records, each with
+//!   a few samples that point at the stored record;
+//! - **learned noise**: what differs between two copies of the *same* version
+//!   (calibration) is noise by definition. A path's learned noise rate is the
+//!   share of calibration pairs that differed there (see
+//!   [`ShadowBook::ingest`] for how live records are reclassified with it).
+//!
+//! Everything is bounded: [`MAX_ROUTES`] routes (the least recently reported
+//! is forgotten first), [`MAX_PATHS`] paths per route and table (the lowest
+//! count is evicted), [`MAX_SAMPLES_PER_PATH`] samples per path, and a global
+//! FIFO store of at most [`MAX_RECORDS`] full records and [`MAX_RECORD_BYTES`]
+//! bytes, which [`replay`] reads. A sample whose record was evicted is dropped
+//! when it is read.
+//!
+//! Aggregation is keyed by route name only. Per-rollout aggregation (a later
+//! issue) would key [`Book::routes`] by (route, rollout) and reset the live
+//! side when a rollout starts; nothing else here depends on the key.
+
+pub mod replay;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use prost::Message;
+use serde::Serialize;
+use understudy_proto::v1::{MismatchRecord, ReportBatch, RouteCounts, difference};
+
+use crate::xds::stream::unix_ms;
+
+/// Routes the book remembers; the least recently reported is forgotten first.
+pub const MAX_ROUTES: usize = 256;
+/// Differing paths kept per route (live and calibration each); when full, the
+/// path with the lowest count (then the least recently seen) makes room.
+pub const MAX_PATHS: usize = 200;
+/// Samples kept per path: the most recent ones.
+pub const MAX_SAMPLES_PER_PATH: usize = 5;
+/// Full mismatch records kept for `GET /v1/shadow/samples/{id}` and replay.
+pub const MAX_RECORDS: usize = 2000;
+/// A record carries bodies (up to the filter's `record_body_bytes` each), so
+/// the store is also bounded in bytes, as encoded on the wire.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
+/// Skip reasons kept per route; a reporter inventing more is folded into `other`.
+pub const MAX_SKIP_REASONS: usize = 32;
+/// Sample values are for recognising a difference at a glance; the stored
+/// record has them whole.
+const MAX_SAMPLE_VALUE_CHARS: usize = 200;
+/// A longer path is cut (and marked with `…`) before it becomes a table key.
+const MAX_PATH_CHARS: usize = 512;
+/// The standard normal quantile for a two-sided 95% interval.
+const Z_95: f64 = 1.959_963_984_540_054;
+
+// === rates ===
+
+/// The 95% Wilson score interval for a proportion of `successes` out of `n`
+/// trials; `None` when `n` is 0. Unlike the normal approximation it stays
+/// within [0, 1] and is honest for small `n` and for rates near 1, which is
+/// exactly where a shadow match rate lives.
+pub fn wilson_95(successes: u64, n: u64) -> Option<[f64; 2]> {
+    if n == 0 {
+        return None;
+    }
+    let successes = successes.min(n);
+    let nf = n as f64;
+    let p = successes as f64 / nf;
+    let z2 = Z_95 * Z_95;
+    let denom = 1.0 + z2 / nf;
+    let center = (p + z2 / (2.0 * nf)) / denom;
+    let half = Z_95 * (p * (1.0 - p) / nf + z2 / (4.0 * nf * nf)).sqrt() / denom;
+    // At the extremes the bound is exactly 0 or 1; floating point lands a hair off.
+    let lo = if successes == 0 {
+        0.0
+    } else {
+        (center - half).max(0.0)
+    };
+    let hi = if successes == n {
+        1.0
+    } else {
+        (center + half).min(1.0)
+    };
+    Some([lo, hi])
+}
+
+fn rate(part: u64, whole: u64) -> Option<f64> {
+    (whole > 0).then(|| part.min(whole) as f64 / whole as f64)
+}
+
+/// Counters and rates for one side (live or calibration) of one route.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    pub compared: u64,
+    /// Pairs with no difference at all.
+    pub matched: u64,
+    /// Pairs with at least one serious difference (after noise learning).
+    pub mismatched_serious: u64,
+    /// Pairs whose differences were all noise (including learned noise).
+    pub mismatched_noise: u64,
+    /// Pairs with a difference no expected-divergence rule covers.
+    pub unexpected: u64,
+    pub skipped: BTreeMap<String, u64>,
+    /// `1 - serious_rate`: the share of pairs with no serious difference.
+    pub match_rate: Option<f64>,
+    /// 95% Wilson score interval for `match_rate`.
+    pub match_rate_ci: Option<[f64; 2]>,
+    /// `matched / compared`: the share of byte-for-byte equivalent answers.
+    pub exact_match_rate: Option<f64>,
+    pub serious_rate: Option<f64>,
+    pub unexpected_rate: Option<f64>,
+    /// Mean of (shadow latency - primary latency) over compared pairs.
+    pub mean_latency_gap_ms: Option<f64>,
+    /// Mismatch records received (the filter also drops some when its queue is full).
+    pub records: u64,
+    /// Live records moved from serious to noise by learned noise.
+    pub reclassified_as_noise: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Totals {
+    compared: u64,
+    matched: u64,
+    mismatched_serious: u64,
+    mismatched_noise: u64,
+    unexpected: u64,
+    skipped: BTreeMap<String, u64>,
+    latency_gap_us_sum: i64,
+    records: u64,
+    reclassified: u64,
+}
+
+impl Totals {
+    fn add_counts(&mut self, c: &RouteCounts) {
+        self.compared = self.compared.saturating_add(c.compared);
+        self.matched = self.matched.saturating_add(c.matched);
+        self.mismatched_serious = self.mismatched_serious.saturating_add(c.mismatched_serious);
+        self.mismatched_noise = self.mismatched_noise.saturating_add(c.mismatched_noise);
+        self.unexpected = self.unexpected.saturating_add(c.unexpected);
+        self.latency_gap_us_sum = self.latency_gap_us_sum.saturating_add(c.latency_gap_us_sum);
+        for (reason, n) in &c.skipped {
+            let key = if self.skipped.contains_key(reason) || self.skipped.len() < MAX_SKIP_REASONS
+            {
+                reason.clone()
+            } else {
+                "other".to_owned()
+            };
+            let slot = self.skipped.entry(key).or_default();
+            *slot = slot.saturating_add(*n);
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let n = self.compared;
+        let serious_rate = rate(self.mismatched_serious, n);
+        Stats {
+            compared: n,
+            matched: self.matched,
+            mismatched_serious: self.mismatched_serious,
+            mismatched_noise: self.mismatched_noise,
+            unexpected: self.unexpected,
+            skipped: self.skipped.clone(),
+            match_rate: serious_rate.map(|r| 1.0 - r),
+            match_rate_ci: wilson_95(n.saturating_sub(self.mismatched_serious), n),
+            exact_match_rate: rate(self.matched, n),
+            serious_rate,
+            unexpected_rate: rate(self.unexpected, n),
+            mean_latency_gap_ms: (n > 0)
+                .then(|| self.latency_gap_us_sum as f64 / n as f64 / 1000.0),
+            records: self.records,
+            reclassified_as_noise: self.reclassified,
+        }
+    }
+}
+
+// === paths and samples ===
+
+/// How one difference is shown: the filter's bucket, or `noisy` for a serious
+/// difference at a path that calibration learned as noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShownBucket {
+    Serious,
+    Noise,
+    Noisy,
+}
+
+/// A pointer from a path to a stored record, with the difference found there.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SampleView {
+    /// The record's id for `GET /v1/shadow/samples/{id}`.
+    pub id: String,
+    pub request_id: String,
+    pub kind: &'static str,
+    pub bucket: ShownBucket,
+    /// Values as JSON text, cut to 200 characters; `None` when absent on that side.
+    pub primary: Option<String>,
+    pub shadow: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Sample {
+    id: u64,
+    request_id: String,
+    kind: &'static str,
+    bucket: ShownBucket,
+    primary: Option<String>,
+    shadow: Option<String>,
+}
+
+/// Records that differed at one path. A record counts once per path.
+#[derive(Debug, Clone, Default)]
+struct PathStats {
+    count: u64,
+    serious: u64,
+    noise: u64,
+    unexpected: u64,
+    /// The id of the last record seen here; breaks ties when evicting.
+    last_seen: u64,
+    samples: VecDeque<Sample>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PathTable {
+    paths: BTreeMap<String, PathStats>,
+}
+
+impl PathTable {
+    fn entry(&mut self, path: &str) -> &mut PathStats {
+        if !self.paths.contains_key(path) && self.paths.len() >= MAX_PATHS {
+            let victim = self
+                .paths
+                .iter()
+                .min_by_key(|(_, p)| (p.count, p.last_seen))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = victim {
+                self.paths.remove(&k);
+            }
+        }
+        self.paths.entry(path.to_owned()).or_default()
+    }
+}
+
+/// One differing path, as `GET /v1/shadow/routes/{route}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PathView {
+    pub path: String,
+    /// Records that differed at this path.
+    pub count: u64,
+    pub serious: u64,
+    /// Noise, including serious differences counted as learned noise.
+    pub noise: u64,
+    pub unexpected: u64,
+    /// From calibration: the share of A/A pairs that differed here.
+    pub learned_noise_rate: Option<f64>,
+    /// The most recent samples whose records are still stored, newest last.
+    pub samples: Vec<SampleView>,
+}
+
+// === routes ===
+
+#[derive(Debug, Clone)]
+struct RouteBook {
+    live: Totals,
+    calibration: Totals,
+    live_paths: PathTable,
+    calibration_paths: PathTable,
+    last_report: SystemTime,
+}
+
+impl RouteBook {
+    fn new(now: SystemTime) -> Self {
+        Self {
+            live: Totals::default(),
+            calibration: Totals::default(),
+            live_paths: PathTable::default(),
+            calibration_paths: PathTable::default(),
+            last_report: now,
+        }
+    }
+
+    /// The share of calibration pairs that differed at `path`. The
+    /// denominator is the calibration pairs compared, or the calibration
+    /// records if more of those arrived (counts may lag records by a batch).
+    fn learned_rate(&self, path: &str) -> Option<f64> {
+        let differed = self.calibration_paths.paths.get(path)?.count;
+        let whole = self.calibration.compared.max(self.calibration.records);
+        (differed > 0 && whole > 0).then(|| (differed as f64 / whole as f64).min(1.0))
+    }
+
+    fn paths_view(&self, table: &PathTable, oldest: u64) -> Vec<PathView> {
+        let mut out: Vec<PathView> = table
+            .paths
+            .iter()
+            .map(|(path, p)| PathView {
+                path: path.clone(),
+                count: p.count,
+                serious: p.serious,
+                noise: p.noise,
+                unexpected: p.unexpected,
+                learned_noise_rate: self.learned_rate(path),
+                samples: p
+                    .samples
+                    .iter()
+                    .filter(|s| s.id >= oldest)
+                    .map(|s| SampleView {
+                        id: s.id.to_string(),
+                        request_id: s.request_id.clone(),
+                        kind: s.kind,
+                        bucket: s.bucket,
+                        primary: s.primary.clone(),
+                        shadow: s.shadow.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.path.cmp(&b.path)));
+        out
+    }
+}
+
+/// One route, as `GET /v1/shadow/routes` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteSummary {
+    pub route: String,
+    /// Live traffic.
+    #[serde(flatten)]
+    pub live: Stats,
+    /// A/A calibration traffic.
+    pub calibration: Stats,
+    #[serde(with = "unix_ms")]
+    pub last_report: SystemTime,
+}
+
+/// One route with its differing paths (`GET /v1/shadow/routes/{route}`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteDetail {
+    #[serde(flatten)]
+    pub summary: RouteSummary,
+    /// Live differing paths, most frequent first.
+    pub top_paths: Vec<PathView>,
+    /// What differed in calibration (the source of learned noise).
+    pub calibration_top_paths: Vec<PathView>,
+}
+
+/// Learned noise at one path.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NoisePath {
+    pub path: String,
+    /// Calibration records that differed here.
+    pub records: u64,
+    pub rate: f64,
+}
+
+/// A route's learned noise (`GET /v1/shadow/noise`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteNoise {
+    pub route: String,
+    pub calibration_compared: u64,
+    pub calibration_records: u64,
+    /// Highest rate first.
+    pub paths: Vec<NoisePath>,
+}
+
+/// Book-wide counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BookCounts {
+    pub batches: u64,
+    /// Full records currently stored (samples point at these).
+    pub records_stored: usize,
+    /// Records the filters dropped because their queues were full: counted,
+    /// never seen, so never reclassified by learned noise.
+    pub dropped_by_filters: u64,
+    /// Records and counters refused because their route name is invalid.
+    pub rejected: u64,
+}
+
+// === the record store ===
+
+/// A stored record with what the book concluded about it on arrival.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    pub id: u64,
+    pub node_id: String,
+    pub received: SystemTime,
+    pub record: MismatchRecord,
+    /// Per difference: the learned noise rate that made a serious difference
+    /// `noisy` (live records only).
+    pub learned: Vec<Option<f64>>,
+    /// The record was moved from serious to noise by learned noise.
+    pub reclassified: bool,
+    size: usize,
+}
+
+/// One difference of a stored record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DifferenceView {
+    pub path: String,
+    pub kind: &'static str,
+    pub bucket: ShownBucket,
+    pub primary: Option<String>,
+    pub shadow: Option<String>,
+    pub unexpected: bool,
+    /// Set when the difference is shown as `noisy`.
+    pub learned_noise_rate: Option<f64>,
+}
+
+/// A header as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HeaderView {
+    pub name: String,
+    pub value: String,
+}
+
+/// The recorded request (`GET /v1/shadow/samples/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestView {
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    pub headers: Vec<HeaderView>,
+    /// The body as text when it is UTF-8...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// ...and as base64 otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+    pub body_truncated: bool,
+}
+
+/// The recorded primary response.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResponseView {
+    pub status: u32,
+    pub headers: Vec<HeaderView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+    pub body_truncated: bool,
+}
+
+/// A stored record as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecordView {
+    pub id: String,
+    pub route: String,
+    pub request_id: String,
+    pub node_id: String,
+    /// When the filter compared the pair, milliseconds since the Unix epoch.
+    pub time: u64,
+    #[serde(with = "unix_ms")]
+    pub received: SystemTime,
+    pub calibration: bool,
+    /// As the filter judged it: at least one serious difference...
+    pub serious: bool,
+    pub unexpected: bool,
+    /// ...and whether learned noise moved it to noise here.
+    pub reclassified_as_noise: bool,
+    pub latency_gap_ms: f64,
+    pub segment: Option<String>,
+    pub shadow_cluster: String,
+    /// Differences found beyond those listed.
+    pub omitted: u32,
+    pub truncated: Option<String>,
+    pub differences: Vec<DifferenceView>,
+    pub request: RequestView,
+    pub primary: ResponseView,
+}
+
+fn headers_view(headers: &[understudy_proto::v1::Header]) -> Vec<HeaderView> {
+    headers
+        .iter()
+        .map(|h| HeaderView {
+            name: h.name.clone(),
+            value: h.value.clone(),
+        })
+        .collect()
+}
+
+fn body_view(body: &[u8]) -> (Option<String>, Option<String>) {
+    match std::str::from_utf8(body) {
+        Ok(text) => (Some(text.to_owned()), None),
+        Err(_) => (None, Some(base64(body))),
+    }
+}
+
+/// Standard base64 with padding (RFC 4648 §4): only the API's binary bodies
+/// need it, not worth a dependency.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk.first().copied().unwrap_or(0),
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+impl StoredRecord {
+    pub fn view(&self) -> RecordView {
+        let r = &self.record;
+        let request = r.request.clone().unwrap_or_default();
+        let primary = r.primary.clone().unwrap_or_default();
+        let (req_body, req_b64) = body_view(&request.body);
+        let (resp_body, resp_b64) = body_view(&primary.body);
+        RecordView {
+            id: self.id.to_string(),
+            route: r.route.clone(),
+            request_id: r.request_id.clone(),
+            node_id: self.node_id.clone(),
+            time: r.time_unix_ms,
+            received: self.received,
+            calibration: r.calibration,
+            serious: r.serious,
+            unexpected: r.unexpected,
+            reclassified_as_noise: self.reclassified,
+            latency_gap_ms: r.latency_gap_us as f64 / 1000.0,
+            segment: (!r.segment.is_empty()).then(|| r.segment.clone()),
+            shadow_cluster: r.shadow_cluster.clone(),
+            omitted: r.omitted,
+            truncated: (!r.truncated.is_empty()).then(|| r.truncated.clone()),
+            differences: r
+                .differences
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let learned = self.learned.get(i).copied().flatten();
+                    DifferenceView {
+                        path: d.path.clone(),
+                        kind: kind_name(d),
+                        bucket: shown_bucket(d, learned),
+                        primary: (!d.primary.is_empty()).then(|| d.primary.clone()),
+                        shadow: (!d.shadow.is_empty()).then(|| d.shadow.clone()),
+                        unexpected: d.unexpected,
+                        learned_noise_rate: learned,
+                    }
+                })
+                .collect(),
+            request: RequestView {
+                method: request.method,
+                path: request.path,
+                authority: request.authority,
+                headers: headers_view(&request.headers),
+                body: req_body,
+                body_base64: req_b64,
+                body_truncated: request.body_truncated,
+            },
+            primary: ResponseView {
+                status: primary.status,
+                headers: headers_view(&primary.headers),
+                body: resp_body,
+                body_base64: resp_b64,
+                body_truncated: primary.body_truncated,
+            },
+        }
+    }
+}
+
+// === the book ===
+
+/// What [`ShadowBook::ingest`] did with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ingested {
+    /// Mismatch records stored and counted.
+    pub accepted: u64,
+    /// Records and route counters refused (invalid route name).
+    pub rejected: u64,
+}
+
+/// Shadow comparison results from every filter, shared by the gRPC service
+/// and the API.
+#[derive(Default)]
+pub struct ShadowBook {
+    inner: Mutex<Book>,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    /// Keyed by route name; the hook for per-rollout aggregation (module docs).
+    routes: BTreeMap<String, RouteBook>,
+    records: VecDeque<StoredRecord>,
+    record_bytes: usize,
+    /// The id the next record gets; ids only grow, so the store is sorted.
+    next_id: u64,
+    batches: u64,
+    dropped: u64,
+    rejected: u64,
+}
+
+impl Book {
+    fn route_entry<'a>(
+        routes: &'a mut BTreeMap<String, RouteBook>,
+        name: &str,
+        now: SystemTime,
+    ) -> &'a mut RouteBook {
+        if !routes.contains_key(name) && routes.len() >= MAX_ROUTES {
+            let oldest = routes
+                .iter()
+                .min_by_key(|(_, r)| r.last_report)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                routes.remove(&k);
+            }
+        }
+        let route = routes
+            .entry(name.to_owned())
+            .or_insert_with(|| RouteBook::new(now));
+        route.last_report = now;
+        route
+    }
+
+    /// The smallest id still stored; samples below it point at evicted records.
+    fn oldest_id(&self) -> u64 {
+        self.records.front().map_or(self.next_id, |r| r.id)
+    }
+
+    fn add_record(&mut self, record: MismatchRecord, node_id: &str, now: SystemTime) {
+        self.next_id += 1;
+        let id = self.next_id;
+        let route = Self::route_entry(&mut self.routes, &record.route, now);
+        let calibration = record.calibration;
+        let learned: Vec<Option<f64>> = record
+            .differences
+            .iter()
+            .map(|d| {
+                (!calibration && is_serious(d))
+                    .then(|| route.learned_rate(&path_key(&d.path)))
+                    .flatten()
+            })
+            .collect();
+        // A record with unlisted differences (omitted, or a comparison cut
+        // short) may hide a serious one that was never learned: keep it.
+        let complete = record.omitted == 0 && record.truncated.is_empty();
+        let all_learned = |pick: &dyn Fn(&understudy_proto::v1::Difference) -> bool| {
+            let mut any = false;
+            for (d, l) in record.differences.iter().zip(&learned) {
+                if pick(d) {
+                    any = true;
+                    if l.is_none() {
+                        return false;
+                    }
+                }
+            }
+            any
+        };
+        let reclassified =
+            !calibration && complete && record.serious && all_learned(&|d| is_serious(d));
+        let unexpected_learned =
+            !calibration && complete && record.unexpected && all_learned(&|d| d.unexpected);
+
+        let totals = if calibration {
+            &mut route.calibration
+        } else {
+            &mut route.live
+        };
+        totals.records = totals.records.saturating_add(1);
+        if reclassified {
+            totals.mismatched_serious = totals.mismatched_serious.saturating_sub(1);
+            totals.mismatched_noise = totals.mismatched_noise.saturating_add(1);
+            totals.reclassified = totals.reclassified.saturating_add(1);
+        }
+        if unexpected_learned {
+            totals.unexpected = totals.unexpected.saturating_sub(1);
+        }
+
+        let table = if calibration {
+            &mut route.calibration_paths
+        } else {
+            &mut route.live_paths
+        };
+        let mut seen = BTreeSet::new();
+        for (d, l) in record.differences.iter().zip(&learned) {
+            let path = path_key(&d.path);
+            if !seen.insert(path.clone()) {
+                continue;
+            }
+            let bucket = shown_bucket(d, *l);
+            let p = table.entry(&path);
+            p.count = p.count.saturating_add(1);
+            p.last_seen = id;
+            if bucket == ShownBucket::Serious {
+                p.serious = p.serious.saturating_add(1);
+            } else {
+                p.noise = p.noise.saturating_add(1);
+            }
+            if d.unexpected && l.is_none() {
+                p.unexpected = p.unexpected.saturating_add(1);
+            }
+            if p.samples.len() >= MAX_SAMPLES_PER_PATH {
+                p.samples.pop_front();
+            }
+            p.samples.push_back(Sample {
+                id,
+                request_id: record.request_id.clone(),
+                kind: kind_name(d),
+                bucket,
+                primary: sample_value(&d.primary),
+                shadow: sample_value(&d.shadow),
+            });
+        }
+
+        let size = record.encoded_len();
+        self.record_bytes = self.record_bytes.saturating_add(size);
+        self.records.push_back(StoredRecord {
+            id,
+            node_id: node_id.to_owned(),
+            received: now,
+            record,
+            learned,
+            reclassified,
+            size,
+        });
+        while self.records.len() > MAX_RECORDS || self.record_bytes > MAX_RECORD_BYTES {
+            let Some(old) = self.records.pop_front() else {
+                break;
+            };
+            self.record_bytes = self.record_bytes.saturating_sub(old.size);
+        }
+    }
+}
+
+/// The bucket is an enum on the wire; anything but noise (including an
+/// unknown value) is treated as serious, so nothing is hidden by mistake.
+fn is_serious(d: &understudy_proto::v1::Difference) -> bool {
+    difference::Bucket::try_from(d.bucket) != Ok(difference::Bucket::Noise)
+}
+
+/// The kind as `understudy_core::compare::DiffKind` names it (snake_case).
+pub fn kind_name(d: &understudy_proto::v1::Difference) -> &'static str {
+    use difference::Kind;
+    match Kind::try_from(d.kind).unwrap_or(Kind::Unspecified) {
+        Kind::Status => "status_change",
+        Kind::MissingField => "missing_field",
+        Kind::ExtraField => "extra_field",
+        Kind::TypeChange => "type_change",
+        Kind::ValueChange => "value_change",
+        Kind::ArrayLength => "array_length",
+        Kind::OrderOnly => "order_only",
+        Kind::HeaderChange => "header_change",
+        Kind::BodyDiffers => "body_differs",
+        Kind::Unspecified => "unspecified",
+    }
+}
+
+/// The bucket a stored difference is shown with.
+pub fn shown_bucket(d: &understudy_proto::v1::Difference, learned: Option<f64>) -> ShownBucket {
+    match (is_serious(d), learned) {
+        (true, None) => ShownBucket::Serious,
+        (true, Some(_)) => ShownBucket::Noisy,
+        (false, _) => ShownBucket::Noise,
+    }
+}
+
+fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_owned(),
+    }
+}
+
+fn path_key(path: &str) -> String {
+    clip(path, MAX_PATH_CHARS)
+}
+
+/// Values travel as JSON text, which is never empty; empty means absent.
+fn sample_value(v: &str) -> Option<String> {
+    (!v.is_empty()).then(|| clip(v, MAX_SAMPLE_VALUE_CHARS))
+}
+
+/// Route names come from the filter config, which allows only these.
+fn valid_route(name: &str) -> bool {
+    understudy_core::config::validate_name("route", name).is_ok()
+}
+
+impl ShadowBook {
+    /// Adds one batch received at `now`: route counters first, then the
+    /// records, so a record's reclassification applies to counts that
+    /// include it.
+    ///
+    /// **Noise learning.** Calibration records teach each (route, path) a
+    /// noise rate. In a live record, a serious difference at a path whose
+    /// learned rate is above zero is shown as `noisy`. A live record whose
+    /// serious differences are *all* noisy (and whose differences were all
+    /// listed) moves from `mismatched_serious` to `mismatched_noise`; one
+    /// whose unexpected differences are all noisy leaves `unexpected`. Both
+    /// saturate at zero. Only records that reach the control plane can be
+    /// reclassified: those the filters dropped are counted in
+    /// `dropped_by_filters` and stay serious.
+    pub fn ingest(&self, batch: ReportBatch, now: SystemTime) -> Ingested {
+        let mut book = self.lock();
+        book.batches = book.batches.saturating_add(1);
+        book.dropped = book.dropped.saturating_add(batch.dropped);
+        let mut out = Ingested {
+            accepted: 0,
+            rejected: 0,
+        };
+        for counts in &batch.routes {
+            if !valid_route(&counts.route) {
+                out.rejected += 1;
+                continue;
+            }
+            let route = Book::route_entry(&mut book.routes, &counts.route, now);
+            if counts.calibration {
+                route.calibration.add_counts(counts);
+            } else {
+                route.live.add_counts(counts);
+            }
+        }
+        for record in batch.mismatches {
+            if !valid_route(&record.route) {
+                out.rejected += 1;
+                continue;
+            }
+            book.add_record(record, &batch.node_id, now);
+            out.accepted += 1;
+        }
+        book.rejected = book.rejected.saturating_add(out.rejected);
+        out
+    }
+
+    /// Every route, by name.
+    pub fn summaries(&self) -> Vec<RouteSummary> {
+        let book = self.lock();
+        book.routes
+            .iter()
+            .map(|(name, r)| summary(name, r))
+            .collect()
+    }
+
+    /// One route with its top paths; samples of evicted records are dropped.
+    pub fn route(&self, name: &str) -> Option<RouteDetail> {
+        let mut book = self.lock();
+        let oldest = book.oldest_id();
+        let route = book.routes.get_mut(name)?;
+        for table in [&mut route.live_paths, &mut route.calibration_paths] {
+            for p in table.paths.values_mut() {
+                p.samples.retain(|s| s.id >= oldest);
+            }
+        }
+        Some(RouteDetail {
+            summary: summary(name, route),
+            top_paths: route.paths_view(&route.live_paths, oldest),
+            calibration_top_paths: route.paths_view(&route.calibration_paths, oldest),
+        })
+    }
+
+    /// A stored record by id, if it has not been evicted.
+    pub fn record(&self, id: u64) -> Option<StoredRecord> {
+        let book = self.lock();
+        let i = book.records.binary_search_by_key(&id, |r| r.id).ok()?;
+        book.records.get(i).cloned()
+    }
+
+    /// Learned noise per route and path (routes with calibration data only).
+    pub fn noise(&self) -> Vec<RouteNoise> {
+        let book = self.lock();
+        book.routes
+            .iter()
+            .filter(|(_, r)| r.calibration.compared > 0 || r.calibration.records > 0)
+            .map(|(name, r)| {
+                let mut paths: Vec<NoisePath> = r
+                    .calibration_paths
+                    .paths
+                    .iter()
+                    .filter_map(|(path, p)| {
+                        r.learned_rate(path).map(|rate| NoisePath {
+                            path: path.clone(),
+                            records: p.count,
+                            rate,
+                        })
+                    })
+                    .collect();
+                paths.sort_by(|a, b| b.rate.total_cmp(&a.rate).then_with(|| a.path.cmp(&b.path)));
+                RouteNoise {
+                    route: name.clone(),
+                    calibration_compared: r.calibration.compared,
+                    calibration_records: r.calibration.records,
+                    paths,
+                }
+            })
+            .collect()
+    }
+
+    /// Forgets a route's calibration counts and learned noise (after the
+    /// new version changed, say). Live counts already reclassified stay as
+    /// they are. `false` if the route is unknown.
+    pub fn forget_noise(&self, route: &str) -> bool {
+        let mut book = self.lock();
+        match book.routes.get_mut(route) {
+            Some(r) => {
+                r.calibration = Totals::default();
+                r.calibration_paths = PathTable::default();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn counts(&self) -> BookCounts {
+        let book = self.lock();
+        BookCounts {
+            batches: book.batches,
+            records_stored: book.records.len(),
+            dropped_by_filters: book.dropped,
+            rejected: book.rejected,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Book> {
+        // Every change is a few counter updates; a panic mid-way cannot leave
+        // anything worse than a count off by one, so a poisoned lock is usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn summary(name: &str, r: &RouteBook) -> RouteSummary {
+    RouteSummary {
+        route: name.to_owned(),
+        live: r.live.stats(),
+        calibration: r.calibration.stats(),
+        last_report: r.last_report,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use understudy_proto::v1::Difference;
+
+    const T0: SystemTime = SystemTime::UNIX_EPOCH;
+
+    fn counts(route: &str, calibration: bool, c: [u64; 5]) -> RouteCounts {
+        RouteCounts {
+            route: route.into(),
+            calibration,
+            compared: c[0],
+            matched: c[1],
+            mismatched_serious: c[2],
+            mismatched_noise: c[3],
+            unexpected: c[4],
+            skipped: Default::default(),
+            latency_gap_us_sum: 0,
+        }
+    }
+
+    fn diff(path: &str, serious: bool, unexpected: bool) -> Difference {
+        Difference {
+            path: path.into(),
+            kind: difference::Kind::ValueChange as i32,
+            bucket: if serious {
+                difference::Bucket::Serious
+            } else {
+                difference::Bucket::Noise
+            } as i32,
+            primary: "1".into(),
+            shadow: "2".into(),
+            unexpected,
+        }
+    }
+
+    fn record(route: &str, calibration: bool, diffs: Vec<Difference>) -> MismatchRecord {
+        MismatchRecord {
+            route: route.into(),
+            request_id: format!("req-{}", diffs.len()),
+            serious: diffs.iter().any(is_serious),
+            unexpected: diffs.iter().any(|d| d.unexpected),
+            differences: diffs,
+            calibration,
+            ..Default::default()
+        }
+    }
+
+    fn batch(routes: Vec<RouteCounts>, mismatches: Vec<MismatchRecord>) -> ReportBatch {
+        ReportBatch {
+            node_id: "envoy-1".into(),
+            mismatches,
+            dropped: 0,
+            routes,
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn wilson_matches_known_values() {
+        // Reference values: Wilson (1927) / statsmodels proportion_confint(method="wilson").
+        for (x, n, lo, hi) in [
+            (95, 100, 0.888_249_530_768_080_8, 0.978_456_320_845_631_9),
+            (8, 10, 0.490_162_471_536_641_83, 0.943_317_848_545_624_7),
+            (1, 2, 0.094_531_205_734_230_74, 0.905_468_794_265_769_3),
+            (10, 10, 0.722_467_200_137_110_7, 1.0),
+            (0, 10, 0.0, 0.277_532_799_862_889_2),
+        ] {
+            let [l, h] = wilson_95(x, n).unwrap();
+            assert!(close(l, lo) && close(h, hi), "{x}/{n}: [{l}, {h}]");
+        }
+        assert_eq!(wilson_95(0, 0), None);
+        // More successes than trials (inconsistent reports) is clamped.
+        assert_eq!(wilson_95(12, 10).unwrap()[1], 1.0);
+    }
+
+    #[test]
+    fn no_data_means_null_rates_not_healthy() {
+        let book = ShadowBook::default();
+        let mut skipped = counts("api", false, [0; 5]);
+        skipped.skipped.insert("shadow_timeout".into(), 4);
+        book.ingest(batch(vec![skipped], vec![]), T0);
+        let s = &book.summaries()[0];
+        assert_eq!(s.live.compared, 0);
+        assert_eq!(s.live.skipped["shadow_timeout"], 4);
+        for r in [
+            s.live.match_rate,
+            s.live.exact_match_rate,
+            s.live.serious_rate,
+            s.live.unexpected_rate,
+            s.live.mean_latency_gap_ms,
+        ] {
+            assert_eq!(r, None);
+        }
+        assert_eq!(s.live.match_rate_ci, None);
+        assert_eq!(s.calibration.match_rate, None);
+        let json = serde_json::to_value(s).unwrap();
+        assert!(json["match_rate"].is_null() && json["match_rate_ci"].is_null());
+        assert!(json["calibration"]["match_rate"].is_null());
+    }
+
+    #[test]
+    fn counts_and_records_aggregate_per_route_and_side() {
+        let book = ShadowBook::default();
+        let mut c1 = counts("api", false, [60, 50, 6, 4, 3]);
+        c1.latency_gap_us_sum = 120_000;
+        c1.skipped.insert("shadow_timeout".into(), 2);
+        let mut c2 = counts("api", false, [40, 35, 4, 1, 2]);
+        c2.latency_gap_us_sum = -20_000;
+        c2.skipped.insert("shadow_timeout".into(), 1);
+        c2.skipped.insert("skipped_too_large".into(), 5);
+        let cal = counts("api", true, [10, 10, 0, 0, 0]);
+        let mut b = batch(
+            vec![c1, cal],
+            vec![record("api", false, vec![diff("$.total", true, true)])],
+        );
+        b.dropped = 7;
+        let got = book.ingest(b, T0);
+        assert_eq!(
+            got,
+            Ingested {
+                accepted: 1,
+                rejected: 0
+            }
+        );
+        book.ingest(batch(vec![c2], vec![]), T0 + Duration::from_secs(5));
+        let s = book.summaries().remove(0);
+        assert_eq!(s.route, "api");
+        let l = &s.live;
+        assert_eq!(
+            (
+                l.compared,
+                l.matched,
+                l.mismatched_serious,
+                l.mismatched_noise,
+                l.unexpected
+            ),
+            (100, 85, 10, 5, 5)
+        );
+        assert_eq!(l.skipped["shadow_timeout"], 3);
+        assert_eq!(l.skipped["skipped_too_large"], 5);
+        assert!(close(l.serious_rate.unwrap(), 0.10));
+        assert!(close(l.match_rate.unwrap(), 0.90), "noise-only pairs match");
+        assert!(close(l.exact_match_rate.unwrap(), 0.85));
+        assert!(close(l.unexpected_rate.unwrap(), 0.05));
+        assert!(
+            close(l.mean_latency_gap_ms.unwrap(), 1.0),
+            "100 ms / 100 pairs"
+        );
+        let [lo, hi] = l.match_rate_ci.unwrap();
+        assert!(lo < 0.9 && hi > 0.9 && close(lo, wilson_95(90, 100).unwrap()[0]));
+        assert_eq!(l.records, 1);
+        assert_eq!(s.calibration.compared, 10);
+        assert_eq!(s.calibration.match_rate, Some(1.0));
+        assert_eq!(s.last_report, T0 + Duration::from_secs(5));
+        let c = book.counts();
+        assert_eq!(
+            (c.batches, c.records_stored, c.dropped_by_filters),
+            (2, 1, 7)
+        );
+    }
+
+    #[test]
+    fn top_paths_count_records_and_keep_samples() {
+        let book = ShadowBook::default();
+        let mut recs = Vec::new();
+        for i in 0..8 {
+            let mut r = record(
+                "api",
+                false,
+                vec![diff("$.total", true, true), diff("$.meta.at", false, false)],
+            );
+            r.request_id = format!("r{i}");
+            recs.push(r);
+        }
+        recs.push(record("api", false, vec![diff("$.tax", true, false)]));
+        book.ingest(batch(vec![], recs), T0);
+        let d = book.route("api").unwrap();
+        let paths: Vec<(&str, u64)> = d
+            .top_paths
+            .iter()
+            .map(|p| (p.path.as_str(), p.count))
+            .collect();
+        assert_eq!(paths, [("$.meta.at", 8), ("$.total", 8), ("$.tax", 1)]);
+        let total = &d.top_paths[1];
+        assert_eq!((total.serious, total.noise, total.unexpected), (8, 0, 8));
+        assert_eq!(d.top_paths[0].noise, 8);
+        assert_eq!(total.samples.len(), MAX_SAMPLES_PER_PATH);
+        // The most recent samples are kept, newest last.
+        assert_eq!(total.samples[4].request_id, "r7");
+        assert_eq!(total.samples[4].id, "8");
+        assert_eq!(total.samples[4].kind, "value_change");
+        assert_eq!(total.samples[4].bucket, ShownBucket::Serious);
+        assert_eq!(total.samples[4].primary.as_deref(), Some("1"));
+        let stored = book.record(8).unwrap();
+        assert_eq!(stored.record.request_id, "r7");
+        assert!(book.record(99).is_none());
+        assert!(book.route("nope").is_none());
+    }
+
+    #[test]
+    fn invalid_route_names_are_refused() {
+        let book = ShadowBook::default();
+        let got = book.ingest(
+            batch(
+                vec![counts("bad name", false, [1, 1, 0, 0, 0])],
+                vec![record("", false, vec![]), record("ok", false, vec![])],
+            ),
+            T0,
+        );
+        assert_eq!(
+            got,
+            Ingested {
+                accepted: 1,
+                rejected: 2
+            }
+        );
+        assert_eq!(book.counts().rejected, 2);
+        assert_eq!(book.summaries().len(), 1);
+    }
+
+    #[test]
+    fn tables_are_bounded() {
+        let book = ShadowBook::default();
+        // Routes: the least recently reported is forgotten.
+        for i in 0..=MAX_ROUTES {
+            let at = T0 + Duration::from_secs(i as u64);
+            book.ingest(
+                batch(vec![counts(&format!("r{i}"), false, [1; 5])], vec![]),
+                at,
+            );
+        }
+        let names: Vec<String> = book.summaries().into_iter().map(|s| s.route).collect();
+        assert_eq!(names.len(), MAX_ROUTES);
+        assert!(!names.contains(&"r0".to_owned()) && names.contains(&"r256".to_owned()));
+
+        // Paths: a frequent path survives, the lowest count makes room.
+        let book = ShadowBook::default();
+        let hot = || record("api", false, vec![diff("$.hot", true, false)]);
+        book.ingest(batch(vec![], vec![hot(), hot()]), T0);
+        for i in 0..MAX_PATHS + 10 {
+            book.ingest(
+                batch(
+                    vec![],
+                    vec![record(
+                        "api",
+                        false,
+                        vec![diff(&format!("$.p{i}"), true, false)],
+                    )],
+                ),
+                T0,
+            );
+        }
+        let d = book.route("api").unwrap();
+        assert_eq!(d.top_paths.len(), MAX_PATHS);
+        assert_eq!(d.top_paths[0].path, "$.hot");
+        assert!(
+            d.top_paths
+                .iter()
+                .any(|p| p.path == format!("$.p{}", MAX_PATHS + 9))
+        );
+
+        // Records: FIFO; samples of evicted records disappear when read.
+        let book = ShadowBook::default();
+        let recs: Vec<_> = (0..MAX_RECORDS + 3).map(|_| hot()).collect();
+        book.ingest(batch(vec![], recs), T0);
+        assert_eq!(book.counts().records_stored, MAX_RECORDS);
+        assert!(book.record(3).is_none() && book.record(4).is_some());
+        let total = MAX_RECORDS as u64 + 3;
+        assert!(book.record(total).is_some());
+        let d = book.route("api").unwrap();
+        assert_eq!(d.top_paths[0].count, total);
+        assert_eq!(d.top_paths[0].samples.len(), MAX_SAMPLES_PER_PATH);
+
+        // A path whose samples were all evicted keeps its counts, not its samples.
+        let book = ShadowBook::default();
+        book.ingest(
+            batch(
+                vec![],
+                vec![record("api", false, vec![diff("$.rare", true, false)])],
+            ),
+            T0,
+        );
+        let recs: Vec<_> = (0..MAX_RECORDS).map(|_| hot()).collect();
+        book.ingest(batch(vec![], recs), T0);
+        let d = book.route("api").unwrap();
+        let rare = d.top_paths.iter().find(|p| p.path == "$.rare").unwrap();
+        assert_eq!((rare.count, rare.samples.len()), (1, 0));
+
+        // Skip reasons are bounded too.
+        let book = ShadowBook::default();
+        let mut c = counts("api", false, [0; 5]);
+        for i in 0..MAX_SKIP_REASONS + 5 {
+            c.skipped.insert(format!("reason{i:02}"), 1);
+        }
+        book.ingest(batch(vec![c], vec![]), T0);
+        let s = book.summaries().remove(0);
+        assert_eq!(s.live.skipped.len(), MAX_SKIP_REASONS + 1);
+        assert_eq!(s.live.skipped["other"], 5);
+    }
+
+    #[test]
+    fn record_bytes_are_bounded() {
+        let book = ShadowBook::default();
+        let big = |i: usize| {
+            let mut r = record("api", false, vec![diff("$.x", true, false)]);
+            r.request = Some(understudy_proto::v1::RecordedRequest {
+                body: vec![b'x'; 1024 * 1024],
+                ..Default::default()
+            });
+            r.request_id = format!("r{i}");
+            r
+        };
+        for i in 0..70 {
+            book.ingest(batch(vec![], vec![big(i)]), T0);
+        }
+        let stored = book.counts().records_stored;
+        assert!((60..64).contains(&stored), "{stored}");
+        assert!(book.record(70).is_some());
+    }
+
+    #[test]
+    fn calibration_teaches_noise_and_live_records_are_reclassified() {
+        let book = ShadowBook::default();
+        // A/A: 10 pairs, 4 differed at $.at (a timestamp), 1 at $.id.
+        let mut cal = vec![];
+        for _ in 0..4 {
+            cal.push(record("api", true, vec![diff("$.at", true, true)]));
+        }
+        cal.push(record("api", true, vec![diff("$.id", true, true)]));
+        book.ingest(batch(vec![counts("api", true, [10, 5, 5, 0, 5])], cal), T0);
+        let noise = book.noise();
+        assert_eq!(noise.len(), 1);
+        assert_eq!(noise[0].calibration_compared, 10);
+        let at = &noise[0].paths[0];
+        assert_eq!((at.path.as_str(), at.records), ("$.at", 4));
+        assert!(close(at.rate, 0.4));
+        assert!(close(noise[0].paths[1].rate, 0.1));
+
+        // Live: 3 serious records. Only learned-noisy paths → noise; one with
+        // an unlearned serious difference stays serious.
+        let live = vec![
+            record("api", false, vec![diff("$.at", true, true)]),
+            record(
+                "api",
+                false,
+                vec![diff("$.at", true, true), diff("$.id", true, false)],
+            ),
+            record(
+                "api",
+                false,
+                vec![diff("$.at", true, true), diff("$.total", true, false)],
+            ),
+        ];
+        book.ingest(
+            batch(vec![counts("api", false, [20, 17, 3, 0, 3])], live),
+            T0,
+        );
+        let d = book.route("api").unwrap();
+        let l = &d.summary.live;
+        assert_eq!((l.mismatched_serious, l.mismatched_noise), (1, 2));
+        assert_eq!(l.reclassified_as_noise, 2);
+        // Every record's unexpected differences were at $.at (learned).
+        assert_eq!(l.unexpected, 0);
+        assert!(close(l.match_rate.unwrap(), 19.0 / 20.0));
+        let at = d.top_paths.iter().find(|p| p.path == "$.at").unwrap();
+        assert_eq!((at.serious, at.noise, at.unexpected), (0, 3, 0));
+        assert!(close(at.learned_noise_rate.unwrap(), 0.4));
+        assert!(at.samples.iter().all(|s| s.bucket == ShownBucket::Noisy));
+        let total = d.top_paths.iter().find(|p| p.path == "$.total").unwrap();
+        assert_eq!((total.serious, total.learned_noise_rate), (1, None));
+        let stored = book.record(6).unwrap();
+        assert!(stored.reclassified);
+        assert!(close(stored.learned[0].unwrap(), 0.4));
+        assert!(!book.record(8).unwrap().reclassified);
+        // Calibration counts are untouched by learning.
+        assert_eq!(d.summary.calibration.mismatched_serious, 5);
+        assert_eq!(d.calibration_top_paths[0].path, "$.at");
+
+        // A record with omitted differences is never reclassified.
+        let mut partial = record("api", false, vec![diff("$.at", true, true)]);
+        partial.omitted = 3;
+        book.ingest(
+            batch(vec![counts("api", false, [1, 0, 1, 0, 1])], vec![partial]),
+            T0,
+        );
+        let l = book.route("api").unwrap().summary.live;
+        assert_eq!((l.mismatched_serious, l.unexpected), (2, 1));
+
+        // Counts saturate at zero when a record arrives without its counts.
+        let book2 = ShadowBook::default();
+        book2.ingest(
+            batch(
+                vec![],
+                vec![record("api", true, vec![diff("$.at", true, true)])],
+            ),
+            T0,
+        );
+        assert!(
+            close(book2.noise()[0].paths[0].rate, 1.0),
+            "records stand in for counts"
+        );
+        book2.ingest(
+            batch(
+                vec![],
+                vec![record("api", false, vec![diff("$.at", true, true)])],
+            ),
+            T0,
+        );
+        let l = book2.summaries().remove(0).live;
+        assert_eq!(
+            (l.mismatched_serious, l.mismatched_noise, l.unexpected),
+            (0, 1, 0)
+        );
+
+        // Forgetting calibration stops the learning.
+        assert!(book.forget_noise("api"));
+        assert!(!book.forget_noise("nope"));
+        assert!(book.noise().is_empty());
+        book.ingest(
+            batch(
+                vec![counts("api", false, [1, 0, 1, 0, 1])],
+                vec![record("api", false, vec![diff("$.at", true, true)])],
+            ),
+            T0,
+        );
+        let d = book.route("api").unwrap();
+        assert_eq!(d.summary.live.mismatched_serious, 3);
+        assert_eq!(d.summary.calibration.compared, 0);
+        assert!(d.calibration_top_paths.is_empty());
+    }
+
+    #[test]
+    fn a_record_view_shows_text_or_base64() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64(&[0xff, 0xfe, 0x00, 0x80]), "//4AgA==");
+        let book = ShadowBook::default();
+        let mut r = record("api", false, vec![diff("$.total", true, true)]);
+        r.latency_gap_us = -1500;
+        r.segment = "v2".into();
+        r.request = Some(understudy_proto::v1::RecordedRequest {
+            method: "GET".into(),
+            path: "/a".into(),
+            body: b"{}".to_vec(),
+            ..Default::default()
+        });
+        r.primary = Some(understudy_proto::v1::RecordedResponse {
+            status: 200,
+            body: vec![0xff, 0x00],
+            ..Default::default()
+        });
+        book.ingest(batch(vec![], vec![r]), T0 + Duration::from_millis(42));
+        let v = serde_json::to_value(book.record(1).unwrap().view()).unwrap();
+        assert_eq!(v["id"], "1");
+        assert_eq!(v["node_id"], "envoy-1");
+        assert_eq!(v["received"], 42);
+        assert_eq!(v["latency_gap_ms"], -1.5);
+        assert_eq!(v["segment"], "v2");
+        assert!(v["truncated"].is_null());
+        assert_eq!(v["differences"][0]["kind"], "value_change");
+        assert_eq!(v["differences"][0]["bucket"], "serious");
+        assert_eq!(v["request"]["body"], "{}");
+        assert!(v["request"].get("body_base64").is_none());
+        assert_eq!(v["primary"]["body_base64"], "/wA=");
+        assert!(v["primary"].get("body").is_none());
+    }
+
+    #[test]
+    fn kinds_use_the_core_names() {
+        let mut d = diff("$.a", true, false);
+        assert_eq!(kind_name(&d), "value_change");
+        d.kind = difference::Kind::Status as i32;
+        assert_eq!(kind_name(&d), "status_change");
+        d.kind = difference::Kind::HeaderChange as i32;
+        assert_eq!(kind_name(&d), "header_change");
+        d.kind = difference::Kind::BodyDiffers as i32;
+        assert_eq!(kind_name(&d), "body_differs");
+        d.kind = 99;
+        assert_eq!(kind_name(&d), "unspecified");
+        // An unknown bucket counts as serious.
+        d.bucket = 7;
+        assert!(is_serious(&d));
+        assert_eq!(clip("abcdef", 3), "abc…");
+        assert_eq!(sample_value(""), None);
+    }
+}

@@ -1,0 +1,563 @@
+//! Replaying a stored mismatch: send the recorded request again, to the
+//! shadow's cluster or another one, and compare the answer with the stored
+//! primary response under the route's *current* compare rules. This is how
+//! an operator checks that a fix in the new version (or a new ignore rule)
+//! makes a pair match, without waiting for live traffic to hit it again.
+//!
+//! The work is split so that everything but the HTTP call is plain logic:
+//! [`plan`] checks the record against the desired state and builds the
+//! request, [`send`] performs it, [`compare`] compares.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+use understudy_core::compare::{self, Comparison, Response, Scope};
+use understudy_core::shadow::{MAX_BODY_BYTES_LIMIT, ShadowConfig};
+use understudy_proto::v1::MismatchRecord;
+
+use crate::model::DesiredState;
+
+/// How long a replay may take, connection included.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// Marks the replayed request, so the upstream's logs can tell it apart.
+pub const REPLAY_HEADER: &str = "x-understudy-replay";
+
+/// Headers that describe one connection, not the request (RFC 9110 §7.6.1),
+/// plus those the HTTP client sets itself.
+const NOT_FORWARDED: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+/// Why a sample cannot be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// The sample's request or primary body was cut when it was recorded.
+    #[error(
+        "sample {id}: the stored {which} body was too large to keep whole (over the route's record_body_bytes), so it cannot be replayed"
+    )]
+    BodyTruncated { id: u64, which: &'static str },
+    /// The route no longer shadows, so there are no compare rules to apply.
+    #[error("route {route:?} has no shadow section in the current filter config")]
+    NoShadowConfig { route: String },
+    /// Neither the request nor the record names a cluster.
+    #[error("the sample names no shadow cluster; pass {{\"cluster\": \"<name>\"}}")]
+    NoCluster,
+    /// The cluster is not one of the services' clusters.
+    #[error("cluster {cluster:?} is not a cluster of any service (known: {known})")]
+    UnknownCluster { cluster: String, known: String },
+    /// The cluster exists but has nowhere to send to.
+    #[error("cluster {cluster:?} has no endpoints")]
+    NoEndpoints { cluster: String },
+    /// The stored record cannot be turned into a request.
+    #[error("sample {id}: {reason}")]
+    InvalidRecord { id: u64, reason: String },
+    /// The stored filter config does not validate (it always should).
+    #[error("the stored filter config is invalid: {0}")]
+    InvalidConfig(String),
+    /// The upstream could not be reached or did not answer in time.
+    #[error("replay to {endpoint} failed: {reason}")]
+    Upstream {
+        endpoint: SocketAddr,
+        reason: String,
+    },
+}
+
+/// A replay ready to send: where, what, and the rules to compare with.
+#[derive(Debug, Clone)]
+pub struct ReplayPlan {
+    pub id: u64,
+    pub cluster: String,
+    pub endpoint: SocketAddr,
+    pub method: String,
+    /// Path with query.
+    pub path: String,
+    /// Headers to send, hop-by-hop ones removed, `host` and the replay marker set.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The recorded request headers, for matching expected-divergence rules.
+    request_headers: Vec<(String, String)>,
+    primary_status: u16,
+    primary_headers: Vec<(String, String)>,
+    primary_body: Vec<u8>,
+    config: ShadowConfig,
+}
+
+/// The replayed upstream's answer.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// What `POST /v1/shadow/samples/{id}/replay` answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayOutcome {
+    pub id: String,
+    pub cluster: String,
+    pub endpoint: String,
+    /// The replayed response's status.
+    pub status: u16,
+    /// No serious difference from the stored primary response.
+    pub matched: bool,
+    pub comparison: Comparison,
+}
+
+/// Checks that record `id` can be replayed against `cluster` (default: the
+/// cluster its shadow went to) in the current desired state.
+pub fn plan(
+    id: u64,
+    record: &MismatchRecord,
+    state: &DesiredState,
+    cluster: Option<&str>,
+) -> Result<ReplayPlan, ReplayError> {
+    let request = record.request.clone().unwrap_or_default();
+    let primary = record.primary.clone().unwrap_or_default();
+    if request.body_truncated {
+        return Err(ReplayError::BodyTruncated {
+            id,
+            which: "request",
+        });
+    }
+    if primary.body_truncated {
+        return Err(ReplayError::BodyTruncated {
+            id,
+            which: "primary response",
+        });
+    }
+    let filter = understudy_core::FilterConfig::from_value(&state.filter.config)
+        .map_err(|e| ReplayError::InvalidConfig(e.to_string()))?;
+    let config = filter
+        .routes()
+        .iter()
+        .find(|r| r.name == record.route)
+        .and_then(|r| r.shadow.clone())
+        .ok_or_else(|| ReplayError::NoShadowConfig {
+            route: record.route.clone(),
+        })?;
+    let cluster = match cluster {
+        Some(c) => c.to_owned(),
+        None if !record.shadow_cluster.is_empty() => record.shadow_cluster.clone(),
+        None => return Err(ReplayError::NoCluster),
+    };
+    let backend = state.services.values().find_map(|s| {
+        if s.stable_cluster() == cluster {
+            Some(&s.stable)
+        } else if s.canary_cluster() == cluster {
+            Some(&s.canary)
+        } else {
+            None
+        }
+    });
+    let Some(backend) = backend else {
+        let known: Vec<String> = state
+            .services
+            .values()
+            .flat_map(|s| [s.stable_cluster(), s.canary_cluster()])
+            .collect();
+        return Err(ReplayError::UnknownCluster {
+            cluster,
+            known: known.join(", "),
+        });
+    };
+    let Some(endpoint) = backend.endpoints.first().copied() else {
+        return Err(ReplayError::NoEndpoints { cluster });
+    };
+    let invalid = |reason: String| ReplayError::InvalidRecord { id, reason };
+    if request.method.is_empty() || !request.method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(invalid(format!(
+            "the recorded method {:?} is not an HTTP method",
+            request.method
+        )));
+    }
+    if !request.path.starts_with('/') {
+        return Err(invalid(format!(
+            "the recorded path {:?} does not start with '/'",
+            request.path
+        )));
+    }
+    let request_headers: Vec<(String, String)> = request
+        .headers
+        .iter()
+        .map(|h| (h.name.clone(), h.value.clone()))
+        .collect();
+    // Headers the request's own `Connection` header names are hop-by-hop too.
+    let connection_named: Vec<String> = request_headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let mut headers: Vec<(String, String)> = request_headers
+        .iter()
+        .filter(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            !k.starts_with(':')
+                && k != REPLAY_HEADER
+                && !NOT_FORWARDED.contains(&k.as_str())
+                && !connection_named.contains(&k)
+        })
+        .cloned()
+        .collect();
+    if !request.authority.is_empty() {
+        headers.push(("host".to_owned(), request.authority.clone()));
+    }
+    headers.push((REPLAY_HEADER.to_owned(), id.to_string()));
+    let primary_status = u16::try_from(primary.status)
+        .ok()
+        .filter(|s| (100..=999).contains(s))
+        .ok_or_else(|| {
+            invalid(format!(
+                "the recorded status {} is not valid",
+                primary.status
+            ))
+        })?;
+    Ok(ReplayPlan {
+        id,
+        cluster,
+        endpoint,
+        method: request.method,
+        path: request.path,
+        headers,
+        body: request.body,
+        request_headers,
+        primary_status,
+        primary_headers: primary
+            .headers
+            .iter()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect(),
+        primary_body: primary.body,
+        config,
+    })
+}
+
+/// Sends the planned request with a [`TIMEOUT`], following no redirects
+/// (the answer itself is what is compared) and reading at most
+/// [`MAX_BODY_BYTES_LIMIT`] bytes of the body.
+pub async fn send(plan: &ReplayPlan) -> Result<Replayed, ReplayError> {
+    let upstream = |reason: String| ReplayError::Upstream {
+        endpoint: plan.endpoint,
+        reason,
+    };
+    let invalid = |reason: String| ReplayError::InvalidRecord {
+        id: plan.id,
+        reason,
+    };
+    let client = reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| upstream(error_chain(&e)))?;
+    let method = reqwest::Method::from_bytes(plan.method.as_bytes())
+        .map_err(|e| invalid(format!("method {:?}: {e}", plan.method)))?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (k, v) in &plan.headers {
+        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| invalid(format!("header {k:?}: {e}")))?;
+        let value = reqwest::header::HeaderValue::from_str(v)
+            .map_err(|e| invalid(format!("header {k:?}: {e}")))?;
+        headers.append(name, value);
+    }
+    let url = format!("http://{}{}", plan.endpoint, plan.path);
+    let mut response = client
+        .request(method, url)
+        .headers(headers)
+        .body(plan.body.clone())
+        .send()
+        .await
+        .map_err(|e| upstream(error_chain(&e)))?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| upstream(error_chain(&e)))?
+    {
+        if body.len() + chunk.len() > MAX_BODY_BYTES_LIMIT {
+            return Err(upstream(format!(
+                "the response body is larger than {MAX_BODY_BYTES_LIMIT} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Replayed {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Compares the replayed answer with the stored primary response, under the
+/// route's current compare rules and the expected-divergence rule the request
+/// matches now. The stored primary body was redacted by the filter, so the
+/// replayed body is redacted the same way first; a body that cannot be
+/// redacted (not JSON) is compared as it is, which reports only hashes.
+pub fn compare(plan: &ReplayPlan, replayed: &Replayed) -> Comparison {
+    let cfg = &plan.config;
+    let segment = cfg.segment(&plan.path, &plan.request_headers);
+    let expected = segment
+        .and_then(|i| cfg.expected.get(i))
+        .map_or(&[][..], |e| e.paths.as_slice());
+    let body = compare::redact_body(&replayed.body, &cfg.redact, cfg.compare.max_depth)
+        .unwrap_or_else(|| replayed.body.clone());
+    compare::compare_in(
+        &cfg.compare,
+        Scope {
+            expected,
+            redact: &cfg.redact,
+        },
+        &Response {
+            status: plan.primary_status,
+            headers: &plan.primary_headers,
+            body: &plan.primary_body,
+        },
+        &Response {
+            status: replayed.status,
+            headers: &replayed.headers,
+            body: &body,
+        },
+    )
+}
+
+/// The outcome as the API shows it.
+pub fn outcome(plan: &ReplayPlan, replayed: &Replayed) -> ReplayOutcome {
+    let comparison = compare(plan, replayed);
+    ReplayOutcome {
+        id: plan.id.to_string(),
+        cluster: plan.cluster.clone(),
+        endpoint: plan.endpoint.to_string(),
+        status: replayed.status,
+        matched: comparison.matched(),
+        comparison,
+    }
+}
+
+/// reqwest's top-level message ("error sending request") hides the cause
+/// ("connection refused"); the whole chain says what happened.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use understudy_proto::v1::{Header, RecordedRequest, RecordedResponse};
+
+    fn state() -> DesiredState {
+        let mut s = crate::model::fixtures::state(0, 8081, true);
+        s.filter.config = json!({"routes": [{"name": "api", "shadow": {
+            "cluster": "shop-canary",
+            "compare": {"ignore": ["$.at"]},
+            "redact": ["$.card"],
+            "expected": [{"name": "v2-tax", "path_prefix": "/cart", "paths": ["$.tax"]}]
+        }}]});
+        s
+    }
+
+    fn header(name: &str, value: &str) -> Header {
+        Header {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+
+    fn record() -> MismatchRecord {
+        MismatchRecord {
+            route: "api".into(),
+            shadow_cluster: "shop-canary".into(),
+            request: Some(RecordedRequest {
+                method: "POST".into(),
+                path: "/cart/1?x=1".into(),
+                authority: "shop.example-shadow".into(),
+                headers: vec![
+                    header("content-type", "application/json"),
+                    header("connection", "x-private"),
+                    header("x-private", "1"),
+                    header("transfer-encoding", "chunked"),
+                    header("x-request-id", "r-1"),
+                ],
+                body: br#"{"q": 1}"#.to_vec(),
+                body_truncated: false,
+            }),
+            primary: Some(RecordedResponse {
+                status: 200,
+                headers: vec![header("content-type", "application/json")],
+                body: br#"{"total": 10, "tax": 1, "at": 5, "card": "sha256:x"}"#.to_vec(),
+                body_truncated: false,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_plan_resolves_the_cluster_and_cleans_the_headers() {
+        let p = plan(7, &record(), &state(), None).unwrap();
+        assert_eq!(p.cluster, "shop-canary");
+        assert_eq!(p.endpoint, "127.0.0.1:8082".parse().unwrap());
+        let names: Vec<&str> = p.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            ["content-type", "x-request-id", "host", REPLAY_HEADER]
+        );
+        assert_eq!(p.headers[2].1, "shop.example-shadow");
+        let p = plan(7, &record(), &state(), Some("shop-stable")).unwrap();
+        assert_eq!(p.endpoint, "127.0.0.1:8081".parse().unwrap());
+    }
+
+    #[test]
+    fn plans_that_cannot_work_say_why() {
+        let err = plan(1, &record(), &state(), Some("nope")).unwrap_err();
+        assert!(matches!(&err, ReplayError::UnknownCluster { cluster, .. } if cluster == "nope"));
+        assert!(
+            err.to_string().contains("shop-stable, shop-canary"),
+            "{err}"
+        );
+
+        let mut r = record();
+        if let Some(req) = r.request.as_mut() {
+            req.body_truncated = true;
+        }
+        let err = plan(1, &r, &state(), None).unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
+        let mut r = record();
+        if let Some(p) = r.primary.as_mut() {
+            p.body_truncated = true;
+        }
+        let err = plan(1, &r, &state(), None).unwrap_err();
+        assert!(matches!(
+            err,
+            ReplayError::BodyTruncated {
+                which: "primary response",
+                ..
+            }
+        ));
+
+        let mut s = state();
+        s.filter.config = json!({"routes": [{"name": "api"}]});
+        let err = plan(1, &record(), &s, None).unwrap_err();
+        assert_eq!(
+            err,
+            ReplayError::NoShadowConfig {
+                route: "api".into()
+            }
+        );
+
+        let mut r = record();
+        r.shadow_cluster.clear();
+        assert_eq!(
+            plan(1, &r, &state(), None).unwrap_err(),
+            ReplayError::NoCluster
+        );
+
+        let mut s = state();
+        if let Some(svc) = s.services.get_mut("shop") {
+            svc.canary.endpoints.clear();
+        }
+        let err = plan(1, &record(), &s, None).unwrap_err();
+        assert!(matches!(err, ReplayError::NoEndpoints { .. }));
+    }
+
+    #[test]
+    fn the_replayed_body_is_redacted_and_compared_with_current_rules() {
+        let mut p = plan(7, &record(), &state(), None).unwrap();
+        // The filter stored the primary body redacted: the card as its hash.
+        p.primary_body = compare::redact_body(
+            br#"{"total": 10, "tax": 1, "at": 5, "card": "4111"}"#,
+            &p.config.redact,
+            64,
+        )
+        .unwrap();
+        let answer = |body: &str| Replayed {
+            status: 200,
+            headers: vec![("content-type".to_owned(), "application/json".to_owned())],
+            body: body.as_bytes().to_vec(),
+        };
+        // Only the ignored `at` differs (noise); the clear card in the
+        // replayed body is redacted to the same hash before comparing.
+        let o = outcome(
+            &p,
+            &answer(r#"{"total": 10, "tax": 1, "at": 6, "card": "4111"}"#),
+        );
+        assert!(o.matched, "{:?}", o.comparison);
+        assert_eq!((o.comparison.serious, o.comparison.noise), (0, 1));
+        assert_eq!((o.id.as_str(), o.status), ("7", 200));
+        // A tax change is serious, but expected in the request's segment.
+        let o = outcome(
+            &p,
+            &answer(r#"{"total": 10, "tax": 2, "at": 5, "card": "4111"}"#),
+        );
+        assert!(!o.matched);
+        assert_eq!((o.comparison.serious, o.comparison.unexpected), (1, 0));
+        // A total change is serious and unexpected.
+        let o = outcome(
+            &p,
+            &answer(r#"{"total": 11, "tax": 1, "at": 5, "card": "4111"}"#),
+        );
+        assert!(!o.matched);
+        assert_eq!(o.comparison.differences[0].path, "$.total");
+        assert_eq!(o.comparison.unexpected, 1);
+        // A different card is reported by hash only.
+        let o = outcome(
+            &p,
+            &answer(r#"{"total": 10, "tax": 1, "at": 5, "card": "5500"}"#),
+        );
+        let card = &o.comparison.differences[0];
+        assert_eq!(card.path, "$.card");
+        assert!(
+            card.shadow.as_deref().unwrap().contains("sha256:"),
+            "{card:?}"
+        );
+    }
+
+    #[test]
+    fn errors_keep_their_causes() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("error sending request")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Outer(std::io::Error::other("connection refused"));
+        assert_eq!(error_chain(&e), "error sending request: connection refused");
+    }
+}
