@@ -201,7 +201,7 @@ impl DesiredState {
     /// (Envoy rejects a route configuration in which two virtual hosts share a domain).
     pub fn validate(&self) -> Result<(), ModelError> {
         self.filter.validate()?;
-        self.validate_hedge_clusters()?;
+        self.validate_route_clusters()?;
         let mut owners: BTreeMap<String, &str> = BTreeMap::new();
         for (key, svc) in &self.services {
             if key != &svc.name {
@@ -226,9 +226,9 @@ impl DesiredState {
 }
 
 impl DesiredState {
-    /// A hedge sent to a cluster Envoy does not have would fail on every
-    /// request; catch it here rather than in production traffic.
-    fn validate_hedge_clusters(&self) -> Result<(), ModelError> {
+    /// A hedge or shadow copy sent to a cluster Envoy does not have would
+    /// fail on every request; catch it here rather than in production traffic.
+    fn validate_route_clusters(&self) -> Result<(), ModelError> {
         let config = understudy_core::FilterConfig::from_value(&self.filter.config)
             .map_err(|e| ModelError::InvalidFilter(format!("config: {e}")))?;
         let known: Vec<String> = self
@@ -237,14 +237,19 @@ impl DesiredState {
             .flat_map(|s| [s.stable_cluster(), s.canary_cluster()])
             .collect();
         for (i, route) in config.routes().iter().enumerate() {
-            if let Some(h) = &route.hedge
-                && !known.contains(&h.cluster)
-            {
-                return Err(ModelError::InvalidFilter(format!(
-                    "config: routes[{i}].hedge.cluster: {:?} is not a cluster of any service (known: {})",
-                    h.cluster,
-                    known.join(", ")
-                )));
+            let targets = [
+                ("hedge", route.hedge.as_ref().map(|h| &h.cluster)),
+                ("shadow", route.shadow.as_ref().map(|s| &s.cluster)),
+            ];
+            for (section, cluster) in targets {
+                if let Some(cluster) = cluster
+                    && !known.contains(cluster)
+                {
+                    return Err(ModelError::InvalidFilter(format!(
+                        "config: routes[{i}].{section}.cluster: {cluster:?} is not a cluster of any service (known: {})",
+                        known.join(", ")
+                    )));
+                }
             }
         }
         Ok(())
@@ -466,6 +471,24 @@ mod tests {
         let err = state.validate().unwrap_err().to_string();
         assert!(
             err.contains("routes[0].hedge.cluster: \"nope\" is not a cluster"),
+            "{err}"
+        );
+        assert!(err.contains("shop-stable, shop-canary"), "{err}");
+    }
+
+    #[test]
+    fn shadows_must_go_to_a_known_cluster() {
+        let mut state = fixtures::state(0, 8081, true);
+        state.filter.config =
+            json!({"routes": [{"name": "all", "shadow": {"cluster": "shop-canary"}}]});
+        state.validate().unwrap();
+        state.filter.config = json!({"routes": [
+            {"name": "a", "path_prefix": "/a", "hedge": {"cluster": "shop-stable"}},
+            {"name": "b", "shadow": {"cluster": "shop-v3"}}
+        ]});
+        let err = state.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("routes[1].shadow.cluster: \"shop-v3\" is not a cluster"),
             "{err}"
         );
         assert!(err.contains("shop-stable, shop-canary"), "{err}");

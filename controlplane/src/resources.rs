@@ -210,7 +210,8 @@ fn load_assignment(cluster: &str, backend: &Backend) -> ClusterLoadAssignment {
 
 /// The filter config one Envoy gets: fleet-wide rates (`fleet_rate` on a
 /// tenant, `fleet_pool_rate` on a tier) divided by the connected Envoys into
-/// `rate` / `pool_rate`, and usage reports pointed at this control plane.
+/// `rate` / `pool_rate`, and usage and shadow reports pointed at this
+/// control plane unless the config sends them elsewhere.
 pub fn per_envoy_config(filter: &FilterSettings, fleet: usize) -> serde_json::Value {
     let mut config = filter.config.clone();
     let share = |v: &serde_json::Value| {
@@ -236,6 +237,18 @@ pub fn per_envoy_config(filter: &FilterSettings, fleet: usize) -> serde_json::Va
             }
         }
         rl.entry("report")
+            .or_insert_with(|| serde_json::json!({"cluster": filter.report_cluster}));
+    }
+    let shadows = config
+        .get("routes")
+        .and_then(|v| v.as_array())
+        .is_some_and(|routes| {
+            routes
+                .iter()
+                .any(|r| r.get("shadow").is_some_and(|s| !s.is_null()))
+        });
+    if shadows && let Some(obj) = config.as_object_mut() {
+        obj.entry("shadow_report")
             .or_insert_with(|| serde_json::json!({"cluster": filter.report_cluster}));
     }
     config
@@ -484,6 +497,34 @@ mod tests {
         );
         // No rate limits: nothing is added.
         assert_eq!(per_envoy_config(&state(0).filter, 3), serde_json::json!({}));
+    }
+
+    #[test]
+    fn shadow_reports_go_to_the_control_plane_by_default() {
+        let mut s = state(0);
+        s.filter.config = serde_json::json!({"routes": [
+            {"name": "a", "path_prefix": "/a"},
+            {"name": "b", "shadow": {"cluster": "shop-canary"}}
+        ]});
+        let c = per_envoy_config(&s.filter, 1);
+        assert_eq!(
+            c["shadow_report"],
+            serde_json::json!({"cluster": "understudy_xds"})
+        );
+        understudy_core::FilterConfig::from_value(&c).unwrap();
+        // An explicit shadow_report is kept as written.
+        s.filter.config["shadow_report"] =
+            serde_json::json!({"cluster": "elsewhere", "interval_ms": 500});
+        let c = per_envoy_config(&s.filter, 1);
+        assert_eq!(c["shadow_report"]["cluster"], "elsewhere");
+        assert_eq!(c["shadow_report"]["interval_ms"], 500);
+        // No route shadows: nothing is added.
+        s.filter.config = serde_json::json!({"routes": [{"name": "a"}]});
+        assert!(
+            per_envoy_config(&s.filter, 1)
+                .get("shadow_report")
+                .is_none()
+        );
     }
 
     #[test]
