@@ -1485,7 +1485,7 @@ mod tests {
             let mut started = 0usize;
             let mut reports = 0usize;
             let mut live: BTreeMap<u32, bool> = BTreeMap::new(); // stream -> ended
-            let mut count = |r: Option<Report>| usize::from(r.is_some());
+            let count = |r: Option<Report>| usize::from(r.is_some());
             for e in events {
                 now += 100;
                 match e {
@@ -1525,7 +1525,7 @@ mod tests {
                     }
                 }
                 // A stream id is reusable once its pair is gone and its stream ended.
-                live.retain(|s, ended| !(*ended && !t.is_tracked(*s)));
+                live.retain(|s, ended| !*ended || t.is_tracked(*s));
             }
             // Drain: end every stream, answer every call, let time pass.
             for s in 0..6u32 {
