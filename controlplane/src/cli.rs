@@ -1,11 +1,13 @@
 //! The `understudy` command line: `serve` runs the control plane; the other
-//! subcommands are a thin client of its JSON API.
+//! subcommands are a thin client of its JSON API. Most print the API's JSON;
+//! `shadow` prints tables, since its answer is meant to be read at a glance.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use serde_json::Value;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,11 +52,21 @@ pub enum Command {
         #[arg(long, default_value = "http://127.0.0.1:18080", env = "UNDERSTUDY_API")]
         api: String,
     },
+    /// Shadow comparison results: every route, or one route with its top
+    /// differing paths.
+    Shadow {
+        route: Option<String>,
+        #[arg(long, default_value = "http://127.0.0.1:18080", env = "UNDERSTUDY_API")]
+        api: String,
+    },
 }
 
 /// Runs a client subcommand against the API and prints the JSON answer.
 pub async fn client(command: Command) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
+    if let Command::Shadow { route, api } = &command {
+        return shadow(&http, api, route.as_deref()).await;
+    }
     let response = match &command {
         Command::Services { api } => http.get(format!("{api}/v1/services")).send().await,
         Command::SetWeight {
@@ -68,7 +80,9 @@ pub async fn client(command: Command) -> anyhow::Result<()> {
                 .await
         }
         Command::Envoys { api } => http.get(format!("{api}/v1/envoys")).send().await,
-        Command::Serve { .. } => bail!("serve is not a client command"),
+        Command::Serve { .. } | Command::Shadow { .. } => {
+            bail!("not a JSON client command")
+        }
     }
     .context("calling the control plane API")?;
     let status = response.status();
@@ -78,4 +92,235 @@ pub async fn client(command: Command) -> anyhow::Result<()> {
         bail!("the API answered {status}");
     }
     Ok(())
+}
+
+async fn shadow(http: &reqwest::Client, api: &str, route: Option<&str>) -> anyhow::Result<()> {
+    let url = match route {
+        Some(r) => format!("{api}/v1/shadow/routes/{r}"),
+        None => format!("{api}/v1/shadow/routes"),
+    };
+    let response = http
+        .get(url)
+        .send()
+        .await
+        .context("calling the control plane API")?;
+    let status = response.status();
+    let body: Value = response.json().await.context("reading the API's answer")?;
+    if !status.is_success() {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        bail!("the API answered {status}");
+    }
+    match route {
+        Some(_) => print!("{}", render_route(&body)),
+        None => print!("{}", render_routes(&body)),
+    }
+    Ok(())
+}
+
+// === shadow tables ===
+
+/// Left-aligned columns, two spaces apart.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn percent(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "no data".to_owned(), |r| format!("{:.2}%", r * 100.0))
+}
+
+fn count(v: &Value) -> String {
+    v.as_u64().unwrap_or(0).to_string()
+}
+
+/// `99.10% [98.20–99.60]`, or `no data`.
+fn match_rate(stats: &Value) -> String {
+    let rate = percent(&stats["match_rate"]);
+    match (
+        stats["match_rate_ci"][0].as_f64(),
+        stats["match_rate_ci"][1].as_f64(),
+    ) {
+        (Some(lo), Some(hi)) => format!("{rate} [{:.2}–{:.2}]", lo * 100.0, hi * 100.0),
+        _ => rate,
+    }
+}
+
+fn gap(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".to_owned(), |g| format!("{g:+.1}"))
+}
+
+fn skipped(stats: &Value) -> String {
+    stats["skipped"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum::<u64>())
+        .unwrap_or(0)
+        .to_string()
+}
+
+fn summary_row(r: &Value) -> Vec<String> {
+    vec![
+        r["route"].as_str().unwrap_or("?").to_owned(),
+        count(&r["compared"]),
+        match_rate(r),
+        percent(&r["exact_match_rate"]),
+        count(&r["mismatched_serious"]),
+        count(&r["unexpected"]),
+        skipped(r),
+        gap(&r["mean_latency_gap_ms"]),
+        format!(
+            "{} / {}",
+            count(&r["calibration"]["compared"]),
+            match_rate(&r["calibration"])
+        ),
+    ]
+}
+
+const SUMMARY_HEADERS: [&str; 9] = [
+    "ROUTE",
+    "COMPARED",
+    "MATCH RATE [95% CI]",
+    "EXACT",
+    "SERIOUS",
+    "UNEXPECTED",
+    "SKIPPED",
+    "GAP MS",
+    "CALIBRATION (COMPARED / MATCH)",
+];
+
+/// The `GET /v1/shadow/routes` answer as a table.
+pub fn render_routes(body: &Value) -> String {
+    let routes = body["routes"].as_array().cloned().unwrap_or_default();
+    if routes.is_empty() {
+        return "no shadow reports yet\n".to_owned();
+    }
+    let rows: Vec<Vec<String>> = routes.iter().map(summary_row).collect();
+    let mut out = table(&SUMMARY_HEADERS, &rows);
+    out.push_str(&format!(
+        "\nrecords stored: {}, dropped by filters: {}\n",
+        count(&body["records_stored"]),
+        count(&body["dropped_by_filters"])
+    ));
+    out
+}
+
+/// The `GET /v1/shadow/routes/{route}` answer: the summary, then the paths.
+pub fn render_route(body: &Value) -> String {
+    let mut out = table(&SUMMARY_HEADERS, &[summary_row(body)]);
+    let paths = body["top_paths"].as_array().cloned().unwrap_or_default();
+    out.push('\n');
+    if paths.is_empty() {
+        out.push_str("no differing paths recorded\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = paths
+        .iter()
+        .map(|p| {
+            let sample =
+                p["samples"]
+                    .as_array()
+                    .and_then(|s| s.last())
+                    .map_or_else(String::new, |s| {
+                        let side = |v: &Value| v.as_str().unwrap_or("(absent)").to_owned();
+                        format!(
+                            "#{} {} → {}",
+                            s["id"].as_str().unwrap_or("?"),
+                            side(&s["primary"]),
+                            side(&s["shadow"])
+                        )
+                    });
+            vec![
+                p["path"].as_str().unwrap_or("?").to_owned(),
+                count(&p["count"]),
+                count(&p["serious"]),
+                count(&p["noise"]),
+                count(&p["unexpected"]),
+                percent(&p["learned_noise_rate"]).replace("no data", "-"),
+                sample,
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "PATH",
+            "COUNT",
+            "SERIOUS",
+            "NOISE",
+            "UNEXPECTED",
+            "LEARNED NOISE",
+            "LATEST SAMPLE",
+        ],
+        &rows,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn shadow_tables_read_at_a_glance() {
+        let summary = json!({
+            "route": "checkout", "compared": 100, "matched": 85, "mismatched_serious": 10,
+            "unexpected": 5, "skipped": {"shadow_timeout": 2, "skipped_too_large": 1},
+            "match_rate": 0.9, "match_rate_ci": [0.8256, 0.9448], "exact_match_rate": 0.85,
+            "mean_latency_gap_ms": 1.25,
+            "calibration": {"compared": 0, "match_rate": null, "match_rate_ci": null},
+            "top_paths": [{"path": "$.total", "count": 10, "serious": 10, "noise": 0,
+                "unexpected": 5, "learned_noise_rate": null,
+                "samples": [{"id": "17", "primary": "49.90", "shadow": "51.40"}]},
+                {"path": "$.at", "count": 3, "serious": 0, "noise": 3, "unexpected": 0,
+                "learned_noise_rate": 0.25, "samples": []}]
+        });
+        let list = render_routes(
+            &json!({"routes": [summary.clone()], "records_stored": 12, "dropped_by_filters": 0}),
+        );
+        assert!(list.starts_with("ROUTE "), "{list}");
+        assert!(list.contains("checkout"), "{list}");
+        assert!(list.contains("90.00% [82.56–94.48]"), "{list}");
+        assert!(list.contains("+1.2"), "{list}");
+        assert!(list.contains("0 / no data"), "{list}");
+        assert!(list.contains("records stored: 12"), "{list}");
+        let route = render_route(&summary);
+        assert!(route.contains("$.total"), "{route}");
+        assert!(route.contains("#17 49.90 → 51.40"), "{route}");
+        assert!(route.contains("25.00%"), "{route}");
+        // Columns line up: every path row starts its COUNT column at the same place.
+        let col = |line: &str| {
+            let gap = line.find("  ").unwrap();
+            gap + line[gap..].find(|c: char| c != ' ').unwrap()
+        };
+        let lines: Vec<&str> = route
+            .lines()
+            .skip_while(|l| !l.starts_with("PATH"))
+            .collect();
+        assert_eq!(col(lines[1]), col(lines[2]));
+        assert_eq!(
+            render_routes(&json!({"routes": []})),
+            "no shadow reports yet\n"
+        );
+    }
 }

@@ -1,0 +1,655 @@
+//! In-process integration tests of shadow reporting: batches pushed over
+//! real gRPC to the xDS port, read back through the JSON API, and samples
+//! replayed against a small HTTP upstream registered as a service's canary.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, Uri};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use understudy_controlplane::model::{
+    Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight,
+};
+use understudy_controlplane::store::Store;
+use understudy_proto::v1::report_service_client::ReportServiceClient;
+use understudy_proto::v1::{
+    Difference, Header, MismatchRecord, RecordedRequest, RecordedResponse, ReportBatch,
+    RouteCounts, difference,
+};
+
+/// The filter config: route `orders` shadows to `shop-canary`, where `$.at`
+/// (a timestamp) is ignored.
+fn filter_config() -> Value {
+    json!({"routes": [{"name": "orders", "path_prefix": "/orders", "shadow": {
+        "cluster": "shop-canary",
+        "compare": {"ignore": ["$.at"]}
+    }}]})
+}
+
+/// A port nothing listens on: bound, then released.
+async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn desired_state() -> DesiredState {
+    let shop = Service {
+        name: "shop".into(),
+        domains: vec!["shop.example".into()],
+        stable: Backend {
+            endpoints: vec![closed_port().await],
+        },
+        canary: Backend {
+            endpoints: vec![closed_port().await],
+        },
+        canary_weight: Weight::ZERO,
+    };
+    DesiredState {
+        listener: ListenerSettings {
+            address: "127.0.0.1".parse().unwrap(),
+            port: 10000,
+        },
+        filter: FilterSettings {
+            wasm_path: "/etc/envoy/understudy.wasm".into(),
+            config: filter_config(),
+            report_cluster: "understudy_xds".into(),
+        },
+        services: [("shop".to_string(), shop)].into_iter().collect(),
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+/// A running control plane: its API and its report service.
+struct ControlPlane {
+    api: String,
+    xds: SocketAddr,
+    http: reqwest::Client,
+}
+
+async fn start() -> ControlPlane {
+    let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cp = ControlPlane {
+        api: format!("http://{}", api.local_addr().unwrap()),
+        xds: xds.local_addr().unwrap(),
+        http: reqwest::Client::new(),
+    };
+    let store = Store::new(desired_state().await).unwrap();
+    tokio::spawn(understudy_controlplane::run(
+        store,
+        xds,
+        api,
+        std::future::pending(),
+    ));
+    cp
+}
+
+impl ControlPlane {
+    async fn push(&self, batch: ReportBatch) -> u64 {
+        let mut client = ReportServiceClient::connect(format!("http://{}", self.xds))
+            .await
+            .unwrap();
+        client.push(batch).await.unwrap().into_inner().accepted
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let json = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let text = resp.text().await.unwrap();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            assert!(json, "status {status}: not labelled JSON: {text:?}");
+            serde_json::from_str(&text).unwrap()
+        };
+        Reply { status, body }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api)
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    async fn get_ok(&self, path: &str) -> Value {
+        let r = self.get(path).await;
+        assert_eq!(r.status, 200, "GET {path}: {r:?}");
+        r.body
+    }
+
+    async fn replay(&self, id: &str, body: Option<&'static str>) -> Reply {
+        let mut req = self
+            .http
+            .post(self.url(&format!("/v1/shadow/samples/{id}/replay")));
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b);
+        }
+        self.send(req).await
+    }
+}
+
+fn assert_error(r: &Reply, status: u16, code: &str, needle: &str) {
+    assert_eq!(r.status, status, "{r:?}");
+    assert_eq!(r.body["error"]["code"], code, "{r:?}");
+    let message = r.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(needle),
+        "{message:?} should mention {needle:?}"
+    );
+}
+
+fn counts(calibration: bool, c: [u64; 5], gap_us: i64) -> RouteCounts {
+    RouteCounts {
+        route: "orders".into(),
+        calibration,
+        compared: c[0],
+        matched: c[1],
+        mismatched_serious: c[2],
+        mismatched_noise: c[3],
+        unexpected: c[4],
+        skipped: Default::default(),
+        latency_gap_us_sum: gap_us,
+    }
+}
+
+fn diff(path: &str, serious: bool, primary: &str, shadow: &str) -> Difference {
+    Difference {
+        path: path.into(),
+        kind: difference::Kind::ValueChange as i32,
+        bucket: if serious {
+            difference::Bucket::Serious
+        } else {
+            difference::Bucket::Noise
+        } as i32,
+        primary: primary.into(),
+        shadow: shadow.into(),
+        unexpected: serious,
+    }
+}
+
+fn header(name: &str, value: &str) -> Header {
+    Header {
+        name: name.into(),
+        value: value.into(),
+    }
+}
+
+/// A live mismatch on `path` whose primary answered `{"total": 10, "at": "a"}`.
+fn record(request_id: &str, method: &str, path: &str, diffs: Vec<Difference>) -> MismatchRecord {
+    MismatchRecord {
+        route: "orders".into(),
+        request_id: request_id.into(),
+        serious: diffs
+            .iter()
+            .any(|d| d.bucket == difference::Bucket::Serious as i32),
+        unexpected: diffs.iter().any(|d| d.unexpected),
+        differences: diffs,
+        latency_gap_us: 2500,
+        calibration: false,
+        time_unix_ms: 1_700_000_000_000,
+        segment: String::new(),
+        request: Some(RecordedRequest {
+            method: method.into(),
+            path: path.into(),
+            authority: "shop.example-shadow".into(),
+            headers: vec![
+                header("x-request-id", request_id),
+                header("content-type", "application/json"),
+                header("connection", "keep-alive"),
+                header("x-understudy-shadow", "1"),
+            ],
+            body: if method == "POST" {
+                br#"{"qty": 2}"#.to_vec()
+            } else {
+                Vec::new()
+            },
+            body_truncated: false,
+        }),
+        primary: Some(RecordedResponse {
+            status: 200,
+            headers: vec![header("content-type", "application/json")],
+            body: br#"{"total": 10, "at": "a"}"#.to_vec(),
+            body_truncated: false,
+        }),
+        shadow_cluster: "shop-canary".into(),
+        ..Default::default()
+    }
+}
+
+fn batch(routes: Vec<RouteCounts>, mismatches: Vec<MismatchRecord>) -> ReportBatch {
+    ReportBatch {
+        node_id: "envoy-1".into(),
+        mismatches,
+        dropped: 0,
+        routes,
+    }
+}
+
+#[tokio::test]
+async fn pushed_reports_are_summarised_with_paths_and_samples() {
+    let cp = start().await;
+    let mut live = counts(false, [10, 6, 3, 1, 2], 30_000);
+    live.skipped.insert("shadow_timeout".into(), 2);
+    let mut b = batch(
+        vec![live, counts(true, [4, 4, 0, 0, 0], 0)],
+        vec![
+            record(
+                "r1",
+                "GET",
+                "/orders/1",
+                vec![diff("$.total", true, "10", "11")],
+            ),
+            record(
+                "r2",
+                "POST",
+                "/orders/2",
+                vec![
+                    diff("$.total", true, "10", "12"),
+                    diff("$.at", false, "\"a\"", "\"b\""),
+                ],
+            ),
+        ],
+    );
+    b.dropped = 3;
+    assert_eq!(cp.push(b).await, 2);
+
+    let list = cp.get_ok("/v1/shadow/routes").await;
+    assert_eq!(list["records_stored"], 2);
+    assert_eq!(list["dropped_by_filters"], 3);
+    let s = &list["routes"][0];
+    assert_eq!(s["route"], "orders");
+    assert_eq!(
+        (
+            &s["compared"],
+            &s["matched"],
+            &s["mismatched_serious"],
+            &s["mismatched_noise"]
+        ),
+        (&json!(10), &json!(6), &json!(3), &json!(1))
+    );
+    assert_eq!(s["unexpected"], 2);
+    assert_eq!(s["skipped"], json!({"shadow_timeout": 2}));
+    assert_eq!(s["match_rate"], 0.7);
+    assert_eq!(s["exact_match_rate"], 0.6);
+    assert_eq!(s["serious_rate"], 0.3);
+    assert_eq!(s["unexpected_rate"], 0.2);
+    assert_eq!(s["mean_latency_gap_ms"], 3.0);
+    assert_eq!(s["records"], 2);
+    let ci = s["match_rate_ci"].as_array().unwrap();
+    let (lo, hi) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
+    assert!(
+        (lo - 0.3968).abs() < 1e-3 && (hi - 0.8922).abs() < 1e-3,
+        "{ci:?}"
+    );
+    assert_eq!(s["calibration"]["compared"], 4);
+    assert_eq!(s["calibration"]["match_rate"], 1.0);
+    assert_eq!(s["calibration"]["calibration"], Value::Null);
+
+    let d = cp.get_ok("/v1/shadow/routes/orders").await;
+    assert_eq!(d["compared"], 10);
+    let paths = d["top_paths"].as_array().unwrap();
+    assert_eq!(paths[0]["path"], "$.total");
+    assert_eq!(
+        (
+            &paths[0]["count"],
+            &paths[0]["serious"],
+            &paths[0]["noise"],
+            &paths[0]["unexpected"]
+        ),
+        (&json!(2), &json!(2), &json!(0), &json!(2))
+    );
+    assert_eq!(paths[0]["learned_noise_rate"], Value::Null);
+    assert_eq!(
+        paths[0]["samples"][1],
+        json!({"id": "2", "request_id": "r2", "kind": "value_change", "bucket": "serious",
+               "primary": "10", "shadow": "12"})
+    );
+    assert_eq!(paths[1]["path"], "$.at");
+    assert_eq!(paths[1]["noise"], 1);
+
+    let r = cp.get_ok("/v1/shadow/samples/2").await;
+    assert_eq!(r["id"], "2");
+    assert_eq!(r["route"], "orders");
+    assert_eq!(r["request_id"], "r2");
+    assert_eq!(r["node_id"], "envoy-1");
+    assert_eq!(r["time"], 1_700_000_000_000u64);
+    assert_eq!(r["latency_gap_ms"], 2.5);
+    assert_eq!(r["calibration"], false);
+    assert_eq!(r["shadow_cluster"], "shop-canary");
+    assert_eq!(r["segment"], Value::Null);
+    assert_eq!(
+        r["differences"][1],
+        json!({"path": "$.at", "kind": "value_change", "bucket": "noise",
+               "primary": "\"a\"", "shadow": "\"b\"", "unexpected": false,
+               "learned_noise_rate": null})
+    );
+    assert_eq!(r["request"]["method"], "POST");
+    assert_eq!(r["request"]["path"], "/orders/2");
+    assert_eq!(r["request"]["body"], r#"{"qty": 2}"#);
+    assert_eq!(
+        r["request"]["headers"][0],
+        json!({"name": "x-request-id", "value": "r2"})
+    );
+    assert_eq!(r["primary"]["status"], 200);
+    assert_eq!(r["primary"]["body"], r#"{"total": 10, "at": "a"}"#);
+    assert_eq!(r["primary"]["body_truncated"], false);
+
+    // Unknown things are JSON 404s.
+    assert_error(
+        &cp.get("/v1/shadow/routes/nope").await,
+        404,
+        "unknown_route",
+        "nope",
+    );
+    for id in ["999", "abc", "-1"] {
+        let r = cp.get(&format!("/v1/shadow/samples/{id}")).await;
+        assert_error(&r, 404, "unknown_sample", id);
+    }
+}
+
+#[tokio::test]
+async fn no_data_is_null_not_healthy() {
+    let cp = start().await;
+    assert_eq!(cp.get_ok("/v1/shadow/routes").await["routes"], json!([]));
+    let mut skipped = counts(false, [0; 5], 0);
+    skipped.skipped.insert("skipped_too_large".into(), 5);
+    assert_eq!(cp.push(batch(vec![skipped], vec![])).await, 0);
+    let s = &cp.get_ok("/v1/shadow/routes").await["routes"][0];
+    for key in [
+        "match_rate",
+        "match_rate_ci",
+        "exact_match_rate",
+        "serious_rate",
+        "unexpected_rate",
+        "mean_latency_gap_ms",
+    ] {
+        assert_eq!(s[key], Value::Null, "{key}: {s:#}");
+        assert_eq!(
+            s["calibration"][key],
+            Value::Null,
+            "calibration {key}: {s:#}"
+        );
+    }
+    assert_eq!(s["skipped"]["skipped_too_large"], 5);
+}
+
+/// What the test upstream received.
+#[derive(Debug, Clone)]
+struct Received {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// An upstream that answers `/orders/fixed*` like the primary did (only the
+/// ignored `$.at` differs) and anything else with a different total.
+async fn upstream() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
+    let seen: Arc<Mutex<Vec<Received>>> = Arc::default();
+    let app = axum::Router::new()
+        .fallback(
+            |State(seen): State<Arc<Mutex<Vec<Received>>>>,
+             method: Method,
+             uri: Uri,
+             headers: HeaderMap,
+             body: Bytes| async move {
+                let total = if uri.path().starts_with("/orders/fixed") {
+                    10
+                } else {
+                    11
+                };
+                seen.lock().unwrap().push(Received {
+                    method,
+                    uri,
+                    headers,
+                    body,
+                });
+                axum::Json(json!({"total": total, "at": "replayed"}))
+            },
+        )
+        .with_state(Arc::clone(&seen));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn samples_replay_against_a_cluster_and_compare_again() {
+    let cp = start().await;
+    let (addr, seen) = upstream().await;
+    let mut shop = cp.get_ok("/v1/services/shop").await;
+    shop["canary"]["endpoints"] = json!([addr.to_string()]);
+    let r = cp
+        .send(cp.http.put(cp.url("/v1/services/shop")).json(&shop))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    let total = || vec![diff("$.total", true, "10", "11")];
+    let mut truncated = record("r3", "GET", "/orders/fixed", total());
+    if let Some(p) = truncated.primary.as_mut() {
+        p.body = Vec::new();
+        p.body_truncated = true;
+    }
+    let accepted = cp
+        .push(batch(
+            vec![],
+            vec![
+                record("r1", "GET", "/orders/fixed?x=1", total()),
+                record("r2", "POST", "/orders/broken", total()),
+                truncated,
+            ],
+        ))
+        .await;
+    assert_eq!(accepted, 3);
+
+    // The new version was fixed: only the ignored timestamp differs now.
+    let r = cp.replay("1", None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["id"], "1");
+    assert_eq!(r.body["cluster"], "shop-canary");
+    assert_eq!(r.body["endpoint"], addr.to_string());
+    assert_eq!(r.body["status"], 200);
+    assert_eq!(r.body["matched"], true, "{r:?}");
+    assert_eq!(r.body["comparison"]["serious"], 0);
+    assert_eq!(r.body["comparison"]["noise"], 1);
+    assert_eq!(r.body["comparison"]["differences"][0]["path"], "$.at");
+    {
+        let got = seen.lock().unwrap();
+        let req = &got[0];
+        assert_eq!(req.method, Method::GET);
+        assert_eq!(req.uri, "/orders/fixed?x=1");
+        assert_eq!(req.headers["x-request-id"], "r1");
+        assert_eq!(req.headers["x-understudy-replay"], "1");
+        assert_eq!(req.headers["host"], "shop.example-shadow");
+        assert_eq!(req.headers["x-understudy-shadow"], "1");
+    }
+
+    // Still broken: the difference is reported again, serious and unexpected.
+    let r = cp.replay("2", Some("{}")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["matched"], false, "{r:?}");
+    let d = r.body["comparison"]["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["path"] == "$.total")
+        .unwrap_or_else(|| panic!("no $.total difference: {r:?}"));
+    assert_eq!(
+        (
+            &d["path"],
+            &d["kind"],
+            &d["bucket"],
+            &d["primary"],
+            &d["shadow"]
+        ),
+        (
+            &json!("$.total"),
+            &json!("value_change"),
+            &json!("serious"),
+            &json!("10"),
+            &json!("11")
+        )
+    );
+    assert_eq!(r.body["comparison"]["unexpected"], 1);
+    {
+        let got = seen.lock().unwrap();
+        assert_eq!(got[1].method, Method::POST);
+        assert_eq!(&got[1].body[..], br#"{"qty": 2}"#);
+    }
+
+    // Bad inputs, each with its own status and a message naming the problem.
+    assert_error(&cp.replay("999", None).await, 404, "unknown_sample", "999");
+    assert_error(&cp.replay("x", None).await, 404, "unknown_sample", "x");
+    let r = cp.replay("1", Some(r#"{"cluster": "nope"}"#)).await;
+    assert_error(&r, 400, "unknown_cluster", "nope");
+    assert_error(
+        &cp.replay("1", Some("{")).await,
+        400,
+        "invalid_body",
+        "not JSON",
+    );
+    assert_error(
+        &cp.replay("1", Some("[1]")).await,
+        400,
+        "invalid_body",
+        "JSON object",
+    );
+    let r = cp
+        .replay("1", Some(r#"{"cluster": "shop-canary", "x": 1}"#))
+        .await;
+    assert_error(&r, 400, "invalid_body", "unknown field `x`");
+    assert_error(
+        &cp.replay("3", None).await,
+        409,
+        "body_truncated",
+        "too large",
+    );
+    // The stable endpoint refuses connections.
+    let r = cp.replay("1", Some(r#"{"cluster": "shop-stable"}"#)).await;
+    assert_error(&r, 502, "upstream_failed", "refused");
+    assert_eq!(seen.lock().unwrap().len(), 2, "failed replays sent nothing");
+
+    // The route stops shadowing: there are no rules to compare with.
+    let mut filter = cp.get_ok("/v1/filter").await;
+    filter["config"] = json!({"routes": [{"name": "orders", "path_prefix": "/orders"}]});
+    let r = cp
+        .send(cp.http.put(cp.url("/v1/filter")).json(&filter))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_error(
+        &cp.replay("1", None).await,
+        409,
+        "no_shadow_config",
+        "orders",
+    );
+}
+
+#[tokio::test]
+async fn calibration_noise_is_learned_shown_and_forgotten() {
+    let cp = start().await;
+    let at = || diff("$.at", true, "\"a\"", "\"b\"");
+    let mut cal = record("c1", "GET", "/orders/1", vec![at()]);
+    cal.calibration = true;
+    cp.push(batch(vec![counts(true, [4, 3, 1, 0, 1], 0)], vec![cal]))
+        .await;
+
+    let noise = cp.get_ok("/v1/shadow/noise").await;
+    assert_eq!(
+        noise,
+        json!({"routes": [{"route": "orders", "calibration_compared": 4, "calibration_records": 1,
+                           "paths": [{"path": "$.at", "records": 1, "rate": 0.25}]}]})
+    );
+
+    // A live pair differing only at the learned path counts as noise.
+    cp.push(batch(
+        vec![counts(false, [2, 1, 1, 0, 1], 0)],
+        vec![record("l1", "GET", "/orders/1", vec![at()])],
+    ))
+    .await;
+    let d = cp.get_ok("/v1/shadow/routes/orders").await;
+    assert_eq!(
+        (&d["mismatched_serious"], &d["mismatched_noise"]),
+        (&json!(0), &json!(1))
+    );
+    assert_eq!(d["unexpected"], 0);
+    assert_eq!(d["reclassified_as_noise"], 1);
+    assert_eq!(d["match_rate"], 1.0);
+    let p = &d["top_paths"][0];
+    assert_eq!(p["learned_noise_rate"], 0.25);
+    assert_eq!(p["samples"][0]["bucket"], "noisy");
+    let sample = cp.get_ok("/v1/shadow/samples/2").await;
+    assert_eq!(sample["reclassified_as_noise"], true);
+    assert_eq!(sample["differences"][0]["bucket"], "noisy");
+    assert_eq!(sample["differences"][0]["learned_noise_rate"], 0.25);
+
+    let r = cp
+        .send(cp.http.delete(cp.url("/v1/shadow/noise/orders")))
+        .await;
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(cp.get_ok("/v1/shadow/noise").await, json!({"routes": []}));
+    let r = cp
+        .send(cp.http.delete(cp.url("/v1/shadow/noise/nope")))
+        .await;
+    assert_error(&r, 404, "unknown_route", "nope");
+    // Without learned noise, the same difference is serious again.
+    cp.push(batch(
+        vec![counts(false, [1, 0, 1, 0, 1], 0)],
+        vec![record("l2", "GET", "/orders/1", vec![at()])],
+    ))
+    .await;
+    let d = cp.get_ok("/v1/shadow/routes/orders").await;
+    assert_eq!(d["mismatched_serious"], 1);
+}
+
+#[tokio::test]
+async fn the_cli_prints_shadow_tables() {
+    use understudy_controlplane::cli::{Command, client};
+    let cp = start().await;
+    cp.push(batch(
+        vec![counts(false, [1, 0, 1, 0, 1], 0)],
+        vec![record(
+            "r1",
+            "GET",
+            "/orders/1",
+            vec![diff("$.total", true, "10", "11")],
+        )],
+    ))
+    .await;
+    client(Command::Shadow {
+        route: None,
+        api: cp.api.clone(),
+    })
+    .await
+    .unwrap();
+    client(Command::Shadow {
+        route: Some("orders".into()),
+        api: cp.api.clone(),
+    })
+    .await
+    .unwrap();
+    let err = client(Command::Shadow {
+        route: Some("nope".into()),
+        api: cp.api.clone(),
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+}
