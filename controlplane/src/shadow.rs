@@ -28,9 +28,10 @@
 //! bytes, which [`replay`] reads. A sample whose record was evicted is dropped
 //! when it is read.
 //!
-//! Aggregation is keyed by route name only. Per-rollout aggregation (a later
-//! issue) would key [`Book::routes`] by (route, rollout) and reset the live
-//! side when a rollout starts; nothing else here depends on the key.
+//! Aggregation is keyed by route name only (the book's `routes` map). The
+//! hook for per-rollout aggregation (a later issue) is that key: make it
+//! (route, rollout) and start a fresh live side when a rollout starts; the
+//! record store, paths and noise learning do not depend on it.
 
 pub mod replay;
 

@@ -6,7 +6,7 @@
 //!
 //! The work is split so that everything but the HTTP call is plain logic:
 //! [`plan`] checks the record against the desired state and builds the
-//! request, [`send`] performs it, [`compare`] compares.
+//! request, [`send`] performs it, [`compare()`] compares.
 
 use std::net::SocketAddr;
 use std::time::Duration;
