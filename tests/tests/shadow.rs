@@ -195,8 +195,10 @@ async fn order_total_rounding_change_is_named_with_both_values() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volatile_fields_are_serious_until_ignored() -> Result<()> {
     let stack = Stack::start().await?;
+    // The same document from both versions, but for its stamps.
     let stamped = Behavior {
         stamp: true,
+        body: Some(json!({"item": 1, "name": "lamp"})),
         ..Default::default()
     };
     stack.stable.state.set_behavior(stamped.clone())?;

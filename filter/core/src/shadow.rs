@@ -820,16 +820,21 @@ impl ShadowTable {
             return None;
         };
         let (timeout_ms, max) = cfg_of(pair.route)?;
+        // Envoy's timer may fire a little early or late; 90% is a timeout.
+        let timed_out = now_us.saturating_sub(sent_us) >= timeout_ms * 900;
         let Some(status) = status else {
-            let elapsed = now_us.saturating_sub(sent_us);
-            // Envoy's timer may fire a little early or late; 90% is a timeout.
-            let reason = if elapsed >= timeout_ms * 900 {
+            let reason = if timed_out {
                 Skip::ShadowTimeout
             } else {
                 Skip::ShadowError
             };
             return self.drop_pair(stream, reason);
         };
+        // Envoy answers a call that ran out of time with its own 504: that
+        // is the timeout, not the new version's answer.
+        if status == 504 && timed_out {
+            return self.drop_pair(stream, Skip::ShadowTimeout);
+        }
         if body.len() > max {
             return self.drop_pair(stream, Skip::TooLarge);
         }
@@ -1365,19 +1370,25 @@ mod tests {
         t.start(S, 0, request("/a"), true, 0).unwrap();
         t.primary_headers(S, 200, vec![], false, 8, 0);
         assert_eq!(skipped(t.stream_end(S)), Skip::PrimaryIncomplete);
-        // Failed call: early is an error, at the timeout a timeout.
-        for (after_us, reason) in [
-            (10_000, Skip::ShadowError),
-            (1_000_000, Skip::ShadowTimeout),
+        // Failed call: early is an error, at the timeout a timeout, and so
+        // is the 504 Envoy answers a timed-out call with.
+        for (status, after_us, reason) in [
+            (None, 10_000, Skip::ShadowError),
+            (None, 1_000_000, Skip::ShadowTimeout),
+            (Some(504), 990_000, Skip::ShadowTimeout),
         ] {
             t.start(S, 0, request("/a"), true, 0).unwrap();
             t.sent(S, 9, 0);
-            assert_eq!(
-                skipped(t.shadow_response(9, None, vec![], vec![], limits, after_us)),
-                reason
-            );
+            let r = t.shadow_response(9, status, vec![], vec![], limits, after_us);
+            assert_eq!(skipped(r), reason);
             assert!(!t.has_call(9));
         }
+        // A quick 504 is the new version's answer.
+        t.start(S, 0, request("/a"), true, 0).unwrap();
+        t.sent(S, 9, 0);
+        let r = t.shadow_response(9, Some(504), vec![], vec![], limits, 10_000);
+        assert_eq!(r, None);
+        assert_eq!(skipped(t.stream_end(S)), Skip::PrimaryIncomplete);
         // Shadow body over budget.
         t.start(S, 0, request("/a"), true, 0).unwrap();
         t.sent(S, 9, 0);
