@@ -31,8 +31,10 @@ mod tests {
                     ..Default::default()
                 }],
                 latency_gap_us: -1200,
+                ..Default::default()
             }],
             dropped: 3,
+            ..Default::default()
         };
         let decoded = ReportBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded, batch);

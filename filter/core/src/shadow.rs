@@ -40,6 +40,9 @@ use crate::config::{ConfigError, is_header_name, validate_name};
 pub const SHADOW_MARKER: &str = "x-understudy-shadow";
 /// Streams one worker pairs at a time; more are skipped as `skipped_capacity`.
 pub const MAX_PENDING: usize = 1024;
+/// Body bytes one worker holds across all its pairs; a pair that would go
+/// over is skipped as `skipped_capacity`.
+pub const MAX_TABLE_BYTES: usize = 64 * 1024 * 1024;
 /// Budgets are per side and per pair; this bounds one worker's memory.
 pub const MAX_BODY_BYTES_LIMIT: usize = 4 * 1024 * 1024;
 pub const MAX_EXPECTED_RULES: usize = 64;
@@ -608,9 +611,36 @@ pub struct ShadowTable {
     calls: BTreeMap<u32, u32>,
     /// Pairs with both sides complete, compared on the next tick.
     done: VecDeque<u32>,
+    /// Body bytes held by all pairs.
+    bytes: usize,
+}
+
+impl Pair {
+    fn bytes(&self) -> usize {
+        self.request.body.len()
+            + self.primary.as_ref().map_or(0, |p| p.body.len())
+            + self.shadow.as_ref().map_or(0, |(s, _)| s.body.len())
+    }
 }
 
 impl ShadowTable {
+    /// Body bytes the table holds (bounded by [`MAX_TABLE_BYTES`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether `more` bytes fit both the pair's budget (`len + more <= max`)
+    /// and the table's; the reason to skip otherwise.
+    fn room(&self, len: usize, more: usize, max: usize) -> Result<(), Skip> {
+        if len + more > max {
+            Err(Skip::TooLarge)
+        } else if self.bytes + more > MAX_TABLE_BYTES {
+            Err(Skip::Capacity)
+        } else {
+            Ok(())
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.pairs.len()
     }
@@ -679,13 +709,15 @@ impl ShadowTable {
         end_of_stream: bool,
         max: usize,
     ) -> Option<Report> {
-        let pair = self.pairs.get_mut(&stream)?;
+        let pair = self.pairs.get(&stream)?;
         if pair.call != Call::Receiving {
             return None;
         }
-        if pair.request.body.len() + chunk.len() > max {
-            return self.drop_pair(stream, Skip::TooLarge);
+        if let Err(reason) = self.room(pair.request.body.len(), chunk.len(), max) {
+            return self.drop_pair(stream, reason);
         }
+        self.bytes += chunk.len();
+        let pair = self.pairs.get_mut(&stream)?;
         pair.request.body.extend_from_slice(chunk);
         if end_of_stream {
             pair.call = Call::Ready;
@@ -742,9 +774,12 @@ impl ShadowTable {
         max: usize,
         now_us: u64,
     ) -> Option<Report> {
-        let too_large = headers.iter().any(|(k, v)| {
-            k.eq_ignore_ascii_case("content-length") && v.parse::<usize>().is_ok_and(|n| n > max)
-        });
+        // A HEAD answer declares the length of a body it does not have.
+        let too_large = !end_of_stream
+            && headers.iter().any(|(k, v)| {
+                k.eq_ignore_ascii_case("content-length")
+                    && v.parse::<usize>().is_ok_and(|n| n > max)
+            });
         if too_large {
             return self.drop_pair(stream, Skip::TooLarge);
         }
@@ -769,10 +804,12 @@ impl ShadowTable {
         max: usize,
         now_us: u64,
     ) -> Option<Report> {
-        let primary = self.pairs.get_mut(&stream)?.primary.as_mut()?;
-        if primary.body.len() + chunk.len() > max {
-            return self.drop_pair(stream, Skip::TooLarge);
+        let len = self.pairs.get(&stream)?.primary.as_ref()?.body.len();
+        if let Err(reason) = self.room(len, chunk.len(), max) {
+            return self.drop_pair(stream, reason);
         }
+        self.bytes += chunk.len();
+        let primary = self.pairs.get_mut(&stream)?.primary.as_mut()?;
         primary.body.extend_from_slice(chunk);
         if end_of_stream {
             self.primary_complete(stream, now_us);
@@ -835,9 +872,11 @@ impl ShadowTable {
         if status == 504 && timed_out {
             return self.drop_pair(stream, Skip::ShadowTimeout);
         }
-        if body.len() > max {
-            return self.drop_pair(stream, Skip::TooLarge);
+        if let Err(reason) = self.room(0, body.len(), max) {
+            return self.drop_pair(stream, reason);
         }
+        self.bytes += body.len();
+        let pair = self.pairs.get_mut(&stream)?;
         pair.call = Call::Answered;
         pair.shadow = Some((
             Captured {
@@ -874,8 +913,14 @@ impl ShadowTable {
             .collect()
     }
 
-    fn drop_pair(&mut self, stream: u32, reason: Skip) -> Option<Report> {
+    fn remove(&mut self, stream: u32) -> Option<Pair> {
         let pair = self.pairs.remove(&stream)?;
+        self.bytes = self.bytes.saturating_sub(pair.bytes());
+        Some(pair)
+    }
+
+    fn drop_pair(&mut self, stream: u32, reason: Skip) -> Option<Report> {
+        let pair = self.remove(stream)?;
         if let Call::Sent { token, .. } = pair.call {
             self.calls.remove(&token);
         }
@@ -897,7 +942,7 @@ impl ShadowTable {
             let Some(stream) = self.done.pop_front() else {
                 break;
             };
-            let Some(pair) = self.pairs.remove(&stream) else {
+            let Some(pair) = self.remove(stream) else {
                 continue;
             };
             if let Some(cfg) = cfg_of(pair.route) {
