@@ -444,3 +444,67 @@ async fn divergence_on_a_segment_declared_unchanged_is_unexpected() -> Result<()
     );
     Ok(())
 }
+
+/// A/A calibration: the shadow runs the primary's own version, so whatever
+/// differs is noise. Learned per path, it keeps those paths from counting
+/// as serious once the real shadow runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calibration_learns_noise_that_live_comparisons_then_discount() -> Result<()> {
+    let stack = Stack::start().await?;
+    let stamped = Behavior {
+        stamp: true,
+        body: Some(json!({"item": 1, "name": "lamp"})),
+        ..Default::default()
+    };
+    stack.stable.state.set_behavior(stamped.clone())?;
+    stack.canary.state.set_behavior(stamped)?;
+    stack
+        .put_filter_config(shadow_config(
+            json!({"cluster": "demo-stable", "calibration": true}),
+        ))
+        .await?;
+    for _ in 0..10 {
+        assert_eq!(get(&stack, "/items/1", &[]).await?.status, 200);
+    }
+    let noise = wait::until(
+        "the control plane to learn noise from 10 calibration pairs",
+        Duration::from_secs(15),
+        || async {
+            let n = stack.api_get("/v1/shadow/noise").await?;
+            let route = n["routes"]
+                .as_array()
+                .and_then(|r| r.iter().find(|r| r["route"] == "orders"))
+                .cloned();
+            Ok(route.filter(|r| r["calibration_compared"].as_u64() >= Some(10)))
+        },
+    )
+    .await?;
+    let rate = |path: &str| {
+        noise["paths"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["path"] == path))
+            .and_then(|p| p["rate"].as_f64())
+    };
+    assert_eq!(rate("$.generated_at"), Some(1.0), "{noise:#}");
+    assert_eq!(rate("$.trace_id"), Some(1.0), "{noise:#}");
+    assert_eq!(rate("$.name"), None, "{noise:#}");
+    // Calibration pairs are not live evidence.
+    let r = stack.api_get("/v1/shadow/routes/orders").await?;
+    assert_eq!(r["compared"], 0, "{r:#}");
+
+    stack.put_filter_config(shadow_config(json!({}))).await?;
+    for _ in 0..10 {
+        assert_eq!(get(&stack, "/items/1", &[]).await?.status, 200);
+    }
+    // The filter still sees the stamps differ...
+    settled(&stack, "orders", &["mismatched.serious"], 20).await?;
+    // ...the control plane discounts them as learned noise.
+    let r = report(&stack, "orders", 10).await?;
+    assert_eq!(r["reclassified_as_noise"], 10, "{r:#}");
+    assert_eq!(r["mismatched_serious"], 0, "{r:#}");
+    assert_eq!(r["match_rate"].as_f64(), Some(1.0), "{r:#}");
+    let p = top_path(&r, "$.generated_at").context("stamp not listed")?;
+    assert_eq!(p["samples"][0]["bucket"], "noisy", "{p:#}");
+    assert_eq!(p["learned_noise_rate"].as_f64(), Some(1.0), "{p:#}");
+    Ok(())
+}
