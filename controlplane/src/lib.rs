@@ -23,6 +23,7 @@ pub mod api;
 pub mod cli;
 pub mod model;
 pub mod resources;
+pub mod rollout;
 pub mod shadow;
 pub mod store;
 pub mod usage;
