@@ -20,6 +20,7 @@
 //! | DELETE | `/v1/shadow/noise/{route}` | forget a route's calibration data |
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with a 4xx status.
+//! Every path but the probes needs a bearer token (see [`crate::auth`]).
 
 use std::sync::Arc;
 
@@ -32,6 +33,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::auth::{self, Auth};
 use crate::model::{FilterSettings, ModelError, Service, Weight};
 use crate::shadow::replay::{self, ReplayError, ReplayOutcome};
 use crate::shadow::{BookCounts, RecordView, RouteDetail, RouteNoise, RouteSummary, ShadowBook};
@@ -46,9 +48,11 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     pub usage: Arc<UsageBook>,
     pub shadow: Arc<ShadowBook>,
+    pub auth: Arc<Auth>,
 }
 
 pub fn router(state: ApiState) -> Router {
+    let auth = Arc::clone(&state.auth);
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
@@ -80,6 +84,8 @@ pub fn router(state: ApiState) -> Router {
             )
         })
         .with_state(state)
+        // Outermost: unknown paths and wrong methods need a token too.
+        .layer(axum::middleware::from_fn_with_state(auth, auth::guard))
 }
 
 /// An error as the API returns it.

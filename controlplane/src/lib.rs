@@ -20,6 +20,7 @@
 //! - [`cli`]: the `understudy` command's client side.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod model;
 pub mod resources;
@@ -48,9 +49,43 @@ pub enum RunError {
     Api(std::io::Error),
 }
 
-/// Runs the xDS server and the API until `shutdown` completes or either fails.
+/// What the control plane runs with beyond its desired state.
+#[derive(Debug)]
+pub struct Options {
+    /// Who may call the API.
+    pub auth: auth::Auth,
+}
+
+impl Default for Options {
+    /// No authentication: for tests that are not about it.
+    fn default() -> Self {
+        Self {
+            auth: auth::Auth::disabled(),
+        }
+    }
+}
+
+/// [`run_with`] default [`Options`] (no API authentication).
 pub async fn run(
     store: Store,
+    xds_listener: TcpListener,
+    api_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    run_with(
+        store,
+        Options::default(),
+        xds_listener,
+        api_listener,
+        shutdown,
+    )
+    .await
+}
+
+/// Runs the xDS server and the API until `shutdown` completes or either fails.
+pub async fn run_with(
+    store: Store,
+    options: Options,
     xds_listener: TcpListener,
     api_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -73,6 +108,7 @@ pub async fn run(
         registry,
         usage: Arc::clone(&usage),
         shadow: Arc::clone(&shadow),
+        auth: Arc::new(options.auth),
     });
     info!(xds = ?xds_listener.local_addr().ok(), api = ?api_listener.local_addr().ok(), "control plane listening");
     let xds = tonic::transport::Server::builder()

@@ -12,6 +12,7 @@
 
 pub mod judge;
 pub mod spec;
+pub mod store;
 
 use serde::{Deserialize, Serialize};
 
