@@ -16,6 +16,9 @@ use serde_json::Value;
     about = "Understudy control plane and client"
 )]
 pub struct Cli {
+    /// Bearer token for the API (client subcommands).
+    #[arg(long, global = true, env = "UNDERSTUDY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -34,6 +37,25 @@ pub enum Command {
         /// Address of the JSON API.
         #[arg(long, default_value = "127.0.0.1:18080", env = "UNDERSTUDY_API_ADDR")]
         api_addr: SocketAddr,
+        /// API tokens: a file of `name:role:token` lines (role `viewer` or
+        /// `operator`). `UNDERSTUDY_TOKENS` may hold the same entries,
+        /// comma-separated, instead.
+        #[arg(long)]
+        tokens: Option<PathBuf>,
+        /// Serve the API without authentication (every caller is an operator).
+        #[arg(long)]
+        insecure_no_auth: bool,
+        /// The rollout database (redb). Default: the state file's path with
+        /// `.rollouts.redb` appended.
+        #[arg(long, env = "UNDERSTUDY_ROLLOUTS")]
+        rollouts: Option<PathBuf>,
+    },
+    /// Canary rollouts: create, list, read, act on, and watch.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+        #[arg(long, default_value = "http://127.0.0.1:18080", env = "UNDERSTUDY_API")]
+        api: String,
     },
     /// List services and their canary weights.
     Services {
@@ -61,11 +83,62 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Start a rollout from a YAML or JSON spec file.
+    Create {
+        file: PathBuf,
+    },
+    List,
+    /// Stage, weights, verdict with its numbers, and the audit log.
+    Get {
+        id: String,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Advance now (also opens a manual gate).
+    Promote {
+        id: String,
+    },
+    /// Stop: canary weight 0.
+    Abort {
+        id: String,
+    },
+    /// Follow a rollout live until it ends; exits non-zero if it does not succeed.
+    Watch {
+        id: String,
+        /// Seconds between polls.
+        #[arg(long, default_value_t = 1.0)]
+        every: f64,
+    },
+}
+
+/// An API client sending the bearer token, if one is given.
+pub fn http_client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .context("the token has characters a header cannot carry")?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
+}
+
 /// Runs a client subcommand against the API and prints the JSON answer.
-pub async fn client(command: Command) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+pub async fn client(command: Command, token: Option<&str>) -> anyhow::Result<()> {
+    let http = http_client(token)?;
     if let Command::Shadow { route, api } = &command {
         return shadow(&http, api, route.as_deref()).await;
+    }
+    if let Command::Rollout { command, api } = command {
+        return rollout(&http, &api, command).await;
     }
     let response = match &command {
         Command::Services { api } => http.get(format!("{api}/v1/services")).send().await,
@@ -80,7 +153,7 @@ pub async fn client(command: Command) -> anyhow::Result<()> {
                 .await
         }
         Command::Envoys { api } => http.get(format!("{api}/v1/envoys")).send().await,
-        Command::Serve { .. } | Command::Shadow { .. } => {
+        Command::Serve { .. } | Command::Shadow { .. } | Command::Rollout { .. } => {
             bail!("not a JSON client command")
         }
     }
@@ -92,6 +165,103 @@ pub async fn client(command: Command) -> anyhow::Result<()> {
         bail!("the API answered {status}");
     }
     Ok(())
+}
+
+/// Sends one request and returns the JSON answer, failing on a non-2xx.
+async fn call(request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    let response = request
+        .send()
+        .await
+        .context("calling the control plane API")?;
+    let status = response.status();
+    let body: Value = response.json().await.context("reading the API's answer")?;
+    if !status.is_success() {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        bail!("the API answered {status}");
+    }
+    Ok(body)
+}
+
+async fn rollout(http: &reqwest::Client, api: &str, command: RolloutCommand) -> anyhow::Result<()> {
+    let url = |rest: &str| format!("{api}/v1/rollouts{rest}");
+    let body = match command {
+        RolloutCommand::Create { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            call(http.post(url("")).body(text)).await?
+        }
+        RolloutCommand::List => call(http.get(url(""))).await?,
+        RolloutCommand::Get { id } => call(http.get(url(&format!("/{id}")))).await?,
+        RolloutCommand::Pause { id } => call(http.post(url(&format!("/{id}/pause")))).await?,
+        RolloutCommand::Resume { id } => call(http.post(url(&format!("/{id}/resume")))).await?,
+        RolloutCommand::Promote { id } => call(http.post(url(&format!("/{id}/promote")))).await?,
+        RolloutCommand::Abort { id } => call(http.post(url(&format!("/{id}/abort")))).await?,
+        RolloutCommand::Watch { id, every } => {
+            return watch(http, &url(&format!("/{id}")), every).await;
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
+}
+
+/// One line of `rollout watch`: stage, weights, verdict and its reason.
+pub fn watch_line(view: &Value) -> String {
+    let paused = if view["paused"].as_bool() == Some(true) {
+        " (paused)"
+    } else {
+        ""
+    };
+    let verdict = view["last_judgement"]["verdict"].as_str().unwrap_or("-");
+    let reason = view["last_judgement"]["reason"].as_str().unwrap_or("");
+    format!(
+        "{}{}  stable {}% / canary {}%  {}: {}",
+        view["stage"].as_str().unwrap_or("?"),
+        paused,
+        view["weights"]["stable"],
+        view["weights"]["canary"],
+        verdict,
+        reason
+    )
+}
+
+async fn watch(http: &reqwest::Client, url: &str, every: f64) -> anyhow::Result<()> {
+    let period = std::time::Duration::from_secs_f64(every.clamp(0.1, 60.0));
+    let mut last = String::new();
+    let mut seen_audit = 0;
+    loop {
+        let view = call(http.get(url)).await?;
+        for entry in view["audit"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .skip(seen_audit)
+        {
+            println!(
+                ">> {} -> {} by {}: {}",
+                entry["from"].as_str().unwrap_or(""),
+                entry["to"].as_str().unwrap_or(""),
+                entry["actor"].as_str().unwrap_or(""),
+                entry["reason"].as_str().unwrap_or("")
+            );
+            seen_audit += 1;
+        }
+        let line = watch_line(&view);
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        match view["phase"]["state"].as_str() {
+            Some("succeeded") => return Ok(()),
+            Some("rolled_back") | Some("aborted") => {
+                bail!(
+                    "rollout ended {}",
+                    view["phase"]["reason"].as_str().unwrap_or("")
+                )
+            }
+            _ => {}
+        }
+        tokio::time::sleep(period).await;
+    }
 }
 
 async fn shadow(http: &reqwest::Client, api: &str, route: Option<&str>) -> anyhow::Result<()> {

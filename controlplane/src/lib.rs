@@ -54,13 +54,16 @@ pub enum RunError {
 pub struct Options {
     /// Who may call the API.
     pub auth: auth::Auth,
+    /// The rollout database; `None` keeps rollouts in memory only.
+    pub rollouts: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
-    /// No authentication: for tests that are not about it.
+    /// No authentication and in-memory rollouts: for tests that are not about them.
     fn default() -> Self {
         Self {
             auth: auth::Auth::disabled(),
+            rollouts: None,
         }
     }
 }

@@ -1,6 +1,9 @@
 //! The `understudy` binary: parse arguments, then hand over to the library.
 
+use anyhow::Context;
 use clap::Parser;
+use understudy_controlplane::Options;
+use understudy_controlplane::auth::{Auth, Limits};
 use understudy_controlplane::cli::{Cli, Command, client};
 
 #[tokio::main]
@@ -16,16 +19,46 @@ async fn main() -> anyhow::Result<()> {
             state,
             xds_addr,
             api_addr,
+            tokens,
+            insecure_no_auth,
+            rollouts,
         } => {
+            let auth = match (tokens, std::env::var("UNDERSTUDY_TOKENS").ok()) {
+                (Some(file), _) => {
+                    let text = std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    Auth::from_entries(&text, Limits::default())
+                        .with_context(|| format!("in {}", file.display()))?
+                }
+                (None, Some(entries)) => Auth::from_entries(&entries, Limits::default())
+                    .context("in UNDERSTUDY_TOKENS")?,
+                (None, None) if insecure_no_auth => {
+                    tracing::warn!("the API is open: every caller is an operator");
+                    Auth::disabled()
+                }
+                (None, None) => anyhow::bail!(
+                    "no API tokens: pass --tokens FILE or set UNDERSTUDY_TOKENS \
+                     (name:role:token entries), or --insecure-no-auth for a local trial"
+                ),
+            };
+            let rollouts = rollouts.unwrap_or_else(|| {
+                let mut p = state.clone().into_os_string();
+                p.push(".rollouts.redb");
+                p.into()
+            });
             let store = understudy_controlplane::store::Store::open(&state)?;
             let xds = tokio::net::TcpListener::bind(xds_addr).await?;
             let api = tokio::net::TcpListener::bind(api_addr).await?;
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
-            understudy_controlplane::run(store, xds, api, shutdown).await?;
+            let options = Options {
+                auth,
+                rollouts: Some(rollouts),
+            };
+            understudy_controlplane::run_with(store, options, xds, api, shutdown).await?;
         }
-        other => client(other).await?,
+        other => client(other, cli.token.as_deref()).await?,
     }
     Ok(())
 }

@@ -17,9 +17,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+const ROLLOUTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("rollouts");
 /// Keyed by (rollout id, sequence number), so one rollout's log is a range.
-const AUDIT: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("audit");
+const AUDIT: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("audit");
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutStoreError {
@@ -48,6 +48,18 @@ impl RolloutStore {
     pub fn open(path: &Path) -> Result<Self, RolloutStoreError> {
         let db = Database::create(path).map_err(db_err)?;
         // Create both tables up front so reads never meet a missing table.
+        Self::init(db)
+    }
+
+    /// A database that lives in memory only (tests, trials).
+    pub fn in_memory() -> Result<Self, RolloutStoreError> {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(db_err)?;
+        Self::init(db)
+    }
+
+    fn init(db: Database) -> Result<Self, RolloutStoreError> {
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(ROLLOUTS).map_err(db_err)?;
         txn.open_table(AUDIT).map_err(db_err)?;
