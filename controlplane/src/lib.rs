@@ -55,7 +55,7 @@ pub struct Options {
     /// Who may call the API.
     pub auth: auth::Auth,
     /// The rollout database; `None` keeps rollouts in memory only.
-    pub rollouts: Option<std::path::PathBuf>,
+    pub rollouts: Option<rollout::store::RolloutStore>,
 }
 
 impl Default for Options {

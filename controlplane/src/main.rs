@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use understudy_controlplane::Options;
 use understudy_controlplane::auth::{Auth, Limits};
+use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::cli::{Cli, Command, client};
 
 #[tokio::main]
@@ -52,6 +53,8 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
+            let rollouts = RolloutStore::open(&rollouts)
+                .with_context(|| format!("opening {}", rollouts.display()))?;
             let options = Options {
                 auth,
                 rollouts: Some(rollouts),

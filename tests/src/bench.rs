@@ -8,18 +8,23 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use understudy_core::compare::{self, CompareConfig, Response};
+use understudy_core::shadow::Skip;
+
 use crate::envoy::{self, Envoy};
 use crate::paths;
 use crate::process::ChildGuard;
 use crate::stack::free_port;
+use crate::wait;
 
 /// Every scenario, by name.
-pub const SCENARIOS: &[&str] = &["filter_overhead", "hedging", "rate_limit"];
+pub const SCENARIOS: &[&str] = &["filter_overhead", "hedging", "rate_limit", "shadow_compare"];
 
 pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
     let selected: Vec<&str> = match name {
@@ -35,6 +40,7 @@ pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
             "filter_overhead" => filter_overhead(&oha).await?,
             "hedging" => hedging(&oha).await?,
             "rate_limit" => rate_limit(&oha).await?,
+            "shadow_compare" => shadow_compare(&oha).await?,
             _ => unreachable!("checked above"),
         };
         let path = write(scenario, figures)?;
@@ -689,6 +695,361 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
     }))
 }
 
+/// A ~10 KB order document, the same on every call: customer and addresses,
+/// 60 line items (sku, name, qty, price, discount, tax, tags, warehouse)
+/// and totals.
+pub fn order_document() -> Value {
+    const PRODUCTS: [&str; 8] = [
+        "Espresso beans 1 kg",
+        "Ceramic pour-over dripper",
+        "Paper filters (100)",
+        "Burr grinder",
+        "Gooseneck kettle 0.9 l",
+        "Glass carafe 600 ml",
+        "Milk frothing pitcher",
+        "Digital scale 0.1 g",
+    ];
+    const TAGS: [&str; 6] = ["coffee", "kitchen", "gift", "sale", "eco", "new"];
+    let mut subtotal = 0i64;
+    let mut tax_total = 0i64;
+    let lines: Vec<Value> = (0..60i64)
+        .map(|i| {
+            let qty = 1 + i % 4;
+            let price = 299 + (i * 7_919) % 12_000;
+            let rate = if i % 3 == 0 { 7 } else { 19 };
+            let discount = if i % 5 == 0 { price * qty / 10 } else { 0 };
+            let net = price * qty - discount;
+            let tax = (net * rate + 50) / 100;
+            subtotal += net;
+            tax_total += tax;
+            json!({
+                "line": i + 1,
+                "sku": format!("SKU-{:06}", 100_003 + i * 7_717 % 900_000),
+                "name": PRODUCTS[i as usize % PRODUCTS.len()],
+                "qty": qty,
+                "price": price as f64 / 100.0,
+                "discount": discount as f64 / 100.0,
+                "tax": tax as f64 / 100.0,
+                "tags": [TAGS[i as usize % TAGS.len()], TAGS[(i as usize * 5 + 1) % TAGS.len()]],
+                "warehouse": if i % 2 == 0 { "BER-2" } else { "HAM-1" },
+            })
+        })
+        .collect();
+    let address = |kind: &str, street: &str| {
+        json!({
+            "kind": kind,
+            "name": "Ada Lovelace",
+            "street": street,
+            "city": "Berlin",
+            "postal_code": "10115",
+            "country": "DE",
+        })
+    };
+    json!({
+        "order_id": "ord_2f9c41d7a8e34b52",
+        "status": "confirmed",
+        "created_at": "2026-01-15T09:30:00Z",
+        "currency": "EUR",
+        "customer": {
+            "id": "cus_8812",
+            "email": "ada@example.com",
+            "tier": "gold",
+            "addresses": [address("billing", "Invalidenstr. 117"), address("shipping", "Chausseestr. 8")],
+        },
+        "lines": lines,
+        "totals": {
+            "subtotal": subtotal as f64 / 100.0,
+            "tax": tax_total as f64 / 100.0,
+            "shipping": 4.9,
+            "total": (subtotal + tax_total + 490) as f64 / 100.0,
+        },
+    })
+}
+
+/// Mean µs of `compare::compare` (default rules) on `primary` against
+/// `shadow`, both as `200 application/json`, after a warm-up.
+fn compare_us(primary: &[u8], shadow: &[u8], iterations: u32) -> (f64, usize) {
+    let cfg = CompareConfig::default();
+    let headers = [("content-type".to_owned(), "application/json".to_owned())];
+    let response = |body| Response {
+        status: 200,
+        headers: &headers,
+        body,
+    };
+    let (p, s) = (response(primary), response(shadow));
+    let mut serious = 0;
+    for _ in 0..iterations / 10 {
+        serious = std::hint::black_box(compare::compare(&cfg, &p, &s)).serious;
+    }
+    let started = Instant::now();
+    for _ in 0..iterations {
+        serious = std::hint::black_box(compare::compare(
+            std::hint::black_box(&cfg),
+            std::hint::black_box(&p),
+            std::hint::black_box(&s),
+        ))
+        .serious;
+    }
+    let us = started.elapsed().as_secs_f64() * 1e6 / f64::from(iterations);
+    (us, serious)
+}
+
+/// Comparisons timed per figure, after a warm-up of a tenth as many.
+const COMPARE_ITERATIONS: u32 = 2000;
+/// Marks the line the `compare_cost` test prints its figures on.
+const COMPARE_COST_LINE: &str = "understudy-bench compare_cost ";
+
+/// The native comparison cost on the order document: identical bodies (as
+/// in the benchmark) and bodies with one changed price.
+fn compare_cost() -> Result<Value> {
+    let document = order_document();
+    let body = serde_json::to_vec(&document)?;
+    let mut changed = document;
+    changed["lines"][17]["price"] = json!(1.01);
+    let one_diff = serde_json::to_vec(&changed)?;
+    let (us_same, serious_same) = compare_us(&body, &body, COMPARE_ITERATIONS);
+    let (us_diff, serious_diff) = compare_us(&body, &one_diff, COMPARE_ITERATIONS);
+    // Parsing both bodies, the part of a comparison any JSON diff pays.
+    let started = Instant::now();
+    for _ in 0..COMPARE_ITERATIONS {
+        for side in [&body, &one_diff] {
+            std::hint::black_box(serde_json::from_slice::<Value>(std::hint::black_box(side))?);
+        }
+    }
+    let parse_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(COMPARE_ITERATIONS);
+    if (serious_same, serious_diff) != (0, 1) {
+        bail!(
+            "native compare found {serious_same} and {serious_diff} serious differences; expected 0 and 1"
+        );
+    }
+    Ok(json!({
+        "compare_us_per_request": round3(us_same),
+        "compare_us_per_request_one_diff": round3(us_diff),
+        "parse_both_us": round3(parse_us),
+        "iterations": COMPARE_ITERATIONS,
+        "body_bytes": body.len(),
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "note": "understudy_core::compare::compare with default rules, natively (not in V8), mean after a warm-up",
+    }))
+}
+
+/// [`compare_cost`] in an optimised build. `cargo xtask` itself runs
+/// unoptimised, which would time debug code, so a debug bench process runs
+/// the ignored test `bench::tests::compare_cost` with `cargo test --release`
+/// and reads its figures back.
+async fn compare_cost_optimised() -> Result<Value> {
+    if !cfg!(debug_assertions) {
+        return compare_cost();
+    }
+    let out = tokio::process::Command::new("cargo")
+        .current_dir(paths::repo_root())
+        .args([
+            "test",
+            "--release",
+            "--quiet",
+            "-p",
+            "understudy-e2e",
+            "--lib",
+            "--",
+            "--ignored",
+            "--exact",
+            "bench::tests::compare_cost",
+            "--nocapture",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .context("running cargo test --release for the comparison cost")?;
+    if !out.status.success() {
+        bail!(
+            "cargo test --release bench::tests::compare_cost failed ({})",
+            out.status
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(COMPARE_COST_LINE))
+        .with_context(|| format!("no {COMPARE_COST_LINE:?} line in: {stdout}"))?;
+    serde_json::from_str(line).context("parsing the comparison cost")
+}
+
+/// Shadowing off against on, one Envoy (`envoy/bench-shadow.yaml`), both
+/// listeners running the filter in front of the same primary upstream; `on`
+/// copies every GET to a second upstream with the same body and compares
+/// the pair. Alternating rounds at a fixed connection count; then the pure
+/// comparison cost, natively, on the same body.
+async fn shadow_compare(oha: &Oha) -> Result<Value> {
+    const ROUNDS: usize = 3;
+    const SECONDS: u64 = 5;
+    const CONNECTIONS: u32 = 16;
+    /// The `on` listener's route, as in the YAML.
+    const STATS: &str = "understudy.shadow.all";
+
+    let document = order_document();
+    let body = serde_json::to_vec(&document)?;
+    let behavior = json!({ "body": document }).to_string();
+    let (_primary, primary_port) = start_upstream(&behavior)?;
+    let (_shadow, shadow_port) = start_upstream(&behavior)?;
+    let (off, on) = (free_port()?, free_port()?);
+    let config = envoy::render(
+        "bench-shadow.yaml",
+        &[
+            ("port_value: 9901", "port_value: 0".into()),
+            ("port_value: 10030", format!("port_value: {off}")),
+            ("port_value: 10031", format!("port_value: {on}")),
+            ("port_value: 8096", format!("port_value: {primary_port}")),
+            ("port_value: 8097", format!("port_value: {shadow_port}")),
+            (
+                "filename: target/wasm32-wasip1/release/understudy_filter.wasm",
+                format!("filename: {}", paths::filter_wasm()?.display()),
+            ),
+        ],
+    )?;
+    let envoy = Envoy::start(&config, &[]).await?;
+    envoy.wait_ready().await?;
+    let http = reqwest::Client::new();
+    let (url_off, url_on) = (
+        format!("http://127.0.0.1:{off}/orders/42"),
+        format!("http://127.0.0.1:{on}/orders/42"),
+    );
+    // The client gets the primary's body, byte for byte.
+    let served = http.get(&url_on).send().await?.bytes().await?;
+    if served.as_ref() != body.as_slice() {
+        bail!(
+            "the shadow_on listener answered {} bytes, not the {}-byte order document",
+            served.len(),
+            body.len()
+        );
+    }
+    // Warm both paths (connections, V8 tiers) before measuring.
+    oha.run(&url_off, 1, CONNECTIONS).await?;
+    oha.run(&url_on, 1, CONNECTIONS).await?;
+
+    let counter = |what: &'static str| {
+        let envoy = &envoy;
+        async move { filter_stat(envoy, &format!("{STATS}.{what}")).await }
+    };
+    let skips = || async {
+        let mut total = 0;
+        let mut by_reason = serde_json::Map::new();
+        for skip in Skip::ALL {
+            let n = filter_stat(&envoy, &format!("{STATS}.{}", skip.as_str())).await?;
+            if skip != Skip::NotSampled {
+                total += n;
+            }
+            if n > 0 {
+                by_reason.insert(skip.as_str().into(), json!(n));
+            }
+        }
+        anyhow::Ok((total, by_reason))
+    };
+    // Every copy sent is compared or skipped; wait for the last ticks.
+    let settle = || async {
+        let outcome = wait::until(
+            "every shadow copy to be compared or skipped",
+            Duration::from_secs(10),
+            || async {
+                let sent = counter("sent").await?;
+                let done = counter("compared").await? + skips().await?.0;
+                Ok((done >= sent).then_some(()))
+            },
+        )
+        .await;
+        if let Err(e) = outcome {
+            eprintln!("shadow_compare: {e:#}");
+        }
+    };
+    settle().await;
+    let sent_before = counter("sent").await?;
+    let shadow_served_before = upstream_count(&http, shadow_port).await?;
+
+    let closed = Load {
+        seconds: SECONDS,
+        connections: CONNECTIONS,
+        qps: None,
+        headers: &[],
+    };
+    let (off_runs, on_runs) = alternate(
+        oha,
+        ROUNDS,
+        ("shadow off", &url_off),
+        ("shadow on", &url_on),
+        closed,
+    )
+    .await?;
+    settle().await;
+
+    let sent = counter("sent").await?;
+    let compared = counter("compared").await?;
+    let matched = counter("matched").await?;
+    let serious = counter("mismatched.serious").await?;
+    let noise = counter("mismatched.noise").await?;
+    let (skipped, skips_by_reason) = skips().await?;
+    let shadow_served = upstream_count(&http, shadow_port).await? - shadow_served_before;
+    let off_filter_requests = filter_stat(&envoy, "shadow_off.requests_total").await?;
+    let on_requests: u64 = on_runs.iter().map(|r| r.requests).sum();
+    let measured_sent = sent - sent_before;
+    if off_filter_requests == 0 {
+        bail!("the shadow_off filter counted no requests: it was not on the measured path");
+    }
+    if compared == 0 {
+        bail!("no shadow pair was compared (sent {sent}, skipped {skips_by_reason:?})");
+    }
+    if serious > 0 {
+        bail!("{serious} serious mismatches between identical upstreams");
+    }
+    // Copies of requests that oha cut off at a deadline may never go out.
+    let sent_ratio = measured_sent as f64 / on_requests.max(1) as f64;
+    if !(0.98..=1.02).contains(&sent_ratio) {
+        bail!(
+            "the filter sent {measured_sent} copies for {on_requests} requests on the shadow_on arm ({sent_ratio:.3}); expected every GET"
+        );
+    }
+
+    // The pure comparison cost, natively, on the same body.
+    let cost = compare_cost_optimised().await?;
+
+    let pick =
+        |runs: &[LoadResult], f: fn(&LoadResult) -> f64| median(runs.iter().map(f).collect());
+    let rps_off = pick(&off_runs, |r| r.rps);
+    let rps_on = pick(&on_runs, |r| r.rps);
+    Ok(json!({
+        "duration_s": ROUNDS as u64 * SECONDS * 2,
+        "connections": CONNECTIONS,
+        "rounds": ROUNDS,
+        "seconds_per_round": SECONDS,
+        "aggregation": "median of rounds",
+        "body_bytes": body.len(),
+        "rps_off": round3(rps_off),
+        "rps_on": round3(rps_on),
+        "throughput_ratio": round3(rps_on / rps_off),
+        "p50_ms_off": round3(pick(&off_runs, |r| r.p50_ms)),
+        "p50_ms_on": round3(pick(&on_runs, |r| r.p50_ms)),
+        "p99_ms_off": round3(pick(&off_runs, |r| r.p99_ms)),
+        "p99_ms_on": round3(pick(&on_runs, |r| r.p99_ms)),
+        "success_rate_min": off_runs.iter().chain(&on_runs).map(|r| r.success_rate).fold(1.0, f64::min),
+        "compare_us_per_request": cost["compare_us_per_request"],
+        "compare_us_per_request_one_diff": cost["compare_us_per_request_one_diff"],
+        "compare": cost,
+        "on_requests": on_requests,
+        "shadow_sent": measured_sent,
+        "shadow_sent_ratio": round3(sent_ratio),
+        "shadow_upstream_requests": shadow_served,
+        "counters_note": "compared, matched, skipped and mismatched_* are totals since Envoy started (warm-up included); shadow_sent counts the measured rounds only",
+        "shadow_sent_total": sent,
+        "compared": compared,
+        "matched": matched,
+        "mismatched_serious": serious,
+        "mismatched_noise": noise,
+        "skipped": skipped,
+        "skipped_by_reason": skips_by_reason,
+        "off_filter_requests": off_filter_requests,
+        "runs": {"off": off_runs, "on": on_runs},
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,5 +1059,24 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(vec![]).is_nan());
+    }
+
+    #[test]
+    fn order_document_is_about_10_kb_and_stable() {
+        let body = serde_json::to_vec(&order_document()).unwrap();
+        assert!(
+            (9_000..=11_000).contains(&body.len()),
+            "{} bytes",
+            body.len()
+        );
+        assert_eq!(body, serde_json::to_vec(&order_document()).unwrap());
+    }
+
+    /// Run by the `shadow_compare` benchmark in a release build.
+    #[test]
+    #[ignore = "a measurement: run by `cargo xtask bench shadow_compare`"]
+    fn compare_cost() {
+        let figures = super::compare_cost().unwrap();
+        println!("{COMPARE_COST_LINE}{figures}");
     }
 }

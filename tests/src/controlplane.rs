@@ -5,14 +5,27 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use std::time::{Duration, Instant};
+
 use anyhow::{Context, Result};
+use understudy_controlplane::Options;
+use understudy_controlplane::auth::{Auth, Limits};
 use understudy_controlplane::model::DesiredState;
+use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::store::Store;
+
+/// The API tokens every harness control plane accepts.
+pub const OPERATOR_TOKEN: &str = "e2e-operator-0123456789";
+pub const VIEWER_TOKEN: &str = "e2e-viewer-0123456789";
+/// The actor names those tokens carry (recorded in audit logs).
+pub const OPERATOR: &str = "e2e-operator";
+pub const VIEWER: &str = "e2e-viewer";
 
 pub struct ControlPlane {
     pub xds: SocketAddr,
     pub api: SocketAddr,
     state_file: PathBuf,
+    rollouts_file: PathBuf,
     runtime: Option<tokio::runtime::Runtime>,
     _dir: tempfile::TempDir,
 }
@@ -22,6 +35,7 @@ impl ControlPlane {
     pub fn start(state: &DesiredState) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let state_file = dir.path().join("state.json");
+        let rollouts_file = dir.path().join("rollouts.redb");
         std::fs::write(&state_file, serde_json::to_vec_pretty(state)?)?;
         let xds = std::net::TcpListener::bind("127.0.0.1:0")?;
         let api = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -29,6 +43,7 @@ impl ControlPlane {
             xds: xds.local_addr()?,
             api: api.local_addr()?,
             state_file,
+            rollouts_file,
             runtime: None,
             _dir: dir,
         };
@@ -59,6 +74,11 @@ impl ControlPlane {
         xds.set_nonblocking(true)?;
         api.set_nonblocking(true)?;
         let store = Store::open(&self.state_file)?;
+        let rollouts = self.open_rollouts()?;
+        let auth = Auth::from_entries(
+            &format!("{OPERATOR}:operator:{OPERATOR_TOKEN},{VIEWER}:viewer:{VIEWER_TOKEN}"),
+            Limits::default(),
+        )?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("controlplane")
@@ -67,11 +87,34 @@ impl ControlPlane {
         runtime.spawn(async move {
             let xds = tokio::net::TcpListener::from_std(xds)?;
             let api = tokio::net::TcpListener::from_std(api)?;
-            understudy_controlplane::run(store, xds, api, std::future::pending()).await?;
+            let options = Options {
+                auth,
+                rollouts: Some(rollouts),
+            };
+            understudy_controlplane::run_with(store, options, xds, api, std::future::pending())
+                .await?;
             anyhow::Ok(())
         });
         self.runtime = Some(runtime);
         Ok(())
+    }
+}
+
+impl ControlPlane {
+    /// Opens the rollout database. A killed runtime drops its tasks (and
+    /// the database they hold) on its worker threads as they stop, so the
+    /// file may still be locked for a moment: wait for it, with a deadline.
+    fn open_rollouts(&self) -> Result<RolloutStore> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match RolloutStore::open(&self.rollouts_file) {
+                Ok(store) => return Ok(store),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).context("opening the rollout database");
+                }
+                Err(_) => std::thread::sleep(crate::wait::POLL),
+            }
+        }
     }
 }
 

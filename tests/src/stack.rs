@@ -10,7 +10,7 @@ use understudy_controlplane::model::{
     Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight,
 };
 
-use crate::controlplane::ControlPlane;
+use crate::controlplane::{ControlPlane, OPERATOR_TOKEN};
 use crate::envoy::{self, Envoy};
 use crate::upstream::{Behavior, UpstreamHandle};
 use crate::{paths, traffic, wait};
@@ -23,6 +23,11 @@ pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// An API client that sends `token` as its bearer token.
+pub fn api_client(token: &str) -> Result<reqwest::Client> {
+    understudy_controlplane::cli::http_client(Some(token))
 }
 
 /// The filter config the stack starts with.
@@ -56,6 +61,8 @@ pub struct Stack {
     /// `http://127.0.0.1:<listener>` : traffic enters Envoy here.
     pub url: String,
     pub http: reqwest::Client,
+    /// A client for the control plane's API, carrying the operator token.
+    pub api: reqwest::Client,
 }
 
 impl Stack {
@@ -99,6 +106,7 @@ impl Stack {
             envoy,
             url: format!("http://127.0.0.1:{listener_port}/"),
             http: traffic::client(),
+            api: api_client(OPERATOR_TOKEN)?,
         };
         let (http, url) = (stack.http.clone(), stack.url.clone());
         wait::until(
@@ -130,7 +138,7 @@ impl Stack {
     /// `PUT /v1/services/demo/canary-weight`; returns the HTTP status and body.
     pub async fn set_weight(&self, weight: Value) -> Result<(u16, Value)> {
         let r = self
-            .http
+            .api
             .put(
                 self.cp
                     .api_url(&format!("/v1/services/{SERVICE}/canary-weight")),
@@ -144,7 +152,7 @@ impl Stack {
 
     pub async fn api_get(&self, path: &str) -> Result<Value> {
         Ok(self
-            .http
+            .api
             .get(self.cp.api_url(path))
             .send()
             .await?
@@ -154,7 +162,7 @@ impl Stack {
 
     pub async fn api_put(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
         let r = self
-            .http
+            .api
             .put(self.cp.api_url(path))
             .json(body)
             .send()

@@ -510,7 +510,7 @@ async fn the_fleet_shares_limits_and_reports_usage() -> Result<()> {
     )
     .await?;
     let r = stack
-        .http
+        .api
         .delete(stack.cp.api_url("/v1/ratelimit/tenants/vip"))
         .send()
         .await?;
