@@ -259,7 +259,12 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
     let _cp = spawn(
         "control plane",
         &release.join("understudy"),
-        &args(&["serve", "--state", &state_file.display().to_string()]),
+        &args(&[
+            "serve",
+            "--state",
+            &state_file.display().to_string(),
+            "--insecure-no-auth",
+        ]),
         &dir.join("controlplane.log"),
     )?;
     let envoy = Envoy::start(&envoy::render("bootstrap.yaml", &[])?, &[])
