@@ -1788,8 +1788,8 @@ mod tests {
         let c = CompareConfig::default();
         for (a, b) in [
             (deep(10_000, "1"), deep(10_000, "2")),
-            (deep(10_000, "1"), deep(10_000, "1")),
-            (objs(10_000), objs(10_000)),
+            (deep(10_000, "1"), deep(10_001, "1")),
+            (objs(10_000), objs(10_001)),
             (deep(100_000, ""), "{}".to_owned()),
         ] {
             let r = cmp_bodies(&c, &a, &b);
