@@ -1,1 +1,1205 @@
-//! placeholder: being written
+//! The rollout spec as an operator writes it (YAML or JSON), and its
+//! validation into the types the engine and the judge use.
+//!
+//! ```yaml
+//! service: checkout
+//! owner: payments-team@example.com
+//! description: v2 moves tax calculation to the new engine
+//! stop_rules:                      # decided before launch; at least one of the first two
+//!   max_error_rate_increase_pp: 1.0  # canary 5xx rate may exceed stable's by at most 1 pp
+//!   max_p99_ratio: 1.5               # canary p99 may be at most 1.5 × stable p99
+//!   max_unexpected_mismatch_rate: 0.01  # shadow stage only
+//!   halt_on_nack: true
+//! shadow:                          # optional stage before any user sees the canary
+//!   route: checkout
+//!   percent: 10
+//!   max_serious_rate: 0.02
+//! defaults: {min_duration_s: 60, min_requests: 200}
+//! steps:
+//!   - weight: 5
+//!   - weight: 20
+//!   - {weight: 50, manual_gate: true}
+//!   - weight: 100
+//! analysis: {interval_s: 1, max_staleness_s: 10, min_requests_per_side: 100, confidence: 0.99}
+//! ```
+//!
+//! Parsing goes through private `Raw*` types that accept anything of the
+//! right shape (every field optional, unknown fields refused), then
+//! [`TryFrom`] checks every rule and fills the defaults, so a
+//! [`RolloutSpec`] in hand is always valid. The same path is used when a
+//! stored spec is read back (`Deserialize` goes through the raw types), so
+//! a spec can never skip validation by being loaded from the database.
+//!
+//! Backends: the rollout moves traffic between the service's own clusters,
+//! `<service>-stable` and `<service>-canary` ([`RolloutSpec::stable_cluster`],
+//! [`RolloutSpec::canary_cluster`]). There are no per-rollout overrides:
+//! the clusters are what the control plane already builds for the service,
+//! and a second way to name them would only be a second way to get it wrong.
+//!
+//! YAML is read with `serde_norway`: `serde_yaml` is archived and
+//! deprecated, and of its maintained forks `serde_norway` has the most
+//! recent releases (on a maintained libyaml port) and is licensed like this
+//! project. JSON text (starting with `{`) is read with `serde_json` first,
+//! because a YAML 1.1 parser refuses some valid JSON, such as
+//! tab-indented documents; YAML flow mappings that are not JSON fall back
+//! to the YAML parser. `serde_path_to_error` gives every type error the path
+//! of its field (`steps[2].weight: invalid type: ...`).
+
+use serde::{Deserialize, Serialize};
+
+/// Every default of the spec, in one place.
+pub mod defaults {
+    /// Canary weights when `steps` is omitted.
+    pub const STEP_WEIGHTS: [u32; 5] = [1, 5, 20, 50, 100];
+    /// A step's minimum duration unless `defaults` or the step says otherwise.
+    pub const STEP_MIN_DURATION_S: f64 = 60.0;
+    /// A step's minimum canary requests unless `defaults` or the step says otherwise.
+    pub const STEP_MIN_REQUESTS: u64 = 200;
+    pub const HALT_ON_NACK: bool = true;
+    pub const SHADOW_MIN_DURATION_S: f64 = 60.0;
+    pub const SHADOW_MIN_COMPARED: u64 = 200;
+    pub const INTERVAL_S: f64 = 1.0;
+    pub const MAX_STALENESS_S: f64 = 10.0;
+    pub const MIN_REQUESTS_PER_SIDE: u64 = 100;
+    pub const CONFIDENCE: f64 = 0.99;
+}
+
+/// The engine evaluates at most this often: below it, evaluations would
+/// mostly see the same metrics again.
+pub const MIN_INTERVAL_S: f64 = 0.2;
+/// Longer intervals, staleness limits or step durations than this are
+/// almost certainly unit mistakes (ms written as s).
+const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+
+/// Why a spec was refused. Every message names the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    /// The text holds no document at all.
+    #[error("the rollout spec is empty")]
+    Empty,
+    /// The text is not YAML or JSON, a field has the wrong type, or a
+    /// field is unknown. `path` is where (`steps[2].weight`), empty for the
+    /// document itself.
+    #[error("{}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+    Syntax { path: String, message: String },
+    /// A field is missing or its value breaks a rule.
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A validated rollout spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawSpec")]
+pub struct RolloutSpec {
+    /// The service in the control plane whose canary is rolled out. Only
+    /// its form is checked here; the caller checks that it exists.
+    pub service: String,
+    /// Who answers for this rollout.
+    pub owner: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub stop_rules: StopRules,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStage>,
+    /// Weights strictly increasing, the last one 100.
+    pub steps: Vec<CanaryStep>,
+    pub analysis: Analysis,
+}
+
+/// When the rollout must stop, decided before launch. At least one of
+/// `max_error_rate_increase_pp` and `max_p99_ratio` is set.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StopRules {
+    /// Canary 5xx rate minus stable's, in percentage points (1.0: stable at
+    /// 1% allows the canary up to 2%). 0 means no increase at all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_error_rate_increase_pp: Option<f64>,
+    /// Canary p99 latency ÷ stable p99 latency; above 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_p99_ratio: Option<f64>,
+    /// Shadow stage: share of compared pairs with a difference no
+    /// expected-divergence rule covers (0.01 = 1%). Required with a shadow stage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_unexpected_mismatch_rate: Option<f64>,
+    /// Halt (roll back) when an Envoy rejects anything pushed for the rollout.
+    pub halt_on_nack: bool,
+}
+
+/// The optional shadow stage: the canary answers a sampled copy of live
+/// traffic and is compared with stable before it serves anyone.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShadowStage {
+    /// The filter route whose traffic is shadowed.
+    pub route: String,
+    /// Share of the route's requests copied, in (0, 100].
+    pub percent: f64,
+    pub min_duration_s: f64,
+    pub min_compared: u64,
+    /// To pass, the serious-mismatch rate must be shown (upper confidence
+    /// bound) at or below this fraction.
+    pub max_serious_rate: f64,
+    /// To pass, the unexpected-mismatch rate must be shown at or below this
+    /// fraction; defaults to `stop_rules.max_unexpected_mismatch_rate`.
+    pub max_unexpected_rate: f64,
+}
+
+/// One canary step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CanaryStep {
+    /// Canary share of traffic, 1..=100.
+    pub weight: u32,
+    /// The step lasts at least this long before it may pass.
+    pub min_duration_s: f64,
+    /// The canary serves at least this many requests in the step before it may pass.
+    pub min_requests: u64,
+    /// Wait for a manual promote before this step's weight goes out.
+    pub manual_gate: bool,
+}
+
+/// How the judge looks at the evidence.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Analysis {
+    /// How often the engine evaluates, in seconds (fractions allowed, at least 0.2).
+    pub interval_s: f64,
+    /// Data older than this is stale: the rollout holds.
+    pub max_staleness_s: f64,
+    /// Fewer requests than this on either side: no statistical verdict.
+    pub min_requests_per_side: u64,
+    /// For each step, the probability of rolling back a canary that is as
+    /// good as stable stays below `1 - confidence`.
+    pub confidence: f64,
+}
+
+impl Analysis {
+    /// The error allowed to one step's decision: `1 - confidence`.
+    pub fn alpha(&self) -> f64 {
+        1.0 - self.confidence
+    }
+}
+
+impl RolloutSpec {
+    /// Parses and validates a spec written in YAML or JSON.
+    pub fn from_yaml_or_json(text: &str) -> Result<Self, SpecError> {
+        Self::try_from(parse_raw(text)?)
+    }
+
+    /// The service's stable cluster, where traffic not sent to the canary goes.
+    pub fn stable_cluster(&self) -> String {
+        format!("{}-stable", self.service)
+    }
+
+    /// The service's canary cluster.
+    pub fn canary_cluster(&self) -> String {
+        format!("{}-canary", self.service)
+    }
+}
+
+// === raw (as written) ===
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a rollout spec: a mapping with service, owner, stop_rules, ..."
+)]
+struct RawSpec {
+    service: Option<String>,
+    owner: Option<String>,
+    description: Option<String>,
+    stop_rules: Option<RawStopRules>,
+    shadow: Option<RawShadow>,
+    defaults: Option<RawDefaults>,
+    steps: Option<Vec<RawStep>>,
+    analysis: Option<RawAnalysis>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping of stop rules")]
+struct RawStopRules {
+    max_error_rate_increase_pp: Option<f64>,
+    max_p99_ratio: Option<f64>,
+    max_unexpected_mismatch_rate: Option<f64>,
+    halt_on_nack: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping describing the shadow stage"
+)]
+struct RawShadow {
+    route: Option<String>,
+    percent: Option<f64>,
+    min_duration_s: Option<f64>,
+    min_compared: Option<u64>,
+    max_serious_rate: Option<f64>,
+    max_unexpected_rate: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping of step defaults")]
+struct RawDefaults {
+    min_duration_s: Option<f64>,
+    min_requests: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping describing one step")]
+struct RawStep {
+    weight: Option<u32>,
+    min_duration_s: Option<f64>,
+    min_requests: Option<u64>,
+    manual_gate: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping of analysis settings")]
+struct RawAnalysis {
+    interval_s: Option<f64>,
+    max_staleness_s: Option<f64>,
+    min_requests_per_side: Option<u64>,
+    confidence: Option<f64>,
+}
+
+fn parse_raw(text: &str) -> Result<RawSpec, SpecError> {
+    let mut json_error = None;
+    if text.trim_start().starts_with('{') {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let parsed = serde_path_to_error::deserialize::<_, RawSpec>(&mut de)
+            .map_err(|e| (e.path().to_string(), e.into_inner()))
+            .and_then(|raw| de.end().map(|()| raw).map_err(|e| (String::new(), e)));
+        match parsed {
+            Ok(raw) => return Ok(raw),
+            // Maybe not JSON but a YAML flow mapping: YAML decides.
+            Err((_, e)) if e.is_syntax() || e.is_eof() => json_error = Some(e.to_string()),
+            Err((path, e)) => return Err(syntax(&path, e.to_string())),
+        }
+    }
+    let value: serde_norway::Value =
+        serde_norway::from_str(text).map_err(|e| match &json_error {
+            Some(json) => syntax("", format!("neither JSON ({json}) nor YAML ({e})")),
+            None => syntax("", e.to_string()),
+        })?;
+    if value.is_null() {
+        return Err(SpecError::Empty);
+    }
+    serde_path_to_error::deserialize(serde_norway::Deserializer::from_str(text)).map_err(|e| {
+        let path = e.path().to_string();
+        syntax(&path, strip_path(&path, e.into_inner().to_string()))
+    })
+}
+
+/// serde_norway starts a nested error with the path of the map it is in;
+/// the error's own path (which for an unknown field includes the field)
+/// replaces it.
+fn strip_path(path: &str, message: String) -> String {
+    if let Some((head, rest)) = message.split_once(": ")
+        && !head.is_empty()
+        && path
+            .strip_prefix(head)
+            .is_some_and(|tail| tail.is_empty() || tail.starts_with(['.', '[']))
+    {
+        return rest.to_owned();
+    }
+    message
+}
+
+fn syntax(path: &str, message: String) -> SpecError {
+    SpecError::Syntax {
+        // serde_path_to_error names the document itself ".".
+        path: if path == "." {
+            String::new()
+        } else {
+            path.to_owned()
+        },
+        message,
+    }
+}
+
+// === validation ===
+
+impl TryFrom<RawSpec> for RolloutSpec {
+    type Error = SpecError;
+
+    fn try_from(raw: RawSpec) -> Result<Self, SpecError> {
+        let service = raw.service.ok_or_else(|| {
+            invalid(
+                "service",
+                "required: the name of the service whose canary is rolled out",
+            )
+        })?;
+        validate_name("service", &service)?;
+        let owner = raw
+            .owner
+            .ok_or_else(|| invalid("owner", "required: who answers for this rollout"))?;
+        if owner.trim().is_empty() {
+            return Err(invalid("owner", "must not be empty"));
+        }
+        let stop_rules = raw.stop_rules.ok_or_else(|| {
+            invalid(
+                "stop_rules",
+                "required: decide before launch when the rollout must stop \
+                 (max_error_rate_increase_pp and/or max_p99_ratio)",
+            )
+        })?;
+        let stop_rules = StopRules::try_from(stop_rules)?;
+        let shadow = raw
+            .shadow
+            .map(|s| ShadowStage::validate(s, &stop_rules))
+            .transpose()?;
+        let steps = validate_steps(raw.defaults, raw.steps)?;
+        let analysis = Analysis::try_from(raw.analysis.unwrap_or(RawAnalysis {
+            interval_s: None,
+            max_staleness_s: None,
+            min_requests_per_side: None,
+            confidence: None,
+        }))?;
+        Ok(Self {
+            service,
+            owner,
+            description: raw.description,
+            stop_rules,
+            shadow,
+            steps,
+            analysis,
+        })
+    }
+}
+
+fn validate_name(field: &str, value: &str) -> Result<(), SpecError> {
+    understudy_core::config::validate_name(field, value).map_err(|e| match e {
+        understudy_core::config::ConfigError::InvalidName { value, reason, .. } => {
+            invalid(field, format!("{value:?} is not a valid name: {reason}"))
+        }
+        other => invalid(field, other.to_string()),
+    })
+}
+
+/// A finite number, in range.
+fn check_f64(
+    field: &str,
+    value: f64,
+    ok: impl Fn(f64) -> bool,
+    rule: &str,
+) -> Result<f64, SpecError> {
+    if value.is_finite() && ok(value) {
+        Ok(value)
+    } else {
+        Err(invalid(field, format!("{rule}, got {value}")))
+    }
+}
+
+fn check_seconds(field: &str, value: f64) -> Result<f64, SpecError> {
+    check_f64(
+        field,
+        value,
+        |v| (0.0..=MAX_SECONDS).contains(&v),
+        "must be a number of seconds from 0 to 604800 (a week)",
+    )
+}
+
+impl TryFrom<RawStopRules> for StopRules {
+    type Error = SpecError;
+
+    fn try_from(raw: RawStopRules) -> Result<Self, SpecError> {
+        let pp = raw
+            .max_error_rate_increase_pp
+            .map(|v| {
+                check_f64(
+                    "stop_rules.max_error_rate_increase_pp",
+                    v,
+                    |v| (0.0..100.0).contains(&v),
+                    "must be from 0 to below 100 percentage points",
+                )
+            })
+            .transpose()?;
+        let ratio = raw
+            .max_p99_ratio
+            .map(|v| check_f64("stop_rules.max_p99_ratio", v, |v| v > 1.0, "must be > 1"))
+            .transpose()?;
+        let unexpected = raw
+            .max_unexpected_mismatch_rate
+            .map(|v| {
+                check_f64(
+                    "stop_rules.max_unexpected_mismatch_rate",
+                    v,
+                    |v| (0.0..1.0).contains(&v),
+                    "must be a fraction from 0 to below 1 (0.01 = 1%)",
+                )
+            })
+            .transpose()?;
+        if pp.is_none() && ratio.is_none() {
+            return Err(invalid(
+                "stop_rules",
+                "set at least one of max_error_rate_increase_pp and max_p99_ratio",
+            ));
+        }
+        Ok(Self {
+            max_error_rate_increase_pp: pp,
+            max_p99_ratio: ratio,
+            max_unexpected_mismatch_rate: unexpected,
+            halt_on_nack: raw.halt_on_nack.unwrap_or(defaults::HALT_ON_NACK),
+        })
+    }
+}
+
+impl ShadowStage {
+    fn validate(raw: RawShadow, rules: &StopRules) -> Result<Self, SpecError> {
+        let route = raw.route.ok_or_else(|| {
+            invalid(
+                "shadow.route",
+                "required: the filter route whose traffic is shadowed",
+            )
+        })?;
+        validate_name("shadow.route", &route)?;
+        let percent = raw.percent.ok_or_else(|| {
+            invalid(
+                "shadow.percent",
+                "required: the share of the route's requests to copy (0 to 100)",
+            )
+        })?;
+        let percent = check_f64(
+            "shadow.percent",
+            percent,
+            |v| v > 0.0 && v <= 100.0,
+            "must be above 0 and at most 100",
+        )?;
+        let min_duration_s = check_seconds(
+            "shadow.min_duration_s",
+            raw.min_duration_s
+                .unwrap_or(defaults::SHADOW_MIN_DURATION_S),
+        )?;
+        let min_compared = raw.min_compared.unwrap_or(defaults::SHADOW_MIN_COMPARED);
+        if min_compared == 0 {
+            return Err(invalid("shadow.min_compared", "must be at least 1"));
+        }
+        // The stage is the gate before any user sees the canary, so the
+        // unexpected-mismatch stop rule must be decided with it.
+        let stop = rules.max_unexpected_mismatch_rate.ok_or_else(|| {
+            invalid(
+                "stop_rules.max_unexpected_mismatch_rate",
+                "required when a shadow stage is set",
+            )
+        })?;
+        // Rates of 0 could never be shown by a confidence bound, so the
+        // stage could never pass.
+        let fraction = "must be a fraction above 0 and below 1 (0.01 = 1%)";
+        let max_serious_rate = raw.max_serious_rate.ok_or_else(|| {
+            invalid(
+                "shadow.max_serious_rate",
+                "required: the serious-mismatch rate the stage must show it stays under",
+            )
+        })?;
+        let max_serious_rate = check_f64(
+            "shadow.max_serious_rate",
+            max_serious_rate,
+            |v| v > 0.0 && v < 1.0,
+            fraction,
+        )?;
+        let max_unexpected_rate = match raw.max_unexpected_rate {
+            Some(v) => {
+                let v = check_f64(
+                    "shadow.max_unexpected_rate",
+                    v,
+                    |v| v > 0.0 && v < 1.0,
+                    fraction,
+                )?;
+                if v > stop {
+                    return Err(invalid(
+                        "shadow.max_unexpected_rate",
+                        format!(
+                            "{v} is above stop_rules.max_unexpected_mismatch_rate {stop}: \
+                             the stage would pass rates the stop rule rolls back"
+                        ),
+                    ));
+                }
+                v
+            }
+            None if stop > 0.0 => stop,
+            None => {
+                return Err(invalid(
+                    "shadow.max_unexpected_rate",
+                    "required when stop_rules.max_unexpected_mismatch_rate is 0 \
+                     (a rate of 0 can never be shown)",
+                ));
+            }
+        };
+        Ok(Self {
+            route,
+            percent,
+            min_duration_s,
+            min_compared,
+            max_serious_rate,
+            max_unexpected_rate,
+        })
+    }
+}
+
+fn validate_steps(
+    step_defaults: Option<RawDefaults>,
+    steps: Option<Vec<RawStep>>,
+) -> Result<Vec<CanaryStep>, SpecError> {
+    let (default_duration, default_requests) = match step_defaults {
+        Some(d) => (
+            check_seconds(
+                "defaults.min_duration_s",
+                d.min_duration_s.unwrap_or(defaults::STEP_MIN_DURATION_S),
+            )?,
+            d.min_requests.unwrap_or(defaults::STEP_MIN_REQUESTS),
+        ),
+        None => (defaults::STEP_MIN_DURATION_S, defaults::STEP_MIN_REQUESTS),
+    };
+    let Some(raw_steps) = steps else {
+        return Ok(defaults::STEP_WEIGHTS
+            .iter()
+            .map(|&weight| CanaryStep {
+                weight,
+                min_duration_s: default_duration,
+                min_requests: default_requests,
+                manual_gate: false,
+            })
+            .collect());
+    };
+    if raw_steps.is_empty() {
+        return Err(invalid(
+            "steps",
+            "must not be empty (omit it for the default weights 1, 5, 20, 50, 100)",
+        ));
+    }
+    let last = raw_steps.len() - 1;
+    let mut out: Vec<CanaryStep> = Vec::with_capacity(raw_steps.len());
+    for (i, raw) in raw_steps.into_iter().enumerate() {
+        let field = |name: &str| format!("steps[{i}].{name}");
+        let weight = raw
+            .weight
+            .ok_or_else(|| invalid(field("weight"), "required: the canary's share, 1 to 100"))?;
+        if !(1..=100).contains(&weight) {
+            return Err(invalid(
+                field("weight"),
+                format!("must be from 1 to 100, got {weight}"),
+            ));
+        }
+        if let Some(prev) = out.last()
+            && weight <= prev.weight
+        {
+            return Err(invalid(
+                field("weight"),
+                format!("{weight} is not above the previous step's {}", prev.weight),
+            ));
+        }
+        if i == last && weight != 100 {
+            return Err(invalid(
+                field("weight"),
+                format!("the last step must be 100, got {weight}"),
+            ));
+        }
+        let min_duration_s = check_seconds(
+            &field("min_duration_s"),
+            raw.min_duration_s.unwrap_or(default_duration),
+        )?;
+        out.push(CanaryStep {
+            weight,
+            min_duration_s,
+            min_requests: raw.min_requests.unwrap_or(default_requests),
+            manual_gate: raw.manual_gate.unwrap_or(false),
+        });
+    }
+    Ok(out)
+}
+
+impl TryFrom<RawAnalysis> for Analysis {
+    type Error = SpecError;
+
+    fn try_from(raw: RawAnalysis) -> Result<Self, SpecError> {
+        let interval_s = check_f64(
+            "analysis.interval_s",
+            raw.interval_s.unwrap_or(defaults::INTERVAL_S),
+            |v| (MIN_INTERVAL_S..=MAX_SECONDS).contains(&v),
+            "must be at least 0.2 s (and at most a week)",
+        )?;
+        let max_staleness_s = check_f64(
+            "analysis.max_staleness_s",
+            raw.max_staleness_s.unwrap_or(defaults::MAX_STALENESS_S),
+            |v| v > 0.0 && v <= MAX_SECONDS,
+            "must be above 0 s (and at most a week)",
+        )?;
+        let min_requests_per_side = raw
+            .min_requests_per_side
+            .unwrap_or(defaults::MIN_REQUESTS_PER_SIDE);
+        if min_requests_per_side == 0 {
+            return Err(invalid(
+                "analysis.min_requests_per_side",
+                "must be at least 1: no verdict is ever made without data",
+            ));
+        }
+        let confidence = check_f64(
+            "analysis.confidence",
+            raw.confidence.unwrap_or(defaults::CONFIDENCE),
+            |v| (0.5..=0.999_999).contains(&v),
+            "must be from 0.5 to 0.999999 (0.99 = roll back a good canary at most 1% of the time)",
+        )?;
+        Ok(Self {
+            interval_s,
+            max_staleness_s,
+            min_requests_per_side,
+            confidence,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str =
+        "service: checkout\nowner: alice\nstop_rules: {max_error_rate_increase_pp: 1.0}\n";
+
+    fn parse(text: &str) -> Result<RolloutSpec, SpecError> {
+        RolloutSpec::from_yaml_or_json(text)
+    }
+
+    fn err(text: &str) -> String {
+        match parse(text) {
+            Ok(spec) => panic!("accepted: {spec:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// The minimal spec plus `extra` YAML lines.
+    fn with(extra: &str) -> String {
+        format!("{MINIMAL}{extra}")
+    }
+
+    #[test]
+    fn minimal_spec_gets_every_default() {
+        let spec = parse(MINIMAL).unwrap();
+        assert_eq!(spec.service, "checkout");
+        assert_eq!(spec.owner, "alice");
+        assert_eq!(spec.description, None);
+        assert_eq!(spec.stop_rules.max_error_rate_increase_pp, Some(1.0));
+        assert_eq!(spec.stop_rules.max_p99_ratio, None);
+        assert!(spec.stop_rules.halt_on_nack);
+        assert!(spec.shadow.is_none());
+        let weights: Vec<u32> = spec.steps.iter().map(|s| s.weight).collect();
+        assert_eq!(weights, vec![1, 5, 20, 50, 100]);
+        for s in &spec.steps {
+            assert_eq!(s.min_duration_s, 60.0);
+            assert_eq!(s.min_requests, 200);
+            assert!(!s.manual_gate);
+        }
+        assert_eq!(spec.analysis.interval_s, 1.0);
+        assert_eq!(spec.analysis.max_staleness_s, 10.0);
+        assert_eq!(spec.analysis.min_requests_per_side, 100);
+        assert_eq!(spec.analysis.confidence, 0.99);
+        assert!((spec.analysis.alpha() - 0.01).abs() < 1e-12);
+        assert_eq!(spec.stable_cluster(), "checkout-stable");
+        assert_eq!(spec.canary_cluster(), "checkout-canary");
+    }
+
+    const FULL: &str = r#"
+service: checkout
+owner: payments-team@example.com
+description: v2 moves tax calculation to the new engine
+stop_rules:
+  max_error_rate_increase_pp: 0.5
+  max_p99_ratio: 1.5
+  max_unexpected_mismatch_rate: 0.01
+  halt_on_nack: false
+shadow:
+  route: checkout
+  percent: 12.5
+  min_duration_s: 120
+  min_compared: 500
+  max_serious_rate: 0.02
+  max_unexpected_rate: 0.005
+defaults: {min_duration_s: 30, min_requests: 1000}
+steps:
+  - weight: 5
+  - {weight: 20, min_duration_s: 90.5}
+  - {weight: 50, manual_gate: true, min_requests: 5000}
+  - weight: 100
+analysis:
+  interval_s: 0.5
+  max_staleness_s: 5
+  min_requests_per_side: 50
+  confidence: 0.995
+"#;
+
+    #[test]
+    fn full_spec_parses_every_field() {
+        let spec = parse(FULL).unwrap();
+        assert_eq!(
+            spec.description.as_deref(),
+            Some("v2 moves tax calculation to the new engine")
+        );
+        assert_eq!(
+            spec.stop_rules,
+            StopRules {
+                max_error_rate_increase_pp: Some(0.5),
+                max_p99_ratio: Some(1.5),
+                max_unexpected_mismatch_rate: Some(0.01),
+                halt_on_nack: false,
+            }
+        );
+        assert_eq!(
+            spec.shadow,
+            Some(ShadowStage {
+                route: "checkout".into(),
+                percent: 12.5,
+                min_duration_s: 120.0,
+                min_compared: 500,
+                max_serious_rate: 0.02,
+                max_unexpected_rate: 0.005,
+            })
+        );
+        let step = |weight, min_duration_s, min_requests, manual_gate| CanaryStep {
+            weight,
+            min_duration_s,
+            min_requests,
+            manual_gate,
+        };
+        assert_eq!(
+            spec.steps,
+            vec![
+                step(5, 30.0, 1000, false),
+                step(20, 90.5, 1000, false),
+                step(50, 30.0, 5000, true),
+                step(100, 30.0, 1000, false),
+            ]
+        );
+        assert_eq!(
+            spec.analysis,
+            Analysis {
+                interval_s: 0.5,
+                max_staleness_s: 5.0,
+                min_requests_per_side: 50,
+                confidence: 0.995,
+            }
+        );
+    }
+
+    #[test]
+    fn json_is_accepted_including_tab_indentation() {
+        let json = "{\n\t\"service\": \"checkout\",\n\t\"owner\": \"alice\",\n\t\"stop_rules\": {\"max_p99_ratio\": 2},\n\t\"steps\": [{\"weight\": 50}, {\"weight\": 100, \"manual_gate\": true}]\n}";
+        let spec = parse(json).unwrap();
+        assert_eq!(spec.stop_rules.max_p99_ratio, Some(2.0));
+        assert_eq!(spec.steps.len(), 2);
+        assert!(spec.steps[1].manual_gate);
+    }
+
+    #[test]
+    fn yaml_flow_mapping_that_is_not_json_falls_back_to_yaml() {
+        let spec =
+            parse("{service: checkout, owner: bob, stop_rules: {max_p99_ratio: 1.2}}").unwrap();
+        assert_eq!(spec.owner, "bob");
+    }
+
+    #[test]
+    fn round_trips_through_json_and_yaml() {
+        for text in [MINIMAL, FULL] {
+            let spec = parse(text).unwrap();
+            let json = serde_json::to_string(&spec).unwrap();
+            assert_eq!(serde_json::from_str::<RolloutSpec>(&json).unwrap(), spec);
+            assert_eq!(parse(&json).unwrap(), spec, "{json}");
+            let yaml = serde_norway::to_string(&spec).unwrap();
+            assert_eq!(parse(&yaml).unwrap(), spec, "{yaml}");
+        }
+    }
+
+    #[test]
+    fn stored_specs_are_validated_again_when_loaded() {
+        let mut value = serde_json::to_value(parse(MINIMAL).unwrap()).unwrap();
+        value["steps"][0]["weight"] = serde_json::json!(0);
+        let e = serde_json::from_value::<RolloutSpec>(value).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("steps[0].weight: must be from 1 to 100, got 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_documents_are_refused() {
+        for text in ["", "   \n", "# only a comment\n", "---\n", "null"] {
+            assert_eq!(parse(text), Err(SpecError::Empty), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_text_is_a_syntax_error() {
+        let e = err("service: [unclosed");
+        assert!(e.contains("line 1"), "{e}");
+        let e = err("{\"service\": \"checkout\",");
+        assert!(e.starts_with("neither JSON (EOF while parsing"), "{e}");
+        let e = err("- just\n- a list\n");
+        assert!(
+            e.contains("invalid type: sequence, expected a rollout spec: a mapping"),
+            "{e}"
+        );
+        let e = err("just a string");
+        assert!(e.contains("expected a rollout spec"), "{e}");
+        // Two documents in one text: which one is meant?
+        let e = err(&format!("{MINIMAL}---\n{MINIMAL}"));
+        assert!(e.contains("more than one document"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let e = err(&with(
+            "steps:\n  - weight: 5\n  - weight: twenty\n  - weight: 100\n",
+        ));
+        assert!(
+            e.starts_with("steps[1].weight: invalid type: string \"twenty\""),
+            "{e}"
+        );
+        let e = err(&with("analysis: {confidence: high}\n"));
+        assert!(e.starts_with("analysis.confidence: invalid type"), "{e}");
+        let e = err(&with("steps: [{weight: -5}, {weight: 100}]\n"));
+        assert!(
+            e.starts_with("steps[0].weight: invalid type: integer `-5`, expected u32"),
+            "{e}"
+        );
+        let e = err(&with("steps: [{weight: 20.5}, {weight: 100}]\n"));
+        assert!(
+            e.starts_with("steps[0].weight: invalid type: floating point"),
+            "{e}"
+        );
+        let e = err(&with("defaults: {min_requests: 1.5}\n"));
+        assert!(e.starts_with("defaults.min_requests: invalid type"), "{e}");
+        let e = err(
+            "service: checkout\nowner: alice\nstop_rules: {halt_on_nack: maybe, max_p99_ratio: 2}\n",
+        );
+        assert!(
+            e.starts_with("stop_rules.halt_on_nack: invalid type"),
+            "{e}"
+        );
+        let e = err("service: [a]\nowner: alice\nstop_rules: {max_p99_ratio: 2}\n");
+        assert!(
+            e.starts_with("service: invalid type: sequence, expected a string"),
+            "{e}"
+        );
+        let e = err(&with("steps: 5\n"));
+        assert!(
+            e.starts_with("steps: invalid type: integer `5`, expected a sequence"),
+            "{e}"
+        );
+        let e = err(
+            "{\"service\": \"checkout\", \"owner\": \"a\", \"stop_rules\": {\"max_p99_ratio\": \"2\"}}",
+        );
+        assert!(
+            e.starts_with("stop_rules.max_p99_ratio: invalid type: string \"2\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = err(&with("colour: blue\n"));
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = err(
+            "service: checkout\nowner: alice\nstop_rules: {max_p99_ratio: 2, max_error_rate: 1}\n",
+        );
+        assert!(e.contains("unknown field `max_error_rate`"), "{e}");
+        assert!(e.starts_with("stop_rules"), "{e}");
+        let e = err(&with("steps: [{weight: 100, wieght: 5}]\n"));
+        assert!(
+            e.contains("unknown field `wieght`") && e.starts_with("steps[0]"),
+            "{e}"
+        );
+        let e = err(&with("analysis: {interval: 1}\n"));
+        assert!(
+            e.contains("unknown field `interval`") && e.starts_with("analysis"),
+            "{e}"
+        );
+        let e = err(
+            "{\"service\": \"checkout\", \"owner\": \"a\", \"stop_rules\": {\"max_p99_ratio\": 2}, \"extra\": 1}",
+        );
+        assert!(e.contains("unknown field `extra`"), "{e}");
+        // Fields only the engine sets are not accepted from the operator.
+        let e = err(&with("stable_cluster: other-stable\n"));
+        assert!(e.contains("unknown field `stable_cluster`"), "{e}");
+    }
+
+    #[test]
+    fn service_must_be_a_valid_name() {
+        assert_eq!(
+            err("owner: a\nstop_rules: {max_p99_ratio: 2}\n"),
+            "service: required: the name of the service whose canary is rolled out"
+        );
+        let e = err("service: check out\nowner: a\nstop_rules: {max_p99_ratio: 2}\n");
+        assert_eq!(
+            e,
+            "service: \"check out\" is not a valid name: only letters, digits, '_' and '-' are allowed"
+        );
+        let e = err("service: ''\nowner: a\nstop_rules: {max_p99_ratio: 2}\n");
+        assert!(e.starts_with("service: \"\" is not a valid name"), "{e}");
+    }
+
+    #[test]
+    fn owner_is_required_and_not_blank() {
+        assert_eq!(
+            err("service: checkout\nstop_rules: {max_p99_ratio: 2}\n"),
+            "owner: required: who answers for this rollout"
+        );
+        assert_eq!(
+            err("service: checkout\nowner: '  '\nstop_rules: {max_p99_ratio: 2}\n"),
+            "owner: must not be empty"
+        );
+    }
+
+    #[test]
+    fn stop_rules_are_required() {
+        let e = err("service: checkout\nowner: alice\n");
+        assert!(
+            e.starts_with("stop_rules: required: decide before launch"),
+            "{e}"
+        );
+        let e = err("service: checkout\nowner: alice\nstop_rules: {}\n");
+        assert_eq!(
+            e,
+            "stop_rules: set at least one of max_error_rate_increase_pp and max_p99_ratio"
+        );
+        let e = err(
+            "service: checkout\nowner: alice\nstop_rules: {max_unexpected_mismatch_rate: 0.01, halt_on_nack: true}\n",
+        );
+        assert!(e.contains("at least one of"), "{e}");
+    }
+
+    #[test]
+    fn stop_rule_values_are_checked() {
+        let base = "service: checkout\nowner: alice\nstop_rules: ";
+        let e = err(&format!("{base}{{max_p99_ratio: 0.5}}\n"));
+        assert_eq!(e, "stop_rules.max_p99_ratio: must be > 1, got 0.5");
+        let e = err(&format!("{base}{{max_p99_ratio: 1}}\n"));
+        assert_eq!(e, "stop_rules.max_p99_ratio: must be > 1, got 1");
+        let e = err(&format!("{base}{{max_p99_ratio: .nan}}\n"));
+        assert_eq!(e, "stop_rules.max_p99_ratio: must be > 1, got NaN");
+        let e = err(&format!("{base}{{max_p99_ratio: .inf}}\n"));
+        assert_eq!(e, "stop_rules.max_p99_ratio: must be > 1, got inf");
+        let e = err(&format!("{base}{{max_error_rate_increase_pp: -1}}\n"));
+        assert_eq!(
+            e,
+            "stop_rules.max_error_rate_increase_pp: must be from 0 to below 100 percentage points, got -1"
+        );
+        let e = err(&format!("{base}{{max_error_rate_increase_pp: 100}}\n"));
+        assert!(
+            e.starts_with("stop_rules.max_error_rate_increase_pp: must be"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{base}{{max_p99_ratio: 2, max_unexpected_mismatch_rate: 1}}\n"
+        ));
+        assert_eq!(
+            e,
+            "stop_rules.max_unexpected_mismatch_rate: must be a fraction from 0 to below 1 (0.01 = 1%), got 1"
+        );
+        // 0 pp: any significant increase stops the rollout.
+        let spec = parse(&format!("{base}{{max_error_rate_increase_pp: 0}}\n")).unwrap();
+        assert_eq!(spec.stop_rules.max_error_rate_increase_pp, Some(0.0));
+    }
+
+    fn shadow_spec(shadow: &str, unexpected_rule: &str) -> String {
+        format!(
+            "service: checkout\nowner: alice\nstop_rules: {{max_p99_ratio: 2{unexpected_rule}}}\nshadow: {shadow}\n"
+        )
+    }
+
+    #[test]
+    fn shadow_stage_rules() {
+        let rule = ", max_unexpected_mismatch_rate: 0.01";
+        let spec = parse(&shadow_spec(
+            "{route: checkout, percent: 10, max_serious_rate: 0.05}",
+            rule,
+        ))
+        .unwrap();
+        let stage = spec.shadow.unwrap();
+        assert_eq!(stage.min_duration_s, 60.0);
+        assert_eq!(stage.min_compared, 200);
+        assert_eq!(stage.max_unexpected_rate, 0.01, "defaults to the stop rule");
+
+        let cases = [
+            (
+                "{percent: 10, max_serious_rate: 0.05}",
+                rule,
+                "shadow.route: required",
+            ),
+            (
+                "{route: 'a b', percent: 10, max_serious_rate: 0.05}",
+                rule,
+                "shadow.route: \"a b\" is not a valid name",
+            ),
+            (
+                "{route: r, max_serious_rate: 0.05}",
+                rule,
+                "shadow.percent: required",
+            ),
+            (
+                "{route: r, percent: 0, max_serious_rate: 0.05}",
+                rule,
+                "shadow.percent: must be above 0 and at most 100, got 0",
+            ),
+            (
+                "{route: r, percent: 101, max_serious_rate: 0.05}",
+                rule,
+                "shadow.percent: must be above 0 and at most 100, got 101",
+            ),
+            (
+                "{route: r, percent: 10}",
+                rule,
+                "shadow.max_serious_rate: required",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 0}",
+                rule,
+                "shadow.max_serious_rate: must be a fraction above 0 and below 1",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 5}",
+                rule,
+                "shadow.max_serious_rate: must be a fraction above 0 and below 1 (0.01 = 1%), got 5",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 0.1, min_compared: 0}",
+                rule,
+                "shadow.min_compared: must be at least 1",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 0.1, min_duration_s: -1}",
+                rule,
+                "shadow.min_duration_s: must be a number of seconds",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 0.1, max_unexpected_rate: 0.05}",
+                rule,
+                "shadow.max_unexpected_rate: 0.05 is above stop_rules.max_unexpected_mismatch_rate 0.01",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 0.1}",
+                "",
+                "stop_rules.max_unexpected_mismatch_rate: required when a shadow stage is set",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 0.1}",
+                ", max_unexpected_mismatch_rate: 0",
+                "shadow.max_unexpected_rate: required when",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 0.1, sample: 3}",
+                rule,
+                "unknown field `sample`",
+            ),
+        ];
+        for (shadow, rule, want) in cases {
+            let e = err(&shadow_spec(shadow, rule));
+            assert!(e.contains(want), "{shadow}: {e}");
+        }
+    }
+
+    #[test]
+    fn step_rules() {
+        let cases = [
+            ("steps: []", "steps: must not be empty"),
+            (
+                "steps: [{weight: 0}, {weight: 100}]",
+                "steps[0].weight: must be from 1 to 100, got 0",
+            ),
+            (
+                "steps: [{weight: 5}, {weight: 101}]",
+                "steps[1].weight: must be from 1 to 100, got 101",
+            ),
+            (
+                "steps: [{weight: 5}, {weight: 50}, {weight: 20}, {weight: 100}]",
+                "steps[2].weight: 20 is not above the previous step's 50",
+            ),
+            (
+                "steps: [{weight: 50}, {weight: 50}, {weight: 100}]",
+                "steps[1].weight: 50 is not above the previous step's 50",
+            ),
+            (
+                "steps: [{weight: 5}, {weight: 50}]",
+                "steps[1].weight: the last step must be 100, got 50",
+            ),
+            (
+                "steps: [{min_requests: 5}, {weight: 100}]",
+                "steps[0].weight: required",
+            ),
+            (
+                "steps: [{weight: 5, min_duration_s: -3}, {weight: 100}]",
+                "steps[0].min_duration_s: must be a number of seconds from 0 to 604800 (a week), got -3",
+            ),
+            (
+                "steps: [{weight: 5, min_duration_s: 1e9}, {weight: 100}]",
+                "steps[0].min_duration_s: must be a number of seconds",
+            ),
+            (
+                "steps: [{weight: 5, manual_gate: 1}, {weight: 100}]",
+                "steps[0].manual_gate: invalid type",
+            ),
+            (
+                "defaults: {min_duration_s: -1}",
+                "defaults.min_duration_s: must be a number of seconds",
+            ),
+            (
+                "defaults: {min_requests: 5, weight: 3}",
+                "unknown field `weight`",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let e = err(&with(&format!("{yaml}\n")));
+            assert!(e.starts_with(want) || e.contains(want), "{yaml}: {e}");
+        }
+        let spec = parse(&with("steps: [{weight: 100}]\n")).unwrap();
+        assert_eq!(spec.steps.len(), 1);
+        let spec = parse(&with("defaults: {min_requests: 7}\n")).unwrap();
+        assert_eq!(spec.steps.len(), 5);
+        assert!(
+            spec.steps
+                .iter()
+                .all(|s| s.min_requests == 7 && s.min_duration_s == 60.0)
+        );
+    }
+
+    #[test]
+    fn analysis_rules() {
+        let cases = [
+            (
+                "{interval_s: 0.1}",
+                "analysis.interval_s: must be at least 0.2 s (and at most a week), got 0.1",
+            ),
+            (
+                "{interval_s: 0}",
+                "analysis.interval_s: must be at least 0.2 s",
+            ),
+            (
+                "{max_staleness_s: 0}",
+                "analysis.max_staleness_s: must be above 0 s (and at most a week), got 0",
+            ),
+            (
+                "{min_requests_per_side: 0}",
+                "analysis.min_requests_per_side: must be at least 1",
+            ),
+            (
+                "{confidence: 1}",
+                "analysis.confidence: must be from 0.5 to 0.999999",
+            ),
+            (
+                "{confidence: 0.3}",
+                "analysis.confidence: must be from 0.5 to 0.999999 (0.99 = roll back a good canary at most 1% of the time), got 0.3",
+            ),
+            ("{confidence: 99}", "analysis.confidence: must be from 0.5"),
+        ];
+        for (yaml, want) in cases {
+            let e = err(&with(&format!("analysis: {yaml}\n")));
+            assert!(e.starts_with(want), "{yaml}: {e}");
+        }
+        let spec = parse(&with("analysis: {interval_s: 0.2}\n")).unwrap();
+        assert_eq!(spec.analysis.interval_s, 0.2);
+        assert_eq!(spec.analysis.confidence, 0.99, "unset fields keep defaults");
+    }
+}
