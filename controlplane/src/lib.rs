@@ -16,12 +16,15 @@
 //! - [`shadow`]: shadow comparison results: per-route rates with confidence
 //!   intervals, top differing paths, stored samples and their replay, noise
 //!   learned from A/A calibration.
+//! - [`metrics`]: Envoy's stats stream (gRPC `MetricsService`): per-cluster
+//!   requests, 5xx and latency per Envoy and flush, summed over windows.
 //! - [`api`]: the axum JSON API.
 //! - [`cli`]: the `understudy` command's client side.
 
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod metrics;
 pub mod model;
 pub mod resources;
 pub mod rollout;
@@ -96,6 +99,8 @@ pub async fn run_with(
     let registry = Arc::new(Registry::default());
     let usage = Arc::new(usage::UsageBook::default());
     let shadow = Arc::new(shadow::ShadowBook::default());
+    // TODO(engine): pass `metrics` to the rollout engine (`rollout::engine::Sources`).
+    let metrics = Arc::new(metrics::MetricsBook::default());
     let ads = AdsServer::new(store.subscribe(), Arc::clone(&registry));
     // Fleet-wide limits follow the number of connected Envoys.
     let mut fleet = registry.fleet();
@@ -120,6 +125,8 @@ pub async fn run_with(
         .add_service(ads.into_service())
         // Filters report on the same port they already reach for xDS.
         .add_service(usage::Reports::new(usage, shadow).into_service())
+        // Envoy's stats sink streams on the same port too (`understudy_xds`).
+        .add_service(metrics::MetricsSink::new(Arc::clone(&metrics)).into_service())
         .serve_with_incoming(TcpListenerStream::new(xds_listener));
     let api = axum::serve(api_listener, app);
     // Shutdown is abrupt on purpose: ADS streams never end by themselves, and

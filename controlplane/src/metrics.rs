@@ -1,0 +1,1289 @@
+//! Envoy's own statistics, streamed to the control plane: what each upstream
+//! cluster answered and how fast, per Envoy and per flush, kept as a short
+//! time series the rollout engine sums over a step's window.
+//!
+//! Envoy pushes its stats through the `envoy.stat_sinks.metrics_service` sink
+//! (`envoy.service.metrics.v3.MetricsService/StreamMetrics`, served on the xDS
+//! port, see `envoy/bootstrap.yaml`): one client stream per Envoy, the node in
+//! the first message only, then one message per flush (`stats_flush_interval`)
+//! of Prometheus `MetricFamily`s. No Prometheus server sits in between.
+//!
+//! # What Envoy 1.40 sends (observed, not assumed)
+//!
+//! With `emit_tags_as_labels: true` and `report_counters_as_deltas: true`, a
+//! flush carries, per cluster that has ever been used:
+//!
+//! - `cluster.upstream_rq_completed` (counter), label `envoy.cluster_name`;
+//! - `cluster.upstream_rq_xx` (counter), labels `envoy.response_code_class`
+//!   (`"2"`, `"5"`, ...) and `envoy.cluster_name`;
+//! - `cluster.upstream_rq` (counter), labels `envoy.response_code` (`"503"`)
+//!   and `envoy.cluster_name`;
+//! - `cluster.upstream_rq_time` (histogram, ms), label `envoy.cluster_name`.
+//!
+//! Counters are the change since the previous flush. Histograms are **also
+//! per flush**: Envoy's metrics service sink reports each histogram's
+//! *interval* statistics (a flush with no requests carries `sample_count: 0`),
+//! with Prometheus-style buckets that are cumulative across bounds *within*
+//! the flush and no `+Inf` bucket. So nothing is differenced between
+//! snapshots: every message is already a delta, which also makes an Envoy
+//! restart, a reconnect, or two Envoys sharing a node id harmless (each
+//! message simply adds). The same families also come as
+//! `cluster.external.*` / `cluster.internal.*` (by request origin); only the
+//! unprefixed ones are read, or every request would count twice.
+//!
+//! Label names are also accepted in their Prometheus-sanitised spelling
+//! (`envoy_cluster_name`), classes as `"5xx"`, and, for an Envoy without
+//! `emit_tags_as_labels`, the untagged names (`cluster.<name>.upstream_rq_5xx`).
+//!
+//! # What is kept
+//!
+//! Per cluster, a series of [`Sample`]s: (receive time, node, requests, 5xx,
+//! latency buckets). The time is the control plane's clock when the message
+//! arrived, not Envoy's `timestamp_ms`, so windows never depend on the skew
+//! between hosts. A flush in which a cluster did nothing is not stored, but
+//! it still refreshes the cluster's `last_update_ms`: a fresh time with zero
+//! requests means "no traffic", a stale one means "no data". A silent stream
+//! is never "healthy"; [`StreamStatus`] tells which Envoy went quiet.
+//!
+//! Everything is bounded: samples older than [`RETENTION_MS`] are dropped, at
+//! most [`MAX_SAMPLES_PER_CLUSTER`] per cluster and [`MAX_SAMPLES`] in all
+//! (the oldest anywhere goes first), [`MAX_CLUSTERS`] clusters (the least
+//! recently updated is forgotten), [`MAX_STREAMS`] nodes (a disconnected one,
+//! then the quietest, is forgotten), [`MAX_BUCKETS`] buckets per histogram.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use envoy_types::pb::envoy::service::metrics::v3::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use envoy_types::pb::envoy::service::metrics::v3::{StreamMetricsMessage, StreamMetricsResponse};
+use envoy_types::pb::io::prometheus::client::{Histogram, Metric, MetricFamily};
+use serde::Serialize;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::rollout::Evidence;
+
+/// How long samples are kept: longer than any rollout step's window needs.
+pub const RETENTION_MS: u64 = 15 * 60 * 1000;
+/// Samples kept per cluster: 15 minutes of 1 s flushes from 9 Envoys. With
+/// more Envoys a cluster's history gets shorter, not larger.
+pub const MAX_SAMPLES_PER_CLUSTER: usize = 8192;
+/// Samples kept in all; when full, the oldest sample of any cluster goes
+/// first. A sample is about 100 bytes plus 16 per non-empty latency bucket,
+/// so this is some tens of MB at most.
+pub const MAX_SAMPLES: usize = 262_144;
+/// Clusters the book remembers; the least recently updated is forgotten.
+pub const MAX_CLUSTERS: usize = 1024;
+/// Envoys (node ids) whose stream status is kept.
+pub const MAX_STREAMS: usize = 1024;
+/// Longest node id or cluster name accepted, in bytes. Envoy's own names are
+/// far shorter; the cap keeps a broken peer from filling memory with keys.
+pub const MAX_NAME_LEN: usize = 256;
+/// Latency buckets kept per histogram; Envoy's default has 19 bounds. Counts
+/// above the last kept bound are folded into the `+Inf` bucket.
+pub const MAX_BUCKETS: usize = 64;
+
+/// What is wrong with a metrics stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetricsError {
+    /// The first message carried no `identifier.node.id`: the samples could
+    /// not be told apart by Envoy, and a silent Envoy could not be named.
+    #[error("the first StreamMetricsMessage must carry identifier.node.id")]
+    MissingNode,
+    /// The node id is longer than [`MAX_NAME_LEN`] bytes.
+    #[error("node id is {len} bytes long, more than the {MAX_NAME_LEN} allowed")]
+    NodeTooLong { len: usize },
+}
+
+/// An Envoy's node id: non-empty and at most [`MAX_NAME_LEN`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(Arc<str>);
+
+impl NodeId {
+    /// The node named in a stream's first message.
+    pub fn from_message(msg: &StreamMetricsMessage) -> Result<Self, MetricsError> {
+        let id = msg
+            .identifier
+            .as_ref()
+            .and_then(|i| i.node.as_ref())
+            .map(|n| n.id.as_str())
+            .unwrap_or_default();
+        Self::try_from(id)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<&str> for NodeId {
+    type Error = MetricsError;
+
+    fn try_from(id: &str) -> Result<Self, MetricsError> {
+        if id.is_empty() {
+            Err(MetricsError::MissingNode)
+        } else if id.len() > MAX_NAME_LEN {
+            Err(MetricsError::NodeTooLong { len: id.len() })
+        } else {
+            Ok(Self(Arc::from(id)))
+        }
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What one Envoy reported for one cluster in one flush.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Unix ms when the control plane received it.
+    pub at_ms: u64,
+    pub node: NodeId,
+    /// Requests completed (any status).
+    pub requests: u64,
+    pub errors_5xx: u64,
+    /// `(upper bound in ms, count)`, not cumulative, bounds ascending, empty
+    /// buckets left out; the last bound may be `f64::INFINITY`.
+    pub latency_ms: Vec<(f64, u64)>,
+}
+
+impl Sample {
+    fn is_empty(&self) -> bool {
+        self.requests == 0 && self.errors_5xx == 0 && self.latency_ms.is_empty()
+    }
+}
+
+/// One Envoy's metrics stream, for the API and for telling a quiet Envoy
+/// from an idle cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StreamStatus {
+    pub node: String,
+    /// Whether the stream is open now.
+    pub connected: bool,
+    /// Unix ms when the current (or last) stream opened.
+    pub connected_since_ms: u64,
+    /// Unix ms of the newest message.
+    pub last_message_ms: u64,
+    /// Messages received on the current (or last) stream.
+    pub messages: u64,
+}
+
+impl StreamStatus {
+    /// No message for more than `quiet_ms`, or the stream is closed: this
+    /// Envoy's numbers are missing from every window since, so they are "no
+    /// data", never "healthy".
+    pub fn is_silent(&self, now_ms: u64, quiet_ms: u64) -> bool {
+        !self.connected || now_ms.saturating_sub(self.last_message_ms) > quiet_ms
+    }
+}
+
+/// What one [`MetricsBook::ingest`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ingested {
+    /// Clusters the message reported on (with traffic or not).
+    pub clusters: usize,
+    /// Samples stored (clusters with traffic in this flush).
+    pub samples: usize,
+    /// Metrics of the families read that named no usable cluster.
+    pub ignored: usize,
+}
+
+/// Identifies one stream of a node, so an old stream ending after its
+/// replacement opened does not mark the node disconnected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamId(u64);
+
+/// The per-cluster time series of what Envoys reported; shared (`Arc`)
+/// between the gRPC [`MetricsSink`] and the rollout engine.
+#[derive(Default)]
+pub struct MetricsBook {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    clusters: HashMap<String, Series>,
+    /// Samples across all series, kept equal to the sum of their lengths.
+    samples: usize,
+    streams: BTreeMap<NodeId, Stream>,
+    next_stream: u64,
+}
+
+struct Series {
+    /// In arrival order.
+    samples: VecDeque<Sample>,
+    last_update_ms: u64,
+}
+
+struct Stream {
+    id: StreamId,
+    connected: bool,
+    connected_since_ms: u64,
+    last_message_ms: u64,
+    messages: u64,
+}
+
+// === impl MetricsBook ===
+
+impl MetricsBook {
+    /// A stream from `node` opened (its first message arrived).
+    pub fn open_stream(&self, node: &NodeId, now_ms: u64) -> StreamId {
+        let mut inner = self.lock();
+        inner.next_stream += 1;
+        let id = StreamId(inner.next_stream);
+        inner.make_room_for_stream(node);
+        inner.streams.insert(
+            node.clone(),
+            Stream {
+                id,
+                connected: true,
+                connected_since_ms: now_ms,
+                last_message_ms: now_ms,
+                messages: 0,
+            },
+        );
+        id
+    }
+
+    /// The stream `id` from `node` ended. A node that has since opened
+    /// another stream stays connected.
+    pub fn close_stream(&self, node: &NodeId, id: StreamId) {
+        let mut inner = self.lock();
+        if let Some(s) = inner.streams.get_mut(node)
+            && s.id == id
+        {
+            s.connected = false;
+        }
+    }
+
+    /// Records one message from `node`, received at `now_ms`.
+    pub fn ingest(&self, node: &NodeId, msg: &StreamMetricsMessage, now_ms: u64) -> Ingested {
+        // Parsing needs no lock; the API and the engine read concurrently.
+        let (flushes, ignored) = parse(&msg.envoy_metrics);
+        let mut inner = self.lock();
+        inner.touch_stream(node, now_ms);
+        let mut done = Ingested {
+            clusters: flushes.len(),
+            samples: 0,
+            ignored,
+        };
+        for (cluster, flush) in flushes {
+            let sample = flush.into_sample(node.clone(), now_ms);
+            if inner.record(cluster, sample, now_ms) {
+                done.samples += 1;
+            }
+        }
+        inner.enforce_total_cap();
+        done
+    }
+
+    /// What `cluster` did in `(since_ms, now_ms]`, summed over Envoys.
+    /// `last_update_ms` is the newest report that mentioned the cluster,
+    /// whenever it was; `None` if it was never reported (or was forgotten).
+    pub fn window(&self, cluster: &str, since_ms: u64, now_ms: u64) -> Evidence {
+        let inner = self.lock();
+        let Some(series) = inner.clusters.get(cluster) else {
+            return Evidence::default();
+        };
+        let mut evidence = Evidence {
+            last_update_ms: Some(series.last_update_ms),
+            ..Evidence::default()
+        };
+        let mut buckets = Vec::new();
+        for s in series
+            .samples
+            .iter()
+            .filter(|s| s.at_ms > since_ms && s.at_ms <= now_ms)
+        {
+            evidence.requests += s.requests;
+            evidence.errors += s.errors_5xx;
+            buckets.extend_from_slice(&s.latency_ms);
+        }
+        evidence.latency_ms = merge_buckets(buckets);
+        evidence
+    }
+
+    /// The samples of `cluster` in `(since_ms, now_ms]`, per Envoy and flush,
+    /// oldest first: for diagnostics (which Envoy saw the errors).
+    pub fn samples(&self, cluster: &str, since_ms: u64, now_ms: u64) -> Vec<Sample> {
+        let inner = self.lock();
+        inner
+            .clusters
+            .get(cluster)
+            .map(|series| {
+                series
+                    .samples
+                    .iter()
+                    .filter(|s| s.at_ms > since_ms && s.at_ms <= now_ms)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every Envoy that has streamed metrics, by node id.
+    pub fn streams(&self) -> Vec<StreamStatus> {
+        self.lock()
+            .streams
+            .iter()
+            .map(|(node, s)| StreamStatus {
+                node: node.to_string(),
+                connected: s.connected,
+                connected_since_ms: s.connected_since_ms,
+                last_message_ms: s.last_message_ms,
+                messages: s.messages,
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    fn touch_stream(&mut self, node: &NodeId, now_ms: u64) {
+        if !self.streams.contains_key(node) {
+            // Ingested without `open_stream` (the stream's entry was evicted,
+            // or a caller that does not track streams): start one.
+            self.make_room_for_stream(node);
+            self.next_stream += 1;
+            let id = StreamId(self.next_stream);
+            self.streams.insert(
+                node.clone(),
+                Stream {
+                    id,
+                    connected: true,
+                    connected_since_ms: now_ms,
+                    last_message_ms: now_ms,
+                    messages: 0,
+                },
+            );
+        }
+        if let Some(s) = self.streams.get_mut(node) {
+            s.last_message_ms = now_ms;
+            s.messages += 1;
+        }
+    }
+
+    /// Evicts a node when the table is full and `node` is new: a
+    /// disconnected one first, then the one quiet the longest.
+    fn make_room_for_stream(&mut self, node: &NodeId) {
+        if self.streams.contains_key(node) || self.streams.len() < MAX_STREAMS {
+            return;
+        }
+        let victim = self
+            .streams
+            .iter()
+            .min_by_key(|(_, s)| (s.connected, s.last_message_ms))
+            .map(|(k, _)| k.clone());
+        if let Some(k) = victim {
+            self.streams.remove(&k);
+        }
+    }
+
+    /// Adds `sample` to `cluster`'s series (unless it is empty). Returns
+    /// whether it was stored.
+    fn record(&mut self, cluster: String, sample: Sample, now_ms: u64) -> bool {
+        if !self.clusters.contains_key(&cluster) && self.clusters.len() >= MAX_CLUSTERS {
+            let victim = self
+                .clusters
+                .iter()
+                .min_by_key(|(_, s)| s.last_update_ms)
+                .map(|(k, _)| k.clone());
+            if let Some(series) = victim.and_then(|k| self.clusters.remove(&k)) {
+                self.samples -= series.samples.len();
+            }
+        }
+        let series = self.clusters.entry(cluster).or_insert_with(|| Series {
+            samples: VecDeque::new(),
+            last_update_ms: now_ms,
+        });
+        series.last_update_ms = now_ms;
+        let cutoff = now_ms.saturating_sub(RETENTION_MS);
+        let before = series.samples.len();
+        while series.samples.front().is_some_and(|s| s.at_ms <= cutoff) {
+            series.samples.pop_front();
+        }
+        let mut removed = before - series.samples.len();
+        let stored = !sample.is_empty();
+        if stored {
+            series.samples.push_back(sample);
+            if series.samples.len() > MAX_SAMPLES_PER_CLUSTER {
+                series.samples.pop_front();
+                removed += 1;
+            }
+        }
+        self.samples = self.samples + usize::from(stored) - removed;
+        stored
+    }
+
+    /// Drops the oldest samples anywhere until at most [`MAX_SAMPLES`] remain.
+    fn enforce_total_cap(&mut self) {
+        while self.samples > MAX_SAMPLES {
+            let oldest = self
+                .clusters
+                .values_mut()
+                .filter(|s| !s.samples.is_empty())
+                .min_by_key(|s| s.samples.front().map_or(u64::MAX, |f| f.at_ms));
+            match oldest.and_then(|s| s.samples.pop_front()) {
+                Some(_) => self.samples -= 1,
+                // Unreachable while the count is kept right; never loop.
+                None => break,
+            }
+        }
+    }
+}
+
+// === parsing ===
+
+/// Family names as Envoy tags them (`emit_tags_as_labels: true`).
+const COMPLETED: &str = "cluster.upstream_rq_completed";
+const BY_CLASS: &str = "cluster.upstream_rq_xx";
+const BY_CODE: &str = "cluster.upstream_rq";
+const LATENCY: &str = "cluster.upstream_rq_time";
+
+/// What one message said about one cluster, before deciding which counter
+/// to believe.
+#[derive(Debug, Default)]
+struct ClusterFlush {
+    completed: Option<u64>,
+    /// (all classes, 5xx) from `upstream_rq_xx`.
+    by_class: Option<(u64, u64)>,
+    /// (all codes, 5xx) from `upstream_rq`.
+    by_code: Option<(u64, u64)>,
+    latency: Vec<(f64, u64)>,
+}
+
+impl ClusterFlush {
+    fn into_sample(self, node: NodeId, at_ms: u64) -> Sample {
+        // Envoy charges `upstream_rq_completed`, `upstream_rq_<class>xx` and
+        // `upstream_rq_<code>` together for every answer, so any one of them
+        // is the request count; prefer the one meant for it.
+        let requests = self
+            .completed
+            .or(self.by_class.map(|(all, _)| all))
+            .or(self.by_code.map(|(all, _)| all))
+            .unwrap_or(0);
+        let errors_5xx = self.by_class.or(self.by_code).map(|(_, e)| e).unwrap_or(0);
+        Sample {
+            at_ms,
+            node,
+            // Never report more errors than requests, even if a peer does.
+            requests: requests.max(errors_5xx),
+            errors_5xx,
+            latency_ms: merge_buckets(self.latency),
+        }
+    }
+}
+
+/// Which stat a metric is, once its name and labels are read.
+enum Stat {
+    Completed,
+    Class(u8),
+    Code(u16),
+    Latency,
+}
+
+/// The clusters a message reports on, and how many metrics of the families
+/// read could not be attributed to one.
+fn parse(families: &[MetricFamily]) -> (BTreeMap<String, ClusterFlush>, usize) {
+    let mut out: BTreeMap<String, ClusterFlush> = BTreeMap::new();
+    let mut ignored = 0;
+    for family in families {
+        let name = family.name.as_deref().unwrap_or_default();
+        for metric in &family.metric {
+            let Some((cluster, stat)) = classify(name, metric) else {
+                continue;
+            };
+            let Some(cluster) = cluster.filter(|c| !c.is_empty() && c.len() <= MAX_NAME_LEN) else {
+                ignored += 1;
+                continue;
+            };
+            let flush = out.entry(cluster.to_owned()).or_default();
+            match stat {
+                Stat::Completed => {
+                    *flush.completed.get_or_insert(0) += counter(metric);
+                }
+                Stat::Class(class) => {
+                    let n = counter(metric);
+                    let (all, errors) = flush.by_class.get_or_insert((0, 0));
+                    *all += n;
+                    if class == 5 {
+                        *errors += n;
+                    }
+                }
+                Stat::Code(code) => {
+                    let n = counter(metric);
+                    let (all, errors) = flush.by_code.get_or_insert((0, 0));
+                    *all += n;
+                    if (500..600).contains(&code) {
+                        *errors += n;
+                    }
+                }
+                Stat::Latency => {
+                    if let Some(h) = &metric.histogram {
+                        flush.latency.extend(histogram_buckets(h));
+                    }
+                }
+            }
+        }
+    }
+    (out, ignored)
+}
+
+/// The cluster (`None`: a family we read, but no cluster named) and stat of
+/// one metric; `None` for families we do not read.
+fn classify<'a>(family: &'a str, metric: &'a Metric) -> Option<(Option<&'a str>, Stat)> {
+    let label = |names: [&str; 2]| {
+        metric
+            .label
+            .iter()
+            .find(|l| l.name.as_deref().is_some_and(|n| names.contains(&n)))
+            .and_then(|l| l.value.as_deref())
+    };
+    let cluster = || label(["envoy.cluster_name", "envoy_cluster_name"]);
+    match family {
+        COMPLETED => Some((cluster(), Stat::Completed)),
+        LATENCY => Some((cluster(), Stat::Latency)),
+        BY_CLASS => {
+            let class = label(["envoy.response_code_class", "envoy_response_code_class"])
+                .and_then(parse_class)?;
+            Some((cluster(), Stat::Class(class)))
+        }
+        BY_CODE => {
+            let code = label(["envoy.response_code", "envoy_response_code"])?
+                .parse()
+                .ok()?;
+            Some((cluster(), Stat::Code(code)))
+        }
+        // A labelled metric is a tagged one, whatever its family's name
+        // (`cluster.external.upstream_rq_time` is not cluster "external").
+        _ if cluster().is_some() => None,
+        _ => classify_untagged(family),
+    }
+}
+
+/// `cluster.<name>.<stat>`, as Envoy names stats without
+/// `emit_tags_as_labels`. A name with a dot in it is not read: it would be
+/// `cluster.<name>.external.<stat>` (counted in the plain stat already), and
+/// Understudy's cluster names have no dots.
+fn classify_untagged(family: &str) -> Option<(Option<&str>, Stat)> {
+    let (cluster, stat) = family.strip_prefix("cluster.")?.split_once('.')?;
+    let stat = match stat {
+        "upstream_rq_completed" => Stat::Completed,
+        "upstream_rq_time" => Stat::Latency,
+        _ => {
+            let rest = stat.strip_prefix("upstream_rq_")?;
+            if rest.ends_with("xx") {
+                Stat::Class(parse_class(rest)?)
+            } else if rest.len() == 3 {
+                Stat::Code(rest.parse().ok()?)
+            } else {
+                return None;
+            }
+        }
+    };
+    Some((Some(cluster), stat))
+}
+
+/// `"5"` (Envoy's tag value) or `"5xx"` → 5.
+fn parse_class(value: &str) -> Option<u8> {
+    let digit = value.strip_suffix("xx").unwrap_or(value);
+    match digit.parse() {
+        Ok(c @ 1..=5) => Some(c),
+        _ => None,
+    }
+}
+
+/// A counter's value as a count; a delta is never negative or fractional,
+/// so anything else from a peer counts as nothing.
+fn counter(metric: &Metric) -> u64 {
+    let v = metric.counter.as_ref().and_then(|c| c.value).unwrap_or(0.0);
+    float_count(v)
+}
+
+fn float_count(v: f64) -> u64 {
+    if v.is_finite() && v > 0.0 {
+        // Saturating float-to-int conversion: the intent for absurd values.
+        v.round() as u64
+    } else {
+        0
+    }
+}
+
+/// A Prometheus histogram (buckets cumulative across bounds, maybe without
+/// `+Inf`) as per-bucket counts; what lies above the last bound kept goes
+/// to `+Inf`.
+fn histogram_buckets(h: &Histogram) -> Vec<(f64, u64)> {
+    let total = h
+        .sample_count
+        .or(h.sample_count_float.map(float_count))
+        .unwrap_or(0);
+    let mut cumulative: Vec<(f64, u64)> = h
+        .bucket
+        .iter()
+        .filter_map(|b| {
+            let bound = b.upper_bound.filter(|u| !u.is_nan() && *u >= 0.0)?;
+            let count = b
+                .cumulative_count
+                .or(b.cumulative_count_float.map(float_count))?;
+            Some((bound, count))
+        })
+        .collect();
+    cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
+    cumulative.truncate(MAX_BUCKETS);
+    let mut out = Vec::with_capacity(cumulative.len() + 1);
+    let mut below = 0;
+    for (bound, count) in cumulative {
+        // A count that goes down across bounds is malformed; it adds nothing.
+        let n = count.saturating_sub(below);
+        below = below.max(count);
+        if n > 0 {
+            out.push((bound, n));
+        }
+    }
+    let above = total.saturating_sub(below);
+    if above > 0 {
+        out.push((f64::INFINITY, above));
+    }
+    out
+}
+
+/// Sums buckets with the same bound and sorts them by bound. Envoys with
+/// different bucket settings simply contribute different bounds.
+fn merge_buckets(mut buckets: Vec<(f64, u64)>) -> Vec<(f64, u64)> {
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut out: Vec<(f64, u64)> = Vec::with_capacity(buckets.len());
+    for (bound, n) in buckets {
+        match out.last_mut() {
+            Some((b, c)) if *b == bound => *c += n,
+            _ => out.push((bound, n)),
+        }
+    }
+    out
+}
+
+// === impl MetricsSink ===
+
+/// The gRPC service Envoy's metrics sink streams to, served on the xDS port.
+#[derive(Clone)]
+pub struct MetricsSink {
+    book: Arc<MetricsBook>,
+}
+
+/// A flush of every stat of a large Envoy can exceed tonic's 4 MiB default;
+/// refusing it would lose the whole flush. Envoy's `batch_size` splits it.
+const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+
+impl MetricsSink {
+    pub fn new(book: Arc<MetricsBook>) -> Self {
+        Self { book }
+    }
+
+    pub fn into_service(self) -> MetricsServiceServer<Self> {
+        MetricsServiceServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+/// Marks the stream closed however it ends, including when tonic drops the
+/// handler because Envoy reset the stream.
+struct OpenStream {
+    book: Arc<MetricsBook>,
+    node: NodeId,
+    id: StreamId,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.book.close_stream(&self.node, self.id);
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for MetricsSink {
+    async fn stream_metrics(
+        &self,
+        request: Request<Streaming<StreamMetricsMessage>>,
+    ) -> Result<Response<StreamMetricsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Ok(Response::new(StreamMetricsResponse {}));
+        };
+        let node = NodeId::from_message(&first).map_err(|e| {
+            tracing::warn!(error = %e, "metrics stream refused");
+            Status::invalid_argument(e.to_string())
+        })?;
+        let _open = OpenStream {
+            book: Arc::clone(&self.book),
+            node: node.clone(),
+            id: self.book.open_stream(&node, unix_now_ms()),
+        };
+        tracing::info!(%node, "metrics stream opened");
+        let mut msg = first;
+        loop {
+            let got = self.book.ingest(&node, &msg, unix_now_ms());
+            if got.ignored > 0 {
+                tracing::debug!(%node, ignored = got.ignored, "cluster metrics without a usable cluster name");
+            }
+            match stream.message().await {
+                Ok(Some(next)) => msg = next,
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::info!(%node, %status, "metrics stream broken");
+                    return Err(status);
+                }
+            }
+        }
+        tracing::info!(%node, "metrics stream closed");
+        Ok(Response::new(StreamMetricsResponse {}))
+    }
+}
+
+/// The wall clock as Unix ms: the only clock read in this module.
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::metrics::v3::stream_metrics_message::Identifier;
+    use envoy_types::pb::io::prometheus::client::{Bucket, Counter, LabelPair, MetricType};
+
+    const DEFAULT_BOUNDS: [f64; 19] = [
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    ];
+
+    fn node(id: &str) -> NodeId {
+        NodeId::try_from(id).unwrap()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+        pairs
+            .iter()
+            .map(|(n, v)| LabelPair {
+                name: Some(n.to_string()),
+                value: Some(v.to_string()),
+            })
+            .collect()
+    }
+
+    fn counter_family(name: &str, metrics: &[(&[(&str, &str)], f64)]) -> MetricFamily {
+        MetricFamily {
+            name: Some(name.into()),
+            r#type: Some(MetricType::Counter as i32),
+            metric: metrics
+                .iter()
+                .map(|(l, v)| Metric {
+                    label: labels(l),
+                    counter: Some(Counter {
+                        value: Some(*v),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Envoy's shape: default bounds, cumulative across bounds, no +Inf.
+    /// `values` are the latencies (ms) observed in this flush.
+    fn latency_family(cluster: &str, values: &[f64]) -> MetricFamily {
+        let bucket = DEFAULT_BOUNDS
+            .iter()
+            .map(|b| Bucket {
+                upper_bound: Some(*b),
+                cumulative_count: Some(values.iter().filter(|v| *v <= b).count() as u64),
+                ..Default::default()
+            })
+            .collect();
+        MetricFamily {
+            name: Some(LATENCY.into()),
+            r#type: Some(MetricType::Histogram as i32),
+            metric: vec![Metric {
+                label: labels(&[("envoy.cluster_name", cluster)]),
+                histogram: Some(Histogram {
+                    sample_count: Some(values.len() as u64),
+                    sample_sum: Some(values.iter().sum()),
+                    bucket,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// One flush for one cluster as Envoy 1.40 sends it: completed, by class,
+    /// by code, the `external` duplicates, and the latency histogram.
+    fn flush(cluster: &str, ok: u64, errors: u64, latencies: &[f64]) -> Vec<MetricFamily> {
+        let c = ("envoy.cluster_name", cluster);
+        let total = (ok + errors) as f64;
+        let mut families = Vec::new();
+        for prefix in ["cluster.", "cluster.external."] {
+            let name = |stat: &str| format!("{prefix}{stat}");
+            families.push(counter_family(
+                &name("upstream_rq_completed"),
+                &[(&[c], total)],
+            ));
+            families.push(counter_family(
+                &name("upstream_rq_xx"),
+                &[
+                    (&[("envoy.response_code_class", "2"), c], ok as f64),
+                    (&[("envoy.response_code_class", "5"), c], errors as f64),
+                ],
+            ));
+            families.push(counter_family(
+                &name("upstream_rq"),
+                &[
+                    (&[("envoy.response_code", "200"), c], ok as f64),
+                    (&[("envoy.response_code", "503"), c], errors as f64),
+                ],
+            ));
+        }
+        families.push(counter_family(
+            "cluster.upstream_rq_total",
+            &[(&[c], total)],
+        ));
+        families.push(latency_family(cluster, latencies));
+        families
+    }
+
+    fn message(families: Vec<MetricFamily>) -> StreamMetricsMessage {
+        StreamMetricsMessage {
+            identifier: None,
+            envoy_metrics: families,
+        }
+    }
+
+    fn ingest(book: &MetricsBook, n: &str, families: Vec<MetricFamily>, at: u64) -> Ingested {
+        book.ingest(&node(n), &message(families), at)
+    }
+
+    #[test]
+    fn counters_are_deltas_and_add_up_without_the_external_duplicates() {
+        let book = MetricsBook::default();
+        let got = ingest(&book, "e1", flush("shop-stable", 7, 3, &[2.0; 10]), 1_000);
+        assert_eq!(
+            got,
+            Ingested {
+                clusters: 1,
+                samples: 1,
+                ignored: 0
+            }
+        );
+        ingest(&book, "e1", flush("shop-stable", 2, 0, &[2.0; 2]), 2_000);
+        let e = book.window("shop-stable", 0, 2_000);
+        assert_eq!((e.requests, e.errors), (12, 3));
+        assert_eq!(e.latency_ms, vec![(5.0, 12)]);
+        assert_eq!(e.last_update_ms, Some(2_000));
+    }
+
+    #[test]
+    fn histograms_are_per_flush_and_not_differenced() {
+        // Observed from Envoy 1.40: 7 requests, then a flush with none
+        // (sample_count 0), then 2. Differencing would give 7, 0, 0.
+        let book = MetricsBook::default();
+        ingest(&book, "e1", flush("c", 7, 0, &[3.0; 7]), 1_000);
+        ingest(&book, "e1", flush("c", 0, 0, &[]), 2_000);
+        ingest(&book, "e1", flush("c", 2, 0, &[3.0; 2]), 3_000);
+        assert_eq!(book.window("c", 0, 3_000).latency_ms, vec![(5.0, 9)]);
+        assert_eq!(
+            book.samples("c", 0, 3_000).len(),
+            2,
+            "the empty flush is not stored"
+        );
+    }
+
+    #[test]
+    fn an_envoy_restart_is_just_another_delta() {
+        // A restarted Envoy's first flush carries what it did since start;
+        // smaller numbers than before are not a reset to undo.
+        let book = MetricsBook::default();
+        ingest(&book, "e1", flush("c", 100, 10, &[30.0; 110]), 1_000);
+        ingest(&book, "e1", flush("c", 3, 1, &[30.0; 4]), 2_000);
+        let e = book.window("c", 0, 2_000);
+        assert_eq!((e.requests, e.errors), (114, 11));
+        assert_eq!(e.latency_ms, vec![(50.0, 114)]);
+    }
+
+    #[test]
+    fn cumulative_buckets_become_per_bucket_counts_with_an_overflow_bucket() {
+        let book = MetricsBook::default();
+        let latencies = [0.2, 0.7, 7.0, 7.0, 120.0, 4_000_000.0];
+        ingest(&book, "e1", flush("c", 6, 0, &latencies), 1_000);
+        let e = book.window("c", 0, 1_000);
+        assert_eq!(
+            e.latency_ms,
+            vec![
+                (0.5, 1),
+                (1.0, 1),
+                (10.0, 2),
+                (250.0, 1),
+                (f64::INFINITY, 1)
+            ]
+        );
+        assert_eq!(e.latency_ms.iter().map(|b| b.1).sum::<u64>(), e.requests);
+    }
+
+    #[test]
+    fn windows_sum_envoys_and_exclude_their_start() {
+        let book = MetricsBook::default();
+        ingest(&book, "e1", flush("c", 1, 0, &[1.0]), 1_000);
+        ingest(&book, "e2", flush("c", 10, 5, &[1.0; 15]), 1_000);
+        ingest(&book, "e1", flush("c", 100, 0, &[1.0; 100]), 2_000);
+        ingest(&book, "e2", flush("c", 1000, 0, &[1.0; 1000]), 3_000);
+        let e = book.window("c", 1_000, 2_000);
+        assert_eq!((e.requests, e.errors), (100, 0), "(1000, 2000]");
+        let e = book.window("c", 999, 3_000);
+        assert_eq!((e.requests, e.errors), (1116, 5));
+        let e = book.window("c", 3_000, 9_000);
+        assert_eq!((e.requests, e.latency_ms.len()), (0, 0));
+        assert_eq!(
+            e.last_update_ms,
+            Some(3_000),
+            "newest report, even outside the window"
+        );
+        let per_node: Vec<(String, u64)> = book
+            .samples("c", 0, 1_000)
+            .into_iter()
+            .map(|s| (s.node.to_string(), s.requests))
+            .collect();
+        assert_eq!(per_node, vec![("e1".into(), 1), ("e2".into(), 15)]);
+    }
+
+    #[test]
+    fn an_idle_cluster_is_fresh_with_zero_requests_an_unknown_one_has_no_data() {
+        let book = MetricsBook::default();
+        ingest(&book, "e1", flush("idle", 0, 0, &[]), 5_000);
+        let e = book.window("idle", 0, 5_000);
+        assert_eq!(
+            e,
+            Evidence {
+                last_update_ms: Some(5_000),
+                ..Evidence::default()
+            }
+        );
+        assert_eq!(book.window("never", 0, 5_000), Evidence::default());
+        assert_eq!(book.window("never", 0, 5_000).last_update_ms, None);
+    }
+
+    #[test]
+    fn errors_come_from_5xx_only_and_never_exceed_requests() {
+        let book = MetricsBook::default();
+        let c = ("envoy.cluster_name", "c");
+        let classes = counter_family(
+            BY_CLASS,
+            &[
+                (&[("envoy.response_code_class", "4"), c], 7.0),
+                (&[("envoy.response_code_class", "5"), c], 2.0),
+            ],
+        );
+        ingest(&book, "e1", vec![classes], 1_000);
+        let e = book.window("c", 0, 1_000);
+        assert_eq!(
+            (e.requests, e.errors),
+            (9, 2),
+            "requests from the class sum"
+        );
+        // A peer claiming more errors than completions.
+        let completed = counter_family(COMPLETED, &[(&[c], 1.0)]);
+        let classes = counter_family(BY_CLASS, &[(&[("envoy.response_code_class", "5"), c], 3.0)]);
+        ingest(&book, "e1", vec![completed, classes], 2_000);
+        let e = book.window("c", 1_000, 2_000);
+        assert_eq!((e.requests, e.errors), (3, 3));
+    }
+
+    #[test]
+    fn per_code_counters_are_used_when_no_class_counters_came() {
+        let book = MetricsBook::default();
+        let c = ("envoy.cluster_name", "c");
+        let codes = counter_family(
+            BY_CODE,
+            &[
+                (&[("envoy.response_code", "200"), c], 5.0),
+                (&[("envoy.response_code", "504"), c], 1.0),
+                (&[("envoy.response_code", "499"), c], 1.0),
+            ],
+        );
+        ingest(&book, "e1", vec![codes], 1_000);
+        let e = book.window("c", 0, 1_000);
+        assert_eq!((e.requests, e.errors), (7, 1));
+    }
+
+    #[test]
+    fn label_spellings_and_untagged_names_are_understood() {
+        let book = MetricsBook::default();
+        // Prometheus-sanitised label names and "5xx" class values.
+        let c = ("envoy_cluster_name", "a");
+        let classes = counter_family(
+            BY_CLASS,
+            &[
+                (&[("envoy_response_code_class", "2xx"), c], 4.0),
+                (&[("envoy_response_code_class", "5xx"), c], 1.0),
+            ],
+        );
+        ingest(&book, "e1", vec![classes], 1_000);
+        let e = book.window("a", 0, 1_000);
+        assert_eq!((e.requests, e.errors), (5, 1));
+        // Without emit_tags_as_labels: one family per stat, no labels.
+        let untagged = vec![
+            counter_family("cluster.b.upstream_rq_completed", &[(&[], 6.0)]),
+            counter_family("cluster.b.upstream_rq_2xx", &[(&[], 4.0)]),
+            counter_family("cluster.b.upstream_rq_5xx", &[(&[], 2.0)]),
+            counter_family("cluster.b.upstream_rq_503", &[(&[], 2.0)]),
+            counter_family("cluster.b.external.upstream_rq_5xx", &[(&[], 2.0)]),
+            counter_family("cluster.b.upstream_rq_total", &[(&[], 6.0)]),
+        ];
+        let got = ingest(&book, "e1", untagged, 1_000);
+        assert_eq!(got.clusters, 1);
+        let e = book.window("b", 0, 1_000);
+        assert_eq!((e.requests, e.errors), (6, 2));
+    }
+
+    #[test]
+    fn metrics_without_a_usable_cluster_are_counted_not_stored() {
+        let book = MetricsBook::default();
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        let families = vec![
+            counter_family(COMPLETED, &[(&[], 3.0)]),
+            counter_family(
+                COMPLETED,
+                &[(&[("envoy.cluster_name", long.as_str())], 3.0)],
+            ),
+            counter_family("server.uptime", &[(&[], 1.0)]),
+        ];
+        let got = ingest(&book, "e1", families, 1_000);
+        assert_eq!(
+            got,
+            Ingested {
+                clusters: 0,
+                samples: 0,
+                ignored: 2
+            }
+        );
+    }
+
+    #[test]
+    fn envoys_with_different_buckets_merge_by_bound() {
+        let book = MetricsBook::default();
+        let custom = MetricFamily {
+            name: Some(LATENCY.into()),
+            metric: vec![Metric {
+                label: labels(&[("envoy.cluster_name", "c")]),
+                histogram: Some(Histogram {
+                    sample_count: Some(3),
+                    bucket: vec![
+                        Bucket {
+                            upper_bound: Some(5.0),
+                            cumulative_count: Some(1),
+                            ..Default::default()
+                        },
+                        Bucket {
+                            upper_bound: Some(20.0),
+                            cumulative_count: Some(3),
+                            ..Default::default()
+                        },
+                    ],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        ingest(&book, "e1", vec![custom], 1_000);
+        ingest(&book, "e2", vec![latency_family("c", &[3.0, 40.0])], 1_000);
+        assert_eq!(
+            book.window("c", 0, 1_000).latency_ms,
+            vec![(5.0, 2), (20.0, 2), (50.0, 1)]
+        );
+    }
+
+    #[test]
+    fn samples_older_than_the_retention_are_dropped() {
+        let book = MetricsBook::default();
+        ingest(&book, "e1", flush("c", 1, 0, &[]), 1_000);
+        ingest(&book, "e1", flush("c", 2, 0, &[]), 1_000 + RETENTION_MS);
+        let e = book.window("c", 0, 1_000 + RETENTION_MS);
+        assert_eq!(e.requests, 2);
+        assert_eq!(book.lock().samples, 1);
+    }
+
+    #[test]
+    fn a_cluster_keeps_at_most_its_cap_of_samples_newest_first() {
+        let book = MetricsBook::default();
+        for t in 1..=(MAX_SAMPLES_PER_CLUSTER as u64 + 10) {
+            ingest(&book, "e1", flush("c", 1, 0, &[]), t);
+        }
+        let e = book.window("c", 0, u64::MAX);
+        assert_eq!(e.requests, MAX_SAMPLES_PER_CLUSTER as u64);
+        assert_eq!(
+            book.window("c", 10, u64::MAX).requests,
+            e.requests,
+            "the oldest went"
+        );
+        assert_eq!(book.lock().samples, MAX_SAMPLES_PER_CLUSTER);
+    }
+
+    #[test]
+    fn the_least_recently_updated_cluster_is_forgotten_when_full() {
+        let book = MetricsBook::default();
+        for i in 0..MAX_CLUSTERS as u64 {
+            ingest(&book, "e1", flush(&format!("c{i}"), 1, 0, &[]), 1_000 + i);
+        }
+        // c0 reports again, so c1 is now the least recently updated.
+        ingest(&book, "e1", flush("c0", 1, 0, &[]), 5_000);
+        ingest(&book, "e1", flush("new", 1, 0, &[]), 6_000);
+        assert_eq!(book.window("c1", 0, 9_000), Evidence::default());
+        assert_eq!(book.window("c0", 0, 9_000).requests, 2);
+        assert_eq!(book.window("new", 0, 9_000).requests, 1);
+        let inner = book.lock();
+        assert_eq!(inner.clusters.len(), MAX_CLUSTERS);
+        assert_eq!(inner.samples, MAX_CLUSTERS + 1, "c0 has two, c1's one went");
+    }
+
+    #[test]
+    fn the_total_cap_drops_the_oldest_samples_anywhere() {
+        let book = MetricsBook::default();
+        let clusters = MAX_SAMPLES / MAX_SAMPLES_PER_CLUSTER + 1;
+        // Fill every cluster to its own cap; together they exceed the total.
+        let names: Vec<String> = (0..clusters).map(|i| format!("c{i}")).collect();
+        let labelled: Vec<(&str, &str)> = names
+            .iter()
+            .map(|n| ("envoy.cluster_name", n.as_str()))
+            .collect();
+        let metrics: Vec<(&[(&str, &str)], f64)> = labelled
+            .iter()
+            .map(|l| (std::slice::from_ref(l), 1.0))
+            .collect();
+        let families = vec![counter_family(COMPLETED, &metrics)];
+        for t in 0..MAX_SAMPLES_PER_CLUSTER as u64 {
+            ingest(&book, "e1", families.clone(), 1 + t);
+        }
+        let inner = book.lock();
+        assert_eq!(inner.samples, MAX_SAMPLES);
+        let kept: usize = inner.clusters.values().map(|s| s.samples.len()).sum();
+        assert_eq!(kept, MAX_SAMPLES);
+        let oldest = inner
+            .clusters
+            .values()
+            .filter_map(|s| s.samples.front().map(|f| f.at_ms))
+            .min();
+        let evicted = clusters * MAX_SAMPLES_PER_CLUSTER - MAX_SAMPLES;
+        assert_eq!(
+            oldest,
+            Some(1 + (evicted / clusters) as u64),
+            "oldest times went first"
+        );
+    }
+
+    #[test]
+    fn streams_show_who_is_connected_and_who_went_quiet() {
+        let book = MetricsBook::default();
+        let e1 = node("e1");
+        let first = book.open_stream(&e1, 1_000);
+        book.ingest(&e1, &message(flush("c", 1, 0, &[])), 1_000);
+        book.ingest(&e1, &message(flush("c", 1, 0, &[])), 2_000);
+        let s = &book.streams()[0];
+        assert_eq!(
+            s,
+            &StreamStatus {
+                node: "e1".into(),
+                connected: true,
+                connected_since_ms: 1_000,
+                last_message_ms: 2_000,
+                messages: 2,
+            }
+        );
+        assert!(!s.is_silent(4_000, 5_000));
+        assert!(s.is_silent(8_000, 5_000), "6 s without a message");
+        // A reconnect opens a second stream before the first one's end is seen.
+        let second = book.open_stream(&e1, 9_000);
+        book.close_stream(&e1, first);
+        assert!(
+            book.streams()[0].connected,
+            "the old stream's end does not count"
+        );
+        book.close_stream(&e1, second);
+        let s = &book.streams()[0];
+        assert!(!s.connected && s.is_silent(9_000, 5_000));
+    }
+
+    #[test]
+    fn the_stream_table_forgets_disconnected_envoys_first() {
+        let book = MetricsBook::default();
+        for i in 0..MAX_STREAMS {
+            let n = node(&format!("e{i}"));
+            let id = book.open_stream(&n, 1_000 + i as u64);
+            if i == 7 {
+                book.close_stream(&n, id);
+            }
+        }
+        book.open_stream(&node("late"), 9_000);
+        let streams = book.streams();
+        assert_eq!(streams.len(), MAX_STREAMS);
+        assert!(!streams.iter().any(|s| s.node == "e7"));
+        assert!(streams.iter().any(|s| s.node == "e0"));
+    }
+
+    #[test]
+    fn node_ids_are_validated() {
+        let mut msg = message(Vec::new());
+        assert_eq!(NodeId::from_message(&msg), Err(MetricsError::MissingNode));
+        msg.identifier = Some(Identifier {
+            node: Some(Node {
+                id: "edge-1".into(),
+                ..Default::default()
+            }),
+        });
+        assert_eq!(NodeId::from_message(&msg).unwrap().as_str(), "edge-1");
+        let long = "n".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(
+            NodeId::try_from(long.as_str()),
+            Err(MetricsError::NodeTooLong {
+                len: MAX_NAME_LEN + 1
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_histograms_count_nothing_extra() {
+        let h = Histogram {
+            sample_count: Some(2),
+            bucket: vec![
+                Bucket {
+                    upper_bound: Some(f64::NAN),
+                    cumulative_count: Some(9),
+                    ..Default::default()
+                },
+                Bucket {
+                    upper_bound: Some(10.0),
+                    cumulative_count: Some(2),
+                    ..Default::default()
+                },
+                Bucket {
+                    upper_bound: Some(5.0),
+                    cumulative_count: Some(3),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        // Sorted by bound: 5 → 3, then 10 → 2 (going down: nothing more).
+        assert_eq!(histogram_buckets(&h), vec![(5.0, 3)]);
+        assert_eq!(float_count(-3.0), 0);
+        assert_eq!(float_count(f64::INFINITY), 0);
+    }
+}

@@ -1,0 +1,297 @@
+//! In-process integration tests of the metrics sink: a real tonic server on a
+//! loopback listener, fed Envoy-shaped `StreamMetricsMessage`s by the
+//! generated gRPC client, then read through the book's windows.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::metrics::v3::StreamMetricsMessage;
+use envoy_types::pb::envoy::service::metrics::v3::metrics_service_client::MetricsServiceClient;
+use envoy_types::pb::envoy::service::metrics::v3::stream_metrics_message::Identifier;
+use envoy_types::pb::io::prometheus::client::{
+    Bucket, Counter, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use understudy_controlplane::metrics::{MetricsBook, MetricsSink, StreamStatus};
+use understudy_controlplane::model::{
+    Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight,
+};
+use understudy_controlplane::rollout::Evidence;
+use understudy_controlplane::store::Store;
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    LabelPair {
+        name: Some(name.into()),
+        value: Some(value.into()),
+    }
+}
+
+fn counter(name: &str, labels: Vec<LabelPair>, value: f64) -> MetricFamily {
+    MetricFamily {
+        name: Some(name.into()),
+        r#type: Some(MetricType::Counter as i32),
+        metric: vec![Metric {
+            label: labels,
+            counter: Some(Counter {
+                value: Some(value),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// One flush for `cluster` the way Envoy 1.40 sends it with
+/// `emit_tags_as_labels` and `report_counters_as_deltas`: per-flush counts,
+/// histogram buckets cumulative across bounds, no `+Inf` bucket.
+fn flush(cluster: &str, ok: u64, errors: u64, latency_ms: f64) -> Vec<MetricFamily> {
+    let c = || label("envoy.cluster_name", cluster);
+    let total = ok + errors;
+    let bounds = [1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0];
+    vec![
+        counter("cluster.upstream_rq_completed", vec![c()], total as f64),
+        counter(
+            "cluster.upstream_rq_xx",
+            vec![label("envoy.response_code_class", "2"), c()],
+            ok as f64,
+        ),
+        counter(
+            "cluster.upstream_rq_xx",
+            vec![label("envoy.response_code_class", "5"), c()],
+            errors as f64,
+        ),
+        // Same requests again, by origin: must not count twice.
+        counter(
+            "cluster.external.upstream_rq_completed",
+            vec![c()],
+            total as f64,
+        ),
+        MetricFamily {
+            name: Some("cluster.upstream_rq_time".into()),
+            r#type: Some(MetricType::Histogram as i32),
+            metric: vec![Metric {
+                label: vec![c()],
+                histogram: Some(Histogram {
+                    sample_count: Some(total),
+                    sample_sum: Some(latency_ms * total as f64),
+                    bucket: bounds
+                        .iter()
+                        .map(|b| Bucket {
+                            upper_bound: Some(*b),
+                            cumulative_count: Some(if latency_ms <= *b { total } else { 0 }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    ]
+}
+
+fn first_message(node: &str, families: Vec<MetricFamily>) -> StreamMetricsMessage {
+    StreamMetricsMessage {
+        identifier: Some(Identifier {
+            node: Some(Node {
+                id: node.into(),
+                ..Default::default()
+            }),
+        }),
+        envoy_metrics: families,
+    }
+}
+
+fn next_message(families: Vec<MetricFamily>) -> StreamMetricsMessage {
+    StreamMetricsMessage {
+        identifier: None,
+        envoy_metrics: families,
+    }
+}
+
+/// A sink on a loopback listener, bound before the server is spawned.
+async fn start_sink() -> (Arc<MetricsBook>, SocketAddr) {
+    let book = Arc::new(MetricsBook::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = MetricsSink::new(Arc::clone(&book)).into_service();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    (book, addr)
+}
+
+async fn client(addr: SocketAddr) -> MetricsServiceClient<tonic::transport::Channel> {
+    MetricsServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+/// Polls `check` until it holds (the server ingests asynchronously).
+async fn eventually<T: std::fmt::Debug>(
+    what: &str,
+    mut read: impl FnMut() -> T,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    for _ in 0..200 {
+        let v = read();
+        if check(&v) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: still {:?}", read());
+}
+
+#[tokio::test]
+async fn a_streamed_envoy_fills_windows_and_its_stream_status() {
+    let (book, addr) = start_sink().await;
+    let mut client = client(addr).await;
+    let start = now_ms();
+    let (tx, rx) = mpsc::channel(8);
+    let call = tokio::spawn(async move { client.stream_metrics(ReceiverStream::new(rx)).await });
+    tx.send(first_message("edge-1", flush("shop-canary", 7, 3, 40.0)))
+        .await
+        .unwrap();
+    tx.send(next_message(flush("shop-canary", 0, 0, 0.0)))
+        .await
+        .unwrap();
+    tx.send(next_message(flush("shop-canary", 2, 0, 3.0)))
+        .await
+        .unwrap();
+    let evidence = eventually(
+        "the canary's window",
+        || book.window("shop-canary", start - 1, now_ms()),
+        |e| e.requests == 12,
+    )
+    .await;
+    assert_eq!(evidence.errors, 3);
+    assert_eq!(evidence.latency_ms, vec![(5.0, 2), (50.0, 10)]);
+    assert!(evidence.last_update_ms.is_some_and(|t| t >= start));
+    assert_eq!(book.window("shop-stable", 0, now_ms()), Evidence::default());
+
+    let streams = book.streams();
+    assert_eq!(streams.len(), 1);
+    let StreamStatus {
+        node,
+        connected,
+        messages,
+        ..
+    } = &streams[0];
+    assert_eq!((node.as_str(), *connected, *messages), ("edge-1", true, 3));
+
+    // Envoy going away ends the stream: the node is no longer connected.
+    drop(tx);
+    call.await.unwrap().unwrap();
+    eventually("the stream closed", || book.streams(), |s| !s[0].connected).await;
+    assert!(book.streams()[0].is_silent(now_ms(), 60_000));
+}
+
+#[tokio::test]
+async fn two_envoys_add_up_and_a_reconnect_keeps_counting() {
+    let (book, addr) = start_sink().await;
+    let start = now_ms();
+    for (node, ok, errors) in [("edge-1", 10, 1), ("edge-2", 20, 2), ("edge-1", 5, 0)] {
+        let msgs = vec![first_message(node, flush("shop-stable", ok, errors, 8.0))];
+        client(addr)
+            .await
+            .stream_metrics(tokio_stream::iter(msgs))
+            .await
+            .unwrap();
+    }
+    let e = book.window("shop-stable", start - 1, now_ms());
+    assert_eq!((e.requests, e.errors), (38, 3));
+    assert_eq!(e.latency_ms, vec![(10.0, 38)]);
+    let nodes: Vec<(String, bool)> = book
+        .streams()
+        .into_iter()
+        .map(|s| (s.node, s.connected))
+        .collect();
+    assert_eq!(
+        nodes,
+        vec![("edge-1".into(), false), ("edge-2".into(), false)]
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_names_no_node_is_refused() {
+    let (book, addr) = start_sink().await;
+    let err = client(addr)
+        .await
+        .stream_metrics(tokio_stream::iter(vec![next_message(flush(
+            "c", 1, 0, 1.0,
+        ))]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("identifier.node.id"),
+        "{}",
+        err.message()
+    );
+    assert!(book.streams().is_empty());
+    assert_eq!(book.window("c", 0, now_ms()), Evidence::default());
+}
+
+/// `run` serves the sink on the xDS port, where Envoy's `understudy_xds`
+/// cluster already points.
+#[tokio::test]
+async fn the_control_plane_serves_the_sink_on_the_xds_port() {
+    let shop = Service {
+        name: "shop".into(),
+        domains: vec!["shop.example".into()],
+        stable: Backend {
+            endpoints: vec!["127.0.0.1:8081".parse().unwrap()],
+        },
+        canary: Backend {
+            endpoints: vec!["127.0.0.1:8082".parse().unwrap()],
+        },
+        canary_weight: Weight::ZERO,
+    };
+    let state = DesiredState {
+        listener: ListenerSettings {
+            address: "127.0.0.1".parse().unwrap(),
+            port: 10000,
+        },
+        filter: FilterSettings {
+            wasm_path: "/etc/envoy/understudy.wasm".into(),
+            config: json!({"routes": [{"name": "api", "path_prefix": "/api"}]}),
+            report_cluster: "understudy_xds".into(),
+        },
+        services: [("shop".to_string(), shop)].into_iter().collect(),
+    };
+    let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = xds.local_addr().unwrap();
+    tokio::spawn(understudy_controlplane::run(
+        Store::new(state).unwrap(),
+        xds,
+        api,
+        std::future::pending(),
+    ));
+    let msgs = vec![first_message("edge-1", flush("shop-stable", 1, 0, 1.0))];
+    client(addr)
+        .await
+        .stream_metrics(tokio_stream::iter(msgs))
+        .await
+        .unwrap();
+}
