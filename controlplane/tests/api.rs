@@ -518,25 +518,31 @@ async fn the_cli_client_drives_the_api() {
     use understudy_controlplane::cli::{Command, client};
     let api = start_default().await;
     let base = api.url("");
-    client(Command::SetWeight {
-        service: "shop".into(),
-        weight: 30,
-        api: base.clone(),
-    })
+    client(
+        Command::SetWeight {
+            service: "shop".into(),
+            weight: 30,
+            api: base.clone(),
+        },
+        None,
+    )
     .await
     .unwrap();
     assert_eq!(api.weight("shop").await, 30);
-    let err = client(Command::SetWeight {
-        service: "shop".into(),
-        weight: 130,
-        api: base.clone(),
-    })
+    let err = client(
+        Command::SetWeight {
+            service: "shop".into(),
+            weight: 130,
+            api: base.clone(),
+        },
+        None,
+    )
     .await
     .unwrap_err();
     assert!(err.to_string().contains("400"), "{err}");
     assert_eq!(api.weight("shop").await, 30);
-    client(Command::Services { api: base.clone() })
+    client(Command::Services { api: base.clone() }, None)
         .await
         .unwrap();
-    client(Command::Envoys { api: base }).await.unwrap();
+    client(Command::Envoys { api: base }, None).await.unwrap();
 }

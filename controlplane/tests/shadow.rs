@@ -633,22 +633,31 @@ async fn the_cli_prints_shadow_tables() {
         )],
     ))
     .await;
-    client(Command::Shadow {
-        route: None,
-        api: cp.api.clone(),
-    })
+    client(
+        Command::Shadow {
+            route: None,
+            api: cp.api.clone(),
+        },
+        None,
+    )
     .await
     .unwrap();
-    client(Command::Shadow {
-        route: Some("orders".into()),
-        api: cp.api.clone(),
-    })
+    client(
+        Command::Shadow {
+            route: Some("orders".into()),
+            api: cp.api.clone(),
+        },
+        None,
+    )
     .await
     .unwrap();
-    let err = client(Command::Shadow {
-        route: Some("nope".into()),
-        api: cp.api.clone(),
-    })
+    let err = client(
+        Command::Shadow {
+            route: Some("nope".into()),
+            api: cp.api.clone(),
+        },
+        None,
+    )
     .await
     .unwrap_err();
     assert!(err.to_string().contains("404"), "{err}");

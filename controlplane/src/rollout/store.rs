@@ -85,7 +85,7 @@ impl RolloutStore {
             let mut rollouts = txn.open_table(ROLLOUTS).map_err(db_err)?;
             rollouts.insert(id, bytes.as_slice()).map_err(db_err)?;
             let mut log = txn.open_table(AUDIT).map_err(db_err)?;
-            let mut next = match log
+            let next = match log
                 .range((id, 0)..=(id, u64::MAX))
                 .map_err(db_err)?
                 .next_back()
@@ -93,9 +93,8 @@ impl RolloutStore {
                 Some(last) => last.map_err(db_err)?.0.value().1 + 1,
                 None => 0,
             };
-            for e in &entries {
-                log.insert((id, next), e.as_slice()).map_err(db_err)?;
-                next += 1;
+            for (seq, e) in (next..).zip(&entries) {
+                log.insert((id, seq), e.as_slice()).map_err(db_err)?;
             }
         }
         txn.commit().map_err(db_err)?;
