@@ -18,6 +18,7 @@
 //! | POST | `/v1/shadow/samples/{id}/replay` | replay it (`{"cluster"}` optional) and compare again |
 //! | GET | `/v1/shadow/noise` | noise learned from A/A calibration, per route and path |
 //! | DELETE | `/v1/shadow/noise/{route}` | forget a route's calibration data |
+//! | POST/GET | `/v1/rollouts[/{id}[/{action}]]` | canary rollouts (see [`crate::rollout::api`]) |
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with a 4xx status.
 //! Every path but the probes needs a bearer token (see [`crate::auth`]).
@@ -49,6 +50,7 @@ pub struct ApiState {
     pub usage: Arc<UsageBook>,
     pub shadow: Arc<ShadowBook>,
     pub auth: Arc<Auth>,
+    pub engine: Arc<crate::rollout::engine::Engine>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -73,6 +75,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/shadow/samples/{id}/replay", post(replay_sample))
         .route("/v1/shadow/noise", get(shadow_noise))
         .route("/v1/shadow/noise/{route}", delete(forget_noise))
+        .merge(crate::rollout::api::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })

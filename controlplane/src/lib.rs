@@ -18,6 +18,9 @@
 //!   learned from A/A calibration.
 //! - [`metrics`]: Envoy's stats stream (gRPC `MetricsService`): per-cluster
 //!   requests, 5xx and latency per Envoy and flush, summed over windows.
+//! - [`rollout`]: canary rollouts: the spec, the judge (statistics), the
+//!   engine (a persisted state machine) and its API.
+//! - [`auth`]: bearer tokens with roles, and the API's rate limit.
 //! - [`api`]: the axum JSON API.
 //! - [`cli`]: the `understudy` command's client side.
 
@@ -50,7 +53,15 @@ pub enum RunError {
     Xds(#[from] tonic::transport::Error),
     #[error("API server failed: {0}")]
     Api(std::io::Error),
+    #[error(transparent)]
+    Rollouts(#[from] rollout::store::RolloutStoreError),
+    #[error("loading rollouts: {0}")]
+    Engine(#[from] rollout::engine::EngineError),
 }
+
+/// How often the engine looks for rollouts due an evaluation (each
+/// rollout's own `analysis.interval_s` decides when it is judged).
+pub const ENGINE_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What the control plane runs with beyond its desired state.
 #[derive(Debug)]
@@ -99,8 +110,23 @@ pub async fn run_with(
     let registry = Arc::new(Registry::default());
     let usage = Arc::new(usage::UsageBook::default());
     let shadow = Arc::new(shadow::ShadowBook::default());
-    // TODO(engine): pass `metrics` to the rollout engine (`rollout::engine::Sources`).
     let metrics = Arc::new(metrics::MetricsBook::default());
+    let rollouts = match options.rollouts {
+        Some(db) => db,
+        None => rollout::store::RolloutStore::in_memory()?,
+    };
+    let sources = rollout::engine::Sources {
+        metrics: Arc::clone(&metrics),
+        shadow: Arc::clone(&shadow),
+        registry: Arc::clone(&registry),
+    };
+    // Every stored rollout resumes where it was.
+    let engine = Arc::new(rollout::engine::Engine::new(
+        store.clone(),
+        rollouts,
+        sources,
+    )?);
+    tokio::spawn(Arc::clone(&engine).run(ENGINE_PERIOD));
     let ads = AdsServer::new(store.subscribe(), Arc::clone(&registry));
     // Fleet-wide limits follow the number of connected Envoys.
     let mut fleet = registry.fleet();
@@ -117,6 +143,7 @@ pub async fn run_with(
         usage: Arc::clone(&usage),
         shadow: Arc::clone(&shadow),
         auth: Arc::new(options.auth),
+        engine,
     });
     info!(xds = ?xds_listener.local_addr().ok(), api = ?api_listener.local_addr().ok(), "control plane listening");
     let xds = tonic::transport::Server::builder()

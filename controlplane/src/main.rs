@@ -4,8 +4,8 @@ use anyhow::Context;
 use clap::Parser;
 use understudy_controlplane::Options;
 use understudy_controlplane::auth::{Auth, Limits};
-use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::cli::{Cli, Command, client};
+use understudy_controlplane::rollout::store::RolloutStore;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

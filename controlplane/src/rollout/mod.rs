@@ -2,6 +2,9 @@
 //! evidence.
 //!
 //! - [`spec`]: the rollout spec as written (YAML or JSON) and its validation.
+//! - [`engine`]: the persisted state machine that gathers evidence, asks the
+//!   judge and moves the weights; [`store`]: where it persists; [`api`]: its
+//!   HTTP endpoints.
 //! - [`judge`]: the statistics: canary against stable over a step's window,
 //!   with a verdict (promote, hold, rollback) and the numbers behind it.
 //!
@@ -10,6 +13,8 @@
 //! metrics stream; [`ShadowEvidence`] is the shadow stage's comparison
 //! counts from the filter's reports.
 
+pub mod api;
+pub mod engine;
 pub mod judge;
 pub mod spec;
 pub mod store;

@@ -8,7 +8,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -256,6 +256,8 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
         ]),
         &dir.join("v2.log"),
     )?;
+    let tokens = dir.join("tokens.txt");
+    std::fs::write(&tokens, format!("demo:operator:{DEMO_TOKEN}\n"))?;
     let _cp = spawn(
         "control plane",
         &release.join("understudy"),
@@ -263,7 +265,12 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
             "serve",
             "--state",
             &state_file.display().to_string(),
-            "--insecure-no-auth",
+            "--tokens",
+            &tokens.display().to_string(),
+            "--rollouts",
+            &dir.join(format!("rollouts-{}.redb", std::process::id()))
+                .display()
+                .to_string(),
         ]),
         &dir.join("controlplane.log"),
     )?;
@@ -272,60 +279,91 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
         .quiet();
     envoy.wait_ready().await?;
     eprintln!(
-        "Envoy admin on http://{}; control plane API on http://127.0.0.1:18080; logs in {}",
+        "Envoy admin on http://{}; control plane API on http://127.0.0.1:18080 \
+         (token: {DEMO_TOKEN}); logs in {}",
         envoy.admin,
         dir.display()
     );
 
     let url = "http://127.0.0.1:10000/";
     let http = understudy_e2e::traffic::client();
+    let api = understudy_controlplane::cli::http_client(Some(DEMO_TOKEN))?;
     wait::until("the listener to answer", Duration::from_secs(20), || {
         let http = http.clone();
         async move { Ok(http.get(url).send().await.ok().map(|_| ())) }
     })
     .await?;
     let load = Load::start(url, 4);
-    let steps = [0u32, 1, 5, 20, 50, 100];
-    let run_steps = async {
-        for weight in steps {
-            let r = http
-                .put("http://127.0.0.1:18080/v1/services/demo/canary-weight")
-                .json(&serde_json::json!({ "weight": weight }))
-                .send()
-                .await?;
-            if !r.status().is_success() {
-                bail!("setting weight {weight}: {}", r.text().await?);
-            }
-            println!("== canary weight {weight}% ==");
-            let until = Instant::now() + step;
-            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let secs = step.as_secs_f64();
+    let spec = serde_json::json!({
+        "service": "demo",
+        "owner": "demo",
+        "description": "v2 of the demo service",
+        "stop_rules": {"max_error_rate_increase_pp": 1.0, "max_p99_ratio": 2.0,
+                       "max_unexpected_mismatch_rate": 0.5},
+        "shadow": {"route": "all", "percent": 100, "min_duration_s": secs, "min_compared": 50,
+                   "max_serious_rate": 1.0, "max_unexpected_rate": 1.0},
+        "defaults": {"min_duration_s": secs, "min_requests": 50},
+        "analysis": {"interval_s": 0.5, "min_requests_per_side": 50}
+    });
+    let created = api
+        .post("http://127.0.0.1:18080/v1/rollouts")
+        .body(spec.to_string())
+        .send()
+        .await?;
+    if !created.status().is_success() {
+        bail!("creating the rollout: {}", created.text().await?);
+    }
+    let created: serde_json::Value = created.json().await?;
+    let id = created["id"].as_str().unwrap_or_default().to_owned();
+    println!("== rollout {id} created: shadow stage, then canary 1 → 5 → 20 → 50 → 100 % ==");
+    let follow = async {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.tick().await;
+        let mut last = load.snapshot();
+        let mut seen_audit = 0;
+        loop {
             ticker.tick().await;
-            let mut last = load.snapshot();
-            while Instant::now() < until {
-                ticker.tick().await;
-                let now = load.snapshot();
-                print_split(weight, &last, &now);
-                last = now;
+            let view: serde_json::Value = api
+                .get(format!("http://127.0.0.1:18080/v1/rollouts/{id}"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            for entry in view["audit"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .skip(seen_audit)
+            {
+                println!(
+                    ">> {} -> {} ({}): {}",
+                    entry["from"].as_str().unwrap_or(""),
+                    entry["to"].as_str().unwrap_or(""),
+                    entry["actor"].as_str().unwrap_or(""),
+                    entry["reason"].as_str().unwrap_or("")
+                );
+                seen_audit += 1;
+            }
+            let weight = view["weights"]["canary"].as_u64().unwrap_or(0) as u32;
+            let now = load.snapshot();
+            print_split(weight, &last, &now);
+            println!("   {}", understudy_controlplane::cli::watch_line(&view));
+            last = now;
+            let state = view["phase"]["state"].as_str().unwrap_or("");
+            if matches!(state, "succeeded" | "rolled_back" | "aborted") {
+                println!(
+                    "== rollout {state}{} ==",
+                    if once { "" } else { "; Ctrl-C to stop" }
+                );
+                if once {
+                    return anyhow::Ok(());
+                }
             }
         }
-        println!(
-            "rollout complete: 100% on v2.{}",
-            if once { "" } else { " Ctrl-C to stop." }
-        );
-        if !once {
-            let mut ticker = tokio::time::interval(Duration::from_secs(1));
-            let mut last = load.snapshot();
-            loop {
-                ticker.tick().await;
-                let now = load.snapshot();
-                print_split(100, &last, &now);
-                last = now;
-            }
-        }
-        anyhow::Ok(())
     };
     tokio::select! {
-        r = run_steps => r?,
+        r = follow => r?,
         _ = tokio::signal::ctrl_c() => println!("\nCtrl-C: stopping"),
     }
     let total = load.stop().await;
@@ -337,6 +375,9 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
     );
     Ok(())
 }
+
+/// The demo's operator token (printed, so you can call the API yourself).
+const DEMO_TOKEN: &str = "demo-operator-token-0001";
 
 fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()

@@ -1,0 +1,143 @@
+//! The rollout endpoints of the JSON API (merged into [`crate::api::router`]).
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | POST | `/v1/rollouts` | create from a YAML or JSON spec (the request body) |
+//! | GET | `/v1/rollouts` | all rollouts, one line each |
+//! | GET | `/v1/rollouts/{id}` | stage, weights, verdict with its numbers, audit log, release marks |
+//! | POST | `/v1/rollouts/{id}/{action}` | `pause`, `resume`, `promote` or `abort` |
+
+use std::time::SystemTime;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::Serialize;
+
+use super::engine::{Action, EngineError, Phase, Rollout, RolloutView};
+use crate::api::{ApiError, ApiState};
+use crate::auth::Principal;
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let (status, code) = match &e {
+            EngineError::Change(_) => {
+                let EngineError::Change(c) = e else {
+                    return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "");
+                };
+                return c.into();
+            }
+            EngineError::Spec(_) | EngineError::Invalid { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_spec")
+            }
+            EngineError::Unknown(_) => (StatusCode::NOT_FOUND, "unknown_rollout"),
+            EngineError::Busy { .. } => (StatusCode::CONFLICT, "rollout_active"),
+            EngineError::Conflict { .. } => (StatusCode::CONFLICT, "invalid_action"),
+            EngineError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "persist_failed"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+pub fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/v1/rollouts", get(list).post(create))
+        .route("/v1/rollouts/{id}", get(read))
+        .route("/v1/rollouts/{id}/{action}", post(act))
+}
+
+/// One rollout in the list.
+#[derive(Debug, Serialize)]
+pub struct Line {
+    pub id: String,
+    pub service: String,
+    pub owner: String,
+    pub stage: String,
+    pub phase: Phase,
+    pub paused: bool,
+    pub canary_weight: u32,
+    pub verdict: Option<String>,
+    pub reason: Option<String>,
+    pub created_ms: u64,
+}
+
+impl From<Rollout> for Line {
+    fn from(r: Rollout) -> Self {
+        let (verdict, reason) = match &r.last_judgement {
+            Some(j) => (
+                serde_json::to_value(j.verdict)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned)),
+                Some(j.reason.clone()),
+            ),
+            None => (None, None),
+        };
+        Line {
+            id: r.id,
+            service: r.spec.service,
+            owner: r.spec.owner,
+            stage: String::new(),
+            phase: r.phase,
+            paused: r.paused,
+            canary_weight: r.weight,
+            verdict,
+            reason,
+            created_ms: r.created_ms,
+        }
+    }
+}
+
+async fn create(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    body: String,
+) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
+    let rollout = s.engine.create(&body, &who.name, SystemTime::now())?;
+    Ok((StatusCode::CREATED, Json(s.engine.view(&rollout.id)?)))
+}
+
+async fn list(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    let lines: Vec<Line> = s
+        .engine
+        .list()
+        .into_iter()
+        .map(|r| {
+            let stage = s.engine.view(&r.id).map(|v| v.stage).unwrap_or_default();
+            Line {
+                stage,
+                ..Line::from(r)
+            }
+        })
+        .collect();
+    Json(serde_json::json!({"rollouts": lines}))
+}
+
+async fn read(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutView>, ApiError> {
+    Ok(Json(s.engine.view(&id)?))
+}
+
+async fn act(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<RolloutView>, ApiError> {
+    let action = match action.as_str() {
+        "pause" => Action::Pause,
+        "resume" => Action::Resume,
+        "promote" => Action::Promote,
+        "abort" => Action::Abort,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_action",
+                format!("{other:?} is not an action (pause, resume, promote, abort)"),
+            ));
+        }
+    };
+    s.engine.act(&id, action, &who.name, SystemTime::now())?;
+    Ok(Json(s.engine.view(&id)?))
+}

@@ -1,0 +1,701 @@
+//! The rollout engine: a state machine per rollout, persisted in the
+//! [`RolloutStore`], driven by a timer that gathers evidence, asks the
+//! [`judge`](super::judge) and carries out the verdict.
+//!
+//! Phases: `shadow` (optional) → `canary` step by step (weights from the
+//! spec; a step with a manual gate waits in `awaiting_approval` before its
+//! weight goes out) → `succeeded`; or `rolled_back` / `aborted` at any point.
+//! A paused rollout keeps its weight and is not evaluated.
+//!
+//! Every transition is appended to the audit log with the time, from, to,
+//! actor (`engine` or the API caller), reason, and the judgement (with its
+//! numbers) that justified it. Release marks (a timestamp per transition)
+//! are kept on the rollout for dashboards.
+//!
+//! Effects: a new weight is a `set_canary_weight` on the desired state (an
+//! RDS push); the shadow stage turns the route's `shadow` on in the filter
+//! config (an ECDS push) and any rollback or the end of the stage turns it
+//! off again. A NACK of anything pushed after the rollout started halts it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::judge::{self, Judgement, Verdict};
+use super::spec::{RolloutSpec, SpecError};
+use super::store::{RolloutStore, RolloutStoreError};
+use super::{Evidence, ShadowEvidence};
+use crate::metrics::MetricsBook;
+use crate::model::{FilterSettings, Weight};
+use crate::shadow::ShadowBook;
+use crate::store::{ChangeError, Store};
+use crate::xds::Registry;
+
+/// The actor recorded for the engine's own decisions.
+pub const ENGINE: &str = "engine";
+
+pub fn now_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Phase {
+    Shadow,
+    Canary {
+        step: usize,
+    },
+    /// Waiting for a manual promote before step `step`'s weight goes out.
+    AwaitingApproval {
+        step: usize,
+    },
+    Succeeded,
+    RolledBack {
+        reason: String,
+    },
+    Aborted {
+        reason: String,
+    },
+}
+
+impl Phase {
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self,
+            Phase::Shadow | Phase::Canary { .. } | Phase::AwaitingApproval { .. }
+        )
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Phase::Shadow => "shadow".into(),
+            Phase::Canary { step } => format!("canary step {}", step + 1),
+            Phase::AwaitingApproval { step } => format!("awaiting approval for step {}", step + 1),
+            Phase::Succeeded => "succeeded".into(),
+            Phase::RolledBack { .. } => "rolled_back".into(),
+            Phase::Aborted { .. } => "aborted".into(),
+        }
+    }
+}
+
+/// A release mark: when the rollout entered a phase, at which weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mark {
+    pub time_ms: u64,
+    pub phase: String,
+    pub weight: u32,
+}
+
+/// Shadow counts at the start of the stage, so the stage is judged on its
+/// own pairs only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowBaseline {
+    pub compared: u64,
+    pub serious: u64,
+    pub unexpected: u64,
+}
+
+/// A rollout as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    pub spec: RolloutSpec,
+    pub phase: Phase,
+    #[serde(default)]
+    pub paused: bool,
+    pub created_ms: u64,
+    pub created_by: String,
+    /// When the current phase (step) started: its evidence window.
+    pub phase_started_ms: u64,
+    /// The canary weight this rollout last applied.
+    pub weight: u32,
+    #[serde(default)]
+    pub shadow_baseline: ShadowBaseline,
+    #[serde(default)]
+    pub last_judgement: Option<Judgement>,
+    #[serde(default)]
+    pub last_evaluated_ms: u64,
+    #[serde(default)]
+    pub marks: Vec<Mark>,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub time_ms: u64,
+    pub from: String,
+    pub to: String,
+    pub actor: String,
+    pub reason: String,
+    /// The judgement (or other numbers) that justified the transition.
+    pub snapshot: serde_json::Value,
+}
+
+/// A rollout as `GET /v1/rollouts/{id}` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutView {
+    #[serde(flatten)]
+    pub rollout: Rollout,
+    pub stage: String,
+    pub weights: Weights,
+    pub audit: Vec<AuditEntry>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Weights {
+    pub stable: u32,
+    pub canary: u32,
+}
+
+/// A manual action through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Spec(#[from] SpecError),
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("rollout {0:?} does not exist")]
+    Unknown(String),
+    #[error("service {service:?} already has an active rollout ({id})")]
+    Busy { service: String, id: String },
+    #[error("rollout {id} is {phase}: {action:?} does not apply")]
+    Conflict {
+        id: String,
+        phase: String,
+        action: Action,
+    },
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    #[error(transparent)]
+    Store(#[from] RolloutStoreError),
+}
+
+/// Where the engine reads evidence from.
+#[derive(Clone)]
+pub struct Sources {
+    pub metrics: Arc<MetricsBook>,
+    pub shadow: Arc<ShadowBook>,
+    pub registry: Arc<Registry>,
+}
+
+pub struct Engine {
+    store: Store,
+    db: RolloutStore,
+    sources: Sources,
+    rollouts: Mutex<BTreeMap<String, Rollout>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+/// What one transition does besides changing the phase.
+struct Step {
+    to: Phase,
+    weight: Option<u32>,
+    shadow: Option<bool>,
+    reason: String,
+    actor: String,
+    snapshot: serde_json::Value,
+}
+
+impl Engine {
+    /// Loads every stored rollout; active ones resume where they were.
+    pub fn new(store: Store, db: RolloutStore, sources: Sources) -> Result<Self, EngineError> {
+        let loaded: Vec<Rollout> = db.load_all()?;
+        let rollouts = loaded.into_iter().map(|r| (r.id.clone(), r)).collect();
+        Ok(Self {
+            store,
+            db,
+            sources,
+            rollouts: Mutex::new(rollouts),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Rollout>> {
+        self.rollouts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates and starts a rollout.
+    pub fn create(&self, text: &str, actor: &str, now: SystemTime) -> Result<Rollout, EngineError> {
+        let spec = RolloutSpec::from_yaml_or_json(text)?;
+        let service = self
+            .store
+            .service(&spec.service)
+            .map_err(|e| EngineError::Invalid {
+                field: "service",
+                reason: e.to_string(),
+            })?;
+        if service.canary.endpoints.is_empty() {
+            return Err(EngineError::Invalid {
+                field: "service",
+                reason: format!("service {:?} has no canary endpoints", spec.service),
+            });
+        }
+        if let Some(stage) = &spec.shadow {
+            let filter = self.store.state().filter;
+            let config =
+                understudy_core::FilterConfig::from_value(&filter.config).map_err(|e| {
+                    EngineError::Invalid {
+                        field: "shadow.route",
+                        reason: e.to_string(),
+                    }
+                })?;
+            if !config.routes().iter().any(|r| r.name == stage.route) {
+                return Err(EngineError::Invalid {
+                    field: "shadow.route",
+                    reason: format!("the filter config has no route named {:?}", stage.route),
+                });
+            }
+        }
+        let mut rollouts = self.lock();
+        if let Some(active) = rollouts
+            .values()
+            .find(|r| r.spec.service == spec.service && r.phase.is_active())
+        {
+            return Err(EngineError::Busy {
+                service: spec.service.clone(),
+                id: active.id.clone(),
+            });
+        }
+        let n = rollouts
+            .values()
+            .filter(|r| r.spec.service == spec.service)
+            .count();
+        let t = now_ms(now);
+        let id = format!("{}-{}", spec.service, n + 1);
+        let first = if spec.shadow.is_some() {
+            Phase::Shadow
+        } else {
+            Self::enter_step(&spec, 0)
+        };
+        let mut rollout = Rollout {
+            id: id.clone(),
+            spec,
+            phase: Phase::Shadow,
+            paused: false,
+            created_ms: t,
+            created_by: actor.to_owned(),
+            phase_started_ms: t,
+            weight: service.canary_weight.percent(),
+            shadow_baseline: ShadowBaseline::default(),
+            last_judgement: None,
+            last_evaluated_ms: 0,
+            marks: Vec::new(),
+        };
+        let weight = match first {
+            Phase::Canary { step } => rollout.spec.steps.get(step).map(|s| s.weight),
+            _ => Some(0),
+        };
+        let step = Step {
+            shadow: Some(first == Phase::Shadow),
+            to: first,
+            weight,
+            reason: format!("created by {actor}"),
+            actor: actor.to_owned(),
+            snapshot: serde_json::json!({"spec": rollout.spec}),
+        };
+        self.transition(&mut rollout, step, "created", t)?;
+        rollouts.insert(id, rollout.clone());
+        Ok(rollout)
+    }
+
+    fn enter_step(spec: &RolloutSpec, step: usize) -> Phase {
+        match spec.steps.get(step) {
+            Some(s) if s.manual_gate => Phase::AwaitingApproval { step },
+            Some(_) => Phase::Canary { step },
+            None => Phase::Succeeded,
+        }
+    }
+
+    /// Carries out `step` on `rollout`: effects first (so a failed push is
+    /// an error and nothing is recorded), then the record and its audit
+    /// entry in one database transaction.
+    fn transition(
+        &self,
+        rollout: &mut Rollout,
+        step: Step,
+        from_label: &str,
+        t: u64,
+    ) -> Result<(), EngineError> {
+        if let Some(w) = step.weight
+            && w != rollout.weight
+        {
+            let weight = Weight::try_from(i64::from(w)).map_err(ChangeError::Invalid)?;
+            self.store
+                .set_canary_weight(&rollout.spec.service, weight)?;
+            rollout.weight = w;
+        }
+        if let Some(on) = step.shadow {
+            self.set_shadow(rollout, on)?;
+            if on {
+                rollout.shadow_baseline = self.shadow_counts(rollout).0;
+            }
+        }
+        let entry = AuditEntry {
+            time_ms: t,
+            from: from_label.to_owned(),
+            to: step.to.label(),
+            actor: step.actor,
+            reason: step.reason.clone(),
+            snapshot: step.snapshot,
+        };
+        info!(rollout = %rollout.id, from = %entry.from, to = %entry.to, actor = %entry.actor, reason = %entry.reason, "rollout transition");
+        rollout.phase = step.to;
+        rollout.phase_started_ms = t;
+        rollout.marks.push(Mark {
+            time_ms: t,
+            phase: rollout.phase.label(),
+            weight: rollout.weight,
+        });
+        self.db.save(&rollout.id, rollout, &[entry])?;
+        Ok(())
+    }
+
+    /// Turns the shadow stage's route shadowing on (to the canary cluster,
+    /// keeping any comparison rules already configured) or off.
+    fn set_shadow(&self, rollout: &Rollout, on: bool) -> Result<(), EngineError> {
+        let Some(stage) = &rollout.spec.shadow else {
+            return Ok(());
+        };
+        let FilterSettings {
+            wasm_path,
+            mut config,
+            report_cluster,
+        } = self.store.state().filter;
+        let canary = format!("{}-canary", rollout.spec.service);
+        let mut changed = false;
+        if let Some(routes) = config.get_mut("routes").and_then(|r| r.as_array_mut()) {
+            for route in routes.iter_mut() {
+                if route.get("name").and_then(|n| n.as_str()) != Some(stage.route.as_str()) {
+                    continue;
+                }
+                let Some(obj) = route.as_object_mut() else {
+                    continue;
+                };
+                if on {
+                    let mut shadow = obj
+                        .get("shadow")
+                        .cloned()
+                        .unwrap_or_else(|| serde_json::json!({}));
+                    if let Some(s) = shadow.as_object_mut() {
+                        s.insert("cluster".into(), serde_json::json!(canary));
+                        s.insert("percent".into(), serde_json::json!(stage.percent));
+                        s.remove("calibration");
+                    }
+                    obj.insert("shadow".into(), shadow);
+                    changed = true;
+                } else if obj.remove("shadow").is_some() {
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.store.put_filter(FilterSettings {
+                wasm_path,
+                config,
+                report_cluster,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The shadow route's live counts now, and when it last reported.
+    fn shadow_counts(&self, rollout: &Rollout) -> (ShadowBaseline, Option<u64>) {
+        let Some(stage) = &rollout.spec.shadow else {
+            return (ShadowBaseline::default(), None);
+        };
+        self.sources
+            .shadow
+            .summaries()
+            .into_iter()
+            .find(|s| s.route == stage.route)
+            .map_or((ShadowBaseline::default(), None), |s| {
+                (
+                    ShadowBaseline {
+                        compared: s.live.compared,
+                        serious: s.live.mismatched_serious,
+                        unexpected: s.live.unexpected,
+                    },
+                    Some(now_ms(s.last_report)),
+                )
+            })
+    }
+
+    fn shadow_evidence(&self, rollout: &Rollout) -> ShadowEvidence {
+        let (now, last) = self.shadow_counts(rollout);
+        let base = &rollout.shadow_baseline;
+        ShadowEvidence {
+            compared: now.compared.saturating_sub(base.compared),
+            serious: now.serious.saturating_sub(base.serious),
+            unexpected: now.unexpected.saturating_sub(base.unexpected),
+            // Reports from before the stage are not evidence for it.
+            last_update_ms: last.filter(|t| *t >= rollout.phase_started_ms),
+        }
+    }
+
+    fn evidence(&self, rollout: &Rollout, now: u64) -> (Evidence, Evidence) {
+        let service = &rollout.spec.service;
+        let window = |cluster: String| {
+            self.sources
+                .metrics
+                .window(&cluster, rollout.phase_started_ms, now)
+        };
+        (
+            window(format!("{service}-stable")),
+            window(format!("{service}-canary")),
+        )
+    }
+
+    /// A NACK recorded since the rollout's latest push.
+    fn nack_since(&self, since_ms: u64) -> Option<String> {
+        self.sources
+            .registry
+            .nacks()
+            .into_iter()
+            .find(|n| now_ms(n.nack.at) >= since_ms)
+            .map(|n| {
+                format!(
+                    "Envoy {} rejected {} version {}: {}",
+                    n.node_id.as_deref().unwrap_or("?"),
+                    n.nack.type_url.rsplit('.').next().unwrap_or(""),
+                    n.nack.version,
+                    n.nack.error
+                )
+            })
+    }
+
+    /// Evaluates every active rollout whose interval has passed.
+    pub fn tick(&self, now: SystemTime) {
+        let t = now_ms(now);
+        let ids: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|r| r.phase.is_active() && !r.paused)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in ids {
+            if let Err(e) = self.evaluate(&id, t) {
+                warn!(rollout = %id, error = %e, "rollout evaluation failed");
+            }
+        }
+    }
+
+    fn evaluate(&self, id: &str, t: u64) -> Result<(), EngineError> {
+        let mut rollouts = self.lock();
+        let Some(rollout) = rollouts.get_mut(id) else {
+            return Ok(());
+        };
+        let interval_ms = (rollout.spec.analysis.interval_s * 1000.0) as u64;
+        if !rollout.phase.is_active()
+            || rollout.paused
+            || t.saturating_sub(rollout.last_evaluated_ms) < interval_ms
+        {
+            return Ok(());
+        }
+        rollout.last_evaluated_ms = t;
+        let from = rollout.phase.label();
+        if rollout.spec.stop_rules.halt_on_nack
+            && let Some(first_mark) = rollout.marks.first().map(|m| m.time_ms)
+            && let Some(nack) = self.nack_since(first_mark)
+        {
+            let step = self.rollback_step(rollout, format!("halted: {nack}"), ENGINE);
+            return self.transition(rollout, step, &from, t);
+        }
+        let judgement = match rollout.phase {
+            Phase::Shadow => {
+                let Some(stage) = &rollout.spec.shadow else {
+                    return Ok(());
+                };
+                let ev = self.shadow_evidence(rollout);
+                judge::judge_shadow(
+                    stage,
+                    &rollout.spec.stop_rules,
+                    &rollout.spec.analysis,
+                    &ev,
+                    t,
+                    rollout.phase_started_ms,
+                )
+            }
+            Phase::Canary { step } => {
+                let Some(s) = rollout.spec.steps.get(step) else {
+                    return Ok(());
+                };
+                let (stable, canary) = self.evidence(rollout, t);
+                judge::judge(
+                    &rollout.spec.stop_rules,
+                    &rollout.spec.analysis,
+                    s,
+                    &stable,
+                    &canary,
+                    t,
+                    rollout.phase_started_ms,
+                )
+            }
+            _ => return Ok(()),
+        };
+        let snapshot = serde_json::to_value(&judgement).unwrap_or_default();
+        let verdict = judgement.verdict;
+        let reason = judgement.reason.clone();
+        rollout.last_judgement = Some(judgement);
+        match verdict {
+            Verdict::Hold => {
+                self.db.save::<_, AuditEntry>(&rollout.id, rollout, &[])?;
+                Ok(())
+            }
+            Verdict::Rollback => {
+                let mut step = self.rollback_step(rollout, reason, ENGINE);
+                step.snapshot = snapshot;
+                self.transition(rollout, step, &from, t)
+            }
+            Verdict::Promote => {
+                let mut step = self.advance_step(rollout, reason, ENGINE);
+                step.snapshot = snapshot;
+                self.transition(rollout, step, &from, t)
+            }
+        }
+    }
+
+    fn rollback_step(&self, rollout: &Rollout, reason: String, actor: &str) -> Step {
+        Step {
+            to: Phase::RolledBack {
+                reason: reason.clone(),
+            },
+            weight: Some(0),
+            shadow: rollout.spec.shadow.as_ref().map(|_| false),
+            reason,
+            actor: actor.to_owned(),
+            snapshot: serde_json::Value::Null,
+        }
+    }
+
+    /// The next phase after the current one passes (or is promoted by hand).
+    fn advance_step(&self, rollout: &Rollout, reason: String, actor: &str) -> Step {
+        let (to, shadow) = match rollout.phase {
+            Phase::Shadow => (Self::enter_step(&rollout.spec, 0), Some(false)),
+            Phase::Canary { step } => (Self::enter_step(&rollout.spec, step + 1), None),
+            // A manual promote opens the gate.
+            Phase::AwaitingApproval { step } => (Phase::Canary { step }, None),
+            ref other => (other.clone(), None),
+        };
+        let weight = match to {
+            Phase::Canary { step } => rollout.spec.steps.get(step).map(|s| s.weight),
+            _ => None,
+        };
+        Step {
+            to,
+            weight,
+            shadow,
+            reason,
+            actor: actor.to_owned(),
+            snapshot: serde_json::Value::Null,
+        }
+    }
+
+    /// A manual action by `actor`.
+    pub fn act(
+        &self,
+        id: &str,
+        action: Action,
+        actor: &str,
+        now: SystemTime,
+    ) -> Result<Rollout, EngineError> {
+        let t = now_ms(now);
+        let mut rollouts = self.lock();
+        let rollout = rollouts
+            .get_mut(id)
+            .ok_or_else(|| EngineError::Unknown(id.to_owned()))?;
+        let from = rollout.phase.label();
+        let conflict = || EngineError::Conflict {
+            id: id.to_owned(),
+            phase: from.clone(),
+            action,
+        };
+        if !rollout.phase.is_active() {
+            return Err(conflict());
+        }
+        match action {
+            Action::Pause | Action::Resume => {
+                let pause = action == Action::Pause;
+                if rollout.paused == pause {
+                    return Err(conflict());
+                }
+                rollout.paused = pause;
+                let what = if pause { "paused" } else { "resumed" };
+                let entry = AuditEntry {
+                    time_ms: t,
+                    from: from.clone(),
+                    to: from.clone(),
+                    actor: actor.to_owned(),
+                    reason: format!("{what} by {actor}"),
+                    snapshot: serde_json::Value::Null,
+                };
+                rollout.marks.push(Mark {
+                    time_ms: t,
+                    phase: what.to_owned(),
+                    weight: rollout.weight,
+                });
+                self.db.save(&rollout.id, rollout, &[entry])?;
+            }
+            Action::Promote => {
+                let step = self.advance_step(rollout, format!("promoted by {actor}"), actor);
+                self.transition(rollout, step, &from, t)?;
+            }
+            Action::Abort => {
+                let mut step = self.rollback_step(rollout, format!("aborted by {actor}"), actor);
+                step.to = Phase::Aborted {
+                    reason: format!("aborted by {actor}"),
+                };
+                self.transition(rollout, step, &from, t)?;
+            }
+        }
+        Ok(rollout.clone())
+    }
+
+    pub fn list(&self) -> Vec<Rollout> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn view(&self, id: &str) -> Result<RolloutView, EngineError> {
+        let rollout = self
+            .lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EngineError::Unknown(id.to_owned()))?;
+        let audit = self.db.audit(id)?;
+        Ok(RolloutView {
+            stage: rollout.phase.label(),
+            weights: Weights {
+                stable: 100 - rollout.weight.min(100),
+                canary: rollout.weight,
+            },
+            rollout,
+            audit,
+        })
+    }
+
+    /// Evaluates on a timer until the process ends.
+    pub async fn run(self: Arc<Self>, period: Duration) {
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.tick(SystemTime::now());
+        }
+    }
+}

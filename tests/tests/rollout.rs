@@ -1,0 +1,376 @@
+//! Canary rollouts, end to end: real Envoy streaming its stats to the real
+//! control plane, whose engine judges canary against stable and moves the
+//! weights (RDS) or rolls back, with short stage durations.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use understudy_e2e::controlplane::{OPERATOR, VIEWER_TOKEN};
+use understudy_e2e::stack::{Stack, api_client};
+use understudy_e2e::traffic::Load;
+use understudy_e2e::upstream::{Behavior, LatencyBand};
+use understudy_e2e::wait;
+
+/// A spec with short steps; `extra` replaces top-level keys.
+fn spec(extra: Value) -> Value {
+    let mut s = json!({
+        "service": "demo",
+        "owner": "team-checkout",
+        "stop_rules": {"max_error_rate_increase_pp": 2.0, "max_p99_ratio": 1.5},
+        "steps": [{"weight": 1}, {"weight": 5}, {"weight": 20}, {"weight": 50}, {"weight": 100}],
+        "defaults": {"min_duration_s": 1, "min_requests": 20},
+        "analysis": {"interval_s": 0.5, "max_staleness_s": 5, "min_requests_per_side": 20}
+    });
+    if let (Some(s), Some(e)) = (s.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    s
+}
+
+async fn create(stack: &Stack, spec: &Value) -> Result<Value> {
+    let r = stack
+        .api
+        .post(stack.cp.api_url("/v1/rollouts"))
+        .body(spec.to_string())
+        .send()
+        .await?;
+    let status = r.status();
+    let body: Value = r.json().await?;
+    ensure!(
+        status == 201,
+        "creating the rollout answered {status}: {body:#}"
+    );
+    Ok(body)
+}
+
+async fn rollout(stack: &Stack, id: &str) -> Result<Value> {
+    stack.api_get(&format!("/v1/rollouts/{id}")).await
+}
+
+fn transitions(r: &Value) -> Vec<(String, String, String)> {
+    r["audit"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["from"].as_str().unwrap_or_default().to_owned(),
+                e["to"].as_str().unwrap_or_default().to_owned(),
+                e["actor"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Follows a rollout until it ends, sampling Envoy's applied canary weight
+/// all along; returns the final view and the distinct weights seen, in order.
+async fn follow(stack: &Stack, id: &str, deadline: Duration) -> Result<(Value, Vec<u64>)> {
+    let started = std::time::Instant::now();
+    let mut ticker = tokio::time::interval(wait::POLL);
+    let mut seen: Vec<u64> = Vec::new();
+    loop {
+        ticker.tick().await;
+        let w = canary_weight(stack).await?;
+        if seen.last() != Some(&w) {
+            seen.push(w);
+        }
+        let r = rollout(stack, id).await?;
+        if !matches!(
+            r["phase"]["state"].as_str(),
+            Some("shadow" | "canary" | "awaiting_approval")
+        ) {
+            // Envoy applies the last weight a moment after the decision.
+            wait::until(
+                "Envoy to apply the final weight",
+                Duration::from_secs(5),
+                || async {
+                    let want = r["weights"]["canary"].as_u64().unwrap_or(0);
+                    Ok((canary_weight(stack).await? == want).then_some(()))
+                },
+            )
+            .await?;
+            let w = canary_weight(stack).await?;
+            if seen.last() != Some(&w) {
+                seen.push(w);
+            }
+            return Ok((r, seen));
+        }
+        ensure!(
+            started.elapsed() < deadline,
+            "rollout {id} still {} after {deadline:?}: {:#}",
+            r["stage"],
+            r["last_judgement"]
+        );
+    }
+}
+
+async fn canary_weight(stack: &Stack) -> Result<u64> {
+    Ok(stack
+        .envoy
+        .route_weights()
+        .await?
+        .into_iter()
+        .find(|(c, _)| c == "demo-canary")
+        .map_or(0, |(_, w)| w))
+}
+
+/// 1. A healthy canary goes shadow → 1 → 5 → 20 → 50 → 100 under load, and
+/// Envoy's applied weights follow each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_canary_goes_all_the_way() -> Result<()> {
+    let stack = Stack::start().await?;
+    let load = Load::start(&stack.url, 4);
+    let created = create(
+        &stack,
+        &spec(json!({"shadow": {
+            "route": "all", "percent": 100, "min_duration_s": 1, "min_compared": 20,
+            "max_serious_rate": 0.05, "max_unexpected_rate": 0.05
+        }})),
+    )
+    .await?;
+    let id = created["id"].as_str().context("no id")?.to_owned();
+    assert_eq!(created["phase"]["state"], "shadow", "{created:#}");
+    assert_eq!(created["created_by"], OPERATOR);
+    let (r, seen) = follow(&stack, &id, Duration::from_secs(120)).await?;
+    assert_eq!(r["phase"]["state"], "succeeded", "{:#}", r["audit"]);
+    let tally = load.stop().await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    // Every step reached Envoy, in order.
+    let steps: Vec<u64> = seen.iter().copied().filter(|w| *w > 0).collect();
+    assert_eq!(
+        steps,
+        [1, 5, 20, 50, 100],
+        "weights seen in Envoy: {seen:?}"
+    );
+    let t = transitions(&r);
+    let tos: Vec<&str> = t.iter().map(|(_, to, _)| to.as_str()).collect();
+    assert_eq!(
+        tos,
+        [
+            "shadow",
+            "canary step 1",
+            "canary step 2",
+            "canary step 3",
+            "canary step 4",
+            "canary step 5",
+            "succeeded"
+        ],
+        "{t:?}"
+    );
+    assert!(
+        t.iter().skip(1).all(|(_, _, actor)| actor == "engine"),
+        "{t:?}"
+    );
+    assert_eq!(r["marks"].as_array().map(Vec::len), Some(7), "{r:#}");
+    Ok(())
+}
+
+/// 2. A canary with 5 points more 5xx than stable is rolled back to 0; the
+/// audit log gives the reason with its numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_errors_on_the_canary_roll_it_back() -> Result<()> {
+    let stack = Stack::start().await?;
+    let errors = |rate| Behavior {
+        error_rate: rate,
+        error_status: Some(503),
+        ..Default::default()
+    };
+    stack.stable.state.set_behavior(errors(0.01))?;
+    stack.canary.state.set_behavior(errors(0.06))?;
+    let load = Load::start(&stack.url, 4);
+    // Steps long enough that only the judge can end them.
+    let r = create(
+        &stack,
+        &spec(json!({"steps": [{"weight": 20, "min_duration_s": 60}, {"weight": 100}]})),
+    )
+    .await?;
+    let id = r["id"].as_str().context("no id")?.to_owned();
+    let (r, seen) = follow(&stack, &id, Duration::from_secs(60)).await?;
+    load.stop().await;
+    assert_eq!(r["phase"]["state"], "rolled_back", "{r:#}");
+    assert_eq!(seen.last(), Some(&0), "{seen:?}");
+    assert_eq!(r["weights"]["canary"], 0);
+    let last = r["audit"]
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["actor"], "engine", "{last:#}");
+    let reason = last["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains('%'), "the reason has no numbers: {reason}");
+    assert!(!last["snapshot"].is_null(), "{last:#}");
+    Ok(())
+}
+
+/// 3. A canary twice as slow at p99, with the same error rate, is rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slower_canary_is_rolled_back() -> Result<()> {
+    let stack = Stack::start().await?;
+    let slow = |ms| Behavior {
+        latency: vec![LatencyBand { pct: 100.0, ms }],
+        ..Default::default()
+    };
+    stack.stable.state.set_behavior(slow(20))?;
+    stack.canary.state.set_behavior(slow(45))?;
+    let load = Load::start(&stack.url, 8);
+    let r = create(
+        &stack,
+        &spec(json!({"steps": [{"weight": 20, "min_duration_s": 60}, {"weight": 100}]})),
+    )
+    .await?;
+    let id = r["id"].as_str().context("no id")?.to_owned();
+    let (r, _) = follow(&stack, &id, Duration::from_secs(60)).await?;
+    load.stop().await;
+    assert_eq!(r["phase"]["state"], "rolled_back", "{r:#}");
+    let reason = r["phase"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("p99"), "{reason}");
+    Ok(())
+}
+
+/// 4. A shadow stage with unexpected mismatches never reaches the canary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unexpected_mismatches_stop_the_shadow_stage() -> Result<()> {
+    let stack = Stack::start().await?;
+    let body = |v| Behavior {
+        body: Some(json!({"price": v})),
+        ..Default::default()
+    };
+    stack.stable.state.set_behavior(body(10))?;
+    stack.canary.state.set_behavior(body(12))?;
+    let load = Load::start(&stack.url, 4);
+    let r = create(
+        &stack,
+        &spec(json!({
+            "stop_rules": {"max_error_rate_increase_pp": 2.0, "max_unexpected_mismatch_rate": 0.01},
+            "shadow": {"route": "all", "percent": 100, "min_duration_s": 30, "min_compared": 20,
+                       "max_serious_rate": 0.01, "max_unexpected_rate": 0.01}
+        })),
+    )
+    .await?;
+    let id = r["id"].as_str().context("no id")?.to_owned();
+    let (r, seen) = follow(&stack, &id, Duration::from_secs(60)).await?;
+    load.stop().await;
+    assert_eq!(r["phase"]["state"], "rolled_back", "{r:#}");
+    assert_eq!(seen, [0], "the canary got traffic: {seen:?}");
+    let tos: Vec<String> = transitions(&r).into_iter().map(|t| t.1).collect();
+    assert!(!tos.iter().any(|t| t.starts_with("canary")), "{tos:?}");
+    // The filter stopped shadowing to the new version.
+    let filter = stack.api_get("/v1/filter").await?;
+    assert!(
+        filter["config"]["routes"][0]["shadow"].is_null(),
+        "{filter:#}"
+    );
+    Ok(())
+}
+
+/// 5. With no traffic the rollout holds and says so; it never promotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_traffic_holds_with_no_data() -> Result<()> {
+    let stack = Stack::start().await?;
+    let r = create(&stack, &spec(json!({}))).await?;
+    let id = r["id"].as_str().context("no id")?.to_owned();
+    // Several evaluations (every 0.5 s) with nothing to judge.
+    let r = wait::until("a judgement", Duration::from_secs(10), || async {
+        let r = rollout(&stack, &id).await?;
+        let evaluated = r["last_evaluated_ms"].as_u64().unwrap_or(0);
+        let created = r["created_ms"].as_u64().unwrap_or(u64::MAX);
+        Ok((evaluated >= created + 3_000).then_some(r))
+    })
+    .await?;
+    assert_eq!(r["phase"]["state"], "canary", "{r:#}");
+    assert_eq!(r["phase"]["step"], 0, "{r:#}");
+    assert_eq!(r["last_judgement"]["verdict"], "hold", "{r:#}");
+    let reason = r["last_judgement"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no data"), "{reason}");
+    assert_eq!(canary_weight(&stack).await?, 1);
+    Ok(())
+}
+
+/// 6. The control plane dies mid-step and comes back: the rollout resumes
+/// the same step from the store, and Envoy serves throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_control_plane_resumes_the_same_step() -> Result<()> {
+    let mut stack = Stack::start().await?;
+    let load = Load::start(&stack.url, 4);
+    let r = create(
+        &stack,
+        &spec(json!({"steps": [
+            {"weight": 5, "min_duration_s": 1},
+            {"weight": 20, "min_duration_s": 8},
+            {"weight": 100, "min_duration_s": 1}
+        ]})),
+    )
+    .await?;
+    let id = r["id"].as_str().context("no id")?.to_owned();
+    let before = wait::until("step 2", Duration::from_secs(60), || async {
+        let r = rollout(&stack, &id).await?;
+        Ok((r["phase"]["step"] == 1).then_some(r))
+    })
+    .await?;
+    stack.cp.kill();
+    assert_eq!(
+        canary_weight(&stack).await?,
+        20,
+        "Envoy keeps its last config"
+    );
+    stack.cp.restart()?;
+    let after = rollout(&stack, &id).await?;
+    assert_eq!(after["phase"], before["phase"]);
+    assert_eq!(after["phase_started_ms"], before["phase_started_ms"]);
+    let (r, _) = follow(&stack, &id, Duration::from_secs(90)).await?;
+    let tally = load.stop().await;
+    assert_eq!(r["phase"]["state"], "succeeded", "{:#}", r["audit"]);
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    assert!(tally.total > 100, "{tally:?}");
+    Ok(())
+}
+
+/// 7. The API refuses a missing token (401), a viewer acting (403), and an
+/// invalid spec (400, naming the field); none of them creates anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_refuses_the_unauthenticated_the_unauthorized_and_the_invalid() -> Result<()> {
+    let stack = Stack::start().await?;
+    let url = stack.cp.api_url("/v1/rollouts");
+    let body = spec(json!({})).to_string();
+    let r = reqwest::Client::new()
+        .post(&url)
+        .body(body.clone())
+        .send()
+        .await?;
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    let r = reqwest::Client::new().get(&url).send().await?;
+    assert_eq!(r.status(), 401);
+    let viewer = api_client(VIEWER_TOKEN)?;
+    assert_eq!(viewer.get(&url).send().await?.status(), 200);
+    let r = viewer.post(&url).body(body).send().await?;
+    assert_eq!(r.status(), 403);
+    let e: Value = r.json().await?;
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("viewer"),
+        "{e}"
+    );
+    for (bad, field) in [
+        (spec(json!({"owner": ""})), "owner"),
+        (
+            spec(json!({"stop_rules": {"max_p99_ratio": 0.5}})),
+            "stop_rules.max_p99_ratio",
+        ),
+        (spec(json!({"service": "nope"})), "service"),
+    ] {
+        let r = stack.api.post(&url).body(bad.to_string()).send().await?;
+        assert_eq!(r.status(), 400, "{bad}");
+        let e: Value = r.json().await?;
+        let m = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(m.contains(field), "{field}: {m}");
+    }
+    let r = stack.api.post(&url).body("steps: [").send().await?;
+    assert_eq!(r.status(), 400);
+    let all = stack.api_get("/v1/rollouts").await?;
+    assert_eq!(all["rollouts"].as_array().map(Vec::len), Some(0), "{all:#}");
+    Ok(())
+}
