@@ -120,13 +120,24 @@ async fn canary_weight(stack: &Stack) -> Result<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_canary_goes_all_the_way() -> Result<()> {
     let stack = Stack::start().await?;
+    // v2 answers as v1 does, so the shadow stage finds nothing.
+    let same = Behavior {
+        body: Some(json!({"cart": [1, 2], "total": 3})),
+        ..Default::default()
+    };
+    stack.stable.state.set_behavior(same.clone())?;
+    stack.canary.state.set_behavior(same)?;
     let load = Load::start(&stack.url, 4);
     let created = create(
         &stack,
-        &spec(json!({"shadow": {
-            "route": "all", "percent": 100, "min_duration_s": 1, "min_compared": 20,
-            "max_serious_rate": 0.05, "max_unexpected_rate": 0.05
-        }})),
+        &spec(json!({
+            "stop_rules": {"max_error_rate_increase_pp": 2.0, "max_p99_ratio": 1.5,
+                           "max_unexpected_mismatch_rate": 0.05},
+            "shadow": {
+                "route": "all", "percent": 100, "min_duration_s": 1, "min_compared": 20,
+                "max_serious_rate": 0.05, "max_unexpected_rate": 0.05
+            }
+        })),
     )
     .await?;
     let id = created["id"].as_str().context("no id")?.to_owned();
