@@ -207,17 +207,7 @@ pub async fn guard(State(auth): State<Arc<Auth>>, mut request: Request, next: Ne
         };
         return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", message);
     };
-    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
-    if !reads && principal.role < Role::Operator {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            &format!(
-                "{} is a viewer; changing state needs the operator role",
-                principal.name
-            ),
-        );
-    }
+    // Charged before the role check: refused attempts count too.
     if let Err(not_until) = auth.limiter.check_key(&principal.name) {
         let wait = not_until.wait_time_from(DefaultClock::default().now());
         let mut response = refuse(
@@ -230,6 +220,17 @@ pub async fn guard(State(auth): State<Arc<Auth>>, mut request: Request, next: Ne
             response.headers_mut().insert(header::RETRY_AFTER, v);
         }
         return response;
+    }
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+    if !reads && principal.role < Role::Operator {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            &format!(
+                "{} is a viewer; changing state needs the operator role",
+                principal.name
+            ),
+        );
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
