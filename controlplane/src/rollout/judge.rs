@@ -219,7 +219,13 @@ pub fn judge(
             checks.push(error_rate_check(pp, alpha, stable, canary));
         }
         if let Some(ratio) = rules.max_p99_ratio {
-            checks.push(latency_check(ratio, alpha, stable, canary));
+            checks.push(latency_check(
+                ratio,
+                rules.min_p99_increase_ms,
+                alpha,
+                stable,
+                canary,
+            ));
         }
     }
 
@@ -644,7 +650,13 @@ fn error_rate_check(max_pp: f64, alpha: f64, stable: &Evidence, canary: &Evidenc
 /// The tail share a p99 leaves above it.
 const P99_TAIL: f64 = 0.01;
 
-fn latency_check(max_ratio: f64, alpha: f64, stable: &Evidence, canary: &Evidence) -> Check {
+fn latency_check(
+    max_ratio: f64,
+    min_increase_ms: f64,
+    alpha: f64,
+    stable: &Evidence,
+    canary: &Evidence,
+) -> Check {
     let name = "p99_latency";
     let (hs, hc) = match (
         Histogram::new(&stable.latency_ms),
@@ -695,7 +707,9 @@ fn latency_check(max_ratio: f64, alpha: f64, stable: &Evidence, canary: &Evidenc
     }
     // Canary's share above R × stable's p99 is 1% exactly when
     // q_c = R q_s: the test is on that share (see the module docs).
-    let limit_ms = max_ratio * p99_s;
+    // A ratio of small numbers is noise: the limit is also at least
+    // `min_increase_ms` above stable's p99.
+    let limit_ms = (max_ratio * p99_s).max(p99_s + min_increase_ms);
     let share = hc.count_above(limit_ms) / hc.total;
     // The stable p99's own error moves the limit; its effect on the share
     // is (canary density at the limit ÷ stable density at its p99)² / n_s.
@@ -714,11 +728,13 @@ fn latency_check(max_ratio: f64, alpha: f64, stable: &Evidence, canary: &Evidenc
     let thr = (1.0 / alpha).ln();
     let ratio = p99_c / p99_s;
     let head = format!(
-        "canary p99 {} vs stable {} (×{ratio:.2}; {} of canary requests slower than ×{} stable's p99, where {} is allowed",
+        "canary p99 {} vs stable {} (×{ratio:.2}; {} of canary requests slower than {} (×{} stable's p99, at least +{}), where {} is allowed",
         ms(p99_c),
         ms(p99_s),
         pct(share),
+        ms(limit_ms),
         num(max_ratio),
+        ms(min_increase_ms),
         pct(P99_TAIL)
     );
     let mut c = if ln_e >= thr {
@@ -1395,6 +1411,7 @@ mod tests {
         let rules = StopRules {
             max_error_rate_increase_pp: s.max_pp,
             max_p99_ratio: s.max_ratio,
+            min_p99_increase_ms: 5.0,
             max_unexpected_mismatch_rate: None,
             halt_on_nack: true,
         };
@@ -1765,6 +1782,7 @@ mod tests {
         StopRules {
             max_error_rate_increase_pp: Some(1.0),
             max_p99_ratio: Some(1.5),
+            min_p99_increase_ms: 5.0,
             max_unexpected_mismatch_rate: Some(0.01),
             halt_on_nack: true,
         }
@@ -1899,6 +1917,21 @@ mod tests {
     }
 
     #[test]
+    fn a_few_milliseconds_are_never_a_latency_regression() {
+        // Canary twice as slow, but 1 ms vs 2 ms: under the 5 ms floor.
+        let mut stable = Evidence::default();
+        let mut canary = Evidence::default();
+        for (e, at) in [(&mut stable, 1.0), (&mut canary, 2.5)] {
+            e.requests = 10_000;
+            e.latency_ms = vec![(at, 10_000), (f64::INFINITY, 0)];
+        }
+        let c = latency_check(1.5, 5.0, 0.01, &stable, &canary);
+        assert_eq!(c.status, CheckStatus::Pass, "{}", c.detail);
+        let c = latency_check(1.5, 0.0, 0.01, &stable, &canary);
+        assert_eq!(c.status, CheckStatus::Fail, "{}", c.detail);
+    }
+
+    #[test]
     fn latency_regression_rolls_back_with_the_numbers() {
         let stable = ev(20_000, 200, 50.0, Some(NOW));
         let canary = ev(5000, 50, 150.0, Some(NOW));
@@ -1917,7 +1950,7 @@ mod tests {
         assert!(
             j.reason.starts_with("canary p99 ")
                 && j.reason.contains(
-                    "of canary requests slower than ×1.5 stable's p99, where 1.0% is allowed; p = "
+                    "of canary requests slower than 193 ms (×1.5 stable's p99, at least +5 ms), where 1.0% is allowed; p = "
                 ),
             "{}",
             j.reason

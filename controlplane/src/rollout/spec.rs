@@ -56,6 +56,7 @@ pub mod defaults {
     /// A step's minimum canary requests unless `defaults` or the step says otherwise.
     pub const STEP_MIN_REQUESTS: u64 = 200;
     pub const HALT_ON_NACK: bool = true;
+    pub const MIN_P99_INCREASE_MS: f64 = 5.0;
     pub const SHADOW_MIN_DURATION_S: f64 = 60.0;
     pub const SHADOW_MIN_COMPARED: u64 = 200;
     pub const INTERVAL_S: f64 = 1.0;
@@ -124,6 +125,10 @@ pub struct StopRules {
     /// Canary p99 latency ÷ stable p99 latency; above 1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_p99_ratio: Option<f64>,
+    /// The smallest p99 increase (ms) that counts as a regression, whatever
+    /// the ratio: at a few milliseconds a ratio is scheduling noise (a
+    /// canary at 1% sees few requests, so one slow one moves its tail).
+    pub min_p99_increase_ms: f64,
     /// Shadow stage: share of compared pairs with a difference no
     /// expected-divergence rule covers (0.01 = 1%). Required with a shadow stage.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -224,6 +229,7 @@ struct RawSpec {
 struct RawStopRules {
     max_error_rate_increase_pp: Option<f64>,
     max_p99_ratio: Option<f64>,
+    min_p99_increase_ms: Option<f64>,
     max_unexpected_mismatch_rate: Option<f64>,
     halt_on_nack: Option<bool>,
 }
@@ -423,6 +429,13 @@ impl TryFrom<RawStopRules> for StopRules {
             .max_p99_ratio
             .map(|v| check_f64("stop_rules.max_p99_ratio", v, |v| v > 1.0, "must be > 1"))
             .transpose()?;
+        let min_increase = check_f64(
+            "stop_rules.min_p99_increase_ms",
+            raw.min_p99_increase_ms
+                .unwrap_or(defaults::MIN_P99_INCREASE_MS),
+            |v| (0.0..=60_000.0).contains(&v),
+            "must be from 0 to 60000 ms",
+        )?;
         let unexpected = raw
             .max_unexpected_mismatch_rate
             .map(|v| {
@@ -443,6 +456,7 @@ impl TryFrom<RawStopRules> for StopRules {
         Ok(Self {
             max_error_rate_increase_pp: pp,
             max_p99_ratio: ratio,
+            min_p99_increase_ms: min_increase,
             max_unexpected_mismatch_rate: unexpected,
             halt_on_nack: raw.halt_on_nack.unwrap_or(defaults::HALT_ON_NACK),
         })
@@ -743,6 +757,7 @@ analysis:
             StopRules {
                 max_error_rate_increase_pp: Some(0.5),
                 max_p99_ratio: Some(1.5),
+                min_p99_increase_ms: 5.0,
                 max_unexpected_mismatch_rate: Some(0.01),
                 halt_on_nack: false,
             }
