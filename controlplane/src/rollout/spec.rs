@@ -177,13 +177,13 @@ pub struct Analysis {
     pub max_staleness_s: f64,
     /// Fewer requests than this on either side: no statistical verdict.
     pub min_requests_per_side: u64,
-    /// For each step, the probability of rolling back a canary that is as
-    /// good as stable stays below `1 - confidence`.
+    /// Each stop rule's test rolls back a canary that is as good as stable
+    /// with probability at most `1 - confidence`, however often it looks.
     pub confidence: f64,
 }
 
 impl Analysis {
-    /// The error allowed to one step's decision: `1 - confidence`.
+    /// The error allowed to each stop rule's test: `1 - confidence`.
     pub fn alpha(&self) -> f64 {
         1.0 - self.confidence
     }
@@ -656,7 +656,7 @@ impl TryFrom<RawAnalysis> for Analysis {
             "analysis.confidence",
             raw.confidence.unwrap_or(defaults::CONFIDENCE),
             |v| (0.5..=0.999_999).contains(&v),
-            "must be from 0.5 to 0.999999 (0.99 = roll back a good canary at most 1% of the time)",
+            "must be from 0.5 to 0.999999 (0.99: each stop rule rolls back a good canary at most 1% of the time)",
         )?;
         Ok(Self {
             interval_s,
@@ -1205,7 +1205,7 @@ analysis:
             ),
             (
                 "{confidence: 0.3}",
-                "analysis.confidence: must be from 0.5 to 0.999999 (0.99 = roll back a good canary at most 1% of the time), got 0.3",
+                "analysis.confidence: must be from 0.5 to 0.999999 (0.99: each stop rule rolls back a good canary at most 1% of the time), got 0.3",
             ),
             ("{confidence: 99}", "analysis.confidence: must be from 0.5"),
         ];
