@@ -111,7 +111,8 @@ impl Stack {
         let (http, url) = (stack.http.clone(), stack.url.clone());
         wait::until(
             "the listener to answer 200",
-            Duration::from_secs(10),
+            // V8 compiles the filter on each worker first; slow when the machine is busy.
+            Duration::from_secs(30),
             || {
                 let (http, url) = (http.clone(), url.clone());
                 async move {
