@@ -235,13 +235,21 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
     let _v1 = spawn(
         "upstream v1",
         &upstream,
-        &args(&["--listen", "127.0.0.1:8081", "--label", "v1"]),
+        &args(&[
+            "--listen",
+            "127.0.0.1:8081",
+            "--label",
+            "v1",
+            "--behavior",
+            DEMO_BODY,
+        ]),
         &dir.join("v1.log"),
     )?;
+    // v2 answers as v1 does (the shadow stage compares them), unless it is bad.
     let v2_behavior = if bad_canary {
-        r#"{"error_rate":0.3}"#
+        r#"{"error_rate":0.3,"body":{"cart":[1,2],"total":3}}"#
     } else {
-        "{}"
+        DEMO_BODY
     };
     let _v2 = spawn(
         "upstream v2",
@@ -300,9 +308,9 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
         "owner": "demo",
         "description": "v2 of the demo service",
         "stop_rules": {"max_error_rate_increase_pp": 1.0, "max_p99_ratio": 2.0,
-                       "max_unexpected_mismatch_rate": 0.5},
+                       "max_unexpected_mismatch_rate": 0.01},
         "shadow": {"route": "all", "percent": 100, "min_duration_s": secs, "min_compared": 50,
-                   "max_serious_rate": 1.0, "max_unexpected_rate": 1.0},
+                   "max_serious_rate": 0.01, "max_unexpected_rate": 0.01},
         "defaults": {"min_duration_s": secs, "min_requests": 50},
         "analysis": {"interval_s": 0.5, "min_requests_per_side": 50}
     });
@@ -375,6 +383,9 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
     );
     Ok(())
 }
+
+/// What both demo versions answer (the shadow stage finds them alike).
+const DEMO_BODY: &str = r#"{"body":{"cart":[1,2],"total":3}}"#;
 
 /// The demo's operator token (printed, so you can call the API yourself).
 const DEMO_TOKEN: &str = "demo-operator-token-0001";
