@@ -452,6 +452,21 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_watch_line_shows_stage_weights_and_the_verdict_with_its_reason() {
+        let view = serde_json::json!({
+            "stage": "canary step 2", "paused": true,
+            "weights": {"stable": 95, "canary": 5},
+            "last_judgement": {"verdict": "hold", "reason": "not enough data (canary 37 of 100 requests)"}
+        });
+        assert_eq!(
+            watch_line(&view),
+            "canary step 2 (paused)  stable 95% / canary 5%  hold: not enough data (canary 37 of 100 requests)"
+        );
+        let fresh = serde_json::json!({"stage": "shadow", "weights": {"stable": 100, "canary": 0}});
+        assert_eq!(watch_line(&fresh), "shadow  stable 100% / canary 0%  -: ");
+    }
+
+    #[test]
     fn shadow_tables_read_at_a_glance() {
         let summary = json!({
             "route": "checkout", "compared": 100, "matched": 85, "mismatched_serious": 10,
