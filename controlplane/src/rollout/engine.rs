@@ -34,6 +34,10 @@ use crate::shadow::ShadowBook;
 use crate::store::{ChangeError, Store};
 use crate::xds::Registry;
 
+/// Evidence for a step starts this long after the step: Envoy's stats flush
+/// interval (`envoy/bootstrap.yaml`).
+pub const FLUSH_SETTLE_MS: u64 = 1_000;
+
 /// The actor recorded for the engine's own decisions.
 pub const ENGINE: &str = "engine";
 
@@ -451,11 +455,11 @@ impl Engine {
 
     fn evidence(&self, rollout: &Rollout, now: u64) -> (Evidence, Evidence) {
         let service = &rollout.spec.service;
-        let window = |cluster: String| {
-            self.sources
-                .metrics
-                .window(&cluster, rollout.phase_started_ms, now)
-        };
+        // A stats flush is stamped when it arrives, so the first one after
+        // a step starts still carries up to a flush interval of requests
+        // from before it (the previous weight, or a previous rollout).
+        let since = rollout.phase_started_ms + FLUSH_SETTLE_MS;
+        let window = |cluster: String| self.sources.metrics.window(&cluster, since, now);
         (
             window(format!("{service}-stable")),
             window(format!("{service}-canary")),
