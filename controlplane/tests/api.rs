@@ -584,20 +584,15 @@ async fn tokens_roles_and_rate_limits_guard_the_api() {
     let r = http.get(url("/v1/services")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert!(r.headers().contains_key("www-authenticate"));
-    let r = http
-        .get(url("/v1/services"))
-        .bearer_auth("not-a-token-at-all")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let r = http
-        .get(url("/v1/services"))
-        .bearer_auth(VIEW)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let get_as = |token: &str, path: &str| http.get(url(path)).bearer_auth(token).send();
+    assert_eq!(
+        get_as("not-a-token-at-all", "/v1/services")
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(get_as(VIEW, "/v1/services").await.unwrap().status(), 200);
     let r = http
         .put(url("/v1/services/shop/canary-weight"))
         .bearer_auth(VIEW)
@@ -606,29 +601,13 @@ async fn tokens_roles_and_rate_limits_guard_the_api() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    let r = http
-        .get(url("/v1/services"))
-        .bearer_auth(VIEW)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(get_as(VIEW, "/v1/services").await.unwrap().status(), 200);
     // The viewer has used its burst of 3 (the refused change counts): the next one waits.
-    let r = http
-        .get(url("/v1/services"))
-        .bearer_auth(VIEW)
-        .send()
-        .await
-        .unwrap();
+    let r = get_as(VIEW, "/v1/services").await.unwrap();
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
     // Another caller has its own budget; the refused change was not applied.
-    let r = http
-        .get(url("/v1/services/shop"))
-        .bearer_auth(OPS)
-        .send()
-        .await
-        .unwrap();
+    let r = get_as(OPS, "/v1/services/shop").await.unwrap();
     assert_eq!(r.status(), 200);
     let shop: Value = r.json().await.unwrap();
     assert_eq!(shop["canary_weight"], START_WEIGHT);
