@@ -248,11 +248,15 @@ impl Context for Http {}
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // Rate limits first: a rejected request does no other work.
-        let verdict = self.with(None, |w| {
+        // The route is matched once per request; every feature uses it.
+        let (verdict, route) = self.with((None, None), |w| {
             host::increment(w.requests_total, 1);
             let route = host::request_header(":path").and_then(|p| w.config.match_route(&p));
-            let limiter = w.limiter.as_mut()?;
-            Some(limiter.on_request(route, host::now_us()))
+            let verdict = w
+                .limiter
+                .as_mut()
+                .map(|l| l.on_request(route, host::now_us()));
+            (verdict, route)
         });
         match verdict {
             Some(Verdict::Reject { headers, body }) => {
@@ -263,11 +267,10 @@ impl HttpContext for Http {
             None => {}
         }
         let id = self.id;
+        let Some(route) = route else {
+            return Action::Continue;
+        };
         let (hedged, shadowed, dedupe) = self.with((false, false, Start::NotInvolved), |w| {
-            let path = host::request_header(":path");
-            let Some(route) = path.and_then(|p| w.config.match_route(&p)) else {
-                return (false, false, Start::NotInvolved);
-            };
             if let Some(metric) = w.route_requests.get(route) {
                 host::increment(*metric, 1);
             }
