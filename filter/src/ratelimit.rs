@@ -210,7 +210,9 @@ impl Limiter {
                     rate: limit.rate,
                     remaining: 0.0,
                 };
-                let mut headers = ratelimit::policy_headers("route", &format!("{i}"), &a);
+                // `pk` must be a valid RFC 9651 byte sequence, like the tenant one.
+                let pk = ratelimit::partition_key(&format!("route/{i}"));
+                let mut headers = ratelimit::policy_headers("route", &pk, &a);
                 headers.push(("content-type".to_owned(), "application/json".to_owned()));
                 let body = serde_json::json!({
                     "error": "rate_limited",

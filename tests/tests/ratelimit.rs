@@ -33,13 +33,30 @@ fn count(answers: &[Answer], status: u16) -> usize {
     answers.iter().filter(|a| a.status == status).count()
 }
 
-/// Parses `"tenant";k=v;k=v;pk=:...:` into its parameters.
+/// Parses a `RateLimit` / `RateLimit-Policy` field as a strict RFC 9651
+/// parser would (a List of one Item) and returns its parameters, integers as
+/// digits and byte sequences as `:base64:`. A field a strict client would
+/// reject fails the test here.
 fn params(field: &str) -> Vec<(String, String)> {
-    field
-        .split(';')
-        .skip(1)
-        .filter_map(|p| p.split_once('='))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+    let list: sfv::List = sfv::Parser::new(field)
+        .parse()
+        .unwrap_or_else(|e| panic!("{field:?} is not an RFC 9651 list: {e}"));
+    let Some(sfv::ListEntry::Item(item)) = list.first() else {
+        panic!("{field:?}: no item")
+    };
+    item.params
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                sfv::BareItem::Integer(i) => i.to_string(),
+                sfv::BareItem::ByteSequence(b) => {
+                    use base64::Engine;
+                    format!(":{}:", base64::engine::general_purpose::STANDARD.encode(b))
+                }
+                other => panic!("{field:?}: unexpected parameter {k} = {other:?}"),
+            };
+            (k.as_str().to_owned(), v)
+        })
         .collect()
 }
 
@@ -392,9 +409,11 @@ async fn route_and_method_limits_apply_alongside_tenant_limits() -> Result<()> {
     let limited: Vec<_> = posts.iter().filter(|(s, _)| *s == 429).collect();
     assert!(limited.len() >= 10, "20 quick POSTs against 5/s: {posts:?}");
     assert!(
-        limited
-            .iter()
-            .all(|(_, p)| p.as_deref().is_some_and(|p| p.starts_with("\"route\";q=5"))),
+        limited.iter().all(
+            |(_, p)| p.as_deref().is_some_and(|p| p.starts_with("\"route\";")
+                && param(p, "q").as_deref() == Some("5")
+                && param(p, "pk").is_some())
+        ),
         "{limited:?}"
     );
     let gets = traffic::paced(

@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
@@ -579,9 +579,13 @@ pub fn jwt_claim(authorization: &str, claim: &str) -> Option<String> {
 }
 
 /// A short, stable, non-reversible form of a tenant id for the `pk` parameter.
+///
+/// `pk` is an RFC 9651 byte sequence, which is *standard* base64 (`+` and `/`),
+/// not the URL-safe alphabet: strict parsers reject `-` and `_`. Nine bytes
+/// encode to twelve characters, so there is never any `=` padding.
 pub fn partition_key(tenant: &str) -> String {
     let h = framed_sha256("understudy/ratelimit/pk/v1", &[tenant.as_bytes()]);
-    URL_SAFE_NO_PAD.encode(&h[..9])
+    STANDARD.encode(&h[..9])
 }
 
 // === buckets ===
@@ -1309,11 +1313,58 @@ mod tests {
         };
         let h: BTreeMap<_, _> = headers_for(&t, &a).into_iter().collect();
         assert_eq!(h["retry-after"], "1");
-        assert!(h["ratelimit-policy"].starts_with("\"tenant\";q=100;w=1;pk=:"));
-        assert!(h["ratelimit"].starts_with("\"tenant\";r=0;t=1;pk=:"));
+        let pk = sf_pk(&h["ratelimit-policy"], &[("q", 100), ("w", 1)]);
+        assert_eq!(sf_pk(&h["ratelimit"], &[("r", 0), ("t", 1)]), pk);
+        assert_eq!(pk, STANDARD.decode(partition_key("acme")).unwrap());
         assert!(!h["ratelimit"].contains("acme"));
         let body: serde_json::Value = serde_json::from_str(&limited_body(&t, &c, &a)).unwrap();
         assert_eq!(body["tier"], "partner");
+    }
+
+    /// Parses `value` as an RFC 9651 List holding one String item named
+    /// `"tenant"`, checks its integer parameters, and returns its `pk` bytes.
+    fn sf_pk(value: &str, ints: &[(&str, i64)]) -> Vec<u8> {
+        let list: sfv::List = sfv::Parser::new(value)
+            .parse()
+            .unwrap_or_else(|e| panic!("{value:?} is not an RFC 9651 list: {e}"));
+        assert_eq!(list.len(), 1, "{value}");
+        let sfv::ListEntry::Item(item) = &list[0] else {
+            panic!("{value}: not an item")
+        };
+        assert_eq!(
+            item.bare_item.as_string().map(|s| s.as_str()),
+            Some("tenant")
+        );
+        for (k, want) in ints {
+            let got = item.params.get(*k).and_then(|v| v.as_integer());
+            assert_eq!(got.map(i64::from), Some(*want), "{value}: parameter {k}");
+        }
+        match item.params.get("pk") {
+            Some(sfv::BareItem::ByteSequence(b)) => b.clone(),
+            other => panic!("{value}: pk is {other:?}, not a byte sequence"),
+        }
+    }
+
+    #[test]
+    fn every_tenant_id_gives_headers_strict_parsers_accept() {
+        // URL-safe base64 put `-` or `_` in about 3 of 10 of these.
+        let a = Admission {
+            allowed: false,
+            retry_after_s: 2.5,
+            rate: 40.0,
+            remaining: 0.0,
+        };
+        for i in 0..2_000 {
+            let tenant = format!("tenant-{i}");
+            let pk = partition_key(&tenant);
+            let h: BTreeMap<_, _> = policy_headers("tenant", &pk, &a).into_iter().collect();
+            let want = STANDARD.decode(&pk).unwrap();
+            assert_eq!(want.len(), 9);
+            assert_eq!(sf_pk(&h["ratelimit-policy"], &[("q", 40), ("w", 1)]), want);
+            assert_eq!(sf_pk(&h["ratelimit"], &[("r", 0), ("t", 3)]), want);
+            let retry: sfv::Item = sfv::Parser::new(h["retry-after"].as_str()).parse().unwrap();
+            assert_eq!(retry.bare_item.as_integer().map(i64::from), Some(3));
+        }
     }
 
     proptest::proptest! {
