@@ -47,7 +47,15 @@ async fn main() -> anyhow::Result<()> {
                 p.push(".rollouts.redb");
                 p.into()
             });
-            let store = understudy_controlplane::store::Store::open(&state)?;
+            let (store, created) = understudy_controlplane::store::Store::open_or_create(&state)?;
+            if created {
+                tracing::info!(
+                    state = %state.display(),
+                    "no state file: starting with an empty desired state (listener 0.0.0.0:10000, \
+                     filter at /etc/envoy/understudy_filter.wasm, no services) and created it; \
+                     change it with `understudy` or the API"
+                );
+            }
             let xds = tokio::net::TcpListener::bind(xds_addr).await?;
             let api = tokio::net::TcpListener::bind(api_addr).await?;
             let shutdown = async {

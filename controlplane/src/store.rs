@@ -77,6 +77,31 @@ impl Store {
         })
     }
 
+    /// [`Store::open`], except that a missing state file is a first start:
+    /// the store begins with [`first_start_state`] and writes it to `path`
+    /// (an existing file that does not parse is still an error, never
+    /// overwritten). Returns whether the file was created.
+    pub fn open_or_create(path: &Path) -> Result<(Self, bool), StoreError> {
+        match std::fs::metadata(path) {
+            Ok(_) => Ok((Self::open(path)?, false)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let state = first_start_state();
+                save_state(path, &state)?;
+                let store = Self::build(state, Some(path.to_owned())).map_err(|source| {
+                    StoreError::Invalid {
+                        path: path.display().to_string(),
+                        source,
+                    }
+                })?;
+                Ok((store, true))
+            }
+            Err(source) => Err(StoreError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
     fn build(initial: DesiredState, file: Option<PathBuf>) -> Result<Self, ModelError> {
         initial.validate()?;
         let snapshot = Arc::new(Snapshot::build(&initial, 1, 1));
@@ -184,6 +209,25 @@ impl Store {
         // A panic while holding the lock cannot leave a half-applied change
         // (changes are applied to a copy), so a poisoned lock is still sound.
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The desired state of a first start: Envoy's listener on `0.0.0.0:10000`,
+/// the filter at `/etc/envoy/understudy_filter.wasm` with no routes, and no
+/// services. Everything in it can be changed through the API afterwards
+/// (`PUT /v1/filter`, `PUT /v1/services/{name}`).
+pub fn first_start_state() -> DesiredState {
+    DesiredState {
+        listener: crate::model::ListenerSettings {
+            address: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            port: 10000,
+        },
+        filter: crate::model::FilterSettings {
+            wasm_path: "/etc/envoy/understudy_filter.wasm".to_owned(),
+            config: serde_json::json!({"routes": []}),
+            report_cluster: "understudy_xds".to_owned(),
+        },
+        services: Default::default(),
     }
 }
 
@@ -316,5 +360,30 @@ mod tests {
         std::fs::write(&path, "{").unwrap();
         let parse = Store::open(&path).err().unwrap().to_string();
         assert!(parse.contains("EOF"), "{parse}");
+        // A broken file is never replaced by a first-start state.
+        let again = Store::open_or_create(&path).err().unwrap().to_string();
+        assert!(again.contains("EOF"), "{again}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{");
+    }
+
+    #[test]
+    fn a_missing_state_file_is_a_first_start_that_creates_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let (store, created) = Store::open_or_create(&path).unwrap();
+        assert!(created);
+        assert_eq!(store.state(), first_start_state());
+        assert!(store.state().services.is_empty());
+        // The file exists, holds that state, and a change then persists to it.
+        assert_eq!(load_state(&path).unwrap(), first_start_state());
+        let svc = crate::model::fixtures::state(0, 8081, false)
+            .services
+            .into_values()
+            .next()
+            .unwrap();
+        store.put_service(svc.clone()).unwrap();
+        let (reopened, created) = Store::open_or_create(&path).unwrap();
+        assert!(!created);
+        assert_eq!(reopened.service(&svc.name).unwrap(), svc);
     }
 }
