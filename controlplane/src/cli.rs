@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+
+pub mod watch;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
@@ -197,71 +199,11 @@ async fn rollout(http: &reqwest::Client, api: &str, command: RolloutCommand) -> 
         RolloutCommand::Promote { id } => call(http.post(url(&format!("/{id}/promote")))).await?,
         RolloutCommand::Abort { id } => call(http.post(url(&format!("/{id}/abort")))).await?,
         RolloutCommand::Watch { id, every } => {
-            return watch(http, &url(&format!("/{id}")), every).await;
+            return watch::run(http, &url(&format!("/{id}")), every).await;
         }
     };
     println!("{}", serde_json::to_string_pretty(&body)?);
     Ok(())
-}
-
-/// One line of `rollout watch`: stage, weights, verdict and its reason.
-pub fn watch_line(view: &Value) -> String {
-    let paused = if view["paused"].as_bool() == Some(true) {
-        " (paused)"
-    } else {
-        ""
-    };
-    let verdict = view["last_judgement"]["verdict"].as_str().unwrap_or("-");
-    let reason = view["last_judgement"]["reason"].as_str().unwrap_or("");
-    format!(
-        "{}{}  stable {}% / canary {}%  {}: {}",
-        view["stage"].as_str().unwrap_or("?"),
-        paused,
-        view["weights"]["stable"],
-        view["weights"]["canary"],
-        verdict,
-        reason
-    )
-}
-
-async fn watch(http: &reqwest::Client, url: &str, every: f64) -> anyhow::Result<()> {
-    let period = std::time::Duration::from_secs_f64(every.clamp(0.1, 60.0));
-    let mut last = String::new();
-    let mut seen_audit = 0;
-    loop {
-        let view = call(http.get(url)).await?;
-        for entry in view["audit"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .skip(seen_audit)
-        {
-            println!(
-                ">> {} -> {} by {}: {}",
-                entry["from"].as_str().unwrap_or(""),
-                entry["to"].as_str().unwrap_or(""),
-                entry["actor"].as_str().unwrap_or(""),
-                entry["reason"].as_str().unwrap_or("")
-            );
-            seen_audit += 1;
-        }
-        let line = watch_line(&view);
-        if line != last {
-            println!("{line}");
-            last = line;
-        }
-        match view["phase"]["state"].as_str() {
-            Some("succeeded") => return Ok(()),
-            Some("rolled_back") | Some("aborted") => {
-                bail!(
-                    "rollout ended {}",
-                    view["phase"]["reason"].as_str().unwrap_or("")
-                )
-            }
-            _ => {}
-        }
-        tokio::time::sleep(period).await;
-    }
 }
 
 async fn shadow(http: &reqwest::Client, api: &str, route: Option<&str>) -> anyhow::Result<()> {
@@ -450,21 +392,6 @@ pub fn render_route(body: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn a_watch_line_shows_stage_weights_and_the_verdict_with_its_reason() {
-        let view = serde_json::json!({
-            "stage": "canary step 2", "paused": true,
-            "weights": {"stable": 95, "canary": 5},
-            "last_judgement": {"verdict": "hold", "reason": "not enough data (canary 37 of 100 requests)"}
-        });
-        assert_eq!(
-            watch_line(&view),
-            "canary step 2 (paused)  stable 95% / canary 5%  hold: not enough data (canary 37 of 100 requests)"
-        );
-        let fresh = serde_json::json!({"stage": "shadow", "weights": {"stable": 100, "canary": 0}});
-        assert_eq!(watch_line(&fresh), "shadow  stable 100% / canary 0%  -: ");
-    }
 
     #[test]
     fn shadow_tables_read_at_a_glance() {
