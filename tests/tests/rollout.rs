@@ -335,8 +335,9 @@ async fn a_killed_control_plane_resumes_the_same_step() -> Result<()> {
     Ok(())
 }
 
-/// 7. The API refuses a missing token (401), a viewer acting (403), and an
-/// invalid spec (400, naming the field); none of them creates anything.
+/// 7. The API refuses a missing token (401), a viewer acting (403), an
+/// invalid spec (400, naming the field) and an unknown service (404); none of
+/// them creates anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_refuses_the_unauthenticated_the_unauthorized_and_the_invalid() -> Result<()> {
     let stack = Stack::start().await?;
@@ -369,7 +370,6 @@ async fn the_api_refuses_the_unauthenticated_the_unauthorized_and_the_invalid() 
             spec(json!({"stop_rules": {"max_p99_ratio": 0.5}})),
             "stop_rules.max_p99_ratio",
         ),
-        (spec(json!({"service": "nope"})), "service"),
     ] {
         let r = stack.api.post(&url).body(bad.to_string()).send().await?;
         assert_eq!(r.status(), 400, "{bad}");
@@ -377,6 +377,23 @@ async fn the_api_refuses_the_unauthenticated_the_unauthorized_and_the_invalid() 
         let m = e["error"]["message"].as_str().unwrap_or_default();
         assert!(m.contains(field), "{field}: {m}");
     }
+    // An unknown service is a 404, as for every other API path.
+    let r = stack
+        .api
+        .post(&url)
+        .body(spec(json!({"service": "nope"})).to_string())
+        .send()
+        .await?;
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await?;
+    assert_eq!(e["error"]["code"], "unknown_service", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nope"),
+        "{e}"
+    );
     let r = stack.api.post(&url).body("steps: [").send().await?;
     assert_eq!(r.status(), 400);
     let all = stack.api_get("/v1/rollouts").await?;

@@ -32,6 +32,7 @@ impl From<EngineError> for ApiError {
                 (StatusCode::BAD_REQUEST, "invalid_spec")
             }
             EngineError::Unknown(_) => (StatusCode::NOT_FOUND, "unknown_rollout"),
+            EngineError::UnknownService(_) => (StatusCode::NOT_FOUND, "unknown_service"),
             EngineError::Busy { .. } => (StatusCode::CONFLICT, "rollout_active"),
             EngineError::Conflict { .. } => (StatusCode::CONFLICT, "invalid_action"),
             EngineError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "persist_failed"),

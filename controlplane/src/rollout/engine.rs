@@ -173,6 +173,9 @@ pub enum EngineError {
     Invalid { field: &'static str, reason: String },
     #[error("rollout {0:?} does not exist")]
     Unknown(String),
+    /// The spec names a service the control plane does not have.
+    #[error("service: no service named {0:?}")]
+    UnknownService(String),
     #[error("service {service:?} already has an active rollout ({id})")]
     Busy { service: String, id: String },
     #[error("rollout {id} is {phase}: {action:?} does not apply")]
@@ -241,10 +244,7 @@ impl Engine {
         let service = self
             .store
             .service(&spec.service)
-            .map_err(|e| EngineError::Invalid {
-                field: "service",
-                reason: e.to_string(),
-            })?;
+            .map_err(|_| EngineError::UnknownService(spec.service.clone()))?;
         if service.canary.endpoints.is_empty() {
             return Err(EngineError::Invalid {
                 field: "service",
