@@ -356,7 +356,10 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
             let weight = view["weights"]["canary"].as_u64().unwrap_or(0) as u32;
             let now = load.snapshot();
             print_split(weight, &last, &now);
-            println!("   {}", understudy_controlplane::cli::watch_line(&view));
+            println!(
+                "   {}",
+                understudy_controlplane::cli::watch::status_line(&view, true)
+            );
             last = now;
             let state = view["phase"]["state"].as_str().unwrap_or("");
             if matches!(state, "succeeded" | "rolled_back" | "aborted") {
