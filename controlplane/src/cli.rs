@@ -110,6 +110,11 @@ pub enum RolloutCommand {
     Abort {
         id: String,
     },
+    /// After success: the canary's backend becomes the stable backend and the
+    /// weight returns to 0 (automatic unless the spec says `finalize.automatic: false`).
+    Finalize {
+        id: String,
+    },
     /// Follow a rollout live until it ends; exits non-zero if it does not succeed.
     Watch {
         id: String,
@@ -198,6 +203,7 @@ async fn rollout(http: &reqwest::Client, api: &str, command: RolloutCommand) -> 
         RolloutCommand::Resume { id } => call(http.post(url(&format!("/{id}/resume")))).await?,
         RolloutCommand::Promote { id } => call(http.post(url(&format!("/{id}/promote")))).await?,
         RolloutCommand::Abort { id } => call(http.post(url(&format!("/{id}/abort")))).await?,
+        RolloutCommand::Finalize { id } => call(http.post(url(&format!("/{id}/finalize")))).await?,
         RolloutCommand::Watch { id, every } => {
             return watch::run(http, &url(&format!("/{id}")), every).await;
         }

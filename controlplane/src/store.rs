@@ -148,6 +148,49 @@ impl Store {
         })
     }
 
+    /// Finishes a successful rollout in one change: the canary's endpoints
+    /// become the stable backend's, the weight returns to 0 (all traffic on
+    /// the stable cluster, now serving the new version), and the canary
+    /// keeps its endpoints. Envoy applies it make-before-break: EDS (stable
+    /// now on the new version) is ACKed before RDS moves the weight, so no
+    /// request meets an empty cluster. Emptying the canary is a separate,
+    /// later change ([`Store::empty_canary`]) once every Envoy has the route.
+    pub fn promote_canary_to_stable(&self, name: &str) -> Result<Service, ChangeError> {
+        self.update(|state| {
+            let svc = state
+                .services
+                .get_mut(name)
+                .ok_or_else(|| ModelError::UnknownService(name.to_owned()))?;
+            if svc.canary.endpoints.is_empty() {
+                return Err(ModelError::InvalidService {
+                    service: name.to_owned(),
+                    reason: "the canary has no endpoints to promote".to_owned(),
+                });
+            }
+            svc.stable = svc.canary.clone();
+            svc.canary_weight = Weight::ZERO;
+            Ok(svc.clone())
+        })
+    }
+
+    /// Removes the canary's endpoints of a service whose canary weight is 0.
+    pub fn empty_canary(&self, name: &str) -> Result<Service, ChangeError> {
+        self.update(|state| {
+            let svc = state
+                .services
+                .get_mut(name)
+                .ok_or_else(|| ModelError::UnknownService(name.to_owned()))?;
+            if svc.canary_weight != Weight::ZERO {
+                return Err(ModelError::InvalidService {
+                    service: name.to_owned(),
+                    reason: "the canary still has traffic".to_owned(),
+                });
+            }
+            svc.canary.endpoints.clear();
+            Ok(svc.clone())
+        })
+    }
+
     /// Creates or replaces a service.
     pub fn put_service(&self, service: Service) -> Result<Service, ChangeError> {
         self.update(|state| {

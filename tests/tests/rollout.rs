@@ -80,16 +80,19 @@ async fn follow(stack: &Stack, id: &str, deadline: Duration) -> Result<(Value, V
             r["phase"]["state"].as_str(),
             Some("shadow" | "canary" | "awaiting_approval")
         ) {
-            // Envoy applies the last weight a moment after the decision.
+            // Envoy applies the last weight a moment after the decision
+            // (and a succeeded rollout may still be finalizing: read again).
             wait::until(
                 "Envoy to apply the final weight",
                 Duration::from_secs(5),
                 || async {
+                    let r = rollout(stack, id).await?;
                     let want = r["weights"]["canary"].as_u64().unwrap_or(0);
                     Ok((canary_weight(stack).await? == want).then_some(()))
                 },
             )
             .await?;
+            let r = rollout(stack, id).await?;
             let w = canary_weight(stack).await?;
             if seen.last() != Some(&w) {
                 seen.push(w);
@@ -116,7 +119,9 @@ async fn canary_weight(stack: &Stack) -> Result<u64> {
 }
 
 /// 1. A healthy canary goes shadow → 1 → 5 → 20 → 50 → 100 under load, and
-/// Envoy's applied weights follow each step.
+/// Envoy's applied weights follow each step; then it is finalized: the
+/// stable cluster serves v2 and the weight is back at 0, with no failed
+/// request through the switch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_canary_goes_all_the_way() -> Result<()> {
     let stack = Stack::start().await?;
@@ -145,8 +150,49 @@ async fn a_healthy_canary_goes_all_the_way() -> Result<()> {
     assert_eq!(created["created_by"], OPERATOR);
     let (r, seen) = follow(&stack, &id, Duration::from_secs(120)).await?;
     assert_eq!(r["phase"]["state"], "succeeded", "{:#}", r["audit"]);
+    // Finalized by itself (the default): stable is now v2, the weight 0.
+    let r = wait::until(
+        "the rollout to be finalized",
+        Duration::from_secs(10),
+        || async {
+            let r = rollout(&stack, &id).await?;
+            Ok((r["finalized"]["state"] == "done").then_some(r))
+        },
+    )
+    .await?;
+    wait::until(
+        "Envoy to route everything to stable",
+        Duration::from_secs(5),
+        || async { Ok((canary_weight(&stack).await? == 0).then_some(())) },
+    )
+    .await?;
+    let svc = stack.api_get("/v1/services/demo").await?;
+    assert_eq!(svc["canary_weight"], 0, "{svc:#}");
+    assert_eq!(svc["stable"], svc["canary"], "{svc:#}");
+    assert_eq!(r["weights"]["canary"], 0, "{r:#}");
+    let before = load.snapshot();
+    let after_switch = wait::until(
+        "v2 answers through stable",
+        Duration::from_secs(10),
+        || async {
+            let t = load.snapshot();
+            Ok((t.version("v2") > before.version("v2") + 50).then_some(t))
+        },
+    )
+    .await?;
     let tally = load.stop().await;
     assert_eq!(tally.failures(), 0, "{tally:?}");
+    // The stable cluster now carries the traffic, and it is v2 answering.
+    let stable_rq = stack
+        .envoy
+        .stat("cluster.demo-stable.upstream_rq_completed")
+        .await?
+        .unwrap_or(0);
+    assert!(stable_rq > 0, "stable cluster served nothing");
+    assert!(
+        after_switch.version("v2") > before.version("v2"),
+        "{before:?} → {after_switch:?}"
+    );
     // Every step reached Envoy, in order.
     let steps: Vec<u64> = seen.iter().copied().filter(|w| *w > 0).collect();
     assert_eq!(
@@ -165,7 +211,8 @@ async fn a_healthy_canary_goes_all_the_way() -> Result<()> {
             "canary step 3",
             "canary step 4",
             "canary step 5",
-            "succeeded"
+            "succeeded",
+            "finalized"
         ],
         "{t:?}"
     );
@@ -173,7 +220,7 @@ async fn a_healthy_canary_goes_all_the_way() -> Result<()> {
         t.iter().skip(1).all(|(_, _, actor)| actor == "engine"),
         "{t:?}"
     );
-    assert_eq!(r["marks"].as_array().map(Vec::len), Some(7), "{r:#}");
+    assert_eq!(r["marks"].as_array().map(Vec::len), Some(8), "{r:#}");
     Ok(())
 }
 

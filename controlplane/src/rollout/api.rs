@@ -131,6 +131,7 @@ async fn act(
         "resume" => Action::Resume,
         "promote" => Action::Promote,
         "abort" => Action::Abort,
+        "finalize" => Action::Finalize,
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -125,6 +125,9 @@ pub struct Rollout {
     pub last_evaluated_ms: u64,
     #[serde(default)]
     pub marks: Vec<Mark>,
+    /// Set once a succeeded rollout is finalized (or found unfinalizable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finalized: Option<FinalizeState>,
 }
 
 /// One audit log entry.
@@ -163,6 +166,27 @@ pub enum Action {
     Resume,
     Promote,
     Abort,
+    /// After success: make the canary's backend the stable one (see
+    /// [`FinalizeState`]).
+    Finalize,
+}
+
+/// How far a succeeded rollout is through finalizing: the canary's
+/// endpoints become the stable backend's and the weight returns to 0, in
+/// one change Envoy applies make-before-break; then, with
+/// `finalize.canary: empty`, the canary's endpoints are removed once every
+/// connected Envoy has ACKed the route that moved the traffic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum FinalizeState {
+    /// Stable serves the new version; the canary's endpoints are removed
+    /// once every Envoy has the new route.
+    EmptyingCanary { time_ms: u64, actor: String },
+    /// Finished: the service is ready for its next rollout.
+    Done { time_ms: u64, actor: String },
+    /// Not finalized, and never will be by the engine: the service changed
+    /// after the rollout succeeded (another rollout, or an operator).
+    Skipped { time_ms: u64, reason: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +212,16 @@ pub enum EngineError {
     Change(#[from] ChangeError),
     #[error(transparent)]
     Store(#[from] RolloutStoreError),
+}
+
+/// The newest rollout of `id`'s service created after it, if any.
+fn newer_rollout(rollouts: &BTreeMap<String, Rollout>, id: &str) -> Option<String> {
+    let this = rollouts.get(id)?;
+    rollouts
+        .values()
+        .filter(|r| r.spec.service == this.spec.service && r.created_ms > this.created_ms)
+        .max_by_key(|r| r.created_ms)
+        .map(|r| r.id.clone())
 }
 
 /// Where the engine reads evidence from.
@@ -301,6 +335,7 @@ impl Engine {
             last_judgement: None,
             last_evaluated_ms: 0,
             marks: Vec::new(),
+            finalized: None,
         };
         let weight = match first {
             Phase::Canary { step } => rollout.spec.steps.get(step).map(|s| s.weight),
@@ -498,6 +533,182 @@ impl Engine {
                 warn!(rollout = %id, error = %e, "rollout evaluation failed");
             }
         }
+        self.finalize_due(t);
+    }
+
+    /// Carries finalizing forward: automatic finalizing of a rollout that
+    /// succeeded, and emptying a finalized canary once it is safe. Run on
+    /// every tick, so a restart between the two writes of a step (desired
+    /// state, then the rollout record) finishes what was started.
+    fn finalize_due(&self, t: u64) {
+        let due: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|r| {
+                r.phase == Phase::Succeeded
+                    && match &r.finalized {
+                        None => r.spec.finalize.automatic,
+                        Some(FinalizeState::EmptyingCanary { .. }) => true,
+                        Some(_) => false,
+                    }
+            })
+            .map(|r| r.id.clone())
+            .collect();
+        for id in due {
+            let mut rollouts = self.lock();
+            let newer = newer_rollout(&rollouts, &id);
+            let Some(rollout) = rollouts.get_mut(&id) else {
+                continue;
+            };
+            let result = match rollout.finalized {
+                None => self.finalize(rollout, newer, ENGINE, t),
+                Some(FinalizeState::EmptyingCanary { .. }) => self.empty_canary(rollout, t),
+                Some(_) => Ok(()),
+            };
+            if let Err(e) = result {
+                warn!(rollout = %id, error = %e, "finalizing failed; will retry");
+            }
+        }
+    }
+
+    /// Finalizes a succeeded rollout (see [`FinalizeState`]): one desired
+    /// state change, then the record with its audit entry.
+    fn finalize(
+        &self,
+        rollout: &mut Rollout,
+        newer: Option<String>,
+        actor: &str,
+        t: u64,
+    ) -> Result<(), EngineError> {
+        let service = &rollout.spec.service;
+        let svc = self.store.service(service).map_err(ChangeError::Invalid)?;
+        let already = svc.canary_weight.percent() == 0
+            && !svc.stable.endpoints.is_empty()
+            && svc.stable.endpoints == svc.canary.endpoints;
+        let changed =
+            newer.is_some() || (!already && svc.canary_weight.percent() != rollout.weight);
+        if changed {
+            let reason = match newer {
+                Some(id) => format!("not finalized: rollout {id} of {service} came after it"),
+                None => format!(
+                    "not finalized: {service}'s canary weight is {} and no longer the rollout's {}",
+                    svc.canary_weight.percent(),
+                    rollout.weight
+                ),
+            };
+            return self.record_finalize(
+                rollout,
+                FinalizeState::Skipped {
+                    time_ms: t,
+                    reason: reason.clone(),
+                },
+                actor,
+                reason,
+                t,
+            );
+        }
+        let promoted = self.store.promote_canary_to_stable(service)?;
+        rollout.weight = 0;
+        let endpoints: Vec<String> = promoted
+            .stable
+            .endpoints
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        let (state, tail) = match rollout.spec.finalize.canary {
+            super::spec::CanaryAfterFinalize::Keep => (
+                FinalizeState::Done {
+                    time_ms: t,
+                    actor: actor.to_owned(),
+                },
+                "the canary keeps its endpoints at weight 0",
+            ),
+            super::spec::CanaryAfterFinalize::Empty => (
+                FinalizeState::EmptyingCanary {
+                    time_ms: t,
+                    actor: actor.to_owned(),
+                },
+                "the canary's endpoints are removed once every Envoy has the new route",
+            ),
+        };
+        let reason = format!(
+            "finalized by {actor}: the stable backend is now the new version ({}), canary weight 0; {tail}",
+            endpoints.join(", ")
+        );
+        self.record_finalize(rollout, state, actor, reason, t)
+    }
+
+    /// Removes a finalized canary's endpoints once every connected Envoy has
+    /// ACKed the current route configuration (which sends it no traffic).
+    fn empty_canary(&self, rollout: &mut Rollout, t: u64) -> Result<(), EngineError> {
+        if !self.routes_applied_everywhere() {
+            return Ok(());
+        }
+        self.store.empty_canary(&rollout.spec.service)?;
+        let reason = format!(
+            "canary of {} emptied: every connected Envoy has the route with weight 0",
+            rollout.spec.service
+        );
+        self.record_finalize(
+            rollout,
+            FinalizeState::Done {
+                time_ms: t,
+                actor: ENGINE.to_owned(),
+            },
+            ENGINE,
+            reason,
+            t,
+        )
+    }
+
+    fn record_finalize(
+        &self,
+        rollout: &mut Rollout,
+        state: FinalizeState,
+        actor: &str,
+        reason: String,
+        t: u64,
+    ) -> Result<(), EngineError> {
+        let to = match &state {
+            FinalizeState::EmptyingCanary { .. } | FinalizeState::Done { .. } => "finalized",
+            FinalizeState::Skipped { .. } => "not finalized",
+        };
+        let entry = AuditEntry {
+            time_ms: t,
+            from: rollout.phase.label(),
+            to: to.to_owned(),
+            actor: actor.to_owned(),
+            reason: reason.clone(),
+            snapshot: serde_json::json!({"finalize": state}),
+        };
+        info!(rollout = %rollout.id, actor, %reason, "rollout finalize");
+        if matches!(
+            state,
+            FinalizeState::EmptyingCanary { .. } | FinalizeState::Skipped { .. }
+        ) || rollout.finalized.is_none()
+        {
+            rollout.marks.push(Mark {
+                time_ms: t,
+                phase: to.to_owned(),
+                weight: rollout.weight,
+            });
+        }
+        rollout.finalized = Some(state);
+        self.db.save(&rollout.id, rollout, &[entry])?;
+        Ok(())
+    }
+
+    /// Whether every connected Envoy has ACKed the current route configuration.
+    fn routes_applied_everywhere(&self) -> bool {
+        let snapshot = self.store.snapshot();
+        let Some(routes) = snapshot.get(crate::resources::type_url::ROUTE) else {
+            return false;
+        };
+        let rds = crate::resources::type_url::short(crate::resources::type_url::ROUTE);
+        self.sources.registry.envoys().iter().all(|e| {
+            e.types.get(rds).and_then(|s| s.acked_version.as_deref())
+                == Some(routes.version.as_str())
+        })
     }
 
     fn evaluate(&self, id: &str, t: u64) -> Result<(), EngineError> {
@@ -630,6 +841,17 @@ impl Engine {
             phase: from.clone(),
             action,
         };
+        if action == Action::Finalize {
+            if rollout.phase != Phase::Succeeded || rollout.finalized.is_some() {
+                return Err(conflict());
+            }
+            let rollout = rollouts.get(id).cloned();
+            let newer = newer_rollout(&rollouts, id);
+            let mut rollout = rollout.ok_or_else(|| EngineError::Unknown(id.to_owned()))?;
+            self.finalize(&mut rollout, newer, actor, t)?;
+            rollouts.insert(id.to_owned(), rollout.clone());
+            return Ok(rollout);
+        }
         if !rollout.phase.is_active() {
             return Err(conflict());
         }
@@ -660,6 +882,7 @@ impl Engine {
                 let step = self.advance_step(rollout, format!("promoted by {actor}"), actor);
                 self.transition(rollout, step, &from, t)?;
             }
+            Action::Finalize => return Err(conflict()),
             Action::Abort => {
                 let mut step = self.rollback_step(rollout, format!("aborted by {actor}"), actor);
                 step.to = Phase::Aborted {

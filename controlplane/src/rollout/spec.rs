@@ -112,6 +112,48 @@ pub struct RolloutSpec {
     /// Weights strictly increasing, the last one 100.
     pub steps: Vec<CanaryStep>,
     pub analysis: Analysis,
+    /// What happens after the last step succeeds.
+    #[serde(default)]
+    pub finalize: Finalize,
+}
+
+/// Finishing a successful rollout: the canary's backend becomes the
+/// service's stable backend and the weight returns to 0, so the service is
+/// ready for the next rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping with automatic and canary")]
+pub struct Finalize {
+    /// Finalize as soon as the rollout succeeds (default), or wait for
+    /// `understudy rollout finalize <id>`.
+    #[serde(default = "yes")]
+    pub automatic: bool,
+    /// What the canary backend keeps afterwards.
+    #[serde(default)]
+    pub canary: CanaryAfterFinalize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Finalize {
+    fn default() -> Self {
+        Self {
+            automatic: true,
+            canary: CanaryAfterFinalize::default(),
+        }
+    }
+}
+
+/// The canary backend after finalizing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CanaryAfterFinalize {
+    /// Keep its endpoints (at weight 0 they serve nothing): the default.
+    #[default]
+    Keep,
+    /// Remove them, once every connected Envoy has moved its traffic.
+    Empty,
 }
 
 /// When the rollout must stop, decided before launch. At least one of
@@ -222,6 +264,7 @@ struct RawSpec {
     defaults: Option<RawDefaults>,
     steps: Option<Vec<RawStep>>,
     analysis: Option<RawAnalysis>,
+    finalize: Option<Finalize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,6 +417,7 @@ impl TryFrom<RawSpec> for RolloutSpec {
             shadow,
             steps,
             analysis,
+            finalize: raw.finalize.unwrap_or_default(),
         })
     }
 }
