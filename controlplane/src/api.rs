@@ -14,6 +14,7 @@
 //! | PUT/DELETE | `/v1/ratelimit/tenants/{id}` | a per-tenant override: `{"tier", "rate" or "fleet_rate"}` |
 //! | GET | `/v1/shadow/routes` | per-route shadow comparison summaries (rates null without data) |
 //! | GET | `/v1/shadow/routes/{route}` | one route's summary with its top differing paths and samples |
+//! | DELETE | `/v1/shadow/routes/{route}` | start the route's live counts over (409 during its rollout's shadow stage) |
 //! | GET | `/v1/shadow/samples/{id}` | a stored mismatch record in full |
 //! | POST | `/v1/shadow/samples/{id}/replay` | replay it (`{"cluster"}` optional) and compare again |
 //! | GET | `/v1/shadow/noise` | noise learned from A/A calibration, per route and path |
@@ -70,7 +71,10 @@ pub fn router(state: ApiState) -> Router {
             put(put_tenant_override).delete(delete_tenant_override),
         )
         .route("/v1/shadow/routes", get(shadow_routes))
-        .route("/v1/shadow/routes/{route}", get(shadow_route))
+        .route(
+            "/v1/shadow/routes/{route}",
+            get(shadow_route).delete(reset_shadow_route),
+        )
         .route("/v1/shadow/samples/{id}", get(shadow_sample))
         .route("/v1/shadow/samples/{id}/replay", post(replay_sample))
         .route("/v1/shadow/noise", get(shadow_noise))
@@ -459,6 +463,33 @@ async fn shadow_noise(State(s): State<ApiState>) -> Json<ShadowNoise> {
     Json(ShadowNoise {
         routes: s.shadow.noise(),
     })
+}
+
+/// Starts a route's live counts over, unless a rollout is judging its
+/// shadow stage on them right now (its evidence would vanish mid-stage).
+async fn reset_shadow_route(
+    State(s): State<ApiState>,
+    Path(route): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if let Some(r) = s.engine.list().into_iter().find(|r| {
+        r.phase == crate::rollout::engine::Phase::Shadow
+            && r.spec.shadow.as_ref().is_some_and(|st| st.route == route)
+    }) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "rollout_active",
+            format!(
+                "rollout {} is judging route {route:?} in its shadow stage; \
+                 abort it or wait for the stage to end",
+                r.id
+            ),
+        ));
+    }
+    if s.shadow.reset_live(&route) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(unknown_route(&route))
+    }
 }
 
 async fn forget_noise(

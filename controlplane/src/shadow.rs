@@ -166,6 +166,13 @@ impl Totals {
 
     fn stats(&self) -> Stats {
         let n = self.compared;
+        // Every reason the filter counts is listed, zero or not, so "nothing
+        // skipped" is visible as zeros rather than as a missing key.
+        let mut skipped: BTreeMap<String, u64> = understudy_core::shadow::Skip::ALL
+            .iter()
+            .map(|r| (r.as_str().to_owned(), 0))
+            .collect();
+        skipped.extend(self.skipped.iter().map(|(k, v)| (k.clone(), *v)));
         let serious_rate = rate(self.mismatched_serious, n);
         Stats {
             compared: n,
@@ -173,7 +180,7 @@ impl Totals {
             mismatched_serious: self.mismatched_serious,
             mismatched_noise: self.mismatched_noise,
             unexpected: self.unexpected,
-            skipped: self.skipped.clone(),
+            skipped,
             match_rate: serious_rate.map(|r| 1.0 - r),
             match_rate_ci: wilson_95(n.saturating_sub(self.mismatched_serious), n),
             exact_match_rate: rate(self.matched, n),
@@ -922,6 +929,23 @@ impl ShadowBook {
         }
     }
 
+    /// Starts a route's live measurement over: its live counters and top
+    /// differing paths go back to zero (to measure a new rule set without
+    /// renaming the route). Calibration data and learned noise stay (see
+    /// [`ShadowBook::forget_noise`]), and stored records stay addressable by
+    /// id. `false` if the route is unknown.
+    pub fn reset_live(&self, route: &str) -> bool {
+        let mut book = self.lock();
+        match book.routes.get_mut(route) {
+            Some(r) => {
+                r.live = Totals::default();
+                r.live_paths = PathTable::default();
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn counts(&self) -> BookCounts {
         let book = self.lock();
         BookCounts {
@@ -1249,8 +1273,42 @@ mod tests {
         }
         book.ingest(batch(vec![c], vec![]), T0);
         let s = book.summaries().remove(0);
-        assert_eq!(s.live.skipped.len(), MAX_SKIP_REASONS + 1);
+        let made_up = s
+            .live
+            .skipped
+            .keys()
+            .filter(|k| k.starts_with("reason"))
+            .count();
+        assert_eq!(made_up, MAX_SKIP_REASONS);
         assert_eq!(s.live.skipped["other"], 5);
+    }
+
+    #[test]
+    fn every_skip_reason_is_listed_and_live_counts_can_start_over() {
+        let book = ShadowBook::default();
+        let mut c = counts("api", false, [10, 4, 6, 0, 1]);
+        c.skipped.insert("not_sampled".into(), 40);
+        book.ingest(
+            batch(vec![c, counts("api", true, [5, 5, 0, 0, 0])], vec![]),
+            T0,
+        );
+        let s = book.summaries().remove(0);
+        for reason in understudy_core::shadow::Skip::ALL {
+            assert!(s.live.skipped.contains_key(reason.as_str()), "{reason:?}");
+        }
+        assert_eq!(s.live.skipped["not_sampled"], 40);
+        assert_eq!(s.live.skipped["shadow_timeout"], 0);
+        assert_eq!(s.live.compared, 10);
+
+        assert!(book.reset_live("api"));
+        assert!(!book.reset_live("nope"));
+        let s = book.summaries().remove(0);
+        assert_eq!(s.live.compared, 0);
+        assert_eq!(s.live.skipped["not_sampled"], 0);
+        assert_eq!(s.live.match_rate, None);
+        // Calibration is kept: it has its own reset (forget_noise).
+        assert_eq!(s.calibration.compared, 5);
+        assert!(book.route("api").unwrap().top_paths.is_empty());
     }
 
     #[test]

@@ -327,20 +327,21 @@ impl Shadowing {
     fn apply(&mut self, report: Report) {
         match report {
             Report::Skipped { route, reason } => {
-                // Counted in stats only: `not_sampled` is not a skip, and
-                // the pair was never in the table for `skipped_method`.
+                // Every reason goes to the stats and to the next batch, so the
+                // API shows what Envoy counts (`not_sampled` included).
                 let Some(Some(r)) = self.routes.get_mut(route) else {
                     return;
                 };
                 if let Some((_, id)) = r.metrics.skipped.iter().find(|(s, _)| *s == reason) {
                     host::increment(*id, 1);
                 }
-                if reason != Skip::NotSampled {
-                    *r.counts
-                        .skipped
-                        .entry(reason.as_str().to_owned())
-                        .or_default() += 1;
-                }
+                let n = r
+                    .counts
+                    .skipped
+                    .entry(reason.as_str().to_owned())
+                    .or_default();
+                *n = n.saturating_add(1);
+                // Those three never held a table entry (no pending pair).
                 if !matches!(reason, Skip::NotSampled | Skip::Method | Skip::Capacity) {
                     host::increment(self.pending, -1);
                 }

@@ -508,3 +508,80 @@ async fn calibration_learns_noise_that_live_comparisons_then_discount() -> Resul
     assert_eq!(p["learned_noise_rate"].as_f64(), Some(1.0), "{p:#}");
     Ok(())
 }
+
+/// At 50% sampling, every request is either copied or counted as
+/// `not_sampled`, and the API shows the same numbers as Envoy (it used to show
+/// `skipped: {}`); `DELETE` starts the route's live counts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_out_requests_show_in_the_api_and_counts_start_over() -> Result<()> {
+    let stack = Stack::start().await?;
+    stack
+        .put_filter_config(shadow_config(json!({"percent": 50})))
+        .await?;
+    for i in 0..80 {
+        let a = get(&stack, &format!("/orders/{i}"), &[]).await?;
+        ensure!(a.status == 200, "request {i}: {}", a.status);
+    }
+    settled(&stack, "orders", &["compared", "not_sampled"], 80).await?;
+    let not_sampled = counter(&stack, "orders", "not_sampled").await?;
+    let compared = counter(&stack, "orders", "compared").await?;
+    assert_eq!(not_sampled + compared, 80);
+    // Binomial(80, 0.5): mean 40, sd 4.5; ±4.5 sd.
+    assert!((20..=60).contains(&not_sampled), "{not_sampled} of 80");
+    let r = wait::until(
+        "the API to show Envoy's counts",
+        Duration::from_secs(15),
+        || async {
+            let r = stack.api_get("/v1/shadow/routes/orders").await?;
+            let shown = (r["skipped"]["not_sampled"].as_u64(), r["compared"].as_u64());
+            Ok((shown == (Some(not_sampled), Some(compared))).then_some(r))
+        },
+    )
+    .await?;
+    // Every reason is listed, zero or not.
+    for reason in understudy_core::shadow::Skip::ALL {
+        assert!(
+            r["skipped"].get(reason.as_str()).is_some(),
+            "{reason:?} missing: {:#}",
+            r["skipped"]
+        );
+    }
+    assert_eq!(r["skipped"]["shadow_timeout"], 0, "{r:#}");
+
+    let url = stack.cp.api_url("/v1/shadow/routes/orders");
+    let deleted = stack.api.delete(&url).send().await?;
+    assert_eq!(deleted.status(), 204);
+    let r = stack.api_get("/v1/shadow/routes/orders").await?;
+    assert_eq!(
+        (r["compared"].as_u64(), r["skipped"]["not_sampled"].as_u64()),
+        (Some(0), Some(0)),
+        "{r:#}"
+    );
+    for i in 0..20 {
+        get(&stack, &format!("/orders/again/{i}"), &[]).await?;
+    }
+    settled(&stack, "orders", &["compared", "not_sampled"], 100).await?;
+    let envoy_total = counter(&stack, "orders", "compared").await?
+        + counter(&stack, "orders", "not_sampled").await?;
+    assert_eq!(envoy_total, 100);
+    // Only the 20 requests after the reset count.
+    wait::until(
+        "the API to count the 20 new requests",
+        Duration::from_secs(15),
+        || async {
+            let r = stack.api_get("/v1/shadow/routes/orders").await?;
+            let n = r["compared"].as_u64().unwrap_or(0)
+                + r["skipped"]["not_sampled"].as_u64().unwrap_or(0);
+            ensure!(n <= 20, "more than the new requests counted: {r:#}");
+            Ok((n == 20).then_some(()))
+        },
+    )
+    .await?;
+    let gone = stack
+        .api
+        .delete(stack.cp.api_url("/v1/shadow/routes/nope"))
+        .send()
+        .await?;
+    assert_eq!(gone.status(), 404);
+    Ok(())
+}

@@ -1,6 +1,7 @@
-//! Finalizing a succeeded rollout, in process: the real control plane on
-//! loopback, driven through its API. The rollouts here are promoted by hand
-//! (no Envoy, so no evidence); the e2e suite finalizes under real traffic.
+//! A rollout's life cycle around its judged steps, in process: the real
+//! control plane on loopback, driven through its API. Finalizing a succeeded
+//! rollout (promoted by hand here: no Envoy, so no evidence; the e2e suite
+//! finalizes under real traffic), and what the shadow stage protects.
 
 use std::time::Duration;
 
@@ -253,4 +254,33 @@ async fn finalizing_is_automatic_by_default_and_refuses_a_service_that_changed_s
     );
     assert_eq!(audit_tos(&r).last().unwrap(), "not finalized");
     assert_eq!(api.get("/v1/services/shop").await["canary_weight"], 30);
+}
+
+#[tokio::test]
+async fn a_routes_counts_cannot_be_reset_while_a_shadow_stage_judges_them() {
+    let api = Api::start().await;
+    let spec = json!({
+        "service": "shop", "owner": "team",
+        "stop_rules": {"max_error_rate_increase_pp": 1.0, "max_unexpected_mismatch_rate": 0.01},
+        "shadow": {"route": "api", "percent": 100, "max_serious_rate": 0.01},
+        "steps": [{"weight": 100}]
+    });
+    let (status, r) = api.post("/v1/rollouts", &spec).await;
+    assert_eq!(status, 201, "{r}");
+    let id = r["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/v1/shadow/routes/api", api.base);
+    let (status, body) = api.call(api.http.delete(&url)).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "rollout_active");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains(&id),
+        "{body}"
+    );
+    let (status, _) = api
+        .post(&format!("/v1/rollouts/{id}/abort"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    // No longer judged: the reset goes through (404: no reports for it yet).
+    let (status, body) = api.call(api.http.delete(&url)).await;
+    assert_eq!(status, 404, "{body}");
 }
