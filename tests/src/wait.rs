@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 
 /// How often a condition is re-checked. This is a polling interval, not a
 /// guess at how long something takes: the deadline bounds the wait.
@@ -21,10 +21,15 @@ where
     let mut last_error = None;
     loop {
         ticker.tick().await;
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_error = Some(e),
+        // A check that hangs (a wedged server that accepts and never
+        // answers) must fail the wait at its deadline too, not only a
+        // check that keeps answering "not yet".
+        let left = deadline.saturating_sub(start.elapsed()).max(POLL);
+        match tokio::time::timeout(left, check()).await {
+            Ok(Ok(Some(v))) => return Ok(v),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => last_error = Some(e),
+            Err(_) => last_error = Some(anyhow!("the check itself hung for {left:?}")),
         }
         if start.elapsed() > deadline {
             match last_error {
@@ -34,5 +39,41 @@ where
                 None => bail!("timed out after {deadline:?} waiting for {what}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_hung_check_fails_at_the_deadline() {
+        let started = Instant::now();
+        let r: Result<()> = until(
+            "a check that never returns",
+            Duration::from_millis(200),
+            || std::future::pending(),
+        )
+        .await;
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("hung"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_check_that_succeeds_ends_the_wait() {
+        let mut n = 0;
+        let v = until("the third try", Duration::from_secs(5), || {
+            n += 1;
+            let n = n;
+            async move { Ok((n >= 3).then_some(n)) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(v, 3);
     }
 }
