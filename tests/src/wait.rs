@@ -52,7 +52,7 @@ mod tests {
         let r: Result<()> = until(
             "a check that never returns",
             Duration::from_millis(200),
-            || std::future::pending(),
+            std::future::pending,
         )
         .await;
         let e = format!("{:#}", r.unwrap_err());
