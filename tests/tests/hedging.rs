@@ -138,6 +138,33 @@ async fn hedging_cuts_the_slow_tail_within_budget() -> Result<()> {
         assert_eq!((g.len(), marked), (2, 1), "{g:?}");
     }
     tables_drain(&stack).await?;
+
+    // A budget below the slow share binds: 2% of requests may be hedged
+    // while 5% are slow, so hedges stop at the budget and the refusals are
+    // counted. (At 10% above, the budget never ran out.)
+    stack
+        .put_filter_config(hedge_config(json!({
+            "cluster": "demo-stable",
+            "delay": {"fixed": {"ms": 40}},
+            "budget": {"percent": 2, "per_second_floor": 0, "burst": 1}
+        })))
+        .await?;
+    let sent_before = counter(&stack, &stat("all", "sent")).await?;
+    let exhausted_before = counter(&stack, &stat("all", "budget_exhausted")).await?;
+    let upstream_before = stack.stable.state.requests();
+    let tally = traffic::send(&stack.url, N as usize, 8).await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    let sent = counter(&stack, &stat("all", "sent")).await? - sent_before;
+    let extra = stack.stable.state.requests() - upstream_before - N;
+    assert_eq!(extra, sent, "each hedge is one extra upstream request");
+    // Each worker's bucket starts empty and earns 0.02 per request.
+    let bound = (0.02 * N as f64).floor() as u64;
+    let exhausted = counter(&stack, &stat("all", "budget_exhausted")).await? - exhausted_before;
+    eprintln!("2% budget: {sent} hedges (bound {bound}), {exhausted} refused");
+    assert!(sent <= bound, "{sent} hedges, a 2% budget allows {bound}");
+    assert!(sent > 0, "the budget allows some hedges");
+    assert!(exhausted > 0, "5% slow against a 2% budget must exhaust it");
+    tables_drain(&stack).await?;
     Ok(())
 }
 
