@@ -271,6 +271,56 @@ async fn a_partner_is_unaffected_by_an_anonymous_flood() -> Result<()> {
     Ok(())
 }
 
+/// A tier's pool caps the sum of its tenants: four tenants each well under
+/// their own 50/s send 15/s each (60/s together) into a 30/s pool, and the
+/// tier admits the pool's rate, not the tenants'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_pool_caps_the_sum_of_its_tenants() -> Result<()> {
+    let stack = Stack::start().await?;
+    stack
+        .put_filter_config(config(json!({
+            "tiers": {
+                "anonymous": {"initial": 20, "min": 5, "max": 20, "burst_s": 0.05, "pool_rate": 20},
+                "standard": {"initial": 50, "min": 50, "max": 50, "burst_s": 0.5, "pool_rate": 30}
+            },
+            "tenants": {}
+        })))
+        .await?;
+    let started = std::time::Instant::now();
+    let window = Duration::from_secs(4);
+    let (a, b, c, d) = tokio::join!(
+        traffic::paced(&stack.url, 15.0, window, &[("x-tenant-id", "t0")]),
+        traffic::paced(&stack.url, 15.0, window, &[("x-tenant-id", "t1")]),
+        traffic::paced(&stack.url, 15.0, window, &[("x-tenant-id", "t2")]),
+        traffic::paced(&stack.url, 15.0, window, &[("x-tenant-id", "t3")]),
+    );
+    let elapsed = started.elapsed().as_secs_f64();
+    let all: Vec<_> = [a, b, c, d].into_iter().flatten().collect();
+    let admitted = count(&all, 200) as f64;
+    let limited = count(&all, 429);
+    assert_eq!(count(&all, 200) + limited, all.len(), "only 200s and 429s");
+    // The pool's 30/s over the run (the last answers may come a little after
+    // the last request was sent), plus its burst of 30 × 0.5 s. (The four
+    // clients tick together: a burst of 0.05 s, 1.5 tokens, could not hold
+    // their simultaneous arrivals and would admit about half the rate.)
+    let most = 30.0 * elapsed + 15.0 + 3.0;
+    let least = 0.85 * 30.0 * window.as_secs_f64();
+    eprintln!(
+        "pool: {admitted} admitted, {limited} limited in {elapsed:.2} s (bounds {least:.0}..{most:.0})"
+    );
+    assert!(
+        admitted <= most,
+        "{admitted} admitted, the 30/s pool allows {most:.0}"
+    );
+    assert!(
+        admitted >= least,
+        "{admitted} admitted, the pool should let {least:.0} through"
+    );
+    assert!(limited > 0);
+    assert!(stat(&stack, "standard.limited").await? > 0);
+    Ok(())
+}
+
 /// Shadow mode rejects nothing and counts what it would have rejected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_mode_only_counts() -> Result<()> {
