@@ -1922,6 +1922,7 @@ mod tests {
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(Value::from),
+            (-1000i64..1000).prop_map(Value::from),
             (-1.0e12f64..1.0e12).prop_map(Value::from),
             "[a-z\"\\\\ ]{0,6}".prop_map(Value::String),
         ];
@@ -1934,14 +1935,95 @@ mod tests {
         })
     }
 
+    /// `v` as other JSON text with the same value: keys in reverse order,
+    /// spaces and newlines, and integers that fit an f64 exactly written
+    /// with a fraction (`1.0`). The bytes always differ from `v.to_string()`,
+    /// so a comparison of the two takes the JSON walk, never the byte-equal
+    /// shortcut.
+    fn respelled(v: &Value) -> String {
+        fn go(v: &Value, out: &mut String) {
+            match v {
+                Value::Object(m) => {
+                    out.push_str("{ ");
+                    for (i, (k, x)) in m.iter().rev().enumerate() {
+                        if i > 0 {
+                            out.push_str(" ,\n ");
+                        }
+                        out.push_str(&Value::String(k.clone()).to_string());
+                        out.push_str(" : ");
+                        go(x, out);
+                    }
+                    out.push_str(" }");
+                }
+                Value::Array(a) => {
+                    out.push_str("[ ");
+                    for (i, x) in a.iter().enumerate() {
+                        if i > 0 {
+                            out.push_str(" , ");
+                        }
+                        go(x, out);
+                    }
+                    out.push_str(" ]");
+                }
+                Value::Number(n) if n.as_i64().is_some_and(|i| i.unsigned_abs() < 1 << 53) => {
+                    out.push_str(&format!("{n}.0"));
+                }
+                other => out.push_str(&other.to_string()),
+            }
+        }
+        let mut out = String::from(" ");
+        go(v, &mut out);
+        out.push('\n');
+        out
+    }
+
     proptest::proptest! {
         #[test]
-        fn a_value_equals_itself(v in arb_json(), unordered in proptest::prelude::any::<bool>()) {
+        fn a_value_equals_itself_however_it_is_spelled(v in arb_json(), unordered in proptest::prelude::any::<bool>()) {
             let text = v.to_string();
+            let other = respelled(&v);
+            proptest::prop_assert_ne!(&text, &other);
             let c = if unordered { cfg(serde_json::json!({"unordered": ["$"], "match_by_id": [{"path": "$.*", "id": "a"}]})) } else { CompareConfig::default() };
-            let r = cmp_bodies(&c, &text, &text);
-            proptest::prop_assert!(r.differences.is_empty(), "{:?}", r.differences);
-            proptest::prop_assert!(r.truncated.is_none());
+            for (a, b) in [(&text, &other), (&other, &text)] {
+                let r = cmp_bodies(&c, a, b);
+                proptest::prop_assert!(r.differences.is_empty(), "{a} vs {b}: {:?}", r.differences);
+                proptest::prop_assert_eq!((r.serious, r.noise, r.omitted), (0, 0, 0));
+                proptest::prop_assert!(r.truncated.is_none() && r.unparseable.is_none());
+            }
+        }
+
+        #[test]
+        fn shuffled_arrays_differ_only_in_order_where_order_does_not_count(
+            items in proptest::collection::vec(arb_json(), 2..8),
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            // The same elements in another order: a rotation by 1..n-1
+            // places, never the identity for distinct elements.
+            let turn = 1 + (seed as usize) % (items.len() - 1);
+            let mut shuffled = items.clone();
+            shuffled.rotate_left(turn);
+            let unordered = cfg(serde_json::json!({"unordered": ["$.items"]}));
+            let a = serde_json::json!({"items": items}).to_string();
+            let b = respelled(&serde_json::json!({"items": shuffled}));
+            let r = cmp_bodies(&unordered, &a, &b);
+            proptest::prop_assert_eq!(r.serious, 0, "{:?}", r.differences);
+            proptest::prop_assert!(r.differences.iter().all(|d| d.kind == DiffKind::OrderOnly), "{:?}", r.differences);
+            // By id: each line keeps its id and content, in another order.
+            let lines = |xs: &[Value]| -> Vec<Value> {
+                xs.iter().enumerate().map(|(i, x)| serde_json::json!({"id": i, "v": x})).collect()
+            };
+            let mut by_id = lines(&items);
+            let a = serde_json::json!({"lines": by_id.clone()}).to_string();
+            by_id.rotate_left(turn);
+            let b = respelled(&serde_json::json!({"lines": by_id}));
+            let matched = cfg(serde_json::json!({"match_by_id": [{"path": "$.lines", "id": "id"}]}));
+            let r = cmp_bodies(&matched, &a, &b);
+            proptest::prop_assert_eq!(r.serious, 0, "{:?}", r.differences);
+            proptest::prop_assert!(r.differences.iter().all(|d| d.kind == DiffKind::OrderOnly), "{:?}", r.differences);
+            proptest::prop_assert!(r.differences.len() <= 1);
+            // The same shuffle where order counts is serious.
+            let r = cmp_bodies(&CompareConfig::default(), &a, &b);
+            proptest::prop_assert!(r.serious > 0);
         }
 
         #[test]
