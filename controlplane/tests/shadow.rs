@@ -285,7 +285,11 @@ async fn pushed_reports_are_summarised_with_paths_and_samples() {
         (&json!(10), &json!(6), &json!(3), &json!(1))
     );
     assert_eq!(s["unexpected"], 2);
-    assert_eq!(s["skipped"], json!({"shadow_timeout": 2}));
+    assert_eq!(s["skipped"]["shadow_timeout"], 2);
+    // Every other reason is listed, at zero.
+    let skipped = s["skipped"].as_object().unwrap();
+    assert_eq!(skipped.len(), understudy_core::shadow::Skip::ALL.len());
+    assert_eq!(skipped.values().filter_map(|v| v.as_u64()).sum::<u64>(), 2);
     assert_eq!(s["match_rate"], 0.7);
     assert_eq!(s["exact_match_rate"], 0.6);
     assert_eq!(s["serious_rate"], 0.3);
