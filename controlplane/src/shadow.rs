@@ -63,6 +63,27 @@ pub const MAX_SKIP_REASONS: usize = 32;
 /// Sample values are for recognising a difference at a glance; the stored
 /// record has them whole.
 const MAX_SAMPLE_VALUE_CHARS: usize = 200;
+/// Headers that carry credentials: shown as [`REDACTED`] in every sample the
+/// API shows and never sent by a replay. A route's shadow `strip_headers`
+/// (what it already keeps from the shadow) extends the list.
+pub const CREDENTIAL_HEADERS: [&str; 10] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-csrf-token",
+    "x-amz-security-token",
+    "x-goog-api-key",
+];
+/// What a credential header's value is shown as.
+pub const REDACTED: &str = "[redacted]";
+/// Replays remembered in the audit log (`GET /v1/shadow/replays`).
+pub const MAX_REPLAY_AUDIT: usize = 1000;
+/// A longer node id is cut before it is stored with each record.
+const MAX_NODE_CHARS: usize = 256;
 /// A longer path is cut (and marked with `…`) before it becomes a table key.
 const MAX_PATH_CHARS: usize = 512;
 /// The standard normal quantile for a two-sided 95% interval.
@@ -526,6 +547,8 @@ pub struct RecordView {
     pub route: String,
     pub request_id: String,
     pub node_id: String,
+    /// Who sent the record; only a verified one can be replayed.
+    pub origin: Origin,
     /// When the filter compared the pair, milliseconds since the Unix epoch.
     pub time: u64,
     #[serde(with = "unix_ms")]
@@ -547,12 +570,25 @@ pub struct RecordView {
     pub primary: ResponseView,
 }
 
-fn headers_view(headers: &[understudy_proto::v1::Header]) -> Vec<HeaderView> {
+/// `name` is a credential header: in [`CREDENTIAL_HEADERS`] or in `extra`
+/// (case-insensitive).
+pub fn is_credential(name: &str, extra: &[String]) -> bool {
+    CREDENTIAL_HEADERS
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case(name))
+        || extra.iter().any(|c| c.eq_ignore_ascii_case(name))
+}
+
+fn headers_view(headers: &[understudy_proto::v1::Header], extra: &[String]) -> Vec<HeaderView> {
     headers
         .iter()
         .map(|h| HeaderView {
             name: h.name.clone(),
-            value: h.value.clone(),
+            value: if is_credential(&h.name, extra) {
+                REDACTED.to_owned()
+            } else {
+                h.value.clone()
+            },
         })
         .collect()
 }
@@ -588,7 +624,9 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 impl StoredRecord {
-    pub fn view(&self) -> RecordView {
+    /// The record as the API shows it; credential headers (the default list
+    /// and `extra`) are redacted.
+    pub fn view(&self, extra: &[String]) -> RecordView {
         let r = &self.record;
         let request = r.request.clone().unwrap_or_default();
         let primary = r.primary.clone().unwrap_or_default();
@@ -599,6 +637,7 @@ impl StoredRecord {
             route: r.route.clone(),
             request_id: r.request_id.clone(),
             node_id: self.node_id.clone(),
+            origin: self.origin.clone(),
             time: r.time_unix_ms,
             received: self.received,
             calibration: r.calibration,
@@ -631,20 +670,36 @@ impl StoredRecord {
                 method: request.method,
                 path: request.path,
                 authority: request.authority,
-                headers: headers_view(&request.headers),
+                headers: headers_view(&request.headers, extra),
                 body: req_body,
                 body_base64: req_b64,
                 body_truncated: request.body_truncated,
             },
             primary: ResponseView {
                 status: primary.status,
-                headers: headers_view(&primary.headers),
+                headers: headers_view(&primary.headers, extra),
                 body: resp_body,
                 body_base64: resp_b64,
                 body_truncated: primary.body_truncated,
             },
         }
     }
+}
+
+/// One replay attempt, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplayAudit {
+    #[serde(with = "unix_ms")]
+    pub time: SystemTime,
+    /// The API caller who asked.
+    pub actor: String,
+    pub sample: String,
+    pub route: Option<String>,
+    pub cluster: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    /// `matched`, `differs`, or `refused: <why>` / `failed: <why>`.
+    pub outcome: String,
 }
 
 // === the book ===
@@ -681,6 +736,7 @@ struct Book {
     dropped: u64,
     rejected: u64,
     calibration_refused: u64,
+    replays: VecDeque<ReplayAudit>,
     /// The policy and the snapshot generation it was built from.
     policy: Option<(u64, RoutePolicy)>,
 }
@@ -811,7 +867,7 @@ impl Book {
         self.record_bytes = self.record_bytes.saturating_add(size);
         self.records.push_back(StoredRecord {
             id,
-            node_id: node_id.to_owned(),
+            node_id: clip(node_id, MAX_NODE_CHARS),
             received: now,
             record,
             learned,
@@ -975,6 +1031,21 @@ impl ShadowBook {
         }
         let policy = RoutePolicy::from_config(&store.state().filter.config);
         book.policy = Some((generation, policy));
+    }
+
+    /// Appends a replay (done or refused) to the audit log.
+    pub fn audit_replay(&self, entry: ReplayAudit) {
+        tracing::info!(actor = %entry.actor, sample = %entry.sample, cluster = ?entry.cluster, outcome = %entry.outcome, "shadow replay");
+        let mut book = self.lock();
+        if book.replays.len() >= MAX_REPLAY_AUDIT {
+            book.replays.pop_front();
+        }
+        book.replays.push_back(entry);
+    }
+
+    /// The replay audit log, oldest first.
+    pub fn replays(&self) -> Vec<ReplayAudit> {
+        self.lock().replays.iter().cloned().collect()
     }
 
     /// Every route, by name.
