@@ -1612,7 +1612,7 @@ mod tests {
             ..Default::default()
         });
         book.ingest(batch(vec![], vec![r]), T0 + Duration::from_millis(42));
-        let v = serde_json::to_value(book.record(1).unwrap().view()).unwrap();
+        let v = serde_json::to_value(book.record(1).unwrap().view(&[])).unwrap();
         assert_eq!(v["id"], "1");
         assert_eq!(v["node_id"], "envoy-1");
         assert_eq!(v["received"], 42);

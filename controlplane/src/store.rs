@@ -71,8 +71,17 @@ impl Store {
     }
 
     /// Loads the state file and keeps it up to date with every change.
+    /// The file is set to mode 0600 (it names every backend); a file whose
+    /// mode cannot be set is still used, with a warning.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let state = load_state(path)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+                tracing::warn!(path = %path.display(), error = %e, "could not make the state file private (0600)");
+            }
+        }
         Self::build(state, Some(path.to_owned())).map_err(|source| StoreError::Invalid {
             path: path.display().to_string(),
             source,

@@ -442,11 +442,107 @@ mod tests {
         let mut s = crate::model::fixtures::state(0, 8081, true);
         s.filter.config = json!({"routes": [{"name": "api", "shadow": {
             "cluster": "shop-canary",
+            "unsafe_methods": true,
+            "strip_headers": ["x-tenant-secret"],
             "compare": {"ignore": ["$.at"]},
             "redact": ["$.card"],
             "expected": [{"name": "v2-tax", "path_prefix": "/cart", "paths": ["$.tax"]}]
         }}]});
         s
+    }
+
+    fn verified() -> Origin {
+        Origin::Verified {
+            identity: "envoy-1".into(),
+        }
+    }
+
+    #[test]
+    fn a_record_from_an_unauthenticated_peer_is_never_replayed() {
+        let err = plan(1, &record(), &Origin::Unverified, &state(), None).unwrap_err();
+        assert_eq!(err, ReplayError::Unverified { id: 1 });
+        // The same record from a verified Envoy plans.
+        assert!(plan(1, &record(), &verified(), &state(), None).is_ok());
+    }
+
+    #[test]
+    fn replays_go_only_to_the_routes_own_clusters() {
+        let mut s = state();
+        // Another service's cluster is known, but not this route's.
+        let mut other = s.services.values().next().unwrap().clone();
+        other.name = "billing".into();
+        other.domains = vec!["billing.example".into()];
+        s.services.insert("billing".into(), other);
+        let err = plan(1, &record(), &verified(), &s, Some("billing-stable")).unwrap_err();
+        assert!(
+            matches!(&err, ReplayError::NotRouteCluster { cluster, .. } if cluster == "billing-stable"),
+            "{err:?}"
+        );
+        // A forged record naming another cluster as its shadow is refused too.
+        let mut forged = record();
+        forged.shadow_cluster = "billing-canary".into();
+        assert!(matches!(
+            plan(1, &forged, &verified(), &s, None),
+            Err(ReplayError::NotRouteCluster { .. })
+        ));
+        // The route's own stable and canary work.
+        assert!(plan(1, &record(), &verified(), &s, Some("shop-stable")).is_ok());
+        assert!(plan(1, &record(), &verified(), &s, Some("shop-canary")).is_ok());
+    }
+
+    #[test]
+    fn only_methods_the_route_shadows_are_replayed() {
+        let mut s = state();
+        s.filter.config["routes"][0]["shadow"]
+            .as_object_mut()
+            .unwrap()
+            .remove("unsafe_methods");
+        for method in ["POST", "DELETE", "PUT", "PATCH"] {
+            let mut r = record();
+            r.request.as_mut().unwrap().method = method.into();
+            assert!(
+                matches!(
+                    plan(1, &r, &verified(), &s, None),
+                    Err(ReplayError::MethodNotAllowed { .. })
+                ),
+                "{method}"
+            );
+        }
+        let mut r = record();
+        r.request.as_mut().unwrap().method = "GET".into();
+        assert_eq!(plan(1, &r, &verified(), &s, None).unwrap().method, "GET");
+    }
+
+    #[test]
+    fn credentials_are_never_replayed() {
+        let mut r = record();
+        let headers = &mut r.request.as_mut().unwrap().headers;
+        for (k, v) in [
+            ("Authorization", "Bearer secret"),
+            ("cookie", "session=1"),
+            ("x-api-key", "k"),
+            ("proxy-authorization", "Basic x"),
+            ("x-tenant-secret", "route-specific"),
+            ("x-kept", "yes"),
+        ] {
+            headers.push(header(k, v));
+        }
+        let p = plan(1, &r, &verified(), &state(), None).unwrap();
+        let names: Vec<String> = p
+            .headers
+            .iter()
+            .map(|(k, _)| k.to_ascii_lowercase())
+            .collect();
+        for gone in [
+            "authorization",
+            "cookie",
+            "x-api-key",
+            "proxy-authorization",
+            "x-tenant-secret",
+        ] {
+            assert!(!names.contains(&gone.to_owned()), "{gone} in {names:?}");
+        }
+        assert!(names.contains(&"x-kept".to_owned()));
     }
 
     fn header(name: &str, value: &str) -> Header {
