@@ -253,7 +253,7 @@ pub struct Engine {
     health: Mutex<EngineHealth>,
     /// Test hook: called with a rollout id at the start of its evaluation.
     #[doc(hidden)]
-    pub fault: Mutex<Option<Box<dyn Fn(&str) + Send + Sync>>>,
+    pub fault: Mutex<Option<Arc<dyn Fn(&str) + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -772,12 +772,8 @@ impl Engine {
             return Ok(());
         }
         rollout.last_evaluated_ms = t;
-        if let Some(fault) = self
-            .fault
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        let fault = self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(fault) = fault {
             fault(id);
         }
         let from = rollout.phase.label();
