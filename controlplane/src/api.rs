@@ -295,6 +295,8 @@ struct TopTenants {
     envoys: usize,
     reports: u64,
     dropped_by_filters: u64,
+    /// Tenant entries the book refused (names too long, caps reached).
+    refused: u64,
     tenants: Vec<TenantUsage>,
 }
 
@@ -308,6 +310,7 @@ async fn top_tenants(
         envoys,
         reports,
         dropped_by_filters: dropped,
+        refused: s.usage.refused(),
         tenants: s.usage.top(q.top.unwrap_or(20).min(1000)),
     })
 }

@@ -857,3 +857,67 @@ async fn huge_shadow_counters_saturate() {
     assert_eq!(s["compared"], json!(u64::MAX));
     assert_eq!(s["match_rate"], json!(0.0));
 }
+
+/// Usage reports with u64::MAX counters, non-finite limits and an oversized
+/// node id, from a real gRPC client: nothing panics or grows, the API keeps
+/// answering, and a legitimate report still counts.
+#[tokio::test]
+async fn hostile_usage_reports_are_clamped_and_capped() {
+    use understudy_proto::v1::{TenantUsage, UsageReport};
+    let cp = start().await;
+    let mut client = ReportServiceClient::connect(format!("http://{}", cp.xds))
+        .await
+        .unwrap();
+    let tenant = |name: &str, n: u64, rps: f64| TenantUsage {
+        tenant: name.into(),
+        tier: "standard".into(),
+        allowed: n,
+        limited: n,
+        limit_rps: rps,
+    };
+    for rps in [f64::NAN, f64::INFINITY, -5.0] {
+        client
+            .push_usage(UsageReport {
+                node_id: "edge-1".into(),
+                tenants: vec![tenant("acme", u64::MAX, rps)],
+                dropped: u64::MAX,
+            })
+            .await
+            .unwrap();
+    }
+    // A node id of 0.4 MB, once per tenant: refused whole, nothing stored.
+    let huge = "n".repeat(400_000);
+    client
+        .push_usage(UsageReport {
+            node_id: huge,
+            tenants: (0..200).map(|i| tenant(&format!("t{i}"), 1, 1.0)).collect(),
+            dropped: 0,
+        })
+        .await
+        .unwrap();
+    client
+        .push_usage(UsageReport {
+            node_id: "edge-2".into(),
+            tenants: vec![tenant("small", 3, 10.0)],
+            dropped: 0,
+        })
+        .await
+        .unwrap();
+    let top = cp.get_ok("/v1/ratelimit/tenants?top=1000").await;
+    let tenants = top["tenants"].as_array().unwrap();
+    assert_eq!(tenants.len(), 2, "{top}");
+    let acme = tenants.iter().find(|t| t["tenant"] == "acme").unwrap();
+    assert_eq!(acme["allowed"], json!(u64::MAX));
+    assert_eq!(
+        acme["fleet_limit_rps"],
+        json!(0.0),
+        "non-finite limits count as 0"
+    );
+    assert_eq!(top["dropped_by_filters"], json!(u64::MAX));
+    assert_eq!(top["refused"], 200);
+    let small = tenants.iter().find(|t| t["tenant"] == "small").unwrap();
+    assert_eq!(
+        (&small["allowed"], &small["fleet_limit_rps"]),
+        (&json!(3), &json!(10.0))
+    );
+}
