@@ -161,6 +161,9 @@ pub struct PushedVersion {
     pub version: String,
 }
 
+/// A test hook run at the start of each evaluation (see `Engine::fault`).
+pub type Fault = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// How the engine's own loop is doing: `GET /readyz` and every rollout view
 /// show it, so a panic or a failed write is never silent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -253,7 +256,7 @@ pub struct Engine {
     health: Mutex<EngineHealth>,
     /// Test hook: called with a rollout id at the start of its evaluation.
     #[doc(hidden)]
-    pub fault: Mutex<Option<Arc<dyn Fn(&str) + Send + Sync>>>,
+    pub fault: Mutex<Option<Fault>>,
 }
 
 impl std::fmt::Debug for Engine {
