@@ -319,4 +319,52 @@ mod tests {
         assert_eq!(book.top(1).len(), 1);
         assert_eq!(book.counts(), (3, 0));
     }
+
+    #[test]
+    fn peer_numbers_saturate_and_bad_names_are_refused() {
+        let book = UsageBook::default();
+        let t0 = SystemTime::UNIX_EPOCH;
+        book.record(&report("e1", &[("a", u64::MAX, u64::MAX, f64::NAN)]), t0);
+        book.record(&report("e1", &[("a", u64::MAX, 1, f64::INFINITY)]), t0);
+        let top = book.top(10);
+        assert_eq!((top[0].allowed, top[0].limited), (u64::MAX, u64::MAX));
+        assert_eq!(top[0].fleet_limit_rps, 0.0);
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        let got = book.record(&report(&long, &[("b", 1, 0, 1.0)]), t0);
+        assert_eq!(
+            got,
+            Recorded {
+                accepted: 0,
+                refused: 1
+            }
+        );
+        let got = book.record(&report("e1", &[(&long, 1, 0, 1.0), ("", 1, 0, 1.0)]), t0);
+        assert_eq!(got.refused, 2);
+        assert_eq!(book.top(10).len(), 1);
+        assert_eq!(book.refused(), 3);
+    }
+
+    #[test]
+    fn the_least_recently_reported_tenant_goes_first_and_node_ids_are_shared() {
+        let book = UsageBook::default();
+        let t = |s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        for i in 0..MAX_TENANTS {
+            book.record(&report("e1", &[(&format!("t{i}"), 1, 0, 1.0)]), t(1));
+        }
+        // t0 reports again: t1 is now the least recent.
+        book.record(&report("e1", &[("t0", 1, 0, 1.0)]), t(2));
+        book.record(&report("e1", &[("new", 1, 0, 1.0)]), t(3));
+        let names: Vec<String> = book
+            .top(MAX_TENANTS + 1)
+            .into_iter()
+            .map(|u| u.tenant)
+            .collect();
+        assert_eq!(names.len(), MAX_TENANTS);
+        assert!(names.contains(&"t0".to_owned()) && names.contains(&"new".to_owned()));
+        assert!(!names.contains(&"t1".to_owned()));
+        let inner = book.lock();
+        assert_eq!(inner.nodes.len(), 1, "one copy of the node id");
+        assert_eq!(inner.limit_entries, MAX_TENANTS);
+        assert_eq!(inner.by_age.len(), MAX_TENANTS);
+    }
 }

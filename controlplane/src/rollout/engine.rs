@@ -529,6 +529,13 @@ impl Engine {
                     snapshot: serde_json::Value::Null,
                 };
                 *rollout = before;
+                if from_label == "created" {
+                    // A rollout whose start could not be applied never ran;
+                    // its stored record must not resume as active.
+                    rollout.phase = Phase::Aborted {
+                        reason: undo.reason.clone(),
+                    };
+                }
                 self.db.save(&rollout.id, rollout, &[undo])?;
             }
             return Err(e);
