@@ -57,8 +57,10 @@ async fn settled_seen(stack: &Stack, id: &str, want_book: u64) -> Result<(u64, V
             let seen = r["shadow_seen"]["serious"].as_u64().unwrap_or(0);
             let carried = r["shadow_carried"]["serious"].as_u64().unwrap_or(0);
             let base = r["shadow_baseline"]["serious"].as_u64().unwrap_or(0);
-            Ok((book >= want_book && seen == carried + book.saturating_sub(base))
-                .then_some((seen, r)))
+            Ok(
+                (book >= want_book && seen == carried + book.saturating_sub(base))
+                    .then_some((seen, r)),
+            )
         },
     )
     .await
@@ -97,10 +99,14 @@ async fn a_restart_in_the_shadow_stage_keeps_counting_every_serious_mismatch() -
     let id = created["id"].as_str().context("no id")?.to_owned();
     let baseline = created["shadow_baseline"]["serious"].as_u64().unwrap_or(0);
     ensure!(baseline >= 120, "baseline {baseline}");
-    wait::until("mismatches in the stage", Duration::from_secs(60), || async {
-        let r = rollout(&stack, &id).await?;
-        Ok((r["shadow_seen"]["serious"].as_u64().unwrap_or(0) >= 20).then_some(()))
-    })
+    wait::until(
+        "mismatches in the stage",
+        Duration::from_secs(60),
+        || async {
+            let r = rollout(&stack, &id).await?;
+            Ok((r["shadow_seen"]["serious"].as_u64().unwrap_or(0) >= 20).then_some(()))
+        },
+    )
     .await?;
     load.stop().await;
     // Everything sent has been reported and counted.
