@@ -17,6 +17,7 @@
 //! | DELETE | `/v1/shadow/routes/{route}` | start the route's live counts over (409 during its rollout's shadow stage) |
 //! | GET | `/v1/shadow/samples/{id}` | a stored mismatch record in full |
 //! | POST | `/v1/shadow/samples/{id}/replay` | replay it (`{"cluster"}` optional) and compare again |
+//! | GET | `/v1/shadow/replays` | the replay audit log: who replayed which sample where, and the outcome |
 //! | GET | `/v1/shadow/noise` | noise learned from A/A calibration, per route and path |
 //! | DELETE | `/v1/shadow/noise/{route}` | forget a route's calibration data |
 //! | POST/GET | `/v1/rollouts[/{id}[/{action}]]` | canary rollouts (see [`crate::rollout::api`]) |
@@ -35,10 +36,12 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::auth::{self, Auth};
+use crate::auth::{self, Auth, Principal};
 use crate::model::{FilterSettings, ModelError, Service, Weight};
 use crate::shadow::replay::{self, ReplayError, ReplayOutcome};
-use crate::shadow::{BookCounts, RecordView, RouteDetail, RouteNoise, RouteSummary, ShadowBook};
+use crate::shadow::{
+    BookCounts, RecordView, ReplayAudit, RouteDetail, RouteNoise, RouteSummary, ShadowBook,
+};
 use crate::store::{ChangeError, Store};
 use crate::usage::{TenantUsage, UsageBook};
 use crate::xds::Registry;
@@ -77,6 +80,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/shadow/samples/{id}", get(shadow_sample))
         .route("/v1/shadow/samples/{id}/replay", post(replay_sample))
+        .route("/v1/shadow/replays", get(shadow_replays))
         .route("/v1/shadow/noise", get(shadow_noise))
         .route("/v1/shadow/noise/{route}", delete(forget_noise))
         .merge(crate::rollout::api::routes())
@@ -159,6 +163,9 @@ impl From<ReplayError> for ApiError {
             ReplayError::UnknownCluster { .. } => (StatusCode::BAD_REQUEST, "unknown_cluster"),
             ReplayError::InvalidConfig(_) => (StatusCode::INTERNAL_SERVER_ERROR, "invalid_filter"),
             ReplayError::Upstream { .. } => (StatusCode::BAD_GATEWAY, "upstream_failed"),
+            ReplayError::Unverified { .. } => (StatusCode::FORBIDDEN, "unverified_sample"),
+            ReplayError::NotRouteCluster { .. } => (StatusCode::FORBIDDEN, "cluster_not_allowed"),
+            ReplayError::MethodNotAllowed { .. } => (StatusCode::FORBIDDEN, "method_not_allowed"),
         };
         Self::new(status, code, e.to_string())
     }
@@ -172,8 +179,17 @@ impl From<JsonRejection> for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
+/// Ready, with what an operator must not miss: the engine's caught panics
+/// and persistence failures, and state-file writes that failed (a change
+/// then lives in memory only).
 async fn ready(State(s): State<ApiState>) -> Json<serde_json::Value> {
-    Json(json!({"status": "ready", "generation": s.store.snapshot().generation}))
+    let (failures, last_error) = s.store.persistence_failures();
+    Json(json!({
+        "status": "ready",
+        "generation": s.store.snapshot().generation,
+        "engine": s.engine.health(),
+        "state_file": {"write_failures": failures, "last_error": last_error},
+    }))
 }
 
 async fn list_services(State(s): State<ApiState>) -> Json<Vec<Service>> {
@@ -283,6 +299,8 @@ struct TopTenants {
     envoys: usize,
     reports: u64,
     dropped_by_filters: u64,
+    /// Tenant entries the book refused (names too long, caps reached).
+    refused: u64,
     tenants: Vec<TenantUsage>,
 }
 
@@ -296,6 +314,7 @@ async fn top_tenants(
         envoys,
         reports,
         dropped_by_filters: dropped,
+        refused: s.usage.refused(),
         tenants: s.usage.top(q.top.unwrap_or(20).min(1000)),
     })
 }
@@ -411,8 +430,36 @@ fn stored_sample(s: &ApiState, id: &str) -> Result<crate::shadow::StoredRecord, 
         })
 }
 
+/// The route's shadow `strip_headers`: credential headers beyond the
+/// default list, for this route.
+fn route_credentials(s: &ApiState, route: &str) -> Vec<String> {
+    understudy_core::FilterConfig::from_value(&s.store.state().filter.config)
+        .ok()
+        .and_then(|c| {
+            c.routes()
+                .iter()
+                .find(|r| r.name == route)
+                .and_then(|r| r.shadow.as_ref())
+                .map(|sh| sh.strip_headers.clone())
+        })
+        .unwrap_or_default()
+}
+
 async fn shadow_sample(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<RecordView> {
-    Ok(Json(stored_sample(&s, &id)?.view()))
+    let stored = stored_sample(&s, &id)?;
+    let extra = route_credentials(&s, &stored.record.route);
+    Ok(Json(stored.view(&extra)))
+}
+
+#[derive(Serialize)]
+struct Replays {
+    replays: Vec<ReplayAudit>,
+}
+
+async fn shadow_replays(State(s): State<ApiState>) -> Json<Replays> {
+    Json(Replays {
+        replays: s.shadow.replays(),
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -437,21 +484,60 @@ fn replay_body(body: &[u8]) -> Result<ReplayBody, ApiError> {
     serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
 }
 
+/// Every attempt that names a stored sample is audited with its actor,
+/// whether it was refused, failed or done.
 async fn replay_sample(
     State(s): State<ApiState>,
+    principal: Option<axum::Extension<Principal>>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<ReplayOutcome> {
+    let actor = principal.map_or_else(|| "anonymous".to_owned(), |p| p.0.name);
     let body = replay_body(&body)?;
     let stored = stored_sample(&s, &id)?;
-    let plan = replay::plan(
+    let request = stored.record.request.clone().unwrap_or_default();
+    let mut audit = ReplayAudit {
+        time: std::time::SystemTime::now(),
+        actor,
+        sample: id,
+        route: Some(stored.record.route.clone()),
+        cluster: body.cluster.clone(),
+        method: Some(request.method),
+        path: Some(request.path),
+        outcome: String::new(),
+    };
+    let plan = match replay::plan(
         stored.id,
         &stored.record,
+        &stored.origin,
         &s.store.state(),
         body.cluster.as_deref(),
-    )?;
-    let replayed = replay::send(&plan).await?;
-    Ok(Json(replay::outcome(&plan, &replayed)))
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            audit.outcome = format!("refused: {e}");
+            s.shadow.audit_replay(audit);
+            return Err(e.into());
+        }
+    };
+    audit.cluster = Some(plan.cluster.clone());
+    let replayed = match replay::send(&plan).await {
+        Ok(r) => r,
+        Err(e) => {
+            audit.outcome = format!("failed: {e}");
+            s.shadow.audit_replay(audit);
+            return Err(e.into());
+        }
+    };
+    let outcome = replay::outcome(&plan, &replayed);
+    audit.outcome = if outcome.matched {
+        "matched"
+    } else {
+        "differs"
+    }
+    .to_owned();
+    s.shadow.audit_replay(audit);
+    Ok(Json(outcome))
 }
 
 #[derive(Serialize)]

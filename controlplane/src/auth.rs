@@ -10,10 +10,19 @@
 //! `/healthz` and `/readyz` are open (probes carry no tokens); every other
 //! path needs a token: 401 without a valid one, 403 for a viewer that tries
 //! to act, 429 (with `Retry-After`) for a caller over its rate.
+//!
+//! **Guessing is slow.** Failed logins are counted per peer address (or
+//! all together when the server does not pass the address): after
+//! [`MAX_FAILED_LOGINS`] failures in [`FAILED_LOGIN_WINDOW`], every request
+//! from there is refused with 429 *before* its token is looked at, until the
+//! window ends. A token file readable by group or others is refused.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -26,6 +35,86 @@ use sha2::{Digest, Sha256};
 
 /// Tokens shorter than this are refused: they could be guessed.
 pub const MIN_TOKEN_LEN: usize = 16;
+/// Failed logins allowed from one peer address per [`FAILED_LOGIN_WINDOW`].
+pub const MAX_FAILED_LOGINS: u32 = 10;
+/// The window failed logins are counted in.
+pub const FAILED_LOGIN_WINDOW: Duration = Duration::from_secs(60);
+/// Peer addresses whose failures are remembered; when full, the entry whose
+/// window started first is forgotten.
+pub const MAX_FAILED_LOGIN_PEERS: usize = 10_000;
+
+/// Why a token file was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: mode {mode:o} lets group or others read the API tokens; run chmod 600 {path}")]
+    Readable { path: String, mode: u32 },
+}
+
+/// Reads a token file, refusing one that group or others may read.
+pub fn read_token_file(path: &Path) -> Result<String, TokenFileError> {
+    let shown = path.display().to_string();
+    let io = |source| TokenFileError::Io {
+        path: shown.clone(),
+        source,
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(TokenFileError::Readable {
+                path: shown.clone(),
+                mode,
+            });
+        }
+    }
+    std::fs::read_to_string(path).map_err(io)
+}
+
+/// Failed logins per peer: a fixed window each.
+#[derive(Debug, Default)]
+struct FailedLogins {
+    peers: HashMap<String, (Instant, u32)>,
+}
+
+impl FailedLogins {
+    /// When `peer` may try again, if it is over its failures now.
+    fn blocked(&mut self, peer: &str, now: Instant) -> Option<Duration> {
+        let (start, n) = *self.peers.get(peer)?;
+        let ends = start + FAILED_LOGIN_WINDOW;
+        if now >= ends {
+            self.peers.remove(peer);
+            return None;
+        }
+        (n >= MAX_FAILED_LOGINS).then(|| ends - now)
+    }
+
+    fn failed(&mut self, peer: &str, now: Instant) {
+        if !self.peers.contains_key(peer) && self.peers.len() >= MAX_FAILED_LOGIN_PEERS {
+            self.peers
+                .retain(|_, (start, _)| now < *start + FAILED_LOGIN_WINDOW);
+            if self.peers.len() >= MAX_FAILED_LOGIN_PEERS
+                && let Some(oldest) = self
+                    .peers
+                    .iter()
+                    .min_by_key(|(_, (start, _))| *start)
+                    .map(|(k, _)| k.clone())
+            {
+                self.peers.remove(&oldest);
+            }
+        }
+        let entry = self.peers.entry(peer.to_owned()).or_insert((now, 0));
+        if now >= entry.0 + FAILED_LOGIN_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -78,6 +167,7 @@ pub struct Auth {
     /// SHA-256 of the token → caller; `None`: authentication is off.
     tokens: Option<HashMap<[u8; 32], Principal>>,
     limiter: DefaultKeyedRateLimiter<String>,
+    failed: Mutex<FailedLogins>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -143,6 +233,7 @@ impl Auth {
         Ok(Self {
             tokens: Some(tokens),
             limiter: Self::limiter(limits),
+            failed: Mutex::default(),
         })
     }
 
@@ -152,6 +243,7 @@ impl Auth {
         Self {
             tokens: None,
             limiter: Self::limiter(Limits::default()),
+            failed: Mutex::default(),
         }
     }
 
@@ -173,6 +265,29 @@ impl Auth {
         };
         let token = authorization?.strip_prefix("Bearer ")?.trim();
         tokens.get(&digest(token)).cloned()
+    }
+
+    /// [`Auth::authenticate`] for a caller at `peer`, with failed logins
+    /// limited: `Err(wait)` when `peer` is over its failures (the token is
+    /// not even looked at), `Ok(None)` for a failed login (counted).
+    pub fn login(
+        &self,
+        peer: &str,
+        authorization: Option<&str>,
+        now: Instant,
+    ) -> Result<Option<Principal>, Duration> {
+        if self.tokens.is_none() {
+            return Ok(self.authenticate(authorization));
+        }
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(wait) = failed.blocked(peer, now) {
+            return Err(wait);
+        }
+        let who = self.authenticate(authorization);
+        if who.is_none() {
+            failed.failed(peer, now);
+        }
+        Ok(who)
     }
 }
 
@@ -199,7 +314,28 @@ pub async fn guard(State(auth): State<Arc<Auth>>, mut request: Request, next: Ne
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let Some(principal) = auth.authenticate(presented) else {
+    // The peer's address when the server passes it (`ConnectInfo`); all
+    // callers share one budget otherwise.
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "*".to_owned(), |c| c.0.ip().to_string());
+    let principal = match auth.login(&peer, presented, Instant::now()) {
+        Ok(p) => p,
+        Err(wait) => {
+            let mut response = refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failed_logins",
+                "too many failed logins from this address; try again later",
+            );
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return response;
+        }
+    };
+    let Some(principal) = principal else {
         let message = if presented.is_some() {
             "the bearer token is not valid"
         } else {
@@ -279,6 +415,64 @@ mod tests {
             let e = Auth::from_entries(&text, l).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn failed_logins_are_limited_per_peer_and_the_window_ends() {
+        let auth = Auth::from_entries(&format!("alice:operator:{T1}"), Limits::default()).unwrap();
+        let t0 = Instant::now();
+        let good = format!("Bearer {T1}");
+        for i in 0..MAX_FAILED_LOGINS {
+            let guess = format!("Bearer guess-{i:016}");
+            assert_eq!(auth.login("10.0.0.1", Some(&guess), t0), Ok(None));
+        }
+        // Over the budget: even the right token is not looked at.
+        let wait = auth.login("10.0.0.1", Some(&good), t0).unwrap_err();
+        assert_eq!(wait, FAILED_LOGIN_WINDOW);
+        // Another peer is not affected.
+        assert_eq!(
+            auth.login("10.0.0.2", Some(&good), t0)
+                .unwrap()
+                .unwrap()
+                .name,
+            "alice"
+        );
+        // After the window the peer may log in again.
+        let later = t0 + FAILED_LOGIN_WINDOW;
+        assert_eq!(
+            auth.login("10.0.0.1", Some(&good), later)
+                .unwrap()
+                .unwrap()
+                .name,
+            "alice"
+        );
+    }
+
+    #[test]
+    fn the_failed_login_table_is_bounded() {
+        let auth = Auth::from_entries(&format!("alice:operator:{T1}"), Limits::default()).unwrap();
+        let t0 = Instant::now();
+        for i in 0..(MAX_FAILED_LOGIN_PEERS + 10) {
+            let _ = auth.login(&format!("p{i}"), None, t0);
+        }
+        let n = auth.failed.lock().unwrap().peers.len();
+        assert!(n <= MAX_FAILED_LOGIN_PEERS, "{n}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn token_files_readable_by_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, format!("alice:operator:{T1}")).unwrap();
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = read_token_file(&path).unwrap_err().to_string();
+            assert!(e.contains("chmod 600"), "{mode:o}: {e}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_token_file(&path).unwrap().contains("alice"));
     }
 
     #[test]

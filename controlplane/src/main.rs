@@ -26,8 +26,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let auth = match (tokens, std::env::var("UNDERSTUDY_TOKENS").ok()) {
                 (Some(file), _) => {
-                    let text = std::fs::read_to_string(&file)
-                        .with_context(|| format!("reading {}", file.display()))?;
+                    let text = understudy_controlplane::auth::read_token_file(&file)?;
                     Auth::from_entries(&text, Limits::default())
                         .with_context(|| format!("in {}", file.display()))?
                 }

@@ -84,6 +84,14 @@ pub const MAX_NAME_LEN: usize = 256;
 /// Latency buckets kept per histogram; Envoy's default has 19 bounds. Counts
 /// above the last kept bound are folded into the `+Inf` bucket.
 pub const MAX_BUCKETS: usize = 64;
+/// Largest count one flush may report for one counter; larger values are
+/// clamped to it. One Envoy cannot complete 10^12 requests in a flush, and
+/// the cap keeps every sum over a window (at most [`MAX_SAMPLES`] samples)
+/// far below `u64::MAX`, so no peer number can overflow a sum.
+pub const MAX_COUNT_PER_FLUSH: u64 = 1_000_000_000_000;
+/// Clusters read from one message; metrics naming further clusters are
+/// counted as ignored. The book keeps [`MAX_CLUSTERS`] in all anyway.
+pub const MAX_CLUSTERS_PER_MESSAGE: usize = MAX_CLUSTERS;
 
 /// What is wrong with a metrics stream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -234,7 +242,7 @@ impl MetricsBook {
     /// A stream from `node` opened (its first message arrived).
     pub fn open_stream(&self, node: &NodeId, now_ms: u64) -> StreamId {
         let mut inner = self.lock();
-        inner.next_stream += 1;
+        inner.next_stream = inner.next_stream.wrapping_add(1);
         let id = StreamId(inner.next_stream);
         inner.make_room_for_stream(node);
         inner.streams.insert(
@@ -275,7 +283,7 @@ impl MetricsBook {
         for (cluster, flush) in flushes {
             let sample = flush.into_sample(node.clone(), now_ms);
             if inner.record(cluster, sample, now_ms) {
-                done.samples += 1;
+                done.samples = done.samples.saturating_add(1);
             }
         }
         inner.enforce_total_cap();
@@ -300,8 +308,8 @@ impl MetricsBook {
             .iter()
             .filter(|s| s.at_ms > since_ms && s.at_ms <= now_ms)
         {
-            evidence.requests += s.requests;
-            evidence.errors += s.errors_5xx;
+            evidence.requests = evidence.requests.saturating_add(s.requests);
+            evidence.errors = evidence.errors.saturating_add(s.errors_5xx);
             buckets.extend_from_slice(&s.latency_ms);
         }
         evidence.latency_ms = merge_buckets(buckets);
@@ -352,7 +360,7 @@ impl Inner {
             // Ingested without `open_stream` (the stream's entry was evicted,
             // or a caller that does not track streams): start one.
             self.make_room_for_stream(node);
-            self.next_stream += 1;
+            self.next_stream = self.next_stream.wrapping_add(1);
             let id = StreamId(self.next_stream);
             self.streams.insert(
                 node.clone(),
@@ -367,7 +375,7 @@ impl Inner {
         }
         if let Some(s) = self.streams.get_mut(node) {
             s.last_message_ms = now_ms;
-            s.messages += 1;
+            s.messages = s.messages.saturating_add(1);
         }
     }
 
@@ -505,25 +513,33 @@ fn parse(families: &[MetricFamily]) -> (BTreeMap<String, ClusterFlush>, usize) {
                 ignored += 1;
                 continue;
             };
+            if !out.contains_key(cluster) && out.len() >= MAX_CLUSTERS_PER_MESSAGE {
+                ignored += 1;
+                continue;
+            }
             let flush = out.entry(cluster.to_owned()).or_default();
+            // A peer may repeat a metric; sums saturate and are clamped again,
+            // so no number it sends can overflow.
+            let add =
+                |slot: &mut u64, n: u64| *slot = slot.saturating_add(n).min(MAX_COUNT_PER_FLUSH);
             match stat {
                 Stat::Completed => {
-                    *flush.completed.get_or_insert(0) += counter(metric);
+                    add(flush.completed.get_or_insert(0), counter(metric));
                 }
                 Stat::Class(class) => {
                     let n = counter(metric);
                     let (all, errors) = flush.by_class.get_or_insert((0, 0));
-                    *all += n;
+                    add(all, n);
                     if class == 5 {
-                        *errors += n;
+                        add(errors, n);
                     }
                 }
                 Stat::Code(code) => {
                     let n = counter(metric);
                     let (all, errors) = flush.by_code.get_or_insert((0, 0));
-                    *all += n;
+                    add(all, n);
                     if (500..600).contains(&code) {
-                        *errors += n;
+                        add(errors, n);
                     }
                 }
                 Stat::Latency => {
@@ -602,10 +618,11 @@ fn parse_class(value: &str) -> Option<u8> {
 }
 
 /// A counter's value as a count; a delta is never negative or fractional,
-/// so anything else from a peer counts as nothing.
+/// so anything else from a peer counts as nothing, and an absurdly large one
+/// is clamped to [`MAX_COUNT_PER_FLUSH`].
 fn counter(metric: &Metric) -> u64 {
     let v = metric.counter.as_ref().and_then(|c| c.value).unwrap_or(0.0);
-    float_count(v)
+    float_count(v).min(MAX_COUNT_PER_FLUSH)
 }
 
 fn float_count(v: f64) -> u64 {

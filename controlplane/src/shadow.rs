@@ -36,13 +36,14 @@
 pub mod replay;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use prost::Message;
 use serde::Serialize;
 use understudy_proto::v1::{MismatchRecord, ReportBatch, RouteCounts, difference};
 
+use crate::store::Store;
 use crate::xds::stream::unix_ms;
 
 /// Routes the book remembers; the least recently reported is forgotten first.
@@ -62,6 +63,27 @@ pub const MAX_SKIP_REASONS: usize = 32;
 /// Sample values are for recognising a difference at a glance; the stored
 /// record has them whole.
 const MAX_SAMPLE_VALUE_CHARS: usize = 200;
+/// Headers that carry credentials: shown as [`REDACTED`] in every sample the
+/// API shows and never sent by a replay. A route's shadow `strip_headers`
+/// (what it already keeps from the shadow) extends the list.
+pub const CREDENTIAL_HEADERS: [&str; 10] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-csrf-token",
+    "x-amz-security-token",
+    "x-goog-api-key",
+];
+/// What a credential header's value is shown as.
+pub const REDACTED: &str = "[redacted]";
+/// Replays remembered in the audit log (`GET /v1/shadow/replays`).
+pub const MAX_REPLAY_AUDIT: usize = 1000;
+/// A longer node id is cut before it is stored with each record.
+const MAX_NODE_CHARS: usize = 256;
 /// A longer path is cut (and marked with `…`) before it becomes a table key.
 const MAX_PATH_CHARS: usize = 512;
 /// The standard normal quantile for a two-sided 95% interval.
@@ -392,8 +414,12 @@ pub struct BookCounts {
     /// Records the filters dropped because their queues were full: counted,
     /// never seen, so never reclassified by learned noise.
     pub dropped_by_filters: u64,
-    /// Records and counters refused because their route name is invalid.
+    /// Records and counters refused because their route name is invalid
+    /// or not a route of the current filter config.
     pub rejected: u64,
+    /// Counters and records that claimed calibration on a route the control
+    /// plane did not put in calibration: counted as live instead.
+    pub calibration_refused: u64,
 }
 
 // === the record store ===
@@ -410,7 +436,67 @@ pub struct StoredRecord {
     pub learned: Vec<Option<f64>>,
     /// The record was moved from serious to noise by learned noise.
     pub reclassified: bool,
+    /// Who sent it; only a record from an authenticated Envoy may be replayed.
+    pub origin: Origin,
     size: usize,
+}
+
+/// Where a report came from, as the report service established it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Origin {
+    /// The sender was not authenticated (plain-text port, or an origin the
+    /// service did not establish): its records are shown, never replayed.
+    #[default]
+    Unverified,
+    /// An Envoy whose client certificate the xDS port verified; `identity`
+    /// is the identity taken from that certificate.
+    Verified { identity: String },
+}
+
+impl Origin {
+    pub fn is_verified(&self) -> bool {
+        matches!(self, Origin::Verified { .. })
+    }
+}
+
+/// What the control plane's own filter config says about each route: the
+/// only routes whose reports are accepted, and whether the control plane
+/// itself put the route in A/A calibration. A reporter's `calibration` flag
+/// counts only where this says so; a made-up route name is refused, so it
+/// can never take a real route's place in the book.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutePolicy {
+    /// Route name → the control plane configured calibration there.
+    routes: BTreeMap<String, bool>,
+}
+
+impl RoutePolicy {
+    /// From the filter config as stored (the one pushed to Envoy). An
+    /// invalid config accepts no route: nothing can be trusted to match it.
+    pub fn from_config(config: &serde_json::Value) -> Self {
+        let routes = understudy_core::FilterConfig::from_value(config)
+            .map(|c| {
+                c.routes()
+                    .iter()
+                    .map(|r| {
+                        let calibration = r.shadow.as_ref().is_some_and(|s| s.calibration);
+                        (r.name.clone(), calibration)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self { routes }
+    }
+
+    pub fn knows(&self, route: &str) -> bool {
+        self.routes.contains_key(route)
+    }
+
+    /// The control plane put `route` in calibration.
+    pub fn calibration(&self, route: &str) -> bool {
+        self.routes.get(route).copied().unwrap_or(false)
+    }
 }
 
 /// One difference of a stored record.
@@ -468,6 +554,8 @@ pub struct RecordView {
     pub route: String,
     pub request_id: String,
     pub node_id: String,
+    /// Who sent the record; only a verified one can be replayed.
+    pub origin: Origin,
     /// When the filter compared the pair, milliseconds since the Unix epoch.
     pub time: u64,
     #[serde(with = "unix_ms")]
@@ -489,12 +577,25 @@ pub struct RecordView {
     pub primary: ResponseView,
 }
 
-fn headers_view(headers: &[understudy_proto::v1::Header]) -> Vec<HeaderView> {
+/// `name` is a credential header: in [`CREDENTIAL_HEADERS`] or in `extra`
+/// (case-insensitive).
+pub fn is_credential(name: &str, extra: &[String]) -> bool {
+    CREDENTIAL_HEADERS
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case(name))
+        || extra.iter().any(|c| c.eq_ignore_ascii_case(name))
+}
+
+fn headers_view(headers: &[understudy_proto::v1::Header], extra: &[String]) -> Vec<HeaderView> {
     headers
         .iter()
         .map(|h| HeaderView {
             name: h.name.clone(),
-            value: h.value.clone(),
+            value: if is_credential(&h.name, extra) {
+                REDACTED.to_owned()
+            } else {
+                h.value.clone()
+            },
         })
         .collect()
 }
@@ -530,7 +631,9 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 impl StoredRecord {
-    pub fn view(&self) -> RecordView {
+    /// The record as the API shows it; credential headers (the default list
+    /// and `extra`) are redacted.
+    pub fn view(&self, extra: &[String]) -> RecordView {
         let r = &self.record;
         let request = r.request.clone().unwrap_or_default();
         let primary = r.primary.clone().unwrap_or_default();
@@ -541,6 +644,7 @@ impl StoredRecord {
             route: r.route.clone(),
             request_id: r.request_id.clone(),
             node_id: self.node_id.clone(),
+            origin: self.origin.clone(),
             time: r.time_unix_ms,
             received: self.received,
             calibration: r.calibration,
@@ -573,20 +677,36 @@ impl StoredRecord {
                 method: request.method,
                 path: request.path,
                 authority: request.authority,
-                headers: headers_view(&request.headers),
+                headers: headers_view(&request.headers, extra),
                 body: req_body,
                 body_base64: req_b64,
                 body_truncated: request.body_truncated,
             },
             primary: ResponseView {
                 status: primary.status,
-                headers: headers_view(&primary.headers),
+                headers: headers_view(&primary.headers, extra),
                 body: resp_body,
                 body_base64: resp_b64,
                 body_truncated: primary.body_truncated,
             },
         }
     }
+}
+
+/// One replay attempt, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplayAudit {
+    #[serde(with = "unix_ms")]
+    pub time: SystemTime,
+    /// The API caller who asked.
+    pub actor: String,
+    pub sample: String,
+    pub route: Option<String>,
+    pub cluster: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    /// `matched`, `differs`, or `refused: <why>` / `failed: <why>`.
+    pub outcome: String,
 }
 
 // === the book ===
@@ -605,6 +725,10 @@ pub struct Ingested {
 #[derive(Default)]
 pub struct ShadowBook {
     inner: Mutex<Book>,
+    /// The store whose filter config decides which routes exist and which
+    /// are in calibration ([`ShadowBook::follow`]); without one (unit tests)
+    /// every valid route name is accepted and the reporter's flag is taken.
+    config: OnceLock<Store>,
 }
 
 #[derive(Debug, Default)]
@@ -618,18 +742,25 @@ struct Book {
     batches: u64,
     dropped: u64,
     rejected: u64,
+    calibration_refused: u64,
+    replays: VecDeque<ReplayAudit>,
+    /// The policy and the snapshot generation it was built from.
+    policy: Option<(u64, RoutePolicy)>,
 }
 
 impl Book {
     fn route_entry<'a>(
         routes: &'a mut BTreeMap<String, RouteBook>,
+        policy: Option<&RoutePolicy>,
         name: &str,
         now: SystemTime,
     ) -> &'a mut RouteBook {
         if !routes.contains_key(name) && routes.len() >= MAX_ROUTES {
+            // Routes no longer configured go first; a configured route only
+            // makes room for another configured one.
             let oldest = routes
                 .iter()
-                .min_by_key(|(_, r)| r.last_report)
+                .min_by_key(|(k, r)| (policy.is_some_and(|p| p.knows(k)), r.last_report))
                 .map(|(k, _)| k.clone());
             if let Some(k) = oldest {
                 routes.remove(&k);
@@ -647,10 +778,17 @@ impl Book {
         self.records.front().map_or(self.next_id, |r| r.id)
     }
 
-    fn add_record(&mut self, record: MismatchRecord, node_id: &str, now: SystemTime) {
-        self.next_id += 1;
+    fn add_record(
+        &mut self,
+        record: MismatchRecord,
+        node_id: &str,
+        origin: &Origin,
+        now: SystemTime,
+    ) {
+        self.next_id = self.next_id.saturating_add(1);
         let id = self.next_id;
-        let route = Self::route_entry(&mut self.routes, &record.route, now);
+        let policy = self.policy.as_ref().map(|(_, p)| p);
+        let route = Self::route_entry(&mut self.routes, policy, &record.route, now);
         let calibration = record.calibration;
         let learned: Vec<Option<f64>> = record
             .differences
@@ -736,11 +874,12 @@ impl Book {
         self.record_bytes = self.record_bytes.saturating_add(size);
         self.records.push_back(StoredRecord {
             id,
-            node_id: node_id.to_owned(),
+            node_id: clip(node_id, MAX_NODE_CHARS),
             received: now,
             record,
             learned,
             reclassified,
+            origin: origin.clone(),
             size,
         });
         while self.records.len() > MAX_RECORDS || self.record_bytes > MAX_RECORD_BYTES {
@@ -819,36 +958,101 @@ impl ShadowBook {
     /// saturate at zero. Only records that reach the control plane can be
     /// reclassified: those the filters dropped are counted in
     /// `dropped_by_filters` and stay serious.
+    ///
+    /// **Trust.** With a followed store, only routes of the current filter
+    /// config are accepted, and a counter or record counts as calibration
+    /// only if the reporter says so *and* the control plane configured
+    /// calibration on that route: a reporter cannot teach noise, and a
+    /// record the control plane thinks is live stays live (serious).
+    ///
+    /// The batch's origin is [`Origin::Unverified`]; the report service
+    /// calls [`ShadowBook::ingest_from`] with the verified peer identity.
     pub fn ingest(&self, batch: ReportBatch, now: SystemTime) -> Ingested {
+        self.ingest_from(batch, Origin::Unverified, now)
+    }
+
+    /// [`ShadowBook::ingest`] of a batch whose sender the report service
+    /// established: records keep `origin`, and only verified ones replay.
+    pub fn ingest_from(&self, batch: ReportBatch, origin: Origin, now: SystemTime) -> Ingested {
         let mut book = self.lock();
+        self.refresh_policy(&mut book);
         book.batches = book.batches.saturating_add(1);
         book.dropped = book.dropped.saturating_add(batch.dropped);
         let mut out = Ingested {
             accepted: 0,
             rejected: 0,
         };
+        let policy = book.policy.as_ref().map(|(_, p)| p.clone());
+        let accepts =
+            |route: &str| valid_route(route) && policy.as_ref().is_none_or(|p| p.knows(route));
+        let calibration_allowed =
+            |route: &str| policy.as_ref().is_none_or(|p| p.calibration(route));
+        let mut calibration_refused = 0u64;
         for counts in &batch.routes {
-            if !valid_route(&counts.route) {
-                out.rejected += 1;
+            if !accepts(&counts.route) {
+                out.rejected = out.rejected.saturating_add(1);
                 continue;
             }
-            let route = Book::route_entry(&mut book.routes, &counts.route, now);
-            if counts.calibration {
+            let calibration = counts.calibration && calibration_allowed(&counts.route);
+            if counts.calibration && !calibration {
+                calibration_refused += 1;
+            }
+            let route = Book::route_entry(&mut book.routes, policy.as_ref(), &counts.route, now);
+            if calibration {
                 route.calibration.add_counts(counts);
             } else {
                 route.live.add_counts(counts);
             }
         }
-        for record in batch.mismatches {
-            if !valid_route(&record.route) {
-                out.rejected += 1;
+        for mut record in batch.mismatches {
+            if !accepts(&record.route) {
+                out.rejected = out.rejected.saturating_add(1);
                 continue;
             }
-            book.add_record(record, &batch.node_id, now);
-            out.accepted += 1;
+            if record.calibration && !calibration_allowed(&record.route) {
+                record.calibration = false;
+                calibration_refused += 1;
+            }
+            book.add_record(record, &batch.node_id, &origin, now);
+            out.accepted = out.accepted.saturating_add(1);
         }
         book.rejected = book.rejected.saturating_add(out.rejected);
+        book.calibration_refused = book.calibration_refused.saturating_add(calibration_refused);
         out
+    }
+
+    /// Decides routes and calibration from `store`'s filter config from now
+    /// on (the first call wins; the engine makes it at start).
+    pub fn follow(&self, store: Store) {
+        let _ = self.config.set(store);
+    }
+
+    /// Rebuilds the policy when the store published a new snapshot.
+    fn refresh_policy(&self, book: &mut Book) {
+        let Some(store) = self.config.get() else {
+            return;
+        };
+        let generation = store.snapshot().generation;
+        if book.policy.as_ref().is_some_and(|(g, _)| *g == generation) {
+            return;
+        }
+        let policy = RoutePolicy::from_config(&store.state().filter.config);
+        book.policy = Some((generation, policy));
+    }
+
+    /// Appends a replay (done or refused) to the audit log.
+    pub fn audit_replay(&self, entry: ReplayAudit) {
+        tracing::info!(actor = %entry.actor, sample = %entry.sample, cluster = ?entry.cluster, outcome = %entry.outcome, "shadow replay");
+        let mut book = self.lock();
+        if book.replays.len() >= MAX_REPLAY_AUDIT {
+            book.replays.pop_front();
+        }
+        book.replays.push_back(entry);
+    }
+
+    /// The replay audit log, oldest first.
+    pub fn replays(&self) -> Vec<ReplayAudit> {
+        self.lock().replays.iter().cloned().collect()
     }
 
     /// Every route, by name.
@@ -953,6 +1157,7 @@ impl ShadowBook {
             records_stored: book.records.len(),
             dropped_by_filters: book.dropped,
             rejected: book.rejected,
+            calibration_refused: book.calibration_refused,
         }
     }
 
@@ -1465,7 +1670,7 @@ mod tests {
             ..Default::default()
         });
         book.ingest(batch(vec![], vec![r]), T0 + Duration::from_millis(42));
-        let v = serde_json::to_value(book.record(1).unwrap().view()).unwrap();
+        let v = serde_json::to_value(book.record(1).unwrap().view(&[])).unwrap();
         assert_eq!(v["id"], "1");
         assert_eq!(v["node_id"], "envoy-1");
         assert_eq!(v["received"], 42);

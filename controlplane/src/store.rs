@@ -30,6 +30,8 @@ struct Inner {
     file: Option<PathBuf>,
     /// Connected Envoys; fleet-wide limits are divided by it.
     fleet: Mutex<usize>,
+    /// (failed state-file writes, the last error).
+    failures: Mutex<(u64, Option<String>)>,
 }
 
 /// Why a state file could not be used.
@@ -69,8 +71,17 @@ impl Store {
     }
 
     /// Loads the state file and keeps it up to date with every change.
+    /// The file is set to mode 0600 (it names every backend); a file whose
+    /// mode cannot be set is still used, with a warning.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let state = load_state(path)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+                tracing::warn!(path = %path.display(), error = %e, "could not make the state file private (0600)");
+            }
+        }
         Self::build(state, Some(path.to_owned())).map_err(|source| StoreError::Invalid {
             path: path.display().to_string(),
             source,
@@ -112,6 +123,7 @@ impl Store {
                 snapshots,
                 file,
                 fleet: Mutex::new(1),
+                failures: Mutex::default(),
             }),
         })
     }
@@ -138,7 +150,20 @@ impl Store {
     }
 
     pub fn set_canary_weight(&self, name: &str, weight: Weight) -> Result<Service, ChangeError> {
-        self.update(|state| {
+        self.set_canary_weight_with(name, weight, false)
+    }
+
+    /// [`Store::set_canary_weight`]; with `forced`, a state file that cannot
+    /// be written does not stop the change: it is published in memory and
+    /// the error is still returned (a rollback must take the canary out of
+    /// traffic at once, whatever the disk does).
+    pub fn set_canary_weight_with(
+        &self,
+        name: &str,
+        weight: Weight,
+        forced: bool,
+    ) -> Result<Service, ChangeError> {
+        self.update_with(forced, |state| {
             let svc = state
                 .services
                 .get_mut(name)
@@ -200,7 +225,16 @@ impl Store {
     }
 
     pub fn put_filter(&self, filter: FilterSettings) -> Result<FilterSettings, ChangeError> {
-        self.update(|state| {
+        self.put_filter_with(filter, false)
+    }
+
+    /// [`Store::put_filter`], `forced` as in [`Store::set_canary_weight_with`].
+    pub fn put_filter_with(
+        &self,
+        filter: FilterSettings,
+        forced: bool,
+    ) -> Result<FilterSettings, ChangeError> {
+        self.update_with(forced, |state| {
             state.filter = filter.clone();
             Ok(filter)
         })
@@ -232,20 +266,58 @@ impl Store {
         &self,
         change: impl FnOnce(&mut DesiredState) -> Result<T, ModelError>,
     ) -> Result<T, ChangeError> {
+        self.update_with(false, change)
+    }
+
+    /// [`Store::update`]; with `forced`, a failed save still publishes and
+    /// commits the change in memory, and returns the save's error.
+    fn update_with<T>(
+        &self,
+        forced: bool,
+        change: impl FnOnce(&mut DesiredState) -> Result<T, ModelError>,
+    ) -> Result<T, ChangeError> {
         let mut guard = self.lock();
         let mut next = guard.clone();
         let out = change(&mut next)?;
         next.validate()?;
+        let mut saved = Ok(());
         if next != *guard {
-            if let Some(path) = &self.inner.file {
-                save_state(path, &next).map_err(ChangeError::Persist)?;
+            if let Some(path) = &self.inner.file
+                && let Err(e) = save_state(path, &next)
+            {
+                tracing::error!(error = %e, forced, "the state file could not be written");
+                self.note_failure(&e);
+                if !forced {
+                    return Err(ChangeError::Persist(e));
+                }
+                saved = Err(ChangeError::Persist(e));
             }
             let generation = self.inner.snapshots.borrow().generation + 1;
             let snapshot = Arc::new(Snapshot::build(&next, generation, self.fleet()));
             *guard = next;
             self.inner.snapshots.send_replace(snapshot);
         }
-        Ok(out)
+        saved.map(|()| out)
+    }
+
+    fn note_failure(&self, e: &StoreError) {
+        let mut f = self
+            .inner
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f.0 = f.0.saturating_add(1);
+        f.1 = Some(e.to_string());
+    }
+
+    /// State-file writes that failed since start, and the last error: shown
+    /// by `GET /readyz`, so a change held only in memory is never silent.
+    pub fn persistence_failures(&self) -> (u64, Option<String>) {
+        self.inner
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, DesiredState> {
@@ -292,9 +364,11 @@ pub fn load_state(path: &Path) -> Result<DesiredState, StoreError> {
     Ok(state)
 }
 
-/// Writes the state next to `path`, then renames it over `path`, so a crash
-/// mid-write leaves the previous state intact.
+/// Writes the state next to `path` (mode 0600: it names every backend),
+/// fsyncs it, renames it over `path` and fsyncs the directory, so a crash at
+/// any point leaves either the previous state or the new one, durably.
 fn save_state(path: &Path, state: &DesiredState) -> Result<(), StoreError> {
+    use std::io::Write;
     let io = |source| StoreError::Io {
         path: path.display().to_string(),
         source,
@@ -303,8 +377,43 @@ fn save_state(path: &Path, state: &DesiredState) -> Result<(), StoreError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, json).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let mut file = private_file(&tmp).map_err(io)?;
+    file.write_all(&json).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    sync_dir(path).map_err(io)
+}
+
+/// Creates (or truncates) `path` readable and writable by its owner only.
+pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(0o600);
+        let file = options.open(path)?;
+        // `mode` applies only when the file is created; an older file keeps
+        // its bits unless they are set here.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        Ok(file)
+    }
+    #[cfg(not(unix))]
+    options.open(path)
+}
+
+/// Fsyncs the directory holding `path`, so a rename in it is durable.
+pub fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 #[cfg(test)]

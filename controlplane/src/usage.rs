@@ -21,6 +21,19 @@ use crate::xds::stream::unix_ms;
 
 /// Tenants the book remembers; the least recently reported is forgotten first.
 pub const MAX_TENANTS: usize = 10_000;
+/// Longest node id, tenant or tier accepted, in bytes. Longer ones are a
+/// broken or hostile peer: the report (node id) or the entry is refused.
+pub const MAX_NAME_LEN: usize = 256;
+/// Tenant entries read from one report; the rest count as dropped. A worker
+/// reports at most its table's tenants, 10,000 by default.
+pub const MAX_TENANTS_PER_REPORT: usize = MAX_TENANTS;
+/// (tenant, Envoy) limit entries kept in all: each costs some tens of bytes,
+/// so this bounds what many node ids times many tenants can take. When full,
+/// a new pair is not recorded (counted in `refused`), known pairs update.
+pub const MAX_LIMIT_ENTRIES: usize = 200_000;
+/// Largest per-Envoy limit believed, requests/s; a peer's larger, negative
+/// or non-finite value counts as this bound or zero.
+pub const MAX_LIMIT_RPS: f64 = 1e9;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TenantUsage {
@@ -29,11 +42,24 @@ pub struct TenantUsage {
     pub allowed: u64,
     pub limited: u64,
     /// The tenant's limit at each Envoy (node id → requests/s), as last reported.
-    pub limit_rps_by_envoy: BTreeMap<String, f64>,
+    pub limit_rps_by_envoy: BTreeMap<Arc<str>, f64>,
     /// Their sum: the tenant's limit across the fleet.
     pub fleet_limit_rps: f64,
     #[serde(with = "unix_ms")]
     pub last_report: SystemTime,
+    /// Position in the book's recency index.
+    #[serde(skip)]
+    seq: u64,
+}
+
+/// What [`UsageBook::record`] did with a report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Tenant entries counted.
+    pub accepted: u64,
+    /// Entries refused: a name too long or empty, over the per-report cap,
+    /// or a new (tenant, Envoy) pair with the limit table full.
+    pub refused: u64,
 }
 
 #[derive(Default)]
@@ -44,26 +70,98 @@ pub struct UsageBook {
 #[derive(Default)]
 struct Inner {
     tenants: BTreeMap<String, TenantUsage>,
+    /// Recency index: seq → tenant, oldest first, so eviction is O(log n)
+    /// rather than a scan of every tenant under the lock.
+    by_age: BTreeMap<u64, String>,
+    next_seq: u64,
+    /// Node ids, shared by every tenant entry that names them (with how
+    /// many do): one copy per Envoy, however many tenants it reports.
+    nodes: BTreeMap<Arc<str>, usize>,
+    limit_entries: usize,
     reports: u64,
     dropped: u64,
+    refused: u64,
+}
+
+impl Inner {
+    /// The shared copy of node id `id`, or a new one (kept once an entry uses it).
+    fn node(&self, id: &str) -> Arc<str> {
+        self.nodes
+            .get_key_value(id)
+            .map_or_else(|| Arc::from(id), |(n, _)| Arc::clone(n))
+    }
+
+    fn evict_oldest(&mut self) {
+        let Some((_, name)) = self.by_age.pop_first() else {
+            return;
+        };
+        if let Some(old) = self.tenants.remove(&name) {
+            for node in old.limit_rps_by_envoy.keys() {
+                self.release(node);
+            }
+        }
+    }
+
+    fn hold(&mut self, node: &Arc<str>) {
+        self.limit_entries = self.limit_entries.saturating_add(1);
+        *self.nodes.entry(Arc::clone(node)).or_default() += 1;
+    }
+
+    fn release(&mut self, node: &Arc<str>) {
+        self.limit_entries = self.limit_entries.saturating_sub(1);
+        if let Some(n) = self.nodes.get_mut(node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.nodes.remove(node);
+            }
+        }
+    }
+}
+
+fn limit(rps: f64) -> f64 {
+    if rps.is_finite() && rps > 0.0 {
+        rps.min(MAX_LIMIT_RPS)
+    } else {
+        0.0
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME_LEN
 }
 
 impl UsageBook {
-    pub fn record(&self, report: &UsageReport, now: SystemTime) {
+    /// Adds one report. Every peer number saturates; names and counts are
+    /// capped (see the constants), so a report costs bounded memory and time.
+    /// A report whose node id is empty or longer than [`MAX_NAME_LEN`] is
+    /// refused whole (every entry counts as refused).
+    pub fn record(&self, report: &UsageReport, now: SystemTime) -> Recorded {
         let mut inner = self.lock();
-        inner.reports += 1;
-        inner.dropped += report.dropped;
-        for t in &report.tenants {
-            if !inner.tenants.contains_key(&t.tenant) && inner.tenants.len() >= MAX_TENANTS {
-                let oldest = inner
-                    .tenants
-                    .iter()
-                    .min_by_key(|(_, u)| u.last_report)
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = oldest {
-                    inner.tenants.remove(&k);
-                }
+        if !valid_name(&report.node_id) {
+            let n = report.tenants.len() as u64;
+            inner.refused = inner.refused.saturating_add(n);
+            return Recorded {
+                accepted: 0,
+                refused: n,
+            };
+        }
+        inner.reports = inner.reports.saturating_add(1);
+        inner.dropped = inner.dropped.saturating_add(report.dropped);
+        let node = inner.node(&report.node_id);
+        let mut out = Recorded::default();
+        let over = report.tenants.len().saturating_sub(MAX_TENANTS_PER_REPORT);
+        out.refused = out.refused.saturating_add(over as u64);
+        for t in report.tenants.iter().take(MAX_TENANTS_PER_REPORT) {
+            if !valid_name(&t.tenant) || t.tier.len() > MAX_NAME_LEN {
+                out.refused += 1;
+                continue;
             }
+            if !inner.tenants.contains_key(&t.tenant) && inner.tenants.len() >= MAX_TENANTS {
+                inner.evict_oldest();
+            }
+            inner.next_seq = inner.next_seq.saturating_add(1);
+            let seq = inner.next_seq;
+            let full = inner.limit_entries >= MAX_LIMIT_ENTRIES;
             let entry = inner
                 .tenants
                 .entry(t.tenant.clone())
@@ -75,26 +173,49 @@ impl UsageBook {
                     limit_rps_by_envoy: BTreeMap::new(),
                     fleet_limit_rps: 0.0,
                     last_report: now,
+                    seq,
                 });
-            entry.tier = t.tier.clone();
-            entry.allowed += t.allowed;
-            entry.limited += t.limited;
-            entry
-                .limit_rps_by_envoy
-                .insert(report.node_id.clone(), t.limit_rps);
+            let old_seq = std::mem::replace(&mut entry.seq, seq);
+            if entry.tier != t.tier {
+                entry.tier = t.tier.clone();
+            }
+            entry.allowed = entry.allowed.saturating_add(t.allowed);
+            entry.limited = entry.limited.saturating_add(t.limited);
+            let mut added = false;
+            let mut refused = false;
+            match entry.limit_rps_by_envoy.get_mut(&node) {
+                Some(v) => *v = limit(t.limit_rps),
+                None if !full => {
+                    entry
+                        .limit_rps_by_envoy
+                        .insert(Arc::clone(&node), limit(t.limit_rps));
+                    added = true;
+                }
+                None => refused = true,
+            }
             entry.fleet_limit_rps = entry.limit_rps_by_envoy.values().sum();
             entry.last_report = now;
+            let name = entry.tenant.clone();
+            inner.by_age.remove(&old_seq);
+            inner.by_age.insert(seq, name);
+            if added {
+                inner.hold(&node);
+            }
+            if refused {
+                out.refused += 1;
+            } else {
+                out.accepted += 1;
+            }
         }
+        inner.refused = inner.refused.saturating_add(out.refused);
+        out
     }
 
     /// The `n` tenants with the most requests (admitted and limited).
     pub fn top(&self, n: usize) -> Vec<TenantUsage> {
         let mut all: Vec<TenantUsage> = self.lock().tenants.values().cloned().collect();
-        all.sort_by(|a, b| {
-            (b.allowed + b.limited)
-                .cmp(&(a.allowed + a.limited))
-                .then(a.tenant.cmp(&b.tenant))
-        });
+        let total = |u: &TenantUsage| u.allowed.saturating_add(u.limited);
+        all.sort_by(|a, b| total(b).cmp(&total(a)).then(a.tenant.cmp(&b.tenant)));
         all.truncate(n);
         all
     }
@@ -103,6 +224,11 @@ impl UsageBook {
     pub fn counts(&self) -> (u64, u64) {
         let inner = self.lock();
         (inner.reports, inner.dropped)
+    }
+
+    /// Tenant entries refused by the book's caps, since start.
+    pub fn refused(&self) -> u64 {
+        self.lock().refused
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -192,5 +318,53 @@ mod tests {
         assert_eq!(top[0].fleet_limit_rps, 45.0, "e1 at 25 plus e2 at 20");
         assert_eq!(book.top(1).len(), 1);
         assert_eq!(book.counts(), (3, 0));
+    }
+
+    #[test]
+    fn peer_numbers_saturate_and_bad_names_are_refused() {
+        let book = UsageBook::default();
+        let t0 = SystemTime::UNIX_EPOCH;
+        book.record(&report("e1", &[("a", u64::MAX, u64::MAX, f64::NAN)]), t0);
+        book.record(&report("e1", &[("a", u64::MAX, 1, f64::INFINITY)]), t0);
+        let top = book.top(10);
+        assert_eq!((top[0].allowed, top[0].limited), (u64::MAX, u64::MAX));
+        assert_eq!(top[0].fleet_limit_rps, 0.0);
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        let got = book.record(&report(&long, &[("b", 1, 0, 1.0)]), t0);
+        assert_eq!(
+            got,
+            Recorded {
+                accepted: 0,
+                refused: 1
+            }
+        );
+        let got = book.record(&report("e1", &[(&long, 1, 0, 1.0), ("", 1, 0, 1.0)]), t0);
+        assert_eq!(got.refused, 2);
+        assert_eq!(book.top(10).len(), 1);
+        assert_eq!(book.refused(), 3);
+    }
+
+    #[test]
+    fn the_least_recently_reported_tenant_goes_first_and_node_ids_are_shared() {
+        let book = UsageBook::default();
+        let t = |s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        for i in 0..MAX_TENANTS {
+            book.record(&report("e1", &[(&format!("t{i}"), 1, 0, 1.0)]), t(1));
+        }
+        // t0 reports again: t1 is now the least recent.
+        book.record(&report("e1", &[("t0", 1, 0, 1.0)]), t(2));
+        book.record(&report("e1", &[("new", 1, 0, 1.0)]), t(3));
+        let names: Vec<String> = book
+            .top(MAX_TENANTS + 1)
+            .into_iter()
+            .map(|u| u.tenant)
+            .collect();
+        assert_eq!(names.len(), MAX_TENANTS);
+        assert!(names.contains(&"t0".to_owned()) && names.contains(&"new".to_owned()));
+        assert!(!names.contains(&"t1".to_owned()));
+        let inner = book.lock();
+        assert_eq!(inner.nodes.len(), 1, "one copy of the node id");
+        assert_eq!(inner.limit_entries, MAX_TENANTS);
+        assert_eq!(inner.by_age.len(), MAX_TENANTS);
     }
 }

@@ -295,3 +295,57 @@ async fn the_control_plane_serves_the_sink_on_the_xds_port() {
         .await
         .unwrap();
 }
+
+/// Counters at u64::MAX (and beyond: 1e300, repeated in one message) from a
+/// real gRPC client: clamped per flush, sums never overflow, nothing panics,
+/// and a legitimate cluster in the same stream still counts exactly.
+#[tokio::test]
+async fn huge_counters_are_clamped_and_never_overflow() {
+    use understudy_controlplane::metrics::MAX_COUNT_PER_FLUSH;
+    let (book, addr) = start_sink().await;
+    let mut client = client(addr).await;
+    let start = now_ms();
+    let (tx, rx) = mpsc::channel(8);
+    let call = tokio::spawn(async move { client.stream_metrics(ReceiverStream::new(rx)).await });
+    let c = || label("envoy.cluster_name", "evil");
+    let hostile = || {
+        let mut families = Vec::new();
+        for v in [u64::MAX as f64, 1e300, u64::MAX as f64] {
+            families.push(counter("cluster.upstream_rq_completed", vec![c()], v));
+            families.push(counter(
+                "cluster.upstream_rq_xx",
+                vec![label("envoy.response_code_class", "5"), c()],
+                v,
+            ));
+            families.push(counter(
+                "cluster.upstream_rq",
+                vec![label("envoy.response_code", "503"), c()],
+                v,
+            ));
+        }
+        families
+    };
+    tx.send(first_message("edge-1", hostile())).await.unwrap();
+    for _ in 0..4 {
+        tx.send(next_message(hostile())).await.unwrap();
+    }
+    let mut legit = vec![counter(
+        "cluster.upstream_rq_completed",
+        vec![label("envoy.cluster_name", "ok")],
+        7.0,
+    )];
+    legit.extend(hostile());
+    tx.send(next_message(legit)).await.unwrap();
+    let ok = eventually(
+        "the legitimate cluster",
+        || book.window("ok", start - 1, now_ms()),
+        |e| e.requests == 7,
+    )
+    .await;
+    assert_eq!(ok.errors, 0);
+    let evil = book.window("evil", start - 1, now_ms());
+    assert_eq!(evil.requests, 6 * MAX_COUNT_PER_FLUSH, "clamped per flush");
+    assert_eq!(evil.errors, 6 * MAX_COUNT_PER_FLUSH);
+    drop(tx);
+    call.await.unwrap().unwrap();
+}

@@ -10,10 +10,18 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, Uri};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use understudy_controlplane::api::ApiState;
+use understudy_controlplane::auth::Auth;
+use understudy_controlplane::metrics::MetricsBook;
 use understudy_controlplane::model::{
     Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight,
 };
+use understudy_controlplane::rollout::engine::{Engine, Sources};
+use understudy_controlplane::rollout::store::RolloutStore;
+use understudy_controlplane::shadow::{Origin, ShadowBook};
 use understudy_controlplane::store::Store;
+use understudy_controlplane::usage::{Reports, UsageBook};
+use understudy_controlplane::xds::Registry;
 use understudy_proto::v1::report_service_client::ReportServiceClient;
 use understudy_proto::v1::{
     Difference, Header, MismatchRecord, RecordedRequest, RecordedResponse, ReportBatch,
@@ -25,6 +33,7 @@ use understudy_proto::v1::{
 fn filter_config() -> Value {
     json!({"routes": [{"name": "orders", "path_prefix": "/orders", "shadow": {
         "cluster": "shop-canary",
+        "unsafe_methods": true,
         "compare": {"ignore": ["$.at"]}
     }}]})
 }
@@ -72,27 +81,78 @@ struct ControlPlane {
     api: String,
     xds: SocketAddr,
     http: reqwest::Client,
+    /// The shadow book behind both, for records from a verified Envoy (the
+    /// plain-text report service here marks every record unverified).
+    shadow: Arc<ShadowBook>,
 }
 
+/// The control plane's parts, composed as `run_with` does, but with the
+/// shadow book in the test's hands.
 async fn start() -> ControlPlane {
     let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let store = Store::new(desired_state().await).unwrap();
+    let registry = Arc::new(Registry::default());
+    let usage = Arc::new(UsageBook::default());
+    let shadow = Arc::new(ShadowBook::default());
+    let engine = Arc::new(
+        Engine::new(
+            store.clone(),
+            RolloutStore::in_memory().unwrap(),
+            Sources {
+                metrics: Arc::new(MetricsBook::default()),
+                shadow: Arc::clone(&shadow),
+                registry: Arc::clone(&registry),
+            },
+        )
+        .unwrap(),
+    );
     let cp = ControlPlane {
         api: format!("http://{}", api.local_addr().unwrap()),
         xds: xds.local_addr().unwrap(),
         http: reqwest::Client::new(),
+        shadow: Arc::clone(&shadow),
     };
-    let store = Store::new(desired_state().await).unwrap();
-    tokio::spawn(understudy_controlplane::run(
+    let app = understudy_controlplane::api::router(ApiState {
         store,
-        xds,
-        api,
-        std::future::pending(),
-    ));
+        registry,
+        usage: Arc::clone(&usage),
+        shadow: Arc::clone(&shadow),
+        auth: Arc::new(Auth::disabled()),
+        engine,
+    });
+    tokio::spawn(async move { axum::serve(api, app).await });
+    let reports = Reports::new(usage, shadow).into_service();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(reports)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(xds)),
+    );
     cp
 }
 
 impl ControlPlane {
+    /// Puts route `orders` in A/A calibration (or takes it out).
+    async fn set_calibration(&self, on: bool) {
+        let mut filter = self.get_ok("/v1/filter").await;
+        filter["config"]["routes"][0]["shadow"]["calibration"] = json!(on);
+        let r = self
+            .send(self.http.put(self.url("/v1/filter")).json(&filter))
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+
+    /// As the report service will for a batch from an Envoy whose client
+    /// certificate it verified.
+    fn push_verified(&self, batch: ReportBatch) -> u64 {
+        let origin = Origin::Verified {
+            identity: batch.node_id.clone(),
+        };
+        self.shadow
+            .ingest_from(batch, origin, std::time::SystemTime::now())
+            .accepted
+    }
+
     async fn push(&self, batch: ReportBatch) -> u64 {
         let mut client = ReportServiceClient::connect(format!("http://{}", self.xds))
             .await
@@ -245,6 +305,7 @@ fn batch(routes: Vec<RouteCounts>, mismatches: Vec<MismatchRecord>) -> ReportBat
 #[tokio::test]
 async fn pushed_reports_are_summarised_with_paths_and_samples() {
     let cp = start().await;
+    cp.set_calibration(true).await;
     let mut live = counts(false, [10, 6, 3, 1, 2], 30_000);
     live.skipped.insert("shadow_timeout".into(), 2);
     let mut b = batch(
@@ -452,16 +513,14 @@ async fn samples_replay_against_a_cluster_and_compare_again() {
         p.body = Vec::new();
         p.body_truncated = true;
     }
-    let accepted = cp
-        .push(batch(
-            vec![],
-            vec![
-                record("r1", "GET", "/orders/fixed?x=1", total()),
-                record("r2", "POST", "/orders/broken", total()),
-                truncated,
-            ],
-        ))
-        .await;
+    let accepted = cp.push_verified(batch(
+        vec![],
+        vec![
+            record("r1", "GET", "/orders/fixed?x=1", total()),
+            record("r2", "POST", "/orders/broken", total()),
+            truncated,
+        ],
+    ));
     assert_eq!(accepted, 3);
 
     // The new version was fixed: only the ignored timestamp differs now.
@@ -551,6 +610,50 @@ async fn samples_replay_against_a_cluster_and_compare_again() {
     assert_error(&r, 502, "upstream_failed", "refused");
     assert_eq!(seen.lock().unwrap().len(), 2, "failed replays sent nothing");
 
+    // A record pushed by an unauthenticated peer is shown but never sent.
+    let mut forged = record("forged", "GET", "/orders/fixed", total());
+    if let Some(req) = forged.request.as_mut() {
+        req.headers.push(Header {
+            name: "authorization".into(),
+            value: "Bearer planted".into(),
+        });
+    }
+    assert_eq!(cp.push(batch(vec![], vec![forged])).await, 1);
+    let shown = cp.get_ok("/v1/shadow/samples/4").await;
+    assert_eq!(shown["origin"]["kind"], "unverified");
+    // Viewers never see credentials in a sample.
+    let headers = shown["request"]["headers"].as_array().unwrap();
+    assert!(
+        headers
+            .iter()
+            .any(|h| h["name"] == "authorization" && h["value"] == "[redacted]"),
+        "{shown}"
+    );
+    assert!(!shown.to_string().contains("planted"), "{shown}");
+    let r = cp.replay("4", None).await;
+    assert_error(&r, 403, "unverified_sample", "authenticated Envoy");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "the forged record was not sent"
+    );
+    // Every attempt is in the audit log with its actor.
+    let audit = cp.get_ok("/v1/shadow/replays").await;
+    let entries = audit["replays"].as_array().unwrap();
+    assert!(entries.iter().all(|e| e["actor"] == "anonymous"), "{audit}");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["sample"] == "1" && e["outcome"] == "matched"),
+        "{audit}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["sample"] == "4" && e["outcome"].as_str().unwrap().starts_with("refused")),
+        "{audit}"
+    );
+
     // The route stops shadowing: there are no rules to compare with.
     let mut filter = cp.get_ok("/v1/filter").await;
     filter["config"] = json!({"routes": [{"name": "orders", "path_prefix": "/orders"}]});
@@ -569,6 +672,9 @@ async fn samples_replay_against_a_cluster_and_compare_again() {
 #[tokio::test]
 async fn calibration_noise_is_learned_shown_and_forgotten() {
     let cp = start().await;
+    // The control plane itself puts the route in A/A calibration; only then
+    // does a reporter's calibration flag count.
+    cp.set_calibration(true).await;
     let at = || diff("$.at", true, "\"a\"", "\"b\"");
     let mut cal = record("c1", "GET", "/orders/1", vec![at()]);
     cal.calibration = true;
@@ -665,4 +771,157 @@ async fn the_cli_prints_shadow_tables() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("404"), "{err}");
+}
+
+/// A reporter cannot teach noise: on a route the control plane did not put
+/// in calibration, "calibration" counters and records count as live, so a
+/// real serious mismatch stays serious.
+#[tokio::test]
+async fn a_reporter_cannot_declare_calibration() {
+    let cp = start().await;
+    let at = || diff("$.total", true, "10", "11");
+    let mut fake = record("fake-cal", "GET", "/orders/1", vec![at()]);
+    fake.calibration = true;
+    cp.push(batch(vec![counts(true, [50, 0, 50, 0, 0], 0)], vec![fake]))
+        .await;
+    // The same difference in live traffic.
+    cp.push(batch(
+        vec![counts(false, [1, 0, 1, 0, 0], 0)],
+        vec![record("live", "GET", "/orders/2", vec![at()])],
+    ))
+    .await;
+    let list = cp.get_ok("/v1/shadow/routes").await;
+    assert_eq!(list["calibration_refused"], 2, "{list}");
+    let s = &list["routes"][0];
+    assert_eq!(s["calibration"]["compared"], 0, "{s}");
+    assert_eq!(s["compared"], 51, "counted as live: {s}");
+    assert_eq!(s["mismatched_serious"], 51, "nothing was reclassified: {s}");
+    assert_eq!(s["reclassified_as_noise"], 0);
+    let noise = cp.get_ok("/v1/shadow/noise").await;
+    assert_eq!(noise["routes"], json!([]), "no noise learned: {noise}");
+
+    // Once the control plane configures calibration, the same report teaches.
+    cp.set_calibration(true).await;
+    let mut cal = record("cal", "GET", "/orders/3", vec![at()]);
+    cal.calibration = true;
+    cp.push(batch(vec![counts(true, [4, 3, 1, 0, 0], 0)], vec![cal]))
+        .await;
+    let s = cp.get_ok("/v1/shadow/routes/orders").await;
+    assert_eq!(s["calibration"]["compared"], 4, "{s}");
+}
+
+/// Made-up route names are refused, so they cannot evict a real route's
+/// totals however many there are; the real route keeps counting.
+#[tokio::test]
+async fn route_name_flooding_evicts_nothing() {
+    let cp = start().await;
+    cp.push(batch(vec![counts(false, [10, 9, 1, 0, 0], 0)], vec![]))
+        .await;
+    let mut flood = Vec::new();
+    for i in 0..1000 {
+        let mut c = counts(false, [1, 1, 0, 0, 0], 0);
+        c.route = format!("made-up-{i}");
+        flood.push(c);
+    }
+    let mut records = Vec::new();
+    for i in 0..300 {
+        let mut r = record(&format!("f{i}"), "GET", "/x", vec![]);
+        r.route = format!("fake-{i}");
+        records.push(r);
+    }
+    assert_eq!(
+        cp.push(batch(flood, records)).await,
+        0,
+        "no record accepted"
+    );
+    let list = cp.get_ok("/v1/shadow/routes").await;
+    let routes = list["routes"].as_array().unwrap();
+    assert_eq!(routes.len(), 1, "{list}");
+    assert_eq!(routes[0]["route"], "orders");
+    assert_eq!(routes[0]["compared"], 10);
+    assert_eq!(list["rejected"], 1300);
+    // Legitimate reports still count.
+    cp.push(batch(vec![counts(false, [5, 5, 0, 0, 0], 0)], vec![]))
+        .await;
+    let s = cp.get_ok("/v1/shadow/routes/orders").await;
+    assert_eq!(s["compared"], 15);
+}
+
+/// Counters at u64::MAX from a real gRPC client saturate: nothing panics,
+/// and the API keeps answering.
+#[tokio::test]
+async fn huge_shadow_counters_saturate() {
+    let cp = start().await;
+    for _ in 0..3 {
+        let mut c = counts(false, [u64::MAX; 5], 0);
+        c.latency_gap_us_sum = i64::MAX;
+        cp.push(batch(vec![c], vec![])).await;
+    }
+    let s = cp.get_ok("/v1/shadow/routes/orders").await;
+    assert_eq!(s["compared"], json!(u64::MAX));
+    assert_eq!(s["match_rate"], json!(0.0));
+}
+
+/// Usage reports with u64::MAX counters, non-finite limits and an oversized
+/// node id, from a real gRPC client: nothing panics or grows, the API keeps
+/// answering, and a legitimate report still counts.
+#[tokio::test]
+async fn hostile_usage_reports_are_clamped_and_capped() {
+    use understudy_proto::v1::{TenantUsage, UsageReport};
+    let cp = start().await;
+    let mut client = ReportServiceClient::connect(format!("http://{}", cp.xds))
+        .await
+        .unwrap();
+    let tenant = |name: &str, n: u64, rps: f64| TenantUsage {
+        tenant: name.into(),
+        tier: "standard".into(),
+        allowed: n,
+        limited: n,
+        limit_rps: rps,
+    };
+    for rps in [f64::NAN, f64::INFINITY, -5.0] {
+        client
+            .push_usage(UsageReport {
+                node_id: "edge-1".into(),
+                tenants: vec![tenant("acme", u64::MAX, rps)],
+                dropped: u64::MAX,
+            })
+            .await
+            .unwrap();
+    }
+    // A node id of 0.4 MB, once per tenant: refused whole, nothing stored.
+    let huge = "n".repeat(400_000);
+    client
+        .push_usage(UsageReport {
+            node_id: huge,
+            tenants: (0..200).map(|i| tenant(&format!("t{i}"), 1, 1.0)).collect(),
+            dropped: 0,
+        })
+        .await
+        .unwrap();
+    client
+        .push_usage(UsageReport {
+            node_id: "edge-2".into(),
+            tenants: vec![tenant("small", 3, 10.0)],
+            dropped: 0,
+        })
+        .await
+        .unwrap();
+    let top = cp.get_ok("/v1/ratelimit/tenants?top=1000").await;
+    let tenants = top["tenants"].as_array().unwrap();
+    assert_eq!(tenants.len(), 2, "{top}");
+    let acme = tenants.iter().find(|t| t["tenant"] == "acme").unwrap();
+    assert_eq!(acme["allowed"], json!(u64::MAX));
+    assert_eq!(
+        acme["fleet_limit_rps"],
+        json!(0.0),
+        "non-finite limits count as 0"
+    );
+    assert_eq!(top["dropped_by_filters"], json!(u64::MAX));
+    assert_eq!(top["refused"], 200);
+    let small = tenants.iter().find(|t| t["tenant"] == "small").unwrap();
+    assert_eq!(
+        (&small["allowed"], &small["fleet_limit_rps"]),
+        (&json!(3), &json!(10.0))
+    );
 }

@@ -18,11 +18,13 @@
 //! off again. A NACK of anything pushed after the rollout started halts it.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::judge::{self, Judgement, Verdict};
 use super::spec::{RolloutSpec, SpecError};
@@ -30,6 +32,7 @@ use super::store::{RolloutStore, RolloutStoreError};
 use super::{Evidence, ShadowEvidence};
 use crate::metrics::MetricsBook;
 use crate::model::{FilterSettings, Weight};
+use crate::resources::{Snapshot, type_url};
 use crate::shadow::ShadowBook;
 use crate::store::{ChangeError, Store};
 use crate::xds::Registry;
@@ -40,6 +43,9 @@ pub const FLUSH_SETTLE_MS: u64 = 1_000;
 
 /// The actor recorded for the engine's own decisions.
 pub const ENGINE: &str = "engine";
+
+/// Config versions remembered per rollout as "pushed by it" (newest kept).
+pub const MAX_PUSHED_VERSIONS: usize = 64;
 
 pub fn now_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -128,6 +134,50 @@ pub struct Rollout {
     /// Set once a succeeded rollout is finalized (or found unfinalizable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finalized: Option<FinalizeState>,
+    /// The (type URL, version) pairs this rollout's own changes produced:
+    /// only a NACK of one of these halts it.
+    #[serde(default)]
+    pub pushed: Vec<PushedVersion>,
+    /// Shadow evidence counted before the current baseline (a restart
+    /// empties the shadow book, so what was seen is carried over).
+    #[serde(default)]
+    pub shadow_carried: ShadowBaseline,
+    /// Shadow evidence as of the last evaluation: what a restart carries.
+    #[serde(default)]
+    pub shadow_seen: ShadowBaseline,
+    /// The current phase's effects (weight, shadow) are in the desired
+    /// state. `false` between recording a decision and applying it; a
+    /// rollout found `false` at start is applied again (see
+    /// [`Engine::new`]), so a decided rollback is never lost.
+    #[serde(default = "applied_default")]
+    pub applied: bool,
+}
+
+fn applied_default() -> bool {
+    true
+}
+
+/// One config version a rollout's change produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushedVersion {
+    pub type_url: String,
+    pub version: String,
+}
+
+/// A test hook run at the start of each evaluation (see `Engine::fault`).
+pub type Fault = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// How the engine's own loop is doing: `GET /readyz` and every rollout view
+/// show it, so a panic or a failed write is never silent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EngineHealth {
+    /// Evaluations that panicked; each was caught, logged and the loop went on.
+    pub panics: u64,
+    pub last_panic: Option<String>,
+    /// Transitions whose effects could not be saved to the state file (they
+    /// were applied in memory when they take traffic off the canary).
+    pub persistence_failures: u64,
+    pub last_persistence_error: Option<String>,
 }
 
 /// One audit log entry.
@@ -150,6 +200,8 @@ pub struct RolloutView {
     pub stage: String,
     pub weights: Weights,
     pub audit: Vec<AuditEntry>,
+    /// The engine's panics and persistence failures (all rollouts).
+    pub engine: EngineHealth,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -237,6 +289,11 @@ pub struct Engine {
     db: RolloutStore,
     sources: Sources,
     rollouts: Mutex<BTreeMap<String, Rollout>>,
+    panics: AtomicU64,
+    health: Mutex<EngineHealth>,
+    /// Test hook: called with a rollout id at the start of its evaluation.
+    #[doc(hidden)]
+    pub fault: Mutex<Option<Fault>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -257,15 +314,88 @@ struct Step {
 
 impl Engine {
     /// Loads every stored rollout; active ones resume where they were.
+    ///
+    /// **Recovery.** A transition is written in this order: the decision
+    /// (record + audit entry, `applied: false`) to the database, then its
+    /// effects to the desired state (state file, then the published
+    /// snapshot), then `applied: true`. A crash between the writes leaves a
+    /// record with `applied: false`, and here its effects are applied again,
+    /// so the state file follows every decided transition. A rollout in the
+    /// shadow stage is re-baselined: the shadow book starts empty after a
+    /// restart, so the evidence seen so far is carried and the new counts
+    /// add to it (never subtracted from counters that restarted at zero).
     pub fn new(store: Store, db: RolloutStore, sources: Sources) -> Result<Self, EngineError> {
+        // Reports are judged against the config this control plane pushed.
+        sources.shadow.follow(store.clone());
         let loaded: Vec<Rollout> = db.load_all()?;
         let rollouts = loaded.into_iter().map(|r| (r.id.clone(), r)).collect();
-        Ok(Self {
+        let engine = Self {
             store,
             db,
             sources,
             rollouts: Mutex::new(rollouts),
-        })
+            panics: AtomicU64::new(0),
+            health: Mutex::default(),
+            fault: Mutex::new(None),
+        };
+        engine.recover()?;
+        Ok(engine)
+    }
+
+    /// Applies decided-but-unapplied transitions and re-baselines shadow stages.
+    fn recover(&self) -> Result<(), EngineError> {
+        let mut rollouts = self.lock();
+        for rollout in rollouts.values_mut() {
+            let mut changed = false;
+            if !rollout.applied {
+                let forced = is_rollback(&rollout.phase);
+                warn!(rollout = %rollout.id, phase = %rollout.phase.label(), weight = rollout.weight, "applying a transition that was decided but not applied before the restart");
+                let shadow = rollout
+                    .spec
+                    .shadow
+                    .as_ref()
+                    .map(|_| rollout.phase == Phase::Shadow);
+                match self.apply(rollout, shadow, forced) {
+                    Ok(()) => {
+                        rollout.applied = true;
+                        changed = true;
+                    }
+                    Err(e) => {
+                        self.persistence_failed(&rollout.id, &e);
+                        if !forced {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            if rollout.phase == Phase::Shadow {
+                rollout.shadow_carried = rollout.shadow_seen.clone();
+                rollout.shadow_baseline = self.shadow_counts(rollout).0;
+                changed = true;
+            }
+            if changed {
+                self.db.save::<_, AuditEntry>(&rollout.id, rollout, &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine's panics and persistence failures so far.
+    pub fn health(&self) -> EngineHealth {
+        let mut h = self
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        h.panics = self.panics.load(Ordering::Relaxed);
+        h
+    }
+
+    fn persistence_failed(&self, id: &str, e: &EngineError) {
+        error!(rollout = %id, error = %e, "rollout transition could not be persisted");
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.persistence_failures = h.persistence_failures.saturating_add(1);
+        h.last_persistence_error = Some(format!("rollout {id}: {e}"));
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Rollout>> {
@@ -336,6 +466,10 @@ impl Engine {
             last_evaluated_ms: 0,
             marks: Vec::new(),
             finalized: None,
+            pushed: Vec::new(),
+            shadow_carried: ShadowBaseline::default(),
+            shadow_seen: ShadowBaseline::default(),
+            applied: true,
         };
         let weight = match first {
             Phase::Canary { step } => rollout.spec.steps.get(step).map(|s| s.weight),
@@ -362,9 +496,17 @@ impl Engine {
         }
     }
 
-    /// Carries out `step` on `rollout`: effects first (so a failed push is
-    /// an error and nothing is recorded), then the record and its audit
-    /// entry in one database transaction.
+    /// Carries out `step` on `rollout`, in the order [`Engine::new`]
+    /// recovers from: the decision (record and audit entry, `applied:
+    /// false`) in one database transaction, then the effects on the desired
+    /// state, then `applied: true`.
+    ///
+    /// A failed decision write changes nothing, except that a rollback is
+    /// applied anyway (traffic leaves the canary first). A failed apply of
+    /// a rollback is published in memory, logged at error and counted in
+    /// [`EngineHealth`]; its record stays `applied: false`, so a restart
+    /// applies it again. A failed apply of anything else is undone in the
+    /// record, with an audit entry saying why.
     fn transition(
         &self,
         rollout: &mut Rollout,
@@ -372,20 +514,8 @@ impl Engine {
         from_label: &str,
         t: u64,
     ) -> Result<(), EngineError> {
-        if let Some(w) = step.weight
-            && w != rollout.weight
-        {
-            let weight = Weight::try_from(i64::from(w)).map_err(ChangeError::Invalid)?;
-            self.store
-                .set_canary_weight(&rollout.spec.service, weight)?;
-            rollout.weight = w;
-        }
-        if let Some(on) = step.shadow {
-            self.set_shadow(rollout, on)?;
-            if on {
-                rollout.shadow_baseline = self.shadow_counts(rollout).0;
-            }
-        }
+        let before = rollout.clone();
+        let rollback = is_rollback(&step.to);
         let entry = AuditEntry {
             time_ms: t,
             from: from_label.to_owned(),
@@ -395,6 +525,9 @@ impl Engine {
             snapshot: step.snapshot,
         };
         info!(rollout = %rollout.id, from = %entry.from, to = %entry.to, actor = %entry.actor, reason = %entry.reason, "rollout transition");
+        if let Some(w) = step.weight {
+            rollout.weight = w;
+        }
         rollout.phase = step.to;
         rollout.phase_started_ms = t;
         rollout.marks.push(Mark {
@@ -402,13 +535,114 @@ impl Engine {
             phase: rollout.phase.label(),
             weight: rollout.weight,
         });
-        self.db.save(&rollout.id, rollout, &[entry])?;
+        rollout.applied = false;
+        if let Err(e) = self
+            .db
+            .save(&rollout.id, rollout, std::slice::from_ref(&entry))
+        {
+            let e = EngineError::from(e);
+            if rollback {
+                // The database is failing; traffic still leaves the canary.
+                if let Err(apply) = self.apply(rollout, step.shadow, true) {
+                    self.persistence_failed(&rollout.id, &apply);
+                }
+            } else {
+                *rollout = before;
+            }
+            self.persistence_failed(&rollout.id, &e);
+            return Err(e);
+        }
+        if let Err(e) = self.apply(rollout, step.shadow, rollback) {
+            self.persistence_failed(&rollout.id, &e);
+            if !rollback {
+                let undo = AuditEntry {
+                    time_ms: t,
+                    from: entry.to.clone(),
+                    to: entry.from.clone(),
+                    actor: ENGINE.to_owned(),
+                    reason: format!("not applied: {e}"),
+                    snapshot: serde_json::Value::Null,
+                };
+                *rollout = before;
+                if from_label == "created" {
+                    // A rollout whose start could not be applied never ran;
+                    // its stored record must not resume as active.
+                    rollout.phase = Phase::Aborted {
+                        reason: undo.reason.clone(),
+                    };
+                }
+                self.db.save(&rollout.id, rollout, &[undo])?;
+            }
+            return Err(e);
+        }
+        if step.shadow == Some(true) {
+            rollout.shadow_baseline = self.shadow_counts(rollout).0;
+            rollout.shadow_carried = ShadowBaseline::default();
+            rollout.shadow_seen = ShadowBaseline::default();
+        }
+        rollout.applied = true;
+        self.db.save::<_, AuditEntry>(&rollout.id, rollout, &[])?;
         Ok(())
+    }
+
+    /// Makes the desired state match `rollout`'s phase: its canary weight,
+    /// and the shadow stage's shadowing on exactly while in `shadow`.
+    /// `forced`: a state file that cannot be written does not stop the
+    /// change from being published (rollbacks). Records the config versions
+    /// the change produced, for [`Engine::nack_for`].
+    fn apply(
+        &self,
+        rollout: &mut Rollout,
+        shadow: Option<bool>,
+        forced: bool,
+    ) -> Result<(), EngineError> {
+        let before = self.store.snapshot();
+        let mut result = Ok(());
+        let weight = Weight::try_from(i64::from(rollout.weight)).map_err(ChangeError::Invalid)?;
+        if let Err(e) = self
+            .store
+            .set_canary_weight_with(&rollout.spec.service, weight, forced)
+        {
+            result = Err(EngineError::from(e));
+        }
+        if let Some(on) = shadow
+            && let Err(e) = self.set_shadow(rollout, on, forced)
+            && result.is_ok()
+        {
+            result = Err(e);
+        }
+        self.remember_pushed(rollout, &before);
+        result
+    }
+
+    fn remember_pushed(&self, rollout: &mut Rollout, before: &Snapshot) {
+        let after = self.store.snapshot();
+        for url in [
+            type_url::CLUSTER,
+            type_url::ENDPOINT,
+            type_url::LISTENER,
+            type_url::ROUTE,
+            type_url::EXTENSION_CONFIG,
+        ] {
+            let Some(now) = after.get(url) else { continue };
+            if before.get(url).is_some_and(|b| b.version == now.version) {
+                continue;
+            }
+            let v = PushedVersion {
+                type_url: url.to_owned(),
+                version: now.version.clone(),
+            };
+            if !rollout.pushed.contains(&v) {
+                rollout.pushed.push(v);
+            }
+        }
+        let over = rollout.pushed.len().saturating_sub(MAX_PUSHED_VERSIONS);
+        rollout.pushed.drain(..over);
     }
 
     /// Turns the shadow stage's route shadowing on (to the canary cluster,
     /// keeping any comparison rules already configured) or off.
-    fn set_shadow(&self, rollout: &Rollout, on: bool) -> Result<(), EngineError> {
+    fn set_shadow(&self, rollout: &Rollout, on: bool, forced: bool) -> Result<(), EngineError> {
         let Some(stage) = &rollout.spec.shadow else {
             return Ok(());
         };
@@ -445,11 +679,14 @@ impl Engine {
             }
         }
         if changed {
-            self.store.put_filter(FilterSettings {
-                wasm_path,
-                config,
-                report_cluster,
-            })?;
+            self.store.put_filter_with(
+                FilterSettings {
+                    wasm_path,
+                    config,
+                    report_cluster,
+                },
+                forced,
+            )?;
         }
         Ok(())
     }
@@ -479,10 +716,13 @@ impl Engine {
     fn shadow_evidence(&self, rollout: &Rollout) -> ShadowEvidence {
         let (now, last) = self.shadow_counts(rollout);
         let base = &rollout.shadow_baseline;
+        let carried = &rollout.shadow_carried;
+        let since =
+            |now: u64, base: u64, carried: u64| carried.saturating_add(now.saturating_sub(base));
         ShadowEvidence {
-            compared: now.compared.saturating_sub(base.compared),
-            serious: now.serious.saturating_sub(base.serious),
-            unexpected: now.unexpected.saturating_sub(base.unexpected),
+            compared: since(now.compared, base.compared, carried.compared),
+            serious: since(now.serious, base.serious, carried.serious),
+            unexpected: since(now.unexpected, base.unexpected, carried.unexpected),
             // Reports from before the stage are not evidence for it.
             last_update_ms: last.filter(|t| *t >= rollout.phase_started_ms),
         }
@@ -501,13 +741,21 @@ impl Engine {
         )
     }
 
-    /// A NACK recorded since the rollout's latest push.
-    fn nack_since(&self, since_ms: u64) -> Option<String> {
+    /// A NACK, recorded since `since_ms`, of a config version this
+    /// rollout's own changes produced. A NACK of anything else (another
+    /// change, another resource) is not this rollout's business.
+    fn nack_for(&self, rollout: &Rollout, since_ms: u64) -> Option<String> {
         self.sources
             .registry
             .nacks()
             .into_iter()
-            .find(|n| now_ms(n.nack.at) >= since_ms)
+            .filter(|n| now_ms(n.nack.at) >= since_ms)
+            .find(|n| {
+                rollout
+                    .pushed
+                    .iter()
+                    .any(|p| p.type_url == n.nack.type_url && p.version == n.nack.version)
+            })
             .map(|n| {
                 format!(
                     "Envoy {} rejected {} version {}: {}",
@@ -529,8 +777,14 @@ impl Engine {
             .map(|r| r.id.clone())
             .collect();
         for id in ids {
-            if let Err(e) = self.evaluate(&id, t) {
-                warn!(rollout = %id, error = %e, "rollout evaluation failed");
+            // One rollout's panic must not leave the others unjudged: each
+            // evaluation is caught on its own (a poisoned lock is still
+            // usable, see `lock`).
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.evaluate(&id, t)));
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(rollout = %id, error = %e, "rollout evaluation failed"),
+                Err(panic) => self.panicked(&id, panic.as_ref()),
             }
         }
         self.finalize_due(t);
@@ -711,6 +965,21 @@ impl Engine {
         })
     }
 
+    fn panicked(&self, id: &str, panic: &(dyn std::any::Any + Send)) {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        let n = self
+            .panics
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        error!(rollout = %id, panics = n, panic = %what, "rollout evaluation panicked; the engine goes on");
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.last_panic = Some(format!("rollout {id}: {what}"));
+    }
+
     fn evaluate(&self, id: &str, t: u64) -> Result<(), EngineError> {
         let mut rollouts = self.lock();
         let Some(rollout) = rollouts.get_mut(id) else {
@@ -724,10 +993,14 @@ impl Engine {
             return Ok(());
         }
         rollout.last_evaluated_ms = t;
+        let fault = self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(fault) = fault {
+            fault(id);
+        }
         let from = rollout.phase.label();
         if rollout.spec.stop_rules.halt_on_nack
             && let Some(first_mark) = rollout.marks.first().map(|m| m.time_ms)
-            && let Some(nack) = self.nack_since(first_mark)
+            && let Some(nack) = self.nack_for(rollout, first_mark)
         {
             let step = self.rollback_step(rollout, format!("halted: {nack}"), ENGINE);
             return self.transition(rollout, step, &from, t);
@@ -738,6 +1011,11 @@ impl Engine {
                     return Ok(());
                 };
                 let ev = self.shadow_evidence(rollout);
+                rollout.shadow_seen = ShadowBaseline {
+                    compared: ev.compared,
+                    serious: ev.serious,
+                    unexpected: ev.unexpected,
+                };
                 judge::judge_shadow(
                     stage,
                     &rollout.spec.stop_rules,
@@ -913,6 +1191,7 @@ impl Engine {
             },
             rollout,
             audit,
+            engine: self.health(),
         })
     }
 
@@ -922,7 +1201,17 @@ impl Engine {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            self.tick(SystemTime::now());
+            // `tick` catches each evaluation's panic; this catches the rest,
+            // so the loop itself never ends.
+            if let Err(panic) =
+                std::panic::catch_unwind(AssertUnwindSafe(|| self.tick(SystemTime::now())))
+            {
+                self.panicked("(tick)", panic.as_ref());
+            }
         }
     }
+}
+
+fn is_rollback(phase: &Phase) -> bool {
+    matches!(phase, Phase::RolledBack { .. } | Phase::Aborted { .. })
 }

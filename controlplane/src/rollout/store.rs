@@ -27,6 +27,9 @@ pub enum RolloutStoreError {
     Db(#[from] redb::Error),
     #[error("rollout database: a stored record does not decode: {0}")]
     Decode(#[from] serde_json::Error),
+    /// The database file could not be created with its mode.
+    #[error("rollout database: {0}")]
+    Io(std::io::Error),
 }
 
 fn db_err(e: impl Into<redb::Error>) -> RolloutStoreError {
@@ -45,7 +48,23 @@ impl std::fmt::Debug for RolloutStore {
 
 impl RolloutStore {
     /// Opens (or creates) the database file.
+    /// A new file is created with mode 0600 (it holds every rollout's
+    /// audit log), and an existing one is set to it.
     pub fn open(path: &Path) -> Result<Self, RolloutStoreError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(RolloutStoreError::Io)?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(RolloutStoreError::Io)?;
+        }
         let db = Database::create(path).map_err(db_err)?;
         // Create both tables up front so reads never meet a missing table.
         Self::init(db)

@@ -4,6 +4,15 @@
 //! an operator checks that a fix in the new version (or a new ignore rule)
 //! makes a pair match, without waiting for live traffic to hit it again.
 //!
+//! **Trust.** A stored record came from a peer, so a replay sends it only
+//! if that peer was an authenticated Envoy ([`Origin::Verified`]), only to
+//! the route's own clusters (its shadow cluster and that service's stable
+//! and canary), only with a method the route shadows (GET, HEAD, OPTIONS
+//! unless the route sets `unsafe_methods`), and never with credentials
+//! ([`super::CREDENTIAL_HEADERS`] plus the route's `strip_headers`). The API
+//! writes every attempt, refused or not, to the replay audit log with its
+//! actor.
+//!
 //! The work is split so that everything but the HTTP call is plain logic:
 //! [`plan`] checks the record against the desired state and builds the
 //! request, [`send`] performs it, [`compare()`] compares.
@@ -16,6 +25,7 @@ use understudy_core::compare::{self, Comparison, Response, Scope};
 use understudy_core::shadow::{MAX_BODY_BYTES_LIMIT, ShadowConfig};
 use understudy_proto::v1::MismatchRecord;
 
+use super::{Origin, is_credential};
 use crate::model::DesiredState;
 
 /// How long a replay may take, connection included.
@@ -65,6 +75,27 @@ pub enum ReplayError {
     /// The stored filter config does not validate (it always should).
     #[error("the stored filter config is invalid: {0}")]
     InvalidConfig(String),
+    /// The record did not come from an authenticated Envoy.
+    #[error(
+        "sample {id} did not come from an authenticated Envoy, so it is never replayed (only records reported over mutual TLS are)"
+    )]
+    Unverified { id: u64 },
+    /// The cluster is a known one, but not one of the route's.
+    #[error("cluster {cluster:?} is not one of route {route:?}'s clusters (allowed: {allowed})")]
+    NotRouteCluster {
+        cluster: String,
+        route: String,
+        allowed: String,
+    },
+    /// The route does not shadow this method, so it is not replayed either.
+    #[error(
+        "sample {id}: route {route:?} does not shadow {method} requests (set unsafe_methods to allow them), so it is not replayed"
+    )]
+    MethodNotAllowed {
+        id: u64,
+        route: String,
+        method: String,
+    },
     /// The upstream could not be reached or did not answer in time.
     #[error("replay to {endpoint} failed: {reason}")]
     Upstream {
@@ -82,7 +113,8 @@ pub struct ReplayPlan {
     pub method: String,
     /// Path with query.
     pub path: String,
-    /// Headers to send, hop-by-hop ones removed, `host` and the replay marker set.
+    /// Headers to send: hop-by-hop and credential ones removed, `host` and
+    /// the replay marker set.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     /// The recorded request headers, for matching expected-divergence rules.
@@ -119,9 +151,13 @@ pub struct ReplayOutcome {
 pub fn plan(
     id: u64,
     record: &MismatchRecord,
+    origin: &Origin,
     state: &DesiredState,
     cluster: Option<&str>,
 ) -> Result<ReplayPlan, ReplayError> {
+    if !origin.is_verified() {
+        return Err(ReplayError::Unverified { id });
+    }
     let request = record.request.clone().unwrap_or_default();
     let primary = record.primary.clone().unwrap_or_default();
     if request.body_truncated {
@@ -171,6 +207,22 @@ pub fn plan(
             known: known.join(", "),
         });
     };
+    // The route's own clusters: where its shadow goes, and that service's
+    // stable and canary (the primary a fix is compared with).
+    let allowed: Vec<String> = state
+        .services
+        .values()
+        .filter(|s| s.stable_cluster() == config.cluster || s.canary_cluster() == config.cluster)
+        .flat_map(|s| [s.stable_cluster(), s.canary_cluster()])
+        .chain(std::iter::once(config.cluster.clone()))
+        .collect();
+    if !allowed.contains(&cluster) {
+        return Err(ReplayError::NotRouteCluster {
+            cluster,
+            route: record.route.clone(),
+            allowed: allowed.join(", "),
+        });
+    }
     let Some(endpoint) = backend.endpoints.first().copied() else {
         return Err(ReplayError::NoEndpoints { cluster });
     };
@@ -180,6 +232,14 @@ pub fn plan(
             "the recorded method {:?} is not an HTTP method",
             request.method
         )));
+    }
+    let method = request.method.to_ascii_uppercase();
+    if !config.unsafe_methods && !matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS") {
+        return Err(ReplayError::MethodNotAllowed {
+            id,
+            route: record.route.clone(),
+            method: request.method.clone(),
+        });
     }
     if !request.path.starts_with('/') {
         return Err(invalid(format!(
@@ -207,6 +267,7 @@ pub fn plan(
                 && k != REPLAY_HEADER
                 && !NOT_FORWARDED.contains(&k.as_str())
                 && !connection_named.contains(&k)
+                && !is_credential(&k, &config.strip_headers)
         })
         .cloned()
         .collect();
@@ -227,7 +288,7 @@ pub fn plan(
         id,
         cluster,
         endpoint,
-        method: request.method,
+        method,
         path: request.path,
         headers,
         body: request.body,
@@ -381,11 +442,107 @@ mod tests {
         let mut s = crate::model::fixtures::state(0, 8081, true);
         s.filter.config = json!({"routes": [{"name": "api", "shadow": {
             "cluster": "shop-canary",
+            "unsafe_methods": true,
+            "strip_headers": ["x-tenant-secret"],
             "compare": {"ignore": ["$.at"]},
             "redact": ["$.card"],
             "expected": [{"name": "v2-tax", "path_prefix": "/cart", "paths": ["$.tax"]}]
         }}]});
         s
+    }
+
+    fn verified() -> Origin {
+        Origin::Verified {
+            identity: "envoy-1".into(),
+        }
+    }
+
+    #[test]
+    fn a_record_from_an_unauthenticated_peer_is_never_replayed() {
+        let err = plan(1, &record(), &Origin::Unverified, &state(), None).unwrap_err();
+        assert_eq!(err, ReplayError::Unverified { id: 1 });
+        // The same record from a verified Envoy plans.
+        assert!(plan(1, &record(), &verified(), &state(), None).is_ok());
+    }
+
+    #[test]
+    fn replays_go_only_to_the_routes_own_clusters() {
+        let mut s = state();
+        // Another service's cluster is known, but not this route's.
+        let mut other = s.services.values().next().unwrap().clone();
+        other.name = "billing".into();
+        other.domains = vec!["billing.example".into()];
+        s.services.insert("billing".into(), other);
+        let err = plan(1, &record(), &verified(), &s, Some("billing-stable")).unwrap_err();
+        assert!(
+            matches!(&err, ReplayError::NotRouteCluster { cluster, .. } if cluster == "billing-stable"),
+            "{err:?}"
+        );
+        // A forged record naming another cluster as its shadow is refused too.
+        let mut forged = record();
+        forged.shadow_cluster = "billing-canary".into();
+        assert!(matches!(
+            plan(1, &forged, &verified(), &s, None),
+            Err(ReplayError::NotRouteCluster { .. })
+        ));
+        // The route's own stable and canary work.
+        assert!(plan(1, &record(), &verified(), &s, Some("shop-stable")).is_ok());
+        assert!(plan(1, &record(), &verified(), &s, Some("shop-canary")).is_ok());
+    }
+
+    #[test]
+    fn only_methods_the_route_shadows_are_replayed() {
+        let mut s = state();
+        s.filter.config["routes"][0]["shadow"]
+            .as_object_mut()
+            .unwrap()
+            .remove("unsafe_methods");
+        for method in ["POST", "DELETE", "PUT", "PATCH"] {
+            let mut r = record();
+            r.request.as_mut().unwrap().method = method.into();
+            assert!(
+                matches!(
+                    plan(1, &r, &verified(), &s, None),
+                    Err(ReplayError::MethodNotAllowed { .. })
+                ),
+                "{method}"
+            );
+        }
+        let mut r = record();
+        r.request.as_mut().unwrap().method = "GET".into();
+        assert_eq!(plan(1, &r, &verified(), &s, None).unwrap().method, "GET");
+    }
+
+    #[test]
+    fn credentials_are_never_replayed() {
+        let mut r = record();
+        let headers = &mut r.request.as_mut().unwrap().headers;
+        for (k, v) in [
+            ("Authorization", "Bearer secret"),
+            ("cookie", "session=1"),
+            ("x-api-key", "k"),
+            ("proxy-authorization", "Basic x"),
+            ("x-tenant-secret", "route-specific"),
+            ("x-kept", "yes"),
+        ] {
+            headers.push(header(k, v));
+        }
+        let p = plan(1, &r, &verified(), &state(), None).unwrap();
+        let names: Vec<String> = p
+            .headers
+            .iter()
+            .map(|(k, _)| k.to_ascii_lowercase())
+            .collect();
+        for gone in [
+            "authorization",
+            "cookie",
+            "x-api-key",
+            "proxy-authorization",
+            "x-tenant-secret",
+        ] {
+            assert!(!names.contains(&gone.to_owned()), "{gone} in {names:?}");
+        }
+        assert!(names.contains(&"x-kept".to_owned()));
     }
 
     fn header(name: &str, value: &str) -> Header {
@@ -425,7 +582,7 @@ mod tests {
 
     #[test]
     fn a_plan_resolves_the_cluster_and_cleans_the_headers() {
-        let p = plan(7, &record(), &state(), None).unwrap();
+        let p = plan(7, &record(), &verified(), &state(), None).unwrap();
         assert_eq!(p.cluster, "shop-canary");
         assert_eq!(p.endpoint, "127.0.0.1:8082".parse().unwrap());
         let names: Vec<&str> = p.headers.iter().map(|(k, _)| k.as_str()).collect();
@@ -434,13 +591,13 @@ mod tests {
             ["content-type", "x-request-id", "host", REPLAY_HEADER]
         );
         assert_eq!(p.headers[2].1, "shop.example-shadow");
-        let p = plan(7, &record(), &state(), Some("shop-stable")).unwrap();
+        let p = plan(7, &record(), &verified(), &state(), Some("shop-stable")).unwrap();
         assert_eq!(p.endpoint, "127.0.0.1:8081".parse().unwrap());
     }
 
     #[test]
     fn plans_that_cannot_work_say_why() {
-        let err = plan(1, &record(), &state(), Some("nope")).unwrap_err();
+        let err = plan(1, &record(), &verified(), &state(), Some("nope")).unwrap_err();
         assert!(matches!(&err, ReplayError::UnknownCluster { cluster, .. } if cluster == "nope"));
         assert!(
             err.to_string().contains("shop-stable, shop-canary"),
@@ -451,13 +608,13 @@ mod tests {
         if let Some(req) = r.request.as_mut() {
             req.body_truncated = true;
         }
-        let err = plan(1, &r, &state(), None).unwrap_err();
+        let err = plan(1, &r, &verified(), &state(), None).unwrap_err();
         assert!(err.to_string().contains("too large"), "{err}");
         let mut r = record();
         if let Some(p) = r.primary.as_mut() {
             p.body_truncated = true;
         }
-        let err = plan(1, &r, &state(), None).unwrap_err();
+        let err = plan(1, &r, &verified(), &state(), None).unwrap_err();
         assert!(matches!(
             err,
             ReplayError::BodyTruncated {
@@ -468,7 +625,7 @@ mod tests {
 
         let mut s = state();
         s.filter.config = json!({"routes": [{"name": "api"}]});
-        let err = plan(1, &record(), &s, None).unwrap_err();
+        let err = plan(1, &record(), &verified(), &s, None).unwrap_err();
         assert_eq!(
             err,
             ReplayError::NoShadowConfig {
@@ -479,7 +636,7 @@ mod tests {
         let mut r = record();
         r.shadow_cluster.clear();
         assert_eq!(
-            plan(1, &r, &state(), None).unwrap_err(),
+            plan(1, &r, &verified(), &state(), None).unwrap_err(),
             ReplayError::NoCluster
         );
 
@@ -487,13 +644,13 @@ mod tests {
         if let Some(svc) = s.services.get_mut("shop") {
             svc.canary.endpoints.clear();
         }
-        let err = plan(1, &record(), &s, None).unwrap_err();
+        let err = plan(1, &record(), &verified(), &s, None).unwrap_err();
         assert!(matches!(err, ReplayError::NoEndpoints { .. }));
     }
 
     #[test]
     fn the_replayed_body_is_redacted_and_compared_with_current_rules() {
-        let mut p = plan(7, &record(), &state(), None).unwrap();
+        let mut p = plan(7, &record(), &verified(), &state(), None).unwrap();
         // The filter stored the primary body redacted: the card as its hash.
         p.primary_body = compare::redact_body(
             br#"{"total": 10, "tax": 1, "at": 5, "card": "4111"}"#,

@@ -15,6 +15,23 @@ use crate::resources::type_url;
 
 /// NACKs kept for `GET /v1/nacks`, newest last; older ones are dropped.
 pub const NACK_HISTORY: usize = 100;
+/// Longest NACK error message kept, in bytes: Envoy's are a line or two, and
+/// a peer's megabytes times [`NACK_HISTORY`] must not fill memory.
+pub const MAX_NACK_ERROR_BYTES: usize = 2048;
+/// Longest node id, type URL or version kept with a NACK, in bytes.
+pub const MAX_NACK_FIELD_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EnvoyStatus {
@@ -129,14 +146,19 @@ impl Registry {
             .send_if_modified(|current| std::mem::replace(current, n) != n);
     }
 
-    pub fn record_nack(&self, id: u64, node_id: Option<&str>, nack: Nack) {
+    /// Keeps a NACK, its peer-supplied texts cut to bounded lengths.
+    pub fn record_nack(&self, id: u64, node_id: Option<&str>, mut nack: Nack) {
+        nack.error = cut(nack.error, MAX_NACK_ERROR_BYTES);
+        nack.type_url = cut(nack.type_url, MAX_NACK_FIELD_BYTES);
+        nack.version = cut(nack.version, MAX_NACK_FIELD_BYTES);
+        let node_id = node_id.map(|n| cut(n.to_owned(), MAX_NACK_FIELD_BYTES));
         let mut inner = self.lock();
         if inner.nacks.len() == NACK_HISTORY {
             inner.nacks.pop_front();
         }
         inner.nacks.push_back(NackRecord {
             connection_id: id,
-            node_id: node_id.map(str::to_owned),
+            node_id,
             nack,
         });
     }
@@ -182,5 +204,28 @@ mod tests {
         let nacks = r.nacks();
         assert_eq!(nacks.len(), NACK_HISTORY);
         assert_eq!(nacks[0].nack.version, "5", "oldest dropped first");
+    }
+
+    #[test]
+    fn nack_texts_are_bounded() {
+        let r = Arc::new(Registry::default());
+        let g = r.connect(SystemTime::UNIX_EPOCH);
+        let long = "é".repeat(1_000_000);
+        r.record_nack(
+            g.id,
+            Some(&long),
+            Nack {
+                type_url: long.clone(),
+                version: long.clone(),
+                error: long.clone(),
+                at: SystemTime::UNIX_EPOCH,
+            },
+        );
+        let n = &r.nacks()[0];
+        assert!(n.nack.error.len() <= MAX_NACK_ERROR_BYTES);
+        assert!(n.nack.error.starts_with("éé"));
+        assert!(n.nack.version.len() <= MAX_NACK_FIELD_BYTES);
+        assert!(n.nack.type_url.len() <= MAX_NACK_FIELD_BYTES);
+        assert!(n.node_id.as_ref().unwrap().len() <= MAX_NACK_FIELD_BYTES);
     }
 }
