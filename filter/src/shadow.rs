@@ -13,7 +13,6 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use prost::Message;
-use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 
 use understudy_core::compare::{Bucket, DiffKind};
@@ -273,17 +272,11 @@ impl Shadowing {
                 let Some(r) = self.route(out.route) else {
                     continue;
                 };
-                let headers: Vec<(&str, &str)> = out
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
                 let body = (!out.body.is_empty()).then_some(out.body.as_slice());
-                let sent = hostcalls::dispatch_http_call(
+                let sent = host::http_call(
                     &r.cfg.cluster,
-                    headers,
+                    &out.headers,
                     body,
-                    vec![],
                     Duration::from_millis(r.cfg.timeout_ms),
                 );
                 match sent {
@@ -433,12 +426,11 @@ impl Shadowing {
             routes: counts,
         }
         .encode_to_vec();
-        let sent = hostcalls::dispatch_grpc_call(
+        let sent = host::grpc_call(
             &report.cluster,
             "understudy.v1.ReportService",
             "Push",
-            vec![],
-            Some(&batch),
+            &batch,
             Duration::from_secs(5),
         );
         match sent {

@@ -37,6 +37,12 @@ use crate::dedupe::framed_sha256;
 
 pub const ANONYMOUS: &str = "anonymous";
 
+/// A tier without `pool_rate` (or `fleet_pool_rate`) still has a pool: this
+/// many tenants at the tier's `initial` rate. It bounds what a client gains by
+/// rotating tenant ids (each new id starts at `initial`), while staying far
+/// above any one tenant. Set `pool_rate` to choose another bound.
+pub const DEFAULT_POOL_TENANTS: f64 = 100.0;
+
 // === config ===
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,10 +161,13 @@ pub struct RawIdentity {
     pub jwt_claim: Option<String>,
 }
 
+/// No source by default: identity sources are exactly those configured. (A
+/// default `x-tenant-id` once let any client name its own tenant even when
+/// only a JWT claim was meant to count.)
 impl Default for RawIdentity {
     fn default() -> Self {
         Self {
-            header: Some("x-tenant-id".to_owned()),
+            header: None,
             api_key_header: None,
             jwt_claim: None,
         }
@@ -350,7 +359,11 @@ impl RateLimitConfig {
                 min: t.min,
                 max: t.max,
                 burst_s: t.burst_s,
-                pool_rate: t.pool_rate.or(t.fleet_pool_rate),
+                pool_rate: Some(
+                    t.pool_rate
+                        .or(t.fleet_pool_rate)
+                        .unwrap_or(t.initial * DEFAULT_POOL_TENANTS),
+                ),
                 success_target: t.success_target,
                 latency_target_ms: t.latency_target_ms,
                 increase: t.increase,
@@ -436,7 +449,7 @@ impl RateLimitConfig {
         {
             return Err(invalid(
                 "identity".into(),
-                "at least one of header, api_key_header, jwt_claim is needed".into(),
+                "at least one of header, api_key_header, jwt_claim is needed (there is no default tenant header)".into(),
             ));
         }
         Ok(Self {
