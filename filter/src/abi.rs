@@ -117,7 +117,11 @@ unsafe extern "C" {
 }
 
 fn check(code: u32) -> Result<(), Status> {
-    if code == OK { Ok(()) } else { Err(Status(code)) }
+    if code == OK {
+        Ok(())
+    } else {
+        Err(Status(code))
+    }
 }
 
 /// Takes ownership of a host-allocated buffer (empty when the host gave none).

@@ -124,8 +124,10 @@ impl Dedupe {
             .iter()
             .filter_map(|name| host::request_header_bytes(name).map(|v| (*name, v)))
             .collect();
-        let credentials: Vec<(&str, &[u8])> =
-            credentials.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        let credentials: Vec<(&str, &[u8])> = credentials
+            .iter()
+            .map(|(n, v)| (*n, v.as_slice()))
+            .collect();
         let caller = dedupe::caller_scope(&credentials);
         let key = dedupe::scoped_key(&caller, &key);
         Start::Track(Box::new(DedupeStream {
@@ -276,11 +278,7 @@ impl Dedupe {
             return;
         }
         let value = done.as_ref().map(Entry::encode);
-        let write = host::shared_set(
-            &s.slot,
-            value.as_deref().unwrap_or(dedupe::FREE_SLOT),
-            cas,
-        );
+        let write = host::shared_set(&s.slot, value.as_deref().unwrap_or(dedupe::FREE_SLOT), cas);
         if write.is_ok() && done.is_some() {
             host::increment(r.metrics.stored, 1);
         }

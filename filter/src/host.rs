@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status as SdkStatus};
 
-pub use crate::abi::Status;
 use crate::abi;
+pub use crate::abi::Status;
 
 pub fn log(level: LogLevel, message: &str) {
     let _ = abi::log(level as u32, message);
@@ -72,7 +72,9 @@ pub fn response_header(name: &str) -> Option<String> {
 }
 
 pub fn set_request_header(name: &str, value: &str) {
-    if let Err(status) = abi::replace_map_value(MapType::HttpRequestHeaders as u32, name, value.as_bytes()) {
+    if let Err(status) =
+        abi::replace_map_value(MapType::HttpRequestHeaders as u32, name, value.as_bytes())
+    {
         log(
             LogLevel::Warn,
             &format!("understudy: setting header {name} failed: {status:?}"),
@@ -111,7 +113,9 @@ pub fn strip_request_headers(prefix: &str) -> usize {
 }
 
 pub fn add_response_header(name: &str, value: &str) {
-    if let Err(status) = abi::add_map_value(MapType::HttpResponseHeaders as u32, name, value.as_bytes()) {
+    if let Err(status) =
+        abi::add_map_value(MapType::HttpResponseHeaders as u32, name, value.as_bytes())
+    {
         log(
             LogLevel::Warn,
             &format!("understudy: adding header {name} failed: {status:?}"),
@@ -124,7 +128,10 @@ pub fn add_response_header(name: &str, value: &str) {
 pub fn serialize_map(map: &[(String, String)]) -> Vec<u8> {
     let len32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
     let mut out = Vec::with_capacity(
-        4 + map.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>(),
+        4 + map
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 10)
+            .sum::<usize>(),
     );
     out.extend_from_slice(&len32(map.len()));
     for (k, v) in map {

@@ -153,6 +153,23 @@ impl Context for Root {
             d.run();
         }
     }
+
+    /// A report call ended (`status_code` is its gRPC status).
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, _response_size: usize) {
+        self.grpc_response(token_id, status_code);
+    }
+}
+
+impl Root {
+    fn grpc_response(&mut self, token_id: u32, status_code: u32) {
+        let Some(worker) = &self.worker else { return };
+        if let Ok(mut w) = worker.try_borrow_mut()
+            && let Some(s) = w.shadowing.as_mut()
+            && s.owns_report(token_id)
+        {
+            s.on_report_response(token_id, status_code);
+        }
+    }
 }
 
 impl RootContext for Root {
