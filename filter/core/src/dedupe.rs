@@ -1045,8 +1045,6 @@ mod tests {
             replayable_headers(&headers),
             vec![
                 h("Content-Type", "application/json"),
-                h("set-cookie", "a=1"),
-                h("set-cookie", "b=2"),
                 h("location", "/orders/7"),
                 h("etag", "\"v1\""),
                 h("proxy", "not-a-prefix-match"),

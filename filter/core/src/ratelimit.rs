@@ -540,12 +540,19 @@ pub struct IdentityInput<'a> {
 /// The tenant of a request: the first configured source that yields one, in
 /// the order header, API key (hashed), JWT claim; otherwise `anonymous`.
 pub fn identify(cfg: &RateLimitConfig, input: &IdentityInput<'_>) -> Tenant {
+    // Only configured sources count, whatever the caller passed in.
     let id = input
         .header
+        .filter(|_| cfg.header.is_some())
         .map(str::trim)
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned)
-        .or_else(|| input.api_key.filter(|k| !k.is_empty()).map(hash_api_key))
+        .or_else(|| {
+            input
+                .api_key
+                .filter(|k| !k.is_empty() && cfg.api_key_header.is_some())
+                .map(hash_api_key)
+        })
         .or_else(|| {
             let claim = cfg.jwt_claim.as_deref()?;
             jwt_claim(input.authorization?, claim)
@@ -933,6 +940,7 @@ mod tests {
 
     fn cfg(extra: serde_json::Value) -> RateLimitConfig {
         let mut raw = json!({
+            "identity": {"header": "x-tenant-id"},
             "tiers": {
                 "anonymous": {"initial": 5, "min": 1, "max": 10},
                 "standard": {"initial": 10, "min": 2, "max": 100, "increase": 5},
@@ -991,6 +999,53 @@ mod tests {
             let e = err(raw.clone());
             assert!(e.contains(needle), "{raw}: {e}");
         }
+    }
+
+    #[test]
+    fn identity_sources_are_exactly_those_configured() {
+        // Only a JWT claim: the tenant header names nobody.
+        let c = cfg(json!({"identity": {"jwt_claim": "sub"}}));
+        assert_eq!(c.header, None);
+        // {"sub":"attacker"}
+        let jwt = "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhdHRhY2tlciJ9.sig";
+        let t = identify(
+            &c,
+            &IdentityInput {
+                header: Some("acme"),
+                authorization: Some(jwt),
+                ..Default::default()
+            },
+        );
+        assert_eq!(t.id, "attacker");
+        let t = identify(
+            &c,
+            &IdentityInput {
+                header: Some("acme"),
+                ..Default::default()
+            },
+        );
+        assert_eq!(t.id, ANONYMOUS);
+        // No identity at all is refused, not defaulted to a header.
+        let raw = json!({"tiers": {"anonymous": {"initial": 1, "min": 1, "max": 1}}, "default_tier": "anonymous"});
+        let e = err(raw);
+        assert!(e.contains("there is no default tenant header"), "{e}");
+    }
+
+    #[test]
+    fn every_tier_has_a_pool_by_default() {
+        let c = cfg(json!({}));
+        for t in &c.tiers {
+            assert_eq!(
+                t.pool_rate,
+                Some(t.initial * DEFAULT_POOL_TENANTS),
+                "{}",
+                t.name
+            );
+        }
+        let c = cfg(
+            json!({"tiers": {"anonymous": {"initial": 5, "min": 1, "max": 10, "pool_rate": 7}}, "default_tier": "anonymous", "tenants": {}}),
+        );
+        assert_eq!(c.tiers[0].pool_rate, Some(7.0));
     }
 
     #[test]
@@ -1257,6 +1312,7 @@ mod tests {
     #[test]
     fn route_limits_name_routes_and_methods() {
         let raw: RawRateLimitConfig = serde_json::from_value(json!({
+            "identity": {"header": "x-tenant-id"},
             "tiers": {"anonymous": {"initial": 1, "min": 1, "max": 1}},
             "default_tier": "anonymous",
             "route_limits": [{"route": "orders", "method": "POST", "rate": 5}, {"route": "all", "rate": 100}]
