@@ -229,15 +229,15 @@ async fn hostile_bytes_never_switch_the_filter_off() -> Result<()> {
     // The features still work on the following requests.
     // Rate limit: tenant `slow` (1 request/s) gets a 429 in a quick burst.
     let mut limited = 0;
-    for _ in 0..5 {
+    for _ in 0..10 {
         let a = raw(&stack, "GET", b"/other", &[("x-tenant-id", b"slow")], b"").await?;
         if a.status == 429 {
             limited += 1;
         }
     }
     assert!(
-        limited >= 3,
-        "only {limited} of 5 burst requests were limited"
+        limited >= 5,
+        "only {limited} of 10 burst requests were limited"
     );
     // Dedupe: a retry with the same key is replayed, not run again.
     let key: &[(&str, &[u8])] = &[("idempotency-key", b"legit-after-hostile")];
@@ -277,6 +277,7 @@ async fn path_spellings_cannot_bypass_a_route_limit() -> Result<()> {
             "rate_limit": {
                 "identity": {"header": "x-tenant-id"},
                 "tiers": {"anonymous": {"initial": 1000, "min": 1, "max": 1000}},
+                "default_tier": "anonymous",
                 // One token, refilled once every 100 s.
                 "route_limits": [{"route": "admin", "rate": 0.01, "burst_s": 100}]
             }
