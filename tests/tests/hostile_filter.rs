@@ -438,3 +438,62 @@ async fn dedupe_answers_are_scoped_per_caller() -> Result<()> {
     assert_eq!(stack.stable.state.requests(), runs + 2);
     Ok(())
 }
+
+/// Mismatch records whose batch would be over the control plane's 4 MiB
+/// gRPC limit are split by the filter and all arrive: counts, paths and
+/// records. (Before, the whole batch was refused and silently lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_report_batches_are_split_and_arrive() -> Result<()> {
+    let stack = Stack::start().await?;
+    // ~300 KB answers that differ in one field: each record carries the
+    // primary's body, so 20 records are ~6 MB in one interval.
+    let blob = "x".repeat(300 * 1024);
+    stack.stable.state.set_behavior(Behavior {
+        body: Some(json!({"blob": blob, "v": 1})),
+        ..Default::default()
+    })?;
+    stack.canary.state.set_behavior(Behavior {
+        body: Some(json!({"blob": blob, "v": 2})),
+        ..Default::default()
+    })?;
+    stack
+        .put_filter_config(
+            json!({"routes": [{"name": "big", "path_prefix": "/", "shadow": {
+                "cluster": "demo-canary",
+                "max_body_bytes": 1048576,
+                "record_body_bytes": 1048576
+            }}]}),
+        )
+        .await?;
+    let n = 20;
+    for i in 0..n {
+        let r = stack
+            .http
+            .get(format!("{}big/{i}", stack.url))
+            .send()
+            .await?;
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await?;
+    }
+    stat_reaches(&stack, "shadow.big.compared", n).await?;
+    let r = wait::until(
+        "the control plane to hold every big record",
+        Duration::from_secs(30),
+        || async {
+            let r = stack.api_get("/v1/shadow/routes/big").await?;
+            let serious = r["top_paths"]
+                .as_array()
+                .and_then(|p| p.iter().find(|p| p["path"] == "$.v"))
+                .and_then(|p| p["serious"].as_u64())
+                .unwrap_or(0);
+            Ok((r["compared"].as_u64().unwrap_or(0) >= n && serious >= n).then_some(r))
+        },
+    )
+    .await?;
+    assert_eq!(r["mismatched_serious"], n, "{r:#}");
+    // More than one batch went, and none failed.
+    assert!(stat(&stack, "shadow.reports_sent").await? >= 2);
+    assert_eq!(stat(&stack, "shadow.reports_failed").await?, 0);
+    assert_eq!(stat(&stack, "shadow.records_dropped").await?, 0);
+    Ok(())
+}
