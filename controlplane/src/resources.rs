@@ -280,7 +280,8 @@ pub fn wasm_filter(filter: &FilterSettings, config: &serde_json::Value) -> Any {
         // instead of leaving the filter (rate limits, dedupe, shadowing,
         // hedging) off on that worker until the next config push, as
         // FAIL_OPEN did. Envoy falls back to FAIL_CLOSED (503) for the request
-        // that failed and for failures other than a runtime error.
+        // that failed and for failures other than a runtime error (tried on
+        // Envoy 1.40: one 503, then `vm_reload_success` and a working VM).
         failure_policy: FailurePolicy::FailReload as i32,
         // Lets the filter hold request headers while it reads the body
         // (Idempotency-Key fingerprints) instead of Envoy's default, which
