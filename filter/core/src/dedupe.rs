@@ -945,6 +945,48 @@ mod tests {
     }
 
     #[test]
+    fn evicting_another_keys_unexpired_entry_is_flagged() {
+        // Live entries of another key: in flight or done, unexpired.
+        assert!(evicts_live(
+            Some(&done("other-key", "fp", 61_000)),
+            KEY,
+            2_000
+        ));
+        assert!(evicts_live(
+            Some(&in_flight("other-key", "fp", 61_000)),
+            KEY,
+            2_000
+        ));
+        // Not an eviction: empty, expired, or this key's own entry.
+        assert!(!evicts_live(None, KEY, 2_000));
+        assert!(!evicts_live(
+            Some(&done("other-key", "fp", 61_000)),
+            KEY,
+            61_000
+        ));
+        assert!(!evicts_live(Some(&done(KEY, "fp", 61_000)), KEY, 2_000));
+    }
+
+    #[test]
+    fn callers_get_their_own_keys_and_fingerprints() {
+        let alice = caller_scope(&[("authorization", b"Bearer alice")]);
+        let bob = caller_scope(&[("authorization", b"Bearer bob")]);
+        assert_ne!(alice, bob);
+        assert_eq!(caller_scope(&[]), "anonymous");
+        assert_ne!(scoped_key(&alice, KEY), scoped_key(&bob, KEY));
+        assert_ne!(
+            scoped_fingerprint(&alice, "POST", "/", b"{}"),
+            scoped_fingerprint(&bob, "POST", "/", b"{}")
+        );
+        // Bob's claim never replays alice's stored answer.
+        let stored = done(&scoped_key(&alice, KEY), "fp", 61_000);
+        assert!(!matches!(
+            decide(Some(&stored), &scoped_key(&bob, KEY), "fp", 2_000, &cfg()),
+            Decision::Replay { .. }
+        ));
+    }
+
+    #[test]
     fn claim_expiry_saturates() {
         let Decision::Proceed { claim } = decide(None, KEY, "fp", u64::MAX - 1, &cfg()) else {
             panic!("expected Proceed");
