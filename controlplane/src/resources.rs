@@ -274,9 +274,15 @@ pub fn wasm_filter(filter: &FilterSettings, config: &serde_json::Value) -> Any {
         configuration: Some(pack_any(StringValue {
             value: config.to_string(),
         })),
-        // Shadowing, hedging and limits are improvements on top of normal
-        // proxying: if the VM fails, traffic keeps flowing without them.
-        failure_policy: FailurePolicy::FailOpen as i32,
+        // The filter never panics on traffic (it reads peer bytes as bytes
+        // and handles every host status), but if its VM does fail at run
+        // time, FAIL_RELOAD makes Envoy start a fresh VM for the next request
+        // instead of leaving the filter (rate limits, dedupe, shadowing,
+        // hedging) off on that worker until the next config push, as
+        // FAIL_OPEN did. Envoy falls back to FAIL_CLOSED (503) for the request
+        // that failed and for failures other than a runtime error (tried on
+        // Envoy 1.40: one 503, then `vm_reload_success` and a working VM).
+        failure_policy: FailurePolicy::FailReload as i32,
         // Lets the filter hold request headers while it reads the body
         // (Idempotency-Key fingerprints) instead of Envoy's default, which
         // turns a pause on headers into "stop everything" and never delivers the body.
@@ -291,6 +297,18 @@ pub fn wasm_filter(filter: &FilterSettings, config: &serde_json::Value) -> Any {
 fn listener(state: &DesiredState) -> Listener {
     let hcm = HttpConnectionManager {
         stat_prefix: "understudy".to_owned(),
+        // Routes (Envoy's and the filter's) match one spelling of a path:
+        // `//admin`, `/./admin`, `/%2e/admin` and `/a/../admin` all become
+        // `/admin` before any filter runs, and upstreams see that path too.
+        normalize_path: Some(BoolValue { value: true }),
+        merge_slashes: true,
+        // `%2F`/`%5C` are refused (400) rather than unescaped: decoded they
+        // would change the path's segments, which backends disagree on
+        // (some decode, some do not), and a redirect would make clients
+        // resend bodies. Refusing leaves no spelling the proxy and the
+        // backend read differently.
+        path_with_escaped_slashes_action:
+            http_connection_manager::PathWithEscapedSlashesAction::RejectRequest as i32,
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: ROUTE_CONFIG_NAME.to_owned(),
@@ -538,6 +556,25 @@ mod tests {
         let plugin = wasm.config.unwrap();
         let json: StringValue = decode(plugin.configuration.as_ref().unwrap()).unwrap();
         assert_eq!(json.value, r#"{"routes":[{"name":"all"}]}"#);
-        assert_eq!(plugin.failure_policy, FailurePolicy::FailOpen as i32);
+        assert_eq!(plugin.failure_policy, FailurePolicy::FailReload as i32);
+    }
+
+    #[test]
+    fn the_listener_normalizes_paths() {
+        let snap = Snapshot::build(&state(0), 1, 1);
+        let listener: Listener =
+            decode(&snap.get(type_url::LISTENER).unwrap().resources[LISTENER_NAME]).unwrap();
+        let Some(filter::ConfigType::TypedConfig(any)) =
+            &listener.filter_chains[0].filters[0].config_type
+        else {
+            panic!("the listener has no typed HCM config");
+        };
+        let hcm: HttpConnectionManager = decode(any).unwrap();
+        assert_eq!(hcm.normalize_path, Some(BoolValue { value: true }));
+        assert!(hcm.merge_slashes);
+        assert_eq!(
+            hcm.path_with_escaped_slashes_action,
+            http_connection_manager::PathWithEscapedSlashesAction::RejectRequest as i32
+        );
     }
 }

@@ -8,12 +8,11 @@
 //! other payload). The first response is copied as it streams past and
 //! stored when it ends.
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType};
 use understudy_core::dedupe::{self, Decision, DedupeConfig, Entry};
 use understudy_core::{FilterConfig, stats};
 
-use crate::host;
+use crate::host::{self, SharedSetError};
 
 /// The header a replayed answer carries.
 pub const REPLAYED: &str = "idempotent-replayed";
@@ -28,6 +27,8 @@ struct Metrics {
     slot_busy: u32,
     stored: u32,
     unreadable_slot: u32,
+    /// A claim replaced another key's entry that still counted.
+    evicted_live: u32,
 }
 
 struct RouteDedupe {
@@ -54,7 +55,9 @@ pub enum Start {
 /// One request's progress through deduplication.
 pub struct DedupeStream {
     route: usize,
+    /// The caller's scope and the Idempotency-Key ([`dedupe::scoped_key`]).
     key: String,
+    caller: String,
     slot: String,
     method: String,
     path: String,
@@ -90,6 +93,7 @@ impl Dedupe {
                     slot_busy: counter("slot_busy")?,
                     stored: counter("stored")?,
                     unreadable_slot: counter("unreadable_slot")?,
+                    evicted_live: counter("evicted_live")?,
                 },
             }));
         }
@@ -116,10 +120,21 @@ impl Dedupe {
             reply_error(400, &format!("invalid Idempotency-Key: {reason}"));
             return Start::Answered;
         }
+        let credentials: Vec<(&str, Vec<u8>)> = dedupe::CALLER_HEADERS
+            .iter()
+            .filter_map(|name| host::request_header_bytes(name).map(|v| (*name, v)))
+            .collect();
+        let credentials: Vec<(&str, &[u8])> = credentials
+            .iter()
+            .map(|(n, v)| (*n, v.as_slice()))
+            .collect();
+        let caller = dedupe::caller_scope(&credentials);
+        let key = dedupe::scoped_key(&caller, &key);
         Start::Track(Box::new(DedupeStream {
             route,
             slot: dedupe::slot_key(&self.prefix, &key, r.cfg.max_entries),
             key,
+            caller,
             method: host::request_header(":method").unwrap_or_default(),
             path: host::request_header(":path").unwrap_or_default(),
             claim: None,
@@ -135,9 +150,9 @@ impl Dedupe {
         let Some(r) = self.route(s.route) else {
             return Action::Continue;
         };
-        let fingerprint = dedupe::fingerprint(&s.method, &s.path, body);
+        let fingerprint = dedupe::scoped_fingerprint(&s.caller, &s.method, &s.path, body);
         for _ in 0..CAS_RETRIES {
-            let (bytes, cas) = match hostcalls::get_shared_data(&s.slot) {
+            let (bytes, cas) = match host::shared_get(&s.slot) {
                 Ok(v) => v,
                 Err(status) => {
                     host::log(
@@ -153,12 +168,15 @@ impl Dedupe {
             });
             match dedupe::decide(existing.as_ref(), &s.key, &fingerprint, now_ms, &r.cfg) {
                 Decision::Proceed { claim } => {
-                    match hostcalls::set_shared_data(&s.slot, Some(&claim.encode()), cas) {
+                    match host::shared_set(&s.slot, &claim.encode(), cas) {
                         Ok(()) => {
+                            if dedupe::evicts_live(existing.as_ref(), &s.key, now_ms) {
+                                host::increment(r.metrics.evicted_live, 1);
+                            }
                             s.claim = Some(claim);
                             return Action::Continue;
                         }
-                        Err(Status::CasMismatch) => continue,
+                        Err(SharedSetError::CasMismatch) => continue,
                         Err(status) => {
                             host::log(
                                 LogLevel::Warn,
@@ -175,14 +193,7 @@ impl Dedupe {
                 } => {
                     host::increment(r.metrics.replayed, 1);
                     headers.push((REPLAYED.to_owned(), "true".to_owned()));
-                    let headers: Vec<(&str, &str)> = headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect();
-                    if let Err(e) =
-                        hostcalls::send_http_response(u32::from(status), headers, Some(&body))
-                    {
-                        host::log(LogLevel::Warn, &format!("understudy: replay failed: {e:?}"));
+                    if !host::reply(u32::from(status), &headers, &body) {
                         return Action::Continue;
                     }
                     return Action::Pause;
@@ -260,18 +271,14 @@ impl Dedupe {
         let done = (s.status != 0)
             .then(|| dedupe::complete(claim, s.status, &s.headers, &s.body, now_ms, &r.cfg))
             .flatten();
-        let Ok((bytes, cas)) = hostcalls::get_shared_data(&s.slot) else {
+        let Ok((bytes, cas)) = host::shared_get(&s.slot) else {
             return;
         };
         if dedupe::read_slot(bytes.as_deref()).ok().flatten().as_ref() != Some(claim) {
             return;
         }
         let value = done.as_ref().map(Entry::encode);
-        let write = hostcalls::set_shared_data(
-            &s.slot,
-            Some(value.as_deref().unwrap_or(dedupe::FREE_SLOT)),
-            cas,
-        );
+        let write = host::shared_set(&s.slot, value.as_deref().unwrap_or(dedupe::FREE_SLOT), cas);
         if write.is_ok() && done.is_some() {
             host::increment(r.metrics.stored, 1);
         }
@@ -288,14 +295,9 @@ impl Dedupe {
 
 fn reply_error(status: u32, message: &str) {
     let body = serde_json::json!({ "error": message }).to_string();
-    if let Err(e) = hostcalls::send_http_response(
+    host::reply(
         status,
-        vec![("content-type", "application/json")],
-        Some(body.as_bytes()),
-    ) {
-        host::log(
-            LogLevel::Warn,
-            &format!("understudy: local reply {status} failed: {e:?}"),
-        );
-    }
+        &[("content-type".to_owned(), "application/json".to_owned())],
+        body.as_bytes(),
+    );
 }

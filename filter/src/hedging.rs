@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType};
 
 use understudy_core::hedge::{
@@ -296,19 +295,18 @@ impl Hedging {
             let Some(request) = table.request(d.stream) else {
                 continue;
             };
-            let mut headers: Vec<(&str, &str)> = request
+            let mut headers: Vec<(String, String)> = request
                 .headers
                 .iter()
                 .filter(|(k, _)| !k.eq_ignore_ascii_case("transfer-encoding"))
-                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .cloned()
                 .collect();
-            headers.push((hedge::HEDGE_MARKER, "1"));
+            headers.push((hedge::HEDGE_MARKER.to_owned(), "1".to_owned()));
             let body = (!request.body.is_empty()).then_some(request.body.as_slice());
-            match hostcalls::dispatch_http_call(
+            match host::http_call(
                 &r.cfg.cluster,
-                headers,
+                &headers,
                 body,
-                vec![],
                 Duration::from_millis(r.cfg.timeout_ms),
             ) {
                 Ok(token) => {

@@ -22,9 +22,8 @@
 //! logs through the host if something slips through.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// proxy_wasm::main! exports the `_initialize` entry point with #[no_mangle].
-#![allow(unsafe_code)]
 
+mod abi;
 pub mod dedupe;
 pub mod hedging;
 pub mod host;
@@ -34,7 +33,6 @@ pub mod shadow;
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MetricType};
 use understudy_core::{FilterConfig, stats};
@@ -45,19 +43,34 @@ use crate::host::log;
 use crate::ratelimit::{Admitted, Limiter, Verdict};
 use crate::shadow::Shadowing;
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    std::panic::set_hook(Box::new(|info| {
-        log(LogLevel::Critical, &format!("understudy: panic: {info}"));
-    }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
-}}
+/// The VM's entry point.
+mod entry {
+    // proxy_wasm::main! exports the `_initialize` entry point with
+    // #[no_mangle], which the unsafe_code lint counts as unsafe.
+    #![allow(unsafe_code)]
+
+    use proxy_wasm::traits::RootContext;
+    use proxy_wasm::types::LogLevel;
+
+    use super::Root;
+    use crate::host::log;
+
+    proxy_wasm::main! {{
+        proxy_wasm::set_log_level(LogLevel::Info);
+        std::panic::set_hook(Box::new(|info| {
+            log(LogLevel::Critical, &format!("understudy: panic: {info}"));
+        }));
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    }}
+}
 
 /// Everything one VM (worker) knows: the config, its metrics, and the
 /// per-feature state.
 pub struct Worker {
     config: FilterConfig,
     requests_total: u32,
+    /// Client-sent `x-understudy-*` headers removed at ingress.
+    internal_headers_stripped: u32,
     /// Indexed like `config.routes()`.
     route_requests: Vec<u32>,
     hedging: Option<Hedging>,
@@ -68,9 +81,16 @@ pub struct Worker {
 
 type Shared = Rc<RefCell<Worker>>;
 
+/// Headers only the filter (and its hedges and shadow copies) may set.
+pub const INTERNAL_HEADER_PREFIX: &str = "x-understudy-";
+
 impl Worker {
     fn new(config: FilterConfig) -> Result<Self, String> {
         let requests_total = host::define(MetricType::Counter, &stats::requests_total(&config))?;
+        let internal_headers_stripped = host::define(
+            MetricType::Counter,
+            &stats::internal_headers_stripped(&config),
+        )?;
         let route_requests = config
             .routes()
             .iter()
@@ -90,6 +110,7 @@ impl Worker {
             shadowing,
             config,
             requests_total,
+            internal_headers_stripped,
             route_requests,
             hedging,
             dedupe,
@@ -132,6 +153,23 @@ impl Context for Root {
             d.run();
         }
     }
+
+    /// A report call ended (`status_code` is its gRPC status).
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, _response_size: usize) {
+        self.grpc_response(token_id, status_code);
+    }
+}
+
+impl Root {
+    fn grpc_response(&mut self, token_id: u32, status_code: u32) {
+        let Some(worker) = &self.worker else { return };
+        if let Ok(mut w) = worker.try_borrow_mut()
+            && let Some(s) = w.shadowing.as_mut()
+            && s.owns_report(token_id)
+        {
+            s.on_report_response(token_id, status_code);
+        }
+    }
 }
 
 impl RootContext for Root {
@@ -139,12 +177,8 @@ impl RootContext for Root {
     /// Envoy reject the configuration (a static listener fails to load; an
     /// ECDS update is NACKed and the previous filter config stays in force).
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let bytes = match hostcalls::get_buffer(
-            BufferType::PluginConfiguration,
-            0,
-            plugin_configuration_size,
-        ) {
-            Ok(bytes) => bytes.unwrap_or_default(),
+        let bytes = match host::plugin_configuration(plugin_configuration_size) {
+            Ok(bytes) => bytes,
             Err(status) => {
                 log(
                     LogLevel::Error,
@@ -247,6 +281,20 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // Before anything else: a client must not speak for the filter. The
+        // filter's own hedges and shadow copies leave through
+        // `dispatch_http_call` straight to their cluster, never through this
+        // listener, so any `x-understudy-*` header seen here came from a
+        // client (e.g. a forged `x-understudy-shadow: 1` that would make the
+        // primary treat a real request as a side-effect-free copy).
+        if self.worker.is_some() {
+            let stripped = host::strip_request_headers(INTERNAL_HEADER_PREFIX);
+            if stripped > 0 {
+                self.with((), |w| {
+                    host::increment(w.internal_headers_stripped, stripped as i64)
+                });
+            }
+        }
         // Rate limits first: a rejected request does no other work.
         // The route is matched once per request; every feature uses it.
         let (verdict, route) = self.with((None, None), |w| {

@@ -10,8 +10,7 @@
 //! level; its cost (a process-wide lock around a few hundred bytes) is what
 //! the `rate_limit` benchmark's `limiter_overhead_ratio` measures.
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{LogLevel, MetricType, Status};
+use proxy_wasm::types::{LogLevel, MetricType};
 use std::time::Duration;
 
 use prost::Message;
@@ -24,7 +23,7 @@ use understudy_core::ratelimit::{
 use understudy_core::{FilterConfig, stats};
 use understudy_proto::v1::{TenantUsage, UsageReport};
 
-use crate::host;
+use crate::host::{self, SharedSetError, Status};
 
 /// Attempts of a read-modify-CAS before giving up on exactness (and allowing).
 const CAS_RETRIES: usize = 8;
@@ -71,11 +70,11 @@ pub enum Verdict {
 struct Slot {
     key: String,
     state: Option<TenantState>,
-    cas: Option<u32>,
+    cas: u32,
 }
 
 fn read_slot(key: String) -> Result<Slot, Status> {
-    let (bytes, cas) = hostcalls::get_shared_data(&key)?;
+    let (bytes, cas) = host::shared_get(&key)?;
     let state = bytes.as_deref().and_then(TenantState::decode);
     Ok(Slot { key, state, cas })
 }
@@ -241,7 +240,7 @@ impl Limiter {
                 Slot {
                     key: k1.clone(),
                     state: None,
-                    cas: None,
+                    cas: 0,
                 }
             } else {
                 read_slot(k1.clone()).ok()?
@@ -265,7 +264,7 @@ impl Limiter {
                 a.allowed = false;
                 a.retry_after_s = a.retry_after_s.max(1.0);
             }
-            match hostcalls::set_shared_data(&slots[i].key, Some(&state.encode()), slots[i].cas) {
+            match host::shared_set(&slots[i].key, &state.encode(), slots[i].cas) {
                 Ok(()) => {
                     match placement {
                         Placement::Free(_) => host::increment(self.tenants, 1),
@@ -274,7 +273,7 @@ impl Limiter {
                     }
                     return Some(a);
                 }
-                Err(Status::CasMismatch) => continue,
+                Err(SharedSetError::CasMismatch) => continue,
                 Err(status) => {
                     host::log(
                         LogLevel::Warn,
@@ -388,12 +387,11 @@ impl Limiter {
                 .collect(),
         }
         .encode_to_vec();
-        let sent = hostcalls::dispatch_grpc_call(
+        let sent = host::grpc_call(
             &report.cluster,
             "understudy.v1.ReportService",
             "PushUsage",
-            vec![],
-            Some(&message),
+            &message,
             Duration::from_secs(5),
         );
         if let Err(status) = sent {
@@ -433,8 +431,8 @@ impl Limiter {
                 return;
             };
             state.observe(tenant, &self.cfg, status, latency_ms, now_us);
-            match hostcalls::set_shared_data(&key, Some(&state.encode()), cas) {
-                Err(Status::CasMismatch) => continue,
+            match host::shared_set(&key, &state.encode(), cas) {
+                Err(SharedSetError::CasMismatch) => continue,
                 _ => return,
             }
         }
@@ -446,16 +444,16 @@ impl Limiter {
 /// since the limiter must never block traffic on its own fault.
 fn take_shared_bucket(key: &str, rate: f64, burst_s: f64, now_us: u64) -> Option<(bool, Bucket)> {
     for _ in 0..CAS_RETRIES {
-        let (bytes, cas) = hostcalls::get_shared_data(key).ok()?;
+        let (bytes, cas) = host::shared_get(key).ok()?;
         let mut bucket = bytes
             .as_deref()
             .and_then(|b| serde_json::from_slice::<Bucket>(b).ok())
             .unwrap_or_else(|| Bucket::full(rate, burst_s, now_us));
         let taken = bucket.take(rate, burst_s, now_us);
         let encoded = serde_json::to_vec(&bucket).ok()?;
-        match hostcalls::set_shared_data(key, Some(&encoded), cas) {
+        match host::shared_set(key, &encoded, cas) {
             Ok(()) => return Some((taken, bucket)),
-            Err(Status::CasMismatch) => continue,
+            Err(SharedSetError::CasMismatch) => continue,
             Err(_) => return None,
         }
     }

@@ -9,16 +9,16 @@
 //! Nothing here ever holds or changes the client's response: response
 //! callbacks only copy bytes, within the route's budget.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use prost::Message;
-use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 
 use understudy_core::compare::{Bucket, DiffKind};
 use understudy_core::shadow::{
-    Mismatch, Report, ShadowConfig, ShadowReport, ShadowTable, Skip, Verdict,
+    MAX_REPORT_BATCH_BYTES, Mismatch, RECORD_FRAMING_BYTES, Report, ShadowConfig, ShadowReport,
+    ShadowTable, Skip, Verdict, split_batches,
 };
 use understudy_core::{FilterConfig, stats};
 use understudy_proto::v1::{
@@ -28,9 +28,20 @@ use understudy_proto::v1::{
 
 use crate::host;
 
-/// Records per gRPC batch; the rest wait for the next interval. Keeps one
-/// message well under Envoy's default buffer limits even with full bodies.
+/// Records per report interval; the rest wait for the next one.
 const RECORDS_PER_BATCH: usize = 32;
+/// Batches sent and not yet answered. A gRPC call always ends (its timeout
+/// is 5 s), so this bounds memory only against a stuck host.
+const MAX_IN_FLIGHT: usize = 16;
+/// Failed batches kept to send again; beyond this the oldest one's records
+/// are counted as dropped (and reported as such in the next batch).
+const MAX_RETRY_BATCHES: usize = 8;
+
+/// A report batch on its way (or waiting to go again).
+struct Batch {
+    bytes: Vec<u8>,
+    records: u64,
+}
 
 struct Metrics {
     sent: u32,
@@ -64,6 +75,12 @@ pub struct Shadowing {
     records_dropped: u32,
     reports_sent: u32,
     reports_failed: u32,
+    /// Batches sent, by gRPC token, until the control plane answers.
+    in_flight: BTreeMap<u32, Batch>,
+    /// Failed batches to send again (bounded by [`MAX_RETRY_BATCHES`]).
+    retry: VecDeque<Batch>,
+    /// Records too large for one batch even without their bodies.
+    records_oversized: u32,
 }
 
 impl Shadowing {
@@ -117,6 +134,9 @@ impl Shadowing {
             records_dropped: host::define(MetricType::Counter, &all("records_dropped"))?,
             reports_sent: host::define(MetricType::Counter, &all("reports_sent"))?,
             reports_failed: host::define(MetricType::Counter, &all("reports_failed"))?,
+            in_flight: BTreeMap::new(),
+            retry: VecDeque::new(),
+            records_oversized: host::define(MetricType::Counter, &all("records_oversized"))?,
         }))
     }
 
@@ -273,17 +293,11 @@ impl Shadowing {
                 let Some(r) = self.route(out.route) else {
                     continue;
                 };
-                let headers: Vec<(&str, &str)> = out
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
                 let body = (!out.body.is_empty()).then_some(out.body.as_slice());
-                let sent = hostcalls::dispatch_http_call(
+                let sent = host::http_call(
                     &r.cfg.cluster,
-                    headers,
+                    &out.headers,
                     body,
-                    vec![],
                     Duration::from_millis(r.cfg.timeout_ms),
                 );
                 match sent {
@@ -407,6 +421,7 @@ impl Shadowing {
             return;
         }
         self.last_report_us = now_us;
+        self.resend(&report.cluster);
         let counts: Vec<RouteCounts> = self
             .routes
             .iter_mut()
@@ -426,31 +441,126 @@ impl Shadowing {
         }
         let take = self.queue.len().min(RECORDS_PER_BATCH);
         let drained: Vec<Mismatch> = self.queue.drain(..take).collect();
-        let mismatches: Vec<MismatchRecord> = drained.into_iter().map(|m| self.record(m)).collect();
-        let batch = ReportBatch {
+        let mut mismatches: Vec<MismatchRecord> = Vec::with_capacity(drained.len());
+        for m in drained {
+            let mut record = self.record(m);
+            if record.encoded_len() + RECORD_FRAMING_BYTES > MAX_REPORT_BATCH_BYTES {
+                shrink(&mut record);
+            }
+            if record.encoded_len() + RECORD_FRAMING_BYTES > MAX_REPORT_BATCH_BYTES {
+                host::increment(self.records_oversized, 1);
+                host::increment(self.records_dropped, 1);
+                self.dropped += 1;
+                continue;
+            }
+            mismatches.push(record);
+        }
+        let mut head = ReportBatch {
             node_id: host::node_id(),
-            mismatches,
+            mismatches: Vec::new(),
             dropped: std::mem::take(&mut self.dropped),
             routes: counts,
+        };
+        let sizes: Vec<usize> = mismatches.iter().map(Message::encoded_len).collect();
+        let ranges = split_batches(&sizes, head.encoded_len(), MAX_REPORT_BATCH_BYTES);
+        let mut records = mismatches.into_iter();
+        for (n, range) in ranges.into_iter().enumerate() {
+            let part: Vec<MismatchRecord> = records.by_ref().take(range.len()).collect();
+            let batch = if n == 0 {
+                head.mismatches = part;
+                std::mem::take(&mut head)
+            } else {
+                ReportBatch {
+                    node_id: head.node_id.clone(),
+                    mismatches: part,
+                    dropped: 0,
+                    routes: Vec::new(),
+                }
+            };
+            let records = batch.mismatches.len() as u64;
+            self.send(
+                &report.cluster,
+                Batch {
+                    bytes: batch.encode_to_vec(),
+                    records,
+                },
+            );
         }
-        .encode_to_vec();
-        let sent = hostcalls::dispatch_grpc_call(
-            &report.cluster,
+    }
+
+    /// Sends the batches that failed before (oldest first) while there is
+    /// room in flight. Called before new batches go out.
+    fn resend(&mut self, cluster: &str) {
+        while self.in_flight.len() < MAX_IN_FLIGHT {
+            let Some(batch) = self.retry.pop_front() else {
+                return;
+            };
+            self.send(cluster, batch);
+        }
+    }
+
+    fn send(&mut self, cluster: &str, batch: Batch) {
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            self.keep_for_retry(batch);
+            return;
+        }
+        match host::grpc_call(
+            cluster,
             "understudy.v1.ReportService",
             "Push",
-            vec![],
-            Some(&batch),
+            &batch.bytes,
             Duration::from_secs(5),
-        );
-        match sent {
-            Ok(_) => host::increment(self.reports_sent, 1),
+        ) {
+            Ok(token) => {
+                self.in_flight.insert(token, batch);
+            }
             Err(status) => {
                 host::increment(self.reports_failed, 1);
                 host::log(
                     LogLevel::Debug,
                     &format!("understudy: shadow report not sent: {status:?}"),
                 );
+                self.keep_for_retry(batch);
             }
+        }
+    }
+
+    /// Keeps a failed batch to send again; when the retry queue is full its
+    /// oldest batch gives way, and its records are counted as dropped.
+    fn keep_for_retry(&mut self, batch: Batch) {
+        if self.retry.len() >= MAX_RETRY_BATCHES
+            && let Some(old) = self.retry.pop_front()
+        {
+            self.dropped += old.records;
+            host::increment(
+                self.records_dropped,
+                i64::try_from(old.records).unwrap_or(i64::MAX),
+            );
+        }
+        self.retry.push_back(batch);
+    }
+
+    /// Whether `token` is one of this worker's report calls.
+    pub fn owns_report(&self, token: u32) -> bool {
+        self.in_flight.contains_key(&token)
+    }
+
+    /// The control plane answered a report call (`status` is the gRPC
+    /// status: 0 is OK). A refused or failed batch is counted and queued to
+    /// be sent again.
+    pub fn on_report_response(&mut self, token: u32, status: u32) {
+        let Some(batch) = self.in_flight.remove(&token) else {
+            return;
+        };
+        if status == 0 {
+            host::increment(self.reports_sent, 1);
+        } else {
+            host::increment(self.reports_failed, 1);
+            host::log(
+                LogLevel::Debug,
+                &format!("understudy: shadow report refused (gRPC status {status})"),
+            );
+            self.keep_for_retry(batch);
         }
     }
 
@@ -504,6 +614,34 @@ impl Shadowing {
             }),
             shadow_cluster: r.map(|r| r.cfg.cluster.clone()).unwrap_or_default(),
         }
+    }
+}
+
+/// Makes a record that would not fit in a batch smaller: the bodies go (the
+/// differences stay), marked as truncated.
+fn shrink(record: &mut MismatchRecord) {
+    if let Some(r) = record.request.as_mut() {
+        r.body.clear();
+        r.body_truncated = true;
+    }
+    if let Some(r) = record.primary.as_mut() {
+        r.body.clear();
+        r.body_truncated = true;
+    }
+    for d in &mut record.differences {
+        truncate_chars(&mut d.primary, 1024);
+        truncate_chars(&mut d.shadow, 1024);
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+fn truncate_chars(s: &mut String, max: usize) {
+    if s.len() > max {
+        let cut = (0..=max)
+            .rev()
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(0);
+        s.truncate(cut);
     }
 }
 

@@ -60,6 +60,19 @@ pub struct Behavior {
     /// Add a `generated_at` timestamp (µs) and a random `trace_id` to JSON
     /// bodies: fields that differ on every response.
     pub stamp: bool,
+    /// Response headers sent as raw bytes on every answer, e.g. a Latin-1
+    /// (obs-text) value or a `set-cookie`.
+    pub raw_headers: Vec<RawHeader>,
+    /// A successful answer's body as raw bytes (any bytes), instead of JSON.
+    pub raw_body: Option<Vec<u8>>,
+}
+
+/// A response header whose value is any bytes HTTP/1.1 allows (obs-text too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeader {
+    pub name: String,
+    pub value: Vec<u8>,
 }
 
 /// How an order quote rounds its tax to cents.
@@ -124,6 +137,13 @@ impl Behavior {
             && StatusCode::from_u16(s).is_err()
         {
             bail!("error_status {s} is not an HTTP status");
+        }
+        for h in &self.raw_headers {
+            if axum::http::HeaderName::from_bytes(h.name.as_bytes()).is_err()
+                || axum::http::HeaderValue::from_bytes(&h.value).is_err()
+            {
+                bail!("raw header {:?} is not a valid HTTP header", h.name);
+            }
         }
         Ok(())
     }
@@ -276,6 +296,15 @@ async fn serve(
         tokio::time::sleep(delay).await;
     }
     let version = [(VERSION_HEADER, s.version.clone())];
+    let mut raw = HeaderMap::new();
+    for h in &behavior.raw_headers {
+        if let (Ok(name), Ok(value)) = (
+            axum::http::HeaderName::from_bytes(h.name.as_bytes()),
+            axum::http::HeaderValue::from_bytes(&h.value),
+        ) {
+            raw.append(name, value);
+        }
+    }
     let targeted = behavior.error_only_for.as_ref().is_none_or(|m| {
         headers.get(m.name.as_str()).and_then(|v| v.to_str().ok()) == Some(m.value.as_str())
     });
@@ -287,6 +316,7 @@ async fn serve(
         return (
             status,
             version,
+            raw,
             Json(serde_json::json!({"error": "injected"})),
         )
             .into_response();
@@ -320,7 +350,10 @@ async fn serve(
             serde_json::json!(format!("{:016x}", rand::rng().random::<u64>())),
         );
     }
-    (StatusCode::OK, version, Json(body)).into_response()
+    if let Some(bytes) = behavior.raw_body {
+        return (StatusCode::OK, version, raw, bytes).into_response();
+    }
+    (StatusCode::OK, version, raw, Json(body)).into_response()
 }
 
 /// A running in-process upstream.

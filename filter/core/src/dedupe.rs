@@ -211,6 +211,55 @@ pub fn slot_key(prefix: &str, idempotency_key: &str, slots: u32) -> String {
     format!("{prefix}/{}", slot_index(idempotency_key, slots))
 }
 
+/// Request headers that name the caller. A stored answer belongs to the
+/// caller who made the request: another caller's request with the same
+/// Idempotency-Key lands in another slot and never sees it.
+pub const CALLER_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "x-tenant-id",
+];
+
+/// The scope of a caller: `anonymous` when no credential header is present,
+/// otherwise `c` and 32 hex digits of a framed SHA-256 over each present
+/// header's name and raw value (any bytes). Requests without credentials
+/// share the `anonymous` scope: nothing tells such callers apart.
+pub fn caller_scope(credentials: &[(&str, &[u8])]) -> String {
+    if credentials.is_empty() {
+        return "anonymous".to_owned();
+    }
+    let parts: Vec<&[u8]> = credentials
+        .iter()
+        .flat_map(|(name, value)| [name.as_bytes(), *value])
+        .collect();
+    let digest = framed_sha256("understudy/dedupe/caller/v1", &parts);
+    format!("c{}", to_hex(digest.get(..16).unwrap_or(&digest)))
+}
+
+/// The key a slot is chosen by and an [`Entry`] records: the caller's scope
+/// and the Idempotency-Key, so two callers' equal keys are different keys.
+pub fn scoped_key(caller: &str, idempotency_key: &str) -> String {
+    format!("{caller}:{idempotency_key}")
+}
+
+/// [`fingerprint`] with the caller's scope framed in as well.
+pub fn scoped_fingerprint(caller: &str, method: &str, path: &str, body: &[u8]) -> String {
+    let digest = framed_sha256(
+        "understudy/dedupe/fingerprint/v2",
+        &[caller.as_bytes(), method.as_bytes(), path.as_bytes(), body],
+    );
+    to_hex(&digest)
+}
+
+/// Whether claiming the slot for `key` (after [`decide`] said `Proceed`)
+/// replaces another key's entry that still counts: a flood of new keys that
+/// pushes out answers their clients may still retry. The filter counts these.
+pub fn evicts_live(existing: Option<&Entry>, key: &str, now_ms: u64) -> bool {
+    existing.is_some_and(|e| e.is_live(now_ms) && e.key != key)
+}
+
 /// Lower-case hex SHA-256 of the request's method, path and body: what must
 /// match for a retry to count as "the same request" rather than key reuse.
 pub fn fingerprint(method: &str, path: &str, body: &[u8]) -> String {
@@ -569,12 +618,18 @@ const NOT_REPLAYED: &[&str] = &[
     "upgrade",
     "content-length",
     "date",
+    // Credentials one caller's answer hands out: never given to a replay.
+    "set-cookie",
+    "set-cookie2",
+    "authentication-info",
 ];
 
 /// Headers worth storing for a replay: everything but hop-by-hop and
 /// per-response ones (`connection`, `keep-alive`, `transfer-encoding`, `te`,
 /// `trailer`, `upgrade`, `proxy-*`, `content-length`, `date`, `:status` and
-/// any other pseudo-header).
+/// any other pseudo-header), and credentials the answer hands out
+/// (`set-cookie`, `set-cookie2`, `authentication-info`): a replay must never
+/// give one caller's session to a retry.
 ///
 /// Headers that a `Connection` header names are hop-by-hop too (RFC 9110
 /// §7.6.1), so they are dropped as well. Names compare case-insensitively.
@@ -890,6 +945,48 @@ mod tests {
     }
 
     #[test]
+    fn evicting_another_keys_unexpired_entry_is_flagged() {
+        // Live entries of another key: in flight or done, unexpired.
+        assert!(evicts_live(
+            Some(&done("other-key", "fp", 61_000)),
+            KEY,
+            2_000
+        ));
+        assert!(evicts_live(
+            Some(&in_flight("other-key", "fp", 61_000)),
+            KEY,
+            2_000
+        ));
+        // Not an eviction: empty, expired, or this key's own entry.
+        assert!(!evicts_live(None, KEY, 2_000));
+        assert!(!evicts_live(
+            Some(&done("other-key", "fp", 61_000)),
+            KEY,
+            61_000
+        ));
+        assert!(!evicts_live(Some(&done(KEY, "fp", 61_000)), KEY, 2_000));
+    }
+
+    #[test]
+    fn callers_get_their_own_keys_and_fingerprints() {
+        let alice = caller_scope(&[("authorization", b"Bearer alice")]);
+        let bob = caller_scope(&[("authorization", b"Bearer bob")]);
+        assert_ne!(alice, bob);
+        assert_eq!(caller_scope(&[]), "anonymous");
+        assert_ne!(scoped_key(&alice, KEY), scoped_key(&bob, KEY));
+        assert_ne!(
+            scoped_fingerprint(&alice, "POST", "/", b"{}"),
+            scoped_fingerprint(&bob, "POST", "/", b"{}")
+        );
+        // Bob's claim never replays alice's stored answer.
+        let stored = done(&scoped_key(&alice, KEY), "fp", 61_000);
+        assert!(!matches!(
+            decide(Some(&stored), &scoped_key(&bob, KEY), "fp", 2_000, &cfg()),
+            Decision::Replay { .. }
+        ));
+    }
+
+    #[test]
     fn claim_expiry_saturates() {
         let Decision::Proceed { claim } = decide(None, KEY, "fp", u64::MAX - 1, &cfg()) else {
             panic!("expected Proceed");
@@ -990,8 +1087,6 @@ mod tests {
             replayable_headers(&headers),
             vec![
                 h("Content-Type", "application/json"),
-                h("set-cookie", "a=1"),
-                h("set-cookie", "b=2"),
                 h("location", "/orders/7"),
                 h("etag", "\"v1\""),
                 h("proxy", "not-a-prefix-match"),

@@ -37,6 +37,12 @@ use crate::dedupe::framed_sha256;
 
 pub const ANONYMOUS: &str = "anonymous";
 
+/// A tier without `pool_rate` (or `fleet_pool_rate`) still has a pool: this
+/// many tenants at the tier's `initial` rate. It bounds what a client gains by
+/// rotating tenant ids (each new id starts at `initial`), while staying far
+/// above any one tenant. Set `pool_rate` to choose another bound.
+pub const DEFAULT_POOL_TENANTS: f64 = 100.0;
+
 // === config ===
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,10 +161,13 @@ pub struct RawIdentity {
     pub jwt_claim: Option<String>,
 }
 
+/// No source by default: identity sources are exactly those configured. (A
+/// default `x-tenant-id` once let any client name its own tenant even when
+/// only a JWT claim was meant to count.)
 impl Default for RawIdentity {
     fn default() -> Self {
         Self {
-            header: Some("x-tenant-id".to_owned()),
+            header: None,
             api_key_header: None,
             jwt_claim: None,
         }
@@ -350,7 +359,11 @@ impl RateLimitConfig {
                 min: t.min,
                 max: t.max,
                 burst_s: t.burst_s,
-                pool_rate: t.pool_rate.or(t.fleet_pool_rate),
+                pool_rate: Some(
+                    t.pool_rate
+                        .or(t.fleet_pool_rate)
+                        .unwrap_or(t.initial * DEFAULT_POOL_TENANTS),
+                ),
                 success_target: t.success_target,
                 latency_target_ms: t.latency_target_ms,
                 increase: t.increase,
@@ -436,7 +449,7 @@ impl RateLimitConfig {
         {
             return Err(invalid(
                 "identity".into(),
-                "at least one of header, api_key_header, jwt_claim is needed".into(),
+                "at least one of header, api_key_header, jwt_claim is needed (there is no default tenant header)".into(),
             ));
         }
         Ok(Self {
@@ -527,12 +540,19 @@ pub struct IdentityInput<'a> {
 /// The tenant of a request: the first configured source that yields one, in
 /// the order header, API key (hashed), JWT claim; otherwise `anonymous`.
 pub fn identify(cfg: &RateLimitConfig, input: &IdentityInput<'_>) -> Tenant {
+    // Only configured sources count, whatever the caller passed in.
     let id = input
         .header
+        .filter(|_| cfg.header.is_some())
         .map(str::trim)
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned)
-        .or_else(|| input.api_key.filter(|k| !k.is_empty()).map(hash_api_key))
+        .or_else(|| {
+            input
+                .api_key
+                .filter(|k| !k.is_empty() && cfg.api_key_header.is_some())
+                .map(hash_api_key)
+        })
         .or_else(|| {
             let claim = cfg.jwt_claim.as_deref()?;
             jwt_claim(input.authorization?, claim)
@@ -924,6 +944,7 @@ mod tests {
 
     fn cfg(extra: serde_json::Value) -> RateLimitConfig {
         let mut raw = json!({
+            "identity": {"header": "x-tenant-id"},
             "tiers": {
                 "anonymous": {"initial": 5, "min": 1, "max": 10},
                 "standard": {"initial": 10, "min": 2, "max": 100, "increase": 5},
@@ -982,6 +1003,53 @@ mod tests {
             let e = err(raw.clone());
             assert!(e.contains(needle), "{raw}: {e}");
         }
+    }
+
+    #[test]
+    fn identity_sources_are_exactly_those_configured() {
+        // Only a JWT claim: the tenant header names nobody.
+        let c = cfg(json!({"identity": {"jwt_claim": "sub"}}));
+        assert_eq!(c.header, None);
+        // {"sub":"attacker"}
+        let jwt = "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhdHRhY2tlciJ9.sig";
+        let t = identify(
+            &c,
+            &IdentityInput {
+                header: Some("acme"),
+                authorization: Some(jwt),
+                ..Default::default()
+            },
+        );
+        assert_eq!(t.id, "attacker");
+        let t = identify(
+            &c,
+            &IdentityInput {
+                header: Some("acme"),
+                ..Default::default()
+            },
+        );
+        assert_eq!(t.id, ANONYMOUS);
+        // No identity at all is refused, not defaulted to a header.
+        let raw = json!({"tiers": {"anonymous": {"initial": 1, "min": 1, "max": 1}}, "default_tier": "anonymous"});
+        let e = err(raw);
+        assert!(e.contains("there is no default tenant header"), "{e}");
+    }
+
+    #[test]
+    fn every_tier_has_a_pool_by_default() {
+        let c = cfg(json!({}));
+        for t in &c.tiers {
+            assert_eq!(
+                t.pool_rate,
+                Some(t.initial * DEFAULT_POOL_TENANTS),
+                "{}",
+                t.name
+            );
+        }
+        let c = cfg(
+            json!({"tiers": {"anonymous": {"initial": 5, "min": 1, "max": 10, "pool_rate": 7}}, "default_tier": "anonymous", "tenants": {}}),
+        );
+        assert_eq!(c.tiers[0].pool_rate, Some(7.0));
     }
 
     #[test]
@@ -1248,6 +1316,7 @@ mod tests {
     #[test]
     fn route_limits_name_routes_and_methods() {
         let raw: RawRateLimitConfig = serde_json::from_value(json!({
+            "identity": {"header": "x-tenant-id"},
             "tiers": {"anonymous": {"initial": 1, "min": 1, "max": 1}},
             "default_tier": "anonymous",
             "route_limits": [{"route": "orders", "method": "POST", "rate": 5}, {"route": "all", "rate": 100}]

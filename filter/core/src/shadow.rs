@@ -1072,8 +1072,84 @@ fn evaluate(pair: Pair, cfg: &ShadowConfig, now_us: u64) -> Report {
     }
 }
 
+// === report batches ===
+
+/// Largest encoded report batch the filter sends. The control plane's gRPC
+/// server refuses messages over 4 MiB (tonic's default decode limit) without
+/// the filter learning why, so batches stay well below it.
+pub const MAX_REPORT_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Bytes a record adds to a batch beyond its own encoding: the field tag and
+/// the length prefix (at most 5 bytes of varint for 32-bit lengths).
+pub const RECORD_FRAMING_BYTES: usize = 6;
+
+/// Splits records (given by encoded size) into consecutive batches whose
+/// total stays within `limit`, the first batch also carrying `first_overhead`
+/// bytes (counts, node id). Every record lands in exactly one batch, in
+/// order; a record that alone exceeds `limit` gets a batch of its own (the
+/// caller shrinks such records before, or drops and counts them).
+pub fn split_batches(
+    sizes: &[usize],
+    first_overhead: usize,
+    limit: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut batches = Vec::new();
+    let mut start = 0;
+    let mut used = first_overhead;
+    for (i, size) in sizes.iter().enumerate() {
+        let size = size.saturating_add(RECORD_FRAMING_BYTES);
+        if i > start && used.saturating_add(size) > limit {
+            batches.push(start..i);
+            start = i;
+            used = 0;
+        }
+        used = used.saturating_add(size);
+    }
+    if start < sizes.len() || batches.is_empty() {
+        batches.push(start..sizes.len());
+    }
+    batches
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn batches_split_under_the_limit_and_keep_every_record() {
+        assert_eq!(split_batches(&[], 10, 100), vec![0..0]);
+        assert_eq!(split_batches(&[10, 10], 0, 100), vec![0..2]);
+        // 60 + 6 each: two do not fit in 100.
+        assert_eq!(split_batches(&[60, 60, 60], 0, 100), vec![0..1, 1..2, 2..3]);
+        // An oversized record stands alone.
+        assert_eq!(
+            split_batches(&[10, 500, 10], 0, 100),
+            vec![0..1, 1..2, 2..3]
+        );
+        // The first batch's overhead counts.
+        assert_eq!(split_batches(&[40, 40], 50, 100), vec![0..1, 1..2]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn split_batches_covers_all_in_order_within_the_limit(
+            sizes in proptest::collection::vec(0usize..3000, 0..200),
+            overhead in 0usize..500,
+            limit in 1usize..5000,
+        ) {
+            let batches = split_batches(&sizes, overhead, limit);
+            let mut next = 0;
+            for (n, b) in batches.iter().enumerate() {
+                proptest::prop_assert_eq!(b.start, next);
+                next = b.end;
+                let total: usize = sizes[b.clone()].iter().map(|s| s + RECORD_FRAMING_BYTES).sum::<usize>()
+                    + if n == 0 { overhead } else { 0 };
+                // Over the limit only when a single record is.
+                proptest::prop_assert!(total <= limit || b.len() <= 1);
+            }
+            proptest::prop_assert_eq!(next, sizes.len());
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;

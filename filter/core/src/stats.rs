@@ -11,6 +11,12 @@ pub fn requests_total(config: &FilterConfig) -> String {
     format!("{}.requests_total", config.stat_prefix())
 }
 
+/// Counter of client-sent `x-understudy-*` request headers the filter
+/// removed at ingress.
+pub fn internal_headers_stripped(config: &FilterConfig) -> String {
+    format!("{}.internal_headers_stripped", config.stat_prefix())
+}
+
 /// Counter of requests matched to one configured route.
 pub fn route_requests_total(config: &FilterConfig, route: &str) -> String {
     format!("{}.route.{route}.requests_total", config.stat_prefix())
@@ -28,7 +34,8 @@ pub fn hedge_pending(config: &FilterConfig) -> String {
 }
 
 /// A per-route dedupe stat: `replayed`, `in_flight_409`, `mismatch_422`,
-/// `invalid_key_400`, `slot_busy`, `stored`, `unreadable_slot`.
+/// `invalid_key_400`, `slot_busy`, `stored`, `unreadable_slot`,
+/// `evicted_live` (a new key's claim replaced another key's unexpired entry).
 pub fn dedupe(config: &FilterConfig, route: &str, what: &str) -> String {
     format!("{}.dedupe.{route}.{what}", config.stat_prefix())
 }
