@@ -302,3 +302,28 @@ fn handle_request(stream: &mut AdsStream, registry: &Registry, id: u64, req: &Di
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_are_capped_in_total_and_per_identity_and_slots_come_back() {
+        let caps = StreamCaps::new(5, 2);
+        let a1 = caps.acquire(Some("a")).unwrap();
+        let _a2 = caps.acquire(Some("a")).unwrap();
+        let third = caps.acquire(Some("a")).err().unwrap();
+        assert_eq!(third.code(), tonic::Code::ResourceExhausted);
+        // Another identity, and unknown (plaintext) peers, have their own room.
+        let _b = caps.acquire(Some("b")).unwrap();
+        let _p1 = caps.acquire(None).unwrap();
+        let _p2 = caps.acquire(None).unwrap();
+        assert_eq!(caps.open(), 5);
+        let total = caps.acquire(Some("c")).err().unwrap();
+        assert_eq!(total.code(), tonic::Code::ResourceExhausted);
+        // A closed stream frees its place, for its identity too.
+        drop(a1);
+        assert_eq!(caps.open(), 4);
+        let _a3 = caps.acquire(Some("a")).unwrap();
+    }
+}
