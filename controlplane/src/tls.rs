@@ -565,7 +565,7 @@ mod tests {
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
         assert!(authorize(&Peer::Plaintext, "anything", "test").is_ok());
         assert_eq!(
-            peer(&tonic::Extensions::new()).unwrap_err().code(),
+            super::peer(&tonic::Extensions::new()).unwrap_err().code(),
             tonic::Code::PermissionDenied
         );
     }
