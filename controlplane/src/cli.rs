@@ -27,6 +27,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of `Serve`'s many flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane.
@@ -272,7 +274,12 @@ pub fn http_client_with_ca(
 }
 
 /// Runs a client subcommand against the API and prints the JSON answer.
-pub async fn client(
+pub async fn client(command: Command, token: Option<&str>) -> anyhow::Result<()> {
+    client_with_ca(command, token, None).await
+}
+
+/// [`client`] trusting the CA certificate in `ca` (`--ca`, `UNDERSTUDY_CA`).
+pub async fn client_with_ca(
     command: Command,
     token: Option<&str>,
     ca: Option<&Path>,

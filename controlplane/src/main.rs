@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use understudy_controlplane::Options;
 use understudy_controlplane::auth::{Auth, Limits};
-use understudy_controlplane::cli::{Cli, Command, certs, client, xds_security};
+use understudy_controlplane::cli::{Cli, Command, certs, client_with_ca, xds_security};
 use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::tls::ApiTls;
 
@@ -83,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
             understudy_controlplane::run_with(store, options, xds, api, shutdown).await?;
         }
         Command::Certs { command } => certs(command)?,
-        other => client(other, cli.token.as_deref(), cli.ca.as_deref()).await?,
+        other => client_with_ca(other, cli.token.as_deref(), cli.ca.as_deref()).await?,
     }
     Ok(())
 }
