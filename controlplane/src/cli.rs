@@ -3,7 +3,7 @@
 //! `shadow` prints tables, since its answer is meant to be read at a glance.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
@@ -21,10 +21,16 @@ pub struct Cli {
     /// Bearer token for the API (client subcommands).
     #[arg(long, global = true, env = "UNDERSTUDY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) the client trusts for an `https://` API, e.g.
+    /// the `ca.pem` of `understudy certs init`.
+    #[arg(long, global = true, env = "UNDERSTUDY_CA")]
+    pub ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
 
+// Parsed once per process: the size of `Serve`'s many flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane.
@@ -51,6 +57,33 @@ pub enum Command {
         /// `.rollouts.redb` appended.
         #[arg(long, env = "UNDERSTUDY_ROLLOUTS")]
         rollouts: Option<PathBuf>,
+        /// Directory from `understudy certs init`: serve xDS with mutual TLS
+        /// using its `server.pem`, `server-key.pem` and `ca.pem`.
+        #[arg(long, env = "UNDERSTUDY_TLS_DIR")]
+        tls_dir: Option<PathBuf>,
+        /// The xDS server's certificate (PEM); with --tls-key and --client-ca,
+        /// instead of --tls-dir.
+        #[arg(long, requires_all = ["tls_key", "client_ca"], conflicts_with = "tls_dir")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// CA whose client certificates (one per Envoy) are accepted.
+        #[arg(long, requires = "tls_cert")]
+        client_ca: Option<PathBuf>,
+        /// Serve xDS without TLS: anyone who reaches the port can feed the
+        /// rollout judge and read the config. Local trials only.
+        #[arg(long, conflicts_with_all = ["tls_dir", "tls_cert"])]
+        insecure_plaintext_xds: bool,
+        /// Serve the API over TLS with this certificate (PEM) and --api-key.
+        #[arg(long, requires = "api_key")]
+        api_cert: Option<PathBuf>,
+        #[arg(long, requires = "api_cert")]
+        api_key: Option<PathBuf>,
+    },
+    /// Certificates for mutual TLS between Envoys and the control plane.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
     },
     /// Canary rollouts: create, list, read, act on, and watch.
     Rollout {
@@ -83,6 +116,101 @@ pub enum Command {
         #[arg(long, default_value = "http://127.0.0.1:18080", env = "UNDERSTUDY_API")]
         api: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a CA, the control plane's server certificate and a client
+    /// certificate per `--envoy` node id (identity
+    /// `spiffe://understudy/envoy/<node-id>`). Keys are written 0600.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// An Envoy node id to issue a client certificate for (repeatable).
+        #[arg(long)]
+        envoy: Vec<String>,
+        /// Another DNS name or IP the control plane is reached by (repeatable;
+        /// `understudy-controlplane`, `localhost` and `127.0.0.1` are always in).
+        #[arg(long)]
+        server_name: Vec<String>,
+    },
+    /// Issue a client certificate for one more Envoy from the CA in `--dir`.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        envoy: String,
+    },
+}
+
+/// Runs `understudy certs ...`, printing the files written.
+pub fn certs(command: CertsCommand) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now();
+    match command {
+        CertsCommand::Init {
+            dir,
+            envoy,
+            server_name,
+        } => {
+            let files = crate::tls::init(&dir, &server_name, &envoy, now)?;
+            println!("CA:     {}", files.ca_cert().display());
+            println!(
+                "server: {} {}",
+                files.server_cert().display(),
+                files.server_key().display()
+            );
+            for node in &envoy {
+                println!(
+                    "envoy {node}: {} {}",
+                    files.envoy_cert(node).display(),
+                    files.envoy_key(node).display()
+                );
+            }
+            println!(
+                "next: understudy serve --tls-dir {} ...",
+                files.dir.display()
+            );
+        }
+        CertsCommand::Issue { dir, envoy } => {
+            let (cert, key) = crate::tls::issue_envoy(&dir, &envoy, now)?;
+            println!("envoy {envoy}: {} {}", cert.display(), key.display());
+        }
+    }
+    Ok(())
+}
+
+/// How `serve` secures the xDS port, from its flags: mutual TLS from
+/// `--tls-dir` or the three files; plaintext only with
+/// `--insecure-plaintext-xds` (warned about on every start); otherwise it
+/// refuses to start and says how to make certificates.
+pub fn xds_security(
+    tls_dir: Option<&Path>,
+    files: Option<(&Path, &Path, &Path)>,
+    insecure_plaintext: bool,
+) -> anyhow::Result<crate::tls::XdsSecurity> {
+    use crate::tls::{XdsSecurity, XdsTls};
+    match (tls_dir, files, insecure_plaintext) {
+        (Some(dir), None, false) => Ok(XdsSecurity::Mtls(
+            XdsTls::from_dir(dir).context("loading the xDS certificates (--tls-dir)")?,
+        )),
+        (None, Some((cert, key, ca)), false) => Ok(XdsSecurity::Mtls(
+            XdsTls::from_files(cert, key, ca).context("loading the xDS certificates")?,
+        )),
+        (None, None, true) => {
+            tracing::warn!(
+                "--insecure-plaintext-xds: the xDS port has no TLS and no authentication; \
+                 anyone who reaches it can read the config and feed the rollout judge"
+            );
+            Ok(XdsSecurity::InsecurePlaintext)
+        }
+        (None, None, false) => bail!(
+            "the xDS port needs mutual TLS. Create certificates with\n  \
+             understudy certs init --dir ./certs --envoy <node-id>\n\
+             then start with --tls-dir ./certs (or --tls-cert/--tls-key/--client-ca); \
+             --insecure-plaintext-xds serves without TLS (local trials only)"
+        ),
+        _ => bail!("--insecure-plaintext-xds, --tls-dir and --tls-cert exclude each other"),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +254,15 @@ pub enum RolloutCommand {
 
 /// An API client sending the bearer token, if one is given.
 pub fn http_client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    http_client_with_ca(token, None)
+}
+
+/// [`http_client`] that also trusts the CA certificate (PEM) in `ca`, for an
+/// API served over TLS with a private CA.
+pub fn http_client_with_ca(
+    token: Option<&str>,
+    ca: Option<&Path>,
+) -> anyhow::Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(t) = token {
         let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
@@ -133,14 +270,28 @@ pub fn http_client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
         v.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
-    Ok(reqwest::Client::builder()
-        .default_headers(headers)
-        .build()?)
+    let mut builder = reqwest::Client::builder().default_headers(headers);
+    if let Some(path) = ca {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    Ok(builder.build()?)
 }
 
 /// Runs a client subcommand against the API and prints the JSON answer.
 pub async fn client(command: Command, token: Option<&str>) -> anyhow::Result<()> {
-    let http = http_client(token)?;
+    client_with_ca(command, token, None).await
+}
+
+/// [`client`] trusting the CA certificate in `ca` (`--ca`, `UNDERSTUDY_CA`).
+pub async fn client_with_ca(
+    command: Command,
+    token: Option<&str>,
+    ca: Option<&Path>,
+) -> anyhow::Result<()> {
+    let http = http_client_with_ca(token, ca)?;
     if let Command::Shadow { route, api } = &command {
         return shadow(&http, api, route.as_deref()).await;
     }
@@ -160,7 +311,10 @@ pub async fn client(command: Command, token: Option<&str>) -> anyhow::Result<()>
                 .await
         }
         Command::Envoys { api } => http.get(format!("{api}/v1/envoys")).send().await,
-        Command::Serve { .. } | Command::Shadow { .. } | Command::Rollout { .. } => {
+        Command::Serve { .. }
+        | Command::Certs { .. }
+        | Command::Shadow { .. }
+        | Command::Rollout { .. } => {
             bail!("not a JSON client command")
         }
     }
@@ -400,6 +554,44 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn serve_refuses_plaintext_xds_unless_asked_and_loads_certificates() {
+        let err = xds_security(None, None, false).unwrap_err().to_string();
+        assert!(err.contains("understudy certs init --dir"), "{err}");
+        assert!(matches!(
+            xds_security(None, None, true).unwrap(),
+            crate::tls::XdsSecurity::InsecurePlaintext
+        ));
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = xds_security(Some(tmp.path()), None, false).unwrap_err();
+        assert!(
+            format!("{missing:#}").contains("ca.pem")
+                || format!("{missing:#}").contains("server.pem"),
+            "{missing:#}"
+        );
+        crate::tls::init(tmp.path(), &[], &[], std::time::SystemTime::now()).unwrap();
+        assert!(matches!(
+            xds_security(Some(tmp.path()), None, false).unwrap(),
+            crate::tls::XdsSecurity::Mtls(_)
+        ));
+        assert!(xds_security(Some(tmp.path()), None, true).is_err());
+        // The flags parse as documented, and conflicting ones are refused.
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(
+                ["understudy", "serve", "--state", "s.json"]
+                    .iter()
+                    .chain(args),
+            )
+        };
+        assert!(parse(&["--insecure-plaintext-xds"]).is_ok());
+        assert!(parse(&["--tls-dir", "d", "--insecure-plaintext-xds"]).is_err());
+        assert!(
+            parse(&["--tls-cert", "c"]).is_err(),
+            "--tls-cert needs its key and CA"
+        );
+        assert!(parse(&["--tls-cert", "c", "--tls-key", "k", "--client-ca", "a"]).is_ok());
+        assert!(parse(&["--api-cert", "c"]).is_err());
+    }
+
     fn shadow_tables_read_at_a_glance() {
         let summary = json!({
             "route": "checkout", "compared": 100, "matched": 85, "mismatched_serious": 10,

@@ -21,6 +21,8 @@
 //! - [`rollout`]: canary rollouts: the spec, the judge (statistics), the
 //!   engine (a persisted state machine) and its API.
 //! - [`auth`]: bearer tokens with roles, and the API's rate limit.
+//! - [`tls`]: certificates (`understudy certs`), mutual TLS on the xDS port
+//!   with each Envoy's node id bound to its certificate, and TLS for the API.
 //! - [`api`]: the axum JSON API.
 //! - [`cli`]: the `understudy` command's client side.
 
@@ -33,6 +35,7 @@ pub mod resources;
 pub mod rollout;
 pub mod shadow;
 pub mod store;
+pub mod tls;
 pub mod usage;
 pub mod xds;
 
@@ -53,6 +56,8 @@ pub enum RunError {
     Xds(#[from] tonic::transport::Error),
     #[error("API server failed: {0}")]
     Api(std::io::Error),
+    #[error("API TLS certificate or key: {0}")]
+    ApiTls(std::io::Error),
     #[error(transparent)]
     Rollouts(#[from] rollout::store::RolloutStoreError),
     #[error("loading rollouts: {0}")]
@@ -70,14 +75,22 @@ pub struct Options {
     pub auth: auth::Auth,
     /// The rollout database; `None` keeps rollouts in memory only.
     pub rollouts: Option<rollout::store::RolloutStore>,
+    /// Mutual TLS on the xDS port, or (explicitly) none.
+    pub xds_security: tls::XdsSecurity,
+    /// Serve the API over TLS with this certificate; `None`: plain HTTP.
+    pub api_tls: Option<tls::ApiTls>,
 }
 
 impl Default for Options {
-    /// No authentication and in-memory rollouts: for tests that are not about them.
+    /// No authentication, plaintext xDS and in-memory rollouts: for
+    /// in-process tests that are not about them. The `understudy serve`
+    /// binary never starts like this without `--insecure-plaintext-xds`.
     fn default() -> Self {
         Self {
             auth: auth::Auth::disabled(),
             rollouts: None,
+            xds_security: tls::XdsSecurity::InsecurePlaintext,
+            api_tls: None,
         }
     }
 }
@@ -111,6 +124,9 @@ pub async fn run_with(
     let usage = Arc::new(usage::UsageBook::default());
     let shadow = Arc::new(shadow::ShadowBook::default());
     let metrics = Arc::new(metrics::MetricsBook::default());
+    // One rustls crypto backend (ring) for the API's TLS; tonic picks its own.
+    // An error only means a provider is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rollouts = match options.rollouts {
         Some(db) => db,
         None => rollout::store::RolloutStore::in_memory()?,
@@ -145,22 +161,51 @@ pub async fn run_with(
         auth: Arc::new(options.auth),
         engine,
     });
-    info!(xds = ?xds_listener.local_addr().ok(), api = ?api_listener.local_addr().ok(), "control plane listening");
-    let xds = tonic::transport::Server::builder()
+    info!(xds = ?xds_listener.local_addr().ok(), api = ?api_listener.local_addr().ok(), xds_mtls = matches!(options.xds_security, tls::XdsSecurity::Mtls(_)), api_tls = options.api_tls.is_some(), "control plane listening");
+    let mut xds = tonic::transport::Server::builder()
         // Envoy keeps one long-lived ADS stream; keepalives find dead peers.
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
+    let mtls = match &options.xds_security {
+        tls::XdsSecurity::Mtls(material) => {
+            xds = xds.tls_config(material.server_config())?;
+            true
+        }
+        tls::XdsSecurity::InsecurePlaintext => false,
+    };
+    let xds = xds
+        // Every service learns who the peer is (its certificate's node id) from this.
+        .layer(tonic::service::InterceptorLayer::new(
+            tls::peer_interceptor(mtls),
+        ))
         .add_service(ads.into_service())
         // Filters report on the same port they already reach for xDS.
         .add_service(usage::Reports::new(usage, shadow).into_service())
         // Envoy's stats sink streams on the same port too (`understudy_xds`).
         .add_service(metrics::MetricsSink::new(Arc::clone(&metrics)).into_service())
         .serve_with_incoming(TcpListenerStream::new(xds_listener));
-    let api = axum::serve(api_listener, app);
+    let api = async move {
+        match options.api_tls {
+            None => axum::serve(api_listener, app).await.map_err(RunError::Api),
+            Some(material) => {
+                let config = axum_server::tls_rustls::RustlsConfig::from_pem(
+                    material.cert_pem,
+                    material.key_pem,
+                )
+                .await
+                .map_err(RunError::ApiTls)?;
+                let listener = api_listener.into_std().map_err(RunError::Api)?;
+                axum_server::from_tcp_rustls(listener, config)
+                    .serve(app.into_make_service())
+                    .await
+                    .map_err(RunError::Api)
+            }
+        }
+    };
     // Shutdown is abrupt on purpose: ADS streams never end by themselves, and
     // Envoy keeps serving its last config and reconnects when we are back.
     tokio::select! {
         r = xds => r?,
-        r = api => r.map_err(RunError::Api)?,
+        r = api => r?,
         () = shutdown => info!("shutting down"),
     }
     Ok(())

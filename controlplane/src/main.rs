@@ -4,8 +4,9 @@ use anyhow::Context;
 use clap::Parser;
 use understudy_controlplane::Options;
 use understudy_controlplane::auth::{Auth, Limits};
-use understudy_controlplane::cli::{Cli, Command, client};
+use understudy_controlplane::cli::{Cli, Command, certs, client_with_ca, xds_security};
 use understudy_controlplane::rollout::store::RolloutStore;
+use understudy_controlplane::tls::ApiTls;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -23,7 +24,25 @@ async fn main() -> anyhow::Result<()> {
             tokens,
             insecure_no_auth,
             rollouts,
+            tls_dir,
+            tls_cert,
+            tls_key,
+            client_ca,
+            insecure_plaintext_xds,
+            api_cert,
+            api_key,
         } => {
+            let files = match (&tls_cert, &tls_key, &client_ca) {
+                (Some(c), Some(k), Some(a)) => Some((c.as_path(), k.as_path(), a.as_path())),
+                _ => None,
+            };
+            let xds_security = xds_security(tls_dir.as_deref(), files, insecure_plaintext_xds)?;
+            let api_tls = match (api_cert, api_key) {
+                (Some(cert), Some(key)) => {
+                    Some(ApiTls::from_files(&cert, &key).context("loading the API certificate")?)
+                }
+                _ => None,
+            };
             let auth = match (tokens, std::env::var("UNDERSTUDY_TOKENS").ok()) {
                 (Some(file), _) => {
                     let text = understudy_controlplane::auth::read_token_file(&file)?;
@@ -65,10 +84,13 @@ async fn main() -> anyhow::Result<()> {
             let options = Options {
                 auth,
                 rollouts: Some(rollouts),
+                xds_security,
+                api_tls,
             };
             understudy_controlplane::run_with(store, options, xds, api, shutdown).await?;
         }
-        other => client(other, cli.token.as_deref()).await?,
+        Command::Certs { command } => certs(command)?,
+        other => client_with_ca(other, cli.token.as_deref(), cli.ca.as_deref()).await?,
     }
     Ok(())
 }

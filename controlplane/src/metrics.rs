@@ -728,6 +728,8 @@ impl MetricsService for MetricsSink {
         &self,
         request: Request<Streaming<StreamMetricsMessage>>,
     ) -> Result<Response<StreamMetricsResponse>, Status> {
+        // Only the Envoy a client certificate names may stream its stats.
+        let peer = crate::tls::peer(request.extensions())?;
         let mut stream = request.into_inner();
         let Some(first) = stream.message().await? else {
             return Ok(Response::new(StreamMetricsResponse {}));
@@ -736,6 +738,7 @@ impl MetricsService for MetricsSink {
             tracing::warn!(error = %e, "metrics stream refused");
             Status::invalid_argument(e.to_string())
         })?;
+        crate::tls::authorize(&peer, node.as_str(), "stats stream")?;
         let _open = OpenStream {
             book: Arc::clone(&self.book),
             node: node.clone(),

@@ -259,7 +259,10 @@ impl ReportService for Reports {
     /// records stored (records naming an invalid route are refused, and the
     /// filter has no use for a per-record error).
     async fn push(&self, request: Request<ReportBatch>) -> Result<Response<PushAck>, Status> {
+        // `peer.verified()` is the certificate's node id: the origin of this batch.
+        let peer = crate::tls::peer(request.extensions())?;
         let batch = request.into_inner();
+        crate::tls::authorize(&peer, &batch.node_id, "shadow report")?;
         let node = batch.node_id.clone();
         let got = self.shadow.ingest(batch, SystemTime::now());
         if got.rejected > 0 {
@@ -275,7 +278,9 @@ impl ReportService for Reports {
     }
 
     async fn push_usage(&self, request: Request<UsageReport>) -> Result<Response<PushAck>, Status> {
+        let peer = crate::tls::peer(request.extensions())?;
         let report = request.into_inner();
+        crate::tls::authorize(&peer, &report.node_id, "usage report")?;
         self.book.record(&report, SystemTime::now());
         Ok(Response::new(PushAck {
             accepted: report.tenants.len() as u64,

@@ -567,6 +567,7 @@ async fn tokens_roles_and_rate_limits_guard_the_api() {
     let options = understudy_controlplane::Options {
         auth,
         rollouts: None,
+        ..Default::default()
     };
     tokio::spawn(understudy_controlplane::run_with(
         Store::new(desired_state()).unwrap(),

@@ -134,6 +134,10 @@ async fn start_sink() -> (Arc<MetricsBook>, SocketAddr) {
     let service = MetricsSink::new(Arc::clone(&book)).into_service();
     tokio::spawn(
         tonic::transport::Server::builder()
+            // Plaintext, as `--insecure-plaintext-xds`: the sink needs to know its peer.
+            .layer(tonic::service::InterceptorLayer::new(
+                understudy_controlplane::tls::peer_interceptor(false),
+            ))
             .add_service(service)
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );

@@ -13,6 +13,7 @@ use understudy_controlplane::auth::{Auth, Limits};
 use understudy_controlplane::model::DesiredState;
 use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::store::Store;
+use understudy_controlplane::tls::{CertDir, XdsSecurity, XdsTls};
 
 /// The API tokens every harness control plane accepts.
 pub const OPERATOR_TOKEN: &str = "e2e-operator-0123456789";
@@ -24,6 +25,9 @@ pub const VIEWER: &str = "e2e-viewer";
 pub struct ControlPlane {
     pub xds: SocketAddr,
     pub api: SocketAddr,
+    /// The CA, the server certificate and the Envoys' client certificates
+    /// (made by the library's `certs init`); the xDS port is mutual TLS.
+    pub certs: CertDir,
     state_file: PathBuf,
     rollouts_file: PathBuf,
     runtime: Option<tokio::runtime::Runtime>,
@@ -37,11 +41,18 @@ impl ControlPlane {
         let state_file = dir.path().join("state.json");
         let rollouts_file = dir.path().join("rollouts.redb");
         std::fs::write(&state_file, serde_json::to_vec_pretty(state)?)?;
+        let certs = understudy_controlplane::tls::init(
+            &dir.path().join("certs"),
+            &[],
+            &[],
+            std::time::SystemTime::now(),
+        )?;
         let xds = std::net::TcpListener::bind("127.0.0.1:0")?;
         let api = std::net::TcpListener::bind("127.0.0.1:0")?;
         let mut cp = Self {
             xds: xds.local_addr()?,
             api: api.local_addr()?,
+            certs,
             state_file,
             rollouts_file,
             runtime: None,
@@ -49,6 +60,19 @@ impl ControlPlane {
         };
         cp.serve(xds, api)?;
         Ok(cp)
+    }
+
+    /// `node`'s client certificate and key, issued on first use.
+    pub fn envoy_cert(&self, node: &str) -> Result<(PathBuf, PathBuf)> {
+        let (cert, key) = (self.certs.envoy_cert(node), self.certs.envoy_key(node));
+        if cert.exists() && key.exists() {
+            return Ok((cert, key));
+        }
+        Ok(understudy_controlplane::tls::issue_envoy(
+            &self.certs.dir,
+            node,
+            std::time::SystemTime::now(),
+        )?)
     }
 
     pub fn api_url(&self, path: &str) -> String {
@@ -74,6 +98,7 @@ impl ControlPlane {
         xds.set_nonblocking(true)?;
         api.set_nonblocking(true)?;
         let store = Store::open(&self.state_file)?;
+        let xds_security = XdsSecurity::Mtls(XdsTls::from_dir(&self.certs.dir)?);
         let rollouts = self.open_rollouts()?;
         let auth = Auth::from_entries(
             &format!("{OPERATOR}:operator:{OPERATOR_TOKEN},{VIEWER}:viewer:{VIEWER_TOKEN}"),
@@ -90,6 +115,8 @@ impl ControlPlane {
             let options = Options {
                 auth,
                 rollouts: Some(rollouts),
+                xds_security,
+                api_tls: None,
             };
             understudy_controlplane::run_with(store, options, xds, api, std::future::pending())
                 .await?;

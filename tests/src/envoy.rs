@@ -32,6 +32,25 @@ pub fn render(name: &str, replacements: &[(&str, String)]) -> Result<String> {
     Ok(text)
 }
 
+/// The certificate paths `envoy/bootstrap.yaml` is committed with (what
+/// `understudy certs init --dir certs --envoy envoy-1` writes).
+pub const BOOTSTRAP_CERT: &str = "certs/envoy-envoy-1.pem";
+pub const BOOTSTRAP_KEY: &str = "certs/envoy-envoy-1-key.pem";
+pub const BOOTSTRAP_CA: &str = "certs/ca.pem";
+
+/// Replacements pointing the bootstrap's `understudy_xds` transport socket
+/// at `node`'s client certificate in `certs` (which must exist).
+pub fn bootstrap_cert_replacements(
+    certs: &understudy_controlplane::tls::CertDir,
+    node: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        (BOOTSTRAP_CERT, certs.envoy_cert(node).display().to_string()),
+        (BOOTSTRAP_KEY, certs.envoy_key(node).display().to_string()),
+        (BOOTSTRAP_CA, certs.ca_cert().display().to_string()),
+    ]
+}
+
 /// The inline filter config `envoy/static-filter.yaml` is committed with.
 pub const STATIC_FILTER_CONFIG: &str = r#"{"routes":[{"name":"all","path_prefix":"/"}]}"#;
 
@@ -263,8 +282,32 @@ pub fn find_key<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
 }
 
 /// Runs `envoy --mode validate` on a config file, from the repository root
-/// (so relative paths in committed configs resolve as documented).
+/// (so relative paths in committed configs resolve as documented). A config
+/// that names the bootstrap's certificate files is validated with freshly
+/// generated ones in their place (Envoy reads them at load).
 pub fn validate(config: &Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    if text.contains(BOOTSTRAP_CA) {
+        let dir = tempfile::tempdir()?;
+        let certs = understudy_controlplane::tls::init(
+            &dir.path().join("certs"),
+            &[],
+            &["envoy-1".to_owned()],
+            std::time::SystemTime::now(),
+        )?;
+        let mut rendered = text;
+        for (from, to) in bootstrap_cert_replacements(&certs, "envoy-1") {
+            rendered = rendered.replace(from, &to);
+        }
+        let path = dir.path().join(config.file_name().unwrap_or_default());
+        std::fs::write(&path, rendered)?;
+        return validate_file(&path).with_context(|| format!("validating {}", config.display()));
+    }
+    validate_file(config)
+}
+
+fn validate_file(config: &Path) -> Result<String> {
     let bin = paths::envoy_binary()?;
     let out = Command::new(&bin)
         .current_dir(paths::repo_root())

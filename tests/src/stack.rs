@@ -35,19 +35,20 @@ pub fn default_filter_config() -> Value {
     json!({"routes": [{"name": "all", "path_prefix": "/"}]})
 }
 
-/// An Envoy bootstrapped from `envoy/bootstrap.yaml` against `cp`, as `node`, ready.
+/// An Envoy bootstrapped from `envoy/bootstrap.yaml` against `cp`, as
+/// `node`, with `node`'s client certificate from `cp`'s CA, ready.
 async fn start_envoy(cp: &ControlPlane, node: &str) -> Result<Envoy> {
-    let config = envoy::render(
-        "bootstrap.yaml",
-        &[
-            ("port_value: 9901", "port_value: 0".to_owned()),
-            (
-                "port_value: 18000",
-                format!("port_value: {}", cp.xds.port()),
-            ),
-            ("id: envoy-1", format!("id: {node}")),
-        ],
-    )?;
+    cp.envoy_cert(node)?;
+    let mut replacements = vec![
+        ("port_value: 9901", "port_value: 0".to_owned()),
+        (
+            "port_value: 18000",
+            format!("port_value: {}", cp.xds.port()),
+        ),
+        ("id: envoy-1", format!("id: {node}")),
+    ];
+    replacements.extend(envoy::bootstrap_cert_replacements(&cp.certs, node));
+    let config = envoy::render("bootstrap.yaml", &replacements)?;
     let envoy = Envoy::start(&config, &[]).await?;
     envoy.wait_ready().await?;
     Ok(envoy)

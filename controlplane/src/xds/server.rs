@@ -1,8 +1,18 @@
 //! The tonic ADS service: one task per Envoy stream, driving an
 //! [`AdsStream`] from two inputs (Envoy's requests and new snapshots).
+//!
+//! A stream is served only for the node its client certificate binds
+//! ([`crate::tls`]): the first request's `node.id` (and any later one) must
+//! match, or the stream ends with `PermissionDenied` before it is registered,
+//! counted in the fleet, sent any config or able to NACK. Concurrent streams
+//! are capped in total ([`MAX_ADS_STREAMS`]) and per certificate identity
+//! ([`MAX_ADS_STREAMS_PER_NODE`]); the excess is refused with
+//! `ResourceExhausted`. (In plaintext mode there is no identity, so only the
+//! total cap applies.)
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -20,6 +30,7 @@ use tracing::{debug, info, warn};
 use super::registry::Registry;
 use super::stream::{AdsStream, RequestEvent};
 use crate::resources::{Snapshot, type_url};
+use crate::tls::{self, Peer};
 
 /// Identifies this control plane in every response (`control_plane.identifier`).
 pub const CONTROL_PLANE_ID: &str = "understudy";
@@ -27,10 +38,88 @@ pub const CONTROL_PLANE_ID: &str = "understudy";
 /// Responses buffered per stream before the task waits for Envoy to read.
 const OUTBOUND_BUFFER: usize = 8;
 
+/// Concurrent ADS streams, all peers together.
+pub const MAX_ADS_STREAMS: usize = 1024;
+/// Concurrent ADS streams per certificate identity. Envoy keeps one; a few
+/// more cover a reconnect racing the old stream's teardown and a hot restart.
+pub const MAX_ADS_STREAMS_PER_NODE: usize = 4;
+
+/// Counts open ADS streams against the caps; a [`StreamSlot`] gives its place back on drop.
+pub struct StreamCaps {
+    total: usize,
+    per_node: usize,
+    open: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+impl StreamCaps {
+    pub fn new(total: usize, per_node: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total,
+            per_node,
+            open: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// A place for one more stream of `identity` (`None`: unknown, plaintext),
+    /// or `ResourceExhausted`.
+    pub fn acquire(self: &Arc<Self>, identity: Option<&str>) -> Result<StreamSlot, Status> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.0 >= self.total {
+            warn!(cap = self.total, "ADS stream refused: too many streams");
+            return Err(Status::resource_exhausted("too many ADS streams"));
+        }
+        if let Some(id) = identity {
+            let n = open.1.get(id).copied().unwrap_or(0);
+            if n >= self.per_node {
+                warn!(
+                    node = id,
+                    cap = self.per_node,
+                    "ADS stream refused: too many streams for this node"
+                );
+                return Err(Status::resource_exhausted(
+                    "too many ADS streams for this node",
+                ));
+            }
+            open.1.insert(id.to_owned(), n.saturating_add(1));
+        }
+        open.0 = open.0.saturating_add(1);
+        Ok(StreamSlot {
+            caps: Arc::clone(self),
+            identity: identity.map(str::to_owned),
+        })
+    }
+
+    /// Streams open now.
+    pub fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+}
+
+pub struct StreamSlot {
+    caps: Arc<StreamCaps>,
+    identity: Option<String>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.caps.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.0 = open.0.saturating_sub(1);
+        if let Some(id) = &self.identity
+            && let Some(n) = open.1.get_mut(id)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.1.remove(id);
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct AdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     registry: Arc<Registry>,
+    caps: Arc<StreamCaps>,
 }
 
 impl AdsServer {
@@ -38,7 +127,14 @@ impl AdsServer {
         Self {
             snapshots,
             registry,
+            caps: StreamCaps::new(MAX_ADS_STREAMS, MAX_ADS_STREAMS_PER_NODE),
         }
+    }
+
+    /// Other stream caps (tests).
+    pub fn with_caps(mut self, total: usize, per_node: usize) -> Self {
+        self.caps = StreamCaps::new(total, per_node);
+        self
     }
 
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
@@ -57,6 +153,8 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = tls::peer(request.extensions())?;
+        let slot = self.caps.acquire(peer.verified())?;
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         tokio::spawn(serve_stream(
@@ -64,6 +162,8 @@ impl AggregatedDiscoveryService for AdsServer {
             tx,
             self.snapshots.clone(),
             Arc::clone(&self.registry),
+            peer,
+            slot,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -83,23 +183,42 @@ async fn serve_stream(
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
     registry: Arc<Registry>,
+    peer: Peer,
+    _slot: StreamSlot,
 ) {
+    // The first request names the node: nothing is registered, counted or
+    // sent before it is checked against the certificate.
+    let first = tokio::select! {
+        msg = inbound.message() => match msg {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(status) => {
+                debug!(%status, "ADS stream ended before its first request");
+                return;
+            }
+        },
+        () = tx.closed() => return,
+    };
+    if let Err(status) = check_node(&peer, &first, true) {
+        let _ = tx.send(Err(status)).await;
+        return;
+    }
     let guard = registry.connect(SystemTime::now());
     let id = guard.id;
     let mut stream = AdsStream::new();
-    info!(connection = id, "ADS stream opened");
+    info!(
+        connection = id,
+        verified = peer.verified().is_some(),
+        "ADS stream opened"
+    );
+    let mut next = Some(first);
     loop {
-        tokio::select! {
-            msg = inbound.message() => match msg {
-                Ok(Some(req)) => handle_request(&mut stream, &registry, id, &req),
-                Ok(None) => break,
-                Err(status) => {
-                    debug!(connection = id, %status, "ADS stream ended with an error");
-                    break;
-                }
-            },
-            changed = snapshots.changed() => if changed.is_err() { break },
-            () = tx.closed() => break,
+        if let Some(req) = next.take() {
+            if let Err(status) = check_node(&peer, &req, false) {
+                let _ = tx.send(Err(status)).await;
+                break;
+            }
+            handle_request(&mut stream, &registry, id, &req);
         }
         let snapshot = snapshots.borrow_and_update().clone();
         for response in stream.pending(&snapshot, CONTROL_PLANE_ID) {
@@ -118,6 +237,18 @@ async fn serve_stream(
             }
         }
         registry.update(id, &stream);
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => next = Some(req),
+                Ok(None) => break,
+                Err(status) => {
+                    debug!(connection = id, %status, "ADS stream ended with an error");
+                    break;
+                }
+            },
+            changed = snapshots.changed() => if changed.is_err() { break },
+            () = tx.closed() => break,
+        }
     }
     info!(
         connection = id,
@@ -125,6 +256,21 @@ async fn serve_stream(
         "ADS stream closed"
     );
     drop(guard);
+}
+
+/// A request may name only the certificate's node; with a certificate, the
+/// first request must name it.
+fn check_node(peer: &Peer, req: &DiscoveryRequest, first: bool) -> Result<(), Status> {
+    match (&req.node, peer) {
+        (Some(node), _) => tls::authorize(peer, &node.id, "ADS stream"),
+        (None, Peer::Verified(id)) if first => {
+            warn!(certificate = %id, "ADS stream refused: the first request has no node");
+            Err(Status::permission_denied(
+                "the first ADS request must carry node.id",
+            ))
+        }
+        (None, _) => Ok(()),
+    }
 }
 
 fn handle_request(stream: &mut AdsStream, registry: &Registry, id: u64, req: &DiscoveryRequest) {
@@ -154,5 +300,30 @@ fn handle_request(stream: &mut AdsStream, registry: &Registry, id: u64, req: &Di
         RequestEvent::Unknown { type_url } => {
             warn!(connection = id, %node, %type_url, "request for a type Understudy does not serve");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_are_capped_in_total_and_per_identity_and_slots_come_back() {
+        let caps = StreamCaps::new(5, 2);
+        let a1 = caps.acquire(Some("a")).unwrap();
+        let _a2 = caps.acquire(Some("a")).unwrap();
+        let third = caps.acquire(Some("a")).err().unwrap();
+        assert_eq!(third.code(), tonic::Code::ResourceExhausted);
+        // Another identity, and unknown (plaintext) peers, have their own room.
+        let _b = caps.acquire(Some("b")).unwrap();
+        let _p1 = caps.acquire(None).unwrap();
+        let _p2 = caps.acquire(None).unwrap();
+        assert_eq!(caps.open(), 5);
+        let total = caps.acquire(Some("c")).err().unwrap();
+        assert_eq!(total.code(), tonic::Code::ResourceExhausted);
+        // A closed stream frees its place, for its identity too.
+        drop(a1);
+        assert_eq!(caps.open(), 4);
+        let _a3 = caps.acquire(Some("a")).unwrap();
     }
 }

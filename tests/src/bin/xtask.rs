@@ -266,6 +266,18 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
     )?;
     let tokens = dir.join("tokens.txt");
     std::fs::write(&tokens, format!("demo:operator:{DEMO_TOKEN}\n"))?;
+    // Fresh certificates each run (`understudy certs init` as a library call):
+    // the xDS port is mutual TLS, and Envoy speaks as `envoy-1`.
+    let certs_dir = dir.join("certs");
+    if certs_dir.exists() {
+        std::fs::remove_dir_all(&certs_dir)?;
+    }
+    let certs = understudy_controlplane::tls::init(
+        &certs_dir,
+        &[],
+        &["envoy-1".to_owned()],
+        std::time::SystemTime::now(),
+    )?;
     let _cp = spawn(
         "control plane",
         &release.join("understudy"),
@@ -275,6 +287,8 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
             &state_file.display().to_string(),
             "--tokens",
             &tokens.display().to_string(),
+            "--tls-dir",
+            &certs_dir.display().to_string(),
             "--rollouts",
             &dir.join(format!("rollouts-{}.redb", std::process::id()))
                 .display()
@@ -282,9 +296,11 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
         ]),
         &dir.join("controlplane.log"),
     )?;
-    let envoy = Envoy::start(&envoy::render("bootstrap.yaml", &[])?, &[])
-        .await?
-        .quiet();
+    let bootstrap = envoy::render(
+        "bootstrap.yaml",
+        &envoy::bootstrap_cert_replacements(&certs, "envoy-1"),
+    )?;
+    let envoy = Envoy::start(&bootstrap, &[]).await?.quiet();
     envoy.wait_ready().await?;
     eprintln!(
         "Envoy admin on http://{}; control plane API on http://127.0.0.1:18080 \

@@ -1,0 +1,150 @@
+//! In-process tests of TLS on both ports: the API served over rustls with a
+//! certificate from `certs init`, and mutual TLS on the xDS port binding each
+//! client's node id to its certificate.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde_json::json;
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use understudy_controlplane::Options;
+use understudy_controlplane::model::{DesiredState, FilterSettings, ListenerSettings};
+use understudy_controlplane::store::Store;
+use understudy_controlplane::tls::{self, ApiTls, CertDir, XdsSecurity, XdsTls};
+use understudy_proto::v1::report_service_client::ReportServiceClient;
+use understudy_proto::v1::{TenantUsage, UsageReport};
+
+fn state() -> DesiredState {
+    DesiredState {
+        listener: ListenerSettings {
+            address: "127.0.0.1".parse().unwrap(),
+            port: 10000,
+        },
+        filter: FilterSettings {
+            wasm_path: "/etc/envoy/understudy.wasm".into(),
+            config: json!({"routes": [{"name": "api", "path_prefix": "/api"}]}),
+            report_cluster: "understudy_xds".into(),
+        },
+        services: Default::default(),
+    }
+}
+
+/// A control plane with mTLS xDS and a TLS API from `certs`; (xds, api) addresses.
+async fn start(certs: &CertDir) -> (SocketAddr, SocketAddr) {
+    let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addrs = (xds.local_addr().unwrap(), api.local_addr().unwrap());
+    let options = Options {
+        xds_security: XdsSecurity::Mtls(XdsTls::from_dir(&certs.dir).unwrap()),
+        api_tls: Some(ApiTls::from_files(&certs.server_cert(), &certs.server_key()).unwrap()),
+        ..Options::default()
+    };
+    tokio::spawn(understudy_controlplane::run_with(
+        Store::new(state()).unwrap(),
+        options,
+        xds,
+        api,
+        std::future::pending(),
+    ));
+    addrs
+}
+
+#[tokio::test]
+async fn the_api_serves_tls_that_the_cli_trusts_with_the_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tls::init(tmp.path(), &[], &[], SystemTime::now()).unwrap();
+    let (_, api) = start(&certs).await;
+    let url = format!("https://localhost:{}/healthz", api.port());
+    let trusted =
+        understudy_controlplane::cli::http_client_with_ca(None, Some(&certs.ca_cert())).unwrap();
+    let answer = trusted.get(&url).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.json::<serde_json::Value>().await.unwrap()["status"],
+        "ok"
+    );
+    // Without the CA the certificate is not trusted; plain HTTP gets no answer.
+    let untrusted = understudy_controlplane::cli::http_client(None).unwrap();
+    assert!(untrusted.get(&url).send().await.is_err());
+    let plain = format!("http://localhost:{}/healthz", api.port());
+    assert!(trusted.get(&plain).send().await.is_err());
+}
+
+async fn channel(addr: SocketAddr, ca: &Path, identity: Option<(&Path, &Path)>) -> Option<Channel> {
+    let mut config = ClientTlsConfig::new()
+        .domain_name(tls::SERVER_NAME)
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
+    if let Some((cert, key)) = identity {
+        config = config.identity(Identity::from_pem(
+            std::fs::read(cert).unwrap(),
+            std::fs::read(key).unwrap(),
+        ));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(config)
+        .unwrap()
+        .connect()
+        .await
+        .ok()
+}
+
+fn usage(node: &str) -> UsageReport {
+    UsageReport {
+        node_id: node.into(),
+        dropped: 0,
+        tenants: vec![TenantUsage {
+            tenant: "t".into(),
+            tier: "standard".into(),
+            allowed: 1,
+            limited: 0,
+            limit_rps: 1.0,
+        }],
+    }
+}
+
+#[tokio::test]
+async fn xds_reports_count_only_for_the_node_the_certificate_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tls::init(tmp.path(), &[], &["envoy-1".into()], SystemTime::now()).unwrap();
+    let (xds, _) = start(&certs).await;
+    let ca = certs.ca_cert();
+    let (cert, key) = (certs.envoy_cert("envoy-1"), certs.envoy_key("envoy-1"));
+
+    let mut own = ReportServiceClient::new(channel(xds, &ca, Some((&cert, &key))).await.unwrap());
+    assert_eq!(
+        own.push_usage(usage("envoy-1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        1
+    );
+    let refused = own.push_usage(usage("envoy-2")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+
+    // No client certificate: the handshake or the first call fails.
+    let anonymous = match channel(xds, &ca, None).await {
+        None => None,
+        Some(ch) => ReportServiceClient::new(ch)
+            .push_usage(usage("envoy-1"))
+            .await
+            .ok(),
+    };
+    assert!(
+        anonymous.is_none(),
+        "a client without a certificate was served"
+    );
+
+    // The legitimate client still works afterwards.
+    assert_eq!(
+        own.push_usage(usage("envoy-1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        1
+    );
+}
