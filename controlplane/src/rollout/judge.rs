@@ -728,9 +728,11 @@ fn latency_check(
     let thr = (1.0 / alpha).ln();
     let ratio = p99_c / p99_s;
     let head = format!(
-        "canary p99 {} vs stable {} (×{ratio:.2}; {} of canary requests slower than {} (×{} stable's p99, at least +{}), where {} is allowed",
+        "canary p99 {} {} vs stable {} {} (×{ratio:.2}; {} of canary requests slower than {} (×{} stable's p99, at least +{}), where {} is allowed",
         ms(p99_c),
+        hc.bucket_text(P99_TAIL * hc.total),
         ms(p99_s),
+        hs.bucket_text(P99_TAIL * hs.total),
         pct(share),
         ms(limit_ms),
         num(max_ratio),
@@ -759,10 +761,30 @@ fn latency_check(
     c.put("limit_ms", limit_ms);
     c.put("canary_share_above_limit", share);
     c.put("density_ratio", rho);
+    // Every side's quantiles with the bucket that holds each: the estimate
+    // is interpolated, the bucket is what the histogram proves.
+    for (side, h) in [("stable", &hs), ("canary", &hc)] {
+        for (label, tail) in REPORTED_QUANTILES {
+            let k = tail * h.total;
+            c.put(
+                &format!("{side}_{label}_ms"),
+                h.quantile_above(k, OpenBucket::LowerBound),
+            );
+            if let Some((lo, hi)) = h.bucket_of(k) {
+                c.put(&format!("{side}_{label}_bucket_lo_ms"), lo);
+                c.put(&format!("{side}_{label}_bucket_hi_ms"), hi);
+            }
+        }
+    }
     c.put("p_value", p);
     c.put("alpha", alpha);
     c
 }
+
+/// The quantiles every latency check reports per side, by the share of
+/// samples above them.
+const REPORTED_QUANTILES: [(&str, f64); 4] =
+    [("p50", 0.5), ("p90", 0.1), ("p99", 0.01), ("p99.9", 0.001)];
 
 /// The mixture's scale for the canary's excess share above the limit:
 /// shares of 1.5% to 10% where 1% is allowed are the regressions to catch.
@@ -861,9 +883,14 @@ impl Histogram {
         if z_lo.is_finite() && z_hi.is_finite() && z_hi > z_lo {
             return Interp::Probit { z_lo, z_hi };
         }
+        // The slope comes from the nearest occupied bucket below: empty
+        // buckets between carry no shape.
         if z_lo.is_finite()
             && f_hi >= 1.0
-            && let Some(prev) = i.checked_sub(1)
+            && let Some(prev) = self
+                .buckets
+                .get(..i)
+                .and_then(|below| below.iter().rposition(|b| b.2 > 0.0))
             && let Some(&(prev_lo, prev_hi, ..)) = self.buckets.get(prev)
         {
             let slope = match self.interp(prev) {
@@ -945,6 +972,29 @@ impl Histogram {
             .map(|b| b.1)
             .find(|b| b.is_finite())
             .unwrap_or(0.0)
+    }
+
+    /// The bucket `(lower, upper]` that holds the latency with `k_above`
+    /// samples above it: exact, whatever the distribution inside buckets.
+    fn bucket_of(&self, k_above: f64) -> Option<(f64, f64)> {
+        let target = if self.total > 0.0 {
+            (1.0 - k_above / self.total).clamp(0.0, 1.0)
+        } else {
+            return None;
+        };
+        self.buckets
+            .iter()
+            .find(|b| b.2 > 0.0 && b.4 >= target)
+            .map(|b| (b.0, b.1))
+    }
+
+    /// `"in (80, 100] ms"`: where [`Self::bucket_of`] puts a quantile.
+    fn bucket_text(&self, k_above: f64) -> String {
+        match self.bucket_of(k_above) {
+            Some((lo, hi)) if hi.is_infinite() => format!("(above {})", ms(lo)),
+            Some((lo, hi)) => format!("(in ({}, {}])", num(lo), ms(hi)),
+            None => String::new(),
+        }
     }
 
     /// The latency with (interpolated) `k_above` samples above it.
@@ -1581,6 +1631,214 @@ mod tests {
             let (rolled_back, _) = rollbacks(&s, 200, 120);
             eprintln!("A/A latency σ {sigma}: {rolled_back}/200 rolled back");
             assert!(rolled_back <= 2, "σ {sigma}: {rolled_back}/200");
+        }
+    }
+
+    // === tails behind empty buckets (issue 11) ===
+
+    /// `envoy/bootstrap.yaml`'s `upstream_rq_time` bounds, in ms.
+    const FINE_BOUNDS: [f64; 45] = [
+        0.5,
+        1.0,
+        1.25,
+        1.5,
+        2.0,
+        2.5,
+        3.0,
+        4.0,
+        5.0,
+        6.0,
+        8.0,
+        10.0,
+        12.5,
+        15.0,
+        20.0,
+        25.0,
+        30.0,
+        40.0,
+        50.0,
+        60.0,
+        80.0,
+        100.0,
+        125.0,
+        150.0,
+        200.0,
+        250.0,
+        300.0,
+        400.0,
+        500.0,
+        600.0,
+        800.0,
+        1000.0,
+        1250.0,
+        1500.0,
+        2000.0,
+        2500.0,
+        3000.0,
+        4000.0,
+        5000.0,
+        7500.0,
+        10000.0,
+        15000.0,
+        30000.0,
+        60000.0,
+        f64::INFINITY,
+    ];
+
+    /// A mixture of log-normal modes `(share, median ms, log-sd)` as
+    /// expected bucket counts of `n` samples over `bounds`, compacted the
+    /// way the metrics book stores it (runs of empty buckets kept as one).
+    fn modes(bounds: &[f64], n: u64, modes: &[(f64, f64, f64)]) -> Vec<(f64, u64)> {
+        let cdf = |x: f64| -> f64 {
+            if x.is_infinite() {
+                return 1.0;
+            }
+            modes
+                .iter()
+                .map(|(w, m, sd)| w * stats::phi((x / m).ln() / sd))
+                .sum()
+        };
+        let mut prev = 0.0;
+        let raw: Vec<(f64, u64)> = bounds
+            .iter()
+            .map(|&b| {
+                let f = cdf(b);
+                let c = ((f - prev) * n as f64).round() as u64;
+                prev = f;
+                (b, c)
+            })
+            .collect();
+        compacted(&raw)
+    }
+
+    /// Runs of empty buckets as one, trailing empty ones gone.
+    fn compacted(raw: &[(f64, u64)]) -> Vec<(f64, u64)> {
+        let mut out = Vec::new();
+        for (i, &(b, c)) in raw.iter().enumerate() {
+            let next_full = raw.get(i + 1).is_some_and(|n| n.1 > 0);
+            if c > 0 || next_full {
+                out.push((b, c));
+            }
+        }
+        out
+    }
+
+    /// Issue 11's case: 95% fast, 5% at `slow_ms` (Envoy measures a sleep
+    /// a little above its length), no errors.
+    fn tail_gap(n: u64, slow_ms: f64) -> Evidence {
+        Evidence {
+            requests: n,
+            errors: 0,
+            latency_ms: modes(
+                &FINE_BOUNDS,
+                n,
+                &[(0.95, 3.0, 0.3), (0.05, slow_ms * 1.02, 0.02)],
+            ),
+            last_update_ms: Some(NOW),
+        }
+    }
+
+    #[test]
+    fn a_tail_that_moved_from_40_to_90_ms_behind_empty_buckets_rolls_back() {
+        let stable = tail_gap(16_000, 40.0);
+        let j = run(&stable, &tail_gap(4_000, 90.0));
+        assert_eq!(j.verdict, Verdict::Rollback, "{}", j.reason);
+        let c = check(&j, "p99_latency");
+        assert_eq!(c.status, CheckStatus::Fail);
+        // The reason names p99 and both sides, with the buckets that hold them.
+        assert!(
+            j.reason.starts_with("canary p99 ")
+                && j.reason.contains("(in (80, 100 ms]) vs stable ")
+                && j.reason.contains("(in (40, 50 ms])"),
+            "{}",
+            j.reason
+        );
+        assert!(
+            (80.0..=100.0).contains(&c.measured["canary_p99_ms"]),
+            "{c:?}"
+        );
+        assert!(
+            (40.0..=50.0).contains(&c.measured["stable_p99_ms"]),
+            "{c:?}"
+        );
+        assert_eq!(c.measured["canary_p99_bucket_lo_ms"], 80.0);
+        assert_eq!(c.measured["canary_p99_bucket_hi_ms"], 100.0);
+        assert_eq!(c.measured["stable_p99_bucket_hi_ms"], 50.0);
+        assert!(c.measured.contains_key("canary_p50_ms"));
+        assert!(c.measured.contains_key("stable_p99.9_bucket_hi_ms"));
+
+        // The same tail on both sides passes.
+        let j = run(&stable, &tail_gap(4_000, 40.0));
+        assert_eq!(j.verdict, Verdict::Promote, "{}", j.reason);
+
+        // What the old ingestion did: empty buckets dropped, so canary's
+        // (80, 100] read as (10, 100]. The p99 then lands far below 80 ms:
+        // the smear this issue is about.
+        let mut smeared = tail_gap(4_000, 90.0);
+        smeared.latency_ms.retain(|b| b.1 > 0);
+        let j = run(&stable, &smeared);
+        let p99 = check(&j, "p99_latency").measured["canary_p99_ms"];
+        assert!(p99 < 80.0, "{p99}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Bi- and multimodal latencies with gaps of empty buckets: each
+        /// side's p99 estimate lies in the bucket that holds the true p99,
+        /// and so do the other reported quantiles.
+        #[test]
+        fn prop_quantiles_lie_in_the_bucket_of_the_true_quantile(
+            mode_list in prop::collection::vec((0.01f64..1.0, 0.7f64..3000.0, 0.01f64..0.5), 1..=4),
+            n in 100u64..50_000,
+        ) {
+            let total_w: f64 = mode_list.iter().map(|m| m.0).sum();
+            let ms: Vec<(f64, f64, f64)> =
+                mode_list.iter().map(|&(w, m, sd)| (w / total_w, m, sd)).collect();
+            let raw = modes(&FINE_BOUNDS, n, &ms);
+            let h = Histogram::new(&raw).unwrap();
+            prop_assume!(h.total > 0.0);
+            for (_, tail) in REPORTED_QUANTILES {
+                // The true quantile's bucket from the counts alone: the
+                // first bucket whose cumulative count reaches (1 − tail) n.
+                let need = (1.0 - tail) * h.total;
+                let mut below = 0.0;
+                let mut lower = 0.0;
+                let mut truth = None;
+                for &(upper, c) in &raw {
+                    below += c as f64;
+                    if c > 0 && below >= need {
+                        truth = Some((lower, upper));
+                        break;
+                    }
+                    lower = upper;
+                }
+                let (lo, hi) = truth.unwrap();
+                let q = h.quantile_above(tail * h.total, OpenBucket::LowerBound);
+                prop_assert!(lo <= q && q <= hi, "tail {tail}: {q} not in ({lo}, {hi}] for {raw:?}");
+                prop_assert_eq!(h.bucket_of(tail * h.total), Some((lo, hi)));
+            }
+        }
+
+        /// The tail test on issue 11's shape at any fast median, slow share
+        /// and sample size: 40 → 90 ms rolls back, 40 → 40 ms passes.
+        #[test]
+        fn prop_a_moved_tail_rolls_back_and_an_identical_one_passes(
+            fast in 1.0f64..8.0,
+            share in 0.03f64..0.1,
+            n_canary in 2_000u64..20_000,
+        ) {
+            let side = |n: u64, slow: f64| Evidence {
+                requests: n,
+                errors: 0,
+                latency_ms: modes(&FINE_BOUNDS, n, &[(1.0 - share, fast, 0.3), (share, slow * 1.02, 0.02)]),
+                last_update_ms: Some(NOW),
+            };
+            let stable = side(4 * n_canary, 40.0);
+            let j = run(&stable, &side(n_canary, 90.0));
+            prop_assert_eq!(j.verdict, Verdict::Rollback, "{}", j.reason);
+            let j = run(&stable, &side(n_canary, 40.0));
+            prop_assert_eq!(j.verdict, Verdict::Promote, "{}", j.reason);
         }
     }
 
