@@ -220,6 +220,10 @@ struct Series {
     /// In arrival order.
     samples: VecDeque<Sample>,
     last_update_ms: u64,
+    /// When each Envoy last reported this cluster (with traffic or not):
+    /// a window is only as fresh as the stalest Envoy that carried it.
+    /// At most [`MAX_STREAMS`] nodes; the longest silent goes first.
+    reporters: HashMap<NodeId, u64>,
 }
 
 struct Stream {
@@ -285,8 +289,14 @@ impl MetricsBook {
     }
 
     /// What `cluster` did in `(since_ms, now_ms]`, summed over Envoys.
-    /// `last_update_ms` is the newest report that mentioned the cluster,
-    /// whenever it was; `None` if it was never reported (or was forgotten).
+    ///
+    /// `last_update_ms` is how fresh the window is: the *oldest* latest
+    /// report among the Envoys that carried the cluster's traffic in the
+    /// window, so an Envoy that went quiet mid-window makes the whole window
+    /// stale however fresh the others are (its requests are missing from
+    /// it, and they are not known to be healthy). With no traffic in the
+    /// window, the newest report that mentioned the cluster (fresh: idle;
+    /// old: no data). `None` if it was never reported (or was forgotten).
     pub fn window(&self, cluster: &str, since_ms: u64, now_ms: u64) -> Evidence {
         let inner = self.lock();
         let Some(series) = inner.clusters.get(cluster) else {
@@ -297,16 +307,23 @@ impl MetricsBook {
             ..Evidence::default()
         };
         let mut histograms = Vec::new();
+        let mut stalest: Option<u64> = None;
         for s in series
             .samples
             .iter()
             .filter(|s| s.at_ms > since_ms && s.at_ms <= now_ms)
         {
-            evidence.requests += s.requests;
-            evidence.errors += s.errors_5xx;
+            evidence.requests = evidence.requests.saturating_add(s.requests);
+            evidence.errors = evidence.errors.saturating_add(s.errors_5xx);
             if !s.latency_ms.is_empty() {
                 histograms.push(s.latency_ms.as_slice());
             }
+            // A node no longer in the table was forgotten: no report since.
+            let last = series.reporters.get(&s.node).copied().unwrap_or(s.at_ms);
+            stalest = Some(stalest.map_or(last, |t| t.min(last)));
+        }
+        if stalest.is_some() {
+            evidence.last_update_ms = stalest;
         }
         evidence.latency_ms = merge_buckets(&histograms);
         evidence
@@ -407,8 +424,20 @@ impl Inner {
         let series = self.clusters.entry(cluster).or_insert_with(|| Series {
             samples: VecDeque::new(),
             last_update_ms: now_ms,
+            reporters: HashMap::new(),
         });
         series.last_update_ms = now_ms;
+        if !series.reporters.contains_key(&sample.node) && series.reporters.len() >= MAX_STREAMS {
+            let quietest = series
+                .reporters
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(n, _)| n.clone());
+            if let Some(n) = quietest {
+                series.reporters.remove(&n);
+            }
+        }
+        series.reporters.insert(sample.node.clone(), now_ms);
         let cutoff = now_ms.saturating_sub(RETENTION_MS);
         let before = series.samples.len();
         while series.samples.front().is_some_and(|s| s.at_ms <= cutoff) {
@@ -1034,6 +1063,28 @@ mod tests {
             ]
         );
         assert_eq!(e.latency_ms.iter().map(|b| b.1).sum::<u64>(), e.requests);
+    }
+
+    #[test]
+    fn an_envoy_that_went_quiet_makes_the_window_stale() {
+        let book = MetricsBook::default();
+        for t in [1_000, 2_000] {
+            ingest(&book, "e1", flush("c", 10, 0, &[1.0; 10]), t);
+            ingest(&book, "e2", flush("c", 10, 0, &[1.0; 10]), t);
+        }
+        // e1 disappears; e2 goes on with traffic.
+        for t in [3_000, 4_000, 20_000] {
+            ingest(&book, "e2", flush("c", 10, 0, &[1.0; 10]), t);
+        }
+        let e = book.window("c", 0, 20_000);
+        assert_eq!(e.requests, 50);
+        assert_eq!(e.last_update_ms, Some(2_000), "as fresh as e1, the stalest");
+        // An Envoy still reporting, just idle, is fresh.
+        ingest(&book, "e1", flush("c", 0, 0, &[]), 20_000);
+        assert_eq!(book.window("c", 0, 20_000).last_update_ms, Some(20_000));
+        // A window e1 carried nothing in does not wait for it.
+        let e = book.window("c", 2_000, 20_000);
+        assert_eq!((e.requests, e.last_update_ms), (30, Some(20_000)));
     }
 
     #[test]
