@@ -1077,7 +1077,7 @@ mod tests {
             ingest(&book, "e2", flush("c", 10, 0, &[1.0; 10]), t);
         }
         let e = book.window("c", 0, 20_000);
-        assert_eq!(e.requests, 50);
+        assert_eq!(e.requests, 70);
         assert_eq!(e.last_update_ms, Some(2_000), "as fresh as e1, the stalest");
         // An Envoy still reporting, just idle, is fresh.
         ingest(&book, "e1", flush("c", 0, 0, &[]), 20_000);
