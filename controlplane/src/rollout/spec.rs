@@ -1052,6 +1052,45 @@ analysis:
     }
 
     #[test]
+    fn latency_stop_rules_beyond_p99() {
+        let base = "service: checkout\nowner: alice\nstop_rules: ";
+        let spec = parse(&format!(
+            "{base}{{max_p99_ratio: 1.5, max_p50_ratio: 1.2, max_p90_ratio: 1.3, max_p999_ratio: 2, slow_request_ms: 100, max_slow_share_increase_pp: 0.5}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            spec.stop_rules.latency,
+            LatencyRules {
+                max_p50_ratio: Some(1.2),
+                max_p90_ratio: Some(1.3),
+                max_p999_ratio: Some(2.0),
+                slow_request_ms: Some(100.0),
+                max_slow_share_increase_pp: Some(0.5),
+            }
+        );
+        // Flattened: the rules serialize as written.
+        let json = serde_json::to_value(&spec.stop_rules).unwrap();
+        assert_eq!(json["max_p50_ratio"], 1.2);
+        assert_eq!(json["slow_request_ms"], 100.0);
+        let e = err(&format!("{base}{{max_p99_ratio: 1.5, max_p90_ratio: 1}}\n"));
+        assert_eq!(e, "stop_rules.max_p90_ratio: must be > 1, got 1");
+        let e = err(&format!(
+            "{base}{{max_p99_ratio: 1.5, slow_request_ms: 100}}\n"
+        ));
+        assert_eq!(
+            e,
+            "stop_rules.slow_request_ms: set slow_request_ms and max_slow_share_increase_pp together"
+        );
+        let e = err(&format!(
+            "{base}{{max_p99_ratio: 1.5, slow_request_ms: -3, max_slow_share_increase_pp: 1}}\n"
+        ));
+        assert!(
+            e.starts_with("stop_rules.slow_request_ms: must be above 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn stop_rule_values_are_checked() {
         let base = "service: checkout\nowner: alice\nstop_rules: ";
         let e = err(&format!("{base}{{max_p99_ratio: 0.5}}\n"));
