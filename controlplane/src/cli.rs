@@ -592,6 +592,7 @@ mod tests {
         assert!(parse(&["--api-cert", "c"]).is_err());
     }
 
+    #[test]
     fn shadow_tables_read_at_a_glance() {
         let summary = json!({
             "route": "checkout", "compared": 100, "matched": 85, "mismatched_serious": 10,

@@ -185,7 +185,14 @@ pub async fn run_with(
         .serve_with_incoming(TcpListenerStream::new(xds_listener));
     let api = async move {
         match options.api_tls {
-            None => axum::serve(api_listener, app).await.map_err(RunError::Api),
+            // The peer's address reaches the auth layer (`ConnectInfo`), so
+            // failed logins are limited per peer rather than for everyone.
+            None => axum::serve(
+                api_listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await
+            .map_err(RunError::Api),
             Some(material) => {
                 let config = axum_server::tls_rustls::RustlsConfig::from_pem(
                     material.cert_pem,
@@ -195,7 +202,7 @@ pub async fn run_with(
                 .map_err(RunError::ApiTls)?;
                 let listener = api_listener.into_std().map_err(RunError::Api)?;
                 axum_server::from_tcp_rustls(listener, config)
-                    .serve(app.into_make_service())
+                    .serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
                     .await
                     .map_err(RunError::Api)
             }

@@ -155,8 +155,10 @@ pub struct Sample {
     /// Requests completed (any status).
     pub requests: u64,
     pub errors_5xx: u64,
-    /// `(upper bound in ms, count)`, not cumulative, bounds ascending, empty
-    /// buckets left out; the last bound may be `f64::INFINITY`.
+    /// `(upper bound in ms, count)`, not cumulative, bounds ascending; a
+    /// bucket's lower bound is the previous entry's bound (0 for the first),
+    /// so a run of empty buckets before a non-empty one is kept as one empty
+    /// entry (see [`compact`]); the last bound may be `f64::INFINITY`.
     pub latency_ms: Vec<(f64, u64)>,
 }
 
@@ -226,6 +228,10 @@ struct Series {
     /// In arrival order.
     samples: VecDeque<Sample>,
     last_update_ms: u64,
+    /// When each Envoy last reported this cluster (with traffic or not):
+    /// a window is only as fresh as the stalest Envoy that carried it.
+    /// At most [`MAX_STREAMS`] nodes; the longest silent goes first.
+    reporters: HashMap<NodeId, u64>,
 }
 
 struct Stream {
@@ -291,8 +297,14 @@ impl MetricsBook {
     }
 
     /// What `cluster` did in `(since_ms, now_ms]`, summed over Envoys.
-    /// `last_update_ms` is the newest report that mentioned the cluster,
-    /// whenever it was; `None` if it was never reported (or was forgotten).
+    ///
+    /// `last_update_ms` is how fresh the window is: the *oldest* latest
+    /// report among the Envoys that carried the cluster's traffic in the
+    /// window, so an Envoy that went quiet mid-window makes the whole window
+    /// stale however fresh the others are (its requests are missing from
+    /// it, and they are not known to be healthy). With no traffic in the
+    /// window, the newest report that mentioned the cluster (fresh: idle;
+    /// old: no data). `None` if it was never reported (or was forgotten).
     pub fn window(&self, cluster: &str, since_ms: u64, now_ms: u64) -> Evidence {
         let inner = self.lock();
         let Some(series) = inner.clusters.get(cluster) else {
@@ -302,7 +314,8 @@ impl MetricsBook {
             last_update_ms: Some(series.last_update_ms),
             ..Evidence::default()
         };
-        let mut buckets = Vec::new();
+        let mut histograms = Vec::new();
+        let mut stalest: Option<u64> = None;
         for s in series
             .samples
             .iter()
@@ -310,9 +323,17 @@ impl MetricsBook {
         {
             evidence.requests = evidence.requests.saturating_add(s.requests);
             evidence.errors = evidence.errors.saturating_add(s.errors_5xx);
-            buckets.extend_from_slice(&s.latency_ms);
+            if !s.latency_ms.is_empty() {
+                histograms.push(s.latency_ms.as_slice());
+            }
+            // A node no longer in the table was forgotten: no report since.
+            let last = series.reporters.get(&s.node).copied().unwrap_or(s.at_ms);
+            stalest = Some(stalest.map_or(last, |t| t.min(last)));
         }
-        evidence.latency_ms = merge_buckets(buckets);
+        if stalest.is_some() {
+            evidence.last_update_ms = stalest;
+        }
+        evidence.latency_ms = merge_buckets(&histograms);
         evidence
     }
 
@@ -411,8 +432,20 @@ impl Inner {
         let series = self.clusters.entry(cluster).or_insert_with(|| Series {
             samples: VecDeque::new(),
             last_update_ms: now_ms,
+            reporters: HashMap::new(),
         });
         series.last_update_ms = now_ms;
+        if !series.reporters.contains_key(&sample.node) && series.reporters.len() >= MAX_STREAMS {
+            let quietest = series
+                .reporters
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(n, _)| n.clone());
+            if let Some(n) = quietest {
+                series.reporters.remove(&n);
+            }
+        }
+        series.reporters.insert(sample.node.clone(), now_ms);
         let cutoff = now_ms.saturating_sub(RETENTION_MS);
         let before = series.samples.len();
         while series.samples.front().is_some_and(|s| s.at_ms <= cutoff) {
@@ -465,7 +498,8 @@ struct ClusterFlush {
     by_class: Option<(u64, u64)>,
     /// (all codes, 5xx) from `upstream_rq`.
     by_code: Option<(u64, u64)>,
-    latency: Vec<(f64, u64)>,
+    /// One histogram per latency metric seen (normally one).
+    latency: Vec<Vec<(f64, u64)>>,
 }
 
 impl ClusterFlush {
@@ -485,7 +519,7 @@ impl ClusterFlush {
             // Never report more errors than requests, even if a peer does.
             requests: requests.max(errors_5xx),
             errors_5xx,
-            latency_ms: merge_buckets(self.latency),
+            latency_ms: merge_buckets(&self.latency),
         }
     }
 }
@@ -544,7 +578,10 @@ fn parse(families: &[MetricFamily]) -> (BTreeMap<String, ClusterFlush>, usize) {
                 }
                 Stat::Latency => {
                     if let Some(h) = &metric.histogram {
-                        flush.latency.extend(histogram_buckets(h));
+                        let buckets = histogram_buckets(h);
+                        if !buckets.is_empty() {
+                            flush.latency.push(buckets);
+                        }
                     }
                 }
             }
@@ -635,8 +672,13 @@ fn float_count(v: f64) -> u64 {
 }
 
 /// A Prometheus histogram (buckets cumulative across bounds, maybe without
-/// `+Inf`) as per-bucket counts; what lies above the last bound kept goes
-/// to `+Inf`.
+/// `+Inf`) as per-bucket counts in [`compact`] form; what lies above the
+/// last bound kept goes to `+Inf`.
+///
+/// A bucket's lower bound is the previous *configured* bound, whether or
+/// not that bucket has counts: so empty buckets are kept here (compacted,
+/// never dropped), or a slow mode behind a gap of empty buckets would be
+/// read as spread from the last non-empty bucket up, and smeared downward.
 fn histogram_buckets(h: &Histogram) -> Vec<(f64, u64)> {
     let total = h
         .sample_count
@@ -646,7 +688,7 @@ fn histogram_buckets(h: &Histogram) -> Vec<(f64, u64)> {
         .bucket
         .iter()
         .filter_map(|b| {
-            let bound = b.upper_bound.filter(|u| !u.is_nan() && *u >= 0.0)?;
+            let bound = b.upper_bound.filter(|u| !u.is_nan() && *u > 0.0)?;
             let count = b
                 .cumulative_count
                 .or(b.cumulative_count_float.map(float_count))?;
@@ -654,6 +696,8 @@ fn histogram_buckets(h: &Histogram) -> Vec<(f64, u64)> {
         })
         .collect();
     cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // A repeated bound would be an empty-width bucket: keep the first.
+    cumulative.dedup_by(|b, a| a.0 == b.0);
     cumulative.truncate(MAX_BUCKETS);
     let mut out = Vec::with_capacity(cumulative.len() + 1);
     let mut below = 0;
@@ -661,29 +705,106 @@ fn histogram_buckets(h: &Histogram) -> Vec<(f64, u64)> {
         // A count that goes down across bounds is malformed; it adds nothing.
         let n = count.saturating_sub(below);
         below = below.max(count);
-        if n > 0 {
-            out.push((bound, n));
-        }
+        out.push((bound, n));
     }
     let above = total.saturating_sub(below);
-    if above > 0 {
-        out.push((f64::INFINITY, above));
+    match out.last_mut() {
+        Some((b, n)) if b.is_infinite() => *n = n.saturating_add(above),
+        _ if above > 0 => out.push((f64::INFINITY, above)),
+        _ => {}
+    }
+    compact(out)
+}
+
+/// The shortest list of `(upper bound, count)` that keeps every non-empty
+/// bucket's true bounds: a run of empty buckets is kept as one empty bucket
+/// (its last bound), because the next bucket's lower bound is that bound;
+/// empty buckets after the last non-empty one say nothing and go. A list
+/// with no counts at all becomes empty.
+fn compact(buckets: Vec<(f64, u64)>) -> Vec<(f64, u64)> {
+    let mut out: Vec<(f64, u64)> = Vec::with_capacity(buckets.len());
+    let mut pending_gap: Option<f64> = None;
+    for (bound, n) in buckets {
+        if n == 0 {
+            pending_gap = Some(bound);
+            continue;
+        }
+        if let Some(gap) = pending_gap.take() {
+            out.push((gap, 0));
+        }
+        out.push((bound, n));
     }
     out
 }
 
-/// Sums buckets with the same bound and sorts them by bound. Envoys with
-/// different bucket settings simply contribute different bounds.
-fn merge_buckets(mut buckets: Vec<(f64, u64)>) -> Vec<(f64, u64)> {
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut out: Vec<(f64, u64)> = Vec::with_capacity(buckets.len());
-    for (bound, n) in buckets {
-        match out.last_mut() {
-            Some((b, c)) if *b == bound => *c += n,
-            _ => out.push((bound, n)),
+/// Merges histograms (each `(upper bound, count)`, ascending, a bucket's
+/// lower bound the previous entry's bound or 0) into one whose every bucket
+/// holds exactly the samples between its bounds.
+///
+/// Envoys with the same bucket settings merge bucket by bucket. Where
+/// settings differ, a bound is kept only if it cuts no non-empty bucket of
+/// any source (a source's bucket `(lo, hi]` says nothing about where in it
+/// its samples lie): the finest partition that is still exact. Never
+/// interpolated, so a merged histogram is as honest as its sources.
+/// At most [`MAX_BUCKETS`] finite bounds come out; beyond that, bounds are
+/// thinned (merging neighbours stays exact).
+fn merge_buckets<B: AsRef<[(f64, u64)]>>(sources: &[B]) -> Vec<(f64, u64)> {
+    let mut cuts: Vec<f64> = sources
+        .iter()
+        .flat_map(AsRef::as_ref)
+        .map(|b| b.0)
+        .filter(|b| b.is_finite() && *b > 0.0)
+        .collect();
+    cuts.sort_by(f64::total_cmp);
+    cuts.dedup();
+    let mut valid = vec![true; cuts.len()];
+    for source in sources {
+        let mut lower = 0.0;
+        for &(upper, n) in source.as_ref() {
+            if n > 0 {
+                // Cuts strictly inside (lower, upper) split this bucket.
+                let from = cuts.partition_point(|c| *c <= lower);
+                let to = cuts.partition_point(|c| *c < upper);
+                for v in valid.iter_mut().take(to).skip(from) {
+                    *v = false;
+                }
+            }
+            lower = upper;
         }
     }
-    out
+    let mut cuts: Vec<f64> = cuts
+        .into_iter()
+        .zip(valid)
+        .filter_map(|(c, ok)| ok.then_some(c))
+        .collect();
+    if cuts.len() > MAX_BUCKETS {
+        let step = cuts.len().div_ceil(MAX_BUCKETS);
+        let last = cuts.last().copied();
+        cuts = cuts.into_iter().skip(step - 1).step_by(step).collect();
+        if let Some(last) = last
+            && cuts.last() != Some(&last)
+        {
+            if cuts.len() >= MAX_BUCKETS {
+                cuts.pop();
+            }
+            cuts.push(last);
+        }
+    }
+    let mut counts = vec![0u64; cuts.len()];
+    let mut overflow = 0u64;
+    for &(upper, n) in sources.iter().flat_map(AsRef::as_ref) {
+        // The first cut at or above the bucket's upper bound holds it whole.
+        let i = cuts.partition_point(|c| *c < upper);
+        match counts.get_mut(i) {
+            Some(c) => *c = c.saturating_add(n),
+            None => overflow = overflow.saturating_add(n),
+        }
+    }
+    let mut out: Vec<(f64, u64)> = cuts.into_iter().zip(counts).collect();
+    if overflow > 0 {
+        out.push((f64::INFINITY, overflow));
+    }
+    compact(out)
 }
 
 // === impl MetricsSink ===
@@ -907,7 +1028,7 @@ mod tests {
         ingest(&book, "e1", flush("shop-stable", 2, 0, &[2.0; 2]), 2_000);
         let e = book.window("shop-stable", 0, 2_000);
         assert_eq!((e.requests, e.errors), (12, 3));
-        assert_eq!(e.latency_ms, vec![(5.0, 12)]);
+        assert_eq!(e.latency_ms, vec![(1.0, 0), (5.0, 12)]);
         assert_eq!(e.last_update_ms, Some(2_000));
     }
 
@@ -919,7 +1040,10 @@ mod tests {
         ingest(&book, "e1", flush("c", 7, 0, &[3.0; 7]), 1_000);
         ingest(&book, "e1", flush("c", 0, 0, &[]), 2_000);
         ingest(&book, "e1", flush("c", 2, 0, &[3.0; 2]), 3_000);
-        assert_eq!(book.window("c", 0, 3_000).latency_ms, vec![(5.0, 9)]);
+        assert_eq!(
+            book.window("c", 0, 3_000).latency_ms,
+            vec![(1.0, 0), (5.0, 9)]
+        );
         assert_eq!(
             book.samples("c", 0, 3_000).len(),
             2,
@@ -936,7 +1060,7 @@ mod tests {
         ingest(&book, "e1", flush("c", 3, 1, &[30.0; 4]), 2_000);
         let e = book.window("c", 0, 2_000);
         assert_eq!((e.requests, e.errors), (114, 11));
-        assert_eq!(e.latency_ms, vec![(50.0, 114)]);
+        assert_eq!(e.latency_ms, vec![(25.0, 0), (50.0, 114)]);
     }
 
     #[test]
@@ -950,12 +1074,37 @@ mod tests {
             vec![
                 (0.5, 1),
                 (1.0, 1),
+                (5.0, 0),
                 (10.0, 2),
+                (100.0, 0),
                 (250.0, 1),
+                (3_600_000.0, 0),
                 (f64::INFINITY, 1)
             ]
         );
         assert_eq!(e.latency_ms.iter().map(|b| b.1).sum::<u64>(), e.requests);
+    }
+
+    #[test]
+    fn an_envoy_that_went_quiet_makes_the_window_stale() {
+        let book = MetricsBook::default();
+        for t in [1_000, 2_000] {
+            ingest(&book, "e1", flush("c", 10, 0, &[1.0; 10]), t);
+            ingest(&book, "e2", flush("c", 10, 0, &[1.0; 10]), t);
+        }
+        // e1 disappears; e2 goes on with traffic.
+        for t in [3_000, 4_000, 20_000] {
+            ingest(&book, "e2", flush("c", 10, 0, &[1.0; 10]), t);
+        }
+        let e = book.window("c", 0, 20_000);
+        assert_eq!(e.requests, 70);
+        assert_eq!(e.last_update_ms, Some(2_000), "as fresh as e1, the stalest");
+        // An Envoy still reporting, just idle, is fresh.
+        ingest(&book, "e1", flush("c", 0, 0, &[]), 20_000);
+        assert_eq!(book.window("c", 0, 20_000).last_update_ms, Some(20_000));
+        // A window e1 carried nothing in does not wait for it.
+        let e = book.window("c", 2_000, 20_000);
+        assert_eq!((e.requests, e.last_update_ms), (30, Some(20_000)));
     }
 
     #[test]
@@ -1097,6 +1246,49 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_mode_behind_empty_buckets_keeps_its_bounds() {
+        // Issue 11: 95 fast requests and 5 at 90 ms. The 5 are in (50, 100],
+        // not in (5, 100] as when empty buckets were dropped.
+        let book = MetricsBook::default();
+        let mut latencies = vec![2.0; 95];
+        latencies.extend([90.0; 5]);
+        ingest(&book, "e1", flush("c", 100, 0, &latencies), 1_000);
+        ingest(&book, "e1", flush("c", 100, 0, &latencies), 2_000);
+        let e = book.window("c", 0, 2_000);
+        assert_eq!(
+            e.latency_ms,
+            vec![(1.0, 0), (5.0, 190), (50.0, 0), (100.0, 10)]
+        );
+    }
+
+    #[test]
+    fn merging_keeps_only_bounds_that_cut_no_source_bucket() {
+        // (0,5]:1 (5,20]:2 with default-bounds (1,5]:1 (25,50]:1: 10 would
+        // cut (5,20], 0.5 and 1 would cut (0,5]; 20 and 25 cut nothing.
+        let a = vec![(5.0, 1), (20.0, 2)];
+        let b = vec![(1.0, 0), (5.0, 1), (25.0, 0), (50.0, 1)];
+        assert_eq!(
+            merge_buckets(&[a.clone(), b.clone()]),
+            vec![(5.0, 2), (20.0, 2), (25.0, 0), (50.0, 1)]
+        );
+        // Same settings: bucket by bucket; order of sources does not matter.
+        assert_eq!(
+            merge_buckets(&[b.clone(), b.clone()]),
+            merge_buckets(&[b.clone(), b.clone()])
+        );
+        assert_eq!(
+            merge_buckets(&[b.clone(), a]),
+            merge_buckets(&[vec![(5.0, 1), (20.0, 2)], b])
+        );
+        // Too many distinct bounds from a peer: thinned, still exact in sum.
+        let many: Vec<Vec<(f64, u64)>> = (1..=1000).map(|i| vec![(f64::from(i), 1)]).collect();
+        let m = merge_buckets(&many);
+        assert!(m.len() <= MAX_BUCKETS, "{}", m.len());
+        assert_eq!(m.iter().map(|b| b.1).sum::<u64>(), 1000);
+        assert_eq!(m.last(), Some(&(1000.0, m.last().map_or(0, |b| b.1))));
+    }
+
+    #[test]
     fn envoys_with_different_buckets_merge_by_bound() {
         let book = MetricsBook::default();
         let custom = MetricFamily {
@@ -1127,7 +1319,7 @@ mod tests {
         ingest(&book, "e2", vec![latency_family("c", &[3.0, 40.0])], 1_000);
         assert_eq!(
             book.window("c", 0, 1_000).latency_ms,
-            vec![(5.0, 2), (20.0, 2), (50.0, 1)]
+            vec![(5.0, 2), (20.0, 2), (25.0, 0), (50.0, 1)]
         );
     }
 

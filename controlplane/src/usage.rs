@@ -259,12 +259,19 @@ impl ReportService for Reports {
     /// records stored (records naming an invalid route are refused, and the
     /// filter has no use for a per-record error).
     async fn push(&self, request: Request<ReportBatch>) -> Result<Response<PushAck>, Status> {
-        // `peer.verified()` is the certificate's node id: the origin of this batch.
+        // `peer.verified()` is the certificate's node id: the origin of this
+        // batch. Only records from a verified Envoy may ever be replayed.
         let peer = crate::tls::peer(request.extensions())?;
         let batch = request.into_inner();
         crate::tls::authorize(&peer, &batch.node_id, "shadow report")?;
         let node = batch.node_id.clone();
-        let got = self.shadow.ingest(batch, SystemTime::now());
+        let origin = match peer.verified() {
+            Some(id) => crate::shadow::Origin::Verified {
+                identity: id.to_owned(),
+            },
+            None => crate::shadow::Origin::Unverified,
+        };
+        let got = self.shadow.ingest_from(batch, origin, SystemTime::now());
         if got.rejected > 0 {
             tracing::warn!(
                 node,

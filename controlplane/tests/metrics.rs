@@ -189,7 +189,11 @@ async fn a_streamed_envoy_fills_windows_and_its_stream_status() {
     )
     .await;
     assert_eq!(evidence.errors, 3);
-    assert_eq!(evidence.latency_ms, vec![(5.0, 2), (50.0, 10)]);
+    // Empty buckets before a non-empty one stay: they give its lower bound.
+    assert_eq!(
+        evidence.latency_ms,
+        vec![(1.0, 0), (5.0, 2), (25.0, 0), (50.0, 10)]
+    );
     assert!(evidence.last_update_ms.is_some_and(|t| t >= start));
     assert_eq!(book.window("shop-stable", 0, now_ms()), Evidence::default());
 
@@ -224,7 +228,7 @@ async fn two_envoys_add_up_and_a_reconnect_keeps_counting() {
     }
     let e = book.window("shop-stable", start - 1, now_ms());
     assert_eq!((e.requests, e.errors), (38, 3));
-    assert_eq!(e.latency_ms, vec![(10.0, 38)]);
+    assert_eq!(e.latency_ms, vec![(5.0, 0), (10.0, 38)]);
     let nodes: Vec<(String, bool)> = book
         .streams()
         .into_iter()

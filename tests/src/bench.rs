@@ -27,7 +27,7 @@ use crate::envoy::{self, Envoy};
 use crate::paths;
 use crate::process::ChildGuard;
 use crate::stack::{Stack, free_port};
-use crate::upstream::Behavior;
+use crate::upstream::{Behavior, LatencyBand};
 use crate::{traffic, wait};
 
 /// Every scenario, by name.
@@ -1079,7 +1079,25 @@ const DETECTION_MAX_RUNS: usize = 3;
 /// Extra runs start only while the scenario has run less than this.
 const DETECTION_BUDGET: Duration = Duration::from_secs(420);
 /// A/A rollouts (identical versions).
-const AA_RUNS: usize = 20;
+const AA_RUNS: usize = 50;
+/// The spec's stop rules unless a regression sets its own.
+fn detection_rules() -> Value {
+    json!({"max_error_rate_increase_pp": 1.0, "max_p99_ratio": 1.5})
+}
+
+/// One regression `canary_detection` times.
+struct Regression {
+    name: &'static str,
+    what: &'static str,
+    /// Both versions before the regression (and stable throughout).
+    baseline: Behavior,
+    /// The canary's behaviour once it regresses.
+    canary: Behavior,
+    /// The canary's weight while it is judged.
+    weight: u64,
+    /// The spec's `stop_rules`.
+    rules: Value,
+}
 
 /// Open-loop GETs at a fixed rate in the background: [`traffic::paced`] one
 /// second at a time, each second started on schedule whatever the previous
@@ -1187,12 +1205,12 @@ async fn reset_canary(stack: &Stack) -> Result<()> {
     .await
 }
 
-/// The rollout spec of `canary_detection`; `steps` as given.
-fn detection_spec(steps: Value) -> Value {
+/// The rollout spec of `canary_detection`; `steps` and `stop_rules` as given.
+fn detection_spec(steps: Value, rules: Value) -> Value {
     json!({
         "service": crate::stack::SERVICE,
         "owner": "bench",
-        "stop_rules": {"max_error_rate_increase_pp": 1.0, "max_p99_ratio": 1.5},
+        "stop_rules": rules,
         "steps": steps,
         "analysis": {"interval_s": DETECTION_INTERVAL_S, "max_staleness_s": 5,
                      "min_requests_per_side": 100},
@@ -1239,19 +1257,26 @@ struct DetectionRun {
     early_rollbacks: Vec<String>,
 }
 
-/// Creates a rollout with one long step at [`DETECTION_WEIGHT`], waits for
-/// Envoy to apply it and for [`DETECTION_HEALTHY_S`] of healthy traffic
-/// with the judge past its sample-size check, switches the canary to
-/// `regression` and times until Envoy's canary weight is 0.
+/// Creates a rollout with one long step at the regression's weight, waits
+/// for Envoy to apply it and for [`DETECTION_HEALTHY_S`] of healthy traffic
+/// with the judge past its sample-size check, switches the canary to the
+/// regression and times until Envoy's canary weight is 0. Stable serves the
+/// regression's baseline throughout, and is set back to `normal` after.
 async fn detection_run(
     stack: &Stack,
-    baseline: &Behavior,
-    regression: &Behavior,
+    normal: &Behavior,
+    regression: &Regression,
 ) -> Result<DetectionRun> {
-    let spec = detection_spec(json!([
-        {"weight": DETECTION_WEIGHT, "min_duration_s": 600},
-        {"weight": 100}
-    ]));
+    let weight = regression.weight;
+    let baseline = &regression.baseline;
+    let spec = detection_spec(
+        json!([
+            {"weight": weight, "min_duration_s": 600},
+            {"weight": 100}
+        ]),
+        regression.rules.clone(),
+    );
+    stack.stable.state.set_behavior(baseline.clone())?;
     let mut early_rollbacks = Vec::new();
     let (id, weight_at, canary_before) = loop {
         stack.canary.state.set_behavior(baseline.clone())?;
@@ -1259,9 +1284,7 @@ async fn detection_run(
         wait::until(
             "Envoy to apply the canary's weight",
             Duration::from_secs(10),
-            || async {
-                Ok((applied_canary_weight(stack).await? == DETECTION_WEIGHT).then_some(()))
-            },
+            || async { Ok((applied_canary_weight(stack).await? == weight).then_some(())) },
         )
         .await?;
         let weight_at = Instant::now();
@@ -1300,7 +1323,7 @@ async fn detection_run(
         }
     };
     let healthy_s = weight_at.elapsed().as_secs_f64();
-    stack.canary.state.set_behavior(regression.clone())?;
+    stack.canary.state.set_behavior(regression.canary.clone())?;
     let t0 = Instant::now();
     let t0_ms = now_unix_ms();
     let mut ticker = tokio::time::interval(wait::POLL);
@@ -1316,7 +1339,8 @@ async fn detection_run(
     };
     let canary_rps =
         (stack.canary.state.requests() - canary_before) as f64 / weight_at.elapsed().as_secs_f64();
-    stack.canary.state.set_behavior(baseline.clone())?;
+    stack.canary.state.set_behavior(normal.clone())?;
+    stack.stable.state.set_behavior(normal.clone())?;
     let mut r = get_rollout(stack, &id).await?;
     if detect_s.is_none() && rollout_active(&r) {
         let resp = stack
@@ -1405,10 +1429,13 @@ fn now_unix_ms() -> u64 {
 /// [`DETECTION_WEIGHT`] and a bake at 100, followed to its end; the
 /// outcome and its reason. Leaves the canary weight at 0.
 async fn aa_run(stack: &Stack) -> Result<(String, String, f64)> {
-    let spec = detection_spec(json!([
-        {"weight": DETECTION_WEIGHT, "min_duration_s": 10},
-        {"weight": 100, "min_duration_s": 1}
-    ]));
+    let spec = detection_spec(
+        json!([
+            {"weight": DETECTION_WEIGHT, "min_duration_s": 10},
+            {"weight": 100, "min_duration_s": 1}
+        ]),
+        detection_rules(),
+    );
     let started = Instant::now();
     let id = create_rollout(stack, &spec).await?;
     let r = wait::until(
@@ -1441,31 +1468,72 @@ async fn canary_detection() -> Result<Value> {
         error_status: Some(503),
         ..Default::default()
     };
+    let errors = |rate: f64| Behavior {
+        error_rate: rate,
+        ..baseline.clone()
+    };
+    // Issue 11's case: 5% of requests slow, no errors; the canary's slow
+    // 5% moves from 40 ms to 90 ms, behind empty buckets in Envoy's histogram.
+    let tail = |ms: u64| Behavior {
+        latency: vec![LatencyBand { pct: 5.0, ms }],
+        default_ms: 0,
+        ..Default::default()
+    };
+    let regression = |name, what, canary: Behavior, weight, rules| Regression {
+        name,
+        what,
+        baseline: baseline.clone(),
+        canary,
+        weight,
+        rules,
+    };
     let regressions = [
-        (
+        regression(
             "5xx_2pp",
             "5xx +2 pp (3% against 1%)",
-            Behavior {
-                error_rate: 0.03,
-                ..baseline.clone()
-            },
+            errors(0.03),
+            DETECTION_WEIGHT,
+            detection_rules(),
         ),
-        (
+        regression(
+            "5xx_2pp_margin0",
+            "5xx +2 pp (3% against 1%), spec margin 0 pp (any increase)",
+            errors(0.03),
+            DETECTION_WEIGHT,
+            json!({"max_error_rate_increase_pp": 0.0, "max_p99_ratio": 1.5}),
+        ),
+        regression(
             "5xx_5pp",
             "5xx +5 pp (6% against 1%)",
-            Behavior {
-                error_rate: 0.06,
-                ..baseline.clone()
-            },
+            errors(0.06),
+            DETECTION_WEIGHT,
+            detection_rules(),
         ),
-        (
+        regression(
+            "5xx_5pp_weight5",
+            "5xx +5 pp (6% against 1%) at canary weight 5",
+            errors(0.06),
+            5,
+            detection_rules(),
+        ),
+        regression(
             "p99_2x",
             "every request 20 ms against 10 ms (p99 twice stable's)",
             Behavior {
                 default_ms: 20,
                 ..baseline.clone()
             },
+            DETECTION_WEIGHT,
+            detection_rules(),
         ),
+        Regression {
+            name: "p99_tail_gap",
+            what: "5% of requests at 90 ms against 40 ms, the rest fast, no errors (empty buckets between the modes)",
+            baseline: tail(40),
+            canary: tail(90),
+            weight: DETECTION_WEIGHT,
+            rules: detection_rules(),
+        },
     ];
     // `free_port` releases the port for Envoy to bind, so on a busy machine
     // another process can take it first: start again on fresh ports.
@@ -1484,16 +1552,16 @@ async fn canary_detection() -> Result<Value> {
     stack.canary.state.set_behavior(baseline.clone())?;
     let load = PacedLoad::start(&stack.url, DETECTION_TOTAL_RPS);
 
-    // One run of each regression first, then the A/A runs, then more
-    // regression runs while the budget lasts.
+    // One run of each regression first, then more regression runs while
+    // the budget lasts, then the A/A runs (all of them, whatever the time).
     let mut runs: Vec<Vec<DetectionRun>> = regressions.iter().map(|_| Vec::new()).collect();
     let mut run_seconds = vec![0.0f64; regressions.len()];
     let detect = |i: usize| {
         let (stack, baseline, regression) = (&stack, &baseline, &regressions[i]);
         async move {
             let started = Instant::now();
-            let run = detection_run(stack, baseline, &regression.2).await?;
-            eprintln!("canary_detection {}: {run:?}", regression.0);
+            let run = detection_run(stack, baseline, regression).await?;
+            eprintln!("canary_detection {}: {run:?}", regression.name);
             anyhow::Ok((run, started.elapsed().as_secs_f64()))
         }
     };
@@ -1501,13 +1569,6 @@ async fn canary_detection() -> Result<Value> {
         let (run, seconds) = detect(i).await?;
         runs[i].push(run);
         run_seconds[i] = seconds;
-    }
-
-    let mut aa = Vec::new();
-    for n in 0..AA_RUNS {
-        let (state, reason, seconds) = aa_run(&stack).await?;
-        eprintln!("canary_detection A/A {n}: {state} in {seconds:.1} s {reason}");
-        aa.push(json!({"state": state, "reason": reason, "seconds": round3(seconds)}));
     }
 
     // The quickest regressions first, so the budget buys the most runs.
@@ -1524,11 +1585,19 @@ async fn canary_detection() -> Result<Value> {
             run_seconds[i] = run_seconds[i].max(seconds);
         }
     }
+    let mut aa = Vec::new();
+    for n in 0..AA_RUNS {
+        let (state, reason, seconds) = aa_run(&stack).await?;
+        eprintln!("canary_detection A/A {n}: {state} in {seconds:.1} s {reason}");
+        aa.push(json!({"state": state, "reason": reason, "seconds": round3(seconds)}));
+    }
+
     let (statuses, load_seconds) = load.stop().await;
 
     let mut figures = serde_json::Map::new();
     let mut notes = Vec::new();
-    for (i, (name, what, behavior)) in regressions.iter().enumerate() {
+    for (i, regression) in regressions.iter().enumerate() {
+        let name = regression.name;
         let detected: Vec<f64> = runs[i].iter().filter_map(|r| r.detect_s).collect();
         let missed = runs[i].len() - detected.len();
         if missed > 0 {
@@ -1556,7 +1625,14 @@ async fn canary_detection() -> Result<Value> {
         );
         figures.insert(
             format!("regression_{name}"),
-            json!({"what": what, "canary_behavior": behavior, "runs": runs[i]}),
+            json!({
+                "what": regression.what,
+                "baseline_behavior": regression.baseline,
+                "canary_behavior": regression.canary,
+                "canary_weight": regression.weight,
+                "stop_rules": regression.rules,
+                "runs": runs[i],
+            }),
         );
     }
     let false_rollbacks: Vec<&Value> = aa.iter().filter(|r| r["state"] == "rolled_back").collect();
@@ -1591,11 +1667,11 @@ async fn canary_detection() -> Result<Value> {
             "baseline_behavior": baseline,
             "spec_detection": detection_spec(json!([
                 {"weight": DETECTION_WEIGHT, "min_duration_s": 600}, {"weight": 100}
-            ])),
+            ]), detection_rules()),
             "spec_aa": detection_spec(json!([
                 {"weight": DETECTION_WEIGHT, "min_duration_s": 10},
                 {"weight": 100, "min_duration_s": 1}
-            ])),
+            ]), detection_rules()),
             "load": {
                 "sent": sent,
                 "seconds": round3(load_seconds),

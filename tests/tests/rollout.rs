@@ -447,3 +447,58 @@ async fn the_api_refuses_the_unauthenticated_the_unauthorized_and_the_invalid() 
     assert_eq!(all["rollouts"].as_array().map(Vec::len), Some(0), "{all:#}");
     Ok(())
 }
+
+/// 8. Issue 11: the canary's slow 5% moves from 40 ms to about 90 ms, with
+/// no errors. Envoy's histogram has the slow mode in (80, 100] behind empty
+/// buckets; the judge must see it there, not smeared down to the fast mode,
+/// and roll back naming p99 and both sides' values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_that_moved_behind_empty_buckets_is_rolled_back() -> Result<()> {
+    let stack = Stack::start().await?;
+    let tail = |ms| Behavior {
+        latency: vec![LatencyBand { pct: 5.0, ms }],
+        ..Default::default()
+    };
+    stack.stable.state.set_behavior(tail(40))?;
+    stack.canary.state.set_behavior(tail(90))?;
+    let load = Load::start(&stack.url, 8);
+    let r = create(
+        &stack,
+        &spec(json!({"steps": [{"weight": 50, "min_duration_s": 60}, {"weight": 100}]})),
+    )
+    .await?;
+    let id = r["id"].as_str().context("no id")?.to_owned();
+    let (r, seen) = follow(&stack, &id, Duration::from_secs(60)).await?;
+    let tally = load.stop().await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    assert_eq!(r["phase"]["state"], "rolled_back", "{r:#}");
+    assert_eq!(seen.last(), Some(&0), "{seen:?}");
+    let reason = r["phase"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("canary p99 ") && reason.contains(" vs stable "),
+        "{reason}"
+    );
+    // The numbers behind it: each side's p99 in the bucket that holds it.
+    let checks = r["last_judgement"]["checks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let p99 = checks
+        .iter()
+        .find(|c| c["name"] == "p99_latency")
+        .with_context(|| format!("no p99 check in {:#}", r["last_judgement"]))?;
+    let m = &p99["measured"];
+    assert_eq!(p99["status"], "fail", "{p99:#}");
+    assert_eq!(m["canary_p99_bucket_lo_ms"], 80.0, "{p99:#}");
+    assert_eq!(m["canary_p99_bucket_hi_ms"], 100.0, "{p99:#}");
+    assert_eq!(m["stable_p99_bucket_lo_ms"], 40.0, "{p99:#}");
+    assert_eq!(m["stable_p99_bucket_hi_ms"], 50.0, "{p99:#}");
+    for side in ["canary", "stable"] {
+        let v = m[format!("{side}_p99_ms")].as_f64().unwrap_or_default();
+        assert!(
+            reason.contains(&format!("{v:.0} ms")),
+            "{side} {v}: {reason}"
+        );
+    }
+    Ok(())
+}

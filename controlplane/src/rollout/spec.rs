@@ -177,6 +177,27 @@ pub struct StopRules {
     pub max_unexpected_mismatch_rate: Option<f64>,
     /// Halt (roll back) when an Envoy rejects anything pushed for the rollout.
     pub halt_on_nack: bool,
+    /// Stop rules on other quantiles and on the slow share.
+    #[serde(flatten)]
+    pub latency: LatencyRules,
+}
+
+/// Latency stop rules besides p99, all optional: ratios of the canary's
+/// quantile to stable's (each above 1), and "share of requests slower than
+/// `slow_request_ms`", canary minus stable, in percentage points (both or
+/// neither; exact when `slow_request_ms` is one of Envoy's bucket bounds).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LatencyRules {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_p50_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_p90_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_p999_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_request_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_slow_share_increase_pp: Option<f64>,
 }
 
 /// The optional shadow stage: the canary answers a sampled copy of live
@@ -275,6 +296,11 @@ struct RawStopRules {
     min_p99_increase_ms: Option<f64>,
     max_unexpected_mismatch_rate: Option<f64>,
     halt_on_nack: Option<bool>,
+    max_p50_ratio: Option<f64>,
+    max_p90_ratio: Option<f64>,
+    max_p999_ratio: Option<f64>,
+    slow_request_ms: Option<f64>,
+    max_slow_share_increase_pp: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -491,6 +517,43 @@ impl TryFrom<RawStopRules> for StopRules {
                 )
             })
             .transpose()?;
+        let quantile_ratio = |field: &str, v: Option<f64>| {
+            v.map(|v| check_f64(field, v, |v| v > 1.0, "must be > 1"))
+                .transpose()
+        };
+        let latency = LatencyRules {
+            max_p50_ratio: quantile_ratio("stop_rules.max_p50_ratio", raw.max_p50_ratio)?,
+            max_p90_ratio: quantile_ratio("stop_rules.max_p90_ratio", raw.max_p90_ratio)?,
+            max_p999_ratio: quantile_ratio("stop_rules.max_p999_ratio", raw.max_p999_ratio)?,
+            slow_request_ms: raw
+                .slow_request_ms
+                .map(|v| {
+                    check_f64(
+                        "stop_rules.slow_request_ms",
+                        v,
+                        |v| v > 0.0 && v <= 3_600_000.0,
+                        "must be above 0 and at most 3600000 ms",
+                    )
+                })
+                .transpose()?,
+            max_slow_share_increase_pp: raw
+                .max_slow_share_increase_pp
+                .map(|v| {
+                    check_f64(
+                        "stop_rules.max_slow_share_increase_pp",
+                        v,
+                        |v| (0.0..100.0).contains(&v),
+                        "must be from 0 to below 100 percentage points",
+                    )
+                })
+                .transpose()?,
+        };
+        if latency.slow_request_ms.is_some() != latency.max_slow_share_increase_pp.is_some() {
+            return Err(invalid(
+                "stop_rules.slow_request_ms",
+                "set slow_request_ms and max_slow_share_increase_pp together",
+            ));
+        }
         if pp.is_none() && ratio.is_none() {
             return Err(invalid(
                 "stop_rules",
@@ -503,6 +566,7 @@ impl TryFrom<RawStopRules> for StopRules {
             min_p99_increase_ms: min_increase,
             max_unexpected_mismatch_rate: unexpected,
             halt_on_nack: raw.halt_on_nack.unwrap_or(defaults::HALT_ON_NACK),
+            latency,
         })
     }
 }
@@ -804,6 +868,7 @@ analysis:
                 min_p99_increase_ms: 5.0,
                 max_unexpected_mismatch_rate: Some(0.01),
                 halt_on_nack: false,
+                latency: LatencyRules::default(),
             }
         );
         assert_eq!(
@@ -1028,6 +1093,45 @@ analysis:
             "service: checkout\nowner: alice\nstop_rules: {max_unexpected_mismatch_rate: 0.01, halt_on_nack: true}\n",
         );
         assert!(e.contains("at least one of"), "{e}");
+    }
+
+    #[test]
+    fn latency_stop_rules_beyond_p99() {
+        let base = "service: checkout\nowner: alice\nstop_rules: ";
+        let spec = parse(&format!(
+            "{base}{{max_p99_ratio: 1.5, max_p50_ratio: 1.2, max_p90_ratio: 1.3, max_p999_ratio: 2, slow_request_ms: 100, max_slow_share_increase_pp: 0.5}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            spec.stop_rules.latency,
+            LatencyRules {
+                max_p50_ratio: Some(1.2),
+                max_p90_ratio: Some(1.3),
+                max_p999_ratio: Some(2.0),
+                slow_request_ms: Some(100.0),
+                max_slow_share_increase_pp: Some(0.5),
+            }
+        );
+        // Flattened: the rules serialize as written.
+        let json = serde_json::to_value(&spec.stop_rules).unwrap();
+        assert_eq!(json["max_p50_ratio"], 1.2);
+        assert_eq!(json["slow_request_ms"], 100.0);
+        let e = err(&format!("{base}{{max_p99_ratio: 1.5, max_p90_ratio: 1}}\n"));
+        assert_eq!(e, "stop_rules.max_p90_ratio: must be > 1, got 1");
+        let e = err(&format!(
+            "{base}{{max_p99_ratio: 1.5, slow_request_ms: 100}}\n"
+        ));
+        assert_eq!(
+            e,
+            "stop_rules.slow_request_ms: set slow_request_ms and max_slow_share_increase_pp together"
+        );
+        let e = err(&format!(
+            "{base}{{max_p99_ratio: 1.5, slow_request_ms: -3, max_slow_share_increase_pp: 1}}\n"
+        ));
+        assert!(
+            e.starts_with("stop_rules.slow_request_ms: must be above 0"),
+            "{e}"
+        );
     }
 
     #[test]
