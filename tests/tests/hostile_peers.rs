@@ -4,8 +4,9 @@
 //! - A control plane restarted during the shadow stage keeps counting every
 //!   serious mismatch (the stage re-baselines instead of subtracting a stored
 //!   baseline from counters that restarted at zero).
-//! - A record planted over the plain-text report port is shown (credentials
-//!   redacted) but never replayed.
+//! - Replay sends only what an authenticated Envoy recorded, to the route's
+//!   own clusters, for the methods it shadows, without credentials; records
+//!   an insider Envoy plants are refused where they break those rules.
 
 use std::time::Duration;
 
@@ -136,21 +137,63 @@ async fn a_restart_in_the_shadow_stage_keeps_counting_every_serious_mismatch() -
     Ok(())
 }
 
+/// Replay sends only what an authenticated Envoy recorded, only to the
+/// route's own clusters, only for methods the route shadows, and never with
+/// credentials. A peer without a certificate cannot plant records at all
+/// (`hostile_xds.rs`); here an *insider* (a valid Envoy certificate) plants
+/// them, and a real mismatch recorded by the real Envoy is replayed for real.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_planted_record_is_shown_redacted_and_never_replayed() -> Result<()> {
+async fn replay_sends_only_verified_records_where_and_how_the_route_allows() -> Result<()> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     use understudy_proto::v1::report_service_client::ReportServiceClient;
     use understudy_proto::v1::{
         Difference, Header, MismatchRecord, RecordedRequest, RecordedResponse, ReportBatch,
         difference,
     };
     let stack = Stack::start().await?;
+    stack.stable.state.set_behavior(price(1))?;
+    stack.canary.state.set_behavior(price(2))?;
     stack.put_filter_config(shadowing_config()).await?;
-    let mut client = ReportServiceClient::connect(format!("http://{}", stack.cp.xds))
+
+    // A legitimate record: real traffic, a real price difference.
+    let r = stack.http.get(format!("{}real", stack.url)).send().await?;
+    assert_eq!(r.status(), 200);
+    let real = wait::until(
+        "the real mismatch to be recorded",
+        Duration::from_secs(15),
+        || async {
+            let r = stack.api_get("/v1/shadow/routes/all").await?;
+            let id = r["top_paths"]
+                .as_array()
+                .and_then(|p| p.first())
+                .and_then(|p| p["samples"][0]["id"].as_u64());
+            Ok(id)
+        },
+    )
+    .await?;
+    let shown = stack.api_get(&format!("/v1/shadow/samples/{real}")).await?;
+    assert_eq!(shown["origin"]["kind"], "verified", "{shown:#}");
+
+    // An insider Envoy plants records (its certificate is valid).
+    let (cert, key) = stack.cp.envoy_cert("insider")?;
+    let tls = ClientTlsConfig::new()
+        .domain_name(understudy_controlplane::tls::SERVER_NAME)
+        .ca_certificate(Certificate::from_pem(std::fs::read(
+            stack.cp.certs.ca_cert(),
+        )?))
+        .identity(Identity::from_pem(
+            std::fs::read(cert)?,
+            std::fs::read(key)?,
+        ));
+    let channel = Endpoint::from_shared(format!("https://{}", stack.cp.xds))?
+        .tls_config(tls)?
+        .connect()
         .await
-        .context("the report port")?;
-    let planted = MismatchRecord {
+        .context("the report port, as an insider")?;
+    let mut client = ReportServiceClient::new(channel);
+    let planted = |method: &str, path: &str| MismatchRecord {
         route: "all".into(),
-        request_id: "planted".into(),
+        request_id: format!("planted-{method}"),
         serious: true,
         shadow_cluster: "demo-canary".into(),
         differences: vec![Difference {
@@ -162,8 +205,8 @@ async fn a_planted_record_is_shown_redacted_and_never_replayed() -> Result<()> {
             unexpected: true,
         }],
         request: Some(RecordedRequest {
-            method: "GET".into(),
-            path: "/planted".into(),
+            method: method.into(),
+            path: path.into(),
             authority: "demo".into(),
             headers: vec![Header {
                 name: "authorization".into(),
@@ -175,43 +218,114 @@ async fn a_planted_record_is_shown_redacted_and_never_replayed() -> Result<()> {
         primary: Some(RecordedResponse {
             status: 200,
             headers: Vec::new(),
-            body: b"{}".to_vec(),
+            body: br#"{"price": 1}"#.to_vec(),
             body_truncated: false,
         }),
         ..Default::default()
     };
     let ack = client
         .push(ReportBatch {
-            node_id: "not-an-envoy".into(),
-            mismatches: vec![planted],
+            node_id: "insider".into(),
+            mismatches: vec![
+                planted("GET", "/planted-get"),
+                planted("DELETE", "/planted-delete"),
+            ],
             ..Default::default()
         })
         .await?
         .into_inner();
-    ensure!(ack.accepted == 1, "{ack:?}");
-    let before = stack.canary.state.requests();
-    let shown = stack.api_get("/v1/shadow/samples/1").await?;
-    assert_eq!(shown["origin"]["kind"], "unverified", "{shown:#}");
-    assert!(!shown.to_string().contains("stolen-by-replay"), "{shown:#}");
-    let r = stack
-        .api
-        .post(stack.cp.api_url("/v1/shadow/samples/1/replay"))
-        .send()
+    ensure!(ack.accepted == 2, "{ack:?}");
+    let find = |path: &'static str| {
+        let stack = &stack;
+        async move {
+            for id in 1..=20u64 {
+                if let Ok(s) = stack.api_get(&format!("/v1/shadow/samples/{id}")).await
+                    && s.to_string().contains(path)
+                {
+                    return Ok(id);
+                }
+            }
+            anyhow::bail!("no sample for {path}")
+        }
+    };
+    let get_id = find("/planted-get").await?;
+    let delete_id = find("/planted-delete").await?;
+    let shown = stack
+        .api_get(&format!("/v1/shadow/samples/{get_id}"))
         .await?;
-    let status = r.status();
-    let body: Value = r.json().await?;
-    assert_eq!(status, 403, "{body:#}");
-    assert_eq!(body["error"]["code"], "unverified_sample");
-    assert_eq!(stack.canary.state.requests(), before, "nothing was sent");
-    let audit = stack.api_get("/v1/shadow/replays").await?;
+    assert!(!shown.to_string().contains("stolen-by-replay"), "{shown:#}");
+
+    let replay = |id: u64, body: Option<Value>| {
+        let stack = &stack;
+        async move {
+            let mut req = stack
+                .api
+                .post(stack.cp.api_url(&format!("/v1/shadow/samples/{id}/replay")));
+            if let Some(b) = body {
+                req = req.json(&b);
+            }
+            let r = req.send().await?;
+            let status = r.status().as_u16();
+            let body: Value = r.json().await?;
+            Ok::<_, anyhow::Error>((status, body))
+        }
+    };
+    let seen_before = stack.canary.state.seen().len();
+    // A method the route does not shadow, and a cluster not the route's: refused.
+    let (status, body) = replay(delete_id, None).await?;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("method_not_allowed")),
+        "{body:#}"
+    );
+    let (status, body) = replay(get_id, Some(json!({"cluster": "understudy_xds"}))).await?;
+    assert!(matches!(status, 400 | 403), "{status}: {body:#}");
     assert!(
-        audit["replays"][0]["outcome"]
-            .as_str()
-            .is_some_and(|o| o.starts_with("refused")),
+        matches!(
+            body["error"]["code"].as_str(),
+            Some("cluster_not_allowed" | "unknown_cluster")
+        ),
+        "{body:#}"
+    );
+    assert_eq!(
+        stack.canary.state.seen().len(),
+        seen_before,
+        "nothing was sent"
+    );
+    // Allowed: sent to the canary, without the credentials it was recorded with.
+    let (status, body) = replay(get_id, None).await?;
+    assert_eq!(status, 200, "{body:#}");
+    let (status, body) = replay(real, None).await?;
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(body["status"], 200, "{body:#}");
+    let seen: Vec<_> = stack.canary.state.seen()[seen_before..].to_vec();
+    let planted_seen = seen
+        .iter()
+        .find(|s| s.path == "/planted-get")
+        .context("the allowed replay reached the canary")?;
+    assert!(
+        !planted_seen.headers.contains_key("authorization"),
+        "credentials were replayed: {planted_seen:?}"
+    );
+    assert!(seen.iter().all(|s| s.method != "DELETE"), "{seen:?}");
+    // Every attempt is in the audit log with its actor.
+    let audit = stack.api_get("/v1/shadow/replays").await?;
+    let entries = audit["replays"].as_array().context("replays")?;
+    assert_eq!(entries.len(), 4, "{audit:#}");
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["actor"] == understudy_e2e::controlplane::OPERATOR),
         "{audit:#}"
     );
-    // Real traffic still flows.
-    let r = stack.http.get(&stack.url).send().await?;
-    assert_eq!(r.status(), 200);
+    let refused = entries
+        .iter()
+        .filter(|e| {
+            e["outcome"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("refused"))
+        })
+        .count();
+    assert_eq!(refused, 2, "{audit:#}");
     Ok(())
 }
