@@ -166,7 +166,8 @@ async fn replay_sends_only_verified_records_where_and_how_the_route_allows() -> 
             let id = r["top_paths"]
                 .as_array()
                 .and_then(|p| p.first())
-                .and_then(|p| p["samples"][0]["id"].as_u64());
+                .and_then(|p| p["samples"][0]["id"].as_str())
+                .and_then(|id| id.parse::<u64>().ok());
             Ok(id)
         },
     )
