@@ -125,6 +125,11 @@ async fn start() -> ControlPlane {
     let reports = Reports::new(usage, shadow).into_service();
     tokio::spawn(
         tonic::transport::Server::builder()
+            // As `run_with` serves the port in plaintext mode: every peer
+            // is marked unauthenticated (records stay unverified).
+            .layer(tonic::service::InterceptorLayer::new(
+                understudy_controlplane::tls::peer_interceptor(false),
+            ))
             .add_service(reports)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(xds)),
     );
