@@ -461,6 +461,9 @@ impl Shadowing {
             dropped: std::mem::take(&mut self.dropped),
             routes: counts,
         };
+        // Every part carries the node id: the control plane checks it against
+        // the client certificate (`head` is emptied when the first part goes).
+        let node_id = head.node_id.clone();
         let sizes: Vec<usize> = mismatches.iter().map(Message::encoded_len).collect();
         let ranges = split_batches(&sizes, head.encoded_len(), MAX_REPORT_BATCH_BYTES);
         let mut records = mismatches.into_iter();
@@ -471,7 +474,7 @@ impl Shadowing {
                 std::mem::take(&mut head)
             } else {
                 ReportBatch {
-                    node_id: head.node_id.clone(),
+                    node_id: node_id.clone(),
                     mismatches: part,
                     dropped: 0,
                     routes: Vec::new(),

@@ -89,9 +89,23 @@ impl ControlPlane {
     /// Starts again on the same ports, from the state file (as the binary does).
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        let xds = std::net::TcpListener::bind(self.xds).context("rebinding the xDS port")?;
-        let api = std::net::TcpListener::bind(self.api).context("rebinding the API port")?;
+        let xds = Self::rebind(self.xds).context("rebinding the xDS port")?;
+        let api = Self::rebind(self.api).context("rebinding the API port")?;
         self.serve(xds, api)
+    }
+
+    /// Binds `addr` again. A killed runtime closes its listeners on its
+    /// worker threads as they stop, so the port may still be taken for a
+    /// moment: retry, with a deadline.
+    fn rebind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::net::TcpListener::bind(addr) {
+                Ok(l) => return Ok(l),
+                Err(e) if Instant::now() > deadline => return Err(e.into()),
+                Err(_) => std::thread::sleep(crate::wait::POLL),
+            }
+        }
     }
 
     fn serve(&mut self, xds: std::net::TcpListener, api: std::net::TcpListener) -> Result<()> {
