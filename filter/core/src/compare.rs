@@ -1965,7 +1965,11 @@ mod tests {
                     }
                     out.push_str(" ]");
                 }
-                Value::Number(n) if n.as_i64().is_some_and(|i| i.unsigned_abs() < 1 << 53) => {
+                // Only integers well inside f64's exact range: serde_json's
+                // default float parser is not correctly rounded, so `N.0`
+                // near 2^53 can come back one ulp off (a known limit, see
+                // the `float_roundtrip` feature).
+                Value::Number(n) if n.as_i64().is_some_and(|i| i.unsigned_abs() < 1 << 31) => {
                     out.push_str(&format!("{n}.0"));
                 }
                 other => out.push_str(&other.to_string()),
