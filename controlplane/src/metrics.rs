@@ -536,7 +536,7 @@ enum Stat {
 /// read could not be attributed to one.
 fn parse(families: &[MetricFamily]) -> (BTreeMap<String, ClusterFlush>, usize) {
     let mut out: BTreeMap<String, ClusterFlush> = BTreeMap::new();
-    let mut ignored = 0;
+    let mut ignored: usize = 0;
     for family in families {
         let name = family.name.as_deref().unwrap_or_default();
         for metric in &family.metric {
@@ -544,11 +544,11 @@ fn parse(families: &[MetricFamily]) -> (BTreeMap<String, ClusterFlush>, usize) {
                 continue;
             };
             let Some(cluster) = cluster.filter(|c| !c.is_empty() && c.len() <= MAX_NAME_LEN) else {
-                ignored += 1;
+                ignored = ignored.saturating_add(1);
                 continue;
             };
             if !out.contains_key(cluster) && out.len() >= MAX_CLUSTERS_PER_MESSAGE {
-                ignored += 1;
+                ignored = ignored.saturating_add(1);
                 continue;
             }
             let flush = out.entry(cluster.to_owned()).or_default();

@@ -995,7 +995,7 @@ impl ShadowBook {
             }
             let calibration = counts.calibration && calibration_allowed(&counts.route);
             if counts.calibration && !calibration {
-                calibration_refused += 1;
+                calibration_refused = calibration_refused.saturating_add(1);
             }
             let route = Book::route_entry(&mut book.routes, policy.as_ref(), &counts.route, now);
             if calibration {
@@ -1011,7 +1011,7 @@ impl ShadowBook {
             }
             if record.calibration && !calibration_allowed(&record.route) {
                 record.calibration = false;
-                calibration_refused += 1;
+                calibration_refused = calibration_refused.saturating_add(1);
             }
             book.add_record(record, &batch.node_id, &origin, now);
             out.accepted = out.accepted.saturating_add(1);

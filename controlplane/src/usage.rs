@@ -153,7 +153,7 @@ impl UsageBook {
         out.refused = out.refused.saturating_add(over as u64);
         for t in report.tenants.iter().take(MAX_TENANTS_PER_REPORT) {
             if !valid_name(&t.tenant) || t.tier.len() > MAX_NAME_LEN {
-                out.refused += 1;
+                out.refused = out.refused.saturating_add(1);
                 continue;
             }
             if !inner.tenants.contains_key(&t.tenant) && inner.tenants.len() >= MAX_TENANTS {
@@ -202,9 +202,9 @@ impl UsageBook {
                 inner.hold(&node);
             }
             if refused {
-                out.refused += 1;
+                out.refused = out.refused.saturating_add(1);
             } else {
-                out.accepted += 1;
+                out.accepted = out.accepted.saturating_add(1);
             }
         }
         inner.refused = inner.refused.saturating_add(out.refused);
