@@ -5,38 +5,36 @@
 //! and a shutdown signal. The `understudy` binary (`src/main.rs`) only parses
 //! arguments and calls it, or talks to a running control plane ([`cli`]).
 //!
-//! # Layout
-//! - [`model`]: the desired state and its validation.
+//! # Layout (by area; imports point down this list, never up)
+//! - [`api`]: the axum JSON API: router, errors, bearer-token auth, one
+//!   file per resource (services, filter, envoys, rate limits, shadow,
+//!   rollouts).
+//! - [`cli`]: the `understudy` command's client side.
+//! - [`rollout`]: canary rollouts: the spec, the judge (statistics), the
+//!   pure state machine, and the engine that persists and applies it.
+//! - [`evidence`]: what the data plane measured (Envoy's stats stream, the
+//!   filter's shadow and usage reports, replay) and the
+//!   [`evidence::EvidenceSource`] port rollouts read it through.
+//! - [`traffic`]: the [`traffic::TrafficRouter`] port: set a service's
+//!   canary weight or a route's shadow, read back what the data plane applied.
+//! - [`xds`]: the ADS server, the desired state → Envoy resources
+//!   translation, and [`xds::router::AdsRouter`], the router over them.
 //! - [`store`]: where the desired state lives; every change is validated,
 //!   translated and published as a snapshot, or rejected with nothing changed.
-//! - [`resources`]: desired state → Envoy resources (CDS, EDS, LDS, RDS, ECDS).
-//! - [`xds`]: the ADS server: per-stream protocol state, ACK/NACK tracking.
-//! - [`usage`]: the filters' report service (gRPC): per-tenant rate-limit
-//!   usage, and shadow comparison batches handed to [`shadow`].
-//! - [`shadow`]: shadow comparison results: per-route rates with confidence
-//!   intervals, top differing paths, stored samples and their replay, noise
-//!   learned from A/A calibration.
-//! - [`metrics`]: Envoy's stats stream (gRPC `MetricsService`): per-cluster
-//!   requests, 5xx and latency per Envoy and flush, summed over windows.
-//! - [`rollout`]: canary rollouts: the spec, the judge (statistics), the
-//!   engine (a persisted state machine) and its API.
-//! - [`auth`]: bearer tokens with roles, and the API's rate limit.
+//! - [`model`]: the desired state and its validation.
 //! - [`tls`]: certificates (`understudy certs`), mutual TLS on the xDS port
 //!   with each Envoy's node id bound to its certificate, and TLS for the API.
-//! - [`api`]: the axum JSON API.
-//! - [`cli`]: the `understudy` command's client side.
+//! - [`time`]: Unix milliseconds, the one time helper.
 
 pub mod api;
-pub mod auth;
 pub mod cli;
-pub mod metrics;
+pub mod evidence;
 pub mod model;
-pub mod resources;
 pub mod rollout;
-pub mod shadow;
 pub mod store;
+pub mod time;
 pub mod tls;
-pub mod usage;
+pub mod traffic;
 pub mod xds;
 
 use std::future::Future;
@@ -72,7 +70,7 @@ pub const ENGINE_PERIOD: std::time::Duration = std::time::Duration::from_millis(
 #[derive(Debug)]
 pub struct Options {
     /// Who may call the API.
-    pub auth: auth::Auth,
+    pub auth: api::auth::Auth,
     /// The rollout database; `None` keeps rollouts in memory only.
     pub rollouts: Option<rollout::store::RolloutStore>,
     /// Mutual TLS on the xDS port, or (explicitly) none.
@@ -87,7 +85,7 @@ impl Default for Options {
     /// binary never starts like this without `--insecure-plaintext-xds`.
     fn default() -> Self {
         Self {
-            auth: auth::Auth::disabled(),
+            auth: api::auth::Auth::disabled(),
             rollouts: None,
             xds_security: tls::XdsSecurity::InsecurePlaintext,
             api_tls: None,
@@ -121,9 +119,9 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let registry = Arc::new(Registry::default());
-    let usage = Arc::new(usage::UsageBook::default());
-    let shadow = Arc::new(shadow::ShadowBook::default());
-    let metrics = Arc::new(metrics::MetricsBook::default());
+    let usage = Arc::new(evidence::usage::UsageBook::default());
+    let shadow = Arc::new(evidence::shadow::ShadowBook::default());
+    let metrics = Arc::new(evidence::envoy_stats::MetricsBook::default());
     // One rustls crypto backend (ring) for the API's TLS; tonic picks its own.
     // An error only means a provider is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -179,9 +177,9 @@ pub async fn run_with(
         ))
         .add_service(ads.into_service())
         // Filters report on the same port they already reach for xDS.
-        .add_service(usage::Reports::new(usage, shadow).into_service())
+        .add_service(evidence::usage::Reports::new(usage, shadow).into_service())
         // Envoy's stats sink streams on the same port too (`understudy_xds`).
-        .add_service(metrics::MetricsSink::new(Arc::clone(&metrics)).into_service())
+        .add_service(evidence::envoy_stats::MetricsSink::new(Arc::clone(&metrics)).into_service())
         .serve_with_incoming(TcpListenerStream::new(xds_listener));
     let api = async move {
         match options.api_tls {

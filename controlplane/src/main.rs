@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use understudy_controlplane::Options;
-use understudy_controlplane::auth::{Auth, Limits};
+use understudy_controlplane::api::auth::{Auth, Limits};
 use understudy_controlplane::cli::{Cli, Command, certs, client_with_ca, xds_security};
 use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::tls::ApiTls;
@@ -45,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let auth = match (tokens, std::env::var("UNDERSTUDY_TOKENS").ok()) {
                 (Some(file), _) => {
-                    let text = understudy_controlplane::auth::read_token_file(&file)?;
+                    let text = understudy_controlplane::api::auth::read_token_file(&file)?;
                     Auth::from_entries(&text, Limits::default())
                         .with_context(|| format!("in {}", file.display()))?
                 }

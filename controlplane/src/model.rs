@@ -1,7 +1,7 @@
 //! The desired state the operator edits: services with a stable and a canary
 //! backend, the data-plane listener, and the filter. Everything here is
 //! validated on the way in ([`DesiredState::validate`]), so the xDS
-//! translation in [`crate::resources`] never sees an impossible state.
+//! translation in [`crate::xds::resources`] never sees an impossible state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -67,13 +67,29 @@ fn zero_weight() -> Weight {
     Weight::ZERO
 }
 
+/// The Envoy clusters a service's two backends are served as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNames {
+    pub stable: String,
+    pub canary: String,
+}
+
+impl ClusterNames {
+    pub fn of(service: &str) -> Self {
+        Self {
+            stable: format!("{service}-stable"),
+            canary: format!("{service}-canary"),
+        }
+    }
+}
+
 impl Service {
     pub fn stable_cluster(&self) -> String {
-        format!("{}-stable", self.name)
+        ClusterNames::of(&self.name).stable
     }
 
     pub fn canary_cluster(&self) -> String {
-        format!("{}-canary", self.name)
+        ClusterNames::of(&self.name).canary
     }
 
     /// Checks what can be checked about one service on its own.

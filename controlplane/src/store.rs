@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 
 use crate::model::{DesiredState, FilterSettings, ModelError, Service, Weight};
-use crate::resources::Snapshot;
+use crate::traffic::ShadowTarget;
+use crate::xds::resources::Snapshot;
 
 #[derive(Clone)]
 pub struct Store {
@@ -240,6 +241,70 @@ impl Store {
         })
     }
 
+    /// A filter route's shadow target: `None` if the route does not exist,
+    /// `Some(None)` if it is not shadowed.
+    pub fn shadow_target(&self, route: &str) -> Option<Option<ShadowTarget>> {
+        let state = self.state();
+        let routes = state.filter.config.get("routes")?.as_array()?;
+        let r = routes
+            .iter()
+            .find(|r| r.get("name").and_then(|n| n.as_str()) == Some(route))?;
+        Some(r.get("shadow").and_then(|s| {
+            Some(ShadowTarget {
+                cluster: s.get("cluster")?.as_str()?.to_owned(),
+                percent: s.get("percent").and_then(|p| p.as_f64()).unwrap_or(100.0),
+            })
+        }))
+    }
+
+    /// Turns a filter route's shadowing on (to `target`, keeping the
+    /// route's comparison rules, dropping any A/A calibration) or off, in
+    /// one update: a concurrent filter edit is never lost. `forced` as in
+    /// [`Store::set_canary_weight_with`].
+    pub fn set_shadow_target(
+        &self,
+        route: &str,
+        target: Option<ShadowTarget>,
+        forced: bool,
+    ) -> Result<(), ChangeError> {
+        if self.shadow_target(route) == Some(target.clone()) {
+            return Ok(());
+        }
+        self.update_with(forced, |state| {
+            let unknown = || ModelError::InvalidFilter(format!("no route named {route:?}"));
+            let routes = state
+                .filter
+                .config
+                .get_mut("routes")
+                .and_then(|r| r.as_array_mut())
+                .ok_or_else(unknown)?;
+            let obj = routes
+                .iter_mut()
+                .find(|r| r.get("name").and_then(|n| n.as_str()) == Some(route))
+                .and_then(|r| r.as_object_mut())
+                .ok_or_else(unknown)?;
+            match target {
+                Some(t) => {
+                    let mut shadow = obj
+                        .get("shadow")
+                        .cloned()
+                        .filter(|s| s.is_object())
+                        .unwrap_or_else(|| serde_json::json!({}));
+                    if let Some(s) = shadow.as_object_mut() {
+                        s.insert("cluster".into(), serde_json::json!(t.cluster));
+                        s.insert("percent".into(), serde_json::json!(t.percent));
+                        s.remove("calibration");
+                    }
+                    obj.insert("shadow".into(), shadow);
+                }
+                None => {
+                    obj.remove("shadow");
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn fleet(&self) -> usize {
         *self.inner.fleet.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -419,7 +484,7 @@ pub fn sync_dir(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::type_url;
+    use crate::xds::resources::type_url;
 
     fn store() -> Store {
         Store::new(crate::model::fixtures::state(0, 8081, false)).unwrap()

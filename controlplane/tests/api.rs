@@ -552,7 +552,7 @@ async fn the_cli_client_drives_the_api() {
 #[tokio::test]
 async fn tokens_roles_and_rate_limits_guard_the_api() {
     use std::num::NonZeroU32;
-    use understudy_controlplane::auth::{Auth, Limits};
+    use understudy_controlplane::api::auth::{Auth, Limits};
     const OPS: &str = "operator-token-0123456789";
     const VIEW: &str = "viewer-token-0123456789";
     let limits = Limits {

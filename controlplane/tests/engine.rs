@@ -9,16 +9,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::json;
-use understudy_controlplane::metrics::MetricsBook;
+use understudy_controlplane::evidence::envoy_stats::MetricsBook;
+use understudy_controlplane::evidence::shadow::ShadowBook;
 use understudy_controlplane::model::{
     Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight,
 };
-use understudy_controlplane::resources::type_url;
 use understudy_controlplane::rollout::engine::{Action, Engine, Phase, Sources};
 use understudy_controlplane::rollout::store::RolloutStore;
-use understudy_controlplane::shadow::ShadowBook;
 use understudy_controlplane::store::Store;
 use understudy_controlplane::xds::Registry;
+use understudy_controlplane::xds::resources::type_url;
 use understudy_controlplane::xds::stream::Nack;
 use understudy_proto::v1::{ReportBatch, RouteCounts};
 

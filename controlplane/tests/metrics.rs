@@ -17,11 +17,11 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use understudy_controlplane::metrics::{MetricsBook, MetricsSink, StreamStatus};
+use understudy_controlplane::evidence::Evidence;
+use understudy_controlplane::evidence::envoy_stats::{MetricsBook, MetricsSink, StreamStatus};
 use understudy_controlplane::model::{
     Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight,
 };
-use understudy_controlplane::rollout::Evidence;
 use understudy_controlplane::store::Store;
 
 fn now_ms() -> u64 {
@@ -309,7 +309,7 @@ async fn the_control_plane_serves_the_sink_on_the_xds_port() {
 /// and a legitimate cluster in the same stream still counts exactly.
 #[tokio::test]
 async fn huge_counters_are_clamped_and_never_overflow() {
-    use understudy_controlplane::metrics::MAX_COUNT_PER_FLUSH;
+    use understudy_controlplane::evidence::envoy_stats::MAX_COUNT_PER_FLUSH;
     let (book, addr) = start_sink().await;
     let mut client = client(addr).await;
     let start = now_ms();

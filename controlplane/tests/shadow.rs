@@ -11,16 +11,16 @@ use axum::http::{HeaderMap, Method, Uri};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use understudy_controlplane::api::ApiState;
-use understudy_controlplane::auth::Auth;
-use understudy_controlplane::metrics::MetricsBook;
+use understudy_controlplane::api::auth::Auth;
+use understudy_controlplane::evidence::envoy_stats::MetricsBook;
+use understudy_controlplane::evidence::shadow::{Origin, ShadowBook};
+use understudy_controlplane::evidence::usage::{Reports, UsageBook};
 use understudy_controlplane::model::{
     Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight,
 };
 use understudy_controlplane::rollout::engine::{Engine, Sources};
 use understudy_controlplane::rollout::store::RolloutStore;
-use understudy_controlplane::shadow::{Origin, ShadowBook};
 use understudy_controlplane::store::Store;
-use understudy_controlplane::usage::{Reports, UsageBook};
 use understudy_controlplane::xds::Registry;
 use understudy_proto::v1::report_service_client::ReportServiceClient;
 use understudy_proto::v1::{

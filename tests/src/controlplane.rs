@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use understudy_controlplane::Options;
-use understudy_controlplane::auth::{Auth, Limits};
+use understudy_controlplane::api::auth::{Auth, Limits};
 use understudy_controlplane::model::DesiredState;
 use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::store::Store;
@@ -73,6 +73,12 @@ impl ControlPlane {
             node,
             std::time::SystemTime::now(),
         )?)
+    }
+
+    /// The desired state file the control plane starts from (an operator
+    /// may edit it while it is stopped).
+    pub fn state_file(&self) -> &std::path::Path {
+        &self.state_file
     }
 
     pub fn api_url(&self, path: &str) -> String {

@@ -13,7 +13,7 @@
 //! only polls and draws.
 
 use std::io::IsTerminal;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::bail;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -158,12 +158,6 @@ fn outcome(view: &Value) -> Option<anyhow::Result<()>> {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// The live screen on a terminal.
 struct Screen {
     multi: MultiProgress,
@@ -265,7 +259,7 @@ pub async fn run(http: &reqwest::Client, url: &str, every: f64) -> anyhow::Resul
             seen_audit += 1;
         }
         match &screen {
-            Some(s) => s.draw(&view, now_ms()),
+            Some(s) => s.draw(&view, crate::time::now_unix_ms()),
             None => {
                 // Piped: only changes, and the reason only with them.
                 let status = status_line(&view, false);

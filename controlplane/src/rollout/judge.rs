@@ -101,7 +101,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use super::spec::{Analysis, CanaryStep, ShadowStage, StopRules};
-use super::{Evidence, ShadowEvidence};
+use crate::evidence::{Evidence, ShadowEvidence};
 
 /// What the engine should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,8 @@
 //! - [`server`]: the tonic service that ties a gRPC stream to the two above.
 
 pub mod registry;
+pub mod resources;
+pub mod router;
 pub mod server;
 pub mod stream;
 

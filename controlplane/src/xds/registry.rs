@@ -10,8 +10,8 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::stream::{AdsStream, Nack, TypeState, unix_ms};
-use crate::resources::type_url;
+use super::stream::{AdsStream, Nack, TypeState};
+use crate::xds::resources::type_url;
 
 /// NACKs kept for `GET /v1/nacks`, newest last; older ones are dropped.
 pub const NACK_HISTORY: usize = 100;
@@ -38,7 +38,7 @@ pub struct EnvoyStatus {
     pub connection_id: u64,
     pub node_id: Option<String>,
     pub node_cluster: Option<String>,
-    #[serde(with = "unix_ms")]
+    #[serde(with = "crate::time::serde_unix_ms")]
     pub connected_at: SystemTime,
     /// Keyed by short type name: `cds`, `eds`, `lds`, `rds`, `ecds`.
     pub types: BTreeMap<&'static str, TypeState>,

@@ -29,8 +29,8 @@ use tracing::{debug, info, warn};
 
 use super::registry::Registry;
 use super::stream::{AdsStream, RequestEvent};
-use crate::resources::{Snapshot, type_url};
 use crate::tls::{self, Peer};
+use crate::xds::resources::{Snapshot, type_url};
 
 /// Identifies this control plane in every response (`control_plane.identifier`).
 pub const CONTROL_PLANE_ID: &str = "understudy";

@@ -23,7 +23,7 @@ use envoy_types::pb::envoy::config::core::v3::ControlPlane;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use serde::Serialize;
 
-use crate::resources::{Snapshot, type_url};
+use crate::xds::resources::{Snapshot, type_url};
 
 /// A rejected config, as Envoy reported it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -33,7 +33,7 @@ pub struct Nack {
     pub version: String,
     /// Envoy's `error_detail.message`.
     pub error: String,
-    #[serde(with = "unix_ms")]
+    #[serde(with = "crate::time::serde_unix_ms")]
     pub at: SystemTime,
 }
 
@@ -239,19 +239,6 @@ impl AdsStream {
 }
 
 /// Timestamps as milliseconds since the Unix epoch in JSON.
-pub(crate) mod unix_ms {
-    use serde::Serializer;
-    use std::time::{SystemTime, UNIX_EPOCH};
-
-    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        let ms = t
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        s.serialize_u64(u64::try_from(ms).unwrap_or(u64::MAX))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,18 +15,22 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Serialize;
 
-use super::engine::{Action, EngineError, Phase, Rollout, RolloutView};
+use crate::api::auth::Principal;
 use crate::api::{ApiError, ApiState};
-use crate::auth::Principal;
+use crate::rollout::engine::{Action, EngineError, Phase, Rollout, RolloutView};
+use crate::traffic::RouterError;
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let (status, code) = match &e {
-            EngineError::Change(_) => {
-                let EngineError::Change(c) = e else {
-                    return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "");
-                };
-                return c.into();
+            EngineError::Router(RouterError::UnknownService(_)) => {
+                (StatusCode::NOT_FOUND, "unknown_service")
+            }
+            EngineError::Router(RouterError::UnknownRoute(_) | RouterError::Invalid(_)) => {
+                (StatusCode::BAD_REQUEST, "invalid_change")
+            }
+            EngineError::Router(RouterError::NotSaved(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "persist_failed")
             }
             EngineError::Spec(_) | EngineError::Invalid { .. } => {
                 (StatusCode::BAD_REQUEST, "invalid_spec")

@@ -16,8 +16,7 @@ use tonic::{Request, Response, Status};
 use understudy_proto::v1::report_service_server::{ReportService, ReportServiceServer};
 use understudy_proto::v1::{PushAck, ReportBatch, UsageReport};
 
-use crate::shadow::ShadowBook;
-use crate::xds::stream::unix_ms;
+use crate::evidence::shadow::ShadowBook;
 
 /// Tenants the book remembers; the least recently reported is forgotten first.
 pub const MAX_TENANTS: usize = 10_000;
@@ -45,7 +44,7 @@ pub struct TenantUsage {
     pub limit_rps_by_envoy: BTreeMap<Arc<str>, f64>,
     /// Their sum: the tenant's limit across the fleet.
     pub fleet_limit_rps: f64,
-    #[serde(with = "unix_ms")]
+    #[serde(with = "crate::time::serde_unix_ms")]
     pub last_report: SystemTime,
     /// Position in the book's recency index.
     #[serde(skip)]
@@ -266,10 +265,10 @@ impl ReportService for Reports {
         crate::tls::authorize(&peer, &batch.node_id, "shadow report")?;
         let node = batch.node_id.clone();
         let origin = match peer.verified() {
-            Some(id) => crate::shadow::Origin::Verified {
+            Some(id) => crate::evidence::shadow::Origin::Verified {
                 identity: id.to_owned(),
             },
-            None => crate::shadow::Origin::Unverified,
+            None => crate::evidence::shadow::Origin::Unverified,
         };
         let got = self.shadow.ingest_from(batch, origin, SystemTime::now());
         if got.rejected > 0 {

@@ -9,7 +9,7 @@
 //! the route's own clusters (its shadow cluster and that service's stable
 //! and canary), only with a method the route shadows (GET, HEAD, OPTIONS
 //! unless the route sets `unsafe_methods`), and never with credentials
-//! ([`super::CREDENTIAL_HEADERS`] plus the route's `strip_headers`). The API
+//! ([`super::shadow::CREDENTIAL_HEADERS`] plus the route's `strip_headers`). The API
 //! writes every attempt, refused or not, to the replay audit log with its
 //! actor.
 //!
@@ -25,7 +25,7 @@ use understudy_core::compare::{self, Comparison, Response, Scope};
 use understudy_core::shadow::{MAX_BODY_BYTES_LIMIT, ShadowConfig};
 use understudy_proto::v1::MismatchRecord;
 
-use super::{Origin, is_credential};
+use super::shadow::{Origin, is_credential};
 use crate::model::DesiredState;
 
 /// How long a replay may take, connection included.

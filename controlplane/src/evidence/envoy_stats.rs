@@ -53,7 +53,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::service::metrics::v3::metrics_service_server::{
     MetricsService, MetricsServiceServer,
@@ -63,7 +62,7 @@ use envoy_types::pb::io::prometheus::client::{Histogram, Metric, MetricFamily};
 use serde::Serialize;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::rollout::Evidence;
+use crate::evidence::Evidence;
 
 /// How long samples are kept: longer than any rollout step's window needs.
 pub const RETENTION_MS: u64 = 15 * 60 * 1000;
@@ -863,12 +862,12 @@ impl MetricsService for MetricsSink {
         let _open = OpenStream {
             book: Arc::clone(&self.book),
             node: node.clone(),
-            id: self.book.open_stream(&node, unix_now_ms()),
+            id: self.book.open_stream(&node, crate::time::now_unix_ms()),
         };
         tracing::info!(%node, "metrics stream opened");
         let mut msg = first;
         loop {
-            let got = self.book.ingest(&node, &msg, unix_now_ms());
+            let got = self.book.ingest(&node, &msg, crate::time::now_unix_ms());
             if got.ignored > 0 {
                 tracing::debug!(%node, ignored = got.ignored, "cluster metrics without a usable cluster name");
             }
@@ -884,14 +883,6 @@ impl MetricsService for MetricsSink {
         tracing::info!(%node, "metrics stream closed");
         Ok(Response::new(StreamMetricsResponse {}))
     }
-}
-
-/// The wall clock as Unix ms: the only clock read in this module.
-fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -33,8 +33,6 @@
 //! (route, rollout) and start a fresh live side when a rollout starts; the
 //! record store, paths and noise learning do not depend on it.
 
-pub mod replay;
-
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
@@ -44,7 +42,6 @@ use serde::Serialize;
 use understudy_proto::v1::{MismatchRecord, ReportBatch, RouteCounts, difference};
 
 use crate::store::Store;
-use crate::xds::stream::unix_ms;
 
 /// Routes the book remembers; the least recently reported is forgotten first.
 pub const MAX_ROUTES: usize = 256;
@@ -371,7 +368,7 @@ pub struct RouteSummary {
     pub live: Stats,
     /// A/A calibration traffic.
     pub calibration: Stats,
-    #[serde(with = "unix_ms")]
+    #[serde(with = "crate::time::serde_unix_ms")]
     pub last_report: SystemTime,
 }
 
@@ -558,7 +555,7 @@ pub struct RecordView {
     pub origin: Origin,
     /// When the filter compared the pair, milliseconds since the Unix epoch.
     pub time: u64,
-    #[serde(with = "unix_ms")]
+    #[serde(with = "crate::time::serde_unix_ms")]
     pub received: SystemTime,
     pub calibration: bool,
     /// As the filter judged it: at least one serious difference...
@@ -696,7 +693,7 @@ impl StoredRecord {
 /// One replay attempt, as the audit log keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReplayAudit {
-    #[serde(with = "unix_ms")]
+    #[serde(with = "crate::time::serde_unix_ms")]
     pub time: SystemTime,
     /// The API caller who asked.
     pub actor: String,

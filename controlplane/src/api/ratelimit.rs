@@ -1,0 +1,116 @@
+//! `/v1/ratelimit/tenants`: top tenants from the filters' reports, and
+//! per-tenant overrides in the filter config.
+
+use super::ApiState;
+use super::error::{ApiError, ApiResult};
+use crate::evidence::usage::TenantUsage;
+use crate::model::FilterSettings;
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, put};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+pub(super) fn routes() -> axum::Router<ApiState> {
+    axum::Router::new()
+        .route("/v1/ratelimit/tenants", get(top_tenants))
+        .route(
+            "/v1/ratelimit/tenants/{tenant}",
+            put(put_tenant_override).delete(delete_tenant_override),
+        )
+}
+
+#[derive(Deserialize)]
+struct TopQuery {
+    top: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct TopTenants {
+    envoys: usize,
+    reports: u64,
+    dropped_by_filters: u64,
+    /// Tenant entries the book refused (names too long, caps reached).
+    refused: u64,
+    tenants: Vec<TenantUsage>,
+}
+
+async fn top_tenants(
+    State(s): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<TopQuery>,
+) -> Json<TopTenants> {
+    let (reports, dropped) = s.usage.counts();
+    let envoys = *s.registry.fleet().borrow();
+    Json(TopTenants {
+        envoys,
+        reports,
+        dropped_by_filters: dropped,
+        refused: s.usage.refused(),
+        tenants: s.usage.top(q.top.unwrap_or(20).min(1000)),
+    })
+}
+
+/// Edits `rate_limit.tenants` in the filter config; the whole config is then
+/// validated (unknown tier, bad rate) before anything is stored or pushed.
+async fn put_tenant_override(
+    State(s): State<ApiState>,
+    Path(tenant): Path<String>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> ApiResult<FilterSettings> {
+    let Json(body) = body?;
+    if !body.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            r#"expected a JSON object like {"tier": "partner", "rate": 50}"#,
+        ));
+    }
+    edit_tenants(&s, |tenants| {
+        tenants.insert(tenant, body);
+        Ok(())
+    })
+}
+
+async fn delete_tenant_override(
+    State(s): State<ApiState>,
+    Path(tenant): Path<String>,
+) -> ApiResult<FilterSettings> {
+    edit_tenants(&s, |tenants| match tenants.remove(&tenant) {
+        Some(_) => Ok(()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_tenant",
+            format!("no override for tenant {tenant:?}"),
+        )),
+    })
+}
+
+fn edit_tenants(
+    s: &ApiState,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError>,
+) -> ApiResult<FilterSettings> {
+    let mut filter = s.store.state().filter;
+    let Some(rl) = filter
+        .config
+        .get_mut("rate_limit")
+        .and_then(|v| v.as_object_mut())
+    else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_rate_limit",
+            "the filter config has no rate_limit section to add tenant overrides to",
+        ));
+    };
+    let tenants = rl.entry("tenants").or_insert_with(|| json!({}));
+    let Some(tenants) = tenants.as_object_mut() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_filter",
+            "rate_limit.tenants is not an object",
+        ));
+    };
+    edit(tenants)?;
+    Ok(Json(s.store.put_filter(filter)?))
+}

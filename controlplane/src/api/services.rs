@@ -1,0 +1,97 @@
+//! `/v1/services`: services, and the canary weight (409 while a rollout
+//! owns the service).
+
+use super::ApiState;
+use super::error::{ApiError, ApiResult, owned_by};
+use crate::model::{Service, Weight};
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, put};
+use serde::Deserialize;
+
+pub(super) fn routes() -> axum::Router<ApiState> {
+    axum::Router::new()
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{name}", get(get_service).put(put_service))
+        .route("/v1/services/{name}/canary-weight", put(set_weight))
+}
+
+async fn list_services(State(s): State<ApiState>) -> Json<Vec<Service>> {
+    Json(s.store.state().services.into_values().collect())
+}
+
+async fn get_service(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Service> {
+    Ok(Json(s.store.service(&name)?))
+}
+
+async fn put_service(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<Service>, JsonRejection>,
+) -> ApiResult<Service> {
+    let Json(service) = body?;
+    if service.name != name {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_service",
+            format!(
+                "the body names service {:?} but the path names {name:?}",
+                service.name
+            ),
+        ));
+    }
+    if let Some(r) = s.engine.owner(&name)
+        && s.store.service(&name).map(|c| c.canary_weight) != Ok(service.canary_weight)
+    {
+        return Err(owned_by(&r, &format!("the canary weight of {name:?}")));
+    }
+    Ok(Json(s.store.put_service(service)?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    weight: serde_json::Value,
+}
+
+async fn set_weight(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> ApiResult<Service> {
+    let Json(body) = body?;
+    // serde would also read a struct from a JSON array (`[50]`); only the
+    // documented object form is accepted.
+    if !body.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            r#"expected a JSON object like {"weight": 20}"#,
+        ));
+    }
+    let body: WeightBody = serde_json::from_value(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
+    let weight = match body.weight.as_i64() {
+        Some(w) => Weight::try_from(w)?,
+        None => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_weight",
+                format!(
+                    "canary weight must be an integer from 0 to 100, got {}",
+                    body.weight
+                ),
+            ));
+        }
+    };
+    // Check the service exists first so an unknown name is a 404, not a 400.
+    let current = s.store.service(&name)?;
+    if let Some(r) = s.engine.owner(&name)
+        && current.canary_weight != weight
+    {
+        return Err(owned_by(&r, &format!("the canary weight of {name:?}")));
+    }
+    Ok(Json(s.store.set_canary_weight(&name, weight)?))
+}

@@ -1,0 +1,116 @@
+//! Evidence: what the data plane measured, gathered by its sources, and the
+//! port ([`EvidenceSource`]) a rollout reads it through.
+//!
+//! - [`envoy_stats`]: Envoy's stats stream (gRPC `MetricsService`):
+//!   per-cluster requests, 5xx and latency histograms per Envoy and flush.
+//! - [`shadow`]: the filter's shadow comparison reports: per-route counts,
+//!   differing paths, stored samples, noise learned from A/A calibration.
+//! - [`replay`]: replaying a stored sample against a cluster through Envoy.
+//! - [`usage`]: the filter's report service (gRPC): per-tenant rate-limit
+//!   usage, and the shadow batches handed to [`shadow`].
+//!
+//! Sources never import the rollout's types: the port's types live here,
+//! and the rollout imports them. To add a source (Prometheus, say),
+//! implement [`EvidenceSource`] for it and hand it to the engine in
+//! [`crate::rollout::engine::Sources`]; nothing in the judge changes.
+
+pub mod envoy_stats;
+pub mod replay;
+pub mod shadow;
+pub mod usage;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use self::envoy_stats::MetricsBook;
+use self::shadow::ShadowBook;
+
+/// What one backend (stable or canary) did over a window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// Requests completed (any status).
+    pub requests: u64,
+    /// Requests answered 5xx.
+    pub errors: u64,
+    /// Request latency as a histogram: `(upper bound in ms, count)` per
+    /// bucket, NOT cumulative, bounds ascending; the last bound may be
+    /// `f64::INFINITY`. Every bucket keeps its true bounds: an empty bucket
+    /// is kept as `(bound, 0)` where it separates occupied ones. Counts sum
+    /// to about `requests`.
+    pub latency_ms: Vec<(f64, u64)>,
+    /// Unix ms of the newest data in the window; `None`: no data ever, or a
+    /// source that carries the backend went silent (see the source).
+    pub last_update_ms: Option<u64>,
+}
+
+/// A shadow stage's comparison counts over a window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowEvidence {
+    pub compared: u64,
+    /// Pairs with a serious difference (after noise learning).
+    pub serious: u64,
+    /// Pairs with a difference no expected-divergence rule covers.
+    pub unexpected: u64,
+    /// Unix ms of the newest report; `None`: no data ever.
+    pub last_update_ms: Option<u64>,
+}
+
+/// A service's two sides over one window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepWindows {
+    pub stable: Evidence,
+    pub canary: Evidence,
+}
+
+/// Where a rollout's evidence comes from.
+///
+/// Both methods are cheap reads of what the source has already gathered
+/// (the engine calls them every evaluation, under no lock of its own), and
+/// neither may block on the network.
+pub trait EvidenceSource: Send + Sync {
+    /// What `service`'s stable and canary backends did from `since_ms` to
+    /// `now_ms` (Unix ms). A backend the source knows nothing of is
+    /// `Evidence::default()` (no data: the judge holds). `last_update_ms`
+    /// must be the *oldest* of the fresh data's sources that carry the
+    /// backend, so one silent reporter holds the step.
+    fn step_windows(&self, service: &str, since_ms: u64, now_ms: u64) -> StepWindows;
+
+    /// A shadow route's comparison counts since the source started (or the
+    /// route was reset), with the newest report's time in
+    /// `last_update_ms`. `None`: the source has no such route. The counts
+    /// only grow, except that a restart or a reset starts them at 0 (the
+    /// engine carries what it saw across that).
+    fn shadow_pairs(&self, route: &str) -> Option<ShadowEvidence>;
+}
+
+/// Today's source: Envoy's stats stream for the two sides, the filter's
+/// reports for shadow pairs.
+#[derive(Clone)]
+pub struct EnvoyEvidence {
+    pub metrics: Arc<MetricsBook>,
+    pub shadow: Arc<ShadowBook>,
+}
+
+impl EvidenceSource for EnvoyEvidence {
+    fn step_windows(&self, service: &str, since_ms: u64, now_ms: u64) -> StepWindows {
+        let names = crate::model::ClusterNames::of(service);
+        StepWindows {
+            stable: self.metrics.window(&names.stable, since_ms, now_ms),
+            canary: self.metrics.window(&names.canary, since_ms, now_ms),
+        }
+    }
+
+    fn shadow_pairs(&self, route: &str) -> Option<ShadowEvidence> {
+        self.shadow
+            .summaries()
+            .into_iter()
+            .find(|s| s.route == route)
+            .map(|s| ShadowEvidence {
+                compared: s.live.compared,
+                serious: s.live.mismatched_serious,
+                unexpected: s.live.unexpected,
+                last_update_ms: Some(crate::time::unix_ms(s.last_report)),
+            })
+    }
+}
