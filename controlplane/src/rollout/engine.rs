@@ -203,7 +203,10 @@ impl Engine {
     /// while the control plane was down.
     fn recover(&self, t: u64) -> Result<(), EngineError> {
         let _writer = self.write_lock();
-        for r in self.read().values().cloned().collect::<Vec<_>>() {
+        // Collected first: a read guard in the loop head would live through
+        // the loop and deadlock `publish`.
+        let stored: Vec<Rollout> = self.read().values().cloned().collect();
+        for r in stored {
             let mut r = r;
             if !r.applied {
                 warn!(rollout = %r.id, phase = %r.phase.label(), weight = r.weight, "applying a transition that was decided but not applied before the restart");
