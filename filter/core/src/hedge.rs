@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::rules::ConfigError;
 
 /// Hedges after the first (a route's `max_attempts` counts the primary).
 pub const MAX_ATTEMPTS: u32 = 4;
@@ -818,6 +818,147 @@ impl HedgeTable {
     pub fn end(&mut self, stream: u32) {
         self.streams.remove(&stream);
     }
+}
+
+// === the tick ===
+
+/// One hedging route's moving parts on one worker: its settings, its delay
+/// window and budget, and the delay last shown on the route's gauge.
+#[derive(Debug, Clone)]
+pub struct RouteState {
+    pub cfg: HedgeConfig,
+    pub delay: DelayTracker,
+    pub budget: Budget,
+    last_delay_ms: Option<u64>,
+}
+
+impl RouteState {
+    pub fn new(cfg: HedgeConfig) -> Self {
+        Self {
+            delay: DelayTracker::new(cfg.delay.clone()),
+            budget: Budget::new(cfg.budget),
+            cfg,
+            last_delay_ms: None,
+        }
+    }
+}
+
+/// A hedge to send now, ready for the host's HTTP call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HedgeCall {
+    pub stream: u32,
+    pub route: usize,
+    pub cluster: String,
+    /// The primary's headers (so the same Idempotency-Key), without
+    /// `transfer-encoding` (the call sets its own framing), plus the marker.
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    pub timeout_ms: u64,
+}
+
+/// What one tick asks of the glue, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TickAction {
+    /// Show `ms` on the route's `delay_ms` gauge (it changed since last shown).
+    ShowDelay { route: usize, ms: u64 },
+    /// The budget refused the stream's hedge: count it. The table has
+    /// already given the stream up.
+    BudgetExhausted { route: usize, stream: u32 },
+    /// Send this hedge, then report back with [`HedgeTable::hedge_sent`] (it
+    /// went out) or [`HedgeTable::give_up`] (the host refused it).
+    Send(HedgeCall),
+}
+
+/// The root context's tick: the routes' current delays (shown on their
+/// gauges), then every hedge that is due, within each route's budget.
+///
+/// Every VM shares a route's gauge, the main thread's too, which sees no
+/// traffic: only a route with latency samples (or a fixed delay) shows its
+/// delay, so an idle VM never overwrites a busy one's figure.
+pub fn tick(
+    routes: &mut [Option<RouteState>],
+    table: &mut HedgeTable,
+    now_us: u64,
+) -> Vec<TickAction> {
+    let mut actions = Vec::new();
+    // Per route: (delay now, attempt limit); u64::MAX for routes that do not hedge.
+    let limits: Vec<(u64, u32)> = routes
+        .iter_mut()
+        .enumerate()
+        .map(|(route, r)| match r {
+            Some(r) => {
+                let us = r.delay.current_us(now_us);
+                let informed =
+                    r.delay.samples() > 0 || matches!(r.cfg.delay, DelayConfig::Fixed { .. });
+                if informed && r.last_delay_ms != Some(us / 1000) {
+                    actions.push(TickAction::ShowDelay {
+                        route,
+                        ms: us / 1000,
+                    });
+                    r.last_delay_ms = Some(us / 1000);
+                }
+                (us, r.cfg.max_attempts)
+            }
+            None => (u64::MAX, 1),
+        })
+        .collect();
+    if table.is_empty() {
+        return actions;
+    }
+    let due = table.due(
+        now_us,
+        |route| limits.get(route).map_or(u64::MAX, |l| l.0),
+        |route| limits.get(route).map_or(1, |l| l.1),
+    );
+    for d in due {
+        let Some(Some(r)) = routes.get_mut(d.route) else {
+            continue;
+        };
+        if !r.budget.try_spend(now_us) {
+            table.give_up(d.stream);
+            actions.push(TickAction::BudgetExhausted {
+                route: d.route,
+                stream: d.stream,
+            });
+            continue;
+        }
+        let Some(request) = table.request(d.stream) else {
+            continue;
+        };
+        actions.push(TickAction::Send(HedgeCall {
+            stream: d.stream,
+            route: d.route,
+            cluster: r.cfg.cluster.clone(),
+            headers: hedge_headers(&request.headers),
+            body: (!request.body.is_empty()).then(|| request.body.clone()),
+            timeout_ms: r.cfg.timeout_ms,
+        }));
+    }
+    actions
+}
+
+/// A hedge's request headers: the primary's, without `transfer-encoding`,
+/// with [`HEDGE_MARKER`] so the upstream (and our own filter) can tell.
+pub fn hedge_headers(primary: &[(String, String)]) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = primary
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("transfer-encoding"))
+        .cloned()
+        .collect();
+    headers.push((HEDGE_MARKER.to_owned(), "1".to_owned()));
+    headers
+}
+
+/// The local reply that hands a winning hedge's answer to the client: its
+/// replayable headers (no hop-by-hop ones, no `set-cookie`) and the marker
+/// `won`. A call answer with no `:status` is sent as 200.
+pub fn reply_from_hedge(
+    call_headers: &[(String, String)],
+    status: Option<u16>,
+) -> (u32, Vec<(String, String)>) {
+    let mut headers = crate::http::replayable_headers(call_headers);
+    headers.push((HEDGE_MARKER.to_owned(), "won".to_owned()));
+    (u32::from(status.unwrap_or(200)), headers)
 }
 
 #[cfg(test)]

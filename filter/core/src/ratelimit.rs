@@ -32,8 +32,8 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
-use crate::dedupe::framed_sha256;
+use crate::http::framed_sha256;
+use crate::rules::{ConfigError, validate_name};
 
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -296,7 +296,7 @@ impl RateLimitConfig {
         }
         let mut tiers = Vec::new();
         for (name, t) in &raw.tiers {
-            crate::config::validate_name(&format!("{field}.tiers.{name}"), name)?;
+            validate_name(&format!("{field}.tiers.{name}"), name)?;
             let f = |what: &str| format!("tiers.{name}.{what}");
             for (what, v) in [
                 ("initial", t.initial),
@@ -827,6 +827,273 @@ pub fn place(tenant: &str, candidates: [Option<&TenantState>; 2]) -> Placement {
     }
     let seen = |i: usize| candidates[i].map_or(0, |s| s.seen_us);
     Placement::Evict(if seen(0) <= seen(1) { 0 } else { 1 })
+}
+
+// === the admission of one request ===
+
+/// The tier pool a request must also take a token from, at the rate the
+/// caller's bucket enforces (the whole pool, or a worker's share of it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pool<'a> {
+    /// The tier's index and name (shared data keys the pool by name).
+    pub tier: usize,
+    pub name: &'a str,
+    pub rate: f64,
+    pub burst_s: f64,
+}
+
+/// The tenant's own bucket (at `share` of its rate), then, if that allowed,
+/// a token from its tier's pool through `take_pool` (a bucket in shared data,
+/// or a worker's own). A pool refusal gives the tenant its token back and
+/// counts the request as limited, not allowed: the tenant did not get in.
+///
+/// This is the one admission rule for both enforcements: `shared` calls it
+/// with `share` 1 inside its compare-and-swap loop, `per_worker` through
+/// [`LocalTable::admit`].
+pub fn admit_with_pool(
+    state: &mut TenantState,
+    tenant: &Tenant,
+    cfg: &RateLimitConfig,
+    share: f64,
+    now_us: u64,
+    take_pool: impl FnOnce(Pool<'_>) -> bool,
+) -> Admission {
+    let mut a = admit_share(state, tenant, cfg, share, now_us);
+    if !a.allowed {
+        return a;
+    }
+    let Some(t) = cfg.tier(tenant.tier) else {
+        return a;
+    };
+    let Some(rate) = t.pool_rate else { return a };
+    let pool = Pool {
+        tier: tenant.tier,
+        name: &t.name,
+        rate: rate * share,
+        burst_s: t.burst_s,
+    };
+    if take_pool(pool) {
+        return a;
+    }
+    state.bucket.tokens += 1.0;
+    state.allowed = state.allowed.saturating_sub(1);
+    state.limited = state.limited.saturating_add(1);
+    a.allowed = false;
+    a.retry_after_s = a.retry_after_s.max(1.0);
+    a
+}
+
+/// One attempt at admitting a tenant into the shared table: which of its two
+/// candidate slots it takes, the state to write there (with that slot's CAS
+/// token), and the decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotWrite {
+    pub placement: Placement,
+    /// Index into the candidates (`0` or `1`).
+    pub slot: usize,
+    pub state: TenantState,
+    pub admission: Admission,
+}
+
+/// Admits `tenant` given what its two candidate slots hold now (see
+/// [`candidate_slots`], [`place`]): found, a free slot, or the least
+/// recently seen of the two evicted (the newcomer starts at `initial`).
+pub fn admit_in_table(
+    tenant: &Tenant,
+    cfg: &RateLimitConfig,
+    candidates: [Option<&TenantState>; 2],
+    now_us: u64,
+    take_pool: impl FnOnce(Pool<'_>) -> bool,
+) -> SlotWrite {
+    let placement = place(&tenant.id, candidates);
+    let (slot, found) = match placement {
+        Placement::Found(i) => (i, candidates[i].cloned()),
+        Placement::Free(i) | Placement::Evict(i) => (i, None),
+    };
+    let mut state = found.unwrap_or_else(|| TenantState::new(tenant, cfg, now_us));
+    let admission = admit_with_pool(&mut state, tenant, cfg, 1.0, now_us, take_pool);
+    SlotWrite {
+        placement,
+        slot,
+        state,
+        admission,
+    }
+}
+
+/// How a tenant came to its seat in a worker's [`LocalTable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seat {
+    Known,
+    /// A new tenant in a free seat (the tenants gauge goes up).
+    Added,
+    /// A new tenant in the seat of the least recently seen one.
+    Evicted,
+}
+
+/// `per_worker` enforcement: this worker alone enforces `1 / workers` of
+/// each rate (tenant buckets and tier pools), with no shared data. Bounded
+/// like the shared table, at `max_tenants`; a newcomer evicts the tenant
+/// seen least recently.
+#[derive(Debug, Clone, Default)]
+pub struct LocalTable {
+    tenants: BTreeMap<String, TenantState>,
+    pools: BTreeMap<usize, Bucket>,
+}
+
+impl LocalTable {
+    pub fn admit(
+        &mut self,
+        tenant: &Tenant,
+        cfg: &RateLimitConfig,
+        now_us: u64,
+    ) -> (Admission, Seat) {
+        let share = 1.0 / f64::from(cfg.workers.max(1));
+        let mut seat = Seat::Known;
+        if !self.tenants.contains_key(&tenant.id) {
+            seat = Seat::Added;
+            if self.tenants.len() >= cfg.max_tenants as usize {
+                let oldest = self
+                    .tenants
+                    .iter()
+                    .min_by_key(|(_, s)| s.seen_us)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    self.tenants.remove(&k);
+                    seat = Seat::Evicted;
+                }
+            }
+            self.tenants
+                .insert(tenant.id.clone(), TenantState::new(tenant, cfg, now_us));
+        }
+        let Some(state) = self.tenants.get_mut(&tenant.id) else {
+            // Just inserted; never happens. Allow: the limiter must not
+            // block traffic on its own fault.
+            return (
+                Admission {
+                    allowed: true,
+                    retry_after_s: 0.0,
+                    rate: 0.0,
+                    remaining: 0.0,
+                },
+                seat,
+            );
+        };
+        let pools = &mut self.pools;
+        let a = admit_with_pool(state, tenant, cfg, share, now_us, |pool| {
+            pools
+                .entry(pool.tier)
+                .or_insert_with(|| Bucket::full(pool.rate, pool.burst_s, now_us))
+                .take(pool.rate, pool.burst_s, now_us)
+        });
+        (a, seat)
+    }
+
+    /// The upstream answered one of this tenant's requests.
+    pub fn observe(
+        &mut self,
+        tenant: &Tenant,
+        cfg: &RateLimitConfig,
+        status: u16,
+        latency_ms: f64,
+        now_us: u64,
+    ) {
+        if let Some(state) = self.tenants.get_mut(&tenant.id) {
+            state.observe(tenant, cfg, status, latency_ms, now_us);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+
+    pub fn get(&self, tenant: &str) -> Option<&TenantState> {
+        self.tenants.get(tenant)
+    }
+}
+
+/// What becomes of a request after admission.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Let it through; add these `RateLimit` headers to its response.
+    Allow {
+        headers: Option<Vec<(String, String)>>,
+    },
+    Reject(Rejection),
+}
+
+/// A 429: these headers and this JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// Which of the tier's counters a decision counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Allowed,
+    /// Over the limit, let through because the limiter is in shadow mode.
+    ShadowLimited,
+    Limited,
+}
+
+/// The verdict on a tenant's request. `None` admission means the limiter
+/// could not decide (shared data failed): the request goes on, uncounted,
+/// because the limiter never blocks traffic on its own fault.
+pub fn verdict(
+    tenant: &Tenant,
+    cfg: &RateLimitConfig,
+    admission: Option<&Admission>,
+) -> (Verdict, Option<Counted>) {
+    let Some(a) = admission else {
+        return (Verdict::Allow { headers: None }, None);
+    };
+    if a.allowed {
+        let headers = cfg.headers_on_allowed.then(|| headers_for(tenant, a));
+        return (Verdict::Allow { headers }, Some(Counted::Allowed));
+    }
+    if cfg.shadow {
+        return (
+            Verdict::Allow { headers: None },
+            Some(Counted::ShadowLimited),
+        );
+    }
+    let mut headers = headers_for(tenant, a);
+    headers.push(("content-type".to_owned(), "application/json".to_owned()));
+    (
+        Verdict::Reject(Rejection {
+            headers,
+            body: limited_body(tenant, cfg, a),
+        }),
+        Some(Counted::Limited),
+    )
+}
+
+/// The 429 for route limit `index` (its position in `route_limits`) whose
+/// process-wide bucket is `bucket` after a refused take. `shadow` does not
+/// apply to it (the glue never consulted it for route limits).
+pub fn route_rejection(index: usize, limit: &RouteLimit, bucket: &Bucket) -> Rejection {
+    let a = Admission {
+        allowed: false,
+        retry_after_s: bucket.wait_s(limit.rate),
+        rate: limit.rate,
+        remaining: 0.0,
+    };
+    // `pk` must be a valid RFC 9651 byte sequence, like the tenant one.
+    let pk = partition_key(&format!("route/{index}"));
+    let mut headers = policy_headers("route", &pk, &a);
+    headers.push(("content-type".to_owned(), "application/json".to_owned()));
+    let body = serde_json::json!({
+        "error": "rate_limited",
+        "message": format!("route limit of {:.1} requests per second exceeded", limit.rate),
+        "retry_after_s": a.retry_after_s.ceil().max(1.0),
+    })
+    .to_string();
+    Rejection { headers, body }
 }
 
 // === usage reports ===
