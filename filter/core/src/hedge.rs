@@ -965,6 +965,113 @@ pub fn reply_from_hedge(
 mod tests {
     use super::*;
 
+    fn state(json: serde_json::Value) -> RouteState {
+        RouteState::new(cfg(json).unwrap())
+    }
+
+    fn get(r: &RequestCopy) -> RequestCopy {
+        RequestCopy {
+            body_complete: true,
+            ..r.clone()
+        }
+    }
+
+    #[test]
+    fn the_tick_shows_the_delay_once_sends_what_is_due_and_spends_the_budget() {
+        let mut routes = vec![
+            None,
+            Some(state(serde_json::json!({
+                "cluster": "backup",
+                "delay": {"fixed": {"ms": 40}},
+                "budget": {"percent": 100, "per_second_floor": 1, "burst": 1}
+            }))),
+        ];
+        let mut table = HedgeTable::default();
+        let request = get(&RequestCopy {
+            headers: vec![
+                (":path".to_owned(), "/a".to_owned()),
+                ("Transfer-Encoding".to_owned(), "chunked".to_owned()),
+            ],
+            body: b"x".to_vec(),
+            body_complete: true,
+        });
+        for stream in [7, 8] {
+            if let Some(Some(r)) = routes.get_mut(1) {
+                r.budget.on_request(0);
+            }
+            table.track(stream, 1, 0, request.clone()).unwrap();
+        }
+        // Before the delay: only the gauge, once.
+        assert_eq!(
+            tick(&mut routes, &mut table, 10_000),
+            vec![TickAction::ShowDelay { route: 1, ms: 40 }]
+        );
+        assert_eq!(tick(&mut routes, &mut table, 20_000), vec![]);
+        // Due: one token for two streams.
+        let actions = tick(&mut routes, &mut table, 40_000);
+        assert_eq!(actions.len(), 2, "{actions:?}");
+        assert_eq!(
+            actions[0],
+            TickAction::Send(HedgeCall {
+                stream: 7,
+                route: 1,
+                cluster: "backup".to_owned(),
+                headers: vec![
+                    (":path".to_owned(), "/a".to_owned()),
+                    (HEDGE_MARKER.to_owned(), "1".to_owned()),
+                ],
+                body: Some(b"x".to_vec()),
+                timeout_ms: 5_000,
+            })
+        );
+        assert_eq!(
+            actions[1],
+            TickAction::BudgetExhausted {
+                route: 1,
+                stream: 8
+            }
+        );
+        table.hedge_sent(7, 1);
+        // Stream 8 was given up; stream 7's next attempt would exceed max_attempts.
+        assert_eq!(tick(&mut routes, &mut table, 200_000), vec![]);
+    }
+
+    #[test]
+    fn an_adaptive_delay_is_shown_only_once_it_has_samples() {
+        let mut routes = vec![Some(state(serde_json::json!({"cluster": "c"})))];
+        let mut table = HedgeTable::default();
+        assert_eq!(
+            tick(&mut routes, &mut table, 1_000),
+            vec![],
+            "no samples yet"
+        );
+        if let Some(Some(r)) = routes.get_mut(0) {
+            r.delay.record(1_000, 30_000);
+        }
+        let actions = tick(&mut routes, &mut table, 2_000);
+        assert!(
+            matches!(actions.as_slice(), [TickAction::ShowDelay { route: 0, .. }]),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn a_winning_hedge_is_replayed_without_per_hop_headers_or_cookies() {
+        let h = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let (status, headers) = reply_from_hedge(
+            &[
+                h(":status", "201"),
+                h("set-cookie", "s=1"),
+                h("etag", "v"),
+                h("connection", "close"),
+            ],
+            Some(201),
+        );
+        assert_eq!(status, 201);
+        assert_eq!(headers, vec![h("etag", "v"), h(HEDGE_MARKER, "won")]);
+        assert_eq!(reply_from_hedge(&[], None).0, 200);
+    }
+
     fn cfg(json: serde_json::Value) -> Result<HedgeConfig, ConfigError> {
         HedgeConfig::from_raw(serde_json::from_value(json).unwrap(), "routes[0].hedge")
     }

@@ -1438,8 +1438,10 @@ mod tests {
         assert_eq!(s.rate, 3.0);
     }
 
-    /// The glue's algorithm over a map standing in for shared data: 100,000
-    /// distinct tenants never occupy more than `max_tenants` slots.
+    /// [`admit_in_table`] over a map standing in for shared data: 100,000
+    /// distinct tenants never occupy more than `max_tenants` slots. (The
+    /// glue's own loop around it, with the host's shared data, is tested in
+    /// `understudy-filter`.)
     #[test]
     fn a_hundred_thousand_tenants_stay_within_the_table() {
         let c = cfg(json!({"max_tenants": 1000}));
@@ -1455,28 +1457,204 @@ mod tests {
                 },
             );
             let slots = candidate_slots(&t.id, c.max_tenants);
-            let placement = place(&t.id, [shared.get(&slots[0]), shared.get(&slots[1])]);
-            let (slot, mut state) = match placement {
-                Placement::Found(k) => (slots[k], shared[&slots[k]].clone()),
-                Placement::Free(k) => (slots[k], TenantState::new(&t, &c, i)),
-                Placement::Evict(k) => {
-                    evictions += 1;
-                    (slots[k], TenantState::new(&t, &c, i))
-                }
-            };
+            let write = admit_in_table(
+                &t,
+                &c,
+                [shared.get(&slots[0]), shared.get(&slots[1])],
+                i,
+                |_| true,
+            );
+            evictions += u64::from(matches!(write.placement, Placement::Evict(_)));
             assert!(
-                admit(&mut state, &t, &c, i).allowed,
+                write.admission.allowed,
                 "a new tenant starts with its allowance"
             );
-            shared.insert(slot, state);
-            assert!(shared.len() <= 1000);
+            shared.insert(slots[write.slot], write.state);
         }
+        assert!(shared.len() <= 1000, "{}", shared.len());
         assert!(
             shared.len() > 950,
             "two choices fill the table: {}",
             shared.len()
         );
-        assert!(evictions >= 100_000 - 1000);
+        assert_eq!(evictions + shared.len() as u64, 100_000);
+    }
+
+    fn tenant(c: &RateLimitConfig, id: &str) -> Tenant {
+        identify(
+            c,
+            &IdentityInput {
+                header: Some(id),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// The two admission paths used to differ here: `per_worker` gave the
+    /// token back on a pool refusal but still counted the request as
+    /// allowed. Both now count it as limited.
+    #[test]
+    fn a_pool_refusal_gives_the_token_back_and_counts_as_limited() {
+        let c = cfg(json!({}));
+        let t = tenant(&c, "someone");
+        let mut s = TenantState::new(&t, &c, 0);
+        let before = s.bucket.tokens;
+        let mut asked = None;
+        let a = admit_with_pool(&mut s, &t, &c, 1.0, 0, |pool| {
+            asked = Some((pool.name.to_owned(), pool.rate));
+            false
+        });
+        assert!(!a.allowed);
+        assert!(a.retry_after_s >= 1.0);
+        assert_eq!(s.bucket.tokens, before, "the token is back");
+        assert_eq!((s.allowed, s.limited), (0, 1));
+        // The pool is the tier's default: 100 tenants at `initial` 10.
+        assert_eq!(asked, Some(("standard".to_owned(), 1000.0)));
+        // A refusal by the tenant's own bucket never asks the pool.
+        let mut empty = TenantState::new(&t, &c, 0);
+        empty.bucket.tokens = 0.0;
+        let a = admit_with_pool(&mut empty, &t, &c, 1.0, 0, |_| panic!("asked the pool"));
+        assert!(!a.allowed);
+        assert_eq!((empty.allowed, empty.limited), (0, 1));
+    }
+
+    #[test]
+    fn the_local_table_enforces_a_share_evicts_the_oldest_and_shares_the_pool_rule() {
+        let c = cfg(json!({"max_tenants": 2, "workers": 2}));
+        let mut table = LocalTable::default();
+        let (a, seat) = table.admit(&tenant(&c, "a"), &c, 0);
+        assert!(a.allowed);
+        assert_eq!(seat, Seat::Added);
+        assert_eq!(table.admit(&tenant(&c, "b"), &c, 1).1, Seat::Added);
+        assert_eq!(table.admit(&tenant(&c, "a"), &c, 2).1, Seat::Known);
+        // `b` was seen least recently: it gives way to `c`.
+        assert_eq!(table.admit(&tenant(&c, "c"), &c, 3).1, Seat::Evicted);
+        assert!(table.get("b").is_none() && table.get("a").is_some());
+        assert_eq!(table.len(), 2);
+        // Half of `standard`'s 10/s with burst 1 s: 5 tokens on this worker.
+        let mut table = LocalTable::default();
+        let t = tenant(&c, "a");
+        let allowed = (0..20).filter(|_| table.admit(&t, &c, 0).0.allowed).count();
+        assert_eq!(allowed, 5);
+        let s = table.get("a").map(|s| (s.allowed, s.limited));
+        assert_eq!(s, Some((5, 15)));
+
+        // A pool smaller than the tenants' sum: refused requests count as limited.
+        let c = cfg(json!({
+            "workers": 1,
+            "tiers": {
+                "anonymous": {"initial": 5, "min": 1, "max": 10},
+                "standard": {"initial": 10, "min": 2, "max": 100, "pool_rate": 3},
+                "partner": {"initial": 100, "min": 50, "max": 1000}
+            }
+        }));
+        let mut table = LocalTable::default();
+        let allowed = ["x", "y", "z", "w"]
+            .iter()
+            .filter(|id| table.admit(&tenant(&c, id), &c, 0).0.allowed)
+            .count();
+        assert_eq!(allowed, 3, "the pool's burst is 3");
+        let limited: u64 = ["x", "y", "z", "w"]
+            .iter()
+            .filter_map(|id| table.get(id))
+            .map(|s| s.limited)
+            .sum();
+        assert_eq!(limited, 1);
+    }
+
+    #[test]
+    fn verdicts_follow_admission_shadow_and_headers_on_allowed() {
+        let t = |c: &RateLimitConfig| tenant(c, "someone");
+        let yes = Admission {
+            allowed: true,
+            retry_after_s: 0.0,
+            rate: 10.0,
+            remaining: 4.0,
+        };
+        let no = Admission {
+            allowed: false,
+            retry_after_s: 0.2,
+            remaining: 0.0,
+            ..yes
+        };
+        let plain = cfg(json!({}));
+        assert_eq!(
+            verdict(&t(&plain), &plain, None),
+            (Verdict::Allow { headers: None }, None),
+            "an undecided request goes on, uncounted"
+        );
+        assert_eq!(
+            verdict(&t(&plain), &plain, Some(&yes)),
+            (Verdict::Allow { headers: None }, Some(Counted::Allowed))
+        );
+        let with_headers = cfg(json!({"headers_on_allowed": true}));
+        match verdict(&t(&with_headers), &with_headers, Some(&yes)) {
+            (Verdict::Allow { headers: Some(h) }, Some(Counted::Allowed)) => {
+                assert!(
+                    h.iter()
+                        .any(|(k, v)| k == "ratelimit" && v.contains("r=4;t=0"))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let shadow = cfg(json!({"shadow": true}));
+        assert_eq!(
+            verdict(&t(&shadow), &shadow, Some(&no)),
+            (
+                Verdict::Allow { headers: None },
+                Some(Counted::ShadowLimited)
+            )
+        );
+        match verdict(&t(&plain), &plain, Some(&no)) {
+            (Verdict::Reject(r), Some(Counted::Limited)) => {
+                assert!(
+                    r.headers
+                        .contains(&("retry-after".to_owned(), "1".to_owned()))
+                );
+                assert!(
+                    r.headers
+                        .contains(&("content-type".to_owned(), "application/json".to_owned()))
+                );
+                let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                assert_eq!(body["tier"], "standard");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_route_rejection_names_its_limit_and_wait() {
+        let limit = RouteLimit {
+            route: 0,
+            method: None,
+            rate: 4.0,
+            burst_s: 1.0,
+        };
+        let bucket = Bucket {
+            tokens: 0.5,
+            at_us: 0,
+        };
+        let r = route_rejection(3, &limit, &bucket);
+        let get = |k: &str| {
+            r.headers
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("retry-after").as_deref(), Some("1"));
+        let pk = partition_key("route/3");
+        assert_eq!(
+            get("ratelimit-policy"),
+            Some(format!("\"route\";q=4;w=1;pk=:{pk}:"))
+        );
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["error"], "rate_limited");
+        assert_eq!(body["retry_after_s"], 1.0);
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("4.0 requests per second"))
+        );
     }
 
     #[test]
