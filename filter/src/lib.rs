@@ -23,8 +23,8 @@
 //! A panic kills the wasm VM, so this crate never unwraps, and a panic hook
 //! logs through the host if something slips through.
 //!
-//! Time comes from the host once per event (`Host::now_us`) and is passed
-//! down as a value.
+//! Time is an input: the glue reads it from the host (`Host::now_us`) where
+//! a feature needs it and passes it down as a value.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -311,7 +311,6 @@ impl Context for Http {}
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let host = Rc::clone(&self.host);
-        let now = host.now_us();
         // Before anything else: a client must not speak for the filter. The
         // filter's own hedges and shadow copies leave through
         // `dispatch_http_call` straight to their cluster, never through this
@@ -333,7 +332,10 @@ impl HttpContext for Http {
             let route = host
                 .request_header(":path")
                 .and_then(|p| w.config.match_route(&p));
-            let verdict = w.limiter.as_mut().map(|l| l.on_request(route, now));
+            let verdict = w
+                .limiter
+                .as_mut()
+                .map(|l| l.on_request(route, host.now_us()));
             (verdict, route)
         });
         match verdict {
@@ -362,11 +364,11 @@ impl HttpContext for Http {
             let shadowed = !matches!(dedupe, Start::Answered)
                 && w.shadowing
                     .as_mut()
-                    .is_some_and(|s| s.on_request_headers(id, route, end_of_stream, now));
+                    .is_some_and(|s| s.on_request_headers(id, route, end_of_stream, host.now_us()));
             let hedged = !matches!(dedupe, Start::Answered)
                 && w.hedging
                     .as_mut()
-                    .is_some_and(|h| h.on_request_headers(id, route, end_of_stream, now));
+                    .is_some_and(|h| h.on_request_headers(id, route, end_of_stream, host.now_us()));
             (hedged, shadowed, dedupe)
         });
         self.hedged = hedged;
@@ -408,7 +410,6 @@ impl HttpContext for Http {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let host = Rc::clone(&self.host);
-        let now = host.now_us();
         if let Some(admitted) = self.admitted.take() {
             let status = host
                 .response_header(":status")
@@ -416,7 +417,7 @@ impl HttpContext for Http {
                 .unwrap_or(0);
             self.with((), |w| {
                 if let Some(l) = w.limiter.as_mut() {
-                    l.on_response(&admitted, status, now);
+                    l.on_response(&admitted, status, host.now_us());
                 }
             });
             for (k, v) in admitted.headers.iter().flatten() {
@@ -429,13 +430,13 @@ impl HttpContext for Http {
         let mut dedupe = self.dedupe.take();
         let action = self.with(Action::Continue, |w| {
             if let (Some(d), Some(s)) = (w.dedupe.as_ref(), dedupe.as_mut()) {
-                d.on_response_headers(s, end_of_stream, now / 1000);
+                d.on_response_headers(s, end_of_stream, host.now_us() / 1000);
             }
             if shadowed && let Some(s) = w.shadowing.as_mut() {
-                s.on_response_headers(id, end_of_stream, now);
+                s.on_response_headers(id, end_of_stream, host.now_us());
             }
             match w.hedging.as_mut() {
-                Some(h) if hedged => h.on_response_headers(id, now),
+                Some(h) if hedged => h.on_response_headers(id, host.now_us()),
                 _ => Action::Continue,
             }
         });
@@ -445,7 +446,6 @@ impl HttpContext for Http {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let host = Rc::clone(&self.host);
-        let now = host.now_us();
         let id = self.id;
         // A held primary (failed while a hedge is out) keeps its body back too.
         if self.hedged && self.with(false, |w| w.hedging.as_ref().is_some_and(|h| h.is_held(id))) {
@@ -455,7 +455,7 @@ impl HttpContext for Http {
         if let Some(s) = dedupe.as_mut() {
             self.with((), |w| {
                 if let Some(d) = w.dedupe.as_ref() {
-                    d.on_response_body(s, body_size, end_of_stream, now / 1000);
+                    d.on_response_body(s, body_size, end_of_stream, host.now_us() / 1000);
                 }
             });
         }
@@ -463,7 +463,7 @@ impl HttpContext for Http {
         if self.shadowed {
             self.with((), |w| {
                 if let Some(s) = w.shadowing.as_mut() {
-                    s.on_response_body(id, body_size, end_of_stream, now);
+                    s.on_response_body(id, body_size, end_of_stream, host.now_us());
                 }
             });
         }
@@ -472,14 +472,13 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         let host = Rc::clone(&self.host);
-        let now = host.now_us();
         let id = self.id;
         let hedged = self.hedged;
         let shadowed = self.shadowed;
         let mut dedupe = self.dedupe.take();
         self.with((), |w| {
             if let (Some(d), Some(s)) = (w.dedupe.as_ref(), dedupe.as_mut()) {
-                d.on_end(s, now / 1000);
+                d.on_end(s, host.now_us() / 1000);
             }
             if shadowed && let Some(s) = w.shadowing.as_mut() {
                 s.on_end(id);
@@ -509,7 +508,6 @@ impl Http {
     /// 409, 422) ends the stream here, so hedging stops tracking it first.
     fn dedupe_decide(&mut self, body: &[u8]) -> Action {
         let host = Rc::clone(&self.host);
-        let now = host.now_us();
         let Some(mut stream) = self.dedupe.take() else {
             return Action::Continue;
         };
@@ -521,7 +519,7 @@ impl Http {
             let Some(d) = w.dedupe.as_ref() else {
                 return Action::Continue;
             };
-            let action = d.on_request_complete(&mut stream, body, now / 1000);
+            let action = d.on_request_complete(&mut stream, body, host.now_us() / 1000);
             if action == Action::Pause
                 && hedged
                 && let Some(h) = w.hedging.as_mut()
