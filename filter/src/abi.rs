@@ -31,16 +31,7 @@
 
 use std::ptr::{null, null_mut};
 
-/// A host status code other than `Ok` (0). Named constants for the ones the
-/// filter treats specially; anything else is logged with its number.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Status(pub u32);
-
-impl Status {
-    pub const NOT_FOUND: Status = Status(1);
-    pub const BAD_ARGUMENT: Status = Status(2);
-    pub const CAS_MISMATCH: Status = Status(8);
-}
+pub use crate::host::Status;
 
 const OK: u32 = 0;
 

@@ -12,7 +12,9 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType};
 use understudy_core::dedupe::{self, Decision, DedupeConfig, Entry};
 use understudy_core::{FilterConfig, stats};
 
-use crate::host::{self, SharedSetError};
+use std::rc::Rc;
+
+use crate::host::{Host, SharedSetError};
 
 /// The header a replayed answer carries.
 pub const REPLAYED: &str = "idempotent-replayed";
@@ -38,6 +40,7 @@ struct RouteDedupe {
 
 /// Per-route dedupe settings of one worker. The store itself is shared data.
 pub struct Dedupe {
+    host: Rc<dyn Host>,
     prefix: String,
     routes: Vec<Option<RouteDedupe>>,
 }
@@ -70,7 +73,7 @@ pub struct DedupeStream {
 }
 
 impl Dedupe {
-    pub fn new(config: &FilterConfig) -> Result<Option<Self>, String> {
+    pub fn new(host: &Rc<dyn Host>, config: &FilterConfig) -> Result<Option<Self>, String> {
         if config.routes().iter().all(|r| r.dedupe.is_none()) {
             return Ok(None);
         }
@@ -81,7 +84,7 @@ impl Dedupe {
                 continue;
             };
             let counter = |what: &str| {
-                host::define(MetricType::Counter, &stats::dedupe(config, &r.name, what))
+                host.define(MetricType::Counter, &stats::dedupe(config, &r.name, what))
             };
             routes.push(Some(RouteDedupe {
                 cfg,
@@ -98,6 +101,7 @@ impl Dedupe {
             }));
         }
         Ok(Some(Self {
+            host: Rc::clone(host),
             prefix: format!("{}/dedupe/", config.stat_prefix()),
             routes,
         }))
@@ -112,17 +116,17 @@ impl Dedupe {
         let Some(r) = self.route(route) else {
             return Start::NotInvolved;
         };
-        let Some(key) = host::request_header(dedupe::HEADER_NAME) else {
+        let Some(key) = self.host.request_header(dedupe::HEADER_NAME) else {
             return Start::NotInvolved;
         };
         if let Err(reason) = dedupe::validate_key(&key) {
-            host::increment(r.metrics.invalid_key_400, 1);
-            reply_error(400, &format!("invalid Idempotency-Key: {reason}"));
+            self.host.increment(r.metrics.invalid_key_400, 1);
+            self.reply_error(400, &format!("invalid Idempotency-Key: {reason}"));
             return Start::Answered;
         }
         let credentials: Vec<(&str, Vec<u8>)> = dedupe::CALLER_HEADERS
             .iter()
-            .filter_map(|name| host::request_header_bytes(name).map(|v| (*name, v)))
+            .filter_map(|name| self.host.request_header_bytes(name).map(|v| (*name, v)))
             .collect();
         let credentials: Vec<(&str, &[u8])> = credentials
             .iter()
@@ -135,8 +139,8 @@ impl Dedupe {
             slot: dedupe::slot_key(&self.prefix, &key, r.cfg.max_entries),
             key,
             caller,
-            method: host::request_header(":method").unwrap_or_default(),
-            path: host::request_header(":path").unwrap_or_default(),
+            method: self.host.request_header(":method").unwrap_or_default(),
+            path: self.host.request_header(":path").unwrap_or_default(),
             claim: None,
             status: 0,
             headers: Vec::new(),
@@ -152,10 +156,10 @@ impl Dedupe {
         };
         let fingerprint = dedupe::scoped_fingerprint(&s.caller, &s.method, &s.path, body);
         for _ in 0..CAS_RETRIES {
-            let (bytes, cas) = match host::shared_get(&s.slot) {
+            let (bytes, cas) = match self.host.shared_get(&s.slot) {
                 Ok(v) => v,
                 Err(status) => {
-                    host::log(
+                    self.host.log(
                         LogLevel::Warn,
                         &format!("understudy: reading {} failed: {status:?}", s.slot),
                     );
@@ -163,22 +167,22 @@ impl Dedupe {
                 }
             };
             let existing = dedupe::read_slot(bytes.as_deref()).unwrap_or_else(|_| {
-                host::increment(r.metrics.unreadable_slot, 1);
+                self.host.increment(r.metrics.unreadable_slot, 1);
                 None
             });
             match dedupe::decide(existing.as_ref(), &s.key, &fingerprint, now_ms, &r.cfg) {
                 Decision::Proceed { claim } => {
-                    match host::shared_set(&s.slot, &claim.encode(), cas) {
+                    match self.host.shared_set(&s.slot, &claim.encode(), cas) {
                         Ok(()) => {
                             if dedupe::evicts_live(existing.as_ref(), &s.key, now_ms) {
-                                host::increment(r.metrics.evicted_live, 1);
+                                self.host.increment(r.metrics.evicted_live, 1);
                             }
                             s.claim = Some(claim);
                             return Action::Continue;
                         }
                         Err(SharedSetError::CasMismatch) => continue,
                         Err(status) => {
-                            host::log(
+                            self.host.log(
                                 LogLevel::Warn,
                                 &format!("understudy: claiming {} failed: {status:?}", s.slot),
                             );
@@ -191,36 +195,36 @@ impl Dedupe {
                     mut headers,
                     body,
                 } => {
-                    host::increment(r.metrics.replayed, 1);
+                    self.host.increment(r.metrics.replayed, 1);
                     headers.push((REPLAYED.to_owned(), "true".to_owned()));
-                    if !host::reply(u32::from(status), &headers, &body) {
+                    if !self.host.reply(u32::from(status), &headers, &body) {
                         return Action::Continue;
                     }
                     return Action::Pause;
                 }
                 Decision::InFlight => {
-                    host::increment(r.metrics.in_flight_409, 1);
-                    reply_error(
+                    self.host.increment(r.metrics.in_flight_409, 1);
+                    self.reply_error(
                         409,
                         "a request with this Idempotency-Key is still being processed; retry later",
                     );
                     return Action::Pause;
                 }
                 Decision::Mismatch => {
-                    host::increment(r.metrics.mismatch_422, 1);
-                    reply_error(
+                    self.host.increment(r.metrics.mismatch_422, 1);
+                    self.reply_error(
                         422,
                         "this Idempotency-Key was already used with a different request payload",
                     );
                     return Action::Pause;
                 }
                 Decision::SlotBusy => {
-                    host::increment(r.metrics.slot_busy, 1);
+                    self.host.increment(r.metrics.slot_busy, 1);
                     return Action::Continue;
                 }
             }
         }
-        host::increment(r.metrics.slot_busy, 1);
+        self.host.increment(r.metrics.slot_busy, 1);
         Action::Continue
     }
 
@@ -228,10 +232,12 @@ impl Dedupe {
         if s.claim.is_none() {
             return;
         }
-        s.status = host::response_header(":status")
+        s.status = self
+            .host
+            .response_header(":status")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        s.headers = host::headers(MapType::HttpResponseHeaders);
+        s.headers = self.host.headers(MapType::HttpResponseHeaders);
         if end_of_stream {
             self.finish(s, now_ms);
         }
@@ -252,7 +258,7 @@ impl Dedupe {
         // One byte over the budget is enough to know it cannot be stored.
         if s.body.len() <= r.cfg.max_body_bytes {
             s.body
-                .extend(host::buffer(BufferType::HttpResponseBody, body_size));
+                .extend(self.host.buffer(BufferType::HttpResponseBody, body_size));
         }
         if end_of_stream {
             self.finish(s, now_ms);
@@ -271,16 +277,18 @@ impl Dedupe {
         let done = (s.status != 0)
             .then(|| dedupe::complete(claim, s.status, &s.headers, &s.body, now_ms, &r.cfg))
             .flatten();
-        let Ok((bytes, cas)) = host::shared_get(&s.slot) else {
+        let Ok((bytes, cas)) = self.host.shared_get(&s.slot) else {
             return;
         };
         if dedupe::read_slot(bytes.as_deref()).ok().flatten().as_ref() != Some(claim) {
             return;
         }
         let value = done.as_ref().map(Entry::encode);
-        let write = host::shared_set(&s.slot, value.as_deref().unwrap_or(dedupe::FREE_SLOT), cas);
+        let write =
+            self.host
+                .shared_set(&s.slot, value.as_deref().unwrap_or(dedupe::FREE_SLOT), cas);
         if write.is_ok() && done.is_some() {
-            host::increment(r.metrics.stored, 1);
+            self.host.increment(r.metrics.stored, 1);
         }
     }
 
@@ -291,13 +299,13 @@ impl Dedupe {
             self.finish(s, now_ms);
         }
     }
-}
 
-fn reply_error(status: u32, message: &str) {
-    let body = serde_json::json!({ "error": message }).to_string();
-    host::reply(
-        status,
-        &[("content-type".to_owned(), "application/json".to_owned())],
-        body.as_bytes(),
-    );
+    fn reply_error(&self, status: u32, message: &str) {
+        let body = serde_json::json!({ "error": message }).to_string();
+        self.host.reply(
+            status,
+            &[("content-type".to_owned(), "application/json".to_owned())],
+            body.as_bytes(),
+        );
+    }
 }

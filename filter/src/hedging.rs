@@ -12,13 +12,15 @@ use std::time::Duration;
 
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType};
 
+use std::rc::Rc;
+
 use understudy_core::hedge::{
-    self, Budget, DelayConfig, DelayTracker, HedgeAction, HedgeConfig, HedgeTable, NotHedged,
-    PrimaryAction, RequestCopy, RequestInfo,
+    self, DelayConfig, HedgeAction, HedgeTable, NotHedged, PrimaryAction, RequestCopy, RequestInfo,
+    RouteState, TickAction,
 };
 use understudy_core::{FilterConfig, stats};
 
-use crate::host;
+use crate::host::Host;
 
 struct Metrics {
     sent: u32,
@@ -29,17 +31,12 @@ struct Metrics {
     not_hedged: Vec<(NotHedged, u32)>,
 }
 
-struct RouteHedge {
-    cfg: HedgeConfig,
-    delay: DelayTracker,
-    budget: Budget,
-    metrics: Metrics,
-    last_delay_ms: Option<u64>,
-}
-
-/// One worker's hedging state: per-route settings and the stream table.
+/// One worker's hedging state: per-route state (the core's delay and
+/// budget) and metrics, indexed like the config's routes, and the stream table.
 pub struct Hedging {
-    routes: Vec<Option<RouteHedge>>,
+    host: Rc<dyn Host>,
+    routes: Vec<Option<RouteState>>,
+    metrics: Vec<Option<Metrics>>,
     table: HedgeTable,
     pending: u32,
     keys_generated: u64,
@@ -60,7 +57,7 @@ pub enum Deferred {
 }
 
 impl Deferred {
-    pub fn run(self) {
+    pub fn run(self, host: &dyn Host) {
         match self {
             Deferred::Reply {
                 stream,
@@ -68,33 +65,35 @@ impl Deferred {
                 headers,
                 body,
             } => {
-                host::reply_on(stream, status, &headers, &body);
+                host.reply_on(stream, status, &headers, &body);
             }
-            Deferred::Resume { stream } => host::resume_response_on(stream),
+            Deferred::Resume { stream } => host.resume_response_on(stream),
         }
     }
 }
 
 impl Hedging {
     /// `None` when no route hedges.
-    pub fn new(config: &FilterConfig) -> Result<Option<Self>, String> {
+    pub fn new(host: &Rc<dyn Host>, config: &FilterConfig) -> Result<Option<Self>, String> {
         if config.routes().iter().all(|r| r.hedge.is_none()) {
             return Ok(None);
         }
         let mut routes = Vec::with_capacity(config.routes().len());
+        let mut all_metrics = Vec::with_capacity(config.routes().len());
         for r in config.routes() {
             let Some(cfg) = r.hedge.clone() else {
                 routes.push(None);
+                all_metrics.push(None);
                 continue;
             };
             let name = |what: &str| stats::hedge(config, &r.name, what);
-            let counter = |what: &str| host::define(MetricType::Counter, &name(what));
+            let counter = |what: &str| host.define(MetricType::Counter, &name(what));
             let metrics = Metrics {
                 sent: counter("sent")?,
                 hedge_wins: counter("hedge_wins")?,
                 primary_wins: counter("primary_wins")?,
                 budget_exhausted: counter("budget_exhausted")?,
-                delay_ms: host::define(MetricType::Gauge, &name("delay_ms"))?,
+                delay_ms: host.define(MetricType::Gauge, &name("delay_ms"))?,
                 not_hedged: NotHedged::ALL
                     .iter()
                     .map(|reason| {
@@ -105,18 +104,15 @@ impl Hedging {
                     })
                     .collect::<Result<_, String>>()?,
             };
-            routes.push(Some(RouteHedge {
-                delay: DelayTracker::new(cfg.delay.clone()),
-                budget: Budget::new(cfg.budget),
-                cfg,
-                metrics,
-                last_delay_ms: None,
-            }));
+            routes.push(Some(RouteState::new(cfg)));
+            all_metrics.push(Some(metrics));
         }
         Ok(Some(Self {
+            host: Rc::clone(host),
             routes,
+            metrics: all_metrics,
             table: HedgeTable::default(),
-            pending: host::define(MetricType::Gauge, &stats::hedge_pending(config))?,
+            pending: host.define(MetricType::Gauge, &stats::hedge_pending(config))?,
             keys_generated: 0,
         }))
     }
@@ -137,10 +133,10 @@ impl Hedging {
     }
 
     fn not_hedged(&self, route: usize, reason: NotHedged) {
-        if let Some(Some(r)) = self.routes.get(route)
-            && let Some((_, id)) = r.metrics.not_hedged.iter().find(|(n, _)| *n == reason)
+        if let Some(m) = self.metrics(route)
+            && let Some((_, id)) = m.not_hedged.iter().find(|(n, _)| *n == reason)
         {
-            host::increment(*id, 1);
+            self.host.increment(*id, 1);
         }
     }
 
@@ -156,12 +152,15 @@ impl Hedging {
             return false;
         };
         r.budget.on_request(now_us);
-        let method = host::request_header(":method").unwrap_or_default();
-        let key = host::request_header(hedge::IDEMPOTENCY_KEY);
-        let upgrade = host::request_header("upgrade").is_some();
-        let content_type = host::request_header("content-type");
-        let accept = host::request_header("accept");
-        let content_length = host::request_header("content-length").and_then(|v| v.parse().ok());
+        let method = self.host.request_header(":method").unwrap_or_default();
+        let key = self.host.request_header(hedge::IDEMPOTENCY_KEY);
+        let upgrade = self.host.request_header("upgrade").is_some();
+        let content_type = self.host.request_header("content-type");
+        let accept = self.host.request_header("accept");
+        let content_length = self
+            .host
+            .request_header("content-length")
+            .and_then(|v| v.parse().ok());
         let info = RequestInfo {
             method: &method,
             idempotency_key: key.as_deref(),
@@ -177,18 +176,20 @@ impl Hedging {
         if key.is_none() {
             // Both attempts must carry the same key, so the primary gets it too.
             self.keys_generated += 1;
-            let key =
-                hedge::generate_key(host::random_u64(self.keys_generated), self.keys_generated);
-            host::set_request_header(hedge::IDEMPOTENCY_KEY, &key);
+            let key = hedge::generate_key(
+                self.host.random_u64(self.keys_generated),
+                self.keys_generated,
+            );
+            self.host.set_request_header(hedge::IDEMPOTENCY_KEY, &key);
         }
         let copy = RequestCopy {
-            headers: host::headers(MapType::HttpRequestHeaders),
+            headers: self.host.headers(MapType::HttpRequestHeaders),
             body: Vec::new(),
             body_complete: end_of_stream,
         };
         match self.table.track(stream, route, now_us, copy) {
             Ok(()) => {
-                host::increment(self.pending, 1);
+                self.host.increment(self.pending, 1);
                 true
             }
             Err(reason) => {
@@ -208,7 +209,7 @@ impl Hedging {
             _ => return,
         };
         if let Err(reason) = self.table.add_body(stream, chunk, end_of_stream, max) {
-            host::increment(self.pending, -1);
+            self.host.increment(self.pending, -1);
             self.not_hedged(route, reason);
         }
     }
@@ -217,20 +218,18 @@ impl Hedging {
         let Some(route) = self.table.route_of(stream) else {
             return Action::Continue;
         };
+        let status = self.host.response_status();
         let Some(Some(r)) = self.routes.get_mut(route) else {
             return Action::Continue;
         };
-        let status: u16 = host::response_header(":status")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
         match self
             .table
             .on_primary_headers(stream, r.cfg.acceptable(status))
         {
             PrimaryAction::Hold => Action::Pause,
             PrimaryAction::Continue { primary_won } => {
-                if primary_won {
-                    host::increment(r.metrics.primary_wins, 1);
+                if primary_won && let Some(Some(m)) = self.metrics.get(route) {
+                    self.host.increment(m.primary_wins, 1);
                 }
                 if let Some(started) = self.table.started_us(stream) {
                     r.delay.record(now_us, now_us.saturating_sub(started));
@@ -248,80 +247,58 @@ impl Hedging {
     pub fn on_end(&mut self, stream: u32) {
         if self.table.is_tracked(stream) {
             self.table.end(stream);
-            host::increment(self.pending, -1);
+            self.host.increment(self.pending, -1);
         }
     }
 
-    /// Sends the hedges that are due.
+    /// Sends the hedges that are due (the core chooses them, within each
+    /// route's budget) and shows each route's current delay.
     pub fn on_tick(&mut self, now_us: u64) {
-        let Self { routes, table, .. } = self;
-        // Per route: (delay now, attempt limit); u64::MAX for routes that do not hedge.
-        let limits: Vec<(u64, u32)> = routes
-            .iter_mut()
-            .map(|r| match r {
-                Some(r) => {
-                    let us = r.delay.current_us(now_us);
-                    // Every VM shares the gauge, including the main thread's,
-                    // which sees no traffic: only a VM with latency samples
-                    // (or a fixed delay) reports its delay.
-                    let informed =
-                        r.delay.samples() > 0 || matches!(r.cfg.delay, DelayConfig::Fixed { .. });
-                    if informed && r.last_delay_ms != Some(us / 1000) {
-                        host::record(r.metrics.delay_ms, us / 1000);
-                        r.last_delay_ms = Some(us / 1000);
-                    }
-                    (us, r.cfg.max_attempts)
-                }
-                None => (u64::MAX, 1),
-            })
-            .collect();
-        if table.is_empty() {
-            return;
+        for action in hedge::tick(&mut self.routes, &mut self.table, now_us) {
+            self.carry_out(action);
         }
-        let due = table.due(
-            now_us,
-            |route| limits.get(route).map_or(u64::MAX, |l| l.0),
-            |route| limits.get(route).map_or(1, |l| l.1),
-        );
-        for d in due {
-            let Some(Some(r)) = routes.get_mut(d.route) else {
-                continue;
-            };
-            if !r.budget.try_spend(now_us) {
-                host::increment(r.metrics.budget_exhausted, 1);
-                table.give_up(d.stream);
-                continue;
-            }
-            let Some(request) = table.request(d.stream) else {
-                continue;
-            };
-            let mut headers: Vec<(String, String)> = request
-                .headers
-                .iter()
-                .filter(|(k, _)| !k.eq_ignore_ascii_case("transfer-encoding"))
-                .cloned()
-                .collect();
-            headers.push((hedge::HEDGE_MARKER.to_owned(), "1".to_owned()));
-            let body = (!request.body.is_empty()).then_some(request.body.as_slice());
-            match host::http_call(
-                &r.cfg.cluster,
-                &headers,
-                body,
-                Duration::from_millis(r.cfg.timeout_ms),
-            ) {
-                Ok(token) => {
-                    table.hedge_sent(d.stream, token);
-                    host::increment(r.metrics.sent, 1);
+    }
+
+    fn metrics(&self, route: usize) -> Option<&Metrics> {
+        self.metrics.get(route).and_then(Option::as_ref)
+    }
+
+    fn carry_out(&mut self, action: TickAction) {
+        match action {
+            TickAction::ShowDelay { route, ms } => {
+                if let Some(m) = self.metrics(route) {
+                    self.host.record(m.delay_ms, ms);
                 }
-                Err(status) => {
-                    host::log(
-                        LogLevel::Warn,
-                        &format!(
-                            "understudy: hedge to cluster {:?} failed to start: {status:?}",
-                            r.cfg.cluster
-                        ),
-                    );
-                    table.give_up(d.stream);
+            }
+            TickAction::BudgetExhausted { route, .. } => {
+                if let Some(m) = self.metrics(route) {
+                    self.host.increment(m.budget_exhausted, 1);
+                }
+            }
+            TickAction::Send(call) => {
+                let sent = self.host.http_call(
+                    &call.cluster,
+                    &call.headers,
+                    call.body.as_deref(),
+                    Duration::from_millis(call.timeout_ms),
+                );
+                match sent {
+                    Ok(token) => {
+                        self.table.hedge_sent(call.stream, token);
+                        if let Some(m) = self.metrics(call.route) {
+                            self.host.increment(m.sent, 1);
+                        }
+                    }
+                    Err(status) => {
+                        self.host.log(
+                            LogLevel::Warn,
+                            &format!(
+                                "understudy: hedge to cluster {:?} failed to start: {status:?}",
+                                call.cluster
+                            ),
+                        );
+                        self.table.give_up(call.stream);
+                    }
                 }
             }
         }
@@ -336,7 +313,7 @@ impl Hedging {
         now_us: u64,
     ) -> Option<Deferred> {
         let route = self.table.route_of_call(token);
-        let headers = host::headers(MapType::HttpCallResponseHeaders);
+        let headers = self.host.headers(MapType::HttpCallResponseHeaders);
         let status: Option<u16> = headers
             .iter()
             .find(|(k, _)| k == ":status")
@@ -348,26 +325,29 @@ impl Hedging {
         match self.table.on_hedge_response(token, status, acceptable) {
             HedgeAction::Discard | HedgeAction::KeepWaiting => None,
             HedgeAction::Reply { stream, route } => {
+                if let Some(m) = self.metrics(route) {
+                    self.host.increment(m.hedge_wins, 1);
+                }
                 let Some(Some(r)) = self.routes.get_mut(route) else {
                     return None;
                 };
-                host::increment(r.metrics.hedge_wins, 1);
                 if let Some(started) = self.table.started_us(stream) {
                     // The primary took at least this long: a censored sample.
                     r.delay.record(now_us, now_us.saturating_sub(started));
                 }
-                let mut reply_headers = understudy_core::dedupe::replayable_headers(&headers);
-                reply_headers.push((hedge::HEDGE_MARKER.to_owned(), "won".to_owned()));
+                let (status, headers) = hedge::reply_from_hedge(&headers, status);
                 Some(Deferred::Reply {
                     stream,
-                    status: u32::from(status.unwrap_or(200)),
-                    headers: reply_headers,
-                    body: host::buffer(BufferType::HttpCallResponseBody, body_size),
+                    status,
+                    headers,
+                    body: self
+                        .host
+                        .buffer(BufferType::HttpCallResponseBody, body_size),
                 })
             }
             HedgeAction::ReleasePrimary { stream } => {
-                if let Some(Some(r)) = route.and_then(|i| self.routes.get(i)) {
-                    host::increment(r.metrics.primary_wins, 1);
+                if let Some(m) = route.and_then(|i| self.metrics(i)) {
+                    self.host.increment(m.primary_wins, 1);
                 }
                 Some(Deferred::Resume { stream })
             }

@@ -1,38 +1,363 @@
-//! The one place the filter talks to the host. Every call goes through
-//! [`crate::abi`] (statuses as values, bytes as bytes) except the two
-//! dispatches the SDK must register (see [`crate::abi`]). Failures are logged
-//! and turned into `None`/defaults, because a missing header or metric must
-//! not take the request (or the VM) down.
+//! The one place the filter talks to the host: the [`Host`] trait.
+//!
+//! The glue (`lib.rs` and the feature modules) holds an `Rc<dyn Host>` and
+//! calls nothing else, so it runs natively against a fake host in unit tests
+//! (`crate::fake`) and inside Envoy against [`AbiHost`] (wasm only), which
+//! goes through [`crate::abi`] (statuses as values, bytes as bytes) except
+//! for the two dispatches the SDK must register (see [`crate::abi`]).
+//!
+//! An implementation provides the required methods: the host's primitives,
+//! each returning the host's status as a value. The provided methods are what
+//! the glue calls: they log failures and turn them into `None`/defaults,
+//! because a missing header or metric must not take the request (or the VM)
+//! down.
 //!
 //! Headers, bodies and properties are read as bytes. Text is made from them
 //! only where text is needed, lossily (`U+FFFD` for bytes that are not
 //! UTF-8): a Latin-1 header value is legal on the wire and must never stop
 //! the filter.
 
-use std::hash::{BuildHasher, RandomState};
-
-use prost::Message;
 use std::time::Duration;
 
-use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status as SdkStatus};
+use prost::Message;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 
-use crate::abi;
-pub use crate::abi::Status;
+/// A host status code other than `Ok` (0). Named constants for the ones the
+/// filter treats specially; anything else is logged with its number.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Status(pub u32);
 
-pub fn log(level: LogLevel, message: &str) {
-    let _ = abi::log(level as u32, message);
+impl Status {
+    pub const NOT_FOUND: Status = Status(1);
+    pub const BAD_ARGUMENT: Status = Status(2);
+    pub const CAS_MISMATCH: Status = Status(8);
 }
 
-/// Envoy's clock, in microseconds since the epoch (0 if unavailable).
-pub fn now_us() -> u64 {
-    abi::current_time_ns().map_or(0, |ns| ns / 1000)
+/// Why a shared-data write did not happen.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SharedSetError {
+    /// Someone wrote since our read: read again.
+    CasMismatch,
+    /// Anything else the host said.
+    Failed(Status),
 }
 
-/// 64 random bits. `RandomState` is seeded from WASI's `random_get` once per
-/// VM; hashing a counter through it gives a fresh value per call.
-pub fn random_u64(counter: u64) -> u64 {
-    thread_local!(static SEED: RandomState = RandomState::new());
-    SEED.with(|s| s.hash_one(counter))
+/// A header map as raw (name, value) byte pairs.
+pub type HeaderPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// What the filter needs from its host (Envoy's proxy-wasm ABI).
+pub trait Host {
+    fn log(&self, level: LogLevel, message: &str);
+    /// The host's clock, in microseconds since the epoch (0 if unavailable).
+    fn now_us(&self) -> u64;
+    /// 64 random bits for draw number `counter`.
+    fn random_u64(&self, counter: u64) -> u64;
+    /// One header's raw bytes; `Ok(None)` when absent.
+    fn map_value(&self, map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status>;
+    /// Every header of a map, as raw byte pairs.
+    fn map_pairs(&self, map: MapType) -> Result<HeaderPairs, Status>;
+    fn replace_map_value(&self, map: MapType, name: &str, value: &[u8]) -> Result<(), Status>;
+    fn add_map_value(&self, map: MapType, name: &str, value: &[u8]) -> Result<(), Status>;
+    fn remove_map_value(&self, map: MapType, name: &str) -> Result<(), Status>;
+    /// Up to `max` bytes of a buffer; `Ok(None)` when it does not exist.
+    fn buffer_bytes(&self, kind: BufferType, max: usize) -> Result<Option<Vec<u8>>, Status>;
+    /// A local reply on the current (effective) stream.
+    fn send_local_response(
+        &self,
+        status: u32,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Result<(), Status>;
+    /// Makes stream `context` the one later calls act on (from the root context).
+    fn set_effective_context(&self, context: u32) -> Result<(), Status>;
+    /// Lets the current stream's held response continue.
+    fn continue_response(&self) -> Result<(), Status>;
+    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status>;
+    fn increment_metric(&self, id: u32, by: i64) -> Result<(), Status>;
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), Status>;
+    fn set_tick_period_ms(&self, period: u32) -> Result<(), Status>;
+    /// A shared-data value and its CAS token; `(None, 0)` when absent.
+    fn shared_data(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), Status>;
+    fn set_shared_data(&self, key: &str, value: &[u8], cas: u32) -> Result<(), Status>;
+    /// A property (`path` is NUL-separated); `Ok(None)` when absent.
+    fn property(&self, path: &[u8]) -> Result<Option<Vec<u8>>, Status>;
+    /// Starts an HTTP call; its answer arrives at the root context by token.
+    fn http_call(
+        &self,
+        cluster: &str,
+        headers: &[(String, String)],
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<u32, Status>;
+    /// Starts a unary gRPC call; its end arrives at the root context by token.
+    fn grpc_call(
+        &self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout: Duration,
+    ) -> Result<u32, Status>;
+
+    // === provided: what the glue calls ===
+
+    /// A request header as text (lossy for non-UTF-8 bytes).
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.header_bytes(MapType::HttpRequestHeaders, name)
+            .map(text)
+    }
+
+    /// A request header's raw bytes.
+    fn request_header_bytes(&self, name: &str) -> Option<Vec<u8>> {
+        self.header_bytes(MapType::HttpRequestHeaders, name)
+    }
+
+    /// A response header as text (lossy for non-UTF-8 bytes).
+    fn response_header(&self, name: &str) -> Option<String> {
+        self.header_bytes(MapType::HttpResponseHeaders, name)
+            .map(text)
+    }
+
+    /// The response's `:status` (0 when absent or not a number).
+    fn response_status(&self) -> u16 {
+        self.response_header(":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn header_bytes(&self, map: MapType, name: &str) -> Option<Vec<u8>> {
+        match self.map_value(map, name) {
+            Ok(v) => v,
+            Err(status) => {
+                self.log(
+                    LogLevel::Debug,
+                    &format!("understudy: reading header {name} failed: {status:?}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn set_request_header(&self, name: &str, value: &str) {
+        if let Err(status) =
+            self.replace_map_value(MapType::HttpRequestHeaders, name, value.as_bytes())
+        {
+            self.log(
+                LogLevel::Warn,
+                &format!("understudy: setting header {name} failed: {status:?}"),
+            );
+        }
+    }
+
+    fn remove_request_header(&self, name: &str) {
+        if let Err(status) = self.remove_map_value(MapType::HttpRequestHeaders, name) {
+            self.log(
+                LogLevel::Warn,
+                &format!("understudy: removing header {name} failed: {status:?}"),
+            );
+        }
+    }
+
+    /// Removes every request header whose (lower-case) name starts with
+    /// `prefix`; returns how many were removed.
+    fn strip_request_headers(&self, prefix: &str) -> usize {
+        let names: Vec<String> = self
+            .headers_bytes(MapType::HttpRequestHeaders)
+            .into_iter()
+            .filter(|(name, _)| {
+                name.get(..prefix.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()))
+            })
+            .map(|(name, _)| text(name))
+            .collect();
+        let mut removed = 0;
+        for name in &names {
+            // A name with non-UTF-8 bytes cannot be named back to the host
+            // exactly; Envoy refuses such names at its codecs anyway.
+            self.remove_request_header(name);
+            removed += 1;
+        }
+        removed
+    }
+
+    fn add_response_header(&self, name: &str, value: &str) {
+        if let Err(status) =
+            self.add_map_value(MapType::HttpResponseHeaders, name, value.as_bytes())
+        {
+            self.log(
+                LogLevel::Warn,
+                &format!("understudy: adding header {name} failed: {status:?}"),
+            );
+        }
+    }
+
+    /// A local reply from the stream's own context.
+    fn reply(&self, status: u32, headers: &[(String, String)], body: &[u8]) -> bool {
+        match self.send_local_response(status, headers, body) {
+            Ok(()) => true,
+            Err(s) => {
+                self.log(
+                    LogLevel::Warn,
+                    &format!("understudy: local reply {status} failed: {s:?}"),
+                );
+                false
+            }
+        }
+    }
+
+    /// Answers the stream whose context is `stream` with a local reply.
+    /// Called from the root context, so the stream is made the effective
+    /// context first.
+    fn reply_on(
+        &self,
+        stream: u32,
+        status: u32,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> bool {
+        if let Err(s) = self.set_effective_context(stream) {
+            self.log(
+                LogLevel::Debug,
+                &format!("understudy: stream {stream} is gone ({s:?})"),
+            );
+            return false;
+        }
+        match self.send_local_response(status, headers, body) {
+            Ok(()) => true,
+            Err(s) => {
+                self.log(
+                    LogLevel::Warn,
+                    &format!("understudy: local reply on stream {stream} failed: {s:?}"),
+                );
+                false
+            }
+        }
+    }
+
+    /// Lets a held response continue on `stream` (from the root context).
+    fn resume_response_on(&self, stream: u32) {
+        match self.set_effective_context(stream) {
+            Ok(()) => {
+                if let Err(s) = self.continue_response() {
+                    self.log(
+                        LogLevel::Warn,
+                        &format!("understudy: resuming stream {stream} failed: {s:?}"),
+                    );
+                }
+            }
+            Err(s) => self.log(
+                LogLevel::Debug,
+                &format!("understudy: stream {stream} is gone ({s:?})"),
+            ),
+        }
+    }
+
+    /// A header map as raw bytes.
+    fn headers_bytes(&self, map: MapType) -> HeaderPairs {
+        match self.map_pairs(map) {
+            Ok(pairs) => pairs,
+            Err(status) => {
+                self.log(
+                    LogLevel::Debug,
+                    &format!("understudy: reading header map {map:?} failed: {status:?}"),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// A header map as text, lossy where a name or value is not UTF-8. Used
+    /// where headers are copied (hedges, shadows, stored replays) or
+    /// compared: the SDK's dispatch takes `&str` headers, so a non-UTF-8 byte
+    /// travels on as U+FFFD rather than stopping the feature.
+    fn headers(&self, map: MapType) -> Vec<(String, String)> {
+        self.headers_bytes(map)
+            .into_iter()
+            .map(|(k, v)| (text(k), text(v)))
+            .collect()
+    }
+
+    /// A buffer's first `size` bytes (empty when unreadable).
+    fn buffer(&self, kind: BufferType, size: usize) -> Vec<u8> {
+        match self.buffer_bytes(kind, size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(status) => {
+                self.log(
+                    LogLevel::Debug,
+                    &format!("understudy: reading buffer {kind:?} failed: {status:?}"),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn define(&self, kind: MetricType, name: &str) -> Result<u32, String> {
+        self.define_metric(kind, name)
+            .map_err(|status| format!("defining metric {name:?} failed: {status:?}"))
+    }
+
+    fn increment(&self, metric: u32, by: i64) {
+        if let Err(status) = self.increment_metric(metric, by) {
+            self.log(
+                LogLevel::Warn,
+                &format!("understudy: incrementing metric {metric} failed: {status:?}"),
+            );
+        }
+    }
+
+    fn record(&self, metric: u32, value: u64) {
+        if let Err(status) = self.record_metric(metric, value) {
+            self.log(
+                LogLevel::Warn,
+                &format!("understudy: recording metric {metric} failed: {status:?}"),
+            );
+        }
+    }
+
+    fn set_tick_period(&self, period: Duration) {
+        let ms = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);
+        if let Err(status) = self.set_tick_period_ms(ms) {
+            self.log(
+                LogLevel::Error,
+                &format!("understudy: setting the tick period failed: {status:?}"),
+            );
+        }
+    }
+
+    /// The plugin configuration's bytes.
+    fn plugin_configuration(&self, size: usize) -> Result<Vec<u8>, Status> {
+        self.buffer_bytes(BufferType::PluginConfiguration, size)
+            .map(Option::unwrap_or_default)
+    }
+
+    /// A shared-data value and its CAS token (0: none).
+    fn shared_get(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
+        self.shared_data(key)
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedSetError> {
+        self.set_shared_data(key, value, cas).map_err(|s| {
+            if s == Status::CAS_MISMATCH {
+                SharedSetError::CasMismatch
+            } else {
+                SharedSetError::Failed(s)
+            }
+        })
+    }
+
+    /// This Envoy's node id: the `xds.node` attribute (a serialized `Node`),
+    /// or the older wasm `node` attribute; empty if the host offers neither.
+    fn node_id(&self) -> String {
+        for path in [&b"xds\0node"[..], &b"node"[..]] {
+            if let Ok(Some(bytes)) = self.property(path)
+                && let Ok(node) = NodeId::decode(bytes.as_slice())
+                && !node.id.is_empty()
+            {
+                return node.id;
+            }
+        }
+        String::new()
+    }
 }
 
 /// Text from peer bytes: lossy, never failing.
@@ -40,86 +365,6 @@ pub fn text(bytes: Vec<u8>) -> String {
     match String::from_utf8(bytes) {
         Ok(s) => s,
         Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-    }
-}
-
-fn header_bytes(map: MapType, name: &str) -> Option<Vec<u8>> {
-    match abi::map_value(map as u32, name) {
-        Ok(v) => v,
-        Err(status) => {
-            log(
-                LogLevel::Debug,
-                &format!("understudy: reading header {name} failed: {status:?}"),
-            );
-            None
-        }
-    }
-}
-
-/// A request header as text (lossy for non-UTF-8 bytes).
-pub fn request_header(name: &str) -> Option<String> {
-    header_bytes(MapType::HttpRequestHeaders, name).map(text)
-}
-
-/// A request header's raw bytes.
-pub fn request_header_bytes(name: &str) -> Option<Vec<u8>> {
-    header_bytes(MapType::HttpRequestHeaders, name)
-}
-
-/// A response header as text (lossy for non-UTF-8 bytes).
-pub fn response_header(name: &str) -> Option<String> {
-    header_bytes(MapType::HttpResponseHeaders, name).map(text)
-}
-
-pub fn set_request_header(name: &str, value: &str) {
-    if let Err(status) =
-        abi::replace_map_value(MapType::HttpRequestHeaders as u32, name, value.as_bytes())
-    {
-        log(
-            LogLevel::Warn,
-            &format!("understudy: setting header {name} failed: {status:?}"),
-        );
-    }
-}
-
-pub fn remove_request_header(name: &str) {
-    if let Err(status) = abi::remove_map_value(MapType::HttpRequestHeaders as u32, name) {
-        log(
-            LogLevel::Warn,
-            &format!("understudy: removing header {name} failed: {status:?}"),
-        );
-    }
-}
-
-/// Removes every request header whose (lower-case) name starts with
-/// `prefix`; returns how many were removed.
-pub fn strip_request_headers(prefix: &str) -> usize {
-    let names: Vec<String> = headers_bytes(MapType::HttpRequestHeaders)
-        .into_iter()
-        .filter(|(name, _)| {
-            name.get(..prefix.len())
-                .is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()))
-        })
-        .map(|(name, _)| text(name))
-        .collect();
-    let mut removed = 0;
-    for name in &names {
-        // A name with non-UTF-8 bytes cannot be named back to the host
-        // exactly; Envoy refuses such names at its codecs anyway.
-        remove_request_header(name);
-        removed += 1;
-    }
-    removed
-}
-
-pub fn add_response_header(name: &str, value: &str) {
-    if let Err(status) =
-        abi::add_map_value(MapType::HttpResponseHeaders as u32, name, value.as_bytes())
-    {
-        log(
-            LogLevel::Warn,
-            &format!("understudy: adding header {name} failed: {status:?}"),
-        );
     }
 }
 
@@ -181,216 +426,145 @@ pub fn parse_map(bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     map
 }
 
-fn send_local(status: u32, headers: &[(String, String)], body: &[u8]) -> Result<(), Status> {
-    abi::send_local_response(status, &serialize_map(headers), body)
-}
-
-/// A local reply from the stream's own context.
-pub fn reply(status: u32, headers: &[(String, String)], body: &[u8]) -> bool {
-    match send_local(status, headers, body) {
-        Ok(()) => true,
-        Err(s) => {
-            log(
-                LogLevel::Warn,
-                &format!("understudy: local reply {status} failed: {s:?}"),
-            );
-            false
-        }
-    }
-}
-
-/// A header map as raw bytes.
-pub fn headers_bytes(map: MapType) -> Vec<(Vec<u8>, Vec<u8>)> {
-    match abi::map_pairs(map as u32) {
-        Ok(bytes) => parse_map(&bytes),
-        Err(status) => {
-            log(
-                LogLevel::Debug,
-                &format!("understudy: reading header map {map:?} failed: {status:?}"),
-            );
-            Vec::new()
-        }
-    }
-}
-
-/// A header map as text, lossy where a name or value is not UTF-8. Used
-/// where headers are copied (hedges, shadows, stored replays) or compared:
-/// the SDK's dispatch takes `&str` headers, so a non-UTF-8 byte travels on as
-/// U+FFFD rather than stopping the feature.
-pub fn headers(map: MapType) -> Vec<(String, String)> {
-    headers_bytes(map)
-        .into_iter()
-        .map(|(k, v)| (text(k), text(v)))
-        .collect()
-}
-
-pub fn buffer(kind: BufferType, size: usize) -> Vec<u8> {
-    match abi::buffer(kind as u32, 0, size) {
-        Ok(b) => b.unwrap_or_default(),
-        Err(status) => {
-            log(
-                LogLevel::Debug,
-                &format!("understudy: reading buffer {kind:?} failed: {status:?}"),
-            );
-            Vec::new()
-        }
-    }
-}
-
-pub fn define(kind: MetricType, name: &str) -> Result<u32, String> {
-    abi::define_metric(kind as u32, name)
-        .map_err(|status| format!("defining metric {name:?} failed: {status:?}"))
-}
-
-pub fn increment(metric: u32, by: i64) {
-    if let Err(status) = abi::increment_metric(metric, by) {
-        log(
-            LogLevel::Warn,
-            &format!("understudy: incrementing metric {metric} failed: {status:?}"),
-        );
-    }
-}
-
-pub fn record(metric: u32, value: u64) {
-    if let Err(status) = abi::record_metric(metric, value) {
-        log(
-            LogLevel::Warn,
-            &format!("understudy: recording metric {metric} failed: {status:?}"),
-        );
-    }
-}
-
-pub fn set_tick_period(period: Duration) {
-    let ms = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);
-    if let Err(status) = abi::set_tick_period_ms(ms) {
-        log(
-            LogLevel::Error,
-            &format!("understudy: setting the tick period failed: {status:?}"),
-        );
-    }
-}
-
-/// The plugin configuration's bytes.
-pub fn plugin_configuration(size: usize) -> Result<Vec<u8>, Status> {
-    abi::buffer(BufferType::PluginConfiguration as u32, 0, size).map(Option::unwrap_or_default)
-}
-
-/// Answers the stream whose context is `stream` with a local reply. Called
-/// from the root context, so the stream is made the effective context first.
-pub fn reply_on(stream: u32, status: u32, headers: &[(String, String)], body: &[u8]) -> bool {
-    if let Err(s) = abi::set_effective_context(stream) {
-        log(
-            LogLevel::Debug,
-            &format!("understudy: stream {stream} is gone ({s:?})"),
-        );
-        return false;
-    }
-    match send_local(status, headers, body) {
-        Ok(()) => true,
-        Err(s) => {
-            log(
-                LogLevel::Warn,
-                &format!("understudy: local reply on stream {stream} failed: {s:?}"),
-            );
-            false
-        }
-    }
-}
-
-/// Lets a held response continue on `stream` (from the root context).
-pub fn resume_response_on(stream: u32) {
-    match abi::set_effective_context(stream) {
-        Ok(()) => {
-            if let Err(s) = abi::continue_response() {
-                log(
-                    LogLevel::Warn,
-                    &format!("understudy: resuming stream {stream} failed: {s:?}"),
-                );
-            }
-        }
-        Err(s) => log(
-            LogLevel::Debug,
-            &format!("understudy: stream {stream} is gone ({s:?})"),
-        ),
-    }
-}
-
-/// A shared-data value and its CAS token (0: none).
-pub fn shared_get(key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
-    abi::shared_data(key)
-}
-
-/// Why a shared-data write did not happen.
-#[derive(Debug, PartialEq, Eq)]
-pub enum SharedSetError {
-    /// Someone wrote since our read: read again.
-    CasMismatch,
-    /// Anything else the host said.
-    Failed(Status),
-}
-
-pub fn shared_set(key: &str, value: &[u8], cas: u32) -> Result<(), SharedSetError> {
-    abi::set_shared_data(key, value, cas).map_err(|s| {
-        if s == Status::CAS_MISMATCH {
-            SharedSetError::CasMismatch
-        } else {
-            SharedSetError::Failed(s)
-        }
-    })
-}
-
-/// Sends a unary gRPC call through the SDK (which registers the token).
-pub fn grpc_call(
-    cluster: &str,
-    service: &str,
-    method: &str,
-    message: &[u8],
-    timeout: Duration,
-) -> Result<u32, SdkStatus> {
-    proxy_wasm::hostcalls::dispatch_grpc_call(
-        cluster,
-        service,
-        method,
-        vec![],
-        Some(message),
-        timeout,
-    )
-}
-
-/// Sends an HTTP call through the SDK (which registers the token).
-pub fn http_call(
-    cluster: &str,
-    headers: &[(String, String)],
-    body: Option<&[u8]>,
-    timeout: Duration,
-) -> Result<u32, SdkStatus> {
-    let headers: Vec<(&str, &str)> = headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, body, vec![], timeout)
-}
-
 /// Just the `id` field (1) of Envoy's `config.core.v3.Node`.
 #[derive(Clone, PartialEq, prost::Message)]
-struct NodeId {
+pub(crate) struct NodeId {
     #[prost(string, tag = "1")]
-    id: String,
+    pub(crate) id: String,
 }
 
-/// This Envoy's node id: the `xds.node` attribute (a serialized `Node`), or
-/// the older wasm `node` attribute; empty if the host offers neither.
-pub fn node_id() -> String {
-    for path in [&b"xds\0node"[..], &b"node"[..]] {
-        if let Ok(Some(bytes)) = abi::property(path)
-            && let Ok(node) = NodeId::decode(bytes.as_slice())
-            && !node.id.is_empty()
-        {
-            return node.id;
-        }
+/// The real host: Envoy's proxy-wasm ABI. Only in the wasm build; native
+/// builds (the unit tests) never link the host's imports.
+#[cfg(target_arch = "wasm32")]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AbiHost;
+
+#[cfg(target_arch = "wasm32")]
+impl Host for AbiHost {
+    fn log(&self, level: LogLevel, message: &str) {
+        let _ = abi::log(level as u32, message);
     }
-    String::new()
+
+    fn now_us(&self) -> u64 {
+        abi::current_time_ns().map_or(0, |ns| ns / 1000)
+    }
+
+    /// `RandomState` is seeded from WASI's `random_get` once per VM; hashing
+    /// a counter through it gives a fresh value per call.
+    fn random_u64(&self, counter: u64) -> u64 {
+        use std::hash::{BuildHasher, RandomState};
+        thread_local!(static SEED: RandomState = RandomState::new());
+        SEED.with(|s| s.hash_one(counter))
+    }
+
+    fn map_value(&self, map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
+        abi::map_value(map as u32, name)
+    }
+
+    fn map_pairs(&self, map: MapType) -> Result<HeaderPairs, Status> {
+        abi::map_pairs(map as u32).map(|bytes| parse_map(&bytes))
+    }
+
+    fn replace_map_value(&self, map: MapType, name: &str, value: &[u8]) -> Result<(), Status> {
+        abi::replace_map_value(map as u32, name, value)
+    }
+
+    fn add_map_value(&self, map: MapType, name: &str, value: &[u8]) -> Result<(), Status> {
+        abi::add_map_value(map as u32, name, value)
+    }
+
+    fn remove_map_value(&self, map: MapType, name: &str) -> Result<(), Status> {
+        abi::remove_map_value(map as u32, name)
+    }
+
+    fn buffer_bytes(&self, kind: BufferType, max: usize) -> Result<Option<Vec<u8>>, Status> {
+        abi::buffer(kind as u32, 0, max)
+    }
+
+    fn send_local_response(
+        &self,
+        status: u32,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Result<(), Status> {
+        abi::send_local_response(status, &serialize_map(headers), body)
+    }
+
+    fn set_effective_context(&self, context: u32) -> Result<(), Status> {
+        abi::set_effective_context(context)
+    }
+
+    fn continue_response(&self) -> Result<(), Status> {
+        abi::continue_response()
+    }
+
+    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status> {
+        abi::define_metric(kind as u32, name)
+    }
+
+    fn increment_metric(&self, id: u32, by: i64) -> Result<(), Status> {
+        abi::increment_metric(id, by)
+    }
+
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
+        abi::record_metric(id, value)
+    }
+
+    fn set_tick_period_ms(&self, period: u32) -> Result<(), Status> {
+        abi::set_tick_period_ms(period)
+    }
+
+    fn shared_data(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
+        abi::shared_data(key)
+    }
+
+    fn set_shared_data(&self, key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+        abi::set_shared_data(key, value, cas)
+    }
+
+    fn property(&self, path: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+        abi::property(path)
+    }
+
+    /// Through the SDK, which must register the token.
+    fn http_call(
+        &self,
+        cluster: &str,
+        headers: &[(String, String)],
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<u32, Status> {
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, body, vec![], timeout)
+            .map_err(|s| Status(s as u32))
+    }
+
+    /// Through the SDK, which must register the token.
+    fn grpc_call(
+        &self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout: Duration,
+    ) -> Result<u32, Status> {
+        proxy_wasm::hostcalls::dispatch_grpc_call(
+            cluster,
+            service,
+            method,
+            vec![],
+            Some(message),
+            timeout,
+        )
+        .map_err(|s| Status(s as u32))
+    }
 }
+
+#[cfg(target_arch = "wasm32")]
+use crate::abi;
 
 #[cfg(test)]
 mod tests {

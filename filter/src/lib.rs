@@ -1,13 +1,15 @@
 //! `understudy-filter`: the Envoy HTTP filter, compiled to `wasm32-wasip1`.
 //!
-//! This crate is thin glue. It reads Envoy's host events through
-//! `proxy_wasm::hostcalls` ([`host`]), hands them to [`understudy_core`]
-//! (where every decision is made and tested natively), and carries out the
-//! result. Start at [`Root::on_configure`] (config in, metrics defined) and
+//! This crate is thin glue. It reads Envoy's host events through the
+//! [`host::Host`] trait, hands them to [`understudy_core`] (where every
+//! decision is made and tested natively), and carries out the result. Start
+//! at [`Root::on_configure`] (config in, metrics defined) and
 //! [`Http::on_http_request_headers`] (the per-request hot path).
 //!
 //! # Layout
-//! - [`host`]: host-call wrappers that handle every `Status`.
+//! - [`host`]: the [`host::Host`] trait the glue calls (every `Status`
+//!   handled), and `AbiHost`, its implementation over the ABI (wasm only).
+//!   Unit tests drive [`Root`] and [`Http`] natively against a fake host.
 //! - [`hedging`]: hedged requests (per-worker table, `on_tick`, hedge replies).
 //! - [`dedupe`]: inbound duplicate suppression by Idempotency-Key (shared data).
 //! - [`ratelimit`]: adaptive per-tenant rate limits (shared data with CAS).
@@ -20,15 +22,23 @@
 //!
 //! A panic kills the wasm VM, so this crate never unwraps, and a panic hook
 //! logs through the host if something slips through.
+//!
+//! Time is an input: the glue reads it from the host (`Host::now_us`) where
+//! a feature needs it and passes it down as a value.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[cfg(target_arch = "wasm32")]
 mod abi;
 pub mod dedupe;
+#[cfg(test)]
+mod fake;
 pub mod hedging;
 pub mod host;
 pub mod ratelimit;
 pub mod shadow;
+#[cfg(test)]
+mod tests;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -39,11 +49,13 @@ use understudy_core::{FilterConfig, stats};
 
 use crate::dedupe::{Dedupe, DedupeStream, Start};
 use crate::hedging::Hedging;
-use crate::host::log;
-use crate::ratelimit::{Admitted, Limiter, Verdict};
+use crate::host::Host;
+use crate::ratelimit::{Admitted, Decision, Limiter};
 use crate::shadow::Shadowing;
+use understudy_core::ratelimit::Rejection;
 
-/// The VM's entry point.
+/// The VM's entry point (wasm only: natively there is no host to enter from).
+#[cfg(target_arch = "wasm32")]
 mod entry {
     // proxy_wasm::main! exports the `_initialize` entry point with
     // #[no_mangle], which the unsafe_code lint counts as unsafe.
@@ -53,14 +65,16 @@ mod entry {
     use proxy_wasm::types::LogLevel;
 
     use super::Root;
-    use crate::host::log;
+    use crate::host::{AbiHost, Host};
 
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Info);
         std::panic::set_hook(Box::new(|info| {
-            log(LogLevel::Critical, &format!("understudy: panic: {info}"));
+            AbiHost.log(LogLevel::Critical, &format!("understudy: panic: {info}"));
         }));
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+            Box::new(Root::new(std::rc::Rc::new(AbiHost)))
+        });
     }}
 }
 
@@ -85,9 +99,9 @@ type Shared = Rc<RefCell<Worker>>;
 pub const INTERNAL_HEADER_PREFIX: &str = "x-understudy-";
 
 impl Worker {
-    fn new(config: FilterConfig) -> Result<Self, String> {
-        let requests_total = host::define(MetricType::Counter, &stats::requests_total(&config))?;
-        let internal_headers_stripped = host::define(
+    fn new(host: &Rc<dyn Host>, config: FilterConfig) -> Result<Self, String> {
+        let requests_total = host.define(MetricType::Counter, &stats::requests_total(&config))?;
+        let internal_headers_stripped = host.define(
             MetricType::Counter,
             &stats::internal_headers_stripped(&config),
         )?;
@@ -95,16 +109,16 @@ impl Worker {
             .routes()
             .iter()
             .map(|r| {
-                host::define(
+                host.define(
                     MetricType::Counter,
                     &stats::route_requests_total(&config, &r.name),
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let hedging = Hedging::new(&config)?;
-        let dedupe = Dedupe::new(&config)?;
-        let limiter = Limiter::new(&config)?;
-        let shadowing = Shadowing::new(&config)?;
+        let hedging = Hedging::new(host, &config)?;
+        let dedupe = Dedupe::new(host, &config)?;
+        let limiter = Limiter::new(host, &config)?;
+        let shadowing = Shadowing::new(host, &config)?;
         Ok(Self {
             limiter,
             shadowing,
@@ -119,9 +133,28 @@ impl Worker {
 }
 
 /// The root context: one per plugin configuration per VM.
-#[derive(Default)]
 pub struct Root {
+    host: Rc<dyn Host>,
     worker: Option<Shared>,
+}
+
+impl Root {
+    pub fn new(host: Rc<dyn Host>) -> Self {
+        Self { host, worker: None }
+    }
+
+    /// The context of a new HTTP stream.
+    pub fn stream(&self, context_id: u32) -> Http {
+        Http {
+            id: context_id,
+            host: Rc::clone(&self.host),
+            worker: self.worker.clone(),
+            hedged: false,
+            shadowed: false,
+            dedupe: None,
+            admitted: None,
+        }
+    }
 }
 
 impl Context for Root {
@@ -135,22 +168,23 @@ impl Context for Root {
         _num_trailers: usize,
     ) {
         let Some(worker) = &self.worker else { return };
+        let now = self.host.now_us();
         let deferred = match worker.try_borrow_mut() {
             Ok(mut w) => match w.shadowing.as_mut() {
                 Some(s) if s.owns_call(token_id) => {
-                    s.on_call_response(token_id, body_size, host::now_us());
+                    s.on_call_response(token_id, body_size, now);
                     None
                 }
                 _ => w
                     .hedging
                     .as_mut()
-                    .and_then(|h| h.on_call_response(token_id, body_size, host::now_us())),
+                    .and_then(|h| h.on_call_response(token_id, body_size, now)),
             },
             Err(_) => None,
         };
         // The borrow is released: the local reply may re-enter the stream.
         if let Some(d) = deferred {
-            d.run();
+            d.run(self.host.as_ref());
         }
     }
 
@@ -177,10 +211,11 @@ impl RootContext for Root {
     /// Envoy reject the configuration (a static listener fails to load; an
     /// ECDS update is NACKed and the previous filter config stays in force).
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let bytes = match host::plugin_configuration(plugin_configuration_size) {
+        let host = &self.host;
+        let bytes = match host.plugin_configuration(plugin_configuration_size) {
             Ok(bytes) => bytes,
             Err(status) => {
-                log(
+                host.log(
                     LogLevel::Error,
                     &format!("understudy: reading the plugin configuration failed: {status:?}"),
                 );
@@ -189,10 +224,10 @@ impl RootContext for Root {
         };
         let worker = FilterConfig::from_json(&bytes)
             .map_err(|e| e.to_string())
-            .and_then(Worker::new);
+            .and_then(|config| Worker::new(host, config));
         match worker {
             Ok(worker) => {
-                log(
+                host.log(
                     LogLevel::Info,
                     &format!(
                         "understudy: configured with {} route(s)",
@@ -205,13 +240,13 @@ impl RootContext for Root {
                     worker.shadowing.as_ref().map(Shadowing::tick_period),
                 ];
                 if let Some(period) = ticks.into_iter().flatten().min() {
-                    host::set_tick_period(period);
+                    host.set_tick_period(period);
                 }
                 self.worker = Some(Rc::new(RefCell::new(worker)));
                 true
             }
             Err(reason) => {
-                log(
+                host.log(
                     LogLevel::Error,
                     &format!("understudy: rejecting configuration: {reason}"),
                 );
@@ -223,7 +258,7 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(worker) = &self.worker else { return };
         if let Ok(mut w) = worker.try_borrow_mut() {
-            let now = host::now_us();
+            let now = self.host.now_us();
             if let Some(h) = w.hedging.as_mut() {
                 h.on_tick(now);
             }
@@ -238,14 +273,7 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Must never return None: the SDK panics on it.
-        Some(Box::new(Http {
-            id: context_id,
-            worker: self.worker.clone(),
-            hedged: false,
-            shadowed: false,
-            dedupe: None,
-            admitted: None,
-        }))
+        Some(Box::new(self.stream(context_id)))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -256,6 +284,7 @@ impl RootContext for Root {
 /// One HTTP stream.
 pub struct Http {
     id: u32,
+    host: Rc<dyn Host>,
     worker: Option<Shared>,
     /// Tracked by the hedging table.
     hedged: bool,
@@ -281,6 +310,7 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let host = Rc::clone(&self.host);
         // Before anything else: a client must not speak for the filter. The
         // filter's own hedges and shadow copies leave through
         // `dispatch_http_call` straight to their cluster, never through this
@@ -288,30 +318,32 @@ impl HttpContext for Http {
         // client (e.g. a forged `x-understudy-shadow: 1` that would make the
         // primary treat a real request as a side-effect-free copy).
         if self.worker.is_some() {
-            let stripped = host::strip_request_headers(INTERNAL_HEADER_PREFIX);
+            let stripped = host.strip_request_headers(INTERNAL_HEADER_PREFIX);
             if stripped > 0 {
                 self.with((), |w| {
-                    host::increment(w.internal_headers_stripped, stripped as i64)
+                    host.increment(w.internal_headers_stripped, stripped as i64)
                 });
             }
         }
         // Rate limits first: a rejected request does no other work.
         // The route is matched once per request; every feature uses it.
         let (verdict, route) = self.with((None, None), |w| {
-            host::increment(w.requests_total, 1);
-            let route = host::request_header(":path").and_then(|p| w.config.match_route(&p));
+            host.increment(w.requests_total, 1);
+            let route = host
+                .request_header(":path")
+                .and_then(|p| w.config.match_route(&p));
             let verdict = w
                 .limiter
                 .as_mut()
-                .map(|l| l.on_request(route, host::now_us()));
+                .map(|l| l.on_request(route, host.now_us()));
             (verdict, route)
         });
         match verdict {
-            Some(Verdict::Reject { headers, body }) => {
-                host::reply(429, &headers, body.as_bytes());
+            Some(Decision::Reject(Rejection { headers, body })) => {
+                host.reply(429, &headers, body.as_bytes());
                 return Action::Pause;
             }
-            Some(Verdict::Allow(admitted)) => self.admitted = Some(admitted),
+            Some(Decision::Allow(admitted)) => self.admitted = Some(admitted),
             None => {}
         }
         let id = self.id;
@@ -320,7 +352,7 @@ impl HttpContext for Http {
         };
         let (hedged, shadowed, dedupe) = self.with((false, false, Start::NotInvolved), |w| {
             if let Some(metric) = w.route_requests.get(route) {
-                host::increment(*metric, 1);
+                host.increment(*metric, 1);
             }
             // Dedupe first: it may answer locally, and then there is nothing to hedge.
             let dedupe = w
@@ -330,13 +362,13 @@ impl HttpContext for Http {
             // Shadow before hedging: the copy carries the client's headers,
             // not the key hedging may add.
             let shadowed = !matches!(dedupe, Start::Answered)
-                && w.shadowing.as_mut().is_some_and(|s| {
-                    s.on_request_headers(id, route, end_of_stream, host::now_us())
-                });
+                && w.shadowing
+                    .as_mut()
+                    .is_some_and(|s| s.on_request_headers(id, route, end_of_stream, host.now_us()));
             let hedged = !matches!(dedupe, Start::Answered)
-                && w.hedging.as_mut().is_some_and(|h| {
-                    h.on_request_headers(id, route, end_of_stream, host::now_us())
-                });
+                && w.hedging
+                    .as_mut()
+                    .is_some_and(|h| h.on_request_headers(id, route, end_of_stream, host.now_us()));
             (hedged, shadowed, dedupe)
         });
         self.hedged = hedged;
@@ -356,12 +388,13 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let host = Rc::clone(&self.host);
         if self.dedupe.is_some() {
             // Held (and buffered by Envoy) until complete: the fingerprint needs all of it.
             if !end_of_stream {
                 return Action::Pause;
             }
-            let body = host::buffer(BufferType::HttpRequestBody, body_size);
+            let body = host.buffer(BufferType::HttpRequestBody, body_size);
             let action = self.dedupe_decide(&body);
             if action == Action::Continue {
                 self.copy_request_body(&body, true);
@@ -369,24 +402,26 @@ impl HttpContext for Http {
             return action;
         }
         if self.hedged || self.shadowed {
-            let chunk = host::buffer(BufferType::HttpRequestBody, body_size);
+            let chunk = host.buffer(BufferType::HttpRequestBody, body_size);
             self.copy_request_body(&chunk, end_of_stream);
         }
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let host = Rc::clone(&self.host);
         if let Some(admitted) = self.admitted.take() {
-            let status = host::response_header(":status")
+            let status = host
+                .response_header(":status")
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
             self.with((), |w| {
                 if let Some(l) = w.limiter.as_mut() {
-                    l.on_response(&admitted, status, host::now_us());
+                    l.on_response(&admitted, status, host.now_us());
                 }
             });
             for (k, v) in admitted.headers.iter().flatten() {
-                host::add_response_header(k, v);
+                host.add_response_header(k, v);
             }
         }
         let id = self.id;
@@ -395,13 +430,13 @@ impl HttpContext for Http {
         let mut dedupe = self.dedupe.take();
         let action = self.with(Action::Continue, |w| {
             if let (Some(d), Some(s)) = (w.dedupe.as_ref(), dedupe.as_mut()) {
-                d.on_response_headers(s, end_of_stream, host::now_us() / 1000);
+                d.on_response_headers(s, end_of_stream, host.now_us() / 1000);
             }
             if shadowed && let Some(s) = w.shadowing.as_mut() {
-                s.on_response_headers(id, end_of_stream, host::now_us());
+                s.on_response_headers(id, end_of_stream, host.now_us());
             }
             match w.hedging.as_mut() {
-                Some(h) if hedged => h.on_response_headers(id, host::now_us()),
+                Some(h) if hedged => h.on_response_headers(id, host.now_us()),
                 _ => Action::Continue,
             }
         });
@@ -410,6 +445,7 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let host = Rc::clone(&self.host);
         let id = self.id;
         // A held primary (failed while a hedge is out) keeps its body back too.
         if self.hedged && self.with(false, |w| w.hedging.as_ref().is_some_and(|h| h.is_held(id))) {
@@ -419,7 +455,7 @@ impl HttpContext for Http {
         if let Some(s) = dedupe.as_mut() {
             self.with((), |w| {
                 if let Some(d) = w.dedupe.as_ref() {
-                    d.on_response_body(s, body_size, end_of_stream, host::now_us() / 1000);
+                    d.on_response_body(s, body_size, end_of_stream, host.now_us() / 1000);
                 }
             });
         }
@@ -427,7 +463,7 @@ impl HttpContext for Http {
         if self.shadowed {
             self.with((), |w| {
                 if let Some(s) = w.shadowing.as_mut() {
-                    s.on_response_body(id, body_size, end_of_stream, host::now_us());
+                    s.on_response_body(id, body_size, end_of_stream, host.now_us());
                 }
             });
         }
@@ -435,13 +471,14 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
+        let host = Rc::clone(&self.host);
         let id = self.id;
         let hedged = self.hedged;
         let shadowed = self.shadowed;
         let mut dedupe = self.dedupe.take();
         self.with((), |w| {
             if let (Some(d), Some(s)) = (w.dedupe.as_ref(), dedupe.as_mut()) {
-                d.on_end(s, host::now_us() / 1000);
+                d.on_end(s, host.now_us() / 1000);
             }
             if shadowed && let Some(s) = w.shadowing.as_mut() {
                 s.on_end(id);
@@ -470,6 +507,7 @@ impl Http {
     /// The request is complete: let dedupe decide. A local answer (replay,
     /// 409, 422) ends the stream here, so hedging stops tracking it first.
     fn dedupe_decide(&mut self, body: &[u8]) -> Action {
+        let host = Rc::clone(&self.host);
         let Some(mut stream) = self.dedupe.take() else {
             return Action::Continue;
         };
@@ -481,7 +519,7 @@ impl Http {
             let Some(d) = w.dedupe.as_ref() else {
                 return Action::Continue;
             };
-            let action = d.on_request_complete(&mut stream, body, host::now_us() / 1000);
+            let action = d.on_request_complete(&mut stream, body, host.now_us() / 1000);
             if action == Action::Pause
                 && hedged
                 && let Some(h) = w.hedging.as_mut()

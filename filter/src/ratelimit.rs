@@ -1,6 +1,9 @@
 //! Rate-limit glue: carries out [`understudy_core::ratelimit`] decisions
 //! against proxy-wasm shared data, so one limit holds for the whole Envoy
-//! process rather than per worker.
+//! process rather than per worker. Every decision (admission with the tier
+//! pool, the verdict, the 429, the per-worker table) is made in the core;
+//! this module reads headers, does the compare-and-swap loops, counts, and
+//! sends usage reports.
 //!
 //! Why shared data with compare-and-swap rather than per-worker shares: a
 //! tenant's requests land on whichever worker its connection is on, often all
@@ -10,20 +13,21 @@
 //! level; its cost (a process-wide lock around a few hundred bytes) is what
 //! the `rate_limit` benchmark's `limiter_overhead_ratio` measures.
 
-use proxy_wasm::types::{LogLevel, MetricType};
+use std::rc::Rc;
 use std::time::Duration;
 
 use prost::Message;
-use std::collections::BTreeMap;
+use proxy_wasm::types::{LogLevel, MetricType};
 
 use understudy_core::ratelimit::{
-    self, Admission, Bucket, Enforcement, IdentityInput, Placement, RateLimitConfig, Tenant,
-    TenantState, UsageTable,
+    self, Bucket, Counted, Enforcement, IdentityInput, LocalTable, Placement, RateLimitConfig,
+    Rejection, Seat, Tenant, TenantState, UsageTable, Verdict,
 };
+use understudy_core::report::Schedule;
 use understudy_core::{FilterConfig, stats};
 use understudy_proto::v1::{TenantUsage, UsageReport};
 
-use crate::host::{self, SharedSetError, Status};
+use crate::host::{Host, SharedSetError, Status};
 
 /// Attempts of a read-modify-CAS before giving up on exactness (and allowing).
 const CAS_RETRIES: usize = 8;
@@ -35,6 +39,7 @@ struct TierMetrics {
 }
 
 pub struct Limiter {
+    host: Rc<dyn Host>,
     cfg: RateLimitConfig,
     prefix: String,
     tiers: Vec<TierMetrics>,
@@ -42,11 +47,10 @@ pub struct Limiter {
     evictions: u32,
     route_limited: u32,
     usage: UsageTable,
-    last_report_us: u64,
+    schedule: Schedule,
     reports_failed: u32,
     /// `per_worker` enforcement only: this worker's tenants and tier pools.
-    local: BTreeMap<String, TenantState>,
-    local_pools: BTreeMap<usize, Bucket>,
+    local: LocalTable,
 }
 
 /// A request the limiter admitted: its answer feeds the tenant's adaptive limit.
@@ -58,13 +62,9 @@ pub struct Admitted {
 }
 
 /// What to do with a request.
-pub enum Verdict {
+pub enum Decision {
     Allow(Box<Admitted>),
-    /// Answer 429 with these headers and body.
-    Reject {
-        headers: Vec<(String, String)>,
-        body: String,
-    },
+    Reject(Rejection),
 }
 
 struct Slot {
@@ -73,18 +73,12 @@ struct Slot {
     cas: u32,
 }
 
-fn read_slot(key: String) -> Result<Slot, Status> {
-    let (bytes, cas) = host::shared_get(&key)?;
-    let state = bytes.as_deref().and_then(TenantState::decode);
-    Ok(Slot { key, state, cas })
-}
-
 impl Limiter {
-    pub fn new(config: &FilterConfig) -> Result<Option<Self>, String> {
+    pub fn new(host: &Rc<dyn Host>, config: &FilterConfig) -> Result<Option<Self>, String> {
         let Some(cfg) = config.rate_limit().cloned() else {
             return Ok(None);
         };
-        let counter = |name: String| host::define(MetricType::Counter, &name);
+        let counter = |name: String| host.define(MetricType::Counter, &name);
         let tiers = cfg
             .tiers
             .iter()
@@ -100,15 +94,15 @@ impl Limiter {
             })
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Some(Self {
+            host: Rc::clone(host),
             prefix: format!("{}/ratelimit", config.stat_prefix()),
-            tenants: host::define(MetricType::Gauge, &stats::ratelimit(config, "tenants"))?,
+            tenants: host.define(MetricType::Gauge, &stats::ratelimit(config, "tenants"))?,
             evictions: counter(stats::ratelimit(config, "evictions"))?,
             route_limited: counter(stats::ratelimit(config, "route_limited"))?,
             reports_failed: counter(stats::ratelimit(config, "reports_failed"))?,
             usage: UsageTable::new(cfg.report.as_ref().map_or(0, |r| r.max_tenants)),
-            last_report_us: 0,
-            local: BTreeMap::new(),
-            local_pools: BTreeMap::new(),
+            schedule: Schedule::default(),
+            local: LocalTable::default(),
             tiers,
             cfg,
         }))
@@ -119,22 +113,33 @@ impl Limiter {
             .map(|s| format!("{}/t/{s}", self.prefix))
     }
 
+    fn read_slot(&self, key: String) -> Result<Slot, Status> {
+        let (bytes, cas) = self.host.shared_get(&key)?;
+        let state = bytes.as_deref().and_then(TenantState::decode);
+        Ok(Slot { key, state, cas })
+    }
+
     /// Decides whether this request (on `route`, if it matched one) may go on.
-    pub fn on_request(&mut self, route: Option<usize>, now_us: u64) -> Verdict {
+    pub fn on_request(&mut self, route: Option<usize>, now_us: u64) -> Decision {
         if let Some(rejection) = self.check_route_limits(route, now_us) {
             return rejection;
         }
-        let header = self.cfg.header.as_deref().and_then(host::request_header);
+        let host = &self.host;
+        let header = self
+            .cfg
+            .header
+            .as_deref()
+            .and_then(|h| host.request_header(h));
         let api_key = self
             .cfg
             .api_key_header
             .as_deref()
-            .and_then(host::request_header);
+            .and_then(|h| host.request_header(h));
         let authorization = self
             .cfg
             .jwt_claim
             .as_ref()
-            .and_then(|_| host::request_header("authorization"));
+            .and_then(|_| host.request_header("authorization"));
         let tenant = ratelimit::identify(
             &self.cfg,
             &IdentityInput {
@@ -147,95 +152,65 @@ impl Limiter {
         if let (Some(a), Some(_)) = (&admission, &self.cfg.report) {
             self.usage.record(&tenant, a);
         }
-        let metrics = self.tiers.get(tenant.tier);
-        let Some(a) = admission else {
-            // Shared data failed: never block traffic on our own fault.
-            return Verdict::Allow(Box::new(Admitted {
-                tenant,
-                started_us: now_us,
-                headers: None,
-            }));
-        };
-        if a.allowed {
-            if let Some(m) = metrics {
-                host::increment(m.allowed, 1);
-            }
-            let headers = self
-                .cfg
-                .headers_on_allowed
-                .then(|| ratelimit::headers_for(&tenant, &a));
-            return Verdict::Allow(Box::new(Admitted {
+        let (verdict, counted) = ratelimit::verdict(&tenant, &self.cfg, admission.as_ref());
+        if let (Some(m), Some(counted)) = (self.tiers.get(tenant.tier), counted) {
+            let metric = match counted {
+                Counted::Allowed => m.allowed,
+                Counted::ShadowLimited => m.shadow_limited,
+                Counted::Limited => m.limited,
+            };
+            self.host.increment(metric, 1);
+        }
+        match verdict {
+            Verdict::Allow { headers } => Decision::Allow(Box::new(Admitted {
                 tenant,
                 started_us: now_us,
                 headers,
-            }));
+            })),
+            Verdict::Reject(r) => Decision::Reject(r),
         }
-        if self.cfg.shadow {
-            if let Some(m) = metrics {
-                host::increment(m.shadow_limited, 1);
-            }
-            return Verdict::Allow(Box::new(Admitted {
-                tenant,
-                started_us: now_us,
-                headers: None,
-            }));
-        }
-        if let Some(m) = metrics {
-            host::increment(m.limited, 1);
-        }
-        let mut headers = ratelimit::headers_for(&tenant, &a);
-        headers.push(("content-type".to_owned(), "application/json".to_owned()));
-        let body = ratelimit::limited_body(&tenant, &self.cfg, &a);
-        Verdict::Reject { headers, body }
     }
 
     /// Process-wide route (and method) limits, before any tenant's token is spent.
-    fn check_route_limits(&self, route: Option<usize>, now_us: u64) -> Option<Verdict> {
+    fn check_route_limits(&self, route: Option<usize>, now_us: u64) -> Option<Decision> {
         if self.cfg.route_limits.is_empty() {
             return None;
         }
-        let method = host::request_header(":method").unwrap_or_default();
+        let method = self.host.request_header(":method").unwrap_or_default();
         for (i, limit) in self.cfg.route_limits_for(route, &method) {
             let key = format!("{}/route/{i}", self.prefix);
-            let Some((taken, bucket)) = take_shared_bucket(&key, limit.rate, limit.burst_s, now_us)
+            let Some((taken, bucket)) =
+                take_shared_bucket(self.host.as_ref(), &key, limit.rate, limit.burst_s, now_us)
             else {
                 continue;
             };
             if !taken {
-                host::increment(self.route_limited, 1);
-                let a = Admission {
-                    allowed: false,
-                    retry_after_s: bucket.wait_s(limit.rate),
-                    rate: limit.rate,
-                    remaining: 0.0,
-                };
-                // `pk` must be a valid RFC 9651 byte sequence, like the tenant one.
-                let pk = ratelimit::partition_key(&format!("route/{i}"));
-                let mut headers = ratelimit::policy_headers("route", &pk, &a);
-                headers.push(("content-type".to_owned(), "application/json".to_owned()));
-                let body = serde_json::json!({
-                    "error": "rate_limited",
-                    "message": format!("route limit of {:.1} requests per second exceeded", limit.rate),
-                    "retry_after_s": a.retry_after_s.ceil().max(1.0),
-                })
-                .to_string();
-                return Some(Verdict::Reject { headers, body });
+                self.host.increment(self.route_limited, 1);
+                return Some(Decision::Reject(ratelimit::route_rejection(
+                    i, limit, &bucket,
+                )));
             }
         }
         None
     }
 
-    /// Tenant bucket, then the tier's pool, as one read-modify-CAS of the
-    /// tenant's slot (a pool refusal gives the tenant its token back).
-    fn admit(&mut self, tenant: &Tenant, now_us: u64) -> Option<Admission> {
+    /// The tenant's admission: shared (one read-modify-CAS of its slot, the
+    /// tier pool inside it) or this worker's own table.
+    fn admit(&mut self, tenant: &Tenant, now_us: u64) -> Option<ratelimit::Admission> {
         if self.cfg.enforcement == Enforcement::PerWorker {
-            return Some(self.admit_locally(tenant, now_us));
+            let (a, seat) = self.local.admit(tenant, &self.cfg, now_us);
+            match seat {
+                Seat::Added => self.host.increment(self.tenants, 1),
+                Seat::Evicted => self.host.increment(self.evictions, 1),
+                Seat::Known => {}
+            }
+            return Some(a);
         }
         let [k0, k1] = self.slot_keys(&tenant.id);
         for _ in 0..CAS_RETRIES {
             // Each shared-data call takes Envoy's process-wide lock: skip the
             // second slot when the tenant already sits in the first.
-            let first = read_slot(k0.clone()).ok()?;
+            let first = self.read_slot(k0.clone()).ok()?;
             let second = if first.state.as_ref().is_some_and(|s| s.tenant == tenant.id) {
                 Slot {
                     key: k1.clone(),
@@ -243,39 +218,36 @@ impl Limiter {
                     cas: 0,
                 }
             } else {
-                read_slot(k1.clone()).ok()?
+                self.read_slot(k1.clone()).ok()?
             };
             let slots = [first, second];
-            let placement = ratelimit::place(
-                &tenant.id,
+            let write = ratelimit::admit_in_table(
+                tenant,
+                &self.cfg,
                 [slots[0].state.as_ref(), slots[1].state.as_ref()],
+                now_us,
+                |pool| {
+                    let key = format!("{}/pool/{}", self.prefix, pool.name);
+                    take_shared_bucket(self.host.as_ref(), &key, pool.rate, pool.burst_s, now_us)
+                        .is_none_or(|(taken, _)| taken)
+                },
             );
-            let (i, mut state) = match placement {
-                Placement::Found(i) => (i, slots[i].state.clone()?),
-                Placement::Free(i) | Placement::Evict(i) => {
-                    (i, TenantState::new(tenant, &self.cfg, now_us))
-                }
-            };
-            let mut a = ratelimit::admit(&mut state, tenant, &self.cfg, now_us);
-            if a.allowed && !self.take_from_pool(tenant.tier, now_us) {
-                state.bucket.tokens += 1.0;
-                state.allowed -= 1;
-                state.limited += 1;
-                a.allowed = false;
-                a.retry_after_s = a.retry_after_s.max(1.0);
-            }
-            match host::shared_set(&slots[i].key, &state.encode(), slots[i].cas) {
+            let slot = &slots[write.slot];
+            match self
+                .host
+                .shared_set(&slot.key, &write.state.encode(), slot.cas)
+            {
                 Ok(()) => {
-                    match placement {
-                        Placement::Free(_) => host::increment(self.tenants, 1),
-                        Placement::Evict(_) => host::increment(self.evictions, 1),
+                    match write.placement {
+                        Placement::Free(_) => self.host.increment(self.tenants, 1),
+                        Placement::Evict(_) => self.host.increment(self.evictions, 1),
                         Placement::Found(_) => {}
                     }
-                    return Some(a);
+                    return Some(write.admission);
                 }
                 Err(SharedSetError::CasMismatch) => continue,
                 Err(status) => {
-                    host::log(
+                    self.host.log(
                         LogLevel::Warn,
                         &format!("understudy: rate-limit write failed: {status:?}"),
                     );
@@ -284,66 +256,6 @@ impl Limiter {
             }
         }
         None
-    }
-
-    /// `per_worker`: this worker alone enforces `1 / workers` of each rate,
-    /// with no shared data. Bounded like the shared table; the least recently
-    /// seen tenant is evicted.
-    fn admit_locally(&mut self, tenant: &Tenant, now_us: u64) -> Admission {
-        let share = 1.0 / f64::from(self.cfg.workers.max(1));
-        if !self.local.contains_key(&tenant.id) {
-            if self.local.len() >= self.cfg.max_tenants as usize {
-                let oldest = self
-                    .local
-                    .iter()
-                    .min_by_key(|(_, s)| s.seen_us)
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = oldest {
-                    self.local.remove(&k);
-                    host::increment(self.evictions, 1);
-                }
-            } else {
-                host::increment(self.tenants, 1);
-            }
-            self.local.insert(
-                tenant.id.clone(),
-                TenantState::new(tenant, &self.cfg, now_us),
-            );
-        }
-        let Some(state) = self.local.get_mut(&tenant.id) else {
-            return Admission {
-                allowed: true,
-                retry_after_s: 0.0,
-                rate: 0.0,
-                remaining: 0.0,
-            };
-        };
-        let mut a = ratelimit::admit_share(state, tenant, &self.cfg, share, now_us);
-        if a.allowed
-            && let Some(t) = self.cfg.tier(tenant.tier)
-            && let Some(rate) = t.pool_rate
-        {
-            let pool = self
-                .local_pools
-                .entry(tenant.tier)
-                .or_insert_with(|| Bucket::full(rate * share, t.burst_s, now_us));
-            if !pool.take(rate * share, t.burst_s, now_us) {
-                state.bucket.tokens += 1.0;
-                a.allowed = false;
-                a.retry_after_s = a.retry_after_s.max(1.0);
-            }
-        }
-        a
-    }
-
-    /// The tier's shared capacity, if it has one.
-    fn take_from_pool(&self, tier: usize, now_us: u64) -> bool {
-        let Some(t) = self.cfg.tier(tier) else {
-            return true;
-        };
-        let Some(rate) = t.pool_rate else { return true };
-        let key = format!("{}/pool/{}", self.prefix, t.name);
-        take_shared_bucket(&key, rate, t.burst_s, now_us).is_none_or(|(taken, _)| taken)
     }
 
     /// How often the root context must tick for reports, if they are on.
@@ -359,17 +271,15 @@ impl Limiter {
         let Some(report) = &self.cfg.report else {
             return;
         };
-        if now_us.saturating_sub(self.last_report_us) < report.interval_ms * 1000 {
+        if !self.schedule.due(now_us, report.interval_ms) {
             return;
         }
-        self.last_report_us = now_us;
         let (tenants, dropped) = self.usage.take();
         if tenants.is_empty() && dropped == 0 {
             return;
         }
-        let node_id = host::node_id();
         let message = UsageReport {
-            node_id,
+            node_id: self.host.node_id(),
             dropped,
             tenants: tenants
                 .into_iter()
@@ -387,7 +297,7 @@ impl Limiter {
                 .collect(),
         }
         .encode_to_vec();
-        let sent = host::grpc_call(
+        let sent = self.host.grpc_call(
             &report.cluster,
             "understudy.v1.ReportService",
             "PushUsage",
@@ -395,8 +305,8 @@ impl Limiter {
             Duration::from_secs(5),
         );
         if let Err(status) = sent {
-            host::increment(self.reports_failed, 1);
-            host::log(
+            self.host.increment(self.reports_failed, 1);
+            self.host.log(
                 LogLevel::Debug,
                 &format!("understudy: usage report not sent: {status:?}"),
             );
@@ -408,14 +318,13 @@ impl Limiter {
         let latency_ms = now_us.saturating_sub(admitted.started_us) as f64 / 1000.0;
         let tenant = &admitted.tenant;
         if self.cfg.enforcement == Enforcement::PerWorker {
-            if let Some(state) = self.local.get_mut(&tenant.id) {
-                state.observe(tenant, &self.cfg, status, latency_ms, now_us);
-            }
+            self.local
+                .observe(tenant, &self.cfg, status, latency_ms, now_us);
             return;
         }
         for _ in 0..CAS_RETRIES {
             let found = self.slot_keys(&tenant.id).into_iter().find_map(|k| {
-                let slot = read_slot(k).ok()?;
+                let slot = self.read_slot(k).ok()?;
                 slot.state
                     .as_ref()
                     .is_some_and(|s| s.tenant == tenant.id)
@@ -431,7 +340,7 @@ impl Limiter {
                 return;
             };
             state.observe(tenant, &self.cfg, status, latency_ms, now_us);
-            match host::shared_set(&key, &state.encode(), cas) {
+            match self.host.shared_set(&key, &state.encode(), cas) {
                 Err(SharedSetError::CasMismatch) => continue,
                 _ => return,
             }
@@ -442,16 +351,22 @@ impl Limiter {
 /// Takes a token from a process-wide bucket kept in shared data (read, take,
 /// compare-and-swap). `None` when shared data fails: callers then allow,
 /// since the limiter must never block traffic on its own fault.
-fn take_shared_bucket(key: &str, rate: f64, burst_s: f64, now_us: u64) -> Option<(bool, Bucket)> {
+fn take_shared_bucket(
+    host: &dyn Host,
+    key: &str,
+    rate: f64,
+    burst_s: f64,
+    now_us: u64,
+) -> Option<(bool, Bucket)> {
     for _ in 0..CAS_RETRIES {
-        let (bytes, cas) = host::shared_get(key).ok()?;
+        let (bytes, cas) = host.shared_get(key).ok()?;
         let mut bucket = bytes
             .as_deref()
             .and_then(|b| serde_json::from_slice::<Bucket>(b).ok())
             .unwrap_or_else(|| Bucket::full(rate, burst_s, now_us));
         let taken = bucket.take(rate, burst_s, now_us);
         let encoded = serde_json::to_vec(&bucket).ok()?;
-        match host::shared_set(key, &encoded, cas) {
+        match host.shared_set(key, &encoded, cas) {
             Ok(()) => return Some((taken, bucket)),
             Err(SharedSetError::CasMismatch) => continue,
             Err(_) => return None,

@@ -9,13 +9,14 @@
 //! Nothing here ever holds or changes the client's response: response
 //! callbacks only copy bytes, within the route's budget.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
 use std::time::Duration;
 
 use prost::Message;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 
 use understudy_core::compare::{Bucket, DiffKind};
+use understudy_core::report::{Answered, Batch, Outbox, RecordQueue, Schedule};
 use understudy_core::shadow::{
     MAX_REPORT_BATCH_BYTES, Mismatch, RECORD_FRAMING_BYTES, Report, ShadowConfig, ShadowReport,
     ShadowTable, Skip, Verdict, split_batches,
@@ -26,22 +27,7 @@ use understudy_proto::v1::{
     difference,
 };
 
-use crate::host;
-
-/// Records per report interval; the rest wait for the next one.
-const RECORDS_PER_BATCH: usize = 32;
-/// Batches sent and not yet answered. A gRPC call always ends (its timeout
-/// is 5 s), so this bounds memory only against a stuck host.
-const MAX_IN_FLIGHT: usize = 16;
-/// Failed batches kept to send again; beyond this the oldest one's records
-/// are counted as dropped (and reported as such in the next batch).
-const MAX_RETRY_BATCHES: usize = 8;
-
-/// A report batch on its way (or waiting to go again).
-struct Batch {
-    bytes: Vec<u8>,
-    records: u64,
-}
+use crate::host::Host;
 
 struct Metrics {
     sent: u32,
@@ -64,28 +50,27 @@ struct RouteShadow {
 
 /// One worker's shadowing state.
 pub struct Shadowing {
+    host: Rc<dyn Host>,
     routes: Vec<Option<RouteShadow>>,
     table: ShadowTable,
     report: Option<ShadowReport>,
-    queue: VecDeque<Mismatch>,
-    dropped: u64,
-    last_report_us: u64,
+    /// Mismatch records waiting for a batch (bounded by `max_records`).
+    queue: RecordQueue<Mismatch>,
+    schedule: Schedule,
     draws: u64,
     pending: u32,
     records_dropped: u32,
     reports_sent: u32,
     reports_failed: u32,
-    /// Batches sent, by gRPC token, until the control plane answers.
-    in_flight: BTreeMap<u32, Batch>,
-    /// Failed batches to send again (bounded by [`MAX_RETRY_BATCHES`]).
-    retry: VecDeque<Batch>,
+    /// Batches in flight and batches to send again.
+    outbox: Outbox,
     /// Records too large for one batch even without their bodies.
     records_oversized: u32,
 }
 
 impl Shadowing {
     /// `None` when no route shadows.
-    pub fn new(config: &FilterConfig) -> Result<Option<Self>, String> {
+    pub fn new(host: &Rc<dyn Host>, config: &FilterConfig) -> Result<Option<Self>, String> {
         if config.routes().iter().all(|r| r.shadow.is_none()) {
             return Ok(None);
         }
@@ -96,7 +81,7 @@ impl Shadowing {
                 continue;
             };
             let name = |what: &str| stats::shadow(config, &r.name, what);
-            let counter = |what: &str| host::define(MetricType::Counter, &name(what));
+            let counter = |what: &str| host.define(MetricType::Counter, &name(what));
             let metrics = Metrics {
                 sent: counter("sent")?,
                 compared: counter("compared")?,
@@ -104,7 +89,7 @@ impl Shadowing {
                 serious: counter("mismatched.serious")?,
                 noise: counter("mismatched.noise")?,
                 unexpected: counter("unexpected")?,
-                gap_ms: host::define(MetricType::Histogram, &name("latency_gap_ms"))?,
+                gap_ms: host.define(MetricType::Histogram, &name("latency_gap_ms"))?,
                 skipped: Skip::ALL
                     .iter()
                     .map(|s| Ok((*s, counter(s.as_str())?)))
@@ -122,21 +107,21 @@ impl Shadowing {
             }));
         }
         let all = |what: &str| stats::shadow_all(config, what);
+        let report = config.shadow_report().cloned();
         Ok(Some(Self {
+            host: Rc::clone(host),
             routes,
             table: ShadowTable::default(),
-            report: config.shadow_report().cloned(),
-            queue: VecDeque::new(),
-            dropped: 0,
-            last_report_us: 0,
+            queue: RecordQueue::new(report.as_ref().map_or(0, |r| r.max_records)),
+            report,
+            schedule: Schedule::default(),
             draws: 0,
-            pending: host::define(MetricType::Gauge, &all("pending"))?,
-            records_dropped: host::define(MetricType::Counter, &all("records_dropped"))?,
-            reports_sent: host::define(MetricType::Counter, &all("reports_sent"))?,
-            reports_failed: host::define(MetricType::Counter, &all("reports_failed"))?,
-            in_flight: BTreeMap::new(),
-            retry: VecDeque::new(),
-            records_oversized: host::define(MetricType::Counter, &all("records_oversized"))?,
+            pending: host.define(MetricType::Gauge, &all("pending"))?,
+            records_dropped: host.define(MetricType::Counter, &all("records_dropped"))?,
+            reports_sent: host.define(MetricType::Counter, &all("reports_sent"))?,
+            reports_failed: host.define(MetricType::Counter, &all("reports_failed"))?,
+            outbox: Outbox::default(),
+            records_oversized: host.define(MetricType::Counter, &all("records_oversized"))?,
         }))
     }
 
@@ -162,24 +147,28 @@ impl Shadowing {
         let Some(r) = self.route(route) else {
             return false;
         };
-        let method = host::request_header(":method").unwrap_or_default();
-        let key = r.cfg.sample_key.as_deref().and_then(host::request_header);
+        let method = self.host.request_header(":method").unwrap_or_default();
+        let key = r
+            .cfg
+            .sample_key
+            .as_deref()
+            .and_then(|k| self.host.request_header(k));
         if let Err(reason) = r
             .cfg
-            .decide(&method, key.as_deref(), host::random_u64(self.draws))
+            .decide(&method, key.as_deref(), self.host.random_u64(self.draws))
         {
             self.apply(Report::Skipped { route, reason });
             return false;
         }
         let headers = r
             .cfg
-            .shadow_headers(&host::headers(MapType::HttpRequestHeaders));
+            .shadow_headers(&self.host.headers(MapType::HttpRequestHeaders));
         match self
             .table
             .start(stream, route, headers, end_of_stream, now_us)
         {
             Ok(()) => {
-                host::increment(self.pending, 1);
+                self.host.increment(self.pending, 1);
                 true
             }
             Err(report) => {
@@ -207,7 +196,7 @@ impl Shadowing {
         let Some(max) = self.budget_of(stream) else {
             return;
         };
-        let headers = host::headers(MapType::HttpResponseHeaders);
+        let headers = self.host.headers(MapType::HttpResponseHeaders);
         let status = headers
             .iter()
             .find(|(k, _)| k == ":status")
@@ -235,7 +224,7 @@ impl Shadowing {
         let chunk = if body_size == 0 {
             Vec::new()
         } else {
-            host::buffer(BufferType::HttpResponseBody, body_size)
+            self.host.buffer(BufferType::HttpResponseBody, body_size)
         };
         if let Some(report) = self
             .table
@@ -258,7 +247,7 @@ impl Shadowing {
 
     /// A shadow copy answered (or failed: zero headers).
     pub fn on_call_response(&mut self, token: u32, body_size: usize, now_us: u64) {
-        let headers = host::headers(MapType::HttpCallResponseHeaders);
+        let headers = self.host.headers(MapType::HttpCallResponseHeaders);
         let status = headers
             .iter()
             .find(|(k, _)| k == ":status")
@@ -266,7 +255,8 @@ impl Shadowing {
         let body = if body_size == 0 {
             Vec::new()
         } else {
-            host::buffer(BufferType::HttpCallResponseBody, body_size)
+            self.host
+                .buffer(BufferType::HttpCallResponseBody, body_size)
         };
         let routes = &self.routes;
         let report = self.table.shadow_response(
@@ -294,7 +284,7 @@ impl Shadowing {
                     continue;
                 };
                 let body = (!out.body.is_empty()).then_some(out.body.as_slice());
-                let sent = host::http_call(
+                let sent = self.host.http_call(
                     &r.cfg.cluster,
                     &out.headers,
                     body,
@@ -302,11 +292,11 @@ impl Shadowing {
                 );
                 match sent {
                     Ok(token) => {
-                        host::increment(r.metrics.sent, 1);
+                        self.host.increment(r.metrics.sent, 1);
                         self.table.sent(out.stream, token, now_us);
                     }
                     Err(status) => {
-                        host::log(
+                        self.host.log(
                             LogLevel::Warn,
                             &format!(
                                 "understudy: shadow to cluster {:?} failed to start: {status:?}",
@@ -347,7 +337,7 @@ impl Shadowing {
                     return;
                 };
                 if let Some((_, id)) = r.metrics.skipped.iter().find(|(s, _)| *s == reason) {
-                    host::increment(*id, 1);
+                    self.host.increment(*id, 1);
                 }
                 let n = r
                     .counts
@@ -357,7 +347,7 @@ impl Shadowing {
                 *n = n.saturating_add(1);
                 // Those three never held a table entry (no pending pair).
                 if !matches!(reason, Skip::NotSampled | Skip::Method | Skip::Capacity) {
-                    host::increment(self.pending, -1);
+                    self.host.increment(self.pending, -1);
                 }
             }
             Report::Compared {
@@ -367,32 +357,33 @@ impl Shadowing {
                 latency_gap_us,
                 mismatch,
             } => {
-                host::increment(self.pending, -1);
+                self.host.increment(self.pending, -1);
                 let Some(Some(r)) = self.routes.get_mut(route) else {
                     return;
                 };
                 let m = &r.metrics;
-                host::increment(m.compared, 1);
+                self.host.increment(m.compared, 1);
                 r.counts.compared += 1;
                 match verdict {
                     Verdict::Matched => {
-                        host::increment(m.matched, 1);
+                        self.host.increment(m.matched, 1);
                         r.counts.matched += 1;
                     }
                     Verdict::Noise => {
-                        host::increment(m.noise, 1);
+                        self.host.increment(m.noise, 1);
                         r.counts.mismatched_noise += 1;
                     }
                     Verdict::Serious => {
-                        host::increment(m.serious, 1);
+                        self.host.increment(m.serious, 1);
                         r.counts.mismatched_serious += 1;
                     }
                 }
                 if unexpected {
-                    host::increment(m.unexpected, 1);
+                    self.host.increment(m.unexpected, 1);
                     r.counts.unexpected += 1;
                 }
-                host::record(m.gap_ms, u64::try_from(latency_gap_us / 1000).unwrap_or(0));
+                self.host
+                    .record(m.gap_ms, u64::try_from(latency_gap_us / 1000).unwrap_or(0));
                 r.counts.latency_gap_us_sum += latency_gap_us;
                 if let Some(mismatch) = mismatch {
                     self.enqueue(*mismatch);
@@ -402,25 +393,18 @@ impl Shadowing {
     }
 
     fn enqueue(&mut self, mismatch: Mismatch) {
-        let Some(report) = &self.report else {
-            return;
-        };
-        if self.queue.len() >= report.max_records {
-            self.dropped += 1;
-            host::increment(self.records_dropped, 1);
-            return;
+        if self.report.is_some() && !self.queue.push(mismatch) {
+            self.host.increment(self.records_dropped, 1);
         }
-        self.queue.push_back(mismatch);
     }
 
     fn report_if_due(&mut self, now_us: u64) {
         let Some(report) = self.report.clone() else {
             return;
         };
-        if now_us.saturating_sub(self.last_report_us) < report.interval_ms * 1000 {
+        if !self.schedule.due(now_us, report.interval_ms) {
             return;
         }
-        self.last_report_us = now_us;
         self.resend(&report.cluster);
         let counts: Vec<RouteCounts> = self
             .routes
@@ -436,11 +420,10 @@ impl Shadowing {
                 std::mem::replace(&mut r.counts, fresh)
             })
             .collect();
-        if counts.is_empty() && self.queue.is_empty() && self.dropped == 0 {
+        if counts.is_empty() && self.queue.is_idle() {
             return;
         }
-        let take = self.queue.len().min(RECORDS_PER_BATCH);
-        let drained: Vec<Mismatch> = self.queue.drain(..take).collect();
+        let drained = self.queue.take_batch();
         let mut mismatches: Vec<MismatchRecord> = Vec::with_capacity(drained.len());
         for m in drained {
             let mut record = self.record(m);
@@ -448,17 +431,17 @@ impl Shadowing {
                 shrink(&mut record);
             }
             if record.encoded_len() + RECORD_FRAMING_BYTES > MAX_REPORT_BATCH_BYTES {
-                host::increment(self.records_oversized, 1);
-                host::increment(self.records_dropped, 1);
-                self.dropped += 1;
+                self.host.increment(self.records_oversized, 1);
+                self.host.increment(self.records_dropped, 1);
+                self.queue.count_dropped(1);
                 continue;
             }
             mismatches.push(record);
         }
         let mut head = ReportBatch {
-            node_id: host::node_id(),
+            node_id: self.host.node_id(),
             mismatches: Vec::new(),
-            dropped: std::mem::take(&mut self.dropped),
+            dropped: self.queue.take_dropped(),
             routes: counts,
         };
         // Every part carries the node id: the control plane checks it against
@@ -492,34 +475,30 @@ impl Shadowing {
     }
 
     /// Sends the batches that failed before (oldest first) while there is
-    /// room in flight. Called before new batches go out.
+    /// room in flight. Called before new batches go out; a batch that fails
+    /// again waits for the next report.
     fn resend(&mut self, cluster: &str) {
-        while self.in_flight.len() < MAX_IN_FLIGHT {
-            let Some(batch) = self.retry.pop_front() else {
-                return;
-            };
+        for batch in self.outbox.retries() {
             self.send(cluster, batch);
         }
     }
 
     fn send(&mut self, cluster: &str, batch: Batch) {
-        if self.in_flight.len() >= MAX_IN_FLIGHT {
+        if !self.outbox.has_room() {
             self.keep_for_retry(batch);
             return;
         }
-        match host::grpc_call(
+        match self.host.grpc_call(
             cluster,
             "understudy.v1.ReportService",
             "Push",
             &batch.bytes,
             Duration::from_secs(5),
         ) {
-            Ok(token) => {
-                self.in_flight.insert(token, batch);
-            }
+            Ok(token) => self.outbox.sent(token, batch),
             Err(status) => {
-                host::increment(self.reports_failed, 1);
-                host::log(
+                self.host.increment(self.reports_failed, 1);
+                self.host.log(
                     LogLevel::Debug,
                     &format!("understudy: shadow report not sent: {status:?}"),
                 );
@@ -528,42 +507,43 @@ impl Shadowing {
         }
     }
 
-    /// Keeps a failed batch to send again; when the retry queue is full its
-    /// oldest batch gives way, and its records are counted as dropped.
+    /// Keeps a failed batch to send again; records that give way for it are
+    /// counted as dropped (and reported in the next batch).
     fn keep_for_retry(&mut self, batch: Batch) {
-        if self.retry.len() >= MAX_RETRY_BATCHES
-            && let Some(old) = self.retry.pop_front()
-        {
-            self.dropped += old.records;
-            host::increment(
+        let dropped = self.outbox.keep(batch);
+        self.count_dropped(dropped);
+    }
+
+    fn count_dropped(&mut self, records: u64) {
+        if records > 0 {
+            self.queue.count_dropped(records);
+            self.host.increment(
                 self.records_dropped,
-                i64::try_from(old.records).unwrap_or(i64::MAX),
+                i64::try_from(records).unwrap_or(i64::MAX),
             );
         }
-        self.retry.push_back(batch);
     }
 
     /// Whether `token` is one of this worker's report calls.
     pub fn owns_report(&self, token: u32) -> bool {
-        self.in_flight.contains_key(&token)
+        self.outbox.owns(token)
     }
 
     /// The control plane answered a report call (`status` is the gRPC
     /// status: 0 is OK). A refused or failed batch is counted and queued to
     /// be sent again.
     pub fn on_report_response(&mut self, token: u32, status: u32) {
-        let Some(batch) = self.in_flight.remove(&token) else {
-            return;
-        };
-        if status == 0 {
-            host::increment(self.reports_sent, 1);
-        } else {
-            host::increment(self.reports_failed, 1);
-            host::log(
-                LogLevel::Debug,
-                &format!("understudy: shadow report refused (gRPC status {status})"),
-            );
-            self.keep_for_retry(batch);
+        match self.outbox.answered(token, status) {
+            None => {}
+            Some(Answered::Delivered) => self.host.increment(self.reports_sent, 1),
+            Some(Answered::Refused { dropped }) => {
+                self.host.increment(self.reports_failed, 1);
+                self.host.log(
+                    LogLevel::Debug,
+                    &format!("understudy: shadow report refused (gRPC status {status})"),
+                );
+                self.count_dropped(dropped);
+            }
         }
     }
 

@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::ConfigError;
+use crate::rules::ConfigError;
 
 /// The deepest `max_depth` accepted (serde_json itself refuses input nested
 /// much deeper than this, and the engine's helpers recurse up to this depth).
@@ -416,7 +416,7 @@ impl CompareConfig {
         }
         let mut headers = Vec::with_capacity(raw.headers.len());
         for (i, h) in raw.headers.iter().enumerate() {
-            if !crate::config::is_header_name(h) {
+            if !crate::http::is_header_name(h) {
                 return Err(invalid(
                     format!("headers[{i}]"),
                     format!("{h:?} is not a valid header name"),

@@ -12,11 +12,13 @@ use crate::dedupe::{DedupeConfig, RawDedupeConfig};
 use crate::hedge::{HedgeConfig, RawHedgeConfig};
 use crate::ratelimit::{RateLimitConfig, RawRateLimitConfig};
 use crate::shadow::{RawShadowConfig, RawShadowReport, ShadowConfig, ShadowReport};
+// The rules live in the bottom module `rules`; re-exported so callers keep
+// one path for everything about the config.
+pub use crate::http::is_header_name;
+pub use crate::rules::{ConfigError, MAX_NAME_LEN, validate_name};
 
 /// Routes are matched linearly on every request; the cap keeps that bounded.
 pub const MAX_ROUTES: usize = 256;
-/// Stat names are built from these; Envoy's stat names should stay short.
-pub const MAX_NAME_LEN: usize = 64;
 
 /// The configuration exactly as written, before validation.
 ///
@@ -59,39 +61,6 @@ pub struct RawRoute {
 
 fn default_prefix() -> String {
     "/".to_owned()
-}
-
-/// Everything that can be wrong with a filter configuration. Each message
-/// names the field at fault so an operator can fix it without reading code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
-    /// The bytes are not a JSON document of the expected shape (this includes
-    /// unknown fields and wrong types; serde's message names them).
-    #[error("filter config is not valid: {0}")]
-    Syntax(String),
-    /// A name used in stat names has characters Envoy's stat tags cannot carry.
-    #[error("{field}: {value:?} is not a valid name: {reason}")]
-    InvalidName {
-        field: String,
-        value: String,
-        reason: &'static str,
-    },
-    /// A path prefix that can never match a request path.
-    #[error("{field}: {value:?} must start with '/'")]
-    InvalidPathPrefix { field: String, value: String },
-    /// Two routes with one name would share (and confuse) their stats.
-    #[error("routes[{second}].name: {name:?} is already used by routes[{first}]")]
-    DuplicateRoute {
-        name: String,
-        first: usize,
-        second: usize,
-    },
-    /// More routes than the filter is willing to scan per request.
-    #[error("routes: {count} routes configured, at most {max} are allowed")]
-    TooManyRoutes { count: usize, max: usize },
-    /// A setting out of its range, or settings that contradict each other.
-    #[error("{field}: {reason}")]
-    Invalid { field: String, reason: String },
 }
 
 /// A validated filter configuration.
@@ -219,38 +188,6 @@ impl TryFrom<RawFilterConfig> for FilterConfig {
             rate_limit,
             shadow_report,
         })
-    }
-}
-
-/// Names end up inside stat names such as `wasmcustom.understudy.route.<name>.requests`,
-/// so dots (the tag separator) and anything outside `[A-Za-z0-9_-]` are refused.
-/// An HTTP header name as RFC 9110 allows it (a token).
-pub fn is_header_name(h: &str) -> bool {
-    !h.is_empty()
-        && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-pub fn validate_name(field: &str, value: &str) -> Result<(), ConfigError> {
-    let reason = if value.is_empty() {
-        Some("it is empty")
-    } else if value.len() > MAX_NAME_LEN {
-        Some("it is longer than 64 characters")
-    } else if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        Some("only letters, digits, '_' and '-' are allowed")
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => Err(ConfigError::InvalidName {
-            field: field.to_owned(),
-            value: value.to_owned(),
-            reason,
-        }),
-        None => Ok(()),
     }
 }
 

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::rules::ConfigError;
 
 /// Hedges after the first (a route's `max_attempts` counts the primary).
 pub const MAX_ATTEMPTS: u32 = 4;
@@ -820,9 +820,257 @@ impl HedgeTable {
     }
 }
 
+// === the tick ===
+
+/// One hedging route's moving parts on one worker: its settings, its delay
+/// window and budget, and the delay last shown on the route's gauge.
+#[derive(Debug, Clone)]
+pub struct RouteState {
+    pub cfg: HedgeConfig,
+    pub delay: DelayTracker,
+    pub budget: Budget,
+    last_delay_ms: Option<u64>,
+}
+
+impl RouteState {
+    pub fn new(cfg: HedgeConfig) -> Self {
+        Self {
+            delay: DelayTracker::new(cfg.delay.clone()),
+            budget: Budget::new(cfg.budget),
+            cfg,
+            last_delay_ms: None,
+        }
+    }
+}
+
+/// A hedge to send now, ready for the host's HTTP call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HedgeCall {
+    pub stream: u32,
+    pub route: usize,
+    pub cluster: String,
+    /// The primary's headers (so the same Idempotency-Key), without
+    /// `transfer-encoding` (the call sets its own framing), plus the marker.
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    pub timeout_ms: u64,
+}
+
+/// What one tick asks of the glue, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TickAction {
+    /// Show `ms` on the route's `delay_ms` gauge (it changed since last shown).
+    ShowDelay { route: usize, ms: u64 },
+    /// The budget refused the stream's hedge: count it. The table has
+    /// already given the stream up.
+    BudgetExhausted { route: usize, stream: u32 },
+    /// Send this hedge, then report back with [`HedgeTable::hedge_sent`] (it
+    /// went out) or [`HedgeTable::give_up`] (the host refused it).
+    Send(HedgeCall),
+}
+
+/// The root context's tick: the routes' current delays (shown on their
+/// gauges), then every hedge that is due, within each route's budget.
+///
+/// Every VM shares a route's gauge, the main thread's too, which sees no
+/// traffic: only a route with latency samples (or a fixed delay) shows its
+/// delay, so an idle VM never overwrites a busy one's figure.
+pub fn tick(
+    routes: &mut [Option<RouteState>],
+    table: &mut HedgeTable,
+    now_us: u64,
+) -> Vec<TickAction> {
+    let mut actions = Vec::new();
+    // Per route: (delay now, attempt limit); u64::MAX for routes that do not hedge.
+    let limits: Vec<(u64, u32)> = routes
+        .iter_mut()
+        .enumerate()
+        .map(|(route, r)| match r {
+            Some(r) => {
+                let us = r.delay.current_us(now_us);
+                let informed =
+                    r.delay.samples() > 0 || matches!(r.cfg.delay, DelayConfig::Fixed { .. });
+                if informed && r.last_delay_ms != Some(us / 1000) {
+                    actions.push(TickAction::ShowDelay {
+                        route,
+                        ms: us / 1000,
+                    });
+                    r.last_delay_ms = Some(us / 1000);
+                }
+                (us, r.cfg.max_attempts)
+            }
+            None => (u64::MAX, 1),
+        })
+        .collect();
+    if table.is_empty() {
+        return actions;
+    }
+    let due = table.due(
+        now_us,
+        |route| limits.get(route).map_or(u64::MAX, |l| l.0),
+        |route| limits.get(route).map_or(1, |l| l.1),
+    );
+    for d in due {
+        let Some(Some(r)) = routes.get_mut(d.route) else {
+            continue;
+        };
+        if !r.budget.try_spend(now_us) {
+            table.give_up(d.stream);
+            actions.push(TickAction::BudgetExhausted {
+                route: d.route,
+                stream: d.stream,
+            });
+            continue;
+        }
+        let Some(request) = table.request(d.stream) else {
+            continue;
+        };
+        actions.push(TickAction::Send(HedgeCall {
+            stream: d.stream,
+            route: d.route,
+            cluster: r.cfg.cluster.clone(),
+            headers: hedge_headers(&request.headers),
+            body: (!request.body.is_empty()).then(|| request.body.clone()),
+            timeout_ms: r.cfg.timeout_ms,
+        }));
+    }
+    actions
+}
+
+/// A hedge's request headers: the primary's, without `transfer-encoding`,
+/// with [`HEDGE_MARKER`] so the upstream (and our own filter) can tell.
+pub fn hedge_headers(primary: &[(String, String)]) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = primary
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("transfer-encoding"))
+        .cloned()
+        .collect();
+    headers.push((HEDGE_MARKER.to_owned(), "1".to_owned()));
+    headers
+}
+
+/// The local reply that hands a winning hedge's answer to the client: its
+/// replayable headers (no hop-by-hop ones, no `set-cookie`) and the marker
+/// `won`. A call answer with no `:status` is sent as 200.
+pub fn reply_from_hedge(
+    call_headers: &[(String, String)],
+    status: Option<u16>,
+) -> (u32, Vec<(String, String)>) {
+    let mut headers = crate::http::replayable_headers(call_headers);
+    headers.push((HEDGE_MARKER.to_owned(), "won".to_owned()));
+    (u32::from(status.unwrap_or(200)), headers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state(json: serde_json::Value) -> RouteState {
+        RouteState::new(cfg(json).unwrap())
+    }
+
+    fn get(r: &RequestCopy) -> RequestCopy {
+        RequestCopy {
+            body_complete: true,
+            ..r.clone()
+        }
+    }
+
+    #[test]
+    fn the_tick_shows_the_delay_once_sends_what_is_due_and_spends_the_budget() {
+        let mut routes = vec![
+            None,
+            Some(state(serde_json::json!({
+                "cluster": "backup",
+                "delay": {"fixed": {"ms": 40}},
+                "budget": {"percent": 100, "per_second_floor": 1, "burst": 1}
+            }))),
+        ];
+        let mut table = HedgeTable::default();
+        let request = get(&RequestCopy {
+            headers: vec![
+                (":path".to_owned(), "/a".to_owned()),
+                ("Transfer-Encoding".to_owned(), "chunked".to_owned()),
+            ],
+            body: b"x".to_vec(),
+            body_complete: true,
+        });
+        for stream in [7, 8] {
+            if let Some(Some(r)) = routes.get_mut(1) {
+                r.budget.on_request(0);
+            }
+            table.track(stream, 1, 0, request.clone()).unwrap();
+        }
+        // Before the delay: only the gauge, once.
+        assert_eq!(
+            tick(&mut routes, &mut table, 10_000),
+            vec![TickAction::ShowDelay { route: 1, ms: 40 }]
+        );
+        assert_eq!(tick(&mut routes, &mut table, 20_000), vec![]);
+        // Due: one token for two streams.
+        let actions = tick(&mut routes, &mut table, 40_000);
+        assert_eq!(actions.len(), 2, "{actions:?}");
+        assert_eq!(
+            actions[0],
+            TickAction::Send(HedgeCall {
+                stream: 7,
+                route: 1,
+                cluster: "backup".to_owned(),
+                headers: vec![
+                    (":path".to_owned(), "/a".to_owned()),
+                    (HEDGE_MARKER.to_owned(), "1".to_owned()),
+                ],
+                body: Some(b"x".to_vec()),
+                timeout_ms: 5_000,
+            })
+        );
+        assert_eq!(
+            actions[1],
+            TickAction::BudgetExhausted {
+                route: 1,
+                stream: 8
+            }
+        );
+        table.hedge_sent(7, 1);
+        // Stream 8 was given up; stream 7's next attempt would exceed max_attempts.
+        assert_eq!(tick(&mut routes, &mut table, 200_000), vec![]);
+    }
+
+    #[test]
+    fn an_adaptive_delay_is_shown_only_once_it_has_samples() {
+        let mut routes = vec![Some(state(serde_json::json!({"cluster": "c"})))];
+        let mut table = HedgeTable::default();
+        assert_eq!(
+            tick(&mut routes, &mut table, 1_000),
+            vec![],
+            "no samples yet"
+        );
+        if let Some(Some(r)) = routes.get_mut(0) {
+            r.delay.record(1_000, 30_000);
+        }
+        let actions = tick(&mut routes, &mut table, 2_000);
+        assert!(
+            matches!(actions.as_slice(), [TickAction::ShowDelay { route: 0, .. }]),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn a_winning_hedge_is_replayed_without_per_hop_headers_or_cookies() {
+        let h = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let (status, headers) = reply_from_hedge(
+            &[
+                h(":status", "201"),
+                h("set-cookie", "s=1"),
+                h("etag", "v"),
+                h("connection", "close"),
+            ],
+            Some(201),
+        );
+        assert_eq!(status, 201);
+        assert_eq!(headers, vec![h("etag", "v"), h(HEDGE_MARKER, "won")]);
+        assert_eq!(reply_from_hedge(&[], None).0, 200);
+    }
 
     fn cfg(json: serde_json::Value) -> Result<HedgeConfig, ConfigError> {
         HedgeConfig::from_raw(serde_json::from_value(json).unwrap(), "routes[0].hedge")

@@ -32,8 +32,8 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
-use crate::dedupe::framed_sha256;
+use crate::http::framed_sha256;
+use crate::rules::{ConfigError, validate_name};
 
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -296,7 +296,7 @@ impl RateLimitConfig {
         }
         let mut tiers = Vec::new();
         for (name, t) in &raw.tiers {
-            crate::config::validate_name(&format!("{field}.tiers.{name}"), name)?;
+            validate_name(&format!("{field}.tiers.{name}"), name)?;
             let f = |what: &str| format!("tiers.{name}.{what}");
             for (what, v) in [
                 ("initial", t.initial),
@@ -829,6 +829,273 @@ pub fn place(tenant: &str, candidates: [Option<&TenantState>; 2]) -> Placement {
     Placement::Evict(if seen(0) <= seen(1) { 0 } else { 1 })
 }
 
+// === the admission of one request ===
+
+/// The tier pool a request must also take a token from, at the rate the
+/// caller's bucket enforces (the whole pool, or a worker's share of it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pool<'a> {
+    /// The tier's index and name (shared data keys the pool by name).
+    pub tier: usize,
+    pub name: &'a str,
+    pub rate: f64,
+    pub burst_s: f64,
+}
+
+/// The tenant's own bucket (at `share` of its rate), then, if that allowed,
+/// a token from its tier's pool through `take_pool` (a bucket in shared data,
+/// or a worker's own). A pool refusal gives the tenant its token back and
+/// counts the request as limited, not allowed: the tenant did not get in.
+///
+/// This is the one admission rule for both enforcements: `shared` calls it
+/// with `share` 1 inside its compare-and-swap loop, `per_worker` through
+/// [`LocalTable::admit`].
+pub fn admit_with_pool(
+    state: &mut TenantState,
+    tenant: &Tenant,
+    cfg: &RateLimitConfig,
+    share: f64,
+    now_us: u64,
+    take_pool: impl FnOnce(Pool<'_>) -> bool,
+) -> Admission {
+    let mut a = admit_share(state, tenant, cfg, share, now_us);
+    if !a.allowed {
+        return a;
+    }
+    let Some(t) = cfg.tier(tenant.tier) else {
+        return a;
+    };
+    let Some(rate) = t.pool_rate else { return a };
+    let pool = Pool {
+        tier: tenant.tier,
+        name: &t.name,
+        rate: rate * share,
+        burst_s: t.burst_s,
+    };
+    if take_pool(pool) {
+        return a;
+    }
+    state.bucket.tokens += 1.0;
+    state.allowed = state.allowed.saturating_sub(1);
+    state.limited = state.limited.saturating_add(1);
+    a.allowed = false;
+    a.retry_after_s = a.retry_after_s.max(1.0);
+    a
+}
+
+/// One attempt at admitting a tenant into the shared table: which of its two
+/// candidate slots it takes, the state to write there (with that slot's CAS
+/// token), and the decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotWrite {
+    pub placement: Placement,
+    /// Index into the candidates (`0` or `1`).
+    pub slot: usize,
+    pub state: TenantState,
+    pub admission: Admission,
+}
+
+/// Admits `tenant` given what its two candidate slots hold now (see
+/// [`candidate_slots`], [`place`]): found, a free slot, or the least
+/// recently seen of the two evicted (the newcomer starts at `initial`).
+pub fn admit_in_table(
+    tenant: &Tenant,
+    cfg: &RateLimitConfig,
+    candidates: [Option<&TenantState>; 2],
+    now_us: u64,
+    take_pool: impl FnOnce(Pool<'_>) -> bool,
+) -> SlotWrite {
+    let placement = place(&tenant.id, candidates);
+    let (slot, found) = match placement {
+        Placement::Found(i) => (i, candidates[i].cloned()),
+        Placement::Free(i) | Placement::Evict(i) => (i, None),
+    };
+    let mut state = found.unwrap_or_else(|| TenantState::new(tenant, cfg, now_us));
+    let admission = admit_with_pool(&mut state, tenant, cfg, 1.0, now_us, take_pool);
+    SlotWrite {
+        placement,
+        slot,
+        state,
+        admission,
+    }
+}
+
+/// How a tenant came to its seat in a worker's [`LocalTable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seat {
+    Known,
+    /// A new tenant in a free seat (the tenants gauge goes up).
+    Added,
+    /// A new tenant in the seat of the least recently seen one.
+    Evicted,
+}
+
+/// `per_worker` enforcement: this worker alone enforces `1 / workers` of
+/// each rate (tenant buckets and tier pools), with no shared data. Bounded
+/// like the shared table, at `max_tenants`; a newcomer evicts the tenant
+/// seen least recently.
+#[derive(Debug, Clone, Default)]
+pub struct LocalTable {
+    tenants: BTreeMap<String, TenantState>,
+    pools: BTreeMap<usize, Bucket>,
+}
+
+impl LocalTable {
+    pub fn admit(
+        &mut self,
+        tenant: &Tenant,
+        cfg: &RateLimitConfig,
+        now_us: u64,
+    ) -> (Admission, Seat) {
+        let share = 1.0 / f64::from(cfg.workers.max(1));
+        let mut seat = Seat::Known;
+        if !self.tenants.contains_key(&tenant.id) {
+            seat = Seat::Added;
+            if self.tenants.len() >= cfg.max_tenants as usize {
+                let oldest = self
+                    .tenants
+                    .iter()
+                    .min_by_key(|(_, s)| s.seen_us)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    self.tenants.remove(&k);
+                    seat = Seat::Evicted;
+                }
+            }
+            self.tenants
+                .insert(tenant.id.clone(), TenantState::new(tenant, cfg, now_us));
+        }
+        let Some(state) = self.tenants.get_mut(&tenant.id) else {
+            // Just inserted; never happens. Allow: the limiter must not
+            // block traffic on its own fault.
+            return (
+                Admission {
+                    allowed: true,
+                    retry_after_s: 0.0,
+                    rate: 0.0,
+                    remaining: 0.0,
+                },
+                seat,
+            );
+        };
+        let pools = &mut self.pools;
+        let a = admit_with_pool(state, tenant, cfg, share, now_us, |pool| {
+            pools
+                .entry(pool.tier)
+                .or_insert_with(|| Bucket::full(pool.rate, pool.burst_s, now_us))
+                .take(pool.rate, pool.burst_s, now_us)
+        });
+        (a, seat)
+    }
+
+    /// The upstream answered one of this tenant's requests.
+    pub fn observe(
+        &mut self,
+        tenant: &Tenant,
+        cfg: &RateLimitConfig,
+        status: u16,
+        latency_ms: f64,
+        now_us: u64,
+    ) {
+        if let Some(state) = self.tenants.get_mut(&tenant.id) {
+            state.observe(tenant, cfg, status, latency_ms, now_us);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+
+    pub fn get(&self, tenant: &str) -> Option<&TenantState> {
+        self.tenants.get(tenant)
+    }
+}
+
+/// What becomes of a request after admission.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Let it through; add these `RateLimit` headers to its response.
+    Allow {
+        headers: Option<Vec<(String, String)>>,
+    },
+    Reject(Rejection),
+}
+
+/// A 429: these headers and this JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// Which of the tier's counters a decision counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Allowed,
+    /// Over the limit, let through because the limiter is in shadow mode.
+    ShadowLimited,
+    Limited,
+}
+
+/// The verdict on a tenant's request. `None` admission means the limiter
+/// could not decide (shared data failed): the request goes on, uncounted,
+/// because the limiter never blocks traffic on its own fault.
+pub fn verdict(
+    tenant: &Tenant,
+    cfg: &RateLimitConfig,
+    admission: Option<&Admission>,
+) -> (Verdict, Option<Counted>) {
+    let Some(a) = admission else {
+        return (Verdict::Allow { headers: None }, None);
+    };
+    if a.allowed {
+        let headers = cfg.headers_on_allowed.then(|| headers_for(tenant, a));
+        return (Verdict::Allow { headers }, Some(Counted::Allowed));
+    }
+    if cfg.shadow {
+        return (
+            Verdict::Allow { headers: None },
+            Some(Counted::ShadowLimited),
+        );
+    }
+    let mut headers = headers_for(tenant, a);
+    headers.push(("content-type".to_owned(), "application/json".to_owned()));
+    (
+        Verdict::Reject(Rejection {
+            headers,
+            body: limited_body(tenant, cfg, a),
+        }),
+        Some(Counted::Limited),
+    )
+}
+
+/// The 429 for route limit `index` (its position in `route_limits`) whose
+/// process-wide bucket is `bucket` after a refused take. `shadow` does not
+/// apply to it (the glue never consulted it for route limits).
+pub fn route_rejection(index: usize, limit: &RouteLimit, bucket: &Bucket) -> Rejection {
+    let a = Admission {
+        allowed: false,
+        retry_after_s: bucket.wait_s(limit.rate),
+        rate: limit.rate,
+        remaining: 0.0,
+    };
+    // `pk` must be a valid RFC 9651 byte sequence, like the tenant one.
+    let pk = partition_key(&format!("route/{index}"));
+    let mut headers = policy_headers("route", &pk, &a);
+    headers.push(("content-type".to_owned(), "application/json".to_owned()));
+    let body = serde_json::json!({
+        "error": "rate_limited",
+        "message": format!("route limit of {:.1} requests per second exceeded", limit.rate),
+        "retry_after_s": a.retry_after_s.ceil().max(1.0),
+    })
+    .to_string();
+    Rejection { headers, body }
+}
+
 // === usage reports ===
 
 /// One tenant's usage on one worker since the last report.
@@ -1171,8 +1438,10 @@ mod tests {
         assert_eq!(s.rate, 3.0);
     }
 
-    /// The glue's algorithm over a map standing in for shared data: 100,000
-    /// distinct tenants never occupy more than `max_tenants` slots.
+    /// [`admit_in_table`] over a map standing in for shared data: 100,000
+    /// distinct tenants never occupy more than `max_tenants` slots. (The
+    /// glue's own loop around it, with the host's shared data, is tested in
+    /// `understudy-filter`.)
     #[test]
     fn a_hundred_thousand_tenants_stay_within_the_table() {
         let c = cfg(json!({"max_tenants": 1000}));
@@ -1188,28 +1457,204 @@ mod tests {
                 },
             );
             let slots = candidate_slots(&t.id, c.max_tenants);
-            let placement = place(&t.id, [shared.get(&slots[0]), shared.get(&slots[1])]);
-            let (slot, mut state) = match placement {
-                Placement::Found(k) => (slots[k], shared[&slots[k]].clone()),
-                Placement::Free(k) => (slots[k], TenantState::new(&t, &c, i)),
-                Placement::Evict(k) => {
-                    evictions += 1;
-                    (slots[k], TenantState::new(&t, &c, i))
-                }
-            };
+            let write = admit_in_table(
+                &t,
+                &c,
+                [shared.get(&slots[0]), shared.get(&slots[1])],
+                i,
+                |_| true,
+            );
+            evictions += u64::from(matches!(write.placement, Placement::Evict(_)));
             assert!(
-                admit(&mut state, &t, &c, i).allowed,
+                write.admission.allowed,
                 "a new tenant starts with its allowance"
             );
-            shared.insert(slot, state);
-            assert!(shared.len() <= 1000);
+            shared.insert(slots[write.slot], write.state);
         }
+        assert!(shared.len() <= 1000, "{}", shared.len());
         assert!(
             shared.len() > 950,
             "two choices fill the table: {}",
             shared.len()
         );
-        assert!(evictions >= 100_000 - 1000);
+        assert_eq!(evictions + shared.len() as u64, 100_000);
+    }
+
+    fn tenant(c: &RateLimitConfig, id: &str) -> Tenant {
+        identify(
+            c,
+            &IdentityInput {
+                header: Some(id),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// The two admission paths used to differ here: `per_worker` gave the
+    /// token back on a pool refusal but still counted the request as
+    /// allowed. Both now count it as limited.
+    #[test]
+    fn a_pool_refusal_gives_the_token_back_and_counts_as_limited() {
+        let c = cfg(json!({}));
+        let t = tenant(&c, "someone");
+        let mut s = TenantState::new(&t, &c, 0);
+        let before = s.bucket.tokens;
+        let mut asked = None;
+        let a = admit_with_pool(&mut s, &t, &c, 1.0, 0, |pool| {
+            asked = Some((pool.name.to_owned(), pool.rate));
+            false
+        });
+        assert!(!a.allowed);
+        assert!(a.retry_after_s >= 1.0);
+        assert_eq!(s.bucket.tokens, before, "the token is back");
+        assert_eq!((s.allowed, s.limited), (0, 1));
+        // The pool is the tier's default: 100 tenants at `initial` 10.
+        assert_eq!(asked, Some(("standard".to_owned(), 1000.0)));
+        // A refusal by the tenant's own bucket never asks the pool.
+        let mut empty = TenantState::new(&t, &c, 0);
+        empty.bucket.tokens = 0.0;
+        let a = admit_with_pool(&mut empty, &t, &c, 1.0, 0, |_| panic!("asked the pool"));
+        assert!(!a.allowed);
+        assert_eq!((empty.allowed, empty.limited), (0, 1));
+    }
+
+    #[test]
+    fn the_local_table_enforces_a_share_evicts_the_oldest_and_shares_the_pool_rule() {
+        let c = cfg(json!({"max_tenants": 2, "workers": 2}));
+        let mut table = LocalTable::default();
+        let (a, seat) = table.admit(&tenant(&c, "a"), &c, 0);
+        assert!(a.allowed);
+        assert_eq!(seat, Seat::Added);
+        assert_eq!(table.admit(&tenant(&c, "b"), &c, 1).1, Seat::Added);
+        assert_eq!(table.admit(&tenant(&c, "a"), &c, 2).1, Seat::Known);
+        // `b` was seen least recently: it gives way to `c`.
+        assert_eq!(table.admit(&tenant(&c, "c"), &c, 3).1, Seat::Evicted);
+        assert!(table.get("b").is_none() && table.get("a").is_some());
+        assert_eq!(table.len(), 2);
+        // Half of `standard`'s 10/s with burst 1 s: 5 tokens on this worker.
+        let mut table = LocalTable::default();
+        let t = tenant(&c, "a");
+        let allowed = (0..20).filter(|_| table.admit(&t, &c, 0).0.allowed).count();
+        assert_eq!(allowed, 5);
+        let s = table.get("a").map(|s| (s.allowed, s.limited));
+        assert_eq!(s, Some((5, 15)));
+
+        // A pool smaller than the tenants' sum: refused requests count as limited.
+        let c = cfg(json!({
+            "workers": 1,
+            "tiers": {
+                "anonymous": {"initial": 5, "min": 1, "max": 10},
+                "standard": {"initial": 10, "min": 2, "max": 100, "pool_rate": 3},
+                "partner": {"initial": 100, "min": 50, "max": 1000}
+            }
+        }));
+        let mut table = LocalTable::default();
+        let allowed = ["x", "y", "z", "w"]
+            .iter()
+            .filter(|id| table.admit(&tenant(&c, id), &c, 0).0.allowed)
+            .count();
+        assert_eq!(allowed, 3, "the pool's burst is 3");
+        let limited: u64 = ["x", "y", "z", "w"]
+            .iter()
+            .filter_map(|id| table.get(id))
+            .map(|s| s.limited)
+            .sum();
+        assert_eq!(limited, 1);
+    }
+
+    #[test]
+    fn verdicts_follow_admission_shadow_and_headers_on_allowed() {
+        let t = |c: &RateLimitConfig| tenant(c, "someone");
+        let yes = Admission {
+            allowed: true,
+            retry_after_s: 0.0,
+            rate: 10.0,
+            remaining: 4.0,
+        };
+        let no = Admission {
+            allowed: false,
+            retry_after_s: 0.2,
+            remaining: 0.0,
+            ..yes
+        };
+        let plain = cfg(json!({}));
+        assert_eq!(
+            verdict(&t(&plain), &plain, None),
+            (Verdict::Allow { headers: None }, None),
+            "an undecided request goes on, uncounted"
+        );
+        assert_eq!(
+            verdict(&t(&plain), &plain, Some(&yes)),
+            (Verdict::Allow { headers: None }, Some(Counted::Allowed))
+        );
+        let with_headers = cfg(json!({"headers_on_allowed": true}));
+        match verdict(&t(&with_headers), &with_headers, Some(&yes)) {
+            (Verdict::Allow { headers: Some(h) }, Some(Counted::Allowed)) => {
+                assert!(
+                    h.iter()
+                        .any(|(k, v)| k == "ratelimit" && v.contains("r=4;t=0"))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let shadow = cfg(json!({"shadow": true}));
+        assert_eq!(
+            verdict(&t(&shadow), &shadow, Some(&no)),
+            (
+                Verdict::Allow { headers: None },
+                Some(Counted::ShadowLimited)
+            )
+        );
+        match verdict(&t(&plain), &plain, Some(&no)) {
+            (Verdict::Reject(r), Some(Counted::Limited)) => {
+                assert!(
+                    r.headers
+                        .contains(&("retry-after".to_owned(), "1".to_owned()))
+                );
+                assert!(
+                    r.headers
+                        .contains(&("content-type".to_owned(), "application/json".to_owned()))
+                );
+                let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                assert_eq!(body["tier"], "standard");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_route_rejection_names_its_limit_and_wait() {
+        let limit = RouteLimit {
+            route: 0,
+            method: None,
+            rate: 4.0,
+            burst_s: 1.0,
+        };
+        let bucket = Bucket {
+            tokens: 0.5,
+            at_us: 0,
+        };
+        let r = route_rejection(3, &limit, &bucket);
+        let get = |k: &str| {
+            r.headers
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("retry-after").as_deref(), Some("1"));
+        let pk = partition_key("route/3");
+        assert_eq!(
+            get("ratelimit-policy"),
+            Some(format!("\"route\";q=4;w=1;pk=:{pk}:"))
+        );
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["error"], "rate_limited");
+        assert_eq!(body["retry_after_s"], 1.0);
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("4.0 requests per second"))
+        );
     }
 
     #[test]

@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::compare::{self, CompareConfig, Comparison, PathPattern, RawCompareConfig, Response};
-use crate::config::{ConfigError, is_header_name, validate_name};
+use crate::http::is_header_name;
+use crate::rules::{ConfigError, validate_name};
 
 /// The header marking a shadow copy, so the new version (and its logs) can
 /// tell copies from real traffic.
