@@ -5,6 +5,7 @@
 //!   the demo as a smoke test (a good canary succeeds, a bad one rolls back; no failed request).
 //! - `demo [--bad-canary]`: control plane + Envoy + v1/v2 upstreams + traffic; shifts the canary 0 → 100.
 //! - `bench [SCENARIO]`: runs benchmarks, writing `target/bench/<scenario>.json`.
+//! - `demo-smoke`: only the demo smoke test that `test` ends with.
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -46,6 +47,9 @@ enum Task {
     },
     /// Run benchmarks (all, or the named scenario).
     Bench { scenario: Option<String> },
+    /// Only the demo smoke test `test` ends with (a good canary succeeds, a
+    /// bad one rolls back, no failed request), on the debug binaries.
+    DemoSmoke,
 }
 
 fn main() -> Result<()> {
@@ -55,6 +59,10 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Setup => setup(),
         Task::Test => test(),
+        Task::DemoSmoke => {
+            setup()?;
+            demo_smoke()
+        }
         Task::Demo {
             step_seconds,
             bad_canary,
