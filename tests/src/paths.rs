@@ -92,14 +92,14 @@ pub fn controlplane_binary() -> Result<PathBuf> {
     };
     let root = repo_root();
     for dir in ["controlplane/src", "proto"] {
-        if let Some((path, changed)) = newest_file(&root.join(dir)) {
-            if changed > built {
-                bail!(
-                    "{} is older than {}. Run `{BUILD_CONTROLPLANE}`",
-                    bin.display(),
-                    path.display()
-                );
-            }
+        if let Some((path, changed)) = newest_file(&root.join(dir))
+            && changed > built
+        {
+            bail!(
+                "{} is older than {}. Run `{BUILD_CONTROLPLANE}`",
+                bin.display(),
+                path.display()
+            );
         }
     }
     Ok(bin)

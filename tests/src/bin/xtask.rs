@@ -48,7 +48,8 @@ enum Task {
     /// Run benchmarks (all, or the named scenario).
     Bench { scenario: Option<String> },
     /// Only the demo smoke test `test` ends with (a good canary succeeds, a
-    /// bad one rolls back, no failed request), on the debug binaries.
+    /// bad one rolls back, no failed request), on the debug binaries
+    /// (`cargo test --workspace` or `cargo build --workspace --bins` builds them).
     DemoSmoke,
 }
 
@@ -196,19 +197,20 @@ fn test() -> Result<()> {
     demo_smoke()
 }
 
-/// The demo as CI runs it: the debug binaries `cargo test` just built, free
+/// The demo as CI runs it: the debug binaries `cargo test --workspace` just
+/// built (a stale or missing one fails, naming the build command), free
 /// ports, 1 s steps. A good canary must end `succeeded` and a bad one
 /// (30% 503s) `rolled_back`, each with no failed client request.
 fn demo_smoke() -> Result<()> {
     let root = paths::repo_root();
-    cargo(&[
-        "build",
-        "-p",
-        "understudy-controlplane",
-        "-p",
-        "understudy-e2e",
-        "--bins",
-    ])?;
+    paths::controlplane_binary()?;
+    let upstream = root.join("target/debug/understudy-upstream");
+    if !upstream.is_file() {
+        bail!(
+            "{} is missing. Run `cargo build -p understudy-e2e --bins`",
+            upstream.display()
+        );
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     for (bad_canary, want) in [(false, "succeeded"), (true, "rolled_back")] {
         eprintln!("+ demo smoke: bad canary {bad_canary}, expecting {want}");
