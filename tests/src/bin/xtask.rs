@@ -222,7 +222,8 @@ fn demo_smoke() -> Result<()> {
             ports: DemoPorts::free()?,
         };
         let outcome = runtime
-            .block_on(tokio::time::timeout(DEMO_SMOKE_DEADLINE, demo(run)))
+            // The timer is made inside the runtime (it needs its reactor).
+            .block_on(async { tokio::time::timeout(DEMO_SMOKE_DEADLINE, demo(run)).await })
             .with_context(|| format!("the demo did not end within {DEMO_SMOKE_DEADLINE:?}"))??;
         check_smoke(&outcome, want)?;
     }
@@ -404,7 +405,18 @@ async fn demo(demo: Demo) -> Result<DemoOutcome> {
         &dir.join("v2.log"),
     )?;
     let tokens = dir.join("tokens.txt");
-    std::fs::write(&tokens, format!("demo:operator:{DEMO_TOKEN}\n"))?;
+    // Owner-only (0600): `serve` refuses a token file others may read.
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&tokens);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tokens)?
+            .write_all(format!("demo:operator:{DEMO_TOKEN}\n").as_bytes())?;
+    }
     // Fresh certificates each run (`understudy certs init` as a library call):
     // the xDS port is mutual TLS, and Envoy speaks as `envoy-1`.
     let certs_dir = dir.join("certs");
