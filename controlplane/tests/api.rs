@@ -1,6 +1,8 @@
 //! In-process integration tests of the control plane's JSON API: a real
 //! server on loopback listeners, called over HTTP with reqwest.
 
+mod common;
+
 use std::path::Path;
 
 use serde_json::{Value, json};
@@ -68,7 +70,7 @@ async fn start(store: Store) -> Api {
     ));
     Api {
         base,
-        client: reqwest::Client::new(),
+        client: common::http(),
     }
 }
 
@@ -491,7 +493,7 @@ async fn unknown_paths_are_json_404s() {
 #[tokio::test]
 async fn wrong_methods_are_json_405s() {
     let api = start_default().await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     for req in [
         http.post(api.url("/v1/services")),
         http.delete(api.url("/v1/services/shop")),
@@ -513,38 +515,41 @@ async fn a_weight_body_must_be_an_object() {
     assert_eq!(api.weight("shop").await, before);
 }
 
+/// The real `understudy` binary against the API: what it prints is the
+/// API's answer, and what it changes shows in the API afterwards.
 #[tokio::test]
 async fn the_cli_client_drives_the_api() {
-    use understudy_controlplane::cli::{Command, client};
     let api = start_default().await;
     let base = api.url("");
-    client(
-        Command::SetWeight {
-            service: "shop".into(),
-            weight: 30,
-            api: base.clone(),
-        },
-        None,
-    )
-    .await
-    .unwrap();
+    let run = common::cli(&["set-weight", "shop", "30", "--api", &base]).await;
+    assert!(run.success, "{run:?}");
+    let printed: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(printed["name"], "shop", "{printed}");
+    assert_eq!(printed["canary_weight"], 30, "{printed}");
     assert_eq!(api.weight("shop").await, 30);
-    let err = client(
-        Command::SetWeight {
-            service: "shop".into(),
-            weight: 130,
-            api: base.clone(),
-        },
-        None,
-    )
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("400"), "{err}");
+
+    let run = common::cli(&["set-weight", "shop", "130", "--api", &base]).await;
+    assert!(!run.success, "{run:?}");
+    assert!(run.stderr.contains("400"), "{run:?}");
+    let printed: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert!(printed["error"]["code"].is_string(), "{printed}");
     assert_eq!(api.weight("shop").await, 30);
-    client(Command::Services { api: base.clone() }, None)
-        .await
-        .unwrap();
-    client(Command::Envoys { api: base }, None).await.unwrap();
+
+    let run = common::cli(&["services", "--api", &base]).await;
+    assert!(run.success, "{run:?}");
+    let printed: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(printed, api.get("/v1/services").await.body);
+    assert_eq!(printed[0]["canary_weight"], 30, "{printed}");
+
+    let run = common::cli(&["envoys", "--api", &base]).await;
+    assert!(run.success, "{run:?}");
+    let printed: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        printed["envoys"],
+        json!([]),
+        "no Envoy connected: {printed}"
+    );
+    assert_eq!(printed["generation"], api.generation().await, "{printed}");
 }
 
 /// With tokens configured: probes stay open, reads need a viewer, changes an
@@ -576,7 +581,7 @@ async fn tokens_roles_and_rate_limits_guard_the_api() {
         listener,
         std::future::pending(),
     ));
-    let http = reqwest::Client::new();
+    let http = common::http();
     let url = |p: &str| format!("{base}{p}");
     assert_eq!(
         http.get(url("/healthz")).send().await.unwrap().status(),

@@ -3,6 +3,8 @@
 //! rollout (promoted by hand here: no Envoy, so no evidence; the e2e suite
 //! finalizes under real traffic), and what the shadow stage protects.
 
+mod common;
+
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -58,10 +60,7 @@ impl Api {
             api,
             std::future::pending(),
         ));
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap();
+        let http = common::http();
         Self { base, http }
     }
 
@@ -118,7 +117,9 @@ impl Api {
     /// Polls a rollout until `done` holds for it (the engine ticks every 100 ms).
     async fn until(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
         loop {
+            ticker.tick().await;
             let r = self.get(&format!("/v1/rollouts/{id}")).await;
             if done(&r) {
                 return r;
@@ -128,7 +129,6 @@ impl Api {
                 "{what}: still {:#}",
                 r["finalized"]
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

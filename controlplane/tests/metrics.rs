@@ -2,9 +2,11 @@
 //! loopback listener, fed Envoy-shaped `StreamMetricsMessage`s by the
 //! generated gRPC client, then read through the book's windows.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::metrics::v3::StreamMetricsMessage;
@@ -144,26 +146,16 @@ async fn start_sink() -> (Arc<MetricsBook>, SocketAddr) {
     (book, addr)
 }
 
+/// A client whose connection attempt gives up after [`common::TIMEOUT`];
+/// the stream calls are bounded with [`common::within`].
 async fn client(addr: SocketAddr) -> MetricsServiceClient<tonic::transport::Channel> {
-    MetricsServiceClient::connect(format!("http://{addr}"))
-        .await
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
-}
-
-/// Polls `check` until it holds (the server ingests asynchronously).
-async fn eventually<T: std::fmt::Debug>(
-    what: &str,
-    mut read: impl FnMut() -> T,
-    check: impl Fn(&T) -> bool,
-) -> T {
-    for _ in 0..200 {
-        let v = read();
-        if check(&v) {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: still {:?}", read());
+        .connect_timeout(common::TIMEOUT)
+        .connect()
+        .await
+        .unwrap();
+    MetricsServiceClient::new(channel)
 }
 
 #[tokio::test]
@@ -182,7 +174,7 @@ async fn a_streamed_envoy_fills_windows_and_its_stream_status() {
     tx.send(next_message(flush("shop-canary", 2, 0, 3.0)))
         .await
         .unwrap();
-    let evidence = eventually(
+    let evidence = common::eventually(
         "the canary's window",
         || book.window("shop-canary", start - 1, now_ms()),
         |e| e.requests == 12,
@@ -210,7 +202,7 @@ async fn a_streamed_envoy_fills_windows_and_its_stream_status() {
     // Envoy going away ends the stream: the node is no longer connected.
     drop(tx);
     call.await.unwrap().unwrap();
-    eventually("the stream closed", || book.streams(), |s| !s[0].connected).await;
+    common::eventually("the stream closed", || book.streams(), |s| !s[0].connected).await;
     assert!(book.streams()[0].is_silent(now_ms(), 60_000));
 }
 
@@ -288,20 +280,90 @@ async fn the_control_plane_serves_the_sink_on_the_xds_port() {
         services: [("shop".to_string(), shop)].into_iter().collect(),
     };
     let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = xds.local_addr().unwrap();
+    let api = api_listener.local_addr().unwrap();
     tokio::spawn(understudy_controlplane::run(
         Store::new(state).unwrap(),
         xds,
-        api,
+        api_listener,
         std::future::pending(),
     ));
-    let msgs = vec![first_message("edge-1", flush("shop-stable", 1, 0, 1.0))];
-    client(addr)
-        .await
-        .stream_metrics(tokio_stream::iter(msgs))
+    // What arrives on the xDS port is what the rollout engine judges: a
+    // rollout's sample-size check counts exactly the streamed requests.
+    let api = format!("http://{api}");
+    let http = common::http();
+    let spec = json!({
+        "service": "shop", "owner": "team",
+        "stop_rules": {"max_error_rate_increase_pp": 1.0},
+        "steps": [{"weight": 50, "min_duration_s": 3600}, {"weight": 100}],
+        "analysis": {"interval_s": 0.5, "min_requests_per_side": 100000}
+    });
+    let r = http
+        .post(format!("{api}/v1/rollouts"))
+        .body(spec.to_string())
+        .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let both = || {
+        let mut f = flush("shop-stable", 11, 0, 1.0);
+        f.extend(flush("shop-canary", 7, 0, 1.0));
+        f
+    };
+    let mut client = client(addr).await;
+    let (tx, rx) = mpsc::channel(8);
+    let call = tokio::spawn(async move { client.stream_metrics(ReceiverStream::new(rx)).await });
+    tx.send(first_message("edge-1", both())).await.unwrap();
+    // A step's evidence starts a flush interval after the step: keep
+    // flushing, as Envoy does, until the engine has counted some.
+    let deadline = tokio::time::Instant::now() + common::DEADLINE * 2;
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(200));
+    let (stable, canary) = loop {
+        ticker.tick().await;
+        tx.send(next_message(both())).await.unwrap();
+        let r: serde_json::Value = http
+            .get(format!("{api}/v1/rollouts/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let sample = r["last_judgement"]["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == "sample_size")
+            .cloned()
+            .unwrap_or_default();
+        let n = |side: &str| sample["measured"][format!("{side}_requests")].as_f64();
+        if let (Some(s), Some(c)) = (n("stable"), n("canary"))
+            && s > 0.0
+            && c > 0.0
+        {
+            break (s, c);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the engine never counted the streamed requests: {:#}",
+            r["last_judgement"]
+        );
+    };
+    // Whole flushes, each side its own cluster's.
+    assert_eq!(stable % 11.0, 0.0, "stable {stable}");
+    assert_eq!(canary % 7.0, 0.0, "canary {canary}");
+    assert_eq!(
+        stable / 11.0,
+        canary / 7.0,
+        "the same flushes on both sides"
+    );
+    drop(tx);
+    call.await.unwrap().unwrap();
 }
 
 /// Counters at u64::MAX (and beyond: 1e300, repeated in one message) from a
@@ -344,7 +406,7 @@ async fn huge_counters_are_clamped_and_never_overflow() {
     )];
     legit.extend(hostile());
     tx.send(next_message(legit)).await.unwrap();
-    let ok = eventually(
+    let ok = common::eventually(
         "the legitimate cluster",
         || book.window("ok", start - 1, now_ms()),
         |e| e.requests == 7,

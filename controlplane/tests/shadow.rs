@@ -2,6 +2,8 @@
 //! real gRPC to the xDS port, read back through the JSON API, and samples
 //! replayed against a small HTTP upstream registered as a service's canary.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -110,7 +112,7 @@ async fn start() -> ControlPlane {
     let cp = ControlPlane {
         api: format!("http://{}", api.local_addr().unwrap()),
         xds: xds.local_addr().unwrap(),
-        http: reqwest::Client::new(),
+        http: common::http(),
         shadow: Arc::clone(&shadow),
     };
     let app = understudy_controlplane::api::router(ApiState {
@@ -734,9 +736,12 @@ async fn calibration_noise_is_learned_shown_and_forgotten() {
     assert_eq!(d["mismatched_serious"], 1);
 }
 
+/// The real `understudy shadow` prints the API's answers as tables: the
+/// printed text is the rendering of what the API serves, and it names the
+/// route, its counts and the differing field with both values.
 #[tokio::test]
 async fn the_cli_prints_shadow_tables() {
-    use understudy_controlplane::cli::{Command, client};
+    use understudy_controlplane::cli::{render_route, render_routes};
     let cp = start().await;
     cp.push(batch(
         vec![counts(false, [1, 0, 1, 0, 1], 0)],
@@ -748,34 +753,36 @@ async fn the_cli_prints_shadow_tables() {
         )],
     ))
     .await;
-    client(
-        Command::Shadow {
-            route: None,
-            api: cp.api.clone(),
-        },
-        None,
-    )
-    .await
-    .unwrap();
-    client(
-        Command::Shadow {
-            route: Some("orders".into()),
-            api: cp.api.clone(),
-        },
-        None,
-    )
-    .await
-    .unwrap();
-    let err = client(
-        Command::Shadow {
-            route: Some("nope".into()),
-            api: cp.api.clone(),
-        },
-        None,
-    )
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("404"), "{err}");
+    let run = common::cli(&["shadow", "--api", &cp.api]).await;
+    assert!(run.success, "{run:?}");
+    assert_eq!(
+        run.stdout,
+        render_routes(&cp.get_ok("/v1/shadow/routes").await)
+    );
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("orders "))
+        .unwrap_or_else(|| panic!("no row for the route: {}", run.stdout));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1], "1", "compared: {row}");
+
+    let run = common::cli(&["shadow", "orders", "--api", &cp.api]).await;
+    assert!(run.success, "{run:?}");
+    assert_eq!(
+        run.stdout,
+        render_route(&cp.get_ok("/v1/shadow/routes/orders").await)
+    );
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("$.total"))
+        .unwrap_or_else(|| panic!("no line for the differing field: {}", run.stdout));
+    assert!(line.contains("10") && line.contains("11"), "{line}");
+
+    let run = common::cli(&["shadow", "nope", "--api", &cp.api]).await;
+    assert!(!run.success, "{run:?}");
+    assert!(run.stderr.contains("404"), "{run:?}");
 }
 
 /// A reporter cannot teach noise: on a route the control plane did not put

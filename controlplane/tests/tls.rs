@@ -2,6 +2,8 @@
 //! certificate from `certs init`, and mutual TLS on the xDS port binding each
 //! client's node id to its certificate.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::SystemTime;
@@ -59,7 +61,13 @@ async fn the_api_serves_tls_that_the_cli_trusts_with_the_ca() {
     let url = format!("https://localhost:{}/healthz", api.port());
     let trusted =
         understudy_controlplane::cli::http_client_with_ca(None, Some(&certs.ca_cert())).unwrap();
-    let answer = trusted.get(&url).send().await.unwrap();
+    // The CLI's client has no timeout of its own: bound each call here.
+    let answer = trusted
+        .get(&url)
+        .timeout(common::TIMEOUT)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(answer.status(), 200);
     assert_eq!(
         answer.json::<serde_json::Value>().await.unwrap()["status"],
@@ -67,9 +75,23 @@ async fn the_api_serves_tls_that_the_cli_trusts_with_the_ca() {
     );
     // Without the CA the certificate is not trusted; plain HTTP gets no answer.
     let untrusted = understudy_controlplane::cli::http_client(None).unwrap();
-    assert!(untrusted.get(&url).send().await.is_err());
+    assert!(
+        untrusted
+            .get(&url)
+            .timeout(common::TIMEOUT)
+            .send()
+            .await
+            .is_err()
+    );
     let plain = format!("http://localhost:{}/healthz", api.port());
-    assert!(trusted.get(&plain).send().await.is_err());
+    assert!(
+        trusted
+            .get(&plain)
+            .timeout(common::TIMEOUT)
+            .send()
+            .await
+            .is_err()
+    );
 }
 
 async fn channel(addr: SocketAddr, ca: &Path, identity: Option<(&Path, &Path)>) -> Option<Channel> {
@@ -84,6 +106,8 @@ async fn channel(addr: SocketAddr, ca: &Path, identity: Option<(&Path, &Path)>) 
     }
     Endpoint::from_shared(format!("https://{addr}"))
         .unwrap()
+        .connect_timeout(common::TIMEOUT)
+        .timeout(common::TIMEOUT)
         .tls_config(config)
         .unwrap()
         .connect()

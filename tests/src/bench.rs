@@ -40,6 +40,8 @@ pub const SCENARIOS: &[&str] = &[
 ];
 
 pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
+    // Figures are this project's only on the pinned Envoy, whatever ENVOY_BIN says.
+    let (_, envoy_version) = paths::pinned_envoy()?;
     let selected: Vec<&str> = match name {
         Some(n) if SCENARIOS.contains(&n) => vec![n],
         Some(n) => bail!("unknown scenario {n:?}; known: {}", SCENARIOS.join(", ")),
@@ -57,7 +59,7 @@ pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
             "canary_detection" => canary_detection().await?,
             _ => unreachable!("checked above"),
         };
-        let path = write(scenario, figures)?;
+        let path = write(scenario, &envoy_version, figures)?;
         println!("{scenario}: {}", path.display());
         println!("{}", std::fs::read_to_string(&path)?);
     }
@@ -215,15 +217,81 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// Writes `target/bench/<scenario>.json` with the fields every scenario carries.
-fn write(scenario: &str, figures: Value) -> Result<PathBuf> {
+/// The fewest rounds a reported median comes from.
+pub const MIN_ROUNDS: usize = 5;
+
+/// Overrides the rounds of every alternating scenario, for a quick smoke
+/// run only (`UNDERSTUDY_BENCH_ROUNDS=1`): figures from fewer than
+/// [`MIN_ROUNDS`] rounds are marked as such in the JSON.
+pub const ROUNDS_ENV: &str = "UNDERSTUDY_BENCH_ROUNDS";
+/// Overrides the seconds of each round, for a quick smoke run only.
+pub const SECONDS_ENV: &str = "UNDERSTUDY_BENCH_SECONDS";
+
+fn env_override(name: &str) -> Option<u64> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n > 0)
+}
+
+/// Rounds per scenario: [`MIN_ROUNDS`] unless overridden for a smoke run.
+fn rounds() -> usize {
+    env_override(ROUNDS_ENV).map_or(MIN_ROUNDS, |n| n as usize)
+}
+
+/// Seconds per round: `default` unless overridden for a smoke run.
+fn seconds(default: u64) -> u64 {
+    env_override(SECONDS_ENV).unwrap_or(default)
+}
+
+/// `name` (the median of `values`), `name_min` and `name_max`, rounded.
+fn spread(figures: &mut serde_json::Map<String, Value>, name: &str, values: &[f64]) {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    figures.insert(name.into(), json!(round3(median(values.to_vec()))));
+    figures.insert(format!("{name}_min"), json!(round3(min)));
+    figures.insert(format!("{name}_max"), json!(round3(max)));
+}
+
+/// [`spread`] of one figure of each run.
+fn spread_of(
+    figures: &mut serde_json::Map<String, Value>,
+    name: &str,
+    runs: &[LoadResult],
+    f: fn(&LoadResult) -> f64,
+) {
+    spread(figures, name, &runs.iter().map(f).collect::<Vec<_>>());
+}
+
+/// [`spread`] of the per-round ratio `b / a` of a figure (rounds pair up:
+/// each alternating round ran both arms back to back).
+fn spread_ratio(
+    figures: &mut serde_json::Map<String, Value>,
+    name: &str,
+    a: &[LoadResult],
+    b: &[LoadResult],
+    f: fn(&LoadResult) -> f64,
+) {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| f(b) / f(a)).collect();
+    spread(figures, name, &ratios);
+}
+
+/// Writes `target/bench/<scenario>.json` with the fields every scenario
+/// carries; `envoy_version` is what the binary reported.
+fn write(scenario: &str, envoy_version: &str, figures: Value) -> Result<PathBuf> {
     let dir = paths::repo_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let mut doc = json!({
         "scenario": scenario,
-        "envoy_version": paths::ENVOY_VERSION,
+        "envoy_version": envoy_version,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     });
+    if rounds() < MIN_ROUNDS || env_override(SECONDS_ENV).is_some() {
+        doc["smoke_run"] = json!(format!(
+            "{ROUNDS_ENV}/{SECONDS_ENV} set: {} rounds; not a measurement",
+            rounds()
+        ));
+    }
     if let (Some(d), Some(f)) = (doc.as_object_mut(), figures.as_object()) {
         d.extend(f.clone());
     }
@@ -257,8 +325,8 @@ fn start_upstream(behavior: &str) -> Result<(ChildGuard, u16)> {
 /// Envoy, two listeners (`envoy/static-filter.yaml`), same upstream,
 /// alternating rounds at a fixed connection count.
 async fn filter_overhead(oha: &Oha) -> Result<Value> {
-    const ROUNDS: usize = 3;
-    const SECONDS: u64 = 5;
+    let rounds = rounds();
+    let seconds = seconds(5);
     const CONNECTIONS: u32 = 16;
     let (_upstream, upstream_port) = start_upstream("{}")?;
     let (config, with, plain) =
@@ -270,48 +338,65 @@ async fn filter_overhead(oha: &Oha) -> Result<Value> {
     // Warm both paths (connections, V8 tiers) before measuring.
     oha.run(&url_plain, 1, CONNECTIONS).await?;
     oha.run(&url_with, 1, CONNECTIONS).await?;
+    // Counted from here: the warm-up is not part of any reported figure.
+    let counted_before = filter_stat(&envoy, "understudy.requests_total").await?;
     let closed = Load {
-        seconds: SECONDS,
+        seconds,
         connections: CONNECTIONS,
         qps: None,
         headers: &[],
     };
     let (plain_runs, filter_runs) = alternate(
         oha,
-        ROUNDS,
+        rounds,
         ("plain", &url_plain),
         ("filter", &url_with),
         closed,
     )
     .await?;
-    let counted = envoy
-        .stat("wasmcustom.understudy.requests_total")
-        .await?
-        .unwrap_or(0);
+    let counted = filter_stat(&envoy, "understudy.requests_total").await? - counted_before;
     if counted == 0 {
         bail!("the filter counted no requests: it was not on the measured path");
     }
+    let mut figures = serde_json::Map::new();
+    spread_of(&mut figures, "rps_plain", &plain_runs, |r| r.rps);
+    spread_of(&mut figures, "rps_filter", &filter_runs, |r| r.rps);
     let pick =
         |runs: &[LoadResult], f: fn(&LoadResult) -> f64| median(runs.iter().map(f).collect());
-    let rps_plain = pick(&plain_runs, |r| r.rps);
-    let rps_filter = pick(&filter_runs, |r| r.rps);
-    Ok(json!({
-        "duration_s": ROUNDS as u64 * SECONDS * 2,
-        "connections": CONNECTIONS,
-        "rounds": ROUNDS,
-        "seconds_per_round": SECONDS,
-        "aggregation": "median of rounds",
-        "rps_plain": round3(rps_plain),
-        "rps_filter": round3(rps_filter),
-        "throughput_ratio": round3(rps_filter / rps_plain),
-        "p50_ms_plain": round3(pick(&plain_runs, |r| r.p50_ms)),
-        "p50_ms_filter": round3(pick(&filter_runs, |r| r.p50_ms)),
-        "p99_ms_plain": round3(pick(&plain_runs, |r| r.p99_ms)),
-        "p99_ms_filter": round3(pick(&filter_runs, |r| r.p99_ms)),
-        "success_rate_min": plain_runs.iter().chain(&filter_runs).map(|r| r.success_rate).fold(1.0, f64::min),
-        "filter_counted_requests": counted,
-        "runs": {"plain": plain_runs, "filter": filter_runs},
-    }))
+    figures.insert(
+        "throughput_ratio".into(),
+        json!(round3(
+            pick(&filter_runs, |r| r.rps) / pick(&plain_runs, |r| r.rps)
+        )),
+    );
+    spread_ratio(
+        &mut figures,
+        "throughput_ratio_per_round",
+        &plain_runs,
+        &filter_runs,
+        |r| r.rps,
+    );
+    spread_of(&mut figures, "p50_ms_plain", &plain_runs, |r| r.p50_ms);
+    spread_of(&mut figures, "p50_ms_filter", &filter_runs, |r| r.p50_ms);
+    spread_of(&mut figures, "p99_ms_plain", &plain_runs, |r| r.p99_ms);
+    spread_of(&mut figures, "p99_ms_filter", &filter_runs, |r| r.p99_ms);
+    figures.extend(
+        json!({
+            "duration_s": rounds as u64 * seconds * 2,
+            "connections": CONNECTIONS,
+            "rounds": rounds,
+            "seconds_per_round": seconds,
+            "aggregation": "median of rounds, with min and max; throughput_ratio is the ratio of the medians",
+            "success_rate_min": plain_runs.iter().chain(&filter_runs).map(|r| r.success_rate).fold(1.0, f64::min),
+            "filter_counted_requests": counted,
+            "counters_note": "counters cover the measured rounds only (warm-up excluded)",
+            "runs": {"plain": plain_runs, "filter": filter_runs},
+        })
+        .as_object()
+        .cloned()
+        .unwrap_or_default(),
+    );
+    Ok(Value::Object(figures))
 }
 
 /// Requests an upstream has served.
@@ -330,8 +415,8 @@ async fn upstream_count(http: &reqwest::Client, port: u16) -> Result<u64> {
 /// hedging, Envoy's native per-try-timeout hedge, and the filter with a
 /// fixed and an adaptive delay. Rounds alternate the modes.
 async fn hedging(oha: &Oha) -> Result<Value> {
-    const ROUNDS: usize = 2;
-    const SECONDS: u64 = 8;
+    let rounds = rounds();
+    let seconds = seconds(8);
     const CONNECTIONS: u32 = 8;
     const BEHAVIOR: &str = r#"{"latency":[{"pct":5,"ms":300}],"default_ms":5}"#;
     let modes = [
@@ -370,7 +455,7 @@ async fn hedging(oha: &Oha) -> Result<Value> {
     }
     let envoy = Envoy::start(&envoy::render("bench-hedging.yaml", &replacements)?, &[]).await?;
     envoy.wait_ready().await?;
-    let http = reqwest::Client::new();
+    let http = crate::traffic::client();
     let url = |i: usize| format!("http://127.0.0.1:{}/", ports[i].0);
     // Warm every path (and fill the adaptive window) before counting.
     for i in 0..modes.len() {
@@ -382,14 +467,14 @@ async fn hedging(oha: &Oha) -> Result<Value> {
     }
     let mut runs: Vec<Vec<LoadResult>> = vec![Vec::new(); modes.len()];
     let mut delays = serde_json::Map::new();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         for k in 0..modes.len() {
             let i = if round % 2 == 0 {
                 k
             } else {
                 modes.len() - 1 - k
             };
-            let r = oha.run(&url(i), SECONDS, CONNECTIONS).await?;
+            let r = oha.run(&url(i), seconds, CONNECTIONS).await?;
             eprintln!("round {round} {}: {r:?}", modes[i].0);
             runs[i].push(r);
             // The delay the filter used, read while its latency window is fresh.
@@ -405,12 +490,19 @@ async fn hedging(oha: &Oha) -> Result<Value> {
     for (i, (mode, _, _)) in modes.iter().enumerate() {
         let served = upstream_count(&http, ports[i].1).await? - upstream_before[i];
         let sent: u64 = runs[i].iter().map(|r| r.requests).sum();
-        let pick = |f: fn(&LoadResult) -> f64| round3(median(runs[i].iter().map(f).collect()));
-        figures.insert(format!("{mode}_p50_ms"), json!(pick(|r| r.p50_ms)));
-        figures.insert(format!("{mode}_p90_ms"), json!(pick(|r| r.p90_ms)));
-        figures.insert(format!("{mode}_p99_ms"), json!(pick(|r| r.p99_ms)));
-        figures.insert(format!("{mode}_p999_ms"), json!(pick(|r| r.p999_ms)));
-        figures.insert(format!("{mode}_rps"), json!(pick(|r| r.rps)));
+        spread_of(&mut figures, &format!("{mode}_p50_ms"), &runs[i], |r| {
+            r.p50_ms
+        });
+        spread_of(&mut figures, &format!("{mode}_p90_ms"), &runs[i], |r| {
+            r.p90_ms
+        });
+        spread_of(&mut figures, &format!("{mode}_p99_ms"), &runs[i], |r| {
+            r.p99_ms
+        });
+        spread_of(&mut figures, &format!("{mode}_p999_ms"), &runs[i], |r| {
+            r.p999_ms
+        });
+        spread_of(&mut figures, &format!("{mode}_rps"), &runs[i], |r| r.rps);
         figures.insert(format!("{mode}_client_requests"), json!(sent));
         figures.insert(format!("{mode}_upstream_requests"), json!(served));
         figures.insert(
@@ -421,11 +513,14 @@ async fn hedging(oha: &Oha) -> Result<Value> {
     figures.extend(delays);
     figures.insert(
         "duration_s".into(),
-        json!(ROUNDS as u64 * SECONDS * modes.len() as u64),
+        json!(rounds as u64 * seconds * modes.len() as u64),
     );
     figures.insert("connections".into(), json!(CONNECTIONS));
-    figures.insert("rounds".into(), json!(ROUNDS));
-    figures.insert("aggregation".into(), json!("median of rounds"));
+    figures.insert("rounds".into(), json!(rounds));
+    figures.insert(
+        "aggregation".into(),
+        json!("median of rounds, with min and max; request counts cover the measured rounds only (warm-up excluded)"),
+    );
     figures.insert(
         "upstream".into(),
         json!("5% of requests 300 ms, the rest 5 ms"),
@@ -472,8 +567,8 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
     const AGGRESSOR_QPS: u32 = 10 * AGGRESSOR_RATE as u32;
     const OPEN_LOOP_CONNECTIONS: u32 = 32;
     // Closed-loop overhead rounds.
-    const ROUNDS: usize = 3;
-    const SECONDS: u64 = 5;
+    let rounds = rounds();
+    let seconds = seconds(5);
     const CONNECTIONS: u32 = 16;
 
     let (_upstream, upstream_port) = start_upstream("{}")?;
@@ -515,7 +610,7 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
     oha.run(&url(limited), 1, OPEN_LOOP_CONNECTIONS).await?;
     let bench_header = ["x-tenant-id: bench"];
     let closed = Load {
-        seconds: SECONDS,
+        seconds,
         connections: CONNECTIONS,
         qps: None,
         headers: &bench_header,
@@ -527,7 +622,10 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
     oha.load(&url(on), warm).await?;
     oha.load(&url(off), warm).await?;
 
-    // Accuracy: R/s configured, 2R/s offered.
+    // Accuracy: R/s configured, 2R/s offered. The filter's counters are
+    // read around each phase, so no warm-up or other phase is in them.
+    let allowed_before = filter_stat(&envoy, "rl.ratelimit.standard.allowed").await?;
+    let limited_before = filter_stat(&envoy, "rl.ratelimit.standard.limited").await?;
     let acc = oha
         .load(
             &url(limited),
@@ -543,8 +641,10 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
     let admitted = acc.status(200);
     let rejected = acc.status(429);
     let burst = (RATE * BURST_S).max(1.0);
-    let filter_allowed = filter_stat(&envoy, "rl.ratelimit.standard.allowed").await?;
-    let filter_limited = filter_stat(&envoy, "rl.ratelimit.standard.limited").await?;
+    let filter_allowed =
+        filter_stat(&envoy, "rl.ratelimit.standard.allowed").await? - allowed_before;
+    let filter_limited =
+        filter_stat(&envoy, "rl.ratelimit.standard.limited").await? - limited_before;
 
     // Isolation: victim under its limit, aggressor at 10x its own, at once.
     let victim_header = ["x-tenant-id: victim"];
@@ -575,18 +675,26 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
     let victim_answered: u64 = victim.statuses.values().sum();
 
     // Overhead: limiter on (never limiting) vs. off, both running the filter.
+    let counters = || async {
+        anyhow::Ok([
+            filter_stat(&envoy, "rl_on.requests_total").await?,
+            filter_stat(&envoy, "rl_on.ratelimit.standard.allowed").await?,
+            filter_stat(&envoy, "rl_on.ratelimit.standard.limited").await?,
+            filter_stat(&envoy, "rl_off.requests_total").await?,
+        ])
+    };
+    let before = counters().await?;
     let (off_runs, on_runs) = alternate(
         oha,
-        ROUNDS,
+        rounds,
         ("limiter off", &url(off)),
         ("limiter on", &url(on)),
         closed,
     )
     .await?;
-    let on_total = filter_stat(&envoy, "rl_on.requests_total").await?;
-    let on_allowed = filter_stat(&envoy, "rl_on.ratelimit.standard.allowed").await?;
-    let on_limited = filter_stat(&envoy, "rl_on.ratelimit.standard.limited").await?;
-    let off_total = filter_stat(&envoy, "rl_off.requests_total").await?;
+    let after = counters().await?;
+    let [on_total, on_allowed, on_limited, off_total]: [u64; 4] =
+        std::array::from_fn(|i| after[i] - before[i]);
     if on_allowed == 0 || off_total == 0 {
         bail!("the limiter-on or limiter-off filter counted no requests: not on the measured path");
     }
@@ -597,6 +705,14 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
         |runs: &[LoadResult], f: fn(&LoadResult) -> f64| median(runs.iter().map(f).collect());
     let rps_off = pick(&off_runs, |r| r.rps);
     let rps_on = pick(&on_runs, |r| r.rps);
+    let mut overhead_spread = serde_json::Map::new();
+    spread_ratio(&mut overhead_spread, "ratio", &off_runs, &on_runs, |r| {
+        r.rps
+    });
+    spread_of(&mut overhead_spread, "rps_limiter_off", &off_runs, |r| {
+        r.rps
+    });
+    spread_of(&mut overhead_spread, "rps_limiter_on", &on_runs, |r| r.rps);
 
     // Shared data with CAS against per-worker shares, side by side: accuracy
     // with load spread over both workers (32 connections) and with all of it
@@ -628,24 +744,21 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
         }
         let (off_runs, on_runs) = alternate(
             oha,
-            ROUNDS,
+            rounds,
             ("limiter off", &url(off)),
             (mode, &url(never_limiting)),
             closed,
         )
         .await?;
-        let ratios = on_runs
-            .iter()
-            .zip(&off_runs)
-            .map(|(on, off)| on.rps / off.rps)
-            .collect();
-        figures.insert("overhead_ratio".into(), json!(round3(median(ratios))));
+        spread_ratio(&mut figures, "overhead_ratio", &off_runs, &on_runs, |r| {
+            r.rps
+        });
         comparison.insert(mode.into(), Value::Object(figures));
     }
 
     Ok(json!({
-        "duration_s": ACCURACY_SECONDS + CONTENTION_SECONDS + ROUNDS as u64 * SECONDS * 2
-            + 2 * (2 * CONTENTION_SECONDS + ROUNDS as u64 * SECONDS * 2),
+        "duration_s": ACCURACY_SECONDS + CONTENTION_SECONDS + rounds as u64 * seconds * 2
+            + 2 * (2 * CONTENTION_SECONDS + rounds as u64 * seconds * 2),
         "enforcement_comparison": comparison,
         "enforcement_note": "accuracy ratios exclude the initial burst; one connection puts all of a tenant's load on one worker, where per-worker shares admit only rate/workers",
         "accuracy_ratio": round3(admitted as f64 / acc.seconds / RATE),
@@ -686,11 +799,12 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
             "aggressor_admitted_per_s": round3(aggressor.status(200) as f64 / aggressor.seconds),
         },
         "limiter_overhead_ratio": round3(rps_on / rps_off),
+        "limiter_overhead_ratio_per_round": overhead_spread,
         "overhead": {
             "connections": CONNECTIONS,
-            "rounds": ROUNDS,
-            "seconds_per_round": SECONDS,
-            "aggregation": "median of rounds",
+            "rounds": rounds,
+            "seconds_per_round": seconds,
+            "aggregation": "median of rounds; *_per_round has the median, min and max of the per-round ratios",
             "rps_limiter_off": round3(rps_off),
             "rps_limiter_on": round3(rps_on),
             "p50_ms_limiter_off": round3(pick(&off_runs, |r| r.p50_ms)),
@@ -780,6 +894,55 @@ pub fn order_document() -> Value {
     })
 }
 
+/// `v` spelled differently but meaning the same: every object's keys in
+/// reverse order, pretty-printed with two-space indents. The comparison
+/// cannot take its byte-equal fast path on it: every pair is walked field
+/// by field, as pairs from two real versions are.
+pub fn respell(v: &Value) -> Vec<u8> {
+    fn write(v: &Value, depth: usize, out: &mut String) {
+        let indent = |d: usize| "  ".repeat(d);
+        match v {
+            Value::Object(map) if !map.is_empty() => {
+                out.push_str("{\n");
+                let n = map.len();
+                for (i, (k, item)) in map.iter().rev().enumerate() {
+                    out.push_str(&indent(depth + 1));
+                    out.push_str(&Value::String(k.clone()).to_string());
+                    out.push_str(": ");
+                    write(item, depth + 1, out);
+                    out.push_str(if i + 1 < n { ",\n" } else { "\n" });
+                }
+                out.push_str(&indent(depth));
+                out.push('}');
+            }
+            Value::Array(items) if !items.is_empty() => {
+                out.push_str("[ ");
+                let n = items.len();
+                for (i, item) in items.iter().enumerate() {
+                    write(item, depth + 1, out);
+                    out.push_str(if i + 1 < n { ", " } else { " " });
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(v, 0, &mut out);
+    out.push('\n');
+    out.into_bytes()
+}
+
+/// The order document with a few fields changed (a price, a quantity, the
+/// shipping): what a comparison reports as serious differences.
+fn changed_order(document: &Value) -> Value {
+    let mut changed = document.clone();
+    changed["lines"][17]["price"] = json!(1.01);
+    changed["lines"][30]["qty"] = json!(9);
+    changed["totals"]["shipping"] = json!(5.9);
+    changed
+}
+
 /// Mean µs of `compare::compare` (default rules) on `primary` against
 /// `shadow`, both as `200 application/json`, after a warm-up.
 fn compare_us(primary: &[u8], shadow: &[u8], iterations: u32) -> (f64, usize) {
@@ -813,37 +976,42 @@ const COMPARE_ITERATIONS: u32 = 2000;
 /// Marks the line the `compare_cost` test prints its figures on.
 const COMPARE_COST_LINE: &str = "understudy-bench compare_cost ";
 
-/// The native comparison cost on the order document: identical bodies (as
-/// in the benchmark) and bodies with one changed price.
+/// The native comparison cost on the order document, the primary's body
+/// against: the same value spelled differently ([`respell`]: walked field
+/// by field, as in the benchmark's `on` arm), the same bytes (the
+/// byte-equal fast path, no parsing), and a respelling with a few changed
+/// fields.
 fn compare_cost() -> Result<Value> {
     let document = order_document();
     let body = serde_json::to_vec(&document)?;
-    let mut changed = document;
-    changed["lines"][17]["price"] = json!(1.01);
-    let one_diff = serde_json::to_vec(&changed)?;
-    let (us_same, serious_same) = compare_us(&body, &body, COMPARE_ITERATIONS);
-    let (us_diff, serious_diff) = compare_us(&body, &one_diff, COMPARE_ITERATIONS);
+    let respelled = respell(&document);
+    let few_diffs = respell(&changed_order(&document));
+    let (us_walked, serious_walked) = compare_us(&body, &respelled, COMPARE_ITERATIONS);
+    let (us_bytes, serious_bytes) = compare_us(&body, &body, COMPARE_ITERATIONS);
+    let (us_diffs, serious_diffs) = compare_us(&body, &few_diffs, COMPARE_ITERATIONS);
     // Parsing both bodies, the part of a comparison any JSON diff pays.
     let started = Instant::now();
     for _ in 0..COMPARE_ITERATIONS {
-        for side in [&body, &one_diff] {
+        for side in [&body, &respelled] {
             std::hint::black_box(serde_json::from_slice::<Value>(std::hint::black_box(side))?);
         }
     }
     let parse_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(COMPARE_ITERATIONS);
-    if (serious_same, serious_diff) != (0, 1) {
+    if (serious_walked, serious_bytes, serious_diffs) != (0, 0, 3) {
         bail!(
-            "native compare found {serious_same} and {serious_diff} serious differences; expected 0 and 1"
+            "native compare found {serious_walked}, {serious_bytes} and {serious_diffs} serious differences; expected 0, 0 and 3"
         );
     }
     Ok(json!({
-        "compare_us_per_request": round3(us_same),
-        "compare_us_per_request_one_diff": round3(us_diff),
+        "compare_us_per_request": round3(us_walked),
+        "compare_us_per_request_byte_equal": round3(us_bytes),
+        "compare_us_per_request_few_diffs": round3(us_diffs),
         "parse_both_us": round3(parse_us),
         "iterations": COMPARE_ITERATIONS,
         "body_bytes": body.len(),
+        "respelled_bytes": respelled.len(),
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
-        "note": "understudy_core::compare::compare with default rules, natively (not in V8), mean after a warm-up",
+        "note": "understudy_core::compare::compare with default rules, natively (not in V8), mean after a warm-up; compare_us_per_request: equal values in different bytes (keys reordered, whitespace), walked field by field; _byte_equal: identical bytes (fast path); _few_diffs: respelled with 3 changed fields",
     }))
 }
 
@@ -894,8 +1062,8 @@ async fn compare_cost_optimised() -> Result<Value> {
 /// the pair. Alternating rounds at a fixed connection count; then the pure
 /// comparison cost, natively, on the same body.
 async fn shadow_compare(oha: &Oha) -> Result<Value> {
-    const ROUNDS: usize = 3;
-    const SECONDS: u64 = 5;
+    let rounds = rounds();
+    let seconds = seconds(5);
     const CONNECTIONS: u32 = 16;
     /// The `on` listener's route, as in the YAML.
     const STATS: &str = "understudy.shadow.all";
@@ -904,7 +1072,15 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
     let body = serde_json::to_vec(&document)?;
     let behavior = json!({ "body": document }).to_string();
     let (_primary, primary_port) = start_upstream(&behavior)?;
-    let (_shadow, shadow_port) = start_upstream(&behavior)?;
+    // The shadow answers the same value in other bytes, so every pair is
+    // walked field by field (identical bytes would take the fast path).
+    let respelled = respell(&document);
+    let shadow_behavior = json!({
+        "raw_body": respelled,
+        "raw_headers": [{"name": "content-type", "value": b"application/json".to_vec()}],
+    })
+    .to_string();
+    let (_shadow, shadow_port) = start_upstream(&shadow_behavior)?;
     let (off, on) = (free_port()?, free_port()?);
     let config = envoy::render(
         "bench-shadow.yaml",
@@ -922,7 +1098,7 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
     )?;
     let envoy = Envoy::start(&config, &[]).await?;
     envoy.wait_ready().await?;
-    let http = reqwest::Client::new();
+    let http = crate::traffic::client();
     let (url_off, url_on) = (
         format!("http://127.0.0.1:{off}/orders/42"),
         format!("http://127.0.0.1:{on}/orders/42"),
@@ -934,6 +1110,26 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
             "the shadow_on listener answered {} bytes, not the {}-byte order document",
             served.len(),
             body.len()
+        );
+    }
+    let shadow_answer = http
+        .get(format!("http://127.0.0.1:{shadow_port}/orders/42"))
+        .send()
+        .await?;
+    let shadow_type = shadow_answer
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let shadow_bytes = shadow_answer.bytes().await?;
+    if shadow_type != "application/json"
+        || shadow_bytes.as_ref() == body.as_slice()
+        || serde_json::from_slice::<Value>(&shadow_bytes)? != document
+    {
+        bail!(
+            "the shadow upstream must answer the same JSON value in other bytes ({shadow_type}, {} bytes)",
+            shadow_bytes.len()
         );
     }
     // Warm both paths (connections, V8 tiers) before measuring.
@@ -975,18 +1171,30 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
         }
     };
     settle().await;
-    let sent_before = counter("sent").await?;
+    // Every counter reported is measured from here: warm-up excluded.
+    let all_counters = || async {
+        anyhow::Ok([
+            counter("sent").await?,
+            counter("compared").await?,
+            counter("matched").await?,
+            counter("mismatched.serious").await?,
+            counter("mismatched.noise").await?,
+            filter_stat(&envoy, "shadow_off.requests_total").await?,
+        ])
+    };
+    let before = all_counters().await?;
+    let (_, skips_before) = skips().await?;
     let shadow_served_before = upstream_count(&http, shadow_port).await?;
 
     let closed = Load {
-        seconds: SECONDS,
+        seconds,
         connections: CONNECTIONS,
         qps: None,
         headers: &[],
     };
     let (off_runs, on_runs) = alternate(
         oha,
-        ROUNDS,
+        rounds,
         ("shadow off", &url_off),
         ("shadow on", &url_on),
         closed,
@@ -994,24 +1202,43 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
     .await?;
     settle().await;
 
-    let sent = counter("sent").await?;
-    let compared = counter("compared").await?;
-    let matched = counter("matched").await?;
-    let serious = counter("mismatched.serious").await?;
-    let noise = counter("mismatched.noise").await?;
-    let (skipped, skips_by_reason) = skips().await?;
+    let after = all_counters().await?;
+    let [
+        measured_sent,
+        compared,
+        matched,
+        serious,
+        noise,
+        off_filter_requests,
+    ]: [u64; 6] = std::array::from_fn(|i| after[i] - before[i]);
+    let (_, skips_after) = skips().await?;
+    let mut skips_by_reason = serde_json::Map::new();
+    let mut skipped = 0;
+    for skip in Skip::ALL {
+        let at = |m: &serde_json::Map<String, Value>| {
+            m.get(skip.as_str()).and_then(Value::as_u64).unwrap_or(0)
+        };
+        let n = at(&skips_after) - at(&skips_before);
+        if n > 0 {
+            skips_by_reason.insert(skip.as_str().into(), json!(n));
+        }
+        if skip != Skip::NotSampled {
+            skipped += n;
+        }
+    }
     let shadow_served = upstream_count(&http, shadow_port).await? - shadow_served_before;
-    let off_filter_requests = filter_stat(&envoy, "shadow_off.requests_total").await?;
     let on_requests: u64 = on_runs.iter().map(|r| r.requests).sum();
-    let measured_sent = sent - sent_before;
     if off_filter_requests == 0 {
         bail!("the shadow_off filter counted no requests: it was not on the measured path");
     }
     if compared == 0 {
-        bail!("no shadow pair was compared (sent {sent}, skipped {skips_by_reason:?})");
+        bail!("no shadow pair was compared (sent {measured_sent}, skipped {skips_by_reason:?})");
     }
-    if serious > 0 {
-        bail!("{serious} serious mismatches between identical upstreams");
+    if serious > 0 || matched != compared {
+        bail!(
+            "{serious} serious mismatches and {} other unmatched pairs between equal values",
+            compared - matched - serious
+        );
     }
     // Copies of requests that oha cut off at a deadline may never go out.
     let sent_ratio = measured_sent as f64 / on_requests.max(1) as f64;
@@ -1028,30 +1255,40 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
         |runs: &[LoadResult], f: fn(&LoadResult) -> f64| median(runs.iter().map(f).collect());
     let rps_off = pick(&off_runs, |r| r.rps);
     let rps_on = pick(&on_runs, |r| r.rps);
-    Ok(json!({
-        "duration_s": ROUNDS as u64 * SECONDS * 2,
+    let mut figures = serde_json::Map::new();
+    spread_of(&mut figures, "rps_off", &off_runs, |r| r.rps);
+    spread_of(&mut figures, "rps_on", &on_runs, |r| r.rps);
+    spread_ratio(
+        &mut figures,
+        "throughput_ratio_per_round",
+        &off_runs,
+        &on_runs,
+        |r| r.rps,
+    );
+    spread_of(&mut figures, "p50_ms_off", &off_runs, |r| r.p50_ms);
+    spread_of(&mut figures, "p50_ms_on", &on_runs, |r| r.p50_ms);
+    spread_of(&mut figures, "p99_ms_off", &off_runs, |r| r.p99_ms);
+    spread_of(&mut figures, "p99_ms_on", &on_runs, |r| r.p99_ms);
+    let rest = json!({
+        "duration_s": rounds as u64 * seconds * 2,
         "connections": CONNECTIONS,
-        "rounds": ROUNDS,
-        "seconds_per_round": SECONDS,
-        "aggregation": "median of rounds",
+        "rounds": rounds,
+        "seconds_per_round": seconds,
+        "aggregation": "median of rounds, with min and max; throughput_ratio is the ratio of the medians",
         "body_bytes": body.len(),
-        "rps_off": round3(rps_off),
-        "rps_on": round3(rps_on),
+        "shadow_body_bytes": respelled.len(),
+        "shadow_body": "the same value as the primary's in other bytes (keys reversed, pretty-printed): every pair is walked",
         "throughput_ratio": round3(rps_on / rps_off),
-        "p50_ms_off": round3(pick(&off_runs, |r| r.p50_ms)),
-        "p50_ms_on": round3(pick(&on_runs, |r| r.p50_ms)),
-        "p99_ms_off": round3(pick(&off_runs, |r| r.p99_ms)),
-        "p99_ms_on": round3(pick(&on_runs, |r| r.p99_ms)),
         "success_rate_min": off_runs.iter().chain(&on_runs).map(|r| r.success_rate).fold(1.0, f64::min),
         "compare_us_per_request": cost["compare_us_per_request"],
-        "compare_us_per_request_one_diff": cost["compare_us_per_request_one_diff"],
+        "compare_us_per_request_byte_equal": cost["compare_us_per_request_byte_equal"],
+        "compare_us_per_request_few_diffs": cost["compare_us_per_request_few_diffs"],
         "compare": cost,
         "on_requests": on_requests,
         "shadow_sent": measured_sent,
         "shadow_sent_ratio": round3(sent_ratio),
         "shadow_upstream_requests": shadow_served,
-        "counters_note": "compared, matched, skipped and mismatched_* are totals since Envoy started (warm-up included); shadow_sent counts the measured rounds only",
-        "shadow_sent_total": sent,
+        "counters_note": "every counter covers the measured rounds only (read before and after them; warm-up excluded)",
         "compared": compared,
         "matched": matched,
         "mismatched_serious": serious,
@@ -1060,7 +1297,9 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
         "skipped_by_reason": skips_by_reason,
         "off_filter_requests": off_filter_requests,
         "runs": {"off": off_runs, "on": on_runs},
-    }))
+    });
+    figures.extend(rest.as_object().cloned().unwrap_or_default());
+    Ok(Value::Object(figures))
 }
 
 /// Load through the stack for `canary_detection`: open loop, this many
@@ -1712,13 +1951,36 @@ mod tests {
 
     /// Run by the `shadow_compare` benchmark in a release build (where its
     /// printed figures are the measurement); everywhere it checks that
-    /// equal bodies cost less than ones that differ.
+    /// identical bytes (the fast path) cost less than a walked pair.
     #[test]
     fn compare_cost() {
         let figures = super::compare_cost().unwrap();
         println!("{COMPARE_COST_LINE}{figures}");
-        let same = figures["compare_us_per_request"].as_f64().unwrap();
-        let diff = figures["compare_us_per_request_one_diff"].as_f64().unwrap();
-        assert!(same > 0.0 && same < diff, "{figures}");
+        let bytes = figures["compare_us_per_request_byte_equal"]
+            .as_f64()
+            .unwrap();
+        let walked = figures["compare_us_per_request"].as_f64().unwrap();
+        assert!(bytes > 0.0 && bytes < walked, "{figures}");
+    }
+
+    /// The respelled document differs in bytes, not in value.
+    #[test]
+    fn respelling_keeps_the_value_and_changes_the_bytes() {
+        let doc = order_document();
+        let respelled = respell(&doc);
+        assert_ne!(respelled, serde_json::to_vec(&doc).unwrap());
+        assert_eq!(serde_json::from_slice::<Value>(&respelled).unwrap(), doc);
+        let text = String::from_utf8(respelled).unwrap();
+        assert!(text.starts_with("{\n  \"totals\": {"), "{}", &text[..40]);
+    }
+
+    #[test]
+    fn spread_gives_median_min_and_max() {
+        let mut f = serde_json::Map::new();
+        spread(&mut f, "x", &[3.0, 1.0, 2.0, 5.0, 4.0]);
+        assert_eq!(
+            Value::Object(f),
+            json!({"x": 3.0, "x_min": 1.0, "x_max": 5.0})
+        );
     }
 }

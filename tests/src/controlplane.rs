@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use understudy_controlplane::Options;
@@ -14,6 +14,8 @@ use understudy_controlplane::model::DesiredState;
 use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::store::Store;
 use understudy_controlplane::tls::{CertDir, XdsSecurity, XdsTls};
+
+use crate::wait;
 
 /// The API tokens every harness control plane accepts.
 pub const OPERATOR_TOKEN: &str = "e2e-operator-0123456789";
@@ -36,7 +38,7 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// Writes `state` to a fresh state file and starts on free loopback ports.
-    pub fn start(state: &DesiredState) -> Result<Self> {
+    pub async fn start(state: &DesiredState) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let state_file = dir.path().join("state.json");
         let rollouts_file = dir.path().join("rollouts.redb");
@@ -58,7 +60,7 @@ impl ControlPlane {
             runtime: None,
             _dir: dir,
         };
-        cp.serve(xds, api)?;
+        cp.serve(xds, api).await?;
         Ok(cp)
     }
 
@@ -93,33 +95,40 @@ impl ControlPlane {
     }
 
     /// Starts again on the same ports, from the state file (as the binary does).
-    pub fn restart(&mut self) -> Result<()> {
+    pub async fn restart(&mut self) -> Result<()> {
         self.kill();
-        let xds = Self::rebind(self.xds).context("rebinding the xDS port")?;
-        let api = Self::rebind(self.api).context("rebinding the API port")?;
-        self.serve(xds, api)
+        let xds = Self::rebind(self.xds)
+            .await
+            .context("rebinding the xDS port")?;
+        let api = Self::rebind(self.api)
+            .await
+            .context("rebinding the API port")?;
+        self.serve(xds, api).await
     }
 
     /// Binds `addr` again. A killed runtime closes its listeners on its
     /// worker threads as they stop, so the port may still be taken for a
-    /// moment: retry, with a deadline.
-    fn rebind(addr: SocketAddr) -> Result<std::net::TcpListener> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match std::net::TcpListener::bind(addr) {
-                Ok(l) => return Ok(l),
-                Err(e) if Instant::now() > deadline => return Err(e.into()),
-                Err(_) => std::thread::sleep(crate::wait::POLL),
-            }
-        }
+    /// moment: retry, with a deadline (waiting on the test's runtime, never
+    /// blocking one of its threads).
+    async fn rebind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+        wait::until(
+            &format!("{addr} to be free again"),
+            Duration::from_secs(10),
+            || async move { Ok(Some(std::net::TcpListener::bind(addr)?)) },
+        )
+        .await
     }
 
-    fn serve(&mut self, xds: std::net::TcpListener, api: std::net::TcpListener) -> Result<()> {
+    async fn serve(
+        &mut self,
+        xds: std::net::TcpListener,
+        api: std::net::TcpListener,
+    ) -> Result<()> {
         xds.set_nonblocking(true)?;
         api.set_nonblocking(true)?;
         let store = Store::open(&self.state_file)?;
         let xds_security = XdsSecurity::Mtls(XdsTls::from_dir(&self.certs.dir)?);
-        let rollouts = self.open_rollouts()?;
+        let rollouts = self.open_rollouts().await?;
         let auth = Auth::from_entries(
             &format!("{OPERATOR}:operator:{OPERATOR_TOKEN},{VIEWER}:viewer:{VIEWER_TOKEN}"),
             Limits::default(),
@@ -151,17 +160,15 @@ impl ControlPlane {
     /// Opens the rollout database. A killed runtime drops its tasks (and
     /// the database they hold) on its worker threads as they stop, so the
     /// file may still be locked for a moment: wait for it, with a deadline.
-    fn open_rollouts(&self) -> Result<RolloutStore> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match RolloutStore::open(&self.rollouts_file) {
-                Ok(store) => return Ok(store),
-                Err(e) if Instant::now() > deadline => {
-                    return Err(e).context("opening the rollout database");
-                }
-                Err(_) => std::thread::sleep(crate::wait::POLL),
-            }
-        }
+    async fn open_rollouts(&self) -> Result<RolloutStore> {
+        let file = &self.rollouts_file;
+        wait::until(
+            "the rollout database to open",
+            Duration::from_secs(10),
+            || async move { Ok(Some(RolloutStore::open(file)?)) },
+        )
+        .await
+        .context("opening the rollout database")
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`paths`]: where Envoy, the `.wasm` and the configs are; the setup hint.
 //! - [`envoy`]: one Envoy process (config rendering, admin API, log on failure).
 //! - [`controlplane`]: the control plane in-process, killable and restartable.
+//! - [`cp_process`]: the `understudy` binary as its own process (SIGKILL, SIGSTOP).
 //! - [`upstream`]: the programmable upstream (also the `understudy-upstream` binary).
 //! - [`process`]: child processes killed on drop.
 //! - [`traffic`]: client load and its tally.
@@ -19,6 +20,7 @@
 
 pub mod bench;
 pub mod controlplane;
+pub mod cp_process;
 pub mod envoy;
 pub mod paths;
 pub mod process;

@@ -72,3 +72,101 @@ pub fn filter_wasm() -> Result<PathBuf> {
 pub fn envoy_config(name: &str) -> PathBuf {
     repo_root().join("envoy").join(name)
 }
+
+/// The command that builds the control plane binary the e2e tests run as
+/// a process of their own (`cargo test --workspace` builds it too).
+pub const BUILD_CONTROLPLANE: &str = "cargo build -p understudy-controlplane --bin understudy";
+
+/// `target/debug/understudy`, built from the sources as they are now.
+///
+/// Fails (never skips) naming the build command when the binary is missing
+/// or older than a source file of the control plane: a test of a stale
+/// binary would check code that no longer exists.
+pub fn controlplane_binary() -> Result<PathBuf> {
+    let bin = repo_root().join("target/debug/understudy");
+    let Ok(built) = std::fs::metadata(&bin).and_then(|m| m.modified()) else {
+        bail!(
+            "the control plane binary {} is missing. Run `{BUILD_CONTROLPLANE}`",
+            bin.display()
+        );
+    };
+    let root = repo_root();
+    for dir in ["controlplane/src", "proto"] {
+        if let Some((path, changed)) = newest_file(&root.join(dir))
+            && changed > built
+        {
+            bail!(
+                "{} is older than {}. Run `{BUILD_CONTROLPLANE}`",
+                bin.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(bin)
+}
+
+/// The most recently modified file under `dir`, recursively.
+fn newest_file(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
+    let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).ok()?.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                todo.push(path);
+            } else if let Ok(t) = meta.modified()
+                && newest.as_ref().is_none_or(|(_, n)| t > *n)
+            {
+                newest = Some((path, t));
+            }
+        }
+    }
+    newest
+}
+
+/// The release `bin` reports with `--version`
+/// (`envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL` → `1.40.0`).
+pub fn envoy_version_of(bin: &Path) -> Result<String> {
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| anyhow::anyhow!("running {} --version: {e}", bin.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_envoy_version(&text)
+        .ok_or_else(|| anyhow::anyhow!("{} --version printed no version: {text:?}", bin.display()))
+}
+
+fn parse_envoy_version(text: &str) -> Option<String> {
+    let (_, rest) = text.split_once("version: ")?;
+    let version = rest.split('/').nth(1)?.trim();
+    (!version.is_empty()).then(|| version.to_owned())
+}
+
+/// The Envoy binary ([`envoy_binary`]) and its version, which must be the
+/// pinned [`ENVOY_VERSION`]: a figure measured on another Envoy (an
+/// `ENVOY_BIN` pointing elsewhere) is not this project's figure.
+pub fn pinned_envoy() -> Result<(PathBuf, String)> {
+    let bin = envoy_binary()?;
+    let version = envoy_version_of(&bin)?;
+    if version != ENVOY_VERSION {
+        bail!(
+            "{} is Envoy {version}, not the pinned {ENVOY_VERSION}. Unset ENVOY_BIN and run `{SETUP_COMMAND}`",
+            bin.display()
+        );
+    }
+    Ok((bin, version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_is_read_from_envoys_own_words() {
+        let text = "\n/x/envoy  version: 9e5580933739775e8bce696a57a2e1bc99368f23/1.40.0/Clean/RELEASE/BoringSSL\n";
+        assert_eq!(parse_envoy_version(text).as_deref(), Some("1.40.0"));
+        assert_eq!(parse_envoy_version("envoy 1.40.0"), None);
+        assert_eq!(parse_envoy_version("version: abc"), None);
+    }
+}

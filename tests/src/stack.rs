@@ -25,9 +25,23 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
-/// An API client that sends `token` as its bearer token.
+/// How long one API call may take before the harness gives up on it. The
+/// control plane answers in milliseconds; a wedged one (accepting, never
+/// answering) must fail the test in seconds, not hang CI.
+pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An API client that sends `token` as its bearer token, with a request
+/// timeout ([`API_TIMEOUT`]) on every call.
 pub fn api_client(token: &str) -> Result<reqwest::Client> {
-    understudy_controlplane::cli::http_client(Some(token))
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?;
+    value.set_sensitive(true);
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .connect_timeout(API_TIMEOUT)
+        .timeout(API_TIMEOUT)
+        .build()?)
 }
 
 /// The filter config the stack starts with.
@@ -39,19 +53,83 @@ pub fn default_filter_config() -> Value {
 /// `node`, with `node`'s client certificate from `cp`'s CA, ready.
 async fn start_envoy(cp: &ControlPlane, node: &str) -> Result<Envoy> {
     cp.envoy_cert(node)?;
+    start_envoy_at(cp.xds.port(), &cp.certs, node).await
+}
+
+/// An Envoy bootstrapped from `envoy/bootstrap.yaml` against the control
+/// plane on loopback port `xds_port`, as `node`, with `node`'s client
+/// certificate in `certs` (which must exist), ready.
+pub async fn start_envoy_at(
+    xds_port: u16,
+    certs: &understudy_controlplane::tls::CertDir,
+    node: &str,
+) -> Result<Envoy> {
     let mut replacements = vec![
         ("port_value: 9901", "port_value: 0".to_owned()),
-        (
-            "port_value: 18000",
-            format!("port_value: {}", cp.xds.port()),
-        ),
+        ("port_value: 18000", format!("port_value: {xds_port}")),
         ("id: envoy-1", format!("id: {node}")),
     ];
-    replacements.extend(envoy::bootstrap_cert_replacements(&cp.certs, node));
+    replacements.extend(envoy::bootstrap_cert_replacements(certs, node));
     let config = envoy::render("bootstrap.yaml", &replacements)?;
     let envoy = Envoy::start(&config, &[]).await?;
     envoy.wait_ready().await?;
     Ok(envoy)
+}
+
+/// The desired state the stack starts from: the listener on loopback
+/// `listener_port`, the filter with [`default_filter_config`], and the
+/// service [`SERVICE`] with its stable and canary endpoints at weight 0.
+pub fn desired_state(
+    listener_port: u16,
+    stable: std::net::SocketAddr,
+    canary: std::net::SocketAddr,
+) -> Result<DesiredState> {
+    Ok(DesiredState {
+        listener: ListenerSettings {
+            address: "127.0.0.1".parse()?,
+            port: listener_port,
+        },
+        filter: FilterSettings {
+            wasm_path: paths::filter_wasm()?.display().to_string(),
+            config: default_filter_config(),
+            report_cluster: "understudy_xds".into(),
+        },
+        services: [(
+            SERVICE.to_owned(),
+            Service {
+                name: SERVICE.to_owned(),
+                domains: vec!["*".to_owned()],
+                stable: Backend {
+                    endpoints: vec![stable],
+                },
+                canary: Backend {
+                    endpoints: vec![canary],
+                },
+                canary_weight: Weight::ZERO,
+            },
+        )]
+        .into_iter()
+        .collect(),
+    })
+}
+
+/// Waits until Envoy's listener at `url` answers 200.
+pub async fn wait_listener(http: &reqwest::Client, url: &str) -> Result<()> {
+    wait::until(
+        "the listener to answer 200",
+        // V8 compiles the filter on each worker first; slow when the machine is busy.
+        Duration::from_secs(30),
+        || async move {
+            Ok(http
+                .get(url)
+                .send()
+                .await?
+                .status()
+                .is_success()
+                .then_some(()))
+        },
+    )
+    .await
 }
 
 pub struct Stack {
@@ -71,34 +149,8 @@ impl Stack {
         let stable = UpstreamHandle::start("v1", Behavior::default()).await?;
         let canary = UpstreamHandle::start("v2", Behavior::default()).await?;
         let listener_port = free_port()?;
-        let state = DesiredState {
-            listener: ListenerSettings {
-                address: "127.0.0.1".parse()?,
-                port: listener_port,
-            },
-            filter: FilterSettings {
-                wasm_path: paths::filter_wasm()?.display().to_string(),
-                config: default_filter_config(),
-                report_cluster: "understudy_xds".into(),
-            },
-            services: [(
-                SERVICE.to_owned(),
-                Service {
-                    name: SERVICE.to_owned(),
-                    domains: vec!["*".to_owned()],
-                    stable: Backend {
-                        endpoints: vec![stable.addr],
-                    },
-                    canary: Backend {
-                        endpoints: vec![canary.addr],
-                    },
-                    canary_weight: Weight::ZERO,
-                },
-            )]
-            .into_iter()
-            .collect(),
-        };
-        let cp = ControlPlane::start(&state)?;
+        let state = desired_state(listener_port, stable.addr, canary.addr)?;
+        let cp = ControlPlane::start(&state).await?;
         let envoy = start_envoy(&cp, NODE_ID).await?;
         let stack = Self {
             stable,
@@ -109,25 +161,7 @@ impl Stack {
             http: traffic::client(),
             api: api_client(OPERATOR_TOKEN)?,
         };
-        let (http, url) = (stack.http.clone(), stack.url.clone());
-        wait::until(
-            "the listener to answer 200",
-            // V8 compiles the filter on each worker first; slow when the machine is busy.
-            Duration::from_secs(30),
-            || {
-                let (http, url) = (http.clone(), url.clone());
-                async move {
-                    Ok(http
-                        .get(&url)
-                        .send()
-                        .await?
-                        .status()
-                        .is_success()
-                        .then_some(()))
-                }
-            },
-        )
-        .await?;
+        wait_listener(&stack.http, &stack.url).await?;
         Ok(stack)
     }
 

@@ -259,7 +259,7 @@ async fn control_plane_outage_fails_no_requests() -> Result<()> {
         "requests failed while the control plane was down: {mid:?}"
     );
 
-    stack.cp.restart()?;
+    stack.cp.restart().await?;
     wait_stat(&stack.envoy, CONNECTED, 1, Duration::from_secs(30)).await?;
     // Converged: every type the new stream sent is ACKed, and the weights are the persisted ones.
     wait::until(

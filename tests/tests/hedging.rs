@@ -455,39 +455,62 @@ async fn a_failed_primary_waits_for_the_hedge() -> Result<()> {
     Ok(())
 }
 
-/// The adaptive delay starts at `initial_ms` and then follows the configured
-/// percentile of observed latency, shown in the `delay_ms` gauge.
+/// The adaptive delay starts at `initial_ms` and then tracks the configured
+/// percentile of observed latency, shown in the `delay_ms` gauge. The
+/// upstream is bimodal (30% of answers at 150 ms, the rest at 5 ms), so the
+/// percentile matters: the route at p50 waits about the fast mode, the route
+/// at p90 about the slow one. One delay for both, or the wrong percentile,
+/// fails one of the two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_adaptive_delay_follows_observed_latency() -> Result<()> {
+async fn the_adaptive_delay_tracks_its_percentile() -> Result<()> {
     let stack = Stack::start().await?;
-    stack.stable.state.set_behavior(slow(100.0, 30, 0))?;
-    stack
-        .put_filter_config(hedge_config(json!({
+    stack.stable.state.set_behavior(slow(30.0, 150, 5))?;
+    let route = |name: &str, percentile: u32| {
+        json!({"name": name, "path_prefix": format!("/{name}"), "hedge": {
             "cluster": "demo-stable",
-            "delay": {"adaptive": {"percentile": 50, "initial_ms": 400, "min_ms": 5, "max_ms": 1000, "min_samples": 10, "window_s": 30}},
+            "delay": {"adaptive": {"percentile": percentile, "initial_ms": 400, "min_ms": 1,
+                                   "max_ms": 1000, "min_samples": 10, "window_s": 30}},
             "budget": {"percent": 0, "per_second_floor": 0}
-        })))
+        }})
+    };
+    stack
+        .put_filter_config(json!({"routes": [route("p50", 50), route("p90", 90)]}))
         .await?;
-    let tally = traffic::send(&stack.url, 80, 4).await;
-    assert_eq!(tally.failures(), 0);
-    let delay = wait::until(
-        "the delay gauge to follow the latency",
-        Duration::from_secs(5),
-        || async {
-            let d = stack.envoy.stat(&stat("all", "delay_ms")).await?;
-            Ok(d.filter(|d| *d < 400))
-        },
-    )
-    .await?;
+    for name in ["p50", "p90"] {
+        let tally = traffic::send(&format!("{}{name}/x", stack.url), 160, 8).await;
+        assert_eq!(tally.failures(), 0, "{tally:?}");
+    }
+    let delay = |name: &'static str| {
+        let stack = &stack;
+        async move {
+            wait::until(
+                &format!("the {name} delay gauge to leave its initial 400 ms"),
+                Duration::from_secs(5),
+                || async {
+                    let d = stack.envoy.stat(&stat(name, "delay_ms")).await?;
+                    Ok(d.filter(|d| *d != 400))
+                },
+            )
+            .await
+        }
+    };
+    let p50 = delay("p50").await?;
+    let p90 = delay("p90").await?;
     assert!(
-        (25..=100).contains(&delay),
-        "p50 of ~30 ms latencies, got {delay} ms"
+        (1..60).contains(&p50),
+        "p50 of a 70% fast (5 ms) mode: {p50} ms"
     );
-    assert_eq!(
-        counter(&stack, &stat("all", "sent")).await?,
-        0,
-        "no budget, no hedges"
+    assert!(
+        (140..400).contains(&p90),
+        "p90 of a 30% slow (150 ms) mode: {p90} ms"
     );
+    for name in ["p50", "p90"] {
+        assert_eq!(
+            counter(&stack, &stat(name, "sent")).await?,
+            0,
+            "no budget, no hedges"
+        );
+    }
     tables_drain(&stack).await?;
     Ok(())
 }

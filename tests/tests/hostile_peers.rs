@@ -117,7 +117,7 @@ async fn a_restart_in_the_shadow_stage_keeps_counting_every_serious_mismatch() -
 
     // Restart: the shadow book starts at zero, far below the baseline.
     stack.cp.kill();
-    stack.cp.restart()?;
+    stack.cp.restart().await?;
     const N: u64 = 40;
     for i in 0..N {
         let r = stack.http.get(format!("{}n{i}", stack.url)).send().await?;
@@ -187,6 +187,8 @@ async fn replay_sends_only_verified_records_where_and_how_the_route_allows() -> 
             std::fs::read(key)?,
         ));
     let channel = Endpoint::from_shared(format!("https://{}", stack.cp.xds))?
+        .connect_timeout(understudy_e2e::stack::API_TIMEOUT)
+        .timeout(understudy_e2e::stack::API_TIMEOUT)
         .tls_config(tls)?
         .connect()
         .await

@@ -61,8 +61,12 @@ async fn connect(stack: &Stack, client: &Client) -> Result<Channel> {
             Endpoint::from_shared(format!("https://{addr}"))?.tls_config(config)?
         }
     };
+    // Every call has a deadline too: a wedged control plane fails the test
+    // in seconds. (For a stream, the deadline bounds the wait for its
+    // response headers, not how long it stays open.)
     Ok(endpoint
         .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
         .connect()
         .await?)
 }

