@@ -741,6 +741,49 @@ impl Engine {
         )
     }
 
+    /// The error counts since each of the step's restart points (see the
+    /// judge's "Restarts"), from the same per-flush samples as
+    /// [`Self::evidence`]: one pass over each side's samples per look.
+    fn restarts(&self, rollout: &Rollout, now: u64) -> Vec<judge::Restart> {
+        let service = &rollout.spec.service;
+        let first = rollout.phase_started_ms + FLUSH_SETTLE_MS;
+        let points = judge::restart_points(first, now);
+        let Some(&(_, oldest)) = points.first() else {
+            return Vec::new();
+        };
+        // (requests, errors) since each point: samples are summed into the
+        // newest point at or before their arrival, then suffix-summed.
+        let since = |cluster: String| -> Vec<(u64, u64)> {
+            let mut per = vec![(0u64, 0u64); points.len()];
+            for s in self.sources.metrics.samples(&cluster, oldest, now) {
+                let i = points.partition_point(|&(_, start)| start < s.at_ms);
+                if let Some(slot) = i.checked_sub(1).and_then(|i| per.get_mut(i)) {
+                    slot.0 = slot.0.saturating_add(s.requests);
+                    slot.1 = slot.1.saturating_add(s.errors_5xx);
+                }
+            }
+            for i in (0..per.len().saturating_sub(1)).rev() {
+                let next = per[i + 1];
+                per[i].0 = per[i].0.saturating_add(next.0);
+                per[i].1 = per[i].1.saturating_add(next.1);
+            }
+            per
+        };
+        let stable = since(format!("{service}-stable"));
+        let canary = since(format!("{service}-canary"));
+        points
+            .iter()
+            .zip(stable.iter().zip(&canary))
+            .map(|(&(index, _), (s, c))| judge::Restart {
+                index,
+                stable_requests: s.0,
+                stable_errors: s.1,
+                canary_requests: c.0,
+                canary_errors: c.1,
+            })
+            .collect()
+    }
+
     /// A NACK, recorded since `since_ms`, of a config version this
     /// rollout's own changes produced. A NACK of anything else (another
     /// change, another resource) is not this rollout's business.
@@ -1030,12 +1073,14 @@ impl Engine {
                     return Ok(());
                 };
                 let (stable, canary) = self.evidence(rollout, t);
-                judge::judge(
+                let restarts = self.restarts(rollout, t);
+                judge::judge_with_restarts(
                     &rollout.spec.stop_rules,
                     &rollout.spec.analysis,
                     s,
                     &stable,
                     &canary,
+                    &restarts,
                     t,
                     rollout.phase_started_ms,
                 )
