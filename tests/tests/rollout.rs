@@ -502,3 +502,52 @@ async fn a_tail_that_moved_behind_empty_buckets_is_rolled_back() -> Result<()> {
     }
     Ok(())
 }
+
+/// 9. Issue 11, low traffic: the same moved tail at weight 1, where the
+/// canary's latency samples come slowly. The exact tail test judges them
+/// at any count, so the rollback comes before the canary has the 500
+/// samples the interpolated p99 test needs, and says which test fired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_tail_at_weight_1_is_rolled_back_before_500_canary_samples() -> Result<()> {
+    let stack = Stack::start().await?;
+    let tail = |ms| Behavior {
+        latency: vec![LatencyBand { pct: 5.0, ms }],
+        ..Default::default()
+    };
+    stack.stable.state.set_behavior(tail(40))?;
+    stack.canary.state.set_behavior(tail(90))?;
+    let load = Load::start(&stack.url, 8);
+    let r = create(
+        &stack,
+        &spec(json!({"steps": [{"weight": 1, "min_duration_s": 600}, {"weight": 100}]})),
+    )
+    .await?;
+    let id = r["id"].as_str().context("no id")?.to_owned();
+    let (r, seen) = follow(&stack, &id, Duration::from_secs(120)).await?;
+    let tally = load.stop().await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    assert_eq!(r["phase"]["state"], "rolled_back", "{r:#}");
+    assert_eq!(seen.last(), Some(&0), "{seen:?}");
+    let reason = r["phase"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(": exact: "), "{reason}");
+    let checks = r["last_judgement"]["checks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let p99 = checks
+        .iter()
+        .find(|c| c["name"] == "p99_latency")
+        .with_context(|| format!("no p99 check in {:#}", r["last_judgement"]))?;
+    let m = &p99["measured"];
+    assert_eq!(p99["status"], "fail", "{p99:#}");
+    let samples = m["canary_samples"].as_f64().unwrap_or_default();
+    assert!(
+        (1.0..500.0).contains(&samples),
+        "{samples} canary samples: {p99:#}"
+    );
+    // Stable's p99 bounded at the slow mode's bucket, the limit above it,
+    // and the canary's slow samples counted above the limit.
+    assert_eq!(m["stable_p99_upper_bound_ms"], 50.0, "{p99:#}");
+    assert!(m["exact_canary_above_limit"].as_f64().unwrap_or_default() >= 1.0);
+    Ok(())
+}
