@@ -2777,6 +2777,104 @@ mod tests {
         }
     }
 
+    // === restarts ===
+
+    #[test]
+    fn restart_points_and_weights() {
+        assert!(restart_points(T0, T0).is_empty());
+        // A restart starts strictly before the look, to have a window.
+        assert!(restart_points(T0, T0 + 2_000).is_empty());
+        assert_eq!(restart_points(T0, T0 + 2_001), vec![(1, T0 + 2_000)]);
+        let p = restart_points(T0, T0 + 1_000_000);
+        assert_eq!(p.len(), MAX_RESTARTS);
+        assert_eq!(p.last(), Some(&(499, T0 + 998_000)));
+        // Over an unbounded step the restarts' weights sum to ½.
+        let total: f64 = (1..2_000_000).map(restart_weight).sum();
+        assert!(total <= 0.5 && total > 0.499, "{total}");
+        assert!(restart_weight(1) > restart_weight(5) && restart_weight(5) > restart_weight(50));
+    }
+
+    /// A regression that began mid-step: diluted in the whole window (1% vs
+    /// 2% over 3,000 requests a side: within the 1 pp margin), plain since
+    /// restart 5 (1% vs 9% over 500). The restarted test rolls it back and
+    /// names the restart; the whole window alone does not. Restarts off the
+    /// grid, repeated or impossible are not judged.
+    #[test]
+    fn a_restart_catches_a_diluted_regression_and_names_itself() {
+        let stable = ev(3_000, 30, 50.0, Some(NOW));
+        let canary = ev(3_000, 60, 50.0, Some(NOW));
+        let recent = Restart {
+            index: 5,
+            stable_requests: 500,
+            stable_errors: 5,
+            canary_requests: 500,
+            canary_errors: 45,
+        };
+        let j = judge(&rules(), &analysis(), &step(20), &stable, &canary, NOW, T0);
+        assert_eq!(
+            check(&j, "error_rate").status,
+            CheckStatus::Pass,
+            "{}",
+            j.reason
+        );
+        let with = |restarts: &[Restart]| {
+            judge_with_restarts(
+                &rules(),
+                &analysis(),
+                &step(20),
+                &stable,
+                &canary,
+                restarts,
+                NOW,
+                T0,
+            )
+        };
+        let j = with(&[recent]);
+        assert_eq!(j.verdict, Verdict::Rollback, "{}", j.reason);
+        assert!(
+            j.reason.contains(
+                "; since restart 5 (10 s into the step's evidence): canary 45 of 500 vs stable 5 of 500, +8.0 pp > 1 pp allowed; p = "
+            ),
+            "{}",
+            j.reason
+        );
+        let c = check(&j, "error_rate");
+        assert_eq!(c.measured["restart_index"], 5.0);
+        assert_eq!(c.measured["restarts_judged"], 1.0);
+        // Hostile or broken restarts: none is judged.
+        let bad = [
+            Restart { index: 0, ..recent },
+            Restart {
+                canary_errors: 501,
+                ..recent
+            },
+            Restart {
+                canary_requests: 99,
+                ..recent
+            },
+        ];
+        let j = with(&bad);
+        assert_eq!(
+            check(&j, "error_rate").status,
+            CheckStatus::Pass,
+            "{}",
+            j.reason
+        );
+        assert_eq!(check(&j, "error_rate").measured["restarts_judged"], 0.0);
+        // A repeated index counts once: the first given.
+        let healthy = Restart {
+            canary_errors: 5,
+            ..recent
+        };
+        let j = with(&[healthy, recent]);
+        assert_eq!(
+            check(&j, "error_rate").status,
+            CheckStatus::Pass,
+            "{}",
+            j.reason
+        );
+    }
+
     // === small samples: the exact tail test (issue 11, item 3) ===
 
     /// Issue 11's tail at a low-traffic step: 300 canary samples, fewer
