@@ -1756,8 +1756,8 @@ async fn canary_detection() -> Result<Value> {
             detection_rules(),
         ),
         regression(
-            "p99_2x",
-            "every request 20 ms against 10 ms (p99 twice stable's)",
+            "uniform_2x",
+            "every request 20 ms against 10 ms (a uniform slowdown: p99 twice stable's)",
             Behavior {
                 default_ms: 20,
                 ..baseline.clone()
@@ -1862,6 +1862,15 @@ async fn canary_detection() -> Result<Value> {
             format!("detect_s_{name}_runs"),
             json!(runs[i].iter().map(|r| r.detect_s).collect::<Vec<_>>()),
         );
+        // A median of one or two runs is not a median: every figure carries
+        // its run count, and the notes name the thin ones.
+        figures.insert(format!("detect_s_{name}_n_runs"), json!(runs[i].len()));
+        if runs[i].len() < DETECTION_MAX_RUNS {
+            notes.push(format!(
+                "detect_s_{name}: from {} run(s) only (time budget)",
+                runs[i].len()
+            ));
+        }
         figures.insert(
             format!("regression_{name}"),
             json!({
@@ -1874,7 +1883,28 @@ async fn canary_detection() -> Result<Value> {
             }),
         );
     }
-    let false_rollbacks: Vec<&Value> = aa.iter().filter(|r| r["state"] == "rolled_back").collect();
+    // A rollback while a detection run's canary was still healthy is a
+    // false rollback too: identical versions, rolled back.
+    let healthy_phase: Vec<Value> = regressions
+        .iter()
+        .zip(&runs)
+        .flat_map(|(regression, runs)| {
+            runs.iter().flat_map(move |r| {
+                r.early_rollbacks
+                    .iter()
+                    .filter(|reason| reason.contains("rolled_back"))
+                    .map(move |reason| {
+                        json!({"state": "rolled_back", "reason": reason,
+                           "during": format!("healthy phase of {}", regression.name)})
+                    })
+            })
+        })
+        .collect();
+    let false_rollbacks: Vec<&Value> = aa
+        .iter()
+        .filter(|r| r["state"] == "rolled_back")
+        .chain(&healthy_phase)
+        .collect();
     let unfinished = aa
         .iter()
         .filter(|r| r["state"] != "succeeded" && r["state"] != "rolled_back")
@@ -1895,7 +1925,10 @@ async fn canary_detection() -> Result<Value> {
             "canary_weight": DETECTION_WEIGHT,
             "build": build,
             "false_rollbacks": false_rollbacks.len(),
+            "false_rollbacks_note": "A/A rollouts rolled back, plus detection rollouts rolled back during their healthy phase (identical versions in both); healthy_phases counts the detection rollouts judged while healthy",
             "aa_runs": aa.len(),
+            "false_rollbacks_in_healthy_phases": healthy_phase.len(),
+            "healthy_phases": runs.iter().flatten().map(|r| 1 + r.early_rollbacks.len()).sum::<usize>(),
             "false_rollback_reasons": false_rollbacks.iter().map(|r| r["reason"].clone()).collect::<Vec<_>>(),
             "aa": aa,
             "stats_flush_interval_s": flush_s,

@@ -507,8 +507,13 @@ async fn a_tail_that_moved_behind_empty_buckets_is_rolled_back() -> Result<()> {
     assert_eq!(p99["status"], "fail", "{p99:#}");
     assert_eq!(m["canary_p99_bucket_lo_ms"], 80.0, "{p99:#}");
     assert_eq!(m["canary_p99_bucket_hi_ms"], 100.0, "{p99:#}");
-    assert_eq!(m["stable_p99_bucket_lo_ms"], 40.0, "{p99:#}");
-    assert_eq!(m["stable_p99_bucket_hi_ms"], 50.0, "{p99:#}");
+    // Stable's slow mode is 40 ms sleeps: (40, 50] on a quiet machine; a
+    // busy one (2 cores shared with compilers) measures them up to 60 ms.
+    let (lo, hi) = (
+        m["stable_p99_bucket_lo_ms"].as_f64().unwrap_or_default(),
+        m["stable_p99_bucket_hi_ms"].as_f64().unwrap_or_default(),
+    );
+    assert!(lo >= 40.0 && hi <= 60.0, "{p99:#}");
     for side in ["canary", "stable"] {
         let v = m[format!("{side}_p99_ms")].as_f64().unwrap_or_default();
         assert!(
@@ -516,5 +521,79 @@ async fn a_tail_that_moved_behind_empty_buckets_is_rolled_back() -> Result<()> {
             "{side} {v}: {reason}"
         );
     }
+    Ok(())
+}
+
+/// 9. Issue 11, low traffic: a moved tail at weight 1, where the canary's
+/// latency samples come slowly. The exact tail test judges them at any
+/// count, so the rollback comes before the canary has the 500 samples the
+/// interpolated p99 test needs, and says which test fired. The canary's
+/// slow 5% is at 150 ms against stable's 40 ms: on a busy machine Envoy
+/// measures stable's 40 ms sleeps up to 60–80 ms, which puts stable's p99
+/// bound (and the limit, 1.5 × it) there; 150 ms stays above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_tail_at_weight_1_is_rolled_back_before_500_canary_samples() -> Result<()> {
+    let stack = Stack::start().await?;
+    let tail = |ms| Behavior {
+        latency: vec![LatencyBand { pct: 5.0, ms }],
+        ..Default::default()
+    };
+    stack.stable.state.set_behavior(tail(40))?;
+    stack.canary.state.set_behavior(tail(150))?;
+    let load = Load::start(&stack.url, 8);
+    let r = create(
+        &stack,
+        &spec(json!({"steps": [{"weight": 1, "min_duration_s": 600}, {"weight": 100}]})),
+    )
+    .await?;
+    let id = r["id"].as_str().context("no id")?.to_owned();
+    // Polled every 250 ms, not `wait::POLL`: over a long step a fast poll
+    // runs into the operator's API rate limit.
+    let started = std::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let r = loop {
+        ticker.tick().await;
+        let r = rollout(&stack, &id).await?;
+        if let Some(state) = r["phase"]["state"].as_str()
+            && !matches!(state, "canary" | "shadow" | "awaiting_approval")
+        {
+            break r;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the weight-1 rollout did not end within 120 s: {r:#}"
+        );
+    };
+    let tally = load.stop().await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    assert_eq!(r["phase"]["state"], "rolled_back", "{r:#}");
+    let reason = r["phase"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(": exact: "), "{reason}");
+    let checks = r["last_judgement"]["checks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let p99 = checks
+        .iter()
+        .find(|c| c["name"] == "p99_latency")
+        .with_context(|| format!("no p99 check in {:#}", r["last_judgement"]))?;
+    let m = &p99["measured"];
+    assert_eq!(p99["status"], "fail", "{p99:#}");
+    let samples = m["canary_samples"].as_f64().unwrap_or_default();
+    assert!(
+        (1.0..500.0).contains(&samples),
+        "{samples} canary samples: {p99:#}"
+    );
+    // Stable's p99 bounded at or above its slow mode's bucket, and the
+    // canary's slow samples counted above the limit.
+    let bound = m["stable_p99_upper_bound_ms"].as_f64().unwrap_or_default();
+    assert!((50.0..=100.0).contains(&bound), "{p99:#}");
+    assert!(m["exact_canary_above_limit"].as_f64().unwrap_or_default() >= 1.0);
+    wait::until(
+        "Envoy to apply canary weight 0",
+        Duration::from_secs(5),
+        || async { Ok((canary_weight(&stack).await? == 0).then_some(())) },
+    )
+    .await?;
     Ok(())
 }

@@ -63,6 +63,13 @@ pub struct StepWindows {
     pub canary: Evidence,
 }
 
+/// Requests and 5xx of one side since one point in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub requests: u64,
+    pub errors: u64,
+}
+
 /// Where a rollout's evidence comes from.
 ///
 /// Both methods are cheap reads of what the source has already gathered
@@ -82,6 +89,11 @@ pub trait EvidenceSource: Send + Sync {
     /// only grow, except that a restart or a reset starts them at 0 (the
     /// engine carries what it saw across that).
     fn shadow_pairs(&self, route: &str) -> Option<ShadowEvidence>;
+
+    /// `(stable, canary)` counts from each of `starts_ms` (ascending,
+    /// exclusive, by the data's arrival) to `now_ms`: the judge's restarted
+    /// error-rate tests. One entry per start, in the same order.
+    fn counts_since(&self, service: &str, starts_ms: &[u64], now_ms: u64) -> Vec<(Counts, Counts)>;
 }
 
 /// Today's source: Envoy's stats stream for the two sides, the filter's
@@ -99,6 +111,35 @@ impl EvidenceSource for EnvoyEvidence {
             stable: self.metrics.window(&names.stable, since_ms, now_ms),
             canary: self.metrics.window(&names.canary, since_ms, now_ms),
         }
+    }
+
+    fn counts_since(&self, service: &str, starts_ms: &[u64], now_ms: u64) -> Vec<(Counts, Counts)> {
+        let Some(&oldest) = starts_ms.first() else {
+            return Vec::new();
+        };
+        let names = crate::model::ClusterNames::of(service);
+        // Each sample is summed into the newest start at or before its
+        // arrival, then suffix-summed: one pass over each side's samples.
+        let since = |cluster: &str| -> Vec<Counts> {
+            let mut per = vec![Counts::default(); starts_ms.len()];
+            for s in self.metrics.samples(cluster, oldest, now_ms) {
+                let i = starts_ms.partition_point(|&start| start < s.at_ms);
+                if let Some(slot) = i.checked_sub(1).and_then(|i| per.get_mut(i)) {
+                    slot.requests = slot.requests.saturating_add(s.requests);
+                    slot.errors = slot.errors.saturating_add(s.errors_5xx);
+                }
+            }
+            for i in (0..per.len().saturating_sub(1)).rev() {
+                let next = per[i + 1];
+                per[i].requests = per[i].requests.saturating_add(next.requests);
+                per[i].errors = per[i].errors.saturating_add(next.errors);
+            }
+            per
+        };
+        since(&names.stable)
+            .into_iter()
+            .zip(since(&names.canary))
+            .collect()
     }
 
     fn shadow_pairs(&self, route: &str) -> Option<ShadowEvidence> {

@@ -537,6 +537,25 @@ impl Engine {
         self.evidence.step_windows(&r.spec.service, since, now)
     }
 
+    /// The error counts since each of the step's restart points (see the
+    /// judge's "Restarts"), from the same evidence as [`Self::step_windows`].
+    fn restarts(&self, r: &Rollout, now: u64) -> Vec<judge::Restart> {
+        let first = r.phase_started_ms.saturating_add(FLUSH_SETTLE_MS);
+        let points = judge::restart_points(first, now);
+        let starts: Vec<u64> = points.iter().map(|&(_, start)| start).collect();
+        points
+            .iter()
+            .zip(self.evidence.counts_since(&r.spec.service, &starts, now))
+            .map(|(&(index, _), (s, c))| judge::Restart {
+                index,
+                stable_requests: s.requests,
+                stable_errors: s.errors,
+                canary_requests: c.requests,
+                canary_errors: c.errors,
+            })
+            .collect()
+    }
+
     /// Evaluates every active rollout whose interval has passed.
     pub fn tick(&self, now: SystemTime) {
         let t = crate::time::unix_ms(now);
@@ -611,12 +630,14 @@ impl Engine {
                     return Ok(());
                 };
                 let w = self.step_windows(&r, t);
-                judge::judge(
+                let restarts = self.restarts(&r, t);
+                judge::judge_with_restarts(
                     &r.spec.stop_rules,
                     &r.spec.analysis,
                     s,
                     &w.stable,
                     &w.canary,
+                    &restarts,
                     t,
                     r.phase_started_ms,
                 )
