@@ -102,7 +102,7 @@ async fn a_rollback_leaves_weight_0_whatever_was_written_while_the_rollout_owned
     let mut state: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
     state["services"]["demo"]["canary_weight"] = json!(30);
     std::fs::write(&path, serde_json::to_vec_pretty(&state)?)?;
-    stack.cp.restart()?;
+    stack.cp.restart().await?;
     let r = wait::until(
         "the restarted engine to record the weight it found",
         Duration::from_secs(20),
