@@ -100,7 +100,12 @@ async fn a_rollback_leaves_weight_0_whatever_was_written_while_the_rollout_owned
     stack.cp.kill();
     let path = stack.cp.state_file().to_owned();
     let mut state: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-    state["services"]["demo"]["canary_weight"] = json!(30);
+    let services = state["services"].as_array_mut().context("services")?;
+    let demo = services
+        .iter_mut()
+        .find(|s| s["name"] == "demo")
+        .context("no demo service in the state file")?;
+    demo["canary_weight"] = json!(30);
     std::fs::write(&path, serde_json::to_vec_pretty(&state)?)?;
     stack.cp.restart().await?;
     let r = wait::until(
