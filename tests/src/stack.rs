@@ -206,6 +206,18 @@ impl Stack {
         Ok((r.status().as_u16(), r.json().await?))
     }
 
+    /// The canary weight Envoy has applied (0 when its route has none).
+    pub async fn canary_weight(&self) -> Result<u64> {
+        let canary = format!("{SERVICE}-canary");
+        Ok(self
+            .envoy
+            .route_weights()
+            .await?
+            .into_iter()
+            .find(|(c, _)| *c == canary)
+            .map_or(0, |(_, w)| w))
+    }
+
     /// Waits until Envoy's applied route weights are `(stable, canary)`.
     pub async fn wait_weights(&self, stable: u64, canary: u64, deadline: Duration) -> Result<()> {
         let want = vec![

@@ -15,13 +15,7 @@ use understudy_e2e::upstream::Behavior;
 use understudy_e2e::wait;
 
 async fn canary_weight(stack: &Stack) -> Result<u64> {
-    Ok(stack
-        .envoy
-        .route_weights()
-        .await?
-        .into_iter()
-        .find(|(c, _)| c == "demo-canary")
-        .map_or(0, |(_, w)| w))
+    stack.canary_weight().await
 }
 
 fn audit(r: &Value) -> Vec<Value> {

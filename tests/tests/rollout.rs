@@ -120,13 +120,7 @@ fn failed_checks(judgement: &Value) -> Vec<String> {
 }
 
 async fn canary_weight(stack: &Stack) -> Result<u64> {
-    Ok(stack
-        .envoy
-        .route_weights()
-        .await?
-        .into_iter()
-        .find(|(c, _)| c == "demo-canary")
-        .map_or(0, |(_, w)| w))
+    stack.canary_weight().await
 }
 
 /// 1. A healthy canary goes shadow → 1 → 5 → 20 → 50 → 100 under load, and
