@@ -270,7 +270,12 @@ pub fn http_client_with_ca(
         v.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
-    let mut builder = reqwest::Client::builder().default_headers(headers);
+    // A wedged control plane must not hang the command: every API answer is
+    // quick (a replay waits on one upstream request at most).
+    let mut builder = reqwest::Client::builder()
+        .default_headers(headers)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(30));
     if let Some(path) = ca {
         let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let cert = reqwest::Certificate::from_pem(&pem)
