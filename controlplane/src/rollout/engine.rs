@@ -476,9 +476,9 @@ impl Engine {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// A change to the rollout's traffic found in the desired state that
-    /// the rollout did not make, as an event; `None` when they agree (or
-    /// the rollout's own decision is not applied yet).
+    /// What the desired state holds for the rollout's traffic, as an event
+    /// for the machine (which alone decides whether it differs); `None`
+    /// while the rollout's own decision is not applied yet.
     fn found(&self, r: &Rollout) -> Option<Event> {
         if !r.phase.is_active() || !r.applied {
             return None;
@@ -490,9 +490,7 @@ impl Engine {
             .as_ref()
             .and_then(|s| self.router.shadow(&s.route).ok())
             .map(|t| t.is_some());
-        let want_shadow = r.spec.shadow.as_ref().map(|_| r.phase == Phase::Shadow);
-        let shadow_drift = shadow.is_some() && shadow != want_shadow;
-        (weight != r.weight || shadow_drift).then_some(Event::Found { weight, shadow })
+        Some(Event::Found { weight, shadow })
     }
 
     /// The shadow route's live counts now, and when it last reported.
