@@ -461,6 +461,13 @@ async fn a_failed_primary_waits_for_the_hedge() -> Result<()> {
 /// percentile matters: the route at p50 waits about the fast mode, the route
 /// at p90 about the slow one. One delay for both, or the wrong percentile,
 /// fails one of the two.
+///
+/// Each Envoy worker keeps its own window and the gauge shows whichever
+/// worker wrote last, so every worker needs enough samples for its p90 to
+/// land in the slow mode: 400 requests and `min_samples` 30 make a worker
+/// with too few slow answers (p90 in the fast mode) a 1-in-500 event even
+/// if the kernel gives one worker only 1 of the 8 connections (with 160
+/// requests and `min_samples` 10 it was about 1 in 7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_adaptive_delay_tracks_its_percentile() -> Result<()> {
     let stack = Stack::start().await?;
@@ -469,7 +476,7 @@ async fn the_adaptive_delay_tracks_its_percentile() -> Result<()> {
         json!({"name": name, "path_prefix": format!("/{name}"), "hedge": {
             "cluster": "demo-stable",
             "delay": {"adaptive": {"percentile": percentile, "initial_ms": 400, "min_ms": 1,
-                                   "max_ms": 1000, "min_samples": 10, "window_s": 30}},
+                                   "max_ms": 1000, "min_samples": 30, "window_s": 30}},
             "budget": {"percent": 0, "per_second_floor": 0}
         }})
     };
@@ -477,7 +484,7 @@ async fn the_adaptive_delay_tracks_its_percentile() -> Result<()> {
         .put_filter_config(json!({"routes": [route("p50", 50), route("p90", 90)]}))
         .await?;
     for name in ["p50", "p90"] {
-        let tally = traffic::send(&format!("{}{name}/x", stack.url), 160, 8).await;
+        let tally = traffic::send(&format!("{}{name}/x", stack.url), 400, 8).await;
         assert_eq!(tally.failures(), 0, "{tally:?}");
     }
     let delay = |name: &'static str| {
