@@ -1319,6 +1319,10 @@ const DETECTION_MAX_RUNS: usize = 3;
 const DETECTION_BUDGET: Duration = Duration::from_secs(420);
 /// A/A rollouts (identical versions).
 const AA_RUNS: usize = 50;
+/// How often a wait re-reads a rollout through the API: 5/s, well inside
+/// the per-caller limit (50/s) over a 20-minute scenario. Detection itself
+/// is timed on Envoy's admin (every [`wait::POLL`]), not through the API.
+const API_POLL: Duration = Duration::from_millis(200);
 /// The spec's stop rules unless a regression sets its own.
 fn detection_rules() -> Value {
     json!({"max_error_rate_increase_pp": 1.0, "max_p99_ratio": 1.5})
@@ -1528,9 +1532,10 @@ async fn detection_run(
         .await?;
         let weight_at = Instant::now();
         let canary_before = stack.canary.state.requests();
-        let judging = wait::until(
+        let judging = wait::until_every(
             "the judge to have enough data and the canary healthy traffic",
             Duration::from_secs(60),
+            API_POLL,
             || async {
                 let r = get_rollout(stack, &id).await?;
                 if !rollout_active(&r) {
@@ -1677,9 +1682,10 @@ async fn aa_run(stack: &Stack) -> Result<(String, String, f64)> {
     );
     let started = Instant::now();
     let id = create_rollout(stack, &spec).await?;
-    let r = wait::until(
+    let r = wait::until_every(
         "the A/A rollout to end",
         Duration::from_secs(90),
+        API_POLL,
         || async {
             let r = get_rollout(stack, &id).await?;
             Ok((!rollout_active(&r)).then_some(r))

@@ -11,20 +11,36 @@ pub const POLL: Duration = Duration::from_millis(20);
 
 /// Polls `check` until it returns `Some`, or fails after `deadline` with a
 /// message naming `what` and the last state seen.
-pub async fn until<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> Result<T>
+pub async fn until<T, F, Fut>(what: &str, deadline: Duration, check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    until_every(what, deadline, POLL, check).await
+}
+
+/// [`until`], re-checking every `poll`: for checks that call the control
+/// plane's API, whose per-caller rate limit (50/s) a 20 ms poll would use
+/// up over a long wait.
+pub async fn until_every<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    poll: Duration,
+    mut check: F,
+) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>>>,
 {
     let start = Instant::now();
-    let mut ticker = tokio::time::interval(POLL);
+    let mut ticker = tokio::time::interval(poll);
     let mut last_error = None;
     loop {
         ticker.tick().await;
         // A check that hangs (a wedged server that accepts and never
         // answers) must fail the wait at its deadline too, not only a
         // check that keeps answering "not yet".
-        let left = deadline.saturating_sub(start.elapsed()).max(POLL);
+        let left = deadline.saturating_sub(start.elapsed()).max(poll);
         match tokio::time::timeout(left, check()).await {
             Ok(Ok(Some(v))) => return Ok(v),
             Ok(Ok(None)) => {}
