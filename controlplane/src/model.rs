@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
+use understudy_core::config::RawFilterConfig;
+use understudy_core::{ConfigError, FilterConfig};
 
 /// A canary weight in percent: the share of a service's traffic that goes to
 /// the canary backend. Always within `0..=100`.
@@ -171,10 +173,10 @@ pub struct FilterSettings {
     /// Path of the `.wasm` module on the Envoy host. The control plane cannot
     /// see Envoy's file system, so a wrong path shows up as an ECDS NACK.
     pub wasm_path: String,
-    /// The filter's JSON configuration, validated with `understudy-core`
-    /// (the same code the filter runs) before it is accepted.
-    #[serde(default = "empty_object")]
-    pub config: serde_json::Value,
+    /// The filter's configuration, validated with `understudy-core` (the
+    /// same code the filter runs) when it is parsed or edited.
+    #[serde(default)]
+    pub config: FilterDoc,
     /// The Envoy cluster (HTTP/2) through which the filter reaches this
     /// control plane's gRPC port for usage reports; the bootstrap's xDS cluster.
     #[serde(default = "default_report_cluster")]
@@ -185,20 +187,89 @@ fn default_report_cluster() -> String {
     "understudy_xds".to_owned()
 }
 
-fn empty_object() -> serde_json::Value {
-    serde_json::Value::Object(Default::default())
-}
-
 impl FilterSettings {
+    /// Parses an API body: any error, in the config or around it, is an
+    /// `invalid_filter` that names the field.
+    pub fn from_json(value: serde_json::Value) -> Result<Self, ModelError> {
+        serde_json::from_value(value).map_err(|e| ModelError::InvalidFilter(e.to_string()))
+    }
+
     pub fn validate(&self) -> Result<(), ModelError> {
         if self.wasm_path.trim().is_empty() {
             return Err(ModelError::InvalidFilter(
                 "wasm_path: must not be empty".into(),
             ));
         }
-        understudy_core::FilterConfig::from_value(&self.config)
-            .map_err(|e| ModelError::InvalidFilter(format!("config: {e}")))?;
+        // The config validated when it was built (`FilterDoc`).
         Ok(())
+    }
+}
+
+/// The filter's configuration as the control plane keeps it: the document
+/// as written (what the API shows, the state file keeps and, after the
+/// per-Envoy transform, Envoy receives) together with the validated form
+/// the control plane reads. [`FilterDoc::new`] builds both at once (so does
+/// deserializing), so a document that the filter would reject cannot exist
+/// here, and nothing edits untyped JSON after validation: an edit changes
+/// the typed document and validates it again ([`FilterDoc::edited`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterDoc {
+    raw: RawFilterConfig,
+    valid: FilterConfig,
+}
+
+impl FilterDoc {
+    pub fn new(raw: RawFilterConfig) -> Result<Self, ConfigError> {
+        let valid = FilterConfig::try_from(raw.clone())?;
+        Ok(Self { raw, valid })
+    }
+
+    /// Parses and validates a config written as JSON.
+    pub fn parse(value: serde_json::Value) -> Result<Self, ModelError> {
+        serde_json::from_value(value).map_err(|e| ModelError::InvalidFilter(format!("config: {e}")))
+    }
+
+    /// The document as written.
+    pub fn raw(&self) -> &RawFilterConfig {
+        &self.raw
+    }
+
+    /// The validated configuration (what the filter runs).
+    pub fn config(&self) -> &FilterConfig {
+        &self.valid
+    }
+
+    /// A copy with `edit` applied to the document, validated again.
+    pub fn edited<E: From<ModelError>>(
+        &self,
+        edit: impl FnOnce(&mut RawFilterConfig) -> Result<(), E>,
+    ) -> Result<Self, E> {
+        let mut raw = self.raw.clone();
+        edit(&mut raw)?;
+        Self::new(raw).map_err(|e| ModelError::InvalidFilter(format!("config: {e}")).into())
+    }
+}
+
+/// No routes, no limits: what a config of `{}` means.
+impl Default for FilterDoc {
+    fn default() -> Self {
+        Self {
+            raw: RawFilterConfig::default(),
+            valid: FilterConfig::default(),
+        }
+    }
+}
+
+impl Serialize for FilterDoc {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for FilterDoc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawFilterConfig::deserialize(d)?;
+        Self::new(raw).map_err(serde::de::Error::custom)
     }
 }
 
@@ -245,8 +316,7 @@ impl DesiredState {
     /// A hedge or shadow copy sent to a cluster Envoy does not have would
     /// fail on every request; catch it here rather than in production traffic.
     fn validate_route_clusters(&self) -> Result<(), ModelError> {
-        let config = understudy_core::FilterConfig::from_value(&self.filter.config)
-            .map_err(|e| ModelError::InvalidFilter(format!("config: {e}")))?;
+        let config = self.filter.config.config();
         let known: Vec<String> = self
             .services
             .values()
@@ -361,7 +431,7 @@ pub(crate) mod fixtures {
             },
             filter: FilterSettings {
                 wasm_path: "/f.wasm".into(),
-                config: serde_json::json!({}),
+                config: FilterDoc::parse(serde_json::json!({})).unwrap(),
                 report_cluster: "understudy_xds".into(),
             },
             services: [("shop".to_string(), svc)].into_iter().collect(),
@@ -452,7 +522,7 @@ mod tests {
             },
             filter: FilterSettings {
                 wasm_path: "f.wasm".into(),
-                config: json!({}),
+                config: FilterDoc::parse(json!({})).unwrap(),
                 report_cluster: "understudy_xds".into(),
             },
             services: [
@@ -468,22 +538,43 @@ mod tests {
 
     #[test]
     fn filter_config_is_validated_by_the_filter_logic() {
-        let f = FilterSettings {
-            wasm_path: "f.wasm".into(),
-            config: json!({"routes": [{"name": "a", "path_prefix": "nope"}]}),
-            report_cluster: "understudy_xds".into(),
-        };
-        let err = f.validate().unwrap_err().to_string();
+        // Parsing is validating: a config the filter rejects is never built.
+        let err = FilterDoc::parse(json!({"routes": [{"name": "a", "path_prefix": "nope"}]}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("routes[0].path_prefix"), "{err}");
+        let err = FilterSettings::from_json(
+            json!({"wasm_path": "f.wasm", "config": {"routes": [{"name": "a", "path_prefix": "nope"}]}}),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ModelError::InvalidFilter(_)), "{err}");
+        // So does an edit.
+        let doc = FilterDoc::parse(json!({"routes": [{"name": "a"}]})).unwrap();
+        let err = doc
+            .edited(|raw| {
+                raw.routes[0].path_prefix = "nope".into();
+                Ok::<(), ModelError>(())
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("routes[0].path_prefix"), "{err}");
+        assert_eq!(
+            doc.raw().routes[0].path_prefix,
+            "/",
+            "the original is unchanged"
+        );
     }
 
     #[test]
     fn hedges_must_go_to_a_known_cluster() {
         let mut state = fixtures::state(0, 8081, true);
-        state.filter.config =
-            json!({"routes": [{"name": "all", "hedge": {"cluster": "shop-stable"}}]});
+        state.filter.config = FilterDoc::parse(
+            json!({"routes": [{"name": "all", "hedge": {"cluster": "shop-stable"}}]}),
+        )
+        .unwrap();
         state.validate().unwrap();
-        state.filter.config = json!({"routes": [{"name": "all", "hedge": {"cluster": "nope"}}]});
+        state.filter.config =
+            FilterDoc::parse(json!({"routes": [{"name": "all", "hedge": {"cluster": "nope"}}]}))
+                .unwrap();
         let err = state.validate().unwrap_err().to_string();
         assert!(
             err.contains("routes[0].hedge.cluster: \"nope\" is not a cluster"),
@@ -495,13 +586,16 @@ mod tests {
     #[test]
     fn shadows_must_go_to_a_known_cluster() {
         let mut state = fixtures::state(0, 8081, true);
-        state.filter.config =
-            json!({"routes": [{"name": "all", "shadow": {"cluster": "shop-canary"}}]});
+        state.filter.config = FilterDoc::parse(
+            json!({"routes": [{"name": "all", "shadow": {"cluster": "shop-canary"}}]}),
+        )
+        .unwrap();
         state.validate().unwrap();
-        state.filter.config = json!({"routes": [
+        state.filter.config = FilterDoc::parse(json!({"routes": [
             {"name": "a", "path_prefix": "/a", "hedge": {"cluster": "shop-stable"}},
             {"name": "b", "shadow": {"cluster": "shop-v3"}}
-        ]});
+        ]}))
+        .unwrap();
         let err = state.validate().unwrap_err().to_string();
         assert!(
             err.contains("routes[1].shadow.cluster: \"shop-v3\" is not a cluster"),
@@ -522,5 +616,34 @@ mod tests {
         });
         let err = serde_json::from_value::<DesiredState>(doc).unwrap_err();
         assert!(err.to_string().contains("defined twice"), "{err}");
+    }
+
+    /// Every filter config the README shows validates, and the document
+    /// survives the round trip the state file and the API put it through:
+    /// written out and read back, it is the same document and the same
+    /// validated config.
+    #[test]
+    fn the_readme_filter_configs_validate_and_round_trip() {
+        let readme = include_str!("../../README.md");
+        let keys = ["stat_prefix", "routes", "rate_limit", "shadow_report"];
+        let mut seen = 0;
+        for block in readme.split("```json").skip(1) {
+            let Some((text, _)) = block.split_once("```") else {
+                continue;
+            };
+            let Ok(serde_json::Value::Object(obj)) = serde_json::from_str(text) else {
+                continue;
+            };
+            if obj.is_empty() || !obj.keys().all(|k| keys.contains(&k.as_str())) {
+                continue;
+            }
+            let doc = FilterDoc::parse(serde_json::Value::Object(obj))
+                .unwrap_or_else(|e| panic!("README config does not validate: {e}\n{text}"));
+            let written = serde_json::to_string(&doc).unwrap();
+            let back: FilterDoc = serde_json::from_str(&written).unwrap();
+            assert_eq!(back, doc, "{written}");
+            seen += 1;
+        }
+        assert!(seen >= 4, "found only {seen} filter configs in the README");
     }
 }

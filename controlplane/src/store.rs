@@ -12,11 +12,14 @@
 //! so a restarted control plane resumes exactly the state Envoy last received.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio::sync::watch;
 
-use crate::model::{DesiredState, FilterSettings, ModelError, Service, Weight};
+use understudy_core::config::RawFilterConfig;
+use understudy_core::shadow::RawShadowConfig;
+
+use crate::model::{DesiredState, FilterDoc, FilterSettings, ModelError, Service, Weight};
 use crate::traffic::ShadowTarget;
 use crate::xds::resources::Snapshot;
 
@@ -26,7 +29,12 @@ pub struct Store {
 }
 
 struct Inner {
+    /// The writers' lock and copy: held for a whole change, state-file
+    /// write included, so changes apply one at a time in order.
     state: Mutex<DesiredState>,
+    /// The committed state for readers, swapped in after each change: a
+    /// read (every GET) never waits for a write's disk I/O.
+    committed: RwLock<Arc<DesiredState>>,
     snapshots: watch::Sender<Arc<Snapshot>>,
     file: Option<PathBuf>,
     /// Connected Envoys; fleet-wide limits are divided by it.
@@ -120,6 +128,7 @@ impl Store {
         let (snapshots, _) = watch::channel(snapshot);
         Ok(Self {
             inner: Arc::new(Inner {
+                committed: RwLock::new(Arc::new(initial.clone())),
                 state: Mutex::new(initial),
                 snapshots,
                 file,
@@ -138,12 +147,22 @@ impl Store {
         self.inner.snapshots.borrow().clone()
     }
 
+    /// The committed state (a copy; never waits for a change being saved).
     pub fn state(&self) -> DesiredState {
-        self.lock().clone()
+        self.current().as_ref().clone()
+    }
+
+    /// The committed state, shared: for reads that need only a part of it.
+    pub fn current(&self) -> Arc<DesiredState> {
+        self.inner
+            .committed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn service(&self, name: &str) -> Result<Service, ModelError> {
-        self.lock()
+        self.current()
             .services
             .get(name)
             .cloned()
@@ -244,17 +263,33 @@ impl Store {
     /// A filter route's shadow target: `None` if the route does not exist,
     /// `Some(None)` if it is not shadowed.
     pub fn shadow_target(&self, route: &str) -> Option<Option<ShadowTarget>> {
-        let state = self.state();
-        let routes = state.filter.config.get("routes")?.as_array()?;
-        let r = routes
-            .iter()
-            .find(|r| r.get("name").and_then(|n| n.as_str()) == Some(route))?;
-        Some(r.get("shadow").and_then(|s| {
-            Some(ShadowTarget {
-                cluster: s.get("cluster")?.as_str()?.to_owned(),
-                percent: s.get("percent").and_then(|p| p.as_f64()).unwrap_or(100.0),
+        shadow_target_of(self.current().filter.config.raw(), route)
+    }
+
+    /// Edits the filter's config document inside one change: `edit` sees
+    /// the current document, the result is validated as a whole, and a
+    /// concurrent edit is never lost (each one applies to the last). An
+    /// error from `edit` leaves everything as it was.
+    pub fn edit_filter<T, E>(
+        &self,
+        forced: bool,
+        edit: impl FnOnce(&mut RawFilterConfig) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<ChangeError> + From<ModelError>,
+    {
+        self.update_as(forced, |state| {
+            let mut out = None;
+            state.filter.config = state.filter.config.edited(|raw| {
+                out = Some(edit(raw)?);
+                Ok::<(), E>(())
+            })?;
+            out.ok_or_else(|| {
+                E::from(ModelError::InvalidFilter(
+                    "the edit returned nothing".into(),
+                ))
             })
-        }))
+        })
     }
 
     /// Turns a filter route's shadowing on (to `target`, keeping the
@@ -270,38 +305,23 @@ impl Store {
         if self.shadow_target(route) == Some(target.clone()) {
             return Ok(());
         }
-        self.update_with(forced, |state| {
-            let unknown = || ModelError::InvalidFilter(format!("no route named {route:?}"));
-            let routes = state
-                .filter
-                .config
-                .get_mut("routes")
-                .and_then(|r| r.as_array_mut())
-                .ok_or_else(unknown)?;
-            let obj = routes
+        self.edit_filter(forced, |raw| {
+            let r = raw
+                .routes
                 .iter_mut()
-                .find(|r| r.get("name").and_then(|n| n.as_str()) == Some(route))
-                .and_then(|r| r.as_object_mut())
-                .ok_or_else(unknown)?;
-            match target {
-                Some(t) => {
-                    let mut shadow = obj
-                        .get("shadow")
-                        .cloned()
-                        .filter(|s| s.is_object())
-                        .unwrap_or_else(|| serde_json::json!({}));
-                    if let Some(s) = shadow.as_object_mut() {
-                        s.insert("cluster".into(), serde_json::json!(t.cluster));
-                        s.insert("percent".into(), serde_json::json!(t.percent));
-                        s.remove("calibration");
-                    }
-                    obj.insert("shadow".into(), shadow);
-                }
-                None => {
-                    obj.remove("shadow");
-                }
-            }
-            Ok(())
+                .find(|r| r.name == route)
+                .ok_or_else(|| ModelError::InvalidFilter(format!("no route named {route:?}")))?;
+            r.shadow = target.map(|t| {
+                let mut shadow = r
+                    .shadow
+                    .take()
+                    .unwrap_or_else(|| RawShadowConfig::new(t.cluster.clone()));
+                shadow.cluster = t.cluster;
+                shadow.percent = t.percent;
+                shadow.calibration = false;
+                shadow
+            });
+            Ok::<(), ChangeError>(())
         })
     }
 
@@ -341,10 +361,19 @@ impl Store {
         forced: bool,
         change: impl FnOnce(&mut DesiredState) -> Result<T, ModelError>,
     ) -> Result<T, ChangeError> {
+        self.update_as(forced, |state| change(state).map_err(ChangeError::from))
+    }
+
+    /// [`Store::update_with`] for changes with their own error type.
+    fn update_as<T, E: From<ChangeError>>(
+        &self,
+        forced: bool,
+        change: impl FnOnce(&mut DesiredState) -> Result<T, E>,
+    ) -> Result<T, E> {
         let mut guard = self.lock();
         let mut next = guard.clone();
         let out = change(&mut next)?;
-        next.validate()?;
+        next.validate().map_err(|e| E::from(ChangeError::from(e)))?;
         let mut saved = Ok(());
         if next != *guard {
             if let Some(path) = &self.inner.file
@@ -353,12 +382,17 @@ impl Store {
                 tracing::error!(error = %e, forced, "the state file could not be written");
                 self.note_failure(&e);
                 if !forced {
-                    return Err(ChangeError::Persist(e));
+                    return Err(ChangeError::Persist(e).into());
                 }
-                saved = Err(ChangeError::Persist(e));
+                saved = Err(ChangeError::Persist(e).into());
             }
             let generation = self.inner.snapshots.borrow().generation + 1;
             let snapshot = Arc::new(Snapshot::build(&next, generation, self.fleet()));
+            *self
+                .inner
+                .committed
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = Arc::new(next.clone());
             *guard = next;
             self.inner.snapshots.send_replace(snapshot);
         }
@@ -392,6 +426,15 @@ impl Store {
     }
 }
 
+/// The shadow target of `route` in a config document (see [`Store::shadow_target`]).
+fn shadow_target_of(raw: &RawFilterConfig, route: &str) -> Option<Option<ShadowTarget>> {
+    let r = raw.routes.iter().find(|r| r.name == route)?;
+    Some(r.shadow.as_ref().map(|s| ShadowTarget {
+        cluster: s.cluster.clone(),
+        percent: s.percent,
+    }))
+}
+
 /// The desired state of a first start: Envoy's listener on `0.0.0.0:10000`,
 /// the filter at `/etc/envoy/understudy_filter.wasm` with no routes, and no
 /// services. Everything in it can be changed through the API afterwards
@@ -404,7 +447,7 @@ pub fn first_start_state() -> DesiredState {
         },
         filter: crate::model::FilterSettings {
             wasm_path: "/etc/envoy/understudy_filter.wasm".to_owned(),
-            config: serde_json::json!({"routes": []}),
+            config: FilterDoc::default(),
             report_cluster: "understudy_xds".to_owned(),
         },
         services: Default::default(),
@@ -506,14 +549,21 @@ mod tests {
         // ...and nothing changed.
         assert_eq!(s.state(), before);
         assert_eq!(s.snapshot().generation, gen_before);
+        // A config the filter would reject cannot even be built...
+        let err = FilterSettings::from_json(
+            serde_json::json!({"wasm_path": "/f.wasm", "config": {"bogus": 1}}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `bogus`"), "{err}");
+        // ...and the settings around it are validated by the store.
         let err = s
             .put_filter(FilterSettings {
-                wasm_path: "/f.wasm".into(),
-                config: serde_json::json!({"bogus": 1}),
+                wasm_path: " ".into(),
+                config: FilterDoc::default(),
                 report_cluster: "understudy_xds".into(),
             })
             .unwrap_err();
-        assert!(err.to_string().contains("unknown field `bogus`"), "{err}");
+        assert!(err.to_string().contains("wasm_path"), "{err}");
         assert_eq!(s.state(), before);
     }
 

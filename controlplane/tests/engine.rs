@@ -44,7 +44,10 @@ fn desired() -> DesiredState {
         },
         filter: FilterSettings {
             wasm_path: "/etc/envoy/understudy.wasm".into(),
-            config: json!({"routes": [{"name": "orders", "path_prefix": "/orders"}]}),
+            config: understudy_controlplane::model::FilterDoc::parse(
+                json!({"routes": [{"name": "orders", "path_prefix": "/orders"}]}),
+            )
+            .unwrap(),
             report_cluster: "understudy_xds".into(),
         },
         services: [

@@ -274,7 +274,10 @@ async fn the_control_plane_serves_the_sink_on_the_xds_port() {
         },
         filter: FilterSettings {
             wasm_path: "/etc/envoy/understudy.wasm".into(),
-            config: json!({"routes": [{"name": "api", "path_prefix": "/api"}]}),
+            config: understudy_controlplane::model::FilterDoc::parse(
+                json!({"routes": [{"name": "api", "path_prefix": "/api"}]}),
+            )
+            .unwrap(),
             report_cluster: "understudy_xds".into(),
         },
         services: [("shop".to_string(), shop)].into_iter().collect(),

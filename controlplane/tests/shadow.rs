@@ -65,7 +65,7 @@ async fn desired_state() -> DesiredState {
         },
         filter: FilterSettings {
             wasm_path: "/etc/envoy/understudy.wasm".into(),
-            config: filter_config(),
+            config: understudy_controlplane::model::FilterDoc::parse(filter_config()).unwrap(),
             report_cluster: "understudy_xds".into(),
         },
         services: [("shop".to_string(), shop)].into_iter().collect(),

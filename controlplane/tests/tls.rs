@@ -26,7 +26,10 @@ fn state() -> DesiredState {
         },
         filter: FilterSettings {
             wasm_path: "/etc/envoy/understudy.wasm".into(),
-            config: json!({"routes": [{"name": "api", "path_prefix": "/api"}]}),
+            config: understudy_controlplane::model::FilterDoc::parse(
+                json!({"routes": [{"name": "api", "path_prefix": "/api"}]}),
+            )
+            .unwrap(),
             report_cluster: "understudy_xds".into(),
         },
         services: Default::default(),

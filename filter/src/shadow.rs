@@ -15,7 +15,6 @@ use std::time::Duration;
 use prost::Message;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 
-use understudy_core::compare::{Bucket, DiffKind};
 use understudy_core::report::{Answered, Batch, Outbox, RecordQueue, Schedule};
 use understudy_core::shadow::{
     MAX_REPORT_BATCH_BYTES, Mismatch, RECORD_FRAMING_BYTES, Report, ShadowConfig, ShadowReport,
@@ -563,11 +562,8 @@ impl Shadowing {
                 .into_iter()
                 .map(|d| wire::Difference {
                     path: d.path,
-                    kind: kind(d.kind) as i32,
-                    bucket: match d.bucket {
-                        Bucket::Serious => difference::Bucket::Serious,
-                        Bucket::Noise => difference::Bucket::Noise,
-                    } as i32,
+                    kind: difference::Kind::from(d.kind) as i32,
+                    bucket: difference::Bucket::from(d.bucket) as i32,
                     primary: d.primary.unwrap_or_default(),
                     shadow: d.shadow.unwrap_or_default(),
                     unexpected: d.unexpected,
@@ -625,19 +621,5 @@ fn truncate_chars(s: &mut String, max: usize) {
             .find(|&i| s.is_char_boundary(i))
             .unwrap_or(0);
         s.truncate(cut);
-    }
-}
-
-fn kind(k: DiffKind) -> difference::Kind {
-    match k {
-        DiffKind::StatusChange => difference::Kind::Status,
-        DiffKind::MissingField => difference::Kind::MissingField,
-        DiffKind::ExtraField => difference::Kind::ExtraField,
-        DiffKind::TypeChange => difference::Kind::TypeChange,
-        DiffKind::ValueChange => difference::Kind::ValueChange,
-        DiffKind::ArrayLength => difference::Kind::ArrayLength,
-        DiffKind::OrderOnly => difference::Kind::OrderOnly,
-        DiffKind::HeaderChange => difference::Kind::HeaderChange,
-        DiffKind::BodyDiffers => difference::Kind::BodyDiffers,
     }
 }

@@ -5,6 +5,8 @@
 //! the messages only (build with `default-features = false`); the control
 //! plane enables the `grpc` feature for the tonic service.
 
+pub mod convert;
+
 /// `understudy.v1`: what the filter reports to the control plane.
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {

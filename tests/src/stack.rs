@@ -91,7 +91,7 @@ pub fn desired_state(
         },
         filter: FilterSettings {
             wasm_path: paths::filter_wasm()?.display().to_string(),
-            config: default_filter_config(),
+            config: understudy_controlplane::model::FilterDoc::parse(default_filter_config())?,
             report_cluster: "understudy_xds".into(),
         },
         services: [(

@@ -86,7 +86,6 @@ impl From<ReplayError> for ApiError {
             ReplayError::InvalidRecord { .. } => (StatusCode::CONFLICT, "invalid_sample"),
             ReplayError::NoCluster => (StatusCode::BAD_REQUEST, "no_cluster"),
             ReplayError::UnknownCluster { .. } => (StatusCode::BAD_REQUEST, "unknown_cluster"),
-            ReplayError::InvalidConfig(_) => (StatusCode::INTERNAL_SERVER_ERROR, "invalid_filter"),
             ReplayError::Upstream { .. } => (StatusCode::BAD_GATEWAY, "upstream_failed"),
             ReplayError::Unverified { .. } => (StatusCode::FORBIDDEN, "unverified_sample"),
             ReplayError::NotRouteCluster { .. } => (StatusCode::FORBIDDEN, "cluster_not_allowed"),

@@ -19,21 +19,18 @@ async fn get_filter(State(s): State<ApiState>) -> Json<FilterSettings> {
 
 async fn put_filter(
     State(s): State<ApiState>,
-    body: Result<Json<FilterSettings>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<FilterSettings> {
-    let Json(filter) = body?;
+    let Json(body) = body?;
+    let filter = FilterSettings::from_json(body)?;
     // A shadow stage's route is its rollout's: its `shadow` may not change.
     let shadow_of = |f: &FilterSettings, route: &str| {
         f.config
-            .get("routes")
-            .and_then(|r| r.as_array())
-            .and_then(|routes| {
-                routes
-                    .iter()
-                    .find(|r| r.get("name").and_then(|n| n.as_str()) == Some(route))
-            })
-            .and_then(|r| r.get("shadow"))
-            .cloned()
+            .raw()
+            .routes
+            .iter()
+            .find(|r| r.name == route)
+            .and_then(|r| r.shadow.clone())
     };
     let current = s.store.state().filter;
     for r in s.engine.list().into_iter().filter(|r| r.phase.is_active()) {

@@ -11,7 +11,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, put};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use std::collections::BTreeMap;
+use understudy_core::ratelimit::RawTenant;
 
 pub(super) fn routes() -> axum::Router<ApiState> {
     axum::Router::new()
@@ -52,23 +53,24 @@ async fn top_tenants(
     })
 }
 
-/// Edits `rate_limit.tenants` in the filter config; the whole config is then
-/// validated (unknown tier, bad rate) before anything is stored or pushed.
+/// Edits `rate_limit.tenants` in the filter config, inside one store change
+/// (a concurrent edit is never lost); the whole config is then validated
+/// (unknown tier, bad rate) before anything is stored or pushed.
 async fn put_tenant_override(
     State(s): State<ApiState>,
     Path(tenant): Path<String>,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<FilterSettings> {
     let Json(body) = body?;
-    if !body.is_object() {
-        return Err(ApiError::new(
+    let entry: RawTenant = serde_json::from_value(body).map_err(|e| {
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_body",
-            r#"expected a JSON object like {"tier": "partner", "rate": 50}"#,
-        ));
-    }
+            format!(r#"expected a JSON object like {{"tier": "partner", "rate": 50}}: {e}"#),
+        )
+    })?;
     edit_tenants(&s, |tenants| {
-        tenants.insert(tenant, body);
+        tenants.insert(tenant, entry);
         Ok(())
     })
 }
@@ -89,28 +91,17 @@ async fn delete_tenant_override(
 
 fn edit_tenants(
     s: &ApiState,
-    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError>,
+    edit: impl FnOnce(&mut BTreeMap<String, RawTenant>) -> Result<(), ApiError>,
 ) -> ApiResult<FilterSettings> {
-    let mut filter = s.store.state().filter;
-    let Some(rl) = filter
-        .config
-        .get_mut("rate_limit")
-        .and_then(|v| v.as_object_mut())
-    else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "no_rate_limit",
-            "the filter config has no rate_limit section to add tenant overrides to",
-        ));
-    };
-    let tenants = rl.entry("tenants").or_insert_with(|| json!({}));
-    let Some(tenants) = tenants.as_object_mut() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "invalid_filter",
-            "rate_limit.tenants is not an object",
-        ));
-    };
-    edit(tenants)?;
-    Ok(Json(s.store.put_filter(filter)?))
+    s.store.edit_filter(false, |raw| {
+        let Some(rl) = raw.rate_limit.as_mut() else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "no_rate_limit",
+                "the filter config has no rate_limit section to add tenant overrides to",
+            ));
+        };
+        edit(&mut rl.tenants)
+    })?;
+    Ok(Json(s.store.state().filter))
 }

@@ -82,15 +82,16 @@ fn stored_sample(
 /// The route's shadow `strip_headers`: credential headers beyond the
 /// default list, for this route.
 fn route_credentials(s: &ApiState, route: &str) -> Vec<String> {
-    understudy_core::FilterConfig::from_value(&s.store.state().filter.config)
-        .ok()
-        .and_then(|c| {
-            c.routes()
-                .iter()
-                .find(|r| r.name == route)
-                .and_then(|r| r.shadow.as_ref())
-                .map(|sh| sh.strip_headers.clone())
-        })
+    s.store
+        .current()
+        .filter
+        .config
+        .config()
+        .routes()
+        .iter()
+        .find(|r| r.name == route)
+        .and_then(|r| r.shadow.as_ref())
+        .map(|sh| sh.strip_headers.clone())
         .unwrap_or_default()
 }
 

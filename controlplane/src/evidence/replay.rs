@@ -72,9 +72,6 @@ pub enum ReplayError {
     /// The stored record cannot be turned into a request.
     #[error("sample {id}: {reason}")]
     InvalidRecord { id: u64, reason: String },
-    /// The stored filter config does not validate (it always should).
-    #[error("the stored filter config is invalid: {0}")]
-    InvalidConfig(String),
     /// The record did not come from an authenticated Envoy.
     #[error(
         "sample {id} did not come from an authenticated Envoy, so it is never replayed (only records reported over mutual TLS are)"
@@ -172,9 +169,10 @@ pub fn plan(
             which: "primary response",
         });
     }
-    let filter = understudy_core::FilterConfig::from_value(&state.filter.config)
-        .map_err(|e| ReplayError::InvalidConfig(e.to_string()))?;
-    let config = filter
+    let config = state
+        .filter
+        .config
+        .config()
         .routes()
         .iter()
         .find(|r| r.name == record.route)
@@ -435,19 +433,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{FilterDoc, ModelError};
     use serde_json::json;
     use understudy_proto::v1::{Header, RecordedRequest, RecordedResponse};
 
     fn state() -> DesiredState {
         let mut s = crate::model::fixtures::state(0, 8081, true);
-        s.filter.config = json!({"routes": [{"name": "api", "shadow": {
+        s.filter.config = FilterDoc::parse(json!({"routes": [{"name": "api", "shadow": {
             "cluster": "shop-canary",
             "unsafe_methods": true,
             "strip_headers": ["x-tenant-secret"],
             "compare": {"ignore": ["$.at"]},
             "redact": ["$.card"],
             "expected": [{"name": "v2-tax", "path_prefix": "/cart", "paths": ["$.tax"]}]
-        }}]});
+        }}]}))
+        .unwrap();
         s
     }
 
@@ -493,10 +493,16 @@ mod tests {
     #[test]
     fn only_methods_the_route_shadows_are_replayed() {
         let mut s = state();
-        s.filter.config["routes"][0]["shadow"]
-            .as_object_mut()
-            .unwrap()
-            .remove("unsafe_methods");
+        s.filter.config = s
+            .filter
+            .config
+            .edited(|raw| {
+                if let Some(shadow) = raw.routes[0].shadow.as_mut() {
+                    shadow.unsafe_methods = false;
+                }
+                Ok::<(), ModelError>(())
+            })
+            .unwrap();
         for method in ["POST", "DELETE", "PUT", "PATCH"] {
             let mut r = record();
             r.request.as_mut().unwrap().method = method.into();
@@ -624,7 +630,7 @@ mod tests {
         ));
 
         let mut s = state();
-        s.filter.config = json!({"routes": [{"name": "api"}]});
+        s.filter.config = FilterDoc::parse(json!({"routes": [{"name": "api"}]})).unwrap();
         let err = plan(1, &record(), &verified(), &s, None).unwrap_err();
         assert_eq!(
             err,

@@ -469,20 +469,16 @@ pub struct RoutePolicy {
 }
 
 impl RoutePolicy {
-    /// From the filter config as stored (the one pushed to Envoy). An
-    /// invalid config accepts no route: nothing can be trusted to match it.
-    pub fn from_config(config: &serde_json::Value) -> Self {
-        let routes = understudy_core::FilterConfig::from_value(config)
-            .map(|c| {
-                c.routes()
-                    .iter()
-                    .map(|r| {
-                        let calibration = r.shadow.as_ref().is_some_and(|s| s.calibration);
-                        (r.name.clone(), calibration)
-                    })
-                    .collect()
+    /// From the validated filter config as stored (the one pushed to Envoy).
+    pub fn from_config(config: &understudy_core::FilterConfig) -> Self {
+        let routes = config
+            .routes()
+            .iter()
+            .map(|r| {
+                let calibration = r.shadow.as_ref().is_some_and(|s| s.calibration);
+                (r.name.clone(), calibration)
             })
-            .unwrap_or_default();
+            .collect();
         Self { routes }
     }
 
@@ -894,21 +890,10 @@ fn is_serious(d: &understudy_proto::v1::Difference) -> bool {
     difference::Bucket::try_from(d.bucket) != Ok(difference::Bucket::Noise)
 }
 
-/// The kind as `understudy_core::compare::DiffKind` names it (snake_case).
+/// The kind as the core names it ([`understudy_core::compare::DiffKind::name`]),
+/// `unspecified` for a number no kind has (a peer may send any).
 pub fn kind_name(d: &understudy_proto::v1::Difference) -> &'static str {
-    use difference::Kind;
-    match Kind::try_from(d.kind).unwrap_or(Kind::Unspecified) {
-        Kind::Status => "status_change",
-        Kind::MissingField => "missing_field",
-        Kind::ExtraField => "extra_field",
-        Kind::TypeChange => "type_change",
-        Kind::ValueChange => "value_change",
-        Kind::ArrayLength => "array_length",
-        Kind::OrderOnly => "order_only",
-        Kind::HeaderChange => "header_change",
-        Kind::BodyDiffers => "body_differs",
-        Kind::Unspecified => "unspecified",
-    }
+    understudy_proto::convert::diff_kind(d).map_or("unspecified", |k| k.name())
 }
 
 /// The bucket a stored difference is shown with.
@@ -1033,7 +1018,7 @@ impl ShadowBook {
         if book.policy.as_ref().is_some_and(|(g, _)| *g == generation) {
             return;
         }
-        let policy = RoutePolicy::from_config(&store.state().filter.config);
+        let policy = RoutePolicy::from_config(store.current().filter.config.config());
         book.policy = Some((generation, policy));
     }
 

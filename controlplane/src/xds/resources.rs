@@ -36,7 +36,10 @@ use envoy_types::util::pack_any;
 use prost::{Message, Name};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Backend, DesiredState, FilterSettings, Service};
+use understudy_core::ratelimit::RawReport;
+use understudy_core::shadow::RawShadowReport;
+
+use crate::model::{Backend, DesiredState, FilterDoc, FilterSettings, ModelError, Service};
 
 /// xDS type URLs, in the order Understudy sends them (make before break):
 /// clusters, then their endpoints, then listeners, then routes, then the
@@ -212,51 +215,43 @@ fn load_assignment(cluster: &str, backend: &Backend) -> ClusterLoadAssignment {
 /// tenant, `fleet_pool_rate` on a tier) divided by the connected Envoys into
 /// `rate` / `pool_rate`, and usage and shadow reports pointed at this
 /// control plane unless the config sends them elsewhere.
-pub fn per_envoy_config(filter: &FilterSettings, fleet: usize) -> serde_json::Value {
-    let mut config = filter.config.clone();
-    let share = |v: &serde_json::Value| {
-        v.as_f64()
-            .map(|r| serde_json::json!(r / fleet.max(1) as f64))
-    };
-    if let Some(rl) = config.get_mut("rate_limit").and_then(|v| v.as_object_mut()) {
-        for (section, from, to) in [
-            ("tenants", "fleet_rate", "rate"),
-            ("tiers", "fleet_pool_rate", "pool_rate"),
-        ] {
-            for entry in rl
-                .get_mut(section)
-                .and_then(|v| v.as_object_mut())
-                .into_iter()
-                .flat_map(|m| m.values_mut())
-            {
-                if let Some(obj) = entry.as_object_mut()
-                    && let Some(v) = obj.get(from).and_then(share)
-                {
-                    obj.insert(to.to_owned(), v);
+///
+/// A typed edit of the stored document, validated again: what Envoy
+/// receives is always a config the filter accepts. If the transform ever
+/// produced one it does not (a bug), the stored document goes out as it is
+/// (valid, but with fleet-wide shares undivided), and the error is logged.
+pub fn per_envoy_config(filter: &FilterSettings, fleet: usize) -> FilterDoc {
+    let share = |rate: f64| rate / fleet.max(1) as f64;
+    let transformed = filter.config.edited(|raw| {
+        if let Some(rl) = raw.rate_limit.as_mut() {
+            for tenant in rl.tenants.values_mut() {
+                if let Some(fleet_rate) = tenant.fleet_rate {
+                    tenant.rate = Some(share(fleet_rate));
                 }
             }
+            for tier in rl.tiers.values_mut() {
+                if let Some(fleet_pool_rate) = tier.fleet_pool_rate {
+                    tier.pool_rate = Some(share(fleet_pool_rate));
+                }
+            }
+            rl.report
+                .get_or_insert_with(|| RawReport::new(filter.report_cluster.clone()));
         }
-        rl.entry("report")
-            .or_insert_with(|| serde_json::json!({"cluster": filter.report_cluster}));
-    }
-    let shadows = config
-        .get("routes")
-        .and_then(|v| v.as_array())
-        .is_some_and(|routes| {
-            routes
-                .iter()
-                .any(|r| r.get("shadow").is_some_and(|s| !s.is_null()))
-        });
-    if shadows && let Some(obj) = config.as_object_mut() {
-        obj.entry("shadow_report")
-            .or_insert_with(|| serde_json::json!({"cluster": filter.report_cluster}));
-    }
-    config
+        if raw.routes.iter().any(|r| r.shadow.is_some()) {
+            raw.shadow_report
+                .get_or_insert_with(|| RawShadowReport::new(filter.report_cluster.clone()));
+        }
+        Ok::<(), ModelError>(())
+    });
+    transformed.unwrap_or_else(|e| {
+        tracing::error!(error = %e, fleet, "the per-Envoy filter config did not validate; sending the stored one");
+        filter.config.clone()
+    })
 }
 
 /// The Wasm filter as Envoy loads it: V8 runtime, the module from the Envoy
 /// host's file system, and the JSON config as a `StringValue`.
-pub fn wasm_filter(filter: &FilterSettings, config: &serde_json::Value) -> Any {
+pub fn wasm_filter(filter: &FilterSettings, config: &FilterDoc) -> Any {
     let plugin = PluginConfig {
         name: FILTER_NAME.to_owned(),
         root_id: FILTER_NAME.to_owned(),
@@ -272,7 +267,10 @@ pub fn wasm_filter(filter: &FilterSettings, config: &serde_json::Value) -> Any {
             ..Default::default()
         })),
         configuration: Some(pack_any(StringValue {
-            value: config.to_string(),
+            // Serializing plain data (strings, numbers from validated JSON,
+            // maps with string keys) cannot fail; an empty string would
+            // mean "all defaults" to the filter.
+            value: serde_json::to_string(config).unwrap_or_default(),
         })),
         // The filter never panics on traffic (it reads peer bytes as bytes
         // and handles every host status), but if its VM does fail at run
@@ -321,10 +319,7 @@ fn listener(state: &DesiredState) -> Listener {
                         config_source: Some(ads()),
                         // Without a default, a failed first fetch makes the listener
                         // answer 500; the default is the filter with an empty config.
-                        default_config: Some(wasm_filter(
-                            &state.filter,
-                            &serde_json::Value::Object(Default::default()),
-                        )),
+                        default_config: Some(wasm_filter(&state.filter, &FilterDoc::default())),
                         apply_default_config_without_warming: false,
                         type_urls: vec![Wasm::type_url()],
                     },
@@ -494,68 +489,118 @@ mod tests {
         assert_eq!(clusters, vec!["shop-canary", "shop-stable"]);
     }
 
+    fn doc(value: serde_json::Value) -> FilterDoc {
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// The config one Envoy gets, as JSON, after checking that it is one
+    /// the filter accepts (parsed from its wire text by the filter's code).
+    fn sent(filter: &FilterSettings, fleet: usize) -> serde_json::Value {
+        let text = serde_json::to_string(&per_envoy_config(filter, fleet)).unwrap();
+        understudy_core::FilterConfig::from_json(text.as_bytes()).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
     #[test]
     fn fleet_rates_are_divided_among_connected_envoys() {
         let mut s = state(0);
-        s.filter.config = serde_json::json!({"rate_limit": {
-            "tiers": {"anonymous": {"initial": 1, "min": 1, "max": 1, "fleet_pool_rate": 90}},
+        s.filter.config = doc(serde_json::json!({"rate_limit": {
+            "identity": {"header": "x-tenant-id"},
+            "tiers": {"standard": {"initial": 1, "min": 1, "max": 1, "fleet_pool_rate": 90},
+                      "anonymous": {"initial": 1, "min": 1, "max": 1}},
             "tenants": {"big": {"fleet_rate": 60}, "small": {"rate": 5}}
-        }});
-        let c = per_envoy_config(&s.filter, 3);
+        }}));
+        let c = sent(&s.filter, 3);
         assert_eq!(c["rate_limit"]["tenants"]["big"]["rate"], 20.0);
         assert_eq!(
-            c["rate_limit"]["tenants"]["small"]["rate"], 5,
+            c["rate_limit"]["tenants"]["small"]["rate"], 5.0,
             "plain rates stay as they are"
         );
-        assert_eq!(c["rate_limit"]["tiers"]["anonymous"]["pool_rate"], 30.0);
+        assert_eq!(c["rate_limit"]["tiers"]["standard"]["pool_rate"], 30.0);
         assert_eq!(c["rate_limit"]["report"]["cluster"], "understudy_xds");
         assert_eq!(
-            per_envoy_config(&s.filter, 0)["rate_limit"]["tenants"]["big"]["rate"],
+            sent(&s.filter, 0)["rate_limit"]["tenants"]["big"]["rate"],
             60.0
         );
+        // The stored document keeps the fleet-wide figure only.
+        assert_eq!(
+            s.filter.config.raw().rate_limit.as_ref().unwrap().tenants["big"].rate,
+            None
+        );
         // No rate limits: nothing is added.
-        assert_eq!(per_envoy_config(&state(0).filter, 3), serde_json::json!({}));
+        assert_eq!(sent(&state(0).filter, 3), serde_json::json!({}));
     }
 
     #[test]
     fn shadow_reports_go_to_the_control_plane_by_default() {
         let mut s = state(0);
-        s.filter.config = serde_json::json!({"routes": [
+        s.filter.config = doc(serde_json::json!({"routes": [
             {"name": "a", "path_prefix": "/a"},
             {"name": "b", "shadow": {"cluster": "shop-canary"}}
-        ]});
-        let c = per_envoy_config(&s.filter, 1);
-        assert_eq!(
-            c["shadow_report"],
-            serde_json::json!({"cluster": "understudy_xds"})
-        );
-        understudy_core::FilterConfig::from_value(&c).unwrap();
+        ]}));
+        let c = sent(&s.filter, 1);
+        assert_eq!(c["shadow_report"]["cluster"], "understudy_xds");
         // An explicit shadow_report is kept as written.
-        s.filter.config["shadow_report"] =
-            serde_json::json!({"cluster": "elsewhere", "interval_ms": 500});
-        let c = per_envoy_config(&s.filter, 1);
+        s.filter.config = doc(serde_json::json!({"routes": [
+            {"name": "b", "shadow": {"cluster": "shop-canary"}}
+        ], "shadow_report": {"cluster": "elsewhere", "interval_ms": 500}}));
+        let c = sent(&s.filter, 1);
         assert_eq!(c["shadow_report"]["cluster"], "elsewhere");
         assert_eq!(c["shadow_report"]["interval_ms"], 500);
         // No route shadows: nothing is added.
-        s.filter.config = serde_json::json!({"routes": [{"name": "a"}]});
-        assert!(
-            per_envoy_config(&s.filter, 1)
-                .get("shadow_report")
-                .is_none()
-        );
+        s.filter.config = doc(serde_json::json!({"routes": [{"name": "a"}]}));
+        assert!(sent(&s.filter, 1).get("shadow_report").is_none());
+    }
+
+    proptest::proptest! {
+        /// Whatever the fleet size and the fleet-wide figures, what each
+        /// Envoy receives is a config the filter accepts, with the shares
+        /// divided as documented.
+        #[test]
+        fn every_envoys_config_validates(
+            fleet in 0usize..100_000,
+            fleet_rate in 0.001f64..1e9,
+            fleet_pool_rate in 0.001f64..1e9,
+            shadowed in proptest::bool::ANY,
+        ) {
+            let mut s = state(0);
+            let mut config = serde_json::json!({"rate_limit": {
+                "identity": {"header": "x-tenant-id"},
+                "tiers": {"standard": {"initial": 1, "min": 1, "max": 1, "fleet_pool_rate": fleet_pool_rate},
+                          "anonymous": {"initial": 1, "min": 1, "max": 1}},
+                "tenants": {"big": {"fleet_rate": fleet_rate}}
+            }});
+            if shadowed {
+                config["routes"] = serde_json::json!([{"name": "b", "shadow": {"cluster": "shop-canary"}}]);
+            }
+            s.filter.config = doc(config);
+            let transformed = per_envoy_config(&s.filter, fleet);
+            let rl = transformed.config().rate_limit().unwrap();
+            let raw = transformed.raw().rate_limit.as_ref().unwrap();
+            proptest::prop_assert_eq!(raw.tenants["big"].rate, Some(fleet_rate / fleet.max(1) as f64));
+            proptest::prop_assert!(rl.report.is_some());
+            proptest::prop_assert_eq!(transformed.config().shadow_report().is_some(), shadowed);
+            // And the wire text is what the filter parses to the same config.
+            let text = serde_json::to_string(&transformed).unwrap();
+            let parsed = understudy_core::FilterConfig::from_json(text.as_bytes()).unwrap();
+            proptest::prop_assert_eq!(&parsed, transformed.config());
+        }
     }
 
     #[test]
     fn the_filter_config_travels_as_json() {
         let mut s = state(0);
-        s.filter.config = serde_json::json!({"routes": [{"name": "all"}]});
+        s.filter.config = doc(serde_json::json!({"routes": [{"name": "all"}]}));
         let snap = Snapshot::build(&s, 1, 1);
         let ext: TypedExtensionConfig =
             decode(&snap.get(type_url::EXTENSION_CONFIG).unwrap().resources[FILTER_NAME]).unwrap();
         let wasm: Wasm = decode(ext.typed_config.as_ref().unwrap()).unwrap();
         let plugin = wasm.config.unwrap();
         let json: StringValue = decode(plugin.configuration.as_ref().unwrap()).unwrap();
-        assert_eq!(json.value, r#"{"routes":[{"name":"all"}]}"#);
+        assert_eq!(
+            json.value,
+            r#"{"routes":[{"name":"all","path_prefix":"/"}]}"#
+        );
         assert_eq!(plugin.failure_policy, FailurePolicy::FailReload as i32);
     }
 

@@ -504,6 +504,37 @@ pub enum DiffKind {
     BodyDiffers,
 }
 
+impl DiffKind {
+    /// Every kind, in wire order (the report proto numbers them 1..=9).
+    pub const ALL: [DiffKind; 9] = [
+        DiffKind::StatusChange,
+        DiffKind::MissingField,
+        DiffKind::ExtraField,
+        DiffKind::TypeChange,
+        DiffKind::ValueChange,
+        DiffKind::ArrayLength,
+        DiffKind::OrderOnly,
+        DiffKind::HeaderChange,
+        DiffKind::BodyDiffers,
+    ];
+
+    /// The kind's name: the same snake_case string serde writes, which the
+    /// API and the dashboard show (a unit test holds the two together).
+    pub fn name(self) -> &'static str {
+        match self {
+            DiffKind::StatusChange => "status_change",
+            DiffKind::MissingField => "missing_field",
+            DiffKind::ExtraField => "extra_field",
+            DiffKind::TypeChange => "type_change",
+            DiffKind::ValueChange => "value_change",
+            DiffKind::ArrayLength => "array_length",
+            DiffKind::OrderOnly => "order_only",
+            DiffKind::HeaderChange => "header_change",
+            DiffKind::BodyDiffers => "body_differs",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Bucket {
@@ -2075,6 +2106,13 @@ mod tests {
             proptest::prop_assert_eq!(d.bucket, Bucket::Serious);
             let old_text = old.to_string();
             proptest::prop_assert_eq!(d.primary.as_deref(), Some(old_text.as_str()));
+        }
+    }
+
+    #[test]
+    fn kind_names_are_the_serde_names() {
+        for kind in DiffKind::ALL {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.name());
         }
     }
 }

@@ -125,11 +125,29 @@ impl FilterConfig {
     }
 }
 
+/// What an empty config (`{}`) validates to: the default metric prefix,
+/// no routes, no limits.
+impl Default for FilterConfig {
+    fn default() -> Self {
+        Self {
+            stat_prefix: DEFAULT_STAT_PREFIX.to_owned(),
+            routes: Vec::new(),
+            rate_limit: None,
+            shadow_report: None,
+        }
+    }
+}
+
+/// The metric prefix when the config names none.
+pub const DEFAULT_STAT_PREFIX: &str = "understudy";
+
 impl TryFrom<RawFilterConfig> for FilterConfig {
     type Error = ConfigError;
 
     fn try_from(raw: RawFilterConfig) -> Result<Self, Self::Error> {
-        let stat_prefix = raw.stat_prefix.unwrap_or_else(|| "understudy".to_owned());
+        let stat_prefix = raw
+            .stat_prefix
+            .unwrap_or_else(|| DEFAULT_STAT_PREFIX.to_owned());
         validate_name("stat_prefix", &stat_prefix)?;
         if raw.routes.len() > MAX_ROUTES {
             return Err(ConfigError::TooManyRoutes {
@@ -314,5 +332,13 @@ mod tests {
                 proptest::prop_assert!(first <= i);
             }
         }
+    }
+
+    #[test]
+    fn the_default_is_what_an_empty_config_validates_to() {
+        assert_eq!(
+            FilterConfig::from_json(b"{}").unwrap(),
+            FilterConfig::default()
+        );
     }
 }

@@ -93,6 +93,17 @@ pub struct RawReport {
     pub max_tenants: usize,
 }
 
+impl RawReport {
+    /// Reports to `cluster` at the default interval and tenant count.
+    pub fn new(cluster: impl Into<String>) -> Self {
+        Self {
+            cluster: cluster.into(),
+            interval_ms: report_interval(),
+            max_tenants: report_tenants(),
+        }
+    }
+}
+
 fn report_interval() -> u64 {
     2_000
 }

@@ -119,6 +119,39 @@ pub struct RawHeaderMatch {
     pub value: String,
 }
 
+impl RawShadowConfig {
+    /// Every request copied to `cluster`, everything else at its default
+    /// (what `{"cluster": ...}` means when written).
+    pub fn new(cluster: impl Into<String>) -> Self {
+        Self {
+            cluster: cluster.into(),
+            percent: default_percent(),
+            sample_key: None,
+            unsafe_methods: false,
+            strip_headers: default_strip(),
+            add_headers: BTreeMap::new(),
+            timeout_ms: default_timeout(),
+            max_body_bytes: default_body_bytes(),
+            record_body_bytes: default_record_bytes(),
+            compare: RawCompareConfig::default(),
+            expected: Vec::new(),
+            redact: Vec::new(),
+            calibration: false,
+        }
+    }
+}
+
+impl RawShadowReport {
+    /// Reports to `cluster` at the default interval and queue size.
+    pub fn new(cluster: impl Into<String>) -> Self {
+        Self {
+            cluster: cluster.into(),
+            interval_ms: default_report_interval(),
+            max_records: default_max_records(),
+        }
+    }
+}
+
 fn default_percent() -> f64 {
     100.0
 }
