@@ -1,0 +1,223 @@
+//! What Envoy does when the filter fails, end to end, with the filter built
+//! with its test-only `fault-injection` feature (`filter/src/fault.rs`,
+//! built by `cargo xtask setup` into `target/fault/`):
+//! - the first filter config over ECDS is rejected: the listener serves on
+//!   the ECDS `default_config` (the filter with an empty config), and the
+//!   filter's own config takes over once a good one is pushed;
+//! - a VM traps on a request: that request gets Envoy's 503
+//!   (`FAIL_RELOAD` falls back to fail-closed for it), Envoy starts a fresh
+//!   VM, and the following requests flow through a working filter.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use understudy_e2e::stack::Stack;
+use understudy_e2e::{paths, traffic, wait};
+
+/// `filter/src/fault.rs`: the header that traps the VM, and the
+/// `stat_prefix` its `on_configure` refuses.
+const TRAP_HEADER: &str = "x-fault-injection";
+const REJECTED_STAT_PREFIX: &str = "fault_injection_reject";
+
+const ECDS_REJECTED: &str = "extension_config_discovery.http_filter.understudy.update_rejected";
+const ECDS_SUCCESS: &str = "extension_config_discovery.http_filter.understudy.config_reload";
+
+fn fault_wasm() -> Result<String> {
+    Ok(paths::fault_filter_wasm()?.display().to_string())
+}
+
+fn requests_total(prefix: &str) -> String {
+    format!("wasmcustom.{prefix}.requests_total")
+}
+
+async fn wait_stat(stack: &Stack, name: &str, at_least: u64) -> Result<u64> {
+    wait::until(
+        &format!("{name} >= {at_least}"),
+        Duration::from_secs(15),
+        || async move {
+            let v = stack.envoy.stat(name).await?.unwrap_or(0);
+            Ok((v >= at_least).then_some(v))
+        },
+    )
+    .await
+}
+
+/// Every Envoy stat whose name contains `part`, for failure messages.
+async fn stats_with(stack: &Stack, part: &str) -> Result<Vec<(String, String)>> {
+    Ok(stack
+        .envoy
+        .stats()
+        .await?
+        .into_iter()
+        .filter(|(k, _)| k.contains(part))
+        .collect())
+}
+
+/// A request carrying an internal header a client must not send: a filter
+/// that runs strips it before the upstream sees it. Returns the status and
+/// whether the upstream saw the header.
+async fn forged(stack: &Stack) -> Result<(u16, bool)> {
+    let before = stack.stable.state.seen().len();
+    let r = stack
+        .http
+        .get(&stack.url)
+        .header("x-understudy-shadow", "1")
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let seen = stack.stable.state.seen();
+    let leaked = seen
+        .get(before..)
+        .unwrap_or_default()
+        .iter()
+        .any(|s| s.headers.contains_key("x-understudy-shadow"));
+    Ok((status, leaked))
+}
+
+/// The first filter config Envoy is sent is one the filter refuses, so the
+/// first ECDS fetch fails (a NACK) while LDS, RDS and CDS succeed. The
+/// listener still serves, through the filter on its `default_config` (it
+/// counts requests under the default prefix and strips internal headers);
+/// a good config pushed afterwards is ACKed and takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_first_filter_config_leaves_the_listener_serving_on_the_default() -> Result<()>
+{
+    let wasm = fault_wasm()?;
+    let bad = json!({
+        "stat_prefix": REJECTED_STAT_PREFIX,
+        "routes": [{"name": "all", "path_prefix": "/"}]
+    });
+    // `Stack::start_with` returns once the listener answers 200.
+    let stack = Stack::start_with(|s| {
+        s.filter.wasm_path = wasm.clone();
+        s.filter.config = bad.clone();
+    })
+    .await?;
+    // The first ECDS fetch failed: NACKed, recorded, nothing ACKed.
+    wait_stat(&stack, ECDS_REJECTED, 1).await?;
+    let status = stack.envoy_status().await?.context("Envoy not listed")?;
+    let ecds = &status["types"]["ecds"];
+    assert!(ecds["acked_version"].is_null(), "{ecds:#}");
+    assert_eq!(ecds["last_nack"]["version"], ecds["sent_version"], "{ecds:#}");
+    assert_eq!(stack.applied_filter_config().await?, None);
+    let nacks = stack.api_get("/v1/nacks").await?;
+    assert_eq!(
+        nacks[0]["type_url"], "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+        "{nacks:#}"
+    );
+
+    // The listener serves, through the filter on its default config.
+    let counted = stack
+        .envoy
+        .stat(&requests_total("understudy"))
+        .await?
+        .unwrap_or(0);
+    let tally = traffic::send(&stack.url, 50, 4).await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    assert_eq!(tally.version("v1"), 50, "{tally:?}");
+    wait_stat(&stack, &requests_total("understudy"), counted + 50).await?;
+    let (status, leaked) = forged(&stack).await?;
+    assert_eq!(status, 200);
+    assert!(!leaked, "the default filter did not strip x-understudy-shadow");
+    assert_eq!(stack.envoy.stat(&requests_total(REJECTED_STAT_PREFIX)).await?, None);
+
+    // A good config comes, is ACKed, and the filter runs on it.
+    let good = json!({"stat_prefix": "recovered", "routes": [{"name": "all", "path_prefix": "/"}]});
+    let (code, answer) = stack
+        .api_put("/v1/filter", &json!({"wasm_path": wasm, "config": good}))
+        .await?;
+    assert_eq!(code, 200, "{answer}");
+    wait::until(
+        "Envoy to apply the good filter config",
+        Duration::from_secs(15),
+        || async {
+            let applied = stack.applied_filter_config().await?;
+            Ok((applied.as_ref().map(|c| &c["stat_prefix"]) == Some(&json!("recovered")))
+                .then_some(()))
+        },
+    )
+    .await?;
+    let status = stack.envoy_status().await?.context("Envoy not listed")?;
+    let ecds = &status["types"]["ecds"];
+    assert_eq!(ecds["acked_version"], ecds["sent_version"], "{ecds:#}");
+    let tally = traffic::send(&stack.url, 30, 3).await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    wait_stat(&stack, &requests_total("recovered"), 30).await?;
+    wait_stat(&stack, "wasmcustom.recovered.route.all.requests_total", 30)
+        .await
+        .with_context(|| "the route metric of the good config")?;
+    Ok(())
+}
+
+/// A VM that traps mid-request: that request gets Envoy's 503, the next
+/// ones flow, Envoy reloads the VM (`FAIL_RELOAD`) and the filter works
+/// again on the same worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_traps_is_reloaded_and_traffic_keeps_flowing() -> Result<()> {
+    let wasm = fault_wasm()?;
+    let stack = Stack::start_with(|s| s.filter.wasm_path = wasm.clone()).await?;
+    let tally = traffic::send(&stack.url, 20, 2).await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    let reloads_before = reload_successes(&stack).await?;
+
+    // Trap each of Envoy's two workers' VMs (connections land on either):
+    // every trapped request is answered 503 by Envoy, never by the upstream.
+    let upstream_before = stack.stable.state.requests();
+    let mut trapped = 0;
+    for _ in 0..4 {
+        let r = traffic::client()
+            .get(&stack.url)
+            .header(TRAP_HEADER, "trap")
+            .send()
+            .await?;
+        assert_eq!(r.status(), 503, "{:?}", r.text().await);
+        trapped += 1;
+    }
+    assert_eq!(
+        stack.stable.state.requests(),
+        upstream_before,
+        "a trapped request reached the upstream"
+    );
+
+    // Traffic keeps flowing, and Envoy reloads the VM.
+    let counted = stack
+        .envoy
+        .stat(&requests_total("understudy"))
+        .await?
+        .unwrap_or(0);
+    let tally = traffic::send(&stack.url, 200, 4).await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    let reloads = wait::until(
+        "Envoy to report a VM reload",
+        Duration::from_secs(15),
+        || async {
+            let n = reload_successes(&stack).await?;
+            Ok((n > reloads_before).then_some(n))
+        },
+    )
+    .await
+    .with_context(|| format!("after {trapped} traps"))?;
+    assert!(reloads > reloads_before);
+    // The reloaded filter runs: it counts every request and strips a
+    // forged internal header.
+    wait_stat(&stack, &requests_total("understudy"), counted + 200).await?;
+    for _ in 0..8 {
+        let (status, leaked) = forged(&stack).await?;
+        assert_eq!(status, 200);
+        assert!(!leaked, "a request went through without the filter");
+    }
+    let _ = ECDS_SUCCESS;
+    let _: Option<Value> = None;
+    Ok(())
+}
+
+/// Envoy's count of successful VM reloads (FAIL_RELOAD), summed over the
+/// stats that carry it.
+async fn reload_successes(stack: &Stack) -> Result<u64> {
+    Ok(stats_with(stack, "reload_success")
+        .await?
+        .into_iter()
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum())
+}
