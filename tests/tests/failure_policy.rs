@@ -8,10 +8,11 @@
 //!   (`FAIL_RELOAD` falls back to fail-closed for it), Envoy starts a fresh
 //!   VM, and the following requests flow through a working filter.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
+use serde_json::json;
 use understudy_e2e::stack::Stack;
 use understudy_e2e::{paths, traffic, wait};
 
@@ -21,7 +22,9 @@ const TRAP_HEADER: &str = "x-fault-injection";
 const REJECTED_STAT_PREFIX: &str = "fault_injection_reject";
 
 const ECDS_REJECTED: &str = "extension_config_discovery.http_filter.understudy.update_rejected";
-const ECDS_SUCCESS: &str = "extension_config_discovery.http_filter.understudy.config_reload";
+/// Envoy's FAIL_RELOAD stats for the filter (`wasm.<plugin>.vm_reload_*`).
+const RELOAD_SUCCESS: &str = "wasm.understudy.vm_reload_success";
+const RELOAD_BACKOFF: &str = "wasm.understudy.vm_reload_backoff";
 
 fn fault_wasm() -> Result<String> {
     Ok(paths::fault_filter_wasm()?.display().to_string())
@@ -81,8 +84,7 @@ async fn forged(stack: &Stack) -> Result<(u16, bool)> {
 /// counts requests under the default prefix and strips internal headers);
 /// a good config pushed afterwards is ACKed and takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_first_filter_config_leaves_the_listener_serving_on_the_default() -> Result<()>
-{
+async fn a_rejected_first_filter_config_leaves_the_listener_serving_on_the_default() -> Result<()> {
     let wasm = fault_wasm()?;
     let bad = json!({
         "stat_prefix": REJECTED_STAT_PREFIX,
@@ -99,8 +101,12 @@ async fn a_rejected_first_filter_config_leaves_the_listener_serving_on_the_defau
     let status = stack.envoy_status().await?.context("Envoy not listed")?;
     let ecds = &status["types"]["ecds"];
     assert!(ecds["acked_version"].is_null(), "{ecds:#}");
-    assert_eq!(ecds["last_nack"]["version"], ecds["sent_version"], "{ecds:#}");
-    assert_eq!(stack.applied_filter_config().await?, None);
+    assert_eq!(
+        ecds["last_nack"]["version"], ecds["sent_version"],
+        "{ecds:#}"
+    );
+    // (Envoy's `ecds_filters` config dump lists the refused config all the
+    // same, so what is in force is read from the filter's own stats.)
     let nacks = stack.api_get("/v1/nacks").await?;
     assert_eq!(
         nacks[0]["type_url"], "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
@@ -119,8 +125,17 @@ async fn a_rejected_first_filter_config_leaves_the_listener_serving_on_the_defau
     wait_stat(&stack, &requests_total("understudy"), counted + 50).await?;
     let (status, leaked) = forged(&stack).await?;
     assert_eq!(status, 200);
-    assert!(!leaked, "the default filter did not strip x-understudy-shadow");
-    assert_eq!(stack.envoy.stat(&requests_total(REJECTED_STAT_PREFIX)).await?, None);
+    assert!(
+        !leaked,
+        "the default filter did not strip x-understudy-shadow"
+    );
+    assert_eq!(
+        stack
+            .envoy
+            .stat(&requests_total(REJECTED_STAT_PREFIX))
+            .await?,
+        None
+    );
 
     // A good config comes, is ACKed, and the filter runs on it.
     let good = json!({"stat_prefix": "recovered", "routes": [{"name": "all", "path_prefix": "/"}]});
@@ -133,8 +148,10 @@ async fn a_rejected_first_filter_config_leaves_the_listener_serving_on_the_defau
         Duration::from_secs(15),
         || async {
             let applied = stack.applied_filter_config().await?;
-            Ok((applied.as_ref().map(|c| &c["stat_prefix"]) == Some(&json!("recovered")))
-                .then_some(()))
+            Ok(
+                (applied.as_ref().map(|c| &c["stat_prefix"]) == Some(&json!("recovered")))
+                    .then_some(()),
+            )
         },
     )
     .await?;
@@ -150,37 +167,77 @@ async fn a_rejected_first_filter_config_leaves_the_listener_serving_on_the_defau
     Ok(())
 }
 
-/// A VM that traps mid-request: that request gets Envoy's 503, the next
-/// ones flow, Envoy reloads the VM (`FAIL_RELOAD`) and the filter works
-/// again on the same worker.
+/// Sends one request that traps the VM of the worker `client`'s connection
+/// is on; asserts Envoy answered it (503) without the upstream seeing it.
+async fn trap(stack: &Stack, client: &reqwest::Client) -> Result<()> {
+    let upstream_before = stack.stable.state.requests();
+    let r = client
+        .get(&stack.url)
+        .header(TRAP_HEADER, "trap")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 503, "{:?}", r.text().await);
+    assert_eq!(
+        stack.stable.state.requests(),
+        upstream_before,
+        "the trapped request reached the upstream"
+    );
+    Ok(())
+}
+
+/// A VM that traps mid-request: that request gets Envoy's 503 and never
+/// reaches the upstream; Envoy starts a fresh VM (FAIL_RELOAD), and the
+/// filter works again on that worker: it counts requests, strips forged
+/// internal headers, and every request flows. The requests that came while
+/// Envoy waited out its reload backoff are counted: each got a 503, and
+/// Envoy's `vm_reload_backoff` says so (see the next test for why that is
+/// a problem).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_that_traps_is_reloaded_and_traffic_keeps_flowing() -> Result<()> {
+async fn a_trapped_vm_answers_503_and_envoy_reloads_a_working_filter() -> Result<()> {
     let wasm = fault_wasm()?;
     let stack = Stack::start_with(|s| s.filter.wasm_path = wasm.clone()).await?;
     let tally = traffic::send(&stack.url, 20, 2).await;
     assert_eq!(tally.failures(), 0, "{tally:?}");
-    let reloads_before = reload_successes(&stack).await?;
+    let reloads_before = stack.envoy.stat(RELOAD_SUCCESS).await?.unwrap_or(0);
+    let backoff_before = stack.envoy.stat(RELOAD_BACKOFF).await?.unwrap_or(0);
 
-    // Trap each of Envoy's two workers' VMs (connections land on either):
-    // every trapped request is answered 503 by Envoy, never by the upstream.
-    let upstream_before = stack.stable.state.requests();
-    let mut trapped = 0;
-    for _ in 0..4 {
-        let r = traffic::client()
-            .get(&stack.url)
-            .header(TRAP_HEADER, "trap")
-            .send()
-            .await?;
-        assert_eq!(r.status(), 503, "{:?}", r.text().await);
-        trapped += 1;
-    }
+    // `stack.http` keeps one connection, so every request below lands on
+    // the worker whose VM trapped.
+    trap(&stack, &stack.http).await?;
+    let failed_after = AtomicU64::new(0);
+    wait::until(
+        "a request after the trap to be served",
+        Duration::from_secs(10),
+        || {
+            let r = stack.http.get(&stack.url).send();
+            let failed = &failed_after;
+            async move {
+                let status = r.await?.status().as_u16();
+                if status == 503 {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok((status == 200).then_some(()))
+            }
+        },
+    )
+    .await?;
+    let reloads = wait_stat(&stack, RELOAD_SUCCESS, reloads_before + 1).await?;
     assert_eq!(
-        stack.stable.state.requests(),
-        upstream_before,
-        "a trapped request reached the upstream"
+        reloads,
+        reloads_before + 1,
+        "{:?}",
+        stats_with(&stack, "vm_reload").await?
+    );
+    // Every request refused after the trap was refused by the reload
+    // backoff, none by anything else.
+    assert_eq!(
+        stack.envoy.stat(RELOAD_BACKOFF).await?.unwrap_or(0),
+        backoff_before + failed_after.load(Ordering::Relaxed),
+        "{:?}",
+        stats_with(&stack, "vm_reload").await?
     );
 
-    // Traffic keeps flowing, and Envoy reloads the VM.
+    // The reloaded filter runs, and traffic flows.
     let counted = stack
         .envoy
         .stat(&requests_total("understudy"))
@@ -188,36 +245,47 @@ async fn a_vm_that_traps_is_reloaded_and_traffic_keeps_flowing() -> Result<()> {
         .unwrap_or(0);
     let tally = traffic::send(&stack.url, 200, 4).await;
     assert_eq!(tally.failures(), 0, "{tally:?}");
-    let reloads = wait::until(
-        "Envoy to report a VM reload",
-        Duration::from_secs(15),
-        || async {
-            let n = reload_successes(&stack).await?;
-            Ok((n > reloads_before).then_some(n))
-        },
-    )
-    .await
-    .with_context(|| format!("after {trapped} traps"))?;
-    assert!(reloads > reloads_before);
-    // The reloaded filter runs: it counts every request and strips a
-    // forged internal header.
     wait_stat(&stack, &requests_total("understudy"), counted + 200).await?;
     for _ in 0..8 {
         let (status, leaked) = forged(&stack).await?;
         assert_eq!(status, 200);
         assert!(!leaked, "a request went through without the filter");
     }
-    let _ = ECDS_SUCCESS;
-    let _: Option<Value> = None;
     Ok(())
 }
 
-/// Envoy's count of successful VM reloads (FAIL_RELOAD), summed over the
-/// stats that carry it.
-async fn reload_successes(stack: &Stack) -> Result<u64> {
-    Ok(stats_with(stack, "reload_success")
-        .await?
-        .into_iter()
-        .filter_map(|(_, v)| v.parse::<u64>().ok())
-        .sum())
+/// The promise "a VM that fails keeps traffic flowing": after one trapped
+/// request, the next requests on that worker are served. Requests come
+/// every 20 ms on the trapped worker's connection for 1.5 s.
+///
+/// Fails on Envoy 1.40 with the control plane's current filter config:
+/// FAIL_RELOAD waits out `reload_config.backoff` (default base 1 s) before
+/// it reloads, and answers every request on that worker 503 meanwhile
+/// (about 50 here; under real load, every request of that worker for a
+/// second). Counted by `wasm.understudy.vm_reload_backoff`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_requests_after_a_trapped_one_are_served() -> Result<()> {
+    let wasm = fault_wasm()?;
+    let stack = Stack::start_with(|s| s.filter.wasm_path = wasm.clone()).await?;
+    let tally = traffic::send(&stack.url, 20, 2).await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    trap(&stack, &stack.http).await?;
+    let started = std::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    let mut statuses = Vec::new();
+    while started.elapsed() < Duration::from_millis(1500) {
+        ticker.tick().await;
+        let r = stack.http.get(&stack.url).send().await?;
+        statuses.push((started.elapsed().as_millis(), r.status().as_u16()));
+    }
+    let failed: Vec<_> = statuses.iter().filter(|(_, s)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests after the trapped one failed (the last at {} ms): {:?}",
+        failed.len(),
+        statuses.len(),
+        failed.last().map_or(0, |(t, _)| *t),
+        stats_with(&stack, "vm_reload").await?
+    );
+    Ok(())
 }
