@@ -256,7 +256,8 @@ async fn a_trapped_vm_answers_503_and_envoy_reloads_a_working_filter() -> Result
 
 /// The promise "a VM that fails keeps traffic flowing": after one trapped
 /// request, the next requests on that worker are served. Requests come
-/// every 20 ms on the trapped worker's connection for 1.5 s.
+/// every 20 ms on the trapped worker's connection for 1.5 s, and the
+/// filter counts each of them.
 ///
 /// Fails on Envoy 1.40 with the control plane's current filter config:
 /// FAIL_RELOAD waits out `reload_config.backoff` (default base 1 s) before
@@ -270,6 +271,11 @@ async fn the_requests_after_a_trapped_one_are_served() -> Result<()> {
     let tally = traffic::send(&stack.url, 20, 2).await;
     assert_eq!(tally.failures(), 0, "{tally:?}");
     trap(&stack, &stack.http).await?;
+    let counted = stack
+        .envoy
+        .stat(&requests_total("understudy"))
+        .await?
+        .unwrap_or(0);
     let started = std::time::Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
     let mut statuses = Vec::new();
@@ -287,5 +293,13 @@ async fn the_requests_after_a_trapped_one_are_served() -> Result<()> {
         failed.last().map_or(0, |(t, _)| *t),
         stats_with(&stack, "vm_reload").await?
     );
+    // Served through the filter, not around it (FAIL_OPEN would serve them
+    // with the filter off): it counted every one.
+    wait_stat(
+        &stack,
+        &requests_total("understudy"),
+        counted + statuses.len() as u64,
+    )
+    .await?;
     Ok(())
 }
