@@ -303,3 +303,22 @@ async fn the_requests_after_a_trapped_one_are_served() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// The most common failed first fetch on a fresh node: the filter's module
+/// is not on its disk (a bad deploy, a wrong `wasm_path`). The listener
+/// must still serve.
+///
+/// Fails on Envoy 1.40 with the control plane's current listener: the ECDS
+/// `default_config` is the same Wasm filter with the same `wasm_path`, so
+/// Envoy rejects the listener itself (LDS NACK, "Invalid path: ...") and
+/// nothing listens: connections are refused. The default cannot help in
+/// exactly the case it exists for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_module_on_a_fresh_envoy_leaves_the_listener_serving() -> Result<()> {
+    let stack = Stack::start_with(|s| s.filter.wasm_path = "/nonexistent/understudy.wasm".into())
+        .await
+        .context("the listener never answered (Envoy rejects LDS when the default_config's module is missing)")?;
+    let tally = traffic::send(&stack.url, 20, 2).await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    Ok(())
+}

@@ -209,6 +209,20 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    // And its test-only fault hooks (a check writes no .wasm, so the
+    // default target dir is safe and its dependencies are reused).
+    cargo(&[
+        "clippy",
+        "-p",
+        "understudy-filter",
+        "--target",
+        "wasm32-wasip1",
+        "--features",
+        "fault-injection",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     // Two test threads: each e2e test runs an Envoy with two workers on a 2-core machine.
     cargo(&["test", "--workspace", "--", "--test-threads", "2"])?;
     demo_smoke()
