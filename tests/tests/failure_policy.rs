@@ -322,3 +322,24 @@ async fn a_missing_module_on_a_fresh_envoy_leaves_the_listener_serving() -> Resu
     assert_eq!(tally.failures(), 0, "{tally:?}");
     Ok(())
 }
+
+/// The hooks above are test-only: the module `cargo xtask setup` builds for
+/// shipping has none of them (their log lines are not in it), and the fault
+/// build does.
+#[test]
+fn the_shipped_module_has_no_fault_hooks() -> Result<()> {
+    let has = |path: std::path::PathBuf| -> Result<bool> {
+        let bytes = std::fs::read(&path)?;
+        let marker = b"fault injection: trapping the VM";
+        Ok(bytes.windows(marker.len()).any(|w| w == marker))
+    };
+    assert!(
+        !has(paths::filter_wasm()?)?,
+        "the shipped module has the fault hooks"
+    );
+    assert!(
+        has(paths::fault_filter_wasm()?)?,
+        "the fault build has no fault hooks"
+    );
+    Ok(())
+}

@@ -260,6 +260,11 @@ async fn verbs_move_envoy_as_the_api_says_and_record_who_acted() -> Result<()> {
         "{:#}",
         r["audit"]
     );
+    // Who created it is recorded too; the engine's own moves are its.
+    assert_eq!(r["created_by"], OPERATOR, "{r:#}");
+    assert_eq!(r["audit"][0]["actor"], OPERATOR, "{r:#}");
+    assert_eq!(r["audit"][0]["reason"], "created by e2e-operator", "{r:#}");
+    assert_eq!(r["audit"][3]["actor"], "engine", "{r:#}");
     // The gate holds step 2's weight in Envoy until someone approves.
     stack.wait_weights(70, 30, Duration::from_secs(10)).await?;
     assert_holds(&stack, &id, 30).await?;
