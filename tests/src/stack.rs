@@ -225,8 +225,11 @@ impl Stack {
             .map_or(0, |(_, w)| w))
     }
 
-    /// The filter config Envoy has applied over ECDS (the JSON inside the
-    /// Wasm plugin's `configuration`), `None` before it has one.
+    /// The filter config Envoy lists in its ECDS config dump (the JSON
+    /// inside the Wasm plugin's `configuration`), `None` before it has one.
+    /// Envoy 1.40 lists a config whose `on_configure` refused it (a NACK)
+    /// here too; a config it could not load at all (a missing module) it
+    /// does not. Where a NACK is possible, read the filter's stats instead.
     pub async fn applied_filter_config(&self) -> Result<Option<Value>> {
         let dump = self.envoy.config_dump("ecds_filters").await?;
         let Some(text) = envoy::find_key(&dump, "configuration")
