@@ -33,6 +33,8 @@ mod abi;
 pub mod dedupe;
 #[cfg(test)]
 mod fake;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod hedging;
 pub mod host;
 pub mod ratelimit;
@@ -222,6 +224,14 @@ impl RootContext for Root {
                 return false;
             }
         };
+        #[cfg(feature = "fault-injection")]
+        if fault::rejects(&bytes) {
+            host.log(
+                LogLevel::Error,
+                "understudy: fault injection: rejecting configuration",
+            );
+            return false;
+        }
         let worker = FilterConfig::from_json(&bytes)
             .map_err(|e| e.to_string())
             .and_then(|config| Worker::new(host, config));
@@ -311,6 +321,8 @@ impl Context for Http {}
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let host = Rc::clone(&self.host);
+        #[cfg(feature = "fault-injection")]
+        fault::on_request_headers(&*host);
         // Before anything else: a client must not speak for the filter. The
         // filter's own hedges and shadow copies leave through
         // `dispatch_http_call` straight to their cluster, never through this

@@ -68,6 +68,25 @@ pub fn filter_wasm() -> Result<PathBuf> {
     )
 }
 
+/// Where `cargo xtask setup` builds the filter with its `fault-injection`
+/// feature (relative to the repository root).
+pub const FAULT_TARGET_DIR: &str = "target/fault";
+
+/// The filter built with its test-only `fault-injection` feature
+/// (`filter/src/fault.rs`): never the shipped module.
+pub fn fault_filter_wasm() -> Result<PathBuf> {
+    let wasm = repo_root()
+        .join(FAULT_TARGET_DIR)
+        .join("wasm32-wasip1/release/understudy_filter.wasm");
+    if wasm.is_file() {
+        return Ok(wasm);
+    }
+    bail!(
+        "the fault-injection filter is not built ({} is missing). Run `{SETUP_COMMAND}` (it builds it with `--features fault-injection --target-dir {FAULT_TARGET_DIR}`)",
+        wasm.display()
+    )
+}
+
 /// A committed Envoy config under `envoy/`.
 pub fn envoy_config(name: &str) -> PathBuf {
     repo_root().join("envoy").join(name)

@@ -146,10 +146,17 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`Stack::start`] from the default desired state as `edit` leaves it
+    /// (another wasm path, another first filter config).
+    pub async fn start_with(edit: impl FnOnce(&mut DesiredState)) -> Result<Self> {
         let stable = UpstreamHandle::start("v1", Behavior::default()).await?;
         let canary = UpstreamHandle::start("v2", Behavior::default()).await?;
         let listener_port = free_port()?;
-        let state = desired_state(listener_port, stable.addr, canary.addr)?;
+        let mut state = desired_state(listener_port, stable.addr, canary.addr)?;
+        edit(&mut state);
         let cp = ControlPlane::start(&state).await?;
         let envoy = start_envoy(&cp, NODE_ID).await?;
         let stack = Self {
@@ -216,6 +223,24 @@ impl Stack {
             .into_iter()
             .find(|(c, _)| *c == canary)
             .map_or(0, |(_, w)| w))
+    }
+
+    /// The filter config Envoy lists in its ECDS config dump (the JSON
+    /// inside the Wasm plugin's `configuration`), `None` before it has one.
+    /// Envoy 1.40 lists a config whose `on_configure` refused it (a NACK)
+    /// here too; a config it could not load at all (a missing module) it
+    /// does not. Where a NACK is possible, read the filter's stats instead.
+    pub async fn applied_filter_config(&self) -> Result<Option<Value>> {
+        let dump = self.envoy.config_dump("ecds_filters").await?;
+        let Some(text) = envoy::find_key(&dump, "configuration")
+            .and_then(|c| c.get("value"))
+            .and_then(Value::as_str)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            serde_json::from_str(text).context("the applied filter config")?,
+        ))
     }
 
     /// Waits until Envoy's applied route weights are `(stable, canary)`.

@@ -150,6 +150,23 @@ fn setup() -> Result<()> {
         "--release",
     ])?;
     paths::filter_wasm()?;
+    // The test-only variant with fault hooks (tests/tests/failure_policy.rs),
+    // in a target directory of its own so it never replaces the module
+    // above; cargo rebuilds it only when the filter changes.
+    let fault_dir = paths::repo_root().join(paths::FAULT_TARGET_DIR);
+    cargo(&[
+        "build",
+        "-p",
+        "understudy-filter",
+        "--target",
+        "wasm32-wasip1",
+        "--release",
+        "--features",
+        "fault-injection",
+        "--target-dir",
+        &fault_dir.display().to_string(),
+    ])?;
+    paths::fault_filter_wasm()?;
     Ok(())
 }
 
@@ -188,6 +205,20 @@ fn test() -> Result<()> {
         "understudy-filter",
         "--target",
         "wasm32-wasip1",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    // And its test-only fault hooks (a check writes no .wasm, so the
+    // default target dir is safe and its dependencies are reused).
+    cargo(&[
+        "clippy",
+        "-p",
+        "understudy-filter",
+        "--target",
+        "wasm32-wasip1",
+        "--features",
+        "fault-injection",
         "--",
         "-D",
         "warnings",
