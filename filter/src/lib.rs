@@ -97,8 +97,7 @@ pub struct Worker {
 
 type Shared = Rc<RefCell<Worker>>;
 
-/// Headers only the filter (and its hedges and shadow copies) may set.
-pub const INTERNAL_HEADER_PREFIX: &str = "x-understudy-";
+pub use understudy_core::http::INTERNAL_HEADER_PREFIX;
 
 impl Worker {
     fn new(host: &Rc<dyn Host>, config: FilterConfig) -> Result<Self, String> {

@@ -10,10 +10,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::common::mutation_rules::v3::{
+    HeaderMutation as HeaderMutationRule, header_mutation,
+};
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, AsyncDataSource, ConfigSource, DataSource,
-    ExtensionConfigSource, SocketAddress, TypedExtensionConfig, address, async_data_source,
-    config_source, data_source, socket_address,
+    Address, AggregatedConfigSource, ApiVersion, AsyncDataSource, BackoffStrategy, ConfigSource,
+    DataSource, ExtensionConfigSource, SocketAddress, TypedExtensionConfig, address,
+    async_data_source, config_source, data_source, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -23,14 +26,18 @@ use envoy_types::pb::envoy::config::route::v3::{
     Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, route,
     route_action, route_match, weighted_cluster,
 };
+use envoy_types::pb::envoy::extensions::filters::http::header_mutation::v3::{
+    HeaderMutation, Mutations,
+};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::wasm::v3::{
-    FailurePolicy, PluginConfig, VmConfig, plugin_config,
+    FailurePolicy, PluginConfig, ReloadConfig, VmConfig, plugin_config,
 };
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, StringValue, UInt32Value};
 use envoy_types::util::pack_any;
 use prost::{Message, Name};
@@ -277,10 +284,19 @@ pub fn wasm_filter(filter: &FilterSettings, config: &FilterDoc) -> Any {
         // time, FAIL_RELOAD makes Envoy start a fresh VM for the next request
         // instead of leaving the filter (rate limits, dedupe, shadowing,
         // hedging) off on that worker until the next config push, as
-        // FAIL_OPEN did. Envoy falls back to FAIL_CLOSED (503) for the request
-        // that failed and for failures other than a runtime error (tried on
-        // Envoy 1.40: one 503, then `vm_reload_success` and a working VM).
+        // FAIL_OPEN did. Envoy answers 503 for the request that failed, and
+        // for every request on that worker until the reload backoff has
+        // passed (`wasm.understudy.vm_reload_backoff`): Envoy's default
+        // base of 1 s refused about 50 requests in a row on one connection
+        // in `tests/tests/failure_policy.rs`, so the backoff starts at
+        // 10 ms (a VM that keeps failing still backs off, up to 1 s).
         failure_policy: FailurePolicy::FailReload as i32,
+        reload_config: Some(ReloadConfig {
+            backoff: Some(BackoffStrategy {
+                base_interval: Some(duration(Duration::from_millis(10))),
+                max_interval: Some(duration(Duration::from_secs(1))),
+            }),
+        }),
         // Lets the filter hold request headers while it reads the body
         // (Idempotency-Key fingerprints) instead of Envoy's default, which
         // turns a pause on headers into "stop everything" and never delivers the body.
@@ -289,6 +305,32 @@ pub fn wasm_filter(filter: &FilterSettings, config: &FilterDoc) -> Any {
     };
     pack_any(Wasm {
         config: Some(plugin),
+    })
+}
+
+/// What the listener runs until Envoy has accepted the filter: traffic
+/// flows (fail open: no limits, no hedging, no shadowing), and the filter's
+/// `x-understudy-*` request headers are removed, as the filter itself does,
+/// so a client cannot forge them past a missing filter either.
+fn fallback_filter() -> Any {
+    let strip_internal = HeaderMutationRule {
+        action: Some(header_mutation::Action::RemoveOnMatch(
+            header_mutation::RemoveOnMatch {
+                key_matcher: Some(StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::Prefix(
+                        understudy_core::http::INTERNAL_HEADER_PREFIX.to_owned(),
+                    )),
+                    ignore_case: true,
+                }),
+            },
+        )),
+    };
+    pack_any(HeaderMutation {
+        mutations: Some(Mutations {
+            request_mutations: vec![strip_internal],
+            ..Default::default()
+        }),
+        ..Default::default()
     })
 }
 
@@ -318,10 +360,13 @@ fn listener(state: &DesiredState) -> Listener {
                     ExtensionConfigSource {
                         config_source: Some(ads()),
                         // Without a default, a failed first fetch makes the listener
-                        // answer 500; the default is the filter with an empty config.
-                        default_config: Some(wasm_filter(&state.filter, &FilterDoc::default())),
+                        // answer 500. The default must not need the module: the
+                        // most common failed first fetch is a module missing on
+                        // the node, and a Wasm default would make Envoy reject
+                        // the whole listener (tests/tests/failure_policy.rs).
+                        default_config: Some(fallback_filter()),
                         apply_default_config_without_warming: false,
-                        type_urls: vec![Wasm::type_url()],
+                        type_urls: vec![Wasm::type_url(), HeaderMutation::type_url()],
                     },
                 )),
                 ..Default::default()
@@ -620,6 +665,48 @@ mod tests {
         assert_eq!(
             hcm.path_with_escaped_slashes_action,
             http_connection_manager::PathWithEscapedSlashesAction::RejectRequest as i32
+        );
+    }
+
+    /// Until Envoy accepts the filter, the listener runs a filter that needs
+    /// no module (a missing module must not take the listener down) and
+    /// removes the filter's internal headers; the filter itself reloads a
+    /// failed VM after 10 ms, not Envoy's default 1 s.
+    #[test]
+    fn the_fallback_needs_no_module_and_a_failed_vm_reloads_quickly() {
+        let snap = Snapshot::build(&state(0), 1, 1);
+        let listener: Listener =
+            decode(&snap.get(type_url::LISTENER).unwrap().resources[LISTENER_NAME]).unwrap();
+        let Some(filter::ConfigType::TypedConfig(any)) =
+            &listener.filter_chains[0].filters[0].config_type
+        else {
+            panic!("the listener has no typed HCM config");
+        };
+        let hcm: HttpConnectionManager = decode(any).unwrap();
+        let Some(http_filter::ConfigType::ConfigDiscovery(ecds)) = &hcm.http_filters[0].config_type
+        else {
+            panic!("the filter is not discovered over ECDS");
+        };
+        let default = ecds.default_config.as_ref().unwrap();
+        assert_eq!(default.type_url, HeaderMutation::type_url());
+        assert!(ecds.type_urls.contains(&default.type_url));
+        let fallback: HeaderMutation = decode(default).unwrap();
+        let rule = &fallback.mutations.unwrap().request_mutations[0];
+        let Some(header_mutation::Action::RemoveOnMatch(m)) = &rule.action else {
+            panic!("the fallback does not remove headers: {rule:?}");
+        };
+        assert_eq!(
+            m.key_matcher.as_ref().unwrap().match_pattern,
+            Some(string_matcher::MatchPattern::Prefix("x-understudy-".into()))
+        );
+
+        let ext: TypedExtensionConfig =
+            decode(&snap.get(type_url::EXTENSION_CONFIG).unwrap().resources[FILTER_NAME]).unwrap();
+        let wasm: Wasm = decode(ext.typed_config.as_ref().unwrap()).unwrap();
+        let backoff = wasm.config.unwrap().reload_config.unwrap().backoff.unwrap();
+        assert_eq!(
+            backoff.base_interval,
+            Some(duration(Duration::from_millis(10)))
         );
     }
 }

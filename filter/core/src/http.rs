@@ -76,6 +76,11 @@ pub fn replayable_headers(headers: &[(String, String)]) -> Vec<(String, String)>
         .collect()
 }
 
+/// Headers only the filter (and its hedges and shadow copies) may set.
+/// (The control plane's fallback filter, used until Envoy has accepted the
+/// filter, removes the same headers.)
+pub const INTERNAL_HEADER_PREFIX: &str = "x-understudy-";
+
 #[cfg(test)]
 mod tests {
     use super::*;
