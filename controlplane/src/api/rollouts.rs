@@ -7,6 +7,7 @@
 //! | GET | `/v1/rollouts/{id}` | stage, weights, verdict with its numbers, audit log, release marks |
 //! | POST | `/v1/rollouts/{id}/{action}` | `pause`, `resume`, `promote` or `abort` |
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::extract::{Path, State};
@@ -98,8 +99,26 @@ async fn create(
     Extension(who): Extension<Principal>,
     body: String,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
-    let rollout = s.engine.create(&body, &who.name, SystemTime::now())?;
+    let engine = Arc::clone(&s.engine);
+    let rollout = decide(move || engine.create(&body, &who.name, SystemTime::now())).await?;
     Ok((StatusCode::CREATED, Json(s.engine.view(&rollout.id)?)))
+}
+
+/// Runs a decision on a blocking thread: it waits for the engine's one
+/// writer, which holds its turn through the decision's disk writes, and the
+/// async runtime's workers must keep serving everything else meanwhile
+/// (reads never wait for the writer at all).
+async fn decide<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the decision did not complete: {e}"),
+        )),
+    }
 }
 
 async fn list(State(s): State<ApiState>) -> Json<serde_json::Value> {
@@ -140,10 +159,12 @@ async fn act(
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown_action",
-                format!("{other:?} is not an action (pause, resume, promote, abort)"),
+                format!("{other:?} is not an action (pause, resume, promote, abort, finalize)"),
             ));
         }
     };
-    s.engine.act(&id, action, &who.name, SystemTime::now())?;
+    let engine = Arc::clone(&s.engine);
+    let target = id.clone();
+    decide(move || engine.act(&target, action, &who.name, SystemTime::now())).await?;
     Ok(Json(s.engine.view(&id)?))
 }

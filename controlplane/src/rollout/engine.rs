@@ -9,7 +9,9 @@
 //! Every decision (timer, verb, create, finalize) is made and carried out
 //! under `writer`, one at a time. What readers (the API's GETs) see is a
 //! separate map, replaced only after a decision is persisted; readers take
-//! its lock for a clone and never wait on a disk or a router.
+//! its lock for a clone and never wait on a disk or a router. A verb is a
+//! decision too, so it waits its turn behind the writer (the API runs it on
+//! a blocking thread, never on the async runtime's workers).
 //!
 //! # One home for the weight
 //! The service's canary weight lives in the desired state behind the
