@@ -94,7 +94,8 @@ impl FilterConfig {
         Self::try_from(raw)
     }
 
-    /// Validates a JSON value (the control plane's path: it stores the config as JSON).
+    /// Validates a JSON value already parsed (tests, and tools that read
+    /// the config out of a larger document).
     pub fn from_value(value: &serde_json::Value) -> Result<Self, ConfigError> {
         let raw =
             RawFilterConfig::deserialize(value).map_err(|e| ConfigError::Syntax(e.to_string()))?;
