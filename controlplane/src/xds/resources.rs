@@ -649,9 +649,8 @@ mod tests {
         assert_eq!(plugin.failure_policy, FailurePolicy::FailReload as i32);
     }
 
-    #[test]
-    fn the_listener_normalizes_paths() {
-        let snap = Snapshot::build(&state(0), 1, 1);
+    /// The listener's HTTP connection manager.
+    fn hcm_of(snap: &Snapshot) -> HttpConnectionManager {
         let listener: Listener =
             decode(&snap.get(type_url::LISTENER).unwrap().resources[LISTENER_NAME]).unwrap();
         let Some(filter::ConfigType::TypedConfig(any)) =
@@ -659,7 +658,13 @@ mod tests {
         else {
             panic!("the listener has no typed HCM config");
         };
-        let hcm: HttpConnectionManager = decode(any).unwrap();
+        decode(any).unwrap()
+    }
+
+    #[test]
+    fn the_listener_normalizes_paths() {
+        let snap = Snapshot::build(&state(0), 1, 1);
+        let hcm = hcm_of(&snap);
         assert_eq!(hcm.normalize_path, Some(BoolValue { value: true }));
         assert!(hcm.merge_slashes);
         assert_eq!(
@@ -675,14 +680,7 @@ mod tests {
     #[test]
     fn the_fallback_needs_no_module_and_a_failed_vm_reloads_quickly() {
         let snap = Snapshot::build(&state(0), 1, 1);
-        let listener: Listener =
-            decode(&snap.get(type_url::LISTENER).unwrap().resources[LISTENER_NAME]).unwrap();
-        let Some(filter::ConfigType::TypedConfig(any)) =
-            &listener.filter_chains[0].filters[0].config_type
-        else {
-            panic!("the listener has no typed HCM config");
-        };
-        let hcm: HttpConnectionManager = decode(any).unwrap();
+        let hcm = hcm_of(&snap);
         let Some(http_filter::ConfigType::ConfigDiscovery(ecds)) = &hcm.http_filters[0].config_type
         else {
             panic!("the filter is not discovered over ECDS");
