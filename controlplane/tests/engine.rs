@@ -1,7 +1,9 @@
 //! The rollout engine against hostile and broken surroundings, in process
 //! and with time as an input: NACKs it did not cause, a panicking
 //! evaluation, a state file that cannot be written between the decision and
-//! its effect, and a restart during the shadow stage.
+//! its effect, a restart during the shadow stage; and when it looks.
+
+mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -82,6 +84,7 @@ fn shadow_spec() -> String {
 
 struct Parts {
     engine: Engine,
+    metrics: Arc<MetricsBook>,
     store: Store,
     registry: Arc<Registry>,
     shadow: Arc<ShadowBook>,
@@ -89,11 +92,12 @@ struct Parts {
 
 fn engine(store: Store, db: RolloutStore, shadow: Arc<ShadowBook>) -> Parts {
     let registry = Arc::new(Registry::default());
+    let metrics = Arc::new(MetricsBook::default());
     let engine = Engine::new(
         store.clone(),
         db,
         Sources {
-            metrics: Arc::new(MetricsBook::default()),
+            metrics: Arc::clone(&metrics),
             shadow: Arc::clone(&shadow),
             registry: Arc::clone(&registry),
         },
@@ -101,6 +105,7 @@ fn engine(store: Store, db: RolloutStore, shadow: Arc<ShadowBook>) -> Parts {
     .unwrap();
     Parts {
         engine,
+        metrics,
         store,
         registry,
         shadow,
@@ -178,6 +183,76 @@ fn only_a_nack_of_a_version_the_rollout_pushed_halts_it() {
         other => panic!("not halted: {other:?}"),
     }
     assert_eq!(p.store.service("shop").unwrap().canary_weight, Weight::ZERO);
+}
+
+fn last_look_ms(p: &Parts, id: &str) -> u64 {
+    p.engine.view(id).unwrap().rollout.last_evaluated_ms
+}
+
+/// A stats flush is judged when it lands, not an `interval_s` later; with
+/// nothing new the interval decides, and looks on fresh evidence are at
+/// least `MIN_LOOK_GAP_MS` apart.
+#[test]
+fn a_fresh_stats_flush_is_judged_at_once() {
+    use understudy_controlplane::evidence::envoy_stats::NodeId;
+    use understudy_controlplane::rollout::engine::MIN_LOOK_GAP_MS;
+    use understudy_controlplane::time::unix_ms;
+
+    let p = in_memory();
+    let spec = canary_spec("shop").replace(r#""interval_s": 1"#, r#""interval_s": 10"#);
+    let t0 = SystemTime::now();
+    let r = p.engine.create(&spec, "alice", t0).unwrap();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    p.engine.tick(at(1_000));
+    let first = last_look_ms(&p, &r.id);
+    assert_eq!(first, unix_ms(at(1_000)), "the first look is due at once");
+
+    // Nothing new: the 10 s interval holds.
+    p.engine.tick(at(3_000));
+    assert_eq!(last_look_ms(&p, &r.id), first);
+
+    // A flush lands at 3.5 s: judged on the next tick.
+    let node = NodeId::try_from("edge-1").unwrap();
+    p.metrics.ingest(
+        &node,
+        &common::first_message("edge-1", common::flush("shop-canary", 50, 0, 3.0)),
+        unix_ms(at(3_500)),
+    );
+    p.engine.tick(at(3_600));
+    assert_eq!(last_look_ms(&p, &r.id), unix_ms(at(3_600)));
+    let judged = p
+        .engine
+        .view(&r.id)
+        .unwrap()
+        .rollout
+        .last_judgement
+        .unwrap();
+    assert!(
+        judged.reason.contains("not enough data") || judged.reason.contains("stable"),
+        "{}",
+        judged.reason
+    );
+
+    // Another flush right away: not before the gap has passed.
+    p.metrics.ingest(
+        &node,
+        &common::next_message(common::flush("shop-stable", 50, 0, 3.0)),
+        unix_ms(at(3_650)),
+    );
+    p.engine.tick(at(3_600 + MIN_LOOK_GAP_MS - 50));
+    assert_eq!(last_look_ms(&p, &r.id), unix_ms(at(3_600)));
+    p.engine.tick(at(3_600 + MIN_LOOK_GAP_MS));
+    assert_eq!(
+        last_look_ms(&p, &r.id),
+        unix_ms(at(3_600 + MIN_LOOK_GAP_MS))
+    );
+
+    // And with nothing new since, the interval again.
+    p.engine.tick(at(9_000));
+    assert_eq!(
+        last_look_ms(&p, &r.id),
+        unix_ms(at(3_600 + MIN_LOOK_GAP_MS))
+    );
 }
 
 #[test]

@@ -8,13 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::metrics::v3::StreamMetricsMessage;
 use envoy_types::pb::envoy::service::metrics::v3::metrics_service_client::MetricsServiceClient;
-use envoy_types::pb::envoy::service::metrics::v3::stream_metrics_message::Identifier;
-use envoy_types::pb::io::prometheus::client::{
-    Bucket, Counter, Histogram, LabelPair, Metric, MetricFamily, MetricType,
-};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -34,98 +28,6 @@ fn now_ms() -> u64 {
             .as_millis(),
     )
     .unwrap()
-}
-
-fn label(name: &str, value: &str) -> LabelPair {
-    LabelPair {
-        name: Some(name.into()),
-        value: Some(value.into()),
-    }
-}
-
-fn counter(name: &str, labels: Vec<LabelPair>, value: f64) -> MetricFamily {
-    MetricFamily {
-        name: Some(name.into()),
-        r#type: Some(MetricType::Counter as i32),
-        metric: vec![Metric {
-            label: labels,
-            counter: Some(Counter {
-                value: Some(value),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
-
-/// One flush for `cluster` the way Envoy 1.40 sends it with
-/// `emit_tags_as_labels` and `report_counters_as_deltas`: per-flush counts,
-/// histogram buckets cumulative across bounds, no `+Inf` bucket.
-fn flush(cluster: &str, ok: u64, errors: u64, latency_ms: f64) -> Vec<MetricFamily> {
-    let c = || label("envoy.cluster_name", cluster);
-    let total = ok + errors;
-    let bounds = [1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0];
-    vec![
-        counter("cluster.upstream_rq_completed", vec![c()], total as f64),
-        counter(
-            "cluster.upstream_rq_xx",
-            vec![label("envoy.response_code_class", "2"), c()],
-            ok as f64,
-        ),
-        counter(
-            "cluster.upstream_rq_xx",
-            vec![label("envoy.response_code_class", "5"), c()],
-            errors as f64,
-        ),
-        // Same requests again, by origin: must not count twice.
-        counter(
-            "cluster.external.upstream_rq_completed",
-            vec![c()],
-            total as f64,
-        ),
-        MetricFamily {
-            name: Some("cluster.upstream_rq_time".into()),
-            r#type: Some(MetricType::Histogram as i32),
-            metric: vec![Metric {
-                label: vec![c()],
-                histogram: Some(Histogram {
-                    sample_count: Some(total),
-                    sample_sum: Some(latency_ms * total as f64),
-                    bucket: bounds
-                        .iter()
-                        .map(|b| Bucket {
-                            upper_bound: Some(*b),
-                            cumulative_count: Some(if latency_ms <= *b { total } else { 0 }),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        },
-    ]
-}
-
-fn first_message(node: &str, families: Vec<MetricFamily>) -> StreamMetricsMessage {
-    StreamMetricsMessage {
-        identifier: Some(Identifier {
-            node: Some(Node {
-                id: node.into(),
-                ..Default::default()
-            }),
-        }),
-        envoy_metrics: families,
-    }
-}
-
-fn next_message(families: Vec<MetricFamily>) -> StreamMetricsMessage {
-    StreamMetricsMessage {
-        identifier: None,
-        envoy_metrics: families,
-    }
 }
 
 /// A sink on a loopback listener, bound before the server is spawned.
@@ -165,15 +67,28 @@ async fn a_streamed_envoy_fills_windows_and_its_stream_status() {
     let start = now_ms();
     let (tx, rx) = mpsc::channel(8);
     let call = tokio::spawn(async move { client.stream_metrics(ReceiverStream::new(rx)).await });
-    tx.send(first_message("edge-1", flush("shop-canary", 7, 3, 40.0)))
-        .await
-        .unwrap();
-    tx.send(next_message(flush("shop-canary", 0, 0, 0.0)))
-        .await
-        .unwrap();
-    tx.send(next_message(flush("shop-canary", 2, 0, 3.0)))
-        .await
-        .unwrap();
+    tx.send(common::first_message(
+        "edge-1",
+        common::flush("shop-canary", 7, 3, 40.0),
+    ))
+    .await
+    .unwrap();
+    tx.send(common::next_message(common::flush(
+        "shop-canary",
+        0,
+        0,
+        0.0,
+    )))
+    .await
+    .unwrap();
+    tx.send(common::next_message(common::flush(
+        "shop-canary",
+        2,
+        0,
+        3.0,
+    )))
+    .await
+    .unwrap();
     let evidence = common::eventually(
         "the canary's window",
         || book.window("shop-canary", start - 1, now_ms()),
@@ -211,7 +126,10 @@ async fn two_envoys_add_up_and_a_reconnect_keeps_counting() {
     let (book, addr) = start_sink().await;
     let start = now_ms();
     for (node, ok, errors) in [("edge-1", 10, 1), ("edge-2", 20, 2), ("edge-1", 5, 0)] {
-        let msgs = vec![first_message(node, flush("shop-stable", ok, errors, 8.0))];
+        let msgs = vec![common::first_message(
+            node,
+            common::flush("shop-stable", ok, errors, 8.0),
+        )];
         client(addr)
             .await
             .stream_metrics(tokio_stream::iter(msgs))
@@ -237,9 +155,9 @@ async fn a_stream_that_names_no_node_is_refused() {
     let (book, addr) = start_sink().await;
     let err = client(addr)
         .await
-        .stream_metrics(tokio_stream::iter(vec![next_message(flush(
-            "c", 1, 0, 1.0,
-        ))]))
+        .stream_metrics(tokio_stream::iter(vec![common::next_message(
+            common::flush("c", 1, 0, 1.0),
+        )]))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -314,21 +232,23 @@ async fn the_control_plane_serves_the_sink_on_the_xds_port() {
         .unwrap()
         .to_owned();
     let both = || {
-        let mut f = flush("shop-stable", 11, 0, 1.0);
-        f.extend(flush("shop-canary", 7, 0, 1.0));
+        let mut f = common::flush("shop-stable", 11, 0, 1.0);
+        f.extend(common::flush("shop-canary", 7, 0, 1.0));
         f
     };
     let mut client = client(addr).await;
     let (tx, rx) = mpsc::channel(8);
     let call = tokio::spawn(async move { client.stream_metrics(ReceiverStream::new(rx)).await });
-    tx.send(first_message("edge-1", both())).await.unwrap();
+    tx.send(common::first_message("edge-1", both()))
+        .await
+        .unwrap();
     // A step's evidence starts a flush interval after the step: keep
     // flushing, as Envoy does, until the engine has counted some.
     let deadline = tokio::time::Instant::now() + common::DEADLINE * 2;
     let mut ticker = tokio::time::interval(std::time::Duration::from_millis(200));
     let (stable, canary) = loop {
         ticker.tick().await;
-        tx.send(next_message(both())).await.unwrap();
+        tx.send(common::next_message(both())).await.unwrap();
         let r: serde_json::Value = http
             .get(format!("{api}/v1/rollouts/{id}"))
             .send()
@@ -380,35 +300,41 @@ async fn huge_counters_are_clamped_and_never_overflow() {
     let start = now_ms();
     let (tx, rx) = mpsc::channel(8);
     let call = tokio::spawn(async move { client.stream_metrics(ReceiverStream::new(rx)).await });
-    let c = || label("envoy.cluster_name", "evil");
+    let c = || common::label("envoy.cluster_name", "evil");
     let hostile = || {
         let mut families = Vec::new();
         for v in [u64::MAX as f64, 1e300, u64::MAX as f64] {
-            families.push(counter("cluster.upstream_rq_completed", vec![c()], v));
-            families.push(counter(
-                "cluster.upstream_rq_xx",
-                vec![label("envoy.response_code_class", "5"), c()],
+            families.push(common::counter(
+                "cluster.upstream_rq_completed",
+                vec![c()],
                 v,
             ));
-            families.push(counter(
+            families.push(common::counter(
+                "cluster.upstream_rq_xx",
+                vec![common::label("envoy.response_code_class", "5"), c()],
+                v,
+            ));
+            families.push(common::counter(
                 "cluster.upstream_rq",
-                vec![label("envoy.response_code", "503"), c()],
+                vec![common::label("envoy.response_code", "503"), c()],
                 v,
             ));
         }
         families
     };
-    tx.send(first_message("edge-1", hostile())).await.unwrap();
+    tx.send(common::first_message("edge-1", hostile()))
+        .await
+        .unwrap();
     for _ in 0..4 {
-        tx.send(next_message(hostile())).await.unwrap();
+        tx.send(common::next_message(hostile())).await.unwrap();
     }
-    let mut legit = vec![counter(
+    let mut legit = vec![common::counter(
         "cluster.upstream_rq_completed",
-        vec![label("envoy.cluster_name", "ok")],
+        vec![common::label("envoy.cluster_name", "ok")],
         7.0,
     )];
     legit.extend(hostile());
-    tx.send(next_message(legit)).await.unwrap();
+    tx.send(common::next_message(legit)).await.unwrap();
     let ok = common::eventually(
         "the legitimate cluster",
         || book.window("ok", start - 1, now_ms()),

@@ -336,6 +336,12 @@ impl MetricsBook {
         evidence
     }
 
+    /// When any Envoy last reported `cluster` (with traffic or not); `None`
+    /// if none ever did (or it was forgotten).
+    pub fn last_report_ms(&self, cluster: &str) -> Option<u64> {
+        self.lock().clusters.get(cluster).map(|s| s.last_update_ms)
+    }
+
     /// The samples of `cluster` in `(since_ms, now_ms]`, per Envoy and flush,
     /// oldest first: for diagnostics (which Envoy saw the errors).
     pub fn samples(&self, cluster: &str, since_ms: u64, now_ms: u64) -> Vec<Sample> {

@@ -94,6 +94,14 @@ pub trait EvidenceSource: Send + Sync {
     /// exclusive, by the data's arrival) to `now_ms`: the judge's restarted
     /// error-rate tests. One entry per start, in the same order.
     fn counts_since(&self, service: &str, starts_ms: &[u64], now_ms: u64) -> Vec<(Counts, Counts)>;
+
+    /// Unix ms when the newest data on `service`'s stable or canary
+    /// arrived. The engine looks again as soon as something newer arrives,
+    /// rather than waiting for the rollout's `interval_s`. `None` (the
+    /// default): the source can't tell, and the interval alone decides.
+    fn newest_arrival_ms(&self, _service: &str) -> Option<u64> {
+        None
+    }
 }
 
 /// Today's source: Envoy's stats stream for the two sides, the filter's
@@ -140,6 +148,13 @@ impl EvidenceSource for EnvoyEvidence {
             .into_iter()
             .zip(since(&names.canary))
             .collect()
+    }
+
+    fn newest_arrival_ms(&self, service: &str) -> Option<u64> {
+        let names = crate::model::ClusterNames::of(service);
+        let stable = self.metrics.last_report_ms(&names.stable);
+        let canary = self.metrics.last_report_ms(&names.canary);
+        stable.max(canary)
     }
 
     fn shadow_pairs(&self, route: &str) -> Option<ShadowEvidence> {

@@ -61,6 +61,11 @@ use crate::xds::router::AdsRouter;
 /// interval (`envoy/bootstrap.yaml`).
 pub const FLUSH_SETTLE_MS: u64 = 1_000;
 
+/// Looks on fresh evidence are at least this far apart (the spec's
+/// smallest `interval_s`): with many Envoys flushing at their own phases,
+/// a rollout is judged at most five times a second.
+pub const MIN_LOOK_GAP_MS: u64 = 200;
+
 /// Changes remembered per rollout as "made by it" (newest kept): only a
 /// rejection of one of these halts it.
 pub const MAX_PUSHED_VERSIONS: usize = 64;
@@ -579,13 +584,29 @@ impl Engine {
         self.finalize_due(t);
     }
 
+    /// Whether `r` is due a look at `t`: its `interval_s` has passed, or
+    /// evidence newer than its last look has arrived (at most one look per
+    /// [`MIN_LOOK_GAP_MS`]). Looking when a stats flush lands saves up to an
+    /// interval between the evidence and the decision; the tests are
+    /// anytime-valid, so looking more often costs no false rollbacks.
+    fn look_due(&self, r: &Rollout, t: u64) -> bool {
+        let since = t.saturating_sub(r.last_evaluated_ms);
+        let interval_ms = (r.spec.analysis.interval_s * 1000.0) as u64;
+        since >= interval_ms
+            || (since >= MIN_LOOK_GAP_MS
+                && matches!(r.phase, Phase::Canary { .. })
+                && self
+                    .evidence
+                    .newest_arrival_ms(&r.spec.service)
+                    .is_some_and(|a| a > r.last_evaluated_ms))
+    }
+
     fn evaluate(&self, id: &str, t: u64) -> Result<(), EngineError> {
         let _writer = self.write_lock();
         let Some(mut r) = self.get(id) else {
             return Ok(());
         };
-        let interval_ms = (r.spec.analysis.interval_s * 1000.0) as u64;
-        if !r.phase.is_active() || r.paused || t.saturating_sub(r.last_evaluated_ms) < interval_ms {
+        if !r.phase.is_active() || r.paused || !self.look_due(&r, t) {
             return Ok(());
         }
         let fault = self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone();

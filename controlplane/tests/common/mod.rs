@@ -8,6 +8,13 @@
 use std::future::Future;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::metrics::v3::StreamMetricsMessage;
+use envoy_types::pb::envoy::service::metrics::v3::stream_metrics_message::Identifier;
+use envoy_types::pb::io::prometheus::client::{
+    Bucket, Counter, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+
 /// How long one call to the control plane under test may take. It answers
 /// in milliseconds; a wedged one must fail the test in seconds.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,5 +97,99 @@ pub async fn cli(args: &[&str]) -> CliRun {
         success: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+// === Envoy-shaped stats flushes ===
+
+pub fn label(name: &str, value: &str) -> LabelPair {
+    LabelPair {
+        name: Some(name.into()),
+        value: Some(value.into()),
+    }
+}
+
+pub fn counter(name: &str, labels: Vec<LabelPair>, value: f64) -> MetricFamily {
+    MetricFamily {
+        name: Some(name.into()),
+        r#type: Some(MetricType::Counter as i32),
+        metric: vec![Metric {
+            label: labels,
+            counter: Some(Counter {
+                value: Some(value),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// One flush for `cluster` the way Envoy 1.40 sends it with
+/// `emit_tags_as_labels` and `report_counters_as_deltas`: per-flush counts,
+/// histogram buckets cumulative across bounds, no `+Inf` bucket.
+pub fn flush(cluster: &str, ok: u64, errors: u64, latency_ms: f64) -> Vec<MetricFamily> {
+    let c = || label("envoy.cluster_name", cluster);
+    let total = ok + errors;
+    let bounds = [1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0];
+    vec![
+        counter("cluster.upstream_rq_completed", vec![c()], total as f64),
+        counter(
+            "cluster.upstream_rq_xx",
+            vec![label("envoy.response_code_class", "2"), c()],
+            ok as f64,
+        ),
+        counter(
+            "cluster.upstream_rq_xx",
+            vec![label("envoy.response_code_class", "5"), c()],
+            errors as f64,
+        ),
+        // Same requests again, by origin: must not count twice.
+        counter(
+            "cluster.external.upstream_rq_completed",
+            vec![c()],
+            total as f64,
+        ),
+        MetricFamily {
+            name: Some("cluster.upstream_rq_time".into()),
+            r#type: Some(MetricType::Histogram as i32),
+            metric: vec![Metric {
+                label: vec![c()],
+                histogram: Some(Histogram {
+                    sample_count: Some(total),
+                    sample_sum: Some(latency_ms * total as f64),
+                    bucket: bounds
+                        .iter()
+                        .map(|b| Bucket {
+                            upper_bound: Some(*b),
+                            cumulative_count: Some(if latency_ms <= *b { total } else { 0 }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    ]
+}
+
+pub fn first_message(node: &str, families: Vec<MetricFamily>) -> StreamMetricsMessage {
+    StreamMetricsMessage {
+        identifier: Some(Identifier {
+            node: Some(Node {
+                id: node.into(),
+                ..Default::default()
+            }),
+        }),
+        envoy_metrics: families,
+    }
+}
+
+pub fn next_message(families: Vec<MetricFamily>) -> StreamMetricsMessage {
+    StreamMetricsMessage {
+        identifier: None,
+        envoy_metrics: families,
     }
 }
