@@ -234,7 +234,9 @@ pub struct CanaryStep {
 /// How the judge looks at the evidence.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Analysis {
-    /// How often the engine evaluates, in seconds (fractions allowed, at least 0.2).
+    /// The longest the engine goes between looks, in seconds (fractions
+    /// allowed, at least 0.2); it also looks as soon as newer evidence
+    /// arrives (see the engine's `MIN_LOOK_GAP_MS`).
     pub interval_s: f64,
     /// Data older than this is stale: the rollout holds.
     pub max_staleness_s: f64,
