@@ -24,12 +24,15 @@
 //! - [`model`]: the desired state and its validation.
 //! - [`tls`]: certificates (`understudy certs`), mutual TLS on the xDS port
 //!   with each Envoy's node id bound to its certificate, and TLS for the API.
+//! - [`notify`]: webhooks for rollout events (signed, retried, recorded
+//!   in the audit log), behind the [`rollout::events::Notifier`] port.
 //! - [`time`]: Unix milliseconds, the one time helper.
 
 pub mod api;
 pub mod cli;
 pub mod evidence;
 pub mod model;
+pub mod notify;
 pub mod rollout;
 pub mod store;
 pub mod time;
@@ -60,6 +63,8 @@ pub enum RunError {
     Rollouts(#[from] rollout::store::RolloutStoreError),
     #[error("loading rollouts: {0}")]
     Engine(#[from] rollout::engine::EngineError),
+    #[error("webhook client: {0}")]
+    Webhooks(String),
 }
 
 /// How often the engine looks for rollouts due an evaluation (each
@@ -140,6 +145,19 @@ pub async fn run_with(
         rollouts,
         sources,
     )?);
+    // Webhook outcomes go to the rollout's audit log; the notifier must
+    // not keep the engine alive, hence the weak reference.
+    let weak = Arc::downgrade(&engine);
+    let recorder: notify::Recorder = Arc::new(move |id: &str, entry| {
+        if let Some(engine) = weak.upgrade()
+            && let Err(e) = engine.record_audit(id, &entry)
+        {
+            tracing::warn!(rollout = id, error = %e, "webhook outcome not recorded");
+        }
+    });
+    let webhooks = notify::Webhooks::new(notify::RetryPolicy::default(), recorder)
+        .map_err(|e| RunError::Webhooks(e.to_string()))?;
+    let _ = engine.notify_with(Arc::new(webhooks));
     tokio::spawn(Arc::clone(&engine).run(ENGINE_PERIOD));
     let ads = AdsServer::new(store.subscribe(), Arc::clone(&registry));
     // Fleet-wide limits follow the number of connected Envoys.

@@ -36,12 +36,13 @@
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tracing::{error, info, warn};
 
+use super::events::{self, Notifier};
 use super::judge;
 use super::machine::{self, Decision, Effect, Event, NotApplicable};
 pub use super::machine::{
@@ -155,6 +156,8 @@ pub struct Engine {
     writer: Mutex<()>,
     panics: AtomicU64,
     health: Mutex<EngineHealth>,
+    /// Where a committed decision's events go (webhooks); none: nowhere.
+    notifier: OnceLock<Arc<dyn Notifier>>,
     /// Test hook: called with a rollout id at the start of its evaluation.
     #[doc(hidden)]
     pub fault: Mutex<Option<Fault>>,
@@ -199,6 +202,7 @@ impl Engine {
             writer: Mutex::new(()),
             panics: AtomicU64::new(0),
             health: Mutex::default(),
+            notifier: OnceLock::new(),
             fault: Mutex::new(None),
         };
         engine.recover(crate::time::now_unix_ms())?;
@@ -438,7 +442,26 @@ impl Engine {
             self.db.save::<_, AuditEntry>(&next.id, &next, &[])?;
         }
         self.publish(next.clone());
+        if let Some(notifier) = self.notifier.get() {
+            let was = (!creating).then_some(before);
+            for event in events::addressed(was, &next, &audit, t) {
+                notifier.notify(event);
+            }
+        }
         Ok(next)
+    }
+
+    /// Sends every later decision's events to `notifier` (once; a second
+    /// call is refused with the notifier given back).
+    pub fn notify_with(&self, notifier: Arc<dyn Notifier>) -> Result<(), Arc<dyn Notifier>> {
+        self.notifier.set(notifier)
+    }
+
+    /// Appends `entry` to rollout `id`'s audit log (a webhook's delivery,
+    /// by the notifier), leaving its record alone.
+    pub fn record_audit(&self, id: &str, entry: &AuditEntry) -> Result<(), EngineError> {
+        self.db.append_audit(id, std::slice::from_ref(entry))?;
+        Ok(())
     }
 
     /// Carries out the traffic effects through the router. `forced`

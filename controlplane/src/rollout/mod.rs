@@ -12,8 +12,11 @@
 //! - [`engine`]: the shell around the machine: gathers evidence on a timer,
 //!   turns verbs and NACKs into events, persists each decision, then
 //!   applies its effects; [`store`]: where it persists.
+//! - [`events`]: the events a decision amounts to, for webhooks, and the
+//!   [`events::Notifier`] port the engine hands them to.
 
 pub mod engine;
+pub mod events;
 pub mod judge;
 pub mod machine;
 pub mod spec;

@@ -21,6 +21,11 @@
 //!   - {weight: 50, manual_gate: true}
 //!   - weight: 100
 //! analysis: {interval_s: 1, max_staleness_s: 10, min_requests_per_side: 100, confidence: 0.99}
+//! notifications:                   # optional webhooks, every body signed (HMAC-SHA256)
+//!   - url: https://hooks.example.com/releases
+//!     secret_file: /etc/understudy/hook.key
+//!     format: generic              # or slack
+//!     events: [rolled_back, succeeded]   # default: all six
 //! ```
 //!
 //! Parsing goes through private `Raw*` types that accept anything of the
@@ -46,6 +51,8 @@
 //! of its field (`steps[2].weight: invalid type: ...`).
 
 use serde::{Deserialize, Serialize};
+
+use super::events::EventKind;
 
 /// Every default of the spec, in one place.
 pub mod defaults {
@@ -115,6 +122,55 @@ pub struct RolloutSpec {
     /// What happens after the last step succeeds.
     #[serde(default)]
     pub finalize: Finalize,
+    /// Webhooks told of the rollout's events.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<Webhook>,
+}
+
+/// Most webhooks one rollout may have.
+pub const MAX_WEBHOOKS: usize = 8;
+/// Longest webhook URL or secret file path.
+pub const MAX_WEBHOOK_TEXT: usize = 2048;
+
+/// A receiver of a rollout's events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Webhook {
+    /// An `http` or `https` URL. It is shown with the rollout: a URL that
+    /// is itself a secret (a Slack webhook's) is visible to viewers.
+    pub url: String,
+    /// A file holding the HMAC-SHA256 key every body is signed with (read
+    /// at each delivery, so it can be rotated in place).
+    pub secret_file: String,
+    pub format: WebhookFormat,
+    /// The events sent; empty: all.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventKind>,
+}
+
+impl Webhook {
+    pub fn wants(&self, event: EventKind) -> bool {
+        self.events.is_empty() || self.events.contains(&event)
+    }
+
+    /// The URL without its path and query, for logs and the audit (a
+    /// Slack webhook's path is its secret).
+    pub fn origin(&self) -> String {
+        reqwest::Url::parse(&self.url).map_or_else(
+            |_| "(invalid url)".to_owned(),
+            |u| u.origin().ascii_serialization(),
+        )
+    }
+}
+
+/// A webhook body's shape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    /// The event as a JSON object (`crate::rollout::events::RolloutEvent`).
+    #[default]
+    Generic,
+    /// Slack's incoming-webhook body: `{"text": "..."}`.
+    Slack,
 }
 
 /// Finishing a successful rollout: the canary's backend becomes the
@@ -288,6 +344,16 @@ struct RawSpec {
     steps: Option<Vec<RawStep>>,
     analysis: Option<RawAnalysis>,
     finalize: Option<Finalize>,
+    notifications: Option<Vec<RawWebhook>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping describing one webhook")]
+struct RawWebhook {
+    url: Option<String>,
+    secret_file: Option<String>,
+    format: Option<WebhookFormat>,
+    events: Option<Vec<EventKind>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -446,8 +512,77 @@ impl TryFrom<RawSpec> for RolloutSpec {
             steps,
             analysis,
             finalize: raw.finalize.unwrap_or_default(),
+            notifications: validate_webhooks(raw.notifications.unwrap_or_default())?,
         })
     }
+}
+
+fn validate_webhooks(raw: Vec<RawWebhook>) -> Result<Vec<Webhook>, SpecError> {
+    if raw.len() > MAX_WEBHOOKS {
+        return Err(invalid(
+            "notifications",
+            format!("at most {MAX_WEBHOOKS} webhooks, got {}", raw.len()),
+        ));
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let field = |f: &str| format!("notifications[{i}].{f}");
+            let url = w
+                .url
+                .ok_or_else(|| invalid(field("url"), "required: where the events go"))?;
+            if url.len() > MAX_WEBHOOK_TEXT {
+                return Err(invalid(
+                    field("url"),
+                    format!("at most {MAX_WEBHOOK_TEXT} characters"),
+                ));
+            }
+            let parsed = reqwest::Url::parse(&url)
+                .map_err(|e| invalid(field("url"), format!("not a URL: {e}")))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                return Err(invalid(
+                    field("url"),
+                    "must be an http or https URL with a host",
+                ));
+            }
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                return Err(invalid(
+                    field("url"),
+                    "must not carry credentials (it is shown with the rollout)",
+                ));
+            }
+            let secret_file = w.secret_file.ok_or_else(|| {
+                invalid(
+                    field("secret_file"),
+                    "required: a file with the key every body is signed with (HMAC-SHA256)",
+                )
+            })?;
+            if !secret_file.starts_with('/') || secret_file.len() > MAX_WEBHOOK_TEXT {
+                return Err(invalid(
+                    field("secret_file"),
+                    format!("must be an absolute path of at most {MAX_WEBHOOK_TEXT} characters"),
+                ));
+            }
+            if w.events.as_ref().is_some_and(Vec::is_empty) {
+                return Err(invalid(
+                    field("events"),
+                    "must not be empty (omit it for all events)",
+                ));
+            }
+            let mut events: Vec<EventKind> = Vec::new();
+            for e in w.events.unwrap_or_default() {
+                if !events.contains(&e) {
+                    events.push(e);
+                }
+            }
+            Ok(Webhook {
+                url,
+                secret_file,
+                format: w.format.unwrap_or_default(),
+                events,
+            })
+        })
+        .collect()
 }
 
 fn validate_name(field: &str, value: &str) -> Result<(), SpecError> {

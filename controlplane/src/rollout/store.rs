@@ -36,6 +36,26 @@ fn db_err(e: impl Into<redb::Error>) -> RolloutStoreError {
     RolloutStoreError::Db(e.into())
 }
 
+/// Appends encoded entries after the last of `id`'s log.
+fn append(
+    log: &mut redb::Table<'_, (&'static str, u64), &'static [u8]>,
+    id: &str,
+    entries: &[Vec<u8>],
+) -> Result<(), RolloutStoreError> {
+    let next = match log
+        .range((id, 0)..=(id, u64::MAX))
+        .map_err(db_err)?
+        .next_back()
+    {
+        Some(last) => last.map_err(db_err)?.0.value().1 + 1,
+        None => 0,
+    };
+    for (seq, e) in (next..).zip(entries) {
+        log.insert((id, seq), e.as_slice()).map_err(db_err)?;
+    }
+    Ok(())
+}
+
 pub struct RolloutStore {
     db: Database,
 }
@@ -104,17 +124,27 @@ impl RolloutStore {
             let mut rollouts = txn.open_table(ROLLOUTS).map_err(db_err)?;
             rollouts.insert(id, bytes.as_slice()).map_err(db_err)?;
             let mut log = txn.open_table(AUDIT).map_err(db_err)?;
-            let next = match log
-                .range((id, 0)..=(id, u64::MAX))
-                .map_err(db_err)?
-                .next_back()
-            {
-                Some(last) => last.map_err(db_err)?.0.value().1 + 1,
-                None => 0,
-            };
-            for (seq, e) in (next..).zip(&entries) {
-                log.insert((id, seq), e.as_slice()).map_err(db_err)?;
-            }
+            append(&mut log, id, &entries)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Appends `audit` entries to a rollout's log without touching its
+    /// record: what happened around it (a webhook delivered or not).
+    pub fn append_audit<A: Serialize>(
+        &self,
+        id: &str,
+        audit: &[A],
+    ) -> Result<(), RolloutStoreError> {
+        let entries = audit
+            .iter()
+            .map(serde_json::to_vec)
+            .collect::<Result<Vec<_>, _>>()?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut log = txn.open_table(AUDIT).map_err(db_err)?;
+            append(&mut log, id, &entries)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(())
