@@ -3,6 +3,8 @@
 //!
 //! - [`envoy_stats`]: Envoy's stats stream (gRPC `MetricsService`):
 //!   per-cluster requests, 5xx and latency histograms per Envoy and flush.
+//! - [`prometheus`]: the same windows, and business metrics, read from a
+//!   Prometheus server with `query_range`, for rollouts whose spec asks.
 //! - [`shadow`]: the filter's shadow comparison reports: per-route counts,
 //!   differing paths, stored samples, noise learned from A/A calibration.
 //! - [`replay`]: replaying a stored sample against a cluster through Envoy.
@@ -15,6 +17,7 @@
 //! [`crate::rollout::engine::Sources`]; nothing in the judge changes.
 
 pub mod envoy_stats;
+pub mod prometheus;
 pub mod replay;
 pub mod shadow;
 pub mod usage;
