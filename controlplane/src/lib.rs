@@ -63,13 +63,17 @@ pub enum RunError {
     Rollouts(#[from] rollout::store::RolloutStoreError),
     #[error("loading rollouts: {0}")]
     Engine(#[from] rollout::engine::EngineError),
-    #[error("webhook client: {0}")]
+    #[error("HTTP client (webhooks, Prometheus): {0}")]
     Webhooks(String),
 }
 
 /// How often the engine looks for rollouts due an evaluation (each
 /// rollout's own `analysis.interval_s` decides when it is judged).
 pub const ENGINE_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How often a rollout's Prometheus queries run (a typical scrape interval
+/// is longer; the 1 s stats flush is the comparison).
+pub const PROMETHEUS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the control plane runs with beyond its desired state.
 #[derive(Debug)]
@@ -158,6 +162,9 @@ pub async fn run_with(
     let webhooks = notify::Webhooks::new(notify::RetryPolicy::default(), recorder)
         .map_err(|e| RunError::Webhooks(e.to_string()))?;
     let _ = engine.notify_with(Arc::new(webhooks));
+    let prometheus = evidence::prometheus::PrometheusEvidence::new(PROMETHEUS_POLL)
+        .map_err(|e| RunError::Webhooks(e.to_string()))?;
+    let _ = engine.read_prometheus_with(Arc::new(prometheus));
     tokio::spawn(Arc::clone(&engine).run(ENGINE_PERIOD));
     let ads = AdsServer::new(store.subscribe(), Arc::clone(&registry));
     // Fleet-wide limits follow the number of connected Envoys.

@@ -73,6 +73,24 @@ pub struct Counts {
     pub errors: u64,
 }
 
+/// A business metric's counts over a window: `events` out of `total`
+/// (checkouts completed of started, tickets per request).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    pub events: u64,
+    pub total: u64,
+}
+
+/// One business metric (spec `metrics`), both sides, over a step's window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricEvidence {
+    pub name: String,
+    pub stable: Tally,
+    pub canary: Tally,
+    /// The older side's newest sample; `None`: no data.
+    pub last_update_ms: Option<u64>,
+}
+
 /// Where a rollout's evidence comes from.
 ///
 /// Both methods are cheap reads of what the source has already gathered

@@ -39,7 +39,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-use super::{Counts, Evidence, EvidenceSource, ShadowEvidence, StepWindows};
+use super::{Counts, Evidence, EvidenceSource, MetricEvidence, ShadowEvidence, StepWindows, Tally};
 
 /// Longest query template, in bytes.
 pub const MAX_QUERY_LEN: usize = 4096;
@@ -184,7 +184,10 @@ pub fn check_url(field: &str, url: &str) -> Result<(), TargetError> {
     let parsed =
         reqwest::Url::parse(url).map_err(|e| target_error(field, format!("not a URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-        return Err(target_error(field, "must be an http or https URL with a host"));
+        return Err(target_error(
+            field,
+            "must be an http or https URL with a host",
+        ));
     }
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(target_error(field, "must not have a query or fragment"));
@@ -263,6 +266,8 @@ impl Cumulative {
 
 /// One series of a `query_range` answer: `(unix ms, value)` points.
 type Series = Vec<(u64, f64)>;
+/// A series with its labels.
+type Labelled = (BTreeMap<String, String>, Series);
 
 /// Sums `series` into one count on the grid `start + k·step` (`points`
 /// points), correcting each series' resets. A series counts from 0 (the
@@ -313,7 +318,7 @@ pub fn accumulate(series: &[Series], start_ms: u64, step_ms: u64, points: usize)
 
 /// Parses a `query_range` answer into series, each labelled by its labels
 /// (for grouping histogram buckets by `le`).
-pub fn parse_matrix(body: &[u8]) -> Result<Vec<(BTreeMap<String, String>, Series)>, String> {
+pub fn parse_matrix(body: &[u8]) -> Result<Vec<Labelled>, String> {
     #[derive(Deserialize)]
     struct Answer {
         status: String,
@@ -345,10 +350,7 @@ pub fn parse_matrix(body: &[u8]) -> Result<Vec<(BTreeMap<String, String>, Series
     }
     let data = a.data.ok_or("Prometheus answer without data")?;
     if data.result_type != "matrix" {
-        return Err(format!(
-            "expected a range vector, got {}",
-            data.result_type
-        ));
+        return Err(format!("expected a range vector, got {}", data.result_type));
     }
     if data.result.len() > MAX_SERIES {
         return Err(format!(
@@ -379,12 +381,7 @@ pub fn parse_matrix(body: &[u8]) -> Result<Vec<(BTreeMap<String, String>, Series
 pub struct Buckets(pub Vec<(f64, Cumulative)>);
 
 impl Buckets {
-    fn from_series(
-        series: Vec<(BTreeMap<String, String>, Series)>,
-        start_ms: u64,
-        step_ms: u64,
-        points: usize,
-    ) -> Self {
+    fn from_series(series: Vec<Labelled>, start_ms: u64, step_ms: u64, points: usize) -> Self {
         let mut by_le: BTreeMap<u64, (f64, Vec<Series>)> = BTreeMap::new();
         for (labels, s) in series {
             let Some(le) = labels.get("le").and_then(|l| parse_le(l)) else {
@@ -446,16 +443,6 @@ impl SideData {
     }
 }
 
-/// A business metric's counts over a window, both sides.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MetricCounts {
-    pub name: String,
-    pub stable: Counts,
-    pub canary: Counts,
-    /// The older side's newest sample, as for the step's windows.
-    pub last_update_ms: Option<u64>,
-}
-
 /// What the poller knows of one service.
 #[derive(Debug, Clone, Default)]
 pub struct PromStatus {
@@ -505,7 +492,10 @@ impl PrometheusEvidence {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PromStatus>> {
-        self.inner.services.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .services
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads `service` from `target` for a window starting at `since_ms`,
@@ -530,7 +520,9 @@ impl PrometheusEvidence {
         if start {
             let me = self.clone();
             let service = service.to_owned();
-            self.inner.runtime.spawn(async move { me.poll_loop(service).await });
+            self.inner
+                .runtime
+                .spawn(async move { me.poll_loop(service).await });
         }
     }
 
@@ -540,19 +532,19 @@ impl PrometheusEvidence {
     }
 
     /// The business metrics' counts over `(since_ms, now_ms]`.
-    pub fn metric_counts(&self, service: &str, since_ms: u64, now_ms: u64) -> Vec<MetricCounts> {
+    pub fn metric_counts(&self, service: &str, since_ms: u64, now_ms: u64) -> Vec<MetricEvidence> {
         let Some(s) = self.status(service) else {
             return Vec::new();
         };
-        let counts = |c: &(String, Cumulative, Cumulative)| Counts {
-            requests: c.2.between(since_ms, now_ms).round() as u64,
-            errors: c.1.between(since_ms, now_ms).round() as u64,
+        let counts = |c: &(String, Cumulative, Cumulative)| Tally {
+            events: c.1.between(since_ms, now_ms).round() as u64,
+            total: c.2.between(since_ms, now_ms).round() as u64,
         };
         s.stable
             .metrics
             .iter()
             .zip(&s.canary.metrics)
-            .map(|(st, ca)| MetricCounts {
+            .map(|(st, ca)| MetricEvidence {
                 name: st.0.clone(),
                 stable: counts(st),
                 canary: counts(ca),
@@ -665,7 +657,7 @@ impl PrometheusEvidence {
         start_ms: u64,
         step_ms: u64,
         points: usize,
-    ) -> Result<Vec<(BTreeMap<String, String>, Series)>, String> {
+    ) -> Result<Vec<Labelled>, String> {
         let end_ms = start_ms.saturating_add(step_ms.saturating_mul(points as u64 - 1));
         let secs = |ms: u64| format!("{}.{:03}", ms / 1000, ms % 1000);
         let url = format!("{}/api/v1/query_range", target.url.trim_end_matches('/'));
@@ -691,7 +683,7 @@ impl PrometheusEvidence {
     }
 }
 
-fn strip(series: Vec<(BTreeMap<String, String>, Series)>) -> Vec<Series> {
+fn strip(series: Vec<Labelled>) -> Vec<Series> {
     series.into_iter().map(|(_, s)| s).collect()
 }
 
@@ -811,7 +803,11 @@ mod tests {
             r#"{{"status":"success","data":{{"resultType":"matrix","result":[{}]}}}}"#,
             vec![r#"{"metric":{},"values":[]}"#; MAX_SERIES + 1].join(",")
         );
-        assert!(parse_matrix(many.as_bytes()).unwrap_err().contains("series"));
+        assert!(
+            parse_matrix(many.as_bytes())
+                .unwrap_err()
+                .contains("series")
+        );
     }
 
     #[test]
@@ -835,6 +831,9 @@ mod tests {
         assert!(r[3].contains(r#"destination_version="v2""#), "{}", r[3]);
         assert!(r[0].contains(r#"destination_service_name="shop""#));
         let e = Preset::Envoy.queries();
-        assert!(t.render(&e.requests, "shop", Side::Canary).contains("shop-canary"));
+        assert!(
+            t.render(&e.requests, "shop", Side::Canary)
+                .contains("shop-canary")
+        );
     }
 }

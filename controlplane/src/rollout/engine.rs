@@ -51,6 +51,7 @@ pub use super::machine::{
 use super::spec::{CanaryAfterFinalize, RolloutSpec, SpecError};
 use super::store::{RolloutStore, RolloutStoreError};
 use crate::evidence::envoy_stats::MetricsBook;
+use crate::evidence::prometheus::PrometheusEvidence;
 use crate::evidence::shadow::ShadowBook;
 use crate::evidence::{EnvoyEvidence, EvidenceSource, ShadowEvidence, StepWindows};
 use crate::store::Store;
@@ -61,6 +62,27 @@ use crate::xds::router::AdsRouter;
 /// Evidence for a step starts this long after the step: Envoy's stats flush
 /// interval (`envoy/bootstrap.yaml`).
 pub const FLUSH_SETTLE_MS: u64 = 1_000;
+
+/// A source with nothing: a spec that asks for a source this control
+/// plane lacks is judged on no data (it holds).
+struct NoEvidence;
+
+impl EvidenceSource for NoEvidence {
+    fn step_windows(&self, _: &str, _: u64, _: u64) -> StepWindows {
+        StepWindows::default()
+    }
+    fn shadow_pairs(&self, _: &str) -> Option<ShadowEvidence> {
+        None
+    }
+    fn counts_since(
+        &self,
+        _: &str,
+        starts: &[u64],
+        _: u64,
+    ) -> Vec<(crate::evidence::Counts, crate::evidence::Counts)> {
+        vec![Default::default(); starts.len()]
+    }
+}
 
 /// Looks on fresh evidence are at least this far apart (the spec's
 /// smallest `interval_s`): with many Envoys flushing at their own phases,
@@ -158,6 +180,8 @@ pub struct Engine {
     health: Mutex<EngineHealth>,
     /// Where a committed decision's events go (webhooks); none: nowhere.
     notifier: OnceLock<Arc<dyn Notifier>>,
+    /// The source for rollouts whose spec reads Prometheus.
+    prometheus: OnceLock<Arc<PrometheusEvidence>>,
     /// Test hook: called with a rollout id at the start of its evaluation.
     #[doc(hidden)]
     pub fault: Mutex<Option<Fault>>,
@@ -203,6 +227,7 @@ impl Engine {
             panics: AtomicU64::new(0),
             health: Mutex::default(),
             notifier: OnceLock::new(),
+            prometheus: OnceLock::new(),
             fault: Mutex::new(None),
         };
         engine.recover(crate::time::now_unix_ms())?;
@@ -451,6 +476,15 @@ impl Engine {
         Ok(next)
     }
 
+    /// Reads rollouts whose spec says `evidence: {source: prometheus}`
+    /// through `source` (once; a second call is refused).
+    pub fn read_prometheus_with(
+        &self,
+        source: Arc<PrometheusEvidence>,
+    ) -> Result<(), Arc<PrometheusEvidence>> {
+        self.prometheus.set(source)
+    }
+
     /// Sends every later decision's events to `notifier` (once; a second
     /// call is refused with the notifier given back).
     pub fn notify_with(&self, notifier: Arc<dyn Notifier>) -> Result<(), Arc<dyn Notifier>> {
@@ -557,23 +591,80 @@ impl Engine {
         }
     }
 
-    fn step_windows(&self, r: &Rollout, now: u64) -> StepWindows {
+    /// Where `r`'s evidence comes from: its spec's Prometheus (tracked from
+    /// the step's evidence start on; nothing there yet is no data, never
+    /// Envoy's numbers instead), or Envoy's stats stream.
+    fn source_for(&self, r: &Rollout, now: u64) -> Arc<dyn EvidenceSource> {
+        let Some(target) = r.spec.prometheus_target() else {
+            return Arc::clone(&self.evidence);
+        };
+        match self.prometheus.get() {
+            Some(p) => {
+                let since = r.phase_started_ms.saturating_add(FLUSH_SETTLE_MS);
+                p.track(&r.spec.service, &target, since, now);
+                Arc::clone(p) as Arc<dyn EvidenceSource>
+            }
+            None => Arc::new(NoEvidence),
+        }
+    }
+
+    /// `j` with the spec's business metrics judged (on steps with a
+    /// baseline) and the Prometheus queries behind it.
+    fn with_prometheus(
+        &self,
+        r: &Rollout,
+        weight: u32,
+        j: judge::Judgement,
+        now: u64,
+    ) -> judge::Judgement {
+        let Some(target) = r.spec.prometheus_target() else {
+            return j;
+        };
+        let Some(p) = self.prometheus.get() else {
+            let mut j = j;
+            j.queries = vec!["no Prometheus source in this control plane".to_owned()];
+            return j;
+        };
+        let since = r.phase_started_ms.saturating_add(FLUSH_SETTLE_MS);
+        let mut j = if weight < 100 && !r.spec.metrics.is_empty() {
+            let counts = p.metric_counts(&r.spec.service, since, now);
+            let more = r
+                .spec
+                .metrics
+                .iter()
+                .map(|rule| {
+                    let ev = counts.iter().find(|c| c.name == rule.name);
+                    judge::metric_check(rule, ev, &r.spec.analysis, now)
+                })
+                .collect();
+            judge::with_checks(j, more)
+        } else {
+            j
+        };
+        j.queries = target.rendered(&r.spec.service);
+        if let Some(e) = p.status(&r.spec.service).and_then(|s| s.error) {
+            j.queries.push(format!("last poll failed: {e}"));
+        }
+        j
+    }
+
+    fn step_windows(&self, source: &dyn EvidenceSource, r: &Rollout, now: u64) -> StepWindows {
         // A stats flush is stamped when it arrives, so the first one after
         // a step starts still carries up to a flush interval of requests
         // from before it (the previous weight, or a previous rollout).
         let since = r.phase_started_ms.saturating_add(FLUSH_SETTLE_MS);
-        self.evidence.step_windows(&r.spec.service, since, now)
+        source.step_windows(&r.spec.service, since, now)
     }
 
     /// The error counts since each of the step's restart points (see the
     /// judge's "Restarts"), from the same evidence as [`Self::step_windows`].
-    fn restarts(&self, r: &Rollout, now: u64) -> Vec<judge::Restart> {
+    fn restarts(&self, source: &dyn EvidenceSource, r: &Rollout, now: u64) -> Vec<judge::Restart> {
         let first = r.phase_started_ms.saturating_add(FLUSH_SETTLE_MS);
         let points = judge::restart_points(first, now);
         let starts: Vec<u64> = points.iter().map(|&(_, start)| start).collect();
         points
             .iter()
-            .zip(self.evidence.counts_since(&r.spec.service, &starts, now))
+            .zip(source.counts_since(&r.spec.service, &starts, now))
             .map(|(&(index, _), (s, c))| judge::Restart {
                 index,
                 stable_requests: s.requests,
@@ -619,7 +710,7 @@ impl Engine {
             || (since >= MIN_LOOK_GAP_MS
                 && matches!(r.phase, Phase::Canary { .. })
                 && self
-                    .evidence
+                    .source_for(r, t)
                     .newest_arrival_ms(&r.spec.service)
                     .is_some_and(|a| a > r.last_evaluated_ms))
     }
@@ -673,9 +764,10 @@ impl Engine {
                 let Some(s) = r.spec.steps.get(step) else {
                     return Ok(());
                 };
-                let w = self.step_windows(&r, t);
-                let restarts = self.restarts(&r, t);
-                judge::judge_with_restarts(
+                let source = self.source_for(&r, t);
+                let w = self.step_windows(source.as_ref(), &r, t);
+                let restarts = self.restarts(source.as_ref(), &r, t);
+                let j = judge::judge_with_restarts(
                     &r.spec.stop_rules,
                     &r.spec.analysis,
                     s,
@@ -684,7 +776,8 @@ impl Engine {
                     &restarts,
                     t,
                     r.phase_started_ms,
-                )
+                );
+                self.with_prometheus(&r, s.weight, j, t)
             }
             _ => return Ok(()),
         };

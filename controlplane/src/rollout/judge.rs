@@ -192,8 +192,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{Analysis, CanaryStep, ShadowStage, StopRules};
-use crate::evidence::{Evidence, ShadowEvidence};
+use super::spec::{Analysis, CanaryStep, MetricLimit, MetricRule, ShadowStage, StopRules};
+use crate::evidence::{Evidence, MetricEvidence, ShadowEvidence};
 
 /// What the engine should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +245,10 @@ pub struct Judgement {
     /// Hold, all of them for a Promote.
     pub reason: String,
     pub checks: Vec<Check>,
+    /// The queries the evidence was read with (Prometheus evidence), and
+    /// the source's last error if it had one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queries: Vec<String>,
 }
 
 impl Check {
@@ -637,6 +641,19 @@ fn finish(checks: Vec<Check>) -> Judgement {
         verdict,
         reason,
         checks,
+        queries: Vec::new(),
+    }
+}
+
+/// `judgement` with `more` checks, decided again (a rollback in `more`
+/// rolls back; a hold holds); its queries are kept.
+pub fn with_checks(judgement: Judgement, more: Vec<Check>) -> Judgement {
+    let queries = judgement.queries;
+    let mut checks = judgement.checks;
+    checks.extend(more);
+    Judgement {
+        queries,
+        ..finish(checks)
     }
 }
 
@@ -877,6 +894,175 @@ fn error_rate_check(
     c.put("alpha", alpha);
     c
 }
+
+// === business metrics ===
+
+/// A business metric's stop rule (spec `metrics`) on its counts over the
+/// step's window, canary against stable:
+/// - a share (`max_decrease_pp`, `max_increase_pp`): the error-rate test
+///   with `events / total` in place of the 5xx rate (sides swapped for a
+///   decrease);
+/// - a rate (`max_ratio`): given the events of both sides, each is the
+///   canary's with chance `r·t_c / (r·t_c + t_s)` when the canary's rate
+///   is `r` times stable's (`t`: each side's total, events Poisson in it);
+///   the canary's share of events is tested against that at `r =
+///   max_ratio` with the normal-mixture SPRT (as the error rate).
+///
+/// No data, stale data, or fewer than `min_total` in a side's total holds.
+pub fn metric_check(
+    rule: &MetricRule,
+    evidence: Option<&MetricEvidence>,
+    analysis: &Analysis,
+    now_ms: u64,
+) -> Check {
+    let name = format!("metric:{}", rule.name);
+    let Some(ev) = evidence else {
+        return Check::new(
+            &name,
+            CheckStatus::Insufficient,
+            format!("{}: no data", rule.name),
+        );
+    };
+    match ev.last_update_ms {
+        None => {
+            return Check::new(
+                &name,
+                CheckStatus::Insufficient,
+                format!("{}: no data", rule.name),
+            );
+        }
+        Some(t) => {
+            let age_s = now_ms.saturating_sub(t) as f64 / 1000.0;
+            if age_s > analysis.max_staleness_s {
+                return Check::new(
+                    &name,
+                    CheckStatus::Insufficient,
+                    format!(
+                        "{}: stale data (last update {age_s:.1} s ago, limit {} s)",
+                        rule.name,
+                        num(analysis.max_staleness_s)
+                    ),
+                );
+            }
+        }
+    }
+    let (s, c) = (ev.stable, ev.canary);
+    let min = analysis.min_requests_per_side;
+    if s.total < min || c.total < min {
+        let mut check = Check::new(
+            &name,
+            CheckStatus::Insufficient,
+            format!(
+                "{}: not enough data: stable {} and canary {} of {min} each",
+                rule.name, s.total, c.total
+            ),
+        );
+        check.put("stable_total", s.total as f64);
+        check.put("canary_total", c.total as f64);
+        return check;
+    }
+    let alpha = analysis.alpha();
+    let thr = (1.0 / alpha).ln();
+    let (ks, ns, kc, nc) = (
+        s.events as f64,
+        s.total as f64,
+        c.events as f64,
+        c.total as f64,
+    );
+    let (rs, rc) = (ks / ns, kc / nc);
+    let (ln_e, head, limit_text, threshold) = match rule.limit {
+        MetricLimit::MaxDecreasePp(pp) => (
+            stats::ln_e_increase(kc, nc, ks, ns, pp / 100.0),
+            format!(
+                "{}: canary {} ({} of {}) vs stable {} ({} of {}), {} pp",
+                rule.name,
+                pct(rc),
+                c.events,
+                c.total,
+                pct(rs),
+                s.events,
+                s.total,
+                signed((rc - rs) * 100.0)
+            ),
+            format!("more than {} pp below stable", num(pp)),
+            pp,
+        ),
+        MetricLimit::MaxIncreasePp(pp) => (
+            stats::ln_e_increase(ks, ns, kc, nc, pp / 100.0),
+            format!(
+                "{}: canary {} ({} of {}) vs stable {} ({} of {}), {} pp",
+                rule.name,
+                pct(rc),
+                c.events,
+                c.total,
+                pct(rs),
+                s.events,
+                s.total,
+                signed((rc - rs) * 100.0)
+            ),
+            format!("more than {} pp above stable", num(pp)),
+            pp,
+        ),
+        MetricLimit::MaxRatio(r) => {
+            let k = ks + kc;
+            let ln_e = if k > 0.0 {
+                let p0 = r * nc / (r * nc + ns);
+                let share = kc / k;
+                stats::ln_msprt(share - p0, p0 * (1.0 - p0) / k, TAU_EVENT_SHARE)
+            } else {
+                0.0
+            };
+            let per_k = |x: f64| num(x * 1000.0);
+            (
+                ln_e,
+                format!(
+                    "{}: canary {} per 1000 ({} of {}) vs stable {} per 1000 ({} of {}), ×{}",
+                    rule.name,
+                    per_k(rc),
+                    c.events,
+                    c.total,
+                    per_k(rs),
+                    s.events,
+                    s.total,
+                    if rs > 0.0 {
+                        num(rc / rs)
+                    } else {
+                        "∞".to_owned()
+                    }
+                ),
+                format!("above {}× stable", num(r)),
+                r,
+            )
+        }
+    };
+    let p = p_value(ln_e);
+    let mut check = if ln_e >= thr {
+        Check::new(
+            &name,
+            CheckStatus::Fail,
+            format!("{head}; {limit_text}, p = {} < {}", fmt_p(p), fmt_p(alpha)),
+        )
+    } else {
+        Check::new(
+            &name,
+            CheckStatus::Pass,
+            format!("{head}; not significantly {limit_text}, p = {}", fmt_p(p)),
+        )
+    }
+    .threshold(threshold);
+    check.put("stable_events", ks);
+    check.put("stable_total", ns);
+    check.put("canary_events", kc);
+    check.put("canary_total", nc);
+    check.put("stable_rate", rs);
+    check.put("canary_rate", rc);
+    check.put("p_value", p);
+    check.put("alpha", alpha);
+    check
+}
+
+/// The mixture's scale for the canary's share of events (rate rules).
+const TAU_EVENT_SHARE: f64 = 0.1;
 
 // === restarts ===
 
@@ -3233,6 +3419,170 @@ mod tests {
             "{} of {runs} A/A runs rolled back: {rolled_back:#?}",
             rolled_back.len()
         );
+    }
+
+    // === business metrics (issue 15) ===
+
+    fn metric(name: &str, limit: MetricLimit) -> MetricRule {
+        MetricRule {
+            name: name.into(),
+            events: r#"e{v="{{side}}"}"#.into(),
+            total: r#"t{v="{{side}}"}"#.into(),
+            limit,
+        }
+    }
+
+    fn tallies(s: (u64, u64), c: (u64, u64), at: Option<u64>) -> MetricEvidence {
+        use crate::evidence::Tally;
+        MetricEvidence {
+            name: "m".into(),
+            stable: Tally {
+                events: s.0,
+                total: s.1,
+            },
+            canary: Tally {
+                events: c.0,
+                total: c.1,
+            },
+            last_update_ms: at,
+        }
+    }
+
+    #[test]
+    fn business_metrics_judge_canary_against_stable() {
+        let a = analysis();
+        let now = T0 + 60_000;
+        let fresh = Some(now - 1_000);
+        let completion = metric("checkout_completion", MetricLimit::MaxDecreasePp(2.0));
+        let dropped = metric_check(
+            &completion,
+            Some(&tallies((970, 1000), (900, 1000), fresh)),
+            &a,
+            now,
+        );
+        assert_eq!(dropped.status, CheckStatus::Fail, "{}", dropped.detail);
+        assert!(
+            dropped
+                .detail
+                .contains("canary 90.0% (900 of 1000) vs stable 97.0% (970 of 1000)"),
+            "{}",
+            dropped.detail
+        );
+        assert_eq!(dropped.name, "metric:checkout_completion");
+        let held = metric_check(
+            &completion,
+            Some(&tallies((970, 1000), (965, 1000), fresh)),
+            &a,
+            now,
+        );
+        assert_eq!(held.status, CheckStatus::Pass, "{}", held.detail);
+        // A gain is never a rollback.
+        let better = metric_check(
+            &completion,
+            Some(&tallies((900, 1000), (990, 1000), fresh)),
+            &a,
+            now,
+        );
+        assert_eq!(better.status, CheckStatus::Pass);
+
+        let worse_share = metric("refunds", MetricLimit::MaxIncreasePp(1.0));
+        let up = metric_check(
+            &worse_share,
+            Some(&tallies((10, 1000), (60, 1000), fresh)),
+            &a,
+            now,
+        );
+        assert_eq!(up.status, CheckStatus::Fail, "{}", up.detail);
+
+        let tickets = metric("support_tickets", MetricLimit::MaxRatio(1.5));
+        let tripled = metric_check(
+            &tickets,
+            Some(&tallies((40, 20_000), (120, 20_000), fresh)),
+            &a,
+            now,
+        );
+        assert_eq!(tripled.status, CheckStatus::Fail, "{}", tripled.detail);
+        assert!(tripled.detail.contains("×3"), "{}", tripled.detail);
+        let same = metric_check(
+            &tickets,
+            Some(&tallies((40, 20_000), (48, 20_000), fresh)),
+            &a,
+            now,
+        );
+        assert_eq!(same.status, CheckStatus::Pass, "{}", same.detail);
+        // Less canary traffic: 3× stable's rate is still 3×.
+        let small = metric_check(
+            &tickets,
+            Some(&tallies((80, 40_000), (60, 10_000), fresh)),
+            &a,
+            now,
+        );
+        assert_eq!(small.status, CheckStatus::Fail, "{}", small.detail);
+
+        // No data, stale data, too little data: hold, never pass or fail.
+        for (ev, why) in [
+            (None, "no data"),
+            (Some(tallies((970, 1000), (900, 1000), None)), "no data"),
+            (
+                Some(tallies((970, 1000), (900, 1000), Some(now - 60_000))),
+                "stale",
+            ),
+            (Some(tallies((97, 99), (0, 1000), fresh)), "not enough data"),
+        ] {
+            let c = metric_check(&completion, ev.as_ref(), &a, now);
+            assert_eq!(c.status, CheckStatus::Insufficient, "{}", c.detail);
+            assert!(c.detail.contains(why), "{}", c.detail);
+        }
+
+        // With the step's own checks: a failing metric rolls back.
+        let j = with_checks(
+            Judgement {
+                verdict: Verdict::Promote,
+                reason: String::new(),
+                checks: vec![held.clone()],
+                queries: vec!["q".into()],
+            },
+            vec![dropped],
+        );
+        assert_eq!(j.verdict, Verdict::Rollback);
+        assert!(j.reason.starts_with("checkout_completion:"), "{}", j.reason);
+        assert_eq!(j.queries, ["q"]);
+    }
+
+    /// Identical sides, looked at every second for 60 s at 100 per side
+    /// per second (share 95%, tickets 2%): a rule rolls back at most α of
+    /// runs (measured: see the assertion's message).
+    #[test]
+    fn sim_identical_business_metrics_are_not_rolled_back() {
+        let a = analysis();
+        let rules = [
+            metric("completion", MetricLimit::MaxDecreasePp(0.0)),
+            metric("tickets", MetricLimit::MaxRatio(1.2)),
+        ];
+        for (rule, p) in rules.iter().zip([0.95, 0.02]) {
+            let mut rolled_back = 0;
+            for seed in 0..500u64 {
+                let mut rng = StdRng::seed_from_u64(seed);
+                let (mut s, mut c) = ((0u64, 0u64), (0u64, 0u64));
+                for t in 1..=60u64 {
+                    for side in [&mut s, &mut c] {
+                        side.1 += 100;
+                        side.0 += (0..100).filter(|_| rng.random_bool(p)).count() as u64;
+                    }
+                    let now = T0 + t * 1000;
+                    let check = metric_check(rule, Some(&tallies(s, c, Some(now))), &a, now);
+                    if check.status == CheckStatus::Fail {
+                        rolled_back += 1;
+                        break;
+                    }
+                }
+            }
+            assert!(
+                rolled_back <= 5,
+                "{}: {rolled_back} of 500 rolled back",
+                rule.name
+            );
+        }
     }
 
     // === judge: rules with hand-made evidence ===

@@ -649,6 +649,7 @@ mod tests {
             verdict: v,
             reason: format!("{v:?}"),
             checks: Vec::new(),
+            queries: Vec::new(),
         })
     }
 

@@ -53,6 +53,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::events::EventKind;
+use crate::evidence::prometheus::PromTarget;
+
+mod evidence;
+pub use evidence::{EvidenceSpec, MetricLimit, MetricRule};
 
 /// Every default of the spec, in one place.
 pub mod defaults {
@@ -125,6 +129,12 @@ pub struct RolloutSpec {
     /// Webhooks told of the rollout's events.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<Webhook>,
+    /// Where the evidence comes from (default: Envoy's stats stream).
+    #[serde(skip_serializing_if = "EvidenceSpec::is_envoy")]
+    pub evidence: EvidenceSpec,
+    /// Business-metric stop rules (with Prometheus evidence).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricRule>,
 }
 
 /// Most webhooks one rollout may have.
@@ -325,6 +335,18 @@ impl RolloutSpec {
     pub fn canary_cluster(&self) -> String {
         format!("{}-canary", self.service)
     }
+
+    /// What to read from Prometheus, business metrics included; `None`
+    /// when the evidence is Envoy's stats stream.
+    pub fn prometheus_target(&self) -> Option<PromTarget> {
+        match &self.evidence {
+            EvidenceSpec::Envoy => None,
+            EvidenceSpec::Prometheus { target, .. } => Some(PromTarget {
+                metrics: evidence::metric_queries(&self.metrics),
+                ..target.clone()
+            }),
+        }
+    }
 }
 
 // === raw (as written) ===
@@ -345,6 +367,8 @@ struct RawSpec {
     analysis: Option<RawAnalysis>,
     finalize: Option<Finalize>,
     notifications: Option<Vec<RawWebhook>>,
+    evidence: Option<evidence::RawEvidence>,
+    metrics: Option<Vec<evidence::RawMetric>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -497,6 +521,7 @@ impl TryFrom<RawSpec> for RolloutSpec {
             .map(|s| ShadowStage::validate(s, &stop_rules))
             .transpose()?;
         let steps = validate_steps(raw.defaults, raw.steps)?;
+        let evidence = evidence::validate_evidence(raw.evidence)?;
         let analysis = Analysis::try_from(raw.analysis.unwrap_or(RawAnalysis {
             interval_s: None,
             max_staleness_s: None,
@@ -513,6 +538,8 @@ impl TryFrom<RawSpec> for RolloutSpec {
             analysis,
             finalize: raw.finalize.unwrap_or_default(),
             notifications: validate_webhooks(raw.notifications.unwrap_or_default())?,
+            metrics: evidence::validate_metrics(raw.metrics, &evidence)?,
+            evidence,
         })
     }
 }
