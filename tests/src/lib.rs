@@ -13,6 +13,7 @@
 //! - [`process`]: child processes killed on drop.
 //! - [`traffic`]: client load and its tally.
 //! - [`stack`]: all of the above wired together.
+//! - [`rollouts`]: rollouts through the API: create, read, follow to the end.
 //! - [`wait`]: condition waits with deadlines.
 //! - [`bench`]: benchmark scenarios (`cargo xtask bench`).
 //!
@@ -24,6 +25,7 @@ pub mod cp_process;
 pub mod envoy;
 pub mod paths;
 pub mod process;
+pub mod rollouts;
 pub mod stack;
 pub mod traffic;
 pub mod upstream;

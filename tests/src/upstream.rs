@@ -65,6 +65,11 @@ pub struct Behavior {
     pub raw_headers: Vec<RawHeader>,
     /// A successful answer's body as raw bytes (any bytes), instead of JSON.
     pub raw_body: Option<Vec<u8>>,
+    /// A business outcome: every successful answer starts a checkout,
+    /// which completes with this chance (1 when unset). Counted in
+    /// `GET /_upstream/metrics` as `checkout_started_total` and
+    /// `checkout_completed_total`, labelled `version`.
+    pub checkout_completion: Option<f64>,
 }
 
 /// A response header whose value is any bytes HTTP/1.1 allows (obs-text too).
@@ -133,6 +138,11 @@ impl Behavior {
         if !(0.0..=1.0).contains(&self.error_rate) {
             bail!("error_rate must be within 0..=1, got {}", self.error_rate);
         }
+        if let Some(p) = self.checkout_completion
+            && !(0.0..=1.0).contains(&p)
+        {
+            bail!("checkout_completion must be within 0..=1, got {p}");
+        }
         if let Some(s) = self.error_status
             && StatusCode::from_u16(s).is_err()
         {
@@ -188,6 +198,8 @@ pub struct Upstream {
     version: String,
     behavior: Mutex<Behavior>,
     requests: AtomicU64,
+    checkouts_started: AtomicU64,
+    checkouts_completed: AtomicU64,
     seen: Mutex<VecDeque<Seen>>,
 }
 
@@ -198,6 +210,8 @@ impl Upstream {
             version: version.to_owned(),
             behavior: Mutex::new(behavior),
             requests: AtomicU64::new(0),
+            checkouts_started: AtomicU64::new(0),
+            checkouts_completed: AtomicU64::new(0),
             seen: Mutex::new(VecDeque::new()),
         }))
     }
@@ -214,6 +228,20 @@ impl Upstream {
 
     pub fn seen(&self) -> Vec<Seen> {
         lock(&self.seen).iter().cloned().collect()
+    }
+
+    /// Its counters in Prometheus' text format (what a service's own
+    /// `/metrics` would show, for business-metric stop rules).
+    pub fn metrics_text(&self) -> String {
+        let v = &self.version;
+        format!(
+            "# HELP checkout_started_total Checkouts started.\n# TYPE checkout_started_total counter\n\
+             checkout_started_total{{version=\"{v}\"}} {}\n\
+             # HELP checkout_completed_total Checkouts completed.\n# TYPE checkout_completed_total counter\n\
+             checkout_completed_total{{version=\"{v}\"}} {}\n",
+            self.checkouts_started.load(Ordering::Relaxed),
+            self.checkouts_completed.load(Ordering::Relaxed),
+        )
     }
 
     pub fn stats(&self) -> UpstreamStats {
@@ -234,6 +262,18 @@ pub fn router(state: Arc<Upstream>) -> Router {
         .route(
             "/_upstream/stats",
             get(|State(s): State<Arc<Upstream>>| async move { Json(s.stats()) }),
+        )
+        .route(
+            "/_upstream/metrics",
+            get(|State(s): State<Arc<Upstream>>| async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    s.metrics_text(),
+                )
+            }),
         )
         .route(
             "/_upstream/count",
@@ -349,6 +389,10 @@ async fn serve(
             "trace_id".into(),
             serde_json::json!(format!("{:016x}", rand::rng().random::<u64>())),
         );
+    }
+    s.checkouts_started.fetch_add(1, Ordering::Relaxed);
+    if rand::rng().random::<f64>() < behavior.checkout_completion.unwrap_or(1.0) {
+        s.checkouts_completed.fetch_add(1, Ordering::Relaxed);
     }
     if let Some(bytes) = behavior.raw_body {
         return (StatusCode::OK, version, raw, bytes).into_response();

@@ -7,6 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use understudy_e2e::controlplane::{OPERATOR, VIEWER_TOKEN};
+use understudy_e2e::rollouts::{
+    canary_weight, create, failed_checks, follow, rollout, transitions,
+};
 use understudy_e2e::stack::{Stack, api_client};
 use understudy_e2e::traffic::Load;
 use understudy_e2e::upstream::{Behavior, LatencyBand};
@@ -26,101 +29,6 @@ fn spec(extra: Value) -> Value {
         s.extend(e.clone());
     }
     s
-}
-
-async fn create(stack: &Stack, spec: &Value) -> Result<Value> {
-    let r = stack
-        .api
-        .post(stack.cp.api_url("/v1/rollouts"))
-        .body(spec.to_string())
-        .send()
-        .await?;
-    let status = r.status();
-    let body: Value = r.json().await?;
-    ensure!(
-        status == 201,
-        "creating the rollout answered {status}: {body:#}"
-    );
-    Ok(body)
-}
-
-async fn rollout(stack: &Stack, id: &str) -> Result<Value> {
-    stack.api_get(&format!("/v1/rollouts/{id}")).await
-}
-
-fn transitions(r: &Value) -> Vec<(String, String, String)> {
-    r["audit"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| {
-            (
-                e["from"].as_str().unwrap_or_default().to_owned(),
-                e["to"].as_str().unwrap_or_default().to_owned(),
-                e["actor"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
-}
-
-/// Follows a rollout until it ends, sampling Envoy's applied canary weight
-/// all along; returns the final view and the distinct weights seen, in order.
-async fn follow(stack: &Stack, id: &str, deadline: Duration) -> Result<(Value, Vec<u64>)> {
-    let started = std::time::Instant::now();
-    let mut ticker = tokio::time::interval(wait::POLL);
-    let mut seen: Vec<u64> = Vec::new();
-    loop {
-        ticker.tick().await;
-        let w = canary_weight(stack).await?;
-        if seen.last() != Some(&w) {
-            seen.push(w);
-        }
-        let r = rollout(stack, id).await?;
-        if !matches!(
-            r["phase"]["state"].as_str(),
-            Some("shadow" | "canary" | "awaiting_approval")
-        ) {
-            // Envoy applies the last weight a moment after the decision
-            // (and a succeeded rollout may still be finalizing: read again).
-            wait::until(
-                "Envoy to apply the final weight",
-                Duration::from_secs(5),
-                || async {
-                    let r = rollout(stack, id).await?;
-                    let want = r["weights"]["canary"].as_u64().unwrap_or(0);
-                    Ok((canary_weight(stack).await? == want).then_some(()))
-                },
-            )
-            .await?;
-            let r = rollout(stack, id).await?;
-            let w = canary_weight(stack).await?;
-            if seen.last() != Some(&w) {
-                seen.push(w);
-            }
-            return Ok((r, seen));
-        }
-        ensure!(
-            started.elapsed() < deadline,
-            "rollout {id} still {} after {deadline:?}: {:#}",
-            r["stage"],
-            r["last_judgement"]
-        );
-    }
-}
-
-/// The names of the checks a judgement (an audit entry's `snapshot`) failed.
-fn failed_checks(judgement: &Value) -> Vec<String> {
-    judgement["checks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["status"] == "fail")
-        .filter_map(|c| c["name"].as_str().map(str::to_owned))
-        .collect()
-}
-
-async fn canary_weight(stack: &Stack) -> Result<u64> {
-    stack.canary_weight().await
 }
 
 /// 1. A healthy canary goes shadow → 1 → 5 → 20 → 50 → 100 under load, and
