@@ -3577,6 +3577,10 @@ mod tests {
                     }
                 }
             }
+            eprintln!(
+                "{}: {rolled_back} of 500 identical runs rolled back",
+                rule.name
+            );
             assert!(
                 rolled_back <= 5,
                 "{}: {rolled_back} of 500 rolled back",
