@@ -142,8 +142,9 @@ impl Metrics {
     /// One API answer. `route` must be a route template (or a fixed word);
     /// the caller cuts nothing, so never pass a raw path.
     pub fn api_request(&self, route: &str, status: u16, role: &'static str) {
+        let status = status.to_string();
         self.api_requests
-            .with_label_values(&[route, &status.to_string(), role])
+            .with_label_values(&[route, status.as_str(), role])
             .inc();
     }
 
@@ -225,10 +226,22 @@ mod tests {
         m.api_request("/v1/rollouts/{id}", 404, "viewer");
         m.api_throttled("rate_limited");
         let text = m.encode(vec![]).unwrap();
-        assert!(text.contains("understudy_xds_pushes_total{type=\"rds\"} 1\n"), "{text}");
-        assert!(text.contains("understudy_xds_pushes_total{type=\"cds\"} 0\n"), "{text}");
-        assert!(text.contains("understudy_xds_nacks_total{type=\"eds\"} 1\n"), "{text}");
-        assert!(text.contains("understudy_xds_acks_total{type=\"ecds\"} 0\n"), "{text}");
+        assert!(
+            text.contains("understudy_xds_pushes_total{type=\"rds\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("understudy_xds_pushes_total{type=\"cds\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("understudy_xds_nacks_total{type=\"eds\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("understudy_xds_acks_total{type=\"ecds\"} 0\n"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "understudy_api_requests_total{role=\"viewer\",route=\"/v1/rollouts/{id}\",status=\"404\"} 1\n"
@@ -245,7 +258,9 @@ mod tests {
     fn scrape_families_follow_the_counters_and_labels_are_cut() {
         let m = Metrics::new().unwrap();
         let s = Scrape::default();
-        let g = s.gauge("understudy_test_value", "A test.", &["name"]).unwrap();
+        let g = s
+            .gauge("understudy_test_value", "A test.", &["name"])
+            .unwrap();
         let long = "é".repeat(1000);
         g.with_label_values(&[label(&long)]).set(2.5);
         let text = m.encode(s.families()).unwrap();

@@ -365,7 +365,10 @@ mod tests {
         ];
         let yaml = config(&targets, dir.path()).unwrap();
         assert!(yaml.contains("job_name: \"cp\""), "{yaml}");
-        assert!(yaml.contains("metrics_path: \"/stats/prometheus\""), "{yaml}");
+        assert!(
+            yaml.contains("metrics_path: \"/stats/prometheus\""),
+            "{yaml}"
+        );
         assert!(yaml.contains("targets: [\"127.0.0.1:2\"]"), "{yaml}");
         assert!(!yaml.contains("secret-token"), "{yaml}");
         assert_eq!(

@@ -43,7 +43,10 @@ async fn hold_at_20(stack: &Stack) -> Result<String> {
         .await?;
     let status = r.status();
     let body: serde_json::Value = r.json().await?;
-    ensure!(status == 201, "creating the rollout answered {status}: {body}");
+    ensure!(
+        status == 201,
+        "creating the rollout answered {status}: {body}"
+    );
     body["id"]
         .as_str()
         .map(str::to_owned)
@@ -108,7 +111,9 @@ async fn prometheus_scrapes_the_control_plane_and_envoy() -> Result<()> {
     .await?;
     prom.wait_for(
         "the rollout's weight series",
-        &format!("understudy_rollout_canary_weight_percent{{rollout=\"{id}\",service=\"{SERVICE}\"}}"),
+        &format!(
+            "understudy_rollout_canary_weight_percent{{rollout=\"{id}\",service=\"{SERVICE}\"}}"
+        ),
         SERIES_DEADLINE,
         |s| one_value(s) == Some(20.0),
     )
@@ -167,6 +172,8 @@ async fn promtool_rejects_what_breaks_the_conventions() -> Result<()> {
     let bad = "# TYPE understudy_bad counter\nunderstudy_bad 1\n";
     let e = promtool_check_metrics(bad).unwrap_err().to_string();
     ensure!(e.contains("understudy_bad"), "{e}");
-    promtool_check_metrics("# HELP understudy_ok_total Fine.\n# TYPE understudy_ok_total counter\nunderstudy_ok_total 1\n")?;
+    promtool_check_metrics(
+        "# HELP understudy_ok_total Fine.\n# TYPE understudy_ok_total counter\nunderstudy_ok_total 1\n",
+    )?;
     Ok(())
 }

@@ -339,9 +339,7 @@ pub async fn guard(State(auth): State<Arc<Auth>>, mut request: Request, next: Ne
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }
-            response
-                .extensions_mut()
-                .insert(Throttled("failed_logins"));
+            response.extensions_mut().insert(Throttled("failed_logins"));
             return response;
         }
     };

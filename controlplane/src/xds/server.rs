@@ -28,8 +28,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::registry::Registry;
-use crate::metrics::Metrics;
 use super::stream::{AdsStream, RequestEvent};
+use crate::metrics::Metrics;
 use crate::tls::{self, Peer};
 use crate::xds::resources::{Snapshot, type_url};
 
