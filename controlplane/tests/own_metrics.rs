@@ -470,3 +470,50 @@ async fn xds_rollout_and_shadow_series_follow_what_happens() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn per_rollout_series_follow_each_services_latest_rollout_only() {
+    let cp = Cp::start(Limits::default()).await;
+    let post = |path: String, body: String| {
+        cp.http
+            .post(format!("{}{path}", cp.api))
+            .bearer_auth(OPERATOR)
+            .body(body)
+            .send()
+    };
+    let spec = json!({
+        "service": "shop", "owner": "team",
+        "stop_rules": {"max_error_rate_increase_pp": 1.0},
+        "steps": [{"weight": 20}, {"weight": 100}]
+    })
+    .to_string();
+    for (id, weight) in [("shop-1", 20.0), ("shop-2", 20.0)] {
+        let r = post("/v1/rollouts".into(), spec.clone()).await.unwrap();
+        assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
+        let s = cp.scrape().await;
+        assert_eq!(
+            s.value(&format!(
+                r#"understudy_rollout_canary_weight_percent{{rollout="{id}",service="shop"}}"#
+            )),
+            weight
+        );
+        let r = post(format!("/v1/rollouts/{id}/abort"), "{}".into())
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    }
+    let s = cp.scrape().await;
+    // Both are counted by phase; only the latest has series of its own.
+    assert_eq!(s.value(r#"understudy_rollouts{phase="aborted"}"#), 2.0);
+    assert_eq!(s.value(r#"understudy_rollouts{phase="canary"}"#), 0.0);
+    assert!(!s.text.contains(r#"rollout="shop-1""#), "{}", s.text);
+    assert_eq!(
+        s.value(r#"understudy_rollout_phase{phase="aborted",rollout="shop-2",service="shop"}"#),
+        1.0
+    );
+    assert_eq!(
+        s.value(r#"understudy_rollout_canary_weight_percent{rollout="shop-2",service="shop"}"#),
+        0.0,
+        "an aborted rollout took its canary out"
+    );
+}

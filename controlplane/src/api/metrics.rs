@@ -271,3 +271,35 @@ fn shadow(scrape: &Scrape, s: &ApiState) -> Result<(), MetricsError> {
         .set(c.records_stored as f64);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One enum, one spelling: the label values are the API's serde names.
+    #[test]
+    fn label_values_are_the_serde_names() {
+        let phases = [
+            Phase::Shadow,
+            Phase::Canary { step: 0 },
+            Phase::AwaitingApproval { step: 0 },
+            Phase::Succeeded,
+            Phase::RolledBack { reason: "r".into() },
+            Phase::Aborted { reason: "r".into() },
+        ];
+        for (p, name) in phases.iter().zip(PHASES) {
+            assert_eq!(serde_json::to_value(p).unwrap()["state"], name);
+            assert_eq!(phase_name(p), name);
+        }
+        for v in [Verdict::Promote, Verdict::Hold, Verdict::Rollback] {
+            assert_eq!(serde_json::to_value(v).unwrap(), verdict_name(v));
+        }
+        for c in [
+            CheckStatus::Pass,
+            CheckStatus::Fail,
+            CheckStatus::Insufficient,
+        ] {
+            assert_eq!(serde_json::to_value(c).unwrap(), status_name(c));
+        }
+    }
+}
