@@ -342,6 +342,18 @@ async fn xds_rollout_and_shadow_series_follow_what_happens() {
         .unwrap()
         .unwrap();
     assert_eq!(cds.type_url, type_url::CLUSTER);
+    // A peer's type URL never becomes a label: an unknown type, even
+    // with a "NACK", is not counted at all (and the stream goes on).
+    tx.send(DiscoveryRequest {
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "evil".into(),
+            details: vec![],
+        }),
+        ..ads_request("type.googleapis.com/evil\"}\n{x", "", "1")
+    })
+    .await
+    .unwrap();
     tx.send(ads_request(
         type_url::CLUSTER,
         &cds.version_info,
@@ -376,6 +388,8 @@ async fn xds_rollout_and_shadow_series_follow_what_happens() {
     assert_eq!(s.value(r#"understudy_xds_acks_total{type="lds"}"#), 0.0);
     assert_eq!(s.value(r#"understudy_xds_nacks_total{type="cds"}"#), 0.0);
     assert_eq!(s.value("understudy_xds_connected_envoys"), 1.0);
+    assert!(!s.text.contains("evil"), "{}", s.text);
+    assert!(!s.text.contains(r#"type="unknown""#), "{}", s.text);
 
     // A rollout: its weight, phase and (once judged) verdict and checks.
     let spec = json!({
