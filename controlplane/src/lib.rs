@@ -10,6 +10,8 @@
 //!   file per resource (services, filter, envoys, rate limits, shadow,
 //!   rollouts).
 //! - [`cli`]: the `understudy` command's client side.
+//! - [`metrics`]: the control plane's own counters (xDS, API) behind
+//!   `GET /metrics`; state gauges are built from their owners per scrape.
 //! - [`rollout`]: canary rollouts: the spec, the judge (statistics), the
 //!   pure state machine, and the engine that persists and applies it.
 //! - [`evidence`]: what the data plane measured (Envoy's stats stream, the
@@ -31,6 +33,7 @@
 pub mod api;
 pub mod cli;
 pub mod evidence;
+pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod rollout;
@@ -65,6 +68,8 @@ pub enum RunError {
     Engine(#[from] rollout::engine::EngineError),
     #[error("HTTP client (webhooks, Prometheus): {0}")]
     Webhooks(String),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// How often the engine looks for rollouts due an evaluation (each
@@ -166,7 +171,14 @@ pub async fn run_with(
         .map_err(|e| RunError::Webhooks(e.to_string()))?;
     let _ = engine.read_prometheus_with(Arc::new(prometheus));
     tokio::spawn(Arc::clone(&engine).run(ENGINE_PERIOD));
-    let ads = AdsServer::new(store.subscribe(), Arc::clone(&registry));
+    // The control plane's own counters (`GET /metrics`), shared by the xDS
+    // server and the API.
+    let own_metrics = Arc::new(metrics::Metrics::new()?);
+    let ads = AdsServer::new(
+        store.subscribe(),
+        Arc::clone(&registry),
+        Arc::clone(&own_metrics),
+    );
     // Fleet-wide limits follow the number of connected Envoys.
     let mut fleet = registry.fleet();
     let fleet_store = store.clone();
@@ -183,6 +195,7 @@ pub async fn run_with(
         shadow: Arc::clone(&shadow),
         auth: Arc::new(options.auth),
         engine,
+        metrics: own_metrics,
     });
     info!(xds = ?xds_listener.local_addr().ok(), api = ?api_listener.local_addr().ok(), xds_mtls = matches!(options.xds_security, tls::XdsSecurity::Mtls(_)), api_tls = options.api_tls.is_some(), "control plane listening");
     let mut xds = tonic::transport::Server::builder()

@@ -122,6 +122,7 @@ async fn start() -> ControlPlane {
         shadow: Arc::clone(&shadow),
         auth: Arc::new(Auth::disabled()),
         engine,
+        metrics: Arc::new(understudy_controlplane::metrics::Metrics::new().unwrap()),
     });
     tokio::spawn(async move { axum::serve(api, app).await });
     let reports = Reports::new(usage, shadow).into_service();

@@ -11,6 +11,7 @@
 //! - [`cp_process`]: the `understudy` binary as its own process (SIGKILL, SIGSTOP).
 //! - [`upstream`]: the programmable upstream (also the `understudy-upstream` binary).
 //! - [`process`]: child processes killed on drop.
+//! - [`prometheus`]: a real Prometheus scraping the stack, its query API, and `promtool`.
 //! - [`traffic`]: client load and its tally.
 //! - [`stack`]: all of the above wired together.
 //! - [`rollouts`]: rollouts through the API: create, read, follow to the end.
@@ -25,6 +26,7 @@ pub mod cp_process;
 pub mod envoy;
 pub mod paths;
 pub mod process;
+pub mod prometheus;
 pub mod rollouts;
 pub mod stack;
 pub mod traffic;

@@ -87,6 +87,32 @@ pub fn fault_filter_wasm() -> Result<PathBuf> {
     )
 }
 
+/// Where `cargo xtask setup` unpacks the Debian `prometheus` package
+/// (relative to the repository root): nothing is installed system-wide.
+pub const PROMETHEUS_DIR: &str = "target/tools/prometheus";
+
+/// `prometheus` or `promtool`: the copy `cargo xtask setup` unpacked under
+/// [`PROMETHEUS_DIR`], else one on `PATH`.
+///
+/// Fails (never skips) with the setup command when neither exists.
+pub fn prometheus_tool(name: &str) -> Result<PathBuf> {
+    let unpacked = repo_root().join(PROMETHEUS_DIR).join("usr/bin").join(name);
+    if unpacked.is_file() {
+        return Ok(unpacked);
+    }
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(found) = std::env::split_paths(&path)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    {
+        return Ok(found);
+    }
+    bail!(
+        "{name} is not installed. Run `{SETUP_COMMAND}` (it unpacks the Debian package `prometheus` into {})",
+        repo_root().join(PROMETHEUS_DIR).display()
+    )
+}
+
 /// A committed Envoy config under `envoy/`.
 pub fn envoy_config(name: &str) -> PathBuf {
     repo_root().join("envoy").join(name)

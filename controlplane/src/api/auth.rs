@@ -9,7 +9,9 @@
 //!
 //! `/healthz` and `/readyz` are open (probes carry no tokens); every other
 //! path needs a token: 401 without a valid one, 403 for a viewer that tries
-//! to act, 429 (with `Retry-After`) for a caller over its rate.
+//! to act, 429 (with `Retry-After`) for a caller over its rate. That
+//! includes `/metrics`: a viewer token is enough to scrape it (see
+//! [`crate::api::metrics`] for why it is not open).
 //!
 //! **Guessing is slow.** Failed logins are counted per peer address (or
 //! all together when the server does not pass the address): after
@@ -122,6 +124,11 @@ pub enum Role {
     Viewer,
     Operator,
 }
+
+/// Why the guard answered 429, as a response extension for the metrics
+/// ([`crate::api::count`]): `rate_limited` or `failed_logins`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throttled(pub &'static str);
 
 /// An authenticated caller, available to handlers as a request extension.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -332,6 +339,7 @@ pub async fn guard(State(auth): State<Arc<Auth>>, mut request: Request, next: Ne
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }
+            response.extensions_mut().insert(Throttled("failed_logins"));
             return response;
         }
     };
@@ -355,11 +363,13 @@ pub async fn guard(State(auth): State<Arc<Auth>>, mut request: Request, next: Ne
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
             response.headers_mut().insert(header::RETRY_AFTER, v);
         }
+        response.extensions_mut().insert(Throttled("rate_limited"));
+        response.extensions_mut().insert(principal.role);
         return response;
     }
     let reads = matches!(*request.method(), Method::GET | Method::HEAD);
     if !reads && principal.role < Role::Operator {
-        return refuse(
+        let mut response = refuse(
             StatusCode::FORBIDDEN,
             "forbidden",
             &format!(
@@ -367,9 +377,15 @@ pub async fn guard(State(auth): State<Arc<Auth>>, mut request: Request, next: Ne
                 principal.name
             ),
         );
+        response.extensions_mut().insert(principal.role);
+        return response;
     }
+    let role = principal.role;
     request.extensions_mut().insert(principal);
-    next.run(request).await
+    let mut response = next.run(request).await;
+    // The caller's role, for the request counter outside this guard.
+    response.extensions_mut().insert(role);
+    response
 }
 
 #[cfg(test)]

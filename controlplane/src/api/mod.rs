@@ -21,17 +21,20 @@
 //! | GET | `/v1/shadow/noise` | noise learned from A/A calibration, per route and path |
 //! | DELETE | `/v1/shadow/noise/{route}` | forget a route's calibration data |
 //! | POST/GET | `/v1/rollouts[/{id}[/{action}]]` | canary rollouts (see [`crate::api::rollouts`]) |
+//! | GET | `/metrics` | the control plane's own metrics, Prometheus text format (see [`crate::api::metrics`]) |
 //!
 //! One file per resource: [`services`], [`filter`], [`envoys`],
-//! [`ratelimit`], [`shadow`], [`rollouts`]; [`error`] maps every error
-//! onto the answer below, and [`auth`] guards every path.
+//! [`ratelimit`], [`shadow`], [`rollouts`], [`metrics`]; [`error`] maps
+//! every error onto the answer below, and [`auth`] guards every path. Every
+//! answer, refusals included, is counted by route template, status and
+//! caller role ([`count`]).
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with a 4xx status.
 //! Every path but the probes needs a bearer token (see [`crate::api::auth`]).
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{MatchedPath, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -41,6 +44,7 @@ pub mod auth;
 pub mod envoys;
 pub mod error;
 pub mod filter;
+pub mod metrics;
 pub mod ratelimit;
 pub mod rollouts;
 pub mod services;
@@ -61,10 +65,13 @@ pub struct ApiState {
     pub shadow: Arc<ShadowBook>,
     pub auth: Arc<Auth>,
     pub engine: Arc<crate::rollout::engine::Engine>,
+    /// The control plane's own counters (`GET /metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub fn router(state: ApiState) -> Router {
     let auth = Arc::clone(&state.auth);
+    let counters = Arc::clone(&state.metrics);
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
@@ -74,6 +81,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(ratelimit::routes())
         .merge(shadow::routes())
         .merge(rollouts::routes())
+        .merge(metrics::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -85,8 +93,40 @@ pub fn router(state: ApiState) -> Router {
             )
         })
         .with_state(state)
-        // Outermost: unknown paths and wrong methods need a token too.
+        // Unknown paths and wrong methods need a token too.
         .layer(axum::middleware::from_fn_with_state(auth, auth::guard))
+        // Outermost, so refusals by the guard (401, 403, 429) are counted.
+        .layer(axum::middleware::from_fn_with_state(counters, count))
+}
+
+/// Counts every answer in `understudy_api_requests_total` by route
+/// template (axum's [`MatchedPath`]: bounded, unlike the raw path; `none`
+/// when no route matched), status and the caller's role (`none` when the
+/// guard refused before knowing it), and each 429 by its reason.
+async fn count(
+    State(metrics): State<Arc<crate::metrics::Metrics>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "none".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let role = match response.extensions().get::<auth::Role>() {
+        Some(auth::Role::Operator) => "operator",
+        Some(auth::Role::Viewer) => "viewer",
+        None => "none",
+    };
+    metrics.api_request(&route, response.status().as_u16(), role);
+    if response.status() == StatusCode::TOO_MANY_REQUESTS {
+        let reason = response
+            .extensions()
+            .get::<auth::Throttled>()
+            .map_or("rate_limited", |t| t.0);
+        metrics.api_throttled(reason);
+    }
+    response
 }
 
 /// Ready, with what an operator must not miss: the engine's caught panics

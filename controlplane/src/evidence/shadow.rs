@@ -406,6 +406,10 @@ pub struct RouteNoise {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct BookCounts {
     pub batches: u64,
+    /// Pairs compared on accepted routes, live and calibration, summed
+    /// from every batch's route counters (it never goes down, unlike the
+    /// routes' own totals, which are reset or forgotten).
+    pub pairs_compared: u64,
     /// Full records currently stored (samples point at these).
     pub records_stored: usize,
     /// Records the filters dropped because their queues were full: counted,
@@ -733,6 +737,7 @@ struct Book {
     /// The id the next record gets; ids only grow, so the store is sorted.
     next_id: u64,
     batches: u64,
+    pairs_compared: u64,
     dropped: u64,
     rejected: u64,
     calibration_refused: u64,
@@ -975,6 +980,7 @@ impl ShadowBook {
                 out.rejected = out.rejected.saturating_add(1);
                 continue;
             }
+            book.pairs_compared = book.pairs_compared.saturating_add(counts.compared);
             let calibration = counts.calibration && calibration_allowed(&counts.route);
             if counts.calibration && !calibration {
                 calibration_refused = calibration_refused.saturating_add(1);
@@ -1136,6 +1142,7 @@ impl ShadowBook {
         let book = self.lock();
         BookCounts {
             batches: book.batches,
+            pairs_compared: book.pairs_compared,
             records_stored: book.records.len(),
             dropped_by_filters: book.dropped,
             rejected: book.rejected,
@@ -1323,6 +1330,7 @@ mod tests {
             (c.batches, c.records_stored, c.dropped_by_filters),
             (2, 1, 7)
         );
+        assert_eq!(c.pairs_compared, 110, "live and calibration pairs");
     }
 
     #[test]

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use super::registry::Registry;
 use super::stream::{AdsStream, RequestEvent};
+use crate::metrics::Metrics;
 use crate::tls::{self, Peer};
 use crate::xds::resources::{Snapshot, type_url};
 
@@ -120,14 +121,21 @@ pub struct AdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     registry: Arc<Registry>,
     caps: Arc<StreamCaps>,
+    /// Pushes, ACKs and NACKs are counted here, where they happen.
+    metrics: Arc<Metrics>,
 }
 
 impl AdsServer {
-    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, registry: Arc<Registry>) -> Self {
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             snapshots,
             registry,
             caps: StreamCaps::new(MAX_ADS_STREAMS, MAX_ADS_STREAMS_PER_NODE),
+            metrics,
         }
     }
 
@@ -162,6 +170,7 @@ impl AggregatedDiscoveryService for AdsServer {
             tx,
             self.snapshots.clone(),
             Arc::clone(&self.registry),
+            Arc::clone(&self.metrics),
             peer,
             slot,
         ));
@@ -183,6 +192,7 @@ async fn serve_stream(
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     peer: Peer,
     _slot: StreamSlot,
 ) {
@@ -218,7 +228,7 @@ async fn serve_stream(
                 let _ = tx.send(Err(status)).await;
                 break;
             }
-            handle_request(&mut stream, &registry, id, &req);
+            handle_request(&mut stream, &registry, &metrics, id, &req);
         }
         let snapshot = snapshots.borrow_and_update().clone();
         for response in stream.pending(&snapshot, CONTROL_PLANE_ID) {
@@ -232,9 +242,11 @@ async fn serve_stream(
                 generation = snapshot.generation,
                 "sending"
             );
+            let short = type_url::short(&response.type_url);
             if tx.send(Ok(response)).await.is_err() {
                 break;
             }
+            metrics.xds_pushed(short);
         }
         registry.update(id, &stream);
         tokio::select! {
@@ -273,7 +285,13 @@ fn check_node(peer: &Peer, req: &DiscoveryRequest, first: bool) -> Result<(), St
     }
 }
 
-fn handle_request(stream: &mut AdsStream, registry: &Registry, id: u64, req: &DiscoveryRequest) {
+fn handle_request(
+    stream: &mut AdsStream,
+    registry: &Registry,
+    metrics: &Metrics,
+    id: u64,
+    req: &DiscoveryRequest,
+) {
     let event = stream.on_request(req, SystemTime::now());
     let node = stream.node_id().unwrap_or("?").to_owned();
     match event {
@@ -281,9 +299,11 @@ fn handle_request(stream: &mut AdsStream, registry: &Registry, id: u64, req: &Di
             debug!(connection = id, %node, r#type = type_url::short(&type_url), names = ?req.resource_names, "subscribed");
         }
         RequestEvent::Ack { type_url, version } => {
+            metrics.xds_acked(type_url::short(&type_url));
             debug!(connection = id, %node, r#type = type_url::short(&type_url), %version, "ACK");
         }
         RequestEvent::Nack(nack) => {
+            metrics.xds_nacked(type_url::short(&nack.type_url));
             warn!(
                 connection = id,
                 %node,

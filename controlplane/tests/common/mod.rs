@@ -62,6 +62,27 @@ pub async fn eventually<T: std::fmt::Debug>(
     }
 }
 
+/// [`eventually`] for an async read (a call to the server under test).
+pub async fn eventually_async<T: std::fmt::Debug, F: Future<Output = T>>(
+    what: &str,
+    mut read: impl FnMut() -> F,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        ticker.tick().await;
+        let v = read().await;
+        if check(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: still {v:?} after {DEADLINE:?}"
+        );
+    }
+}
+
 /// Awaits `f`, failing after [`TIMEOUT`] with `what`: for calls whose client
 /// has no timeout of its own (the CLI's, a streaming gRPC call).
 pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {

