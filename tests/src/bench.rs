@@ -10,6 +10,7 @@
 //! under paced client load from [`traffic::paced`] rather than oha.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -1340,6 +1341,9 @@ struct Regression {
     weight: u64,
     /// The spec's `stop_rules`.
     rules: Value,
+    /// Judged from Prometheus (scraping Envoy every second) rather than
+    /// Envoy's stats stream.
+    prometheus: bool,
 }
 
 /// Open-loop GETs at a fixed rate in the background: [`traffic::paced`] one
@@ -1448,16 +1452,25 @@ async fn reset_canary(stack: &Stack) -> Result<()> {
     .await
 }
 
-/// The rollout spec of `canary_detection`; `steps` and `stop_rules` as given.
-fn detection_spec(steps: Value, rules: Value) -> Value {
-    json!({
+/// The rollout spec of `canary_detection`; `steps` and `stop_rules` as
+/// given, evidence from the Prometheus at `prometheus` if given.
+fn detection_spec(steps: Value, rules: Value, prometheus: Option<SocketAddr>) -> Value {
+    let mut spec = json!({
         "service": crate::stack::SERVICE,
         "owner": "bench",
         "stop_rules": rules,
         "steps": steps,
         "analysis": {"interval_s": DETECTION_INTERVAL_S, "max_staleness_s": 5,
                      "min_requests_per_side": 100},
-    })
+    });
+    if let Some(addr) = prometheus {
+        spec["evidence"] = json!({
+            "source": "prometheus",
+            "url": format!("http://{addr}"),
+            "preset": "envoy",
+        });
+    }
+    spec
 }
 
 /// The stats flush interval in `envoy/bootstrap.yaml`, in seconds: how
@@ -1507,6 +1520,7 @@ struct DetectionRun {
 /// regression's baseline throughout, and is set back to `normal` after.
 async fn detection_run(
     stack: &Stack,
+    prometheus: SocketAddr,
     normal: &Behavior,
     regression: &Regression,
 ) -> Result<DetectionRun> {
@@ -1518,6 +1532,7 @@ async fn detection_run(
             {"weight": 100}
         ]),
         regression.rules.clone(),
+        regression.prometheus.then_some(prometheus),
     );
     stack.stable.state.set_behavior(baseline.clone())?;
     let mut early_rollbacks = Vec::new();
@@ -1679,6 +1694,7 @@ async fn aa_run(stack: &Stack) -> Result<(String, String, f64)> {
             {"weight": 100, "min_duration_s": 1}
         ]),
         detection_rules(),
+        None,
     );
     let started = Instant::now();
     let id = create_rollout(stack, &spec).await?;
@@ -1731,6 +1747,7 @@ async fn canary_detection() -> Result<Value> {
         canary,
         weight,
         rules,
+        prometheus: false,
     };
     let regressions = [
         regression(
@@ -1754,6 +1771,16 @@ async fn canary_detection() -> Result<Value> {
             DETECTION_WEIGHT,
             detection_rules(),
         ),
+        Regression {
+            prometheus: true,
+            ..regression(
+                "5xx_5pp_prometheus",
+                "5xx +5 pp (6% against 1%), judged from Prometheus scraping Envoy every 1 s",
+                errors(0.06),
+                DETECTION_WEIGHT,
+                detection_rules(),
+            )
+        },
         regression(
             "5xx_5pp_weight5",
             "5xx +5 pp (6% against 1%) at canary weight 5",
@@ -1778,6 +1805,7 @@ async fn canary_detection() -> Result<Value> {
             canary: tail(90),
             weight: DETECTION_WEIGHT,
             rules: detection_rules(),
+            prometheus: false,
         },
     ];
     // `free_port` releases the port for Envoy to bind, so on a busy machine
@@ -1795,6 +1823,13 @@ async fn canary_detection() -> Result<Value> {
     };
     stack.stable.state.set_behavior(baseline.clone())?;
     stack.canary.state.set_behavior(baseline.clone())?;
+    // For the Prometheus-judged run: Envoy's own stats, scraped every second.
+    let prom = crate::prometheus::Prometheus::start(&[crate::prometheus::Target::new(
+        "envoy",
+        stack.envoy.admin,
+    )
+    .path("/stats/prometheus")])
+    .await?;
     let load = PacedLoad::start(&stack.url, DETECTION_TOTAL_RPS);
 
     // One run of each regression first, then more regression runs while
@@ -1802,10 +1837,10 @@ async fn canary_detection() -> Result<Value> {
     let mut runs: Vec<Vec<DetectionRun>> = regressions.iter().map(|_| Vec::new()).collect();
     let mut run_seconds = vec![0.0f64; regressions.len()];
     let detect = |i: usize| {
-        let (stack, baseline, regression) = (&stack, &baseline, &regressions[i]);
+        let (stack, prom, baseline, regression) = (&stack, &prom, &baseline, &regressions[i]);
         async move {
             let started = Instant::now();
-            let run = detection_run(stack, baseline, regression).await?;
+            let run = detection_run(stack, prom.addr, baseline, regression).await?;
             eprintln!("canary_detection {}: {run:?}", regression.name);
             anyhow::Ok((run, started.elapsed().as_secs_f64()))
         }
@@ -1938,6 +1973,7 @@ async fn canary_detection() -> Result<Value> {
             "false_rollback_reasons": false_rollbacks.iter().map(|r| r["reason"].clone()).collect::<Vec<_>>(),
             "aa": aa,
             "stats_flush_interval_s": flush_s,
+            "prometheus_scrape_interval_s": crate::prometheus::SCRAPE_INTERVAL.as_secs_f64(),
             "analysis_interval_s": DETECTION_INTERVAL_S,
             "healthy_s_before_regression": DETECTION_HEALTHY_S,
             "detection_cap_s": DETECTION_CAP.as_secs(),
@@ -1945,11 +1981,11 @@ async fn canary_detection() -> Result<Value> {
             "baseline_behavior": baseline,
             "spec_detection": detection_spec(json!([
                 {"weight": DETECTION_WEIGHT, "min_duration_s": 600}, {"weight": 100}
-            ]), detection_rules()),
+            ]), detection_rules(), None),
             "spec_aa": detection_spec(json!([
                 {"weight": DETECTION_WEIGHT, "min_duration_s": 10},
                 {"weight": 100, "min_duration_s": 1}
-            ]), detection_rules()),
+            ]), detection_rules(), None),
             "load": {
                 "sent": sent,
                 "seconds": round3(load_seconds),
