@@ -777,6 +777,19 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_result_is_no_data() {
+        let empty = br#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#;
+        let series = strip(parse_matrix(empty).unwrap());
+        let side = SideData {
+            requests: accumulate(&series, 0, 1000, 5),
+            errors: accumulate(&series, 0, 1000, 5),
+            ..SideData::default()
+        };
+        let w = side.window(0, 4000);
+        assert_eq!((w.requests, w.last_update_ms), (0, None));
+    }
+
+    #[test]
     fn histograms_keep_every_bucket_with_its_bounds() {
         let answer = br#"{"status":"success","data":{"resultType":"matrix","result":[
             {"metric":{"le":"10"},"values":[[0,"5"],[1,"105"]]},
