@@ -28,6 +28,8 @@
 //!   with each Envoy's node id bound to its certificate, and TLS for the API.
 //! - [`notify`]: webhooks for rollout events (signed, retried, recorded
 //!   in the audit log), behind the [`rollout::events::Notifier`] port.
+//! - [`ui`]: the release dashboard under `/ui/` (server-rendered, session
+//!   cookie from an API token).
 //! - [`time`]: Unix milliseconds, the one time helper.
 
 pub mod api;
@@ -41,6 +43,7 @@ pub mod store;
 pub mod time;
 pub mod tls;
 pub mod traffic;
+pub mod ui;
 pub mod xds;
 
 use std::future::Future;

@@ -92,9 +92,18 @@ pub fn router(state: ApiState) -> Router {
                 "this endpoint does not accept that method",
             )
         })
-        .with_state(state)
+        .with_state(state.clone())
         // Unknown paths and wrong methods need a token too.
-        .layer(axum::middleware::from_fn_with_state(auth, auth::guard))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&auth),
+            auth::guard,
+        ))
+        // The dashboard: its own session cookie, outside the token guard.
+        .merge(crate::ui::routes(crate::ui::UiState {
+            auth,
+            sessions: Arc::new(crate::ui::Sessions::default()),
+            engine: state.engine,
+        }))
         // Outermost, so refusals by the guard (401, 403, 429) are counted.
         .layer(axum::middleware::from_fn_with_state(counters, count))
 }

@@ -504,7 +504,10 @@ async fn demo(demo: Demo) -> Result<DemoOutcome> {
             .create_new(true)
             .mode(0o600)
             .open(&tokens)?
-            .write_all(format!("demo:operator:{DEMO_TOKEN}\n").as_bytes())?;
+            .write_all(
+                format!("demo:operator:{DEMO_TOKEN}\nwatcher:viewer:{DEMO_VIEWER_TOKEN}\n")
+                    .as_bytes(),
+            )?;
     }
     // Fresh certificates each run (`understudy certs init` as a library call):
     // the xDS port is mutual TLS, and Envoy speaks as `envoy-1`.
@@ -552,6 +555,7 @@ async fn demo(demo: Demo) -> Result<DemoOutcome> {
         envoy.admin,
         dir.display()
     );
+    println!("Dashboard: {api_base}/ui/ (log in with the viewer token {DEMO_VIEWER_TOKEN})");
 
     let url = format!("http://127.0.0.1:{}/", ports.listener);
     let url = url.as_str();
@@ -660,6 +664,8 @@ const DEMO_BODY: &str = r#"{"body":{"cart":[1,2],"total":3}}"#;
 
 /// The demo's operator token (printed, so you can call the API yourself).
 const DEMO_TOKEN: &str = "demo-operator-token-0001";
+/// A viewer's token for the dashboard: sees everything, changes nothing.
+const DEMO_VIEWER_TOKEN: &str = "demo-viewer-token-0001";
 
 fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()

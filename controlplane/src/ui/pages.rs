@@ -1,0 +1,182 @@
+//! The dashboard's pages as maud templates: escaped by construction, checked
+//! at compile time, no files beside the binary.
+
+use maud::{DOCTYPE, Markup, html};
+
+use super::{Filters, age};
+use crate::api::auth::{Principal, Role};
+use crate::rollout::engine::{Phase, Rollout};
+
+/// The longest reason shown in a table row (the rollout page has it whole).
+const REASON_CHARS: usize = 160;
+
+const STYLE: &str = "
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d232a}
+header{background:#1d232a;color:#fff;padding:.6em 1.2em;display:flex;gap:1.5em;align-items:center}
+header a{color:#fff}
+header form{margin-left:auto}
+main{padding:1em 1.2em}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #dde}
+td.reason{max-width:40em;color:#445}
+.phase-rolled_back,.verdict-rollback{color:#b00020;font-weight:600}
+.phase-succeeded,.verdict-promote{color:#1b7f3b;font-weight:600}
+.phase-canary,.phase-shadow,.phase-awaiting_approval,.verdict-hold{color:#8a5a00}
+form.filters{display:flex;gap:.8em;margin-bottom:1em;align-items:end}
+.error{color:#b00020}
+";
+
+fn layout(title: &str, who: Option<&Principal>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · Understudy" }
+                style { (STYLE) }
+            }
+            body {
+                header {
+                    strong { "Understudy" }
+                    @if let Some(who) = who {
+                        a href="/ui/" { "Rollouts" }
+                        span { (who.name) " (" (role(who.role)) ")" }
+                        form method="post" action="/ui/logout" {
+                            button type="submit" { "Log out" }
+                        }
+                    }
+                }
+                main { (body) }
+            }
+        }
+    }
+}
+
+fn role(r: Role) -> &'static str {
+    match r {
+        Role::Viewer => "viewer",
+        Role::Operator => "operator",
+    }
+}
+
+/// The login page, with `error` above the form.
+pub fn login(error: Option<&str>) -> Markup {
+    layout(
+        "Log in",
+        None,
+        html! {
+            h1 { "Log in" }
+            @if let Some(e) = error {
+                p.error { (e) }
+            }
+            form method="post" action="/ui/login" {
+                label for="token" { "API token " }
+                input #token type="password" name="token" autocomplete="current-password" required;
+                " "
+                button type="submit" { "Log in" }
+            }
+            p { "The same tokens as the API: a viewer sees everything and changes nothing." }
+        },
+    )
+}
+
+/// The phase's state name, as the API writes it.
+pub fn state(phase: &Phase) -> &'static str {
+    match phase {
+        Phase::Shadow => "shadow",
+        Phase::Canary { .. } => "canary",
+        Phase::AwaitingApproval { .. } => "awaiting_approval",
+        Phase::Succeeded => "succeeded",
+        Phase::RolledBack { .. } => "rolled_back",
+        Phase::Aborted { .. } => "aborted",
+    }
+}
+
+/// Whether `r` passes the page's filters.
+pub fn matches(r: &Rollout, f: &Filters) -> bool {
+    let phase_ok = match f.phase.as_str() {
+        "" => true,
+        "active" => r.phase.is_active(),
+        p => state(&r.phase) == p,
+    };
+    let service = f.service.trim();
+    phase_ok && (service.is_empty() || r.spec.service == service)
+}
+
+fn one_line(text: &str) -> String {
+    let mut s: String = text.chars().take(REASON_CHARS).collect();
+    if text.chars().count() > REASON_CHARS {
+        s.push('…');
+    }
+    s
+}
+
+/// The Rollouts page: `shown` of `total` rollouts, newest first.
+pub fn rollouts(
+    who: &Principal,
+    shown: &[&Rollout],
+    total: usize,
+    filters: &Filters,
+    now_ms: u64,
+) -> Markup {
+    let phases = [
+        ("", "all"),
+        ("active", "active"),
+        ("succeeded", "succeeded"),
+        ("rolled_back", "rolled back"),
+        ("aborted", "aborted"),
+    ];
+    layout(
+        "Rollouts",
+        Some(who),
+        html! {
+            h1 { "Rollouts" }
+            form.filters method="get" action="/ui/" {
+                label { "Phase "
+                    select name="phase" {
+                        @for (value, label) in phases {
+                            option value=(value) selected[filters.phase == value] { (label) }
+                        }
+                    }
+                }
+                label { "Service " input type="text" name="service" value=(filters.service); }
+                button type="submit" { "Filter" }
+            }
+            p { (shown.len()) " of " (total) " rollouts" }
+            table #rollouts {
+                thead { tr {
+                    th { "Rollout" } th { "Service" } th { "Owner" } th { "Phase" }
+                    th { "Weight" } th { "Verdict" } th { "Reason" } th { "Age" }
+                } }
+                tbody {
+                    @for r in shown {
+                        @let verdict = r.last_judgement.as_ref();
+                        @let reason = match &r.phase {
+                            Phase::RolledBack { reason } | Phase::Aborted { reason } => reason.clone(),
+                            _ => verdict.map(|j| j.reason.clone()).unwrap_or_default(),
+                        };
+                        tr data-rollout=(r.id) {
+                            td { (r.id) }
+                            td { (r.spec.service) }
+                            td { (r.spec.owner) }
+                            td class={ "phase-" (state(&r.phase)) } {
+                                (r.phase.label())
+                                @if r.paused { " (paused)" }
+                            }
+                            td { (r.weight) "%" }
+                            td {
+                                @if let Some(j) = verdict {
+                                    @let v = serde_json::to_value(j.verdict).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                                    span class={ "verdict-" (v) } { (v) }
+                                }
+                            }
+                            td.reason title=(reason) { (one_line(&reason)) }
+                            td { (age(now_ms, r.created_ms)) }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
