@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -13,9 +12,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 use understudy_controlplane::evidence::envoy_stats::MetricsBook;
 use understudy_controlplane::evidence::shadow::ShadowBook;
-use understudy_controlplane::model::{
-    Backend, DesiredState, FilterSettings, ListenerSettings, Service, Weight,
-};
+use understudy_controlplane::model::{DesiredState, Weight};
 use understudy_controlplane::rollout::engine::{Action, Engine, Phase, Sources};
 use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::store::Store;
@@ -24,41 +21,11 @@ use understudy_controlplane::xds::resources::type_url;
 use understudy_controlplane::xds::stream::Nack;
 use understudy_proto::v1::{ReportBatch, RouteCounts};
 
-fn service(name: &str, port: u16) -> Service {
-    Service {
-        name: name.into(),
-        domains: vec![format!("{name}.example")],
-        stable: Backend {
-            endpoints: vec![SocketAddr::from(([127, 0, 0, 1], port))],
-        },
-        canary: Backend {
-            endpoints: vec![SocketAddr::from(([127, 0, 0, 1], port + 1))],
-        },
-        canary_weight: Weight::ZERO,
-    }
-}
-
 fn desired() -> DesiredState {
-    DesiredState {
-        listener: ListenerSettings {
-            address: "127.0.0.1".parse().unwrap(),
-            port: 10000,
-        },
-        filter: FilterSettings {
-            wasm_path: "/etc/envoy/understudy.wasm".into(),
-            config: understudy_controlplane::model::FilterDoc::parse(
-                json!({"routes": [{"name": "orders", "path_prefix": "/orders"}]}),
-            )
-            .unwrap(),
-            report_cluster: "understudy_xds".into(),
-        },
-        services: [
-            ("shop".to_owned(), service("shop", 9001)),
-            ("cart".to_owned(), service("cart", 9011)),
-        ]
-        .into_iter()
-        .collect(),
-    }
+    common::desired(
+        json!({"routes": [{"name": "orders", "path_prefix": "/orders"}]}),
+        [common::service("shop", 9001), common::service("cart", 9011)],
+    )
 }
 
 /// Two steps that never pass on their own (an hour each): the tests move

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,9 +12,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use serde_json::{Value, json};
 use understudy_controlplane::evidence::envoy_stats::MetricsBook;
-use understudy_controlplane::model::{
-    Backend, DesiredState, FilterDoc, FilterSettings, ListenerSettings, Service, Weight,
-};
 use understudy_controlplane::notify::{self, RetryPolicy, Webhooks};
 use understudy_controlplane::rollout::engine::{Action, AuditEntry, Engine, Sources};
 use understudy_controlplane::rollout::store::RolloutStore;
@@ -23,36 +19,6 @@ use understudy_controlplane::store::Store;
 use understudy_controlplane::xds::Registry;
 
 const KEY: &str = "correct horse battery staple";
-
-fn desired() -> DesiredState {
-    DesiredState {
-        listener: ListenerSettings {
-            address: "127.0.0.1".parse().unwrap(),
-            port: 10000,
-        },
-        filter: FilterSettings {
-            wasm_path: "/etc/envoy/understudy.wasm".into(),
-            config: FilterDoc::parse(json!({})).unwrap(),
-            report_cluster: "understudy_xds".into(),
-        },
-        services: [(
-            "shop".to_owned(),
-            Service {
-                name: "shop".into(),
-                domains: vec!["shop.example".into()],
-                stable: Backend {
-                    endpoints: vec![SocketAddr::from(([127, 0, 0, 1], 9001))],
-                },
-                canary: Backend {
-                    endpoints: vec![SocketAddr::from(([127, 0, 0, 1], 9002))],
-                },
-                canary_weight: Weight::ZERO,
-            },
-        )]
-        .into_iter()
-        .collect(),
-    }
-}
 
 /// One request a receiver got.
 #[derive(Debug, Clone)]
@@ -99,7 +65,7 @@ fn harness(policy: RetryPolicy) -> Harness {
     std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
     let engine = Arc::new(
         Engine::new(
-            Store::new(desired()).unwrap(),
+            Store::new(common::desired(json!({}), [common::service("shop", 9001)])).unwrap(),
             RolloutStore::in_memory().unwrap(),
             Sources {
                 metrics: Arc::new(MetricsBook::default()),

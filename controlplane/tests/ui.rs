@@ -6,51 +6,19 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use serde_json::json;
 use tokio::net::TcpListener;
 use understudy_controlplane::api::auth::{Auth, Limits};
-use understudy_controlplane::model::{
-    Backend, DesiredState, FilterDoc, FilterSettings, ListenerSettings, Service, Weight,
-};
 use understudy_controlplane::store::Store;
 
 const OPERATOR: &str = "operator-token-0123456789";
 const VIEWER: &str = "viewer-token-0123456789ab";
 
-fn service(name: &str, port: u16) -> (String, Service) {
-    (
-        name.to_owned(),
-        Service {
-            name: name.into(),
-            domains: vec![format!("{name}.example")],
-            stable: Backend {
-                endpoints: vec![SocketAddr::from(([127, 0, 0, 1], port))],
-            },
-            canary: Backend {
-                endpoints: vec![SocketAddr::from(([127, 0, 0, 1], port + 1))],
-            },
-            canary_weight: Weight::ZERO,
-        },
+fn desired() -> understudy_controlplane::model::DesiredState {
+    common::desired(
+        json!({}),
+        [common::service("shop", 9001), common::service("cart", 9011)],
     )
-}
-
-fn desired() -> DesiredState {
-    DesiredState {
-        listener: ListenerSettings {
-            address: "127.0.0.1".parse().unwrap(),
-            port: 10000,
-        },
-        filter: FilterSettings {
-            wasm_path: "/etc/envoy/understudy.wasm".into(),
-            config: FilterDoc::parse(json!({})).unwrap(),
-            report_cluster: "understudy_xds".into(),
-        },
-        services: [service("shop", 9001), service("cart", 9011)]
-            .into_iter()
-            .collect(),
-    }
 }
 
 async fn start() -> String {

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -212,5 +213,48 @@ pub fn next_message(families: Vec<MetricFamily>) -> StreamMetricsMessage {
     StreamMetricsMessage {
         identifier: None,
         envoy_metrics: families,
+    }
+}
+
+// === desired states ===
+
+/// A service on loopback: stable at `port`, canary at `port + 1`, weight 0.
+pub fn service(name: &str, port: u16) -> (String, understudy_controlplane::model::Service) {
+    use understudy_controlplane::model::{Backend, Service, Weight};
+    (
+        name.to_owned(),
+        Service {
+            name: name.into(),
+            domains: vec![format!("{name}.example")],
+            stable: Backend {
+                endpoints: vec![SocketAddr::from(([127, 0, 0, 1], port))],
+            },
+            canary: Backend {
+                endpoints: vec![SocketAddr::from(([127, 0, 0, 1], port + 1))],
+            },
+            canary_weight: Weight::ZERO,
+        },
+    )
+}
+
+/// A desired state with `services` and the filter config `filter`.
+pub fn desired(
+    filter: serde_json::Value,
+    services: impl IntoIterator<Item = (String, understudy_controlplane::model::Service)>,
+) -> understudy_controlplane::model::DesiredState {
+    use understudy_controlplane::model::{
+        DesiredState, FilterDoc, FilterSettings, ListenerSettings,
+    };
+    DesiredState {
+        listener: ListenerSettings {
+            address: "127.0.0.1".parse().expect("an address"),
+            port: 10000,
+        },
+        filter: FilterSettings {
+            wasm_path: "/etc/envoy/understudy.wasm".into(),
+            config: FilterDoc::parse(filter).expect("a valid filter config"),
+            report_cluster: "understudy_xds".into(),
+        },
+        services: services.into_iter().collect(),
     }
 }
