@@ -1401,17 +1401,7 @@ impl PacedLoad {
 
 /// `POST /v1/rollouts`; the new rollout's id.
 async fn create_rollout(stack: &Stack, spec: &Value) -> Result<String> {
-    let r = stack
-        .api
-        .post(stack.cp.api_url("/v1/rollouts"))
-        .body(spec.to_string())
-        .send()
-        .await?;
-    let status = r.status();
-    let body: Value = r.json().await?;
-    if status != 201 {
-        bail!("creating the rollout answered {status}: {body:#}");
-    }
+    let body = crate::rollouts::create(stack, spec).await?;
     Ok(body["id"].as_str().context("no rollout id")?.to_owned())
 }
 

@@ -75,26 +75,6 @@ async fn scrape(State(s): State<ApiState>) -> Response {
     }
 }
 
-fn phase_name(p: &Phase) -> &'static str {
-    match p {
-        Phase::Shadow => "shadow",
-        Phase::Canary { .. } => "canary",
-        Phase::AwaitingApproval { .. } => "awaiting_approval",
-        Phase::Succeeded => "succeeded",
-        Phase::RolledBack { .. } => "rolled_back",
-        Phase::Aborted { .. } => "aborted",
-    }
-}
-
-const PHASES: [&str; 6] = [
-    "shadow",
-    "canary",
-    "awaiting_approval",
-    "succeeded",
-    "rolled_back",
-    "aborted",
-];
-
 fn verdict_name(v: Verdict) -> &'static str {
     match v {
         Verdict::Promote => "promote",
@@ -149,11 +129,11 @@ fn rollouts(scrape: &Scrape, all: &[Rollout]) -> Result<(), MetricsError> {
         "Stored rollouts by phase.",
         &["phase"],
     )?;
-    for p in PHASES {
+    for p in Phase::STATES {
         by_phase.with_label_values(&[p]).set(0.0);
     }
     for r in all {
-        by_phase.with_label_values(&[phase_name(&r.phase)]).inc();
+        by_phase.with_label_values(&[r.phase.state()]).inc();
     }
     let phase = scrape.gauge(
         "understudy_rollout_phase",
@@ -187,8 +167,8 @@ fn rollouts(scrape: &Scrape, all: &[Rollout]) -> Result<(), MetricsError> {
     )?;
     for r in latest_per_service(all) {
         let (id, service) = (label(&r.id), label(&r.spec.service));
-        for p in PHASES {
-            let on = p == phase_name(&r.phase);
+        for p in Phase::STATES {
+            let on = p == r.phase.state();
             phase
                 .with_label_values(&[id, service, p])
                 .set(if on { 1.0 } else { 0.0 });
@@ -287,9 +267,9 @@ mod tests {
             Phase::RolledBack { reason: "r".into() },
             Phase::Aborted { reason: "r".into() },
         ];
-        for (p, name) in phases.iter().zip(PHASES) {
+        for (p, name) in phases.iter().zip(Phase::STATES) {
             assert_eq!(serde_json::to_value(p).unwrap()["state"], name);
-            assert_eq!(phase_name(p), name);
+            assert_eq!(p.state(), name);
         }
         for v in [Verdict::Promote, Verdict::Hold, Verdict::Rollback] {
             assert_eq!(serde_json::to_value(v).unwrap(), verdict_name(v));

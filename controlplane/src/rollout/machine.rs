@@ -61,6 +61,28 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every [`Phase::state`], in life-cycle order.
+    pub const STATES: [&'static str; 6] = [
+        "shadow",
+        "canary",
+        "awaiting_approval",
+        "succeeded",
+        "rolled_back",
+        "aborted",
+    ];
+
+    /// The phase's state name, as the API writes it (`phase.state`).
+    pub fn state(&self) -> &'static str {
+        match self {
+            Phase::Shadow => "shadow",
+            Phase::Canary { .. } => "canary",
+            Phase::AwaitingApproval { .. } => "awaiting_approval",
+            Phase::Succeeded => "succeeded",
+            Phase::RolledBack { .. } => "rolled_back",
+            Phase::Aborted { .. } => "aborted",
+        }
+    }
+
     pub fn is_active(&self) -> bool {
         matches!(
             self,

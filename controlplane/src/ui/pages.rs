@@ -81,24 +81,12 @@ pub fn login(error: Option<&str>) -> Markup {
     )
 }
 
-/// The phase's state name, as the API writes it.
-pub fn state(phase: &Phase) -> &'static str {
-    match phase {
-        Phase::Shadow => "shadow",
-        Phase::Canary { .. } => "canary",
-        Phase::AwaitingApproval { .. } => "awaiting_approval",
-        Phase::Succeeded => "succeeded",
-        Phase::RolledBack { .. } => "rolled_back",
-        Phase::Aborted { .. } => "aborted",
-    }
-}
-
 /// Whether `r` passes the page's filters.
 pub fn matches(r: &Rollout, f: &Filters) -> bool {
     let phase_ok = match f.phase.as_str() {
         "" => true,
         "active" => r.phase.is_active(),
-        p => state(&r.phase) == p,
+        p => r.phase.state() == p,
     };
     let service = f.service.trim();
     phase_ok && (service.is_empty() || r.spec.service == service)
@@ -160,7 +148,7 @@ pub fn rollouts(
                             td { (r.id) }
                             td { (r.spec.service) }
                             td { (r.spec.owner) }
-                            td class={ "phase-" (state(&r.phase)) } {
+                            td class={ "phase-" (r.phase.state()) } {
                                 (r.phase.label())
                                 @if r.paused { " (paused)" }
                             }
