@@ -6,9 +6,13 @@
 //! arguments and calls it, or talks to a running control plane ([`cli`]).
 //!
 //! # Layout (by area; imports point down this list, never up)
+//! - [`ui`]: the release dashboard under `/ui/` (server-rendered, session
+//!   cookie from an API token).
 //! - [`api`]: the axum JSON API: router, errors, bearer-token auth, one
 //!   file per resource (services, filter, envoys, rate limits, shadow,
 //!   rollouts).
+//! - [`notify`]: webhooks for rollout events (signed, retried, recorded
+//!   in the audit log), behind the [`rollout::events::Notifier`] port.
 //! - [`cli`]: the `understudy` command's client side.
 //! - [`metrics`]: the control plane's own counters (xDS, API) behind
 //!   `GET /metrics`; state gauges are built from their owners per scrape.
@@ -26,10 +30,6 @@
 //! - [`model`]: the desired state and its validation.
 //! - [`tls`]: certificates (`understudy certs`), mutual TLS on the xDS port
 //!   with each Envoy's node id bound to its certificate, and TLS for the API.
-//! - [`notify`]: webhooks for rollout events (signed, retried, recorded
-//!   in the audit log), behind the [`rollout::events::Notifier`] port.
-//! - [`ui`]: the release dashboard under `/ui/` (server-rendered, session
-//!   cookie from an API token).
 //! - [`time`]: Unix milliseconds, the one time helper.
 
 pub mod api;

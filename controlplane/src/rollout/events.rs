@@ -6,48 +6,11 @@
 //! must not block: delivery, retries and recording the outcome are the
 //! notifier's (`crate::notify`). No HTTP here.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::machine::{AuditEntry, Phase, Rollout};
+pub use super::spec::EventKind;
 use super::spec::Webhook;
-
-/// The events a webhook can receive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    /// The rollout was created (its first phase is in the event).
-    Created,
-    /// Traffic moved to a later canary step (or from the shadow stage to
-    /// the first step).
-    StepAdvanced,
-    /// The next step waits for a manual promote.
-    AwaitingApproval,
-    RolledBack,
-    Succeeded,
-    Aborted,
-}
-
-impl EventKind {
-    pub const ALL: [EventKind; 6] = [
-        EventKind::Created,
-        EventKind::StepAdvanced,
-        EventKind::AwaitingApproval,
-        EventKind::RolledBack,
-        EventKind::Succeeded,
-        EventKind::Aborted,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            EventKind::Created => "created",
-            EventKind::StepAdvanced => "step_advanced",
-            EventKind::AwaitingApproval => "awaiting_approval",
-            EventKind::RolledBack => "rolled_back",
-            EventKind::Succeeded => "succeeded",
-            EventKind::Aborted => "aborted",
-        }
-    }
-}
 
 /// One event, with what a receiver needs to act on it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
