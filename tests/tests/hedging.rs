@@ -90,10 +90,22 @@ async fn hedging_cuts_the_slow_tail_within_budget() -> Result<()> {
 
     let p99 = percentile(tally.latencies.clone(), 99.0);
     let p50 = percentile(tally.latencies.clone(), 50.0);
-    eprintln!("hedged: p50 {p50:?}, p99 {p99:?} (upstream tail 300 ms)");
+    // Unhedged, 5% of requests (about 20 of 400, rarely under 12) take
+    // 300 ms. Hedged, a request is slow only when its hedge is slow too
+    // (0.25%) or the hedge could not help in time: at most 2% allowed, so
+    // a scheduling hiccup on this shared machine does not fail the test,
+    // while no hedging at all still does.
+    let slow = tally
+        .latencies
+        .iter()
+        .filter(|l| **l >= Duration::from_millis(250))
+        .count();
+    eprintln!(
+        "hedged: p50 {p50:?}, p99 {p99:?}, {slow} of {N} at 250 ms or more (upstream tail 300 ms)"
+    );
     assert!(
-        p99 < Duration::from_millis(150),
-        "p99 {p99:?} should be far below 300 ms"
+        slow as u64 <= N / 50,
+        "{slow} of {N} requests took 250 ms or more (p99 {p99:?}): the tail was not cut"
     );
 
     let sent = counter(&stack, &stat("all", "sent")).await?;
