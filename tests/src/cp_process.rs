@@ -156,6 +156,26 @@ impl ControlPlaneProcess {
         let pid = self.pid().context("the control plane is not running")?;
         let pid = Pid::from_raw(i32::try_from(pid)?).context("pid 0")?;
         kill_process(pid, signal).with_context(|| format!("sending {signal:?}"))?;
+        if signal == Signal::STOP {
+            // Delivery is asynchronous: a request sent at once can still be
+            // answered. Wait until the kernel shows the process stopped.
+            let stat = format!("/proc/{pid}/stat");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                let text = std::fs::read_to_string(&stat).unwrap_or_default();
+                let state = text
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next());
+                if state == Some("T") {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!("the control plane did not stop within 5 s: {text}");
+                }
+                std::thread::yield_now();
+            }
+        }
         Ok(())
     }
 
