@@ -89,14 +89,7 @@ async fn a_restart_in_the_shadow_stage_keeps_counting_every_serious_mismatch() -
         "steps": [{"weight": 100}],
         "analysis": {"interval_s": 0.5, "max_staleness_s": 30, "min_requests_per_side": 1}
     });
-    let r = stack
-        .api
-        .post(stack.cp.api_url("/v1/rollouts"))
-        .body(spec.to_string())
-        .send()
-        .await?;
-    ensure!(r.status() == 201, "create: {}", r.text().await?);
-    let created: Value = r.json().await?;
+    let created = understudy_e2e::rollouts::create(&stack, &spec).await?;
     let id = created["id"].as_str().context("no id")?.to_owned();
     let baseline = created["shadow_baseline"]["serious"].as_u64().unwrap_or(0);
     ensure!(baseline >= 120, "baseline {baseline}");

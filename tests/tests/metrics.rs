@@ -35,18 +35,7 @@ async fn hold_at_20(stack: &Stack) -> Result<String> {
         "steps": [{"weight": 20}, {"weight": 100}],
         "analysis": {"interval_s": 0.5, "min_requests_per_side": 1000000}
     });
-    let r = stack
-        .api
-        .post(stack.cp.api_url("/v1/rollouts"))
-        .body(spec.to_string())
-        .send()
-        .await?;
-    let status = r.status();
-    let body: serde_json::Value = r.json().await?;
-    ensure!(
-        status == 201,
-        "creating the rollout answered {status}: {body}"
-    );
+    let body = understudy_e2e::rollouts::create(stack, &spec).await?;
     body["id"]
         .as_str()
         .map(str::to_owned)

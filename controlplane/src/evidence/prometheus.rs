@@ -290,12 +290,14 @@ pub fn accumulate(series: &[Series], start_ms: u64, step_ms: u64, points: usize)
             let Some(slot) = at_ms.iter().position(|&a| a == t) else {
                 continue;
             };
-            corrected += match prev {
+            let increase = match prev {
                 None if slot == 0 => 0.0,
                 None => v,
                 Some(p) if v >= p => v - p,
                 Some(_) => v,
             };
+            // Prometheus' numbers are a peer's: a sum never leaves the finite.
+            corrected = finite_sum(corrected, increase);
             prev = Some(v);
             value_at[slot] = Some(corrected);
             last_sample_ms = last_sample_ms.max(Some(t));
@@ -306,7 +308,7 @@ pub fn accumulate(series: &[Series], start_ms: u64, step_ms: u64, points: usize)
             if let Some(c) = c {
                 carried = *c;
             }
-            count[slot] += carried;
+            count[slot] = finite_sum(count[slot], carried);
         }
     }
     Cumulative {
@@ -314,6 +316,11 @@ pub fn accumulate(series: &[Series], start_ms: u64, step_ms: u64, points: usize)
         count,
         last_sample_ms,
     }
+}
+
+/// `a + b`, at most `f64::MAX` (inputs are finite and non-negative).
+fn finite_sum(a: f64, b: f64) -> f64 {
+    (a + b).min(f64::MAX)
 }
 
 /// Parses a `query_range` answer into series, each labelled by its labels
