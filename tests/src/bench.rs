@@ -8,6 +8,9 @@
 //! `canary_detection` is the exception: it times the rollout engine's
 //! reactions on the e2e [`Stack`] (control plane in-process, real Envoy),
 //! under paced client load from [`traffic::paced`] rather than oha.
+//!
+//! `dashboard` (in its own file) measures the release dashboard's budgets
+//! in headless Chromium on the same stack.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,6 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::{Value, json};
+
+mod dashboard;
 
 use understudy_core::compare::{self, CompareConfig, Response};
 use understudy_core::shadow::Skip;
@@ -38,6 +43,7 @@ pub const SCENARIOS: &[&str] = &[
     "rate_limit",
     "shadow_compare",
     "canary_detection",
+    "dashboard",
 ];
 
 pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
@@ -58,6 +64,7 @@ pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
             "rate_limit" => rate_limit(&oha).await?,
             "shadow_compare" => shadow_compare(&oha).await?,
             "canary_detection" => canary_detection().await?,
+            "dashboard" => dashboard::dashboard().await?,
             _ => unreachable!("checked above"),
         };
         let path = write(scenario, &envoy_version, figures)?;

