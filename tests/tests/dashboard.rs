@@ -271,7 +271,11 @@ async fn a_healthy_rollout_advances_on_the_open_page() -> Result<()> {
     assert!(points(&chart, "stable") > 0, "{chart}");
     assert!(points(&chart, "canary") > 0, "{chart}");
     assert!(browser.count("#charts canvas, #charts svg").await? > 0);
-    assert_eq!(browser.count("#audit tr").await? >= transitions, true);
+    let audit_rows = browser.count("#audit tr").await?;
+    assert!(
+        audit_rows >= transitions,
+        "{audit_rows} audit rows for {transitions} transitions"
+    );
     browser.screenshot("rollout").await?;
     browser.close().await
 }
