@@ -418,7 +418,7 @@ impl Browser {
     /// fetches the module only when first needed is asked for a preview
     /// (`window.understudyPreview`), so the module counts either way.
     pub async fn transferred_with_wasm(&self) -> Result<Transfer> {
-        let has_wasm = |t: &Transfer| t.entries.iter().any(|(url, _)| url.ends_with(".wasm"));
+        let has_wasm = |t: &Transfer| t.entries.iter().any(|(url, _)| url.contains(".wasm"));
         let t = self.transferred().await?;
         if has_wasm(&t) {
             return Ok(t);

@@ -75,7 +75,10 @@ async fn rollout_page(browser: &Browser) -> Result<Value> {
         .js(
             r#"
             const q = s => document.querySelector(s);
-            const lis = [...document.querySelectorAll('#ladder li')];
+            // The canary steps' rungs (the ladder may also show the
+            // shadow stage and the end).
+            const lis = [...document.querySelectorAll('#ladder li')]
+                .filter(li => /^[0-9]+$/.test(li.dataset.step || ''));
             const phase = q('#phase'), weight = q('#weight'), verdict = q('#verdict');
             return {
                 phase: phase ? phase.dataset.phase : null,
@@ -418,8 +421,12 @@ async fn operators_act_viewers_cannot_and_changes_arrive_in_time() -> Result<()>
     let form = operator
         .js(
             r#"
-            const form = document.querySelector('button[data-action=pause]').closest('form');
-            return {action: form.action, fields: Object.fromEntries(new FormData(form))};
+            const button = document.querySelector('button[data-action=pause]');
+            const form = button.closest('form');
+            const url = button.getAttribute('hx-post') || button.getAttribute('formaction')
+                || form.getAttribute('hx-post') || form.getAttribute('action');
+            return {action: new URL(url, location.href).href,
+                    fields: Object.fromEntries(new FormData(form))};
             "#,
             vec![],
         )
@@ -717,10 +724,15 @@ async fn rule_preview_matches_the_filter_and_applying_changes_reports() -> Resul
     let result = browser
         .wait_js(
             "the apply result",
-            "(document.querySelector('#apply-result') || {}).textContent",
+            "((t) => t && !t.startsWith('Applying') && t)((document.querySelector('#apply-result') || {}).textContent)",
             PAGE,
         )
         .await?;
+    let result = result.as_str().unwrap_or_default().to_owned();
+    ensure!(
+        !result.contains("Refused"),
+        "applying the rules was refused: {result}"
+    );
     browser.screenshot("shadow-applied").await?;
     wait::until_every(
         "Envoy to apply the ignore rule",
