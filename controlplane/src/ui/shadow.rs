@@ -93,7 +93,11 @@ async fn asset(Path(file): Path<String>) -> Response {
     };
     (
         [
-            (header::CONTENT_TYPE, HeaderValue::from_str(kind).unwrap_or(HeaderValue::from_static("application/octet-stream"))),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(kind)
+                    .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+            ),
             // Every URL carries the content's hash (`?v=`): a new build is a
             // new URL, so an old copy may be kept for good.
             (
@@ -189,7 +193,15 @@ async fn route_page(
         wasm: PREVIEW_BUILT.then(|| asset_url("understudy_preview_bg.wasm")),
     };
     Html(
-        page::route(&who, &route, detail.as_ref(), rules.as_ref(), &shown, &assets).into_string(),
+        page::route(
+            &who,
+            &route,
+            detail.as_ref(),
+            rules.as_ref(),
+            &shown,
+            &assets,
+        )
+        .into_string(),
     )
     .into_response()
 }
@@ -237,7 +249,12 @@ async fn replay(
 }
 
 /// A refusal with the field it is about: `{"error": {...}, "field": ...}`.
-fn refused(status: StatusCode, code: &'static str, message: String, field: Option<String>) -> Response {
+fn refused(
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+) -> Response {
     (
         status,
         axum::Json(json!({
@@ -281,7 +298,12 @@ async fn apply_rules(
                 format!("compare.{path}")
             };
             let message = format!("{field}: {}", e.into_inner());
-            return refused(StatusCode::BAD_REQUEST, "invalid_filter", message, Some(field));
+            return refused(
+                StatusCode::BAD_REQUEST,
+                "invalid_filter",
+                message,
+                Some(field),
+            );
         }
     };
     let Some(index) = state
@@ -310,7 +332,12 @@ async fn apply_rules(
             ConfigError::Invalid { field, .. } => Some(field.clone()),
             _ => Some(field),
         };
-        return refused(StatusCode::BAD_REQUEST, "invalid_filter", e.to_string(), field);
+        return refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_filter",
+            e.to_string(),
+            field,
+        );
     }
     // As `PUT /v1/filter`: an active rollout's shadow stage owns its route's
     // `shadow`, so changing what it compares is refused while it runs.
@@ -367,7 +394,8 @@ mod tests {
     #[test]
     fn the_field_is_read_from_the_message() {
         assert_eq!(
-            field_of("filter config: routes[0].shadow.compare.ignore[0]: \"x\" is neither").as_deref(),
+            field_of("filter config: routes[0].shadow.compare.ignore[0]: \"x\" is neither")
+                .as_deref(),
             Some("routes[0].shadow.compare.ignore[0]")
         );
         assert_eq!(field_of("no filter route named \"x\""), None);

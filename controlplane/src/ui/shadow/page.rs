@@ -200,7 +200,9 @@ struct Node<'a> {
 
 fn step_text(step: &Step) -> String {
     match step {
-        Step::Key(k) if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+        Step::Key(k)
+            if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
             format!(".{k}")
         }
         Step::Key(k) => format!("[{}]", Value::String(k.clone())),
@@ -355,7 +357,13 @@ fn render_path(steps: &[String]) -> String {
 /// Pretty JSON with every value at a differing path wrapped in
 /// `<span class="differs">`. `depth` is bounded by serde_json's own parse
 /// limit (128), so the recursion is too.
-fn json_markup(v: &Value, path: &mut Vec<String>, differing: &BTreeSet<&str>, depth: usize, out: &mut String) {
+fn json_markup(
+    v: &Value,
+    path: &mut Vec<String>,
+    differing: &BTreeSet<&str>,
+    depth: usize,
+    out: &mut String,
+) {
     let here = render_path(path);
     let mark = differing.contains(here.as_str());
     if mark {
@@ -407,7 +415,10 @@ fn json_markup(v: &Value, path: &mut Vec<String>, differing: &BTreeSet<&str>, de
 
 /// The rule editor's markup; `shadow.js` fills and drives it.
 fn editor(who: &Viewer, route: &str, rules: Option<&RawCompareConfig>, assets: &Assets) -> Markup {
-    let rules_json = rules.map_or_else(|| "null".to_owned(), |r| serde_json::to_string(r).unwrap_or_else(|_| "null".into()));
+    let rules_json = rules.map_or_else(
+        || "null".to_owned(),
+        |r| serde_json::to_string(r).unwrap_or_else(|_| "null".into()),
+    );
     html! {
         @if assets.glue.is_none() {
             p.error #preview-missing { "rule preview not built: run `cargo xtask setup`" }

@@ -54,7 +54,10 @@ pub enum Step {
     Key(String),
     Index(usize),
     /// An element of an id-matched array: the one whose `field` equals `value`.
-    Id { field: String, value: Value },
+    Id {
+        field: String,
+        value: Value,
+    },
 }
 
 /// Parses a path as the filter renders it in results; `None` for anything
@@ -82,8 +85,14 @@ pub fn parse_path(path: &str) -> Option<Vec<Step>> {
                 let r = r[used..].strip_prefix("]==")?;
                 (field.as_str()?.to_owned(), r)
             };
-            let (value, used) = json_prefix(r)?;
-            rest = r[used..].strip_prefix(")]")?;
+            // The id value ends at the first `)]` before which it parses
+            // (a number is not self-delimiting for a JSON stream reader).
+            let (value, end) = r.match_indices(")]").find_map(|(at, _)| {
+                serde_json::from_str::<Value>(&r[..at])
+                    .ok()
+                    .map(|v| (v, at))
+            })?;
+            rest = &r[end + 2..];
             steps.push(Step::Id { field, value });
         } else if let Some(r) = rest.strip_prefix('[') {
             if r.starts_with('"') {
@@ -224,7 +233,9 @@ fn rebuild(
             continue;
         }
         if let Some(name) = d.path.strip_prefix("header:") {
-            shadow.headers.retain(|h| !h.name.eq_ignore_ascii_case(name));
+            shadow
+                .headers
+                .retain(|h| !h.name.eq_ignore_ascii_case(name));
             if let Some(v) = shadow_value {
                 match serde_json::from_str::<String>(v) {
                     Ok(v) => shadow.headers.push(HeaderView {
@@ -316,7 +327,15 @@ mod tests {
             parse_path(r#"$["a)]\"]"]"#),
             Some(vec![Step::Key("a)]\"]".into())])
         );
-        for bad in ["status", "header:x", "$.", "$[x]", "$[\"a\"", "$..a", "$[?(@.a==)]"] {
+        for bad in [
+            "status",
+            "header:x",
+            "$.",
+            "$[x]",
+            "$[\"a\"",
+            "$..a",
+            "$[?(@.a==)]",
+        ] {
             assert_eq!(parse_path(bad), None, "{bad}");
         }
     }
@@ -381,7 +400,13 @@ mod tests {
 
     #[test]
     fn a_longer_shadow_array_is_inexact() {
-        let (_, why) = round_trip(serde_json::json!({"l": [1]}), serde_json::json!({"l": [1, 2]}));
-        assert!(why.iter().any(|w| w.contains("array_length at $.l")), "{why:?}");
+        let (_, why) = round_trip(
+            serde_json::json!({"l": [1]}),
+            serde_json::json!({"l": [1, 2]}),
+        );
+        assert!(
+            why.iter().any(|w| w.contains("array_length at $.l")),
+            "{why:?}"
+        );
     }
 }
