@@ -220,3 +220,241 @@ async fn a_viewer_logs_in_and_sees_every_rollout_filtered() {
     );
     assert_eq!(page(&base, "/ui/", Some(&cookie)).await.status(), 303);
 }
+
+/// The page's CSRF token, from its `<meta name="csrf-token">`.
+fn csrf_of(html: &str) -> String {
+    let at = html
+        .find(r#"name="csrf-token" content=""#)
+        .expect("a csrf-token meta");
+    let rest = &html[at + r#"name="csrf-token" content=""#.len()..];
+    rest[..rest.find('"').unwrap()].to_owned()
+}
+
+async fn post_action(
+    base: &str,
+    path: &str,
+    cookie: &str,
+    csrf: Option<&str>,
+) -> reqwest::Response {
+    let mut req = browser()
+        .post(format!("{base}{path}"))
+        .header(reqwest::header::COOKIE, cookie);
+    if let Some(token) = csrf {
+        req = req.form(&[("csrf", token)]);
+    }
+    req.send().await.unwrap()
+}
+
+async fn rollout_json(base: &str, id: &str) -> serde_json::Value {
+    common::http()
+        .get(format!("{base}/v1/rollouts/{id}"))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_rollout_page_shows_the_ladder_and_only_operators_act_with_their_token() {
+    let base = start().await;
+    let shop = create(&base, spec("shop")).await;
+    let path = format!("/ui/rollouts/{shop}");
+
+    // No session: the login page, for the page and its event stream.
+    for p in [path.clone(), format!("{path}/events")] {
+        let r = page(&base, &p, None).await;
+        assert_eq!(r.status(), 303, "{p}");
+        assert_eq!(r.headers()["location"], "/ui/login");
+    }
+
+    let viewer = session_cookie(&login(&base, VIEWER).await);
+    let html = page(&base, &path, Some(&viewer))
+        .await
+        .text()
+        .await
+        .unwrap();
+    for text in [
+        r#"id="ladder""#,
+        r#"class="current" data-step="1""#,
+        r#"data-phase="canary""#,
+        r#"id="chart-rps""#,
+        r#"id="audit""#,
+        "/ui/assets/uplot-1.6.32.js",
+    ] {
+        assert!(html.contains(text), "{text} missing from {html}");
+    }
+    assert!(
+        !html.contains("data-action="),
+        "a viewer gets no buttons: {html}"
+    );
+    let viewer_csrf = csrf_of(&html);
+    // A viewer's POST is refused even with its own valid token.
+    let r = post_action(&base, &format!("{path}/abort"), &viewer, Some(&viewer_csrf)).await;
+    assert_eq!(r.status(), 403);
+
+    let operator = session_cookie(&login(&base, OPERATOR).await);
+    let html = page(&base, &path, Some(&operator))
+        .await
+        .text()
+        .await
+        .unwrap();
+    for action in ["pause", "promote", "abort"] {
+        assert!(
+            html.contains(&format!(r#"data-action="{action}""#)),
+            "{action} missing: {html}"
+        );
+    }
+    assert!(html.contains("data-confirm="), "actions ask first");
+    let csrf = csrf_of(&html);
+    assert_ne!(csrf, viewer_csrf, "a token per session");
+
+    // Forged: no token, another session's token, no session at all.
+    for (cookie, token) in [
+        (operator.as_str(), None),
+        (operator.as_str(), Some(viewer_csrf.as_str())),
+        ("understudy_session=forged", Some(csrf.as_str())),
+    ] {
+        let r = post_action(&base, &format!("{path}/pause"), cookie, token).await;
+        assert_eq!(r.status(), 403, "{cookie} {token:?}");
+    }
+    assert_eq!(
+        rollout_json(&base, &shop).await["paused"],
+        false,
+        "nothing changed"
+    );
+
+    // The operator's own form: the rollout pauses, the audit names them.
+    let r = post_action(&base, &format!("{path}/pause"), &operator, Some(&csrf)).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], path.as_str());
+    let view = rollout_json(&base, &shop).await;
+    assert_eq!(view["paused"], true);
+    let actors: Vec<_> = view["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["actor"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(actors.contains(&"ops".to_owned()), "{actors:?}");
+    // The header's token works too (scripts), and a refused action shows why.
+    let r = browser()
+        .post(format!("{base}{path}/pause"))
+        .header(reqwest::header::COOKIE, &operator)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "already paused");
+    assert!(r.text().await.unwrap().contains("refusal"));
+}
+
+/// Reads server-sent events from `r` until one satisfies `done`, or the
+/// deadline passes.
+async fn next_update(
+    r: &mut reqwest::Response,
+    buffer: &mut String,
+    deadline: tokio::time::Instant,
+) -> Option<serde_json::Value> {
+    loop {
+        if let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            if event.lines().any(|l| l == "event: update") {
+                let data: String = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect();
+                return serde_json::from_str(&data).ok();
+            }
+            continue;
+        }
+        let chunk = tokio::time::timeout_at(deadline, r.chunk())
+            .await
+            .ok()?
+            .ok()??;
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn an_open_page_hears_a_change_within_the_budget() {
+    let base = start().await;
+    let shop = create(&base, spec("shop")).await;
+    let cookie = session_cookie(&login(&base, VIEWER).await);
+    let mut stream = page(&base, &format!("/ui/rollouts/{shop}/events"), Some(&cookie)).await;
+    assert_eq!(stream.status(), 200);
+    assert!(
+        stream.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut buffer = String::new();
+    let soon = || tokio::time::Instant::now() + common::TIMEOUT;
+    let first = next_update(&mut stream, &mut buffer, soon())
+        .await
+        .expect("a first update");
+    assert!(
+        first["status"]
+            .as_str()
+            .unwrap()
+            .contains(r#"data-paused="false""#)
+    );
+    assert!(first["series"]["t"].is_array());
+    assert!(first["ladder"].as_str().unwrap().contains("current"));
+
+    let changed = std::time::Instant::now();
+    let r = common::http()
+        .post(format!("{base}/v1/rollouts/{shop}/pause"))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let budget = tokio::time::Instant::now() + std::time::Duration::from_millis(1500);
+    loop {
+        let u = next_update(&mut stream, &mut buffer, budget)
+            .await
+            .expect("the pause reached the page within 1.5 s");
+        if u["status"]
+            .as_str()
+            .unwrap()
+            .contains(r#"data-paused="true""#)
+        {
+            assert!(changed.elapsed() < std::time::Duration::from_millis(1500));
+            assert!(
+                u["actions"].as_str().unwrap().is_empty(),
+                "a viewer's stream has no buttons"
+            );
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_fleet_page_and_assets_are_served_compressed() {
+    let base = start().await;
+    let cookie = session_cookie(&login(&base, VIEWER).await);
+    let r = page(&base, "/ui/fleet", Some(&cookie)).await;
+    assert_eq!(r.status(), 200);
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains(r#"id="envoys""#) && html.contains(r#"id="tenants""#),
+        "{html}"
+    );
+
+    // uPlot, gzip-compressed when asked (the first-load budget).
+    let r = browser()
+        .get(format!("{base}/ui/assets/uplot-1.6.32.js"))
+        .header(reqwest::header::ACCEPT_ENCODING, "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    let gz = r.bytes().await.unwrap().len();
+    assert!(gz < 30_000, "uPlot gzipped is {gz} bytes");
+    assert_eq!(page(&base, "/ui/assets/nope.js", None).await.status(), 404);
+}

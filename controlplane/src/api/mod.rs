@@ -99,11 +99,7 @@ pub fn router(state: ApiState) -> Router {
             auth::guard,
         ))
         // The dashboard: its own session cookie, outside the token guard.
-        .merge(crate::ui::routes(crate::ui::UiState {
-            auth,
-            sessions: Arc::new(crate::ui::Sessions::default()),
-            engine: state.engine,
-        }))
+        .merge(crate::ui::routes(crate::ui::UiState::new(state)))
         // Outermost, so refusals by the guard (401, 403, 429) are counted.
         .layer(axum::middleware::from_fn_with_state(counters, count))
 }

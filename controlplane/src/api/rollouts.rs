@@ -104,11 +104,28 @@ async fn create(
     Ok((StatusCode::CREATED, Json(s.engine.view(&rollout.id)?)))
 }
 
+/// The action a path segment names (`pause`, `resume`, `promote`, `abort`,
+/// `finalize`): the API's verbs and the dashboard's buttons.
+pub(crate) fn action_named(name: &str) -> Result<Action, ApiError> {
+    match name {
+        "pause" => Ok(Action::Pause),
+        "resume" => Ok(Action::Resume),
+        "promote" => Ok(Action::Promote),
+        "abort" => Ok(Action::Abort),
+        "finalize" => Ok(Action::Finalize),
+        other => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_action",
+            format!("{other:?} is not an action (pause, resume, promote, abort, finalize)"),
+        )),
+    }
+}
+
 /// Runs a decision on a blocking thread: it waits for the engine's one
 /// writer, which holds its turn through the decision's disk writes, and the
 /// async runtime's workers must keep serving everything else meanwhile
 /// (reads never wait for the writer at all).
-async fn decide<T: Send + 'static>(
+pub(crate) async fn decide<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
@@ -149,20 +166,7 @@ async fn act(
     Extension(who): Extension<Principal>,
     Path((id, action)): Path<(String, String)>,
 ) -> Result<Json<RolloutView>, ApiError> {
-    let action = match action.as_str() {
-        "pause" => Action::Pause,
-        "resume" => Action::Resume,
-        "promote" => Action::Promote,
-        "abort" => Action::Abort,
-        "finalize" => Action::Finalize,
-        other => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_action",
-                format!("{other:?} is not an action (pause, resume, promote, abort, finalize)"),
-            ));
-        }
-    };
+    let action = action_named(&action)?;
     let engine = Arc::clone(&s.engine);
     let target = id.clone();
     decide(move || engine.act(&target, action, &who.name, SystemTime::now())).await?;

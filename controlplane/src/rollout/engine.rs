@@ -608,6 +608,18 @@ impl Engine {
         }
     }
 
+    /// What `r`'s evidence source has gathered, for the dashboard's charts:
+    /// the source the judge reads, without asking it to track anything new.
+    pub fn evidence_of(&self, r: &Rollout) -> Arc<dyn EvidenceSource> {
+        if r.spec.prometheus_target().is_none() {
+            return Arc::clone(&self.evidence);
+        }
+        match self.prometheus.get() {
+            Some(p) => Arc::clone(p) as Arc<dyn EvidenceSource>,
+            None => Arc::new(NoEvidence),
+        }
+    }
+
     /// `j` with the spec's business metrics judged (on steps with a
     /// baseline) and the Prometheus queries behind it.
     fn with_prometheus(

@@ -2,10 +2,21 @@
 //! API port: server-rendered HTML (maud: templates checked at compile
 //! time), nothing beside the binary.
 //!
-//! This first part: the login and the **Rollouts** page (every rollout with
-//! its service, owner, phase, weight, current verdict and its one-line
-//! reason, and age; filters by phase and service). Issue 14 lists the rest
-//! (the rollout page with charts and actions, shadow, fleet, rule preview).
+//! | path | page |
+//! |---|---|
+//! | `/ui/` | **Rollouts**: every rollout with its service, owner, phase, weight, verdict, reason and age; filters |
+//! | `/ui/rollouts/{id}` | **Rollout**: the step ladder, stable/canary charts with release marks, the verdict's checks, the audit log, actions |
+//! | `/ui/shadow[/{route}]` | **Shadow**: match rates, differing paths, samples, replay, rule preview ([`shadow`]) |
+//! | `/ui/fleet` | **Fleet**: connected Envoys with ACKed versions and NACKs; top tenants |
+//! | `/ui/assets/{name}` | the vendored front end ([`assets`]) |
+//!
+//! Pages update live over server-sent events (`/ui/rollouts/{id}/events`).
+//!
+//! # Actions and CSRF
+//! Every POST needs an operator's session and its CSRF token (form field
+//! `csrf` or header `x-csrf-token`): the token is derived from the session
+//! id, which only the session's own pages know (the cookie is `HttpOnly`),
+//! so another site can neither read it nor forge it. Anything else is 403.
 //!
 //! # Access
 //! The API's tokens and roles. `POST /ui/login` exchanges a token for a
@@ -15,8 +26,12 @@
 //! against the same per-address limit as the API's. No session: a redirect
 //! to the login page, never data. `POST /ui/logout` ends the session.
 
+mod assets;
 mod pages;
+mod rollout;
+mod series;
 mod session;
+mod shadow;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,18 +46,42 @@ use serde::Deserialize;
 
 pub use session::{MAX_SESSIONS, SESSION_TTL, Sessions};
 
-use crate::api::auth::{Auth, Principal};
-use crate::rollout::engine::Engine;
+use crate::api::ApiState;
+use crate::api::auth::{Principal, Role};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "understudy_session";
 
-/// What the dashboard reads and who may.
+/// What the dashboard reads (everything the API reads) and who may.
 #[derive(Clone)]
 pub struct UiState {
-    pub auth: Arc<Auth>,
+    pub api: ApiState,
     pub sessions: Arc<Sessions>,
-    pub engine: Arc<Engine>,
+    /// Open live-update streams (capped at [`rollout::MAX_STREAMS`]).
+    streams: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl UiState {
+    pub fn new(api: ApiState) -> Self {
+        Self {
+            api,
+            sessions: Arc::new(Sessions::default()),
+            streams: Arc::default(),
+        }
+    }
+}
+
+/// A page's caller: who, and the CSRF token their forms carry.
+#[derive(Debug, Clone)]
+pub struct Viewer {
+    pub principal: Principal,
+    pub csrf: String,
+}
+
+impl Viewer {
+    pub fn is_operator(&self) -> bool {
+        self.principal.role == Role::Operator
+    }
 }
 
 /// The `/ui` routes (they authenticate by session cookie, not bearer
@@ -53,13 +92,61 @@ pub fn routes(state: UiState) -> Router {
         .route("/ui/", get(rollouts))
         .route("/ui/login", get(login_page).post(login))
         .route("/ui/logout", post(logout))
+        .route("/ui/fleet", get(fleet))
+        .merge(rollout::routes())
+        .merge(shadow::routes())
+        .merge(assets::routes())
         .with_state(state)
+        // gzip when the browser takes it: the first load's budget.
+        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
 }
 
-/// The session's caller, from the request's cookie.
-fn caller(state: &UiState, headers: &HeaderMap, now: Instant) -> Option<Principal> {
-    let id = session::cookie_value(headers, COOKIE)?;
-    state.sessions.get(&id, now)
+/// The session's caller, or the redirect to the login page: every page
+/// and every read starts here.
+#[allow(clippy::result_large_err)]
+pub(crate) fn viewer(state: &UiState, headers: &HeaderMap) -> Result<Viewer, Response> {
+    let id = session::cookie_value(headers, COOKIE).ok_or_else(to_login)?;
+    let principal = state
+        .sessions
+        .get(&id, Instant::now())
+        .ok_or_else(to_login)?;
+    Ok(Viewer {
+        principal,
+        csrf: session::csrf_token(&id),
+    })
+}
+
+/// An operator's session with the right CSRF token (`csrf` from the form,
+/// else the `x-csrf-token` header), or 403: every action starts here.
+#[allow(clippy::result_large_err)]
+pub(crate) fn operator(
+    state: &UiState,
+    headers: &HeaderMap,
+    csrf: Option<&str>,
+) -> Result<Principal, Response> {
+    let forbidden =
+        |why: &str| (StatusCode::FORBIDDEN, format!("forbidden: {why}\n")).into_response();
+    let id = session::cookie_value(headers, COOKIE).ok_or_else(|| forbidden("no session"))?;
+    let principal = state
+        .sessions
+        .get(&id, Instant::now())
+        .ok_or_else(|| forbidden("no session"))?;
+    let sent = csrf
+        .map(str::to_owned)
+        .or_else(|| {
+            headers
+                .get("x-csrf-token")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    if !session::csrf_matches(&id, &sent) {
+        return Err(forbidden("missing or wrong CSRF token"));
+    }
+    if principal.role != Role::Operator {
+        return Err(forbidden("viewers cannot change anything"));
+    }
+    Ok(principal)
 }
 
 fn to_login() -> Response {
@@ -87,7 +174,7 @@ async fn login(State(state): State<UiState>, request: axum::extract::Request) ->
     };
     let now = Instant::now();
     let bearer = format!("Bearer {}", form.token.trim());
-    match state.auth.login(&peer, Some(&bearer), now) {
+    match state.api.auth.login(&peer, Some(&bearer), now) {
         Err(wait) => {
             let secs = wait.as_secs_f64().ceil().max(1.0);
             (
@@ -150,15 +237,26 @@ async fn rollouts(
     headers: HeaderMap,
     Query(filters): Query<Filters>,
 ) -> Response {
-    let now = Instant::now();
-    let Some(who) = caller(&state, &headers, now) else {
-        return to_login();
+    let who = match viewer(&state, &headers) {
+        Ok(v) => v,
+        Err(r) => return r,
     };
     let now_ms = crate::time::now_unix_ms();
-    let mut all = state.engine.list();
+    let mut all = state.api.engine.list();
     all.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(a.id.cmp(&b.id)));
     let shown: Vec<_> = all.iter().filter(|r| pages::matches(r, &filters)).collect();
     Html(pages::rollouts(&who, &shown, all.len(), &filters, now_ms).into_string()).into_response()
+}
+
+async fn fleet(State(state): State<UiState>, headers: HeaderMap) -> Response {
+    let who = match viewer(&state, &headers) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let envoys = state.api.registry.envoys();
+    let tenants = state.api.usage.top(pages::FLEET_TENANTS);
+    let now_ms = crate::time::now_unix_ms();
+    Html(pages::fleet(&who, &envoys, &tenants, now_ms).into_string()).into_response()
 }
 
 /// How long ago `then_ms` was, for people ("3 m", "2 h").

@@ -86,6 +86,28 @@ impl Sessions {
     }
 }
 
+/// The CSRF token of session `id`: derived from the id (which only the
+/// session's own pages can know: the cookie is `HttpOnly`), so nothing
+/// more is stored.
+pub fn csrf_token(id: &str) -> String {
+    let d = Sha256::new()
+        .chain_update(b"understudy-ui-csrf\0")
+        .chain_update(id.as_bytes())
+        .finalize();
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `sent` is session `id`'s CSRF token, compared in constant time.
+pub fn csrf_matches(id: &str, sent: &str) -> bool {
+    let want = csrf_token(id);
+    want.len() == sent.len()
+        && want
+            .bytes()
+            .zip(sent.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 /// The value of cookie `name` in the request's `Cookie` headers.
 pub fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
@@ -124,6 +146,17 @@ mod tests {
         let id = s.create(alice(), t0);
         s.remove(&id);
         assert_eq!(s.get(&id, t0), None);
+    }
+
+    #[test]
+    fn csrf_tokens_belong_to_their_session() {
+        let a = csrf_token("session-a");
+        assert_eq!(a.len(), 64);
+        assert!(csrf_matches("session-a", &a));
+        assert!(!csrf_matches("session-b", &a), "another session's token");
+        assert!(!csrf_matches("session-a", ""));
+        assert!(!csrf_matches("session-a", &a[..63]));
+        assert_ne!(a, csrf_token("session-b"));
     }
 
     #[test]
