@@ -80,8 +80,8 @@ fn stored_sample(
 }
 
 /// The route's shadow `strip_headers`: credential headers beyond the
-/// default list, for this route.
-fn route_credentials(s: &ApiState, route: &str) -> Vec<String> {
+/// default list, for this route (the dashboard redacts with them too).
+pub(crate) fn route_credentials(s: &ApiState, route: &str) -> Vec<String> {
     s.store
         .current()
         .filter
@@ -134,8 +134,6 @@ fn replay_body(body: &[u8]) -> Result<ReplayBody, ApiError> {
     serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
 }
 
-/// Every attempt that names a stored sample is audited with its actor,
-/// whether it was refused, failed or done.
 async fn replay_sample(
     State(s): State<ApiState>,
     principal: Option<axum::Extension<Principal>>,
@@ -144,12 +142,26 @@ async fn replay_sample(
 ) -> ApiResult<ReplayOutcome> {
     let actor = principal.map_or_else(|| "anonymous".to_owned(), |p| p.0.name);
     let body = replay_body(&body)?;
-    let stored = stored_sample(&s, &id)?;
+    replay(&s, actor, &id, body.cluster).await.map(Json)
+}
+
+/// Replays stored sample `id` to `cluster` (default: its shadow cluster)
+/// and compares again; the API and the dashboard both call this. Every
+/// attempt that names a stored sample is audited with its actor, whether it
+/// was refused, failed or done.
+pub(crate) async fn replay(
+    s: &ApiState,
+    actor: String,
+    id: &str,
+    cluster: Option<String>,
+) -> Result<ReplayOutcome, ApiError> {
+    let body = ReplayBody { cluster };
+    let stored = stored_sample(s, id)?;
     let request = stored.record.request.clone().unwrap_or_default();
     let mut audit = ReplayAudit {
         time: std::time::SystemTime::now(),
         actor,
-        sample: id,
+        sample: id.to_owned(),
         route: Some(stored.record.route.clone()),
         cluster: body.cluster.clone(),
         method: Some(request.method),
@@ -187,7 +199,7 @@ async fn replay_sample(
     }
     .to_owned();
     s.shadow.audit_replay(audit);
-    Ok(Json(outcome))
+    Ok(outcome)
 }
 
 #[derive(Serialize)]

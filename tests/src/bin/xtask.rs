@@ -171,7 +171,89 @@ fn setup() -> Result<()> {
         &fault_dir.display().to_string(),
     ])?;
     paths::fault_filter_wasm()?;
+    build_preview()?;
     Ok(())
+}
+
+/// The dashboard's compare-rule preview: `preview/` for wasm32-unknown-unknown,
+/// wrapped by wasm-bindgen-cli (at exactly the version of the `wasm-bindgen`
+/// crate in Cargo.lock, installed under target/tools/wasm-bindgen when
+/// missing or different) into `target/preview/`, which the control plane's
+/// build script embeds. No wasm-pack, no npm.
+fn build_preview() -> Result<()> {
+    let root = paths::repo_root();
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).context("reading Cargo.lock")?;
+    let version = locked_version(&lock, "wasm-bindgen")
+        .context("Cargo.lock has no wasm-bindgen package (the preview crate depends on it)")?;
+    let tools = root.join("target/tools/wasm-bindgen");
+    let cli = tools.join("bin/wasm-bindgen");
+    let installed = Command::new(&cli)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .is_some_and(|v| v.split_whitespace().nth(1) == Some(version.as_str()));
+    if !installed {
+        eprintln!(
+            "installing wasm-bindgen-cli {version} into {}; this compiles it once",
+            tools.display()
+        );
+        let install = |locked: bool| {
+            let mut cmd = Command::new("cargo");
+            cmd.arg("install");
+            if locked {
+                cmd.arg("--locked");
+            }
+            cmd.args(["--version", &version, "--root"])
+                .arg(&tools)
+                .arg("wasm-bindgen-cli");
+            run(&mut cmd)
+        };
+        if let Err(e) = install(true) {
+            // `--locked` needs every version the CLI's own lock file names;
+            // a registry that lacks one of them (a mirror behind crates.io)
+            // fails here. The CLI's version is pinned either way.
+            eprintln!("{e:#}\nretrying without --locked (newest compatible dependencies)");
+            install(false)?;
+        }
+    }
+    cargo(&[
+        "build",
+        "-p",
+        "understudy-preview",
+        "--target",
+        "wasm32-unknown-unknown",
+        "--release",
+    ])?;
+    let module = root.join("target/wasm32-unknown-unknown/release/understudy_preview.wasm");
+    let out = root.join("target/preview");
+    run(Command::new(&cli)
+        .args(["--target", "web", "--no-typescript", "--out-dir"])
+        .arg(&out)
+        .arg(&module))?;
+    for name in ["understudy_preview_bg.wasm", "understudy_preview.js"] {
+        let len = std::fs::metadata(out.join(name))
+            .with_context(|| format!("wasm-bindgen wrote no {name}"))?
+            .len();
+        eprintln!("rule preview: {name} {len} bytes");
+    }
+    Ok(())
+}
+
+/// The version Cargo.lock holds for package `name` (the first, if several).
+fn locked_version(lock: &str, name: &str) -> Option<String> {
+    let wanted = format!("name = \"{name}\"");
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == wanted {
+            let next = lines.next()?.trim();
+            return next
+                .strip_prefix("version = \"")
+                .and_then(|v| v.strip_suffix('"'))
+                .map(str::to_owned);
+        }
+    }
+    None
 }
 
 /// Prometheus and promtool for the metrics tests (`promtool check metrics`
@@ -272,12 +354,16 @@ fn ensure_wasm_target() -> Result<()> {
         .args(["--print", "sysroot"])
         .output()?;
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_owned();
-    if !Path::new(&sysroot)
-        .join("lib/rustlib/wasm32-wasip1")
-        .is_dir()
-    {
-        run(Command::new("rustup").args(["target", "add", "wasm32-wasip1"]))
-            .context("installing the wasm32-wasip1 target (needs rustup)")?;
+    // The filter's target and the rule preview's.
+    for target in ["wasm32-wasip1", "wasm32-unknown-unknown"] {
+        if !Path::new(&sysroot)
+            .join("lib/rustlib")
+            .join(target)
+            .is_dir()
+        {
+            run(Command::new("rustup").args(["target", "add", target]))
+                .with_context(|| format!("installing the {target} target (needs rustup)"))?;
+        }
     }
     Ok(())
 }
