@@ -1,5 +1,5 @@
 //! Embeds the compare-rule preview (`target/preview/`, written by `cargo xtask
-//! setup`: the wasm module of `preview/` and wasm-bindgen's JS glue) into the
+//! setup`: the wasm module of `filter/preview/` and wasm-bindgen's JS glue) into the
 //! binary, so the dashboard works with no files beside it.
 //!
 //! When the preview was not built, empty files are embedded instead and the

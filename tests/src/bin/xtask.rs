@@ -175,7 +175,7 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-/// The dashboard's compare-rule preview: `preview/` for wasm32-unknown-unknown,
+/// The dashboard's compare-rule preview: `filter/preview/` for wasm32-unknown-unknown,
 /// wrapped by wasm-bindgen-cli (at exactly the version of the `wasm-bindgen`
 /// crate in Cargo.lock, installed under target/tools/wasm-bindgen when
 /// missing or different) into `target/preview/`, which the control plane's
