@@ -591,6 +591,12 @@ impl Shadowing {
                 body: m.primary.body,
                 body_truncated: m.primary_body_truncated,
             }),
+            shadow: Some(RecordedResponse {
+                status: u32::from(m.shadow.status),
+                headers: headers(m.shadow.headers),
+                body: m.shadow.body,
+                body_truncated: m.shadow_body_truncated,
+            }),
             shadow_cluster: r.map(|r| r.cfg.cluster.clone()).unwrap_or_default(),
         }
     }
@@ -603,7 +609,10 @@ fn shrink(record: &mut MismatchRecord) {
         r.body.clear();
         r.body_truncated = true;
     }
-    if let Some(r) = record.primary.as_mut() {
+    for r in [record.primary.as_mut(), record.shadow.as_mut()]
+        .into_iter()
+        .flatten()
+    {
         r.body.clear();
         r.body_truncated = true;
     }

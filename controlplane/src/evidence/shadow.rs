@@ -572,6 +572,10 @@ pub struct RecordView {
     pub differences: Vec<DifferenceView>,
     pub request: RequestView,
     pub primary: ResponseView,
+    /// The shadow's response as recorded; `None` from a filter that
+    /// records the primary's only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ResponseView>,
 }
 
 /// `name` is a credential header: in [`CREDENTIAL_HEADERS`] or in `extra`
@@ -635,7 +639,16 @@ impl StoredRecord {
         let request = r.request.clone().unwrap_or_default();
         let primary = r.primary.clone().unwrap_or_default();
         let (req_body, req_b64) = body_view(&request.body);
-        let (resp_body, resp_b64) = body_view(&primary.body);
+        let response = |recorded: &understudy_proto::v1::RecordedResponse| {
+            let (body, body_base64) = body_view(&recorded.body);
+            ResponseView {
+                status: recorded.status,
+                headers: headers_view(&recorded.headers, extra),
+                body,
+                body_base64,
+                body_truncated: recorded.body_truncated,
+            }
+        };
         RecordView {
             id: self.id.to_string(),
             route: r.route.clone(),
@@ -679,13 +692,8 @@ impl StoredRecord {
                 body_base64: req_b64,
                 body_truncated: request.body_truncated,
             },
-            primary: ResponseView {
-                status: primary.status,
-                headers: headers_view(&primary.headers, extra),
-                body: resp_body,
-                body_base64: resp_b64,
-                body_truncated: primary.body_truncated,
-            },
+            primary: response(&primary),
+            shadow: r.shadow.as_ref().map(response),
         }
     }
 }

@@ -585,6 +585,10 @@ pub struct Mismatch {
     /// The primary's response (redacted, cut to `record_body_bytes`).
     pub primary: Captured,
     pub primary_body_truncated: bool,
+    /// The shadow's response, recorded the same way, so the dashboard can
+    /// compare the very pair again with other rules.
+    pub shadow: Captured,
+    pub shadow_body_truncated: bool,
 }
 
 /// What [`ShadowTable::finish`] and the other transitions produce.
@@ -1057,15 +1061,18 @@ fn evaluate(pair: Pair, cfg: &ShadowConfig, now_us: u64) -> Report {
     let mismatch = (verdict != Verdict::Matched).then(|| {
         let (request_body, request_body_truncated) = recorded_body(&req.body, cfg);
         let (primary_body, primary_body_truncated) = recorded_body(&primary.body, cfg);
-        let kept: Vec<(String, String)> = primary
-            .headers
-            .iter()
-            .filter(|(k, _)| {
-                let k = k.to_ascii_lowercase();
-                k == "content-type" || cfg.compare.headers.contains(&k)
-            })
-            .cloned()
-            .collect();
+        let (shadow_body, shadow_body_truncated) = recorded_body(&shadow.body, cfg);
+        // The headers the comparison looks at, and the content type.
+        let kept = |headers: &[(String, String)]| -> Vec<(String, String)> {
+            headers
+                .iter()
+                .filter(|(k, _)| {
+                    let k = k.to_ascii_lowercase();
+                    k == "content-type" || cfg.compare.headers.contains(&k)
+                })
+                .cloned()
+                .collect()
+        };
         Box::new(Mismatch {
             route,
             request_id: header(&req.headers, "x-request-id").to_owned(),
@@ -1090,10 +1097,16 @@ fn evaluate(pair: Pair, cfg: &ShadowConfig, now_us: u64) -> Report {
             request_body_truncated,
             primary: Captured {
                 status: primary.status,
-                headers: kept,
+                headers: kept(&primary.headers),
                 body: primary_body,
             },
             primary_body_truncated,
+            shadow: Captured {
+                status: shadow.status,
+                headers: kept(&shadow.headers),
+                body: shadow_body,
+            },
+            shadow_body_truncated,
             comparison,
         })
     });

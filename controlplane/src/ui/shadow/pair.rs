@@ -1,10 +1,12 @@
 //! Both sides of a stored sample, for the side-by-side diff and the rule
 //! preview.
 //!
-//! A mismatch record keeps the request and the **primary** response only
-//! (`RecordedResponse primary` in reports.proto); the shadow's answer is
-//! known through the differences the filter recorded, each with the
-//! shadow's value at its path. [`pair`] rebuilds the shadow's status,
+//! A mismatch record keeps the request and both responses, redacted and cut
+//! to `record_body_bytes` (`primary` and `shadow` in reports.proto): when
+//! both bodies were recorded whole, the pair is exact. A record from a
+//! filter that kept the primary's only (or with a body too large to keep)
+//! still tells the shadow's answer through the differences the filter
+//! recorded, each with the shadow's value at its path. [`pair`] then rebuilds the shadow's status,
 //! headers and body by applying those values to the primary's. The result is
 //! marked `exact: false` where the record cannot tell the whole shadow
 //! answer: differences omitted or a truncated comparison, a truncated body,
@@ -181,6 +183,21 @@ fn side(r: &ResponseView) -> SideView {
 
 /// Both sides of `view` (see the module doc for how exact the shadow is).
 pub fn pair(view: &RecordView) -> PairView {
+    if let Some(recorded) = &view.shadow
+        && !recorded.body_truncated
+        && !view.primary.body_truncated
+    {
+        return PairView {
+            id: view.id.clone(),
+            request_id: view.request_id.clone(),
+            method: view.request.method.clone(),
+            path: view.request.path.clone(),
+            primary: side(&view.primary),
+            shadow: side(recorded),
+            exact: true,
+            inexact: None,
+        };
+    }
     let (primary, shadow, why) = rebuild(
         &view.primary,
         &view.differences,
