@@ -253,9 +253,15 @@ impl Browser {
     /// is left for the Rollouts page.
     pub async fn login(&self, token: &str) -> Result<()> {
         self.submit_login(token).await?;
-        self.wait_path("/ui/", Duration::from_secs(15))
-            .await
-            .context("logging in")
+        if let Err(e) = self.wait_path("/ui/", Duration::from_secs(15)).await {
+            // What the page said instead (a refusal names its reason).
+            let text = match self.client.find(Locator::Css("main")).await {
+                Ok(main) => main.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            return Err(e.context(format!("logging in; the page says: {text}")));
+        }
+        Ok(())
     }
 
     /// Types `token` into the login form and submits it (whatever the

@@ -633,7 +633,7 @@ async fn rule_preview_matches_the_filter_and_applying_changes_reports() -> Resul
         transfer
             .entries
             .iter()
-            .any(|(url, _)| url.ends_with(".wasm")),
+            .any(|(url, _)| url.split('?').next().is_some_and(|u| u.ends_with(".wasm"))),
         "no wasm module among {:?}",
         transfer.entries
     );
@@ -675,8 +675,7 @@ async fn rule_preview_matches_the_filter_and_applying_changes_reports() -> Resul
     browser.screenshot("shadow-preview").await?;
 
     // The browser's engine on the stored samples: what each rule set
-    // leaves. (The equality with the native `understudy_preview::preview_json`
-    // on the same inputs belongs here once that crate is on main.)
+    // leaves, and exactly what the native engine says on the same inputs.
     let samples = browser
         .js(
             "return fetch(arguments[0], {credentials: 'same-origin'}).then(r => r.text());",
@@ -688,6 +687,12 @@ async fn rule_preview_matches_the_filter_and_applying_changes_reports() -> Resul
         .as_array()
         .map_or(0, Vec::len);
     ensure!(stored > 0, "no stored samples: {samples}");
+    // The filter recorded both responses: every pair is the very one it
+    // compared, not a rebuild.
+    let parsed: Value = serde_json::from_str(&samples)?;
+    for s in parsed["samples"].as_array().into_iter().flatten() {
+        assert_eq!(s["exact"], true, "{s:#}");
+    }
     // (rules, matched samples, serious paths)
     let cases = [
         (json!({}), 0, vec!["$.note", "$.total"]),
@@ -702,6 +707,9 @@ async fn rule_preview_matches_the_filter_and_applying_changes_reports() -> Resul
     for (rules, matched, serious) in cases {
         let rules = rules.to_string();
         let got = browser_preview(&browser, &rules, &samples).await?;
+        let native: Value =
+            serde_json::from_str(&understudy_preview::preview_json(&rules, &samples))?;
+        assert_eq!(got, native, "rules {rules}: browser and native differ");
         assert_eq!(got["compared"], stored, "rules {rules}: {got:#}");
         assert_eq!(got["matched"], matched, "rules {rules}: {got:#}");
         let mut paths: Vec<&str> = got["paths"]

@@ -17,7 +17,10 @@
 //! all together when the server does not pass the address): after
 //! [`MAX_FAILED_LOGINS`] failures in [`FAILED_LOGIN_WINDOW`], every request
 //! from there is refused with 429 *before* its token is looked at, until the
-//! window ends. A token file readable by group or others is refused.
+//! window ends. Only a presented token that is wrong counts: a request
+//! with none guessed nothing (a browser's `/favicon.ico`, a probe), so it
+//! is refused with 401 but never locks the address out. A token file
+//! readable by group or others is refused.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -291,7 +294,7 @@ impl Auth {
             return Err(wait);
         }
         let who = self.authenticate(authorization);
-        if who.is_none() {
+        if who.is_none() && authorization.is_some() {
             failed.failed(peer, now);
         }
         Ok(who)
@@ -442,6 +445,17 @@ mod tests {
             let guess = format!("Bearer guess-{i:016}");
             assert_eq!(auth.login("10.0.0.1", Some(&guess), t0), Ok(None));
         }
+        // Requests with no token at all guess nothing: they never count.
+        for _ in 0..3 * MAX_FAILED_LOGINS {
+            assert_eq!(auth.login("10.0.0.3", None, t0), Ok(None));
+        }
+        assert_eq!(
+            auth.login("10.0.0.3", Some(&good), t0)
+                .unwrap()
+                .unwrap()
+                .name,
+            "alice"
+        );
         // Over the budget: even the right token is not looked at.
         let wait = auth.login("10.0.0.1", Some(&good), t0).unwrap_err();
         assert_eq!(wait, FAILED_LOGIN_WINDOW);
