@@ -116,6 +116,19 @@ pub(crate) fn viewer(state: &UiState, headers: &HeaderMap) -> Result<Viewer, Res
     })
 }
 
+/// A page's extractor: the session's caller, or the redirect to the
+/// login page (so a handler that takes a `Viewer` never runs without one).
+impl axum::extract::FromRequestParts<UiState> for Viewer {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &UiState,
+    ) -> Result<Self, Response> {
+        viewer(state, &parts.headers)
+    }
+}
+
 /// An operator's session with the right CSRF token (`csrf` from the form,
 /// else the `x-csrf-token` header), or 403: every action starts here.
 #[allow(clippy::result_large_err)]
@@ -234,13 +247,9 @@ pub struct Filters {
 
 async fn rollouts(
     State(state): State<UiState>,
-    headers: HeaderMap,
+    who: Viewer,
     Query(filters): Query<Filters>,
 ) -> Response {
-    let who = match viewer(&state, &headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
     let now_ms = crate::time::now_unix_ms();
     let mut all = state.api.engine.list();
     all.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(a.id.cmp(&b.id)));
@@ -248,11 +257,7 @@ async fn rollouts(
     Html(pages::rollouts(&who, &shown, all.len(), &filters, now_ms).into_string()).into_response()
 }
 
-async fn fleet(State(state): State<UiState>, headers: HeaderMap) -> Response {
-    let who = match viewer(&state, &headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn fleet(State(state): State<UiState>, who: Viewer) -> Response {
     let envoys = state.api.registry.envoys();
     let tenants = state.api.usage.top(pages::FLEET_TENANTS);
     let now_ms = crate::time::now_unix_ms();

@@ -82,15 +82,7 @@ fn chart(state: &UiState, view: &RolloutView, now_ms: u64) -> Series {
     )
 }
 
-async fn page(
-    State(state): State<UiState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    let who = match super::viewer(&state, &headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn page(State(state): State<UiState>, who: Viewer, Path(id): Path<String>) -> Response {
     let view = match state.api.engine.view(&id) {
         Ok(v) => v,
         Err(e) => return not_found(&who, &e.to_string()),
@@ -409,13 +401,10 @@ impl Drop for Slot {
 
 async fn events(
     State(state): State<UiState>,
+    who: Viewer,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let who = match super::viewer(&state, &headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
     if state.api.engine.view(&id).is_err() {
         return (StatusCode::NOT_FOUND, "no such rollout\n").into_response();
     }

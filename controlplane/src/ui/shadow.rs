@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use understudy_core::ConfigError;
 use understudy_core::compare::{CompareConfig, RawCompareConfig};
 
-use super::UiState;
+use super::{UiState, Viewer};
 use crate::api::error::owned_by;
 use crate::evidence::shadow::RecordView;
 use crate::model::ModelError;
@@ -127,11 +127,7 @@ fn route_rules(state: &UiState, route: &str) -> Option<RawCompareConfig> {
 }
 
 /// Routes with reports, and routes the filter shadows that have none yet.
-async fn list(State(state): State<UiState>, headers: HeaderMap) -> Response {
-    let who = match super::viewer(&state, &headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn list(State(state): State<UiState>, who: Viewer) -> Response {
     let summaries = state.api.shadow.summaries();
     let configured: Vec<String> = state
         .api
@@ -173,13 +169,9 @@ fn samples(state: &UiState, route: &str, limit: usize) -> Vec<RecordView> {
 
 async fn route_page(
     State(state): State<UiState>,
-    headers: HeaderMap,
+    who: Viewer,
     Path(route): Path<String>,
 ) -> Response {
-    let who = match super::viewer(&state, &headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
     let detail = state.api.shadow.route(&route);
     let rules = route_rules(&state, &route);
     if detail.is_none() && rules.is_none() {
@@ -216,12 +208,9 @@ struct SamplesDoc {
 
 async fn samples_json(
     State(state): State<UiState>,
-    headers: HeaderMap,
+    _who: Viewer,
     Path(route): Path<String>,
 ) -> Response {
-    if let Err(r) = super::viewer(&state, &headers) {
-        return r;
-    }
     let doc = SamplesDoc {
         rules: route_rules(&state, &route),
         samples: samples(&state, &route, MAX_PREVIEW_SAMPLES)
