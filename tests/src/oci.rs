@@ -324,16 +324,22 @@ fn read_blob(dir: &Path, desc: &Value) -> Result<Vec<u8>> {
 /// `imagefetcher.go` or `cache.go`).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ExtractError {
+    /// The manifest does not parse, or has no `layers` list.
     #[error("the manifest is not valid JSON with a layers list: {0}")]
     Manifest(String),
+    /// "number of layers must be greater than zero".
     #[error("the image has no layers")]
     NoLayers,
+    /// The last layer is not the tar+gzip type the variant needs.
     #[error("the last layer has media type {found:?}, not {want}")]
     LastLayerType { found: String, want: &'static str },
+    /// A layer the rules need is not among the pulled blobs.
     #[error("blob {0} was not pulled")]
     MissingBlob(String),
+    /// "failed to parse layer as tar.gz", or a broken tar entry.
     #[error("the layer is not a tar+gzip: {0}")]
     Archive(String),
+    /// "plugin.wasm not found in the archive".
     #[error("no {} in the last layer", WASM_FILE)]
     NoPluginWasm,
     #[error(
@@ -341,8 +347,10 @@ pub enum ExtractError {
         WASM_LAYER_MEDIA_TYPE
     )]
     OciVariant,
+    /// Our cap, not Istio's: a hostile layer must not fill memory.
     #[error("{} is larger than {} bytes", WASM_FILE, MAX_WASM_BYTES)]
     TooLarge,
+    /// `isValidWasmBinary` failed.
     #[error("the module is not wasm (no \\0asm magic, or shorter than 8 bytes)")]
     NotWasm,
 }
@@ -522,12 +530,12 @@ fn validate_tag(tag: &str) -> Result<()> {
 /// (a plain-HTTP registry on loopback), else `https://`. No authentication:
 /// a registry that asks for it gets a clear error.
 #[derive(Debug, Clone)]
-pub struct Registry {
+pub struct RegistryClient {
     base: reqwest::Url,
     http: reqwest::Client,
 }
 
-impl Registry {
+impl RegistryClient {
     pub fn new(host: &str, insecure: bool) -> Result<Self> {
         let scheme = if insecure { "http" } else { "https" };
         Ok(Self {

@@ -5,7 +5,7 @@
 //!
 //! ```ignore
 //! let registry = Registry::start().await?;
-//! let client = oci::Registry::new(&registry.host(), true)?;
+//! let client = oci::RegistryClient::new(&registry.host(), true)?;
 //! ```
 
 use std::net::SocketAddr;

@@ -21,7 +21,7 @@ async fn the_packaged_filter_survives_a_registry_round_trip_as_istio_reads_it() 
     let layout = tempfile::tempdir()?;
     let packaged = oci::write_layout(layout.path(), &wasm, "e2e")?;
 
-    let client = oci::Registry::new(&registry.host(), true)?;
+    let client = oci::RegistryClient::new(&registry.host(), true)?;
     let reference = Reference::parse(&format!("{}/{REPO}:e2e", registry.host()), "latest")?;
     let pushed = client
         .push(layout.path(), &reference)
@@ -74,7 +74,7 @@ async fn the_packaged_filter_survives_a_registry_round_trip_as_istio_reads_it() 
 #[tokio::test]
 async fn pulling_a_missing_tag_fails() -> Result<()> {
     let registry = Registry::start().await?;
-    let client = oci::Registry::new(&registry.host(), true)?;
+    let client = oci::RegistryClient::new(&registry.host(), true)?;
     let err = client.pull(REPO, "nope").await.unwrap_err().to_string();
     assert!(err.contains("404"), "{err}");
     Ok(())

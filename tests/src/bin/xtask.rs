@@ -165,7 +165,7 @@ fn package(out: &Path, push: Option<&str>, tag: &str, insecure: bool) -> Result<
         out.join(oci::DIGESTS_FILE).display()
     );
     if let Some(reference) = reference {
-        let client = oci::Registry::new(&reference.registry, insecure)?;
+        let client = oci::RegistryClient::new(&reference.registry, insecure)?;
         let digest = tokio::runtime::Runtime::new()?.block_on(client.push(out, &reference))?;
         println!("pushed:            {reference}@{digest}");
         println!(
