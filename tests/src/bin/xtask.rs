@@ -55,7 +55,7 @@ enum Task {
     /// Build the filter and write it as an OCI image layout (Istio's compat
     /// variant: one tar+gzip layer holding plugin.wasm); optionally push it.
     Package {
-        /// The image layout directory.
+        /// The image layout directory (a relative path is from the repository root).
         #[arg(long, default_value = oci::DEFAULT_LAYOUT_DIR)]
         out: PathBuf,
         /// Push to this registry reference, `host[:port]/repository[:tag]`.
