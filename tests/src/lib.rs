@@ -13,6 +13,8 @@
 //! - [`process`]: child processes killed on drop.
 //! - [`prometheus`]: a real Prometheus scraping the stack, its query API, and `promtool`.
 //! - [`traffic`]: client load and its tally.
+//! - [`oci`]: the filter as an OCI image (`cargo xtask package`), push and pull, Istio's extraction rules.
+//! - [`registry`]: a real OCI registry (Debian `docker-registry`) on loopback.
 //! - [`stack`]: all of the above wired together.
 //! - [`rollouts`]: rollouts through the API: create, read, follow to the end.
 //! - [`wait`]: condition waits with deadlines.
@@ -28,9 +30,11 @@ pub mod controlplane;
 pub mod cp_process;
 pub mod envoy;
 pub mod k8s;
+pub mod oci;
 pub mod paths;
 pub mod process;
 pub mod prometheus;
+pub mod registry;
 pub mod rollouts;
 pub mod stack;
 pub mod traffic;

@@ -113,6 +113,37 @@ pub fn prometheus_tool(name: &str) -> Result<PathBuf> {
     )
 }
 
+/// Where `cargo xtask setup` unpacks the Debian `docker-registry` package
+/// (relative to the repository root), for the OCI image test.
+pub const DOCKER_REGISTRY_DIR: &str = "target/tools/docker-registry";
+
+/// The `docker-registry` binary (the CNCF distribution registry, Debian's
+/// package): the copy `cargo xtask setup` unpacked under
+/// [`DOCKER_REGISTRY_DIR`], else one on `PATH`.
+///
+/// Fails (never skips) with the setup command when neither exists.
+pub fn docker_registry() -> Result<PathBuf> {
+    let name = "docker-registry";
+    let unpacked = repo_root()
+        .join(DOCKER_REGISTRY_DIR)
+        .join("usr/bin")
+        .join(name);
+    if unpacked.is_file() {
+        return Ok(unpacked);
+    }
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(found) = std::env::split_paths(&path)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    {
+        return Ok(found);
+    }
+    bail!(
+        "{name} is not installed. Run `{SETUP_COMMAND}` (it unpacks the Debian package `docker-registry` into {})",
+        repo_root().join(DOCKER_REGISTRY_DIR).display()
+    )
+}
+
 /// A committed Envoy config under `envoy/`.
 pub fn envoy_config(name: &str) -> PathBuf {
     repo_root().join("envoy").join(name)

