@@ -215,7 +215,9 @@ pub async fn traffic_router(
             }
             Ok(None)
         }
-        RouterKind::Istio => istio_router(istio_config, kubeconfig, store).await.map(Some),
+        RouterKind::Istio => istio_router(istio_config, kubeconfig, store)
+            .await
+            .map(Some),
     }
 }
 
@@ -238,8 +240,8 @@ async fn istio_router(
     store: &crate::store::Store,
 ) -> anyhow::Result<std::sync::Arc<dyn crate::traffic::TrafficRouter>> {
     let path = istio_config.context("--router istio needs --istio-config FILE")?;
-    let config = crate::istio::IstioConfig::read(path)
-        .with_context(|| format!("in {}", path.display()))?;
+    let config =
+        crate::istio::IstioConfig::read(path).with_context(|| format!("in {}", path.display()))?;
     let kube_config = match kubeconfig {
         Some(file) => {
             let kc = kube::config::Kubeconfig::read_from(file)

@@ -127,16 +127,16 @@ impl IstioConfig {
                 format!("the file is larger than {MAX_FILE_BYTES} bytes"),
             ));
         }
-        let raw: RawConfig =
-            serde_path_to_error::deserialize(serde_norway::Deserializer::from_str(text)).map_err(
-                |e| ConfigError::Syntax {
-                    path: match e.path().to_string() {
-                        p if p == "." => String::new(),
-                        p => p,
-                    },
-                    message: e.into_inner().to_string(),
-                },
-            )?;
+        let raw: RawConfig = serde_path_to_error::deserialize(
+            serde_norway::Deserializer::from_str(text),
+        )
+        .map_err(|e| ConfigError::Syntax {
+            path: match e.path().to_string() {
+                p if p == "." => String::new(),
+                p => p,
+            },
+            message: e.into_inner().to_string(),
+        })?;
         Self::try_from(raw)
     }
 
@@ -297,18 +297,26 @@ wasm_plugin: {namespace: shop, name: understudy}
         assert_eq!(e.to_string(), "services.checkout.port: 70000 is not a port");
         let e = IstioConfig::parse(&EXAMPLE.replace("port: 8080", "port: eighty")).unwrap_err();
         assert!(
-            e.to_string().starts_with("services.checkout.port: invalid type"),
+            e.to_string()
+                .starts_with("services.checkout.port: invalid type"),
             "{e}"
         );
-        let e = IstioConfig::parse(&EXAMPLE.replace("route: primary", "rout: primary"))
-            .unwrap_err();
+        let e =
+            IstioConfig::parse(&EXAMPLE.replace("route: primary", "rout: primary")).unwrap_err();
         assert!(e.to_string().contains("unknown field `rout`"), "{e}");
-        let e = IstioConfig::parse(&EXAMPLE.replace("canary_subset: canary", "canary_subset: stable"))
-            .unwrap_err();
-        assert!(e.to_string().starts_with("services.checkout.canary_subset: the same subset"));
+        let e =
+            IstioConfig::parse(&EXAMPLE.replace("canary_subset: canary", "canary_subset: stable"))
+                .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("services.checkout.canary_subset: the same subset")
+        );
         let e = IstioConfig::parse(&EXAMPLE.replace("namespace: shop\n", "namespace: Shop_1\n"))
             .unwrap_err();
-        assert!(e.to_string().starts_with("services.checkout.namespace:"), "{e}");
+        assert!(
+            e.to_string().starts_with("services.checkout.namespace:"),
+            "{e}"
+        );
         let e = IstioConfig::parse("services: {}").unwrap_err();
         assert_eq!(e.to_string(), "services: at least one service is needed");
         let big = "#".repeat(MAX_FILE_BYTES + 1);

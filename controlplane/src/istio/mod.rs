@@ -386,9 +386,14 @@ impl IstioRouter {
                 match pending {
                     Some(change) => self.reject(
                         change,
-                        format!("the Kubernetes API refused to read VirtualService {vs}: {}", e.what),
+                        format!(
+                            "the Kubernetes API refused to read VirtualService {vs}: {}",
+                            e.what
+                        ),
                     ),
-                    None => warn!(service = name, %vs, error = %e.what, "Istio: reading the VirtualService failed"),
+                    None => {
+                        warn!(service = name, %vs, error = %e.what, "Istio: reading the VirtualService failed")
+                    }
                 }
                 return;
             }
@@ -482,7 +487,10 @@ impl IstioRouter {
                         e.what
                     ),
                     403 => format!("understudy may not write VirtualService {vs} ({})", e.what),
-                    _ => format!("the Kubernetes API refused the weight {desired} for VirtualService {vs} ({})", e.what),
+                    _ => format!(
+                        "the Kubernetes API refused the weight {desired} for VirtualService {vs} ({})",
+                        e.what
+                    ),
                 };
                 if let Some(st) = self.lock().services.get_mut(name) {
                     if st.pending.as_ref() == Some(&change) {
@@ -496,7 +504,9 @@ impl IstioRouter {
                 }
                 self.reject(change, why);
             }
-            Err(e) => warn!(service = name, %vs, error = %e.what, "Istio: writing the weight failed; will retry"),
+            Err(e) => {
+                warn!(service = name, %vs, error = %e.what, "Istio: writing the weight failed; will retry")
+            }
         }
     }
 
@@ -555,7 +565,10 @@ impl IstioRouter {
                  not overwritten",
                 refusal.what
             ),
-            403 => format!("understudy may not write WasmPlugin {plugin} ({})", refusal.what),
+            403 => format!(
+                "understudy may not write WasmPlugin {plugin} ({})",
+                refusal.what
+            ),
             _ => format!(
                 "the Kubernetes API refused the filter config for WasmPlugin {plugin} ({})",
                 refusal.what

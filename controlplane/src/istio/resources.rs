@@ -111,11 +111,7 @@ struct WasmPluginSpecApply<'a> {
 /// The JSON merge patch (`application/merge-patch+json`) that writes a
 /// VirtualService's `spec.http` as read at `resource_version`, with our
 /// weights in it (see the module docs for why the whole list).
-pub fn virtual_service_patch(
-    vs: &ObjectRef,
-    resource_version: &str,
-    http: &[HttpRoute],
-) -> Value {
+pub fn virtual_service_patch(vs: &ObjectRef, resource_version: &str, http: &[HttpRoute]) -> Value {
     serde_json::to_value(VirtualServicePatch {
         api_version: format!("{VS_GROUP}/{VS_VERSION}"),
         kind: VS_KIND,

@@ -101,7 +101,12 @@ impl Fake {
     fn stamp(&self, body: &mut Value, manager: &str) {
         let rv = self.next_rv();
         let n: u64 = rv.parse().unwrap_or(0);
-        let time = format!("2026-01-01T{:02}:{:02}:{:02}Z", n / 3600 % 24, n / 60 % 60, n % 60);
+        let time = format!(
+            "2026-01-01T{:02}:{:02}:{:02}Z",
+            n / 3600 % 24,
+            n / 60 % 60,
+            n % 60
+        );
         body["metadata"]["resourceVersion"] = json!(rv);
         let fields = body["metadata"]["managedFields"]
             .as_array_mut()
@@ -111,7 +116,9 @@ impl Fake {
             .into_iter()
             .filter(|f| f["manager"] != json!(manager))
             .collect();
-        fields.push(json!({"manager": manager, "operation": "Update", "apiVersion": "v1", "time": time}));
+        fields.push(
+            json!({"manager": manager, "operation": "Update", "apiVersion": "v1", "time": time}),
+        );
         body["metadata"]["managedFields"] = json!(fields);
     }
 
@@ -180,7 +187,11 @@ async fn get_object(State(fake): State<Arc<Fake>>, Path(p): Path<Parts>) -> Resp
     }
     match fake.objects.lock().unwrap().get(&key(&p)) {
         Some(obj) => Json(obj.body.clone()).into_response(),
-        None => status(StatusCode::NOT_FOUND, "NotFound", &format!("{} {:?} not found", p.3, p.4)),
+        None => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{} {:?} not found", p.3, p.4),
+        ),
     }
 }
 
@@ -210,7 +221,10 @@ async fn patch_object(
         return status(
             StatusCode::FORBIDDEN,
             "Forbidden",
-            &format!("{} \"{}\" is forbidden: User cannot patch resource", p.3, p.4),
+            &format!(
+                "{} \"{}\" is forbidden: User cannot patch resource",
+                p.3, p.4
+            ),
         );
     }
     let Some(manager) = query.get("fieldManager").cloned() else {
@@ -241,9 +255,9 @@ async fn patch_object(
                 );
             }
             let mut patch = patch.clone();
-            patch["metadata"]
-                .as_object_mut()
-                .map(|m| m.remove("resourceVersion"));
+            if let Some(meta) = patch["metadata"].as_object_mut() {
+                meta.remove("resourceVersion");
+            }
             merge(&mut obj.body, &patch);
         }
         "application/apply-patch+yaml" => {
@@ -258,13 +272,22 @@ async fn patch_object(
                 .filter(|(k, v)| {
                     obj.owners.get(*k).is_some_and(|o| *o != manager) && current.get(*k) != Some(*v)
                 })
-                .map(|(k, _)| format!("conflict with \"{}\": .spec.pluginConfig.{k}", obj.owners[k]))
+                .map(|(k, _)| {
+                    format!(
+                        "conflict with \"{}\": .spec.pluginConfig.{k}",
+                        obj.owners[k]
+                    )
+                })
                 .collect();
             if !conflicts.is_empty() && !force {
                 return status(
                     StatusCode::CONFLICT,
                     "Conflict",
-                    &format!("Apply failed with {} conflict: {}", conflicts.len(), conflicts.join("; ")),
+                    &format!(
+                        "Apply failed with {} conflict: {}",
+                        conflicts.len(),
+                        conflicts.join("; ")
+                    ),
                 );
             }
             let mut config = current.as_object().cloned().unwrap_or_default();
@@ -386,11 +409,17 @@ async fn istio_weight_change_is_applied_and_read_back() {
 
     let changes = router.set_weight("checkout", 5, false).unwrap();
     assert_eq!(changes.len(), 1);
-    assert_eq!(changes[0].type_url, "kubernetes:VirtualService shop/checkout");
+    assert_eq!(
+        changes[0].type_url,
+        "kubernetes:VirtualService shop/checkout"
+    );
     assert_eq!(router.weight("checkout").unwrap(), 5);
     // Desired, not yet read back.
     assert!(!router.routing_applied_everywhere());
-    until("the weight read back", || router.routing_applied_everywhere()).await;
+    until("the weight read back", || {
+        router.routing_applied_everywhere()
+    })
+    .await;
     assert_eq!(fake.weights(), (95, 5));
     assert_eq!(router.rejection(&changes, 0), None);
     // The same weight again is no change.
@@ -404,7 +433,10 @@ async fn istio_weight_change_is_applied_and_read_back() {
     let p = &patches[0];
     assert_eq!(p.path, VS_PATH);
     assert_eq!(p.content_type, "application/merge-patch+json");
-    assert_eq!(p.query.get("fieldManager").map(String::as_str), Some("understudy"));
+    assert_eq!(
+        p.query.get("fieldManager").map(String::as_str),
+        Some("understudy")
+    );
     assert_eq!(p.body["metadata"]["resourceVersion"], "1");
     let mut expected = virtual_service()["spec"]["http"].clone();
     expected[1]["route"][0]["weight"] = json!(95);
@@ -414,12 +446,8 @@ async fn istio_weight_change_is_applied_and_read_back() {
     // The exact body, as `virtual_service_patch` builds it, for the lead's
     // check against Istio's CRD schema.
     let svc = &IstioConfig::parse(CONFIG).unwrap().services["checkout"];
-    let http = resources::with_weight(
-        resources::http_routes(&virtual_service()).unwrap(),
-        svc,
-        5,
-    )
-    .unwrap();
+    let http = resources::with_weight(resources::http_routes(&virtual_service()).unwrap(), svc, 5)
+        .unwrap();
     let body = resources::virtual_service_patch(&svc.virtual_service, "1", &http);
     assert_eq!(body, p.body);
     generated("virtualservice-patch.json", &body);
@@ -448,7 +476,10 @@ async fn istio_another_writers_weight_is_a_rejection_and_not_overwritten() {
     // The next decision (the rollback the engine makes) is written over a
     // fresh read.
     let rollback = router.set_weight("checkout", 0, true).unwrap();
-    until("the rollback read back", || router.routing_applied_everywhere()).await;
+    until("the rollback read back", || {
+        router.routing_applied_everywhere()
+    })
+    .await;
     assert_eq!(fake.weights(), (100, 0));
     assert_eq!(router.rejection(&rollback, 0), None);
 }
@@ -463,7 +494,9 @@ async fn istio_stale_resource_version_is_a_rejection_and_not_overwritten() {
     until("the rejection", || router.rejection(&changes, 0).is_some()).await;
     let what = router.rejection(&changes, 0).unwrap();
     assert!(
-        what.contains("VirtualService shop/checkout changed since understudy read it at resourceVersion 1"),
+        what.contains(
+            "VirtualService shop/checkout changed since understudy read it at resourceVersion 1"
+        ),
         "{what}"
     );
     assert!(what.contains("409 Conflict"), "{what}");
@@ -472,7 +505,10 @@ async fn istio_stale_resource_version_is_a_rejection_and_not_overwritten() {
     // The conflict was the report: the next read is the new baseline, and
     // the next decision is written over it.
     let next = router.set_weight("checkout", 0, true).unwrap();
-    until("the next change read back", || router.routing_applied_everywhere()).await;
+    until("the next change read back", || {
+        router.routing_applied_everywhere()
+    })
+    .await;
     assert_eq!(fake.weights(), (100, 0));
     assert_eq!(router.rejection(&next, 0), None);
 }
@@ -485,7 +521,10 @@ async fn istio_forbidden_write_is_a_rejection() {
     let changes = router.set_weight("checkout", 20, false).unwrap();
     until("the rejection", || router.rejection(&changes, 0).is_some()).await;
     let what = router.rejection(&changes, 0).unwrap();
-    assert!(what.contains("may not write VirtualService shop/checkout"), "{what}");
+    assert!(
+        what.contains("may not write VirtualService shop/checkout"),
+        "{what}"
+    );
     assert!(what.contains("403 Forbidden"), "{what}");
     assert_eq!(fake.weights(), (100, 0));
     assert!(!router.routing_applied_everywhere());
@@ -495,7 +534,10 @@ async fn istio_forbidden_write_is_a_rejection() {
     let changes = router.set_weight("checkout", 50, false).unwrap();
     until("the rejection", || router.rejection(&changes, 0).is_some()).await;
     let what = router.rejection(&changes, 0).unwrap();
-    assert!(what.contains("refused to read VirtualService shop/checkout"), "{what}");
+    assert!(
+        what.contains("refused to read VirtualService shop/checkout"),
+        "{what}"
+    );
     assert!(router.check_service("checkout").is_err());
 }
 
@@ -534,10 +576,17 @@ async fn istio_shadow_lands_in_the_wasm_plugin_config() {
     assert_eq!(plugin["spec"]["url"], "oci://registry.example/understudy:1");
     let apply = fake.patches().into_iter().last().unwrap();
     assert_eq!(apply.content_type, "application/apply-patch+yaml");
-    assert_eq!(apply.query.get("fieldManager").map(String::as_str), Some("understudy"));
+    assert_eq!(
+        apply.query.get("fieldManager").map(String::as_str),
+        Some("understudy")
+    );
     assert_ne!(apply.query.get("force").map(String::as_str), Some("true"));
     let body = resources::wasm_plugin_patch(
-        IstioConfig::parse(CONFIG).unwrap().wasm_plugin.as_ref().unwrap(),
+        IstioConfig::parse(CONFIG)
+            .unwrap()
+            .wasm_plugin
+            .as_ref()
+            .unwrap(),
         &router.plugin_config(),
     );
     assert_eq!(apply.body, body);
@@ -548,7 +597,10 @@ async fn istio_shadow_lands_in_the_wasm_plugin_config() {
     assert_eq!(off.len(), 1);
     until("the shadow removed", || router.routing_applied_everywhere()).await;
     let plugin = fake.get(WASM_PATH);
-    assert_eq!(plugin["spec"]["pluginConfig"]["routes"][0].get("shadow"), None);
+    assert_eq!(
+        plugin["spec"]["pluginConfig"]["routes"][0].get("shadow"),
+        None
+    );
 
     // Another manager owns the routes with another value: a conflict,
     // reported, and their value stays.
@@ -581,7 +633,10 @@ async fn istio_restart_reads_the_weight_back() {
     let (fake, client) = fake_api().await;
     let first = router(client.clone()).await;
     first.set_weight("checkout", 20, false).unwrap();
-    until("the weight read back", || first.routing_applied_everywhere()).await;
+    until("the weight read back", || {
+        first.routing_applied_everywhere()
+    })
+    .await;
     let second = router(client.clone()).await;
     assert_eq!(second.weight("checkout").unwrap(), 20);
     // Whatever the VirtualService holds is where a restart starts.
@@ -663,7 +718,10 @@ async fn istio_rollout_walks_the_virtual_service_weights() {
     let id = engine.create(SPEC, "test", t0).unwrap().id;
     let mut seen = Vec::new();
     for i in 1..=60u64 {
-        until("the step's weight read back", || router.routing_applied_everywhere()).await;
+        until("the step's weight read back", || {
+            router.routing_applied_everywhere()
+        })
+        .await;
         let canary = fake.weights().1;
         if seen.last() != Some(&canary) {
             seen.push(canary);
@@ -679,7 +737,12 @@ async fn istio_rollout_walks_the_virtual_service_weights() {
     assert_eq!(router.weight("checkout").unwrap(), 100);
     // Promotion is the user's: finalizing says so and changes nothing.
     let e = engine
-        .act(&id, crate::rollout::engine::Action::Finalize, "test", t0 + Duration::from_secs(200))
+        .act(
+            &id,
+            crate::rollout::engine::Action::Finalize,
+            "test",
+            t0 + Duration::from_secs(200),
+        )
         .unwrap_err();
     assert!(e.to_string().contains("update the stable workload"), "{e}");
     assert_eq!(fake.weights(), (0, 100));
