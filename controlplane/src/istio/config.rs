@@ -130,12 +130,19 @@ impl IstioConfig {
         let raw: RawConfig = serde_path_to_error::deserialize(
             serde_norway::Deserializer::from_str(text),
         )
-        .map_err(|e| ConfigError::Syntax {
-            path: match e.path().to_string() {
+        .map_err(|e| {
+            // serde_path_to_error names the document itself ".".
+            let path = match e.path().to_string() {
                 p if p == "." => String::new(),
                 p => p,
-            },
-            message: e.into_inner().to_string(),
+            };
+            // serde_norway starts a nested error with the path too.
+            let message = e.into_inner().to_string();
+            let message = match message.strip_prefix(&format!("{path}: ")) {
+                Some(rest) if !path.is_empty() => rest.to_owned(),
+                _ => message,
+            };
+            ConfigError::Syntax { path, message }
         })?;
         Self::try_from(raw)
     }
