@@ -117,8 +117,9 @@ struct PluginState {
     pending: Option<ChangeId>,
     /// The pluginConfig last read back equal to what we applied.
     applied: Option<Value>,
-    /// A pluginConfig the API server refused: not retried until it changes.
-    refused: Option<Value>,
+    /// A pluginConfig the API server refused, and why: not retried until
+    /// it changes.
+    refused: Option<(Value, String)>,
 }
 
 #[derive(Debug)]
@@ -513,15 +514,25 @@ impl IstioRouter {
     async fn sync_plugin(&self, plugin: &ObjectRef) {
         let desired = self.plugin_config();
         let pending = {
-            let s = self.lock();
-            let p = &s.plugin;
-            if p.applied.as_ref() == Some(&desired) && p.pending.is_none() {
+            let mut s = self.lock();
+            if s.plugin.applied.as_ref() == Some(&desired) && s.plugin.pending.is_none() {
                 return;
             }
-            if p.refused.as_ref() == Some(&desired) {
+            if let Some((refused, why)) = &s.plugin.refused
+                && *refused == desired
+            {
+                // A change that asks again for what was refused (the Store
+                // publishes before `set_shadow` names its change) is refused
+                // for the same reason.
+                let why = why.clone();
+                let change = s.plugin.pending.take();
+                drop(s);
+                if let Some(c) = change {
+                    self.reject(c, why);
+                }
                 return;
             }
-            p.pending.clone()
+            s.plugin.pending.clone()
         };
         let api = self.plugin_api(plugin);
         let body = resources::wasm_plugin_patch(plugin, &desired);
@@ -576,12 +587,14 @@ impl IstioRouter {
         };
         let change = {
             let mut s = self.lock();
-            s.plugin.refused = Some(desired);
+            s.plugin.refused = Some((desired, why.clone()));
             if s.plugin.pending == pending {
                 s.plugin.pending = None;
             }
             pending
         };
+        // A change named after this pass began is refused on the next one.
+        self.wake.notify_one();
         match change {
             Some(c) => self.reject(c, why),
             None => warn!(%plugin, %why, "Istio: filter config not applied"),
