@@ -638,6 +638,33 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[tokio::test]
+    async fn serve_router_flags_are_checked() {
+        let store = crate::store::Store::new(crate::store::first_start_state()).unwrap();
+        let file = Path::new("istio.yaml");
+        let e = traffic_router(RouterKind::Ads, Some(file), None, &store)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("are for --router istio"), "{e}");
+        assert!(
+            traffic_router(RouterKind::Ads, None, None, &store)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let e = traffic_router(RouterKind::Istio, None, None, &store)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        // Without the feature, the build command; with it, the missing file.
+        #[cfg(not(feature = "istio"))]
+        assert!(e.contains("--features istio"), "{e}");
+        #[cfg(feature = "istio")]
+        assert!(e.contains("needs --istio-config"), "{e}");
+    }
+
     #[test]
     fn serve_refuses_plaintext_xds_unless_asked_and_loads_certificates() {
         let err = xds_security(None, None, false).unwrap_err().to_string();
