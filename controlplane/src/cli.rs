@@ -29,6 +29,13 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Which [`crate::traffic::TrafficRouter`] `serve` runs rollouts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RouterKind {
+    Ads,
+    Istio,
+}
+
 // Parsed once per process: the size of `Serve`'s many flags costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
@@ -79,6 +86,18 @@ pub enum Command {
         api_cert: Option<PathBuf>,
         #[arg(long, requires = "api_cert")]
         api_key: Option<PathBuf>,
+        /// What moves traffic: `ads` (our own ADS, the default) or `istio`
+        /// (VirtualService weights over the Kubernetes API; needs the
+        /// `istio` build feature and --istio-config).
+        #[arg(long, value_enum, default_value_t = RouterKind::Ads)]
+        router: RouterKind,
+        /// Istio mode: the services' VirtualServices and the WasmPlugin (YAML).
+        #[arg(long, env = "UNDERSTUDY_ISTIO_CONFIG")]
+        istio_config: Option<PathBuf>,
+        /// Istio mode: the kubeconfig to use; default: in-cluster, then
+        /// `KUBECONFIG`, then `~/.kube/config`.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
     },
     /// Certificates for mutual TLS between Envoys and the control plane.
     Certs {
@@ -177,6 +196,67 @@ pub fn certs(command: CertsCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The router `serve --router` asks for: `None` for our own ADS; for
+/// Istio, the [`crate::istio::IstioRouter`] over the Kubernetes API, after
+/// it has read every configured VirtualService back. Without the `istio`
+/// build feature, `--router istio` is refused with what to do.
+pub async fn traffic_router(
+    kind: RouterKind,
+    istio_config: Option<&Path>,
+    kubeconfig: Option<&Path>,
+    store: &crate::store::Store,
+) -> anyhow::Result<Option<std::sync::Arc<dyn crate::traffic::TrafficRouter>>> {
+    match kind {
+        RouterKind::Ads => {
+            if istio_config.is_some() || kubeconfig.is_some() {
+                bail!("--istio-config and --kubeconfig are for --router istio");
+            }
+            Ok(None)
+        }
+        RouterKind::Istio => istio_router(istio_config, kubeconfig, store)
+            .await
+            .map(Some),
+    }
+}
+
+#[cfg(not(feature = "istio"))]
+async fn istio_router(
+    _: Option<&Path>,
+    _: Option<&Path>,
+    _: &crate::store::Store,
+) -> anyhow::Result<std::sync::Arc<dyn crate::traffic::TrafficRouter>> {
+    bail!(
+        "--router istio: this understudy was built without Istio mode; \
+         build it with `cargo build -p understudy-controlplane --features istio`"
+    )
+}
+
+#[cfg(feature = "istio")]
+async fn istio_router(
+    istio_config: Option<&Path>,
+    kubeconfig: Option<&Path>,
+    store: &crate::store::Store,
+) -> anyhow::Result<std::sync::Arc<dyn crate::traffic::TrafficRouter>> {
+    let path = istio_config.context("--router istio needs --istio-config FILE")?;
+    let config =
+        crate::istio::IstioConfig::read(path).with_context(|| format!("in {}", path.display()))?;
+    let kube_config = match kubeconfig {
+        Some(file) => {
+            let kc = kube::config::Kubeconfig::read_from(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("in {}", file.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes API: not in a cluster, and no KUBECONFIG or ~/.kube/config")?,
+    };
+    let client = kube::Client::try_from(kube_config).context("the Kubernetes client")?;
+    let router = crate::istio::IstioRouter::start(client, config, store.clone()).await?;
+    Ok(router)
 }
 
 /// How `serve` secures the xDS port, from its flags: mutual TLS from
@@ -557,6 +637,33 @@ pub fn render_route(body: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn serve_router_flags_are_checked() {
+        let store = crate::store::Store::new(crate::store::first_start_state()).unwrap();
+        let file = Path::new("istio.yaml");
+        let e = traffic_router(RouterKind::Ads, Some(file), None, &store)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("are for --router istio"), "{e}");
+        assert!(
+            traffic_router(RouterKind::Ads, None, None, &store)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let e = traffic_router(RouterKind::Istio, None, None, &store)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        // Without the feature, the build command; with it, the missing file.
+        #[cfg(not(feature = "istio"))]
+        assert!(e.contains("--features istio"), "{e}");
+        #[cfg(feature = "istio")]
+        assert!(e.contains("needs --istio-config"), "{e}");
+    }
 
     #[test]
     fn serve_refuses_plaintext_xds_unless_asked_and_loads_certificates() {

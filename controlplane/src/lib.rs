@@ -23,6 +23,8 @@
 //!   [`evidence::EvidenceSource`] port rollouts read it through.
 //! - [`traffic`]: the [`traffic::TrafficRouter`] port: set a service's
 //!   canary weight or a route's shadow, read back what the data plane applied.
+//! - `istio` (feature `istio`): `IstioRouter`, the router over the
+//!   Kubernetes API (VirtualService weights, WasmPlugin filter config).
 //! - [`xds`]: the ADS server, the desired state → Envoy resources
 //!   translation, and [`xds::router::AdsRouter`], the router over them.
 //! - [`store`]: where the desired state lives; every change is validated,
@@ -35,6 +37,8 @@
 pub mod api;
 pub mod cli;
 pub mod evidence;
+#[cfg(feature = "istio")]
+pub mod istio;
 pub mod metrics;
 pub mod model;
 pub mod notify;
@@ -135,6 +139,20 @@ pub async fn run_with(
     api_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    run_with_router(store, options, None, xds_listener, api_listener, shutdown).await
+}
+
+/// [`run_with`], with rollouts moving traffic through `router` instead of
+/// our own ADS (`None`): Istio mode. Evidence still comes from Envoy's
+/// stats stream and the filter's reports.
+pub async fn run_with_router(
+    store: Store,
+    options: Options,
+    router: Option<Arc<dyn traffic::TrafficRouter>>,
+    xds_listener: TcpListener,
+    api_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let registry = Arc::new(Registry::default());
     let usage = Arc::new(evidence::usage::UsageBook::default());
     let shadow = Arc::new(evidence::shadow::ShadowBook::default());
@@ -152,11 +170,21 @@ pub async fn run_with(
         registry: Arc::clone(&registry),
     };
     // Every stored rollout resumes where it was.
-    let engine = Arc::new(rollout::engine::Engine::new(
-        store.clone(),
-        rollouts,
-        sources,
-    )?);
+    let engine = Arc::new(match router {
+        None => rollout::engine::Engine::new(store.clone(), rollouts, sources)?,
+        Some(router) => {
+            // Reports are judged against the config this control plane holds.
+            shadow.follow(store.clone());
+            rollout::engine::Engine::with_ports(
+                router,
+                Arc::new(evidence::EnvoyEvidence {
+                    metrics: Arc::clone(&metrics),
+                    shadow: Arc::clone(&shadow),
+                }),
+                rollouts,
+            )?
+        }
+    });
     // Webhook outcomes go to the rollout's audit log; the notifier must
     // not keep the engine alive, hence the weak reference.
     let weak = Arc::downgrade(&engine);

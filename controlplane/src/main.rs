@@ -4,7 +4,9 @@ use anyhow::Context;
 use clap::Parser;
 use understudy_controlplane::Options;
 use understudy_controlplane::api::auth::{Auth, Limits};
-use understudy_controlplane::cli::{Cli, Command, certs, client_with_ca, xds_security};
+use understudy_controlplane::cli::{
+    Cli, Command, certs, client_with_ca, traffic_router, xds_security,
+};
 use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::tls::ApiTls;
 
@@ -31,6 +33,9 @@ async fn main() -> anyhow::Result<()> {
             insecure_plaintext_xds,
             api_cert,
             api_key,
+            router,
+            istio_config,
+            kubeconfig,
         } => {
             let files = match (&tls_cert, &tls_key, &client_ca) {
                 (Some(c), Some(k), Some(a)) => Some((c.as_path(), k.as_path(), a.as_path())),
@@ -74,6 +79,13 @@ async fn main() -> anyhow::Result<()> {
                      change it with `understudy` or the API"
                 );
             }
+            let router = traffic_router(
+                router,
+                istio_config.as_deref(),
+                kubeconfig.as_deref(),
+                &store,
+            )
+            .await?;
             let xds = tokio::net::TcpListener::bind(xds_addr).await?;
             let api = tokio::net::TcpListener::bind(api_addr).await?;
             let shutdown = async {
@@ -87,7 +99,8 @@ async fn main() -> anyhow::Result<()> {
                 xds_security,
                 api_tls,
             };
-            understudy_controlplane::run_with(store, options, xds, api, shutdown).await?;
+            understudy_controlplane::run_with_router(store, options, router, xds, api, shutdown)
+                .await?;
         }
         Command::Certs { command } => certs(command)?,
         other => client_with_ca(other, cli.token.as_deref(), cli.ca.as_deref()).await?,

@@ -579,8 +579,30 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    // Istio mode is a build feature off by default: lint it with its feature on.
+    cargo(&[
+        "clippy",
+        "-p",
+        "understudy-controlplane",
+        "--features",
+        "istio",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     // Two test threads: each e2e test runs an Envoy with two workers on a 2-core machine.
     cargo(&["test", "--workspace", "--", "--test-threads", "2"])?;
+    // And only its own tests (an in-process fake of the Kubernetes API), to keep CI short.
+    cargo(&[
+        "test",
+        "-p",
+        "understudy-controlplane",
+        "--features",
+        "istio",
+        "--lib",
+        "istio",
+    ])?;
     demo_smoke()
 }
 

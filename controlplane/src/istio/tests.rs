@@ -1,0 +1,776 @@
+//! [`IstioRouter`] against an in-process fake of the Kubernetes API paths it
+//! uses (no API server can run here): GET and PATCH of one VirtualService
+//! and one WasmPlugin, a resourceVersion bumped on every write, merge
+//! patches refused with 409 when their resourceVersion is stale,
+//! server-side apply with per-field owners (a field another manager owns
+//! with another value is a 409 without `force`), and switches for 403.
+//! The kube client talks to it over plain HTTP on loopback.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::*;
+use crate::evidence::{Counts, Evidence, EvidenceSource, ShadowEvidence, StepWindows};
+use crate::model::{DesiredState, FilterDoc};
+use crate::rollout::engine::{Engine, Phase};
+use crate::rollout::store::RolloutStore;
+
+const VS_PATH: &str = "networking.istio.io/v1/shop/virtualservices/checkout";
+const WASM_PATH: &str = "extensions.istio.io/v1alpha1/shop/wasmplugins/understudy";
+const HOST: &str = "checkout.shop.svc.cluster.local";
+
+const CONFIG: &str = r#"
+services:
+  checkout:
+    namespace: shop
+    virtual_service: checkout
+    route: primary
+    host: checkout.shop.svc.cluster.local
+    port: 8080
+    stable_subset: stable
+    canary_subset: canary
+wasm_plugin: {namespace: shop, name: understudy}
+"#;
+
+/// One stored object and, for `spec.pluginConfig`, who owns each key.
+struct Obj {
+    body: Value,
+    owners: BTreeMap<String, String>,
+}
+
+/// What a PATCH carried.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    content_type: String,
+    query: BTreeMap<String, String>,
+    body: Value,
+}
+
+struct Fake {
+    objects: Mutex<BTreeMap<String, Obj>>,
+    rv: AtomicU64,
+    /// Every request answers 403.
+    forbid_all: AtomicBool,
+    /// PATCHes answer 403 (RBAC with `get` but not `patch`).
+    forbid_writes: AtomicBool,
+    /// Before the next merge PATCH lands, another writer sets this canary
+    /// weight (the race a resourceVersion guards against).
+    race: Mutex<Option<u32>>,
+    patches: Mutex<Vec<Seen>>,
+    /// PATCHes wait while this is false (to see a change before it lands).
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16()});
+    (code, Json(body)).into_response()
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+impl Fake {
+    fn new() -> Self {
+        Self {
+            objects: Mutex::default(),
+            rv: AtomicU64::default(),
+            forbid_all: AtomicBool::default(),
+            forbid_writes: AtomicBool::default(),
+            race: Mutex::default(),
+            patches: Mutex::default(),
+            gate: tokio::sync::watch::channel(true).0,
+        }
+    }
+
+    fn next_rv(&self) -> String {
+        (self.rv.fetch_add(1, Ordering::SeqCst) + 2).to_string()
+    }
+
+    /// Records a write by `manager`: a new resourceVersion and a
+    /// managedFields entry newer than every other.
+    fn stamp(&self, body: &mut Value, manager: &str) {
+        let rv = self.next_rv();
+        let n: u64 = rv.parse().unwrap_or(0);
+        let time = format!(
+            "2026-01-01T{:02}:{:02}:{:02}Z",
+            n / 3600 % 24,
+            n / 60 % 60,
+            n % 60
+        );
+        body["metadata"]["resourceVersion"] = json!(rv);
+        let fields = body["metadata"]["managedFields"]
+            .as_array_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        let mut fields: Vec<Value> = fields
+            .into_iter()
+            .filter(|f| f["manager"] != json!(manager))
+            .collect();
+        fields.push(
+            json!({"manager": manager, "operation": "Update", "apiVersion": "v1", "time": time}),
+        );
+        body["metadata"]["managedFields"] = json!(fields);
+    }
+
+    fn put(&self, path: &str, body: Value) {
+        self.objects.lock().unwrap().insert(
+            path.to_owned(),
+            Obj {
+                body,
+                owners: BTreeMap::new(),
+            },
+        );
+    }
+
+    fn get(&self, path: &str) -> Value {
+        self.objects.lock().unwrap()[path].body.clone()
+    }
+
+    /// Another writer edits an object.
+    fn write_as(&self, path: &str, manager: &str, edit: impl FnOnce(&mut Value)) {
+        let mut objects = self.objects.lock().unwrap();
+        let obj = objects.get_mut(path).unwrap();
+        let before = obj.body["spec"]["pluginConfig"].clone();
+        edit(&mut obj.body);
+        if let Some(config) = obj.body["spec"]["pluginConfig"].as_object() {
+            for (k, v) in config {
+                if before.get(k) != Some(v) {
+                    obj.owners.insert(k.clone(), manager.to_owned());
+                }
+            }
+        }
+        let mut body = std::mem::take(&mut obj.body);
+        self.stamp(&mut body, manager);
+        obj.body = body;
+    }
+
+    fn weights(&self) -> (i64, i64) {
+        let vs = self.get(VS_PATH);
+        let route = &vs["spec"]["http"][1]["route"];
+        (
+            route[0]["weight"].as_i64().unwrap_or(0),
+            route[1]["weight"].as_i64().unwrap_or(0),
+        )
+    }
+
+    fn set_canary(&self, manager: &str, canary: u32) {
+        self.write_as(VS_PATH, manager, |vs| {
+            vs["spec"]["http"][1]["route"][0]["weight"] = json!(100 - canary);
+            vs["spec"]["http"][1]["route"][1]["weight"] = json!(canary);
+        });
+    }
+
+    /// The PATCHes of one object, in order.
+    fn patches(&self, path: &str) -> Vec<Seen> {
+        let all = self.patches.lock().unwrap();
+        all.iter().filter(|p| p.path == path).cloned().collect()
+    }
+}
+
+type Parts = (String, String, String, String, String);
+
+fn key(p: &Parts) -> String {
+    format!("{}/{}/{}/{}/{}", p.0, p.1, p.2, p.3, p.4)
+}
+
+async fn get_object(State(fake): State<Arc<Fake>>, Path(p): Path<Parts>) -> Response {
+    if fake.forbid_all.load(Ordering::SeqCst) {
+        return status(StatusCode::FORBIDDEN, "Forbidden", "get is forbidden");
+    }
+    match fake.objects.lock().unwrap().get(&key(&p)) {
+        Some(obj) => Json(obj.body.clone()).into_response(),
+        None => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{} {:?} not found", p.3, p.4),
+        ),
+    }
+}
+
+async fn patch_object(
+    State(fake): State<Arc<Fake>>,
+    Path(p): Path<Parts>,
+    Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let _ = fake.gate.subscribe().wait_for(|open| *open).await;
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    // Apply bodies are YAML; kube sends JSON, which is YAML.
+    let Ok(patch) = serde_json::from_str::<Value>(&body) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
+    };
+    fake.patches.lock().unwrap().push(Seen {
+        path: key(&p),
+        content_type: content_type.clone(),
+        query: query.clone(),
+        body: patch.clone(),
+    });
+    if fake.forbid_all.load(Ordering::SeqCst) || fake.forbid_writes.load(Ordering::SeqCst) {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!(
+                "{} \"{}\" is forbidden: User cannot patch resource",
+                p.3, p.4
+            ),
+        );
+    }
+    let Some(manager) = query.get("fieldManager").cloned() else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "no fieldManager");
+    };
+    let path = key(&p);
+    if content_type == "application/merge-patch+json"
+        && let Some(canary) = fake.race.lock().unwrap().take()
+    {
+        fake.set_canary("racer", canary);
+    }
+    let mut objects = fake.objects.lock().unwrap();
+    let Some(obj) = objects.get_mut(&path) else {
+        return status(StatusCode::NOT_FOUND, "NotFound", "not found");
+    };
+    match content_type.as_str() {
+        "application/merge-patch+json" => {
+            let want = &patch["metadata"]["resourceVersion"];
+            if !want.is_null() && *want != obj.body["metadata"]["resourceVersion"] {
+                return status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    &format!(
+                        "Operation cannot be fulfilled on {}.{} \"{}\": the object has been modified; \
+                         please apply your changes to the latest version and try again",
+                        p.3, p.0, p.4
+                    ),
+                );
+            }
+            let mut patch = patch.clone();
+            if let Some(meta) = patch["metadata"].as_object_mut() {
+                meta.remove("resourceVersion");
+            }
+            merge(&mut obj.body, &patch);
+        }
+        "application/apply-patch+yaml" => {
+            let force = query.get("force").is_some_and(|f| f == "true");
+            let applied = patch["spec"]["pluginConfig"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            let current = obj.body["spec"]["pluginConfig"].clone();
+            let conflicts: Vec<String> = applied
+                .iter()
+                .filter(|(k, v)| {
+                    obj.owners.get(*k).is_some_and(|o| *o != manager) && current.get(*k) != Some(*v)
+                })
+                .map(|(k, _)| {
+                    format!(
+                        "conflict with \"{}\": .spec.pluginConfig.{k}",
+                        obj.owners[k]
+                    )
+                })
+                .collect();
+            if !conflicts.is_empty() && !force {
+                return status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    &format!(
+                        "Apply failed with {} conflict: {}",
+                        conflicts.len(),
+                        conflicts.join("; ")
+                    ),
+                );
+            }
+            let mut config = current.as_object().cloned().unwrap_or_default();
+            // Fields this manager owned and no longer applies are removed.
+            let dropped: Vec<String> = obj
+                .owners
+                .iter()
+                .filter(|(k, o)| **o == manager && !applied.contains_key(*k))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in dropped {
+                config.remove(&k);
+                obj.owners.remove(&k);
+            }
+            for (k, v) in applied {
+                obj.owners.insert(k.clone(), manager.clone());
+                config.insert(k, v);
+            }
+            obj.body["spec"]["pluginConfig"] = Value::Object(config);
+        }
+        other => {
+            return status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                &format!("{other} is not served here"),
+            );
+        }
+    }
+    let mut body = std::mem::take(&mut obj.body);
+    fake.stamp(&mut body, &manager);
+    obj.body = body.clone();
+    Json(body).into_response()
+}
+
+fn virtual_service() -> Value {
+    let dest = |subset: &str| json!({"host": HOST, "subset": subset, "port": {"number": 8080}});
+    json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "checkout", "namespace": "shop", "resourceVersion": "1",
+            "managedFields": [{"manager": "argocd-controller", "operation": "Update", "apiVersion": "networking.istio.io/v1", "time": "2025-12-01T00:00:00Z"}]},
+        "spec": {"hosts": [HOST], "http": [
+            {"name": "admin", "match": [{"uri": {"prefix": "/admin"}}],
+             "route": [{"destination": {"host": HOST, "subset": "stable"}}]},
+            {"name": "primary", "retries": {"attempts": 3, "perTryTimeout": "2s"},
+             "route": [{"destination": dest("stable"), "weight": 100},
+                       {"destination": dest("canary"), "weight": 0}]}
+        ]}
+    })
+}
+
+fn wasm_plugin() -> Value {
+    json!({
+        "apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+        "metadata": {"name": "understudy", "namespace": "shop", "resourceVersion": "1"},
+        "spec": {"url": "oci://registry.example/understudy:1", "phase": "STATS", "pluginConfig": {}}
+    })
+}
+
+/// The fake API server on a loopback port, and a client pointed at it.
+async fn fake_api() -> (Arc<Fake>, kube::Client) {
+    let fake = Arc::new(Fake::new());
+    fake.put(VS_PATH, virtual_service());
+    fake.put(WASM_PATH, wasm_plugin());
+    let app = axum::Router::new()
+        .route(
+            "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
+            axum::routing::get(get_object).patch(patch_object),
+        )
+        .with_state(Arc::clone(&fake));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = kube::Config::new(url.parse().unwrap());
+    (fake, kube::Client::try_from(config).unwrap())
+}
+
+fn store() -> Store {
+    let mut state: DesiredState = crate::model::fixtures::state(0, 8081, true);
+    state.filter.config =
+        FilterDoc::parse(json!({"routes": [{"name": "checkout", "path_prefix": "/"}]})).unwrap();
+    Store::new(state).unwrap()
+}
+
+async fn router(client: kube::Client) -> Arc<IstioRouter> {
+    IstioRouter::start(client, IstioConfig::parse(CONFIG).unwrap(), store())
+        .await
+        .unwrap()
+}
+
+/// Waits for `cond` with a deadline (the worker runs on its own task).
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn generated(name: &str, value: &Value) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/k8s/generated");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), serde_json::to_string_pretty(value).unwrap()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_weight_change_is_applied_and_read_back() {
+    let (fake, client) = fake_api().await;
+    let router = router(client).await;
+    assert_eq!(router.weight("checkout").unwrap(), 0);
+    assert!(router.routing_applied_everywhere());
+    assert!(router.check_service("checkout").is_ok());
+    assert!(matches!(
+        router.weight("nope"),
+        Err(RouterError::UnknownService(_))
+    ));
+
+    // Writes wait at the API server until the gate opens.
+    fake.gate.send_replace(false);
+    let changes = router.set_weight("checkout", 5, false).unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(
+        changes[0].type_url,
+        "kubernetes:VirtualService shop/checkout"
+    );
+    assert_eq!(router.weight("checkout").unwrap(), 5);
+    // Desired, not yet read back.
+    assert!(!router.routing_applied_everywhere());
+    fake.gate.send_replace(true);
+    until("the weight read back", || {
+        router.routing_applied_everywhere()
+    })
+    .await;
+    assert_eq!(fake.weights(), (95, 5));
+    assert_eq!(router.rejection(&changes, 0), None);
+    // The same weight again is no change.
+    assert!(router.set_weight("checkout", 5, false).unwrap().is_empty());
+    assert!(router.set_weight("checkout", 101, false).is_err());
+
+    // Exactly one write: a merge patch of the whole http list as read, at
+    // the resourceVersion read, by field manager understudy.
+    let patches = fake.patches(VS_PATH);
+    assert_eq!(patches.len(), 1, "{patches:?}");
+    let p = &patches[0];
+    assert_eq!(p.path, VS_PATH);
+    assert_eq!(p.content_type, "application/merge-patch+json");
+    assert_eq!(
+        p.query.get("fieldManager").map(String::as_str),
+        Some("understudy")
+    );
+    assert_eq!(p.body["metadata"]["resourceVersion"], "1");
+    let mut expected = virtual_service()["spec"]["http"].clone();
+    expected[1]["route"][0]["weight"] = json!(95);
+    expected[1]["route"][1]["weight"] = json!(5);
+    assert_eq!(p.body["spec"]["http"], expected);
+    assert_eq!(fake.get(VS_PATH)["spec"]["http"], expected);
+    // The exact body, as `virtual_service_patch` builds it, for the lead's
+    // check against Istio's CRD schema.
+    let svc = &IstioConfig::parse(CONFIG).unwrap().services["checkout"];
+    let http = resources::with_weight(resources::http_routes(&virtual_service()).unwrap(), svc, 5)
+        .unwrap();
+    let body = resources::virtual_service_patch(&svc.virtual_service, "1", &http);
+    assert_eq!(body, p.body);
+    generated("virtualservice-patch.json", &body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_another_writers_weight_is_a_rejection_and_not_overwritten() {
+    let (fake, client) = fake_api().await;
+    let router = router(client).await;
+    // Someone edits the weight by hand after understudy read it.
+    fake.set_canary("kubectl-edit", 30);
+    let changes = router.set_weight("checkout", 5, false).unwrap();
+    until("the rejection", || router.rejection(&changes, 0).is_some()).await;
+    let what = router.rejection(&changes, 0).unwrap();
+    assert!(what.contains("VirtualService shop/checkout"), "{what}");
+    assert!(what.contains("canary weight is 30, not the 0"), "{what}");
+    assert!(what.contains("\"kubectl-edit\""), "{what}");
+    assert!(what.contains("not overwritten"), "{what}");
+    assert_eq!(fake.weights(), (70, 30));
+    assert!(fake.patches(VS_PATH).is_empty());
+    assert!(!router.routing_applied_everywhere());
+    // A rejection older than `since` is not this step's.
+    let later = crate::time::now_unix_ms() + 60_000;
+    assert_eq!(router.rejection(&changes, later), None);
+
+    // The next decision (the rollback the engine makes) is written over a
+    // fresh read.
+    let rollback = router.set_weight("checkout", 0, true).unwrap();
+    until("the rollback read back", || {
+        router.routing_applied_everywhere()
+    })
+    .await;
+    assert_eq!(fake.weights(), (100, 0));
+    assert_eq!(router.rejection(&rollback, 0), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_stale_resource_version_is_a_rejection_and_not_overwritten() {
+    let (fake, client) = fake_api().await;
+    let router = router(client).await;
+    // Another writer lands between understudy's read and its write.
+    *fake.race.lock().unwrap() = Some(40);
+    let changes = router.set_weight("checkout", 5, false).unwrap();
+    until("the rejection", || router.rejection(&changes, 0).is_some()).await;
+    let what = router.rejection(&changes, 0).unwrap();
+    assert!(
+        what.contains(
+            "VirtualService shop/checkout changed since understudy read it at resourceVersion 1"
+        ),
+        "{what}"
+    );
+    assert!(what.contains("409 Conflict"), "{what}");
+    assert!(what.contains("not overwritten"), "{what}");
+    assert_eq!(fake.weights(), (60, 40));
+    // The conflict was the report: the next read is the new baseline, and
+    // the next decision is written over it.
+    let next = router.set_weight("checkout", 0, true).unwrap();
+    until("the next change read back", || {
+        router.routing_applied_everywhere()
+    })
+    .await;
+    assert_eq!(fake.weights(), (100, 0));
+    assert_eq!(router.rejection(&next, 0), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_forbidden_write_is_a_rejection() {
+    let (fake, client) = fake_api().await;
+    let router = router(client).await;
+    fake.forbid_writes.store(true, Ordering::SeqCst);
+    let changes = router.set_weight("checkout", 20, false).unwrap();
+    until("the rejection", || router.rejection(&changes, 0).is_some()).await;
+    let what = router.rejection(&changes, 0).unwrap();
+    assert!(
+        what.contains("may not write VirtualService shop/checkout"),
+        "{what}"
+    );
+    assert!(what.contains("403 Forbidden"), "{what}");
+    assert_eq!(fake.weights(), (100, 0));
+    assert!(!router.routing_applied_everywhere());
+
+    // Without even `get`, a change is refused as soon as it is read.
+    fake.forbid_all.store(true, Ordering::SeqCst);
+    let changes = router.set_weight("checkout", 50, false).unwrap();
+    until("the rejection", || router.rejection(&changes, 0).is_some()).await;
+    let what = router.rejection(&changes, 0).unwrap();
+    assert!(
+        what.contains("refused to read VirtualService shop/checkout"),
+        "{what}"
+    );
+    assert!(router.check_service("checkout").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_shadow_lands_in_the_wasm_plugin_config() {
+    let (fake, client) = fake_api().await;
+    let router = router(client).await;
+    // At start the Store's filter config is published as it is.
+    until("the first pluginConfig", || {
+        fake.get(WASM_PATH)["spec"]["pluginConfig"]["routes"][0]["name"] == "checkout"
+    })
+    .await;
+    assert_eq!(router.shadow("checkout").unwrap(), None);
+    assert_eq!(
+        router.canary_cluster("checkout"),
+        format!("outbound|8080|canary|{HOST}")
+    );
+    // The Store's filter config takes as a shadow target only a cluster of
+    // one of its own services, named with letters, digits, '_' and '-', so
+    // Istio's `outbound|...` names are refused today (a change to the model
+    // and the filter, not to this router); the WasmPlugin path is shown
+    // with a name the Store takes.
+    let cluster = "shop-canary".to_owned();
+    let changes = router
+        .set_shadow(
+            "checkout",
+            Some(ShadowTarget {
+                cluster: cluster.clone(),
+                percent: 10.0,
+            }),
+            false,
+        )
+        .unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].type_url, "kubernetes:WasmPlugin shop/understudy");
+    until("the shadow applied", || router.routing_applied_everywhere()).await;
+    let plugin = fake.get(WASM_PATH);
+    let route = &plugin["spec"]["pluginConfig"]["routes"][0];
+    assert_eq!(route["shadow"]["cluster"], json!(cluster));
+    assert_eq!(route["shadow"]["percent"], json!(10.0));
+    // What the plugin carries is the filter config the filter accepts.
+    let text = serde_json::to_string(&plugin["spec"]["pluginConfig"]).unwrap();
+    understudy_core::FilterConfig::from_json(text.as_bytes()).unwrap();
+    assert_eq!(plugin["spec"]["url"], "oci://registry.example/understudy:1");
+    let apply = fake.patches(WASM_PATH).into_iter().last().unwrap();
+    assert_eq!(apply.content_type, "application/apply-patch+yaml");
+    assert_eq!(
+        apply.query.get("fieldManager").map(String::as_str),
+        Some("understudy")
+    );
+    assert_ne!(apply.query.get("force").map(String::as_str), Some("true"));
+    let body = resources::wasm_plugin_patch(
+        IstioConfig::parse(CONFIG)
+            .unwrap()
+            .wasm_plugin
+            .as_ref()
+            .unwrap(),
+        &router.plugin_config(),
+    );
+    assert_eq!(apply.body, body);
+    generated("wasmplugin-patch.json", &body);
+
+    // Off again.
+    let off = router.set_shadow("checkout", None, false).unwrap();
+    assert_eq!(off.len(), 1);
+    until("the shadow removed", || router.routing_applied_everywhere()).await;
+    let plugin = fake.get(WASM_PATH);
+    assert_eq!(
+        plugin["spec"]["pluginConfig"]["routes"][0].get("shadow"),
+        None
+    );
+
+    // Another manager owns the routes with another value: a conflict,
+    // reported, and their value stays.
+    fake.write_as(WASM_PATH, "gitops", |p| {
+        p["spec"]["pluginConfig"]["routes"] = json!([{"name": "checkout", "path_prefix": "/v1"}]);
+    });
+    let on = router
+        .set_shadow(
+            "checkout",
+            Some(ShadowTarget {
+                cluster,
+                percent: 5.0,
+            }),
+            false,
+        )
+        .unwrap();
+    until("the conflict", || router.rejection(&on, 0).is_some()).await;
+    let what = router.rejection(&on, 0).unwrap();
+    assert!(what.contains("WasmPlugin shop/understudy"), "{what}");
+    assert!(what.contains("conflict with \"gitops\""), "{what}");
+    assert!(what.contains("not overwritten"), "{what}");
+    assert_eq!(
+        fake.get(WASM_PATH)["spec"]["pluginConfig"]["routes"],
+        json!([{"name": "checkout", "path_prefix": "/v1"}])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_restart_reads_the_weight_back() {
+    let (fake, client) = fake_api().await;
+    let first = router(client.clone()).await;
+    first.set_weight("checkout", 20, false).unwrap();
+    until("the weight read back", || {
+        first.routing_applied_everywhere()
+    })
+    .await;
+    let second = router(client.clone()).await;
+    assert_eq!(second.weight("checkout").unwrap(), 20);
+    // Whatever the VirtualService holds is where a restart starts.
+    fake.set_canary("kubectl-edit", 35);
+    let third = router(client.clone()).await;
+    assert_eq!(third.weight("checkout").unwrap(), 35);
+
+    // A route that cannot carry a rollout refuses the start, saying why.
+    let bad = CONFIG.replace("route: primary", "route: admin");
+    let e = IstioRouter::start(client, IstioConfig::parse(&bad).unwrap(), store())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("http route \"admin\": has no destination for subset \"canary\""),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_cluster_names_are_istios() {
+    let (_fake, client) = fake_api().await;
+    let router = router(client).await;
+    let names = router.cluster_names("checkout").unwrap();
+    assert_eq!(names.stable, format!("outbound|8080|stable|{HOST}"));
+    assert_eq!(names.canary, format!("outbound|8080|canary|{HOST}"));
+    assert!(router.cluster_names("nope").is_none());
+    let e = router.promote_canary_to_stable("checkout").unwrap_err();
+    assert!(e.to_string().contains("update the stable workload"), "{e}");
+    assert!(!router.is_finalized("checkout").unwrap());
+}
+
+/// Both sides healthy: 100 requests a second, no errors, the same latency.
+struct Healthy;
+
+impl EvidenceSource for Healthy {
+    fn step_windows(&self, _: &str, since: u64, now: u64) -> StepWindows {
+        let secs = now.saturating_sub(since) / 1000;
+        let side = || Evidence {
+            requests: 100 * secs,
+            errors: 0,
+            latency_ms: vec![(10.0, 99 * secs), (50.0, secs)],
+            last_update_ms: Some(now),
+        };
+        StepWindows {
+            stable: side(),
+            canary: side(),
+        }
+    }
+    fn shadow_pairs(&self, _: &str) -> Option<ShadowEvidence> {
+        None
+    }
+    fn counts_since(&self, _: &str, starts: &[u64], _: u64) -> Vec<(Counts, Counts)> {
+        vec![Default::default(); starts.len()]
+    }
+}
+
+const SPEC: &str = r#"
+service: checkout
+owner: test
+stop_rules: {max_error_rate_increase_pp: 1.0}
+defaults: {min_duration_s: 1, min_requests: 10}
+steps: [{weight: 5}, {weight: 50}, {weight: 100}]
+analysis: {interval_s: 1, max_staleness_s: 10, min_requests_per_side: 10, confidence: 0.99}
+finalize: {automatic: false}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_rollout_walks_the_virtual_service_weights() {
+    let (fake, client) = fake_api().await;
+    let router = router(client).await;
+    let engine = Engine::with_ports(
+        Arc::clone(&router) as Arc<dyn TrafficRouter>,
+        Arc::new(Healthy),
+        RolloutStore::in_memory().unwrap(),
+    )
+    .unwrap();
+    let t0 = SystemTime::now();
+    let id = engine.create(SPEC, "test", t0).unwrap().id;
+    let mut seen = Vec::new();
+    for i in 1..=60u64 {
+        until("the step's weight read back", || {
+            router.routing_applied_everywhere()
+        })
+        .await;
+        let canary = fake.weights().1;
+        if seen.last() != Some(&canary) {
+            seen.push(canary);
+        }
+        if engine.view(&id).unwrap().rollout.phase == Phase::Succeeded {
+            break;
+        }
+        engine.tick(t0 + Duration::from_secs(2 * i));
+    }
+    assert_eq!(seen, vec![5, 50, 100]);
+    let view = engine.view(&id).unwrap();
+    assert_eq!(view.rollout.phase, Phase::Succeeded);
+    assert_eq!(router.weight("checkout").unwrap(), 100);
+    // Promotion is the user's: finalizing says so and changes nothing.
+    let e = engine
+        .act(
+            &id,
+            crate::rollout::engine::Action::Finalize,
+            "test",
+            t0 + Duration::from_secs(200),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("update the stable workload"), "{e}");
+    assert_eq!(fake.weights(), (0, 100));
+}
