@@ -344,7 +344,7 @@ mod tests {
     /// that string's bytes. Every cluster is an Istio one.
     #[test]
     fn a_config_as_istio_delivers_it_parses_with_istio_cluster_names() {
-        let delivered = br#"{"rate_limit":{"identity":{"header":"x-tenant-id"},"report":{"cluster":"outbound|18000||understudy.understudy-system.svc.cluster.local","interval_ms":300},"tiers":{"anonymous":{"initial":5, "max":5,"min":1}}},"routes":[{"hedge":{"budget":{"per_second_floor":100,"percent":100},"cluster":"outbound|9080|stable|reviews.default.svc.cluster.local","delay":{"fixed":{"ms":20}}},"name":"hedged","path_prefix":"/hedged"},{"name":"shadowed","path_prefix":"/","shadow":{"cluster":"outbound|9080|shadow|reviews.default.svc.cluster.local","percent":100}}],"shadow_report":{"cluster":"outbound|18000||understudy.understudy-system.svc.cluster.local","interval_ms":300}}"#;
+        let delivered = br#"{"rate_limit":{"identity":{"header":"x-tenant-id"},"report":{"cluster":"outbound|18000||understudy.understudy-system.svc.cluster.local","interval_ms":300},"tiers":{"anonymous":{"initial":5, "max":5,"min":1},"standard":{"initial":10,"max":10,"min":1}}},"routes":[{"hedge":{"budget":{"per_second_floor":100,"percent":100},"cluster":"outbound|9080|stable|reviews.default.svc.cluster.local","delay":{"fixed":{"ms":20}}},"name":"hedged","path_prefix":"/hedged"},{"name":"shadowed","path_prefix":"/","shadow":{"cluster":"outbound|9080|shadow|reviews.default.svc.cluster.local","percent":100}}],"shadow_report":{"cluster":"outbound|18000||understudy.understudy-system.svc.cluster.local","interval_ms":300}}"#;
         let c = FilterConfig::from_json(delivered).unwrap();
         let cp = "outbound|18000||understudy.understudy-system.svc.cluster.local";
         assert_eq!(
