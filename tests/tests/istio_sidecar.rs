@@ -160,16 +160,12 @@ async fn the_filter_and_the_evidence_work_in_an_istio_sidecar() -> Result<()> {
     // 1. Evidence: the stream's first flush is a baseline; after it, the
     //    canary's running totals count exactly what was sent, under Istio's
     //    names, and keep counting exactly over later flushes.
+    // The listener check's request went to the stable subset: wait until a
+    // flush carried it, so it is not in the window.
     wait::until(
-        "the sidecar's stats stream to open",
+        "the sidecar's stats stream to report the stable subset",
         Duration::from_secs(15),
-        || async {
-            Ok(book
-                .streams()
-                .iter()
-                .any(|s| s.node == NODE && s.messages >= 1)
-                .then_some(()))
-        },
+        || async { Ok(book.last_report_ms(STABLE).map(|_| ())) },
     )
     .await?;
     let since = understudy_controlplane::time::now_unix_ms();
