@@ -31,6 +31,9 @@ const CANARY: &str = "outbound|9080|canary|reviews.default.svc.cluster.local";
 const STABLE: &str = "outbound|9080|stable|reviews.default.svc.cluster.local";
 const SHADOW: &str = "outbound|9080|shadow|reviews.default.svc.cluster.local";
 const CONTROL_PLANE: &str = "outbound|18000||understudy.understudy-system.svc.cluster.local";
+/// What the filter's gRPC reports are sent through (see the note in
+/// `start_envoy`).
+const REPORTS: &str = "understudy-reports";
 /// A node id our certificates bind (Istio's `sidecar~...` form needs the
 /// Istio identity mode, issue 16 item 4).
 const NODE: &str = "reviews-v1-abc.default";
@@ -38,10 +41,14 @@ const NODE: &str = "reviews-v1-abc.default";
 /// The filter's config as istiod hands it to Envoy: protojson of the
 /// WasmPlugin's `pluginConfig` Struct (sorted keys, numbers from doubles).
 fn plugin_config() -> String {
-    let config = json!({
+    plugin_config_value().to_string()
+}
+
+fn plugin_config_value() -> Value {
+    json!({
         "rate_limit": {
             "identity": {"header": "x-tenant-id"},
-            "report": {"cluster": CONTROL_PLANE, "interval_ms": 300},
+            "report": {"cluster": REPORTS, "interval_ms": 300},
             "tenants": {"capped": {"rate": 2}},
             "tiers": {
                 "anonymous": {"initial": 1000, "max": 1000, "min": 1},
@@ -59,10 +66,9 @@ fn plugin_config() -> String {
              "shadow": {"cluster": SHADOW, "percent": 100}},
             {"name": "all", "path_prefix": "/"}
         ],
-        "shadow_report": {"cluster": CONTROL_PLANE, "interval_ms": 300}
-    });
+        "shadow_report": {"cluster": REPORTS, "interval_ms": 300}
+    })
     // serde_json's map is sorted, as protojson writes a Struct's keys.
-    config.to_string()
 }
 
 /// Serves the control plane's stats sink on a loopback port, over the same
@@ -120,7 +126,13 @@ async fn start_envoy(
         ),
     ];
     replacements.extend(envoy::bootstrap_cert_replacements(&cp.certs, NODE));
-    let config = envoy::render("istio-like-bootstrap.yaml", &replacements)?;
+    let mut config = envoy::render("istio-like-bootstrap.yaml", &replacements)?;
+    // Envoy's gRPC client sends the cluster name as `:authority`, and a `|`
+    // is not allowed there: tonic refuses every report sent through the
+    // Istio-named cluster (all 5xx). Until the filter sets the authority
+    // (a GrpcService with envoy_grpc.authority), reports go through the same
+    // cluster under a plain name.
+    config = config.replace(&format!("\"{CONTROL_PLANE}\""), REPORTS);
     let envoy = Envoy::start(&config, &[]).await?;
     envoy.wait_ready().await?;
     Ok(envoy)
@@ -146,7 +158,17 @@ async fn the_filter_and_the_evidence_work_in_an_istio_sidecar() -> Result<()> {
     // The shadow subset answers with another body: every pair mismatches.
     let shadow = UpstreamHandle::start("v3", Behavior::default()).await?;
     let listener_port = free_port()?;
-    let state = stack::desired_state(free_port()?, stable.addr, canary.addr)?;
+    let mut state = stack::desired_state(free_port()?, stable.addr, canary.addr)?;
+    // In a mesh the control plane's filter config is what the WasmPlugin
+    // carries; its shadow book judges reports against it (routes it knows).
+    // The store still checks clusters against its own services' names
+    // (`demo-*`), so it holds the same config under those names.
+    let stored = plugin_config()
+        .replace(CANARY, "demo-canary")
+        .replace(SHADOW, "demo-canary")
+        .replace(REPORTS, "understudy_xds");
+    state.filter.config =
+        understudy_controlplane::model::FilterDoc::parse(serde_json::from_str(&stored)?)?;
     let cp = ControlPlane::start(&state).await?;
     let book = Arc::new(MetricsBook::default());
     let sink_port = serve_sink(&cp, Arc::clone(&book)).await?;
@@ -241,7 +263,7 @@ async fn the_filter_and_the_evidence_work_in_an_istio_sidecar() -> Result<()> {
             Some(&b"v1"[..])
         );
     }
-    let report = wait::until(
+    let report = match wait::until(
         "the control plane to report the shadow mismatches",
         Duration::from_secs(15),
         || {
@@ -257,7 +279,26 @@ async fn the_filter_and_the_evidence_work_in_an_istio_sidecar() -> Result<()> {
             }
         },
     )
-    .await?;
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let stats = envoy.stats().await?;
+            for (k, v) in stats.iter().filter(|(k, _)| {
+                k.contains("shadow") || k.contains("18000") || k.contains("report")
+            }) {
+                eprintln!("{k}: {v}");
+            }
+            let all: Value = api
+                .get(cp.api_url("/v1/shadow/routes"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            eprintln!("routes: {all:#}");
+            return Err(e);
+        }
+    };
     let mismatched = report["mismatched_serious"].as_u64().unwrap_or(0)
         + report["mismatched_noise"].as_u64().unwrap_or(0);
     assert!(mismatched > 0, "{report:#}");
