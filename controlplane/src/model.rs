@@ -83,6 +83,17 @@ impl ClusterNames {
             canary: format!("{service}-canary"),
         }
     }
+
+    /// The clusters an Istio sidecar calls a service's two DestinationRule
+    /// subsets: `outbound|<port>|<subset>|<host>`, e.g.
+    /// `outbound|9080|canary|reviews.default.svc.cluster.local`. `host` is
+    /// the service's fully qualified name as Istio writes it.
+    pub fn istio(host: &str, port: u16, stable_subset: &str, canary_subset: &str) -> Self {
+        Self {
+            stable: format!("outbound|{port}|{stable_subset}|{host}"),
+            canary: format!("outbound|{port}|{canary_subset}|{host}"),
+        }
+    }
 }
 
 impl Service {

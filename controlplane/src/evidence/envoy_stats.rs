@@ -32,8 +32,49 @@
 //! unprefixed ones are read, or every request would count twice.
 //!
 //! Label names are also accepted in their Prometheus-sanitised spelling
-//! (`envoy_cluster_name`), classes as `"5xx"`, and, for an Envoy without
-//! `emit_tags_as_labels`, the untagged names (`cluster.<name>.upstream_rq_5xx`).
+//! (`envoy_cluster_name`) and classes as `"5xx"`.
+//!
+//! # What an Istio sidecar sends
+//!
+//! Istio's `envoyMetricsService` sink sets neither option (its bootstrap
+//! template writes only `transport_api_version` and `grpc_service`), so
+//! Envoy's defaults apply: **counters are running totals** and **tags stay
+//! inside the names**: `cluster.outbound|9080|canary|reviews.default.svc.cluster.local.upstream_rq_5xx`,
+//! with dots inside the cluster name. Histograms are still per flush: the
+//! sink always sends a histogram's interval statistics, in either mode.
+//!
+//! Nothing in a message says whether its counters are deltas or totals (same
+//! metric types, `timestamp_ms` set either way), so the rule is by format:
+//! **a tagged metric (cluster in a label) is a delta, an untagged one
+//! (cluster in the name) a running total**. Envoy defaults both options to
+//! false, Istio leaves them so, and our bootstrap sets both; an Envoy that
+//! sets only one of them is misread (document, don't mix).
+//!
+//! An untagged name is read as `cluster.<cluster>.<stat>`: the stat is what
+//! follows the last dot (stat names have none) and must be one we read;
+//! `<c>.external`, `<c>.internal`, `<c>.canary` and `<c>.zone.<a>.<b>` are
+//! sub-scope copies, skipped when the message also carries `cluster.<c>.<stat>`
+//! (a cluster really named `api.internal` has no such twin).
+//!
+//! # Cumulative counters
+//!
+//! Per stream (not per node: two Envoys claiming one node id never mix) and
+//! per (cluster, stat), the last total is kept and the difference counted:
+//!
+//! - on a stream with no state yet (its first message, or state forgotten),
+//!   every total is a **baseline**: it says what happened before the stream,
+//!   not in this flush, so it counts nothing;
+//! - afterwards a counter seen for the first time counts whole: Envoy sends
+//!   every counter it ever used in every flush, so it was 0 one flush ago;
+//! - a total lower than the last one is a reset (Envoy restarted, or a
+//!   counter was cleared): the new total is what happened since;
+//! - a reconnect is a new stream, so its first flush is a baseline again: the
+//!   requests of one flush interval are lost, never counted twice.
+//!
+//! The state is bounded ([`MAX_COUNTERS_PER_STREAM`], [`MAX_COUNTER_ENTRIES`],
+//! [`MAX_COUNTER_STREAMS`]); a counter that does not fit is untracked and
+//! counts nothing (counted as ignored), since counting its total every flush
+//! would count the past again and again. A closed stream's state is dropped.
 //!
 //! # What is kept
 //!
@@ -51,7 +92,7 @@
 //! recently updated is forgotten), [`MAX_STREAMS`] nodes (a disconnected one,
 //! then the quietest, is forgotten), [`MAX_BUCKETS`] buckets per histogram.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use envoy_types::pb::envoy::service::metrics::v3::metrics_service_server::{
@@ -91,6 +132,18 @@ pub const MAX_COUNT_PER_FLUSH: u64 = 1_000_000_000_000;
 /// Clusters read from one message; metrics naming further clusters are
 /// counted as ignored. The book keeps [`MAX_CLUSTERS`] in all anyway.
 pub const MAX_CLUSTERS_PER_MESSAGE: usize = MAX_CLUSTERS;
+/// Running-total counters read per cluster from one message; Envoy has a
+/// handful (`upstream_rq_completed`, one per class, one per code seen).
+pub const MAX_STATS_PER_CLUSTER: usize = 64;
+/// Cumulative counters whose last value is kept per stream: more than
+/// [`MAX_CLUSTERS`] clusters' worth of the few stats read.
+pub const MAX_COUNTERS_PER_STREAM: usize = 8 * MAX_CLUSTERS;
+/// Cumulative counter values kept across all streams (a few MB at most).
+pub const MAX_COUNTER_ENTRIES: usize = 262_144;
+/// Streams whose cumulative counter values are kept; when full, the stream
+/// quiet the longest forgets them and baselines again (counting nothing for
+/// one flush rather than counting the past twice).
+pub const MAX_COUNTER_STREAMS: usize = MAX_STREAMS;
 
 /// What is wrong with a metrics stream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -204,7 +257,7 @@ pub struct Ingested {
 
 /// Identifies one stream of a node, so an old stream ending after its
 /// replacement opened does not mark the node disconnected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StreamId(u64);
 
 /// The per-cluster time series of what Envoys reported; shared (`Arc`)
@@ -221,6 +274,19 @@ struct Inner {
     samples: usize,
     streams: BTreeMap<NodeId, Stream>,
     next_stream: u64,
+    /// The last cumulative value of each counter, per stream (see
+    /// "Cumulative counters" in the module doc).
+    counters: HashMap<StreamId, CounterState>,
+    /// Entries across all of `counters`, kept equal to the sum of their sizes.
+    counter_entries: usize,
+}
+
+/// One stream's last cumulative counter values.
+struct CounterState {
+    last: HashMap<(String, Stat), u64>,
+    /// Unix ms of the newest message that used this state: when full, the
+    /// stream quiet the longest loses its state (and baselines again).
+    used_ms: u64,
 }
 
 struct Series {
@@ -272,14 +338,34 @@ impl MetricsBook {
         {
             s.connected = false;
         }
+        inner.drop_counter_state(id);
     }
 
     /// Records one message from `node`, received at `now_ms`.
     pub fn ingest(&self, node: &NodeId, msg: &StreamMetricsMessage, now_ms: u64) -> Ingested {
+        self.ingest_on(None, node, msg, now_ms)
+    }
+
+    /// [`MetricsBook::ingest`] for the stream `stream` of `node` (from
+    /// [`MetricsBook::open_stream`]): cumulative counters are differenced per
+    /// stream, so two streams claiming one node id never mix. `None`: the
+    /// node's current stream.
+    pub fn ingest_on(
+        &self,
+        stream: Option<StreamId>,
+        node: &NodeId,
+        msg: &StreamMetricsMessage,
+        now_ms: u64,
+    ) -> Ingested {
         // Parsing needs no lock; the API and the engine read concurrently.
-        let (flushes, ignored) = parse(&msg.envoy_metrics);
+        let (mut flushes, mut ignored) = parse(&msg.envoy_metrics);
         let mut inner = self.lock();
-        inner.touch_stream(node, now_ms);
+        let current = inner.touch_stream(node, now_ms);
+        let stream = stream.unwrap_or(current);
+        if flushes.values().any(|f| !f.cumulative.is_empty()) {
+            ignored =
+                ignored.saturating_add(inner.resolve_cumulative(stream, &mut flushes, now_ms));
+        }
         let mut done = Ingested {
             clusters: flushes.len(),
             samples: 0,
@@ -381,7 +467,8 @@ impl MetricsBook {
 }
 
 impl Inner {
-    fn touch_stream(&mut self, node: &NodeId, now_ms: u64) {
+    /// Counts a message from `node` and returns its current stream.
+    fn touch_stream(&mut self, node: &NodeId, now_ms: u64) -> StreamId {
         if !self.streams.contains_key(node) {
             // Ingested without `open_stream` (the stream's entry was evicted,
             // or a caller that does not track streams): start one.
@@ -399,9 +486,86 @@ impl Inner {
                 },
             );
         }
-        if let Some(s) = self.streams.get_mut(node) {
-            s.last_message_ms = now_ms;
-            s.messages = s.messages.saturating_add(1);
+        match self.streams.get_mut(node) {
+            Some(s) => {
+                s.last_message_ms = now_ms;
+                s.messages = s.messages.saturating_add(1);
+                s.id
+            }
+            // Unreachable: the entry was just made. A fresh id is harmless
+            // (its counters baseline).
+            None => {
+                self.next_stream = self.next_stream.wrapping_add(1);
+                StreamId(self.next_stream)
+            }
+        }
+    }
+
+    /// Turns the cumulative counters in `flushes` into what happened since
+    /// the stream's previous message, in place; returns how many could not
+    /// be tracked (state full) and so count nothing.
+    fn resolve_cumulative(
+        &mut self,
+        stream: StreamId,
+        flushes: &mut BTreeMap<String, ClusterFlush>,
+        now_ms: u64,
+    ) -> usize {
+        let fresh = !self.counters.contains_key(&stream);
+        if fresh && self.counters.len() >= MAX_COUNTER_STREAMS {
+            let quietest = self
+                .counters
+                .iter()
+                .min_by_key(|(_, c)| c.used_ms)
+                .map(|(id, _)| *id);
+            if let Some(id) = quietest {
+                self.drop_counter_state(id);
+            }
+        }
+        let mut entries = self.counter_entries;
+        let state = self.counters.entry(stream).or_insert_with(|| CounterState {
+            last: HashMap::new(),
+            used_ms: now_ms,
+        });
+        state.used_ms = now_ms;
+        let mut untracked: usize = 0;
+        for (cluster, flush) in flushes.iter_mut() {
+            for (stat, value) in std::mem::take(&mut flush.cumulative) {
+                let key = (cluster.clone(), stat);
+                let full = state.last.len() >= MAX_COUNTERS_PER_STREAM;
+                let delta = match state.last.get(&key) {
+                    // Lower than before: Envoy restarted (or the counter was
+                    // reset) and counts from zero again.
+                    Some(&last) if value < last => value,
+                    Some(&last) => value - last,
+                    None if full || entries >= MAX_COUNTER_ENTRIES => {
+                        // Untracked, never counted: counting its whole value
+                        // each time would count the past again and again.
+                        untracked = untracked.saturating_add(1);
+                        continue;
+                    }
+                    // The stream's first message: a baseline of everything
+                    // before it, not traffic in this flush.
+                    None if fresh => 0,
+                    // Envoy sends every counter it ever used in every flush,
+                    // so one first seen later was zero at the previous flush.
+                    None => value,
+                };
+                if let Some(last) = state.last.get_mut(&key) {
+                    *last = value;
+                } else {
+                    state.last.insert(key, value);
+                    entries += 1;
+                }
+                flush.add(stat, delta.min(MAX_COUNT_PER_FLUSH));
+            }
+        }
+        self.counter_entries = entries;
+        untracked
+    }
+
+    fn drop_counter_state(&mut self, id: StreamId) {
+        if let Some(state) = self.counters.remove(&id) {
+            self.counter_entries = self.counter_entries.saturating_sub(state.last.len());
         }
     }
 
@@ -416,8 +580,10 @@ impl Inner {
             .iter()
             .min_by_key(|(_, s)| (s.connected, s.last_message_ms))
             .map(|(k, _)| k.clone());
-        if let Some(k) = victim {
-            self.streams.remove(&k);
+        if let Some(k) = victim
+            && let Some(s) = self.streams.remove(&k)
+        {
+            self.drop_counter_state(s.id);
         }
     }
 
@@ -505,9 +671,38 @@ struct ClusterFlush {
     by_code: Option<(u64, u64)>,
     /// One histogram per latency metric seen (normally one).
     latency: Vec<Vec<(f64, u64)>>,
+    /// Counters sent as running totals (untagged names), not yet differenced
+    /// against the stream's previous values: see [`Inner::resolve_cumulative`].
+    cumulative: Vec<(Stat, u64)>,
 }
 
 impl ClusterFlush {
+    /// Adds `n` (a count for this flush) to `stat`'s counter. A peer may
+    /// repeat a metric; sums saturate and are clamped again, so no number it
+    /// sends can overflow.
+    fn add(&mut self, stat: Stat, n: u64) {
+        let add = |slot: &mut u64, n: u64| *slot = slot.saturating_add(n).min(MAX_COUNT_PER_FLUSH);
+        match stat {
+            Stat::Completed => add(self.completed.get_or_insert(0), n),
+            Stat::Class(class) => {
+                let (all, errors) = self.by_class.get_or_insert((0, 0));
+                add(all, n);
+                if class == 5 {
+                    add(errors, n);
+                }
+            }
+            Stat::Code(code) => {
+                let (all, errors) = self.by_code.get_or_insert((0, 0));
+                add(all, n);
+                if (500..600).contains(&code) {
+                    add(errors, n);
+                }
+            }
+            // Histograms are never counters.
+            Stat::Latency => {}
+        }
+    }
+
     fn into_sample(self, node: NodeId, at_ms: u64) -> Sample {
         // Envoy charges `upstream_rq_completed`, `upstream_rq_<class>xx` and
         // `upstream_rq_<code>` together for every answer, so any one of them
@@ -530,6 +725,7 @@ impl ClusterFlush {
 }
 
 /// Which stat a metric is, once its name and labels are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Stat {
     Completed,
     Class(u8),
@@ -542,10 +738,19 @@ enum Stat {
 fn parse(families: &[MetricFamily]) -> (BTreeMap<String, ClusterFlush>, usize) {
     let mut out: BTreeMap<String, ClusterFlush> = BTreeMap::new();
     let mut ignored: usize = 0;
+    // Every untagged stat name in the message, to tell a sub-scope's
+    // duplicate (`cluster.<c>.external.<stat>`) from a cluster whose name
+    // ends in `.external`. Envoy sends all of a flush's counters in one
+    // message (no `batch_size` in Istio's sink), so both are present.
+    let names: HashSet<&str> = families
+        .iter()
+        .filter_map(|f| f.name.as_deref())
+        .filter(|n| n.starts_with("cluster."))
+        .collect();
     for family in families {
         let name = family.name.as_deref().unwrap_or_default();
         for metric in &family.metric {
-            let Some((cluster, stat)) = classify(name, metric) else {
+            let Some((cluster, stat, cumulative)) = classify(name, metric, &names) else {
                 continue;
             };
             let Some(cluster) = cluster.filter(|c| !c.is_empty() && c.len() <= MAX_NAME_LEN) else {
@@ -557,31 +762,10 @@ fn parse(families: &[MetricFamily]) -> (BTreeMap<String, ClusterFlush>, usize) {
                 continue;
             }
             let flush = out.entry(cluster.to_owned()).or_default();
-            // A peer may repeat a metric; sums saturate and are clamped again,
-            // so no number it sends can overflow.
-            let add =
-                |slot: &mut u64, n: u64| *slot = slot.saturating_add(n).min(MAX_COUNT_PER_FLUSH);
             match stat {
-                Stat::Completed => {
-                    add(flush.completed.get_or_insert(0), counter(metric));
-                }
-                Stat::Class(class) => {
-                    let n = counter(metric);
-                    let (all, errors) = flush.by_class.get_or_insert((0, 0));
-                    add(all, n);
-                    if class == 5 {
-                        add(errors, n);
-                    }
-                }
-                Stat::Code(code) => {
-                    let n = counter(metric);
-                    let (all, errors) = flush.by_code.get_or_insert((0, 0));
-                    add(all, n);
-                    if (500..600).contains(&code) {
-                        add(errors, n);
-                    }
-                }
                 Stat::Latency => {
+                    // Histograms are per flush in either sink mode (Envoy's
+                    // metrics service sink sends `intervalStatistics()`).
                     if let Some(h) = &metric.histogram {
                         let buckets = histogram_buckets(h);
                         if !buckets.is_empty() {
@@ -589,15 +773,28 @@ fn parse(families: &[MetricFamily]) -> (BTreeMap<String, ClusterFlush>, usize) {
                         }
                     }
                 }
+                _ if cumulative => {
+                    if flush.cumulative.len() < MAX_STATS_PER_CLUSTER {
+                        flush.cumulative.push((stat, counter(metric)));
+                    } else {
+                        ignored = ignored.saturating_add(1);
+                    }
+                }
+                _ => flush.add(stat, counter(metric)),
             }
         }
     }
     (out, ignored)
 }
 
-/// The cluster (`None`: a family we read, but no cluster named) and stat of
-/// one metric; `None` for families we do not read.
-fn classify<'a>(family: &'a str, metric: &'a Metric) -> Option<(Option<&'a str>, Stat)> {
+/// The cluster (`None`: a family we read, but no cluster named), the stat of
+/// one metric and whether its counter is a running total (untagged name);
+/// `None` for families we do not read.
+fn classify<'a>(
+    family: &'a str,
+    metric: &'a Metric,
+    names: &HashSet<&str>,
+) -> Option<(Option<&'a str>, Stat, bool)> {
     let label = |names: [&str; 2]| {
         metric
             .label
@@ -607,37 +804,47 @@ fn classify<'a>(family: &'a str, metric: &'a Metric) -> Option<(Option<&'a str>,
     };
     let cluster = || label(["envoy.cluster_name", "envoy_cluster_name"]);
     match family {
-        COMPLETED => Some((cluster(), Stat::Completed)),
-        LATENCY => Some((cluster(), Stat::Latency)),
+        COMPLETED => Some((cluster(), Stat::Completed, false)),
+        LATENCY => Some((cluster(), Stat::Latency, false)),
         BY_CLASS => {
             let class = label(["envoy.response_code_class", "envoy_response_code_class"])
                 .and_then(parse_class)?;
-            Some((cluster(), Stat::Class(class)))
+            Some((cluster(), Stat::Class(class), false))
         }
         BY_CODE => {
             let code = label(["envoy.response_code", "envoy_response_code"])?
                 .parse()
                 .ok()?;
-            Some((cluster(), Stat::Code(code)))
+            Some((cluster(), Stat::Code(code), false))
         }
         // A labelled metric is a tagged one, whatever its family's name
         // (`cluster.external.upstream_rq_time` is not cluster "external").
         _ if cluster().is_some() => None,
-        _ => classify_untagged(family),
+        _ => {
+            let (cluster, stat) = classify_untagged(family, names)?;
+            Some((Some(cluster), stat, true))
+        }
     }
 }
 
+/// Sub-scopes Envoy repeats a cluster's stats under
+/// (`cluster.<c>.<scope>.<stat>`): counted in the plain stat already.
+const SUB_SCOPES: [&str; 3] = ["external", "internal", "canary"];
+
 /// `cluster.<name>.<stat>`, as Envoy names stats without
-/// `emit_tags_as_labels`. A name with a dot in it is not read: it would be
-/// `cluster.<name>.external.<stat>` (counted in the plain stat already), and
-/// Understudy's cluster names have no dots.
-fn classify_untagged(family: &str) -> Option<(Option<&str>, Stat)> {
-    let (cluster, stat) = family.strip_prefix("cluster.")?.split_once('.')?;
-    let stat = match stat {
+/// `emit_tags_as_labels` (Istio's sink). The name may hold dots
+/// (`outbound|9080|canary|reviews.default.svc.cluster.local`), a stat never
+/// does, so the stat is what follows the last dot and must be one we read.
+/// What remains is the cluster, unless it is `<c>.external`, `<c>.internal`,
+/// `<c>.canary` or `<c>.zone.<from>.<to>` *and* the message also carries
+/// `cluster.<c>.<stat>`: then it is a sub-scope's duplicate, not read.
+fn classify_untagged<'a>(family: &'a str, names: &HashSet<&str>) -> Option<(&'a str, Stat)> {
+    let (cluster, stat_name) = family.strip_prefix("cluster.")?.rsplit_once('.')?;
+    let stat = match stat_name {
         "upstream_rq_completed" => Stat::Completed,
         "upstream_rq_time" => Stat::Latency,
         _ => {
-            let rest = stat.strip_prefix("upstream_rq_")?;
+            let rest = stat_name.strip_prefix("upstream_rq_")?;
             if rest.ends_with("xx") {
                 Stat::Class(parse_class(rest)?)
             } else if rest.len() == 3 {
@@ -647,7 +854,26 @@ fn classify_untagged(family: &str) -> Option<(Option<&str>, Stat)> {
             }
         }
     };
-    Some((Some(cluster), stat))
+    if is_sub_scope(cluster, stat_name, names) {
+        return None;
+    }
+    Some((cluster, stat))
+}
+
+/// Whether `cluster.<cluster>.<stat>` is a sub-scope's copy of a shorter
+/// cluster's stat that the same message carries.
+fn is_sub_scope(cluster: &str, stat: &str, names: &HashSet<&str>) -> bool {
+    let base_has_stat = |base: &str| names.contains(format!("cluster.{base}.{stat}").as_str());
+    if let Some((base, scope)) = cluster.rsplit_once('.')
+        && SUB_SCOPES.contains(&scope)
+        && base_has_stat(base)
+    {
+        return true;
+    }
+    // `<c>.zone.<from>.<to>`: zone names have no dots.
+    let mut parts = cluster.rsplitn(4, '.');
+    let (_to, _from, zone, base) = (parts.next(), parts.next(), parts.next(), parts.next());
+    matches!((zone, base), (Some("zone"), Some(base)) if base_has_stat(base))
 }
 
 /// `"5"` (Envoy's tag value) or `"5xx"` → 5.
@@ -865,7 +1091,7 @@ impl MetricsService for MetricsSink {
             Status::invalid_argument(e.to_string())
         })?;
         crate::tls::authorize(&peer, node.as_str(), "stats stream")?;
-        let _open = OpenStream {
+        let open = OpenStream {
             book: Arc::clone(&self.book),
             node: node.clone(),
             id: self.book.open_stream(&node, crate::time::now_unix_ms()),
@@ -873,7 +1099,9 @@ impl MetricsService for MetricsSink {
         tracing::info!(%node, "metrics stream opened");
         let mut msg = first;
         loop {
-            let got = self.book.ingest(&node, &msg, crate::time::now_unix_ms());
+            let got = self
+                .book
+                .ingest_on(Some(open.id), &node, &msg, crate::time::now_unix_ms());
             if got.ignored > 0 {
                 tracing::debug!(%node, ignored = got.ignored, "cluster metrics without a usable cluster name");
             }
@@ -1204,18 +1432,22 @@ mod tests {
         ingest(&book, "e1", vec![classes], 1_000);
         let e = book.window("a", 0, 1_000);
         assert_eq!((e.requests, e.errors), (5, 1));
-        // Without emit_tags_as_labels: one family per stat, no labels.
-        let untagged = vec![
-            counter_family("cluster.b.upstream_rq_completed", &[(&[], 6.0)]),
-            counter_family("cluster.b.upstream_rq_2xx", &[(&[], 4.0)]),
-            counter_family("cluster.b.upstream_rq_5xx", &[(&[], 2.0)]),
-            counter_family("cluster.b.upstream_rq_503", &[(&[], 2.0)]),
-            counter_family("cluster.b.external.upstream_rq_5xx", &[(&[], 2.0)]),
-            counter_family("cluster.b.upstream_rq_total", &[(&[], 6.0)]),
-        ];
-        let got = ingest(&book, "e1", untagged, 1_000);
+        // Without emit_tags_as_labels: one family per stat, no labels, and
+        // (Envoy's default that goes with it) running totals.
+        let untagged = |n: f64| {
+            vec![
+                counter_family("cluster.b.upstream_rq_completed", &[(&[], 3.0 * n)]),
+                counter_family("cluster.b.upstream_rq_2xx", &[(&[], 2.0 * n)]),
+                counter_family("cluster.b.upstream_rq_5xx", &[(&[], n)]),
+                counter_family("cluster.b.upstream_rq_503", &[(&[], n)]),
+                counter_family("cluster.b.external.upstream_rq_5xx", &[(&[], n)]),
+                counter_family("cluster.b.upstream_rq_total", &[(&[], 3.0 * n)]),
+            ]
+        };
+        let got = ingest(&book, "e1", untagged(2.0), 1_000);
         assert_eq!(got.clusters, 1);
-        let e = book.window("b", 0, 1_000);
+        ingest(&book, "e1", untagged(4.0), 2_000);
+        let e = book.window("b", 0, 2_000);
         assert_eq!((e.requests, e.errors), (6, 2));
     }
 
@@ -1494,5 +1726,230 @@ mod tests {
         assert_eq!(histogram_buckets(&h), vec![(5.0, 3)]);
         assert_eq!(float_count(-3.0), 0);
         assert_eq!(float_count(f64::INFINITY), 0);
+    }
+
+    const RQ: &str = "outbound|9080|canary|reviews.default.svc.cluster.local";
+
+    /// One flush as an Istio sidecar's sink sends it (Envoy's defaults:
+    /// untagged names, running totals, histograms per flush as both a
+    /// summary and a histogram family): `ok`/`errors` are the totals so far,
+    /// `latencies` the requests of this flush.
+    fn istio_flush(cluster: &str, ok: u64, errors: u64, latencies: &[f64]) -> Vec<MetricFamily> {
+        let total = (ok + errors) as f64;
+        let mut families = Vec::new();
+        for scope in ["", "external."] {
+            let name = |stat: &str| format!("cluster.{cluster}.{scope}{stat}");
+            families.push(counter_family(
+                &name("upstream_rq_completed"),
+                &[(&[], total)],
+            ));
+            families.push(counter_family(
+                &name("upstream_rq_2xx"),
+                &[(&[], ok as f64)],
+            ));
+            families.push(counter_family(
+                &name("upstream_rq_200"),
+                &[(&[], ok as f64)],
+            ));
+            if errors > 0 {
+                families.push(counter_family(
+                    &name("upstream_rq_5xx"),
+                    &[(&[], errors as f64)],
+                ));
+                families.push(counter_family(
+                    &name("upstream_rq_503"),
+                    &[(&[], errors as f64)],
+                ));
+            }
+        }
+        families.push(counter_family(
+            &format!("cluster.{cluster}.upstream_rq_total"),
+            &[(&[], total)],
+        ));
+        let mut latency = latency_family(cluster, latencies);
+        latency.name = Some(format!("cluster.{cluster}.upstream_rq_time"));
+        latency.metric[0].label.clear();
+        let summary = MetricFamily {
+            name: latency.name.clone(),
+            r#type: Some(MetricType::Summary as i32),
+            metric: vec![Metric::default()],
+            ..Default::default()
+        };
+        families.push(summary);
+        families.push(latency);
+        families
+    }
+
+    #[test]
+    fn istio_running_totals_count_their_differences_after_a_baseline() {
+        let book = MetricsBook::default();
+        // The stream's first flush: what the sidecar did before is history.
+        let got = ingest(
+            &book,
+            "sidecar~10.1.2.3~r-1.default~default.svc.cluster.local",
+            istio_flush(RQ, 100, 10, &[3.0; 4]),
+            1_000,
+        );
+        assert_eq!((got.clusters, got.ignored), (1, 0));
+        let e = book.window(RQ, 0, 1_000);
+        assert_eq!((e.requests, e.errors), (0, 0), "a baseline is no traffic");
+        assert_eq!(
+            e.latency_ms,
+            vec![(1.0, 0), (5.0, 4)],
+            "histograms are per flush"
+        );
+        // 7 more, 2 of them 5xx; the `.external.` copies are not added.
+        ingest(
+            &book,
+            "sidecar~10.1.2.3~r-1.default~default.svc.cluster.local",
+            istio_flush(RQ, 105, 12, &[3.0; 7]),
+            2_000,
+        );
+        let e = book.window(RQ, 1_000, 2_000);
+        assert_eq!((e.requests, e.errors), (7, 2));
+        assert_eq!(e.latency_ms, vec![(1.0, 0), (5.0, 7)]);
+        // Unchanged totals: an idle flush, fresh but empty.
+        ingest(
+            &book,
+            "sidecar~10.1.2.3~r-1.default~default.svc.cluster.local",
+            istio_flush(RQ, 105, 12, &[]),
+            3_000,
+        );
+        let e = book.window(RQ, 2_000, 3_000);
+        assert_eq!((e.requests, e.last_update_ms), (0, Some(3_000)));
+        assert_eq!(book.samples(RQ, 2_000, 3_000).len(), 0);
+    }
+
+    #[test]
+    fn a_running_total_going_backwards_is_a_restart_counted_from_zero() {
+        let book = MetricsBook::default();
+        ingest(&book, "n", istio_flush(RQ, 100, 0, &[]), 1_000);
+        ingest(&book, "n", istio_flush(RQ, 4, 1, &[]), 2_000);
+        let e = book.window(RQ, 0, 2_000);
+        assert_eq!((e.requests, e.errors), (5, 1));
+        ingest(&book, "n", istio_flush(RQ, 6, 1, &[]), 3_000);
+        assert_eq!(book.window(RQ, 0, 3_000).requests, 7);
+    }
+
+    #[test]
+    fn a_counter_first_used_after_the_baseline_counts_whole() {
+        // Envoy sends only counters it ever used; a cluster's first 5xx
+        // makes `upstream_rq_5xx` appear with its whole (new) value.
+        let book = MetricsBook::default();
+        ingest(&book, "n", istio_flush(RQ, 10, 0, &[]), 1_000);
+        ingest(&book, "n", istio_flush(RQ, 10, 3, &[]), 2_000);
+        let e = book.window(RQ, 0, 2_000);
+        assert_eq!((e.requests, e.errors), (3, 3));
+        // A cluster first seen on a running stream counts whole as well.
+        ingest(
+            &book,
+            "n",
+            istio_flush("outbound|80||new.ns.svc.cluster.local", 4, 0, &[]),
+            3_000,
+        );
+        assert_eq!(
+            book.window("outbound|80||new.ns.svc.cluster.local", 0, 3_000)
+                .requests,
+            4
+        );
+    }
+
+    #[test]
+    fn each_stream_baselines_and_streams_sharing_a_node_never_mix() {
+        let book = MetricsBook::default();
+        let n = node("n");
+        let a = book.open_stream(&n, 1_000);
+        book.ingest_on(Some(a), &n, &message(istio_flush(RQ, 100, 0, &[])), 1_000);
+        // A second Envoy claiming the same node id, with other totals.
+        let b = book.open_stream(&n, 1_500);
+        book.ingest_on(Some(b), &n, &message(istio_flush(RQ, 7, 0, &[])), 1_500);
+        book.ingest_on(Some(a), &n, &message(istio_flush(RQ, 103, 0, &[])), 2_000);
+        book.ingest_on(Some(b), &n, &message(istio_flush(RQ, 9, 0, &[])), 2_000);
+        assert_eq!(book.window(RQ, 0, 2_000).requests, 5, "3 + 2, no resets");
+        // A reconnect is a new stream: its first flush is a baseline again.
+        book.close_stream(&n, a);
+        let c = book.open_stream(&n, 3_000);
+        book.ingest_on(Some(c), &n, &message(istio_flush(RQ, 150, 0, &[])), 3_000);
+        assert_eq!(book.window(RQ, 0, 3_000).requests, 5);
+        assert!(
+            !book.lock().counters.contains_key(&a),
+            "a closed stream's totals go"
+        );
+    }
+
+    #[test]
+    fn a_cluster_named_like_a_sub_scope_is_still_a_cluster() {
+        let book = MetricsBook::default();
+        // `outbound|80||api.internal` exists on its own: no
+        // `cluster.outbound|80||api.upstream_rq_completed` beside it.
+        let own = "outbound|80||api.internal";
+        ingest(&book, "n", istio_flush(own, 1, 0, &[]), 1_000);
+        ingest(&book, "n", istio_flush(own, 3, 0, &[]), 2_000);
+        assert_eq!(book.window(own, 0, 2_000).requests, 2);
+        // Zone and canary copies of a cluster are not clusters.
+        let mut families = istio_flush(RQ, 1, 0, &[]);
+        families.push(counter_family(
+            &format!("cluster.{RQ}.zone.a.b.upstream_rq_completed"),
+            &[(&[], 1.0)],
+        ));
+        families.push(counter_family(
+            &format!("cluster.{RQ}.canary.upstream_rq_completed"),
+            &[(&[], 1.0)],
+        ));
+        let got = ingest(&book, "n", families, 3_000);
+        assert_eq!(got.clusters, 1);
+    }
+
+    #[test]
+    fn hostile_running_totals_cannot_inflate_or_exhaust_the_book() {
+        let book = MetricsBook::default();
+        // Absurd and malformed totals: clamped, never overflowing, and a
+        // repeated absurd total is no traffic.
+        let absurd = |v: f64| {
+            vec![counter_family(
+                &format!("cluster.{RQ}.upstream_rq_completed"),
+                &[(&[], v)],
+            )]
+        };
+        ingest(&book, "n", absurd(1e30), 1_000);
+        ingest(&book, "n", absurd(1e30), 2_000);
+        ingest(&book, "n", absurd(f64::NAN), 3_000);
+        ingest(&book, "n", absurd(-5.0), 4_000);
+        ingest(&book, "n", absurd(f64::INFINITY), 5_000);
+        let e = book.window(RQ, 0, 5_000);
+        assert!(e.requests <= MAX_COUNT_PER_FLUSH, "{}", e.requests);
+        // Thousands of names in one flush: the per-message cluster cap
+        // holds and the rest are counted as ignored.
+        let names: Vec<String> = (0..3 * MAX_CLUSTERS)
+            .map(|i| {
+                format!("cluster.outbound|80||s{i}.ns.svc.cluster.local.upstream_rq_completed")
+            })
+            .collect();
+        let flood: Vec<MetricFamily> = names
+            .iter()
+            .map(|n| counter_family(n, &[(&[], 1.0)]))
+            .collect();
+        let got = ingest(&book, "flood", flood.clone(), 6_000);
+        assert_eq!(got.clusters, MAX_CLUSTERS_PER_MESSAGE);
+        assert_eq!(got.ignored, 3 * MAX_CLUSTERS - MAX_CLUSTERS_PER_MESSAGE);
+        // Dozens of codes per cluster are capped too.
+        let codes: Vec<MetricFamily> = (100..600)
+            .map(|c| counter_family(&format!("cluster.{RQ}.upstream_rq_{c}"), &[(&[], 1.0)]))
+            .collect();
+        let got = ingest(&book, "codes", codes, 6_000);
+        assert_eq!(got.ignored, 500 - MAX_STATS_PER_CLUSTER);
+        // State is bounded across streams: once full, new counters are
+        // untracked and count nothing, however often they come.
+        for i in 0..(MAX_COUNTER_ENTRIES / MAX_CLUSTERS + 2) {
+            ingest(&book, &format!("f{i}"), flood.clone(), 7_000);
+        }
+        assert!(book.lock().counter_entries <= MAX_COUNTER_ENTRIES);
+        let late = format!("f{}", MAX_COUNTER_ENTRIES / MAX_CLUSTERS + 1);
+        let got = ingest(&book, &late, flood.clone(), 8_000);
+        assert!(got.ignored >= MAX_CLUSTERS_PER_MESSAGE, "{got:?}");
+        // Legitimate traffic on a tracked stream still counts exactly.
+        ingest(&book, "n", istio_flush(RQ, 1_000, 0, &[]), 9_000);
+        ingest(&book, "n", istio_flush(RQ, 1_010, 0, &[]), 10_000);
+        assert_eq!(book.window(RQ, 9_000, 10_000).requests, 10);
     }
 }

@@ -125,17 +125,50 @@ pub trait EvidenceSource: Send + Sync {
     }
 }
 
+/// Which Envoy clusters carry a service's stable and canary traffic.
+pub type Naming = Arc<dyn Fn(&str) -> crate::model::ClusterNames + Send + Sync>;
+
 /// Today's source: Envoy's stats stream for the two sides, the filter's
 /// reports for shadow pairs.
 #[derive(Clone)]
 pub struct EnvoyEvidence {
     pub metrics: Arc<MetricsBook>,
     pub shadow: Arc<ShadowBook>,
+    /// The clusters a service's stats arrive under: `ClusterNames::of`
+    /// (our ADS names) unless set with [`EnvoyEvidence::with_naming`], e.g.
+    /// to `ClusterNames::istio` in an Istio mesh.
+    pub naming: Naming,
+}
+
+impl EnvoyEvidence {
+    /// Evidence under our own cluster names (`<service>-stable`/`-canary`).
+    pub fn new(metrics: Arc<MetricsBook>, shadow: Arc<ShadowBook>) -> Self {
+        Self {
+            metrics,
+            shadow,
+            naming: Arc::new(crate::model::ClusterNames::of),
+        }
+    }
+
+    /// The same evidence, read under other cluster names.
+    pub fn with_naming(
+        mut self,
+        naming: impl Fn(&str) -> crate::model::ClusterNames + Send + Sync + 'static,
+    ) -> Self {
+        self.naming = Arc::new(naming);
+        self
+    }
+}
+
+impl std::fmt::Debug for EnvoyEvidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvoyEvidence").finish_non_exhaustive()
+    }
 }
 
 impl EvidenceSource for EnvoyEvidence {
     fn step_windows(&self, service: &str, since_ms: u64, now_ms: u64) -> StepWindows {
-        let names = crate::model::ClusterNames::of(service);
+        let names = (self.naming)(service);
         StepWindows {
             stable: self.metrics.window(&names.stable, since_ms, now_ms),
             canary: self.metrics.window(&names.canary, since_ms, now_ms),
@@ -146,7 +179,7 @@ impl EvidenceSource for EnvoyEvidence {
         let Some(&oldest) = starts_ms.first() else {
             return Vec::new();
         };
-        let names = crate::model::ClusterNames::of(service);
+        let names = (self.naming)(service);
         // Each sample is summed into the newest start at or before its
         // arrival, then suffix-summed: one pass over each side's samples.
         let since = |cluster: &str| -> Vec<Counts> {
@@ -172,7 +205,7 @@ impl EvidenceSource for EnvoyEvidence {
     }
 
     fn newest_arrival_ms(&self, service: &str) -> Option<u64> {
-        let names = crate::model::ClusterNames::of(service);
+        let names = (self.naming)(service);
         let stable = self.metrics.last_report_ms(&names.stable);
         let canary = self.metrics.last_report_ms(&names.canary);
         stable.max(canary)

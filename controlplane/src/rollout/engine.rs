@@ -202,10 +202,7 @@ impl Engine {
         sources.shadow.follow(store.clone());
         Self::with_ports(
             Arc::new(AdsRouter::new(store, sources.registry)),
-            Arc::new(EnvoyEvidence {
-                metrics: sources.metrics,
-                shadow: sources.shadow,
-            }),
+            Arc::new(EnvoyEvidence::new(sources.metrics, sources.shadow)),
             db,
         )
     }

@@ -15,7 +15,9 @@ use crate::shadow::{RawShadowConfig, RawShadowReport, ShadowConfig, ShadowReport
 // The rules live in the bottom module `rules`; re-exported so callers keep
 // one path for everything about the config.
 pub use crate::http::is_header_name;
-pub use crate::rules::{ConfigError, MAX_NAME_LEN, validate_name};
+pub use crate::rules::{
+    ConfigError, MAX_CLUSTER_LEN, MAX_NAME_LEN, validate_cluster, validate_name,
+};
 
 /// Routes are matched linearly on every request; the cap keeps that bounded.
 pub const MAX_ROUTES: usize = 256;
@@ -333,6 +335,39 @@ mod tests {
                 proptest::prop_assert!(first <= i);
             }
         }
+    }
+
+    /// A config exactly as Istio delivers a WasmPlugin's `pluginConfig`:
+    /// istiod marshals the Struct with protojson into a
+    /// `google.protobuf.StringValue` (sorted keys, numbers written from
+    /// doubles, optional spaces after colons), and Envoy hands the filter
+    /// that string's bytes. Every cluster is an Istio one.
+    #[test]
+    fn a_config_as_istio_delivers_it_parses_with_istio_cluster_names() {
+        let delivered = br#"{"rate_limit":{"identity":{"header":"x-tenant-id"},"report":{"cluster":"outbound|18000||understudy.understudy-system.svc.cluster.local","interval_ms":300},"tiers":{"anonymous":{"initial":5, "max":5,"min":1},"standard":{"initial":10,"max":10,"min":1}}},"routes":[{"hedge":{"budget":{"per_second_floor":100,"percent":100},"cluster":"outbound|9080|stable|reviews.default.svc.cluster.local","delay":{"fixed":{"ms":20}}},"name":"hedged","path_prefix":"/hedged"},{"name":"shadowed","path_prefix":"/","shadow":{"cluster":"outbound|9080|shadow|reviews.default.svc.cluster.local","percent":100}}],"shadow_report":{"cluster":"outbound|18000||understudy.understudy-system.svc.cluster.local","interval_ms":300}}"#;
+        let c = FilterConfig::from_json(delivered).unwrap();
+        let cp = "outbound|18000||understudy.understudy-system.svc.cluster.local";
+        assert_eq!(
+            c.routes()[0].hedge.as_ref().map(|h| h.cluster.as_str()),
+            Some("outbound|9080|stable|reviews.default.svc.cluster.local")
+        );
+        assert_eq!(
+            c.routes()[1].shadow.as_ref().map(|s| s.cluster.as_str()),
+            Some("outbound|9080|shadow|reviews.default.svc.cluster.local")
+        );
+        assert_eq!(c.shadow_report().map(|r| r.cluster.as_str()), Some(cp));
+        assert_eq!(
+            c.rate_limit()
+                .and_then(|r| r.report.as_ref())
+                .map(|r| r.cluster.as_str()),
+            Some(cp)
+        );
+        // A malformed Istio name is refused at config time, naming the field.
+        let bad = String::from_utf8_lossy(delivered).replace("|9080|shadow|", "|9080|shadow");
+        let err = FilterConfig::from_json(bad.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("routes[1].shadow.cluster"), "{err}");
     }
 
     #[test]

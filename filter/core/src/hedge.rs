@@ -194,6 +194,7 @@ impl HedgeConfig {
                 "must name the cluster hedges go to".into(),
             ));
         }
+        crate::rules::validate_cluster(&format!("{field}.cluster"), &raw.cluster)?;
         if raw.max_attempts == 0 || raw.max_attempts > MAX_ATTEMPTS {
             return Err(invalid(
                 "max_attempts",
