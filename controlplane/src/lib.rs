@@ -175,14 +175,11 @@ pub async fn run_with_router(
         Some(router) => {
             // Reports are judged against the config this control plane holds.
             shadow.follow(store.clone());
-            rollout::engine::Engine::with_ports(
-                router,
-                Arc::new(evidence::EnvoyEvidence {
-                    metrics: Arc::clone(&metrics),
-                    shadow: Arc::clone(&shadow),
-                }),
-                rollouts,
-            )?
+            // The sidecars' stats arrive under the mesh's cluster names.
+            let naming = Arc::clone(&router);
+            let evidence = evidence::EnvoyEvidence::new(Arc::clone(&metrics), Arc::clone(&shadow))
+                .with_naming(move |service| naming.data_plane_clusters(service));
+            rollout::engine::Engine::with_ports(router, Arc::new(evidence), rollouts)?
         }
     });
     // Webhook outcomes go to the rollout's audit log; the notifier must

@@ -87,6 +87,13 @@ pub trait TrafficRouter: Send + Sync {
     /// The canary's cluster, for a shadow target.
     fn canary_cluster(&self, service: &str) -> String;
 
+    /// The data-plane cluster names of a service's two backends, under
+    /// which the proxies' stats arrive (the evidence is read by them). Our
+    /// ADS names them `<service>-stable`/`-canary`; a mesh has its own.
+    fn data_plane_clusters(&self, service: &str) -> crate::model::ClusterNames {
+        crate::model::ClusterNames::of(service)
+    }
+
     /// The first rejection, at or after `since_ms` (Unix ms), of one of
     /// `changes`, as a sentence naming who rejected what and why.
     fn rejection(&self, changes: &[ChangeId], since_ms: u64) -> Option<String>;

@@ -708,8 +708,12 @@ impl TrafficRouter for IstioRouter {
     }
 
     fn canary_cluster(&self, service: &str) -> String {
+        self.data_plane_clusters(service).canary
+    }
+
+    fn data_plane_clusters(&self, service: &str) -> ClusterNames {
         self.cluster_names(service)
-            .map_or_else(|| ClusterNames::of(service).canary, |c| c.canary)
+            .unwrap_or_else(|| ClusterNames::of(service))
     }
 
     fn rejection(&self, changes: &[ChangeId], since_ms: u64) -> Option<String> {
