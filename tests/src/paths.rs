@@ -96,7 +96,14 @@ pub const PROMETHEUS_DIR: &str = "target/tools/prometheus";
 ///
 /// Fails (never skips) with the setup command when neither exists.
 pub fn prometheus_tool(name: &str) -> Result<PathBuf> {
-    let unpacked = repo_root().join(PROMETHEUS_DIR).join("usr/bin").join(name);
+    unpacked_tool(PROMETHEUS_DIR, "prometheus", name)
+}
+
+/// `name` from a Debian package `cargo xtask setup` unpacked into `dir`
+/// (relative to the repository root), else one on `PATH`; the error names
+/// the setup command and the package.
+fn unpacked_tool(dir: &str, package: &str, name: &str) -> Result<PathBuf> {
+    let unpacked = repo_root().join(dir).join("usr/bin").join(name);
     if unpacked.is_file() {
         return Ok(unpacked);
     }
@@ -108,8 +115,8 @@ pub fn prometheus_tool(name: &str) -> Result<PathBuf> {
         return Ok(found);
     }
     bail!(
-        "{name} is not installed. Run `{SETUP_COMMAND}` (it unpacks the Debian package `prometheus` into {})",
-        repo_root().join(PROMETHEUS_DIR).display()
+        "{name} is not installed. Run `{SETUP_COMMAND}` (it unpacks the Debian package `{package}` into {})",
+        repo_root().join(dir).display()
     )
 }
 
@@ -123,25 +130,7 @@ pub const DOCKER_REGISTRY_DIR: &str = "target/tools/docker-registry";
 ///
 /// Fails (never skips) with the setup command when neither exists.
 pub fn docker_registry() -> Result<PathBuf> {
-    let name = "docker-registry";
-    let unpacked = repo_root()
-        .join(DOCKER_REGISTRY_DIR)
-        .join("usr/bin")
-        .join(name);
-    if unpacked.is_file() {
-        return Ok(unpacked);
-    }
-    if let Some(path) = std::env::var_os("PATH")
-        && let Some(found) = std::env::split_paths(&path)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    {
-        return Ok(found);
-    }
-    bail!(
-        "{name} is not installed. Run `{SETUP_COMMAND}` (it unpacks the Debian package `docker-registry` into {})",
-        repo_root().join(DOCKER_REGISTRY_DIR).display()
-    )
+    unpacked_tool(DOCKER_REGISTRY_DIR, "docker-registry", "docker-registry")
 }
 
 /// A committed Envoy config under `envoy/`.

@@ -157,14 +157,7 @@ fn package(
     // Checked before the build, so a typo fails in a second.
     let reference = push.map(|r| oci::Reference::parse(r, tag)).transpose()?;
     ensure_wasm_target()?;
-    cargo(&[
-        "build",
-        "-p",
-        "understudy-filter",
-        "--target",
-        "wasm32-wasip1",
-        "--release",
-    ])?;
+    build_filter()?;
     let wasm_path = paths::filter_wasm()?;
     let wasm = std::fs::read(&wasm_path)?;
     let packaged = oci::write_layout(out, &wasm, tag)?;
@@ -199,6 +192,19 @@ fn package(
         }
     }
     Ok(())
+}
+
+/// The filter's `.wasm` (release, wasm32-wasip1), where the tests and
+/// `package` read it.
+fn build_filter() -> Result<()> {
+    cargo(&[
+        "build",
+        "-p",
+        "understudy-filter",
+        "--target",
+        "wasm32-wasip1",
+        "--release",
+    ])
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -241,14 +247,7 @@ fn setup() -> Result<()> {
     ensure_browser()?;
     ensure_k8s_tools()?;
     ensure_wasm_target()?;
-    cargo(&[
-        "build",
-        "-p",
-        "understudy-filter",
-        "--target",
-        "wasm32-wasip1",
-        "--release",
-    ])?;
+    build_filter()?;
     paths::filter_wasm()?;
     // The test-only variant with fault hooks (tests/tests/failure_policy.rs),
     // in a target directory of its own so it never replaces the module
