@@ -554,7 +554,7 @@ impl Inner {
                     *last = value;
                 } else {
                     state.last.insert(key, value);
-                    entries += 1;
+                    entries = entries.saturating_add(1);
                 }
                 flush.add(stat, delta.min(MAX_COUNT_PER_FLUSH));
             }

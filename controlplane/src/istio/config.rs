@@ -269,11 +269,9 @@ impl TryFrom<RawConfig> for IstioConfig {
     }
 }
 
+/// A one-service config, shared by this module's tests and the router's.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    pub const EXAMPLE: &str = r#"
+pub(crate) const EXAMPLE: &str = r#"
 services:
   checkout:
     namespace: shop
@@ -285,6 +283,10 @@ services:
     canary_subset: canary
 wasm_plugin: {namespace: shop, name: understudy}
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn istio_config_example_parses() {

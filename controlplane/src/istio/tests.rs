@@ -27,18 +27,8 @@ const VS_PATH: &str = "networking.istio.io/v1/shop/virtualservices/checkout";
 const WASM_PATH: &str = "extensions.istio.io/v1alpha1/shop/wasmplugins/understudy";
 const HOST: &str = "checkout.shop.svc.cluster.local";
 
-const CONFIG: &str = r#"
-services:
-  checkout:
-    namespace: shop
-    virtual_service: checkout
-    route: primary
-    host: checkout.shop.svc.cluster.local
-    port: 8080
-    stable_subset: stable
-    canary_subset: canary
-wasm_plugin: {namespace: shop, name: understudy}
-"#;
+/// The router's config in these tests: the config module's example.
+const CONFIG: &str = super::config::EXAMPLE;
 
 /// One stored object and, for `spec.pluginConfig`, who owns each key.
 struct Obj {

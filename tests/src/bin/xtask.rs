@@ -441,26 +441,30 @@ fn ensure_browser() -> Result<()> {
         eprintln!("Chromium: {}, {}", chromium.display(), driver.display());
         return Ok(());
     }
-    let install = || {
-        let mut cmd = Command::new("apt-get");
-        cmd.args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "chromium",
-            "chromium-driver",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive");
-        cmd
-    };
-    eprintln!("+ apt-get install chromium chromium-driver");
-    if !install().status().is_ok_and(|s| s.success()) {
-        run(Command::new("apt-get").args(["update", "-qq"]))
-            .context("apt-get update (to install chromium and chromium-driver)")?;
-        run(&mut install()).context("apt-get install chromium chromium-driver")?;
-    }
+    apt_install(&["chromium", "chromium-driver"])?;
     browser::chromium_binary()?;
     browser::chromedriver_binary()?;
+    Ok(())
+}
+
+/// `apt-get install` of Debian packages (the machine runs as root); a fresh
+/// machine has no package lists yet, so on failure `apt-get update` and
+/// once more.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["install", "-y", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    let names = packages.join(" ");
+    eprintln!("+ apt-get install {names}");
+    if !install().status().is_ok_and(|s| s.success()) {
+        run(Command::new("apt-get").args(["update", "-qq"]))
+            .with_context(|| format!("apt-get update (to install {names})"))?;
+        run(&mut install()).with_context(|| format!("apt-get install {names}"))?;
+    }
     Ok(())
 }
 
@@ -488,18 +492,7 @@ fn ensure_k8s_tools() -> Result<()> {
         .context("installing kubernetes-validate into .venv")?;
     }
     if Command::new("npm").arg("--version").output().is_err() {
-        let install = || {
-            let mut cmd = Command::new("apt-get");
-            cmd.args(["install", "-y", "--no-install-recommends", "nodejs", "npm"])
-                .env("DEBIAN_FRONTEND", "noninteractive");
-            cmd
-        };
-        eprintln!("+ apt-get install nodejs npm");
-        if !install().status().is_ok_and(|s| s.success()) {
-            run(Command::new("apt-get").args(["update", "-qq"]))
-                .context("apt-get update (to install nodejs and npm)")?;
-            run(&mut install()).context("apt-get install nodejs npm")?;
-        }
+        apt_install(&["nodejs", "npm"])?;
     }
     let root = paths::repo_root();
     let (src, dir) = (root.join(k8s::TOOLS_SOURCE), root.join(k8s::TOOLS_DIR));
