@@ -542,7 +542,9 @@ impl Host for AbiHost {
             .map_err(|s| Status(s as u32))
     }
 
-    /// Through the SDK, which must register the token.
+    /// Through the SDK, which must register the token. An Istio cluster
+    /// name goes as a `GrpcService` with a valid authority
+    /// ([`understudy_core::rules::grpc_upstream`]).
     fn grpc_call(
         &self,
         cluster: &str,
@@ -551,8 +553,10 @@ impl Host for AbiHost {
         message: &[u8],
         timeout: Duration,
     ) -> Result<u32, Status> {
+        let upstream = understudy_core::rules::grpc_upstream(cluster)
+            .map_err(|_| Status(proxy_wasm::types::Status::BadArgument as u32))?;
         proxy_wasm::hostcalls::dispatch_grpc_call(
-            cluster,
+            &upstream,
             service,
             method,
             vec![],

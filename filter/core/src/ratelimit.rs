@@ -33,7 +33,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize};
 
 use crate::http::framed_sha256;
-use crate::rules::{ConfigError, validate_cluster, validate_name};
+use crate::rules::{ConfigError, validate_name, validate_report_cluster};
 
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -498,7 +498,7 @@ impl RateLimitConfig {
                             "needs a cluster, interval_ms of at least 100 and max_tenants within 1..=100000".into(),
                         ));
                     }
-                    validate_cluster(&format!("{field}.report.cluster"), &r.cluster)?;
+                    validate_report_cluster(&format!("{field}.report.cluster"), &r.cluster)?;
                     Some(Report {
                         cluster: r.cluster,
                         interval_ms: r.interval_ms,

@@ -115,9 +115,106 @@ pub fn validate_cluster(field: &str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The `:authority` of a report call whose Istio host does not fit (see
+/// [`grpc_upstream`]); the control plane's gRPC server ignores it.
+pub const FALLBACK_AUTHORITY: &str = "understudy";
+
+/// What the filter passes as `dispatch_grpc_call`'s first argument to call
+/// gRPC service `cluster`.
+///
+/// Envoy takes either a cluster name, using it as the call's `:authority`,
+/// or a serialized `envoy.config.core.v3.GrpcService`. An Istio name
+/// (`outbound|18000||cp.ns.svc.cluster.local`) is not a valid authority:
+/// the control plane's HTTP/2 server refuses `|` in it and every report
+/// would fail. So for a name with `|` this returns a `GrpcService`
+/// `{envoy_grpc: {cluster_name, authority}}` whose authority is the
+/// Istio host, or [`FALLBACK_AUTHORITY`] when the host makes the message
+/// too long.
+///
+/// The SDK takes the argument as `&str`, so the bytes must be UTF-8: the
+/// message is kept ASCII by keeping every length below 128 (one-byte
+/// varints; tags 0x0a and 0x12). A name too long for even the fallback is
+/// refused ([`validate_report_cluster`] catches it when the config is
+/// pushed).
+pub fn grpc_upstream(cluster: &str) -> Result<String, &'static str> {
+    if !cluster.contains('|') {
+        return Ok(cluster.to_owned());
+    }
+    if !cluster.is_ascii() {
+        return Err("a cluster name must be ASCII");
+    }
+    let host = cluster.rsplit('|').next().unwrap_or_default();
+    let envoy_grpc = |authority: &str| {
+        let mut inner = String::new();
+        for (tag, field) in [('\u{0a}', cluster), ('\u{12}', authority)] {
+            let len = u8::try_from(field.len()).ok().filter(|l| *l < 0x80)?;
+            inner.push(tag);
+            inner.push(char::from(len));
+            inner.push_str(field);
+        }
+        let len = u8::try_from(inner.len()).ok().filter(|l| *l < 0x80)?;
+        Some(format!("\u{0a}{}{inner}", char::from(len)))
+    };
+    envoy_grpc(host)
+        .or_else(|| envoy_grpc(FALLBACK_AUTHORITY))
+        .ok_or("an Istio report cluster's name must be at most 113 characters (it is sent inside a gRPC service definition)")
+}
+
+/// A cluster the filter sends reports to with `dispatch_grpc_call`:
+/// [`validate_cluster`], and one [`grpc_upstream`] can name.
+pub fn validate_report_cluster(field: &str, value: &str) -> Result<(), ConfigError> {
+    validate_cluster(field, value)?;
+    grpc_upstream(value)
+        .map(drop)
+        .map_err(|reason| ConfigError::InvalidName {
+            field: field.to_owned(),
+            value: value.to_owned(),
+            reason,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_calls_to_istio_clusters_carry_a_valid_authority() {
+        assert_eq!(grpc_upstream("understudy_xds").unwrap(), "understudy_xds");
+        let cluster = "outbound|18000||understudy.understudy-system.svc.cluster.local";
+        let host = "understudy.understudy-system.svc.cluster.local";
+        let bytes = grpc_upstream(cluster).unwrap().into_bytes();
+        // GrpcService{ envoy_grpc(1): EnvoyGrpc{ cluster_name(1), authority(2) } }
+        let mut want = vec![0x0a, (4 + cluster.len() + host.len()) as u8, 0x0a];
+        want.push(cluster.len() as u8);
+        want.extend_from_slice(cluster.as_bytes());
+        want.extend_from_slice(&[0x12, host.len() as u8]);
+        want.extend_from_slice(host.as_bytes());
+        assert_eq!(bytes, want);
+
+        // A host too long to repeat falls back to the short authority.
+        let long_host = format!("{}.svc.cluster.local", "n".repeat(70));
+        let cluster = format!("outbound|18000||{long_host}");
+        let s = grpc_upstream(&cluster).unwrap();
+        assert!(s.ends_with(&format!("\u{12}\u{0a}{FALLBACK_AUTHORITY}")), "{s:?}");
+        assert!(s.is_ascii());
+
+        // Too long for any authority: refused at config time, not per call.
+        let cluster = format!("outbound|18000||{}.svc.cluster.local", "n".repeat(100));
+        assert!(grpc_upstream(&cluster).is_err());
+        let err = validate_report_cluster("report.cluster", &cluster).unwrap_err();
+        assert!(err.to_string().contains("at most 113"), "{err}");
+        validate_report_cluster("report.cluster", "outbound|18000||cp.ns.svc.cluster.local").unwrap();
+    }
+
+    #[test]
+    fn every_accepted_report_cluster_encodes_as_ascii() {
+        for len in 1..=120 {
+            let cluster = format!("outbound|1||{}", "h".repeat(len));
+            if let Ok(s) = grpc_upstream(&cluster) {
+                assert!(s.is_ascii() && s.len() < 130, "{len}");
+            }
+        }
+    }
 
     #[test]
     fn istio_and_plain_cluster_names_are_accepted() {

@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 
 use crate::compare::{self, CompareConfig, Comparison, PathPattern, RawCompareConfig, Response};
 use crate::http::is_header_name;
-use crate::rules::{ConfigError, validate_cluster, validate_name};
+use crate::rules::{ConfigError, validate_cluster, validate_name, validate_report_cluster};
 
 /// The header marking a shadow copy, so the new version (and its logs) can
 /// tell copies from real traffic.
@@ -478,7 +478,7 @@ pub struct ShadowReport {
 
 impl ShadowReport {
     pub fn from_raw(raw: RawShadowReport, field: &str) -> Result<Self, ConfigError> {
-        validate_cluster(&format!("{field}.cluster"), &raw.cluster)?;
+        validate_report_cluster(&format!("{field}.cluster"), &raw.cluster)?;
         if !(100..=60_000).contains(&raw.interval_ms) {
             return Err(ConfigError::Invalid {
                 field: format!("{field}.interval_ms"),
