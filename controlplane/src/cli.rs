@@ -81,6 +81,13 @@ pub enum Command {
         /// rollout judge and read the config. Local trials only.
         #[arg(long, conflicts_with_all = ["tls_dir", "tls_cert"])]
         insecure_plaintext_xds: bool,
+        /// Also accept Istio workload certificates of this trust domain
+        /// (`spiffe://<domain>/ns/<ns>/sa/<sa>`, usually `cluster.local`) on
+        /// the xDS port: each speaks only for the Istio node id of its own
+        /// pod. Pass the mesh's certificate files (istio-agent's
+        /// OUTPUT_CERTS) as --tls-cert/--tls-key/--client-ca.
+        #[arg(long, env = "UNDERSTUDY_ISTIO_TRUST_DOMAIN", conflicts_with = "insecure_plaintext_xds")]
+        istio_trust_domain: Option<crate::tls::workload::TrustDomain>,
         /// Serve the API over TLS with this certificate (PEM) and --api-key.
         #[arg(long, requires = "api_key")]
         api_cert: Option<PathBuf>,

@@ -67,6 +67,8 @@ pub enum RunError {
     Xds(#[from] tonic::transport::Error),
     #[error("API server failed: {0}")]
     Api(std::io::Error),
+    #[error("xDS TLS: {0}")]
+    XdsTls(#[from] tls::TlsError),
     #[error("API TLS certificate or key: {0}")]
     ApiTls(std::io::Error),
     #[error(transparent)]
@@ -226,27 +228,41 @@ pub async fn run_with_router(
         metrics: own_metrics,
     });
     info!(xds = ?xds_listener.local_addr().ok(), api = ?api_listener.local_addr().ok(), xds_mtls = matches!(options.xds_security, tls::XdsSecurity::Mtls(_)), api_tls = options.api_tls.is_some(), "control plane listening");
-    let mut xds = tonic::transport::Server::builder()
+    let xds = tonic::transport::Server::builder()
         // Envoy keeps one long-lived ADS stream; keepalives find dead peers.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
-    let mtls = match &options.xds_security {
-        tls::XdsSecurity::Mtls(material) => {
-            xds = xds.tls_config(material.server_config())?;
-            true
-        }
-        tls::XdsSecurity::InsecurePlaintext => false,
+    // Our own TLS acceptor rather than tonic's: it re-reads a rotated
+    // server certificate (tls::acceptor).
+    let (tls_config, workloads) = match &options.xds_security {
+        tls::XdsSecurity::Mtls(material) => (
+            Some(tls::acceptor::server_config(material)?),
+            material.istio_trust_domain.clone(),
+        ),
+        tls::XdsSecurity::InsecurePlaintext => (None, None),
     };
+    let mtls = tls_config.is_some();
     let xds = xds
         // Every service learns who the peer is (its certificate's node id) from this.
         .layer(tonic::service::InterceptorLayer::new(
-            tls::peer_interceptor(mtls),
+            tls::peer_interceptor(mtls, workloads),
         ))
         .add_service(ads.into_service())
         // Filters report on the same port they already reach for xDS.
         .add_service(evidence::usage::Reports::new(usage, shadow).into_service())
         // Envoy's stats sink streams on the same port too (`understudy_xds`).
-        .add_service(evidence::envoy_stats::MetricsSink::new(Arc::clone(&metrics)).into_service())
-        .serve_with_incoming(TcpListenerStream::new(xds_listener));
+        .add_service(evidence::envoy_stats::MetricsSink::new(Arc::clone(&metrics)).into_service());
+    let xds = async move {
+        match tls_config {
+            Some(config) => {
+                xds.serve_with_incoming(tls::acceptor::incoming(xds_listener, config))
+                    .await
+            }
+            None => {
+                xds.serve_with_incoming(TcpListenerStream::new(xds_listener))
+                    .await
+            }
+        }
+    };
     let api = async move {
         match options.api_tls {
             // The peer's address reaches the auth layer (`ConnectInfo`), so

@@ -31,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
             tls_key,
             client_ca,
             insecure_plaintext_xds,
+            istio_trust_domain,
             api_cert,
             api_key,
             router,
@@ -41,7 +42,18 @@ async fn main() -> anyhow::Result<()> {
                 (Some(c), Some(k), Some(a)) => Some((c.as_path(), k.as_path(), a.as_path())),
                 _ => None,
             };
-            let xds_security = xds_security(tls_dir.as_deref(), files, insecure_plaintext_xds)?;
+            let mut xds_security =
+                xds_security(tls_dir.as_deref(), files, insecure_plaintext_xds)?;
+            if let Some(td) = istio_trust_domain {
+                match &mut xds_security {
+                    understudy_controlplane::tls::XdsSecurity::Mtls(tls) => {
+                        tls.istio_trust_domain = Some(td);
+                    }
+                    understudy_controlplane::tls::XdsSecurity::InsecurePlaintext => {
+                        anyhow::bail!("--istio-trust-domain needs mutual TLS on the xDS port")
+                    }
+                }
+            }
             let api_tls = match (api_cert, api_key) {
                 (Some(cert), Some(key)) => {
                     Some(ApiTls::from_files(&cert, &key).context("loading the API certificate")?)

@@ -21,6 +21,14 @@
 //! stream's `identifier.node.id` and the `node_id` of every filter report must
 //! equal it ([`authorize`]); anything else is refused with `PermissionDenied`.
 //!
+//! With `serve --istio-trust-domain`, an Istio workload certificate
+//! (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`) is accepted too, and speaks
+//! only for the Istio node id of its own pod ([`workload`]).
+//!
+//! # Serving and rotation
+//! The xDS port's TLS is [`acceptor`]: the server certificate is read again
+//! when its files change (Istio rotates workload certificates daily).
+//!
 //! # How handlers learn the peer
 //! The xDS server runs every request through [`peer_interceptor`], which puts
 //! a [`Peer`] into the request's extensions: the identity read from the
@@ -32,11 +40,18 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+pub mod acceptor;
+#[cfg(test)]
+mod test_ca;
+pub mod workload;
+
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use tonic::{Request, Status};
+
+use workload::{TrustDomain, Workload};
 
 /// The URI SAN prefix that names an Envoy: `spiffe://understudy/envoy/<node-id>`.
 pub const IDENTITY_PREFIX: &str = "spiffe://understudy/envoy/";
@@ -319,6 +334,12 @@ pub struct XdsTls {
     pub key_pem: Vec<u8>,
     /// The CA whose client certificates are accepted.
     pub client_ca_pem: Vec<u8>,
+    /// Where the certificate and key were read from: the server reads
+    /// them again when they change ([`acceptor`]).
+    pub files: Option<(PathBuf, PathBuf)>,
+    /// Also accept Istio workload certificates of this trust domain
+    /// ([`workload`]).
+    pub istio_trust_domain: Option<TrustDomain>,
 }
 
 impl std::fmt::Debug for XdsTls {
@@ -335,25 +356,21 @@ impl XdsTls {
             cert_pem: read(cert)?,
             key_pem: read(key)?,
             client_ca_pem: read(client_ca)?,
+            files: Some((cert.to_owned(), key.to_owned())),
+            istio_trust_domain: None,
         })
+    }
+
+    /// Also accept Istio workload certificates of `trust_domain`.
+    pub fn accepting_istio_workloads(mut self, trust_domain: TrustDomain) -> Self {
+        self.istio_trust_domain = Some(trust_domain);
+        self
     }
 
     /// The server certificate and CA of a [`init`] directory.
     pub fn from_dir(dir: &Path) -> Result<Self, TlsError> {
         let d = CertDir::new(dir);
         Self::from_files(&d.server_cert(), &d.server_key(), &d.ca_cert())
-    }
-
-    /// tonic's server config: this identity, and client certificates from
-    /// the CA required (a client without one cannot finish the handshake).
-    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
-        tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                &self.key_pem,
-            ))
-            .client_ca_root(tonic::transport::Certificate::from_pem(&self.client_ca_pem))
-            .client_auth_optional(false)
     }
 }
 
@@ -397,26 +414,68 @@ impl ApiTls {
 pub enum Peer {
     /// A client certificate from our CA binding this node id.
     Verified(String),
+    /// An Istio workload certificate, on a connection from `addr`.
+    Workload {
+        identity: Workload,
+        addr: Option<std::net::IpAddr>,
+    },
     /// The xDS port runs without TLS (`--insecure-plaintext-xds`): unknown.
     Plaintext,
 }
 
 impl Peer {
-    /// The node id proven by the peer's certificate, if any. Evidence books
-    /// mark what carries one as "origin verified".
+    /// The identity the peer's certificate proves, if any: our node id, or
+    /// an Istio workload's SPIFFE URI. Evidence books mark what carries one
+    /// as "origin verified"; stream caps count per identity.
     pub fn verified(&self) -> Option<&str> {
         match self {
             Peer::Verified(id) => Some(id),
+            Peer::Workload { identity, .. } => Some(&identity.uri),
             Peer::Plaintext => None,
         }
     }
 }
 
+/// The peer a verified client certificate makes: our node id if it binds
+/// one, else (with `workloads`) an Istio workload identity.
+pub fn peer_from_der(
+    der: &[u8],
+    workloads: Option<&TrustDomain>,
+    addr: Option<std::net::IpAddr>,
+) -> Result<Peer, TlsError> {
+    match (identity_from_der(der), workloads) {
+        (Ok(id), _) => Ok(Peer::Verified(id)),
+        (Err(TlsError::NoIdentity), Some(td)) => {
+            let (_, cert) = x509_parser::parse_x509_certificate(der)
+                .map_err(|e| TlsError::Certificate(e.to_string()))?;
+            let san = cert
+                .subject_alternative_name()
+                .map_err(|e| TlsError::Certificate(e.to_string()))?;
+            let mut found = None;
+            for general in san.iter().flat_map(|s| s.value.general_names.iter()) {
+                if let x509_parser::extensions::GeneralName::URI(uri) = general
+                    && let Some(w) = workload::workload_from_uri(uri, td)
+                {
+                    if found.is_some() {
+                        return Err(TlsError::AmbiguousIdentity);
+                    }
+                    found = Some(w);
+                }
+            }
+            let identity = found.ok_or(TlsError::NoIdentity)?;
+            Ok(Peer::Workload { identity, addr })
+        }
+        (Err(e), _) => Err(e),
+    }
+}
+
 /// The interceptor every xDS-port service runs behind: with mTLS, reads the
-/// node id from the peer's (already verified) certificate and refuses a
+/// identity from the peer's (already verified) certificate ([`peer_from_der`];
+/// Istio workloads of `workloads`' trust domain too) and refuses a
 /// certificate that binds none; in plaintext mode marks the peer unknown.
 pub fn peer_interceptor(
     mtls: bool,
+    workloads: Option<TrustDomain>,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
         let peer = if mtls {
@@ -427,11 +486,11 @@ pub fn peer_interceptor(
             let leaf = certs
                 .first()
                 .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-            let id = identity_from_der(leaf).map_err(|e| {
+            let addr = request.remote_addr().map(|a| a.ip());
+            peer_from_der(leaf, workloads.as_ref(), addr).map_err(|e| {
                 tracing::warn!(peer = ?request.remote_addr(), error = %e, "xDS client certificate refused");
                 Status::permission_denied(format!("client certificate refused: {e}"))
-            })?;
-            Peer::Verified(id)
+            })?
         } else {
             Peer::Plaintext
         };
@@ -456,6 +515,19 @@ pub fn authorize(peer: &Peer, claimed: &str, what: &str) -> Result<(), Status> {
     match peer {
         Peer::Plaintext => Ok(()),
         Peer::Verified(id) if id == claimed => Ok(()),
+        Peer::Workload { identity, addr } => {
+            workload::authorize(identity, *addr, claimed).map_err(|reason| {
+                tracing::warn!(
+                    certificate = %identity.uri,
+                    peer = ?addr,
+                    claimed = %claimed.chars().take(MAX_NODE_ID_LEN).collect::<String>(),
+                    what,
+                    %reason,
+                    "refused: the workload certificate does not cover this node id"
+                );
+                Status::permission_denied(format!("{what}: {reason}"))
+            })
+        }
         Peer::Verified(id) => {
             tracing::warn!(
                 certificate = %id,
@@ -567,6 +639,48 @@ mod tests {
         assert_eq!(
             super::peer(&tonic::Extensions::new()).unwrap_err().code(),
             tonic::Code::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn istio_workload_certificates_are_peers_only_when_their_trust_domain_is_accepted() {
+        let ca = test_ca::TestCa::new("istio");
+        let reviews = ca.leaf(&["spiffe://cluster.local/ns/default/sa/bookinfo-reviews"]);
+        let td: TrustDomain = "cluster.local".parse().unwrap();
+        let pod: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        // Not accepted unless asked for.
+        assert!(matches!(
+            peer_from_der(&reviews.der, None, Some(pod)),
+            Err(TlsError::NoIdentity)
+        ));
+        let peer = peer_from_der(&reviews.der, Some(&td), Some(pod)).unwrap();
+        assert_eq!(
+            peer.verified(),
+            Some("spiffe://cluster.local/ns/default/sa/bookinfo-reviews")
+        );
+        let node = "sidecar~10.1.2.3~reviews-v1-abc.default~default.svc.cluster.local";
+        authorize(&peer, node, "usage report").unwrap();
+        let sibling = "sidecar~10.1.2.4~reviews-v1-def.default~default.svc.cluster.local";
+        let err = authorize(&peer, sibling, "usage report").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(authorize(&peer, "envoy-1", "usage report").is_err());
+
+        // Another trust domain, or two workload URIs: refused.
+        let foreign = ca.leaf(&["spiffe://other.mesh/ns/default/sa/bookinfo-reviews"]);
+        assert!(peer_from_der(&foreign.der, Some(&td), Some(pod)).is_err());
+        let two = ca.leaf(&[
+            "spiffe://cluster.local/ns/default/sa/a",
+            "spiffe://cluster.local/ns/default/sa/b",
+        ]);
+        assert!(matches!(
+            peer_from_der(&two.der, Some(&td), Some(pod)),
+            Err(TlsError::AmbiguousIdentity)
+        ));
+        // Our own identity still binds exactly one node id.
+        let ours = ca.leaf(&["spiffe://understudy/envoy/envoy-1"]);
+        assert_eq!(
+            peer_from_der(&ours.der, Some(&td), Some(pod)).unwrap(),
+            Peer::Verified("envoy-1".into())
         );
     }
 }

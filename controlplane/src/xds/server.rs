@@ -275,8 +275,8 @@ async fn serve_stream(
 fn check_node(peer: &Peer, req: &DiscoveryRequest, first: bool) -> Result<(), Status> {
     match (&req.node, peer) {
         (Some(node), _) => tls::authorize(peer, &node.id, "ADS stream"),
-        (None, Peer::Verified(id)) if first => {
-            warn!(certificate = %id, "ADS stream refused: the first request has no node");
+        (None, peer) if first && peer.verified().is_some() => {
+            warn!(certificate = ?peer.verified(), "ADS stream refused: the first request has no node");
             Err(Status::permission_denied(
                 "the first ADS request must carry node.id",
             ))
