@@ -205,50 +205,85 @@ pub fn certs(command: CertsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The router `serve --router` asks for: `None` for our own ADS; for
-/// Istio, the [`crate::istio::IstioRouter`] over the Kubernetes API, after
-/// it has read every configured VirtualService back. Without the `istio`
-/// build feature, `--router istio` is refused with what to do.
-pub async fn traffic_router(
-    kind: RouterKind,
-    istio_config: Option<&Path>,
-    kubeconfig: Option<&Path>,
-    store: &crate::store::Store,
-) -> anyhow::Result<Option<std::sync::Arc<dyn crate::traffic::TrafficRouter>>> {
-    match kind {
-        RouterKind::Ads => {
-            if istio_config.is_some() || kubeconfig.is_some() {
-                bail!("--istio-config and --kubeconfig are for --router istio");
+/// What `serve --router` asks for, read before the Store opens: the Store
+/// must know the mesh's clusters to accept them as shadow and hedge targets.
+pub enum RouterPlan {
+    /// Our own ADS.
+    Ads,
+    /// Istio mode, with its validated `--istio-config`.
+    #[cfg(feature = "istio")]
+    Istio(crate::istio::IstioConfig),
+}
+
+impl RouterPlan {
+    /// Checks the flags and reads `--istio-config`. Without the `istio`
+    /// build feature, `--router istio` is refused with what to do.
+    pub fn read(
+        kind: RouterKind,
+        istio_config: Option<&Path>,
+        kubeconfig: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        match kind {
+            RouterKind::Ads => {
+                if istio_config.is_some() || kubeconfig.is_some() {
+                    bail!("--istio-config and --kubeconfig are for --router istio");
+                }
+                Ok(Self::Ads)
             }
-            Ok(None)
+            RouterKind::Istio => Self::istio(istio_config),
         }
-        RouterKind::Istio => istio_router(istio_config, kubeconfig, store)
-            .await
-            .map(Some),
+    }
+
+    #[cfg(not(feature = "istio"))]
+    fn istio(_: Option<&Path>) -> anyhow::Result<Self> {
+        bail!(
+            "--router istio: this understudy was built without Istio mode; \
+             build it with `cargo build -p understudy-controlplane --features istio`"
+        )
+    }
+
+    #[cfg(feature = "istio")]
+    fn istio(istio_config: Option<&Path>) -> anyhow::Result<Self> {
+        let path = istio_config.context("--router istio needs --istio-config FILE")?;
+        let config = crate::istio::IstioConfig::read(path)
+            .with_context(|| format!("in {}", path.display()))?;
+        Ok(Self::Istio(config))
+    }
+
+    /// The data plane's clusters besides our services' own.
+    pub fn mesh_clusters(&self) -> crate::model::MeshClusters {
+        match self {
+            Self::Ads => crate::model::MeshClusters::default(),
+            #[cfg(feature = "istio")]
+            Self::Istio(config) => config.mesh_clusters(),
+        }
     }
 }
 
-#[cfg(not(feature = "istio"))]
-async fn istio_router(
-    _: Option<&Path>,
-    _: Option<&Path>,
-    _: &crate::store::Store,
-) -> anyhow::Result<std::sync::Arc<dyn crate::traffic::TrafficRouter>> {
-    bail!(
-        "--router istio: this understudy was built without Istio mode; \
-         build it with `cargo build -p understudy-controlplane --features istio`"
-    )
+/// The router of `plan`: `None` for our own ADS; for Istio, the
+/// [`crate::istio::IstioRouter`] over the Kubernetes API, after it has read
+/// every configured VirtualService back.
+pub async fn traffic_router(
+    plan: RouterPlan,
+    kubeconfig: Option<&Path>,
+    store: &crate::store::Store,
+) -> anyhow::Result<Option<std::sync::Arc<dyn crate::traffic::TrafficRouter>>> {
+    match plan {
+        RouterPlan::Ads => {
+            let _ = (kubeconfig, store);
+            Ok(None)
+        }
+        #[cfg(feature = "istio")]
+        RouterPlan::Istio(config) => istio_router(config, kubeconfig, store).await.map(Some),
+    }
 }
 
 #[cfg(feature = "istio")]
 async fn istio_router(
-    istio_config: Option<&Path>,
+    config: crate::istio::IstioConfig,
     kubeconfig: Option<&Path>,
     store: &crate::store::Store,
 ) -> anyhow::Result<std::sync::Arc<dyn crate::traffic::TrafficRouter>> {
-    let path = istio_config.context("--router istio needs --istio-config FILE")?;
-    let config =
-        crate::istio::IstioConfig::read(path).with_context(|| format!("in {}", path.display()))?;
     let kube_config = match kubeconfig {
         Some(file) => {
             let kc = kube::config::Kubeconfig::read_from(file)
@@ -649,19 +684,14 @@ mod tests {
     async fn serve_router_flags_are_checked() {
         let store = crate::store::Store::new(crate::store::first_start_state()).unwrap();
         let file = Path::new("istio.yaml");
-        let e = traffic_router(RouterKind::Ads, Some(file), None, &store)
-            .await
+        let e = RouterPlan::read(RouterKind::Ads, Some(file), None)
             .err()
             .unwrap();
         assert!(e.to_string().contains("are for --router istio"), "{e}");
-        assert!(
-            traffic_router(RouterKind::Ads, None, None, &store)
-                .await
-                .unwrap()
-                .is_none()
-        );
-        let e = traffic_router(RouterKind::Istio, None, None, &store)
-            .await
+        let plan = RouterPlan::read(RouterKind::Ads, None, None).unwrap();
+        assert_eq!(plan.mesh_clusters(), crate::model::MeshClusters::default());
+        assert!(traffic_router(plan, None, &store).await.unwrap().is_none());
+        let e = RouterPlan::read(RouterKind::Istio, None, None)
             .err()
             .unwrap()
             .to_string();
@@ -670,6 +700,22 @@ mod tests {
         assert!(e.contains("--features istio"), "{e}");
         #[cfg(feature = "istio")]
         assert!(e.contains("needs --istio-config"), "{e}");
+    }
+
+    /// Istio mode: the Store is told the subsets' clusters before it opens,
+    /// so a state file shadowing to one loads.
+    #[cfg(feature = "istio")]
+    #[test]
+    fn istio_plan_names_the_subset_clusters() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("istio.yaml");
+        std::fs::write(&file, crate::istio::config::EXAMPLE).unwrap();
+        let plan = RouterPlan::read(RouterKind::Istio, Some(&file), None).unwrap();
+        let mesh = plan.mesh_clusters();
+        assert!(
+            mesh.iter().any(|c| c.starts_with("outbound|") && c.contains("|canary|")),
+            "{mesh:?}"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use clap::Parser;
 use understudy_controlplane::Options;
 use understudy_controlplane::api::auth::{Auth, Limits};
 use understudy_controlplane::cli::{
-    Cli, Command, certs, client_with_ca, traffic_router, xds_security,
+    Cli, Command, RouterPlan, certs, client_with_ca, traffic_router, xds_security,
 };
 use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::tls::ApiTls;
@@ -82,7 +82,11 @@ async fn main() -> anyhow::Result<()> {
                 p.push(".rollouts.redb");
                 p.into()
             });
-            let (store, created) = understudy_controlplane::store::Store::open_or_create(&state)?;
+            let plan = RouterPlan::read(router, istio_config.as_deref(), kubeconfig.as_deref())?;
+            let (store, created) = understudy_controlplane::store::Store::open_or_create_in(
+                &state,
+                plan.mesh_clusters(),
+            )?;
             if created {
                 tracing::info!(
                     state = %state.display(),
@@ -91,13 +95,7 @@ async fn main() -> anyhow::Result<()> {
                      change it with `understudy` or the API"
                 );
             }
-            let router = traffic_router(
-                router,
-                istio_config.as_deref(),
-                kubeconfig.as_deref(),
-                &store,
-            )
-            .await?;
+            let router = traffic_router(plan, kubeconfig.as_deref(), &store).await?;
             let xds = tokio::net::TcpListener::bind(xds_addr).await?;
             let api = tokio::net::TcpListener::bind(api_addr).await?;
             let shutdown = async {

@@ -69,6 +69,28 @@ fn zero_weight() -> Weight {
     Weight::ZERO
 }
 
+/// Clusters the data plane has besides the services' own
+/// (`<service>-stable`/`-canary`), which a route may hedge or shadow to: in
+/// Istio mode, the `outbound|<port>|<subset>|<host>` clusters of the
+/// subsets `--istio-config` names (the router's config owns them; the Store
+/// is told at start).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshClusters(BTreeSet<String>);
+
+impl MeshClusters {
+    pub fn new(clusters: impl IntoIterator<Item = String>) -> Self {
+        Self(clusters.into_iter().collect())
+    }
+
+    pub fn contains(&self, cluster: &str) -> bool {
+        self.0.contains(cluster)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+}
+
 /// The Envoy clusters a service's two backends are served as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterNames {
@@ -298,8 +320,13 @@ impl DesiredState {
     /// Validates every service, the filter, and the rules that span services
     /// (Envoy rejects a route configuration in which two virtual hosts share a domain).
     pub fn validate(&self) -> Result<(), ModelError> {
+        self.validate_in(&MeshClusters::default())
+    }
+
+    /// [`Self::validate`] for a data plane that also has `mesh`'s clusters.
+    pub fn validate_in(&self, mesh: &MeshClusters) -> Result<(), ModelError> {
         self.filter.validate()?;
-        self.validate_route_clusters()?;
+        self.validate_route_clusters(mesh)?;
         let mut owners: BTreeMap<String, &str> = BTreeMap::new();
         for (key, svc) in &self.services {
             if key != &svc.name {
@@ -326,12 +353,13 @@ impl DesiredState {
 impl DesiredState {
     /// A hedge or shadow copy sent to a cluster Envoy does not have would
     /// fail on every request; catch it here rather than in production traffic.
-    fn validate_route_clusters(&self) -> Result<(), ModelError> {
+    fn validate_route_clusters(&self, mesh: &MeshClusters) -> Result<(), ModelError> {
         let config = self.filter.config.config();
         let known: Vec<String> = self
             .services
             .values()
             .flat_map(|s| [s.stable_cluster(), s.canary_cluster()])
+            .chain(mesh.iter().map(str::to_owned))
             .collect();
         for (i, route) in config.routes().iter().enumerate() {
             let targets = [

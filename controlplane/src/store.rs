@@ -10,6 +10,9 @@
 //! With a state file ([`Store::open`]), every accepted change is written to
 //! it (atomically: a temporary file, then a rename) *before* it is published,
 //! so a restarted control plane resumes exactly the state Envoy last received.
+//!
+//! A store opened for a mesh ([`Store::open_or_create_in`]) also accepts the
+//! mesh's clusters ([`MeshClusters`]) as hedge and shadow targets.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -19,7 +22,9 @@ use tokio::sync::watch;
 use understudy_core::config::RawFilterConfig;
 use understudy_core::shadow::RawShadowConfig;
 
-use crate::model::{DesiredState, FilterDoc, FilterSettings, ModelError, Service, Weight};
+use crate::model::{
+    DesiredState, FilterDoc, FilterSettings, MeshClusters, ModelError, Service, Weight,
+};
 use crate::traffic::ShadowTarget;
 use crate::xds::resources::Snapshot;
 
@@ -37,6 +42,8 @@ struct Inner {
     committed: RwLock<Arc<DesiredState>>,
     snapshots: watch::Sender<Arc<Snapshot>>,
     file: Option<PathBuf>,
+    /// The data plane's clusters besides the services' own; fixed at start.
+    mesh: MeshClusters,
     /// Connected Envoys; fleet-wide limits are divided by it.
     fleet: Mutex<usize>,
     /// (failed state-file writes, the last error).
@@ -76,14 +83,24 @@ pub enum ChangeError {
 impl Store {
     /// Validates the initial state and builds its first snapshot.
     pub fn new(initial: DesiredState) -> Result<Self, ModelError> {
-        Self::build(initial, None)
+        Self::build(initial, None, MeshClusters::default())
+    }
+
+    /// [`Store::new`] for a data plane that also has `mesh`'s clusters.
+    pub fn new_in(initial: DesiredState, mesh: MeshClusters) -> Result<Self, ModelError> {
+        Self::build(initial, None, mesh)
     }
 
     /// Loads the state file and keeps it up to date with every change.
     /// The file is set to mode 0600 (it names every backend); a file whose
     /// mode cannot be set is still used, with a warning.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let state = load_state(path)?;
+        Self::open_in(path, MeshClusters::default())
+    }
+
+    /// [`Store::open`] for a data plane that also has `mesh`'s clusters.
+    pub fn open_in(path: &Path, mesh: MeshClusters) -> Result<Self, StoreError> {
+        let state = load_state_in(path, &mesh)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -91,7 +108,7 @@ impl Store {
                 tracing::warn!(path = %path.display(), error = %e, "could not make the state file private (0600)");
             }
         }
-        Self::build(state, Some(path.to_owned())).map_err(|source| StoreError::Invalid {
+        Self::build(state, Some(path.to_owned()), mesh).map_err(|source| StoreError::Invalid {
             path: path.display().to_string(),
             source,
         })
@@ -102,12 +119,17 @@ impl Store {
     /// (an existing file that does not parse is still an error, never
     /// overwritten). Returns whether the file was created.
     pub fn open_or_create(path: &Path) -> Result<(Self, bool), StoreError> {
+        Self::open_or_create_in(path, MeshClusters::default())
+    }
+
+    /// [`Store::open_or_create`] for a data plane that also has `mesh`'s clusters.
+    pub fn open_or_create_in(path: &Path, mesh: MeshClusters) -> Result<(Self, bool), StoreError> {
         match std::fs::metadata(path) {
-            Ok(_) => Ok((Self::open(path)?, false)),
+            Ok(_) => Ok((Self::open_in(path, mesh)?, false)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let state = first_start_state();
                 save_state(path, &state)?;
-                let store = Self::build(state, Some(path.to_owned())).map_err(|source| {
+                let store = Self::build(state, Some(path.to_owned()), mesh).map_err(|source| {
                     StoreError::Invalid {
                         path: path.display().to_string(),
                         source,
@@ -122,8 +144,12 @@ impl Store {
         }
     }
 
-    fn build(initial: DesiredState, file: Option<PathBuf>) -> Result<Self, ModelError> {
-        initial.validate()?;
+    fn build(
+        initial: DesiredState,
+        file: Option<PathBuf>,
+        mesh: MeshClusters,
+    ) -> Result<Self, ModelError> {
+        initial.validate_in(&mesh)?;
         let snapshot = Arc::new(Snapshot::build(&initial, 1, 1));
         let (snapshots, _) = watch::channel(snapshot);
         Ok(Self {
@@ -132,6 +158,7 @@ impl Store {
                 state: Mutex::new(initial),
                 snapshots,
                 file,
+                mesh,
                 fleet: Mutex::new(1),
                 failures: Mutex::default(),
             }),
@@ -373,7 +400,8 @@ impl Store {
         let mut guard = self.lock();
         let mut next = guard.clone();
         let out = change(&mut next)?;
-        next.validate().map_err(|e| E::from(ChangeError::from(e)))?;
+        next.validate_in(&self.inner.mesh)
+            .map_err(|e| E::from(ChangeError::from(e)))?;
         let mut saved = Ok(());
         if next != *guard {
             if let Some(path) = &self.inner.file
@@ -456,6 +484,11 @@ pub fn first_start_state() -> DesiredState {
 
 /// Reads and validates a desired-state file (JSON, the shape of [`DesiredState`]).
 pub fn load_state(path: &Path) -> Result<DesiredState, StoreError> {
+    load_state_in(path, &MeshClusters::default())
+}
+
+/// [`load_state`] for a data plane that also has `mesh`'s clusters.
+pub fn load_state_in(path: &Path, mesh: &MeshClusters) -> Result<DesiredState, StoreError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| StoreError::Io {
         path: shown.clone(),
@@ -465,7 +498,7 @@ pub fn load_state(path: &Path) -> Result<DesiredState, StoreError> {
         path: shown.clone(),
         source,
     })?;
-    state.validate().map_err(|source| StoreError::Invalid {
+    state.validate_in(mesh).map_err(|source| StoreError::Invalid {
         path: shown,
         source,
     })?;

@@ -147,6 +147,14 @@ impl IstioConfig {
         Self::try_from(raw)
     }
 
+    /// Every service's stable and canary subset clusters: what the Store
+    /// accepts as shadow and hedge targets besides its own services'.
+    pub fn mesh_clusters(&self) -> crate::model::MeshClusters {
+        crate::model::MeshClusters::new(self.services.values().flat_map(|svc| {
+            [svc.cluster(&svc.stable_subset), svc.cluster(&svc.canary_subset)]
+        }))
+    }
+
     pub fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Syntax {
             path: String::new(),

@@ -374,7 +374,7 @@ fn store() -> Store {
     let mut state: DesiredState = crate::model::fixtures::state(0, 8081, true);
     state.filter.config =
         FilterDoc::parse(json!({"routes": [{"name": "checkout", "path_prefix": "/"}]})).unwrap();
-    Store::new(state).unwrap()
+    Store::new_in(state, IstioConfig::parse(CONFIG).unwrap().mesh_clusters()).unwrap()
 }
 
 async fn router(client: kube::Client) -> Arc<IstioRouter> {
@@ -564,12 +564,23 @@ async fn istio_shadow_lands_in_the_wasm_plugin_config() {
         router.canary_cluster("checkout"),
         format!("outbound|8080|canary|{HOST}")
     );
-    // The Store's filter config takes as a shadow target only a cluster of
-    // one of its own services, named with letters, digits, '_' and '-', so
-    // Istio's `outbound|...` names are refused today (a change to the model
-    // and the filter, not to this router); the WasmPlugin path is shown
-    // with a name the Store takes.
-    let cluster = "shop-canary".to_owned();
+    // The shadow stage targets the canary subset under Istio's name: the
+    // Store takes it because it was opened with the mesh's clusters, and
+    // refuses it otherwise.
+    let cluster = router.canary_cluster("checkout");
+    let plain = Store::new(store().current().as_ref().clone()).unwrap();
+    let refused = plain
+        .set_shadow_target(
+            "checkout",
+            Some(ShadowTarget {
+                cluster: cluster.clone(),
+                percent: 10.0,
+            }),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("is not a cluster of any service"), "{refused}");
     let changes = router
         .set_shadow(
             "checkout",
