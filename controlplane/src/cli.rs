@@ -86,7 +86,11 @@ pub enum Command {
         /// the xDS port: each speaks only for the Istio node id of its own
         /// pod. Pass the mesh's certificate files (istio-agent's
         /// OUTPUT_CERTS) as --tls-cert/--tls-key/--client-ca.
-        #[arg(long, env = "UNDERSTUDY_ISTIO_TRUST_DOMAIN", conflicts_with = "insecure_plaintext_xds")]
+        #[arg(
+            long,
+            env = "UNDERSTUDY_ISTIO_TRUST_DOMAIN",
+            conflicts_with = "insecure_plaintext_xds"
+        )]
         istio_trust_domain: Option<crate::tls::workload::TrustDomain>,
         /// Serve the API over TLS with this certificate (PEM) and --api-key.
         #[arg(long, requires = "api_key")]
@@ -713,7 +717,8 @@ mod tests {
         let plan = RouterPlan::read(RouterKind::Istio, Some(&file), None).unwrap();
         let mesh = plan.mesh_clusters();
         assert!(
-            mesh.iter().any(|c| c.starts_with("outbound|") && c.contains("|canary|")),
+            mesh.iter()
+                .any(|c| c.starts_with("outbound|") && c.contains("|canary|")),
             "{mesh:?}"
         );
     }

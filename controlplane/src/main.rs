@@ -42,8 +42,7 @@ async fn main() -> anyhow::Result<()> {
                 (Some(c), Some(k), Some(a)) => Some((c.as_path(), k.as_path(), a.as_path())),
                 _ => None,
             };
-            let mut xds_security =
-                xds_security(tls_dir.as_deref(), files, insecure_plaintext_xds)?;
+            let mut xds_security = xds_security(tls_dir.as_deref(), files, insecure_plaintext_xds)?;
             if let Some(td) = istio_trust_domain {
                 match &mut xds_security {
                     understudy_controlplane::tls::XdsSecurity::Mtls(tls) => {

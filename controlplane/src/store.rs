@@ -498,10 +498,12 @@ pub fn load_state_in(path: &Path, mesh: &MeshClusters) -> Result<DesiredState, S
         path: shown.clone(),
         source,
     })?;
-    state.validate_in(mesh).map_err(|source| StoreError::Invalid {
-        path: shown,
-        source,
-    })?;
+    state
+        .validate_in(mesh)
+        .map_err(|source| StoreError::Invalid {
+            path: shown,
+            source,
+        })?;
     Ok(state)
 }
 

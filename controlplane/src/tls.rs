@@ -41,8 +41,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 pub mod acceptor;
-#[cfg(test)]
-mod test_ca;
+#[doc(hidden)]
+pub mod test_ca;
 pub mod workload;
 
 use rcgen::{

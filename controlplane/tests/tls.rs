@@ -175,3 +175,114 @@ async fn xds_reports_count_only_for_the_node_the_certificate_names() {
         1
     );
 }
+
+/// Istio mode (`--istio-trust-domain`): the control plane serves the mesh's
+/// workload certificate and takes the sidecars' own. A workload speaks only
+/// for the Istio node id of its own pod (namespace and IP); nothing else
+/// gets in, and the legitimate sidecar keeps working.
+#[tokio::test]
+async fn istio_workload_certificates_report_only_for_their_own_pod() {
+    use understudy_controlplane::tls::test_ca::TestCa;
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = TestCa::new("istiod");
+    let root = tmp.path().join("root-cert.pem");
+    std::fs::write(&root, &mesh.cert_pem).unwrap();
+    let (cert, key) = mesh
+        .leaf(&["spiffe://cluster.local/ns/understudy-system/sa/understudy"])
+        .write(tmp.path(), "cert-chain");
+    let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = xds.local_addr().unwrap();
+    let tls = XdsTls::from_files(&cert, &key, &root)
+        .unwrap()
+        .accepting_istio_workloads("cluster.local".parse().unwrap());
+    let options = Options {
+        xds_security: XdsSecurity::Mtls(tls),
+        ..Options::default()
+    };
+    tokio::spawn(understudy_controlplane::run_with(
+        Store::new(state()).unwrap(),
+        options,
+        xds,
+        api,
+        std::future::pending(),
+    ));
+    let client = |leaf: understudy_controlplane::tls::test_ca::Leaf, name: &str| {
+        let (c, k) = leaf.write(tmp.path(), name);
+        let root = root.clone();
+        async move {
+            let config = ClientTlsConfig::new()
+                .domain_name("localhost")
+                .ca_certificate(Certificate::from_pem(std::fs::read(&root).unwrap()))
+                .identity(Identity::from_pem(
+                    std::fs::read(&c).unwrap(),
+                    std::fs::read(&k).unwrap(),
+                ));
+            let channel = Endpoint::from_shared(format!("https://{addr}"))
+                .unwrap()
+                .connect_timeout(common::TIMEOUT)
+                .timeout(common::TIMEOUT)
+                .tls_config(config)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            ReportServiceClient::new(channel)
+        }
+    };
+    let own_node = "sidecar~127.0.0.1~reviews-v1-abc.default~default.svc.cluster.local";
+    let mut reviews = client(
+        mesh.leaf(&["spiffe://cluster.local/ns/default/sa/bookinfo-reviews"]),
+        "reviews",
+    )
+    .await;
+    assert_eq!(
+        reviews
+            .push_usage(usage(own_node))
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        1
+    );
+    // A sibling pod (another IP), another namespace, our own node-id form:
+    // all refused.
+    for claimed in [
+        "sidecar~10.9.9.9~reviews-v1-def.default~default.svc.cluster.local",
+        "sidecar~127.0.0.1~payments-1.payments~payments.svc.cluster.local",
+        "envoy-1",
+    ] {
+        let refused = reviews.push_usage(usage(claimed)).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::PermissionDenied,
+            "{claimed}: {refused}"
+        );
+    }
+    // A workload of another namespace cannot speak for this one's pod.
+    let mut payments = client(
+        mesh.leaf(&["spiffe://cluster.local/ns/payments/sa/payments"]),
+        "payments",
+    )
+    .await;
+    let refused = payments.push_usage(usage(own_node)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    // Signed by the mesh's root but in another trust domain: no identity.
+    let mut foreign = client(
+        mesh.leaf(&["spiffe://other.mesh/ns/default/sa/bookinfo-reviews"]),
+        "foreign",
+    )
+    .await;
+    let refused = foreign.push_usage(usage(own_node)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    // The legitimate sidecar still works.
+    assert_eq!(
+        reviews
+            .push_usage(usage(own_node))
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        1
+    );
+}

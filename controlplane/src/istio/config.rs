@@ -151,7 +151,10 @@ impl IstioConfig {
     /// accepts as shadow and hedge targets besides its own services'.
     pub fn mesh_clusters(&self) -> crate::model::MeshClusters {
         crate::model::MeshClusters::new(self.services.values().flat_map(|svc| {
-            [svc.cluster(&svc.stable_subset), svc.cluster(&svc.canary_subset)]
+            [
+                svc.cluster(&svc.stable_subset),
+                svc.cluster(&svc.canary_subset),
+            ]
         }))
     }
 

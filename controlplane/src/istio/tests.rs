@@ -580,7 +580,10 @@ async fn istio_shadow_lands_in_the_wasm_plugin_config() {
         )
         .unwrap_err()
         .to_string();
-    assert!(refused.contains("is not a cluster of any service"), "{refused}");
+    assert!(
+        refused.contains("is not a cluster of any service"),
+        "{refused}"
+    );
     let changes = router
         .set_shadow(
             "checkout",

@@ -93,7 +93,9 @@ pub fn incoming(
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(e)) => tracing::info!(peer = %addr, error = %e, "xDS port: TLS handshake failed"),
+                    Ok(Err(e)) => {
+                        tracing::info!(peer = %addr, error = %e, "xDS port: TLS handshake failed")
+                    }
                     Err(_) => tracing::info!(peer = %addr, "xDS port: TLS handshake timed out"),
                 }
             });
@@ -291,24 +293,36 @@ mod tests {
         });
         let client = ca.leaf(&["spiffe://cluster.local/ns/default/sa/reviews"]);
 
-        assert_eq!(handshake(addr, &ca, Some(&client)).await.unwrap(), first.der);
+        assert_eq!(
+            handshake(addr, &ca, Some(&client)).await.unwrap(),
+            first.der
+        );
         // No client certificate: refused.
         assert!(handshake(addr, &ca, None).await.is_err());
 
         // Rotation: the files are replaced; the next connection sees it.
         let second = ca.leaf(&["spiffe://cluster.local/ns/understudy/sa/understudy"]);
         write(dir.path(), &second);
-        assert_eq!(handshake(addr, &ca, Some(&client)).await.unwrap(), second.der);
+        assert_eq!(
+            handshake(addr, &ca, Some(&client)).await.unwrap(),
+            second.der
+        );
 
         // Caught between two writes (new certificate, old key): the last
         // good pair stays.
         let third = ca.leaf(&["spiffe://cluster.local/ns/understudy/sa/understudy"]);
         std::fs::write(dir.path().join("cert.pem"), &third.cert_pem).unwrap();
         std::fs::write(dir.path().join("key.pem"), &second.key_pem).unwrap();
-        assert_eq!(handshake(addr, &ca, Some(&client)).await.unwrap(), second.der);
+        assert_eq!(
+            handshake(addr, &ca, Some(&client)).await.unwrap(),
+            second.der
+        );
         // The key arrives: served.
         std::fs::write(dir.path().join("key.pem"), &third.key_pem).unwrap();
-        assert_eq!(handshake(addr, &ca, Some(&client)).await.unwrap(), third.der);
+        assert_eq!(
+            handshake(addr, &ca, Some(&client)).await.unwrap(),
+            third.der
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! A throwaway CA for unit tests: leaves with any URI SAN, as Istio's CA
-//! (or ours) would issue them.
+//! A throwaway CA for tests (unit, in-process and e2e), never for serving:
+//! leaves with any URI SAN, as Istio's CA (istiod) or ours would issue them.
+//! It panics on failure, as test code does.
 
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
@@ -22,7 +23,9 @@ impl TestCa {
     pub fn new(name: &str) -> Self {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let cert = params.self_signed(&key).unwrap();
         Self {
@@ -52,5 +55,25 @@ impl TestCa {
             key_pem: key.serialize_pem(),
             der: cert.der().to_vec(),
         }
+    }
+}
+
+impl Leaf {
+    /// Writes `<name>.pem` and `<name>-key.pem` (0600) into `dir`; returns
+    /// their paths.
+    pub fn write(
+        &self,
+        dir: &std::path::Path,
+        name: &str,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let (cert, key) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&cert, &self.cert_pem).unwrap();
+        std::fs::write(&key, &self.key_pem).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (cert, key)
     }
 }

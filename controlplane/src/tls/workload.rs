@@ -164,7 +164,11 @@ mod tests {
     }
 
     fn reviews() -> Workload {
-        workload_from_uri("spiffe://cluster.local/ns/default/sa/bookinfo-reviews", &td()).unwrap()
+        workload_from_uri(
+            "spiffe://cluster.local/ns/default/sa/bookinfo-reviews",
+            &td(),
+        )
+        .unwrap()
     }
 
     const NODE: &str = "sidecar~10.1.2.3~reviews-v1-7d9f-abc.default~default.svc.cluster.local";
@@ -197,9 +201,13 @@ mod tests {
     fn istio_node_ids_are_parsed_strictly() {
         let n = parse_istio_node_id(NODE).unwrap();
         assert_eq!(n.ip, "10.1.2.3".parse::<IpAddr>().unwrap());
-        assert_eq!((n.pod.as_str(), n.namespace.as_str()), ("reviews-v1-7d9f-abc", "default"));
-        let v6 = parse_istio_node_id("router~fd00::1~gw.istio-system~istio-system.svc.cluster.local")
-            .unwrap();
+        assert_eq!(
+            (n.pod.as_str(), n.namespace.as_str()),
+            ("reviews-v1-7d9f-abc", "default")
+        );
+        let v6 =
+            parse_istio_node_id("router~fd00::1~gw.istio-system~istio-system.svc.cluster.local")
+                .unwrap();
         assert_eq!(v6.namespace, "istio-system");
         for bad in [
             "reviews-v1-abc.default",
@@ -213,7 +221,10 @@ mod tests {
         ] {
             assert_eq!(parse_istio_node_id(bad), None, "{bad}");
         }
-        let huge = format!("sidecar~10.1.2.3~{}.default~default.svc.cluster.local", "a".repeat(600));
+        let huge = format!(
+            "sidecar~10.1.2.3~{}.default~default.svc.cluster.local",
+            "a".repeat(600)
+        );
         assert_eq!(parse_istio_node_id(&huge), None);
     }
 

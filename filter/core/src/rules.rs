@@ -195,7 +195,10 @@ mod tests {
         let long_host = format!("{}.svc.cluster.local", "n".repeat(70));
         let cluster = format!("outbound|18000||{long_host}");
         let s = grpc_upstream(&cluster).unwrap();
-        assert!(s.ends_with(&format!("\u{12}\u{0a}{FALLBACK_AUTHORITY}")), "{s:?}");
+        assert!(
+            s.ends_with(&format!("\u{12}\u{0a}{FALLBACK_AUTHORITY}")),
+            "{s:?}"
+        );
         assert!(s.is_ascii());
 
         // Too long for any authority: refused at config time, not per call.
@@ -203,7 +206,8 @@ mod tests {
         assert!(grpc_upstream(&cluster).is_err());
         let err = validate_report_cluster("report.cluster", &cluster).unwrap_err();
         assert!(err.to_string().contains("at most 113"), "{err}");
-        validate_report_cluster("report.cluster", "outbound|18000||cp.ns.svc.cluster.local").unwrap();
+        validate_report_cluster("report.cluster", "outbound|18000||cp.ns.svc.cluster.local")
+            .unwrap();
     }
 
     #[test]
