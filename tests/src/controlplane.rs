@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use understudy_controlplane::Options;
 use understudy_controlplane::api::auth::{Auth, Limits};
-use understudy_controlplane::model::DesiredState;
+use understudy_controlplane::model::{DesiredState, MeshClusters};
 use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::store::Store;
 use understudy_controlplane::tls::{CertDir, XdsSecurity, XdsTls};
@@ -32,13 +32,29 @@ pub struct ControlPlane {
     pub certs: CertDir,
     state_file: PathBuf,
     rollouts_file: PathBuf,
+    mesh: Mesh,
     runtime: Option<tokio::runtime::Runtime>,
     _dir: tempfile::TempDir,
+}
+
+/// How a control plane in an Istio mesh differs from our own-ADS one.
+#[derive(Debug, Clone, Default)]
+pub struct Mesh {
+    /// The xDS port's TLS instead of [`ControlPlane::certs`]' (the mesh's
+    /// workload certificate, its root, and the trust domain accepted).
+    pub xds_tls: Option<XdsTls>,
+    /// The subset clusters the Store accepts as shadow and hedge targets.
+    pub clusters: MeshClusters,
 }
 
 impl ControlPlane {
     /// Writes `state` to a fresh state file and starts on free loopback ports.
     pub async fn start(state: &DesiredState) -> Result<Self> {
+        Self::start_in(state, Mesh::default()).await
+    }
+
+    /// [`ControlPlane::start`] as Istio mode runs it ([`Mesh`]).
+    pub async fn start_in(state: &DesiredState, mesh: Mesh) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let state_file = dir.path().join("state.json");
         let rollouts_file = dir.path().join("rollouts.redb");
@@ -57,6 +73,7 @@ impl ControlPlane {
             certs,
             state_file,
             rollouts_file,
+            mesh,
             runtime: None,
             _dir: dir,
         };
@@ -126,8 +143,12 @@ impl ControlPlane {
     ) -> Result<()> {
         xds.set_nonblocking(true)?;
         api.set_nonblocking(true)?;
-        let store = Store::open(&self.state_file)?;
-        let xds_security = XdsSecurity::Mtls(XdsTls::from_dir(&self.certs.dir)?);
+        let store = Store::open_in(&self.state_file, self.mesh.clusters.clone())?;
+        let xds_tls = match &self.mesh.xds_tls {
+            Some(tls) => tls.clone(),
+            None => XdsTls::from_dir(&self.certs.dir)?,
+        };
+        let xds_security = XdsSecurity::Mtls(xds_tls);
         let rollouts = self.open_rollouts().await?;
         let auth = Auth::from_entries(
             &format!("{OPERATOR}:operator:{OPERATOR_TOKEN},{VIEWER}:viewer:{VIEWER_TOKEN}"),

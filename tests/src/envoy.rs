@@ -283,11 +283,23 @@ pub fn find_key<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
 
 /// Runs `envoy --mode validate` on a config file, from the repository root
 /// (so relative paths in committed configs resolve as documented). A config
-/// that names the bootstrap's certificate files is validated with freshly
-/// generated ones in their place (Envoy reads them at load).
+/// that names the bootstrap's (or a mesh sidecar's) certificate files is
+/// validated with freshly generated ones in their place (Envoy reads them
+/// at load).
 pub fn validate(config: &Path) -> Result<String> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    if text.contains(crate::mesh::ROOT_CERT) {
+        let mesh = crate::mesh::MeshCerts::new()?;
+        let mut rendered = text;
+        for (from, to) in mesh.sidecar_replacements(&mesh.workload("default", "validate")) {
+            rendered = rendered.replace(from, &to);
+        }
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join(config.file_name().unwrap_or_default());
+        std::fs::write(&path, rendered)?;
+        return validate_file(&path).with_context(|| format!("validating {}", config.display()));
+    }
     if text.contains(BOOTSTRAP_CA) {
         let dir = tempfile::tempdir()?;
         let certs = understudy_controlplane::tls::init(

@@ -8,6 +8,7 @@
 //! - [`paths`]: where Envoy, the `.wasm` and the configs are; the setup hint.
 //! - [`envoy`]: one Envoy process (config rendering, admin API, log on failure).
 //! - [`controlplane`]: the control plane in-process, killable and restartable.
+//! - [`mesh`]: a stand-in for istiod's CA (workload certificates for Istio mode).
 //! - [`cp_process`]: the `understudy` binary as its own process (SIGKILL, SIGSTOP).
 //! - [`upstream`]: the programmable upstream (also the `understudy-upstream` binary).
 //! - [`process`]: child processes killed on drop.
@@ -30,6 +31,7 @@ pub mod controlplane;
 pub mod cp_process;
 pub mod envoy;
 pub mod k8s;
+pub mod mesh;
 pub mod oci;
 pub mod paths;
 pub mod process;

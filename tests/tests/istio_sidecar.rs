@@ -4,23 +4,29 @@
 //! (`outbound|9080|<subset>|reviews.default.svc.cluster.local`), the filter's
 //! config inline as the JSON string a WasmPlugin's `pluginConfig` becomes,
 //! and Istio's stats sink: running-total counters with tags inside the
-//! names. The real control plane takes the filter's reports; Envoy's stats
-//! stream goes to a `MetricsSink` + `MetricsBook` (the control plane's own
-//! code, over the same mutual TLS) served by the test, because the control
-//! plane has no API that reads its book back.
+//! names. The sidecar's identity is Istio's: node id
+//! `sidecar~<pod-ip>~<pod>.<ns>~<ns>.svc.cluster.local` and a workload
+//! certificate from the mesh's CA, which the control plane accepts as Istio
+//! mode runs it (`--istio-trust-domain`, the mesh's certificate files, the
+//! subsets' clusters known to the Store). The real control plane takes the
+//! filter's reports through the Istio-named cluster
+//! `outbound|18000||understudy...`; Envoy's stats stream goes to a
+//! `MetricsSink` + `MetricsBook` (the control plane's own code, over the
+//! same mutual TLS) served by the test, because the control plane has no
+//! API that reads its book back.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use tokio_stream::wrappers::TcpListenerStream;
 use understudy_controlplane::evidence::envoy_stats::{MetricsBook, MetricsSink};
 use understudy_controlplane::evidence::shadow::ShadowBook;
 use understudy_controlplane::evidence::{EnvoyEvidence, EvidenceSource};
-use understudy_controlplane::model::ClusterNames;
-use understudy_controlplane::tls::{self, XdsTls};
-use understudy_e2e::controlplane::{ControlPlane, OPERATOR_TOKEN};
+use understudy_controlplane::model::{ClusterNames, MeshClusters};
+use understudy_controlplane::tls;
+use understudy_e2e::controlplane::{ControlPlane, Mesh, OPERATOR_TOKEN};
+use understudy_e2e::mesh::MeshCerts;
 use understudy_e2e::envoy::{self, Envoy};
 use understudy_e2e::stack::{self, api_client, free_port};
 use understudy_e2e::upstream::{Behavior, HeaderMatch, LatencyBand, UpstreamHandle};
@@ -31,12 +37,9 @@ const CANARY: &str = "outbound|9080|canary|reviews.default.svc.cluster.local";
 const STABLE: &str = "outbound|9080|stable|reviews.default.svc.cluster.local";
 const SHADOW: &str = "outbound|9080|shadow|reviews.default.svc.cluster.local";
 const CONTROL_PLANE: &str = "outbound|18000||understudy.understudy-system.svc.cluster.local";
-/// What the filter's gRPC reports are sent through (see the note in
-/// `start_envoy`).
-const REPORTS: &str = "understudy-reports";
-/// A node id our certificates bind (Istio's `sidecar~...` form needs the
-/// Istio identity mode, issue 16 item 4).
-const NODE: &str = "reviews-v1-abc.default";
+/// The sidecar's node id as Istio names it: the pod's IP (loopback here,
+/// where its connections come from), pod name and namespace.
+const NODE: &str = "sidecar~127.0.0.1~reviews-v1-abc.default~default.svc.cluster.local";
 
 /// The filter's config as istiod hands it to Envoy: protojson of the
 /// WasmPlugin's `pluginConfig` Struct (sorted keys, numbers from doubles).
@@ -48,7 +51,7 @@ fn plugin_config_value() -> Value {
     json!({
         "rate_limit": {
             "identity": {"header": "x-tenant-id"},
-            "report": {"cluster": REPORTS, "interval_ms": 300},
+            "report": {"cluster": CONTROL_PLANE, "interval_ms": 300},
             "tenants": {"capped": {"rate": 2}},
             "tiers": {
                 "anonymous": {"initial": 1000, "max": 1000, "min": 1},
@@ -66,35 +69,37 @@ fn plugin_config_value() -> Value {
              "shadow": {"cluster": SHADOW, "percent": 100}},
             {"name": "all", "path_prefix": "/"}
         ],
-        "shadow_report": {"cluster": REPORTS, "interval_ms": 300}
+        "shadow_report": {"cluster": CONTROL_PLANE, "interval_ms": 300}
     })
     // serde_json's map is sorted, as protojson writes a Struct's keys.
 }
 
 /// Serves the control plane's stats sink on a loopback port, over the same
-/// mutual TLS as the xDS port, into `book`.
-async fn serve_sink(cp: &ControlPlane, book: Arc<MetricsBook>) -> Result<u16> {
+/// mutual TLS as the control plane's xDS port in the mesh, into `book`.
+async fn serve_sink(mesh: &MeshCerts, book: Arc<MetricsBook>) -> Result<u16> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
-    let material = XdsTls::from_dir(&cp.certs.dir)?;
+    let material = mesh.xds_tls()?;
     let server = tonic::transport::Server::builder()
-        .tls_config(material.server_config())?
         .layer(tonic::service::InterceptorLayer::new(
-            tls::peer_interceptor(true),
+            tls::peer_interceptor(true, material.istio_trust_domain.clone()),
         ))
         .add_service(MetricsSink::new(book).into_service())
-        .serve_with_incoming(TcpListenerStream::new(listener));
+        .serve_with_incoming(tls::acceptor::incoming(
+            listener,
+            tls::acceptor::server_config(&material)?,
+        ));
     tokio::spawn(server);
     Ok(port)
 }
 
 async fn start_envoy(
     cp: &ControlPlane,
+    mesh: &MeshCerts,
     sink_port: u16,
     listener_port: u16,
     upstreams: [&UpstreamHandle; 3],
 ) -> Result<Envoy> {
-    cp.envoy_cert(NODE)?;
     let mut replacements = vec![
         ("port_value: 9901", "port_value: 0".to_owned()),
         ("port_value: 15001", format!("port_value: {listener_port}")),
@@ -115,7 +120,6 @@ async fn start_envoy(
             format!("port_value: {}", cp.xds.port()),
         ),
         ("port_value: 18001", format!("port_value: {sink_port}")),
-        ("id: reviews-v1-abc.default", format!("id: {NODE}")),
         (
             "filename: target/wasm32-wasip1/release/understudy_filter.wasm",
             format!("filename: {}", paths::filter_wasm()?.display()),
@@ -125,14 +129,8 @@ async fn start_envoy(
             format!("value: '{}'", plugin_config()),
         ),
     ];
-    replacements.extend(envoy::bootstrap_cert_replacements(&cp.certs, NODE));
-    let mut config = envoy::render("istio-like-bootstrap.yaml", &replacements)?;
-    // Envoy's gRPC client sends the cluster name as `:authority`, and a `|`
-    // is not allowed there: tonic refuses every report sent through the
-    // Istio-named cluster (all 5xx). Until the filter sets the authority
-    // (a GrpcService with envoy_grpc.authority), reports go through the same
-    // cluster under a plain name.
-    config = config.replace(&format!("\"{CONTROL_PLANE}\""), REPORTS);
+    replacements.extend(mesh.sidecar_replacements(&mesh.workload("default", "bookinfo-reviews")));
+    let config = envoy::render("istio-like-bootstrap.yaml", &replacements)?;
     let envoy = Envoy::start(&config, &[]).await?;
     envoy.wait_ready().await?;
     Ok(envoy)
@@ -161,18 +159,25 @@ async fn the_filter_and_the_evidence_work_in_an_istio_sidecar() -> Result<()> {
     let mut state = stack::desired_state(free_port()?, stable.addr, canary.addr)?;
     // In a mesh the control plane's filter config is what the WasmPlugin
     // carries; its shadow book judges reports against it (routes it knows).
-    // The store still checks clusters against its own services' names
-    // (`demo-*`), so it holds the same config under those names.
-    let stored = plugin_config()
-        .replace(CANARY, "demo-canary")
-        .replace(SHADOW, "demo-canary")
-        .replace(REPORTS, "understudy_xds");
-    state.filter.config =
-        understudy_controlplane::model::FilterDoc::parse(serde_json::from_str(&stored)?)?;
-    let cp = ControlPlane::start(&state).await?;
+    // The Store takes the mesh's subset clusters as targets, as
+    // `--istio-config` tells it.
+    state.filter.config = understudy_controlplane::model::FilterDoc::parse(plugin_config_value())?;
+    let certs = MeshCerts::new()?;
+    let mesh = Mesh {
+        xds_tls: Some(certs.xds_tls()?),
+        clusters: MeshClusters::new([STABLE, CANARY, SHADOW].map(str::to_owned)),
+    };
+    let cp = ControlPlane::start_in(&state, mesh).await?;
     let book = Arc::new(MetricsBook::default());
-    let sink_port = serve_sink(&cp, Arc::clone(&book)).await?;
-    let envoy = start_envoy(&cp, sink_port, listener_port, [&stable, &canary, &shadow]).await?;
+    let sink_port = serve_sink(&certs, Arc::clone(&book)).await?;
+    let envoy = start_envoy(
+        &cp,
+        &certs,
+        sink_port,
+        listener_port,
+        [&stable, &canary, &shadow],
+    )
+    .await?;
     let url = format!("http://127.0.0.1:{listener_port}");
     let http = traffic::client();
     stack::wait_listener(&http, &format!("{url}/")).await?;
