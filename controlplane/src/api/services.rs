@@ -1,9 +1,12 @@
 //! `/v1/services`: services, and the canary weight (409 while a rollout
-//! owns the service).
+//! owns the service; set through the traffic router, so in Istio mode it is
+//! the VirtualService's).
 
 use super::ApiState;
 use super::error::{ApiError, ApiResult, owned_by};
 use crate::model::{Service, Weight};
+use crate::rollout::engine::EngineError;
+use crate::traffic::RouterError;
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -60,7 +63,7 @@ async fn set_weight(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     body: Result<Json<serde_json::Value>, JsonRejection>,
-) -> ApiResult<Service> {
+) -> ApiResult<serde_json::Value> {
     let Json(body) = body?;
     // serde would also read a struct from a JSON array (`[50]`); only the
     // documented object form is accepted.
@@ -86,12 +89,30 @@ async fn set_weight(
             ));
         }
     };
-    // Check the service exists first so an unknown name is a 404, not a 400.
-    let current = s.store.service(&name)?;
+    // Through the router, as a rollout's steps go: the Store in ADS mode,
+    // the VirtualService in Istio mode (where the service is the mesh's,
+    // not the Store's). An unknown service is a 404, not a 400.
+    let router = s.engine.router();
+    let refused = |e: RouterError| match e {
+        RouterError::Invalid(message) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_weight", message)
+        }
+        other => ApiError::from(EngineError::from(other)),
+    };
+    let current = router.weight(&name).map_err(refused)?;
     if let Some(r) = s.engine.owner(&name)
-        && current.canary_weight != weight
+        && current != weight.percent()
     {
         return Err(owned_by(&r, &format!("the canary weight of {name:?}")));
     }
-    Ok(Json(s.store.set_canary_weight(&name, weight)?))
+    router
+        .set_weight(&name, weight.percent(), false)
+        .map_err(refused)?;
+    Ok(Json(match s.store.service(&name) {
+        Ok(service) => serde_json::to_value(service).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?,
+        // A mesh service: its weight is all there is to show.
+        Err(_) => serde_json::json!({"name": name, "canary_weight": weight.percent()}),
+    }))
 }

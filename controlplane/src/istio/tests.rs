@@ -778,3 +778,41 @@ async fn istio_rollout_walks_the_virtual_service_weights() {
     assert!(e.to_string().contains("update the stable workload"), "{e}");
     assert_eq!(fake.weights(), (0, 100));
 }
+
+/// `PUT /v1/services/{s}/canary-weight` in Istio mode goes through the
+/// router to the VirtualService, as a rollout's steps do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_manual_weight_from_the_api_lands_in_the_virtual_service() {
+    let (fake, client) = fake_api().await;
+    let router = router(client).await;
+    let store = router.store.clone();
+    let xds = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", api.local_addr().unwrap());
+    tokio::spawn(crate::run_with_router(
+        store,
+        crate::Options::default(),
+        Some(Arc::clone(&router) as Arc<dyn TrafficRouter>),
+        xds,
+        api,
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::new();
+    let put = |service: &'static str, weight: u32| {
+        http.put(format!("{url}/v1/services/{service}/canary-weight"))
+            .json(&json!({ "weight": weight }))
+            .timeout(Duration::from_secs(10))
+            .send()
+    };
+    let answer = put("checkout", 30).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.json::<Value>().await.unwrap(),
+        json!({"name": "checkout", "canary_weight": 30})
+    );
+    until("the weight in the VirtualService", || {
+        router.routing_applied_everywhere() && fake.weights() == (70, 30)
+    })
+    .await;
+    assert_eq!(put("nope", 10).await.unwrap().status(), 404);
+}

@@ -309,6 +309,12 @@ impl Engine {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The router every traffic change goes through (the API's manual
+    /// weight too): the Store in ADS mode, the VirtualService in Istio mode.
+    pub fn router(&self) -> Arc<dyn TrafficRouter> {
+        Arc::clone(&self.router)
+    }
+
     /// The active rollout that owns `service`'s traffic, if any: while it
     /// runs, the weight and the shadow stage's route are its to change.
     pub fn owner(&self, service: &str) -> Option<Rollout> {
