@@ -101,6 +101,14 @@ pub trait TrafficRouter: Send + Sync {
     /// Whether every connected proxy has applied the current routing.
     fn routing_applied_everywhere(&self) -> bool;
 
+    /// `Some(why)` when promotion is not this router's to make (Istio mode:
+    /// it is an update of the user's stable Deployment). Automatic
+    /// finalizing then records once that it was not done, and why, instead
+    /// of retrying every tick.
+    fn manual_promotion(&self, _service: &str) -> Option<String> {
+        None
+    }
+
     /// Finishing a rollout: the canary's backend becomes the stable one and
     /// the weight returns to 0, in one change the data plane applies
     /// make-before-break. Returns the stable backend's endpoints.

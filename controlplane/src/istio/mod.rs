@@ -732,6 +732,10 @@ impl TrafficRouter for IstioRouter {
             && s.plugin.pending.is_none()
     }
 
+    fn manual_promotion(&self, _service: &str) -> Option<String> {
+        Some(PROMOTION.to_owned())
+    }
+
     fn promote_canary_to_stable(&self, _service: &str) -> Result<Vec<String>, RouterError> {
         Err(RouterError::Invalid(PROMOTION.to_owned()))
     }

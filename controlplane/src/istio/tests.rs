@@ -779,6 +779,63 @@ async fn istio_rollout_walks_the_virtual_service_weights() {
     assert_eq!(fake.weights(), (0, 100));
 }
 
+/// With `finalize: {automatic: true}` the engine cannot promote in Istio
+/// mode either: it records once that it did not, and why, and leaves the
+/// weights alone (no refusal retried every tick).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_automatic_finalize_is_recorded_once_as_the_users_to_do() {
+    let (fake, client) = fake_api().await;
+    let router = router(client).await;
+    let engine = Engine::with_ports(
+        Arc::clone(&router) as Arc<dyn TrafficRouter>,
+        Arc::new(Healthy),
+        RolloutStore::in_memory().unwrap(),
+    )
+    .unwrap();
+    let spec = SPEC
+        .replace(
+            "finalize: {automatic: false}",
+            "finalize: {automatic: true}",
+        )
+        .replace(
+            "[{weight: 5}, {weight: 50}, {weight: 100}]",
+            "[{weight: 100}]",
+        );
+    let t0 = SystemTime::now();
+    let id = engine.create(&spec, "test", t0).unwrap().id;
+    for i in 1..=30u64 {
+        until("the step's weight read back", || {
+            router.routing_applied_everywhere()
+        })
+        .await;
+        let r = engine.view(&id).unwrap().rollout;
+        if r.phase == Phase::Succeeded && r.finalized.is_some() {
+            break;
+        }
+        engine.tick(t0 + Duration::from_secs(2 * i));
+    }
+    for i in 31..=35u64 {
+        engine.tick(t0 + Duration::from_secs(2 * i));
+    }
+    let view = engine.view(&id).unwrap();
+    assert!(
+        matches!(
+            view.rollout.finalized,
+            Some(crate::rollout::machine::FinalizeState::Skipped { ref reason, .. })
+                if reason.contains("update the stable workload")
+        ),
+        "{:?}",
+        view.rollout.finalized
+    );
+    let skips = view
+        .audit
+        .iter()
+        .filter(|a| a.reason.contains("not finalized automatically"))
+        .count();
+    assert_eq!(skips, 1, "{:#?}", view.audit);
+    assert_eq!(fake.weights(), (0, 100));
+}
+
 /// `PUT /v1/services/{s}/canary-weight` in Istio mode goes through the
 /// router to the VirtualService, as a rollout's steps do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -899,6 +899,16 @@ impl Engine {
             };
             return self.record(machine::finalized(r, state, actor, reason, r.weight, t));
         }
+        if actor == ENGINE
+            && let Some(why) = self.router.manual_promotion(service)
+        {
+            let reason = format!("not finalized automatically: {why}");
+            let state = FinalizeState::Skipped {
+                time_ms: t,
+                reason: reason.clone(),
+            };
+            return self.record(machine::finalized(r, state, actor, reason, r.weight, t));
+        }
         let endpoints = self.router.promote_canary_to_stable(service)?;
         let (state, tail) = match r.spec.finalize.canary {
             CanaryAfterFinalize::Keep => (
