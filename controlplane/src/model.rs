@@ -233,6 +233,10 @@ impl FilterSettings {
                 "wasm_path: must not be empty".into(),
             ));
         }
+        // The filter's reports go there unless the config names a cluster
+        // itself: a name the filter can call (an Istio one in a mesh).
+        understudy_core::rules::validate_report_cluster("report_cluster", &self.report_cluster)
+            .map_err(|e| ModelError::InvalidFilter(e.to_string()))?;
         // The config validated when it was built (`FilterDoc`).
         Ok(())
     }
@@ -620,6 +624,27 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("shop-stable, shop-canary"), "{err}");
+    }
+
+    #[test]
+    fn a_mesh_s_subsets_are_targets_and_its_report_cluster_is_valid() {
+        let canary = "outbound|9080|canary|reviews.demo.svc.cluster.local";
+        let mut state = fixtures::state(0, 8081, true);
+        state.filter.config =
+            FilterDoc::parse(json!({"routes": [{"name": "all", "shadow": {"cluster": canary}}]}))
+                .unwrap();
+        assert!(state.validate().is_err(), "not a cluster of our ADS");
+        let mesh = MeshClusters::new([canary.to_owned()]);
+        state.validate_in(&mesh).unwrap();
+
+        state.filter.report_cluster =
+            "outbound|18000||understudy.understudy-system.svc.cluster.local".into();
+        state.validate_in(&mesh).unwrap();
+        for bad in ["has space", "outbound|18000|", ""] {
+            state.filter.report_cluster = bad.into();
+            let err = state.validate_in(&mesh).unwrap_err().to_string();
+            assert!(err.contains("report_cluster"), "{bad:?}: {err}");
+        }
     }
 
     #[test]
