@@ -88,6 +88,10 @@ pub const ENGINE_PERIOD: std::time::Duration = std::time::Duration::from_millis(
 /// How often a rollout's Prometheus queries run (a typical scrape interval
 /// is longer; the 1 s stats flush is the comparison).
 pub const PROMETHEUS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// In a mesh: a sidecar that reported usage within this window shares the
+/// fleet-wide tenant rates, recounted every [`MESH_FLEET_PERIOD`].
+pub const MESH_FLEET_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+pub const MESH_FLEET_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the control plane runs with beyond its desired state.
 #[derive(Debug)]
@@ -171,6 +175,8 @@ pub async fn run_with_router(
         shadow: Arc::clone(&shadow),
         registry: Arc::clone(&registry),
     };
+    // In a mesh, istiod (not our ADS) serves the proxies.
+    let in_mesh = router.is_some();
     // Every stored rollout resumes where it was.
     let engine = Arc::new(match router {
         None => rollout::engine::Engine::new(store.clone(), rollouts, sources)?,
@@ -209,15 +215,31 @@ pub async fn run_with_router(
         Arc::clone(&registry),
         Arc::clone(&own_metrics),
     );
-    // Fleet-wide limits follow the number of connected Envoys.
-    let mut fleet = registry.fleet();
+    // Fleet-wide limits are shared among the proxies that enforce them:
+    // the Envoys connected to our ADS, or in a mesh the sidecars that
+    // reported usage lately (every one gets the same WasmPlugin config).
     let fleet_store = store.clone();
-    tokio::spawn(async move {
-        while fleet.changed().await.is_ok() {
-            let n = *fleet.borrow_and_update();
-            fleet_store.set_fleet_size(n);
-        }
-    });
+    if in_mesh {
+        let usage = Arc::clone(&usage);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MESH_FLEET_PERIOD);
+            loop {
+                tick.tick().await;
+                let since = std::time::SystemTime::now()
+                    .checked_sub(MESH_FLEET_WINDOW)
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                fleet_store.set_fleet_size(usage.reporters_since(since));
+            }
+        });
+    } else {
+        let mut fleet = registry.fleet();
+        tokio::spawn(async move {
+            while fleet.changed().await.is_ok() {
+                let n = *fleet.borrow_and_update();
+                fleet_store.set_fleet_size(n);
+            }
+        });
+    }
     let app = api::router(api::ApiState {
         store,
         registry,

@@ -352,7 +352,8 @@ impl Store {
         })
     }
 
-    fn fleet(&self) -> usize {
+    /// How many proxies share the fleet-wide limits ([`Store::set_fleet_size`]).
+    pub fn fleet(&self) -> usize {
         *self.inner.fleet.lock().unwrap_or_else(|p| p.into_inner())
     }
 

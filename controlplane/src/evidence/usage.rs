@@ -34,6 +34,10 @@ pub const MAX_LIMIT_ENTRIES: usize = 200_000;
 /// or non-finite value counts as this bound or zero.
 pub const MAX_LIMIT_RPS: f64 = 1e9;
 
+/// Node ids whose last report time is kept (for [`UsageBook::reporters_since`]);
+/// when full, the longest-silent one makes room.
+pub const MAX_REPORTERS: usize = 10_000;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TenantUsage {
     pub tenant: String,
@@ -76,6 +80,8 @@ struct Inner {
     /// Node ids, shared by every tenant entry that names them (with how
     /// many do): one copy per Envoy, however many tenants it reports.
     nodes: BTreeMap<Arc<str>, usize>,
+    /// When each node id last reported (at most [`MAX_REPORTERS`]).
+    last_seen: BTreeMap<Arc<str>, SystemTime>,
     limit_entries: usize,
     reports: u64,
     dropped: u64,
@@ -88,6 +94,23 @@ impl Inner {
         self.nodes
             .get_key_value(id)
             .map_or_else(|| Arc::from(id), |(n, _)| Arc::clone(n))
+    }
+
+    fn seen(&mut self, node: &Arc<str>, now: SystemTime) {
+        if let Some(t) = self.last_seen.get_mut(node) {
+            *t = now;
+            return;
+        }
+        if self.last_seen.len() >= MAX_REPORTERS
+            && let Some(oldest) = self
+                .last_seen
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(n, _)| Arc::clone(n))
+        {
+            self.last_seen.remove(&oldest);
+        }
+        self.last_seen.insert(Arc::clone(node), now);
     }
 
     fn evict_oldest(&mut self) {
@@ -147,6 +170,7 @@ impl UsageBook {
         inner.reports = inner.reports.saturating_add(1);
         inner.dropped = inner.dropped.saturating_add(report.dropped);
         let node = inner.node(&report.node_id);
+        inner.seen(&node, now);
         let mut out = Recorded::default();
         let over = report.tenants.len().saturating_sub(MAX_TENANTS_PER_REPORT);
         out.refused = out.refused.saturating_add(over as u64);
@@ -208,6 +232,17 @@ impl UsageBook {
         }
         inner.refused = inner.refused.saturating_add(out.refused);
         out
+    }
+
+    /// How many distinct proxies reported at or after `since`: in a mesh,
+    /// the sidecars enforcing tenant limits, among which a fleet-wide rate
+    /// is shared (a proxy reports only when it saw traffic).
+    pub fn reporters_since(&self, since: SystemTime) -> usize {
+        self.lock()
+            .last_seen
+            .values()
+            .filter(|t| **t >= since)
+            .count()
     }
 
     /// The `n` tenants with the most requests (admitted and limited).
@@ -297,6 +332,7 @@ impl ReportService for Reports {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use understudy_proto::v1::TenantUsage as Wire;
 
     fn report(node: &str, tenants: &[(&str, u64, u64, f64)]) -> UsageReport {
@@ -314,6 +350,32 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn reporters_are_counted_by_recency_and_bounded() {
+        let book = UsageBook::default();
+        let t0 = SystemTime::UNIX_EPOCH;
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        book.record(&report("e1", &[("a", 1, 0, 1.0)]), at(0));
+        book.record(&report("e2", &[("a", 1, 0, 1.0)]), at(10));
+        book.record(&report("e1", &[("a", 1, 0, 1.0)]), at(20));
+        assert_eq!(book.reporters_since(at(0)), 2);
+        assert_eq!(book.reporters_since(at(15)), 1, "only e1 spoke since");
+        assert_eq!(book.reporters_since(at(21)), 0);
+        // A refused node id is not a reporter.
+        book.record(&report("", &[("a", 1, 0, 1.0)]), at(30));
+        assert_eq!(book.reporters_since(at(0)), 2);
+        // Many node ids: the table stays bounded, the newest kept.
+        for i in 0..(MAX_REPORTERS + 5) {
+            book.record(&report(&format!("n{i}"), &[]), at(100 + i as u64));
+        }
+        assert_eq!(book.reporters_since(at(0)), MAX_REPORTERS);
+        assert_eq!(
+            book.reporters_since(at(100 + MAX_REPORTERS as u64)),
+            5,
+            "the newest are all there"
+        );
     }
 
     #[test]

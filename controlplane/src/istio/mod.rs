@@ -315,11 +315,15 @@ impl IstioRouter {
         })
     }
 
-    /// The filter config the WasmPlugin carries: the Store's, as one Envoy
-    /// gets it (fleet-wide rates are not divided: istiod, not we, knows
-    /// how many sidecars load it).
+    /// The filter config the WasmPlugin carries: the Store's, as each
+    /// sidecar gets it, fleet-wide rates divided among the sidecars that
+    /// enforce them (the Store's fleet size: in a mesh, those that reported
+    /// usage lately).
     pub fn plugin_config(&self) -> Value {
-        let doc = crate::xds::resources::per_envoy_config(&self.store.current().filter, 1);
+        let doc = crate::xds::resources::per_envoy_config(
+            &self.store.current().filter,
+            self.store.fleet(),
+        );
         serde_json::to_value(doc).unwrap_or(Value::Null)
     }
 

@@ -384,8 +384,12 @@ async fn router(client: kube::Client) -> Arc<IstioRouter> {
 }
 
 /// Waits for `cond` with a deadline (the worker runs on its own task).
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+async fn until(what: &str, cond: impl FnMut() -> bool) {
+    until_within(what, Duration::from_secs(10), cond).await
+}
+
+async fn until_within(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
     while !cond() {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -872,4 +876,70 @@ async fn istio_manual_weight_from_the_api_lands_in_the_virtual_service() {
     })
     .await;
     assert_eq!(put("nope", 10).await.unwrap().status(), 404);
+}
+
+/// A fleet-wide tenant rate is shared among the sidecars that enforce it:
+/// once two sidecars report usage, the WasmPlugin carries half the rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_fleet_rates_are_divided_among_the_reporting_sidecars() {
+    use understudy_proto::v1::report_service_client::ReportServiceClient;
+    use understudy_proto::v1::{TenantUsage, UsageReport};
+    let (fake, client) = fake_api().await;
+    let mut state: DesiredState = crate::model::fixtures::state(0, 8081, true);
+    state.filter.config = FilterDoc::parse(json!({
+        "routes": [{"name": "checkout", "path_prefix": "/"}],
+        "rate_limit": {
+            "identity": {"header": "x-tenant"},
+            "tenants": {"acme": {"fleet_rate": 100}},
+            "tiers": {
+                "anonymous": {"initial": 10, "max": 10, "min": 1},
+                "standard": {"initial": 10, "max": 10, "min": 1}
+            }
+        }
+    }))
+    .unwrap();
+    let config = IstioConfig::parse(CONFIG).unwrap();
+    let store = Store::new_in(state, config.mesh_clusters()).unwrap();
+    let router = IstioRouter::start(client, config, store.clone())
+        .await
+        .unwrap();
+    let xds = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds_url = format!("http://{}", xds.local_addr().unwrap());
+    tokio::spawn(crate::run_with_router(
+        store,
+        crate::Options::default(),
+        Some(Arc::clone(&router) as Arc<dyn TrafficRouter>),
+        xds,
+        api,
+        std::future::pending(),
+    ));
+    let rate = || {
+        fake.get(WASM_PATH)["spec"]["pluginConfig"]["rate_limit"]["tenants"]["acme"]["rate"].clone()
+    };
+    until("the whole rate for one sidecar", || rate() == json!(100.0)).await;
+    let mut reports = ReportServiceClient::connect(xds_url).await.unwrap();
+    for node in ["sidecar-a", "sidecar-b"] {
+        reports
+            .push_usage(UsageReport {
+                node_id: node.into(),
+                dropped: 0,
+                tenants: vec![TenantUsage {
+                    tenant: "acme".into(),
+                    tier: "standard".into(),
+                    allowed: 1,
+                    limited: 0,
+                    limit_rps: 100.0,
+                }],
+            })
+            .await
+            .unwrap();
+    }
+    // Recounted every MESH_FLEET_PERIOD (5 s): the deadline allows for it.
+    until_within(
+        "half the rate for each of two",
+        Duration::from_secs(20),
+        || rate() == json!(50.0),
+    )
+    .await;
 }
