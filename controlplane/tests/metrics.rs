@@ -40,7 +40,7 @@ async fn start_sink() -> (Arc<MetricsBook>, SocketAddr) {
         tonic::transport::Server::builder()
             // Plaintext, as `--insecure-plaintext-xds`: the sink needs to know its peer.
             .layer(tonic::service::InterceptorLayer::new(
-                understudy_controlplane::tls::peer_interceptor(false),
+                understudy_controlplane::tls::peer_interceptor(false, None),
             ))
             .add_service(service)
             .serve_with_incoming(TcpListenerStream::new(listener)),

@@ -131,7 +131,7 @@ async fn start() -> ControlPlane {
             // As `run_with` serves the port in plaintext mode: every peer
             // is marked unauthenticated (records stay unverified).
             .layer(tonic::service::InterceptorLayer::new(
-                understudy_controlplane::tls::peer_interceptor(false),
+                understudy_controlplane::tls::peer_interceptor(false, None),
             ))
             .add_service(reports)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(xds)),
