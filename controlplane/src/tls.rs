@@ -305,6 +305,16 @@ fn read_text(path: &Path) -> Result<String, TlsError> {
 /// The Envoy node id a DER client certificate binds: its one URI SAN under
 /// [`IDENTITY_PREFIX`], checked with [`validate_node_id`].
 pub fn identity_from_der(der: &[u8]) -> Result<String, TlsError> {
+    let id = one_uri_san(der, |uri| {
+        uri.strip_prefix(IDENTITY_PREFIX).map(str::to_owned)
+    })?;
+    validate_node_id(&id)?;
+    Ok(id)
+}
+
+/// What `read` makes of the certificate's one URI SAN it recognizes:
+/// `NoIdentity` when it recognizes none, `AmbiguousIdentity` for two.
+fn one_uri_san<T>(der: &[u8], read: impl Fn(&str) -> Option<T>) -> Result<T, TlsError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| TlsError::Certificate(e.to_string()))?;
     let san = cert
@@ -313,13 +323,12 @@ pub fn identity_from_der(der: &[u8]) -> Result<String, TlsError> {
     let mut found = None;
     for general in san.iter().flat_map(|s| s.value.general_names.iter()) {
         if let x509_parser::extensions::GeneralName::URI(uri) = general
-            && let Some(id) = uri.strip_prefix(IDENTITY_PREFIX)
+            && let Some(value) = read(uri)
         {
             if found.is_some() {
                 return Err(TlsError::AmbiguousIdentity);
             }
-            validate_node_id(id)?;
-            found = Some(id.to_owned());
+            found = Some(value);
         }
     }
     found.ok_or(TlsError::NoIdentity)
@@ -446,23 +455,7 @@ pub fn peer_from_der(
     match (identity_from_der(der), workloads) {
         (Ok(id), _) => Ok(Peer::Verified(id)),
         (Err(TlsError::NoIdentity), Some(td)) => {
-            let (_, cert) = x509_parser::parse_x509_certificate(der)
-                .map_err(|e| TlsError::Certificate(e.to_string()))?;
-            let san = cert
-                .subject_alternative_name()
-                .map_err(|e| TlsError::Certificate(e.to_string()))?;
-            let mut found = None;
-            for general in san.iter().flat_map(|s| s.value.general_names.iter()) {
-                if let x509_parser::extensions::GeneralName::URI(uri) = general
-                    && let Some(w) = workload::workload_from_uri(uri, td)
-                {
-                    if found.is_some() {
-                        return Err(TlsError::AmbiguousIdentity);
-                    }
-                    found = Some(w);
-                }
-            }
-            let identity = found.ok_or(TlsError::NoIdentity)?;
+            let identity = one_uri_san(der, |uri| workload::workload_from_uri(uri, td))?;
             Ok(Peer::Workload { identity, addr })
         }
         (Err(e), _) => Err(e),

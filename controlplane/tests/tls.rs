@@ -38,14 +38,18 @@ fn state() -> DesiredState {
 
 /// A control plane with mTLS xDS and a TLS API from `certs`; (xds, api) addresses.
 async fn start(certs: &CertDir) -> (SocketAddr, SocketAddr) {
-    let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addrs = (xds.local_addr().unwrap(), api.local_addr().unwrap());
-    let options = Options {
+    start_with(Options {
         xds_security: XdsSecurity::Mtls(XdsTls::from_dir(&certs.dir).unwrap()),
         api_tls: Some(ApiTls::from_files(&certs.server_cert(), &certs.server_key()).unwrap()),
         ..Options::default()
-    };
+    })
+    .await
+}
+
+async fn start_with(options: Options) -> (SocketAddr, SocketAddr) {
+    let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addrs = (xds.local_addr().unwrap(), api.local_addr().unwrap());
     tokio::spawn(understudy_controlplane::run_with(
         Store::new(state()).unwrap(),
         options,
@@ -98,8 +102,19 @@ async fn the_api_serves_tls_that_the_cli_trusts_with_the_ca() {
 }
 
 async fn channel(addr: SocketAddr, ca: &Path, identity: Option<(&Path, &Path)>) -> Option<Channel> {
+    channel_to(addr, tls::SERVER_NAME, ca, identity).await
+}
+
+/// A TLS channel to `addr`, checking the server's certificate for `domain`
+/// against `ca`, with a client certificate if given; `None` if it fails.
+async fn channel_to(
+    addr: SocketAddr,
+    domain: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Option<Channel> {
     let mut config = ClientTlsConfig::new()
-        .domain_name(tls::SERVER_NAME)
+        .domain_name(domain)
         .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
     if let Some((cert, key)) = identity {
         config = config.identity(Identity::from_pem(
@@ -190,43 +205,21 @@ async fn istio_workload_certificates_report_only_for_their_own_pod() {
     let (cert, key) = mesh
         .leaf(&["spiffe://cluster.local/ns/understudy-system/sa/understudy"])
         .write(tmp.path(), "cert-chain");
-    let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = xds.local_addr().unwrap();
     let tls = XdsTls::from_files(&cert, &key, &root)
         .unwrap()
         .accepting_istio_workloads("cluster.local".parse().unwrap());
-    let options = Options {
+    let (addr, _) = start_with(Options {
         xds_security: XdsSecurity::Mtls(tls),
         ..Options::default()
-    };
-    tokio::spawn(understudy_controlplane::run_with(
-        Store::new(state()).unwrap(),
-        options,
-        xds,
-        api,
-        std::future::pending(),
-    ));
+    })
+    .await;
     let client = |leaf: understudy_controlplane::tls::test_ca::Leaf, name: &str| {
         let (c, k) = leaf.write(tmp.path(), name);
         let root = root.clone();
         async move {
-            let config = ClientTlsConfig::new()
-                .domain_name("localhost")
-                .ca_certificate(Certificate::from_pem(std::fs::read(&root).unwrap()))
-                .identity(Identity::from_pem(
-                    std::fs::read(&c).unwrap(),
-                    std::fs::read(&k).unwrap(),
-                ));
-            let channel = Endpoint::from_shared(format!("https://{addr}"))
-                .unwrap()
-                .connect_timeout(common::TIMEOUT)
-                .timeout(common::TIMEOUT)
-                .tls_config(config)
-                .unwrap()
-                .connect()
+            let channel = channel_to(addr, "localhost", &root, Some((&c, &k)))
                 .await
-                .unwrap();
+                .expect("a workload of the mesh connects");
             ReportServiceClient::new(channel)
         }
     };

@@ -383,6 +383,33 @@ async fn router(client: kube::Client) -> Arc<IstioRouter> {
         .unwrap()
 }
 
+/// The whole control plane in Istio mode over `router` (and its Store), no
+/// authentication, plaintext xDS: (xDS, API) addresses.
+async fn serve(router: &Arc<IstioRouter>) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    let xds = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addrs = (xds.local_addr().unwrap(), api.local_addr().unwrap());
+    tokio::spawn(crate::run_with_router(
+        router.store.clone(),
+        crate::Options::default(),
+        Some(Arc::clone(router) as Arc<dyn TrafficRouter>),
+        xds,
+        api,
+        std::future::pending(),
+    ));
+    addrs
+}
+
+/// An engine over `router`, with healthy evidence and rollouts in memory.
+fn engine(router: &Arc<IstioRouter>) -> Engine {
+    Engine::with_ports(
+        Arc::clone(router) as Arc<dyn TrafficRouter>,
+        Arc::new(Healthy),
+        RolloutStore::in_memory().unwrap(),
+    )
+    .unwrap()
+}
+
 /// Waits for `cond` with a deadline (the worker runs on its own task).
 async fn until(what: &str, cond: impl FnMut() -> bool) {
     until_within(what, Duration::from_secs(10), cond).await
@@ -743,12 +770,7 @@ finalize: {automatic: false}
 async fn istio_rollout_walks_the_virtual_service_weights() {
     let (fake, client) = fake_api().await;
     let router = router(client).await;
-    let engine = Engine::with_ports(
-        Arc::clone(&router) as Arc<dyn TrafficRouter>,
-        Arc::new(Healthy),
-        RolloutStore::in_memory().unwrap(),
-    )
-    .unwrap();
+    let engine = engine(&router);
     let t0 = SystemTime::now();
     let id = engine.create(SPEC, "test", t0).unwrap().id;
     let mut seen = Vec::new();
@@ -790,12 +812,7 @@ async fn istio_rollout_walks_the_virtual_service_weights() {
 async fn istio_automatic_finalize_is_recorded_once_as_the_users_to_do() {
     let (fake, client) = fake_api().await;
     let router = router(client).await;
-    let engine = Engine::with_ports(
-        Arc::clone(&router) as Arc<dyn TrafficRouter>,
-        Arc::new(Healthy),
-        RolloutStore::in_memory().unwrap(),
-    )
-    .unwrap();
+    let engine = engine(&router);
     let spec = SPEC
         .replace(
             "finalize: {automatic: false}",
@@ -846,18 +863,8 @@ async fn istio_automatic_finalize_is_recorded_once_as_the_users_to_do() {
 async fn istio_manual_weight_from_the_api_lands_in_the_virtual_service() {
     let (fake, client) = fake_api().await;
     let router = router(client).await;
-    let store = router.store.clone();
-    let xds = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", api.local_addr().unwrap());
-    tokio::spawn(crate::run_with_router(
-        store,
-        crate::Options::default(),
-        Some(Arc::clone(&router) as Arc<dyn TrafficRouter>),
-        xds,
-        api,
-        std::future::pending(),
-    ));
+    let (_, api) = serve(&router).await;
+    let url = format!("http://{api}");
     let http = reqwest::Client::new();
     let put = |service: &'static str, weight: u32| {
         http.put(format!("{url}/v1/services/{service}/canary-weight"))
@@ -903,17 +910,8 @@ async fn istio_fleet_rates_are_divided_among_the_reporting_sidecars() {
     let router = IstioRouter::start(client, config, store.clone())
         .await
         .unwrap();
-    let xds = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let xds_url = format!("http://{}", xds.local_addr().unwrap());
-    tokio::spawn(crate::run_with_router(
-        store,
-        crate::Options::default(),
-        Some(Arc::clone(&router) as Arc<dyn TrafficRouter>),
-        xds,
-        api,
-        std::future::pending(),
-    ));
+    let (xds, _) = serve(&router).await;
+    let xds_url = format!("http://{xds}");
     let rate = || {
         fake.get(WASM_PATH)["spec"]["pluginConfig"]["rate_limit"]["tenants"]["acme"]["rate"].clone()
     };
