@@ -91,6 +91,10 @@ pub struct LoadResult {
     pub statuses: BTreeMap<String, u64>,
     /// Requests without an answer (connection errors, cut off at the deadline).
     pub errors: u64,
+    /// Envoy's CPU time (user + system, all threads) over the run divided by
+    /// the requests answered, in µs; set by [`alternate`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub envoy_cpu_us_per_req: Option<f64>,
 }
 
 impl LoadResult {
@@ -177,15 +181,41 @@ impl Oha {
             seconds: v["summary"]["total"].as_f64().unwrap_or(f64::NAN),
             statuses,
             errors,
+            envoy_cpu_us_per_req: None,
         })
     }
 }
 
+/// A process's CPU time so far (user + system, every thread), from fields
+/// 14 and 15 of `/proc/<pid>/stat`, in clock ticks converted to µs.
+pub fn cpu_time_us(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces:
+    // count fields after its closing parenthesis (field 3 on).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("no command name in /proc/<pid>/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |field: usize| -> Result<u64> {
+        fields
+            .get(field - 3)
+            .context("/proc/<pid>/stat is short")?
+            .parse::<u64>()
+            .context("a CPU time in /proc/<pid>/stat")
+    };
+    let per_second = rustix::param::clock_ticks_per_second() as f64;
+    Ok((ticks(14)? + ticks(15)?) as f64 * 1e6 / per_second)
+}
+
 /// Runs `load` against `a` and `b` for `rounds` rounds, alternating which
-/// goes first so drift in machine load hits both alike. Returns the runs of
+/// goes first so drift in machine load hits both alike, and measures
+/// `envoy`'s CPU time per answered request in each run. Returns the runs of
 /// each, in round order.
 async fn alternate(
     oha: &Oha,
+    envoy: &Envoy,
     rounds: usize,
     (a_name, a): (&str, &str),
     (b_name, b): (&str, &str),
@@ -200,7 +230,11 @@ async fn alternate(
         };
         for second in order {
             let (name, url) = if second { (b_name, b) } else { (a_name, a) };
-            let r = oha.load(url, load).await?;
+            let cpu_before = cpu_time_us(envoy.pid())?;
+            let mut r = oha.load(url, load).await?;
+            let cpu = cpu_time_us(envoy.pid())? - cpu_before;
+            let answered = r.statuses.values().sum::<u64>();
+            r.envoy_cpu_us_per_req = (answered > 0).then(|| cpu / answered as f64);
             eprintln!("round {round} {name}: {r:?}");
             if second {
                 b_runs.push(r)
@@ -269,6 +303,31 @@ fn spread_of(
     f: fn(&LoadResult) -> f64,
 ) {
     spread(figures, name, &runs.iter().map(f).collect::<Vec<_>>());
+}
+
+/// Envoy's CPU per answered request in two alternating arms
+/// ([`LoadResult::envoy_cpu_us_per_req`]): `cpu_us_per_req_<a>` and
+/// `_<b>` with their spread (median, min, max of the rounds),
+/// `cpu_us_overhead` (the difference of the medians) and `cpu_overhead_pct`
+/// (that difference as a percentage of `a`'s median), each under `prefix`.
+fn cpu_figures(
+    figures: &mut serde_json::Map<String, Value>,
+    prefix: &str,
+    (a_label, a): (&str, &[LoadResult]),
+    (b_label, b): (&str, &[LoadResult]),
+) {
+    let cpu = |r: &LoadResult| r.envoy_cpu_us_per_req.unwrap_or(f64::NAN);
+    spread_of(figures, &format!("{prefix}cpu_us_per_req_{a_label}"), a, cpu);
+    spread_of(figures, &format!("{prefix}cpu_us_per_req_{b_label}"), b, cpu);
+    let (ma, mb) = (
+        median(a.iter().map(cpu).collect()),
+        median(b.iter().map(cpu).collect()),
+    );
+    figures.insert(format!("{prefix}cpu_us_overhead"), json!(round3(mb - ma)));
+    figures.insert(
+        format!("{prefix}cpu_overhead_pct"),
+        json!(round3(100.0 * (mb - ma) / ma)),
+    );
 }
 
 /// [`spread`] of the per-round ratio `b / a` of a figure (rounds pair up:
@@ -356,6 +415,7 @@ async fn filter_overhead(oha: &Oha) -> Result<Value> {
     };
     let (plain_runs, filter_runs) = alternate(
         oha,
+        &envoy,
         rounds,
         ("plain", &url_plain),
         ("filter", &url_with),
@@ -388,6 +448,12 @@ async fn filter_overhead(oha: &Oha) -> Result<Value> {
     spread_of(&mut figures, "p50_ms_filter", &filter_runs, |r| r.p50_ms);
     spread_of(&mut figures, "p99_ms_plain", &plain_runs, |r| r.p99_ms);
     spread_of(&mut figures, "p99_ms_filter", &filter_runs, |r| r.p99_ms);
+    cpu_figures(
+        &mut figures,
+        "",
+        ("plain", &plain_runs),
+        ("filter", &filter_runs),
+    );
     figures.extend(
         json!({
             "duration_s": rounds as u64 * seconds * 2,
@@ -694,6 +760,7 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
     let before = counters().await?;
     let (off_runs, on_runs) = alternate(
         oha,
+        &envoy,
         rounds,
         ("limiter off", &url(off)),
         ("limiter on", &url(on)),
@@ -752,6 +819,7 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
         }
         let (off_runs, on_runs) = alternate(
             oha,
+            &envoy,
             rounds,
             ("limiter off", &url(off)),
             (mode, &url(never_limiting)),
@@ -761,6 +829,8 @@ async fn rate_limit(oha: &Oha) -> Result<Value> {
         spread_ratio(&mut figures, "overhead_ratio", &off_runs, &on_runs, |r| {
             r.rps
         });
+        // The limiter configured but never limiting, against no limiter.
+        cpu_figures(&mut figures, "", ("off", &off_runs), ("on", &on_runs));
         comparison.insert(mode.into(), Value::Object(figures));
     }
 
@@ -1202,6 +1272,7 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
     };
     let (off_runs, on_runs) = alternate(
         oha,
+        &envoy,
         rounds,
         ("shadow off", &url_off),
         ("shadow on", &url_on),
@@ -1277,6 +1348,7 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
     spread_of(&mut figures, "p50_ms_on", &on_runs, |r| r.p50_ms);
     spread_of(&mut figures, "p99_ms_off", &off_runs, |r| r.p99_ms);
     spread_of(&mut figures, "p99_ms_on", &on_runs, |r| r.p99_ms);
+    cpu_figures(&mut figures, "", ("off", &off_runs), ("on", &on_runs));
     let rest = json!({
         "duration_s": rounds as u64 * seconds * 2,
         "connections": CONNECTIONS,
@@ -2002,6 +2074,25 @@ async fn canary_detection() -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_is_read_from_proc_and_grows_with_work() {
+        let pid = std::process::id();
+        let before = cpu_time_us(pid).unwrap();
+        // Burn CPU until the kernel's tick-based accounting moves (a
+        // condition with a deadline, not a fixed amount of work).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut x = 0u64;
+        while cpu_time_us(pid).unwrap() <= before {
+            assert!(std::time::Instant::now() < deadline, "CPU time never grew");
+            for i in 0..100_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            std::hint::black_box(x);
+        }
+        assert!(before >= 0.0);
+        assert!(cpu_time_us(u32::MAX).is_err(), "no such process");
+    }
 
     #[test]
     fn median_of_rounds() {

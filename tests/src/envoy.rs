@@ -90,6 +90,11 @@ pub struct Envoy {
 }
 
 impl Envoy {
+    /// The Envoy process's id (its CPU time is read from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts Envoy with `config` (YAML text) and `--concurrency 2`, and waits
     /// until its admin API is up. Its admin port must be 0 in `config`; the
     /// real one is read from `--admin-address-path`.
