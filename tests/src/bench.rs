@@ -317,8 +317,18 @@ fn cpu_figures(
     (b_label, b): (&str, &[LoadResult]),
 ) {
     let cpu = |r: &LoadResult| r.envoy_cpu_us_per_req.unwrap_or(f64::NAN);
-    spread_of(figures, &format!("{prefix}cpu_us_per_req_{a_label}"), a, cpu);
-    spread_of(figures, &format!("{prefix}cpu_us_per_req_{b_label}"), b, cpu);
+    spread_of(
+        figures,
+        &format!("{prefix}cpu_us_per_req_{a_label}"),
+        a,
+        cpu,
+    );
+    spread_of(
+        figures,
+        &format!("{prefix}cpu_us_per_req_{b_label}"),
+        b,
+        cpu,
+    );
     let (ma, mb) = (
         median(a.iter().map(cpu).collect()),
         median(b.iter().map(cpu).collect()),
