@@ -133,6 +133,16 @@ async fn channel_to(
         .ok()
 }
 
+/// Pushes a one-tenant usage report as `node`; the entries accepted.
+async fn accepted(client: &mut ReportServiceClient<Channel>, node: &str) -> u64 {
+    client
+        .push_usage(usage(node))
+        .await
+        .unwrap()
+        .into_inner()
+        .accepted
+}
+
 fn usage(node: &str) -> UsageReport {
     UsageReport {
         node_id: node.into(),
@@ -156,14 +166,7 @@ async fn xds_reports_count_only_for_the_node_the_certificate_names() {
     let (cert, key) = (certs.envoy_cert("envoy-1"), certs.envoy_key("envoy-1"));
 
     let mut own = ReportServiceClient::new(channel(xds, &ca, Some((&cert, &key))).await.unwrap());
-    assert_eq!(
-        own.push_usage(usage("envoy-1"))
-            .await
-            .unwrap()
-            .into_inner()
-            .accepted,
-        1
-    );
+    assert_eq!(accepted(&mut own, "envoy-1").await, 1);
     let refused = own.push_usage(usage("envoy-2")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
 
@@ -181,14 +184,7 @@ async fn xds_reports_count_only_for_the_node_the_certificate_names() {
     );
 
     // The legitimate client still works afterwards.
-    assert_eq!(
-        own.push_usage(usage("envoy-1"))
-            .await
-            .unwrap()
-            .into_inner()
-            .accepted,
-        1
-    );
+    assert_eq!(accepted(&mut own, "envoy-1").await, 1);
 }
 
 /// Istio mode (`--istio-trust-domain`): the control plane serves the mesh's
@@ -229,15 +225,7 @@ async fn istio_workload_certificates_report_only_for_their_own_pod() {
         "reviews",
     )
     .await;
-    assert_eq!(
-        reviews
-            .push_usage(usage(own_node))
-            .await
-            .unwrap()
-            .into_inner()
-            .accepted,
-        1
-    );
+    assert_eq!(accepted(&mut reviews, own_node).await, 1);
     // A sibling pod (another IP), another namespace, our own node-id form:
     // all refused.
     for claimed in [
@@ -269,13 +257,5 @@ async fn istio_workload_certificates_report_only_for_their_own_pod() {
     let refused = foreign.push_usage(usage(own_node)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
     // The legitimate sidecar still works.
-    assert_eq!(
-        reviews
-            .push_usage(usage(own_node))
-            .await
-            .unwrap()
-            .into_inner()
-            .accepted,
-        1
-    );
+    assert_eq!(accepted(&mut reviews, own_node).await, 1);
 }

@@ -132,12 +132,11 @@ struct Reloading {
 
 impl Reloading {
     fn new(tls: &XdsTls, provider: &Arc<rustls::crypto::CryptoProvider>) -> Result<Self, TlsError> {
-        let stamp = match &tls.files {
-            Some((cert, key)) => Stamp::of(cert, key),
-            None => Stamp {
-                cert: None,
-                key: None,
-            },
+        // The bytes actually served, not a second read of the files: a
+        // rotation between the two reads would otherwise never be picked up.
+        let stamp = Stamp {
+            cert: Some(tls.cert_pem.clone()),
+            key: Some(tls.key_pem.clone()),
         };
         let key = certified_key(provider, &tls.cert_pem, &tls.key_pem)?;
         Ok(Self {
