@@ -14,7 +14,7 @@ use understudy_core::{FilterConfig, stats};
 
 use std::rc::Rc;
 
-use crate::host::{Host, SharedSetError};
+use crate::host::{Host, RequestHeaders, SharedSetError};
 
 /// The header a replayed answer carries.
 pub const REPLAYED: &str = "idempotent-replayed";
@@ -112,11 +112,11 @@ impl Dedupe {
     }
 
     /// Request headers: whether (and how) the request takes part.
-    pub fn on_request_headers(&self, route: usize) -> Start {
+    pub fn on_request_headers(&self, route: usize, headers: &RequestHeaders) -> Start {
         let Some(r) = self.route(route) else {
             return Start::NotInvolved;
         };
-        let Some(key) = self.host.request_header(dedupe::HEADER_NAME) else {
+        let Some(key) = headers.text(dedupe::HEADER_NAME) else {
             return Start::NotInvolved;
         };
         if let Err(reason) = dedupe::validate_key(&key) {
@@ -124,13 +124,9 @@ impl Dedupe {
             self.reply_error(400, &format!("invalid Idempotency-Key: {reason}"));
             return Start::Answered;
         }
-        let credentials: Vec<(&str, Vec<u8>)> = dedupe::CALLER_HEADERS
+        let credentials: Vec<(&str, &[u8])> = dedupe::CALLER_HEADERS
             .iter()
-            .filter_map(|name| self.host.request_header_bytes(name).map(|v| (*name, v)))
-            .collect();
-        let credentials: Vec<(&str, &[u8])> = credentials
-            .iter()
-            .map(|(n, v)| (*n, v.as_slice()))
+            .filter_map(|name| headers.bytes(name).map(|v| (*name, v)))
             .collect();
         let caller = dedupe::caller_scope(&credentials);
         let key = dedupe::scoped_key(&caller, &key);
@@ -139,8 +135,8 @@ impl Dedupe {
             slot: dedupe::slot_key(&self.prefix, &key, r.cfg.max_entries),
             key,
             caller,
-            method: self.host.request_header(":method").unwrap_or_default(),
-            path: self.host.request_header(":path").unwrap_or_default(),
+            method: headers.text(":method").unwrap_or_default(),
+            path: headers.text(":path").unwrap_or_default(),
             claim: None,
             status: 0,
             headers: Vec::new(),

@@ -67,6 +67,8 @@ pub struct State {
     pub tick_period_ms: Option<u32>,
     pub logs: Vec<String>,
     pub node_id: String,
+    /// Calls that read request headers (one header or the whole map).
+    pub request_header_reads: u32,
     next_token: u32,
     /// Host failures to simulate.
     pub fail_plugin_config: bool,
@@ -86,6 +88,12 @@ pub struct FakeHost {
 }
 
 impl FakeHost {
+    fn count_read(&self, map: MapType) {
+        if map == MapType::HttpRequestHeaders {
+            self.with(|s| s.request_header_reads += 1);
+        }
+    }
+
     /// A host whose clock reads a real epoch time (the filter's first
     /// reports are due at once, as in Envoy).
     pub fn new() -> Rc<Self> {
@@ -166,10 +174,12 @@ impl Host for FakeHost {
     }
 
     fn map_value(&self, map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
+        self.count_read(map);
         Ok(self.header(map, name).map(String::into_bytes))
     }
 
     fn map_pairs(&self, map: MapType) -> Result<HeaderPairs, Status> {
+        self.count_read(map);
         Ok(self
             .map(map)
             .into_iter()

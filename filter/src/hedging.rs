@@ -20,7 +20,7 @@ use understudy_core::hedge::{
 };
 use understudy_core::{FilterConfig, stats};
 
-use crate::host::Host;
+use crate::host::{Host, RequestHeaders};
 
 struct Metrics {
     sent: u32,
@@ -145,6 +145,7 @@ impl Hedging {
         &mut self,
         stream: u32,
         route: usize,
+        headers: &RequestHeaders,
         end_of_stream: bool,
         now_us: u64,
     ) -> bool {
@@ -152,15 +153,12 @@ impl Hedging {
             return false;
         };
         r.budget.on_request(now_us);
-        let method = self.host.request_header(":method").unwrap_or_default();
-        let key = self.host.request_header(hedge::IDEMPOTENCY_KEY);
-        let upgrade = self.host.request_header("upgrade").is_some();
-        let content_type = self.host.request_header("content-type");
-        let accept = self.host.request_header("accept");
-        let content_length = self
-            .host
-            .request_header("content-length")
-            .and_then(|v| v.parse().ok());
+        let method = headers.text(":method").unwrap_or_default();
+        let key = headers.text(hedge::IDEMPOTENCY_KEY);
+        let upgrade = headers.bytes("upgrade").is_some();
+        let content_type = headers.text("content-type");
+        let accept = headers.text("accept");
+        let content_length = headers.text("content-length").and_then(|v| v.parse().ok());
         let info = RequestInfo {
             method: &method,
             idempotency_key: key.as_deref(),
@@ -173,6 +171,7 @@ impl Hedging {
             self.not_hedged(route, reason);
             return false;
         }
+        let mut copied = headers.all_text();
         if key.is_none() {
             // Both attempts must carry the same key, so the primary gets it too.
             self.keys_generated += 1;
@@ -181,9 +180,10 @@ impl Hedging {
                 self.keys_generated,
             );
             self.host.set_request_header(hedge::IDEMPOTENCY_KEY, &key);
+            copied.push((hedge::IDEMPOTENCY_KEY.to_owned(), key));
         }
         let copy = RequestCopy {
-            headers: self.host.headers(MapType::HttpRequestHeaders),
+            headers: copied,
             body: Vec::new(),
             body_complete: end_of_stream,
         };

@@ -45,6 +45,52 @@ pub enum SharedSetError {
 /// A header map as raw (name, value) byte pairs.
 pub type HeaderPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// A request's headers, read from the host once per request (one host call
+/// for the whole map) and looked up here by every feature: a host call costs
+/// a crossing out of the VM and one back into its allocator, so asking for
+/// `:path`, `:method`, a tenant header and a key one by one costs more than
+/// reading them all.
+///
+/// It is taken after the client's `x-understudy-*` headers are removed (see
+/// [`Host::strip_internal_headers`]) and never sees what the filter adds
+/// later (a hedge's generated key).
+#[derive(Debug, Default, Clone)]
+pub struct RequestHeaders(HeaderPairs);
+
+impl RequestHeaders {
+    pub fn new(pairs: HeaderPairs) -> Self {
+        Self(pairs)
+    }
+
+    /// The first header called `name` (ASCII case ignored, as Envoy's own
+    /// lookup does), as raw bytes.
+    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// [`Self::bytes`] as text, lossy where it is not UTF-8.
+    pub fn text(&self, name: &str) -> Option<String> {
+        self.bytes(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// Every header as text, lossy (see [`Host::headers`]): what copies carry.
+    pub fn all_text(&self) -> Vec<(String, String)> {
+        self.0
+            .iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
 /// What the filter needs from its host (Envoy's proxy-wasm ABI).
 pub trait Host {
     fn log(&self, level: LogLevel, message: &str);
@@ -158,26 +204,29 @@ pub trait Host {
         }
     }
 
-    /// Removes every request header whose (lower-case) name starts with
-    /// `prefix`; returns how many were removed.
-    fn strip_request_headers(&self, prefix: &str) -> usize {
-        let names: Vec<String> = self
+    /// Reads the request's headers (one host call), removes from the
+    /// request every header whose name starts with `prefix` (ASCII case
+    /// ignored), and returns the rest with how many were removed.
+    fn strip_internal_headers(&self, prefix: &str) -> (RequestHeaders, usize) {
+        let (internal, rest): (HeaderPairs, HeaderPairs) = self
             .headers_bytes(MapType::HttpRequestHeaders)
             .into_iter()
-            .filter(|(name, _)| {
+            .partition(|(name, _)| {
                 name.get(..prefix.len())
                     .is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()))
-            })
-            .map(|(name, _)| text(name))
-            .collect();
-        let mut removed = 0;
-        for name in &names {
+            });
+        let mut removed_names: Vec<&[u8]> = Vec::new();
+        for (name, _) in &internal {
+            // Once per name: the host removes every value of it at once.
+            if removed_names.contains(&name.as_slice()) {
+                continue;
+            }
+            removed_names.push(name);
             // A name with non-UTF-8 bytes cannot be named back to the host
             // exactly; Envoy refuses such names at its codecs anyway.
-            self.remove_request_header(name);
-            removed += 1;
+            self.remove_request_header(&String::from_utf8_lossy(name));
         }
-        removed
+        (RequestHeaders::new(rest), internal.len())
     }
 
     fn add_response_header(&self, name: &str, value: &str) {

@@ -328,25 +328,30 @@ impl HttpContext for Http {
         // listener, so any `x-understudy-*` header seen here came from a
         // client (e.g. a forged `x-understudy-shadow: 1` that would make the
         // primary treat a real request as a side-effect-free copy).
-        if self.worker.is_some() {
-            let stripped = host.strip_request_headers(INTERNAL_HEADER_PREFIX);
-            if stripped > 0 {
-                self.with((), |w| {
-                    host.increment(w.internal_headers_stripped, stripped as i64)
-                });
-            }
+        //
+        // The request's headers are read here once, and every feature looks
+        // its own up in this snapshot rather than asking the host again.
+        if self.worker.is_none() {
+            return Action::Continue;
         }
+        let (headers, stripped) = host.strip_internal_headers(INTERNAL_HEADER_PREFIX);
+        // The clock is read once too: every feature decides at this instant.
+        let now_us = std::cell::OnceCell::new();
+        let now = || *now_us.get_or_init(|| host.now_us());
         // Rate limits first: a rejected request does no other work.
         // The route is matched once per request; every feature uses it.
         let (verdict, route) = self.with((None, None), |w| {
+            if stripped > 0 {
+                host.increment(w.internal_headers_stripped, stripped as i64);
+            }
             host.increment(w.requests_total, 1);
-            let route = host
-                .request_header(":path")
-                .and_then(|p| w.config.match_route(&p));
+            let route = headers
+                .bytes(":path")
+                .and_then(|p| w.config.match_route(&String::from_utf8_lossy(p)));
             let verdict = w
                 .limiter
                 .as_mut()
-                .map(|l| l.on_request(route, host.now_us()));
+                .map(|l| l.on_request(route, &headers, now()));
             (verdict, route)
         });
         match verdict {
@@ -366,20 +371,19 @@ impl HttpContext for Http {
                 host.increment(*metric, 1);
             }
             // Dedupe first: it may answer locally, and then there is nothing to hedge.
-            let dedupe = w
-                .dedupe
-                .as_ref()
-                .map_or(Start::NotInvolved, |d| d.on_request_headers(route));
+            let dedupe = w.dedupe.as_ref().map_or(Start::NotInvolved, |d| {
+                d.on_request_headers(route, &headers)
+            });
             // Shadow before hedging: the copy carries the client's headers,
             // not the key hedging may add.
             let shadowed = !matches!(dedupe, Start::Answered)
-                && w.shadowing
-                    .as_mut()
-                    .is_some_and(|s| s.on_request_headers(id, route, end_of_stream, host.now_us()));
+                && w.shadowing.as_mut().is_some_and(|s| {
+                    s.on_request_headers(id, route, &headers, end_of_stream, now())
+                });
             let hedged = !matches!(dedupe, Start::Answered)
-                && w.hedging
-                    .as_mut()
-                    .is_some_and(|h| h.on_request_headers(id, route, end_of_stream, host.now_us()));
+                && w.hedging.as_mut().is_some_and(|h| {
+                    h.on_request_headers(id, route, &headers, end_of_stream, now())
+                });
             (hedged, shadowed, dedupe)
         });
         self.hedged = hedged;

@@ -27,7 +27,7 @@ use understudy_core::report::Schedule;
 use understudy_core::{FilterConfig, stats};
 use understudy_proto::v1::{TenantUsage, UsageReport};
 
-use crate::host::{Host, SharedSetError, Status};
+use crate::host::{Host, RequestHeaders, SharedSetError, Status};
 
 /// Attempts of a read-modify-CAS before giving up on exactness (and allowing).
 const CAS_RETRIES: usize = 8;
@@ -120,26 +120,26 @@ impl Limiter {
     }
 
     /// Decides whether this request (on `route`, if it matched one) may go on.
-    pub fn on_request(&mut self, route: Option<usize>, now_us: u64) -> Decision {
-        if let Some(rejection) = self.check_route_limits(route, now_us) {
+    pub fn on_request(
+        &mut self,
+        route: Option<usize>,
+        headers: &RequestHeaders,
+        now_us: u64,
+    ) -> Decision {
+        if let Some(rejection) = self.check_route_limits(route, headers, now_us) {
             return rejection;
         }
-        let host = &self.host;
-        let header = self
-            .cfg
-            .header
-            .as_deref()
-            .and_then(|h| host.request_header(h));
+        let header = self.cfg.header.as_deref().and_then(|h| headers.text(h));
         let api_key = self
             .cfg
             .api_key_header
             .as_deref()
-            .and_then(|h| host.request_header(h));
+            .and_then(|h| headers.text(h));
         let authorization = self
             .cfg
             .jwt_claim
             .as_ref()
-            .and_then(|_| host.request_header("authorization"));
+            .and_then(|_| headers.text("authorization"));
         let tenant = ratelimit::identify(
             &self.cfg,
             &IdentityInput {
@@ -172,11 +172,16 @@ impl Limiter {
     }
 
     /// Process-wide route (and method) limits, before any tenant's token is spent.
-    fn check_route_limits(&self, route: Option<usize>, now_us: u64) -> Option<Decision> {
+    fn check_route_limits(
+        &self,
+        route: Option<usize>,
+        headers: &RequestHeaders,
+        now_us: u64,
+    ) -> Option<Decision> {
         if self.cfg.route_limits.is_empty() {
             return None;
         }
-        let method = self.host.request_header(":method").unwrap_or_default();
+        let method = headers.text(":method").unwrap_or_default();
         for (i, limit) in self.cfg.route_limits_for(route, &method) {
             let key = format!("{}/route/{i}", self.prefix);
             let Some((taken, bucket)) =

@@ -26,7 +26,7 @@ use understudy_proto::v1::{
     difference,
 };
 
-use crate::host::Host;
+use crate::host::{Host, RequestHeaders};
 
 struct Metrics {
     sent: u32,
@@ -139,6 +139,7 @@ impl Shadowing {
         &mut self,
         stream: u32,
         route: usize,
+        headers: &RequestHeaders,
         end_of_stream: bool,
         now_us: u64,
     ) -> bool {
@@ -146,12 +147,8 @@ impl Shadowing {
         let Some(r) = self.route(route) else {
             return false;
         };
-        let method = self.host.request_header(":method").unwrap_or_default();
-        let key = r
-            .cfg
-            .sample_key
-            .as_deref()
-            .and_then(|k| self.host.request_header(k));
+        let method = headers.text(":method").unwrap_or_default();
+        let key = r.cfg.sample_key.as_deref().and_then(|k| headers.text(k));
         if let Err(reason) = r
             .cfg
             .decide(&method, key.as_deref(), self.host.random_u64(self.draws))
@@ -159,9 +156,7 @@ impl Shadowing {
             self.apply(Report::Skipped { route, reason });
             return false;
         }
-        let headers = r
-            .cfg
-            .shadow_headers(&self.host.headers(MapType::HttpRequestHeaders));
+        let headers = r.cfg.shadow_headers(&headers.all_text());
         match self
             .table
             .start(stream, route, headers, end_of_stream, now_us)

@@ -309,6 +309,46 @@ fn an_answer_carries_ratelimit_headers_and_adapts_the_tenants_limit() {
 
 // === tick and call response: hedging ===
 
+#[test]
+fn every_feature_reads_the_request_headers_from_one_host_call() {
+    let host = FakeHost::new();
+    let root = configured(
+        &host,
+        json!({
+            "routes": [{"name": "all",
+                "hedge": {"cluster": "backup"},
+                "shadow": {"cluster": "canary", "percent": 100, "sample_key": "X-User"},
+                "dedupe": {"ttl_s": 60, "max_entries": 100}}],
+            "rate_limit": {"identity": {"header": "x-tenant-id"},
+                "tiers": {"anonymous": {"initial": 100, "min": 1, "max": 100},
+                    "standard": {"initial": 100, "min": 1, "max": 100}}}
+        }),
+    );
+    let (_, action) = request(
+        &root,
+        &host,
+        2,
+        &[
+            (":path", "/a"),
+            (":method", "GET"),
+            ("x-tenant-id", "acme"),
+            ("x-user", "u1"),
+            ("x-understudy-hedge", "1"),
+        ],
+    );
+    assert_eq!(action, Action::Continue);
+    assert_eq!(host.with(|s| s.request_header_reads), 1);
+    assert_eq!(
+        host.metric("understudy.ratelimit.standard.allowed"),
+        Some(1)
+    );
+    assert_eq!(host.metric("understudy.internal_headers_stripped"), Some(1));
+    // The snapshot is taken after the forged header is gone, and the hedge's
+    // generated key is added to the primary (and will be to its copy).
+    assert_eq!(host.header(REQ, "x-understudy-hedge"), None);
+    assert!(host.header(REQ, "idempotency-key").is_some());
+}
+
 fn hedged() -> Value {
     json!({"routes": [{"name": "all", "hedge": {
         "cluster": "backup",

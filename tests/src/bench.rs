@@ -217,33 +217,45 @@ async fn alternate(
     oha: &Oha,
     envoy: &Envoy,
     rounds: usize,
-    (a_name, a): (&str, &str),
-    (b_name, b): (&str, &str),
+    a: (&str, &str),
+    b: (&str, &str),
     load: Load<'_>,
 ) -> Result<(Vec<LoadResult>, Vec<LoadResult>)> {
-    let (mut a_runs, mut b_runs) = (Vec::new(), Vec::new());
+    let mut runs = alternate_arms(oha, envoy, rounds, &[a, b], load)
+        .await?
+        .into_iter();
+    match (runs.next(), runs.next()) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => bail!("two arms measured, fewer results"),
+    }
+}
+
+/// [`alternate`] over any number of `(name, url)` arms: round `r` starts
+/// with arm `r mod n` and runs every arm once, so each arm takes every place
+/// in the order equally often over `n` rounds. Returns each arm's runs, in
+/// the arms' order.
+async fn alternate_arms(
+    oha: &Oha,
+    envoy: &Envoy,
+    rounds: usize,
+    arms: &[(&str, &str)],
+    load: Load<'_>,
+) -> Result<Vec<Vec<LoadResult>>> {
+    let mut runs: Vec<Vec<LoadResult>> = arms.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for second in order {
-            let (name, url) = if second { (b_name, b) } else { (a_name, a) };
+        for k in 0..arms.len() {
+            let arm = (round + k) % arms.len();
+            let (name, url) = arms[arm];
             let cpu_before = cpu_time_us(envoy.pid())?;
             let mut r = oha.load(url, load).await?;
             let cpu = cpu_time_us(envoy.pid())? - cpu_before;
             let answered = r.statuses.values().sum::<u64>();
             r.envoy_cpu_us_per_req = (answered > 0).then(|| cpu / answered as f64);
             eprintln!("round {round} {name}: {r:?}");
-            if second {
-                b_runs.push(r)
-            } else {
-                a_runs.push(r)
-            }
+            runs[arm].push(r);
         }
     }
-    Ok((a_runs, b_runs))
+    Ok(runs)
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -398,83 +410,296 @@ fn start_upstream(behavior: &str) -> Result<(ChildGuard, u16)> {
     Ok((ChildGuard::new(child), port))
 }
 
-/// Plain Envoy against Envoy with the filter loaded and passing traffic: one
-/// Envoy, two listeners (`envoy/static-filter.yaml`), same upstream,
-/// alternating rounds at a fixed connection count.
+/// What one listener of `filter_overhead` runs.
+#[derive(Debug, Clone, Copy)]
+enum OverheadArm {
+    /// No wasm filter: Envoy's own cost.
+    Plain,
+    /// A proxy-wasm module that does nothing (`bench/floor.wat`).
+    Floor,
+    /// The Understudy filter with this config (its `stat_prefix` is the arm's name).
+    Filter(&'static str),
+}
+
+/// The arms of `filter_overhead`, side by side in one Envoy. Each filter arm
+/// configures one feature on the route so that it never fires: its cost is
+/// what every request pays for having it configured.
+const OVERHEAD_ARMS: &[(&str, OverheadArm)] = &[
+    ("plain", OverheadArm::Plain),
+    ("floor", OverheadArm::Floor),
+    (
+        "filter",
+        OverheadArm::Filter(r#"{"routes":[{"name":"all","path_prefix":"/"}]}"#),
+    ),
+    // Every tier at 1e6/s: the limiter decides every request and never limits.
+    (
+        "limiter_idle",
+        OverheadArm::Filter(
+            r#"{"routes":[{"name":"all","path_prefix":"/"}],"rate_limit":{"identity":{"header":"x-tenant-id"},"tiers":{"anonymous":{"initial":1000000,"min":1000000,"max":1000000},"standard":{"initial":1000000,"min":1000000,"max":1000000}}}}"#,
+        ),
+    ),
+    // A hedge 60 s after the primary: tracked, never due.
+    (
+        "hedge_idle",
+        OverheadArm::Filter(
+            r#"{"routes":[{"name":"all","path_prefix":"/","hedge":{"cluster":"upstream","delay":{"fixed":{"ms":60000}},"timeout_ms":60000}}]}"#,
+        ),
+    ),
+    // Requests carry no Idempotency-Key.
+    (
+        "dedupe_idle",
+        OverheadArm::Filter(
+            r#"{"routes":[{"name":"all","path_prefix":"/","dedupe":{"ttl_s":60,"max_entries":1000}}]}"#,
+        ),
+    ),
+    // Shadowing at 0%: every request is drawn, none is copied.
+    (
+        "shadow_idle",
+        OverheadArm::Filter(
+            r#"{"routes":[{"name":"all","path_prefix":"/","shadow":{"cluster":"upstream","percent":0}}]}"#,
+        ),
+    ),
+];
+
+/// The listener named `name` in a parsed Envoy config.
+fn yaml_listener(doc: &serde_norway::Value, name: &str) -> Result<serde_norway::Value> {
+    doc["static_resources"]["listeners"]
+        .as_sequence()
+        .and_then(|ls| ls.iter().find(|l| l["name"].as_str() == Some(name)))
+        .cloned()
+        .with_context(|| format!("no listener {name} in the benchmark's Envoy config"))
+}
+
+/// A copy of `template` (a listener with one HTTP connection manager) named
+/// `name` on `port`, its stats under `name`; and if `wasm` is given, its
+/// first HTTP filter (the wasm filter) in VM `name` running `wasm.0` (a
+/// `.wasm` path; `None` keeps the template's) with `wasm.1` as config (JSON
+/// text, its `stat_prefix` set to `name`; `None` keeps the template's).
+fn yaml_retarget(
+    template: &serde_norway::Value,
+    name: &str,
+    port: u16,
+    wasm: Option<(Option<&Path>, Option<&str>)>,
+) -> Result<serde_norway::Value> {
+    use serde_norway::Value as Yaml;
+    let mut listener = template.clone();
+    listener["name"] = Yaml::from(name);
+    listener["address"]["socket_address"]["port_value"] = Yaml::from(port);
+    let hcm = &mut listener["filter_chains"][0]["filters"][0]["typed_config"];
+    hcm["stat_prefix"] = Yaml::from(name);
+    if let Some((code, config)) = wasm {
+        let filter = &mut hcm["http_filters"][0]["typed_config"]["config"];
+        filter["vm_config"]["vm_id"] = Yaml::from(name);
+        if let Some(code) = code {
+            filter["vm_config"]["code"]["local"]["filename"] =
+                Yaml::from(code.display().to_string());
+        }
+        if let Some(config) = config {
+            let mut config: Value = serde_json::from_str(config)?;
+            config["stat_prefix"] = json!(name);
+            filter["configuration"]["value"] = Yaml::from(config.to_string());
+        }
+    }
+    Ok(listener)
+}
+
+/// `envoy/static-filter.yaml` with one listener per arm of
+/// [`OVERHEAD_ARMS`], on free ports (returned in the arms' order). Filter
+/// arms are copies of the file's filter listener, each with its own VM
+/// (`vm_id`) and config; the floor arm's VM runs `floor_wasm`.
+fn render_overhead(upstream_port: u16, floor_wasm: &Path) -> Result<(String, Vec<u16>)> {
+    let (text, _, _) = envoy::render_static_filter(upstream_port, envoy::STATIC_FILTER_CONFIG)?;
+    let mut doc: serde_norway::Value = serde_norway::from_str(&text)?;
+    let (with_filter, plain) = (
+        yaml_listener(&doc, "with_filter")?,
+        yaml_listener(&doc, "plain")?,
+    );
+    let mut listeners = Vec::new();
+    let mut ports = Vec::new();
+    for (name, arm) in OVERHEAD_ARMS {
+        let port = free_port()?;
+        listeners.push(match arm {
+            OverheadArm::Plain => yaml_retarget(&plain, name, port, None)?,
+            OverheadArm::Floor => {
+                yaml_retarget(&with_filter, name, port, Some((Some(floor_wasm), None)))?
+            }
+            OverheadArm::Filter(config) => {
+                yaml_retarget(&with_filter, name, port, Some((None, Some(config))))?
+            }
+        });
+        ports.push(port);
+    }
+    doc["static_resources"]["listeners"] = serde_norway::Value::Sequence(listeners);
+    Ok((serde_norway::to_string(&doc)?, ports))
+}
+
+/// `bench/floor.wat` compiled into `dir`.
+fn floor_wasm(dir: &Path) -> Result<PathBuf> {
+    let bytes = wat::parse_str(include_str!("bench/floor.wat")).context("compiling floor.wat")?;
+    let path = dir.join("floor.wasm");
+    std::fs::write(&path, bytes)?;
+    Ok(path)
+}
+
+/// Plain Envoy, a do-nothing proxy-wasm filter (the floor any wasm filter
+/// pays in V8), the filter with no feature firing, and the filter with each
+/// feature configured but never firing: one Envoy, one listener each
+/// ([`OVERHEAD_ARMS`]), same upstream, alternating rounds at a fixed
+/// connection count. Envoy's CPU per request in each arm says where the cost
+/// goes: `floor - plain` is the VM's, `filter - floor` is ours.
 async fn filter_overhead(oha: &Oha) -> Result<Value> {
     let rounds = rounds();
     let seconds = seconds(5);
     const CONNECTIONS: u32 = 16;
     let (_upstream, upstream_port) = start_upstream("{}")?;
-    let (config, with, plain) =
-        envoy::render_static_filter(upstream_port, envoy::STATIC_FILTER_CONFIG)?;
+    let dir = tempfile::tempdir()?;
+    let (config, ports) = render_overhead(upstream_port, &floor_wasm(dir.path())?)?;
     let envoy = Envoy::start(&config, &[]).await?;
     envoy.wait_ready().await?;
-    let url_with = format!("http://127.0.0.1:{with}/");
-    let url_plain = format!("http://127.0.0.1:{plain}/");
-    // Warm both paths (connections, V8 tiers) before measuring.
-    oha.run(&url_plain, 1, CONNECTIONS).await?;
-    oha.run(&url_with, 1, CONNECTIONS).await?;
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}/"))
+        .collect();
+    // Warm every path (connections, V8 tiers) before measuring.
+    for url in &urls {
+        oha.run(url, 1, CONNECTIONS).await?;
+    }
+    let filter_arms: Vec<&str> = OVERHEAD_ARMS
+        .iter()
+        .filter(|(_, arm)| matches!(arm, OverheadArm::Filter(_)))
+        .map(|(name, _)| *name)
+        .collect();
+    let counted = || async {
+        let mut counts = Vec::new();
+        for name in &filter_arms {
+            counts.push(filter_stat(&envoy, &format!("{name}.requests_total")).await?);
+        }
+        anyhow::Ok(counts)
+    };
     // Counted from here: the warm-up is not part of any reported figure.
-    let counted_before = filter_stat(&envoy, "understudy.requests_total").await?;
+    let counted_before = counted().await?;
     let closed = Load {
         seconds,
         connections: CONNECTIONS,
         qps: None,
         headers: &[],
     };
-    let (plain_runs, filter_runs) = alternate(
-        oha,
-        &envoy,
-        rounds,
-        ("plain", &url_plain),
-        ("filter", &url_with),
-        closed,
-    )
-    .await?;
-    let counted = filter_stat(&envoy, "understudy.requests_total").await? - counted_before;
-    if counted == 0 {
-        bail!("the filter counted no requests: it was not on the measured path");
+    let arms: Vec<(&str, &str)> = OVERHEAD_ARMS
+        .iter()
+        .zip(&urls)
+        .map(|((name, _), url)| (*name, url.as_str()))
+        .collect();
+    let runs = alternate_arms(oha, &envoy, rounds, &arms, closed).await?;
+    let mut filter_counted = serde_json::Map::new();
+    for ((name, after), before) in filter_arms.iter().zip(counted().await?).zip(counted_before) {
+        if after == before {
+            bail!("the {name} arm's filter counted no requests: it was not on the measured path");
+        }
+        filter_counted.insert((*name).into(), json!(after - before));
     }
+    let hedges = filter_stat(&envoy, "hedge_idle.hedge.all.sent").await?;
+    let shadows = filter_stat(&envoy, "shadow_idle.shadow.all.sent").await?;
+    if hedges + shadows > 0 {
+        bail!("idle arms fired: {hedges} hedges, {shadows} shadow copies");
+    }
+    let arm = |name: &str| -> &[LoadResult] {
+        let i = OVERHEAD_ARMS.iter().position(|(n, _)| *n == name);
+        i.and_then(|i| runs.get(i)).map_or(&[], Vec::as_slice)
+    };
+    let (plain_runs, filter_runs) = (arm("plain"), arm("filter"));
     let mut figures = serde_json::Map::new();
-    spread_of(&mut figures, "rps_plain", &plain_runs, |r| r.rps);
-    spread_of(&mut figures, "rps_filter", &filter_runs, |r| r.rps);
+    spread_of(&mut figures, "rps_plain", plain_runs, |r| r.rps);
+    spread_of(&mut figures, "rps_filter", filter_runs, |r| r.rps);
     let pick =
         |runs: &[LoadResult], f: fn(&LoadResult) -> f64| median(runs.iter().map(f).collect());
     figures.insert(
         "throughput_ratio".into(),
         json!(round3(
-            pick(&filter_runs, |r| r.rps) / pick(&plain_runs, |r| r.rps)
+            pick(filter_runs, |r| r.rps) / pick(plain_runs, |r| r.rps)
         )),
     );
     spread_ratio(
         &mut figures,
         "throughput_ratio_per_round",
-        &plain_runs,
-        &filter_runs,
+        plain_runs,
+        filter_runs,
         |r| r.rps,
     );
-    spread_of(&mut figures, "p50_ms_plain", &plain_runs, |r| r.p50_ms);
-    spread_of(&mut figures, "p50_ms_filter", &filter_runs, |r| r.p50_ms);
-    spread_of(&mut figures, "p99_ms_plain", &plain_runs, |r| r.p99_ms);
-    spread_of(&mut figures, "p99_ms_filter", &filter_runs, |r| r.p99_ms);
+    spread_of(&mut figures, "p50_ms_plain", plain_runs, |r| r.p50_ms);
+    spread_of(&mut figures, "p50_ms_filter", filter_runs, |r| r.p50_ms);
+    spread_of(&mut figures, "p99_ms_plain", plain_runs, |r| r.p99_ms);
+    spread_of(&mut figures, "p99_ms_filter", filter_runs, |r| r.p99_ms);
     cpu_figures(
         &mut figures,
         "",
-        ("plain", &plain_runs),
-        ("filter", &filter_runs),
+        ("plain", plain_runs),
+        ("filter", filter_runs),
     );
+    // Where the filter's cost goes: the VM's floor, then ours above it.
+    let cpu = |runs: &[LoadResult]| {
+        median(
+            runs.iter()
+                .map(|r| r.envoy_cpu_us_per_req.unwrap_or(f64::NAN))
+                .collect(),
+        )
+    };
+    let (plain_cpu, floor_cpu, filter_cpu) = (cpu(plain_runs), cpu(arm("floor")), cpu(filter_runs));
+    figures.insert(
+        "cpu_us_overhead_floor".into(),
+        json!(round3(floor_cpu - plain_cpu)),
+    );
+    figures.insert(
+        "cpu_overhead_pct_floor".into(),
+        json!(round3(100.0 * (floor_cpu - plain_cpu) / plain_cpu)),
+    );
+    figures.insert(
+        "cpu_us_filter_above_floor".into(),
+        json!(round3(filter_cpu - floor_cpu)),
+    );
+    // Each feature configured but idle: its CPU per request, its cost over
+    // plain Envoy, and what it adds to the filter with no feature.
+    let mut idle = serde_json::Map::new();
+    for (name, arm_kind) in OVERHEAD_ARMS {
+        if matches!(arm_kind, OverheadArm::Plain) {
+            continue;
+        }
+        let runs = arm(name);
+        let mut f = serde_json::Map::new();
+        spread_of(&mut f, "cpu_us_per_req", runs, |r| {
+            r.envoy_cpu_us_per_req.unwrap_or(f64::NAN)
+        });
+        let c = cpu(runs);
+        f.insert("cpu_us_overhead".into(), json!(round3(c - plain_cpu)));
+        f.insert(
+            "cpu_overhead_pct".into(),
+            json!(round3(100.0 * (c - plain_cpu) / plain_cpu)),
+        );
+        f.insert("cpu_us_above_filter".into(), json!(round3(c - filter_cpu)));
+        f.insert(
+            "throughput_ratio".into(),
+            json!(round3(pick(runs, |r| r.rps) / pick(plain_runs, |r| r.rps))),
+        );
+        spread_of(&mut f, "p99_ms", runs, |r| r.p99_ms);
+        idle.insert((*name).into(), Value::Object(f));
+    }
+    let all_runs: serde_json::Map<String, Value> = OVERHEAD_ARMS
+        .iter()
+        .zip(&runs)
+        .map(|((name, _), r)| ((*name).to_owned(), json!(r)))
+        .collect();
     figures.extend(
         json!({
-            "duration_s": rounds as u64 * seconds * 2,
+            "duration_s": rounds as u64 * seconds * OVERHEAD_ARMS.len() as u64,
             "connections": CONNECTIONS,
             "rounds": rounds,
             "seconds_per_round": seconds,
             "aggregation": "median of rounds, with min and max; throughput_ratio is the ratio of the medians",
-            "success_rate_min": plain_runs.iter().chain(&filter_runs).map(|r| r.success_rate).fold(1.0, f64::min),
-            "filter_counted_requests": counted,
+            "arms": idle,
+            "arms_note": "floor: a proxy-wasm module that does nothing (every callback returns at once); the *_idle arms configure one feature that never fires (limiter at 1e6/s, hedge due after 60 s, dedupe without keys, shadow at 0%)",
+            "success_rate_min": runs.iter().flatten().map(|r| r.success_rate).fold(1.0, f64::min),
+            "filter_counted_requests": filter_counted,
             "counters_note": "counters cover the measured rounds only (warm-up excluded)",
-            "runs": {"plain": plain_runs, "filter": filter_runs},
+            "runs": all_runs,
         })
         .as_object()
         .cloned()
@@ -595,9 +820,18 @@ async fn hedging(oha: &Oha) -> Result<Value> {
         );
     }
     figures.extend(delays);
+    drop(envoy);
+    let default_config =
+        hedging_default_config(oha, rounds, seconds, CONNECTIONS, BEHAVIOR).await?;
+    for (k, v) in default_config.as_object().into_iter().flatten() {
+        if k.starts_with("default_config_") {
+            figures.insert(k.clone(), v.clone());
+        }
+    }
+    figures.insert("default_config".into(), default_config);
     figures.insert(
         "duration_s".into(),
-        json!(rounds as u64 * seconds * modes.len() as u64),
+        json!(rounds as u64 * seconds * (modes.len() as u64 + 2)),
     );
     figures.insert("connections".into(), json!(CONNECTIONS));
     figures.insert("rounds".into(), json!(rounds));
@@ -614,9 +848,121 @@ async fn hedging(oha: &Oha) -> Result<Value> {
         json!({
             "none": "no hedging",
             "native": "Envoy retry_policy per_try_timeout 40 ms + hedge_on_per_try_timeout",
-            "fixed": "Understudy, fixed 40 ms, budget 10% + 1/s",
-            "adaptive": "Understudy, p90 of recent latency within 10..200 ms, budget 10% + 1/s"
+            "fixed": "Understudy, fixed 40 ms, budget 10% or 1/s",
+            "adaptive": "Understudy, p90 of recent latency within 10..200 ms, budget 10% or 1/s"
         }),
+    );
+    Ok(Value::Object(figures))
+}
+
+/// The README's default hedging config (every field but `cluster` left out:
+/// a p95 delay, 5% budget + 1/s per worker) against a tail sitting right at
+/// its percentile (5% of requests at 300 ms), run `runs` times, each from a
+/// fresh Envoy so each run starts from the filter's initial state as a new
+/// deployment would: the spread of p99 over the runs shows whether the
+/// delay settles the same way every time. Side by side, in the same Envoys,
+/// the same config without the tail guard (`tail_guard: 0`, the delay before
+/// it existed).
+async fn hedging_default_config(
+    oha: &Oha,
+    runs: usize,
+    seconds: u64,
+    connections: u32,
+    behavior: &str,
+) -> Result<Value> {
+    const ARMS: [(&str, &str); 2] = [
+        (
+            "default",
+            r#"{"routes":[{"name":"all","hedge":{"cluster":"up_adaptive"}}]}"#,
+        ),
+        (
+            "unguarded",
+            r#"{"routes":[{"name":"all","hedge":{"cluster":"up_adaptive","delay":{"adaptive":{"tail_guard":0}}}}]}"#,
+        ),
+    ];
+    let (_upstream, upstream_port) = start_upstream(behavior)?;
+    let http = crate::traffic::client();
+    let mut results: Vec<Vec<(LoadResult, f64, Option<u64>)>> = vec![Vec::new(), Vec::new()];
+    for run in 0..runs {
+        let text = envoy::render(
+            "bench-hedging.yaml",
+            &[
+                ("port_value: 9901", "port_value: 0".into()),
+                ("port_value: 8094", format!("port_value: {upstream_port}")),
+                (
+                    "filename: target/wasm32-wasip1/release/understudy_filter.wasm",
+                    format!("filename: {}", paths::filter_wasm()?.display()),
+                ),
+            ],
+        )?;
+        let mut doc: serde_norway::Value = serde_norway::from_str(&text)?;
+        let template = yaml_listener(&doc, "adaptive")?;
+        let mut listeners = Vec::new();
+        let mut ports = Vec::new();
+        for (name, config) in ARMS {
+            let port = free_port()?;
+            listeners.push(yaml_retarget(
+                &template,
+                name,
+                port,
+                Some((None, Some(config))),
+            )?);
+            ports.push(port);
+        }
+        doc["static_resources"]["listeners"] = serde_norway::Value::Sequence(listeners);
+        let envoy = Envoy::start(&serde_norway::to_string(&doc)?, &[]).await?;
+        envoy.wait_ready().await?;
+        for k in 0..ARMS.len() {
+            let i = (run + k) % ARMS.len();
+            let before = upstream_count(&http, upstream_port).await?;
+            let r = oha
+                .run(
+                    &format!("http://127.0.0.1:{}/", ports[i]),
+                    seconds,
+                    connections,
+                )
+                .await?;
+            let served = upstream_count(&http, upstream_port).await? - before;
+            let extra = (served as f64 / r.requests.max(1) as f64 - 1.0) * 100.0;
+            let delay = envoy
+                .stat(&format!("wasmcustom.{}.hedge.all.delay_ms", ARMS[i].0))
+                .await?;
+            eprintln!(
+                "default config run {run} {}: extra {extra:.2}% delay {delay:?} ms {r:?}",
+                ARMS[i].0
+            );
+            results[i].push((r, extra, delay));
+        }
+    }
+    let mut figures = serde_json::Map::new();
+    for ((name, config), arm) in ARMS.iter().zip(&results) {
+        let prefix = if *name == "default" {
+            "default_config".to_owned()
+        } else {
+            format!("default_config_{name}")
+        };
+        let p99: Vec<f64> = arm.iter().map(|(r, _, _)| r.p99_ms).collect();
+        let extra: Vec<f64> = arm.iter().map(|(_, e, _)| *e).collect();
+        spread(&mut figures, &format!("{prefix}_p99_ms"), &p99);
+        let (lo, hi) = p99
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                (lo.min(*x), hi.max(*x))
+            });
+        figures.insert(format!("{prefix}_p99_spread"), json!(round3(hi / lo)));
+        spread(&mut figures, &format!("{prefix}_extra_load_pct"), &extra);
+        figures.insert(
+            format!("{prefix}_runs"),
+            json!(arm.iter().map(|(r, e, d)| json!({
+                "p50_ms": round3(r.p50_ms), "p99_ms": round3(r.p99_ms), "p999_ms": round3(r.p999_ms),
+                "rps": round3(r.rps), "extra_load_pct": round3(*e), "delay_ms_at_end": d,
+            })).collect::<Vec<_>>()),
+        );
+        figures.insert(format!("{prefix}_config"), serde_json::from_str(config)?);
+    }
+    figures.insert(
+        "note".into(),
+        json!("each run is a fresh Envoy (fresh VMs, the initial delay); default_config_p99_spread is max/min of p99 over the runs; the budget is 5% of requests (or 1/s per worker, whichever allows more)"),
     );
     Ok(Value::Object(figures))
 }
@@ -1169,13 +1515,14 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
     })
     .to_string();
     let (_shadow, shadow_port) = start_upstream(&shadow_behavior)?;
-    let (off, on) = (free_port()?, free_port()?);
+    let (off, on, native) = (free_port()?, free_port()?, free_port()?);
     let config = envoy::render(
         "bench-shadow.yaml",
         &[
             ("port_value: 9901", "port_value: 0".into()),
             ("port_value: 10030", format!("port_value: {off}")),
             ("port_value: 10031", format!("port_value: {on}")),
+            ("port_value: 10032", format!("port_value: {native}")),
             ("port_value: 8096", format!("port_value: {primary_port}")),
             ("port_value: 8097", format!("port_value: {shadow_port}")),
             (
@@ -1187,9 +1534,10 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
     let envoy = Envoy::start(&config, &[]).await?;
     envoy.wait_ready().await?;
     let http = crate::traffic::client();
-    let (url_off, url_on) = (
+    let (url_off, url_on, url_native) = (
         format!("http://127.0.0.1:{off}/orders/42"),
         format!("http://127.0.0.1:{on}/orders/42"),
+        format!("http://127.0.0.1:{native}/orders/42"),
     );
     // The client gets the primary's body, byte for byte.
     let served = http.get(&url_on).send().await?.bytes().await?;
@@ -1220,9 +1568,10 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
             shadow_bytes.len()
         );
     }
-    // Warm both paths (connections, V8 tiers) before measuring.
+    // Warm every path (connections, V8 tiers) before measuring.
     oha.run(&url_off, 1, CONNECTIONS).await?;
     oha.run(&url_on, 1, CONNECTIONS).await?;
+    oha.run(&url_native, 1, CONNECTIONS).await?;
 
     let counter = |what: &'static str| {
         let envoy = &envoy;
@@ -1280,13 +1629,42 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
         qps: None,
         headers: &[],
     };
-    let (off_runs, on_runs) = alternate(
+    let closed_runs = alternate_arms(
         oha,
         &envoy,
         rounds,
-        ("shadow off", &url_off),
-        ("shadow on", &url_on),
+        &[
+            ("shadow off", &url_off),
+            ("shadow on", &url_on),
+            ("native mirror", &url_native),
+        ],
         closed,
+    )
+    .await?;
+    let [off_runs, on_runs, native_runs]: [Vec<LoadResult>; 3] = closed_runs
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("three arms measured, another number of results"))?;
+    settle().await;
+    // p99 away from saturation: open loop at 60% of the native arm's closed-loop
+    // throughput, the same rate for every arm (at saturation p99 measures the
+    // queue, not the filter).
+    let fixed_qps = (0.6 * median(native_runs.iter().map(|r| r.rps).collect())).round() as u32;
+    let open = Load {
+        seconds,
+        connections: CONNECTIONS,
+        qps: Some(fixed_qps.max(1)),
+        headers: &[],
+    };
+    let fixed_runs = alternate_arms(
+        oha,
+        &envoy,
+        rounds,
+        &[
+            ("fixed rate: shadow off", &url_off),
+            ("fixed rate: shadow on", &url_on),
+            ("fixed rate: native mirror", &url_native),
+        ],
+        open,
     )
     .await?;
     settle().await;
@@ -1316,7 +1694,12 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
         }
     }
     let shadow_served = upstream_count(&http, shadow_port).await? - shadow_served_before;
-    let on_requests: u64 = on_runs.iter().map(|r| r.requests).sum();
+    // Both loads ran the shadow_on arm: closed loop, then the fixed rate.
+    let on_requests: u64 = on_runs
+        .iter()
+        .chain(&fixed_runs[1])
+        .map(|r| r.requests)
+        .sum();
     if off_filter_requests == 0 {
         bail!("the shadow_off filter counted no requests: it was not on the measured path");
     }
@@ -1359,8 +1742,59 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
     spread_of(&mut figures, "p99_ms_off", &off_runs, |r| r.p99_ms);
     spread_of(&mut figures, "p99_ms_on", &on_runs, |r| r.p99_ms);
     cpu_figures(&mut figures, "", ("off", &off_runs), ("on", &on_runs));
+    // Against Envoy's own mirroring: every request is served twice in both.
+    spread_of(&mut figures, "rps_native_mirror", &native_runs, |r| r.rps);
+    spread_of(&mut figures, "p99_ms_native_mirror", &native_runs, |r| {
+        r.p99_ms
+    });
+    spread_ratio(
+        &mut figures,
+        "throughput_ratio_vs_native_mirror_per_round",
+        &native_runs,
+        &on_runs,
+        |r| r.rps,
+    );
+    let rps_native = pick(&native_runs, |r| r.rps);
+    figures.insert(
+        "throughput_ratio_vs_native_mirror".into(),
+        json!(round3(rps_on / rps_native)),
+    );
+    cpu_figures(
+        &mut figures,
+        "vs_native_mirror_",
+        ("native_mirror", &native_runs),
+        ("on", &on_runs),
+    );
+    let mut fixed = serde_json::Map::new();
+    for (label, runs) in ["off", "on", "native_mirror"].iter().zip(&fixed_runs) {
+        spread_of(&mut fixed, &format!("p50_ms_{label}"), runs, |r| r.p50_ms);
+        spread_of(&mut fixed, &format!("p99_ms_{label}"), runs, |r| r.p99_ms);
+        spread_of(&mut fixed, &format!("rps_{label}"), runs, |r| r.rps);
+        spread_of(&mut fixed, &format!("cpu_us_per_req_{label}"), runs, |r| {
+            r.envoy_cpu_us_per_req.unwrap_or(f64::NAN)
+        });
+    }
+    let (fixed_on, fixed_native) = (&fixed_runs[1], &fixed_runs[2]);
+    let p99_ratio = pick(fixed_on, |r| r.p99_ms) / pick(fixed_native, |r| r.p99_ms);
+    spread_ratio(
+        &mut fixed,
+        "p99_ratio_vs_native_mirror_per_round",
+        fixed_native,
+        fixed_on,
+        |r| r.p99_ms,
+    );
+    fixed.insert("qps".into(), json!(fixed_qps));
+    fixed.insert(
+        "note".into(),
+        json!("open loop at 60% of the native mirror's closed-loop throughput, the same rate for every arm"),
+    );
+    figures.insert(
+        "p99_ratio_vs_native_mirror_fixed_rate".into(),
+        json!(round3(p99_ratio)),
+    );
+    figures.insert("fixed_rate".into(), Value::Object(fixed));
     let rest = json!({
-        "duration_s": rounds as u64 * seconds * 2,
+        "duration_s": rounds as u64 * seconds * 6,
         "connections": CONNECTIONS,
         "rounds": rounds,
         "seconds_per_round": seconds,
@@ -1386,7 +1820,7 @@ async fn shadow_compare(oha: &Oha) -> Result<Value> {
         "skipped": skipped,
         "skipped_by_reason": skips_by_reason,
         "off_filter_requests": off_filter_requests,
-        "runs": {"off": off_runs, "on": on_runs},
+        "runs": {"off": off_runs, "on": on_runs, "native_mirror": native_runs, "fixed_rate": fixed_runs},
     });
     figures.extend(rest.as_object().cloned().unwrap_or_default());
     Ok(Value::Object(figures))

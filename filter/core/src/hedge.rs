@@ -102,6 +102,10 @@ pub struct RawAdaptive {
     pub window_s: u64,
     pub min_samples: usize,
     pub max_samples: usize,
+    /// The delay is at most this many times the latency at the percentile
+    /// with twice as many requests slower (p90 for a p95 delay); 0 turns the
+    /// guard off. See [`DelayTracker::current_us`].
+    pub tail_guard: f64,
 }
 
 impl Default for RawAdaptive {
@@ -114,6 +118,7 @@ impl Default for RawAdaptive {
             window_s: 10,
             min_samples: 20,
             max_samples: 1_000,
+            tail_guard: DEFAULT_TAIL_GUARD,
         }
     }
 }
@@ -123,7 +128,9 @@ impl Default for RawAdaptive {
 pub struct RawBudget {
     /// Hedges may be at most this percentage of requests...
     pub percent: f64,
-    /// ...plus this many per second (per worker), so quiet routes can still hedge.
+    /// ...or this many per second (per worker), whichever allows more, so a
+    /// quiet route can still hedge. Not added to the percentage: a busy
+    /// route's extra load stays at `percent`.
     pub per_second_floor: f64,
     /// Tokens that may accumulate for a burst of slow requests.
     pub burst: f64,
@@ -165,8 +172,15 @@ pub enum DelayConfig {
         window_ms: u64,
         min_samples: usize,
         max_samples: usize,
+        tail_guard: f64,
     },
 }
+
+/// The default [`RawAdaptive::tail_guard`]: twice the guard percentile's
+/// latency. A smooth latency distribution never reaches it (p95 is about
+/// 1.2 times p90 for a log-normal, 1.3 times for an exponential), so it only
+/// acts where the distribution has a gap: a fast mode and a slow tail.
+pub const DEFAULT_TAIL_GUARD: f64 = 2.0;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BudgetConfig {
@@ -227,6 +241,12 @@ impl HedgeConfig {
                         ),
                     ));
                 }
+                if !(a.tail_guard == 0.0 || (1.0..=1000.0).contains(&a.tail_guard)) {
+                    return Err(invalid(
+                        "delay.adaptive.tail_guard",
+                        format!("must be 0 (off) or within 1..=1000, got {}", a.tail_guard),
+                    ));
+                }
                 if a.window_s == 0 || a.max_samples == 0 || a.max_samples > 100_000 {
                     return Err(invalid(
                         "delay.adaptive",
@@ -241,6 +261,7 @@ impl HedgeConfig {
                     window_ms: a.window_s.saturating_mul(1000),
                     min_samples: a.min_samples.max(1),
                     max_samples: a.max_samples,
+                    tail_guard: a.tail_guard,
                 }
             }
         };
@@ -449,7 +470,20 @@ impl DelayTracker {
         self.samples.len()
     }
 
-    /// The delay to use now, in microseconds.
+    /// The delay to use now, in microseconds: the configured percentile of
+    /// the window's latencies, clamped to `min_ms..=max_ms`, and at most
+    /// `tail_guard` times the latency at the percentile with twice as many
+    /// requests slower (p90 for p95).
+    ///
+    /// Why the guard: when a slow tail is about as large as `100 -
+    /// percentile` (a 5% tail under a p95 delay), the percentile sits on the
+    /// gap between the fast requests and the slow ones, and each window puts
+    /// it on one side or the other by chance. On the slow side nothing is
+    /// hedged, the slow samples stay, and the delay stays there; the p99 of
+    /// the same load then differs ten-fold from one run to the next. The
+    /// guard percentile lies well inside the fast mode, so the delay stays
+    /// near the fast mode's edge, where hedging catches the tail; the budget
+    /// still bounds how many hedges go.
     pub fn current_us(&mut self, now_us: u64) -> u64 {
         let DelayConfig::Adaptive {
             percentile,
@@ -458,6 +492,7 @@ impl DelayTracker {
             max_ms,
             window_ms,
             min_samples,
+            tail_guard,
             ..
         } = self.cfg
         else {
@@ -480,13 +515,15 @@ impl DelayTracker {
         } else {
             let mut v: Vec<u64> = self.samples.iter().map(|(_, l)| *l).collect();
             v.sort_unstable();
-            // Nearest rank: the smallest value with at least p% at or below it.
-            let rank = ((percentile / 100.0) * v.len() as f64).ceil() as usize;
-            let idx = rank.clamp(1, v.len()) - 1;
-            v.get(idx)
-                .copied()
-                .unwrap_or(initial_ms * 1000)
-                .clamp(min_ms * 1000, max_ms * 1000)
+            let mut delay = nearest_rank(&v, percentile).unwrap_or(initial_ms * 1000);
+            let guard_percentile = 2.0 * percentile - 100.0;
+            if tail_guard > 0.0
+                && guard_percentile > 0.0
+                && let Some(guard) = nearest_rank(&v, guard_percentile)
+            {
+                delay = delay.min((guard as f64 * tail_guard) as u64);
+            }
+            delay.clamp(min_ms * 1000, max_ms * 1000)
         };
         self.cached = Some((now_us, value));
         value
@@ -495,12 +532,25 @@ impl DelayTracker {
 
 // === budget ===
 
-/// Token bucket: every request earns `percent/100` of a hedge, time earns
-/// `per_second_floor` per second, a hedge spends one, at most `burst` are kept.
+/// The hedge budget: hedges may be `percent` of requests *or*
+/// `per_second_floor` per second, whichever allows more, never the sum. The
+/// floor lets a quiet route hedge at all; on a busy route it adds nothing, so
+/// the extra load stays at the configured percentage.
+///
+/// Two token buckets, each holding at most `burst`: every request earns
+/// `percent/100` of a hedge in one, time earns `per_second_floor` per second
+/// in the other. A hedge may go when either holds a whole token, and it
+/// spends one from both (neither below zero). So the larger of the two
+/// (which a hedge always lowers by exactly one) bounds the hedges: over any
+/// stretch where the same bucket leads, they are at most its earnings plus
+/// `burst`.
 #[derive(Debug, Clone)]
 pub struct Budget {
     cfg: BudgetConfig,
-    tokens: f64,
+    /// Earned by requests.
+    by_requests: f64,
+    /// Earned by time.
+    by_time: f64,
     last_us: Option<u64>,
 }
 
@@ -508,7 +558,8 @@ impl Budget {
     pub fn new(cfg: BudgetConfig) -> Self {
         Self {
             cfg,
-            tokens: 0.0,
+            by_requests: 0.0,
+            by_time: 0.0,
             last_us: None,
         }
     }
@@ -516,14 +567,15 @@ impl Budget {
     /// A request arrived: it earns `percent/100` of a hedge.
     pub fn on_request(&mut self, now_us: u64) {
         self.refill(now_us);
-        self.tokens = (self.tokens + self.cfg.percent / 100.0).min(self.cfg.burst);
+        self.by_requests = (self.by_requests + self.cfg.percent / 100.0).min(self.cfg.burst);
     }
 
-    /// Spends a token if there is one.
+    /// Spends a token if either bucket has one.
     pub fn try_spend(&mut self, now_us: u64) -> bool {
         self.refill(now_us);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.by_requests >= 1.0 || self.by_time >= 1.0 {
+            self.by_requests = (self.by_requests - 1.0).max(0.0);
+            self.by_time = (self.by_time - 1.0).max(0.0);
             true
         } else {
             false
@@ -534,10 +586,17 @@ impl Budget {
     fn refill(&mut self, now_us: u64) {
         if let Some(last) = self.last_us {
             let dt = now_us.saturating_sub(last) as f64 / 1e6;
-            self.tokens = (self.tokens + dt * self.cfg.per_second_floor).min(self.cfg.burst);
+            self.by_time = (self.by_time + dt * self.cfg.per_second_floor).min(self.cfg.burst);
         }
         self.last_us = Some(self.last_us.map_or(now_us, |l| l.max(now_us)));
     }
+}
+
+/// Nearest rank in sorted `v`: the smallest value with at least
+/// `percentile`% of them at or below it (`None` when `v` is empty).
+fn nearest_rank(v: &[u64], percentile: f64) -> Option<u64> {
+    let rank = ((percentile / 100.0) * v.len() as f64).ceil() as usize;
+    v.get(rank.clamp(1, v.len().max(1)) - 1).copied()
 }
 
 // === the table ===
@@ -1206,7 +1265,7 @@ mod tests {
     }
 
     #[test]
-    fn budget_is_a_fraction_plus_a_floor() {
+    fn budget_is_a_fraction_or_a_floor() {
         let c = cfg(serde_json::json!({"cluster": "c", "budget": {"percent": 10, "per_second_floor": 0, "burst": 5}})).unwrap();
         let mut b = Budget::new(c.budget);
         let mut spent = 0;
@@ -1231,6 +1290,92 @@ mod tests {
             zero.on_request(i * 1_000_000);
             !zero.try_spend(i * 1_000_000)
         }));
+    }
+
+    #[test]
+    fn the_floor_is_not_added_to_a_busy_routes_percentage() {
+        let c = cfg(serde_json::json!({"cluster": "c", "budget": {"percent": 5, "per_second_floor": 1, "burst": 10}})).unwrap();
+        let mut b = Budget::new(c.budget);
+        // 1,000 requests a second for 10 s, each one slow enough to hedge.
+        let mut spent = 0;
+        for i in 0..10_000u64 {
+            let now = i * 1_000;
+            b.on_request(now);
+            if b.try_spend(now) {
+                spent += 1;
+            }
+        }
+        // 5% of 10,000; the floor (10 over 10 s) would have made it 510.
+        assert_eq!(spent, 500);
+        // A quiet route (one request every 2 s) still hedges every one.
+        let mut quiet = Budget::new(c.budget);
+        quiet.on_request(0);
+        let hedged = (1..=10u64)
+            .filter(|k| {
+                let now = k * 2_000_000;
+                quiet.on_request(now);
+                quiet.try_spend(now)
+            })
+            .count();
+        assert_eq!(hedged, 10);
+    }
+
+    /// A window of `n` latencies: `slow` of them 300 ms, the rest spread
+    /// over 5..9 ms, interleaved.
+    fn bimodal(d: &mut DelayTracker, now_us: u64, n: u64, slow: u64) {
+        for i in 0..n {
+            let latency = if i * slow / n != (i + 1) * slow / n {
+                300_000
+            } else {
+                5_000 + (i * 7_919 % 4_000)
+            };
+            d.record(now_us, latency);
+        }
+    }
+
+    #[test]
+    fn a_tail_at_the_percentile_leaves_the_delay_at_the_fast_edge() {
+        let with_guard = |guard: f64| {
+            cfg(serde_json::json!({"cluster": "c", "delay": {"adaptive": {"tail_guard": guard}}}))
+                .unwrap()
+                .delay
+        };
+        for slow in [40u64, 48, 50, 52, 60] {
+            // 1,000 samples, `slow` per mille at 300 ms, under a p95 delay.
+            let mut guarded = DelayTracker::new(with_guard(DEFAULT_TAIL_GUARD));
+            bimodal(&mut guarded, 1_000_000, 1_000, slow);
+            let delay = guarded.current_us(1_000_000);
+            assert!(
+                (5_000..=18_000).contains(&delay),
+                "{slow}/1000 slow: {delay} us, not at the fast mode's edge"
+            );
+            let mut bare = DelayTracker::new(with_guard(0.0));
+            bimodal(&mut bare, 1_000_000, 1_000, slow);
+            let unguarded = bare.current_us(1_000_000);
+            if slow > 50 {
+                // The bare percentile jumps into the tail: no hedge before 300 ms.
+                assert_eq!(unguarded, 300_000, "{slow}/1000 slow");
+            } else {
+                assert_eq!(unguarded, delay, "{slow}/1000 slow: the guard did not act");
+            }
+        }
+        // A smooth distribution (1..=100 ms) keeps its plain p95.
+        let mut smooth = DelayTracker::new(with_guard(DEFAULT_TAIL_GUARD));
+        for i in 1..=100u64 {
+            smooth.record(1_000_000, i * 1_000);
+        }
+        assert_eq!(smooth.current_us(1_000_000), 95_000);
+    }
+
+    #[test]
+    fn tail_guard_is_zero_or_at_least_one() {
+        for bad in [0.5, -1.0, 1e9] {
+            let err = cfg(
+                serde_json::json!({"cluster": "c", "delay": {"adaptive": {"tail_guard": bad}}}),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("tail_guard"), "{err}");
+        }
     }
 
     fn complete() -> RequestCopy {
