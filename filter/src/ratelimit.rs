@@ -20,8 +20,8 @@ use prost::Message;
 use proxy_wasm::types::{LogLevel, MetricType};
 
 use understudy_core::ratelimit::{
-    self, Bucket, Counted, Enforcement, IdentityInput, LocalTable, Placement, RateLimitConfig,
-    Rejection, Seat, Tenant, TenantState, UsageTable, Verdict,
+    self, Answer, Bucket, Counted, Enforcement, IdentityInput, LocalTable, PendingAnswers,
+    Placement, RateLimitConfig, Rejection, Seat, Tenant, TenantState, UsageTable, Verdict,
 };
 use understudy_core::report::Schedule;
 use understudy_core::{FilterConfig, stats};
@@ -51,12 +51,17 @@ pub struct Limiter {
     reports_failed: u32,
     /// `per_worker` enforcement only: this worker's tenants and tier pools.
     local: LocalTable,
+    /// Shared enforcement: answers not yet written to their tenants' slots.
+    pending: PendingAnswers,
 }
 
 /// A request the limiter admitted: its answer feeds the tenant's adaptive limit.
 pub struct Admitted {
     tenant: Tenant,
     started_us: u64,
+    /// From this time on, the answer may move the tenant's rate and is
+    /// written at once (shared enforcement; `u64::MAX`: never).
+    adjust_due_us: u64,
     /// `RateLimit` headers to add to the response, when configured.
     pub headers: Option<Vec<(String, String)>>,
 }
@@ -103,6 +108,7 @@ impl Limiter {
             usage: UsageTable::new(cfg.report.as_ref().map_or(0, |r| r.max_tenants)),
             schedule: Schedule::default(),
             local: LocalTable::default(),
+            pending: PendingAnswers::default(),
             tiers,
             cfg,
         }))
@@ -148,7 +154,10 @@ impl Limiter {
                 authorization: authorization.as_deref(),
             },
         );
-        let admission = self.admit(&tenant, now_us);
+        let (admission, adjust_due_us) = match self.admit(&tenant, now_us) {
+            Some((a, due)) => (Some(a), due),
+            None => (None, u64::MAX),
+        };
         if let (Some(a), Some(_)) = (&admission, &self.cfg.report) {
             self.usage.record(&tenant, a);
         }
@@ -165,6 +174,7 @@ impl Limiter {
             Verdict::Allow { headers } => Decision::Allow(Box::new(Admitted {
                 tenant,
                 started_us: now_us,
+                adjust_due_us,
                 headers,
             })),
             Verdict::Reject(r) => Decision::Reject(r),
@@ -200,8 +210,9 @@ impl Limiter {
     }
 
     /// The tenant's admission: shared (one read-modify-CAS of its slot, the
-    /// tier pool inside it) or this worker's own table.
-    fn admit(&mut self, tenant: &Tenant, now_us: u64) -> Option<ratelimit::Admission> {
+    /// tier pool inside it, folding in this worker's held answers) or this
+    /// worker's own table. With it, when an answer may next move the rate.
+    fn admit(&mut self, tenant: &Tenant, now_us: u64) -> Option<(ratelimit::Admission, u64)> {
         if self.cfg.enforcement == Enforcement::PerWorker {
             let (a, seat) = self.local.admit(tenant, &self.cfg, now_us);
             match seat {
@@ -209,7 +220,7 @@ impl Limiter {
                 Seat::Evicted => self.host.increment(self.evictions, 1),
                 Seat::Known => {}
             }
-            return Some(a);
+            return Some((a, u64::MAX));
         }
         let [k0, k1] = self.slot_keys(&tenant.id);
         for _ in 0..CAS_RETRIES {
@@ -238,17 +249,18 @@ impl Limiter {
                 },
             );
             let slot = &slots[write.slot];
-            match self
-                .host
-                .shared_set(&slot.key, &write.state.encode(), slot.cas)
-            {
+            let mut state = write.state;
+            state.observe_all(tenant, &self.cfg, self.pending.of(&tenant.id));
+            match self.host.shared_set(&slot.key, &state.encode(), slot.cas) {
                 Ok(()) => {
+                    self.pending.written(&tenant.id);
+                    let adjust_due_us = state.next_adjust_us(tenant, &self.cfg);
                     match write.placement {
                         Placement::Free(_) => self.host.increment(self.tenants, 1),
                         Placement::Evict(_) => self.host.increment(self.evictions, 1),
                         Placement::Found(_) => {}
                     }
-                    return Some(write.admission);
+                    return Some((write.admission, adjust_due_us));
                 }
                 Err(SharedSetError::CasMismatch) => continue,
                 Err(status) => {
@@ -327,6 +339,21 @@ impl Limiter {
                 .observe(tenant, &self.cfg, status, latency_ms, now_us);
             return;
         }
+        let answer = Answer {
+            status,
+            latency_ms,
+            at_us: now_us,
+        };
+        if self
+            .pending
+            .defer(&tenant.id, answer, now_us >= admitted.adjust_due_us)
+        {
+            return;
+        }
+        let mut answers = self.pending.of(&tenant.id).to_vec();
+        answers.push(answer);
+        // Written now or never: a tenant evicted meanwhile starts again anyway.
+        self.pending.written(&tenant.id);
         for _ in 0..CAS_RETRIES {
             let found = self.slot_keys(&tenant.id).into_iter().find_map(|k| {
                 let slot = self.read_slot(k).ok()?;
@@ -344,7 +371,7 @@ impl Limiter {
             else {
                 return;
             };
-            state.observe(tenant, &self.cfg, status, latency_ms, now_us);
+            state.observe_all(tenant, &self.cfg, &answers);
             match self.host.shared_set(&key, &state.encode(), cas) {
                 Err(SharedSetError::CasMismatch) => continue,
                 _ => return,
@@ -367,11 +394,10 @@ fn take_shared_bucket(
         let (bytes, cas) = host.shared_get(key).ok()?;
         let mut bucket = bytes
             .as_deref()
-            .and_then(|b| serde_json::from_slice::<Bucket>(b).ok())
+            .and_then(ratelimit::decode_shared::<Bucket>)
             .unwrap_or_else(|| Bucket::full(rate, burst_s, now_us));
         let taken = bucket.take(rate, burst_s, now_us);
-        let encoded = serde_json::to_vec(&bucket).ok()?;
-        match host.shared_set(key, &encoded, cas) {
+        match host.shared_set(key, &ratelimit::encode_shared(&bucket), cas) {
             Ok(()) => return Some((taken, bucket)),
             Err(SharedSetError::CasMismatch) => continue,
             Err(_) => return None,

@@ -307,6 +307,39 @@ fn an_answer_carries_ratelimit_headers_and_adapts_the_tenants_limit() {
     assert!(state.latency_ms > 0.0, "the answer's latency was observed");
 }
 
+#[test]
+fn answers_are_written_with_the_next_admission_until_an_adjustment_is_due() {
+    let host = FakeHost::new();
+    let root = configured(&host, rate_limited(json!({})));
+    let slot = || {
+        host.with(|s| {
+            s.shared
+                .iter()
+                .find(|(k, _)| k.starts_with("understudy/ratelimit/t/"))
+                .map(|(_, (v, cas))| (v.clone(), *cas))
+        })
+        .unwrap_or_else(|| panic!("no tenant slot"))
+    };
+    let state = |bytes: &[u8]| {
+        understudy_core::ratelimit::TenantState::decode(bytes)
+            .unwrap_or_else(|| panic!("undecodable slot"))
+    };
+    let (mut http, _) = request(&root, &host, 2, &[(":path", "/x"), ("x-tenant", "t1")]);
+    let (_, written) = slot();
+    // Answered well before the next adjustment: nothing is written.
+    host.advance_ms(10);
+    host.set_map(RESP, &[(":status", "503")]);
+    http.on_http_response_headers(1, true);
+    assert_eq!(slot().1, written, "the answer waits");
+    // The tenant's next admission writes its slot anyway, with the answer in.
+    request(&root, &host, 3, &[(":path", "/x"), ("x-tenant", "t1")]);
+    let (bytes, cas) = slot();
+    assert_ne!(cas, written);
+    let s = state(&bytes);
+    assert!(s.success < 1.0, "the 503 was folded in: {s:?}");
+    assert_eq!(s.rate, 2.0, "no adjustment yet");
+}
+
 // === tick and call response: hedging ===
 
 #[test]
