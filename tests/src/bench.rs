@@ -2546,6 +2546,49 @@ mod tests {
     }
 
     #[test]
+    fn the_overhead_envoy_has_one_listener_per_arm_each_in_its_own_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let floor = floor_wasm(dir.path()).unwrap();
+        assert!(std::fs::read(&floor).unwrap().starts_with(b"\0asm"));
+        let (text, ports) = render_overhead(8081, &floor).unwrap();
+        let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+        let listeners = doc["static_resources"]["listeners"].as_sequence().unwrap();
+        assert_eq!(listeners.len(), OVERHEAD_ARMS.len());
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len());
+        for ((name, arm), (l, port)) in OVERHEAD_ARMS.iter().zip(listeners.iter().zip(&ports)) {
+            assert_eq!(l["name"].as_str(), Some(*name));
+            assert_eq!(
+                l["address"]["socket_address"]["port_value"].as_u64(),
+                Some(u64::from(*port))
+            );
+            let filters = l["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+                .as_sequence()
+                .unwrap();
+            let wasm = &filters[0]["typed_config"]["config"];
+            match arm {
+                OverheadArm::Plain => assert_eq!(filters.len(), 1, "the router only"),
+                OverheadArm::Floor => {
+                    assert_eq!(wasm["vm_config"]["vm_id"].as_str(), Some(*name));
+                    assert_eq!(
+                        wasm["vm_config"]["code"]["local"]["filename"].as_str(),
+                        floor.to_str()
+                    );
+                }
+                OverheadArm::Filter(_) => {
+                    assert_eq!(wasm["vm_config"]["vm_id"].as_str(), Some(*name));
+                    let config = wasm["configuration"]["value"].as_str().unwrap();
+                    let parsed = understudy_core::FilterConfig::from_json(config.as_bytes())
+                        .unwrap_or_else(|e| panic!("{name}: {e}"));
+                    assert_eq!(parsed.stat_prefix(), *name);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn order_document_is_about_10_kb_and_stable() {
         let body = serde_json::to_vec(&order_document()).unwrap();
         assert!(

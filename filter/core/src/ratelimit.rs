@@ -2055,6 +2055,17 @@ mod tests {
         }
     }
 
+    /// The tenant a request with header value `p` is.
+    fn tenant_p(c: &RateLimitConfig) -> Tenant {
+        identify(
+            c,
+            &IdentityInput {
+                header: Some("p"),
+                ..Default::default()
+            },
+        )
+    }
+
     #[test]
     fn answers_wait_for_the_next_write_unless_they_may_move_the_rate() {
         let mut p = PendingAnswers::default();
@@ -2087,13 +2098,7 @@ mod tests {
     #[test]
     fn folded_answers_move_the_averages_as_one_by_one_would() {
         let c = cfg(json!({}));
-        let t = identify(
-            &c,
-            &IdentityInput {
-                header: Some("p"),
-                ..Default::default()
-            },
-        );
+        let t = tenant_p(&c);
         let answers: Vec<Answer> = (0..10u64)
             .map(|i| Answer {
                 status: if i % 3 == 0 { 503 } else { 200 },
@@ -2114,13 +2119,7 @@ mod tests {
     #[test]
     fn shared_values_are_binary_and_old_json_reads_as_absent() {
         let c = cfg(json!({}));
-        let t = identify(
-            &c,
-            &IdentityInput {
-                header: Some("p"),
-                ..Default::default()
-            },
-        );
+        let t = tenant_p(&c);
         let s = TenantState::new(&t, &c, 7);
         let bytes = s.encode();
         assert_eq!(bytes.first(), Some(&SHARED_FORMAT));
@@ -2142,7 +2141,7 @@ mod tests {
         fn state_round_trips_and_garbage_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), rate in 0.1f64..1e6) {
             let _ = TenantState::decode(&bytes);
             let c = cfg(json!({}));
-            let t = identify(&c, &IdentityInput { header: Some("p"), ..Default::default() });
+            let t = tenant_p(&c);
             let mut s = TenantState::new(&t, &c, 7);
             s.rate = rate;
             let back = TenantState::decode(&s.encode());
@@ -2156,7 +2155,7 @@ mod tests {
         #[test]
         fn the_rate_stays_within_its_tier(statuses in proptest::collection::vec(proptest::prelude::any::<bool>(), 1..300)) {
             let c = cfg(json!({}));
-            let t = identify(&c, &IdentityInput { header: Some("p"), ..Default::default() });
+            let t = tenant_p(&c);
             let mut s = TenantState::new(&t, &c, 0);
             for (i, ok) in statuses.iter().enumerate() {
                 s.observe(&t, &c, if *ok { 200 } else { 500 }, 5.0, i as u64 * 400_000);
