@@ -394,7 +394,11 @@ fn hedged() -> Value {
 fn a_silent_request_is_hedged_on_the_tick_and_the_hedge_answers_the_client() {
     let host = FakeHost::new();
     let mut root = configured(&host, hedged());
-    assert_eq!(host.with(|s| s.tick_period_ms), Some(10));
+    assert_eq!(
+        host.with(|s| s.tick_period_ms),
+        Some(2),
+        "a 40 ms delay, ticked every 2 ms"
+    );
     let (mut http, action) = request(&root, &host, 7, &[(":path", "/slow"), (":method", "GET")]);
     assert_eq!(action, Action::Continue);
     let key = host.header(REQ, "idempotency-key").unwrap_or_default();
