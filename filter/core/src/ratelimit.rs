@@ -632,11 +632,9 @@ const SHARED_FORMAT: u8 = 1;
 /// tenant's slot under Envoy's process-wide lock; JSON made that the
 /// limiter's main cost (about 3x the bytes, and float printing and parsing).
 pub fn encode_shared<T: Serialize>(value: &T) -> Vec<u8> {
-    let out = vec![SHARED_FORMAT];
-    match postcard::to_extend(value, out) {
-        Ok(bytes) => bytes,
-        Err(_) => Vec::new(),
-    }
+    // Empty on a serializer error (none for these types): an empty value
+    // reads back as absent.
+    postcard::to_extend(value, vec![SHARED_FORMAT]).unwrap_or_default()
 }
 
 /// What [`encode_shared`] wrote; `None` for anything else.
