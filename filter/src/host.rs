@@ -79,15 +79,7 @@ impl RequestHeaders {
 
     /// Every header as text, lossy (see [`Host::headers`]): what copies carry.
     pub fn all_text(&self) -> Vec<(String, String)> {
-        self.0
-            .iter()
-            .map(|(k, v)| {
-                (
-                    String::from_utf8_lossy(k).into_owned(),
-                    String::from_utf8_lossy(v).into_owned(),
-                )
-            })
-            .collect()
+        text_pairs(self.0.clone())
     }
 }
 
@@ -151,11 +143,6 @@ pub trait Host {
     fn request_header(&self, name: &str) -> Option<String> {
         self.header_bytes(MapType::HttpRequestHeaders, name)
             .map(text)
-    }
-
-    /// A request header's raw bytes.
-    fn request_header_bytes(&self, name: &str) -> Option<Vec<u8>> {
-        self.header_bytes(MapType::HttpRequestHeaders, name)
     }
 
     /// A response header as text (lossy for non-UTF-8 bytes).
@@ -320,10 +307,7 @@ pub trait Host {
     /// compared: the SDK's dispatch takes `&str` headers, so a non-UTF-8 byte
     /// travels on as U+FFFD rather than stopping the feature.
     fn headers(&self, map: MapType) -> Vec<(String, String)> {
-        self.headers_bytes(map)
-            .into_iter()
-            .map(|(k, v)| (text(k), text(v)))
-            .collect()
+        text_pairs(self.headers_bytes(map))
     }
 
     /// A buffer's first `size` bytes (empty when unreadable).
@@ -415,6 +399,11 @@ pub fn text(bytes: Vec<u8>) -> String {
         Ok(s) => s,
         Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
     }
+}
+
+/// Header pairs as text, lossy where a name or value is not UTF-8.
+fn text_pairs(pairs: HeaderPairs) -> Vec<(String, String)> {
+    pairs.into_iter().map(|(k, v)| (text(k), text(v))).collect()
 }
 
 /// Serializes a header map the way the ABI expects: count, then (name
