@@ -855,6 +855,17 @@ async fn hedging(oha: &Oha) -> Result<Value> {
     Ok(Value::Object(figures))
 }
 
+/// One run of [`hedging_default_config`]: the load's result, the extra
+/// upstream load in percent, the delay the filter showed at the end, and
+/// the hedges its budget refused.
+#[derive(Debug, Clone)]
+struct DefaultRun {
+    load: LoadResult,
+    extra: f64,
+    delay: Option<u64>,
+    refused: Option<u64>,
+}
+
 /// The README's default hedging config (every field but `cluster` left out:
 /// a p95 delay, 5% budget + 1/s per worker) against a tail sitting right at
 /// its percentile (5% of requests at 300 ms), run `runs` times, each from a
@@ -882,7 +893,7 @@ async fn hedging_default_config(
     ];
     let (_upstream, upstream_port) = start_upstream(behavior)?;
     let http = crate::traffic::client();
-    let mut results: Vec<Vec<(LoadResult, f64, Option<u64>)>> = vec![Vec::new(), Vec::new()];
+    let mut results: Vec<Vec<DefaultRun>> = vec![Vec::new(); ARMS.len()];
     for run in 0..runs {
         let text = envoy::render(
             "bench-hedging.yaml",
@@ -927,11 +938,22 @@ async fn hedging_default_config(
             let delay = envoy
                 .stat(&format!("wasmcustom.{}.hedge.all.delay_ms", ARMS[i].0))
                 .await?;
+            let refused = envoy
+                .stat(&format!(
+                    "wasmcustom.{}.hedge.all.budget_exhausted",
+                    ARMS[i].0
+                ))
+                .await?;
             eprintln!(
-                "default config run {run} {}: extra {extra:.2}% delay {delay:?} ms {r:?}",
+                "default config run {run} {}: extra {extra:.2}% delay {delay:?} ms refused {refused:?} {r:?}",
                 ARMS[i].0
             );
-            results[i].push((r, extra, delay));
+            results[i].push(DefaultRun {
+                load: r,
+                extra,
+                delay,
+                refused,
+            });
         }
     }
     let mut figures = serde_json::Map::new();
@@ -941,8 +963,8 @@ async fn hedging_default_config(
         } else {
             format!("default_config_{name}")
         };
-        let p99: Vec<f64> = arm.iter().map(|(r, _, _)| r.p99_ms).collect();
-        let extra: Vec<f64> = arm.iter().map(|(_, e, _)| *e).collect();
+        let p99: Vec<f64> = arm.iter().map(|run| run.load.p99_ms).collect();
+        let extra: Vec<f64> = arm.iter().map(|run| run.extra).collect();
         spread(&mut figures, &format!("{prefix}_p99_ms"), &p99);
         let (lo, hi) = p99
             .iter()
@@ -953,9 +975,10 @@ async fn hedging_default_config(
         spread(&mut figures, &format!("{prefix}_extra_load_pct"), &extra);
         figures.insert(
             format!("{prefix}_runs"),
-            json!(arm.iter().map(|(r, e, d)| json!({
-                "p50_ms": round3(r.p50_ms), "p99_ms": round3(r.p99_ms), "p999_ms": round3(r.p999_ms),
-                "rps": round3(r.rps), "extra_load_pct": round3(*e), "delay_ms_at_end": d,
+            json!(arm.iter().map(|run| json!({
+                "p50_ms": round3(run.load.p50_ms), "p99_ms": round3(run.load.p99_ms), "p999_ms": round3(run.load.p999_ms),
+                "rps": round3(run.load.rps), "extra_load_pct": round3(run.extra), "delay_ms_at_end": run.delay,
+                "budget_refused": run.refused,
             })).collect::<Vec<_>>()),
         );
         figures.insert(format!("{prefix}_config"), serde_json::from_str(config)?);
