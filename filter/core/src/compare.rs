@@ -42,6 +42,7 @@
 //! the reason. At most `max_differences` differences are recorded; the rest
 //! are counted in `omitted` (and still in `serious` / `noise`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -188,23 +189,23 @@ impl PathPattern {
     }
 
     /// Whether the pattern matches `path` exactly.
-    fn matches(&self, path: &[Seg]) -> bool {
+    fn matches(&self, path: &[Seg<'_>]) -> bool {
         self.segs.len() == path.len() && self.matches_prefix(path)
     }
 
     /// Whether the pattern matches `path` or one of its ancestors.
-    fn matches_prefix(&self, path: &[Seg]) -> bool {
+    fn matches_prefix(&self, path: &[Seg<'_>]) -> bool {
         self.segs.len() <= path.len() && self.segs.iter().zip(path).all(|(p, s)| seg_matches(p, s))
     }
 }
 
-fn seg_matches(p: &PatSeg, s: &Seg) -> bool {
+fn seg_matches(p: &PatSeg, s: &Seg<'_>) -> bool {
     match (p, s) {
         (PatSeg::Any, _) => true,
         (PatSeg::AnyIndex, s) => s.index().is_some(),
-        (PatSeg::Key(k), Seg::Key(n)) => k == n,
+        (PatSeg::Key(k), Seg::Key(n)) => k.as_str() == n.as_ref(),
         (PatSeg::Index(i), s) => s.index() == Some(*i),
-        (PatSeg::Token(t), Seg::Key(n)) => t == n,
+        (PatSeg::Token(t), Seg::Key(n)) => t.as_str() == n.as_ref(),
         (PatSeg::Token(t), s) => s
             .index()
             .is_some_and(|i| t.parse::<usize>().ok() == Some(i)),
@@ -452,22 +453,22 @@ impl CompareConfig {
         })
     }
 
-    fn ignored(&self, path: &[Seg]) -> bool {
+    fn ignored(&self, path: &[Seg<'_>]) -> bool {
         self.ignore.iter().any(|p| p.matches_prefix(path))
     }
 
-    fn tolerance_at(&self, path: &[Seg]) -> Option<Tolerance> {
+    fn tolerance_at(&self, path: &[Seg<'_>]) -> Option<Tolerance> {
         self.tolerance
             .iter()
             .find(|(p, _)| p.matches(path))
             .map(|(_, t)| *t)
     }
 
-    fn unordered_at(&self, path: &[Seg]) -> bool {
+    fn unordered_at(&self, path: &[Seg<'_>]) -> bool {
         self.unordered.iter().any(|p| p.matches(path))
     }
 
-    fn id_field_at(&self, path: &[Seg]) -> Option<&str> {
+    fn id_field_at(&self, path: &[Seg<'_>]) -> Option<&str> {
         self.match_by_id
             .iter()
             .find(|(p, _)| p.matches(path))
@@ -606,21 +607,23 @@ impl Comparison {
 
 // === engine ===
 
-/// One step of a concrete path.
+/// One step of a concrete path. Keys and id fields borrow from the
+/// documents and the config being compared, so walking a document
+/// allocates no path text; only the rare id-matched element owns its id.
 #[derive(Debug, Clone, PartialEq)]
-enum Seg {
-    Key(String),
+enum Seg<'a> {
+    Key(Cow<'a, str>),
     Index(usize),
     /// An element of an id-matched array: its index (in the primary, or the
     /// shadow for extra elements), the id field and the id as JSON text.
     Id {
         index: usize,
-        field: String,
+        field: &'a str,
         value: String,
     },
 }
 
-impl Seg {
+impl Seg<'_> {
     fn index(&self) -> Option<usize> {
         match self {
             Seg::Key(_) => None,
@@ -641,7 +644,7 @@ fn json_string(s: &str) -> String {
     Value::String(s.to_owned()).to_string()
 }
 
-fn render(path: &[Seg]) -> String {
+fn render(path: &[Seg<'_>]) -> String {
     let mut out = String::from("$");
     for s in path {
         match s {
@@ -815,7 +818,7 @@ pub fn redact_body(body: &[u8], redact: &[PathPattern], max_depth: usize) -> Opt
 }
 
 /// Recursion is bounded by the depth check in [`redact_body`].
-fn redact_value(v: &mut Value, redact: &[PathPattern], path: &mut Vec<Seg>) {
+fn redact_value(v: &mut Value, redact: &[PathPattern], path: &mut Vec<Seg<'static>>) {
     if redact.iter().any(|r| r.matches_prefix(path)) {
         *v = Value::String(sha256_text(v.to_string().as_bytes()));
         return;
@@ -823,7 +826,7 @@ fn redact_value(v: &mut Value, redact: &[PathPattern], path: &mut Vec<Seg>) {
     match v {
         Value::Object(map) => {
             for (k, child) in map.iter_mut() {
-                path.push(Seg::Key(k.clone()));
+                path.push(Seg::Key(Cow::Owned(k.clone())));
                 redact_value(child, redact, path);
                 path.pop();
             }
@@ -998,7 +1001,7 @@ impl Walker<'_> {
     /// Records a difference, applying the ignore rules.
     fn record(
         &mut self,
-        path: &[Seg],
+        path: &[Seg<'_>],
         kind: DiffKind,
         bucket: Bucket,
         primary: Option<&Value>,
@@ -1023,7 +1026,7 @@ impl Walker<'_> {
 
     fn record_text(
         &mut self,
-        path: &[Seg],
+        path: &[Seg<'_>],
         kind: DiffKind,
         bucket: Bucket,
         primary: Option<String>,
@@ -1053,19 +1056,49 @@ impl Walker<'_> {
     }
 }
 
-fn child(path: &[Seg], seg: Seg) -> Vec<Seg> {
-    let mut p = Vec::with_capacity(path.len() + 1);
-    p.extend_from_slice(path);
-    p.push(seg);
-    p
+impl Walker<'_> {
+    /// Records a difference at the child `seg` of `path` (one with no pair
+    /// to walk), leaving `path` as it was.
+    fn record_child<'a>(
+        &mut self,
+        path: &mut Vec<Seg<'a>>,
+        seg: Seg<'a>,
+        kind: DiffKind,
+        bucket: Bucket,
+        primary: Option<&Value>,
+        shadow: Option<&Value>,
+    ) {
+        path.push(seg);
+        self.record(path, kind, bucket, primary, shadow);
+        path.pop();
+    }
 }
 
+/// A pair still to walk: the length of its parent's path, its own step
+/// (none for the root), and the two values.
+type Pending<'a> = (usize, Option<Seg<'a>>, &'a Value, &'a Value);
+
 /// Walks both documents with an explicit stack (depth-first, document order).
-fn walk(cfg: &CompareConfig, scope: Scope<'_>, a: &Value, b: &Value, out: &mut Comparison) {
+///
+/// One path is shared by every pair: a pair's step is pushed when the pair
+/// is popped, after cutting the path back to its parent's length. Depth
+/// first, that is exactly the pair's own path, so no pair copies its path.
+fn walk<'a>(
+    cfg: &'a CompareConfig,
+    scope: Scope<'_>,
+    a: &'a Value,
+    b: &'a Value,
+    out: &mut Comparison,
+) {
     let mut w = Walker { cfg, scope, out };
-    let mut stack: Vec<(Vec<Seg>, &Value, &Value)> = vec![(Vec::new(), a, b)];
+    let mut path: Vec<Seg<'a>> = Vec::new();
+    let mut stack: Vec<Pending<'a>> = vec![(0, None, a, b)];
     let mut visited = 0usize;
-    while let Some((path, a, b)) = stack.pop() {
+    while let Some((parent_len, seg, a, b)) = stack.pop() {
+        path.truncate(parent_len);
+        if let Some(seg) = seg {
+            path.push(seg);
+        }
         visited += 1;
         if visited > cfg.max_nodes {
             w.out.truncate(format!(
@@ -1092,39 +1125,48 @@ fn walk(cfg: &CompareConfig, scope: Scope<'_>, a: &Value, b: &Value, out: &mut C
             }
             continue;
         }
-        let mut children: Vec<(Vec<Seg>, &Value, &Value)> = Vec::new();
+        let first_child = stack.len();
+        let here = path.len();
         match (a, b) {
             (Value::Object(x), Value::Object(y)) => {
-                let mut keys: Vec<&String> = x
+                let mut keys: Vec<&'a String> = x
                     .keys()
                     .chain(y.keys().filter(|k| !x.contains_key(*k)))
                     .collect();
                 keys.sort();
                 for k in keys {
-                    let p = child(&path, Seg::Key(k.clone()));
+                    let seg = Seg::Key(Cow::Borrowed(k.as_str()));
                     match (x.get(k), y.get(k)) {
-                        (Some(va), Some(vb)) => children.push((p, va, vb)),
-                        (Some(va), None) => {
-                            w.record(&p, DiffKind::MissingField, Bucket::Serious, Some(va), None);
-                        }
-                        (None, Some(vb)) => {
-                            w.record(&p, DiffKind::ExtraField, Bucket::Noise, None, Some(vb));
-                        }
+                        (Some(va), Some(vb)) => stack.push((here, Some(seg), va, vb)),
+                        (Some(va), None) => w.record_child(
+                            &mut path,
+                            seg,
+                            DiffKind::MissingField,
+                            Bucket::Serious,
+                            Some(va),
+                            None,
+                        ),
+                        (None, Some(vb)) => w.record_child(
+                            &mut path,
+                            seg,
+                            DiffKind::ExtraField,
+                            Bucket::Noise,
+                            None,
+                            Some(vb),
+                        ),
                         (None, None) => {}
                     }
                 }
             }
             (Value::Array(x), Value::Array(y)) => {
                 if let Some(id) = cfg.id_field_at(&path) {
-                    if let Some(pairs) = match_by_id(&mut w, &path, id, x, y) {
-                        children = pairs;
-                    } else {
-                        by_index(&mut w, &path, x, y, &mut children);
+                    if !match_by_id(&mut w, &mut path, id, x, y, &mut stack) {
+                        by_index(&mut w, &path, x, y, &mut stack);
                     }
                 } else if cfg.unordered_at(&path) {
-                    unordered(&mut w, &path, x, y);
+                    unordered(&mut w, &mut path, x, y);
                 } else {
-                    by_index(&mut w, &path, x, y, &mut children);
+                    by_index(&mut w, &path, x, y, &mut stack);
                 }
             }
             (Value::Number(x), Value::Number(y)) => {
@@ -1162,27 +1204,30 @@ fn walk(cfg: &CompareConfig, scope: Scope<'_>, a: &Value, b: &Value, out: &mut C
                 }
             }
         }
-        stack.extend(children.into_iter().rev());
+        // The children went on in document order; the stack pops its end.
+        if let Some(children) = stack.get_mut(first_child..) {
+            children.reverse();
+        }
     }
 }
 
-fn by_index<'v>(
+fn by_index<'a>(
     w: &mut Walker<'_>,
-    path: &[Seg],
-    x: &'v [Value],
-    y: &'v [Value],
-    children: &mut Vec<(Vec<Seg>, &'v Value, &'v Value)>,
+    path: &[Seg<'a>],
+    x: &'a [Value],
+    y: &'a [Value],
+    stack: &mut Vec<Pending<'a>>,
 ) {
     if x.len() != y.len() {
         w.record_len(path, x.len(), y.len());
     }
     for (i, (va, vb)) in x.iter().zip(y).enumerate() {
-        children.push((child(path, Seg::Index(i)), va, vb));
+        stack.push((path.len(), Some(Seg::Index(i)), va, vb));
     }
 }
 
 impl Walker<'_> {
-    fn record_len(&mut self, path: &[Seg], a: usize, b: usize) {
+    fn record_len(&mut self, path: &[Seg<'_>], a: usize, b: usize) {
         let (pa, pb) = (Value::from(a), Value::from(b));
         self.record(
             path,
@@ -1196,7 +1241,7 @@ impl Walker<'_> {
 
 /// Compares arrays as multisets: elements missing in the shadow are Serious,
 /// extra ones Noise; the same elements in another order are one OrderOnly.
-fn unordered(w: &mut Walker<'_>, path: &[Seg], x: &[Value], y: &[Value]) {
+fn unordered(w: &mut Walker<'_>, path: &mut Vec<Seg<'_>>, x: &[Value], y: &[Value]) {
     let cx: Vec<String> = x.iter().map(canonical_text).collect();
     let cy: Vec<String> = y.iter().map(canonical_text).collect();
     let mut remaining: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -1207,8 +1252,9 @@ fn unordered(w: &mut Walker<'_>, path: &[Seg], x: &[Value], y: &[Value]) {
     for (i, c) in cx.iter().enumerate() {
         if remaining.get_mut(c.as_str()).and_then(Vec::pop).is_none() {
             any_diff = true;
-            w.record(
-                &child(path, Seg::Index(i)),
+            w.record_child(
+                path,
+                Seg::Index(i),
                 DiffKind::MissingField,
                 Bucket::Serious,
                 x.get(i),
@@ -1220,8 +1266,9 @@ fn unordered(w: &mut Walker<'_>, path: &[Seg], x: &[Value], y: &[Value]) {
     extras.sort_unstable();
     for j in extras {
         any_diff = true;
-        w.record(
-            &child(path, Seg::Index(j)),
+        w.record_child(
+            path,
+            Seg::Index(j),
             DiffKind::ExtraField,
             Bucket::Noise,
             None,
@@ -1256,17 +1303,20 @@ fn ids(items: &[Value], field: &str) -> Option<Vec<String>> {
 
 /// Pairs elements by id: a primary element whose id the shadow lacks is a
 /// Serious MissingField, a shadow-only id a Noise ExtraField, and the same ids
-/// in another order a Noise OrderOnly. Returns the pairs to compare, or
-/// `None` to fall back to comparing by index.
-fn match_by_id<'v>(
+/// in another order a Noise OrderOnly. The pairs to compare go on `stack`.
+/// Returns `false`, having recorded and stacked nothing, when an element has
+/// no id or two share one: the array is then compared by index.
+fn match_by_id<'a>(
     w: &mut Walker<'_>,
-    path: &[Seg],
-    field: &str,
-    x: &'v [Value],
-    y: &'v [Value],
-) -> Option<Vec<(Vec<Seg>, &'v Value, &'v Value)>> {
-    let ix = ids(x, field)?;
-    let iy = ids(y, field)?;
+    path: &mut Vec<Seg<'a>>,
+    field: &'a str,
+    x: &'a [Value],
+    y: &'a [Value],
+    stack: &mut Vec<Pending<'a>>,
+) -> bool {
+    let (Some(ix), Some(iy)) = (ids(x, field), ids(y, field)) else {
+        return false;
+    };
     let by_id: BTreeMap<&str, usize> = iy
         .iter()
         .enumerate()
@@ -1274,19 +1324,25 @@ fn match_by_id<'v>(
         .collect();
     let seg = |index: usize, value: &str| Seg::Id {
         index,
-        field: field.to_owned(),
+        field,
         value: value.to_owned(),
     };
-    let mut pairs = Vec::new();
+    let here = path.len();
     let mut common_x = Vec::new();
     for (i, (id, va)) in ix.iter().zip(x).enumerate() {
-        let p = child(path, seg(i, id));
         match by_id.get(id.as_str()).and_then(|j| y.get(*j)) {
             Some(vb) => {
                 common_x.push(id.as_str());
-                pairs.push((p, va, vb));
+                stack.push((here, Some(seg(i, id)), va, vb));
             }
-            None => w.record(&p, DiffKind::MissingField, Bucket::Serious, Some(va), None),
+            None => w.record_child(
+                path,
+                seg(i, id),
+                DiffKind::MissingField,
+                Bucket::Serious,
+                Some(va),
+                None,
+            ),
         }
     }
     let in_x: std::collections::BTreeSet<&str> = ix.iter().map(String::as_str).collect();
@@ -1295,8 +1351,9 @@ fn match_by_id<'v>(
         if in_x.contains(id.as_str()) {
             common_y.push(id.as_str());
         } else {
-            w.record(
-                &child(path, seg(j, id)),
+            w.record_child(
+                path,
+                seg(j, id),
                 DiffKind::ExtraField,
                 Bucket::Noise,
                 None,
@@ -1314,7 +1371,7 @@ fn match_by_id<'v>(
             Some(order(&common_y)),
         );
     }
-    Some(pairs)
+    true
 }
 
 #[cfg(test)]
