@@ -63,10 +63,52 @@ pub struct Service {
     pub canary: Backend,
     #[serde(default = "zero_weight")]
     pub canary_weight: Weight,
+    /// Keep each user on one version: requests with the same user key go to
+    /// the same backend on every request and every Envoy, and raising the
+    /// weight moves users from stable to canary only, never back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<Sticky>,
 }
 
 fn zero_weight() -> Weight {
     Weight::ZERO
+}
+
+/// What identifies a user for sticky assignment: `{"header": "x-user-id"}`
+/// or `{"cookie": "uid"}`. A request without it is split at random.
+///
+/// Envoy hashes the value (the route's hash policy) and the weighted
+/// clusters pick by that hash instead of a random number
+/// (`use_hash_policy`): `hash mod 100` below the canary weight goes to the
+/// canary, which is listed first. So a user's version is a function of its
+/// key and the weight alone, the same on every Envoy, and a user on the
+/// canary at weight `w` is on it at every weight above `w`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Sticky {
+    Header(String),
+    Cookie(String),
+}
+
+impl Sticky {
+    /// A header name as HTTP/2 carries it (lower-case token, no
+    /// pseudo-header), or a cookie name (an RFC 6265 token).
+    fn validate(&self) -> Result<(), String> {
+        let (what, name) = match self {
+            Sticky::Header(h) => ("sticky.header", h),
+            Sticky::Cookie(c) => ("sticky.cookie", c),
+        };
+        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if name.is_empty() || name.len() > 128 || !name.chars().all(token) {
+            return Err(format!(
+                "{what}: {name:?} must be 1 to 128 characters of an HTTP token"
+            ));
+        }
+        if matches!(self, Sticky::Header(_)) && name.chars().any(|c| c.is_ascii_uppercase()) {
+            return Err(format!("{what}: {name:?} must be lower-case"));
+        }
+        Ok(())
+    }
 }
 
 /// Clusters the data plane has besides the services' own
@@ -157,6 +199,9 @@ impl Service {
                     )));
                 }
             }
+        }
+        if let Some(sticky) = &self.sticky {
+            sticky.validate().map_err(invalid)?;
         }
         let w = self.canary_weight.percent();
         if w > 0 && self.canary.endpoints.is_empty() {
@@ -466,6 +511,7 @@ pub(crate) mod fixtures {
                 },
             },
             canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
+            sticky: None,
         };
         DesiredState {
             listener: ListenerSettings {
@@ -498,7 +544,47 @@ mod tests {
                 endpoints: vec!["127.0.0.1:8082".parse().unwrap()],
             },
             canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
+            sticky: None,
         }
+    }
+
+    #[test]
+    fn sticky_keys_are_validated_and_read_as_the_api_writes_them() {
+        let mut s = service(20);
+        for (sticky, ok) in [
+            (json!({"header": "x-user-id"}), true),
+            (json!({"cookie": "uid"}), true),
+            (json!({"header": "X-User-Id"}), false),
+            (json!({"header": ":authority"}), false),
+            (json!({"header": ""}), false),
+            (json!({"cookie": "a b"}), false),
+            (json!({"cookie": "x".repeat(129)}), false),
+        ] {
+            s.sticky = Some(serde_json::from_value(sticky.clone()).unwrap());
+            assert_eq!(s.validate().is_ok(), ok, "{sticky}: {:?}", s.validate());
+        }
+        for bad in [
+            json!({"header": "a", "cookie": "b"}),
+            json!({"query": "u"}),
+            json!("x"),
+        ] {
+            assert!(
+                serde_json::from_value::<Sticky>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+        // Absent means not sticky, and is left out when written back.
+        let plain: Service = serde_json::from_value(json!({
+            "name": "a", "domains": ["*"], "stable": {"endpoints": ["127.0.0.1:1"]}
+        }))
+        .unwrap();
+        assert_eq!(plain.sticky, None);
+        assert!(
+            serde_json::to_value(&plain)
+                .unwrap()
+                .get("sticky")
+                .is_none()
+        );
     }
 
     #[test]

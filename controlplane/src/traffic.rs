@@ -109,6 +109,13 @@ pub trait TrafficRouter: Send + Sync {
         None
     }
 
+    /// `Some(why)` when this router cannot keep each user on one version
+    /// ([`crate::model::Service::sticky`]): the API then refuses a sticky
+    /// service instead of storing a setting nothing would apply.
+    fn sticky_unsupported(&self) -> Option<String> {
+        None
+    }
+
     /// Finishing a rollout: the canary's backend becomes the stable one and
     /// the weight returns to 0, in one change the data plane applies
     /// make-before-break. Returns the stable backend's endpoints.

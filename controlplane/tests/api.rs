@@ -27,6 +27,7 @@ fn desired_state() -> DesiredState {
             endpoints: vec!["127.0.0.1:8082".parse().unwrap()],
         },
         canary_weight: Weight::try_from(i64::try_from(START_WEIGHT).unwrap()).unwrap(),
+        sticky: None,
     };
     DesiredState {
         listener: ListenerSettings {

@@ -184,6 +184,7 @@ async fn the_control_plane_serves_the_sink_on_the_xds_port() {
             endpoints: vec!["127.0.0.1:8082".parse().unwrap()],
         },
         canary_weight: Weight::ZERO,
+        sticky: None,
     };
     let state = DesiredState {
         listener: ListenerSettings {

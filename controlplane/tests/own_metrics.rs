@@ -43,6 +43,7 @@ fn state() -> DesiredState {
             endpoints: vec![endpoint(8082)],
         },
         canary_weight: Weight::ZERO,
+        sticky: None,
     };
     DesiredState {
         listener: ListenerSettings {

@@ -57,6 +57,7 @@ async fn desired_state() -> DesiredState {
             endpoints: vec![closed_port().await],
         },
         canary_weight: Weight::ZERO,
+        sticky: None,
     };
     DesiredState {
         listener: ListenerSettings {

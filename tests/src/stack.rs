@@ -106,6 +106,7 @@ pub fn desired_state(
                     endpoints: vec![canary],
                 },
                 canary_weight: Weight::ZERO,
+                sticky: None,
             },
         )]
         .into_iter()
@@ -245,9 +246,10 @@ impl Stack {
 
     /// Waits until Envoy's applied route weights are `(stable, canary)`.
     pub async fn wait_weights(&self, stable: u64, canary: u64, deadline: Duration) -> Result<()> {
+        // Sorted: a sticky service lists the canary first.
         let want = vec![
-            (format!("{SERVICE}-stable"), stable),
             (format!("{SERVICE}-canary"), canary),
+            (format!("{SERVICE}-stable"), stable),
         ];
         wait::until(
             &format!("Envoy to apply weights {want:?}"),
@@ -255,7 +257,11 @@ impl Stack {
             || {
                 let got = self.envoy.route_weights();
                 let want = want.clone();
-                async move { Ok((got.await? == want).then_some(())) }
+                async move {
+                    let mut got = got.await?;
+                    got.sort();
+                    Ok((got == want).then_some(()))
+                }
             },
         )
         .await

@@ -45,6 +45,15 @@ async fn put_service(
             ),
         ));
     }
+    if service.sticky.is_some()
+        && let Some(why) = s.engine.router().sticky_unsupported()
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_service",
+            why,
+        ));
+    }
     if let Some(r) = s.engine.owner(&name)
         && s.store.service(&name).map(|c| c.canary_weight) != Ok(service.canary_weight)
     {

@@ -740,6 +740,15 @@ impl TrafficRouter for IstioRouter {
         Some(PROMOTION.to_owned())
     }
 
+    fn sticky_unsupported(&self) -> Option<String> {
+        Some(
+            "sticky: not available in Istio mode: the VirtualService splits each request \
+             at random, and a DestinationRule's consistent hash picks endpoints within a \
+             subset, not the subset"
+                .to_owned(),
+        )
+    }
+
     fn promote_canary_to_stable(&self, _service: &str) -> Result<Vec<String>, RouterError> {
         Err(RouterError::Invalid(PROMOTION.to_owned()))
     }

@@ -883,6 +883,41 @@ async fn istio_manual_weight_from_the_api_lands_in_the_virtual_service() {
     })
     .await;
     assert_eq!(put("nope", 10).await.unwrap().status(), 404);
+    // Sticky users cannot be kept by a VirtualService split: refused, and
+    // the service as it was.
+    let mut service: Value = http
+        .get(format!("{url}/v1/services/shop"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    service["sticky"] = json!({"header": "x-user-id"});
+    let answer = http
+        .put(format!("{url}/v1/services/shop"))
+        .json(&service)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    let body: Value = answer.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Istio mode"),
+        "{body}"
+    );
+    let stored: Value = http
+        .get(format!("{url}/v1/services/shop"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(stored.get("sticky").is_none(), "{stored}");
 }
 
 /// A fleet-wide tenant rate is shared among the sidecars that enforce it:

@@ -46,7 +46,9 @@ use sha2::{Digest, Sha256};
 use understudy_core::ratelimit::RawReport;
 use understudy_core::shadow::RawShadowReport;
 
-use crate::model::{Backend, DesiredState, FilterDoc, FilterSettings, ModelError, Service};
+use crate::model::{
+    Backend, DesiredState, FilterDoc, FilterSettings, ModelError, Service, Sticky, Weight,
+};
 
 /// xDS type URLs, in the order Understudy sends them (make before break):
 /// clusters, then their endpoints, then listeners, then routes, then the
@@ -407,22 +409,26 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
     let virtual_hosts = services
         .map(|svc| {
             let canary = svc.canary_weight.percent();
-            let weighted = WeightedCluster {
-                clusters: vec![
-                    weighted_cluster::ClusterWeight {
-                        name: svc.stable_cluster(),
-                        weight: Some(UInt32Value {
-                            value: 100 - canary,
-                        }),
-                        ..Default::default()
-                    },
-                    weighted_cluster::ClusterWeight {
-                        name: svc.canary_cluster(),
-                        weight: Some(UInt32Value { value: canary }),
-                        ..Default::default()
-                    },
-                ],
+            let weight = |name: String, value: u32| weighted_cluster::ClusterWeight {
+                name,
+                weight: Some(UInt32Value { value }),
                 ..Default::default()
+            };
+            let stable = weight(svc.stable_cluster(), Weight::MAX - canary);
+            let canary = weight(svc.canary_cluster(), canary);
+            // Sticky: Envoy picks by the user key's hash, `hash mod 100`
+            // against the running sum of weights in list order, so the
+            // canary goes first: its users are the hashes below its weight,
+            // a set that only grows with the weight (see `model::Sticky`).
+            let (clusters, random_value_specifier, hash_policy) = match &svc.sticky {
+                None => (vec![stable, canary], None, Vec::new()),
+                Some(sticky) => (
+                    vec![canary, stable],
+                    Some(weighted_cluster::RandomValueSpecifier::UseHashPolicy(
+                        BoolValue { value: true },
+                    )),
+                    vec![sticky_hash_policy(sticky)],
+                ),
             };
             VirtualHost {
                 name: svc.name.clone(),
@@ -435,8 +441,13 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
                     }),
                     action: Some(route::Action::Route(RouteAction {
                         cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(
-                            weighted,
+                            WeightedCluster {
+                                clusters,
+                                random_value_specifier,
+                                ..Default::default()
+                            },
                         )),
+                        hash_policy,
                         ..Default::default()
                     })),
                     ..Default::default()
@@ -449,6 +460,27 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
         name: ROUTE_CONFIG_NAME.to_owned(),
         virtual_hosts,
         ..Default::default()
+    }
+}
+
+/// The route's hash policy for a sticky service: the user key's header or
+/// cookie. A cookie policy without a TTL never sets the cookie: a request
+/// without it is split at random, like one without the header.
+fn sticky_hash_policy(sticky: &Sticky) -> route_action::HashPolicy {
+    use route_action::hash_policy::{Cookie, Header, PolicySpecifier};
+    let policy_specifier = match sticky {
+        Sticky::Header(name) => PolicySpecifier::Header(Header {
+            header_name: name.clone(),
+            ..Default::default()
+        }),
+        Sticky::Cookie(name) => PolicySpecifier::Cookie(Cookie {
+            name: name.clone(),
+            ..Default::default()
+        }),
+    };
+    route_action::HashPolicy {
+        policy_specifier: Some(policy_specifier),
+        terminal: false,
     }
 }
 
@@ -498,6 +530,66 @@ mod tests {
             weights(&snap),
             vec![("shop-stable".into(), 80), ("shop-canary".into(), 20)]
         );
+    }
+
+    #[test]
+    fn a_sticky_service_routes_by_the_users_hash_with_the_canary_first() {
+        for (sticky, want) in [
+            (
+                Sticky::Header("x-user-id".into()),
+                route_action::hash_policy::PolicySpecifier::Header(
+                    route_action::hash_policy::Header {
+                        header_name: "x-user-id".into(),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            (
+                Sticky::Cookie("uid".into()),
+                route_action::hash_policy::PolicySpecifier::Cookie(
+                    route_action::hash_policy::Cookie {
+                        name: "uid".into(),
+                        ..Default::default()
+                    },
+                ),
+            ),
+        ] {
+            let mut s = state(20);
+            if let Some(svc) = s.services.get_mut("shop") {
+                svc.sticky = Some(sticky);
+            }
+            let snap = Snapshot::build(&s, 1, 1);
+            assert_eq!(
+                weights(&snap),
+                vec![("shop-canary".into(), 20), ("shop-stable".into(), 80)]
+            );
+            let any = &snap.get(type_url::ROUTE).unwrap().resources[ROUTE_CONFIG_NAME];
+            let rc: RouteConfiguration = decode(any).unwrap();
+            let Some(route::Action::Route(action)) = &rc.virtual_hosts[0].routes[0].action else {
+                panic!("no route action")
+            };
+            assert_eq!(action.hash_policy.len(), 1);
+            assert_eq!(action.hash_policy[0].policy_specifier, Some(want));
+            let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) =
+                &action.cluster_specifier
+            else {
+                panic!("not weighted")
+            };
+            assert_eq!(
+                wc.random_value_specifier,
+                Some(weighted_cluster::RandomValueSpecifier::UseHashPolicy(
+                    BoolValue { value: true }
+                ))
+            );
+        }
+        // Not sticky: stable first, a random pick, no hash policy.
+        let snap = Snapshot::build(&state(20), 1, 1);
+        let any = &snap.get(type_url::ROUTE).unwrap().resources[ROUTE_CONFIG_NAME];
+        let rc: RouteConfiguration = decode(any).unwrap();
+        let Some(route::Action::Route(action)) = &rc.virtual_hosts[0].routes[0].action else {
+            panic!("no route action")
+        };
+        assert!(action.hash_policy.is_empty());
     }
 
     #[test]

@@ -233,6 +233,7 @@ pub fn service(name: &str, port: u16) -> (String, understudy_controlplane::model
                 endpoints: vec![SocketAddr::from(([127, 0, 0, 1], port + 1))],
             },
             canary_weight: Weight::ZERO,
+            sticky: None,
         },
     )
 }
