@@ -885,14 +885,11 @@ async fn istio_manual_weight_from_the_api_lands_in_the_virtual_service() {
     assert_eq!(put("nope", 10).await.unwrap().status(), 404);
     // Sticky users cannot be kept by a VirtualService split: refused, and
     // the service as it was.
-    let mut service: Value = http
-        .get(format!("{url}/v1/services/shop"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shop = || async {
+        let r = http.get(format!("{url}/v1/services/shop")).send().await;
+        r.unwrap().json::<Value>().await.unwrap()
+    };
+    let mut service = shop().await;
     service["sticky"] = json!({"header": "x-user-id"});
     let answer = http
         .put(format!("{url}/v1/services/shop"))
@@ -909,14 +906,7 @@ async fn istio_manual_weight_from_the_api_lands_in_the_virtual_service() {
             .contains("Istio mode"),
         "{body}"
     );
-    let stored: Value = http
-        .get(format!("{url}/v1/services/shop"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stored = shop().await;
     assert!(stored.get("sticky").is_none(), "{stored}");
 }
 
