@@ -68,6 +68,111 @@ pub struct Service {
     /// weight moves users from stable to canary only, never back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky: Option<Sticky>,
+    /// Requests that go to the canary whatever the weight (a rollout's
+    /// cohort steps): each is a route matched ahead of the weighted split.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canary_cohorts: Vec<Cohort>,
+}
+
+/// At most this many cohorts route to a service's canary at once.
+pub const MAX_COHORTS: usize = 8;
+
+/// Requests that belong to a cohort: `{"header": {"name": "x-user-group",
+/// "value": "internal"}}`, or without `value` every request that carries
+/// the header; `{"cookie": {"name": "beta", "value": "1"}}` likewise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawCohort", into = "RawCohort")]
+pub enum Cohort {
+    Header { name: String, value: Option<String> },
+    Cookie { name: String, value: Option<String> },
+}
+
+/// [`Cohort`] as written: a map with exactly one of `header` and `cookie`
+/// (YAML reads an enum's variant from a tag, not a key, so the map goes
+/// through this shape in both YAML and JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCohort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    header: Option<RawCohortMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cookie: Option<RawCohortMatch>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCohortMatch {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+}
+
+impl TryFrom<RawCohort> for Cohort {
+    type Error = String;
+
+    fn try_from(raw: RawCohort) -> Result<Self, String> {
+        match (raw.header, raw.cookie) {
+            (Some(RawCohortMatch { name, value }), None) => Ok(Cohort::Header { name, value }),
+            (None, Some(RawCohortMatch { name, value })) => Ok(Cohort::Cookie { name, value }),
+            _ => Err("a cohort is exactly one of `header` and `cookie`".to_owned()),
+        }
+    }
+}
+
+impl From<Cohort> for RawCohort {
+    fn from(c: Cohort) -> Self {
+        match c {
+            Cohort::Header { name, value } => RawCohort {
+                header: Some(RawCohortMatch { name, value }),
+                cookie: None,
+            },
+            Cohort::Cookie { name, value } => RawCohort {
+                header: None,
+                cookie: Some(RawCohortMatch { name, value }),
+            },
+        }
+    }
+}
+
+/// An HTTP token character (RFC 9110), as header and cookie names use.
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+impl Cohort {
+    /// Names are HTTP tokens (header names lower-case, no pseudo-headers);
+    /// a header value is visible ASCII and spaces, a cookie value RFC 6265
+    /// cookie-octets. An error is the field (`header.name`) and the reason.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let (kind, name, value) = match self {
+            Cohort::Header { name, value } => ("header", name, value),
+            Cohort::Cookie { name, value } => ("cookie", name, value),
+        };
+        if name.is_empty() || name.len() > 128 || !name.chars().all(is_token_char) {
+            return Err((
+                format!("{kind}.name"),
+                format!("{name:?} must be 1 to 128 characters of an HTTP token"),
+            ));
+        }
+        if kind == "header" && name.chars().any(|c| c.is_ascii_uppercase()) {
+            return Err(("header.name".into(), format!("{name:?} must be lower-case")));
+        }
+        if let Some(v) = value {
+            let ok = match self {
+                Cohort::Header { .. } => v.chars().all(|c| c == ' ' || c.is_ascii_graphic()),
+                Cohort::Cookie { .. } => v
+                    .chars()
+                    .all(|c| c.is_ascii_graphic() && !matches!(c, '"' | ',' | ';' | '\\')),
+            };
+            if v.is_empty() || v.len() > 256 || !ok {
+                return Err((
+                    format!("{kind}.value"),
+                    format!("{v:?} must be 1 to 256 characters that a {kind} value may hold"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn zero_weight() -> Weight {
@@ -98,8 +203,7 @@ impl Sticky {
             Sticky::Header(h) => ("sticky.header", h),
             Sticky::Cookie(c) => ("sticky.cookie", c),
         };
-        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-        if name.is_empty() || name.len() > 128 || !name.chars().all(token) {
+        if name.is_empty() || name.len() > 128 || !name.chars().all(is_token_char) {
             return Err(format!(
                 "{what}: {name:?} must be 1 to 128 characters of an HTTP token"
             ));
@@ -202,6 +306,21 @@ impl Service {
         }
         if let Some(sticky) = &self.sticky {
             sticky.validate().map_err(invalid)?;
+        }
+        if self.canary_cohorts.len() > MAX_COHORTS {
+            return Err(invalid(format!(
+                "canary_cohorts: at most {MAX_COHORTS} are allowed, got {}",
+                self.canary_cohorts.len()
+            )));
+        }
+        for (i, c) in self.canary_cohorts.iter().enumerate() {
+            c.validate()
+                .map_err(|(at, why)| invalid(format!("canary_cohorts[{i}].{at}: {why}")))?;
+        }
+        if !self.canary_cohorts.is_empty() && self.canary.endpoints.is_empty() {
+            return Err(invalid(
+                "canary_cohorts: the canary has no endpoints to send a cohort to".into(),
+            ));
         }
         let w = self.canary_weight.percent();
         if w > 0 && self.canary.endpoints.is_empty() {
@@ -512,6 +631,7 @@ pub(crate) mod fixtures {
             },
             canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
             sticky: None,
+            canary_cohorts: Vec::new(),
         };
         DesiredState {
             listener: ListenerSettings {
@@ -545,6 +665,7 @@ mod tests {
             },
             canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
             sticky: None,
+            canary_cohorts: Vec::new(),
         }
     }
 

@@ -23,7 +23,7 @@ use understudy_core::config::RawFilterConfig;
 use understudy_core::shadow::RawShadowConfig;
 
 use crate::model::{
-    DesiredState, FilterDoc, FilterSettings, MeshClusters, ModelError, Service, Weight,
+    Cohort, DesiredState, FilterDoc, FilterSettings, MeshClusters, ModelError, Service, Weight,
 };
 use crate::traffic::ShadowTarget;
 use crate::xds::resources::Snapshot;
@@ -220,6 +220,27 @@ impl Store {
         })
     }
 
+    /// Sets a service's canary weight and the cohorts routed to its canary
+    /// in one change, so Envoy never sees one without the other; `forced`
+    /// as for [`Store::set_canary_weight_with`].
+    pub fn set_split_with(
+        &self,
+        name: &str,
+        weight: Weight,
+        cohorts: &[Cohort],
+        forced: bool,
+    ) -> Result<Service, ChangeError> {
+        self.update_with(forced, |state| {
+            let svc = state
+                .services
+                .get_mut(name)
+                .ok_or_else(|| ModelError::UnknownService(name.to_owned()))?;
+            svc.canary_weight = weight;
+            svc.canary_cohorts = cohorts.to_vec();
+            Ok(svc.clone())
+        })
+    }
+
     /// Finishes a successful rollout in one change: the canary's endpoints
     /// become the stable backend's, the weight returns to 0 (all traffic on
     /// the stable cluster, now serving the new version), and the canary
@@ -241,6 +262,9 @@ impl Store {
             }
             svc.stable = svc.canary.clone();
             svc.canary_weight = Weight::ZERO;
+            // The cohorts' routes go with the weight: the canary is about
+            // to be emptied, and a cohort route to it would answer 503.
+            svc.canary_cohorts.clear();
             Ok(svc.clone())
         })
     }
@@ -252,7 +276,7 @@ impl Store {
                 .services
                 .get_mut(name)
                 .ok_or_else(|| ModelError::UnknownService(name.to_owned()))?;
-            if svc.canary_weight != Weight::ZERO {
+            if svc.canary_weight != Weight::ZERO || !svc.canary_cohorts.is_empty() {
                 return Err(ModelError::InvalidService {
                     service: name.to_owned(),
                     reason: "the canary still has traffic".to_owned(),

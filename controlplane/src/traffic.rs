@@ -16,6 +16,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::Cohort;
+
 /// One change a router published, as the data plane will name it when it
 /// rejects it: for ADS the resource type URL and the config version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +69,31 @@ pub trait TrafficRouter: Send + Sync {
         weight: u32,
         forced: bool,
     ) -> Result<Vec<ChangeId>, RouterError>;
+
+    /// Whether this router can send cohorts to the canary
+    /// ([`TrafficRouter::set_split`]); a rollout with cohort steps is
+    /// refused where it cannot.
+    fn supports_cohorts(&self) -> bool {
+        false
+    }
+
+    /// Sets the canary weight and the cohorts routed to the canary in one
+    /// change. Routers without cohorts set the weight alone, and refuse a
+    /// cohort.
+    fn set_split(
+        &self,
+        service: &str,
+        weight: u32,
+        cohorts: &[Cohort],
+        forced: bool,
+    ) -> Result<Vec<ChangeId>, RouterError> {
+        if !cohorts.is_empty() {
+            return Err(RouterError::Invalid(
+                "this traffic router cannot send a cohort to the canary".to_owned(),
+            ));
+        }
+        self.set_weight(service, weight, forced)
+    }
 
     /// A route's shadow target as desired now; `None`: not shadowed.
     fn shadow(&self, route: &str) -> Result<Option<ShadowTarget>, RouterError>;

@@ -28,6 +28,7 @@ fn desired_state() -> DesiredState {
         },
         canary_weight: Weight::try_from(i64::try_from(START_WEIGHT).unwrap()).unwrap(),
         sticky: None,
+        canary_cohorts: Vec::new(),
     };
     DesiredState {
         listener: ListenerSettings {

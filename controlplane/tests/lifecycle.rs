@@ -30,6 +30,7 @@ fn state() -> DesiredState {
         },
         canary_weight: Weight::ZERO,
         sticky: None,
+        canary_cohorts: Vec::new(),
     };
     DesiredState {
         listener: ListenerSettings {

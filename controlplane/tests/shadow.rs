@@ -58,6 +58,7 @@ async fn desired_state() -> DesiredState {
         },
         canary_weight: Weight::ZERO,
         sticky: None,
+        canary_cohorts: Vec::new(),
     };
     DesiredState {
         listener: ListenerSettings {

@@ -107,6 +107,7 @@ pub fn desired_state(
                 },
                 canary_weight: Weight::ZERO,
                 sticky: None,
+                canary_cohorts: Vec::new(),
             },
         )]
         .into_iter()

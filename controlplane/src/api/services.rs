@@ -54,10 +54,14 @@ async fn put_service(
             why,
         ));
     }
-    if let Some(r) = s.engine.owner(&name)
-        && s.store.service(&name).map(|c| c.canary_weight) != Ok(service.canary_weight)
-    {
-        return Err(owned_by(&r, &format!("the canary weight of {name:?}")));
+    if let Some(r) = s.engine.owner(&name) {
+        let stored = s.store.service(&name);
+        if stored.as_ref().map(|c| c.canary_weight) != Ok(service.canary_weight) {
+            return Err(owned_by(&r, &format!("the canary weight of {name:?}")));
+        }
+        if stored.as_ref().map(|c| &c.canary_cohorts) != Ok(&service.canary_cohorts) {
+            return Err(owned_by(&r, &format!("the canary cohorts of {name:?}")));
+        }
     }
     Ok(Json(s.store.put_service(service)?))
 }

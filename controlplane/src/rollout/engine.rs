@@ -347,6 +347,14 @@ impl Engine {
                 });
             }
         }
+        if spec.steps.iter().any(|s| s.cohort.is_some()) && !self.router.supports_cohorts() {
+            return Err(EngineError::Invalid {
+                field: "steps",
+                reason: "this control plane's traffic router cannot send a cohort to the canary \
+                         (Istio mode: not yet); use weights"
+                    .to_owned(),
+            });
+        }
         if let Some(stage) = &spec.shadow
             && let Err(e) = self.router.shadow(&stage.route)
         {
@@ -509,7 +517,10 @@ impl Engine {
         let mut first_error = None;
         for effect in effects {
             let result = match effect {
-                Effect::SetWeight(w) => self.router.set_weight(&r.spec.service, *w, forced),
+                Effect::SetWeight(w) => {
+                    let cohorts = machine::cohorts(r);
+                    self.router.set_split(&r.spec.service, *w, &cohorts, forced)
+                }
                 Effect::SetShadow(on) => match &r.spec.shadow {
                     Some(stage) => {
                         let target = on.then(|| ShadowTarget {

@@ -2419,6 +2419,7 @@ mod tests {
         let analysis = analysis();
         let step = CanaryStep {
             weight: 20,
+            cohort: None,
             min_duration_s: s.seconds as f64,
             min_requests: 200,
             manual_gate: false,
@@ -3322,6 +3323,7 @@ mod tests {
         let a = analysis();
         let step = CanaryStep {
             weight: 20,
+            cohort: None,
             min_duration_s: secs as f64,
             min_requests: 0,
             manual_gate: false,
@@ -3599,6 +3601,7 @@ mod tests {
     fn step(weight: u32) -> CanaryStep {
         CanaryStep {
             weight,
+            cohort: None,
             min_duration_s: 60.0,
             min_requests: 200,
             manual_gate: false,

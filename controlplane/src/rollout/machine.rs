@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::judge::{Judgement, Verdict};
 use super::spec::RolloutSpec;
+use crate::model::Cohort;
 use crate::traffic::ChangeId;
 
 /// The actor recorded for the engine's own decisions.
@@ -292,6 +293,26 @@ pub struct NotApplicable {
 
 pub fn is_rollback(phase: &Phase) -> bool {
     matches!(phase, Phase::RolledBack { .. } | Phase::Aborted { .. })
+}
+
+/// The cohorts routed to the canary in `r`'s phase: those of the steps
+/// that have gone out (a gated step's only once promoted), none in the
+/// shadow stage or after a rollback or an abort. Applied with the weight
+/// (the engine's `SetWeight`), so every transition, rollback and restart
+/// that writes the weight writes the cohorts too, in one change.
+pub fn cohorts(r: &Rollout) -> Vec<Cohort> {
+    let through = match r.phase {
+        Phase::Canary { step } => step + 1,
+        Phase::AwaitingApproval { step } => step,
+        Phase::Succeeded => r.spec.steps.len(),
+        Phase::Shadow | Phase::RolledBack { .. } | Phase::Aborted { .. } => 0,
+    };
+    r.spec
+        .steps
+        .iter()
+        .take(through)
+        .filter_map(|s| s.cohort.clone())
+        .collect()
 }
 
 /// The phase a spec's step `step` starts in.
@@ -700,6 +721,53 @@ mod tests {
         let mut d = decide(r, e, T0 + 1_000).expect("applies");
         d.rollout.applied = true;
         d
+    }
+
+    #[test]
+    fn cohorts_go_out_with_their_step_stay_and_go_with_a_rollback() {
+        let internal = Cohort::Header {
+            name: "x-user-group".into(),
+            value: Some("internal".into()),
+        };
+        let spec = RolloutSpec::from_yaml_or_json(
+            &serde_json::json!({
+                "service": "shop", "owner": "team",
+                "stop_rules": {"max_error_rate_increase_pp": 1.0},
+                "steps": [
+                    {"cohort": {"header": {"name": "x-user-group", "value": "internal"}}},
+                    {"weight": 20, "manual_gate": true},
+                    {"weight": 100},
+                ],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let mut r = start("shop-1".into(), spec, "ana", 0, T0).rollout;
+        assert_eq!((r.weight, cohorts(&r)), (0, vec![internal.clone()]));
+        r.applied = true;
+        // Passing the cohort step: the gate holds, the cohort stays.
+        let d = step(&r, verdict(Verdict::Promote));
+        assert_eq!(d.rollout.phase, Phase::AwaitingApproval { step: 1 });
+        assert_eq!(cohorts(&d.rollout), vec![internal.clone()]);
+        let d = step(&d.rollout, verb(Action::Promote));
+        assert_eq!(
+            (d.rollout.weight, cohorts(&d.rollout)),
+            (20, vec![internal.clone()])
+        );
+        // A rollback takes the weight and the cohort: the weight effect is
+        // written, and the cohorts go with it.
+        let d = step(&d.rollout, verdict(Verdict::Rollback));
+        assert!(is_rollback(&d.rollout.phase));
+        assert_eq!(weights(&d), [0]);
+        assert!(cohorts(&d.rollout).is_empty());
+        // No cohort in the shadow stage.
+        let mut shadowed = started(true, None);
+        assert!(cohorts(&shadowed).is_empty());
+        shadowed.phase = Phase::Succeeded;
+        assert!(
+            cohorts(&shadowed).is_empty(),
+            "the spec has no cohort steps"
+        );
     }
 
     #[test]

@@ -53,6 +53,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::evidence::prometheus::PromTarget;
+use crate::model::{Cohort, MAX_COHORTS};
 
 mod evidence;
 pub use evidence::{EvidenceSpec, MetricLimit, MetricRule};
@@ -324,8 +325,13 @@ pub struct ShadowStage {
 /// One canary step.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CanaryStep {
-    /// Canary share of traffic, 1..=100.
+    /// Canary share of traffic, 0..=100 (0 only for a step whose cohort
+    /// alone sees the canary).
     pub weight: u32,
+    /// A cohort that goes to the canary from this step on, whatever the
+    /// weight (until the rollout ends: a rollback removes it at once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cohort: Option<Cohort>,
     /// The step lasts at least this long before it may pass.
     pub min_duration_s: f64,
     /// The canary serves at least this many requests in the step before it may pass.
@@ -457,6 +463,7 @@ struct RawDefaults {
 #[serde(deny_unknown_fields, expecting = "a mapping describing one step")]
 struct RawStep {
     weight: Option<u32>,
+    cohort: Option<Cohort>,
     min_duration_s: Option<f64>,
     min_requests: Option<u64>,
     manual_gate: Option<bool>,
@@ -883,6 +890,7 @@ fn validate_steps(
             .iter()
             .map(|&weight| CanaryStep {
                 weight,
+                cohort: None,
                 min_duration_s: default_duration,
                 min_requests: default_requests,
                 manual_gate: false,
@@ -897,23 +905,51 @@ fn validate_steps(
     }
     let last = raw_steps.len() - 1;
     let mut out: Vec<CanaryStep> = Vec::with_capacity(raw_steps.len());
+    let mut cohorts = 0;
     for (i, raw) in raw_steps.into_iter().enumerate() {
         let field = |name: &str| format!("steps[{i}].{name}");
-        let weight = raw
-            .weight
-            .ok_or_else(|| invalid(field("weight"), "required: the canary's share, 1 to 100"))?;
-        if !(1..=100).contains(&weight) {
+        if let Some(cohort) = &raw.cohort {
+            cohort
+                .validate()
+                .map_err(|(at, why)| invalid(format!("{}.{at}", field("cohort")), why))?;
+            cohorts += 1;
+            if cohorts > MAX_COHORTS {
+                return Err(invalid(
+                    field("cohort"),
+                    format!("at most {MAX_COHORTS} steps may name a cohort"),
+                ));
+            }
+        }
+        let previous = out.last().map_or(0, |p| p.weight);
+        // A cohort step may keep the weight (0 before any weight step): the
+        // cohort is what it adds.
+        let weight = match (raw.weight, &raw.cohort) {
+            (Some(w), _) => w,
+            (None, Some(_)) => previous,
+            (None, None) => {
+                return Err(invalid(
+                    field("weight"),
+                    "required: the canary's share, 1 to 100 (or a cohort)",
+                ));
+            }
+        };
+        if weight > 100 || (weight == 0 && raw.cohort.is_none()) {
             return Err(invalid(
                 field("weight"),
-                format!("must be from 1 to 100, got {weight}"),
+                format!("must be from 1 to 100 (0 only with a cohort), got {weight}"),
             ));
         }
-        if let Some(prev) = out.last()
-            && weight <= prev.weight
-        {
+        if raw.cohort.is_some() {
+            if weight < previous {
+                return Err(invalid(
+                    field("weight"),
+                    format!("{weight} is below the previous step's {previous}"),
+                ));
+            }
+        } else if !out.is_empty() && weight <= previous {
             return Err(invalid(
                 field("weight"),
-                format!("{weight} is not above the previous step's {}", prev.weight),
+                format!("{weight} is not above the previous step's {previous}"),
             ));
         }
         if i == last && weight != 100 {
@@ -928,6 +964,7 @@ fn validate_steps(
         )?;
         out.push(CanaryStep {
             weight,
+            cohort: raw.cohort,
             min_duration_s,
             min_requests: raw.min_requests.unwrap_or(default_requests),
             manual_gate: raw.manual_gate.unwrap_or(false),
@@ -997,6 +1034,75 @@ mod tests {
     /// The minimal spec plus `extra` YAML lines.
     fn with(extra: &str) -> String {
         format!("{MINIMAL}{extra}")
+    }
+
+    #[test]
+    fn cohort_steps_keep_or_raise_the_weight_and_name_their_field() {
+        let spec = parse(&with(
+            "steps:\n  - cohort: {header: {name: x-user-group, value: internal}}\n  - {cohort: {cookie: {name: beta}}, weight: 5}\n  - weight: 20\n  - weight: 100\n",
+        ))
+        .unwrap();
+        let steps: Vec<(u32, Option<Cohort>)> = spec
+            .steps
+            .iter()
+            .map(|s| (s.weight, s.cohort.clone()))
+            .collect();
+        assert_eq!(
+            steps,
+            vec![
+                (
+                    0,
+                    Some(Cohort::Header {
+                        name: "x-user-group".into(),
+                        value: Some("internal".into())
+                    })
+                ),
+                (
+                    5,
+                    Some(Cohort::Cookie {
+                        name: "beta".into(),
+                        value: None
+                    })
+                ),
+                (20, None),
+                (100, None),
+            ]
+        );
+        for (steps, field) in [
+            // A weight step must still raise the weight.
+            (
+                "[{cohort: {header: {name: a}}, weight: 5}, {weight: 5}, {weight: 100}]",
+                "steps[1].weight",
+            ),
+            // Weight 0 only with a cohort.
+            ("[{weight: 0}, {weight: 100}]", "steps[0].weight"),
+            // A cohort step may not lower it.
+            (
+                "[{weight: 5}, {cohort: {header: {name: a}}, weight: 1}, {weight: 100}]",
+                "steps[1].weight",
+            ),
+            (
+                "[{cohort: {header: {name: X-Group}}}, {weight: 100}]",
+                "steps[0].cohort.header.name",
+            ),
+            (
+                "[{cohort: {cookie: {name: b, value: 'a;b'}}}, {weight: 100}]",
+                "steps[0].cohort.cookie.value",
+            ),
+            (
+                "[{cohort: {query: {name: a}}}, {weight: 100}]",
+                "steps[0].cohort",
+            ),
+        ] {
+            let e = err(&with(&format!("steps: {steps}\n")));
+            assert!(e.contains(field), "{steps}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_COHORTS)
+            .map(|i| format!("{{cohort: {{header: {{name: g{i}}}}}}}"))
+            .chain(["{weight: 100}".to_owned()])
+            .collect();
+        let e = err(&with(&format!("steps: [{}]\n", many.join(", "))));
+        assert!(e.contains("at most 8 steps may name a cohort"), "{e}");
     }
 
     #[test]
@@ -1085,6 +1191,7 @@ analysis:
         );
         let step = |weight, min_duration_s, min_requests, manual_gate| CanaryStep {
             weight,
+            cohort: None,
             min_duration_s,
             min_requests,
             manual_gate,
@@ -1144,7 +1251,7 @@ analysis:
         let e = serde_json::from_value::<RolloutSpec>(value).unwrap_err();
         assert!(
             e.to_string()
-                .contains("steps[0].weight: must be from 1 to 100, got 0"),
+                .contains("steps[0].weight: must be from 1 to 100 (0 only with a cohort), got 0"),
             "{e}"
         );
     }
@@ -1471,11 +1578,11 @@ analysis:
             ("steps: []", "steps: must not be empty"),
             (
                 "steps: [{weight: 0}, {weight: 100}]",
-                "steps[0].weight: must be from 1 to 100, got 0",
+                "steps[0].weight: must be from 1 to 100 (0 only with a cohort), got 0",
             ),
             (
                 "steps: [{weight: 5}, {weight: 101}]",
-                "steps[1].weight: must be from 1 to 100, got 101",
+                "steps[1].weight: must be from 1 to 100 (0 only with a cohort), got 101",
             ),
             (
                 "steps: [{weight: 5}, {weight: 50}, {weight: 20}, {weight: 100}]",

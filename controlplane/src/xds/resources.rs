@@ -23,8 +23,8 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
-    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, route,
-    route_action, route_match, weighted_cluster,
+    HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    WeightedCluster, header_matcher, route, route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::header_mutation::v3::{
     HeaderMutation, Mutations,
@@ -37,7 +37,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::wasm::v3::{
     FailurePolicy, PluginConfig, ReloadConfig, VmConfig, plugin_config,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, StringValue, UInt32Value};
 use envoy_types::util::pack_any;
 use prost::{Message, Name};
@@ -47,7 +47,7 @@ use understudy_core::ratelimit::RawReport;
 use understudy_core::shadow::RawShadowReport;
 
 use crate::model::{
-    Backend, DesiredState, FilterDoc, FilterSettings, ModelError, Service, Sticky, Weight,
+    Backend, Cohort, DesiredState, FilterDoc, FilterSettings, ModelError, Service, Sticky, Weight,
 };
 
 /// xDS type URLs, in the order Understudy sends them (make before break):
@@ -430,28 +430,50 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
                     vec![sticky_hash_policy(sticky)],
                 ),
             };
-            VirtualHost {
-                name: svc.name.clone(),
-                domains: svc.domains.clone(),
-                routes: vec![Route {
-                    name: svc.name.clone(),
+            // Cohorts first: Envoy takes the first route that matches.
+            let mut routes: Vec<Route> = svc
+                .canary_cohorts
+                .iter()
+                .enumerate()
+                .map(|(i, cohort)| Route {
+                    name: format!("{}-cohort-{i}", svc.name),
                     r#match: Some(RouteMatch {
                         path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_owned())),
+                        headers: vec![cohort_matcher(cohort)],
                         ..Default::default()
                     }),
                     action: Some(route::Action::Route(RouteAction {
-                        cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(
-                            WeightedCluster {
-                                clusters,
-                                random_value_specifier,
-                                ..Default::default()
-                            },
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                            svc.canary_cluster(),
                         )),
-                        hash_policy,
                         ..Default::default()
                     })),
                     ..Default::default()
-                }],
+                })
+                .collect();
+            routes.push(Route {
+                name: svc.name.clone(),
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_owned())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(
+                        WeightedCluster {
+                            clusters,
+                            random_value_specifier,
+                            ..Default::default()
+                        },
+                    )),
+                    hash_policy,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            });
+            VirtualHost {
+                name: svc.name.clone(),
+                domains: svc.domains.clone(),
+                routes,
                 ..Default::default()
             }
         })
@@ -461,6 +483,61 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
         virtual_hosts,
         ..Default::default()
     }
+}
+
+/// The header matcher of a cohort: the header's exact value or presence;
+/// for a cookie, a regex over the `cookie` header (Envoy joins repeated
+/// cookie headers with `,`, so a pair may follow `;` or `,`).
+fn cohort_matcher(cohort: &Cohort) -> HeaderMatcher {
+    use header_matcher::HeaderMatchSpecifier;
+    let string = |m: string_matcher::MatchPattern| {
+        HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(m),
+            ..Default::default()
+        })
+    };
+    let (name, specifier) = match cohort {
+        Cohort::Header { name, value: None } => {
+            (name.clone(), HeaderMatchSpecifier::PresentMatch(true))
+        }
+        Cohort::Header {
+            name,
+            value: Some(v),
+        } => (
+            name.clone(),
+            string(string_matcher::MatchPattern::Exact(v.clone())),
+        ),
+        Cohort::Cookie { name, value } => {
+            let value = value
+                .as_deref()
+                .map_or_else(|| "[^;,]*".to_owned(), re2_escape);
+            let regex = format!("(^|.*[;,]\\s*){}={value}\\s*([;,].*)?$", re2_escape(name));
+            (
+                "cookie".to_owned(),
+                string(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                    regex,
+                    ..Default::default()
+                })),
+            )
+        }
+    };
+    HeaderMatcher {
+        name,
+        header_match_specifier: Some(specifier),
+        ..Default::default()
+    }
+}
+
+/// `text` as an RE2 literal.
+fn re2_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$-".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The route's hash policy for a sticky service: the user key's header or
@@ -590,6 +667,118 @@ mod tests {
             panic!("no route action")
         };
         assert!(action.hash_policy.is_empty());
+    }
+
+    #[test]
+    fn cohorts_are_routes_to_the_canary_ahead_of_the_split() {
+        let mut s = state(0);
+        if let Some(svc) = s.services.get_mut("shop") {
+            svc.canary_cohorts = vec![
+                Cohort::Header {
+                    name: "x-user-group".into(),
+                    value: Some("internal".into()),
+                },
+                Cohort::Header {
+                    name: "x-beta".into(),
+                    value: None,
+                },
+                Cohort::Cookie {
+                    name: "beta".into(),
+                    value: Some("a.b".into()),
+                },
+            ];
+        }
+        let snap = Snapshot::build(&s, 1, 1);
+        let any = &snap.get(type_url::ROUTE).unwrap().resources[ROUTE_CONFIG_NAME];
+        let rc: RouteConfiguration = decode(any).unwrap();
+        let routes = &rc.virtual_hosts[0].routes;
+        assert_eq!(routes.len(), 4);
+        let matchers: Vec<(String, Option<header_matcher::HeaderMatchSpecifier>)> = routes[..3]
+            .iter()
+            .map(|r| {
+                let m = &r.r#match.as_ref().unwrap().headers[0];
+                (m.name.clone(), m.header_match_specifier.clone())
+            })
+            .collect();
+        let string = |p| {
+            Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                StringMatcher {
+                    match_pattern: Some(p),
+                    ..Default::default()
+                },
+            ))
+        };
+        assert_eq!(
+            matchers,
+            vec![
+                (
+                    "x-user-group".into(),
+                    string(string_matcher::MatchPattern::Exact("internal".into()))
+                ),
+                (
+                    "x-beta".into(),
+                    Some(header_matcher::HeaderMatchSpecifier::PresentMatch(true))
+                ),
+                (
+                    "cookie".into(),
+                    string(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                        regex: r"(^|.*[;,]\s*)beta=a\.b\s*([;,].*)?$".into(),
+                        ..Default::default()
+                    }))
+                ),
+            ]
+        );
+        for r in &routes[..3] {
+            let Some(route::Action::Route(a)) = &r.action else {
+                panic!("no action")
+            };
+            assert_eq!(
+                a.cluster_specifier,
+                Some(route_action::ClusterSpecifier::Cluster(
+                    "shop-canary".into()
+                ))
+            );
+        }
+        // The split still follows, last.
+        assert_eq!(routes[3].name, "shop");
+    }
+
+    #[test]
+    fn the_cookie_regex_matches_the_pair_and_only_it() {
+        let cohort = |value: Option<&str>| Cohort::Cookie {
+            name: "beta".into(),
+            value: value.map(str::to_owned),
+        };
+        let regex = |c: &Cohort| match cohort_matcher(c).header_match_specifier {
+            Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::SafeRegex(r)),
+                ..
+            })) => regex::Regex::new(&format!("^(?:{})$", r.regex)).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let exact = regex(&cohort(Some("1")));
+        for yes in [
+            "beta=1",
+            "a=2; beta=1",
+            "beta=1; a=2",
+            "a=2,beta=1",
+            "x=1;beta=1 ;y",
+        ] {
+            assert!(exact.is_match(yes), "{yes}");
+        }
+        for no in [
+            "beta=12",
+            "xbeta=1",
+            "a=beta=1",
+            "beta=2",
+            "",
+            "abeta=1; b=2",
+        ] {
+            assert!(!exact.is_match(no), "{no}");
+        }
+        let present = regex(&cohort(None));
+        assert!(present.is_match("a=1; beta=anything"));
+        assert!(!present.is_match("betamax=1"));
     }
 
     #[test]

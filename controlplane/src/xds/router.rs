@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::model::{ClusterNames, ModelError, Weight};
+use crate::model::{ClusterNames, Cohort, ModelError, Weight};
 use crate::store::{ChangeError, Store};
 use crate::traffic::{ChangeId, RouterError, ShadowTarget, TrafficRouter};
 use crate::xds::Registry;
@@ -89,6 +89,26 @@ impl TrafficRouter for AdsRouter {
         self.publishing(|| {
             self.store
                 .set_canary_weight_with(service, weight, forced)
+                .map(drop)
+        })
+    }
+
+    fn supports_cohorts(&self) -> bool {
+        true
+    }
+
+    fn set_split(
+        &self,
+        service: &str,
+        weight: u32,
+        cohorts: &[Cohort],
+        forced: bool,
+    ) -> Result<Vec<ChangeId>, RouterError> {
+        let weight =
+            Weight::try_from(i64::from(weight)).map_err(|e| RouterError::Invalid(e.to_string()))?;
+        self.publishing(|| {
+            self.store
+                .set_split_with(service, weight, cohorts, forced)
                 .map(drop)
         })
     }
