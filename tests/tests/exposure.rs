@@ -1,6 +1,7 @@
 //! How a change is exposed, end to end with real Envoys (issue 18): sticky
 //! users, one version per user on every request and every Envoy, and a
-//! growing weight that only moves users onto the canary.
+//! growing weight that only moves users onto the canary; cohort steps, where
+//! only a cohort sees the canary until a rollback takes it away.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use understudy_e2e::envoy::Envoy;
+use understudy_e2e::rollouts::{create, rollout};
 use understudy_e2e::stack::{SERVICE, Stack};
+use understudy_e2e::upstream::Behavior;
 use understudy_e2e::wait;
 
 const USERS: usize = 1_000;
@@ -203,5 +206,125 @@ async fn sticky_users_stay_on_one_version_on_every_envoy_as_the_weight_grows() -
     // No key: still served, by either version.
     let tally = understudy_e2e::traffic::send(&stack.url, 50, 4).await;
     assert_eq!(tally.failures(), 0, "{tally:?}");
+    Ok(())
+}
+
+/// One GET through Envoy, as a member of the `internal` cohort or not:
+/// the status and the version that answered.
+async fn get_as(http: &reqwest::Client, url: &str, internal: bool) -> Result<(u16, String)> {
+    let mut req = http.get(format!("{url}cohort"));
+    if internal {
+        req = req.header("x-user-group", "internal");
+    } else {
+        req = req.header("x-user-group", "external");
+    }
+    let r = req.send().await?;
+    let status = r.status().as_u16();
+    let version = r
+        .headers()
+        .get("x-upstream-version")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    r.bytes().await?;
+    Ok((status, version))
+}
+
+/// `n` requests of one kind: how many each version answered.
+async fn versions_of(
+    http: &reqwest::Client,
+    url: &str,
+    internal: bool,
+    n: usize,
+) -> Result<BTreeMap<String, usize>> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let (status, version) = get_as(http, url, internal).await?;
+        ensure!(
+            status == 200,
+            "internal={internal}: {status} from {version}"
+        );
+        *seen.entry(version).or_default() += 1;
+    }
+    Ok(seen)
+}
+
+/// A cohort step (`x-user-group: internal`) at weight 0: the cohort's
+/// requests, and only they, reach the canary. When the canary then fails
+/// them, the judge rolls back on the cohort's evidence, and the cohort's
+/// route is gone with the weight: the cohort is back on stable at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cohort_step_exposes_only_the_cohort_and_a_rollback_takes_it_away() -> Result<()> {
+    let stack = Stack::start().await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let r = create(
+        &stack,
+        &json!({
+            "service": SERVICE,
+            "owner": "team-e2e",
+            "stop_rules": {"max_error_rate_increase_pp": 2.0},
+            "steps": [
+                {"cohort": {"header": {"name": "x-user-group", "value": "internal"}},
+                 "min_duration_s": 600, "min_requests": 100000},
+                {"weight": 100},
+            ],
+            "analysis": {"interval_s": 0.5, "max_staleness_s": 5, "min_requests_per_side": 20},
+        }),
+    )
+    .await?;
+    let id = r["id"].as_str().context("no id")?.to_owned();
+    wait::until(
+        "the cohort's route in Envoy",
+        Duration::from_secs(10),
+        || async { Ok((get_as(&http, &stack.url, true).await?.1 == "v2").then_some(())) },
+    )
+    .await?;
+    assert_eq!(
+        versions_of(&http, &stack.url, true, 50).await?,
+        BTreeMap::from([("v2".to_owned(), 50)])
+    );
+    assert_eq!(
+        versions_of(&http, &stack.url, false, 50).await?,
+        BTreeMap::from([("v1".to_owned(), 50)])
+    );
+    assert_eq!(stack.canary_weight().await?, 0);
+
+    // The canary fails the cohort: rolled back on the cohort's evidence.
+    stack.canary.state.set_behavior(Behavior {
+        error_rate: 1.0,
+        ..Default::default()
+    })?;
+    let ended = wait::until(
+        "the rollout to end on the cohort's errors",
+        Duration::from_secs(60),
+        || async {
+            for internal in [true, false, false] {
+                get_as(&http, &stack.url, internal).await?;
+            }
+            let r = rollout(&stack, &id).await?;
+            let state = r["phase"]["state"].as_str().unwrap_or_default().to_owned();
+            Ok((state != "canary").then_some(r))
+        },
+    )
+    .await?;
+    assert_eq!(ended["phase"]["state"], "rolled_back", "{ended:#}");
+    let reason = ended["phase"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("canary 5xx "), "{reason}");
+    // The cohort's route went with the rollback: stable answers it, with
+    // no wait beyond Envoy applying the route.
+    wait::until(
+        "the cohort back on stable",
+        Duration::from_secs(5),
+        || async { Ok((get_as(&http, &stack.url, true).await?.1 == "v1").then_some(())) },
+    )
+    .await?;
+    assert_eq!(
+        versions_of(&http, &stack.url, true, 50).await?,
+        BTreeMap::from([("v1".to_owned(), 50)])
+    );
+    let svc = stack.api_get(&format!("/v1/services/{SERVICE}")).await?;
+    assert!(svc.get("canary_cohorts").is_none(), "{svc}");
     Ok(())
 }
