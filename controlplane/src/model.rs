@@ -134,6 +134,24 @@ impl From<Cohort> for RawCohort {
     }
 }
 
+impl std::fmt::Display for Cohort {
+    /// `x-user-group: internal`, `x-beta present`, `cookie beta=1`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cohort::Header {
+                name,
+                value: Some(v),
+            } => write!(f, "{name}: {v}"),
+            Cohort::Header { name, value: None } => write!(f, "{name} present"),
+            Cohort::Cookie {
+                name,
+                value: Some(v),
+            } => write!(f, "cookie {name}={v}"),
+            Cohort::Cookie { name, value: None } => write!(f, "cookie {name} present"),
+        }
+    }
+}
+
 /// An HTTP token character (RFC 9110), as header and cookie names use.
 fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)

@@ -216,6 +216,7 @@ fn ladder(r: &Rollout) -> Markup {
             @for (i, step) in r.spec.steps.iter().enumerate() {
                 li class=(rung(i + 1, current, done_before)) data-step=(i + 1) {
                     "Canary " (step.weight) "%"
+                    @if let Some(c) = &step.cohort { " + cohort " code { (c) } }
                     @if step.min_duration_s > 0.0 { " · at least " (step.min_duration_s) " s" }
                     @if step.min_requests > 0 { " · " (step.min_requests) " requests" }
                     @if step.manual_gate { " · manual gate" }
