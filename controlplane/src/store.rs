@@ -210,14 +210,7 @@ impl Store {
         weight: Weight,
         forced: bool,
     ) -> Result<Service, ChangeError> {
-        self.update_with(forced, |state| {
-            let svc = state
-                .services
-                .get_mut(name)
-                .ok_or_else(|| ModelError::UnknownService(name.to_owned()))?;
-            svc.canary_weight = weight;
-            Ok(svc.clone())
-        })
+        self.edit_service_with(name, forced, |svc| svc.canary_weight = weight)
     }
 
     /// Sets a service's canary weight and the cohorts routed to its canary
@@ -230,13 +223,26 @@ impl Store {
         cohorts: &[Cohort],
         forced: bool,
     ) -> Result<Service, ChangeError> {
+        self.edit_service_with(name, forced, |svc| {
+            svc.canary_weight = weight;
+            svc.canary_cohorts = cohorts.to_vec();
+        })
+    }
+
+    /// One service's routing edited in one change (`forced` as for
+    /// [`Store::set_canary_weight_with`]); the service as it now is.
+    fn edit_service_with(
+        &self,
+        name: &str,
+        forced: bool,
+        edit: impl FnOnce(&mut Service),
+    ) -> Result<Service, ChangeError> {
         self.update_with(forced, |state| {
             let svc = state
                 .services
                 .get_mut(name)
                 .ok_or_else(|| ModelError::UnknownService(name.to_owned()))?;
-            svc.canary_weight = weight;
-            svc.canary_cohorts = cohorts.to_vec();
+            edit(svc);
             Ok(svc.clone())
         })
     }

@@ -84,8 +84,7 @@ impl TrafficRouter for AdsRouter {
         weight: u32,
         forced: bool,
     ) -> Result<Vec<ChangeId>, RouterError> {
-        let weight =
-            Weight::try_from(i64::from(weight)).map_err(|e| RouterError::Invalid(e.to_string()))?;
+        let weight = valid_weight(weight)?;
         self.publishing(|| {
             self.store
                 .set_canary_weight_with(service, weight, forced)
@@ -104,8 +103,7 @@ impl TrafficRouter for AdsRouter {
         cohorts: &[Cohort],
         forced: bool,
     ) -> Result<Vec<ChangeId>, RouterError> {
-        let weight =
-            Weight::try_from(i64::from(weight)).map_err(|e| RouterError::Invalid(e.to_string()))?;
+        let weight = valid_weight(weight)?;
         self.publishing(|| {
             self.store
                 .set_split_with(service, weight, cohorts, forced)
@@ -207,4 +205,9 @@ impl TrafficRouter for AdsRouter {
             && !svc.stable.endpoints.is_empty()
             && svc.stable.endpoints == svc.canary.endpoints)
     }
+}
+
+/// A weight from the engine or the API as the Store takes it.
+fn valid_weight(weight: u32) -> Result<Weight, RouterError> {
+    Weight::try_from(i64::from(weight)).map_err(|e| RouterError::Invalid(e.to_string()))
 }
