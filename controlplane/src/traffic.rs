@@ -77,6 +77,12 @@ pub trait TrafficRouter: Send + Sync {
         false
     }
 
+    /// The cohorts routed to the service's canary as desired now; `None`
+    /// for routers that keep none.
+    fn cohorts(&self, _service: &str) -> Result<Option<Vec<Cohort>>, RouterError> {
+        Ok(None)
+    }
+
     /// Sets the canary weight and the cohorts routed to the canary in one
     /// change. Routers without cohorts set the weight alone, and refuse a
     /// cohort.

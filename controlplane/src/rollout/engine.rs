@@ -568,7 +568,12 @@ impl Engine {
             .as_ref()
             .and_then(|s| self.router.shadow(&s.route).ok())
             .map(|t| t.is_some());
-        Some(Event::Found { weight, shadow })
+        let cohorts = self.router.cohorts(&r.spec.service).ok()?;
+        Some(Event::Found {
+            weight,
+            shadow,
+            cohorts,
+        })
     }
 
     /// The shadow route's live counts now, and when it last reported.

@@ -222,8 +222,14 @@ pub enum Event {
     Rejected(String),
     /// The desired state differs from what the rollout holds: `weight` is
     /// the canary weight found; `shadow` whether the stage's route is
-    /// shadowed (`None`: not checked, the rollout has no shadow stage).
-    Found { weight: u32, shadow: Option<bool> },
+    /// shadowed (`None`: not checked, the rollout has no shadow stage);
+    /// `cohorts` the cohorts routed to the canary (`None`: the router keeps
+    /// none).
+    Found {
+        weight: u32,
+        shadow: Option<bool>,
+        cohorts: Option<Vec<Cohort>>,
+    },
     /// The control plane restarted: a decided but unapplied transition is
     /// applied again.
     Restarted,
@@ -379,7 +385,11 @@ pub fn decide(r: &Rollout, event: Event, now_ms: u64) -> Result<Decision, NotApp
             let step = rollback(r, format!("halted: {what}"), ENGINE);
             Ok(transition(r, step, &r.phase.label(), now_ms))
         }
-        Event::Found { weight, shadow } => Ok(found(r, weight, shadow, now_ms)),
+        Event::Found {
+            weight,
+            shadow,
+            cohorts,
+        } => Ok(found(r, weight, shadow, cohorts, now_ms)),
         // A paused rollout ignores verdicts; a gate opens only by a verb.
         Event::Judged(_) if r.paused || matches!(r.phase, Phase::AwaitingApproval { .. }) => {
             Ok(Decision::unchanged(r))
@@ -464,11 +474,19 @@ fn verb(r: &Rollout, action: Action, actor: &str, now_ms: u64) -> Result<Decisio
 
 /// The desired state was changed outside the rollout: record what was
 /// found and put back what the rollout holds.
-fn found(r: &Rollout, weight: u32, shadow: Option<bool>, now_ms: u64) -> Decision {
+fn found(
+    r: &Rollout,
+    weight: u32,
+    shadow: Option<bool>,
+    found_cohorts: Option<Vec<Cohort>>,
+    now_ms: u64,
+) -> Decision {
     let want_shadow = r.spec.shadow.as_ref().map(|_| r.phase == Phase::Shadow);
+    let want_cohorts = cohorts(r);
     let weight_drift = weight != r.weight;
     let shadow_drift = shadow.is_some() && want_shadow.is_some() && shadow != want_shadow;
-    if !weight_drift && !shadow_drift {
+    let cohort_drift = found_cohorts.as_ref().is_some_and(|c| *c != want_cohorts);
+    if !weight_drift && !shadow_drift && !cohort_drift {
         return Decision::unchanged(r);
     }
     let mut what = Vec::new();
@@ -476,6 +494,17 @@ fn found(r: &Rollout, weight: u32, shadow: Option<bool>, now_ms: u64) -> Decisio
         what.push(format!(
             "canary weight {weight} in the desired state, not the rollout's {}",
             r.weight
+        ));
+    }
+    if cohort_drift {
+        let list = |c: &[Cohort]| {
+            let names: Vec<String> = c.iter().map(ToString::to_string).collect();
+            format!("[{}]", names.join(", "))
+        };
+        what.push(format!(
+            "canary cohorts {} in the desired state, not the rollout's {}",
+            list(found_cohorts.as_deref().unwrap_or_default()),
+            list(&want_cohorts)
         ));
     }
     if shadow_drift {
@@ -499,10 +528,11 @@ fn found(r: &Rollout, weight: u32, shadow: Option<bool>, now_ms: u64) -> Decisio
             what.join(" and ")
         ),
         snapshot: serde_json::json!({
-            "found": {"canary_weight": weight, "shadow": shadow},
-            "restored": {"canary_weight": r.weight, "shadow": want_shadow},
+            "found": {"canary_weight": weight, "shadow": shadow, "canary_cohorts": found_cohorts},
+            "restored": {"canary_weight": r.weight, "shadow": want_shadow, "canary_cohorts": want_cohorts},
         }),
     })];
+    // The weight goes with the rollout's cohorts (the engine's `SetWeight`).
     effects.push(Effect::SetWeight(r.weight));
     if let Some(on) = want_shadow.filter(|_| shadow_drift) {
         effects.push(Effect::SetShadow(on));
@@ -918,6 +948,7 @@ mod tests {
             Event::Found {
                 weight: 30,
                 shadow: None,
+                cohorts: None,
             },
         ] {
             let d = step(&done, e);
@@ -943,6 +974,7 @@ mod tests {
             Event::Found {
                 weight: 30,
                 shadow: Some(true),
+                cohorts: None,
             },
         );
         assert_eq!(weights(&d), [0]);
@@ -962,6 +994,7 @@ mod tests {
             Event::Found {
                 weight: 0,
                 shadow: Some(false),
+                cohorts: None,
             },
         );
         assert!(d.effects.contains(&Effect::SetShadow(true)));
@@ -971,9 +1004,64 @@ mod tests {
             Event::Found {
                 weight: 0,
                 shadow: Some(true),
+                cohorts: None,
             },
         );
         assert!(d.effects.is_empty());
+    }
+
+    #[test]
+    fn cohorts_changed_outside_are_recorded_and_restored_with_the_weight() {
+        let spec = RolloutSpec::from_yaml_or_json(
+            &serde_json::json!({
+                "service": "shop", "owner": "team",
+                "stop_rules": {"max_error_rate_increase_pp": 1.0},
+                "steps": [
+                    {"cohort": {"header": {"name": "x-user-group", "value": "internal"}}},
+                    {"weight": 100},
+                ],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let mut r = start("shop-1".into(), spec, "ana", 0, T0).rollout;
+        r.applied = true;
+        let held = cohorts(&r);
+        let d = step(
+            &r,
+            Event::Found {
+                weight: 0,
+                shadow: None,
+                cohorts: Some(Vec::new()),
+            },
+        );
+        assert_eq!(
+            weights(&d),
+            [0],
+            "the weight effect writes the cohorts back"
+        );
+        assert_eq!(cohorts(&d.rollout), held);
+        let entry = &d.audit()[0];
+        assert_eq!(entry.actor, OUTSIDE);
+        assert!(
+            entry.reason.contains(
+                "canary cohorts [] in the desired state, not the rollout's [x-user-group: internal]"
+            ),
+            "{}",
+            entry.reason
+        );
+        // The same cohorts, or a router that keeps none: nothing happens.
+        for found in [Some(held.clone()), None] {
+            let d = step(
+                &r,
+                Event::Found {
+                    weight: 0,
+                    shadow: None,
+                    cohorts: found,
+                },
+            );
+            assert!(d.effects.is_empty());
+        }
     }
 
     #[test]
@@ -1016,8 +1104,13 @@ mod tests {
             ]
             .prop_map(verb),
             Just(Event::Rejected("nack".into())),
-            (0u32..=100, proptest::option::of(any::<bool>()))
-                .prop_map(|(weight, shadow)| Event::Found { weight, shadow }),
+            (0u32..=100, proptest::option::of(any::<bool>())).prop_map(|(weight, shadow)| {
+                Event::Found {
+                    weight,
+                    shadow,
+                    cohorts: None,
+                }
+            }),
             Just(Event::Restarted),
         ]
     }

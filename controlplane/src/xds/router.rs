@@ -96,6 +96,14 @@ impl TrafficRouter for AdsRouter {
         true
     }
 
+    fn cohorts(&self, service: &str) -> Result<Option<Vec<Cohort>>, RouterError> {
+        let svc = self
+            .store
+            .service(service)
+            .map_err(|e| router_error(e.into()))?;
+        Ok(Some(svc.canary_cohorts))
+    }
+
     fn set_split(
         &self,
         service: &str,
