@@ -74,6 +74,10 @@ pub struct Service {
     pub canary_cohorts: Vec<Cohort>,
 }
 
+fn zero_weight() -> Weight {
+    Weight::ZERO
+}
+
 /// At most this many cohorts route to a service's canary at once.
 pub const MAX_COHORTS: usize = 8;
 
@@ -152,9 +156,19 @@ impl std::fmt::Display for Cohort {
     }
 }
 
-/// An HTTP token character (RFC 9110), as header and cookie names use.
-fn is_token_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+/// A header name as HTTP/2 carries it (a lower-case token, so no
+/// pseudo-header) or a cookie name (a token): why not, if it is not one.
+fn check_key_name(name: &str, header: bool) -> Result<(), String> {
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || name.len() > 128 || !name.chars().all(token) {
+        return Err(format!(
+            "{name:?} must be 1 to 128 characters of an HTTP token"
+        ));
+    }
+    if header && name.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err(format!("{name:?} must be lower-case"));
+    }
+    Ok(())
 }
 
 impl Cohort {
@@ -166,15 +180,7 @@ impl Cohort {
             Cohort::Header { name, value } => ("header", name, value),
             Cohort::Cookie { name, value } => ("cookie", name, value),
         };
-        if name.is_empty() || name.len() > 128 || !name.chars().all(is_token_char) {
-            return Err((
-                format!("{kind}.name"),
-                format!("{name:?} must be 1 to 128 characters of an HTTP token"),
-            ));
-        }
-        if kind == "header" && name.chars().any(|c| c.is_ascii_uppercase()) {
-            return Err(("header.name".into(), format!("{name:?} must be lower-case")));
-        }
+        check_key_name(name, kind == "header").map_err(|why| (format!("{kind}.name"), why))?;
         if let Some(v) = value {
             let ok = match self {
                 Cohort::Header { .. } => v.chars().all(|c| c == ' ' || c.is_ascii_graphic()),
@@ -191,10 +197,6 @@ impl Cohort {
         }
         Ok(())
     }
-}
-
-fn zero_weight() -> Weight {
-    Weight::ZERO
 }
 
 /// What identifies a user for sticky assignment: `{"header": "x-user-id"}`
@@ -221,15 +223,8 @@ impl Sticky {
             Sticky::Header(h) => ("sticky.header", h),
             Sticky::Cookie(c) => ("sticky.cookie", c),
         };
-        if name.is_empty() || name.len() > 128 || !name.chars().all(is_token_char) {
-            return Err(format!(
-                "{what}: {name:?} must be 1 to 128 characters of an HTTP token"
-            ));
-        }
-        if matches!(self, Sticky::Header(_)) && name.chars().any(|c| c.is_ascii_uppercase()) {
-            return Err(format!("{what}: {name:?} must be lower-case"));
-        }
-        Ok(())
+        check_key_name(name, matches!(self, Sticky::Header(_)))
+            .map_err(|why| format!("{what}: {why}"))
     }
 }
 

@@ -70,15 +70,9 @@ pub trait TrafficRouter: Send + Sync {
         forced: bool,
     ) -> Result<Vec<ChangeId>, RouterError>;
 
-    /// Whether this router can send cohorts to the canary
-    /// ([`TrafficRouter::set_split`]); a rollout with cohort steps is
-    /// refused where it cannot.
-    fn supports_cohorts(&self) -> bool {
-        false
-    }
-
     /// The cohorts routed to the service's canary as desired now; `None`
-    /// for routers that keep none.
+    /// for routers that keep none (a rollout with cohort steps is refused
+    /// there).
     fn cohorts(&self, _service: &str) -> Result<Option<Vec<Cohort>>, RouterError> {
         Ok(None)
     }

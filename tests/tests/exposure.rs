@@ -212,13 +212,12 @@ async fn sticky_users_stay_on_one_version_on_every_envoy_as_the_weight_grows() -
 /// One GET through Envoy, as a member of the `internal` cohort or not:
 /// the status and the version that answered.
 async fn get_as(http: &reqwest::Client, url: &str, internal: bool) -> Result<(u16, String)> {
-    let mut req = http.get(format!("{url}cohort"));
-    if internal {
-        req = req.header("x-user-group", "internal");
-    } else {
-        req = req.header("x-user-group", "external");
-    }
-    let r = req.send().await?;
+    let group = if internal { "internal" } else { "external" };
+    let r = http
+        .get(format!("{url}cohort"))
+        .header("x-user-group", group)
+        .send()
+        .await?;
     let status = r.status().as_u16();
     let version = r
         .headers()
@@ -249,6 +248,25 @@ async fn versions_of(
     Ok(seen)
 }
 
+/// Waits up to `within` for the cohort's requests to reach `version`, then
+/// checks that 50 of 50 do.
+async fn cohort_settles_on(
+    http: &reqwest::Client,
+    url: &str,
+    version: &str,
+    within: Duration,
+) -> Result<()> {
+    wait::until(&format!("the cohort on {version}"), within, || async {
+        Ok((get_as(http, url, true).await?.1 == version).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        versions_of(http, url, true, 50).await?,
+        BTreeMap::from([(version.to_owned(), 50)])
+    );
+    Ok(())
+}
+
 /// A cohort step (`x-user-group: internal`) at weight 0: the cohort's
 /// requests, and only they, reach the canary. When the canary then fails
 /// them, the judge rolls back on the cohort's evidence, and the cohort's
@@ -275,16 +293,7 @@ async fn a_cohort_step_exposes_only_the_cohort_and_a_rollback_takes_it_away() ->
     )
     .await?;
     let id = r["id"].as_str().context("no id")?.to_owned();
-    wait::until(
-        "the cohort's route in Envoy",
-        Duration::from_secs(10),
-        || async { Ok((get_as(&http, &stack.url, true).await?.1 == "v2").then_some(())) },
-    )
-    .await?;
-    assert_eq!(
-        versions_of(&http, &stack.url, true, 50).await?,
-        BTreeMap::from([("v2".to_owned(), 50)])
-    );
+    cohort_settles_on(&http, &stack.url, "v2", Duration::from_secs(10)).await?;
     assert_eq!(
         versions_of(&http, &stack.url, false, 50).await?,
         BTreeMap::from([("v1".to_owned(), 50)])
@@ -314,16 +323,7 @@ async fn a_cohort_step_exposes_only_the_cohort_and_a_rollback_takes_it_away() ->
     assert!(reason.contains("canary 5xx "), "{reason}");
     // The cohort's route went with the rollback: stable answers it, with
     // no wait beyond Envoy applying the route.
-    wait::until(
-        "the cohort back on stable",
-        Duration::from_secs(5),
-        || async { Ok((get_as(&http, &stack.url, true).await?.1 == "v1").then_some(())) },
-    )
-    .await?;
-    assert_eq!(
-        versions_of(&http, &stack.url, true, 50).await?,
-        BTreeMap::from([("v1".to_owned(), 50)])
-    );
+    cohort_settles_on(&http, &stack.url, "v1", Duration::from_secs(5)).await?;
     let svc = stack.api_get(&format!("/v1/services/{SERVICE}")).await?;
     assert!(svc.get("canary_cohorts").is_none(), "{svc}");
     Ok(())

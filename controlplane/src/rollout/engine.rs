@@ -347,7 +347,9 @@ impl Engine {
                 });
             }
         }
-        if spec.steps.iter().any(|s| s.cohort.is_some()) && !self.router.supports_cohorts() {
+        if spec.steps.iter().any(|s| s.cohort.is_some())
+            && !matches!(self.router.cohorts(&spec.service), Ok(Some(_)))
+        {
             return Err(EngineError::Invalid {
                 field: "steps",
                 reason: "this control plane's traffic router cannot send a cohort to the canary \

@@ -753,28 +753,38 @@ mod tests {
         d
     }
 
+    /// A started rollout whose first step sends the `x-user-group:
+    /// internal` cohort, then `later` steps.
+    fn cohort_rollout(later: serde_json::Value) -> Rollout {
+        let mut steps = vec![
+            serde_json::json!({"cohort": {"header": {"name": "x-user-group", "value": "internal"}}}),
+        ];
+        steps.extend(later.as_array().cloned().unwrap_or_default());
+        let spec = RolloutSpec::from_yaml_or_json(
+            &serde_json::json!({
+                "service": "shop", "owner": "team",
+                "stop_rules": {"max_error_rate_increase_pp": 1.0},
+                "steps": steps,
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let mut r = start("shop-1".into(), spec, "ana", 0, T0).rollout;
+        r.applied = true;
+        r
+    }
+
     #[test]
     fn cohorts_go_out_with_their_step_stay_and_go_with_a_rollback() {
         let internal = Cohort::Header {
             name: "x-user-group".into(),
             value: Some("internal".into()),
         };
-        let spec = RolloutSpec::from_yaml_or_json(
-            &serde_json::json!({
-                "service": "shop", "owner": "team",
-                "stop_rules": {"max_error_rate_increase_pp": 1.0},
-                "steps": [
-                    {"cohort": {"header": {"name": "x-user-group", "value": "internal"}}},
-                    {"weight": 20, "manual_gate": true},
-                    {"weight": 100},
-                ],
-            })
-            .to_string(),
-        )
-        .unwrap();
-        let mut r = start("shop-1".into(), spec, "ana", 0, T0).rollout;
+        let r = cohort_rollout(serde_json::json!([
+            {"weight": 20, "manual_gate": true},
+            {"weight": 100},
+        ]));
         assert_eq!((r.weight, cohorts(&r)), (0, vec![internal.clone()]));
-        r.applied = true;
         // Passing the cohort step: the gate holds, the cohort stays.
         let d = step(&r, verdict(Verdict::Promote));
         assert_eq!(d.rollout.phase, Phase::AwaitingApproval { step: 1 });
@@ -1012,20 +1022,7 @@ mod tests {
 
     #[test]
     fn cohorts_changed_outside_are_recorded_and_restored_with_the_weight() {
-        let spec = RolloutSpec::from_yaml_or_json(
-            &serde_json::json!({
-                "service": "shop", "owner": "team",
-                "stop_rules": {"max_error_rate_increase_pp": 1.0},
-                "steps": [
-                    {"cohort": {"header": {"name": "x-user-group", "value": "internal"}}},
-                    {"weight": 100},
-                ],
-            })
-            .to_string(),
-        )
-        .unwrap();
-        let mut r = start("shop-1".into(), spec, "ana", 0, T0).rollout;
-        r.applied = true;
+        let r = cohort_rollout(serde_json::json!([{"weight": 100}]));
         let held = cohorts(&r);
         let d = step(
             &r,

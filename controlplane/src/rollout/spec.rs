@@ -905,15 +905,13 @@ fn validate_steps(
     }
     let last = raw_steps.len() - 1;
     let mut out: Vec<CanaryStep> = Vec::with_capacity(raw_steps.len());
-    let mut cohorts = 0;
     for (i, raw) in raw_steps.into_iter().enumerate() {
         let field = |name: &str| format!("steps[{i}].{name}");
         if let Some(cohort) = &raw.cohort {
             cohort
                 .validate()
                 .map_err(|(at, why)| invalid(format!("{}.{at}", field("cohort")), why))?;
-            cohorts += 1;
-            if cohorts > MAX_COHORTS {
+            if out.iter().filter(|s| s.cohort.is_some()).count() >= MAX_COHORTS {
                 return Err(invalid(
                     field("cohort"),
                     format!("at most {MAX_COHORTS} steps may name a cohort"),

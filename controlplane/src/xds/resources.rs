@@ -584,17 +584,31 @@ mod tests {
         crate::model::fixtures::state(weight, 8081, true)
     }
 
-    fn weights(snap: &Snapshot) -> Vec<(String, u32)> {
+    /// The first service's routes.
+    fn routes(snap: &Snapshot) -> Vec<Route> {
         let any = &snap.get(type_url::ROUTE).unwrap().resources[ROUTE_CONFIG_NAME];
         let rc: RouteConfiguration = decode(any).unwrap();
-        let Some(route::Action::Route(action)) = &rc.virtual_hosts[0].routes[0].action else {
+        rc.virtual_hosts[0].routes.clone()
+    }
+
+    /// The first service's weighted split: its last route's action and
+    /// weighted clusters.
+    fn split(snap: &Snapshot) -> (RouteAction, WeightedCluster) {
+        let Some(route::Action::Route(action)) = routes(snap).pop().and_then(|r| r.action) else {
             panic!("no route action")
         };
-        let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier
+        let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) =
+            action.cluster_specifier.clone()
         else {
             panic!("not weighted")
         };
-        wc.clusters
+        (action, wc)
+    }
+
+    fn weights(snap: &Snapshot) -> Vec<(String, u32)> {
+        split(snap)
+            .1
+            .clusters
             .iter()
             .map(|c| (c.name.clone(), c.weight.unwrap().value))
             .collect()
@@ -640,18 +654,9 @@ mod tests {
                 weights(&snap),
                 vec![("shop-canary".into(), 20), ("shop-stable".into(), 80)]
             );
-            let any = &snap.get(type_url::ROUTE).unwrap().resources[ROUTE_CONFIG_NAME];
-            let rc: RouteConfiguration = decode(any).unwrap();
-            let Some(route::Action::Route(action)) = &rc.virtual_hosts[0].routes[0].action else {
-                panic!("no route action")
-            };
+            let (action, wc) = split(&snap);
             assert_eq!(action.hash_policy.len(), 1);
             assert_eq!(action.hash_policy[0].policy_specifier, Some(want));
-            let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) =
-                &action.cluster_specifier
-            else {
-                panic!("not weighted")
-            };
             assert_eq!(
                 wc.random_value_specifier,
                 Some(weighted_cluster::RandomValueSpecifier::UseHashPolicy(
@@ -661,12 +666,7 @@ mod tests {
         }
         // Not sticky: stable first, a random pick, no hash policy.
         let snap = Snapshot::build(&state(20), 1, 1);
-        let any = &snap.get(type_url::ROUTE).unwrap().resources[ROUTE_CONFIG_NAME];
-        let rc: RouteConfiguration = decode(any).unwrap();
-        let Some(route::Action::Route(action)) = &rc.virtual_hosts[0].routes[0].action else {
-            panic!("no route action")
-        };
-        assert!(action.hash_policy.is_empty());
+        assert!(split(&snap).0.hash_policy.is_empty());
     }
 
     #[test]
@@ -689,9 +689,7 @@ mod tests {
             ];
         }
         let snap = Snapshot::build(&s, 1, 1);
-        let any = &snap.get(type_url::ROUTE).unwrap().resources[ROUTE_CONFIG_NAME];
-        let rc: RouteConfiguration = decode(any).unwrap();
-        let routes = &rc.virtual_hosts[0].routes;
+        let routes = routes(&snap);
         assert_eq!(routes.len(), 4);
         let matchers: Vec<(String, Option<header_matcher::HeaderMatchSpecifier>)> = routes[..3]
             .iter()

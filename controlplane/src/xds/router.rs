@@ -92,10 +92,6 @@ impl TrafficRouter for AdsRouter {
         })
     }
 
-    fn supports_cohorts(&self) -> bool {
-        true
-    }
-
     fn cohorts(&self, service: &str) -> Result<Option<Vec<Cohort>>, RouterError> {
         let svc = self
             .store
