@@ -171,7 +171,39 @@ fn check_key_name(name: &str, header: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// What a request's header must hold to match a cohort, whatever renders
+/// it (Envoy's route or an Istio VirtualService match).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderTest {
+    Exact(String),
+    Present,
+    /// An RE2 regex over the whole value (both Envoy's `safe_regex` and
+    /// Istio's `regex` match the full value).
+    Regex(String),
+}
+
 impl Cohort {
+    /// The header a cohort is matched on, and the test of its value: the
+    /// header's exact value or presence; for a cookie, a regex over the
+    /// `cookie` header (Envoy joins repeated cookie headers with `,`, so a
+    /// pair may follow `;` or `,`).
+    pub fn header_test(&self) -> (String, HeaderTest) {
+        match self {
+            Cohort::Header { name, value: None } => (name.clone(), HeaderTest::Present),
+            Cohort::Header {
+                name,
+                value: Some(v),
+            } => (name.clone(), HeaderTest::Exact(v.clone())),
+            Cohort::Cookie { name, value } => {
+                let value = value
+                    .as_deref()
+                    .map_or_else(|| "[^;,]*".to_owned(), re2_escape);
+                let regex = format!("(^|.*[;,]\\s*){}={value}\\s*([;,].*)?$", re2_escape(name));
+                ("cookie".to_owned(), HeaderTest::Regex(regex))
+            }
+        }
+    }
+
     /// Names are HTTP tokens (header names lower-case, no pseudo-headers);
     /// a header value is visible ASCII and spaces, a cookie value RFC 6265
     /// cookie-octets. An error is the field (`header.name`) and the reason.
@@ -197,6 +229,18 @@ impl Cohort {
         }
         Ok(())
     }
+}
+
+/// `text` as an RE2 literal.
+fn re2_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$-".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// What identifies a user for sticky assignment: `{"header": "x-user-id"}`

@@ -404,19 +404,34 @@ fn wasmplugin_pins_the_packaged_image() -> Result<()> {
 #[test]
 fn the_istio_routers_writes_validate() -> Result<()> {
     use understudy_controlplane::istio::{IstioConfig, resources};
+    use understudy_controlplane::model::Cohort;
     use understudy_controlplane::store::Store;
     use understudy_controlplane::traffic::ShadowTarget;
     let docs = k8s::build(&overlay("istio"))?;
     let config = IstioConfig::read(&overlay("istio").join("services.yaml"))?;
     let mut bodies = Vec::new();
-    for svc in config.services.values() {
+    // A step at weight 30 with two cohort steps before it: a header's
+    // value and a cookie's presence.
+    let cohorts = [
+        Cohort::Header {
+            name: "x-user-group".into(),
+            value: Some("internal".into()),
+        },
+        Cohort::Cookie {
+            name: "beta".into(),
+            value: None,
+        },
+    ];
+    for (name, svc) in &config.services {
         let vs = k8s::find(&docs, "VirtualService", &svc.virtual_service.name)?;
         let http = resources::http_routes(vs).map_err(anyhow::Error::msg)?;
-        let http = resources::with_weight(http, svc, 30).map_err(anyhow::Error::msg)?;
+        let http =
+            resources::with_split(http, svc, name, 30, &cohorts).map_err(anyhow::Error::msg)?;
         bodies.push(resources::virtual_service_patch(
             &svc.virtual_service,
             "4242",
             &http,
+            resources::cohorts_annotation(None, name, &cohorts),
         ));
     }
     let plugin_ref = config

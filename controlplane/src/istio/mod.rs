@@ -34,6 +34,16 @@
 //! VirtualService, read back, holds its desired weight, and no filter
 //! config change is waiting.
 //!
+//! # Cohorts
+//! A rollout's cohort steps become http routes named
+//! `understudy-cohort-<service>-<n>` right ahead of the configured route:
+//! each a copy of it that also matches the cohort's header (or the
+//! `cookie` header's regex) and goes to the canary subset alone. They are
+//! written in the same patch as the weight, with the annotation
+//! [`resources::COHORTS_ANNOTATION`] naming the cohorts they were rendered
+//! from, so a read tells routes as we wrote them from anyone's edit (which
+//! is a rejection, as a changed weight is).
+//!
 //! # Finishing a rollout
 //! In Istio terms promotion is the stable workload running the new version
 //! (Flagger copies the canary's pod spec into the primary Deployment;
@@ -62,9 +72,10 @@ use tracing::{info, warn};
 
 pub use config::{ConfigError, IstioConfig, IstioService, ObjectRef};
 
-use crate::model::ClusterNames;
+use crate::model::{ClusterNames, Cohort, MAX_COHORTS};
 use crate::store::{ChangeError, Store};
 use crate::traffic::{ChangeId, RouterError, ShadowTarget, TrafficRouter};
+use resources::Split;
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "understudy";
@@ -92,21 +103,22 @@ pub enum IstioError {
     },
 }
 
-/// One service's weight as desired and as read back.
+/// One service's weight and cohorts as desired and as read back.
 #[derive(Debug)]
 struct ServiceState {
-    desired: u32,
+    /// Its cohorts are always `Some`.
+    desired: Split,
     /// The change that set `desired`, until it is read back or rejected.
     pending: Option<ChangeId>,
     /// The last change read back as applied: a later write by someone else
     /// is reported as a rejection of it (the engine halts, as on a NACK).
     applied: Option<ChangeId>,
-    /// The weight last read back.
-    observed: Option<u32>,
+    /// The split last read back.
+    observed: Option<Split>,
     /// The weight understudy last read and accounted for, or wrote: a
     /// read that finds another one found someone else's write. `None`
     /// after a 409: the next read is taken as is.
-    known: Option<u32>,
+    known: Option<Split>,
     /// Why the route cannot carry a rollout, from the last read.
     problem: Option<String>,
 }
@@ -223,6 +235,20 @@ fn other_writer(obj: &DynamicObject) -> String {
         .map_or_else(|| "another writer".to_owned(), |m| format!("{m:?}"))
 }
 
+/// Cohorts as a sentence lists them (`none`; `unreadable` for routes not
+/// as understudy wrote them).
+fn cohort_list(cohorts: Option<&[Cohort]>) -> String {
+    match cohorts {
+        None => "unreadable".to_owned(),
+        Some([]) => "none".to_owned(),
+        Some(c) => c
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
 fn router_error(e: ChangeError) -> RouterError {
     match e {
         ChangeError::Invalid(e) => RouterError::Invalid(e.to_string()),
@@ -261,18 +287,28 @@ impl IstioRouter {
             let obj = timed(router.vs_api(svc).get(&svc.virtual_service.name))
                 .await
                 .map_err(|e| fail(e.what))?;
-            let weight = resources::http_routes(&obj.data)
-                .and_then(|http| resources::canary_weight(&http, svc))
+            let split = resources::http_routes(&obj.data)
+                .and_then(|http| {
+                    resources::read_split(obj.metadata.annotations.as_ref(), &http, svc, name)
+                })
                 .map_err(fail)?;
-            info!(service = %name, vs = %svc.virtual_service, weight, "Istio: read the canary weight back");
+            info!(service = %name, vs = %svc.virtual_service, weight = split.weight,
+                cohorts = ?split.cohorts, "Istio: read the canary weight and cohorts back");
+            // Cohort routes not as we wrote them start as none desired: the
+            // next write (the engine restoring a rollout's cohorts, say)
+            // replaces them, as they are ours by name.
+            let desired = Split {
+                weight: split.weight,
+                cohorts: Some(split.cohorts.clone().unwrap_or_default()),
+            };
             router.lock().services.insert(
                 name.clone(),
                 ServiceState {
-                    desired: weight,
+                    desired,
                     pending: None,
                     applied: None,
-                    observed: Some(weight),
-                    known: Some(weight),
+                    observed: Some(split.clone()),
+                    known: Some(split),
                     problem: None,
                 },
             );
@@ -404,16 +440,17 @@ impl IstioRouter {
             }
         };
         let rv = obj.metadata.resource_version.clone().unwrap_or_default();
+        let annotations = obj.metadata.annotations.as_ref();
         let http = resources::http_routes(&obj.data);
         let current = http
             .as_ref()
             .map_err(Clone::clone)
-            .and_then(|h| resources::canary_weight(h, svc));
+            .and_then(|h| resources::read_split(annotations, h, svc, name));
         // Decide under the lock, call the API without it.
         enum Next {
             Nothing,
             Reject(ChangeId, String),
-            Write(ChangeId, u32),
+            Write(ChangeId, Split),
         }
         let next = {
             let mut s = self.lock();
@@ -430,13 +467,23 @@ impl IstioRouter {
                 }
                 Ok(current) => {
                     st.problem = None;
-                    st.observed = Some(current);
-                    let known = st.known.replace(current);
-                    let foreign = known.is_some_and(|k| k != current);
-                    let found = |k: u32| {
+                    st.observed = Some(current.clone());
+                    let known = st.known.replace(current.clone());
+                    let foreign = known.as_ref().is_some_and(|k| *k != current);
+                    let found = |k: Split| {
+                        let what = if k.weight == current.weight {
+                            format!(
+                                "its cohort routes are not the ones ({}) understudy last read or wrote",
+                                cohort_list(k.cohorts.as_deref())
+                            )
+                        } else {
+                            format!(
+                                "the canary weight is {}, not the {} understudy last read or wrote",
+                                current.weight, k.weight
+                            )
+                        };
                         format!(
-                            "VirtualService {vs} {}: the canary weight is {current}, not the {k} understudy \
-                             last read or wrote: {} changed it (resourceVersion {rv}); not overwritten",
+                            "VirtualService {vs} {}: {what}: {} changed it (resourceVersion {rv}); not overwritten",
                             svc.route_label(),
                             other_writer(&obj)
                         )
@@ -449,7 +496,7 @@ impl IstioRouter {
                         }
                         (Some(c), _) => {
                             st.pending = Some(c.clone());
-                            Next::Write(c, st.desired)
+                            Next::Write(c, st.desired.clone())
                         }
                         // Someone else's write while nothing was waiting: a
                         // rejection of the change it undid, reported once.
@@ -467,8 +514,16 @@ impl IstioRouter {
             Next::Reject(c, what) => return self.reject(c, what),
             Next::Write(c, w) => (c, w),
         };
-        let body = match http.and_then(|h| resources::with_weight(h, svc, desired)) {
-            Ok(h) => resources::virtual_service_patch(vs, &rv, &h),
+        let cohorts = desired.cohorts.clone().unwrap_or_default();
+        let body = match http
+            .and_then(|h| resources::with_split(h, svc, name, desired.weight, &cohorts))
+        {
+            Ok(h) => resources::virtual_service_patch(
+                vs,
+                &rv,
+                &h,
+                resources::cohorts_annotation(annotations, name, &cohorts),
+            ),
             Err(problem) => return self.reject(change, format!("VirtualService {vs} {problem}")),
         };
         let params = PatchParams {
@@ -477,9 +532,9 @@ impl IstioRouter {
         };
         match timed(api.patch(&vs.name, &params, &Patch::Merge(&body))).await {
             Ok(_) => {
-                info!(service = name, %vs, weight = desired, "Istio: canary weight written");
+                info!(service = name, %vs, weight = desired.weight, cohorts = cohorts.len(), "Istio: canary weight and cohorts written");
                 if let Some(st) = self.lock().services.get_mut(name) {
-                    st.known = Some(desired);
+                    st.known = Some(desired.clone());
                 }
                 // Read it back at once (the pending change clears then).
                 self.wake.notify_one();
@@ -493,8 +548,8 @@ impl IstioRouter {
                     ),
                     403 => format!("understudy may not write VirtualService {vs} ({})", e.what),
                     _ => format!(
-                        "the Kubernetes API refused the weight {desired} for VirtualService {vs} ({})",
-                        e.what
+                        "the Kubernetes API refused the weight {} for VirtualService {vs} ({})",
+                        desired.weight, e.what
                     ),
                 };
                 if let Some(st) = self.lock().services.get_mut(name) {
@@ -621,7 +676,7 @@ impl TrafficRouter for IstioRouter {
         self.lock()
             .services
             .get(service)
-            .map(|s| s.desired)
+            .map(|s| s.desired.weight)
             .ok_or_else(|| RouterError::UnknownService(service.to_owned()))
     }
 
@@ -629,6 +684,25 @@ impl TrafficRouter for IstioRouter {
         &self,
         service: &str,
         weight: u32,
+        forced: bool,
+    ) -> Result<Vec<ChangeId>, RouterError> {
+        let cohorts = self.cohorts(service)?.unwrap_or_default();
+        self.set_split(service, weight, &cohorts, forced)
+    }
+
+    fn cohorts(&self, service: &str) -> Result<Option<Vec<Cohort>>, RouterError> {
+        self.lock()
+            .services
+            .get(service)
+            .map(|s| s.desired.cohorts.clone())
+            .ok_or_else(|| RouterError::UnknownService(service.to_owned()))
+    }
+
+    fn set_split(
+        &self,
+        service: &str,
+        weight: u32,
+        cohorts: &[Cohort],
         _forced: bool,
     ) -> Result<Vec<ChangeId>, RouterError> {
         // `forced` needs nothing here: the only durable home is the
@@ -638,15 +712,25 @@ impl TrafficRouter for IstioRouter {
                 "weight {weight} is not 0..=100"
             )));
         }
+        if cohorts.len() > MAX_COHORTS {
+            return Err(RouterError::Invalid(format!(
+                "{} cohorts; at most {MAX_COHORTS}",
+                cohorts.len()
+            )));
+        }
         let svc = self
             .config
             .services
             .get(service)
             .ok_or_else(|| RouterError::UnknownService(service.to_owned()))?;
+        let wanted = Split {
+            weight,
+            cohorts: Some(cohorts.to_vec()),
+        };
         let change = {
             let mut s = self.lock();
-            let desired = s.services.get(service).map(|st| st.desired);
-            if desired == Some(weight) {
+            let desired = s.services.get(service).map(|st| &st.desired);
+            if desired == Some(&wanted) {
                 return Ok(Vec::new());
             }
             let change = self.change_id(&mut s, "VirtualService", &svc.virtual_service);
@@ -654,7 +738,7 @@ impl TrafficRouter for IstioRouter {
                 .services
                 .get_mut(service)
                 .ok_or_else(|| RouterError::UnknownService(service.to_owned()))?;
-            st.desired = weight;
+            st.desired = wanted;
             // A change not yet written is superseded by this one.
             st.pending = Some(change.clone());
             change
@@ -732,7 +816,7 @@ impl TrafficRouter for IstioRouter {
         let s = self.lock();
         s.services
             .values()
-            .all(|st| st.pending.is_none() && st.observed == Some(st.desired))
+            .all(|st| st.pending.is_none() && st.observed.as_ref() == Some(&st.desired))
             && s.plugin.pending.is_none()
     }
 

@@ -25,10 +25,13 @@
 //! `force`: if another manager owns a field of it with another value, the
 //! API server answers 409 and the router reports that conflict.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::config::{IstioService, ObjectRef};
+use crate::model::{Cohort, HeaderTest};
 
 pub const VS_GROUP: &str = "networking.istio.io";
 pub const VS_VERSION: &str = "v1";
@@ -77,6 +80,9 @@ struct PatchMeta<'a> {
     namespace: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     resource_version: Option<&'a str>,
+    /// Merged key by key; a `null` value removes the annotation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    annotations: Option<BTreeMap<&'static str, Option<String>>>,
 }
 
 #[derive(Serialize)]
@@ -111,7 +117,14 @@ struct WasmPluginSpecApply<'a> {
 /// The JSON merge patch (`application/merge-patch+json`) that writes a
 /// VirtualService's `spec.http` as read at `resource_version`, with our
 /// weights in it (see the module docs for why the whole list).
-pub fn virtual_service_patch(vs: &ObjectRef, resource_version: &str, http: &[HttpRoute]) -> Value {
+/// `cohorts`: the new [`COHORTS_ANNOTATION`] when it changes (`Some(None)`:
+/// removed); `None` leaves the annotations alone.
+pub fn virtual_service_patch(
+    vs: &ObjectRef,
+    resource_version: &str,
+    http: &[HttpRoute],
+    cohorts: Option<Option<String>>,
+) -> Value {
     serde_json::to_value(VirtualServicePatch {
         api_version: format!("{VS_GROUP}/{VS_VERSION}"),
         kind: VS_KIND,
@@ -119,6 +132,7 @@ pub fn virtual_service_patch(vs: &ObjectRef, resource_version: &str, http: &[Htt
             name: &vs.name,
             namespace: &vs.namespace,
             resource_version: Some(resource_version),
+            annotations: cohorts.map(|c| BTreeMap::from([(COHORTS_ANNOTATION, c)])),
         },
         spec: VirtualServiceSpecPatch { http },
     })
@@ -135,6 +149,7 @@ pub fn wasm_plugin_patch(plugin: &ObjectRef, plugin_config: &Value) -> Value {
             name: &plugin.name,
             namespace: &plugin.namespace,
             resource_version: None,
+            annotations: None,
         },
         spec: WasmPluginSpecApply { plugin_config },
     })
@@ -161,8 +176,12 @@ pub fn locate(http: &[HttpRoute], svc: &IstioService) -> Result<(usize, usize, u
             .iter()
             .position(|r| r.name.as_deref() == Some(name.as_str()))
             .ok_or_else(|| format!("has no http route named {name:?}"))?,
-        None if http.is_empty() => return Err("has no http route".to_owned()),
-        None => 0,
+        // Our cohort routes go ahead of the configured one: "the first"
+        // is the first that is not one of them.
+        None => http
+            .iter()
+            .position(|r| !is_cohort_route(r))
+            .ok_or_else(|| "has no http route".to_owned())?,
     };
     let route = &http[index];
     let find = |subset: &str| {
@@ -219,4 +238,167 @@ pub fn with_weight(
     http[i].route[s].weight = Some(stable as i32);
     http[i].route[c].weight = Some(canary as i32);
     Ok(http)
+}
+
+/// The name prefix of the http routes understudy writes for cohorts:
+/// `understudy-cohort-<service>-<n>`, ahead of the configured route.
+pub const COHORT_ROUTE: &str = "understudy-cohort-";
+/// The VirtualService annotation that names, per service, the cohorts its
+/// cohort routes carry (a JSON object: service → cohorts). The routes are
+/// what Istio acts on; the annotation says which cohorts we rendered them
+/// from, so a read can tell ours, as we wrote them, from anyone's edit.
+pub const COHORTS_ANNOTATION: &str = "understudy.io/cohorts";
+
+fn is_cohort_route(r: &HttpRoute) -> bool {
+    r.name
+        .as_deref()
+        .is_some_and(|n| n.starts_with(COHORT_ROUTE))
+}
+
+fn cohort_route_prefix(service: &str) -> String {
+    format!("{COHORT_ROUTE}{service}-")
+}
+
+/// A service's split as its VirtualService holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    pub weight: u32,
+    /// The cohorts routed to the canary; `None` when the cohort routes
+    /// are not what understudy rendered from the annotation's cohorts
+    /// (someone edited, added or removed one).
+    pub cohorts: Option<Vec<Cohort>>,
+}
+
+/// The annotation's map of service → cohorts; empty when absent, `None`
+/// when it does not parse.
+fn annotated(
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Option<BTreeMap<String, Vec<Cohort>>> {
+    match annotations.and_then(|a| a.get(COHORTS_ANNOTATION)) {
+        None => Some(BTreeMap::new()),
+        Some(text) => serde_json::from_str(text).ok(),
+    }
+}
+
+/// The service's weight and cohorts as the VirtualService holds them.
+pub fn read_split(
+    annotations: Option<&BTreeMap<String, String>>,
+    http: &[HttpRoute],
+    svc: &IstioService,
+    service: &str,
+) -> Result<Split, String> {
+    let weight = canary_weight(http, svc)?;
+    let claimed = annotated(annotations).map(|mut all| all.remove(service).unwrap_or_default());
+    // Ours as we wrote them: rendering the claimed cohorts into the
+    // routes gives back exactly what was read.
+    let cohorts = claimed.filter(|claimed| {
+        with_split(http.to_vec(), svc, service, weight, claimed).as_deref() == Ok(http)
+    });
+    Ok(Split { weight, cohorts })
+}
+
+/// The annotation's new value with `service`'s cohorts set, when that
+/// changes it (`Some(None)`: no service has any left, so it goes); `None`
+/// when it stays as it is.
+pub fn cohorts_annotation(
+    annotations: Option<&BTreeMap<String, String>>,
+    service: &str,
+    cohorts: &[Cohort],
+) -> Option<Option<String>> {
+    let mut all = annotated(annotations).unwrap_or_default();
+    if cohorts.is_empty() {
+        all.remove(service);
+    } else {
+        all.insert(service.to_owned(), cohorts.to_vec());
+    }
+    let new = (!all.is_empty()).then(|| serde_json::to_string(&all).unwrap_or_default());
+    let old = annotations.and_then(|a| a.get(COHORTS_ANNOTATION)).cloned();
+    (new != old).then_some(new)
+}
+
+/// `http` with the configured route's weights set (as [`with_weight`]) and
+/// the service's cohort routes replaced by one per cohort, in order, right
+/// ahead of the configured route. Each is a copy of the configured route
+/// (its timeouts, retries, rewrites and headers) that matches what the
+/// configured route matches *and* the cohort, and goes to the canary
+/// subset alone.
+pub fn with_split(
+    http: Vec<HttpRoute>,
+    svc: &IstioService,
+    service: &str,
+    canary: u32,
+    cohorts: &[Cohort],
+) -> Result<Vec<HttpRoute>, String> {
+    let prefix = cohort_route_prefix(service);
+    let mut http: Vec<HttpRoute> = http
+        .into_iter()
+        .filter(|r| !r.name.as_deref().is_some_and(|n| n.starts_with(&prefix)))
+        .collect();
+    http = with_weight(http, svc, canary)?;
+    let (i, _, c) = locate(&http, svc)?;
+    let main = &http[i];
+    let routes = cohorts
+        .iter()
+        .enumerate()
+        .map(|(n, cohort)| {
+            let mut rest = main.rest.clone();
+            rest.insert("match".to_owned(), cohort_match(main, svc, cohort)?);
+            let to = &main.route[c];
+            Ok(HttpRoute {
+                name: Some(format!("{prefix}{n}")),
+                route: vec![RouteDestination {
+                    destination: to.destination.clone(),
+                    weight: None,
+                    rest: to.rest.clone(),
+                }],
+                rest,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    http.splice(i..i, routes);
+    Ok(http)
+}
+
+/// The configured route's match clauses (one that matches everything if
+/// it has none), each with the cohort's header test added. A clause that
+/// already tests that header cannot take a second test of it.
+fn cohort_match(main: &HttpRoute, svc: &IstioService, cohort: &Cohort) -> Result<Value, String> {
+    let (name, test) = cohort.header_test();
+    let test = match test {
+        HeaderTest::Exact(v) => serde_json::json!({ "exact": v }),
+        // Istio reads `.*` as presence; Envoy, given it as a regex, also
+        // matches only a header that is there.
+        HeaderTest::Present => serde_json::json!({ "regex": ".*" }),
+        HeaderTest::Regex(r) => serde_json::json!({ "regex": r }),
+    };
+    let clauses = match main.rest.get("match") {
+        None | Some(Value::Null) => vec![Value::Object(Map::new())],
+        Some(Value::Array(clauses)) if !clauses.is_empty() => clauses.clone(),
+        Some(Value::Array(_)) => vec![Value::Object(Map::new())],
+        Some(_) => return Err(format!("{}: `match` is not a list", svc.route_label())),
+    };
+    clauses
+        .into_iter()
+        .map(|mut clause| {
+            let obj = clause.as_object_mut().ok_or_else(|| {
+                format!("{}: a `match` entry is not an object", svc.route_label())
+            })?;
+            let headers = obj
+                .entry("headers")
+                .or_insert_with(|| Value::Object(Map::new()))
+                .as_object_mut()
+                .ok_or_else(|| {
+                    format!("{}: a match's `headers` is not an object", svc.route_label())
+                })?;
+            if headers.contains_key(&name) {
+                return Err(format!(
+                    "{} already matches header {name:?}: a cohort on it cannot be added (cohort {cohort})",
+                    svc.route_label()
+                ));
+            }
+            headers.insert(name.clone(), test.clone());
+            Ok(clause)
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(Value::Array)
 }

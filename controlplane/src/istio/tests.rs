@@ -15,7 +15,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::*;
 use crate::evidence::{Counts, Evidence, EvidenceSource, ShadowEvidence, StepWindows};
@@ -77,6 +77,12 @@ fn merge(target: &mut Value, patch: &Value) {
                     merge(t.entry(k.clone()).or_insert(Value::Null), v);
                 }
             }
+        }
+        // A patch object onto a non-object merges into an empty object
+        // (so its nulls are dropped, not stored).
+        (t, p @ Value::Object(_)) => {
+            *t = Value::Object(Map::new());
+            merge(t, p);
         }
         (t, p) => *t = p.clone(),
     }
@@ -159,7 +165,12 @@ impl Fake {
 
     fn weights(&self) -> (i64, i64) {
         let vs = self.get(VS_PATH);
-        let route = &vs["spec"]["http"][1]["route"];
+        let primary = vs["spec"]["http"]
+            .as_array()
+            .and_then(|h| h.iter().find(|r| r["name"] == "primary"))
+            .cloned()
+            .unwrap_or_default();
+        let route = &primary["route"];
         (
             route[0]["weight"].as_i64().unwrap_or(0),
             route[1]["weight"].as_i64().unwrap_or(0),
@@ -488,7 +499,7 @@ async fn istio_weight_change_is_applied_and_read_back() {
     let svc = &IstioConfig::parse(CONFIG).unwrap().services["checkout"];
     let http = resources::with_weight(resources::http_routes(&virtual_service()).unwrap(), svc, 5)
         .unwrap();
-    let body = resources::virtual_service_patch(&svc.virtual_service, "1", &http);
+    let body = resources::virtual_service_patch(&svc.virtual_service, "1", &http, None);
     assert_eq!(body, p.body);
     generated("virtualservice-patch.json", &body);
 }
@@ -965,4 +976,258 @@ async fn istio_fleet_rates_are_divided_among_the_reporting_sidecars() {
         || rate() == json!(50.0),
     )
     .await;
+}
+
+fn cohorts() -> Vec<Cohort> {
+    vec![
+        Cohort::Header {
+            name: "x-user-group".into(),
+            value: Some("internal".into()),
+        },
+        Cohort::Cookie {
+            name: "beta".into(),
+            value: None,
+        },
+    ]
+}
+
+/// Cohorts are routes to the canary subset alone, ahead of the configured
+/// route, copies of it (its retries) that also match the cohort; written
+/// with the weight in one patch, read back, and read again by a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_cohorts_are_routes_ahead_of_the_configured_one() {
+    let (fake, client) = fake_api().await;
+    let router = router(client.clone()).await;
+    assert_eq!(router.cohorts("checkout").unwrap(), Some(Vec::new()));
+    let changes = router.set_split("checkout", 0, &cohorts(), false).unwrap();
+    assert_eq!(changes.len(), 1);
+    until("the cohorts read back", || {
+        router.routing_applied_everywhere()
+    })
+    .await;
+    assert_eq!(router.rejection(&changes, 0), None);
+    assert_eq!(router.cohorts("checkout").unwrap(), Some(cohorts()));
+    let patches = fake.patches(VS_PATH);
+    assert_eq!(patches.len(), 1, "one patch for the weight and cohorts");
+    let http = fake.get(VS_PATH)["spec"]["http"].clone();
+    let names: Vec<&str> = http
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "admin",
+            "understudy-cohort-checkout-0",
+            "understudy-cohort-checkout-1",
+            "primary"
+        ]
+    );
+    let canary =
+        json!([{"destination": {"host": HOST, "subset": "canary", "port": {"number": 8080}}}]);
+    assert_eq!(
+        http[1],
+        json!({"name": "understudy-cohort-checkout-0",
+            "match": [{"headers": {"x-user-group": {"exact": "internal"}}}],
+            "retries": {"attempts": 3, "perTryTimeout": "2s"},
+            "route": canary})
+    );
+    assert_eq!(
+        http[2]["match"],
+        json!([{"headers": {"cookie": {"regex": "(^|.*[;,]\\s*)beta=[^;,]*\\s*([;,].*)?$"}}}])
+    );
+    assert_eq!(http[2]["route"], canary);
+    assert_eq!(fake.weights(), (100, 0));
+    let annotation = fake.get(VS_PATH)["metadata"]["annotations"][resources::COHORTS_ANNOTATION]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let parsed: BTreeMap<String, Vec<Cohort>> = serde_json::from_str(&annotation).unwrap();
+    assert_eq!(parsed["checkout"], cohorts());
+    generated("virtualservice-cohorts-patch.json", &patches[0].body);
+
+    // A restart reads the cohorts back from the routes it wrote.
+    let second = super::tests::router(client.clone()).await;
+    assert_eq!(second.cohorts("checkout").unwrap(), Some(cohorts()));
+    assert!(second.routing_applied_everywhere());
+
+    // A weight change keeps them; an empty list removes the routes and
+    // the annotation.
+    router.set_weight("checkout", 20, false).unwrap();
+    until("the weight read back", || {
+        router.routing_applied_everywhere()
+    })
+    .await;
+    assert_eq!(
+        fake.get(VS_PATH)["spec"]["http"].as_array().unwrap().len(),
+        4
+    );
+    assert_eq!(fake.weights(), (80, 20));
+    router.set_split("checkout", 20, &[], false).unwrap();
+    until("no cohorts read back", || {
+        router.routing_applied_everywhere()
+    })
+    .await;
+    let http = fake.get(VS_PATH)["spec"]["http"].clone();
+    assert_eq!(http.as_array().unwrap().len(), 2, "{http}");
+    assert_eq!(fake.weights(), (80, 20));
+    assert!(
+        fake.get(VS_PATH)["metadata"]["annotations"]
+            .get(resources::COHORTS_ANNOTATION)
+            .is_none()
+    );
+    assert!(
+        router
+            .set_split("checkout", 0, &vec![cohorts()[0].clone(); 9], false)
+            .is_err()
+    );
+}
+
+/// A cohort route edited by someone else is found, reported as a
+/// rejection naming the writer, and not overwritten; the next decision is
+/// written over a fresh read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_an_edited_cohort_route_is_a_rejection() {
+    let (fake, client) = fake_api().await;
+    let router = router(client).await;
+    let changes = router.set_split("checkout", 0, &cohorts(), false).unwrap();
+    until("the cohorts read back", || {
+        router.routing_applied_everywhere()
+    })
+    .await;
+    fake.write_as(VS_PATH, "kubectl-edit", |vs| {
+        vs["spec"]["http"][1]["match"][0]["headers"]["x-user-group"] = json!({"exact": "everyone"});
+    });
+    // The next read (a resync, hurried by a change to another field) finds it.
+    router.wake.notify_one();
+    until("the rejection", || router.rejection(&changes, 0).is_some()).await;
+    let what = router.rejection(&changes, 0).unwrap();
+    assert!(
+        what.contains(
+            "cohort routes are not the ones (x-user-group: internal, cookie beta present)"
+        ),
+        "{what}"
+    );
+    assert!(what.contains("\"kubectl-edit\""), "{what}");
+    assert_eq!(
+        fake.get(VS_PATH)["spec"]["http"][1]["match"][0]["headers"]["x-user-group"],
+        json!({"exact": "everyone"}),
+        "not overwritten"
+    );
+    let rollback = router.set_split("checkout", 0, &[], true).unwrap();
+    until("the rollback read back", || {
+        router.routing_applied_everywhere()
+    })
+    .await;
+    assert_eq!(router.rejection(&rollback, 0), None);
+    assert_eq!(
+        fake.get(VS_PATH)["spec"]["http"].as_array().unwrap().len(),
+        2
+    );
+}
+
+/// The configured route's own matches stay: each becomes a clause that
+/// also tests the cohort; a clause already testing the header refuses.
+#[test]
+fn istio_cohort_routes_keep_the_configured_routes_matches() {
+    let svc = &IstioConfig::parse(CONFIG).unwrap().services["checkout"];
+    let mut vs = virtual_service();
+    vs["spec"]["http"][1]["match"] = json!([
+        {"uri": {"prefix": "/api"}},
+        {"uri": {"prefix": "/v2"}, "headers": {"x-tier": {"exact": "gold"}}}
+    ]);
+    let http = resources::http_routes(&vs).unwrap();
+    let out = resources::with_split(http.clone(), svc, "checkout", 5, &cohorts()[..1]).unwrap();
+    assert_eq!(
+        serde_json::to_value(&out[1]).unwrap()["match"],
+        json!([
+            {"uri": {"prefix": "/api"}, "headers": {"x-user-group": {"exact": "internal"}}},
+            {"uri": {"prefix": "/v2"}, "headers": {"x-tier": {"exact": "gold"}, "x-user-group": {"exact": "internal"}}}
+        ])
+    );
+    // The configured route is found again after them, and rendering twice
+    // changes nothing.
+    assert_eq!(
+        resources::with_split(out.clone(), svc, "checkout", 5, &cohorts()[..1]).unwrap(),
+        out
+    );
+    let clash = Cohort::Header {
+        name: "x-tier".into(),
+        value: None,
+    };
+    let e = resources::with_split(http, svc, "checkout", 5, &[clash]).unwrap_err();
+    assert!(e.contains("already matches header \"x-tier\""), "{e}");
+    // With no route name, "the first" is the first that is not a cohort's.
+    let unnamed = IstioConfig::parse(&CONFIG.replace("    route: primary\n", "")).unwrap();
+    let unnamed = &unnamed.services["checkout"];
+    let mut vs = virtual_service();
+    vs["spec"]["http"].as_array_mut().unwrap().remove(0);
+    let http = resources::http_routes(&vs).unwrap();
+    let out = resources::with_split(http, unnamed, "checkout", 7, &cohorts()).unwrap();
+    assert_eq!(out.len(), 3);
+    assert_eq!(resources::canary_weight(&out, unnamed), Ok(7));
+}
+
+/// A rollout's cohort step lands in the VirtualService as the cohort's
+/// route at weight 0; later steps keep it; an abort takes it away with
+/// the weight, in one patch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_cohort_step_routes_the_cohort_and_an_abort_removes_it() {
+    let (fake, client) = fake_api().await;
+    let router = router(client).await;
+    let engine = engine(&router);
+    let spec = SPEC.replace(
+        "steps: [{weight: 5}",
+        "steps: [{cohort: {header: {name: x-user-group, value: internal}}}, {weight: 5}",
+    );
+    let t0 = SystemTime::now();
+    let id = engine.create(&spec, "test", t0).unwrap().id;
+    let cohort_routes = || {
+        fake.get(VS_PATH)["spec"]["http"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("understudy-cohort-")
+            })
+            .count()
+    };
+    until("the cohort step read back", || {
+        router.routing_applied_everywhere() && cohort_routes() == 1
+    })
+    .await;
+    assert_eq!(fake.weights(), (100, 0));
+    let mut i = 1;
+    while fake.weights().1 != 5 {
+        assert!(i < 60, "never reached weight 5");
+        engine.tick(t0 + Duration::from_secs(2 * i));
+        until("the step read back", || router.routing_applied_everywhere()).await;
+        i += 1;
+    }
+    assert_eq!(cohort_routes(), 1, "a later step keeps the cohort");
+    let patches = fake.patches(VS_PATH).len();
+    engine
+        .act(
+            &id,
+            crate::rollout::machine::Action::Abort,
+            "test",
+            t0 + Duration::from_secs(2 * i),
+        )
+        .unwrap();
+    until("the abort read back", || {
+        router.routing_applied_everywhere() && cohort_routes() == 0
+    })
+    .await;
+    assert_eq!(fake.weights(), (100, 0));
+    assert_eq!(fake.patches(VS_PATH).len(), patches + 1, "one patch");
+    assert_eq!(router.cohorts("checkout").unwrap(), Some(Vec::new()));
+    assert!(matches!(
+        engine.view(&id).unwrap().rollout.phase,
+        Phase::Aborted { .. }
+    ));
 }

@@ -47,7 +47,8 @@ use understudy_core::ratelimit::RawReport;
 use understudy_core::shadow::RawShadowReport;
 
 use crate::model::{
-    Backend, Cohort, DesiredState, FilterDoc, FilterSettings, ModelError, Service, Sticky, Weight,
+    Backend, Cohort, DesiredState, FilterDoc, FilterSettings, HeaderTest, ModelError, Service,
+    Sticky, Weight,
 };
 
 /// xDS type URLs, in the order Understudy sends them (make before break):
@@ -485,9 +486,7 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
     }
 }
 
-/// The header matcher of a cohort: the header's exact value or presence;
-/// for a cookie, a regex over the `cookie` header (Envoy joins repeated
-/// cookie headers with `,`, so a pair may follow `;` or `,`).
+/// The header matcher of a cohort ([`Cohort::header_test`]).
 fn cohort_matcher(cohort: &Cohort) -> HeaderMatcher {
     use header_matcher::HeaderMatchSpecifier;
     let string = |m: string_matcher::MatchPattern| {
@@ -496,48 +495,20 @@ fn cohort_matcher(cohort: &Cohort) -> HeaderMatcher {
             ..Default::default()
         })
     };
-    let (name, specifier) = match cohort {
-        Cohort::Header { name, value: None } => {
-            (name.clone(), HeaderMatchSpecifier::PresentMatch(true))
-        }
-        Cohort::Header {
-            name,
-            value: Some(v),
-        } => (
-            name.clone(),
-            string(string_matcher::MatchPattern::Exact(v.clone())),
-        ),
-        Cohort::Cookie { name, value } => {
-            let value = value
-                .as_deref()
-                .map_or_else(|| "[^;,]*".to_owned(), re2_escape);
-            let regex = format!("(^|.*[;,]\\s*){}={value}\\s*([;,].*)?$", re2_escape(name));
-            (
-                "cookie".to_owned(),
-                string(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
-                    regex,
-                    ..Default::default()
-                })),
-            )
-        }
+    let (name, test) = cohort.header_test();
+    let specifier = match test {
+        HeaderTest::Present => HeaderMatchSpecifier::PresentMatch(true),
+        HeaderTest::Exact(v) => string(string_matcher::MatchPattern::Exact(v)),
+        HeaderTest::Regex(regex) => string(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+            regex,
+            ..Default::default()
+        })),
     };
     HeaderMatcher {
         name,
         header_match_specifier: Some(specifier),
         ..Default::default()
     }
-}
-
-/// `text` as an RE2 literal.
-fn re2_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if "\\.+*?()|[]{}^$-".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The route's hash policy for a sticky service: the user key's header or
