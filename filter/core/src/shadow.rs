@@ -1594,7 +1594,10 @@ mod tests {
             json!({"cluster": "c", "segment_by": {"headr": "x-tier"}}),
         )
         .unwrap_err();
-        assert!(unknown.to_string().contains("unknown field `headr`"), "{unknown}");
+        assert!(
+            unknown.to_string().contains("unknown field `headr`"),
+            "{unknown}"
+        );
     }
 
     #[test]
