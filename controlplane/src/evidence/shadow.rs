@@ -51,6 +51,7 @@ use serde::Serialize;
 use understudy_core::segment::SegmentTally;
 use understudy_proto::v1::{MismatchRecord, ReportBatch, RouteCounts, SegmentCounts, difference};
 
+use super::PairCounts;
 use crate::store::Store;
 
 /// Routes the book remembers; the least recently reported is forgotten first.
@@ -451,14 +452,6 @@ pub struct RouteSegments {
     /// The most segments kept; later ones are counted under `other`.
     pub max_segments: usize,
     pub segments: Vec<SegmentView>,
-}
-
-/// A segment's counts as the judge reads them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SegmentCount {
-    pub compared: u64,
-    pub serious: u64,
-    pub unexpected: u64,
 }
 
 /// Learned noise at one path.
@@ -1207,7 +1200,7 @@ impl ShadowBook {
 
     /// A route's live counts per segment, as the judge reads them (learned
     /// noise applied). Empty for an unknown or unsegmented route.
-    pub fn segment_counts(&self, name: &str) -> BTreeMap<String, SegmentCount> {
+    pub fn segment_counts(&self, name: &str) -> BTreeMap<String, PairCounts> {
         let book = self.lock();
         book.routes.get(name).map_or_else(BTreeMap::new, |r| {
             r.segments
@@ -1215,7 +1208,7 @@ impl ShadowBook {
                 .map(|(label, s)| {
                     (
                         label.clone(),
-                        SegmentCount {
+                        PairCounts {
                             compared: s.totals.compared,
                             serious: s.totals.mismatched_serious,
                             unexpected: s.totals.unexpected,
@@ -1389,7 +1382,7 @@ mod tests {
         let counts = book.segment_counts("api");
         assert_eq!(
             counts["gold"],
-            SegmentCount {
+            PairCounts {
                 compared: 30,
                 serious: 20,
                 unexpected: 20
