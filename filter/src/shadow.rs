@@ -437,8 +437,9 @@ impl Shadowing {
                 let mut counts = std::mem::replace(&mut r.counts, fresh);
                 counts.segments = r
                     .segments
-                    .take()
+                    .drain()
                     .into_iter()
+                    .filter(|(_, c)| c.compared > 0)
                     .map(|(segment, c)| SegmentCounts { segment, ..c })
                     .collect();
                 counts

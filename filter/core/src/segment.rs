@@ -187,6 +187,19 @@ impl<T> SegmentTally<T> {
     }
 }
 
+impl<T: Default> SegmentTally<T> {
+    /// Every entry's value, each reset to its default: the labels stay
+    /// admitted, so a client who floods new labels between two reports
+    /// cannot push a segment seen before into `other` (the filter sends
+    /// deltas each report).
+    pub fn drain(&mut self) -> Vec<(String, T)> {
+        self.entries
+            .iter_mut()
+            .map(|(k, v)| (k.clone(), std::mem::take(v)))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +288,20 @@ mod tests {
         *t.entry("a|b|c") += 1;
         *t.entry("") += 1;
         assert_eq!(t.get(OTHER), Some(&(10_002 - (MAX_SEGMENTS as u64 - 2))));
+    }
+
+    #[test]
+    fn draining_keeps_the_labels_admitted() {
+        let mut t: SegmentTally<u64> = SegmentTally::default();
+        *t.entry("gold") += 3;
+        assert_eq!(t.drain(), vec![("gold".to_owned(), 3)]);
+        for i in 0..100 {
+            *t.entry(&format!("x{i}")) += 1;
+        }
+        *t.entry("gold") += 1;
+        let drained: BTreeMap<String, u64> = t.drain().into_iter().collect();
+        assert_eq!(drained["gold"], 1, "still its own segment");
+        assert_eq!(drained[OTHER], 100 - (MAX_SEGMENTS as u64 - 1));
     }
 
     proptest! {
