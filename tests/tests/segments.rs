@@ -50,13 +50,44 @@ fn behaviors(stack: &Stack) -> Result<()> {
 
 /// The `all` route shadowed to the canary, segmented by tier and method.
 async fn segmented_route(stack: &Stack) -> Result<()> {
+    segmented_route_with(stack, json!({"header": TIER, "method": true})).await
+}
+
+async fn segmented_route_with(stack: &Stack, segment_by: Value) -> Result<()> {
     stack
         .put_filter_config(json!({"routes": [{
             "name": "all", "path_prefix": "/",
             "shadow": {"cluster": format!("{SERVICE}-canary"), "percent": 100,
-                       "segment_by": {"header": TIER, "method": true}}
+                       "segment_by": segment_by}
         }]}))
         .await
+}
+
+/// Sends `jobs` (request number, tier bytes) from 32 tasks.
+async fn send_all(
+    http: &reqwest::Client,
+    url: &str,
+    jobs: Vec<(u64, Option<Vec<u8>>)>,
+) -> Result<()> {
+    let jobs = Arc::new(jobs);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..32 {
+        let (http, url, jobs, next) = (http.clone(), url.to_owned(), jobs.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some((i, t)) = jobs.get(k) else {
+                    return Ok::<(), anyhow::Error>(());
+                };
+                get(&http, &url, *i, t.as_deref()).await?;
+            }
+        }));
+    }
+    for w in workers {
+        w.await??;
+    }
+    Ok(())
 }
 
 /// A GET with `tier` (raw bytes; `None`: no header). The client must get
@@ -130,17 +161,27 @@ async fn segments_when(
     what: &str,
     pred: impl Fn(&Value, &BTreeMap<String, Value>) -> bool,
 ) -> Result<(Value, BTreeMap<String, Value>)> {
-    wait::until_every(what, Duration::from_secs(30), Duration::from_millis(200), || async {
-        let route = stack.api_get("/v1/shadow/routes/all").await?;
-        let s = stack.api_get("/v1/shadow/routes/all/segments").await?;
-        let by: BTreeMap<String, Value> = s["segments"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|v| (v["segment"].as_str().unwrap_or_default().to_owned(), v.clone()))
-            .collect();
-        Ok(pred(&route, &by).then_some((route, by)))
-    })
+    wait::until_every(
+        what,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let route = stack.api_get("/v1/shadow/routes/all").await?;
+            let s = stack.api_get("/v1/shadow/routes/all/segments").await?;
+            let by: BTreeMap<String, Value> = s["segments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| {
+                    (
+                        v["segment"].as_str().unwrap_or_default().to_owned(),
+                        v.clone(),
+                    )
+                })
+                .collect();
+            Ok(pred(&route, &by).then_some((route, by)))
+        },
+    )
     .await
 }
 
@@ -210,9 +251,16 @@ async fn one_tier_breaking_rolls_the_shadow_stage_back_while_the_average_passes(
     eprintln!("segment: {}", seg["detail"]);
     assert_eq!(avg["status"], "pass", "{avg:#}");
     assert_eq!(seg["status"], "fail", "{seg:#}");
-    let avg_rate = avg["measured"]["rate"].as_f64().context("no average rate")?;
-    let gold_rate = seg["measured"]["rate"].as_f64().context("no segment rate")?;
-    assert!(avg_rate < 0.5 && (0.15..0.45).contains(&avg_rate), "{avg:#}");
+    let avg_rate = avg["measured"]["rate"]
+        .as_f64()
+        .context("no average rate")?;
+    let gold_rate = seg["measured"]["rate"]
+        .as_f64()
+        .context("no segment rate")?;
+    assert!(
+        avg_rate < 0.5 && (0.15..0.45).contains(&avg_rate),
+        "{avg:#}"
+    );
     assert_eq!(gold_rate, 1.0, "{seg:#}");
     assert_eq!(
         seg["measured"]["segments_tested"].as_f64(),
@@ -259,7 +307,7 @@ async fn one_tier_breaking_rolls_the_shadow_stage_back_while_the_average_passes(
     Ok(())
 }
 
-/// A client sends 2,000 distinct tier values (and hostile bytes: Latin-1,
+/// A client sends 10,000 distinct tier values (and hostile bytes: Latin-1,
 /// 4 KiB, the separator) after gold, silver and bronze were seen: the
 /// route keeps 32 segments plus `other`, every label is short and safe,
 /// the legitimate segments' counts are exact, and every request is served.
@@ -284,7 +332,7 @@ async fn a_client_inventing_tiers_is_counted_under_other() -> Result<()> {
     .await?;
 
     // The flood, 32 at a time, with 60 more legitimate requests in it.
-    const INVENTED: u64 = 2_000;
+    const INVENTED: u64 = 10_000;
     let hostile: Vec<Vec<u8>> = (0..INVENTED)
         .map(|i| match i % 4 {
             0 => format!("tier-{i}").into_bytes(),
@@ -293,31 +341,13 @@ async fn a_client_inventing_tiers_is_counted_under_other() -> Result<()> {
             _ => format!("g|o l\"d{{{i}}}").into_bytes(),
         })
         .collect();
-    let jobs: Arc<Vec<(u64, Option<Vec<u8>>)>> = Arc::new(
-        hostile
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| (1_000 + i as u64, Some(t)))
-            .chain((60..120).map(|i| (i, Some(tier(i).as_bytes().to_vec()))))
-            .collect(),
-    );
-    let next = Arc::new(AtomicU64::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..32 {
-        let (http, url, jobs, next) = (http.clone(), url.clone(), jobs.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            loop {
-                let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some((i, t)) = jobs.get(k) else {
-                    return Ok::<(), anyhow::Error>(());
-                };
-                get(&http, &url, *i, t.as_deref()).await?;
-            }
-        }));
-    }
-    for w in workers {
-        w.await??;
-    }
+    let jobs: Vec<(u64, Option<Vec<u8>>)> = hostile
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (100_000 + i as u64, Some(t)))
+        .chain((60..120).map(|i| (i, Some(tier(i).as_bytes().to_vec()))))
+        .collect();
+    send_all(&http, &url, jobs).await?;
     let total = 120 + INVENTED;
     let (route, by) = segments_when(&stack, "every pair counted", |route, by| {
         let sum: u64 = by.values().map(|v| n(v, "compared")).sum();
@@ -347,7 +377,10 @@ async fn a_client_inventing_tiers_is_counted_under_other() -> Result<()> {
         .filter(|(k, _)| !["GET|gold", "GET|silver", "GET|bronze"].contains(&k.as_str()))
         .map(|(_, v)| n(v, "compared"))
         .sum();
-    assert_eq!(invented, INVENTED, "every invented tier is counted somewhere");
+    assert_eq!(
+        invented, INVENTED,
+        "every invented tier is counted somewhere"
+    );
     // At most 29 invented labels have their own segment (4 KiB values all
     // cut to the same 64 bytes, so one of them may hold a quarter).
     let other = n(&by["other"], "compared");
@@ -361,5 +394,51 @@ async fn a_client_inventing_tiers_is_counted_under_other() -> Result<()> {
             "unsafe label {label:?}"
         );
     }
+
+    // With the tiers listed (`values`), a flood that comes first cannot
+    // take their place: unknown values are `GET|other` at the source.
+    segmented_route_with(
+        &stack,
+        json!({"header": TIER, "method": true, "values": ["gold", "silver", "bronze"]}),
+    )
+    .await?;
+    let reset = stack
+        .api
+        .delete(stack.cp.api_url("/v1/shadow/routes/all"))
+        .send()
+        .await?;
+    ensure!(
+        reset.status() == 204 || reset.status() == 200,
+        "reset: {}",
+        reset.status()
+    );
+    let flood: Vec<(u64, Option<Vec<u8>>)> = (0..500u64)
+        .map(|i| (200_000 + i, Some(format!("first-{i}").into_bytes())))
+        .collect();
+    send_all(&http, &url, flood).await?;
+    let legit: Vec<(u64, Option<Vec<u8>>)> = (0..60)
+        .map(|i| (i, Some(tier(i).as_bytes().to_vec())))
+        .collect();
+    send_all(&http, &url, legit).await?;
+    let (route, by) = segments_when(&stack, "the listed tiers", |route, by| {
+        let sum: u64 = by.values().map(|v| n(v, "compared")).sum();
+        n(route, "compared") >= 560 && sum == n(route, "compared")
+    })
+    .await?;
+    let got: BTreeMap<&str, u64> = by
+        .iter()
+        .map(|(k, v)| (k.as_str(), n(v, "compared")))
+        .collect();
+    eprintln!("with values: {got:?}");
+    assert_eq!(n(&route, "compared"), 560);
+    assert_eq!(
+        got,
+        BTreeMap::from([
+            ("GET|bronze", 18),
+            ("GET|gold", 18),
+            ("GET|other", 500),
+            ("GET|silver", 24)
+        ])
+    );
     Ok(())
 }

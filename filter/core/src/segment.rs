@@ -54,6 +54,12 @@ pub struct RawSegmentBy {
     /// The request method is part of the segment.
     #[serde(default)]
     pub method: bool,
+    /// The header values that are segments of their own; any other value
+    /// is labelled `other` (a missing header stays `-`). Empty: every value
+    /// is its own segment, up to the cap. With a list, a client inventing
+    /// values can never take a known segment's place.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
 }
 
 /// Validated `segment_by`: at least one of the two, the header lower-cased.
@@ -61,6 +67,7 @@ pub struct RawSegmentBy {
 pub struct SegmentBy {
     pub header: Option<String>,
     pub method: bool,
+    pub values: Vec<String>,
 }
 
 impl SegmentBy {
@@ -80,9 +87,41 @@ impl SegmentBy {
                 reason: "names nothing to segment by: set `header`, `method: true`, or both".into(),
             });
         }
+        if !raw.values.is_empty() && raw.header.is_none() {
+            return Err(ConfigError::Invalid {
+                field: format!("{field}.values"),
+                reason: "lists header values, but no `header` is set".into(),
+            });
+        }
+        if raw.values.len() > MAX_SEGMENTS {
+            return Err(ConfigError::Invalid {
+                field: format!("{field}.values"),
+                reason: format!(
+                    "at most {MAX_SEGMENTS} values are allowed, got {}",
+                    raw.values.len()
+                ),
+            });
+        }
+        for (i, v) in raw.values.iter().enumerate() {
+            let safe = !v.is_empty()
+                && v.len() <= MAX_VALUE_BYTES
+                && v.bytes().all(is_label_byte)
+                && v != OTHER
+                && v != MISSING;
+            if !safe {
+                return Err(ConfigError::Invalid {
+                    field: format!("{field}.values[{i}]"),
+                    reason: format!(
+                        "{v:?} must be 1 to {MAX_VALUE_BYTES} HTTP token characters other than '|', \
+                         and not `{OTHER}` or `{MISSING}`"
+                    ),
+                });
+            }
+        }
         Ok(Self {
             header: raw.header.map(|h| h.to_ascii_lowercase()),
             method: raw.method,
+            values: raw.values,
         })
     }
 
@@ -98,7 +137,15 @@ impl SegmentBy {
             if self.method {
                 out.push(SEPARATOR);
             }
-            push_safe(&mut out, value.unwrap_or_default(), MAX_VALUE_BYTES);
+            let value = value.unwrap_or_default();
+            let listed = self.values.is_empty()
+                || value.is_empty()
+                || self.values.iter().any(|v| v.as_bytes() == value);
+            if listed {
+                push_safe(&mut out, value, MAX_VALUE_BYTES);
+            } else {
+                out.push_str(OTHER);
+            }
         }
         out
     }
@@ -210,6 +257,7 @@ mod tests {
             RawSegmentBy {
                 header: header.map(str::to_owned),
                 method,
+                values: Vec::new(),
             },
             "routes[0].shadow.segment_by",
         )
@@ -254,6 +302,7 @@ mod tests {
             RawSegmentBy {
                 header: Some("x tier".into()),
                 method: false,
+                values: Vec::new(),
             },
             "routes[0].shadow.segment_by",
         )
@@ -288,6 +337,40 @@ mod tests {
         *t.entry("a|b|c") += 1;
         *t.entry("") += 1;
         assert_eq!(t.get(OTHER), Some(&(10_002 - (MAX_SEGMENTS as u64 - 2))));
+    }
+
+    #[test]
+    fn listed_values_keep_their_segments_and_any_other_value_is_other() {
+        let raw = RawSegmentBy {
+            header: Some("x-tier".into()),
+            method: true,
+            values: vec!["gold".into(), "silver".into()],
+        };
+        let b = SegmentBy::from_raw(raw.clone(), "s").unwrap();
+        assert_eq!(b.label(Some(b"GET"), Some(b"gold")), "GET|gold");
+        assert_eq!(b.label(Some(b"GET"), Some(b"tier-9")), "GET|other");
+        assert_eq!(b.label(Some(b"GET"), Some(b"Gold")), "GET|other");
+        assert_eq!(b.label(Some(b"GET"), None), "GET|-");
+        let bad = |values: Vec<&str>, header: Option<&str>| {
+            SegmentBy::from_raw(
+                RawSegmentBy {
+                    header: header.map(str::to_owned),
+                    method: true,
+                    values: values.into_iter().map(str::to_owned).collect(),
+                },
+                "s",
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(bad(vec!["go ld"], Some("x-tier")).starts_with("s.values[0]: \"go ld\""));
+        assert!(bad(vec!["a", "other"], Some("x-tier")).starts_with("s.values[1]"));
+        assert!(bad(vec!["gold"], None).starts_with("s.values: lists header values"));
+        let many: Vec<String> = (0..=MAX_SEGMENTS).map(|i| format!("v{i}")).collect();
+        assert!(
+            bad(many.iter().map(String::as_str).collect(), Some("x-tier"))
+                .starts_with("s.values: at most 32")
+        );
     }
 
     #[test]
