@@ -385,6 +385,7 @@ fn live(compared: u64, serious: u64) -> ReportBatch {
             unexpected: 0,
             skipped: Default::default(),
             latency_gap_us_sum: 0,
+            segments: Vec::new(),
         }],
         ..Default::default()
     }
