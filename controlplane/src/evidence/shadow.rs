@@ -635,7 +635,11 @@ pub struct RecordView {
     /// ...and whether learned noise moved it to noise here.
     pub reclassified_as_noise: bool,
     pub latency_gap_ms: f64,
+    /// The expected-divergence rule that matched the request.
     pub segment: Option<String>,
+    /// The request's traffic segment (`segment_by`), if the route segments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic_segment: Option<String>,
     pub shadow_cluster: String,
     /// Differences found beyond those listed.
     pub omitted: u32,
@@ -734,6 +738,12 @@ impl StoredRecord {
             reclassified_as_noise: self.reclassified,
             latency_gap_ms: r.latency_gap_us as f64 / 1000.0,
             segment: (!r.segment.is_empty()).then(|| r.segment.clone()),
+            traffic_segment: (!r.traffic_segment.is_empty()).then(|| {
+                clip(
+                    &r.traffic_segment,
+                    understudy_core::segment::MAX_LABEL_BYTES,
+                )
+            }),
             shadow_cluster: r.shadow_cluster.clone(),
             omitted: r.omitted,
             truncated: (!r.truncated.is_empty()).then(|| r.truncated.clone()),
@@ -1376,6 +1386,9 @@ mod tests {
         );
         assert_eq!(gold.top_paths[0].path, "$.total");
         assert_eq!(gold.top_paths[0].samples.len(), 1);
+        let id: u64 = gold.top_paths[0].samples[0].id.parse().unwrap();
+        let view = book.record(id).unwrap().view(&[]);
+        assert_eq!(view.traffic_segment.as_deref(), Some("gold"));
         assert!(s.segments[1].top_paths.is_empty());
         // The route's totals are what the filter counted, not a sum of segments.
         assert_eq!(book.summaries()[0].live.compared, 100);
