@@ -385,6 +385,7 @@ fn live(compared: u64, serious: u64) -> ReportBatch {
             unexpected: 0,
             skipped: Default::default(),
             latency_gap_us_sum: 0,
+            segments: Vec::new(),
         }],
         ..Default::default()
     }
@@ -437,4 +438,98 @@ fn a_restart_in_the_shadow_stage_keeps_counting_every_serious_mismatch() {
     // the judge saw all of them.
     let judged = serde_json::to_value(view.rollout.last_judgement.unwrap()).unwrap();
     assert!(judged.to_string().contains("72"), "{judged}");
+}
+
+/// One batch of live pairs on `orders`, per traffic segment
+/// `(label, compared, unexpected)`, with the route's totals their sums.
+fn live_segments(segs: &[(&str, u64, u64)]) -> ReportBatch {
+    let mut counts = RouteCounts {
+        route: "orders".into(),
+        ..Default::default()
+    };
+    for (label, compared, unexpected) in segs {
+        counts.compared += compared;
+        counts.matched += compared - unexpected;
+        counts.mismatched_serious += unexpected;
+        counts.unexpected += unexpected;
+        counts.segments.push(understudy_proto::v1::SegmentCounts {
+            segment: (*label).into(),
+            compared: *compared,
+            matched: compared - unexpected,
+            mismatched_serious: *unexpected,
+            unexpected: *unexpected,
+            ..Default::default()
+        });
+    }
+    ReportBatch {
+        node_id: "envoy-1".into(),
+        routes: vec![counts],
+        ..Default::default()
+    }
+}
+
+/// The per-segment counts are baselined at the stage's start and carried
+/// across a restart like the route's: gold's 20 of 30 before the restart
+/// (under the segment minimum of 50) and 30 of 40 after add up to 50 of 70,
+/// which fails the worst-segment gate, while the average (36%) stays under
+/// the stage's 50%.
+#[test]
+fn segment_counts_are_baselined_and_carried_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_path = dir.path().join("state.json");
+    let db_path = dir.path().join("rollouts.redb");
+    std::fs::write(&state_path, serde_json::to_vec(&desired()).unwrap()).unwrap();
+    let p = engine(
+        Store::open(&state_path).unwrap(),
+        RolloutStore::open(&db_path).unwrap(),
+        Arc::default(),
+    );
+    let spec = shadow_spec().replace(
+        r#""max_serious_rate": 0.5}"#,
+        r#""max_serious_rate": 0.9,
+           "per_segment": {"max_unexpected_rate": 0.1, "min_compared": 50}}"#,
+    );
+    let t0 = SystemTime::now();
+    p.shadow
+        .ingest(live_segments(&[("gold", 100, 0), ("silver", 100, 0)]), t0);
+    let r = p.engine.create(&spec, "alice", t0).unwrap();
+    assert_eq!(r.phase, Phase::Shadow);
+    assert_eq!(r.shadow_baseline.segments["gold"].compared, 100);
+    p.shadow.ingest(
+        live_segments(&[("gold", 30, 20), ("silver", 30, 0)]),
+        t0 + Duration::from_millis(500),
+    );
+    p.engine.tick(t0 + Duration::from_secs(2));
+    let view = p.engine.view(&r.id).unwrap();
+    assert_eq!(
+        view.rollout.phase,
+        Phase::Shadow,
+        "gold is under its minimum"
+    );
+    let gold = view.rollout.shadow_seen.segments["gold"];
+    assert_eq!((gold.compared, gold.unexpected), (30, 20));
+
+    // Restart: the shadow book starts empty; what was seen is carried.
+    drop(p);
+    let p = engine(
+        Store::open(&state_path).unwrap(),
+        RolloutStore::open(&db_path).unwrap(),
+        Arc::default(),
+    );
+    let t1 = t0 + Duration::from_secs(3);
+    p.shadow
+        .ingest(live_segments(&[("gold", 40, 30), ("silver", 40, 0)]), t1);
+    p.engine.tick(t1 + Duration::from_secs(2));
+    let view = p.engine.view(&r.id).unwrap();
+    let Phase::RolledBack { reason } = &view.rollout.phase else {
+        panic!("{:?}", view.rollout.phase);
+    };
+    assert!(
+        reason.starts_with("shadow segment \"gold\": unexpected mismatches 50 of 70 pairs"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("the route's average is 35.7% (50 of 140)"),
+        "{reason}"
+    );
 }

@@ -236,6 +236,7 @@ fn counts(calibration: bool, c: [u64; 5], gap_us: i64) -> RouteCounts {
         unexpected: c[4],
         skipped: Default::default(),
         latency_gap_us_sum: gap_us,
+        segments: Vec::new(),
     }
 }
 

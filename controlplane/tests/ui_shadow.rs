@@ -149,6 +149,7 @@ impl Cp {
                 unexpected: n,
                 skipped: [("body_too_large".to_owned(), 3)].into_iter().collect(),
                 latency_gap_us_sum: 0,
+                segments: Vec::new(),
             }],
             mismatches: records,
         };

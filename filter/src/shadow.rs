@@ -16,6 +16,7 @@ use prost::Message;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 
 use understudy_core::report::{Answered, Batch, Outbox, RecordQueue, Schedule};
+use understudy_core::segment::SegmentTally;
 use understudy_core::shadow::{
     MAX_REPORT_BATCH_BYTES, Mismatch, RECORD_FRAMING_BYTES, Report, ShadowConfig, ShadowReport,
     ShadowTable, Skip, Verdict, split_batches,
@@ -23,7 +24,7 @@ use understudy_core::shadow::{
 use understudy_core::{FilterConfig, stats};
 use understudy_proto::v1::{
     self as wire, MismatchRecord, RecordedRequest, RecordedResponse, ReportBatch, RouteCounts,
-    difference,
+    SegmentCounts, difference,
 };
 
 use crate::host::{Host, RequestHeaders};
@@ -45,6 +46,9 @@ struct RouteShadow {
     metrics: Metrics,
     /// Deltas since the last batch.
     counts: RouteCounts,
+    /// The compared pairs of `counts` per traffic segment (capped), sent
+    /// as `counts.segments` with the batch.
+    segments: SegmentTally<SegmentCounts>,
 }
 
 /// One worker's shadowing state.
@@ -103,6 +107,7 @@ impl Shadowing {
                 },
                 cfg,
                 metrics,
+                segments: SegmentTally::default(),
             }));
         }
         let all = |what: &str| stats::shadow_all(config, what);
@@ -156,10 +161,15 @@ impl Shadowing {
             self.apply(Report::Skipped { route, reason });
             return false;
         }
+        // The label is made from the bytes as received (never text).
+        let segment = r.cfg.segment_by.as_ref().map(|by| {
+            let value = by.header.as_deref().and_then(|h| headers.bytes(h));
+            by.label(headers.bytes(":method"), value)
+        });
         let headers = r.cfg.shadow_headers(&headers.all_text());
         match self
             .table
-            .start(stream, route, headers, end_of_stream, now_us)
+            .start_in(stream, route, segment, headers, end_of_stream, now_us)
         {
             Ok(()) => {
                 self.host.increment(self.pending, 1);
@@ -349,6 +359,7 @@ impl Shadowing {
                 verdict,
                 unexpected,
                 latency_gap_us,
+                traffic_segment,
                 mismatch,
             } => {
                 self.host.increment(self.pending, -1);
@@ -375,6 +386,18 @@ impl Shadowing {
                 if unexpected {
                     self.host.increment(m.unexpected, 1);
                     r.counts.unexpected += 1;
+                }
+                if let Some(label) = traffic_segment {
+                    let c = r.segments.entry(&label);
+                    c.compared += 1;
+                    match verdict {
+                        Verdict::Matched => c.matched += 1,
+                        Verdict::Noise => c.mismatched_noise += 1,
+                        Verdict::Serious => c.mismatched_serious += 1,
+                    }
+                    if unexpected {
+                        c.unexpected += 1;
+                    }
                 }
                 self.host
                     .record(m.gap_ms, u64::try_from(latency_gap_us / 1000).unwrap_or(0));
@@ -411,7 +434,15 @@ impl Shadowing {
                     calibration: r.counts.calibration,
                     ..Default::default()
                 };
-                std::mem::replace(&mut r.counts, fresh)
+                let mut counts = std::mem::replace(&mut r.counts, fresh);
+                counts.segments = r
+                    .segments
+                    .drain()
+                    .into_iter()
+                    .filter(|(_, c)| c.compared > 0)
+                    .map(|(segment, c)| SegmentCounts { segment, ..c })
+                    .collect();
+                counts
             })
             .collect();
         if counts.is_empty() && self.queue.is_idle() {
@@ -572,6 +603,7 @@ impl Shadowing {
             omitted: u32::try_from(m.comparison.omitted).unwrap_or(u32::MAX),
             truncated: m.comparison.truncated.unwrap_or_default(),
             segment: m.segment.unwrap_or_default(),
+            traffic_segment: m.traffic_segment.unwrap_or_default(),
             request: Some(RecordedRequest {
                 method: m.method,
                 path: m.path,

@@ -570,7 +570,11 @@ fn pushes(host: &FakeHost) -> Vec<crate::fake::GrpcCall> {
 
 /// One shadowed request whose copy answers differently.
 fn mismatch(root: &mut Root, host: &FakeHost, id: u32) {
-    let (mut http, _) = request(root, host, id, &[(":path", "/o"), (":method", "GET")]);
+    mismatch_with(root, host, id, &[(":path", "/o"), (":method", "GET")]);
+}
+
+fn mismatch_with(root: &mut Root, host: &FakeHost, id: u32, headers: &[(&str, &str)]) {
+    let (mut http, _) = request(root, host, id, headers);
     host.set_map(
         RESP,
         &[(":status", "200"), ("content-type", "application/json")],
@@ -700,4 +704,60 @@ fn a_hundred_thousand_tenants_stay_within_the_table_through_the_glue() {
         "every newcomer took a free slot or evicted"
     );
     assert!(host.replies().is_empty());
+}
+
+/// `segment_by`: each pair's counts travel in its segment, the record names
+/// the segment, and a hostile value (spaces, the separator, a huge value)
+/// becomes a short safe label; the route's totals are unchanged.
+#[test]
+fn shadow_counts_travel_per_segment_with_safe_labels() {
+    let host = FakeHost::new();
+    let mut config = shadowed();
+    config["routes"][0]["shadow"]["segment_by"] =
+        json!({"header": "X-Customer-Tier", "method": true});
+    let mut root = configured(&host, config);
+    let huge = "z".repeat(5_000);
+    for (id, tier) in [
+        (2, Some("gold")),
+        (4, Some("gold")),
+        (6, None),
+        (8, Some("a b|c")),
+        (10, Some(huge.as_str())),
+    ] {
+        let mut headers = vec![(":path", "/o"), (":method", "GET")];
+        if let Some(t) = tier {
+            headers.push(("x-customer-tier", t));
+        }
+        mismatch_with(&mut root, &host, id, &headers);
+    }
+    host.advance_ms(1000);
+    root.on_tick();
+    let reports = pushes(&host);
+    assert_eq!(reports.len(), 1);
+    let batch = ReportBatch::decode(reports[0].message.as_slice()).unwrap_or_default();
+    let route = &batch.routes[0];
+    assert_eq!(route.compared, 5, "the route's totals stay the totals");
+    let segments: Vec<(String, u64, u64)> = route
+        .segments
+        .iter()
+        .map(|s| (s.segment.clone(), s.compared, s.mismatched_serious))
+        .collect();
+    let long = format!(
+        "GET|{}",
+        "z".repeat(understudy_core::segment::MAX_VALUE_BYTES)
+    );
+    let mut want = vec![
+        ("GET|-".to_owned(), 1, 1),
+        ("GET|a_b_c".to_owned(), 1, 1),
+        ("GET|gold".to_owned(), 2, 2),
+        (long, 1, 1),
+    ];
+    want.sort();
+    assert_eq!(segments, want);
+    let labels: Vec<&str> = batch
+        .mismatches
+        .iter()
+        .map(|m| m.traffic_segment.as_str())
+        .collect();
+    assert_eq!(labels[..3], ["GET|gold", "GET|gold", "GET|-"]);
 }

@@ -14,6 +14,7 @@
 //! | PUT/DELETE | `/v1/ratelimit/tenants/{id}` | a per-tenant override: `{"tier", "rate" or "fleet_rate"}` |
 //! | GET | `/v1/shadow/routes` | per-route shadow comparison summaries (rates null without data) |
 //! | GET | `/v1/shadow/routes/{route}` | one route's summary with its top differing paths and samples |
+//! | GET | `/v1/shadow/routes/{route}/segments` | the route's live counts, rates and top paths per traffic segment (`segment_by`), worst unexpected rate first |
 //! | DELETE | `/v1/shadow/routes/{route}` | start the route's live counts over (409 during its rollout's shadow stage) |
 //! | GET | `/v1/shadow/samples/{id}` | a stored mismatch record in full |
 //! | POST | `/v1/shadow/samples/{id}/replay` | replay it (`{"cluster"}` optional) and compare again |

@@ -6,7 +6,7 @@ use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use crate::evidence::replay::{self, ReplayOutcome};
 use crate::evidence::shadow::{
-    BookCounts, RecordView, ReplayAudit, RouteDetail, RouteNoise, RouteSummary,
+    BookCounts, RecordView, ReplayAudit, RouteDetail, RouteNoise, RouteSegments, RouteSummary,
 };
 use axum::Json;
 use axum::extract::{Path, State};
@@ -21,6 +21,7 @@ pub(super) fn routes() -> axum::Router<ApiState> {
             "/v1/shadow/routes/{route}",
             get(shadow_route).delete(reset_shadow_route),
         )
+        .route("/v1/shadow/routes/{route}/segments", get(shadow_segments))
         .route("/v1/shadow/samples/{id}", get(shadow_sample))
         .route("/v1/shadow/samples/{id}/replay", post(replay_sample))
         .route("/v1/shadow/replays", get(shadow_replays))
@@ -56,6 +57,17 @@ async fn shadow_route(
 ) -> ApiResult<RouteDetail> {
     s.shadow
         .route(&route)
+        .map(Json)
+        .ok_or_else(|| unknown_route(&route))
+}
+
+/// The route's live traffic per segment (`segment_by`), worst first.
+async fn shadow_segments(
+    State(s): State<ApiState>,
+    Path(route): Path<String>,
+) -> ApiResult<RouteSegments> {
+    s.shadow
+        .segments(&route)
         .map(Json)
         .ok_or_else(|| unknown_route(&route))
 }

@@ -22,6 +22,7 @@ pub mod replay;
 pub mod shadow;
 pub mod usage;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,19 @@ pub struct ShadowEvidence {
     pub unexpected: u64,
     /// Unix ms of the newest report; `None`: no data ever.
     pub last_update_ms: Option<u64>,
+    /// The same counts per traffic segment (the route's `segment_by`), at
+    /// most [`understudy_core::segment::MAX_SEGMENTS`] plus `other`; empty
+    /// when the route does not segment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub segments: BTreeMap<String, PairCounts>,
+}
+
+/// A shadow segment's comparison counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairCounts {
+    pub compared: u64,
+    pub serious: u64,
+    pub unexpected: u64,
 }
 
 /// A service's two sides over one window.
@@ -212,15 +226,18 @@ impl EvidenceSource for EnvoyEvidence {
     }
 
     fn shadow_pairs(&self, route: &str) -> Option<ShadowEvidence> {
-        self.shadow
+        let summary = self
+            .shadow
             .summaries()
             .into_iter()
-            .find(|s| s.route == route)
-            .map(|s| ShadowEvidence {
-                compared: s.live.compared,
-                serious: s.live.mismatched_serious,
-                unexpected: s.live.unexpected,
-                last_update_ms: Some(crate::time::unix_ms(s.last_report)),
-            })
+            .find(|s| s.route == route)?;
+        let segments = self.shadow.segment_counts(route);
+        Some(ShadowEvidence {
+            compared: summary.live.compared,
+            serious: summary.live.mismatched_serious,
+            unexpected: summary.live.unexpected,
+            last_update_ms: Some(crate::time::unix_ms(summary.last_report)),
+            segments,
+        })
     }
 }

@@ -28,6 +28,15 @@
 //! bytes, which [`replay`] reads. A sample whose record was evicted is dropped
 //! when it is read.
 //!
+//! **Segments.** A route whose shadow config has `segment_by` also keeps,
+//! for live traffic, the totals and top paths (with samples) per traffic
+//! segment ([`ShadowBook::segments`]): at most
+//! [`understudy_core::segment::MAX_SEGMENTS`] segments per route, the first
+//! ones reported; any later label, and any label no filter could have made,
+//! is counted under `other`. A segment keeps [`MAX_SEGMENT_PATHS`] paths of
+//! [`MAX_SEGMENT_SAMPLES`] samples. The route's own totals stay the totals.
+//! Calibration is not segmented: noise is learned per route and path.
+//!
 //! Aggregation is keyed by route name only (the book's `routes` map). The
 //! hook for per-rollout aggregation (a later issue) is that key: make it
 //! (route, rollout) and start a fresh live side when a rollout starts; the
@@ -39,8 +48,10 @@ use std::time::SystemTime;
 
 use prost::Message;
 use serde::Serialize;
-use understudy_proto::v1::{MismatchRecord, ReportBatch, RouteCounts, difference};
+use understudy_core::segment::SegmentTally;
+use understudy_proto::v1::{MismatchRecord, ReportBatch, RouteCounts, SegmentCounts, difference};
 
+use super::PairCounts;
 use crate::store::Store;
 
 /// Routes the book remembers; the least recently reported is forgotten first.
@@ -50,6 +61,10 @@ pub const MAX_ROUTES: usize = 256;
 pub const MAX_PATHS: usize = 200;
 /// Samples kept per path: the most recent ones.
 pub const MAX_SAMPLES_PER_PATH: usize = 5;
+/// Differing paths kept per traffic segment of a route.
+pub const MAX_SEGMENT_PATHS: usize = 10;
+/// Samples kept per path of a traffic segment.
+pub const MAX_SEGMENT_SAMPLES: usize = 2;
 /// Full mismatch records kept for `GET /v1/shadow/samples/{id}` and replay.
 pub const MAX_RECORDS: usize = 2000;
 /// A record carries bodies (up to the filter's `record_body_bytes` each), so
@@ -183,6 +198,30 @@ impl Totals {
         }
     }
 
+    /// One worker's delta for one traffic segment (no skips: a segment is
+    /// a breakdown of compared pairs).
+    fn add_segment(&mut self, c: &SegmentCounts) {
+        self.compared = self.compared.saturating_add(c.compared);
+        self.matched = self.matched.saturating_add(c.matched);
+        self.mismatched_serious = self.mismatched_serious.saturating_add(c.mismatched_serious);
+        self.mismatched_noise = self.mismatched_noise.saturating_add(c.mismatched_noise);
+        self.unexpected = self.unexpected.saturating_add(c.unexpected);
+    }
+
+    /// A record arrived: counted, and moved by learned noise as the book
+    /// decided (see [`ShadowBook::ingest`]).
+    fn add_record(&mut self, reclassified: bool, unexpected_learned: bool) {
+        self.records = self.records.saturating_add(1);
+        if reclassified {
+            self.mismatched_serious = self.mismatched_serious.saturating_sub(1);
+            self.mismatched_noise = self.mismatched_noise.saturating_add(1);
+            self.reclassified = self.reclassified.saturating_add(1);
+        }
+        if unexpected_learned {
+            self.unexpected = self.unexpected.saturating_sub(1);
+        }
+    }
+
     fn stats(&self) -> Stats {
         let n = self.compared;
         // Every reason the filter counts is listed, zero or not, so "nothing
@@ -266,8 +305,9 @@ struct PathTable {
 }
 
 impl PathTable {
-    fn entry(&mut self, path: &str) -> &mut PathStats {
-        if !self.paths.contains_key(path) && self.paths.len() >= MAX_PATHS {
+    /// `path`'s entry; a new path evicts another once `max` are kept.
+    fn entry(&mut self, path: &str, max: usize) -> &mut PathStats {
+        if !self.paths.contains_key(path) && self.paths.len() >= max {
             let victim = self
                 .paths
                 .iter()
@@ -305,7 +345,16 @@ struct RouteBook {
     calibration: Totals,
     live_paths: PathTable,
     calibration_paths: PathTable,
+    /// Live traffic per traffic segment (capped; see the module docs).
+    segments: SegmentTally<SegmentBook>,
     last_report: SystemTime,
+}
+
+/// One traffic segment of a route: its live totals and differing paths.
+#[derive(Debug, Clone, Default)]
+struct SegmentBook {
+    totals: Totals,
+    paths: PathTable,
 }
 
 impl RouteBook {
@@ -315,6 +364,7 @@ impl RouteBook {
             calibration: Totals::default(),
             live_paths: PathTable::default(),
             calibration_paths: PathTable::default(),
+            segments: SegmentTally::default(),
             last_report: now,
         }
     }
@@ -381,6 +431,27 @@ pub struct RouteDetail {
     pub top_paths: Vec<PathView>,
     /// What differed in calibration (the source of learned noise).
     pub calibration_top_paths: Vec<PathView>,
+}
+
+/// One traffic segment of a route (`GET /v1/shadow/routes/{route}/segments`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SegmentView {
+    /// The label (`GET|gold`, `gold`, `GET|-` for a missing header), or
+    /// `other` for segments beyond the cap.
+    pub segment: String,
+    #[serde(flatten)]
+    pub stats: Stats,
+    /// The segment's differing paths, most frequent first.
+    pub top_paths: Vec<PathView>,
+}
+
+/// A route's live traffic per segment, worst unexpected rate first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteSegments {
+    pub route: String,
+    /// The most segments kept; later ones are counted under `other`.
+    pub max_segments: usize,
+    pub segments: Vec<SegmentView>,
 }
 
 /// Learned noise at one path.
@@ -564,7 +635,11 @@ pub struct RecordView {
     /// ...and whether learned noise moved it to noise here.
     pub reclassified_as_noise: bool,
     pub latency_gap_ms: f64,
+    /// The expected-divergence rule that matched the request.
     pub segment: Option<String>,
+    /// The request's traffic segment (`segment_by`), if the route segments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic_segment: Option<String>,
     pub shadow_cluster: String,
     /// Differences found beyond those listed.
     pub omitted: u32,
@@ -663,6 +738,12 @@ impl StoredRecord {
             reclassified_as_noise: self.reclassified,
             latency_gap_ms: r.latency_gap_us as f64 / 1000.0,
             segment: (!r.segment.is_empty()).then(|| r.segment.clone()),
+            traffic_segment: (!r.traffic_segment.is_empty()).then(|| {
+                clip(
+                    &r.traffic_segment,
+                    understudy_core::segment::MAX_LABEL_BYTES,
+                )
+            }),
             shadow_cluster: r.shadow_cluster.clone(),
             omitted: r.omitted,
             truncated: (!r.truncated.is_empty()).then(|| r.truncated.clone()),
@@ -825,55 +906,31 @@ impl Book {
         let unexpected_learned =
             !calibration && complete && record.unexpected && all_learned(&|d| d.unexpected);
 
-        let totals = if calibration {
-            &mut route.calibration
+        let (totals, table) = if calibration {
+            (&mut route.calibration, &mut route.calibration_paths)
         } else {
-            &mut route.live
+            (&mut route.live, &mut route.live_paths)
         };
-        totals.records = totals.records.saturating_add(1);
-        if reclassified {
-            totals.mismatched_serious = totals.mismatched_serious.saturating_sub(1);
-            totals.mismatched_noise = totals.mismatched_noise.saturating_add(1);
-            totals.reclassified = totals.reclassified.saturating_add(1);
-        }
-        if unexpected_learned {
-            totals.unexpected = totals.unexpected.saturating_sub(1);
-        }
-
-        let table = if calibration {
-            &mut route.calibration_paths
-        } else {
-            &mut route.live_paths
-        };
-        let mut seen = BTreeSet::new();
-        for (d, l) in record.differences.iter().zip(&learned) {
-            let path = path_key(&d.path);
-            if !seen.insert(path.clone()) {
-                continue;
-            }
-            let bucket = shown_bucket(d, *l);
-            let p = table.entry(&path);
-            p.count = p.count.saturating_add(1);
-            p.last_seen = id;
-            if bucket == ShownBucket::Serious {
-                p.serious = p.serious.saturating_add(1);
-            } else {
-                p.noise = p.noise.saturating_add(1);
-            }
-            if d.unexpected && l.is_none() {
-                p.unexpected = p.unexpected.saturating_add(1);
-            }
-            if p.samples.len() >= MAX_SAMPLES_PER_PATH {
-                p.samples.pop_front();
-            }
-            p.samples.push_back(Sample {
+        totals.add_record(reclassified, unexpected_learned);
+        note_paths(
+            table,
+            (MAX_PATHS, MAX_SAMPLES_PER_PATH),
+            &record,
+            &learned,
+            id,
+        );
+        // The record's segment sees the same decision; calibration is not
+        // segmented (module docs).
+        if !calibration && !record.traffic_segment.is_empty() {
+            let segment = route.segments.entry(&record.traffic_segment);
+            segment.totals.add_record(reclassified, unexpected_learned);
+            note_paths(
+                &mut segment.paths,
+                (MAX_SEGMENT_PATHS, MAX_SEGMENT_SAMPLES),
+                &record,
+                &learned,
                 id,
-                request_id: record.request_id.clone(),
-                kind: kind_name(d),
-                bucket,
-                primary: sample_value(&d.primary),
-                shadow: sample_value(&d.shadow),
-            });
+            );
         }
 
         let size = record.encoded_len();
@@ -894,6 +951,47 @@ impl Book {
             };
             self.record_bytes = self.record_bytes.saturating_sub(old.size);
         }
+    }
+}
+
+/// Counts `record`'s differing paths in `table` (each path once), keeping
+/// at most `max.0` paths of `max.1` samples each.
+fn note_paths(
+    table: &mut PathTable,
+    max: (usize, usize),
+    record: &MismatchRecord,
+    learned: &[Option<f64>],
+    id: u64,
+) {
+    let mut seen = BTreeSet::new();
+    for (d, l) in record.differences.iter().zip(learned) {
+        let path = path_key(&d.path);
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        let bucket = shown_bucket(d, *l);
+        let p = table.entry(&path, max.0);
+        p.count = p.count.saturating_add(1);
+        p.last_seen = id;
+        if bucket == ShownBucket::Serious {
+            p.serious = p.serious.saturating_add(1);
+        } else {
+            p.noise = p.noise.saturating_add(1);
+        }
+        if d.unexpected && l.is_none() {
+            p.unexpected = p.unexpected.saturating_add(1);
+        }
+        while p.samples.len() >= max.1 {
+            p.samples.pop_front();
+        }
+        p.samples.push_back(Sample {
+            id,
+            request_id: record.request_id.clone(),
+            kind: kind_name(d),
+            bucket,
+            primary: sample_value(&d.primary),
+            shadow: sample_value(&d.shadow),
+        });
     }
 }
 
@@ -998,6 +1096,9 @@ impl ShadowBook {
                 route.calibration.add_counts(counts);
             } else {
                 route.live.add_counts(counts);
+                for c in &counts.segments {
+                    route.segments.entry(&c.segment).totals.add_segment(c);
+                }
             }
         }
         for mut record in batch.mismatches {
@@ -1077,6 +1178,57 @@ impl ShadowBook {
         })
     }
 
+    /// A route's live traffic per segment, worst unexpected rate first (then
+    /// most compared); samples of evicted records are left out. `None`: no
+    /// reports for the route. Empty when the route does not segment.
+    pub fn segments(&self, name: &str) -> Option<RouteSegments> {
+        let book = self.lock();
+        let oldest = book.oldest_id();
+        let route = book.routes.get(name)?;
+        let mut segments: Vec<SegmentView> = route
+            .segments
+            .iter()
+            .map(|(label, s)| SegmentView {
+                segment: label.clone(),
+                stats: s.totals.stats(),
+                top_paths: route.paths_view(&s.paths, oldest),
+            })
+            .collect();
+        segments.sort_by(|a, b| {
+            let rate = |v: &SegmentView| v.stats.unexpected_rate.unwrap_or(0.0);
+            rate(b)
+                .total_cmp(&rate(a))
+                .then_with(|| b.stats.compared.cmp(&a.stats.compared))
+                .then_with(|| a.segment.cmp(&b.segment))
+        });
+        Some(RouteSegments {
+            route: name.to_owned(),
+            max_segments: understudy_core::segment::MAX_SEGMENTS,
+            segments,
+        })
+    }
+
+    /// A route's live counts per segment, as the judge reads them (learned
+    /// noise applied). Empty for an unknown or unsegmented route.
+    pub fn segment_counts(&self, name: &str) -> BTreeMap<String, PairCounts> {
+        let book = self.lock();
+        book.routes.get(name).map_or_else(BTreeMap::new, |r| {
+            r.segments
+                .iter()
+                .map(|(label, s)| {
+                    (
+                        label.clone(),
+                        PairCounts {
+                            compared: s.totals.compared,
+                            serious: s.totals.mismatched_serious,
+                            unexpected: s.totals.unexpected,
+                        },
+                    )
+                })
+                .collect()
+        })
+    }
+
     /// A stored record by id, if it has not been evicted.
     pub fn record(&self, id: u64) -> Option<StoredRecord> {
         let book = self.lock();
@@ -1140,6 +1292,7 @@ impl ShadowBook {
             Some(r) => {
                 r.live = Totals::default();
                 r.live_paths = PathTable::default();
+                r.segments = SegmentTally::default();
                 true
             }
             None => false,
@@ -1193,7 +1346,107 @@ mod tests {
             unexpected: c[4],
             skipped: Default::default(),
             latency_gap_us_sum: 0,
+            segments: Vec::new(),
         }
+    }
+
+    fn seg(label: &str, c: [u64; 5]) -> SegmentCounts {
+        SegmentCounts {
+            segment: label.into(),
+            compared: c[0],
+            matched: c[1],
+            mismatched_serious: c[2],
+            mismatched_noise: c[3],
+            unexpected: c[4],
+        }
+    }
+
+    #[test]
+    fn segments_are_kept_per_route_with_their_paths() {
+        let book = ShadowBook::default();
+        let mut c = counts("api", false, [100, 80, 20, 0, 20]);
+        c.segments = vec![
+            seg("gold", [30, 10, 20, 0, 20]),
+            seg("silver", [70, 70, 0, 0, 0]),
+        ];
+        let mut r = record("api", false, vec![diff("$.total", true, true)]);
+        r.traffic_segment = "gold".into();
+        book.ingest(batch(vec![c], vec![r]), T0);
+        let s = book.segments("api").unwrap();
+        let labels: Vec<&str> = s.segments.iter().map(|v| v.segment.as_str()).collect();
+        assert_eq!(labels, ["gold", "silver"], "worst first");
+        let gold = &s.segments[0];
+        assert_eq!(
+            (
+                gold.stats.compared,
+                gold.stats.unexpected,
+                gold.stats.records
+            ),
+            (30, 20, 1)
+        );
+        assert_eq!(gold.top_paths[0].path, "$.total");
+        assert_eq!(gold.top_paths[0].samples.len(), 1);
+        let id: u64 = gold.top_paths[0].samples[0].id.parse().unwrap();
+        let view = book.record(id).unwrap().view(&[]);
+        assert_eq!(view.traffic_segment.as_deref(), Some("gold"));
+        assert!(s.segments[1].top_paths.is_empty());
+        // The route's totals are what the filter counted, not a sum of segments.
+        assert_eq!(book.summaries()[0].live.compared, 100);
+        let counts = book.segment_counts("api");
+        assert_eq!(
+            counts["gold"],
+            PairCounts {
+                compared: 30,
+                serious: 20,
+                unexpected: 20
+            }
+        );
+        // A reset starts the segments over with the route's live counts.
+        assert!(book.reset_live("api"));
+        assert!(book.segments("api").unwrap().segments.is_empty());
+    }
+
+    #[test]
+    fn a_client_inventing_segments_is_folded_into_other_and_legitimate_ones_stay_exact() {
+        use understudy_core::segment::{MAX_SEGMENTS, OTHER};
+        let book = ShadowBook::default();
+        let mut c = counts("api", false, [20, 20, 0, 0, 0]);
+        c.segments = vec![
+            seg("gold", [10, 10, 0, 0, 0]),
+            seg("silver", [10, 10, 0, 0, 0]),
+        ];
+        book.ingest(batch(vec![c], vec![]), T0);
+        // 10,000 distinct values, in batches, plus labels no filter makes.
+        for chunk in 0..100 {
+            let mut c = counts("api", false, [102, 102, 0, 0, 0]);
+            c.segments = (0..100)
+                .map(|i| seg(&format!("t{chunk}-{i}"), [1, 1, 0, 0, 0]))
+                .chain([
+                    seg("gold", [1, 1, 0, 0, 0]),
+                    seg(&"x".repeat(10_000), [1, 1, 0, 0, 0]),
+                ])
+                .collect();
+            let mut r = record("api", false, vec![diff(&format!("$.p{chunk}"), true, true)]);
+            r.traffic_segment = format!("bad label {chunk}\n");
+            book.ingest(batch(vec![c], vec![r]), T0);
+        }
+        let s = book.segments("api").unwrap();
+        assert_eq!(s.segments.len(), MAX_SEGMENTS + 1);
+        let by: BTreeMap<&str, &SegmentView> =
+            s.segments.iter().map(|v| (v.segment.as_str(), v)).collect();
+        assert_eq!(by["gold"].stats.compared, 110);
+        assert_eq!(by["silver"].stats.compared, 10);
+        let kept: u64 = s.segments.iter().map(|v| v.stats.compared).sum();
+        assert_eq!(kept, 20 + 100 * 102, "nothing is lost, only folded");
+        let other = by[OTHER];
+        assert_eq!(other.stats.records, 100);
+        assert!(other.top_paths.len() <= MAX_SEGMENT_PATHS);
+        assert!(
+            other
+                .top_paths
+                .iter()
+                .all(|p| p.samples.len() <= MAX_SEGMENT_SAMPLES)
+        );
     }
 
     fn diff(path: &str, serious: bool, unexpected: bool) -> Difference {

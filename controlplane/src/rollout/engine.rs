@@ -53,11 +53,12 @@ use super::store::{RolloutStore, RolloutStoreError};
 use crate::evidence::envoy_stats::MetricsBook;
 use crate::evidence::prometheus::PrometheusEvidence;
 use crate::evidence::shadow::ShadowBook;
-use crate::evidence::{EnvoyEvidence, EvidenceSource, ShadowEvidence, StepWindows};
+use crate::evidence::{EnvoyEvidence, EvidenceSource, PairCounts, ShadowEvidence, StepWindows};
 use crate::store::Store;
 use crate::traffic::{RouterError, ShadowTarget, TrafficRouter};
 use crate::xds::Registry;
 use crate::xds::router::AdsRouter;
+use understudy_core::segment::SegmentTally;
 
 /// Evidence for a step starts this long after the step: Envoy's stats flush
 /// interval (`envoy/bootstrap.yaml`).
@@ -591,6 +592,7 @@ impl Engine {
                         compared: s.compared,
                         serious: s.serious,
                         unexpected: s.unexpected,
+                        segments: s.segments,
                     },
                     s.last_update_ms,
                 )
@@ -603,12 +605,33 @@ impl Engine {
         let carried = &r.shadow_carried;
         let since =
             |now: u64, base: u64, carried: u64| carried.saturating_add(now.saturating_sub(base));
+        // Per segment the same way; a segment carried over from before a
+        // restart and one counted now share a slot under the same cap.
+        let mut segments: SegmentTally<PairCounts> = SegmentTally::default();
+        for (label, c) in &carried.segments {
+            let slot = segments.entry(label);
+            *slot = PairCounts {
+                compared: slot.compared.saturating_add(c.compared),
+                serious: slot.serious.saturating_add(c.serious),
+                unexpected: slot.unexpected.saturating_add(c.unexpected),
+            };
+        }
+        for (label, c) in &now.segments {
+            let b = base.segments.get(label).copied().unwrap_or_default();
+            let slot = segments.entry(label);
+            *slot = PairCounts {
+                compared: since(c.compared, b.compared, slot.compared),
+                serious: since(c.serious, b.serious, slot.serious),
+                unexpected: since(c.unexpected, b.unexpected, slot.unexpected),
+            };
+        }
         ShadowEvidence {
             compared: since(now.compared, base.compared, carried.compared),
             serious: since(now.serious, base.serious, carried.serious),
             unexpected: since(now.unexpected, base.unexpected, carried.unexpected),
             // Reports from before the stage are not evidence for it.
             last_update_ms: last.filter(|t| *t >= r.phase_started_ms),
+            segments: segments.take(),
         }
     }
 
@@ -790,6 +813,7 @@ impl Engine {
                     compared: ev.compared,
                     serious: ev.serious,
                     unexpected: ev.unexpected,
+                    segments: ev.segments.clone(),
                 };
                 j
             }

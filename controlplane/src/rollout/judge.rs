@@ -166,6 +166,16 @@
 //!   The two-sample canary tests do not use this form: there the prior's
 //!   spread over stable's rate costs as much evidence again, and the +5 pp
 //!   regression took twice as long to catch.
+//! - **Worst segment** (`shadow.per_segment`): the same one-sample test
+//!   as the unexpected-mismatch stop rule, run on each traffic segment
+//!   with at least `per_segment.min_compared` pairs, at α divided by the
+//!   number of segments tested (Bonferroni: with up to 33 segments, a
+//!   per-segment α would make a false rollback of a good version up to 33
+//!   times likelier). One segment significantly above
+//!   `per_segment.max_unexpected_rate` rolls back, and the verdict names it
+//!   with its numbers and the route's average; `other` (segments beyond the
+//!   cap) is tested like any segment. A route that reports no segments
+//!   holds the stage: the gate asked for cannot be checked.
 //! - **α**: `1 − analysis.confidence`, for each stop rule: a step that
 //!   checks both error rate and p99 can roll back a canary that is no
 //!   worse than stable with chance up to 2α.
@@ -192,8 +202,10 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{Analysis, CanaryStep, MetricLimit, MetricRule, ShadowStage, StopRules};
-use crate::evidence::{Evidence, MetricEvidence, ShadowEvidence};
+use super::spec::{
+    Analysis, CanaryStep, MetricLimit, MetricRule, SegmentGate, ShadowStage, StopRules,
+};
+use crate::evidence::{Evidence, MetricEvidence, PairCounts, ShadowEvidence};
 
 /// What the engine should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -528,6 +540,10 @@ pub fn judge_shadow(
     c.put("alpha", alpha);
     checks.push(c);
 
+    if let Some(gate) = &stage.per_segment {
+        checks.push(segment_check(gate, shadow, alpha));
+    }
+
     // The stage's gates: each rate shown (upper bound) at or below its maximum.
     for (name, what, k, max) in [
         (
@@ -610,6 +626,125 @@ pub fn judge_shadow(
     compared.put("compared", n);
     checks.push(compared);
     finish(checks)
+}
+
+/// `shadow.per_segment`: the worst traffic segment against its limit (see
+/// "Worst segment" in the module docs).
+fn segment_check(gate: &SegmentGate, shadow: &ShadowEvidence, alpha: f64) -> Check {
+    let max = gate.max_unexpected_rate;
+    let name = "segment_unexpected_mismatch_rate";
+    if shadow.segments.is_empty() {
+        return Check::new(
+            name,
+            CheckStatus::Insufficient,
+            "no traffic segments reported: the stage gates on its worst segment, \
+             so the route's shadow config needs `segment_by`"
+                .to_owned(),
+        )
+        .threshold(max);
+    }
+    let invalid: Vec<&str> = shadow
+        .segments
+        .iter()
+        .filter(|(_, c)| c.serious > c.compared || c.unexpected > c.compared)
+        .map(|(l, _)| l.as_str())
+        .collect();
+    if !invalid.is_empty() {
+        return Check::new(
+            name,
+            CheckStatus::Insufficient,
+            format!(
+                "invalid shadow segment evidence: more mismatches than pairs in {}",
+                invalid.join(", ")
+            ),
+        )
+        .threshold(max);
+    }
+    let tested: Vec<(&String, &PairCounts)> = shadow
+        .segments
+        .iter()
+        .filter(|(_, c)| c.compared >= gate.min_compared)
+        .collect();
+    let avg = if shadow.compared > 0 {
+        shadow.unexpected as f64 / shadow.compared as f64
+    } else {
+        0.0
+    };
+    let prior = stats::Prior::around(max);
+    let m = tested.len().max(1) as f64;
+    let alpha_each = alpha / m;
+    let thr = (1.0 / alpha_each).ln();
+    // The worst segment: the strongest evidence above the limit.
+    let worst = tested
+        .iter()
+        .map(|(label, c)| {
+            let (k, n) = (c.unexpected as f64, c.compared as f64);
+            (*label, **c, stats::ln_e_above(&prior, k, n, max))
+        })
+        .max_by(|a, b| a.2.total_cmp(&b.2).then_with(|| b.0.cmp(a.0)));
+    let Some((label, c, ln_e)) = worst else {
+        let mut check = Check::new(
+            name,
+            CheckStatus::Pass,
+            format!(
+                "no traffic segment has {} compared pairs yet ({} segments)",
+                gate.min_compared,
+                shadow.segments.len()
+            ),
+        )
+        .threshold(max);
+        check.put("segments", shadow.segments.len() as f64);
+        return check;
+    };
+    let (k, n) = (c.unexpected as f64, c.compared as f64);
+    let rate = k / n;
+    let p = p_value(ln_e);
+    let mut check = if ln_e >= thr {
+        let lower = stats::rate_lower_bound(&prior, k, n, thr);
+        let mut c = Check::new(
+            name,
+            CheckStatus::Fail,
+            format!(
+                "shadow segment {label:?}: unexpected mismatches {} of {} pairs ({}, at least {} at {} confidence > {} allowed per segment; p = {} < {}), while the route's average is {} ({} of {})",
+                c.unexpected,
+                c.compared,
+                pct(rate),
+                pct(lower),
+                conf(alpha_each),
+                pct(max),
+                fmt_p(p),
+                fmt_p(alpha_each),
+                pct(avg),
+                shadow.unexpected,
+                shadow.compared
+            ),
+        );
+        c.put("lower_bound", lower);
+        c
+    } else {
+        Check::new(
+            name,
+            CheckStatus::Pass,
+            format!(
+                "worst shadow segment {label:?}: unexpected mismatches {} of {} pairs ({}; not significantly above {} per segment, p = {}), of {} segments tested",
+                c.unexpected,
+                c.compared,
+                pct(rate),
+                pct(max),
+                fmt_p(p),
+                tested.len()
+            ),
+        )
+    }
+    .threshold(max);
+    check.put("compared", n);
+    check.put("unexpected", k);
+    check.put("rate", rate);
+    check.put("p_value", p);
+    check.put("alpha", alpha_each);
+    check.put("segments_tested", tested.len() as f64);
+    check.put("average_rate", avg);
+    check
 }
 
 // === verdict ===
@@ -3980,6 +4115,7 @@ mod tests {
             min_compared: 500,
             max_serious_rate: 0.02,
             max_unexpected_rate: 0.01,
+            per_segment: None,
         }
     }
 
@@ -3989,7 +4125,145 @@ mod tests {
             serious,
             unexpected,
             last_update_ms: at,
+            segments: BTreeMap::new(),
         }
+    }
+
+    /// A stage gating on its worst segment, and evidence per segment
+    /// `(label, compared, unexpected)` (no serious ones) with their sums.
+    fn segmented(segs: &[(&str, u64, u64)]) -> (ShadowStage, ShadowEvidence) {
+        let stage = ShadowStage {
+            max_unexpected_rate: 0.1,
+            per_segment: Some(SegmentGate {
+                max_unexpected_rate: 0.1,
+                min_compared: 50,
+            }),
+            ..stage()
+        };
+        let mut ev = shadow(0, 0, 0, Some(NOW));
+        for (label, n, k) in segs {
+            ev.compared += n;
+            ev.unexpected += k;
+            ev.segments.insert(
+                (*label).to_owned(),
+                PairCounts {
+                    compared: *n,
+                    serious: 0,
+                    unexpected: *k,
+                },
+            );
+        }
+        (stage, ev)
+    }
+
+    fn run_segmented(segs: &[(&str, u64, u64)]) -> Judgement {
+        let (stage, ev) = segmented(segs);
+        let rules = StopRules {
+            max_unexpected_mismatch_rate: Some(0.1),
+            ..rules()
+        };
+        judge_shadow(&stage, &rules, &analysis(), &ev, NOW, T0)
+    }
+
+    fn segment_check_of(j: &Judgement) -> &Check {
+        j.checks
+            .iter()
+            .find(|c| c.name == "segment_unexpected_mismatch_rate")
+            .expect("a segment check")
+    }
+
+    #[test]
+    fn one_segment_breaking_rolls_back_while_the_average_passes() {
+        // gold: 60 of 300 (20%), silver and bronze clean: 60 of 1000 = 6%
+        // on average, under the route's 10%.
+        let j = run_segmented(&[("gold", 300, 60), ("silver", 400, 0), ("bronze", 300, 0)]);
+        let avg = j
+            .checks
+            .iter()
+            .find(|c| c.name == "unexpected_mismatch_rate")
+            .unwrap();
+        assert_eq!(avg.status, CheckStatus::Pass, "{}", avg.detail);
+        let seg = segment_check_of(&j);
+        assert_eq!(seg.status, CheckStatus::Fail, "{}", seg.detail);
+        assert_eq!(j.verdict, Verdict::Rollback, "{}", j.reason);
+        assert!(
+            j.reason.starts_with(
+                "shadow segment \"gold\": unexpected mismatches 60 of 300 pairs (20.0%"
+            ),
+            "{}",
+            j.reason
+        );
+        assert!(
+            j.reason
+                .contains("the route's average is 6.0% (60 of 1000)"),
+            "{}",
+            j.reason
+        );
+        assert_eq!(seg.measured["segments_tested"], 3.0);
+        // Without the gate, the same evidence does not roll back.
+        let (mut stage, ev) =
+            segmented(&[("gold", 300, 60), ("silver", 400, 0), ("bronze", 300, 0)]);
+        stage.per_segment = None;
+        let rules = StopRules {
+            max_unexpected_mismatch_rate: Some(0.1),
+            ..rules()
+        };
+        let j = judge_shadow(&stage, &rules, &analysis(), &ev, NOW, T0);
+        assert_ne!(j.verdict, Verdict::Rollback, "{}", j.reason);
+    }
+
+    #[test]
+    fn a_segment_under_its_minimum_cannot_fail_the_stage() {
+        // tiny: 20 of 20 unexpected, but only 20 pairs (minimum 50).
+        let j = run_segmented(&[("tiny", 20, 20), ("silver", 1000, 0)]);
+        let seg = segment_check_of(&j);
+        assert_eq!(seg.status, CheckStatus::Pass, "{}", seg.detail);
+        assert!(
+            seg.detail.starts_with("worst shadow segment \"silver\""),
+            "{}",
+            seg.detail
+        );
+        assert_eq!(seg.measured["segments_tested"], 1.0);
+    }
+
+    #[test]
+    fn other_is_judged_like_any_segment() {
+        let j = run_segmented(&[("other", 300, 90), ("gold", 700, 0)]);
+        assert_eq!(j.verdict, Verdict::Rollback, "{}", j.reason);
+        assert!(
+            j.reason.starts_with("shadow segment \"other\""),
+            "{}",
+            j.reason
+        );
+    }
+
+    #[test]
+    fn a_segment_gate_without_segments_holds() {
+        let (stage, mut ev) = segmented(&[]);
+        ev.compared = 1000;
+        let rules = StopRules {
+            max_unexpected_mismatch_rate: Some(0.1),
+            ..rules()
+        };
+        let j = judge_shadow(&stage, &rules, &analysis(), &ev, NOW, T0);
+        let seg = segment_check_of(&j);
+        assert_eq!(seg.status, CheckStatus::Insufficient);
+        assert!(seg.detail.contains("segment_by"), "{}", seg.detail);
+        // More mismatches than pairs in a segment is not evidence.
+        let (stage, mut ev) = segmented(&[("gold", 100, 0)]);
+        ev.segments.get_mut("gold").unwrap().unexpected = 500;
+        let j = judge_shadow(&stage, &rules, &analysis(), &ev, NOW, T0);
+        assert_eq!(segment_check_of(&j).status, CheckStatus::Insufficient);
+    }
+
+    #[test]
+    fn slightly_worse_segments_among_many_do_not_roll_back() {
+        // 33 segments at exactly the limit: Bonferroni keeps the gate quiet.
+        let segs: Vec<(String, u64, u64)> = (0..33).map(|i| (format!("s{i}"), 200, 20)).collect();
+        let segs: Vec<(&str, u64, u64)> =
+            segs.iter().map(|(l, n, k)| (l.as_str(), *n, *k)).collect();
+        let j = run_segmented(&segs);
+        assert_eq!(segment_check_of(&j).status, CheckStatus::Pass);
     }
 
     fn run_shadow(ev: &ShadowEvidence) -> Judgement {

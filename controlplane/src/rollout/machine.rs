@@ -118,6 +118,10 @@ pub struct ShadowBaseline {
     pub compared: u64,
     pub serious: u64,
     pub unexpected: u64,
+    /// The same per traffic segment (bounded as the shadow book bounds
+    /// them), so a segment gate is judged on the stage's own pairs too.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub segments: std::collections::BTreeMap<String, crate::evidence::PairCounts>,
 }
 
 /// A rollout as stored.

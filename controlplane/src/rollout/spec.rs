@@ -70,6 +70,8 @@ pub mod defaults {
     pub const MIN_P99_INCREASE_MS: f64 = 5.0;
     pub const SHADOW_MIN_DURATION_S: f64 = 60.0;
     pub const SHADOW_MIN_COMPARED: u64 = 200;
+    /// Pairs a traffic segment needs before `shadow.per_segment` can fail it.
+    pub const SEGMENT_MIN_COMPARED: u64 = 50;
     pub const INTERVAL_S: f64 = 1.0;
     pub const MAX_STALENESS_S: f64 = 10.0;
     pub const MIN_REQUESTS_PER_SIDE: u64 = 100;
@@ -320,6 +322,20 @@ pub struct ShadowStage {
     /// To pass, the unexpected-mismatch rate must be shown at or below this
     /// fraction; defaults to `stop_rules.max_unexpected_mismatch_rate`.
     pub max_unexpected_rate: f64,
+    /// A stop rule per traffic segment (the filter route's `segment_by`):
+    /// the worst segment rolls the stage back even when the average passes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_segment: Option<SegmentGate>,
+}
+
+/// `shadow.per_segment`: any one traffic segment whose unexpected-mismatch
+/// rate is significantly above `max_unexpected_rate`, once it has at least
+/// `min_compared` pairs, fails the shadow stage (a rollback).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SegmentGate {
+    pub max_unexpected_rate: f64,
+    /// Pairs a segment needs before it can fail the gate.
+    pub min_compared: u64,
 }
 
 /// One canary step.
@@ -450,6 +466,17 @@ struct RawShadow {
     min_compared: Option<u64>,
     max_serious_rate: Option<f64>,
     max_unexpected_rate: Option<f64>,
+    per_segment: Option<RawSegmentGate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with max_unexpected_rate and min_compared"
+)]
+struct RawSegmentGate {
+    max_unexpected_rate: Option<f64>,
+    min_compared: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -860,6 +887,34 @@ impl ShadowStage {
                 ));
             }
         };
+        let per_segment = raw
+            .per_segment
+            .map(|g| {
+                let max = g.max_unexpected_rate.ok_or_else(|| {
+                    invalid(
+                        "shadow.per_segment.max_unexpected_rate",
+                        "required: the unexpected-mismatch rate no one segment may exceed",
+                    )
+                })?;
+                let max_unexpected_rate = check_f64(
+                    "shadow.per_segment.max_unexpected_rate",
+                    max,
+                    |v| v > 0.0 && v < 1.0,
+                    fraction,
+                )?;
+                let min_compared = g.min_compared.unwrap_or(defaults::SEGMENT_MIN_COMPARED);
+                if min_compared == 0 {
+                    return Err(invalid(
+                        "shadow.per_segment.min_compared",
+                        "must be at least 1",
+                    ));
+                }
+                Ok(SegmentGate {
+                    max_unexpected_rate,
+                    min_compared,
+                })
+            })
+            .transpose()?;
         Ok(Self {
             route,
             percent,
@@ -867,6 +922,7 @@ impl ShadowStage {
             min_compared,
             max_serious_rate,
             max_unexpected_rate,
+            per_segment,
         })
     }
 }
@@ -1145,6 +1201,9 @@ shadow:
   min_compared: 500
   max_serious_rate: 0.02
   max_unexpected_rate: 0.005
+  per_segment:
+    max_unexpected_rate: 0.02
+    min_compared: 100
 defaults: {min_duration_s: 30, min_requests: 1000}
 steps:
   - weight: 5
@@ -1185,6 +1244,10 @@ analysis:
                 min_compared: 500,
                 max_serious_rate: 0.02,
                 max_unexpected_rate: 0.005,
+                per_segment: Some(SegmentGate {
+                    max_unexpected_rate: 0.02,
+                    min_compared: 100,
+                }),
             })
         );
         let step = |weight, min_duration_s, min_requests, manual_gate| CanaryStep {
@@ -1537,6 +1600,26 @@ analysis:
                 "{route: r, percent: 10, max_serious_rate: 0.1, min_compared: 0}",
                 rule,
                 "shadow.min_compared: must be at least 1",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 0.1, per_segment: {min_compared: 10}}",
+                rule,
+                "shadow.per_segment.max_unexpected_rate: required",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 0.1, per_segment: {max_unexpected_rate: 2}}",
+                rule,
+                "shadow.per_segment.max_unexpected_rate: must be a fraction",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 0.1, per_segment: {max_unexpected_rate: 0.1, min_compared: 0}}",
+                rule,
+                "shadow.per_segment.min_compared: must be at least 1",
+            ),
+            (
+                "{route: r, percent: 10, max_serious_rate: 0.1, per_segment: {max_rate: 0.1}}",
+                rule,
+                "unknown field `max_rate`",
             ),
             (
                 "{route: r, percent: 10, max_serious_rate: 0.1, min_duration_s: -1}",

@@ -25,6 +25,8 @@
 //!   per-worker stream table as a state machine.
 //! - [`ratelimit`]: adaptive per-tenant rate limits: identity, tiers, buckets,
 //!   AIMD adaptation, the bounded tenant table, IETF RateLimit headers.
+//! - [`segment`]: traffic segments (`segment_by`): a request's bounded,
+//!   safe label and the capped per-segment tally.
 //! - [`shadow`]: shadow copies: sampling, the pair table, and report batches.
 //! - [`stats`]: the names of the metrics the filter defines, shared with the
 //!   tests and the control plane so nobody spells them twice.
@@ -43,6 +45,7 @@ pub mod http;
 pub mod ratelimit;
 pub mod report;
 pub mod rules;
+pub mod segment;
 pub mod shadow;
 pub mod stats;
 

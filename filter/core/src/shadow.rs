@@ -35,6 +35,7 @@ use sha2::{Digest, Sha256};
 use crate::compare::{self, CompareConfig, Comparison, PathPattern, RawCompareConfig, Response};
 use crate::http::is_header_name;
 use crate::rules::{ConfigError, validate_cluster, validate_name, validate_report_cluster};
+use crate::segment::{RawSegmentBy, SegmentBy};
 
 /// The header marking a shadow copy, so the new version (and its logs) can
 /// tell copies from real traffic.
@@ -95,6 +96,10 @@ pub struct RawShadowConfig {
     /// differs is learned as noise by the control plane.
     #[serde(default)]
     pub calibration: bool,
+    /// Counts, paths and samples are also kept per traffic segment: a
+    /// request header's value, the method, or both (see [`crate::segment`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_by: Option<RawSegmentBy>,
 }
 
 /// An expected-divergence rule: requests it matches (by path prefix and/or
@@ -137,6 +142,7 @@ impl RawShadowConfig {
             expected: Vec::new(),
             redact: Vec::new(),
             calibration: false,
+            segment_by: None,
         }
     }
 }
@@ -198,6 +204,7 @@ pub struct ShadowConfig {
     pub expected: Vec<Expected>,
     pub redact: Vec<PathPattern>,
     pub calibration: bool,
+    pub segment_by: Option<SegmentBy>,
 }
 
 impl ShadowConfig {
@@ -341,6 +348,10 @@ impl ShadowConfig {
                 PathPattern::parse(p).map_err(|reason| invalid(&format!("redact[{i}]"), reason))
             })
             .collect::<Result<_, _>>()?;
+        let segment_by = raw
+            .segment_by
+            .map(|b| SegmentBy::from_raw(b, &format!("{field}.segment_by")))
+            .transpose()?;
         let all = raw.percent >= 100.0;
         // f64 -> u64 saturates; 2^64 * p / 100 fits for p < 100.
         let threshold = ((raw.percent / 100.0) * 18_446_744_073_709_551_616.0) as u64;
@@ -360,6 +371,7 @@ impl ShadowConfig {
             expected,
             redact,
             calibration: raw.calibration,
+            segment_by,
         })
     }
 
@@ -574,7 +586,11 @@ pub struct Mismatch {
     pub comparison: Comparison,
     pub latency_gap_us: i64,
     pub time_us: u64,
+    /// The expected-divergence rule that matched the request.
     pub segment: Option<String>,
+    /// The request's traffic segment label (`segment_by`), if the route
+    /// segments.
+    pub traffic_segment: Option<String>,
     pub method: String,
     pub path: String,
     pub authority: String,
@@ -603,6 +619,8 @@ pub enum Report {
         verdict: Verdict,
         unexpected: bool,
         latency_gap_us: i64,
+        /// The traffic segment label, when the route has `segment_by`.
+        traffic_segment: Option<String>,
         mismatch: Option<Box<Mismatch>>,
     },
 }
@@ -625,6 +643,8 @@ enum Call {
 #[derive(Debug)]
 struct Pair {
     route: usize,
+    /// The traffic segment label, made once from the request's headers.
+    traffic_segment: Option<String>,
     started_us: u64,
     request: Captured,
     call: Call,
@@ -697,6 +717,21 @@ impl ShadowTable {
         end_of_stream: bool,
         now_us: u64,
     ) -> Result<(), Report> {
+        self.start_in(stream, route, None, headers, end_of_stream, now_us)
+    }
+
+    /// [`ShadowTable::start`] for a request in traffic segment
+    /// `traffic_segment` ([`crate::segment::SegmentBy::label`]): its
+    /// comparison is reported with the label.
+    pub fn start_in(
+        &mut self,
+        stream: u32,
+        route: usize,
+        traffic_segment: Option<String>,
+        headers: Vec<(String, String)>,
+        end_of_stream: bool,
+        now_us: u64,
+    ) -> Result<(), Report> {
         if self.pairs.len() >= MAX_PENDING {
             return Err(Report::Skipped {
                 route,
@@ -707,6 +742,7 @@ impl ShadowTable {
             stream,
             Pair {
                 route,
+                traffic_segment,
                 started_us: now_us,
                 request: Captured {
                     status: 0,
@@ -1022,6 +1058,7 @@ fn evaluate(pair: Pair, cfg: &ShadowConfig, now_us: u64) -> Report {
     let latency_gap_us = i64::try_from(shadow_us).unwrap_or(i64::MAX)
         - i64::try_from(primary_us).unwrap_or(i64::MAX);
     let req = &pair.request;
+    let traffic_segment = pair.traffic_segment.clone();
     let path = header(&req.headers, ":path");
     let segment = cfg.segment(path, &req.headers);
     let scope = compare::Scope {
@@ -1081,6 +1118,7 @@ fn evaluate(pair: Pair, cfg: &ShadowConfig, now_us: u64) -> Report {
             segment: segment
                 .and_then(|i| cfg.expected.get(i))
                 .map(|e| e.name.clone()),
+            traffic_segment: traffic_segment.clone(),
             method: header(&req.headers, ":method").to_owned(),
             path: path.to_owned(),
             authority: header(&req.headers, ":authority").to_owned(),
@@ -1115,6 +1153,7 @@ fn evaluate(pair: Pair, cfg: &ShadowConfig, now_us: u64) -> Report {
         verdict,
         unexpected,
         latency_gap_us,
+        traffic_segment,
         mismatch,
     }
 }
@@ -1508,6 +1547,56 @@ mod tests {
                 }]
             ),
             "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_segmented_pair_reports_its_label_with_the_counts_and_the_record() {
+        let c = cfg(json!({"segment_by": {"header": "X-Customer-Tier", "method": true}}));
+        let by = c.segment_by.clone().unwrap();
+        assert_eq!(by.header.as_deref(), Some("x-customer-tier"));
+        let label = by.label(Some(b"GET"), Some(b"gold"));
+        let mut t = ShadowTable::default();
+        t.start_in(S, 0, Some(label), request("/a"), true, 0)
+            .unwrap();
+        t.sent(S, 1, 0);
+        primary_ok(&mut t, br#"{"a":1}"#, 5);
+        t.shadow_response(
+            1,
+            Some(200),
+            h(&[("content-type", "application/json")]),
+            br#"{"a":2}"#.to_vec(),
+            limits,
+            5,
+        );
+        let r = t.finish(|_| Some(&c), 10);
+        let [
+            Report::Compared {
+                traffic_segment,
+                mismatch: Some(m),
+                ..
+            },
+        ] = r.as_slice()
+        else {
+            panic!("{r:?}");
+        };
+        assert_eq!(traffic_segment.as_deref(), Some("GET|gold"));
+        assert_eq!(m.traffic_segment.as_deref(), Some("GET|gold"));
+    }
+
+    #[test]
+    fn segment_by_errors_name_their_field() {
+        assert_eq!(
+            err(json!({"segment_by": {"header": "x tier"}})),
+            "routes[0].shadow.segment_by.header: \"x tier\" is not a valid header name"
+        );
+        let unknown = serde_json::from_value::<RawShadowConfig>(
+            json!({"cluster": "c", "segment_by": {"headr": "x-tier"}}),
+        )
+        .unwrap_err();
+        assert!(
+            unknown.to_string().contains("unknown field `headr`"),
+            "{unknown}"
         );
     }
 
