@@ -47,7 +47,8 @@ use understudy_core::ratelimit::RawReport;
 use understudy_core::shadow::RawShadowReport;
 
 use crate::model::{
-    Backend, Cohort, DesiredState, FilterDoc, FilterSettings, ModelError, Service, Sticky, Weight,
+    Backend, Cohort, DesiredState, FilterDoc, FilterSettings, ModelError, PROBE_HEADER, ProbeKey,
+    Service, Sticky, Weight, probe_cluster,
 };
 
 /// xDS type URLs, in the order Understudy sends them (make before break):
@@ -121,6 +122,18 @@ impl Snapshot {
     /// Builds every resource for a fleet of `fleet` connected Envoys. The
     /// state must already be validated.
     pub fn build(state: &DesiredState, generation: u64, fleet: usize) -> Self {
+        Self::build_with(state, generation, fleet, None)
+    }
+
+    /// [`Self::build`], with each service's probe clusters and pin routes
+    /// when `probes` is given (the store's key; see "Synthetic probes" in
+    /// the README).
+    pub fn build_with(
+        state: &DesiredState,
+        generation: u64,
+        fleet: usize,
+        probes: Option<&ProbeKey>,
+    ) -> Self {
         let mut clusters = BTreeMap::new();
         let mut endpoints = BTreeMap::new();
         for svc in state.services.values() {
@@ -128,14 +141,19 @@ impl Snapshot {
                 (svc.stable_cluster(), &svc.stable),
                 (svc.canary_cluster(), &svc.canary),
             ] {
-                clusters.insert(name.clone(), pack_any(eds_cluster(&name)));
+                clusters.insert(name.clone(), pack_any(eds_cluster(&name, "")));
+                if probes.is_some() {
+                    // Same endpoints (the main cluster's assignment), own stats.
+                    let probe = probe_cluster(&name);
+                    clusters.insert(probe.clone(), pack_any(eds_cluster(&probe, &name)));
+                }
                 endpoints.insert(name.clone(), pack_any(load_assignment(&name, backend)));
             }
         }
         let listeners = BTreeMap::from([(LISTENER_NAME.to_owned(), pack_any(listener(state)))]);
         let routes = BTreeMap::from([(
             ROUTE_CONFIG_NAME.to_owned(),
-            pack_any(route_configuration(state.services.values())),
+            pack_any(route_configuration(state.services.values(), probes)),
         )]);
         let extension = BTreeMap::from([(
             FILTER_NAME.to_owned(),
@@ -175,7 +193,9 @@ fn duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
     }
 }
 
-fn eds_cluster(name: &str) -> Cluster {
+/// An EDS cluster; `assignment` names the load assignment it reads when it
+/// is not its own (empty: its own name).
+fn eds_cluster(name: &str, assignment: &str) -> Cluster {
     Cluster {
         name: name.to_owned(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
@@ -183,7 +203,7 @@ fn eds_cluster(name: &str) -> Cluster {
         )),
         eds_cluster_config: Some(cluster::EdsClusterConfig {
             eds_config: Some(ads()),
-            service_name: String::new(),
+            service_name: assignment.to_owned(),
         }),
         connect_timeout: Some(duration(Duration::from_secs(1))),
         ..Default::default()
@@ -405,7 +425,10 @@ fn listener(state: &DesiredState) -> Listener {
     }
 }
 
-fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> RouteConfiguration {
+fn route_configuration<'a>(
+    services: impl Iterator<Item = &'a Service>,
+    probes: Option<&ProbeKey>,
+) -> RouteConfiguration {
     let virtual_hosts = services
         .map(|svc| {
             let canary = svc.canary_weight.percent();
@@ -430,10 +453,13 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
                     vec![sticky_hash_policy(sticky)],
                 ),
             };
-            // Cohorts first: Envoy takes the first route that matches.
-            let mut routes: Vec<Route> = svc
-                .canary_cohorts
-                .iter()
+            // Probe pins first, then cohorts: Envoy takes the first route
+            // that matches. A wrong or missing pin matches neither and falls
+            // through to the routes every client gets.
+            let mut routes: Vec<Route> = probes
+                .map(|key| probe_routes(svc, key))
+                .unwrap_or_default();
+            routes.extend(svc.canary_cohorts.iter()
                 .enumerate()
                 .map(|(i, cohort)| Route {
                     name: format!("{}-cohort-{i}", svc.name),
@@ -449,8 +475,7 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
                         ..Default::default()
                     })),
                     ..Default::default()
-                })
-                .collect();
+                }));
             routes.push(Route {
                 name: svc.name.clone(),
                 r#match: Some(RouteMatch {
@@ -483,6 +508,45 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
         virtual_hosts,
         ..Default::default()
     }
+}
+
+/// A service's two probe pin routes: [`PROBE_HEADER`] with exactly the
+/// side's pin goes to that side's probe cluster, and the header is removed
+/// before the request goes upstream (the backend never sees the secret).
+fn probe_routes(svc: &Service, key: &ProbeKey) -> Vec<Route> {
+    [
+        ("stable", svc.stable_cluster()),
+        ("canary", svc.canary_cluster()),
+    ]
+    .into_iter()
+    .map(|(side, cluster)| Route {
+        name: format!("{}-probe-{side}", svc.name),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_owned())),
+            headers: vec![HeaderMatcher {
+                name: PROBE_HEADER.to_owned(),
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                    StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::Exact(
+                            key.pin(&svc.name, side),
+                        )),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(probe_cluster(
+                &cluster,
+            ))),
+            ..Default::default()
+        })),
+        request_headers_to_remove: vec![PROBE_HEADER.to_owned()],
+        ..Default::default()
+    })
+    .collect()
 }
 
 /// The header matcher of a cohort: the header's exact value or presence;
