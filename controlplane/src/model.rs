@@ -158,6 +158,12 @@ impl std::fmt::Display for Cohort {
 
 /// A header name as HTTP/2 carries it (a lower-case token, so no
 /// pseudo-header) or a cookie name (a token): why not, if it is not one.
+/// A header name a spec may use: a lower-case HTTP token of 1 to 128
+/// characters (the rule cohorts and sticky keys follow).
+pub fn check_header_name(name: &str) -> Result<(), String> {
+    check_key_name(name, true)
+}
+
 fn check_key_name(name: &str, header: bool) -> Result<(), String> {
     let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if name.is_empty() || name.len() > 128 || !name.chars().all(token) {

@@ -192,7 +192,10 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{Analysis, CanaryStep, MetricLimit, MetricRule, ShadowStage, StopRules};
+use super::spec::{
+    Analysis, CanaryStep, MetricLimit, MetricRule, Probes, ShadowStage, StopRules,
+};
+use crate::evidence::probes::{ProbeTally, Side};
 use crate::evidence::{Evidence, MetricEvidence, ShadowEvidence};
 
 /// What the engine should do.
@@ -655,6 +658,131 @@ pub fn with_checks(judgement: Judgement, more: Vec<Check>) -> Judgement {
         queries,
         ..finish(checks)
     }
+}
+
+// === synthetic probes ===
+
+/// The `probes` check over a step's (or the shadow stage's) probe results:
+/// canary failures above `max_failures` fail it, naming each failing check,
+/// what it expects, what the canary answered and how stable did beside it;
+/// fewer than `min_passed` canary passes hold it. Stable's failures are
+/// reported, never held against the canary. Probe counts are never added to
+/// the live request counts.
+pub fn probe_check(probes: &Probes, tally: &ProbeTally) -> Check {
+    let (passed, failed) = (tally.passed(Side::Canary), tally.failed(Side::Canary));
+    let (s_passed, s_failed) = (tally.passed(Side::Stable), tally.failed(Side::Stable));
+    let mut check = if failed > probes.max_failures {
+        let failing: Vec<String> = tally
+            .checks
+            .iter()
+            .filter(|c| c.canary.failed > 0)
+            .map(|c| {
+                let expect = probes
+                    .checks
+                    .iter()
+                    .find(|p| p.name == c.check)
+                    .map_or_else(|| "?".to_owned(), |p| p.expect.describe());
+                let answered = c
+                    .canary
+                    .last_failure
+                    .as_ref()
+                    .map_or("", |r| r.detail.as_str());
+                let stable = match &c.stable.last_failure {
+                    None => format!("stable passed {} of {}", c.stable.passed, c.stable.passed + c.stable.failed),
+                    Some(r) => format!(
+                        "stable passed {} of {}, last {}",
+                        c.stable.passed,
+                        c.stable.passed + c.stable.failed,
+                        r.detail
+                    ),
+                };
+                format!(
+                    "probe {} failed on canary {} of {} times (expected {expect}; canary {answered}; {stable})",
+                    c.check,
+                    c.canary.failed,
+                    c.canary.failed + c.canary.passed
+                )
+            })
+            .collect();
+        Check::new(
+            "probes",
+            CheckStatus::Fail,
+            format!(
+                "{} (at most {} canary probe failures allowed)",
+                failing.join("; "),
+                probes.max_failures
+            ),
+        )
+    } else if passed < probes.min_passed {
+        Check::new(
+            "probes",
+            CheckStatus::Insufficient,
+            format!(
+                "probes: canary passed {passed} of the {} needed",
+                probes.min_passed
+            ),
+        )
+    } else {
+        Check::new(
+            "probes",
+            CheckStatus::Pass,
+            format!(
+                "probes: canary passed {passed}, failed {failed} (at most {}); stable passed {s_passed}, failed {s_failed}",
+                probes.max_failures
+            ),
+        )
+    }
+    .threshold(probes.max_failures as f64);
+    check.put("canary_passed", passed as f64);
+    check.put("canary_failed", failed as f64);
+    check.put("stable_passed", s_passed as f64);
+    check.put("stable_failed", s_failed as f64);
+    check
+}
+
+/// A step judged on probes alone, when the spec allows it
+/// (`probes.judge_idle_on_probes`) and the window shows no live traffic:
+/// fresh data from both sides with zero requests on each. `None` when
+/// there is live traffic, or when its absence is not shown (no data or
+/// stale data is never "idle"): the step is then judged as usual, and
+/// probes never stand in for live requests.
+#[allow(clippy::too_many_arguments)]
+pub fn judge_idle_on_probes(
+    probes: &Probes,
+    analysis: &Analysis,
+    step: &CanaryStep,
+    stable: &Evidence,
+    canary: &Evidence,
+    tally: &ProbeTally,
+    now_ms: u64,
+    step_started_ms: u64,
+) -> Option<Judgement> {
+    if !probes.judge_idle_on_probes || stable.requests > 0 || canary.requests > 0 {
+        return None;
+    }
+    let fresh = |ev: &Evidence| {
+        ev.last_update_ms.is_some_and(|t| {
+            now_ms.saturating_sub(t) as f64 / 1000.0 <= analysis.max_staleness_s
+        })
+    };
+    if !fresh(stable) || !fresh(canary) {
+        return None;
+    }
+    let n = tally.passed(Side::Canary);
+    let mut idle = Check::new(
+        "live_traffic",
+        CheckStatus::Pass,
+        format!("no live traffic: judged on {n} probes only"),
+    );
+    idle.put("stable_requests", 0.0);
+    idle.put("canary_requests", 0.0);
+    idle.put("canary_probes_passed", n as f64);
+    let elapsed_s = now_ms.saturating_sub(step_started_ms) as f64 / 1000.0;
+    Some(finish(vec![
+        idle,
+        probe_check(probes, tally),
+        duration_check("step_duration", "step", elapsed_s, step.min_duration_s),
+    ]))
 }
 
 // === data checks ===
