@@ -3713,6 +3713,154 @@ mod tests {
         }
     }
 
+    // === synthetic probes ===
+
+    fn probes(idle: bool) -> Probes {
+        use crate::evidence::probes::{Expect, JsonExpect, ProbeCheck};
+        Probes {
+            checks: vec![ProbeCheck {
+                name: "health".into(),
+                method: "GET".into(),
+                path: "/health".into(),
+                headers: Default::default(),
+                body: None,
+                expect: Expect {
+                    status: 200,
+                    json: Some(JsonExpect {
+                        pointer: "/status".into(),
+                        equals: serde_json::json!("ok"),
+                    }),
+                },
+                every_s: 1.0,
+            }],
+            max_failures: 0,
+            min_passed: 3,
+            judge_idle_on_probes: idle,
+        }
+    }
+
+    /// `passed`/`failed` health probes per side; a canary failure answered
+    /// `{"status":"degraded"}`.
+    fn tally(stable: (u64, u64), canary: (u64, u64)) -> ProbeTally {
+        use crate::evidence::probes::{CheckTally, ProbeResult, SideTally};
+        let side = |(passed, failed): (u64, u64), which| SideTally {
+            passed,
+            failed,
+            last_failure: (failed > 0).then(|| ProbeResult {
+                time_ms: NOW - 1_000,
+                check: "health".into(),
+                side: which,
+                passed: false,
+                status: Some(200),
+                latency_ms: 2.0,
+                detail: "got status 200, /status = \"degraded\"".into(),
+            }),
+        };
+        ProbeTally {
+            checks: vec![CheckTally {
+                check: "health".into(),
+                stable: side(stable, crate::evidence::probes::Side::Stable),
+                canary: side(canary, crate::evidence::probes::Side::Canary),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_failing_canary_probe_rolls_back_naming_the_probe_with_stable_beside_it() {
+        // Healthy live traffic, still held for the step's duration: the
+        // probe alone takes it out.
+        let j = run(&ev(1_000, 5, 20.0, Some(NOW)), &ev(300, 1, 20.0, Some(NOW)));
+        let j = with_checks(j, vec![probe_check(&probes(false), &tally((5, 0), (4, 1)))]);
+        assert_eq!(j.verdict, Verdict::Rollback, "{}", j.reason);
+        assert!(
+            j.reason.contains("probe health failed on canary 1 of 5 times")
+                && j.reason.contains("expected status 200 and /status == \"ok\"")
+                && j.reason.contains("canary got status 200, /status = \"degraded\"")
+                && j.reason.contains("stable passed 5 of 5"),
+            "{}",
+            j.reason
+        );
+        // At max_failures it still passes.
+        let mut lenient = probes(false);
+        lenient.max_failures = 1;
+        assert_eq!(
+            probe_check(&lenient, &tally((5, 0), (4, 1))).status,
+            CheckStatus::Pass
+        );
+        // Stable failing is not held against the canary.
+        assert_eq!(
+            probe_check(&probes(false), &tally((0, 5), (5, 0))).status,
+            CheckStatus::Pass
+        );
+    }
+
+    #[test]
+    fn an_idle_service_advances_on_probes_and_the_verdict_says_so() {
+        let quiet = ev(0, 0, 20.0, Some(NOW));
+        let mut s = step(20);
+        s.min_duration_s = 30.0;
+        let j = judge_idle_on_probes(
+            &probes(true),
+            &analysis(),
+            &s,
+            &quiet,
+            &quiet,
+            &tally((6, 0), (6, 0)),
+            NOW,
+            T0,
+        )
+        .expect("idle");
+        assert_eq!(j.verdict, Verdict::Promote, "{}", j.reason);
+        assert!(
+            j.reason.starts_with("no live traffic: judged on 6 probes only"),
+            "{}",
+            j.reason
+        );
+        // Too few probes: hold, saying so.
+        let j = judge_idle_on_probes(
+            &probes(true),
+            &analysis(),
+            &s,
+            &quiet,
+            &quiet,
+            &tally((2, 0), (2, 0)),
+            NOW,
+            T0,
+        )
+        .expect("idle");
+        assert_eq!(j.verdict, Verdict::Hold);
+        assert!(j.reason.contains("canary passed 2 of the 3 needed"), "{}", j.reason);
+        // Not allowed by the spec, no data, or stale data: not idle.
+        let t = tally((6, 0), (6, 0));
+        let a = analysis();
+        assert!(judge_idle_on_probes(&probes(false), &a, &s, &quiet, &quiet, &t, NOW, T0).is_none());
+        let silent = ev(0, 0, 20.0, None);
+        assert!(judge_idle_on_probes(&probes(true), &a, &s, &silent, &quiet, &t, NOW, T0).is_none());
+        let stale = ev(0, 0, 20.0, Some(NOW - 60_000));
+        assert!(judge_idle_on_probes(&probes(true), &a, &s, &quiet, &stale, &t, NOW, T0).is_none());
+    }
+
+    #[test]
+    fn probes_never_count_as_live_requests() {
+        // A little live traffic: not idle, so the step's minimums apply to
+        // live requests only, however many probes passed.
+        let a = analysis();
+        let s = step(20);
+        let some = ev(150, 0, 20.0, Some(NOW));
+        let lots = tally((500, 0), (500, 0));
+        assert!(judge_idle_on_probes(&probes(true), &a, &s, &some, &some, &lots, NOW, T0).is_none());
+        let j = with_checks(
+            judge(&rules(), &a, &s, &some, &some, NOW, T0),
+            vec![probe_check(&probes(true), &lots)],
+        );
+        assert_eq!(j.verdict, Verdict::Hold, "{}", j.reason);
+        assert!(
+            j.reason.contains("canary has served 150 of the step's 200 requests"),
+            "{}",
+            j.reason
+        );
+    }
+
     // === judge: rules with hand-made evidence ===
 
     fn rules() -> StopRules {

@@ -1811,6 +1811,63 @@ analysis:
         }
     }
 
+    const PROBES: &str = "probes:\n  judge_idle_on_probes: true\n  checks:\n    - name: health\n      path: /health\n      headers: {accept: application/json}\n      expect: {status: 200, json: {pointer: /status, equals: ok}}\n      every_s: 0.5\n";
+
+    #[test]
+    fn probes_parse_with_defaults_and_round_trip() {
+        let spec = parse(&with(PROBES)).unwrap();
+        let p = spec.probes.clone().unwrap();
+        assert_eq!(p.checks.len(), 1);
+        let c = &p.checks[0];
+        assert_eq!((c.method.as_str(), c.every_s), ("GET", 0.5));
+        assert_eq!(c.expect.describe(), "status 200 and /status == \"ok\"");
+        assert_eq!(
+            (p.max_failures, p.min_passed, p.judge_idle_on_probes),
+            (0, 3, true)
+        );
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(RolloutSpec::from_yaml_or_json(&json).unwrap(), spec);
+    }
+
+    #[test]
+    fn probe_rules_name_the_field() {
+        let check = |extra: &str| {
+            format!("probes:\n  checks:\n    - {{name: h, path: /h, expect: {{status: 200}}{extra}}}\n")
+        };
+        for (probes, field) in [
+            ("probes: {checks: []}\n".to_owned(), "probes.checks"),
+            (check(", every_s: 0.1"), "probes.checks[0].every_s"),
+            (check(", method: TRACE"), "probes.checks[0].method"),
+            (check(", headers: {X-Big: a}"), "probes.checks[0].headers.X-Big"),
+            (check(", headers: {understudy-probe: guess/canary}"), "probes.checks[0].headers.understudy-probe"),
+            (check(", headers: {host: evil}"), "probes.checks[0].headers.host"),
+            (check(", headers: {a: \"x\\u0001\"}"), "probes.checks[0].headers.a"),
+            (format!("probes:\n  checks:\n    - {{name: h, path: /h, expect: {{status: 200}}, body: {}}}\n", "x".repeat(16 * 1024 + 1)), "probes.checks[0].body"),
+            ("probes:\n  checks:\n    - {name: h, path: health, expect: {status: 200}}\n".to_owned(), "probes.checks[0].path"),
+            ("probes:\n  checks:\n    - {name: h, path: /h, expect: {status: 900}}\n".to_owned(), "probes.checks[0].expect.status"),
+            ("probes:\n  checks:\n    - {name: h, path: /h, expect: {status: 200, json: {pointer: status, equals: ok}}}\n".to_owned(), "probes.checks[0].expect.json.pointer"),
+            ("probes:\n  checks:\n    - {name: h, path: /h}\n".to_owned(), "probes.checks[0].expect"),
+            ("probes:\n  checks:\n    - {name: h, path: /h, expect: {status: 200}, bogus: 1}\n".to_owned(), "probes.checks[0]"),
+            ("probes:\n  min_passed: 0\n  checks:\n    - {name: h, path: /h, expect: {status: 200}}\n".to_owned(), "probes.min_passed"),
+        ] {
+            let e = err(&with(&probes));
+            assert!(e.contains(field), "{probes}: {e}");
+        }
+        // Names are unique; at most MAX_CHECKS; the total rate is capped.
+        let many = |n: usize, every: f64| {
+            let checks: Vec<String> = (0..n)
+                .map(|i| format!("    - {{name: c{i}, path: /h, expect: {{status: 200}}, every_s: {every}}}\n"))
+                .collect();
+            format!("probes:\n  checks:\n{}", checks.concat())
+        };
+        assert!(err(&with(&many(probes::MAX_CHECKS + 1, 10.0))).contains("at most 8 checks"));
+        let e = err(&with(&many(4, 0.2)));
+        assert!(e.contains("probes.checks: 40.0 probes per second"), "{e}");
+        assert!(parse(&with(&many(4, 0.4))).is_ok());
+        let twice = "probes:\n  checks:\n    - {name: h, path: /h, expect: {status: 200}}\n    - {name: h, path: /i, expect: {status: 200}}\n";
+        assert!(err(&with(twice)).contains("probes.checks[1].name"));
+    }
+
     #[test]
     fn step_rules() {
         let cases = [

@@ -688,6 +688,69 @@ mod tests {
     }
 
     #[test]
+    fn probe_pins_route_ahead_of_everything_to_probe_clusters_sharing_the_endpoints() {
+        let key = ProbeKey::from_bytes([7; 32]);
+        let mut state = state(20);
+        if let Some(svc) = state.services.get_mut("shop") {
+            svc.canary_cohorts = vec![Cohort::Header {
+                name: "x-group".into(),
+                value: None,
+            }];
+        }
+        let snap = Snapshot::build_with(&state, 1, 1, Some(&key));
+        let routes = routes(&snap);
+        let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["shop-probe-stable", "shop-probe-canary", "shop-cohort-0", "shop"]
+        );
+        for (route, side) in routes.iter().zip(["stable", "canary"]) {
+            let m = route.r#match.as_ref().unwrap();
+            let pin = key.pin("shop", side);
+            assert!(pin.ends_with(&format!("/{side}")) && pin.len() == 32 + 1 + side.len());
+            assert_eq!(m.headers[0].name, PROBE_HEADER);
+            assert_eq!(
+                m.headers[0].header_match_specifier,
+                Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                    StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::Exact(pin)),
+                        ..Default::default()
+                    }
+                ))
+            );
+            assert_eq!(route.request_headers_to_remove, [PROBE_HEADER]);
+            let Some(route::Action::Route(action)) = &route.action else {
+                panic!("not a route action");
+            };
+            assert_eq!(
+                action.cluster_specifier,
+                Some(route_action::ClusterSpecifier::Cluster(format!(
+                    "shop-{side}-probe"
+                )))
+            );
+        }
+        // Another key, another pin; another service, another pin.
+        assert_ne!(key.pin("shop", "canary"), ProbeKey::from_bytes([8; 32]).pin("shop", "canary"));
+        assert_ne!(key.pin("shop", "canary"), key.pin("shoe", "canary"));
+        // The probe clusters read the main clusters' endpoints; no
+        // assignment is duplicated.
+        let clusters = snap.get(type_url::CLUSTER).unwrap();
+        let probe: Cluster = decode(&clusters.resources["shop-canary-probe"]).unwrap();
+        assert_eq!(
+            probe.eds_cluster_config.unwrap().service_name,
+            "shop-canary"
+        );
+        assert_eq!(snap.get(type_url::ENDPOINT).unwrap().resources.len(), 2);
+        // Without a key (Istio's bootstrap, older tests): no pins at all.
+        let plain = Snapshot::build(&state, 1, 1);
+        assert_eq!(routes_of(&plain).len(), 2);
+    }
+
+    fn routes_of(snap: &Snapshot) -> Vec<Route> {
+        routes(snap)
+    }
+
+    #[test]
     fn a_sticky_service_routes_by_the_users_hash_with_the_canary_first() {
         for (sticky, want) in [
             (
