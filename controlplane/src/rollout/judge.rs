@@ -742,10 +742,14 @@ pub fn probe_check(probes: &Probes, tally: &ProbeTally) -> Check {
 
 /// A step judged on probes alone, when the spec allows it
 /// (`probes.judge_idle_on_probes`) and the window shows no live traffic:
-/// fresh data from both sides with zero requests on each. `None` when
-/// there is live traffic, or when its absence is not shown (no data or
-/// stale data is never "idle"): the step is then judged as usual, and
-/// probes never stand in for live requests.
+/// zero requests on each side, at least one side fresh, and neither stale.
+/// A side with no data at all while the other is fresh is a cluster the
+/// data plane has never used (Envoy's stats sink sends only counters that
+/// were ever used, every flush from then on, so the fresh side proves the
+/// stream is alive). `None` when there is live traffic, or when its absence
+/// is not shown (no data from either side, or stale data, is never
+/// "idle"): the step is then judged as usual, and probes never stand in for
+/// live requests.
 #[allow(clippy::too_many_arguments)]
 pub fn judge_idle_on_probes(
     probes: &Probes,
@@ -760,12 +764,9 @@ pub fn judge_idle_on_probes(
     if !probes.judge_idle_on_probes || stable.requests > 0 || canary.requests > 0 {
         return None;
     }
-    let fresh = |ev: &Evidence| {
-        ev.last_update_ms.is_some_and(|t| {
-            now_ms.saturating_sub(t) as f64 / 1000.0 <= analysis.max_staleness_s
-        })
-    };
-    if !fresh(stable) || !fresh(canary) {
+    let fresh = |t: u64| now_ms.saturating_sub(t) as f64 / 1000.0 <= analysis.max_staleness_s;
+    let sides = [stable.last_update_ms, canary.last_update_ms];
+    if sides.iter().flatten().any(|&t| !fresh(t)) || sides.iter().all(Option::is_none) {
         return None;
     }
     let n = tally.passed(Side::Canary);
@@ -3835,9 +3836,12 @@ mod tests {
         let a = analysis();
         assert!(judge_idle_on_probes(&probes(false), &a, &s, &quiet, &quiet, &t, NOW, T0).is_none());
         let silent = ev(0, 0, 20.0, None);
-        assert!(judge_idle_on_probes(&probes(true), &a, &s, &silent, &quiet, &t, NOW, T0).is_none());
+        assert!(judge_idle_on_probes(&probes(true), &a, &s, &silent, &silent, &t, NOW, T0).is_none());
+        // A never-used canary cluster beside a fresh stable: idle.
+        assert!(judge_idle_on_probes(&probes(true), &a, &s, &quiet, &silent, &t, NOW, T0).is_some());
         let stale = ev(0, 0, 20.0, Some(NOW - 60_000));
         assert!(judge_idle_on_probes(&probes(true), &a, &s, &quiet, &stale, &t, NOW, T0).is_none());
+        assert!(judge_idle_on_probes(&probes(true), &a, &s, &stale, &silent, &t, NOW, T0).is_none());
     }
 
     #[test]
