@@ -152,7 +152,13 @@ impl ProbeRunner {
     }
 
     /// One probe of `check` to `side`, and its outcome.
-    async fn send(&self, service: &str, check: &ProbeCheck, side: Side, now_ms: u64) -> ProbeResult {
+    async fn send(
+        &self,
+        service: &str,
+        check: &ProbeCheck,
+        side: Side,
+        now_ms: u64,
+    ) -> ProbeResult {
         let started = Instant::now();
         let outcome = self.exchange(service, check, side).await;
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;

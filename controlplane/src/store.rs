@@ -134,12 +134,13 @@ impl Store {
                 let state = first_start_state();
                 save_state(path, &state)?;
                 let key = probe_key(path)?;
-                let store = Self::build(state, Some(path.to_owned()), mesh, key).map_err(|source| {
-                    StoreError::Invalid {
-                        path: path.display().to_string(),
-                        source,
-                    }
-                })?;
+                let store =
+                    Self::build(state, Some(path.to_owned()), mesh, key).map_err(|source| {
+                        StoreError::Invalid {
+                            path: path.display().to_string(),
+                            source,
+                        }
+                    })?;
                 Ok((store, true))
             }
             Err(source) => Err(StoreError::Io {
@@ -413,7 +414,12 @@ impl Store {
             *fleet = envoys;
         }
         let generation = self.inner.snapshots.borrow().generation + 1;
-        let snapshot = Arc::new(Snapshot::build_with(&guard, generation, envoys, Some(&self.inner.probe_key)));
+        let snapshot = Arc::new(Snapshot::build_with(
+            &guard,
+            generation,
+            envoys,
+            Some(&self.inner.probe_key),
+        ));
         self.inner.snapshots.send_replace(snapshot);
     }
 
@@ -459,7 +465,12 @@ impl Store {
                 saved = Err(ChangeError::Persist(e).into());
             }
             let generation = self.inner.snapshots.borrow().generation + 1;
-            let snapshot = Arc::new(Snapshot::build_with(&next, generation, self.fleet(), Some(&self.inner.probe_key)));
+            let snapshot = Arc::new(Snapshot::build_with(
+                &next,
+                generation,
+                self.fleet(),
+                Some(&self.inner.probe_key),
+            ));
             *self
                 .inner
                 .committed

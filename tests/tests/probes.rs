@@ -234,9 +234,11 @@ async fn a_guessed_pin_routes_normally_probes_stay_out_of_live_evidence_and_a_pa
     )
     .await?;
     let id = r["id"].as_str().context("no id")?.to_owned();
-    wait::until("canary probes to arrive", Duration::from_secs(20), || async {
-        Ok((probes_seen(&stack.canary) >= 3).then_some(()))
-    })
+    wait::until(
+        "canary probes to arrive",
+        Duration::from_secs(20),
+        || async { Ok((probes_seen(&stack.canary) >= 3).then_some(())) },
+    )
     .await?;
 
     // Hostile: guesses at the pin, of every shape, all reach stable.
@@ -337,9 +339,11 @@ async fn a_guessed_pin_routes_normally_probes_stay_out_of_live_evidence_and_a_pa
     let before = (probes_seen(&stack.stable), probes_seen(&stack.canary));
     let t1 = ticks(&probe_status(&stack, &id).await?);
     // 20 looks at 50 ms: five of the check's 0.2 s periods.
-    wait::until("20 more scheduler ticks", Duration::from_secs(10), || async {
-        Ok((ticks(&probe_status(&stack, &id).await?) >= t1 + 20).then_some(()))
-    })
+    wait::until(
+        "20 more scheduler ticks",
+        Duration::from_secs(10),
+        || async { Ok((ticks(&probe_status(&stack, &id).await?) >= t1 + 20).then_some(())) },
+    )
     .await?;
     let after = (probes_seen(&stack.stable), probes_seen(&stack.canary));
     eprintln!(
@@ -350,10 +354,16 @@ async fn a_guessed_pin_routes_normally_probes_stay_out_of_live_evidence_and_a_pa
 
     // Resume: they start again (the counts above could have moved).
     act(&stack, &id, "resume").await?;
-    wait::until("probes after the resume", Duration::from_secs(10), || async {
-        Ok((probes_seen(&stack.canary) > after.1 && probes_seen(&stack.stable) > after.0)
-            .then_some(()))
-    })
+    wait::until(
+        "probes after the resume",
+        Duration::from_secs(10),
+        || async {
+            Ok(
+                (probes_seen(&stack.canary) > after.1 && probes_seen(&stack.stable) > after.0)
+                    .then_some(()),
+            )
+        },
+    )
     .await?;
     Ok(())
 }

@@ -165,12 +165,16 @@ impl ProbeTally {
 
     /// Probes that passed on `side`, all checks.
     pub fn passed(&self, side: Side) -> u64 {
-        self.side(side).map(|s| s.passed).fold(0, u64::saturating_add)
+        self.side(side)
+            .map(|s| s.passed)
+            .fold(0, u64::saturating_add)
     }
 
     /// Probes that failed on `side`, all checks.
     pub fn failed(&self, side: Side) -> u64 {
-        self.side(side).map(|s| s.failed).fold(0, u64::saturating_add)
+        self.side(side)
+            .map(|s| s.failed)
+            .fold(0, u64::saturating_add)
     }
 }
 
@@ -277,7 +281,11 @@ mod tests {
             passed,
             status: Some(if passed { 200 } else { 500 }),
             latency_ms: 1.0,
-            detail: if passed { String::new() } else { "got status 500".into() },
+            detail: if passed {
+                String::new()
+            } else {
+                "got status 500".into()
+            },
         }
     }
 

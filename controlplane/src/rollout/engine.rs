@@ -440,9 +440,13 @@ impl Engine {
         }
         if spec.probes.is_some() {
             let why = if !self.router.probe_pins() {
-                Some("this control plane's traffic router cannot pin a probe to one backend (Istio mode: not yet)")
+                Some(
+                    "this control plane's traffic router cannot pin a probe to one backend (Istio mode: not yet)",
+                )
             } else if self.prober.get().is_none() {
-                Some("this control plane sends no probes: start it with --probe-via (the Envoy listener's address)")
+                Some(
+                    "this control plane sends no probes: start it with --probe-via (the Envoy listener's address)",
+                )
             } else {
                 None
             };
@@ -914,24 +918,24 @@ impl Engine {
                 {
                     j
                 } else {
-                let restarts = self.restarts(source.as_ref(), &r, t);
-                let j = judge::judge_with_restarts(
-                    &r.spec.stop_rules,
-                    &r.spec.analysis,
-                    s,
-                    &w.stable,
-                    &w.canary,
-                    &restarts,
-                    t,
-                    r.phase_started_ms,
-                );
-                let j = match (&r.spec.probes, tally) {
-                    (Some(probes), Some(tally)) => {
-                        judge::with_checks(j, vec![judge::probe_check(probes, &tally)])
-                    }
-                    _ => j,
-                };
-                self.with_prometheus(&r, s.weight, j, t)
+                    let restarts = self.restarts(source.as_ref(), &r, t);
+                    let j = judge::judge_with_restarts(
+                        &r.spec.stop_rules,
+                        &r.spec.analysis,
+                        s,
+                        &w.stable,
+                        &w.canary,
+                        &restarts,
+                        t,
+                        r.phase_started_ms,
+                    );
+                    let j = match (&r.spec.probes, tally) {
+                        (Some(probes), Some(tally)) => {
+                            judge::with_checks(j, vec![judge::probe_check(probes, &tally)])
+                        }
+                        _ => j,
+                    };
+                    self.with_prometheus(&r, s.weight, j, t)
                 }
             }
             _ => return Ok(()),

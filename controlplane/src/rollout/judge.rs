@@ -192,9 +192,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{
-    Analysis, CanaryStep, MetricLimit, MetricRule, Probes, ShadowStage, StopRules,
-};
+use super::spec::{Analysis, CanaryStep, MetricLimit, MetricRule, Probes, ShadowStage, StopRules};
 use crate::evidence::probes::{ProbeTally, Side};
 use crate::evidence::{Evidence, MetricEvidence, ShadowEvidence};
 
@@ -688,11 +686,15 @@ pub fn probe_check(probes: &Probes, tally: &ProbeTally) -> Check {
                     .as_ref()
                     .map_or("", |r| r.detail.as_str());
                 let stable = match &c.stable.last_failure {
-                    None => format!("stable passed {} of {}", c.stable.passed, c.stable.passed + c.stable.failed),
+                    None => format!(
+                        "stable passed {} of {}",
+                        c.stable.passed,
+                        c.stable.passed.saturating_add(c.stable.failed)
+                    ),
                     Some(r) => format!(
                         "stable passed {} of {}, last {}",
                         c.stable.passed,
-                        c.stable.passed + c.stable.failed,
+                        c.stable.passed.saturating_add(c.stable.failed),
                         r.detail
                     ),
                 };
@@ -700,7 +702,7 @@ pub fn probe_check(probes: &Probes, tally: &ProbeTally) -> Check {
                     "probe {} failed on canary {} of {} times (expected {expect}; canary {answered}; {stable})",
                     c.check,
                     c.canary.failed,
-                    c.canary.failed + c.canary.passed
+                    c.canary.failed.saturating_add(c.canary.passed)
                 )
             })
             .collect();
@@ -3774,9 +3776,12 @@ mod tests {
         let j = with_checks(j, vec![probe_check(&probes(false), &tally((5, 0), (4, 1)))]);
         assert_eq!(j.verdict, Verdict::Rollback, "{}", j.reason);
         assert!(
-            j.reason.contains("probe health failed on canary 1 of 5 times")
-                && j.reason.contains("expected status 200 and /status == \"ok\"")
-                && j.reason.contains("canary got status 200, /status = \"degraded\"")
+            j.reason
+                .contains("probe health failed on canary 1 of 5 times")
+                && j.reason
+                    .contains("expected status 200 and /status == \"ok\"")
+                && j.reason
+                    .contains("canary got status 200, /status = \"degraded\"")
                 && j.reason.contains("stable passed 5 of 5"),
             "{}",
             j.reason
@@ -3813,7 +3818,8 @@ mod tests {
         .expect("idle");
         assert_eq!(j.verdict, Verdict::Promote, "{}", j.reason);
         assert!(
-            j.reason.starts_with("no live traffic: judged on 6 probes only"),
+            j.reason
+                .starts_with("no live traffic: judged on 6 probes only"),
             "{}",
             j.reason
         );
@@ -3830,18 +3836,30 @@ mod tests {
         )
         .expect("idle");
         assert_eq!(j.verdict, Verdict::Hold);
-        assert!(j.reason.contains("canary passed 2 of the 3 needed"), "{}", j.reason);
+        assert!(
+            j.reason.contains("canary passed 2 of the 3 needed"),
+            "{}",
+            j.reason
+        );
         // Not allowed by the spec, no data, or stale data: not idle.
         let t = tally((6, 0), (6, 0));
         let a = analysis();
-        assert!(judge_idle_on_probes(&probes(false), &a, &s, &quiet, &quiet, &t, NOW, T0).is_none());
+        assert!(
+            judge_idle_on_probes(&probes(false), &a, &s, &quiet, &quiet, &t, NOW, T0).is_none()
+        );
         let silent = ev(0, 0, 20.0, None);
-        assert!(judge_idle_on_probes(&probes(true), &a, &s, &silent, &silent, &t, NOW, T0).is_none());
+        assert!(
+            judge_idle_on_probes(&probes(true), &a, &s, &silent, &silent, &t, NOW, T0).is_none()
+        );
         // A never-used canary cluster beside a fresh stable: idle.
-        assert!(judge_idle_on_probes(&probes(true), &a, &s, &quiet, &silent, &t, NOW, T0).is_some());
+        assert!(
+            judge_idle_on_probes(&probes(true), &a, &s, &quiet, &silent, &t, NOW, T0).is_some()
+        );
         let stale = ev(0, 0, 20.0, Some(NOW - 60_000));
         assert!(judge_idle_on_probes(&probes(true), &a, &s, &quiet, &stale, &t, NOW, T0).is_none());
-        assert!(judge_idle_on_probes(&probes(true), &a, &s, &stale, &silent, &t, NOW, T0).is_none());
+        assert!(
+            judge_idle_on_probes(&probes(true), &a, &s, &stale, &silent, &t, NOW, T0).is_none()
+        );
     }
 
     #[test]
@@ -3852,14 +3870,17 @@ mod tests {
         let s = step(20);
         let some = ev(150, 0, 20.0, Some(NOW));
         let lots = tally((500, 0), (500, 0));
-        assert!(judge_idle_on_probes(&probes(true), &a, &s, &some, &some, &lots, NOW, T0).is_none());
+        assert!(
+            judge_idle_on_probes(&probes(true), &a, &s, &some, &some, &lots, NOW, T0).is_none()
+        );
         let j = with_checks(
             judge(&rules(), &a, &s, &some, &some, NOW, T0),
             vec![probe_check(&probes(true), &lots)],
         );
         assert_eq!(j.verdict, Verdict::Hold, "{}", j.reason);
         assert!(
-            j.reason.contains("canary has served 150 of the step's 200 requests"),
+            j.reason
+                .contains("canary has served 150 of the step's 200 requests"),
             "{}",
             j.reason
         );

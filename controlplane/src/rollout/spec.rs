@@ -437,7 +437,10 @@ struct RawSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping with checks, max_failures, ...")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with checks, max_failures, ..."
+)]
 struct RawProbes {
     checks: Option<Vec<RawProbeCheck>>,
     max_failures: Option<u64>,
@@ -446,7 +449,10 @@ struct RawProbes {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping describing one probe check")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping describing one probe check"
+)]
 struct RawProbeCheck {
     name: Option<String>,
     method: Option<String>,
@@ -458,7 +464,10 @@ struct RawProbeCheck {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping with status and optionally json")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with status and optionally json"
+)]
 struct RawExpect {
     status: Option<u16>,
     json: Option<RawJsonExpect>,
@@ -678,7 +687,11 @@ fn validate_probes(raw: RawProbes) -> Result<Probes, SpecError> {
     if checks.len() > probes::MAX_CHECKS {
         return Err(invalid(
             "probes.checks",
-            format!("at most {} checks, got {}", probes::MAX_CHECKS, checks.len()),
+            format!(
+                "at most {} checks, got {}",
+                probes::MAX_CHECKS,
+                checks.len()
+            ),
         ));
     }
     let mut out: Vec<ProbeCheck> = Vec::with_capacity(checks.len());
@@ -700,9 +713,9 @@ fn validate_probes(raw: RawProbes) -> Result<Probes, SpecError> {
                 format!("{method:?} is not one of {}", PROBE_METHODS.join(", ")),
             ));
         }
-        let path = c.path.ok_or_else(|| {
-            invalid(field("path"), "required: the path to request, like /health")
-        })?;
+        let path = c
+            .path
+            .ok_or_else(|| invalid(field("path"), "required: the path to request, like /health"))?;
         if !path.starts_with('/')
             || path.len() > MAX_PROBE_TEXT
             || !path.chars().all(|ch| ch.is_ascii_graphic() && ch != '#')
@@ -730,8 +743,7 @@ fn validate_probes(raw: RawProbes) -> Result<Probes, SpecError> {
                     "is set by the control plane or the client, not by a probe",
                 ));
             }
-            if v.len() > MAX_PROBE_TEXT || !v.chars().all(|ch| ch == ' ' || ch.is_ascii_graphic())
-            {
+            if v.len() > MAX_PROBE_TEXT || !v.chars().all(|ch| ch == ' ' || ch.is_ascii_graphic()) {
                 return Err(invalid(
                     format!("{}.{k}", field("headers")),
                     format!("must be at most {MAX_PROBE_TEXT} visible ASCII characters"),
@@ -1832,7 +1844,9 @@ analysis:
     #[test]
     fn probe_rules_name_the_field() {
         let check = |extra: &str| {
-            format!("probes:\n  checks:\n    - {{name: h, path: /h, expect: {{status: 200}}{extra}}}\n")
+            format!(
+                "probes:\n  checks:\n    - {{name: h, path: /h, expect: {{status: 200}}{extra}}}\n"
+            )
         };
         for (probes, field) in [
             ("probes: {checks: []}\n".to_owned(), "probes.checks"),

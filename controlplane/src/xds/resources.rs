@@ -456,26 +456,30 @@ fn route_configuration<'a>(
             // Probe pins first, then cohorts: Envoy takes the first route
             // that matches. A wrong or missing pin matches neither and falls
             // through to the routes every client gets.
-            let mut routes: Vec<Route> = probes
-                .map(|key| probe_routes(svc, key))
-                .unwrap_or_default();
-            routes.extend(svc.canary_cohorts.iter()
-                .enumerate()
-                .map(|(i, cohort)| Route {
-                    name: format!("{}-cohort-{i}", svc.name),
-                    r#match: Some(RouteMatch {
-                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_owned())),
-                        headers: vec![cohort_matcher(cohort)],
+            let mut routes: Vec<Route> =
+                probes.map(|key| probe_routes(svc, key)).unwrap_or_default();
+            routes.extend(
+                svc.canary_cohorts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, cohort)| Route {
+                        name: format!("{}-cohort-{i}", svc.name),
+                        r#match: Some(RouteMatch {
+                            path_specifier: Some(route_match::PathSpecifier::Prefix(
+                                "/".to_owned(),
+                            )),
+                            headers: vec![cohort_matcher(cohort)],
+                            ..Default::default()
+                        }),
+                        action: Some(route::Action::Route(RouteAction {
+                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                                svc.canary_cluster(),
+                            )),
+                            ..Default::default()
+                        })),
                         ..Default::default()
                     }),
-                    action: Some(route::Action::Route(RouteAction {
-                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                            svc.canary_cluster(),
-                        )),
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                }));
+            );
             routes.push(Route {
                 name: svc.name.clone(),
                 r#match: Some(RouteMatch {
@@ -702,7 +706,12 @@ mod tests {
         let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
             names,
-            ["shop-probe-stable", "shop-probe-canary", "shop-cohort-0", "shop"]
+            [
+                "shop-probe-stable",
+                "shop-probe-canary",
+                "shop-cohort-0",
+                "shop"
+            ]
         );
         for (route, side) in routes.iter().zip(["stable", "canary"]) {
             let m = route.r#match.as_ref().unwrap();
@@ -730,7 +739,10 @@ mod tests {
             );
         }
         // Another key, another pin; another service, another pin.
-        assert_ne!(key.pin("shop", "canary"), ProbeKey::from_bytes([8; 32]).pin("shop", "canary"));
+        assert_ne!(
+            key.pin("shop", "canary"),
+            ProbeKey::from_bytes([8; 32]).pin("shop", "canary")
+        );
         assert_ne!(key.pin("shop", "canary"), key.pin("shoe", "canary"));
         // The probe clusters read the main clusters' endpoints; no
         // assignment is duplicated.
