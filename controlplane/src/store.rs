@@ -758,6 +758,35 @@ mod tests {
     }
 
     #[test]
+    fn the_probe_key_is_private_kept_across_restarts_and_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let (first, _) = Store::open_or_create(&path).unwrap();
+        let key_path = dir.path().join("state.json.probe-key");
+        assert_eq!(std::fs::read(&key_path).unwrap().len(), 32);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let pin = first.probe_pin("shop", "canary");
+        assert_eq!(Store::open(&path).unwrap().probe_pin("shop", "canary"), pin);
+        // The key is not in the desired state (which the API shows).
+        let shown = serde_json::to_string(&first.state()).unwrap();
+        assert!(!shown.contains(pin.split('/').next().unwrap()));
+        // Another control plane (another key) pins differently.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let (other, _) = Store::open_or_create(&elsewhere.path().join("s.json")).unwrap();
+        assert_ne!(other.probe_pin("shop", "canary"), pin);
+        // A damaged key file is an error, and left as it is.
+        std::fs::write(&key_path, b"short").unwrap();
+        let e = Store::open(&path).err().unwrap().to_string();
+        assert!(e.contains("probe-key") && e.contains("32 bytes"), "{e}");
+        assert_eq!(std::fs::read(&key_path).unwrap(), b"short");
+    }
+
+    #[test]
     fn a_missing_state_file_is_a_first_start_that_creates_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
