@@ -97,6 +97,11 @@ pub enum Command {
         api_cert: Option<PathBuf>,
         #[arg(long, requires = "api_cert")]
         api_key: Option<PathBuf>,
+        /// Send rollouts' synthetic probes through the Envoy listener at
+        /// this address (`ip:port`, e.g. 127.0.0.1:10000). Without it,
+        /// rollouts that declare probes are refused.
+        #[arg(long, env = "UNDERSTUDY_PROBE_VIA")]
+        probe_via: Option<SocketAddr>,
         /// What moves traffic: `ads` (our own ADS, the default) or `istio`
         /// (VirtualService weights over the Kubernetes API; needs the
         /// `istio` build feature and --istio-config).

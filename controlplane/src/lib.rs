@@ -42,6 +42,7 @@ pub mod istio;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod probes;
 pub mod rollout;
 pub mod store;
 pub mod time;
@@ -104,6 +105,10 @@ pub struct Options {
     pub xds_security: tls::XdsSecurity,
     /// Serve the API over TLS with this certificate; `None`: plain HTTP.
     pub api_tls: Option<tls::ApiTls>,
+    /// The Envoy listener synthetic probes are sent through (`serve
+    /// --probe-via`); `None`: no probes, and rollouts declaring them are
+    /// refused.
+    pub probe_via: Option<std::net::SocketAddr>,
 }
 
 impl Default for Options {
@@ -116,6 +121,7 @@ impl Default for Options {
             rollouts: None,
             xds_security: tls::XdsSecurity::InsecurePlaintext,
             api_tls: None,
+            probe_via: None,
         }
     }
 }
@@ -206,6 +212,12 @@ pub async fn run_with_router(
     let prometheus = evidence::prometheus::PrometheusEvidence::new(PROMETHEUS_POLL)
         .map_err(|e| RunError::Webhooks(e.to_string()))?;
     let _ = engine.read_prometheus_with(Arc::new(prometheus));
+    if let Some(via) = options.probe_via {
+        let runner = probes::ProbeRunner::new(via, store.clone())
+            .map_err(|e| RunError::Webhooks(e.to_string()))?;
+        tokio::spawn(runner.clone().run());
+        let _ = engine.probe_with(Arc::new(runner));
+    }
     tokio::spawn(Arc::clone(&engine).run(ENGINE_PERIOD));
     // The control plane's own counters (`GET /metrics`), shared by the xDS
     // server and the API.

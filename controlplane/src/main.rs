@@ -37,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
             router,
             istio_config,
             kubeconfig,
+            probe_via,
         } => {
             let files = match (&tls_cert, &tls_key, &client_ca) {
                 (Some(c), Some(k), Some(a)) => Some((c.as_path(), k.as_path(), a.as_path())),
@@ -107,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
                 rollouts: Some(rollouts),
                 xds_security,
                 api_tls,
+                probe_via,
             };
             understudy_controlplane::run_with_router(store, options, router, xds, api, shutdown)
                 .await?;

@@ -158,6 +158,12 @@ impl std::fmt::Display for Cohort {
 
 /// A header name as HTTP/2 carries it (a lower-case token, so no
 /// pseudo-header) or a cookie name (a token): why not, if it is not one.
+/// A header name a spec may use: a lower-case HTTP token of 1 to 128
+/// characters (the rule cohorts and sticky keys follow).
+pub fn check_header_name(name: &str) -> Result<(), String> {
+    check_key_name(name, true)
+}
+
 fn check_key_name(name: &str, header: bool) -> Result<(), String> {
     let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if name.is_empty() || name.len() > 128 || !name.chars().all(token) {
@@ -319,6 +325,73 @@ impl ClusterNames {
             canary: format!("outbound|{port}|{canary_subset}|{host}"),
         }
     }
+}
+
+/// The request header a synthetic probe is pinned to one backend by
+/// (`<token>/stable` or `<token>/canary`). Not `x-understudy-*`: the filter
+/// strips those from every client request before routing.
+pub const PROBE_HEADER: &str = "understudy-probe";
+
+/// The two sides a probe can be pinned to.
+pub const PROBE_SIDES: [&str; 2] = ["stable", "canary"];
+
+/// The control plane's probe key: 256 random bits from which each
+/// service's probe token is derived ([`ProbeKey::pin`]), so the pin routes
+/// match a value no client can guess. Never part of [`DesiredState`] (which
+/// viewers read); the store keeps it in a private file beside the state
+/// file, so the routes stay the same across restarts.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProbeKey([u8; 32]);
+
+impl std::fmt::Debug for ProbeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProbeKey(..)")
+    }
+}
+
+impl ProbeKey {
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The [`PROBE_HEADER`] value that pins a probe of `service` to `side`:
+    /// 128 bits of HMAC-SHA256(key, service) in hex, then `/side`. Derived,
+    /// never stored: the routes and the probe runner compute the same value.
+    pub fn pin(&self, service: &str, side: &str) -> String {
+        use hmac::{Hmac, Mac};
+        use std::fmt::Write;
+        let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(&self.0) else {
+            // HMAC takes keys of any length; unreachable, and a pin no one
+            // sends is the safe answer.
+            return format!("unusable/{side}");
+        };
+        mac.update(b"understudy-probe\0");
+        mac.update(service.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        let mut out = String::with_capacity(40);
+        for b in tag.iter().take(16) {
+            let _ = write!(out, "{b:02x}");
+        }
+        out.push('/');
+        out.push_str(side);
+        out
+    }
+}
+
+/// The clusters a service's probes go to: `<service>-stable-probe` and
+/// `<service>-canary-probe`, with the main clusters' endpoints (EDS
+/// `service_name`) but stats of their own, so probe traffic never counts as
+/// live evidence (which is read under `<service>-stable`/`-canary`).
+pub fn probe_cluster(main_cluster: &str) -> String {
+    format!("{main_cluster}-probe")
 }
 
 impl Service {

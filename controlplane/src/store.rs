@@ -23,7 +23,8 @@ use understudy_core::config::RawFilterConfig;
 use understudy_core::shadow::RawShadowConfig;
 
 use crate::model::{
-    Cohort, DesiredState, FilterDoc, FilterSettings, MeshClusters, ModelError, Service, Weight,
+    Cohort, DesiredState, FilterDoc, FilterSettings, MeshClusters, ModelError, ProbeKey, Service,
+    Weight,
 };
 use crate::traffic::ShadowTarget;
 use crate::xds::resources::Snapshot;
@@ -48,6 +49,8 @@ struct Inner {
     fleet: Mutex<usize>,
     /// (failed state-file writes, the last error).
     failures: Mutex<(u64, Option<String>)>,
+    /// The key the probe pins are derived from (see [`crate::model::ProbeKey`]).
+    probe_key: ProbeKey,
 }
 
 /// Why a state file could not be used.
@@ -83,12 +86,12 @@ pub enum ChangeError {
 impl Store {
     /// Validates the initial state and builds its first snapshot.
     pub fn new(initial: DesiredState) -> Result<Self, ModelError> {
-        Self::build(initial, None, MeshClusters::default())
+        Self::build(initial, None, MeshClusters::default(), ProbeKey::random())
     }
 
     /// [`Store::new`] for a data plane that also has `mesh`'s clusters.
     pub fn new_in(initial: DesiredState, mesh: MeshClusters) -> Result<Self, ModelError> {
-        Self::build(initial, None, mesh)
+        Self::build(initial, None, mesh, ProbeKey::random())
     }
 
     /// Loads the state file and keeps it up to date with every change.
@@ -108,7 +111,8 @@ impl Store {
                 tracing::warn!(path = %path.display(), error = %e, "could not make the state file private (0600)");
             }
         }
-        Self::build(state, Some(path.to_owned()), mesh).map_err(|source| StoreError::Invalid {
+        let key = probe_key(path)?;
+        Self::build(state, Some(path.to_owned()), mesh, key).map_err(|source| StoreError::Invalid {
             path: path.display().to_string(),
             source,
         })
@@ -129,12 +133,14 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let state = first_start_state();
                 save_state(path, &state)?;
-                let store = Self::build(state, Some(path.to_owned()), mesh).map_err(|source| {
-                    StoreError::Invalid {
-                        path: path.display().to_string(),
-                        source,
-                    }
-                })?;
+                let key = probe_key(path)?;
+                let store =
+                    Self::build(state, Some(path.to_owned()), mesh, key).map_err(|source| {
+                        StoreError::Invalid {
+                            path: path.display().to_string(),
+                            source,
+                        }
+                    })?;
                 Ok((store, true))
             }
             Err(source) => Err(StoreError::Io {
@@ -148,9 +154,10 @@ impl Store {
         initial: DesiredState,
         file: Option<PathBuf>,
         mesh: MeshClusters,
+        probe_key: ProbeKey,
     ) -> Result<Self, ModelError> {
         initial.validate_in(&mesh)?;
-        let snapshot = Arc::new(Snapshot::build(&initial, 1, 1));
+        let snapshot = Arc::new(Snapshot::build_with(&initial, 1, 1, Some(&probe_key)));
         let (snapshots, _) = watch::channel(snapshot);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -161,6 +168,7 @@ impl Store {
                 mesh,
                 fleet: Mutex::new(1),
                 failures: Mutex::default(),
+                probe_key,
             }),
         })
     }
@@ -186,6 +194,12 @@ impl Store {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The [`crate::model::PROBE_HEADER`] value that pins a probe of
+    /// `service` to `side` (`stable` or `canary`); the routes match it.
+    pub fn probe_pin(&self, service: &str, side: &str) -> String {
+        self.inner.probe_key.pin(service, side)
     }
 
     pub fn service(&self, name: &str) -> Result<Service, ModelError> {
@@ -400,7 +414,12 @@ impl Store {
             *fleet = envoys;
         }
         let generation = self.inner.snapshots.borrow().generation + 1;
-        let snapshot = Arc::new(Snapshot::build(&guard, generation, envoys));
+        let snapshot = Arc::new(Snapshot::build_with(
+            &guard,
+            generation,
+            envoys,
+            Some(&self.inner.probe_key),
+        ));
         self.inner.snapshots.send_replace(snapshot);
     }
 
@@ -446,7 +465,12 @@ impl Store {
                 saved = Err(ChangeError::Persist(e).into());
             }
             let generation = self.inner.snapshots.borrow().generation + 1;
-            let snapshot = Arc::new(Snapshot::build(&next, generation, self.fleet()));
+            let snapshot = Arc::new(Snapshot::build_with(
+                &next,
+                generation,
+                self.fleet(),
+                Some(&self.inner.probe_key),
+            ));
             *self
                 .inner
                 .committed
@@ -536,6 +560,40 @@ pub fn load_state_in(path: &Path, mesh: &MeshClusters) -> Result<DesiredState, S
             source,
         })?;
     Ok(state)
+}
+
+/// The probe key kept beside the state file at `<path>.probe-key` (32
+/// bytes, mode 0600), created when missing: the pin routes it derives stay
+/// the same across restarts. A file of another length is an error, never
+/// overwritten.
+fn probe_key(state_path: &Path) -> Result<ProbeKey, StoreError> {
+    use std::io::Write;
+    let mut name = state_path.as_os_str().to_owned();
+    name.push(".probe-key");
+    let path = PathBuf::from(name);
+    let io = |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => <[u8; 32]>::try_from(bytes.as_slice())
+            .map(ProbeKey::from_bytes)
+            .map_err(|_| {
+                io(std::io::Error::other(format!(
+                    "a probe key is 32 bytes, this file has {}",
+                    bytes.len()
+                )))
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = ProbeKey::random();
+            let mut file = private_file(&path).map_err(io)?;
+            file.write_all(key.as_bytes()).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            sync_dir(&path).map_err(io)?;
+            Ok(key)
+        }
+        Err(e) => Err(io(e)),
+    }
 }
 
 /// Writes the state next to `path` (mode 0600: it names every backend),
@@ -697,6 +755,35 @@ mod tests {
         let again = Store::open_or_create(&path).err().unwrap().to_string();
         assert!(again.contains("EOF"), "{again}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{");
+    }
+
+    #[test]
+    fn the_probe_key_is_private_kept_across_restarts_and_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let (first, _) = Store::open_or_create(&path).unwrap();
+        let key_path = dir.path().join("state.json.probe-key");
+        assert_eq!(std::fs::read(&key_path).unwrap().len(), 32);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let pin = first.probe_pin("shop", "canary");
+        assert_eq!(Store::open(&path).unwrap().probe_pin("shop", "canary"), pin);
+        // The key is not in the desired state (which the API shows).
+        let shown = serde_json::to_string(&first.state()).unwrap();
+        assert!(!shown.contains(pin.split('/').next().unwrap()));
+        // Another control plane (another key) pins differently.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let (other, _) = Store::open_or_create(&elsewhere.path().join("s.json")).unwrap();
+        assert_ne!(other.probe_pin("shop", "canary"), pin);
+        // A damaged key file is an error, and left as it is.
+        std::fs::write(&key_path, b"short").unwrap();
+        let e = Store::open(&path).err().unwrap().to_string();
+        assert!(e.contains("probe-key") && e.contains("32 bytes"), "{e}");
+        assert_eq!(std::fs::read(&key_path).unwrap(), b"short");
     }
 
     #[test]

@@ -136,6 +136,13 @@ pub trait TrafficRouter: Send + Sync {
         None
     }
 
+    /// Whether this router's routes pin a request carrying a service's
+    /// probe header to one backend (see "Synthetic probes" in the README).
+    /// Without it, rollouts that declare probes are refused.
+    fn probe_pins(&self) -> bool {
+        false
+    }
+
     /// `Some(why)` when this router cannot keep each user on one version
     /// ([`crate::model::Service::sticky`]): the API then refuses a sticky
     /// service instead of storing a setting nothing would apply.

@@ -144,6 +144,12 @@ impl ControlPlane {
         xds.set_nonblocking(true)?;
         api.set_nonblocking(true)?;
         let store = Store::open_in(&self.state_file, self.mesh.clusters.clone())?;
+        // Probes go through the test's Envoy, which listens on loopback at
+        // the state's listener port.
+        let probe_via = Some(SocketAddr::new(
+            "127.0.0.1".parse()?,
+            store.current().listener.port,
+        ));
         let xds_tls = match &self.mesh.xds_tls {
             Some(tls) => tls.clone(),
             None => XdsTls::from_dir(&self.certs.dir)?,
@@ -167,6 +173,7 @@ impl ControlPlane {
                 rollouts: Some(rollouts),
                 xds_security,
                 api_tls: None,
+                probe_via,
             };
             understudy_controlplane::run_with(store, options, xds, api, std::future::pending())
                 .await?;

@@ -5,6 +5,7 @@
 //! | POST | `/v1/rollouts` | create from a YAML or JSON spec (the request body) |
 //! | GET | `/v1/rollouts` | all rollouts, one line each |
 //! | GET | `/v1/rollouts/{id}` | stage, weights, verdict with its numbers, audit log, release marks |
+//! | GET | `/v1/rollouts/{id}/probes` | its synthetic probes: running or not, results in the current phase, the scheduler's ticks |
 //! | POST | `/v1/rollouts/{id}/{action}` | `pause`, `resume`, `promote` or `abort` |
 
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use serde::Serialize;
 
 use crate::api::auth::Principal;
 use crate::api::{ApiError, ApiState};
-use crate::rollout::engine::{Action, EngineError, Phase, Rollout, RolloutView};
+use crate::rollout::engine::{Action, EngineError, Phase, ProbeStatus, Rollout, RolloutView};
 use crate::traffic::RouterError;
 
 impl From<EngineError> for ApiError {
@@ -50,6 +51,7 @@ pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/v1/rollouts", get(list).post(create))
         .route("/v1/rollouts/{id}", get(read))
+        .route("/v1/rollouts/{id}/probes", get(probes))
         .route("/v1/rollouts/{id}/{action}", post(act))
 }
 
@@ -159,6 +161,13 @@ async fn read(
     Path(id): Path<String>,
 ) -> Result<Json<RolloutView>, ApiError> {
     Ok(Json(s.engine.view(&id)?))
+}
+
+async fn probes(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<ProbeStatus>, ApiError> {
+    Ok(Json(s.engine.probe_status(&id)?))
 }
 
 async fn act(

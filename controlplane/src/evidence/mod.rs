@@ -7,6 +7,8 @@
 //!   Prometheus server with `query_range`, for rollouts whose spec asks.
 //! - [`shadow`]: the filter's shadow comparison reports: per-route counts,
 //!   differing paths, stored samples, noise learned from A/A calibration.
+//! - [`probes`]: synthetic probes' checks, schedule and results, and the
+//!   [`probes::Prober`] port the engine drives the runner through.
 //! - [`replay`]: replaying a stored sample against a cluster through Envoy.
 //! - [`usage`]: the filter's report service (gRPC): per-tenant rate-limit
 //!   usage, and the shadow batches handed to [`shadow`].
@@ -17,6 +19,7 @@
 //! [`crate::rollout::engine::Sources`]; nothing in the judge changes.
 
 pub mod envoy_stats;
+pub mod probes;
 pub mod prometheus;
 pub mod replay;
 pub mod shadow;

@@ -51,6 +51,7 @@ pub use super::machine::{
 use super::spec::{CanaryAfterFinalize, RolloutSpec, SpecError};
 use super::store::{RolloutStore, RolloutStoreError};
 use crate::evidence::envoy_stats::MetricsBook;
+use crate::evidence::probes::{ProbeTally, Prober};
 use crate::evidence::prometheus::PrometheusEvidence;
 use crate::evidence::shadow::ShadowBook;
 use crate::evidence::{EnvoyEvidence, EvidenceSource, PairCounts, ShadowEvidence, StepWindows};
@@ -122,6 +123,20 @@ pub struct RolloutView {
     pub engine: EngineHealth,
 }
 
+/// `GET /v1/rollouts/{id}/probes`: a rollout's synthetic probes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeStatus {
+    /// The spec declares probes.
+    pub declared: bool,
+    /// They are being sent now (active, not paused, a runner configured).
+    pub running: bool,
+    /// The runner's scheduler looks so far (all services).
+    pub ticks: u64,
+    /// The results below are from this time on (the current phase's start).
+    pub since_ms: u64,
+    pub results: ProbeTally,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Weights {
     pub stable: u32,
@@ -183,6 +198,8 @@ pub struct Engine {
     notifier: OnceLock<Arc<dyn Notifier>>,
     /// The source for rollouts whose spec reads Prometheus.
     prometheus: OnceLock<Arc<PrometheusEvidence>>,
+    /// The synthetic probe runner; none: rollouts with probes are refused.
+    prober: OnceLock<Arc<dyn Prober>>,
     /// Test hook: called with a rollout id at the start of its evaluation.
     #[doc(hidden)]
     pub fault: Mutex<Option<Fault>>,
@@ -226,6 +243,7 @@ impl Engine {
             health: Mutex::default(),
             notifier: OnceLock::new(),
             prometheus: OnceLock::new(),
+            prober: OnceLock::new(),
             fault: Mutex::new(None),
         };
         engine.recover(crate::time::now_unix_ms())?;
@@ -296,10 +314,73 @@ impl Engine {
     }
 
     fn publish(&self, r: Rollout) {
+        let service = r.spec.service.clone();
         self.rollouts
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(r.id.clone(), r);
+        self.sync_probes(&service);
+    }
+
+    /// Tells the probe runner what `service`'s probes are now, derived from
+    /// the published rollouts: its active rollout's checks unless it is
+    /// paused, else none. Called after every published decision, so a pause,
+    /// a resume, a rollback or an end stops or starts them at once.
+    fn sync_probes(&self, service: &str) {
+        let Some(prober) = self.prober.get() else {
+            return;
+        };
+        let plan = self
+            .owner(service)
+            .filter(|r| !r.paused)
+            .and_then(|r| r.spec.probes)
+            .map(|p| p.checks);
+        prober.set_plan(service, plan);
+    }
+
+    /// Runs rollouts' synthetic probes through `prober` (once; a second
+    /// call is refused with the prober given back). Rollouts already
+    /// running resume their probes.
+    pub fn probe_with(&self, prober: Arc<dyn Prober>) -> Result<(), Arc<dyn Prober>> {
+        self.prober.set(prober)?;
+        let services: Vec<String> = self
+            .read()
+            .values()
+            .filter(|r| r.phase.is_active())
+            .map(|r| r.spec.service.clone())
+            .collect();
+        for service in services {
+            self.sync_probes(&service);
+        }
+        Ok(())
+    }
+
+    /// Rollout `id`'s probes: whether they run, their results in the
+    /// current phase, and the runner's scheduler ticks.
+    pub fn probe_status(&self, id: &str) -> Result<ProbeStatus, EngineError> {
+        let r = self
+            .get(id)
+            .ok_or_else(|| EngineError::Unknown(id.to_owned()))?;
+        let prober = self.prober.get();
+        Ok(ProbeStatus {
+            declared: r.spec.probes.is_some(),
+            running: r.spec.probes.is_some()
+                && r.phase.is_active()
+                && !r.paused
+                && prober.is_some(),
+            ticks: prober.map_or(0, |p| p.ticks()),
+            since_ms: r.phase_started_ms,
+            results: prober.map_or_else(ProbeTally::default, |p| {
+                p.tally(&r.spec.service, r.phase_started_ms)
+            }),
+        })
+    }
+
+    /// The probe results in `r`'s current phase (empty without a runner).
+    fn probe_tally(&self, r: &Rollout) -> ProbeTally {
+        self.prober.get().map_or_else(ProbeTally::default, |p| {
+            p.tally(&r.spec.service, r.phase_started_ms)
+        })
     }
 
     fn get(&self, id: &str) -> Option<Rollout> {
@@ -357,6 +438,25 @@ impl Engine {
                          (Istio mode: not yet); use weights"
                     .to_owned(),
             });
+        }
+        if spec.probes.is_some() {
+            let why = if !self.router.probe_pins() {
+                Some(
+                    "this control plane's traffic router cannot pin a probe to one backend (Istio mode: not yet)",
+                )
+            } else if self.prober.get().is_none() {
+                Some(
+                    "this control plane sends no probes: start it with --probe-via (the Envoy listener's address)",
+                )
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(EngineError::Invalid {
+                    field: "probes",
+                    reason: why.to_owned(),
+                });
+            }
         }
         if let Some(stage) = &spec.shadow
             && let Err(e) = self.router.shadow(&stage.route)
@@ -801,7 +901,7 @@ impl Engine {
                     return Ok(());
                 };
                 let ev = self.shadow_evidence(&r);
-                let j = judge::judge_shadow(
+                let mut j = judge::judge_shadow(
                     stage,
                     &r.spec.stop_rules,
                     &r.spec.analysis,
@@ -809,6 +909,10 @@ impl Engine {
                     t,
                     r.phase_started_ms,
                 );
+                if let Some(probes) = &r.spec.probes {
+                    let check = judge::probe_check(probes, &self.probe_tally(&r));
+                    j = judge::with_checks(j, vec![check]);
+                }
                 r.shadow_seen = ShadowBaseline {
                     compared: ev.compared,
                     serious: ev.serious,
@@ -823,18 +927,40 @@ impl Engine {
                 };
                 let source = self.source_for(&r, t);
                 let w = self.step_windows(source.as_ref(), &r, t);
-                let restarts = self.restarts(source.as_ref(), &r, t);
-                let j = judge::judge_with_restarts(
-                    &r.spec.stop_rules,
-                    &r.spec.analysis,
-                    s,
-                    &w.stable,
-                    &w.canary,
-                    &restarts,
-                    t,
-                    r.phase_started_ms,
-                );
-                self.with_prometheus(&r, s.weight, j, t)
+                let tally = r.spec.probes.as_ref().map(|_| self.probe_tally(&r));
+                if let (Some(probes), Some(tally)) = (&r.spec.probes, &tally)
+                    && let Some(j) = judge::judge_idle_on_probes(
+                        probes,
+                        &r.spec.analysis,
+                        s,
+                        &w.stable,
+                        &w.canary,
+                        tally,
+                        t,
+                        r.phase_started_ms,
+                    )
+                {
+                    j
+                } else {
+                    let restarts = self.restarts(source.as_ref(), &r, t);
+                    let j = judge::judge_with_restarts(
+                        &r.spec.stop_rules,
+                        &r.spec.analysis,
+                        s,
+                        &w.stable,
+                        &w.canary,
+                        &restarts,
+                        t,
+                        r.phase_started_ms,
+                    );
+                    let j = match (&r.spec.probes, tally) {
+                        (Some(probes), Some(tally)) => {
+                            judge::with_checks(j, vec![judge::probe_check(probes, &tally)])
+                        }
+                        _ => j,
+                    };
+                    self.with_prometheus(&r, s.weight, j, t)
+                }
             }
             _ => return Ok(()),
         };

@@ -203,8 +203,9 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use super::spec::{
-    Analysis, CanaryStep, MetricLimit, MetricRule, SegmentGate, ShadowStage, StopRules,
+    Analysis, CanaryStep, MetricLimit, MetricRule, Probes, SegmentGate, ShadowStage, StopRules,
 };
+use crate::evidence::probes::{ProbeTally, Side};
 use crate::evidence::{Evidence, MetricEvidence, PairCounts, ShadowEvidence};
 
 /// What the engine should do.
@@ -790,6 +791,136 @@ pub fn with_checks(judgement: Judgement, more: Vec<Check>) -> Judgement {
         queries,
         ..finish(checks)
     }
+}
+
+// === synthetic probes ===
+
+/// The `probes` check over a step's (or the shadow stage's) probe results:
+/// canary failures above `max_failures` fail it, naming each failing check,
+/// what it expects, what the canary answered and how stable did beside it;
+/// fewer than `min_passed` canary passes hold it. Stable's failures are
+/// reported, never held against the canary. Probe counts are never added to
+/// the live request counts.
+pub fn probe_check(probes: &Probes, tally: &ProbeTally) -> Check {
+    let (passed, failed) = (tally.passed(Side::Canary), tally.failed(Side::Canary));
+    let (s_passed, s_failed) = (tally.passed(Side::Stable), tally.failed(Side::Stable));
+    let mut check = if failed > probes.max_failures {
+        let failing: Vec<String> = tally
+            .checks
+            .iter()
+            .filter(|c| c.canary.failed > 0)
+            .map(|c| {
+                let expect = probes
+                    .checks
+                    .iter()
+                    .find(|p| p.name == c.check)
+                    .map_or_else(|| "?".to_owned(), |p| p.expect.describe());
+                let answered = c
+                    .canary
+                    .last_failure
+                    .as_ref()
+                    .map_or("", |r| r.detail.as_str());
+                let stable = match &c.stable.last_failure {
+                    None => format!(
+                        "stable passed {} of {}",
+                        c.stable.passed,
+                        c.stable.passed.saturating_add(c.stable.failed)
+                    ),
+                    Some(r) => format!(
+                        "stable passed {} of {}, last {}",
+                        c.stable.passed,
+                        c.stable.passed.saturating_add(c.stable.failed),
+                        r.detail
+                    ),
+                };
+                format!(
+                    "probe {} failed on canary {} of {} times (expected {expect}; canary {answered}; {stable})",
+                    c.check,
+                    c.canary.failed,
+                    c.canary.failed.saturating_add(c.canary.passed)
+                )
+            })
+            .collect();
+        Check::new(
+            "probes",
+            CheckStatus::Fail,
+            format!(
+                "{} (at most {} canary probe failures allowed)",
+                failing.join("; "),
+                probes.max_failures
+            ),
+        )
+    } else if passed < probes.min_passed {
+        Check::new(
+            "probes",
+            CheckStatus::Insufficient,
+            format!(
+                "probes: canary passed {passed} of the {} needed",
+                probes.min_passed
+            ),
+        )
+    } else {
+        Check::new(
+            "probes",
+            CheckStatus::Pass,
+            format!(
+                "probes: canary passed {passed}, failed {failed} (at most {}); stable passed {s_passed}, failed {s_failed}",
+                probes.max_failures
+            ),
+        )
+    }
+    .threshold(probes.max_failures as f64);
+    check.put("canary_passed", passed as f64);
+    check.put("canary_failed", failed as f64);
+    check.put("stable_passed", s_passed as f64);
+    check.put("stable_failed", s_failed as f64);
+    check
+}
+
+/// A step judged on probes alone, when the spec allows it
+/// (`probes.judge_idle_on_probes`) and the window shows no live traffic:
+/// zero requests on each side, at least one side fresh, and neither stale.
+/// A side with no data at all while the other is fresh is a cluster the
+/// data plane has never used (Envoy's stats sink sends only counters that
+/// were ever used, every flush from then on, so the fresh side proves the
+/// stream is alive). `None` when there is live traffic, or when its absence
+/// is not shown (no data from either side, or stale data, is never
+/// "idle"): the step is then judged as usual, and probes never stand in for
+/// live requests.
+#[allow(clippy::too_many_arguments)]
+pub fn judge_idle_on_probes(
+    probes: &Probes,
+    analysis: &Analysis,
+    step: &CanaryStep,
+    stable: &Evidence,
+    canary: &Evidence,
+    tally: &ProbeTally,
+    now_ms: u64,
+    step_started_ms: u64,
+) -> Option<Judgement> {
+    if !probes.judge_idle_on_probes || stable.requests > 0 || canary.requests > 0 {
+        return None;
+    }
+    let fresh = |t: u64| now_ms.saturating_sub(t) as f64 / 1000.0 <= analysis.max_staleness_s;
+    let sides = [stable.last_update_ms, canary.last_update_ms];
+    if sides.iter().flatten().any(|&t| !fresh(t)) || sides.iter().all(Option::is_none) {
+        return None;
+    }
+    let n = tally.passed(Side::Canary);
+    let mut idle = Check::new(
+        "live_traffic",
+        CheckStatus::Pass,
+        format!("no live traffic: judged on {n} probes only"),
+    );
+    idle.put("stable_requests", 0.0);
+    idle.put("canary_requests", 0.0);
+    idle.put("canary_probes_passed", n as f64);
+    let elapsed_s = now_ms.saturating_sub(step_started_ms) as f64 / 1000.0;
+    Some(finish(vec![
+        idle,
+        probe_check(probes, tally),
+        duration_check("step_duration", "step", elapsed_s, step.min_duration_s),
+    ]))
 }
 
 // === data checks ===
@@ -3718,6 +3849,176 @@ mod tests {
                 rule.name
             );
         }
+    }
+
+    // === synthetic probes ===
+
+    fn probes(idle: bool) -> Probes {
+        use crate::evidence::probes::{Expect, JsonExpect, ProbeCheck};
+        Probes {
+            checks: vec![ProbeCheck {
+                name: "health".into(),
+                method: "GET".into(),
+                path: "/health".into(),
+                headers: Default::default(),
+                body: None,
+                expect: Expect {
+                    status: 200,
+                    json: Some(JsonExpect {
+                        pointer: "/status".into(),
+                        equals: serde_json::json!("ok"),
+                    }),
+                },
+                every_s: 1.0,
+            }],
+            max_failures: 0,
+            min_passed: 3,
+            judge_idle_on_probes: idle,
+        }
+    }
+
+    /// `passed`/`failed` health probes per side; a canary failure answered
+    /// `{"status":"degraded"}`.
+    fn tally(stable: (u64, u64), canary: (u64, u64)) -> ProbeTally {
+        use crate::evidence::probes::{CheckTally, ProbeResult, SideTally};
+        let side = |(passed, failed): (u64, u64), which| SideTally {
+            passed,
+            failed,
+            last_failure: (failed > 0).then(|| ProbeResult {
+                time_ms: NOW - 1_000,
+                check: "health".into(),
+                side: which,
+                passed: false,
+                status: Some(200),
+                latency_ms: 2.0,
+                detail: "got status 200, /status = \"degraded\"".into(),
+            }),
+        };
+        ProbeTally {
+            checks: vec![CheckTally {
+                check: "health".into(),
+                stable: side(stable, crate::evidence::probes::Side::Stable),
+                canary: side(canary, crate::evidence::probes::Side::Canary),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_failing_canary_probe_rolls_back_naming_the_probe_with_stable_beside_it() {
+        // Healthy live traffic, still held for the step's duration: the
+        // probe alone takes it out.
+        let j = run(&ev(1_000, 5, 20.0, Some(NOW)), &ev(300, 1, 20.0, Some(NOW)));
+        let j = with_checks(j, vec![probe_check(&probes(false), &tally((5, 0), (4, 1)))]);
+        assert_eq!(j.verdict, Verdict::Rollback, "{}", j.reason);
+        assert!(
+            j.reason
+                .contains("probe health failed on canary 1 of 5 times")
+                && j.reason
+                    .contains("expected status 200 and /status == \"ok\"")
+                && j.reason
+                    .contains("canary got status 200, /status = \"degraded\"")
+                && j.reason.contains("stable passed 5 of 5"),
+            "{}",
+            j.reason
+        );
+        // At max_failures it still passes.
+        let mut lenient = probes(false);
+        lenient.max_failures = 1;
+        assert_eq!(
+            probe_check(&lenient, &tally((5, 0), (4, 1))).status,
+            CheckStatus::Pass
+        );
+        // Stable failing is not held against the canary.
+        assert_eq!(
+            probe_check(&probes(false), &tally((0, 5), (5, 0))).status,
+            CheckStatus::Pass
+        );
+    }
+
+    #[test]
+    fn an_idle_service_advances_on_probes_and_the_verdict_says_so() {
+        let quiet = ev(0, 0, 20.0, Some(NOW));
+        let mut s = step(20);
+        s.min_duration_s = 30.0;
+        let j = judge_idle_on_probes(
+            &probes(true),
+            &analysis(),
+            &s,
+            &quiet,
+            &quiet,
+            &tally((6, 0), (6, 0)),
+            NOW,
+            T0,
+        )
+        .expect("idle");
+        assert_eq!(j.verdict, Verdict::Promote, "{}", j.reason);
+        assert!(
+            j.reason
+                .starts_with("no live traffic: judged on 6 probes only"),
+            "{}",
+            j.reason
+        );
+        // Too few probes: hold, saying so.
+        let j = judge_idle_on_probes(
+            &probes(true),
+            &analysis(),
+            &s,
+            &quiet,
+            &quiet,
+            &tally((2, 0), (2, 0)),
+            NOW,
+            T0,
+        )
+        .expect("idle");
+        assert_eq!(j.verdict, Verdict::Hold);
+        assert!(
+            j.reason.contains("canary passed 2 of the 3 needed"),
+            "{}",
+            j.reason
+        );
+        // Not allowed by the spec, no data, or stale data: not idle.
+        let t = tally((6, 0), (6, 0));
+        let a = analysis();
+        assert!(
+            judge_idle_on_probes(&probes(false), &a, &s, &quiet, &quiet, &t, NOW, T0).is_none()
+        );
+        let silent = ev(0, 0, 20.0, None);
+        assert!(
+            judge_idle_on_probes(&probes(true), &a, &s, &silent, &silent, &t, NOW, T0).is_none()
+        );
+        // A never-used canary cluster beside a fresh stable: idle.
+        assert!(
+            judge_idle_on_probes(&probes(true), &a, &s, &quiet, &silent, &t, NOW, T0).is_some()
+        );
+        let stale = ev(0, 0, 20.0, Some(NOW - 60_000));
+        assert!(judge_idle_on_probes(&probes(true), &a, &s, &quiet, &stale, &t, NOW, T0).is_none());
+        assert!(
+            judge_idle_on_probes(&probes(true), &a, &s, &stale, &silent, &t, NOW, T0).is_none()
+        );
+    }
+
+    #[test]
+    fn probes_never_count_as_live_requests() {
+        // A little live traffic: not idle, so the step's minimums apply to
+        // live requests only, however many probes passed.
+        let a = analysis();
+        let s = step(20);
+        let some = ev(150, 0, 20.0, Some(NOW));
+        let lots = tally((500, 0), (500, 0));
+        assert!(
+            judge_idle_on_probes(&probes(true), &a, &s, &some, &some, &lots, NOW, T0).is_none()
+        );
+        let j = with_checks(
+            judge(&rules(), &a, &s, &some, &some, NOW, T0),
+            vec![probe_check(&probes(true), &lots)],
+        );
+        assert_eq!(j.verdict, Verdict::Hold, "{}", j.reason);
+        assert!(
+            j.reason
+                .contains("canary has served 150 of the step's 200 requests"),
+            "{}",
+            j.reason
+        );
     }
 
     // === judge: rules with hand-made evidence ===

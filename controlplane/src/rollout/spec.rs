@@ -52,8 +52,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::evidence::probes::{self, Expect, JsonExpect, ProbeCheck};
 use crate::evidence::prometheus::PromTarget;
-use crate::model::{Cohort, MAX_COHORTS};
+use crate::model::{Cohort, MAX_COHORTS, PROBE_HEADER};
 
 mod evidence;
 pub use evidence::{EvidenceSpec, MetricLimit, MetricRule};
@@ -137,6 +138,26 @@ pub struct RolloutSpec {
     /// Business-metric stop rules (with Prometheus evidence).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<MetricRule>,
+    /// Synthetic probes sent to stable and canary separately while the
+    /// rollout runs and is not paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probes: Option<Probes>,
+}
+
+/// A rollout's synthetic probes: each check goes through Envoy to stable
+/// and to canary, pinned by a header only the control plane knows, every
+/// `every_s`, in every phase (the shadow stage and weight 0 included).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Probes {
+    pub checks: Vec<ProbeCheck>,
+    /// Canary probe failures a step (or the shadow stage) tolerates; one
+    /// more rolls back.
+    pub max_failures: u64,
+    /// Canary probes that must have passed in the step before it may pass.
+    pub min_passed: u64,
+    /// A step that saw no live request at all (fresh data, zero requests on
+    /// both sides) may pass on probes alone, and its verdict says so.
+    pub judge_idle_on_probes: bool,
 }
 
 /// Most webhooks one rollout may have.
@@ -428,6 +449,51 @@ struct RawSpec {
     notifications: Option<Vec<RawWebhook>>,
     evidence: Option<evidence::RawEvidence>,
     metrics: Option<Vec<evidence::RawMetric>>,
+    probes: Option<RawProbes>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with checks, max_failures, ..."
+)]
+struct RawProbes {
+    checks: Option<Vec<RawProbeCheck>>,
+    max_failures: Option<u64>,
+    min_passed: Option<u64>,
+    judge_idle_on_probes: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping describing one probe check"
+)]
+struct RawProbeCheck {
+    name: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    headers: Option<std::collections::BTreeMap<String, String>>,
+    body: Option<String>,
+    expect: Option<RawExpect>,
+    every_s: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with status and optionally json"
+)]
+struct RawExpect {
+    status: Option<u16>,
+    json: Option<RawJsonExpect>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping with pointer and equals")]
+struct RawJsonExpect {
+    pointer: Option<String>,
+    equals: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -611,8 +677,195 @@ impl TryFrom<RawSpec> for RolloutSpec {
             notifications: validate_webhooks(raw.notifications.unwrap_or_default())?,
             metrics: evidence::validate_metrics(raw.metrics, &evidence)?,
             evidence,
+            probes: raw.probes.map(validate_probes).transpose()?,
         })
     }
+}
+
+/// Defaults of the `probes` block.
+pub mod probe_defaults {
+    pub const EVERY_S: f64 = 1.0;
+    pub const METHOD: &str = "GET";
+    pub const MAX_FAILURES: u64 = 0;
+    pub const MIN_PASSED: u64 = 3;
+    pub const JUDGE_IDLE_ON_PROBES: bool = false;
+}
+
+/// Methods a probe may use.
+const PROBE_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+/// Headers a probe may not set: the pin (the control plane's own), and
+/// those that frame or route the request (the client sets them).
+const PROBE_RESERVED_HEADERS: [&str; 6] = [
+    PROBE_HEADER,
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "te",
+];
+const MAX_PROBE_HEADERS: usize = 16;
+const MAX_PROBE_TEXT: usize = 2048;
+
+fn validate_probes(raw: RawProbes) -> Result<Probes, SpecError> {
+    let checks = raw.checks.unwrap_or_default();
+    if checks.is_empty() {
+        return Err(invalid("probes.checks", "required: at least one check"));
+    }
+    if checks.len() > probes::MAX_CHECKS {
+        return Err(invalid(
+            "probes.checks",
+            format!(
+                "at most {} checks, got {}",
+                probes::MAX_CHECKS,
+                checks.len()
+            ),
+        ));
+    }
+    let mut out: Vec<ProbeCheck> = Vec::with_capacity(checks.len());
+    for (i, c) in checks.into_iter().enumerate() {
+        let field = |f: &str| format!("probes.checks[{i}].{f}");
+        let name = c
+            .name
+            .ok_or_else(|| invalid(field("name"), "required: the name verdicts use"))?;
+        validate_name(&field("name"), &name)?;
+        if out.iter().any(|o| o.name == name) {
+            return Err(invalid(field("name"), format!("{name:?} is used twice")));
+        }
+        let method = c
+            .method
+            .unwrap_or_else(|| probe_defaults::METHOD.to_owned());
+        if !PROBE_METHODS.contains(&method.as_str()) {
+            return Err(invalid(
+                field("method"),
+                format!("{method:?} is not one of {}", PROBE_METHODS.join(", ")),
+            ));
+        }
+        let path = c
+            .path
+            .ok_or_else(|| invalid(field("path"), "required: the path to request, like /health"))?;
+        if !path.starts_with('/')
+            || path.len() > MAX_PROBE_TEXT
+            || !path.chars().all(|ch| ch.is_ascii_graphic() && ch != '#')
+        {
+            return Err(invalid(
+                field("path"),
+                format!(
+                    "must start with / and be at most {MAX_PROBE_TEXT} visible ASCII characters without #"
+                ),
+            ));
+        }
+        let headers = c.headers.unwrap_or_default();
+        if headers.len() > MAX_PROBE_HEADERS {
+            return Err(invalid(
+                field("headers"),
+                format!("at most {MAX_PROBE_HEADERS} headers"),
+            ));
+        }
+        for (k, v) in &headers {
+            crate::model::check_header_name(k)
+                .map_err(|why| invalid(format!("{}.{k}", field("headers")), why))?;
+            if PROBE_RESERVED_HEADERS.contains(&k.as_str()) || k.starts_with("x-understudy-") {
+                return Err(invalid(
+                    format!("{}.{k}", field("headers")),
+                    "is set by the control plane or the client, not by a probe",
+                ));
+            }
+            if v.len() > MAX_PROBE_TEXT || !v.chars().all(|ch| ch == ' ' || ch.is_ascii_graphic()) {
+                return Err(invalid(
+                    format!("{}.{k}", field("headers")),
+                    format!("must be at most {MAX_PROBE_TEXT} visible ASCII characters"),
+                ));
+            }
+        }
+        if let Some(body) = &c.body
+            && body.len() > probes::MAX_BODY_BYTES
+        {
+            return Err(invalid(
+                field("body"),
+                format!("at most {} bytes", probes::MAX_BODY_BYTES),
+            ));
+        }
+        let expect = c.expect.ok_or_else(|| {
+            invalid(
+                field("expect"),
+                "required: the status (and optionally a JSON field) a healthy answer has",
+            )
+        })?;
+        let status = expect
+            .status
+            .ok_or_else(|| invalid(field("expect.status"), "required: like 200"))?;
+        if !(100..=599).contains(&status) {
+            return Err(invalid(
+                field("expect.status"),
+                format!("must be an HTTP status from 100 to 599, got {status}"),
+            ));
+        }
+        let json = expect
+            .json
+            .map(|j| {
+                let pointer = j.pointer.ok_or_else(|| {
+                    invalid(field("expect.json.pointer"), "required: like /status")
+                })?;
+                if !(pointer.starts_with('/') && pointer.len() <= 256) {
+                    return Err(invalid(
+                        field("expect.json.pointer"),
+                        "must be a JSON pointer (RFC 6901) starting with /, at most 256 characters",
+                    ));
+                }
+                let equals = j.equals.ok_or_else(|| {
+                    invalid(field("expect.json.equals"), "required: the value expected")
+                })?;
+                if equals.to_string().len() > 256 {
+                    return Err(invalid(
+                        field("expect.json.equals"),
+                        "at most 256 characters of JSON",
+                    ));
+                }
+                Ok(JsonExpect { pointer, equals })
+            })
+            .transpose()?;
+        let every_s = check_f64(
+            &field("every_s"),
+            c.every_s.unwrap_or(probe_defaults::EVERY_S),
+            |v| (probes::MIN_EVERY_S..=3600.0).contains(&v),
+            &format!("must be from {} to 3600 seconds", probes::MIN_EVERY_S),
+        )?;
+        out.push(ProbeCheck {
+            name,
+            method,
+            path,
+            headers,
+            body: c.body,
+            expect: Expect { status, json },
+            every_s,
+        });
+    }
+    // Each check is sent to both sides.
+    let rate: f64 = out.iter().map(|c| 2.0 / c.every_s).sum();
+    if rate > probes::MAX_RATE_PER_S {
+        return Err(invalid(
+            "probes.checks",
+            format!(
+                "{rate:.1} probes per second (each check to both sides), at most {}: raise every_s",
+                probes::MAX_RATE_PER_S
+            ),
+        ));
+    }
+    let min_passed = raw.min_passed.unwrap_or(probe_defaults::MIN_PASSED);
+    if min_passed == 0 {
+        return Err(invalid(
+            "probes.min_passed",
+            "must be at least 1: no verdict on probes that never ran",
+        ));
+    }
+    Ok(Probes {
+        checks: out,
+        max_failures: raw.max_failures.unwrap_or(probe_defaults::MAX_FAILURES),
+        min_passed,
+        judge_idle_on_probes: raw
+            .judge_idle_on_probes
+            .unwrap_or(probe_defaults::JUDGE_IDLE_ON_PROBES),
+    })
 }
 
 fn validate_webhooks(raw: Vec<RawWebhook>) -> Result<Vec<Webhook>, SpecError> {
@@ -1651,6 +1904,65 @@ analysis:
             let e = err(&shadow_spec(shadow, rule));
             assert!(e.contains(want), "{shadow}: {e}");
         }
+    }
+
+    const PROBES: &str = "probes:\n  judge_idle_on_probes: true\n  checks:\n    - name: health\n      path: /health\n      headers: {accept: application/json}\n      expect: {status: 200, json: {pointer: /status, equals: ok}}\n      every_s: 0.5\n";
+
+    #[test]
+    fn probes_parse_with_defaults_and_round_trip() {
+        let spec = parse(&with(PROBES)).unwrap();
+        let p = spec.probes.clone().unwrap();
+        assert_eq!(p.checks.len(), 1);
+        let c = &p.checks[0];
+        assert_eq!((c.method.as_str(), c.every_s), ("GET", 0.5));
+        assert_eq!(c.expect.describe(), "status 200 and /status == \"ok\"");
+        assert_eq!(
+            (p.max_failures, p.min_passed, p.judge_idle_on_probes),
+            (0, 3, true)
+        );
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(RolloutSpec::from_yaml_or_json(&json).unwrap(), spec);
+    }
+
+    #[test]
+    fn probe_rules_name_the_field() {
+        let check = |extra: &str| {
+            format!(
+                "probes:\n  checks:\n    - {{name: h, path: /h, expect: {{status: 200}}{extra}}}\n"
+            )
+        };
+        for (probes, field) in [
+            ("probes: {checks: []}\n".to_owned(), "probes.checks"),
+            (check(", every_s: 0.1"), "probes.checks[0].every_s"),
+            (check(", method: TRACE"), "probes.checks[0].method"),
+            (check(", headers: {X-Big: a}"), "probes.checks[0].headers.X-Big"),
+            (check(", headers: {understudy-probe: guess/canary}"), "probes.checks[0].headers.understudy-probe"),
+            (check(", headers: {host: evil}"), "probes.checks[0].headers.host"),
+            (check(", headers: {a: \"x\\u0001\"}"), "probes.checks[0].headers.a"),
+            (format!("probes:\n  checks:\n    - {{name: h, path: /h, expect: {{status: 200}}, body: {}}}\n", "x".repeat(16 * 1024 + 1)), "probes.checks[0].body"),
+            ("probes:\n  checks:\n    - {name: h, path: health, expect: {status: 200}}\n".to_owned(), "probes.checks[0].path"),
+            ("probes:\n  checks:\n    - {name: h, path: /h, expect: {status: 900}}\n".to_owned(), "probes.checks[0].expect.status"),
+            ("probes:\n  checks:\n    - {name: h, path: /h, expect: {status: 200, json: {pointer: status, equals: ok}}}\n".to_owned(), "probes.checks[0].expect.json.pointer"),
+            ("probes:\n  checks:\n    - {name: h, path: /h}\n".to_owned(), "probes.checks[0].expect"),
+            ("probes:\n  checks:\n    - {name: h, path: /h, expect: {status: 200}, bogus: 1}\n".to_owned(), "probes.checks[0]"),
+            ("probes:\n  min_passed: 0\n  checks:\n    - {name: h, path: /h, expect: {status: 200}}\n".to_owned(), "probes.min_passed"),
+        ] {
+            let e = err(&with(&probes));
+            assert!(e.contains(field), "{probes}: {e}");
+        }
+        // Names are unique; at most MAX_CHECKS; the total rate is capped.
+        let many = |n: usize, every: f64| {
+            let checks: Vec<String> = (0..n)
+                .map(|i| format!("    - {{name: c{i}, path: /h, expect: {{status: 200}}, every_s: {every}}}\n"))
+                .collect();
+            format!("probes:\n  checks:\n{}", checks.concat())
+        };
+        assert!(err(&with(&many(probes::MAX_CHECKS + 1, 10.0))).contains("at most 8 checks"));
+        let e = err(&with(&many(4, 0.2)));
+        assert!(e.contains("probes.checks: 40.0 probes per second"), "{e}");
+        assert!(parse(&with(&many(4, 0.4))).is_ok());
+        let twice = "probes:\n  checks:\n    - {name: h, path: /h, expect: {status: 200}}\n    - {name: h, path: /i, expect: {status: 200}}\n";
+        assert!(err(&with(twice)).contains("probes.checks[1].name"));
     }
 
     #[test]

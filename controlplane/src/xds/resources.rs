@@ -47,8 +47,8 @@ use understudy_core::ratelimit::RawReport;
 use understudy_core::shadow::RawShadowReport;
 
 use crate::model::{
-    Backend, Cohort, DesiredState, FilterDoc, FilterSettings, HeaderTest, ModelError, Service,
-    Sticky, Weight,
+    Backend, Cohort, DesiredState, FilterDoc, FilterSettings, HeaderTest, ModelError,
+    PROBE_HEADER, ProbeKey, Service, Sticky, Weight, probe_cluster,
 };
 
 /// xDS type URLs, in the order Understudy sends them (make before break):
@@ -122,6 +122,18 @@ impl Snapshot {
     /// Builds every resource for a fleet of `fleet` connected Envoys. The
     /// state must already be validated.
     pub fn build(state: &DesiredState, generation: u64, fleet: usize) -> Self {
+        Self::build_with(state, generation, fleet, None)
+    }
+
+    /// [`Self::build`], with each service's probe clusters and pin routes
+    /// when `probes` is given (the store's key; see "Synthetic probes" in
+    /// the README).
+    pub fn build_with(
+        state: &DesiredState,
+        generation: u64,
+        fleet: usize,
+        probes: Option<&ProbeKey>,
+    ) -> Self {
         let mut clusters = BTreeMap::new();
         let mut endpoints = BTreeMap::new();
         for svc in state.services.values() {
@@ -129,14 +141,19 @@ impl Snapshot {
                 (svc.stable_cluster(), &svc.stable),
                 (svc.canary_cluster(), &svc.canary),
             ] {
-                clusters.insert(name.clone(), pack_any(eds_cluster(&name)));
+                clusters.insert(name.clone(), pack_any(eds_cluster(&name, "")));
+                if probes.is_some() {
+                    // Same endpoints (the main cluster's assignment), own stats.
+                    let probe = probe_cluster(&name);
+                    clusters.insert(probe.clone(), pack_any(eds_cluster(&probe, &name)));
+                }
                 endpoints.insert(name.clone(), pack_any(load_assignment(&name, backend)));
             }
         }
         let listeners = BTreeMap::from([(LISTENER_NAME.to_owned(), pack_any(listener(state)))]);
         let routes = BTreeMap::from([(
             ROUTE_CONFIG_NAME.to_owned(),
-            pack_any(route_configuration(state.services.values())),
+            pack_any(route_configuration(state.services.values(), probes)),
         )]);
         let extension = BTreeMap::from([(
             FILTER_NAME.to_owned(),
@@ -176,7 +193,9 @@ fn duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
     }
 }
 
-fn eds_cluster(name: &str) -> Cluster {
+/// An EDS cluster; `assignment` names the load assignment it reads when it
+/// is not its own (empty: its own name).
+fn eds_cluster(name: &str, assignment: &str) -> Cluster {
     Cluster {
         name: name.to_owned(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
@@ -184,7 +203,7 @@ fn eds_cluster(name: &str) -> Cluster {
         )),
         eds_cluster_config: Some(cluster::EdsClusterConfig {
             eds_config: Some(ads()),
-            service_name: String::new(),
+            service_name: assignment.to_owned(),
         }),
         connect_timeout: Some(duration(Duration::from_secs(1))),
         ..Default::default()
@@ -406,7 +425,10 @@ fn listener(state: &DesiredState) -> Listener {
     }
 }
 
-fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> RouteConfiguration {
+fn route_configuration<'a>(
+    services: impl Iterator<Item = &'a Service>,
+    probes: Option<&ProbeKey>,
+) -> RouteConfiguration {
     let virtual_hosts = services
         .map(|svc| {
             let canary = svc.canary_weight.percent();
@@ -431,27 +453,33 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
                     vec![sticky_hash_policy(sticky)],
                 ),
             };
-            // Cohorts first: Envoy takes the first route that matches.
-            let mut routes: Vec<Route> = svc
-                .canary_cohorts
-                .iter()
-                .enumerate()
-                .map(|(i, cohort)| Route {
-                    name: format!("{}-cohort-{i}", svc.name),
-                    r#match: Some(RouteMatch {
-                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_owned())),
-                        headers: vec![cohort_matcher(cohort)],
+            // Probe pins first, then cohorts: Envoy takes the first route
+            // that matches. A wrong or missing pin matches neither and falls
+            // through to the routes every client gets.
+            let mut routes: Vec<Route> =
+                probes.map(|key| probe_routes(svc, key)).unwrap_or_default();
+            routes.extend(
+                svc.canary_cohorts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, cohort)| Route {
+                        name: format!("{}-cohort-{i}", svc.name),
+                        r#match: Some(RouteMatch {
+                            path_specifier: Some(route_match::PathSpecifier::Prefix(
+                                "/".to_owned(),
+                            )),
+                            headers: vec![cohort_matcher(cohort)],
+                            ..Default::default()
+                        }),
+                        action: Some(route::Action::Route(RouteAction {
+                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                                svc.canary_cluster(),
+                            )),
+                            ..Default::default()
+                        })),
                         ..Default::default()
                     }),
-                    action: Some(route::Action::Route(RouteAction {
-                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                            svc.canary_cluster(),
-                        )),
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                })
-                .collect();
+            );
             routes.push(Route {
                 name: svc.name.clone(),
                 r#match: Some(RouteMatch {
@@ -484,6 +512,45 @@ fn route_configuration<'a>(services: impl Iterator<Item = &'a Service>) -> Route
         virtual_hosts,
         ..Default::default()
     }
+}
+
+/// A service's two probe pin routes: [`PROBE_HEADER`] with exactly the
+/// side's pin goes to that side's probe cluster, and the header is removed
+/// before the request goes upstream (the backend never sees the secret).
+fn probe_routes(svc: &Service, key: &ProbeKey) -> Vec<Route> {
+    [
+        ("stable", svc.stable_cluster()),
+        ("canary", svc.canary_cluster()),
+    ]
+    .into_iter()
+    .map(|(side, cluster)| Route {
+        name: format!("{}-probe-{side}", svc.name),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_owned())),
+            headers: vec![HeaderMatcher {
+                name: PROBE_HEADER.to_owned(),
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                    StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::Exact(
+                            key.pin(&svc.name, side),
+                        )),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(probe_cluster(
+                &cluster,
+            ))),
+            ..Default::default()
+        })),
+        request_headers_to_remove: vec![PROBE_HEADER.to_owned()],
+        ..Default::default()
+    })
+    .collect()
 }
 
 /// The header matcher of a cohort ([`Cohort::header_test`]).
@@ -592,6 +659,77 @@ mod tests {
             weights(&snap),
             vec![("shop-stable".into(), 80), ("shop-canary".into(), 20)]
         );
+    }
+
+    #[test]
+    fn probe_pins_route_ahead_of_everything_to_probe_clusters_sharing_the_endpoints() {
+        let key = ProbeKey::from_bytes([7; 32]);
+        let mut state = state(20);
+        if let Some(svc) = state.services.get_mut("shop") {
+            svc.canary_cohorts = vec![Cohort::Header {
+                name: "x-group".into(),
+                value: None,
+            }];
+        }
+        let snap = Snapshot::build_with(&state, 1, 1, Some(&key));
+        let routes = routes(&snap);
+        let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "shop-probe-stable",
+                "shop-probe-canary",
+                "shop-cohort-0",
+                "shop"
+            ]
+        );
+        for (route, side) in routes.iter().zip(["stable", "canary"]) {
+            let m = route.r#match.as_ref().unwrap();
+            let pin = key.pin("shop", side);
+            assert!(pin.ends_with(&format!("/{side}")) && pin.len() == 32 + 1 + side.len());
+            assert_eq!(m.headers[0].name, PROBE_HEADER);
+            assert_eq!(
+                m.headers[0].header_match_specifier,
+                Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                    StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::Exact(pin)),
+                        ..Default::default()
+                    }
+                ))
+            );
+            assert_eq!(route.request_headers_to_remove, [PROBE_HEADER]);
+            let Some(route::Action::Route(action)) = &route.action else {
+                panic!("not a route action");
+            };
+            assert_eq!(
+                action.cluster_specifier,
+                Some(route_action::ClusterSpecifier::Cluster(format!(
+                    "shop-{side}-probe"
+                )))
+            );
+        }
+        // Another key, another pin; another service, another pin.
+        assert_ne!(
+            key.pin("shop", "canary"),
+            ProbeKey::from_bytes([8; 32]).pin("shop", "canary")
+        );
+        assert_ne!(key.pin("shop", "canary"), key.pin("shoe", "canary"));
+        // The probe clusters read the main clusters' endpoints; no
+        // assignment is duplicated.
+        let clusters = snap.get(type_url::CLUSTER).unwrap();
+        let probe: Cluster = decode(&clusters.resources["shop-canary-probe"]).unwrap();
+        assert_eq!(
+            probe.eds_cluster_config.unwrap().service_name,
+            "shop-canary"
+        );
+        assert_eq!(snap.get(type_url::ENDPOINT).unwrap().resources.len(), 2);
+        // Without a key (Istio's bootstrap, older tests): no pins at all.
+        let plain = Snapshot::build(&state, 1, 1);
+        assert_eq!(routes_of(&plain).len(), 2);
+    }
+
+    fn routes_of(snap: &Snapshot) -> Vec<Route> {
+        routes(snap)
     }
 
     #[test]

@@ -70,6 +70,11 @@ fn router_error(e: ChangeError) -> RouterError {
 }
 
 impl TrafficRouter for AdsRouter {
+    /// Our ADS builds each service's probe pin routes (`xds::resources`).
+    fn probe_pins(&self) -> bool {
+        true
+    }
+
     fn weight(&self, service: &str) -> Result<u32, RouterError> {
         let svc = self
             .store
