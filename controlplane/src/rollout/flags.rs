@@ -310,7 +310,10 @@ mod tests {
     }
 
     fn audit_reason(d: &crate::rollout::machine::Decision) -> String {
-        d.audit().first().map(|a| a.reason.clone()).unwrap_or_default()
+        d.audit()
+            .first()
+            .map(|a| a.reason.clone())
+            .unwrap_or_default()
     }
 
     fn ctx(key: Option<&str>, attrs: &[(&str, &str)]) -> Context {
@@ -478,7 +481,10 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(fair.targeting_key.as_deref(), Some("user-1"));
-        assert_eq!(fair.attributes, vec![("x-user-group".into(), "internal".into())]);
+        assert_eq!(
+            fair.attributes,
+            vec![("x-user-group".into(), "internal".into())]
+        );
         assert_eq!(Context::from_json(None).unwrap(), Context::default());
         let too_many: serde_json::Map<String, serde_json::Value> = (0..=MAX_ATTRIBUTES)
             .map(|i| (format!("a{i}"), serde_json::json!("v")))
@@ -486,11 +492,20 @@ mod tests {
         for (bad, says) in [
             (serde_json::json!([1]), "context: must be an object"),
             (serde_json::Value::Object(too_many), "at most 64 attributes"),
-            (serde_json::json!({"targetingKey": 7}), "[\"targetingKey\"]: must be a string"),
+            (
+                serde_json::json!({"targetingKey": 7}),
+                "[\"targetingKey\"]: must be a string",
+            ),
             (serde_json::json!({"a": {"b": 1}}), "[\"a\"]: nested values"),
             (serde_json::json!({"a": ["b"]}), "[\"a\"]: nested values"),
-            (serde_json::json!({"a": "v".repeat(MAX_VALUE + 1)}), "at most 1024 bytes"),
-            (serde_json::json!({"a".repeat(MAX_NAME + 1): "v"}), "names are at most 256 bytes"),
+            (
+                serde_json::json!({"a": "v".repeat(MAX_VALUE + 1)}),
+                "at most 1024 bytes",
+            ),
+            (
+                serde_json::json!({"a".repeat(MAX_NAME + 1): "v"}),
+                "names are at most 256 bytes",
+            ),
         ] {
             let e = read(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{e}");

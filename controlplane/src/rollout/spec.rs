@@ -448,7 +448,10 @@ struct RawSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping describing one flag: key, description")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping describing one flag: key, description"
+)]
 struct RawFlag {
     key: Option<String>,
     description: Option<String>,
@@ -646,9 +649,7 @@ fn validate_flags(raw: Vec<RawFlag>) -> Result<Vec<Flag>, SpecError> {
             let shown: String = key.chars().take(MAX_FLAG_KEY).collect();
             return Err(invalid(
                 field("key"),
-                format!(
-                    "{shown:?} must be 1 to {MAX_FLAG_KEY} characters of A-Z a-z 0-9 . _ -"
-                ),
+                format!("{shown:?} must be 1 to {MAX_FLAG_KEY} characters of A-Z a-z 0-9 . _ -"),
             ));
         }
         if out.iter().any(|o| o.key == key) {
@@ -669,7 +670,6 @@ fn validate_flags(raw: Vec<RawFlag>) -> Result<Vec<Flag>, SpecError> {
     }
     Ok(out)
 }
-
 
 fn validate_webhooks(raw: Vec<RawWebhook>) -> Result<Vec<Webhook>, SpecError> {
     if raw.len() > MAX_WEBHOOKS {
@@ -1217,8 +1217,14 @@ mod tests {
             ("[{key: 'a=b'}]", "flags[0].key"),
             ("[{key: 'a,b'}]", "flags[0].key"),
             ("[{key: 'é'}]", "flags[0].key"),
-            (&format!("[{{key: a}}, {{key: {long}}}]") as &str, "flags[1].key"),
-            ("[{key: a}, {key: a}]", "flags[1].key: \"a\" is declared twice"),
+            (
+                &format!("[{{key: a}}, {{key: {long}}}]") as &str,
+                "flags[1].key",
+            ),
+            (
+                "[{key: a}, {key: a}]",
+                "flags[1].key: \"a\" is declared twice",
+            ),
             ("[{description: x}]", "flags[0].key: required"),
             ("[{key: a, on: true}]", "flags[0]"),
             (
