@@ -32,6 +32,7 @@ fn service(name: &str, port: u16) -> Service {
         canary_weight: Weight::ZERO,
         sticky: Some(Sticky::Header("x-user-id".into())),
         canary_cohorts: Vec::new(),
+        flags: Default::default(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! a real Envoy sends to the canary, and an OpenFeature-style polling
 //! client sees it turn off within one poll of the rollback.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,8 @@ async fn version_for(http: &reqwest::Client, url: &str, user: &str) -> Result<St
     let r = http
         .get(format!("{url}checkout"))
         .header("x-user-id", user)
+        // A client's own value never reaches the app.
+        .header("x-understudy-flags", "new-checkout=forged")
         .send()
         .await?;
     ensure!(r.status() == 200, "{user}: {}", r.status());
@@ -205,6 +208,24 @@ async fn a_flag_follows_envoys_split_and_turns_off_within_one_poll_of_a_rollback
         disagree.len()
     );
     assert!(disagree.is_empty(), "flag and Envoy disagree: {disagree:?}");
+    // What the apps received: the route's header for the branch taken,
+    // never the client's.
+    let mut headers = BTreeMap::new();
+    for (side, want) in [
+        (&stack.stable, "new-checkout=off"),
+        (&stack.canary, "new-checkout=on"),
+    ] {
+        for seen in side.state.seen() {
+            if seen.path != "/checkout" {
+                continue;
+            }
+            let got = seen.headers.get("x-understudy-flags").cloned();
+            *headers.entry((want, got.clone())).or_insert(0) += 1;
+            assert_eq!(got.as_deref(), Some(want), "{seen:?}");
+        }
+    }
+    eprintln!("x-understudy-flags at the upstreams (want, got): count = {headers:?}");
+    assert_eq!(headers.values().sum::<usize>(), 2 * USERS);
     assert!(
         (30..=95).contains(&on_canary),
         "{on_canary} of {USERS} on the canary at 20 %"

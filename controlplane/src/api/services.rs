@@ -54,6 +54,17 @@ async fn put_service(
             why,
         ));
     }
+    // The flags' header is the rollouts' to write (with the weight), never
+    // an operator's: a body must carry what is stored (or none, for a new
+    // service).
+    let stored_flags = s.store.service(&name).map(|c| c.flags).unwrap_or_default();
+    if service.flags != stored_flags {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_service",
+            format!("flags: written by the rollouts of {name:?} only; send what GET returns"),
+        ));
+    }
     if let Some(r) = s.engine.owner(&name) {
         let stored = s.store.service(&name);
         if stored.as_ref().map(|c| c.canary_weight) != Ok(service.canary_weight) {

@@ -563,7 +563,9 @@ impl Engine {
             let result = match effect {
                 Effect::SetWeight(w) => {
                     let cohorts = machine::cohorts(r);
-                    self.router.set_split(&r.spec.service, *w, &cohorts, forced)
+                    let flags = flags::header(r);
+                    self.router
+                        .set_split(&r.spec.service, *w, &cohorts, &flags, forced)
                 }
                 Effect::SetShadow(on) => match &r.spec.shadow {
                     Some(stage) => {

@@ -34,7 +34,7 @@ use serde::Serialize;
 use xxhash_rust::xxh64::xxh64;
 
 use super::machine::{Phase, Rollout, cohorts};
-use crate::model::Cohort;
+use crate::model::{Cohort, FlagHeader};
 
 /// Most attributes an evaluation context may carry.
 pub const MAX_ATTRIBUTES: usize = 64;
@@ -87,6 +87,24 @@ impl FlagState {
     /// route's `x-understudy-flags` says on the canary branch.
     pub fn on_for_canary(&self) -> bool {
         !matches!(self, FlagState::Nobody { .. })
+    }
+}
+
+/// The flags as `r`'s service's routes render them into
+/// `x-understudy-flags`: on for the canary branch while anyone is on the
+/// canary, on for stable too once the rollout succeeded (after finalize,
+/// stable serves the new version). Written by the engine with the weight.
+pub fn header(r: &Rollout) -> FlagHeader {
+    let keys: Vec<String> = r.spec.flags.iter().map(|f| f.key.clone()).collect();
+    let (canary, stable) = match state(r) {
+        FlagState::Nobody { .. } => (false, false),
+        FlagState::Canary { .. } => (true, false),
+        FlagState::Everyone => (true, true),
+    };
+    FlagHeader {
+        keys,
+        canary,
+        stable,
     }
 }
 

@@ -143,10 +143,7 @@ pub struct RolloutSpec {
     pub flags: Vec<Flag>,
 }
 
-/// Most flags one rollout may declare.
-pub const MAX_FLAGS: usize = 16;
-/// Longest flag key (OpenFeature keys are free text; ours fit a header).
-pub const MAX_FLAG_KEY: usize = 128;
+pub use crate::model::{MAX_FLAG_KEY, MAX_FLAGS, is_flag_key};
 /// Longest flag description.
 pub const MAX_FLAG_DESCRIPTION: usize = 1024;
 
@@ -158,15 +155,6 @@ pub struct Flag {
     pub key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
-}
-
-/// Whether `key` is a valid flag key (see [`Flag`]).
-pub fn is_flag_key(key: &str) -> bool {
-    !key.is_empty()
-        && key.len() <= MAX_FLAG_KEY
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Most webhooks one rollout may have.
