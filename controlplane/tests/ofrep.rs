@@ -137,6 +137,29 @@ impl Cp {
         (s, b)
     }
 
+    async fn get_service(&self, name: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{}/v1/services/{name}", self.base))
+            .bearer_auth(VIEW)
+            .send()
+            .await
+            .unwrap();
+        r.json().await.unwrap()
+    }
+
+    async fn put_service(&self, name: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .put(format!("{}/v1/services/{name}", self.base))
+            .bearer_auth(OPS)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
     async fn audit(&self, id: &str) -> Vec<Value> {
         let r = self
             .http
@@ -187,6 +210,31 @@ async fn flags_are_evaluated_over_ofrep_and_turned_off_by_an_abort() {
         ),
         "{r}"
     );
+
+    // The routes' header is written with the split, and only by rollouts.
+    let svc = cp.get_service("shop").await;
+    assert_eq!(
+        svc["flags"],
+        json!({"keys": ["new-checkout"], "canary": true, "stable": false})
+    );
+    let mut forged = svc.clone();
+    forged["flags"]["stable"] = json!(true);
+    let (s, b) = cp.put_service("shop", &forged).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("flags:"),
+        "{b}"
+    );
+    let (s, b) = cp.put_service("shop", &svc).await;
+    assert_eq!(s, 200, "{b}");
+    // Left out, it is kept.
+    let mut without = svc.clone();
+    without.as_object_mut().unwrap().remove("flags");
+    let (s, b) = cp.put_service("shop", &without).await;
+    assert_eq!((s, &b["flags"]), (200, &svc["flags"]), "{b}");
 
     // Single evaluation: the split by the targeting key, Envoy's rule.
     let mut on = 0;
@@ -332,6 +380,10 @@ async fn flags_are_evaluated_over_ofrep_and_turned_off_by_an_abort() {
     assert_eq!(
         (s, &b["value"], &b["variant"]),
         (200, &json!(false), &json!("off"))
+    );
+    assert_eq!(
+        cp.get_service("shop").await["flags"],
+        json!({"keys": ["new-checkout"], "canary": false, "stable": false})
     );
     let audit = cp.audit(&id).await;
     let last = audit.last().unwrap();

@@ -95,6 +95,10 @@ impl FlagState {
 /// canary, on for stable too once the rollout succeeded (after finalize,
 /// stable serves the new version). Written by the engine with the weight.
 pub fn header(r: &Rollout) -> FlagHeader {
+    if r.spec.flags.is_empty() {
+        // No flags, no header: the same value a service without any has.
+        return FlagHeader::default();
+    }
     let keys: Vec<String> = r.spec.flags.iter().map(|f| f.key.clone()).collect();
     let (canary, stable) = match state(r) {
         FlagState::Nobody { .. } => (false, false),
@@ -417,6 +421,24 @@ mod tests {
         assert_eq!(done.rollout.phase, Phase::Succeeded);
         assert_eq!(state(&done.rollout), FlagState::Everyone);
         assert!(audit_reason(&done).ends_with("; flags on for everyone: new-checkout, tax-v2"));
+    }
+
+    #[test]
+    fn the_routes_header_follows_the_state_and_is_empty_without_flags() {
+        let r = rollout(false);
+        let h = header(&r);
+        assert_eq!((h.keys.len(), h.canary, h.stable), (2, true, false));
+        assert_eq!(h.value(true), "new-checkout=on,tax-v2=on");
+        assert_eq!(h.value(false), "new-checkout=off,tax-v2=off");
+        let back = judged(&r, Verdict::Rollback).rollout;
+        let h = header(&back);
+        assert_eq!((h.canary, h.stable), (false, false));
+        let mut done = r.clone();
+        done.phase = Phase::Succeeded;
+        let h = header(&done);
+        assert_eq!((h.canary, h.stable), (true, true));
+        done.spec.flags.clear();
+        assert_eq!(header(&done), FlagHeader::default());
     }
 
     #[test]
