@@ -697,7 +697,8 @@ mod tests {
 
     #[test]
     fn flags_are_set_on_each_branch_as_it_serves_them_and_overwrite_the_clients() {
-        let header = |opts: &[HeaderValueOption]| -> Vec<(String, String, i32)> {
+        type Added = Vec<(String, String, i32)>;
+        let header = |opts: &[HeaderValueOption]| -> Added {
             opts.iter()
                 .map(|o| {
                     let h = o.header.clone().unwrap();
@@ -728,7 +729,7 @@ mod tests {
             }];
         }
         let snap = Snapshot::build(&s, 1, 1);
-        let by_cluster: Vec<(String, Vec<(String, String, i32)>)> = split(&snap)
+        let by_cluster: Vec<(String, Added)> = split(&snap)
             .1
             .clusters
             .iter()
