@@ -331,10 +331,10 @@ async fn a_flag_follows_envoys_split_and_turns_off_within_one_poll_of_a_rollback
         started.elapsed()
     );
     // One poll interval, plus the poll's own round trip and the time from
-    // the decision's timestamp to its publication (database write, route
-    // push): 150 ms of slack.
+    // the decision's timestamp to its publication (a database write with
+    // fsync, the route push) on a shared 2-core machine: 250 ms of slack.
     assert!(
-        lag <= POLL.as_millis() as u64 + 150,
+        lag <= POLL.as_millis() as u64 + 250,
         "the flag turned off {lag} ms after the rollback"
     );
     // Never on again after that.
