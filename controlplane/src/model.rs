@@ -72,6 +72,79 @@ pub struct Service {
     /// cohort steps): each is a route matched ahead of the weighted split.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub canary_cohorts: Vec<Cohort>,
+    /// The flags of the service's latest rollout as its routes tell the
+    /// app (`x-understudy-flags`). Written only by the rollout engine, with
+    /// the weight and cohorts (one change); derived from the rollout's
+    /// phase ([`crate::rollout::flags::header`]).
+    #[serde(default, skip_serializing_if = "FlagHeader::is_empty")]
+    pub flags: FlagHeader,
+}
+
+/// The request header that carries a rollout's flags to the app.
+pub const FLAGS_HEADER: &str = "x-understudy-flags";
+/// Most flags one rollout may declare (and one service's header carry).
+pub const MAX_FLAGS: usize = 16;
+/// Longest flag key.
+pub const MAX_FLAG_KEY: usize = 128;
+
+/// Whether `key` is a valid flag key: `[A-Za-z0-9._-]`, 1 to
+/// [`MAX_FLAG_KEY`] characters, safe in a URL path segment, an OFREP body
+/// and a header value without escaping.
+pub fn is_flag_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_FLAG_KEY
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Flags as a service's routes render them: `keys`, on or off on each
+/// branch. The canary branch and the cohort routes say `canary`, the
+/// stable branch `stable`, so the header always agrees with the version
+/// that serves the request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagHeader {
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub canary: bool,
+    #[serde(default)]
+    pub stable: bool,
+}
+
+impl FlagHeader {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The header's value on one branch: `new-checkout=on,tax-v2=on`.
+    pub fn value(&self, canary_branch: bool) -> String {
+        let on = if canary_branch {
+            self.canary
+        } else {
+            self.stable
+        };
+        let state = if on { "on" } else { "off" };
+        let items: Vec<String> = self.keys.iter().map(|k| format!("{k}={state}")).collect();
+        items.join(",")
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.keys.len() > MAX_FLAGS {
+            return Err(format!(
+                "flags.keys: at most {MAX_FLAGS}, got {}",
+                self.keys.len()
+            ));
+        }
+        for (i, k) in self.keys.iter().enumerate() {
+            if !is_flag_key(k) {
+                return Err(format!(
+                    "flags.keys[{i}]: must be 1 to {MAX_FLAG_KEY} characters of A-Z a-z 0-9 . _ -"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn zero_weight() -> Weight {
@@ -437,6 +510,7 @@ impl Service {
         if let Some(sticky) = &self.sticky {
             sticky.validate().map_err(invalid)?;
         }
+        self.flags.validate().map_err(invalid)?;
         if self.canary_cohorts.len() > MAX_COHORTS {
             return Err(invalid(format!(
                 "canary_cohorts: at most {MAX_COHORTS} are allowed, got {}",
@@ -762,6 +836,7 @@ pub(crate) mod fixtures {
             canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
             sticky: None,
             canary_cohorts: Vec::new(),
+            flags: FlagHeader::default(),
         };
         DesiredState {
             listener: ListenerSettings {
@@ -796,6 +871,7 @@ mod tests {
             canary_weight: Weight::try_from(i64::from(weight)).unwrap(),
             sticky: None,
             canary_cohorts: Vec::new(),
+            flags: FlagHeader::default(),
         }
     }
 

@@ -23,8 +23,8 @@ use understudy_core::config::RawFilterConfig;
 use understudy_core::shadow::RawShadowConfig;
 
 use crate::model::{
-    Cohort, DesiredState, FilterDoc, FilterSettings, MeshClusters, ModelError, ProbeKey, Service,
-    Weight,
+    Cohort, DesiredState, FilterDoc, FilterSettings, FlagHeader, MeshClusters, ModelError,
+    ProbeKey, Service, Weight,
 };
 use crate::traffic::ShadowTarget;
 use crate::xds::resources::Snapshot;
@@ -227,19 +227,21 @@ impl Store {
         self.edit_service_with(name, forced, |svc| svc.canary_weight = weight)
     }
 
-    /// Sets a service's canary weight and the cohorts routed to its canary
-    /// in one change, so Envoy never sees one without the other; `forced`
-    /// as for [`Store::set_canary_weight_with`].
+    /// Sets a service's canary weight, the cohorts routed to its canary and
+    /// the flags its routes render in one change, so Envoy never sees one
+    /// without the others; `forced` as for [`Store::set_canary_weight_with`].
     pub fn set_split_with(
         &self,
         name: &str,
         weight: Weight,
         cohorts: &[Cohort],
+        flags: &FlagHeader,
         forced: bool,
     ) -> Result<Service, ChangeError> {
         self.edit_service_with(name, forced, |svc| {
             svc.canary_weight = weight;
             svc.canary_cohorts = cohorts.to_vec();
+            svc.flags = flags.clone();
         })
     }
 

@@ -16,7 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::Cohort;
+use crate::model::{Cohort, FlagHeader};
 
 /// One change a router published, as the data plane will name it when it
 /// rejects it: for ADS the resource type URL and the config version.
@@ -77,14 +77,16 @@ pub trait TrafficRouter: Send + Sync {
         Ok(None)
     }
 
-    /// Sets the canary weight and the cohorts routed to the canary in one
-    /// change. Routers without cohorts set the weight alone, and refuse a
-    /// cohort.
+    /// Sets the canary weight, the cohorts routed to the canary and the
+    /// flags the routes tell the app (`x-understudy-flags`) in one change.
+    /// Routers without cohorts set the weight alone, refuse a cohort, and
+    /// render no flags header (the flags are still served over OFREP).
     fn set_split(
         &self,
         service: &str,
         weight: u32,
         cohorts: &[Cohort],
+        _flags: &FlagHeader,
         forced: bool,
     ) -> Result<Vec<ChangeId>, RouterError> {
         if !cohorts.is_empty() {

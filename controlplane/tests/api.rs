@@ -29,6 +29,7 @@ fn desired_state() -> DesiredState {
         canary_weight: Weight::try_from(i64::try_from(START_WEIGHT).unwrap()).unwrap(),
         sticky: None,
         canary_cohorts: Vec::new(),
+        flags: Default::default(),
     };
     DesiredState {
         listener: ListenerSettings {

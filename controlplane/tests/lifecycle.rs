@@ -31,6 +31,7 @@ fn state() -> DesiredState {
         canary_weight: Weight::ZERO,
         sticky: None,
         canary_cohorts: Vec::new(),
+        flags: Default::default(),
     };
     DesiredState {
         listener: ListenerSettings {
@@ -197,7 +198,7 @@ async fn a_manual_finalize_with_an_emptied_canary_leaves_the_service_ready_for_t
         .post(&format!("/v1/rollouts/{id}/finalize"), &json!({}))
         .await;
     assert_eq!(status, 409, "{r}");
-    let (status, _) = api
+    let (status, body) = api
         .put(
             "/v1/services/shop",
             &json!({"name": "shop", "domains": ["shop.example"],
@@ -205,7 +206,7 @@ async fn a_manual_finalize_with_an_emptied_canary_leaves_the_service_ready_for_t
                     "canary": {"endpoints": ["127.0.0.1:8083"]}}),
         )
         .await;
-    assert_eq!(status, 200);
+    assert_eq!(status, 200, "{body}");
     let (status, r) = api
         .post(
             "/v1/rollouts",

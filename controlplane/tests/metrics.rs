@@ -186,6 +186,7 @@ async fn the_control_plane_serves_the_sink_on_the_xds_port() {
         canary_weight: Weight::ZERO,
         sticky: None,
         canary_cohorts: Vec::new(),
+        flags: Default::default(),
     };
     let state = DesiredState {
         listener: ListenerSettings {

@@ -45,6 +45,7 @@ fn state() -> DesiredState {
         canary_weight: Weight::ZERO,
         sticky: None,
         canary_cohorts: Vec::new(),
+        flags: Default::default(),
     };
     DesiredState {
         listener: ListenerSettings {

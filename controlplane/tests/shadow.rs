@@ -59,6 +59,7 @@ async fn desired_state() -> DesiredState {
         canary_weight: Weight::ZERO,
         sticky: None,
         canary_cohorts: Vec::new(),
+        flags: Default::default(),
     };
     DesiredState {
         listener: ListenerSettings {

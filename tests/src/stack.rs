@@ -108,6 +108,7 @@ pub fn desired_state(
                 canary_weight: Weight::ZERO,
                 sticky: None,
                 canary_cohorts: Vec::new(),
+                flags: Default::default(),
             },
         )]
         .into_iter()

@@ -313,6 +313,9 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
     response
 }
 
+/// The OFREP evaluation paths ([`crate::api::ofrep`]): a viewer may post.
+pub const OFREP_PREFIX: &str = "/ofrep/v1/evaluate/";
+
 /// The axum middleware: authenticates, authorizes by method, rate-limits
 /// per caller, and hands the [`Principal`] to the handler.
 pub async fn guard(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
@@ -370,7 +373,9 @@ pub async fn guard(State(auth): State<Arc<Auth>>, mut request: Request, next: Ne
         response.extensions_mut().insert(principal.role);
         return response;
     }
-    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+    // An OFREP evaluation is a POST that only reads (the flags' values).
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD)
+        || (*request.method() == Method::POST && request.uri().path().starts_with(OFREP_PREFIX));
     if !reads && principal.role < Role::Operator {
         let mut response = refuse(
             StatusCode::FORBIDDEN,

@@ -23,9 +23,10 @@
 //! | DELETE | `/v1/shadow/noise/{route}` | forget a route's calibration data |
 //! | POST/GET | `/v1/rollouts[/{id}[/{action}]]` | canary rollouts (see [`crate::api::rollouts`]) |
 //! | GET | `/metrics` | the control plane's own metrics, Prometheus text format (see [`crate::api::metrics`]) |
+//! | POST | `/ofrep/v1/evaluate/flags[/{key}]` | rollout flags over OpenFeature's OFREP (see [`crate::api::ofrep`]); a viewer may post |
 //!
 //! One file per resource: [`services`], [`filter`], [`envoys`],
-//! [`ratelimit`], [`shadow`], [`rollouts`], [`metrics`]; [`error`] maps
+//! [`ratelimit`], [`shadow`], [`rollouts`], [`metrics`], [`ofrep`]; [`error`] maps
 //! every error onto the answer below, and [`auth`] guards every path. Every
 //! answer, refusals included, is counted by route template, status and
 //! caller role ([`count`]).
@@ -46,6 +47,7 @@ pub mod envoys;
 pub mod error;
 pub mod filter;
 pub mod metrics;
+pub mod ofrep;
 pub mod ratelimit;
 pub mod rollouts;
 pub mod services;
@@ -83,6 +85,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(shadow::routes())
         .merge(rollouts::routes())
         .merge(metrics::routes())
+        .merge(ofrep::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })

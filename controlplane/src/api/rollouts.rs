@@ -40,6 +40,7 @@ impl From<EngineError> for ApiError {
             EngineError::Unknown(_) => (StatusCode::NOT_FOUND, "unknown_rollout"),
             EngineError::UnknownService(_) => (StatusCode::NOT_FOUND, "unknown_service"),
             EngineError::Busy { .. } => (StatusCode::CONFLICT, "rollout_active"),
+            EngineError::FlagTaken { .. } => (StatusCode::CONFLICT, "flag_taken"),
             EngineError::Conflict { .. } => (StatusCode::CONFLICT, "invalid_action"),
             EngineError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "persist_failed"),
         };

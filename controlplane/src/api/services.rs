@@ -34,7 +34,7 @@ async fn put_service(
     Path(name): Path<String>,
     body: Result<Json<Service>, JsonRejection>,
 ) -> ApiResult<Service> {
-    let Json(service) = body?;
+    let Json(mut service) = body?;
     if service.name != name {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -54,6 +54,20 @@ async fn put_service(
             why,
         ));
     }
+    // The flags' header is the rollouts' to write (with the weight), never
+    // an operator's: a body without `flags` keeps what is stored, one with
+    // other flags is refused.
+    let stored_flags = s.store.service(&name).map(|c| c.flags).unwrap_or_default();
+    if !service.flags.is_empty() && service.flags != stored_flags {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_service",
+            format!(
+                "flags: written by the rollouts of {name:?} only; leave it out or send what GET returns"
+            ),
+        ));
+    }
+    service.flags = stored_flags;
     if let Some(r) = s.engine.owner(&name) {
         let stored = s.store.service(&name);
         if stored.as_ref().map(|c| c.canary_weight) != Ok(service.canary_weight) {

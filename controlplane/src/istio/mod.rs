@@ -72,7 +72,7 @@ use tracing::{info, warn};
 
 pub use config::{ConfigError, IstioConfig, IstioService, ObjectRef};
 
-use crate::model::{ClusterNames, Cohort, MAX_COHORTS};
+use crate::model::{ClusterNames, Cohort, FlagHeader, MAX_COHORTS};
 use crate::store::{ChangeError, Store};
 use crate::traffic::{ChangeId, RouterError, ShadowTarget, TrafficRouter};
 use resources::Split;
@@ -687,7 +687,7 @@ impl TrafficRouter for IstioRouter {
         forced: bool,
     ) -> Result<Vec<ChangeId>, RouterError> {
         let cohorts = self.cohorts(service)?.unwrap_or_default();
-        self.set_split(service, weight, &cohorts, forced)
+        self.set_split(service, weight, &cohorts, &FlagHeader::default(), forced)
     }
 
     fn cohorts(&self, service: &str) -> Result<Option<Vec<Cohort>>, RouterError> {
@@ -703,10 +703,12 @@ impl TrafficRouter for IstioRouter {
         service: &str,
         weight: u32,
         cohorts: &[Cohort],
+        _flags: &FlagHeader,
         _forced: bool,
     ) -> Result<Vec<ChangeId>, RouterError> {
         // `forced` needs nothing here: the only durable home is the
-        // VirtualService, which the worker writes either way.
+        // VirtualService, which the worker writes either way. The flags
+        // header is not rendered in Istio mode (OFREP serves the flags).
         if weight > 100 {
             return Err(RouterError::Invalid(format!(
                 "weight {weight} is not 0..=100"

@@ -999,7 +999,9 @@ async fn istio_cohorts_are_routes_ahead_of_the_configured_one() {
     let (fake, client) = fake_api().await;
     let router = router(client.clone()).await;
     assert_eq!(router.cohorts("checkout").unwrap(), Some(Vec::new()));
-    let changes = router.set_split("checkout", 0, &cohorts(), false).unwrap();
+    let changes = router
+        .set_split("checkout", 0, &cohorts(), &FlagHeader::default(), false)
+        .unwrap();
     assert_eq!(changes.len(), 1);
     until("the cohorts read back", || {
         router.routing_applied_everywhere()
@@ -1065,7 +1067,9 @@ async fn istio_cohorts_are_routes_ahead_of_the_configured_one() {
         4
     );
     assert_eq!(fake.weights(), (80, 20));
-    router.set_split("checkout", 20, &[], false).unwrap();
+    router
+        .set_split("checkout", 20, &[], &FlagHeader::default(), false)
+        .unwrap();
     until("no cohorts read back", || {
         router.routing_applied_everywhere()
     })
@@ -1080,7 +1084,13 @@ async fn istio_cohorts_are_routes_ahead_of_the_configured_one() {
     );
     assert!(
         router
-            .set_split("checkout", 0, &vec![cohorts()[0].clone(); 9], false)
+            .set_split(
+                "checkout",
+                0,
+                &vec![cohorts()[0].clone(); 9],
+                &FlagHeader::default(),
+                false,
+            )
             .is_err()
     );
 }
@@ -1092,7 +1102,9 @@ async fn istio_cohorts_are_routes_ahead_of_the_configured_one() {
 async fn istio_an_edited_cohort_route_is_a_rejection() {
     let (fake, client) = fake_api().await;
     let router = router(client).await;
-    let changes = router.set_split("checkout", 0, &cohorts(), false).unwrap();
+    let changes = router
+        .set_split("checkout", 0, &cohorts(), &FlagHeader::default(), false)
+        .unwrap();
     until("the cohorts read back", || {
         router.routing_applied_everywhere()
     })
@@ -1116,7 +1128,9 @@ async fn istio_an_edited_cohort_route_is_a_rejection() {
         json!({"exact": "everyone"}),
         "not overwritten"
     );
-    let rollback = router.set_split("checkout", 0, &[], true).unwrap();
+    let rollback = router
+        .set_split("checkout", 0, &[], &FlagHeader::default(), true)
+        .unwrap();
     until("the rollback read back", || {
         router.routing_applied_everywhere()
     })

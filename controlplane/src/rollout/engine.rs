@@ -43,6 +43,7 @@ use serde::Serialize;
 use tracing::{error, info, warn};
 
 use super::events::{self, Notifier};
+use super::flags::{self, FlagState};
 use super::judge;
 use super::machine::{self, Decision, Effect, Event, NotApplicable};
 pub use super::machine::{
@@ -156,12 +157,39 @@ pub enum EngineError {
     UnknownService(String),
     #[error("service {service:?} already has an active rollout ({id})")]
     Busy { service: String, id: String },
+    #[error("flags[{index}].key: {key:?} belongs to active rollout {id}")]
+    FlagTaken {
+        index: usize,
+        key: String,
+        id: String,
+    },
     #[error(transparent)]
     Conflict(#[from] NotApplicable),
     #[error(transparent)]
     Router(#[from] RouterError),
     #[error(transparent)]
     Store(#[from] RolloutStoreError),
+}
+
+/// A flag as the OFREP endpoints read it: its state and the rollout it
+/// comes from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlagView {
+    pub rollout: String,
+    pub service: String,
+    pub phase: &'static str,
+    pub state: FlagState,
+}
+
+impl FlagView {
+    fn of(r: &Rollout) -> Self {
+        Self {
+            rollout: r.id.clone(),
+            service: r.spec.service.clone(),
+            phase: r.phase.state(),
+            state: flags::state(r),
+        }
+    }
 }
 
 /// The newest rollout of `id`'s service created after it, if any.
@@ -469,6 +497,20 @@ impl Engine {
         let _writer = self.write_lock();
         let n = {
             let rollouts = self.read();
+            // A flag answers for one active rollout at a time.
+            for (i, f) in spec.flags.iter().enumerate() {
+                if let Some(other) = rollouts.values().find(|r| {
+                    r.phase.is_active()
+                        && r.spec.service != spec.service
+                        && r.spec.flags.iter().any(|o| o.key == f.key)
+                }) {
+                    return Err(EngineError::FlagTaken {
+                        index: i,
+                        key: f.key.clone(),
+                        id: other.id.clone(),
+                    });
+                }
+            }
             if let Some(active) = rollouts
                 .values()
                 .find(|r| r.spec.service == spec.service && r.phase.is_active())
@@ -622,7 +664,9 @@ impl Engine {
             let result = match effect {
                 Effect::SetWeight(w) => {
                     let cohorts = machine::cohorts(r);
-                    self.router.set_split(&r.spec.service, *w, &cohorts, forced)
+                    let flags = flags::header(r);
+                    self.router
+                        .set_split(&r.spec.service, *w, &cohorts, &flags, forced)
                 }
                 Effect::SetShadow(on) => match &r.spec.shadow {
                     Some(stage) => {
@@ -1148,6 +1192,33 @@ impl Engine {
 
     pub fn list(&self) -> Vec<Rollout> {
         self.read().values().cloned().collect()
+    }
+
+    /// Every flag, by key, with the rollout it belongs to: the newest
+    /// rollout that declares the key. Its state is derived from that
+    /// rollout's phase as published (after the decision was persisted), so
+    /// a rollback's flags read off as soon as the rollback is recorded.
+    pub fn flags(&self) -> BTreeMap<String, FlagView> {
+        let rollouts = self.read();
+        let mut out: BTreeMap<String, (u64, FlagView)> = BTreeMap::new();
+        for r in rollouts.values() {
+            for f in &r.spec.flags {
+                if out.get(&f.key).is_some_and(|(t, _)| *t > r.created_ms) {
+                    continue;
+                }
+                out.insert(f.key.clone(), (r.created_ms, FlagView::of(r)));
+            }
+        }
+        out.into_iter().map(|(k, (_, v))| (k, v)).collect()
+    }
+
+    /// One flag (see [`Self::flags`]).
+    pub fn flag(&self, key: &str) -> Option<FlagView> {
+        self.read()
+            .values()
+            .filter(|r| r.spec.flags.iter().any(|f| f.key == key))
+            .max_by_key(|r| r.created_ms)
+            .map(FlagView::of)
     }
 
     pub fn view(&self, id: &str) -> Result<RolloutView, EngineError> {

@@ -621,13 +621,19 @@ fn transition(r: &Rollout, step: Transition, from: &str, now_ms: u64) -> Decisio
         weight: next.weight,
     });
     next.applied = false;
+    // The flags are derived from the phase: this transition is the one
+    // that changes them, so its audit entry says so.
+    let reason = match super::flags::change(r, &next) {
+        Some(flags) => format!("{}; {flags}", step.reason),
+        None => step.reason,
+    };
     let mut effects = vec![
         Effect::Audit(AuditEntry {
             time_ms: now_ms,
             from: from.to_owned(),
             to: next.phase.label(),
             actor: step.actor,
-            reason: step.reason,
+            reason,
             snapshot: step.snapshot,
         }),
         // Always written, against the desired state: a rollback to 0 must

@@ -12,11 +12,15 @@
 //! - [`engine`]: the shell around the machine: gathers evidence on a timer,
 //!   turns verbs and NACKs into events, persists each decision, then
 //!   applies its effects; [`store`]: where it persists.
+//! - [`flags`]: circuit-breaker flags, derived from a rollout's phase
+//!   (on for the canary's users, off after a rollback), and their
+//!   evaluation for an OpenFeature context.
 //! - [`events`]: the events a decision amounts to, for webhooks, and the
 //!   [`events::Notifier`] port the engine hands them to.
 
 pub mod engine;
 pub mod events;
+pub mod flags;
 pub mod judge;
 pub mod machine;
 pub mod spec;

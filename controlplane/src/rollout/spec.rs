@@ -26,6 +26,8 @@
 //!     secret_file: /etc/understudy/hook.key
 //!     format: generic              # or slack
 //!     events: [rolled_back, succeeded]   # default: all six
+//! flags:                           # circuit-breaker flags (see super::flags)
+//!   - {key: new-checkout, description: the new tax engine's code path}
 //! ```
 //!
 //! Parsing goes through private `Raw*` types that accept anything of the
@@ -142,6 +144,10 @@ pub struct RolloutSpec {
     /// rollout runs and is not paused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probes: Option<Probes>,
+    /// Circuit-breaker flags: on for whom the canary serves, off after a
+    /// rollback (their state is derived from the phase: [`super::flags`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<Flag>,
 }
 
 /// A rollout's synthetic probes: each check goes through Envoy to stable
@@ -158,6 +164,20 @@ pub struct Probes {
     /// A step that saw no live request at all (fresh data, zero requests on
     /// both sides) may pass on probes alone, and its verdict says so.
     pub judge_idle_on_probes: bool,
+}
+
+pub use crate::model::{MAX_FLAG_KEY, MAX_FLAGS, is_flag_key};
+/// Longest flag description.
+pub const MAX_FLAG_DESCRIPTION: usize = 1024;
+
+/// A flag a rollout declares. Its key is `[A-Za-z0-9._-]`, 1 to
+/// [`MAX_FLAG_KEY`] characters: safe in a URL path segment, an OFREP body
+/// and the `x-understudy-flags` header without escaping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Flag {
+    pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// Most webhooks one rollout may have.
@@ -450,6 +470,7 @@ struct RawSpec {
     evidence: Option<evidence::RawEvidence>,
     metrics: Option<Vec<evidence::RawMetric>>,
     probes: Option<RawProbes>,
+    flags: Option<Vec<RawFlag>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -494,6 +515,16 @@ struct RawExpect {
 struct RawJsonExpect {
     pointer: Option<String>,
     equals: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping describing one flag: key, description"
+)]
+struct RawFlag {
+    key: Option<String>,
+    description: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -678,6 +709,7 @@ impl TryFrom<RawSpec> for RolloutSpec {
             metrics: evidence::validate_metrics(raw.metrics, &evidence)?,
             evidence,
             probes: raw.probes.map(validate_probes).transpose()?,
+            flags: validate_flags(raw.flags.unwrap_or_default())?,
         })
     }
 }
@@ -866,6 +898,45 @@ fn validate_probes(raw: RawProbes) -> Result<Probes, SpecError> {
             .judge_idle_on_probes
             .unwrap_or(probe_defaults::JUDGE_IDLE_ON_PROBES),
     })
+}
+
+fn validate_flags(raw: Vec<RawFlag>) -> Result<Vec<Flag>, SpecError> {
+    if raw.len() > MAX_FLAGS {
+        return Err(invalid(
+            "flags",
+            format!("at most {MAX_FLAGS} flags, got {}", raw.len()),
+        ));
+    }
+    let mut out: Vec<Flag> = Vec::with_capacity(raw.len());
+    for (i, f) in raw.into_iter().enumerate() {
+        let field = |f: &str| format!("flags[{i}].{f}");
+        let key = f
+            .key
+            .ok_or_else(|| invalid(field("key"), "required: the flag's name in OpenFeature"))?;
+        if !is_flag_key(&key) {
+            let shown: String = key.chars().take(MAX_FLAG_KEY).collect();
+            return Err(invalid(
+                field("key"),
+                format!("{shown:?} must be 1 to {MAX_FLAG_KEY} characters of A-Z a-z 0-9 . _ -"),
+            ));
+        }
+        if out.iter().any(|o| o.key == key) {
+            return Err(invalid(field("key"), format!("{key:?} is declared twice")));
+        }
+        if let Some(d) = &f.description
+            && d.chars().count() > MAX_FLAG_DESCRIPTION
+        {
+            return Err(invalid(
+                field("description"),
+                format!("at most {MAX_FLAG_DESCRIPTION} characters"),
+            ));
+        }
+        out.push(Flag {
+            key,
+            description: f.description,
+        });
+    }
+    Ok(out)
 }
 
 fn validate_webhooks(raw: Vec<RawWebhook>) -> Result<Vec<Webhook>, SpecError> {
@@ -1410,6 +1481,62 @@ mod tests {
             .collect();
         let e = err(&with(&format!("steps: [{}]\n", many.join(", "))));
         assert!(e.contains("at most 8 steps may name a cohort"), "{e}");
+    }
+
+    #[test]
+    fn flags_are_validated_and_name_their_field() {
+        let spec = parse(&with(
+            "flags:\n  - {key: new-checkout, description: the new tax path}\n  - key: Tax_2.v-1\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            spec.flags,
+            vec![
+                Flag {
+                    key: "new-checkout".into(),
+                    description: Some("the new tax path".into())
+                },
+                Flag {
+                    key: "Tax_2.v-1".into(),
+                    description: None
+                },
+            ]
+        );
+        // A stored spec reads back through the same validation.
+        let back = RolloutSpec::from_yaml_or_json(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+        assert!(parse(MINIMAL).unwrap().flags.is_empty());
+        let long = "k".repeat(MAX_FLAG_KEY + 1);
+        let long_description = "d".repeat(MAX_FLAG_DESCRIPTION + 1);
+        for (flags, field) in [
+            ("[{key: 'a b'}]", "flags[0].key"),
+            ("[{key: ''}]", "flags[0].key"),
+            ("[{key: 'a=b'}]", "flags[0].key"),
+            ("[{key: 'a,b'}]", "flags[0].key"),
+            ("[{key: 'é'}]", "flags[0].key"),
+            (
+                &format!("[{{key: a}}, {{key: {long}}}]") as &str,
+                "flags[1].key",
+            ),
+            (
+                "[{key: a}, {key: a}]",
+                "flags[1].key: \"a\" is declared twice",
+            ),
+            ("[{description: x}]", "flags[0].key: required"),
+            ("[{key: a, on: true}]", "flags[0]"),
+            (
+                &format!("[{{key: a, description: {long_description}}}]"),
+                "flags[0].description",
+            ),
+        ] {
+            let e = err(&with(&format!("flags: {flags}\n")));
+            assert!(e.contains(field), "{flags}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_FLAGS).map(|i| format!("{{key: f{i}}}")).collect();
+        let e = err(&with(&format!("flags: [{}]\n", many.join(", "))));
+        assert!(e.contains("flags: at most 16 flags, got 17"), "{e}");
+        let exact = "k".repeat(MAX_FLAG_KEY);
+        assert!(parse(&with(&format!("flags: [{{key: {exact}}}]\n"))).is_ok());
     }
 
     #[test]

@@ -15,8 +15,9 @@ use envoy_types::pb::envoy::config::common::mutation_rules::v3::{
 };
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, AsyncDataSource, BackoffStrategy, ConfigSource,
-    DataSource, ExtensionConfigSource, SocketAddress, TypedExtensionConfig, address,
-    async_data_source, config_source, data_source, socket_address,
+    DataSource, ExtensionConfigSource, HeaderValue, HeaderValueOption, SocketAddress,
+    TypedExtensionConfig, address, async_data_source, config_source, data_source,
+    header_value_option, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -47,8 +48,8 @@ use understudy_core::ratelimit::RawReport;
 use understudy_core::shadow::RawShadowReport;
 
 use crate::model::{
-    Backend, Cohort, DesiredState, FilterDoc, FilterSettings, HeaderTest, ModelError,
-    PROBE_HEADER, ProbeKey, Service, Sticky, Weight, probe_cluster,
+    Backend, Cohort, DesiredState, FLAGS_HEADER, FilterDoc, FilterSettings, FlagHeader, HeaderTest,
+    ModelError, PROBE_HEADER, ProbeKey, Service, Sticky, Weight, probe_cluster,
 };
 
 /// xDS type URLs, in the order Understudy sends them (make before break):
@@ -432,13 +433,19 @@ fn route_configuration<'a>(
     let virtual_hosts = services
         .map(|svc| {
             let canary = svc.canary_weight.percent();
-            let weight = |name: String, value: u32| weighted_cluster::ClusterWeight {
-                name,
-                weight: Some(UInt32Value { value }),
-                ..Default::default()
-            };
-            let stable = weight(svc.stable_cluster(), Weight::MAX - canary);
-            let canary = weight(svc.canary_cluster(), canary);
+            // The rollout's flags, as the branch taken serves them: set by
+            // the route (after the filter has removed any client-sent
+            // `x-understudy-*`), overwriting whatever is there.
+            let flags = |canary_branch: bool| flags_header(&svc.flags, canary_branch);
+            let weight =
+                |name: String, value: u32, canary_branch: bool| weighted_cluster::ClusterWeight {
+                    name,
+                    weight: Some(UInt32Value { value }),
+                    request_headers_to_add: flags(canary_branch),
+                    ..Default::default()
+                };
+            let stable = weight(svc.stable_cluster(), Weight::MAX - canary, false);
+            let canary = weight(svc.canary_cluster(), canary, true);
             // Sticky: Envoy picks by the user key's hash, `hash mod 100`
             // against the running sum of weights in list order, so the
             // canary goes first: its users are the hashes below its weight,
@@ -477,6 +484,7 @@ fn route_configuration<'a>(
                             )),
                             ..Default::default()
                         })),
+                        request_headers_to_add: flags(true),
                         ..Default::default()
                     }),
             );
@@ -517,6 +525,7 @@ fn route_configuration<'a>(
 /// A service's two probe pin routes: [`PROBE_HEADER`] with exactly the
 /// side's pin goes to that side's probe cluster, and the header is removed
 /// before the request goes upstream (the backend never sees the secret).
+/// The side's flags header is set as on its branch of the split.
 fn probe_routes(svc: &Service, key: &ProbeKey) -> Vec<Route> {
     [
         ("stable", svc.stable_cluster()),
@@ -548,9 +557,28 @@ fn probe_routes(svc: &Service, key: &ProbeKey) -> Vec<Route> {
             ..Default::default()
         })),
         request_headers_to_remove: vec![PROBE_HEADER.to_owned()],
+        // A probe meets the flags of the side it tests, as a user there would.
+        request_headers_to_add: flags_header(&svc.flags, side == "canary"),
         ..Default::default()
     })
     .collect()
+}
+
+/// `x-understudy-flags: <key>=on|off,...` for one branch, replacing any
+/// value the request carries; nothing when the service has no flags.
+fn flags_header(flags: &FlagHeader, canary_branch: bool) -> Vec<HeaderValueOption> {
+    if flags.is_empty() {
+        return Vec::new();
+    }
+    vec![HeaderValueOption {
+        header: Some(HeaderValue {
+            key: FLAGS_HEADER.to_owned(),
+            value: flags.value(canary_branch),
+            ..Default::default()
+        }),
+        append_action: header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }]
 }
 
 /// The header matcher of a cohort ([`Cohort::header_test`]).
@@ -776,6 +804,73 @@ mod tests {
         // Not sticky: stable first, a random pick, no hash policy.
         let snap = Snapshot::build(&state(20), 1, 1);
         assert!(split(&snap).0.hash_policy.is_empty());
+    }
+
+    #[test]
+    fn flags_are_set_on_each_branch_as_it_serves_them_and_overwrite_the_clients() {
+        type Added = Vec<(String, String, i32)>;
+        let header = |opts: &[HeaderValueOption]| -> Added {
+            opts.iter()
+                .map(|o| {
+                    let h = o.header.clone().unwrap();
+                    (h.key, h.value, o.append_action)
+                })
+                .collect()
+        };
+        let overwrite = header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32;
+        // No flags: no header anywhere.
+        let snap = Snapshot::build(&state(20), 1, 1);
+        assert!(
+            split(&snap)
+                .1
+                .clusters
+                .iter()
+                .all(|c| c.request_headers_to_add.is_empty())
+        );
+        let mut s = state(20);
+        if let Some(svc) = s.services.get_mut("shop") {
+            svc.flags = FlagHeader {
+                keys: vec!["new-checkout".into(), "tax-v2".into()],
+                canary: true,
+                stable: false,
+            };
+            svc.canary_cohorts = vec![Cohort::Header {
+                name: "x-user-group".into(),
+                value: Some("internal".into()),
+            }];
+        }
+        let snap = Snapshot::build(&s, 1, 1);
+        let by_cluster: Vec<(String, Added)> = split(&snap)
+            .1
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), header(&c.request_headers_to_add)))
+            .collect();
+        let on = "new-checkout=on,tax-v2=on".to_owned();
+        let off = "new-checkout=off,tax-v2=off".to_owned();
+        assert_eq!(
+            by_cluster,
+            vec![
+                (
+                    "shop-stable".into(),
+                    vec![(FLAGS_HEADER.into(), off, overwrite)]
+                ),
+                (
+                    "shop-canary".into(),
+                    vec![(FLAGS_HEADER.into(), on.clone(), overwrite)]
+                ),
+            ]
+        );
+        // The cohort's route goes to the canary: on.
+        assert_eq!(
+            header(&routes(&snap)[0].request_headers_to_add),
+            vec![(FLAGS_HEADER.into(), on, overwrite)]
+        );
+        // An invalid key never reaches a route.
+        if let Some(svc) = s.services.get_mut("shop") {
+            svc.flags.keys = vec!["a=b".into()];
+        }
+        assert!(s.validate().is_err());
     }
 
     #[test]

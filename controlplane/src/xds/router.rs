@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::model::{ClusterNames, Cohort, ModelError, Weight};
+use crate::model::{ClusterNames, Cohort, FlagHeader, ModelError, Weight};
 use crate::store::{ChangeError, Store};
 use crate::traffic::{ChangeId, RouterError, ShadowTarget, TrafficRouter};
 use crate::xds::Registry;
@@ -110,12 +110,13 @@ impl TrafficRouter for AdsRouter {
         service: &str,
         weight: u32,
         cohorts: &[Cohort],
+        flags: &FlagHeader,
         forced: bool,
     ) -> Result<Vec<ChangeId>, RouterError> {
         let weight = valid_weight(weight)?;
         self.publishing(|| {
             self.store
-                .set_split_with(service, weight, cohorts, forced)
+                .set_split_with(service, weight, cohorts, flags, forced)
                 .map(drop)
         })
     }

@@ -235,6 +235,7 @@ pub fn service(name: &str, port: u16) -> (String, understudy_controlplane::model
             canary_weight: Weight::ZERO,
             sticky: None,
             canary_cohorts: Vec::new(),
+            flags: Default::default(),
         },
     )
 }
