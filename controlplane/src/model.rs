@@ -402,8 +402,9 @@ impl ClusterNames {
 
 /// The request header a synthetic probe is pinned to one backend by
 /// (`<token>/stable` or `<token>/canary`). Not `x-understudy-*`: the filter
-/// strips those from every client request before routing.
-pub const PROBE_HEADER: &str = "understudy-probe";
+/// strips those from every client request before routing. The filter owns
+/// the name: it never shadows a request that carries it.
+pub use understudy_core::shadow::PROBE_HEADER;
 
 /// The two sides a probe can be pinned to.
 pub const PROBE_SIDES: [&str; 2] = ["stable", "canary"];

@@ -18,8 +18,8 @@ use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 use understudy_core::report::{Answered, Batch, Outbox, RecordQueue, Schedule};
 use understudy_core::segment::SegmentTally;
 use understudy_core::shadow::{
-    MAX_REPORT_BATCH_BYTES, Mismatch, RECORD_FRAMING_BYTES, Report, ShadowConfig, ShadowReport,
-    ShadowTable, Skip, Verdict, split_batches,
+    MAX_REPORT_BATCH_BYTES, Mismatch, PROBE_HEADER, RECORD_FRAMING_BYTES, Report, ShadowConfig,
+    ShadowReport, ShadowTable, Skip, Verdict, split_batches,
 };
 use understudy_core::{FilterConfig, stats};
 use understudy_proto::v1::{
@@ -154,10 +154,13 @@ impl Shadowing {
         };
         let method = headers.text(":method").unwrap_or_default();
         let key = r.cfg.sample_key.as_deref().and_then(|k| headers.text(k));
-        if let Err(reason) = r
-            .cfg
-            .decide(&method, key.as_deref(), self.host.random_u64(self.draws))
-        {
+        let decision = if headers.bytes(PROBE_HEADER).is_some() {
+            Err(Skip::NotSampled)
+        } else {
+            r.cfg
+                .decide(&method, key.as_deref(), self.host.random_u64(self.draws))
+        };
+        if let Err(reason) = decision {
             self.apply(Report::Skipped { route, reason });
             return false;
         }

@@ -761,3 +761,36 @@ fn shadow_counts_travel_per_segment_with_safe_labels() {
         .collect();
     assert_eq!(labels[..3], ["GET|gold", "GET|gold", "GET|-"]);
 }
+
+/// A synthetic probe (pinned by the control plane's header) is never
+/// shadowed, so probes cannot pass for compared live traffic; the next
+/// request without the header is.
+#[test]
+fn a_probe_request_is_not_shadowed() {
+    let host = FakeHost::new();
+    let mut root = configured(&host, shadowed());
+    let (mut http, _) = request(
+        &root,
+        &host,
+        2,
+        &[
+            (":path", "/o"),
+            (":method", "GET"),
+            ("understudy-probe", "0123456789abcdef/canary"),
+        ],
+    );
+    host.set_map(
+        RESP,
+        &[(":status", "200"), ("content-type", "application/json")],
+    );
+    http.on_http_response_headers(2, false);
+    host.set_buffer(BufferType::HttpResponseBody, br#"{"total":1}"#);
+    http.on_http_response_body(11, true);
+    http.on_log();
+    root.on_tick();
+    assert!(host.http_calls().is_empty(), "no copy of a probe");
+    assert_eq!(host.metric("understudy.shadow.orders.not_sampled"), Some(1));
+    mismatch(&mut root, &host, 4);
+    assert_eq!(host.http_calls().len(), 1);
+    assert_eq!(host.metric("understudy.shadow.orders.compared"), Some(1));
+}

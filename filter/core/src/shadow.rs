@@ -40,6 +40,13 @@ use crate::segment::{RawSegmentBy, SegmentBy};
 /// The header marking a shadow copy, so the new version (and its logs) can
 /// tell copies from real traffic.
 pub const SHADOW_MARKER: &str = "x-understudy-shadow";
+
+/// The header that pins a control plane's synthetic probe to one side
+/// (the control plane's routes match its secret value). A request that
+/// carries it is never shadowed: probes are their own evidence and must
+/// not count as compared live traffic. A client that sends it only keeps
+/// its own request out of the sample.
+pub const PROBE_HEADER: &str = "understudy-probe";
 /// Streams one worker pairs at a time; more are skipped as `skipped_capacity`.
 pub const MAX_PENDING: usize = 1024;
 /// Body bytes one worker holds across all its pairs; a pair that would go
