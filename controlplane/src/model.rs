@@ -75,7 +75,7 @@ pub struct Service {
     /// The flags of the service's latest rollout as its routes tell the
     /// app (`x-understudy-flags`). Written only by the rollout engine, with
     /// the weight and cohorts (one change); derived from the rollout's
-    /// phase ([`crate::rollout::flags::header`]).
+    /// phase ([`crate::rollout::machine::flag_header`]).
     #[serde(default, skip_serializing_if = "FlagHeader::is_empty")]
     pub flags: FlagHeader,
 }

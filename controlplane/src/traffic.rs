@@ -77,6 +77,12 @@ pub trait TrafficRouter: Send + Sync {
         Ok(None)
     }
 
+    /// The flags header the service's routes render as desired now; `None`
+    /// for routers that render none.
+    fn flags(&self, _service: &str) -> Result<Option<FlagHeader>, RouterError> {
+        Ok(None)
+    }
+
     /// Sets the canary weight, the cohorts routed to the canary and the
     /// flags the routes tell the app (`x-understudy-flags`) in one change.
     /// Routers without cohorts set the weight alone, refuse a cohort, and

@@ -43,9 +43,10 @@ use serde::Serialize;
 use tracing::{error, info, warn};
 
 use super::events::{self, Notifier};
-use super::flags::{self, FlagState};
 use super::judge;
-use super::machine::{self, Decision, Effect, Event, NotApplicable};
+use super::machine::{
+    self, Decision, Effect, Event, FlagState, NotApplicable, flag_header, flag_state,
+};
 pub use super::machine::{
     Action, AuditEntry, ENGINE, FinalizeState, Mark, OUTSIDE, Phase, Rollout, ShadowBaseline,
 };
@@ -187,7 +188,7 @@ impl FlagView {
             rollout: r.id.clone(),
             service: r.spec.service.clone(),
             phase: r.phase.state(),
-            state: flags::state(r),
+            state: flag_state(r),
         }
     }
 }
@@ -664,7 +665,7 @@ impl Engine {
             let result = match effect {
                 Effect::SetWeight(w) => {
                     let cohorts = machine::cohorts(r);
-                    let flags = flags::header(r);
+                    let flags = flag_header(r);
                     self.router
                         .set_split(&r.spec.service, *w, &cohorts, &flags, forced)
                 }
@@ -716,10 +717,12 @@ impl Engine {
             .and_then(|s| self.router.shadow(&s.route).ok())
             .map(|t| t.is_some());
         let cohorts = self.router.cohorts(&r.spec.service).ok()?;
+        let flags = self.router.flags(&r.spec.service).ok()?;
         Some(Event::Found {
             weight,
             shadow,
             cohorts,
+            flags,
         })
     }
 

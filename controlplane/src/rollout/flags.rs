@@ -2,12 +2,13 @@
 //! its canary serves, and off for everyone after a rollback, an abort or
 //! a NACK halt. Pure: no I/O, no clock.
 //!
-//! A flag's state is never stored. It is [`state`] of the rollout's
-//! persisted phase, weight and cohorts (as [`super::machine::cohorts`]
-//! derives the cohorts), so the transition that records a rollback is the
-//! one that turns the flags off: there is no second write to lose. The
-//! machine writes the change into that transition's audit entry
-//! ([`change`]).
+//! A flag's state is never stored. It is [`super::machine::flag_state`]
+//! of the rollout's persisted phase, weight and cohorts (as
+//! [`super::machine::cohorts`] derives the cohorts), so the transition
+//! that records a rollback is the one that turns the flags off: there is
+//! no second write to lose. The machine writes the change into that
+//! transition's audit entry. This module evaluates a state for one
+//! request's context (OFREP).
 //!
 //! | phase | flags |
 //! |---|---|
@@ -33,8 +34,8 @@
 use serde::Serialize;
 use xxhash_rust::xxh64::xxh64;
 
-use super::machine::{Phase, Rollout, cohorts};
-use crate::model::{Cohort, FlagHeader};
+use super::machine::FlagState;
+use crate::model::Cohort;
 
 /// Most attributes an evaluation context may carry.
 pub const MAX_ATTRIBUTES: usize = 64;
@@ -42,89 +43,6 @@ pub const MAX_ATTRIBUTES: usize = 64;
 pub const MAX_NAME: usize = 256;
 /// Longest string value (the targeting key included), in bytes.
 pub const MAX_VALUE: usize = 1024;
-
-/// Who a rollout's flags are on for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "on", rename_all = "snake_case")]
-pub enum FlagState {
-    /// Off for everyone; `disabled`: by a rollback or an abort (the circuit
-    /// breaker tripped), not merely not yet on.
-    Nobody { disabled: bool },
-    /// On for the canary's users: the cohorts, and `weight` % of user keys.
-    Canary { weight: u32, cohorts: Vec<Cohort> },
-    /// On for everyone: the rollout succeeded.
-    Everyone,
-}
-
-/// The flags' state in `r`'s phase (see the module's table).
-pub fn state(r: &Rollout) -> FlagState {
-    match r.phase {
-        Phase::Shadow => FlagState::Nobody { disabled: false },
-        Phase::RolledBack { .. } | Phase::Aborted { .. } => FlagState::Nobody { disabled: true },
-        Phase::Canary { .. } | Phase::AwaitingApproval { .. } => FlagState::Canary {
-            weight: r.weight.min(100),
-            cohorts: cohorts(r),
-        },
-        Phase::Succeeded => FlagState::Everyone,
-    }
-}
-
-impl FlagState {
-    /// A sentence for the audit log: `on for the canary (20 %, and x-user-group: internal)`.
-    pub fn describe(&self) -> String {
-        match self {
-            FlagState::Nobody { .. } => "off".to_owned(),
-            FlagState::Everyone => "on for everyone".to_owned(),
-            FlagState::Canary { weight, cohorts } => {
-                let mut parts = vec![format!("{weight} % of users")];
-                parts.extend(cohorts.iter().map(ToString::to_string));
-                format!("on for the canary ({})", parts.join(", "))
-            }
-        }
-    }
-
-    /// Whether the flag is on for some requests the canary serves: what the
-    /// route's `x-understudy-flags` says on the canary branch.
-    pub fn on_for_canary(&self) -> bool {
-        !matches!(self, FlagState::Nobody { .. })
-    }
-}
-
-/// The flags as `r`'s service's routes render them into
-/// `x-understudy-flags`: on for the canary branch while anyone is on the
-/// canary, on for stable too once the rollout succeeded (after finalize,
-/// stable serves the new version). Written by the engine with the weight.
-pub fn header(r: &Rollout) -> FlagHeader {
-    if r.spec.flags.is_empty() {
-        // No flags, no header: the same value a service without any has.
-        return FlagHeader::default();
-    }
-    let keys: Vec<String> = r.spec.flags.iter().map(|f| f.key.clone()).collect();
-    let (canary, stable) = match state(r) {
-        FlagState::Nobody { .. } => (false, false),
-        FlagState::Canary { .. } => (true, false),
-        FlagState::Everyone => (true, true),
-    };
-    FlagHeader {
-        keys,
-        canary,
-        stable,
-    }
-}
-
-/// `flags off: new-checkout, beta-ui` when the flags' state differs
-/// between `before` and `after` (for the transition's audit entry).
-pub fn change(before: &Rollout, after: &Rollout) -> Option<String> {
-    if after.spec.flags.is_empty() {
-        return None;
-    }
-    let (was, now) = (state(before), state(after));
-    if was == now {
-        return None;
-    }
-    let keys: Vec<&str> = after.spec.flags.iter().map(|f| f.key.as_str()).collect();
-    Some(format!("flags {}: {}", now.describe(), keys.join(", ")))
-}
 
 /// Whether user key `key` is on the canary at `weight` %: Envoy's rule
 /// for a sticky route (`xxHash64(key, 0) % 100 < weight`, canary first).
@@ -294,7 +212,10 @@ pub fn evaluate(state: &FlagState, ctx: &Context) -> Result<Evaluation, Targetin
 mod tests {
     use super::*;
     use crate::rollout::judge::Verdict;
-    use crate::rollout::machine::{Action, Event, decide, start};
+    use crate::model::FlagHeader;
+    use crate::rollout::machine::{
+        Action, Event, Rollout, decide, flag_header as header, flag_state as state, start,
+    };
     use crate::rollout::spec::RolloutSpec;
 
     const T0: u64 = 1_700_000_000_000;

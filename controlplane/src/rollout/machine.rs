@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::judge::{Judgement, Verdict};
 use super::spec::RolloutSpec;
-use crate::model::Cohort;
+use crate::model::{Cohort, FlagHeader};
 use crate::traffic::ChangeId;
 
 /// The actor recorded for the engine's own decisions.
@@ -228,11 +228,13 @@ pub enum Event {
     /// the canary weight found; `shadow` whether the stage's route is
     /// shadowed (`None`: not checked, the rollout has no shadow stage);
     /// `cohorts` the cohorts routed to the canary (`None`: the router keeps
-    /// none).
+    /// none); `flags` the flags header the routes render (`None`: the
+    /// router renders none).
     Found {
         weight: u32,
         shadow: Option<bool>,
         cohorts: Option<Vec<Cohort>>,
+        flags: Option<FlagHeader>,
     },
     /// The control plane restarted: a decided but unapplied transition is
     /// applied again.
@@ -325,6 +327,89 @@ pub fn cohorts(r: &Rollout) -> Vec<Cohort> {
         .collect()
 }
 
+/// Who a rollout's flags are on for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "on", rename_all = "snake_case")]
+pub enum FlagState {
+    /// Off for everyone; `disabled`: by a rollback or an abort (the circuit
+    /// breaker tripped), not merely not yet on.
+    Nobody { disabled: bool },
+    /// On for the canary's users: the cohorts, and `weight` % of user keys.
+    Canary { weight: u32, cohorts: Vec<Cohort> },
+    /// On for everyone: the rollout succeeded.
+    Everyone,
+}
+
+/// The flags' state in `r`'s phase (see [`super::flags`]' table).
+pub fn flag_state(r: &Rollout) -> FlagState {
+    match r.phase {
+        Phase::Shadow => FlagState::Nobody { disabled: false },
+        Phase::RolledBack { .. } | Phase::Aborted { .. } => FlagState::Nobody { disabled: true },
+        Phase::Canary { .. } | Phase::AwaitingApproval { .. } => FlagState::Canary {
+            weight: r.weight.min(100),
+            cohorts: cohorts(r),
+        },
+        Phase::Succeeded => FlagState::Everyone,
+    }
+}
+
+impl FlagState {
+    /// A sentence for the audit log: `on for the canary (20 %, and x-user-group: internal)`.
+    pub fn describe(&self) -> String {
+        match self {
+            FlagState::Nobody { .. } => "off".to_owned(),
+            FlagState::Everyone => "on for everyone".to_owned(),
+            FlagState::Canary { weight, cohorts } => {
+                let mut parts = vec![format!("{weight} % of users")];
+                parts.extend(cohorts.iter().map(ToString::to_string));
+                format!("on for the canary ({})", parts.join(", "))
+            }
+        }
+    }
+
+    /// Whether the flag is on for some requests the canary serves: what the
+    /// route's `x-understudy-flags` says on the canary branch.
+    pub fn on_for_canary(&self) -> bool {
+        !matches!(self, FlagState::Nobody { .. })
+    }
+}
+
+/// The flags as `r`'s service's routes render them into
+/// `x-understudy-flags`: on for the canary branch while anyone is on the
+/// canary, on for stable too once the rollout succeeded (after finalize,
+/// stable serves the new version). Written by the engine with the weight.
+pub fn flag_header(r: &Rollout) -> FlagHeader {
+    if r.spec.flags.is_empty() {
+        // No flags, no header: the same value a service without any has.
+        return FlagHeader::default();
+    }
+    let keys: Vec<String> = r.spec.flags.iter().map(|f| f.key.clone()).collect();
+    let (canary, stable) = match flag_state(r) {
+        FlagState::Nobody { .. } => (false, false),
+        FlagState::Canary { .. } => (true, false),
+        FlagState::Everyone => (true, true),
+    };
+    FlagHeader {
+        keys,
+        canary,
+        stable,
+    }
+}
+
+/// `flags off: new-checkout, beta-ui` when the flags' state differs
+/// between `before` and `after` (for the transition's audit entry).
+pub fn flag_change(before: &Rollout, after: &Rollout) -> Option<String> {
+    if after.spec.flags.is_empty() {
+        return None;
+    }
+    let (was, now) = (flag_state(before), flag_state(after));
+    if was == now {
+        return None;
+    }
+    let keys: Vec<&str> = after.spec.flags.iter().map(|f| f.key.as_str()).collect();
+    Some(format!("flags {}: {}", now.describe(), keys.join(", ")))
+}
+
 /// The phase a spec's step `step` starts in.
 pub fn enter_step(spec: &RolloutSpec, step: usize) -> Phase {
     match spec.steps.get(step) {
@@ -393,7 +478,8 @@ pub fn decide(r: &Rollout, event: Event, now_ms: u64) -> Result<Decision, NotApp
             weight,
             shadow,
             cohorts,
-        } => Ok(found(r, weight, shadow, cohorts, now_ms)),
+            flags,
+        } => Ok(found(r, weight, shadow, cohorts, flags.as_ref(), now_ms)),
         // A paused rollout ignores verdicts; a gate opens only by a verb.
         Event::Judged(_) if r.paused || matches!(r.phase, Phase::AwaitingApproval { .. }) => {
             Ok(Decision::unchanged(r))
@@ -483,14 +569,17 @@ fn found(
     weight: u32,
     shadow: Option<bool>,
     found_cohorts: Option<Vec<Cohort>>,
+    found_flags: Option<&FlagHeader>,
     now_ms: u64,
 ) -> Decision {
     let want_shadow = r.spec.shadow.as_ref().map(|_| r.phase == Phase::Shadow);
     let want_cohorts = cohorts(r);
+    let want_flags = flag_header(r);
     let weight_drift = weight != r.weight;
     let shadow_drift = shadow.is_some() && want_shadow.is_some() && shadow != want_shadow;
     let cohort_drift = found_cohorts.as_ref().is_some_and(|c| *c != want_cohorts);
-    if !weight_drift && !shadow_drift && !cohort_drift {
+    let flag_drift = found_flags.is_some_and(|f| *f != want_flags);
+    if !weight_drift && !shadow_drift && !cohort_drift && !flag_drift {
         return Decision::unchanged(r);
     }
     let mut what = Vec::new();
@@ -509,6 +598,20 @@ fn found(
             "canary cohorts {} in the desired state, not the rollout's {}",
             list(found_cohorts.as_deref().unwrap_or_default()),
             list(&want_cohorts)
+        ));
+    }
+    if flag_drift {
+        let show = |f: &FlagHeader| {
+            if f.is_empty() {
+                "none".to_owned()
+            } else {
+                format!("{} (canary branch), {} (stable branch)", f.value(true), f.value(false))
+            }
+        };
+        what.push(format!(
+            "flags header {} in the desired state, not the rollout's {}",
+            found_flags.map_or_else(|| "none".to_owned(), show),
+            show(&want_flags)
         ));
     }
     if shadow_drift {
@@ -532,8 +635,8 @@ fn found(
             what.join(" and ")
         ),
         snapshot: serde_json::json!({
-            "found": {"canary_weight": weight, "shadow": shadow, "canary_cohorts": found_cohorts},
-            "restored": {"canary_weight": r.weight, "shadow": want_shadow, "canary_cohorts": want_cohorts},
+            "found": {"canary_weight": weight, "shadow": shadow, "canary_cohorts": found_cohorts, "flags": found_flags},
+            "restored": {"canary_weight": r.weight, "shadow": want_shadow, "canary_cohorts": want_cohorts, "flags": want_flags},
         }),
     })];
     // The weight goes with the rollout's cohorts (the engine's `SetWeight`).
@@ -623,7 +726,7 @@ fn transition(r: &Rollout, step: Transition, from: &str, now_ms: u64) -> Decisio
     next.applied = false;
     // The flags are derived from the phase: this transition is the one
     // that changes them, so its audit entry says so.
-    let reason = match super::flags::change(r, &next) {
+    let reason = match flag_change(r, &next) {
         Some(flags) => format!("{}; {flags}", step.reason),
         None => step.reason,
     };
@@ -969,6 +1072,7 @@ mod tests {
                 weight: 30,
                 shadow: None,
                 cohorts: None,
+                flags: None,
             },
         ] {
             let d = step(&done, e);
@@ -995,6 +1099,7 @@ mod tests {
                 weight: 30,
                 shadow: Some(true),
                 cohorts: None,
+                flags: None,
             },
         );
         assert_eq!(weights(&d), [0]);
@@ -1015,6 +1120,7 @@ mod tests {
                 weight: 0,
                 shadow: Some(false),
                 cohorts: None,
+                flags: None,
             },
         );
         assert!(d.effects.contains(&Effect::SetShadow(true)));
@@ -1025,6 +1131,7 @@ mod tests {
                 weight: 0,
                 shadow: Some(true),
                 cohorts: None,
+                flags: None,
             },
         );
         assert!(d.effects.is_empty());
@@ -1040,6 +1147,7 @@ mod tests {
                 weight: 0,
                 shadow: None,
                 cohorts: Some(Vec::new()),
+                flags: None,
             },
         );
         assert_eq!(
@@ -1065,6 +1173,52 @@ mod tests {
                     weight: 0,
                     shadow: None,
                     cohorts: found,
+                    flags: None,
+                },
+            );
+            assert!(d.effects.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_flags_header_changed_outside_is_recorded_and_restored_with_the_weight() {
+        let mut r = cohort_rollout(serde_json::json!([{"weight": 100}]));
+        r.spec.flags = vec![crate::rollout::spec::Flag {
+            key: "new-checkout".into(),
+            description: None,
+        }];
+        let want = flag_header(&r);
+        assert!(want.canary && !want.stable, "{want:?}");
+        let held = cohorts(&r);
+        let d = step(
+            &r,
+            Event::Found {
+                weight: 0,
+                shadow: None,
+                cohorts: Some(held.clone()),
+                flags: Some(FlagHeader::default()),
+            },
+        );
+        assert_eq!(weights(&d), [0], "the weight effect writes the flags back");
+        let entry = &d.audit()[0];
+        assert_eq!(entry.actor, OUTSIDE);
+        assert!(
+            entry.reason.contains(
+                "flags header none in the desired state, not the rollout's new-checkout=on (canary branch), new-checkout=off (stable branch)"
+            ),
+            "{}",
+            entry.reason
+        );
+        assert_eq!(entry.snapshot["restored"]["flags"]["keys"][0], "new-checkout");
+        // The same header, or a router that renders none: nothing happens.
+        for found in [Some(want.clone()), None] {
+            let d = step(
+                &r,
+                Event::Found {
+                    weight: 0,
+                    shadow: None,
+                    cohorts: Some(held.clone()),
+                    flags: found,
                 },
             );
             assert!(d.effects.is_empty());
@@ -1116,6 +1270,7 @@ mod tests {
                     weight,
                     shadow,
                     cohorts: None,
+                    flags: None,
                 }
             }),
             Just(Event::Restarted),

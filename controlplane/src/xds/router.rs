@@ -105,6 +105,14 @@ impl TrafficRouter for AdsRouter {
         Ok(Some(svc.canary_cohorts))
     }
 
+    fn flags(&self, service: &str) -> Result<Option<FlagHeader>, RouterError> {
+        let svc = self
+            .store
+            .service(service)
+            .map_err(|e| router_error(e.into()))?;
+        Ok(Some(svc.flags))
+    }
+
     fn set_split(
         &self,
         service: &str,
