@@ -211,10 +211,10 @@ pub fn evaluate(state: &FlagState, ctx: &Context) -> Result<Evaluation, Targetin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollout::judge::Verdict;
     use crate::model::FlagHeader;
+    use crate::rollout::judge::Verdict;
     use crate::rollout::machine::{
-        Action, Event, Rollout, decide, flag_header as header, flag_state as state, start,
+        Action, Event, Phase, Rollout, decide, flag_header as header, flag_state as state, start,
     };
     use crate::rollout::spec::RolloutSpec;
 

@@ -605,7 +605,11 @@ fn found(
             if f.is_empty() {
                 "none".to_owned()
             } else {
-                format!("{} (canary branch), {} (stable branch)", f.value(true), f.value(false))
+                format!(
+                    "{} (canary branch), {} (stable branch)",
+                    f.value(true),
+                    f.value(false)
+                )
             }
         };
         what.push(format!(
@@ -1209,7 +1213,10 @@ mod tests {
             "{}",
             entry.reason
         );
-        assert_eq!(entry.snapshot["restored"]["flags"]["keys"][0], "new-checkout");
+        assert_eq!(
+            entry.snapshot["restored"]["flags"]["keys"][0],
+            "new-checkout"
+        );
         // The same header, or a router that renders none: nothing happens.
         for found in [Some(want.clone()), None] {
             let d = step(
