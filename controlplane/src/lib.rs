@@ -42,6 +42,7 @@ pub mod istio;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod outbound;
 pub mod probes;
 pub mod rollout;
 pub mod store;

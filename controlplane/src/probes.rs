@@ -26,6 +26,7 @@ use crate::evidence::probes::{
     bounded_detail, due,
 };
 use crate::model::PROBE_HEADER;
+use crate::outbound::{ReadError, error_chain, read_capped};
 use crate::store::Store;
 
 /// How long one probe may take, connection included.
@@ -213,15 +214,14 @@ impl ProbeRunner {
         }
         let mut response = request.send().await.map_err(|e| error_chain(&e))?;
         let status = response.status().as_u16();
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| error_chain(&e))? {
-            if body.len().saturating_add(chunk.len()) > MAX_RESPONSE_BYTES {
-                return Err(format!(
-                    "got status {status}, a body larger than {MAX_RESPONSE_BYTES} bytes"
-                ));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = read_capped(&mut response, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|e| match e {
+                ReadError::Cut(e) => error_chain(&e),
+                ReadError::TooLarge => {
+                    format!("got status {status}, a body larger than {MAX_RESPONSE_BYTES} bytes")
+                }
+            })?;
         Ok((status, body))
     }
 }
@@ -231,18 +231,6 @@ impl ProbeRunner {
 /// `*.example.com` → `probe.example.com`).
 fn probe_host(domain: &str) -> String {
     domain.replacen('*', "probe", 1)
-}
-
-/// An error with its causes (`connection refused` is a cause, not the top).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 impl Prober for ProbeRunner {

@@ -39,6 +39,8 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
+use crate::outbound::{ReadError, read_capped};
+
 use super::{Counts, Evidence, EvidenceSource, MetricEvidence, ShadowEvidence, StepWindows, Tally};
 
 /// Longest query template, in bytes.
@@ -668,7 +670,7 @@ impl PrometheusEvidence {
         let end_ms = start_ms.saturating_add(step_ms.saturating_mul(points as u64 - 1));
         let secs = |ms: u64| format!("{}.{:03}", ms / 1000, ms % 1000);
         let url = format!("{}/api/v1/query_range", target.url.trim_end_matches('/'));
-        let answer = self
+        let mut answer = self
             .inner
             .client
             .get(url)
@@ -682,7 +684,12 @@ impl PrometheusEvidence {
             .await
             .map_err(|e| format!("prometheus unreachable: {}", without_url(&e)))?;
         let status = answer.status();
-        let body = read_capped(answer).await?;
+        let body = read_capped(&mut answer, MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| match e {
+                ReadError::Cut(e) => format!("prometheus answer cut off: {}", without_url(&e)),
+                ReadError::TooLarge => format!("prometheus answer over {MAX_ANSWER_BYTES} bytes"),
+            })?;
         if !status.is_success() && body.is_empty() {
             return Err(format!("prometheus answered HTTP {status}"));
         }
@@ -708,21 +715,6 @@ fn without_url(e: &reqwest::Error) -> String {
     } else {
         cause
     }
-}
-
-async fn read_capped(mut answer: reqwest::Response) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    while let Some(chunk) = answer
-        .chunk()
-        .await
-        .map_err(|e| format!("prometheus answer cut off: {}", without_url(&e)))?
-    {
-        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Err(format!("prometheus answer over {MAX_ANSWER_BYTES} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 impl EvidenceSource for PrometheusEvidence {

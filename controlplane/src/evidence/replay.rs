@@ -27,6 +27,7 @@ use understudy_proto::v1::MismatchRecord;
 
 use super::shadow::{Origin, is_credential};
 use crate::model::DesiredState;
+use crate::outbound::{ReadError, error_chain, read_capped};
 
 /// How long a replay may take, connection included.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -349,19 +350,14 @@ pub async fn send(plan: &ReplayPlan) -> Result<Replayed, ReplayError> {
             )
         })
         .collect();
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
+    let body = read_capped(&mut response, MAX_BODY_BYTES_LIMIT)
         .await
-        .map_err(|e| upstream(error_chain(&e)))?
-    {
-        if body.len() + chunk.len() > MAX_BODY_BYTES_LIMIT {
-            return Err(upstream(format!(
+        .map_err(|e| match e {
+            ReadError::Cut(e) => upstream(error_chain(&e)),
+            ReadError::TooLarge => upstream(format!(
                 "the response body is larger than {MAX_BODY_BYTES_LIMIT} bytes"
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
+            )),
+        })?;
     Ok(Replayed {
         status,
         headers,
@@ -412,22 +408,6 @@ pub fn outcome(plan: &ReplayPlan, replayed: &Replayed) -> ReplayOutcome {
         matched: comparison.matched(),
         comparison,
     }
-}
-
-/// reqwest's top-level message ("error sending request") hides the cause
-/// ("connection refused"); the whole chain says what happened.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]
@@ -704,23 +684,5 @@ mod tests {
             card.shadow.as_deref().unwrap().contains("sha256:"),
             "{card:?}"
         );
-    }
-
-    #[test]
-    fn errors_keep_their_causes() {
-        #[derive(Debug)]
-        struct Outer(std::io::Error);
-        impl std::fmt::Display for Outer {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("error sending request")
-            }
-        }
-        impl std::error::Error for Outer {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                Some(&self.0)
-            }
-        }
-        let e = Outer(std::io::Error::other("connection refused"));
-        assert_eq!(error_chain(&e), "error sending request: connection refused");
     }
 }

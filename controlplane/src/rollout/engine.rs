@@ -399,9 +399,7 @@ impl Engine {
                 && prober.is_some(),
             ticks: prober.map_or(0, |p| p.ticks()),
             since_ms: r.phase_started_ms,
-            results: prober.map_or_else(ProbeTally::default, |p| {
-                p.tally(&r.spec.service, r.phase_started_ms)
-            }),
+            results: self.probe_tally(&r),
         })
     }
 
@@ -1215,13 +1213,9 @@ impl Engine {
         out.into_iter().map(|(k, (_, v))| (k, v)).collect()
     }
 
-    /// One flag (see [`Self::flags`]).
+    /// One flag, by the same rule as [`Self::flags`].
     pub fn flag(&self, key: &str) -> Option<FlagView> {
-        self.read()
-            .values()
-            .filter(|r| r.spec.flags.iter().any(|f| f.key == key))
-            .max_by_key(|r| r.created_ms)
-            .map(FlagView::of)
+        self.flags().remove(key)
     }
 
     pub fn view(&self, id: &str) -> Result<RolloutView, EngineError> {

@@ -465,29 +465,14 @@ fn route_configuration<'a>(
             // through to the routes every client gets.
             let mut routes: Vec<Route> =
                 probes.map(|key| probe_routes(svc, key)).unwrap_or_default();
-            routes.extend(
-                svc.canary_cohorts
-                    .iter()
-                    .enumerate()
-                    .map(|(i, cohort)| Route {
-                        name: format!("{}-cohort-{i}", svc.name),
-                        r#match: Some(RouteMatch {
-                            path_specifier: Some(route_match::PathSpecifier::Prefix(
-                                "/".to_owned(),
-                            )),
-                            headers: vec![cohort_matcher(cohort)],
-                            ..Default::default()
-                        }),
-                        action: Some(route::Action::Route(RouteAction {
-                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                                svc.canary_cluster(),
-                            )),
-                            ..Default::default()
-                        })),
-                        request_headers_to_add: flags(true),
-                        ..Default::default()
-                    }),
-            );
+            routes.extend(svc.canary_cohorts.iter().enumerate().map(|(i, cohort)| {
+                header_route(
+                    format!("{}-cohort-{i}", svc.name),
+                    cohort_matcher(cohort),
+                    svc.canary_cluster(),
+                    flags(true),
+                )
+            }));
             routes.push(Route {
                 name: svc.name.clone(),
                 r#match: Some(RouteMatch {
@@ -533,35 +518,44 @@ fn probe_routes(svc: &Service, key: &ProbeKey) -> Vec<Route> {
     ]
     .into_iter()
     .map(|(side, cluster)| Route {
-        name: format!("{}-probe-{side}", svc.name),
+        request_headers_to_remove: vec![PROBE_HEADER.to_owned()],
+        // A probe meets the flags of the side it tests, as a user there would.
+        ..header_route(
+            format!("{}-probe-{side}", svc.name),
+            header_matcher(
+                PROBE_HEADER.to_owned(),
+                HeaderTest::Exact(key.pin(&svc.name, side)),
+            ),
+            probe_cluster(&cluster),
+            flags_header(&svc.flags, side == "canary"),
+        )
+    })
+    .collect()
+}
+
+/// A route, ahead of the weighted split, that sends every request matching
+/// `matcher` to `cluster` alone, setting `headers`: a cohort's, or a probe
+/// pin's.
+fn header_route(
+    name: String,
+    matcher: HeaderMatcher,
+    cluster: String,
+    headers: Vec<HeaderValueOption>,
+) -> Route {
+    Route {
+        name,
         r#match: Some(RouteMatch {
             path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_owned())),
-            headers: vec![HeaderMatcher {
-                name: PROBE_HEADER.to_owned(),
-                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
-                    StringMatcher {
-                        match_pattern: Some(string_matcher::MatchPattern::Exact(
-                            key.pin(&svc.name, side),
-                        )),
-                        ..Default::default()
-                    },
-                )),
-                ..Default::default()
-            }],
+            headers: vec![matcher],
             ..Default::default()
         }),
         action: Some(route::Action::Route(RouteAction {
-            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(probe_cluster(
-                &cluster,
-            ))),
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster)),
             ..Default::default()
         })),
-        request_headers_to_remove: vec![PROBE_HEADER.to_owned()],
-        // A probe meets the flags of the side it tests, as a user there would.
-        request_headers_to_add: flags_header(&svc.flags, side == "canary"),
+        request_headers_to_add: headers,
         ..Default::default()
-    })
-    .collect()
+    }
 }
 
 /// `x-understudy-flags: <key>=on|off,...` for one branch, replacing any
@@ -583,6 +577,12 @@ fn flags_header(flags: &FlagHeader, canary_branch: bool) -> Vec<HeaderValueOptio
 
 /// The header matcher of a cohort ([`Cohort::header_test`]).
 fn cohort_matcher(cohort: &Cohort) -> HeaderMatcher {
+    let (name, test) = cohort.header_test();
+    header_matcher(name, test)
+}
+
+/// Envoy's matcher for header `name` holding what `test` asks.
+fn header_matcher(name: String, test: HeaderTest) -> HeaderMatcher {
     use header_matcher::HeaderMatchSpecifier;
     let string = |m: string_matcher::MatchPattern| {
         HeaderMatchSpecifier::StringMatch(StringMatcher {
@@ -590,7 +590,6 @@ fn cohort_matcher(cohort: &Cohort) -> HeaderMatcher {
             ..Default::default()
         })
     };
-    let (name, test) = cohort.header_test();
     let specifier = match test {
         HeaderTest::Present => HeaderMatchSpecifier::PresentMatch(true),
         HeaderTest::Exact(v) => string(string_matcher::MatchPattern::Exact(v)),
