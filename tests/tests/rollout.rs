@@ -269,11 +269,14 @@ async fn no_traffic_holds_with_no_data() -> Result<()> {
 async fn a_killed_control_plane_resumes_the_same_step() -> Result<()> {
     let mut stack = Stack::start().await?;
     let load = Load::start(&stack.url, 4);
+    // Step 2 outlasts what the kill and restart take on a loaded machine
+    // (Envoy's weights can take 5 s to settle before the kill), so the
+    // restarted engine still finds the rollout in it.
     let r = create(
         &stack,
         &spec(json!({"steps": [
             {"weight": 5, "min_duration_s": 1},
-            {"weight": 20, "min_duration_s": 8},
+            {"weight": 20, "min_duration_s": 20},
             {"weight": 100, "min_duration_s": 1}
         ]})),
     )
