@@ -114,6 +114,28 @@ pub enum Command {
         /// `KUBECONFIG`, then `~/.kube/config`.
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Run as one of several replicas on this PostgreSQL database
+        /// (`postgres://user@host:port/db`): the desired state, rollouts
+        /// and evidence live there, and one replica at a time (the lease
+        /// holder) runs rollouts. Without it: the state file and redb. The
+        /// password, if any, is best passed in `PGPASSWORD`-free form in
+        /// the URL from a secret (the URL is read from the environment
+        /// variable too).
+        #[arg(long, env = "UNDERSTUDY_DATABASE")]
+        database: Option<String>,
+        /// Replicas: this replica's name, unique among them (it names the
+        /// lease holder and keys the evidence it ships). Default: the API
+        /// address it advertises.
+        #[arg(long, env = "UNDERSTUDY_REPLICA_NAME", requires = "database")]
+        replica_name: Option<String>,
+        /// Replicas: where this replica's API is reached by others (shown
+        /// by followers as the leader's). Default: `http://<--api-addr>`.
+        #[arg(long, env = "UNDERSTUDY_ADVERTISE_API", requires = "database")]
+        advertise_api: Option<String>,
+        /// Replicas: the leader's lease in milliseconds; a dead leader is
+        /// replaced within it (plus one try, an eighth of it).
+        #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(500..=60_000), requires = "database")]
+        lease_ms: u64,
     },
     /// Certificates for mutual TLS between Envoys and the control plane.
     Certs {

@@ -43,7 +43,9 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod outbound;
+pub mod pg;
 pub mod probes;
+pub mod replicas;
 pub mod rollout;
 pub mod store;
 pub mod time;
@@ -81,6 +83,10 @@ pub enum RunError {
     Webhooks(String),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error("replicas: {0}")]
+    Replicas(#[from] pg::PgError),
+    #[error("replicas run with our own ADS only, not with --router istio")]
+    ReplicasNeedAds,
 }
 
 /// How often the engine looks for rollouts due an evaluation (each
@@ -110,6 +116,9 @@ pub struct Options {
     /// --probe-via`); `None`: no probes, and rollouts declaring them are
     /// refused.
     pub probe_via: Option<std::net::SocketAddr>,
+    /// Run as one of several replicas on a shared database (the store must
+    /// be [`Store::open_shared`] on it); `None`: alone.
+    pub replicas: Option<replicas::ReplicaOptions>,
 }
 
 impl Default for Options {
@@ -123,6 +132,7 @@ impl Default for Options {
             xds_security: tls::XdsSecurity::InsecurePlaintext,
             api_tls: None,
             probe_via: None,
+            replicas: None,
         }
     }
 }
@@ -169,7 +179,11 @@ pub async fn run_with_router(
     let registry = Arc::new(Registry::default());
     let usage = Arc::new(evidence::usage::UsageBook::default());
     let shadow = Arc::new(evidence::shadow::ShadowBook::default());
-    let metrics = Arc::new(evidence::envoy_stats::MetricsBook::default());
+    // A replica ships what its Envoys report (a tapped book).
+    let metrics = Arc::new(match options.replicas {
+        Some(_) => evidence::envoy_stats::MetricsBook::tapped(),
+        None => evidence::envoy_stats::MetricsBook::default(),
+    });
     // One rustls crypto backend (ring) for the API's TLS; tonic picks its own.
     // An error only means a provider is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -185,9 +199,28 @@ pub async fn run_with_router(
     // In a mesh, istiod (not our ADS) serves the proxies.
     let in_mesh = router.is_some();
     // Every stored rollout resumes where it was.
-    let engine = Arc::new(match router {
-        None => rollout::engine::Engine::new(store.clone(), rollouts, sources)?,
-        Some(router) => {
+    let engine = Arc::new(match (router, &options.replicas) {
+        (None, None) => rollout::engine::Engine::new(store.clone(), rollouts, sources)?,
+        (None, Some(replica)) => {
+            // Only the lease holder decides; its writes carry its term.
+            let started = replicas::start(replica, Arc::clone(&metrics))?;
+            shadow.follow(store.clone());
+            let engine = rollout::engine::Engine::standby(
+                Arc::new(xds::router::AdsRouter::new(
+                    store.fenced(Arc::clone(&started.fence)),
+                    Arc::clone(&registry),
+                )),
+                Arc::new(evidence::EnvoyEvidence::new(
+                    started.fleet,
+                    Arc::clone(&shadow),
+                )),
+                started.rollouts,
+            )?;
+            let _ = engine.lead_with(started.leader);
+            engine
+        }
+        (Some(_), Some(_)) => return Err(RunError::ReplicasNeedAds),
+        (Some(router), None) => {
             // Reports are judged against the config this control plane holds.
             shadow.follow(store.clone());
             // The sidecars' stats arrive under the mesh's cluster names.
@@ -218,6 +251,9 @@ pub async fn run_with_router(
             .map_err(|e| RunError::Webhooks(e.to_string()))?;
         tokio::spawn(runner.clone().run());
         let _ = engine.probe_with(Arc::new(runner));
+    }
+    if let Some(replica) = &options.replicas {
+        replicas::follow(replica, store.clone(), Arc::downgrade(&engine));
     }
     tokio::spawn(Arc::clone(&engine).run(ENGINE_PERIOD));
     // The control plane's own counters (`GET /metrics`), shared by the xDS

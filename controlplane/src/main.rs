@@ -7,6 +7,9 @@ use understudy_controlplane::api::auth::{Auth, Limits};
 use understudy_controlplane::cli::{
     Cli, Command, RouterPlan, certs, client_with_ca, traffic_router, xds_security,
 };
+use understudy_controlplane::pg::Db;
+use understudy_controlplane::pg::lease::LeaseTiming;
+use understudy_controlplane::replicas::ReplicaOptions;
 use understudy_controlplane::rollout::store::RolloutStore;
 use understudy_controlplane::tls::ApiTls;
 
@@ -38,6 +41,10 @@ async fn main() -> anyhow::Result<()> {
             istio_config,
             kubeconfig,
             probe_via,
+            database,
+            replica_name,
+            advertise_api,
+            lease_ms,
         } => {
             let files = match (&tls_cert, &tls_key, &client_ca) {
                 (Some(c), Some(k), Some(a)) => Some((c.as_path(), k.as_path(), a.as_path())),
@@ -83,10 +90,34 @@ async fn main() -> anyhow::Result<()> {
                 p.into()
             });
             let plan = RouterPlan::read(router, istio_config.as_deref(), kubeconfig.as_deref())?;
-            let (store, created) = understudy_controlplane::store::Store::open_or_create_in(
-                &state,
-                plan.mesh_clusters(),
-            )?;
+            let (store, created, replicas) = match &database {
+                Some(url) => {
+                    let db = Db::connect(url, "state").context("connecting to --database")?;
+                    let api = advertise_api.unwrap_or_else(|| format!("http://{api_addr}"));
+                    let replica = ReplicaOptions {
+                        db: db.another("setup"),
+                        name: replica_name.unwrap_or_else(|| api.clone()),
+                        api,
+                        lease: LeaseTiming::of(std::time::Duration::from_millis(lease_ms)),
+                    };
+                    // The state file, if present, seeds an empty database only.
+                    let store = understudy_controlplane::store::Store::open_shared(
+                        db,
+                        Some(&state),
+                        plan.mesh_clusters(),
+                    )?;
+                    tracing::info!(replica = %replica.name, "a replica on the shared database");
+                    (store, false, Some(replica))
+                }
+                None => {
+                    let (store, created) =
+                        understudy_controlplane::store::Store::open_or_create_in(
+                            &state,
+                            plan.mesh_clusters(),
+                        )?;
+                    (store, created, None)
+                }
+            };
             if created {
                 tracing::info!(
                     state = %state.display(),
@@ -101,14 +132,21 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
-            let rollouts = RolloutStore::open(&rollouts)
-                .with_context(|| format!("opening {}", rollouts.display()))?;
+            // Replicas keep rollouts in the database; the redb file is not opened.
+            let rollouts = match replicas {
+                Some(_) => None,
+                None => Some(
+                    RolloutStore::open(&rollouts)
+                        .with_context(|| format!("opening {}", rollouts.display()))?,
+                ),
+            };
             let options = Options {
                 auth,
-                rollouts: Some(rollouts),
+                rollouts,
                 xds_security,
                 api_tls,
                 probe_via,
+                replicas,
             };
             understudy_controlplane::run_with_router(store, options, router, xds, api, shutdown)
                 .await?;

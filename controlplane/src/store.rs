@@ -11,10 +11,18 @@
 //! it (atomically: a temporary file, then a rename) *before* it is published,
 //! so a restarted control plane resumes exactly the state Envoy last received.
 //!
+//! With a database ([`Store::open_shared`], replicas), the desired state's
+//! home is a row in PostgreSQL instead ([`postgres`]): a change locks the
+//! row, applies to the newest committed document, and is committed and
+//! announced before it is published here; every other replica adopts it
+//! ([`Store::refresh`], on the announcement or the periodic reconcile).
+//! This store is then a cache of that row, never a second owner.
+//!
 //! A store opened for a mesh ([`Store::open_or_create_in`]) also accepts the
 //! mesh's clusters ([`MeshClusters`]) as hedge and shadow targets.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio::sync::watch;
@@ -26,12 +34,27 @@ use crate::model::{
     Cohort, DesiredState, FilterDoc, FilterSettings, FlagHeader, MeshClusters, ModelError,
     ProbeKey, Service, Weight,
 };
+use crate::pg::{Db, PgError};
 use crate::traffic::ShadowTarget;
 use crate::xds::resources::Snapshot;
+
+pub mod postgres;
+
+pub use crate::pg::Fence;
 
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// Set on the rollout engine's copy in replicas: its writes name the
+    /// lease, and the database refuses them once the term has passed.
+    fence: Option<Fence>,
+}
+
+/// The desired state's row in PostgreSQL, and the version last adopted.
+struct Shared {
+    db: Db,
+    /// Written under the state lock only.
+    version: AtomicI64,
 }
 
 struct Inner {
@@ -51,6 +74,8 @@ struct Inner {
     failures: Mutex<(u64, Option<String>)>,
     /// The key the probe pins are derived from (see [`crate::model::ProbeKey`]).
     probe_key: ProbeKey,
+    /// Replicas: the database row this store caches.
+    shared: Option<Shared>,
 }
 
 /// Why a state file could not be used.
@@ -71,6 +96,15 @@ pub enum StoreError {
     /// The file parses, but describes an invalid state.
     #[error("{path}: {source}")]
     Invalid { path: String, source: ModelError },
+    /// The database failed, or refused a write (not the leader).
+    #[error(transparent)]
+    Shared(#[from] PgError),
+    /// Another replica's change won the race; nothing was written.
+    #[error("another replica changed the desired state at the same moment; retry")]
+    Conflict,
+    /// The stored document does not decode or validate.
+    #[error("the desired state in the database: {0}")]
+    SharedInvalid(String),
 }
 
 /// Why a change was refused.
@@ -157,6 +191,17 @@ impl Store {
         probe_key: ProbeKey,
     ) -> Result<Self, ModelError> {
         initial.validate_in(&mesh)?;
+        Self::build_shared(initial, file, mesh, probe_key, None)
+    }
+
+    fn build_shared(
+        initial: DesiredState,
+        file: Option<PathBuf>,
+        mesh: MeshClusters,
+        probe_key: ProbeKey,
+        shared: Option<Shared>,
+    ) -> Result<Self, ModelError> {
+        initial.validate_in(&mesh)?;
         let snapshot = Arc::new(Snapshot::build_with(&initial, 1, 1, Some(&probe_key)));
         let (snapshots, _) = watch::channel(snapshot);
         Ok(Self {
@@ -169,8 +214,97 @@ impl Store {
                 fleet: Mutex::new(1),
                 failures: Mutex::default(),
                 probe_key,
+                shared,
             }),
+            fence: None,
         })
+    }
+
+    /// Replicas: the desired state lives in the database `db` (its own
+    /// connection). A first replica on an empty database stores `seed`
+    /// (the state file, if given and present) or [`first_start_state`];
+    /// every later start reads what is stored, and `seed` is ignored.
+    pub fn open_shared(
+        db: Db,
+        seed: Option<&Path>,
+        mesh: MeshClusters,
+    ) -> Result<Self, StoreError> {
+        let initial = match seed {
+            Some(path) if path.exists() => load_state_in(path, &mesh)?,
+            _ => first_start_state(),
+        };
+        let initial = serde_json::to_value(&initial).map_err(|e| StoreError::SharedInvalid(e.to_string()))?;
+        let (version, doc) = postgres::load_or_init(&db, initial)?;
+        let state = decode_shared(doc, &mesh)?;
+        let key = postgres::probe_key(&db)?;
+        let shared = Shared {
+            db,
+            version: AtomicI64::new(version),
+        };
+        Self::build_shared(state, None, mesh, key, Some(shared))
+            .map_err(|e| StoreError::SharedInvalid(e.to_string()))
+    }
+
+    /// This store for the rollout engine of a replica: each change names
+    /// the lease `fence` returns, and is refused by the database (or at
+    /// once, when `fence` returns `None`) unless that lease is current.
+    pub fn fenced(&self, fence: Fence) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            fence: Some(fence),
+        }
+    }
+
+    /// Whether the desired state lives in a database (replicas).
+    pub fn is_shared(&self) -> bool {
+        self.inner.shared.is_some()
+    }
+
+    /// Replicas: adopts the database's document if another replica
+    /// committed a newer one (validated, translated and published like any
+    /// change). `Ok(true)`: a newer one was adopted.
+    pub fn refresh(&self) -> Result<bool, StoreError> {
+        let Some(shared) = &self.inner.shared else {
+            return Ok(false);
+        };
+        let mut guard = self.lock();
+        let known = shared.version.load(Ordering::Acquire);
+        let Some((version, doc)) = postgres::newer_than(&shared.db, known)? else {
+            return Ok(false);
+        };
+        let next = decode_shared(doc, &self.inner.mesh)?;
+        shared.version.store(version, Ordering::Release);
+        self.publish(&mut guard, next);
+        Ok(true)
+    }
+
+    /// The database version this store holds (0 without a database).
+    pub fn shared_version(&self) -> i64 {
+        self.inner
+            .shared
+            .as_ref()
+            .map_or(0, |s| s.version.load(Ordering::Acquire))
+    }
+
+    /// Makes `next` the committed state and publishes its snapshot.
+    fn publish(&self, guard: &mut MutexGuard<'_, DesiredState>, next: DesiredState) {
+        if next == **guard {
+            return;
+        }
+        let generation = self.inner.snapshots.borrow().generation + 1;
+        let snapshot = Arc::new(Snapshot::build_with(
+            &next,
+            generation,
+            self.fleet(),
+            Some(&self.inner.probe_key),
+        ));
+        *self
+            .inner
+            .committed
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(next.clone());
+        **guard = next;
+        self.inner.snapshots.send_replace(snapshot);
     }
 
     /// A receiver that sees every new snapshot (the xDS streams hold one each).
@@ -450,6 +584,9 @@ impl Store {
         change: impl FnOnce(&mut DesiredState) -> Result<T, E>,
     ) -> Result<T, E> {
         let mut guard = self.lock();
+        if let Some(shared) = &self.inner.shared {
+            return self.update_shared(shared, &mut guard, change);
+        }
         let mut next = guard.clone();
         let out = change(&mut next)?;
         next.validate_in(&self.inner.mesh)
@@ -466,22 +603,72 @@ impl Store {
                 }
                 saved = Err(ChangeError::Persist(e).into());
             }
-            let generation = self.inner.snapshots.borrow().generation + 1;
-            let snapshot = Arc::new(Snapshot::build_with(
-                &next,
-                generation,
-                self.fleet(),
-                Some(&self.inner.probe_key),
-            ));
-            *self
-                .inner
-                .committed
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = Arc::new(next.clone());
-            *guard = next;
-            self.inner.snapshots.send_replace(snapshot);
+            self.publish(&mut guard, next);
         }
         saved.map(|()| out)
+    }
+
+    /// [`Store::update_as`] with the state in the database: the change is
+    /// applied to the newest committed document (row locked), committed
+    /// and announced, and only then published here. Nothing is published
+    /// that the database did not take, `forced` or not: with replicas, a
+    /// change held only in one replica's memory would be undone by the
+    /// next reconcile, so a failing database fails the change (a leader
+    /// that cannot write has lost its lease anyway; the next one re-applies
+    /// the rollback from the stored record).
+    fn update_shared<T, E: From<ChangeError>>(
+        &self,
+        shared: &Shared,
+        guard: &mut MutexGuard<'_, DesiredState>,
+        change: impl FnOnce(&mut DesiredState) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let fail = |e: StoreError| {
+            self.note_failure(&e);
+            E::from(ChangeError::Persist(e))
+        };
+        let fence = match &self.fence {
+            None => None,
+            Some(f) => Some(crate::pg::fence_term(f).map_err(|e| fail(e.into()))?),
+        };
+        let (version, doc) = postgres::lock_current(&shared.db).map_err(|e| fail(e.into()))?;
+        let result = (|| {
+            let mut base = guard.clone();
+            if version != shared.version.load(Ordering::Acquire) {
+                base = decode_shared(doc, &self.inner.mesh).map_err(Ok)?;
+            }
+            let mut next = base.clone();
+            let out = change(&mut next).map_err(Err)?;
+            next.validate_in(&self.inner.mesh)
+                .map_err(|e| Err(E::from(ChangeError::from(e))))?;
+            Ok((base, next, out))
+        })();
+        let (base, next, out) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                postgres::rollback(&shared.db);
+                return Err(match e {
+                    Ok(store) => fail(store),
+                    Err(e) => e,
+                });
+            }
+        };
+        if next == base {
+            postgres::rollback(&shared.db);
+            shared.version.store(version, Ordering::Release);
+            self.publish(guard, next);
+            return Ok(out);
+        }
+        let doc = serde_json::to_value(&next)
+            .map_err(|e| fail(StoreError::SharedInvalid(e.to_string())))?;
+        let committed = postgres::commit(&shared.db, version, doc, fence).map_err(|e| {
+            fail(match e {
+                postgres::CommitError::Conflict => StoreError::Conflict,
+                postgres::CommitError::Db(e) => StoreError::Shared(e),
+            })
+        })?;
+        shared.version.store(committed, Ordering::Release);
+        self.publish(guard, next);
+        Ok(out)
     }
 
     fn note_failure(&self, e: &StoreError) {
@@ -537,6 +724,17 @@ pub fn first_start_state() -> DesiredState {
         },
         services: Default::default(),
     }
+}
+
+/// A document from the database, decoded and validated (another replica
+/// validated it before writing, but a newer binary may have written it).
+fn decode_shared(doc: serde_json::Value, mesh: &MeshClusters) -> Result<DesiredState, StoreError> {
+    let state: DesiredState =
+        serde_json::from_value(doc).map_err(|e| StoreError::SharedInvalid(e.to_string()))?;
+    state
+        .validate_in(mesh)
+        .map_err(|e| StoreError::SharedInvalid(e.to_string()))?;
+    Ok(state)
 }
 
 /// Reads and validates a desired-state file (JSON, the shape of [`DesiredState`]).

@@ -174,6 +174,7 @@ impl ControlPlane {
                 xds_security,
                 api_tls: None,
                 probe_via,
+                replicas: None,
             };
             understudy_controlplane::run_with(store, options, xds, api, std::future::pending())
                 .await?;

@@ -36,6 +36,8 @@ pub struct ControlPlaneProcess {
     log_path: PathBuf,
     /// An operator's API client (with the harness's request timeout).
     pub http: reqwest::Client,
+    /// More `serve` arguments (a replica's `--database`, say).
+    args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -43,6 +45,18 @@ impl ControlPlaneProcess {
     /// Writes `state`, certificates for `nodes` and an operator token file,
     /// starts `understudy serve` on free loopback ports and waits for its API.
     pub async fn start(state: &DesiredState, nodes: &[&str]) -> Result<Self> {
+        Self::start_with(state, nodes, &[], None).await
+    }
+
+    /// [`Self::start`] with more `serve` arguments and, for replicas that
+    /// must trust the same Envoys, the certificates of another process
+    /// (`None`: new ones for `nodes`).
+    pub async fn start_with(
+        state: &DesiredState,
+        nodes: &[&str],
+        args: &[String],
+        certs: Option<&CertDir>,
+    ) -> Result<Self> {
         let bin = paths::controlplane_binary()?;
         let dir = tempfile::tempdir()?;
         let state_file = dir.path().join("state.json");
@@ -53,12 +67,15 @@ impl ControlPlaneProcess {
             format!("{OPERATOR}:operator:{OPERATOR_TOKEN}\n").as_bytes(),
         )?;
         let nodes: Vec<String> = nodes.iter().map(|n| (*n).to_owned()).collect();
-        let certs = understudy_controlplane::tls::init(
-            &dir.path().join("certs"),
-            &[],
-            &nodes,
-            SystemTime::now(),
-        )?;
+        let certs = match certs {
+            Some(c) => c.clone(),
+            None => understudy_controlplane::tls::init(
+                &dir.path().join("certs"),
+                &[],
+                &nodes,
+                SystemTime::now(),
+            )?,
+        };
         let mut cp = Self {
             child: None,
             bin,
@@ -70,6 +87,7 @@ impl ControlPlaneProcess {
             tokens_file,
             log_path: dir.path().join("controlplane.log"),
             http: api_client(OPERATOR_TOKEN)?,
+            args: args.to_vec(),
             _dir: dir,
         };
         cp.spawn()?;
@@ -96,6 +114,7 @@ impl ControlPlaneProcess {
             .arg(self.xds.to_string())
             .arg("--api-addr")
             .arg(self.api.to_string())
+            .args(&self.args)
             .env("RUST_LOG", "info")
             // Own process group: a Ctrl-C meant for the harness does not reach it.
             .process_group(0)

@@ -16,6 +16,7 @@
 //! - [`traffic`]: client load and its tally.
 //! - [`oci`]: the filter as an OCI image (`cargo xtask package`), push and pull, Istio's extraction rules.
 //! - [`registry`]: a real OCI registry (Debian `docker-registry`) on loopback.
+//! - [`database`]: a real PostgreSQL (Debian's server, `initdb` in a temporary directory) for replicas.
 //! - [`stack`]: all of the above wired together.
 //! - [`rollouts`]: rollouts through the API: create, read, follow to the end.
 //! - [`wait`]: condition waits with deadlines.
@@ -28,6 +29,7 @@
 pub mod bench;
 pub mod browser;
 pub mod controlplane;
+pub mod database;
 pub mod cp_process;
 pub mod envoy;
 pub mod k8s;

@@ -156,7 +156,7 @@ pub fn controlplane_binary() -> Result<PathBuf> {
         );
     };
     let root = repo_root();
-    for dir in ["controlplane/src", "proto"] {
+    for dir in ["controlplane/src", "controlplane/migrations", "proto"] {
         if let Some((path, changed)) = newest_file(&root.join(dir))
             && changed > built
         {

@@ -148,5 +148,10 @@ async fn ready(State(s): State<ApiState>) -> Json<serde_json::Value> {
         "generation": s.store.snapshot().generation,
         "engine": s.engine.health(),
         "state_file": {"write_failures": failures, "last_error": last_error},
+        "replica": s.engine.replica().map(|(name, leads)| json!({
+            "name": name,
+            "leads": leads,
+            "state_version": s.store.shared_version(),
+        })),
     }))
 }

@@ -43,6 +43,7 @@ impl From<EngineError> for ApiError {
             EngineError::FlagTaken { .. } => (StatusCode::CONFLICT, "flag_taken"),
             EngineError::Conflict { .. } => (StatusCode::CONFLICT, "invalid_action"),
             EngineError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "persist_failed"),
+            EngineError::NotLeader { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not_leader"),
         };
         ApiError::new(status, code, e.to_string())
     }

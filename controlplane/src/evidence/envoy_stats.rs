@@ -279,7 +279,16 @@ struct Inner {
     counters: HashMap<StreamId, CounterState>,
     /// Entries across all of `counters`, kept equal to the sum of their sizes.
     counter_entries: usize,
+    /// Replicas: what this book recorded, waiting to be shipped to the
+    /// database ([`MetricsBook::tapped`]); `None` when not tapped.
+    outbox: Option<VecDeque<(String, Sample)>>,
+    /// Samples dropped because the outbox was full (the database was away
+    /// for longer than [`MAX_OUTBOX`] samples take to arrive).
+    outbox_dropped: u64,
 }
+
+/// Samples an outbox holds before the oldest is dropped (and counted).
+pub const MAX_OUTBOX: usize = 65_536;
 
 /// One stream's last cumulative counter values.
 struct CounterState {
@@ -310,6 +319,57 @@ struct Stream {
 // === impl MetricsBook ===
 
 impl MetricsBook {
+    /// A book that also keeps every recorded flush (with traffic or not)
+    /// for [`MetricsBook::take_outbox`]: a replica ships them to the
+    /// database, where the fleet's book is built from every replica's.
+    pub fn tapped() -> Self {
+        let book = Self::default();
+        book.lock().outbox = Some(VecDeque::new());
+        book
+    }
+
+    /// Up to `max` recorded flushes, oldest first, taken out of the outbox.
+    pub fn take_outbox(&self, max: usize) -> Vec<(String, Sample)> {
+        let mut inner = self.lock();
+        match inner.outbox.as_mut() {
+            Some(out) => {
+                let n = out.len().min(max);
+                out.drain(..n).collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Puts flushes that could not be shipped back at the front (in order).
+    pub fn return_outbox(&self, batch: Vec<(String, Sample)>) {
+        let mut inner = self.lock();
+        let mut dropped = 0u64;
+        if let Some(out) = inner.outbox.as_mut() {
+            for item in batch.into_iter().rev() {
+                if out.len() >= MAX_OUTBOX {
+                    dropped += 1;
+                    continue;
+                }
+                out.push_front(item);
+            }
+        }
+        inner.outbox_dropped = inner.outbox_dropped.saturating_add(dropped);
+    }
+
+    /// Flushes the outbox dropped since start (the database was away too long).
+    pub fn outbox_dropped(&self) -> u64 {
+        self.lock().outbox_dropped
+    }
+
+    /// Records a flush another replica (or this one) shipped: the fleet's
+    /// book, read from the database, counts each exactly once.
+    pub fn record_shipped(&self, cluster: String, sample: Sample) {
+        let mut inner = self.lock();
+        let at = sample.at_ms;
+        inner.record(cluster, sample, at);
+        inner.enforce_total_cap();
+    }
+
     /// A stream from `node` opened (its first message arrived).
     pub fn open_stream(&self, node: &NodeId, now_ms: u64) -> StreamId {
         let mut inner = self.lock();
@@ -373,6 +433,10 @@ impl MetricsBook {
         };
         for (cluster, flush) in flushes {
             let sample = flush.into_sample(node.clone(), now_ms);
+            if inner.outbox.is_some() {
+                let item = (cluster.clone(), sample.clone());
+                inner.push_outbox(item);
+            }
             if inner.record(cluster, sample, now_ms) {
                 done.samples = done.samples.saturating_add(1);
             }
@@ -589,6 +653,16 @@ impl Inner {
 
     /// Adds `sample` to `cluster`'s series (unless it is empty). Returns
     /// whether it was stored.
+    fn push_outbox(&mut self, item: (String, Sample)) {
+        if let Some(out) = self.outbox.as_mut() {
+            if out.len() >= MAX_OUTBOX {
+                out.pop_front();
+                self.outbox_dropped = self.outbox_dropped.saturating_add(1);
+            }
+            out.push_back(item);
+        }
+    }
+
     fn record(&mut self, cluster: String, sample: Sample, now_ms: u64) -> bool {
         if !self.clusters.contains_key(&cluster) && self.clusters.len() >= MAX_CLUSTERS {
             let victim = self

@@ -12,6 +12,8 @@
 //! - [`replay`]: replaying a stored sample against a cluster through Envoy.
 //! - [`usage`]: the filter's report service (gRPC): per-tenant rate-limit
 //!   usage, and the shadow batches handed to [`shadow`].
+//! - [`shared`]: replicas: each ships its Envoys' stats to the database and
+//!   builds the fleet's book from every replica's rows.
 //!
 //! Sources never import the rollout's types: the port's types live here,
 //! and the rollout imports them. To add a source (Prometheus, say),
@@ -23,6 +25,7 @@ pub mod probes;
 pub mod prometheus;
 pub mod replay;
 pub mod shadow;
+pub mod shared;
 pub mod usage;
 
 use std::collections::BTreeMap;

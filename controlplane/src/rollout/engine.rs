@@ -32,10 +32,19 @@
 //! rollback is never lost, and the state file always ends up following the
 //! record. A shadow stage is re-baselined at start (the shadow counts
 //! restart at zero; what was seen is carried over).
+//!
+//! # Replicas
+//! With replicas ([`Engine::standby`] and [`Engine::lead_with`]) only the
+//! replica holding the lease decides. The others keep what they show in
+//! step with the database ([`Engine::reload`]) and refuse verbs
+//! ([`EngineError::NotLeader`], naming the leader). A replica that takes
+//! the lease reads every rollout back from the database and recovers them
+//! as a restart does ([`Engine::take_over`]): each resumes in the same step
+//! with the same step start, because both are in the stored record.
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -170,6 +179,9 @@ pub enum EngineError {
     Router(#[from] RouterError),
     #[error(transparent)]
     Store(#[from] RolloutStoreError),
+    /// Replicas: another replica runs rollouts; ask it.
+    #[error("this replica does not lead; rollouts are run by {leader}")]
+    NotLeader { leader: String },
 }
 
 /// A flag as the OFREP endpoints read it: its state and the rollout it
@@ -232,6 +244,21 @@ pub struct Engine {
     /// Test hook: called with a rollout id at the start of its evaluation.
     #[doc(hidden)]
     pub fault: Mutex<Option<Fault>>,
+    /// Replicas: the lease this replica leads under, if any ([`Engine::lead_with`]).
+    leader: OnceLock<Leader>,
+    /// The term this engine last took over under (0: not leading).
+    leading: AtomicI64,
+}
+
+/// How an engine of a replica learns whether it leads, and who does.
+#[derive(Clone)]
+pub struct Leader {
+    /// This replica's name.
+    pub me: String,
+    /// The term this replica leads under now.
+    pub term: crate::pg::Fence,
+    /// Who leads, for a refused verb (`holder (api address)`).
+    pub who: Arc<dyn Fn() -> String + Send + Sync>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -260,9 +287,22 @@ impl Engine {
         evidence: Arc<dyn EvidenceSource>,
         db: RolloutStore,
     ) -> Result<Self, EngineError> {
+        let engine = Self::standby(router, evidence, db)?;
+        engine.recover(crate::time::now_unix_ms())?;
+        Ok(engine)
+    }
+
+    /// [`Engine::with_ports`] for a replica: loads the stored rollouts for
+    /// reading but decides nothing until [`Engine::lead_with`]'s lease is
+    /// held ([`Engine::take_over`] then recovers them).
+    pub fn standby(
+        router: Arc<dyn TrafficRouter>,
+        evidence: Arc<dyn EvidenceSource>,
+        db: RolloutStore,
+    ) -> Result<Self, EngineError> {
         let loaded: Vec<Rollout> = db.load_all()?;
         let rollouts = loaded.into_iter().map(|r| (r.id.clone(), r)).collect();
-        let engine = Self {
+        Ok(Self {
             router,
             evidence,
             db,
@@ -274,9 +314,92 @@ impl Engine {
             prometheus: OnceLock::new(),
             prober: OnceLock::new(),
             fault: Mutex::new(None),
+            leader: OnceLock::new(),
+            leading: AtomicI64::new(0),
+        })
+    }
+
+    /// Replicas: decide only while `leader` says this replica leads.
+    pub fn lead_with(&self, leader: Leader) -> Result<(), Leader> {
+        self.leader.set(leader)
+    }
+
+    /// Whether this engine decides now: always without replicas; with them,
+    /// once it has taken over under the current term.
+    pub fn leads(&self) -> bool {
+        match self.leader.get() {
+            None => true,
+            Some(l) => (l.term)().is_some_and(|t| t.term == self.leading.load(Ordering::Acquire)),
+        }
+    }
+
+    /// Replicas: this replica's name and whether it decides now.
+    pub fn replica(&self) -> Option<(String, bool)> {
+        self.leader.get().map(|l| (l.me.clone(), self.leads()))
+    }
+
+    /// A verb's check: `NotLeader` on a follower.
+    fn must_lead(&self) -> Result<(), EngineError> {
+        match self.leader.get() {
+            Some(l) if !self.leads() => Err(EngineError::NotLeader { leader: (l.who)() }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Replicas: this replica just took the lease under `term`. Reads every
+    /// rollout back from the database (what the last leader committed) and
+    /// recovers them as a restart does; decisions start only after.
+    pub fn take_over(&self, term: i64, t: u64) -> Result<(), EngineError> {
+        {
+            let _writer = self.write_lock();
+            self.reload_locked()?;
+        }
+        self.recover(t)?;
+        self.leading.store(term, Ordering::Release);
+        info!(term, "this replica leads: rollouts resumed from the database");
+        Ok(())
+    }
+
+    /// Replicas: a follower's view, read again from the database (another
+    /// replica committed a change). A leader ignores it: it wrote them.
+    pub fn reload(&self) -> Result<(), EngineError> {
+        if self.leader.get().is_none() || self.leads() {
+            return Ok(());
+        }
+        let _writer = self.write_lock();
+        self.reload_locked()
+    }
+
+    fn reload_locked(&self) -> Result<(), EngineError> {
+        let loaded: Vec<Rollout> = self.db.load_all()?;
+        *self.rollouts.write().unwrap_or_else(|p| p.into_inner()) =
+            loaded.into_iter().map(|r| (r.id.clone(), r)).collect();
+        Ok(())
+    }
+
+    /// Replicas, once per engine period: takes over when this replica has
+    /// just been granted the lease, steps back when it has lost it. Whether
+    /// to evaluate now.
+    fn follow_lease(&self, t: u64) -> bool {
+        let Some(l) = self.leader.get() else {
+            return true;
         };
-        engine.recover(crate::time::now_unix_ms())?;
-        Ok(engine)
+        match (l.term)() {
+            None => {
+                if self.leading.swap(0, Ordering::AcqRel) != 0 {
+                    warn!("this replica no longer leads: rollouts are left to the next leader");
+                }
+                false
+            }
+            Some(term) if term.term == self.leading.load(Ordering::Acquire) => true,
+            Some(term) => match self.take_over(term.term, t) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(term = term.term, error = %e, "could not take over the rollouts; trying again");
+                    false
+                }
+            },
+        }
     }
 
     /// Applies decided-but-unapplied transitions, re-baselines shadow
@@ -446,6 +569,7 @@ impl Engine {
     /// Validates and starts a rollout.
     pub fn create(&self, text: &str, actor: &str, now: SystemTime) -> Result<Rollout, EngineError> {
         let spec = RolloutSpec::from_yaml_or_json(text)?;
+        self.must_lead()?;
         match self.router.check_service(&spec.service) {
             Ok(()) => {}
             Err(RouterError::UnknownService(s)) => return Err(EngineError::UnknownService(s)),
@@ -569,8 +693,11 @@ impl Engine {
             return Ok(next);
         }
         if let Err(e) = self.db.save(&next.id, &next, &audit) {
+            let fenced = matches!(e, RolloutStoreError::Shared(crate::pg::PgError::Fenced(_)));
             let e = EngineError::from(e);
-            if rollback {
+            // A replica whose lease has passed acts on nothing: the next
+            // leader decides again from the stored record.
+            if rollback && !fenced {
                 // The database is failing; traffic still leaves the canary.
                 if let Err(apply) = self.apply(&mut next, &d.effects, true) {
                     self.persistence_failed(&next.id, &apply);
@@ -1024,6 +1151,7 @@ impl Engine {
         now: SystemTime,
     ) -> Result<Rollout, EngineError> {
         let t = crate::time::unix_ms(now);
+        self.must_lead()?;
         let _writer = self.write_lock();
         let r = self
             .get(id)
@@ -1245,7 +1373,12 @@ impl Engine {
             // so the loop itself never ends.
             let engine = Arc::clone(&self);
             let outcome = tokio::task::spawn_blocking(move || {
-                std::panic::catch_unwind(AssertUnwindSafe(|| engine.tick(SystemTime::now())))
+                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    let now = SystemTime::now();
+                    if engine.follow_lease(crate::time::unix_ms(now)) {
+                        engine.tick(now);
+                    }
+                }))
             })
             .await;
             if let Ok(Err(panic)) = outcome {

@@ -10,6 +10,12 @@
 //!
 //! Records are stored as JSON, so a human can read a dump and old records
 //! stay readable when fields are added (they default).
+//!
+//! With replicas ([`RolloutStore::shared`]) the same two tables live in
+//! PostgreSQL instead, and every write names the leader's lease: the
+//! database refuses it once the term has passed (the fence triggers of the
+//! migration), and announces it (`NOTIFY understudy, 'rollout:<id>'`) so
+//! followers reload what they show.
 
 use std::path::Path;
 
@@ -17,12 +23,17 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::pg::{self, Db, Fence, PgError};
+
 const ROLLOUTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("rollouts");
 /// Keyed by (rollout id, sequence number), so one rollout's log is a range.
 const AUDIT: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("audit");
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutStoreError {
+    /// Replicas: the database failed or refused the write (not the leader).
+    #[error("rollout database: {0}")]
+    Shared(#[from] PgError),
     #[error("rollout database: {0}")]
     Db(#[from] redb::Error),
     #[error("rollout database: a stored record does not decode: {0}")]
@@ -57,7 +68,13 @@ fn append(
 }
 
 pub struct RolloutStore {
-    db: Database,
+    backend: Backend,
+}
+
+enum Backend {
+    Redb(Database),
+    /// Replicas: PostgreSQL, writes made under `fence`'s lease.
+    Shared { db: Db, fence: Fence },
 }
 
 impl std::fmt::Debug for RolloutStore {
@@ -90,6 +107,22 @@ impl RolloutStore {
         Self::init(db)
     }
 
+    /// Replicas: the rollouts in PostgreSQL (`db`, a connection of their
+    /// own); each write is made under the lease `fence` names.
+    pub fn shared(db: Db, fence: Fence) -> Self {
+        Self {
+            backend: Backend::Shared { db, fence },
+        }
+    }
+
+    /// Whether a write now would be refused as not the leader's (replicas).
+    pub fn may_write(&self) -> bool {
+        match &self.backend {
+            Backend::Redb(_) => true,
+            Backend::Shared { fence, .. } => fence().is_some(),
+        }
+    }
+
     /// A database that lives in memory only (tests, trials).
     pub fn in_memory() -> Result<Self, RolloutStoreError> {
         let db = Database::builder()
@@ -103,7 +136,9 @@ impl RolloutStore {
         txn.open_table(ROLLOUTS).map_err(db_err)?;
         txn.open_table(AUDIT).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
-        Ok(Self { db })
+        Ok(Self {
+            backend: Backend::Redb(db),
+        })
     }
 
     /// Writes a rollout's record and appends `audit` entries to its log, in
@@ -114,12 +149,23 @@ impl RolloutStore {
         record: &R,
         audit: &[A],
     ) -> Result<(), RolloutStoreError> {
+        let db = match &self.backend {
+            Backend::Redb(db) => db,
+            Backend::Shared { db, fence } => {
+                let record = serde_json::to_value(record)?;
+                let entries = audit
+                    .iter()
+                    .map(serde_json::to_value)
+                    .collect::<Result<Vec<_>, _>>()?;
+                return shared_write(db, fence, id, Some(record), entries);
+            }
+        };
         let bytes = serde_json::to_vec(record)?;
         let entries = audit
             .iter()
             .map(serde_json::to_vec)
             .collect::<Result<Vec<_>, _>>()?;
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = db.begin_write().map_err(db_err)?;
         {
             let mut rollouts = txn.open_table(ROLLOUTS).map_err(db_err)?;
             rollouts.insert(id, bytes.as_slice()).map_err(db_err)?;
@@ -137,11 +183,21 @@ impl RolloutStore {
         id: &str,
         audit: &[A],
     ) -> Result<(), RolloutStoreError> {
+        let db = match &self.backend {
+            Backend::Redb(db) => db,
+            Backend::Shared { db, fence } => {
+                let entries = audit
+                    .iter()
+                    .map(serde_json::to_value)
+                    .collect::<Result<Vec<_>, _>>()?;
+                return shared_write(db, fence, id, None, entries);
+            }
+        };
         let entries = audit
             .iter()
             .map(serde_json::to_vec)
             .collect::<Result<Vec<_>, _>>()?;
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = db.begin_write().map_err(db_err)?;
         {
             let mut log = txn.open_table(AUDIT).map_err(db_err)?;
             append(&mut log, id, &entries)?;
@@ -152,7 +208,22 @@ impl RolloutStore {
 
     /// Every stored rollout record.
     pub fn load_all<R: DeserializeOwned>(&self) -> Result<Vec<R>, RolloutStoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let db = match &self.backend {
+            Backend::Redb(db) => db,
+            Backend::Shared { db, .. } => {
+                let rows: Vec<serde_json::Value> = db.call(|c| {
+                    Ok(c.query("SELECT record FROM rollouts ORDER BY id", &[])?
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect())
+                })?;
+                return Ok(rows
+                    .into_iter()
+                    .map(serde_json::from_value)
+                    .collect::<Result<_, _>>()?);
+            }
+        };
+        let txn = db.begin_read().map_err(db_err)?;
         let table = txn.open_table(ROLLOUTS).map_err(db_err)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(db_err)? {
@@ -164,7 +235,26 @@ impl RolloutStore {
 
     /// One rollout's audit log, oldest first.
     pub fn audit<A: DeserializeOwned>(&self, id: &str) -> Result<Vec<A>, RolloutStoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let db = match &self.backend {
+            Backend::Redb(db) => db,
+            Backend::Shared { db, .. } => {
+                let id = id.to_owned();
+                let rows: Vec<serde_json::Value> = db.call(move |c| {
+                    Ok(c.query(
+                        "SELECT entry FROM audit WHERE rollout = $1 ORDER BY seq",
+                        &[&id],
+                    )?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect())
+                })?;
+                return Ok(rows
+                    .into_iter()
+                    .map(serde_json::from_value)
+                    .collect::<Result<_, _>>()?);
+            }
+        };
+        let txn = db.begin_read().map_err(db_err)?;
         let table = txn.open_table(AUDIT).map_err(db_err)?;
         let mut out = Vec::new();
         for row in table.range((id, 0)..=(id, u64::MAX)).map_err(db_err)? {
@@ -173,6 +263,48 @@ impl RolloutStore {
         }
         Ok(out)
     }
+}
+
+/// One fenced transaction: the record (if any) and the audit entries after
+/// the log's last, announced to the other replicas.
+fn shared_write(
+    db: &Db,
+    fence: &Fence,
+    id: &str,
+    record: Option<serde_json::Value>,
+    entries: Vec<serde_json::Value>,
+) -> Result<(), RolloutStoreError> {
+    let term = pg::fence_term(fence)?;
+    let id = id.to_owned();
+    db.call(move |c| {
+        let mut tx = c.transaction()?;
+        pg::set_fence(&mut tx, &term)?;
+        if let Some(record) = &record {
+            tx.execute(
+                "INSERT INTO rollouts (id, record) VALUES ($1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                &[&id, record],
+            )?;
+        }
+        if !entries.is_empty() {
+            let next: i64 = tx
+                .query_one(
+                    "SELECT coalesce(max(seq) + 1, 0) FROM audit WHERE rollout = $1",
+                    &[&id],
+                )?
+                .get(0);
+            for (seq, entry) in (next..).zip(&entries) {
+                tx.execute(
+                    "INSERT INTO audit (rollout, seq, entry) VALUES ($1, $2, $3)",
+                    &[&id, &seq, entry],
+                )?;
+            }
+        }
+        pg::notify(&mut tx, &format!("rollout:{id}"))?;
+        tx.commit()?;
+        Ok(())
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]
