@@ -76,7 +76,8 @@ impl From<postgres::Error> for PgError {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut Option<Client>) + Send>;
+/// A job gets the connection, or why there is none.
+type Job = Box<dyn FnOnce(&mut Option<Client>, Option<String>) + Send>;
 
 /// One connection to the database, on its own thread.
 pub struct Db {
@@ -109,35 +110,37 @@ impl Db {
     /// Connects (the first connection must succeed), runs the schema
     /// migrations, and starts the connection's thread.
     pub fn connect(url: &str, name: &str) -> Result<Self, PgError> {
-        let config = config(url)?;
-        let mut client = dial(&config)?;
-        migrate(&mut client)?;
-        Ok(Self::start(config, Some(client), name))
+        let db = Self::start(config(url)?, name);
+        // On the connection's thread: the client must not start its
+        // runtime on the caller's (maybe async) thread.
+        db.call(migrate)?;
+        Ok(db)
     }
 
     /// Another connection to the same database (no migrations: [`Db::connect`] ran them).
     pub fn another(&self, name: &str) -> Self {
-        Self::start(self.config.clone(), None, name)
+        Self::start(self.config.clone(), name)
     }
 
-    fn start(config: Config, client: Option<Client>, name: &str) -> Self {
+    fn start(config: Config, name: &str) -> Self {
         let (jobs, rx) = mpsc::channel::<Job>();
         let dial_config = config.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("pg-{name}"))
             .spawn(move || {
-                let mut client = client;
+                let mut client: Option<Client> = None;
                 while let Ok(job) = rx.recv() {
                     if client.as_ref().is_some_and(Client::is_closed) {
                         client = None;
                     }
+                    let mut why = None;
                     if client.is_none() {
                         match dial(&dial_config) {
                             Ok(c) => client = Some(c),
-                            Err(e) => tracing::debug!(error = %e, "database unreachable"),
+                            Err(e) => why = Some(e.to_string()),
                         }
                     }
-                    job(&mut client);
+                    job(&mut client, why);
                 }
             });
         if let Err(e) = spawned {
@@ -155,10 +158,13 @@ impl Db {
         f: impl FnOnce(&mut Client) -> Result<T, PgError> + Send + 'static,
     ) -> Result<T, PgError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let job: Job = Box::new(move |client: &mut Option<Client>| {
+        let job: Job = Box::new(move |client: &mut Option<Client>, why: Option<String>| {
             let out = match client.as_mut() {
                 Some(c) => f(c),
-                None => Err(PgError::Db("the database is unreachable".to_owned())),
+                None => Err(PgError::Db(format!(
+                    "the database is unreachable: {}",
+                    why.unwrap_or_default()
+                ))),
             };
             if out.is_err() && client.as_ref().is_some_and(Client::is_closed) {
                 *client = None;

@@ -245,6 +245,7 @@ fn setup() -> Result<()> {
     ensure_prometheus()?;
     ensure_registry()?;
     ensure_browser()?;
+    ensure_postgres()?;
     ensure_k8s_tools()?;
     ensure_wasm_target()?;
     build_filter()?;
@@ -444,6 +445,21 @@ fn ensure_browser() -> Result<()> {
     apt_install(&["chromium", "chromium-driver"])?;
     browser::chromium_binary()?;
     browser::chromedriver_binary()?;
+    Ok(())
+}
+
+/// The replica tests' PostgreSQL (`tests/tests/replicas.rs`): Debian's
+/// server, installed with apt when missing (its package also creates the
+/// `postgres` user the harness runs it as). The harness makes its own
+/// cluster with `initdb`; a cluster the package may start is not used.
+fn ensure_postgres() -> Result<()> {
+    use understudy_e2e::database;
+    if let Ok(bin) = database::server_bin() {
+        eprintln!("PostgreSQL: {}", bin.display());
+        return Ok(());
+    }
+    apt_install(&["postgresql"])?;
+    database::server_bin()?;
     Ok(())
 }
 

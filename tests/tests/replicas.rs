@@ -1,0 +1,309 @@
+//! Replicas on one real PostgreSQL (`serve --database`): three `understudy
+//! serve` processes, two real Envoys each on its own replica, a rollout
+//! under client load.
+//!
+//! Each Envoy's `understudy_xds` cluster lists its own replica at priority
+//! 0 and another at priority 1, with a TCP health check: what a platform
+//! team gives Envoys (a nearest replica, a fallback), and what makes an
+//! Envoy whose replica died reconnect to a live one. ADS, the stats stream
+//! and the filter's reports all ride that cluster, so each Envoy's evidence
+//! reaches whichever replica holds it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+use understudy_e2e::cp_process::ControlPlaneProcess;
+use understudy_e2e::database::Postgres;
+use understudy_e2e::envoy::{self, Envoy};
+use understudy_e2e::stack::{self, SERVICE, desired_state, free_port};
+use understudy_e2e::traffic::{self, Load};
+use understudy_e2e::upstream::{Behavior, UpstreamHandle};
+use understudy_e2e::wait;
+
+const NODES: [&str; 2] = ["envoy-a", "envoy-b"];
+/// The replicas' lease (the default).
+const LEASE: Duration = Duration::from_secs(4);
+
+struct World {
+    pg: Postgres,
+    cps: Vec<ControlPlaneProcess>,
+    envoys: Vec<Envoy>,
+    url: String,
+    _stable: UpstreamHandle,
+    _canary: UpstreamHandle,
+}
+
+fn replica_args(url: &str, name: &str) -> Vec<String> {
+    ["--database", url, "--replica-name", name]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// An Envoy of `node` whose control plane is the replica on `primary`,
+/// falling back to the one on `fallback` when `primary` stops answering.
+async fn envoy_on(
+    primary: u16,
+    fallback: u16,
+    certs: &understudy_controlplane::tls::CertDir,
+    node: &str,
+) -> Result<Envoy> {
+    let endpoints = format!(
+        "      endpoints:
+      - priority: 0
+        lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {primary} }}
+      - priority: 1
+        lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {fallback} }}
+    health_checks:
+    - timeout: 0.5s
+      interval: 0.5s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      tcp_health_check: {{}}
+"
+    );
+    let mut replacements = vec![
+        ("port_value: 9901", "port_value: 0".to_owned()),
+        (
+            "      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: { address: 127.0.0.1, port_value: 18000 }
+",
+            endpoints,
+        ),
+        ("id: envoy-1", format!("id: {node}")),
+    ];
+    replacements.extend(envoy::bootstrap_cert_replacements(certs, node));
+    let config = envoy::render("bootstrap.yaml", &replacements)?;
+    let envoy = Envoy::start(&config, &[]).await?;
+    envoy.wait_ready().await?;
+    Ok(envoy)
+}
+
+/// PostgreSQL, three replicas (r0, r1, r2) and two Envoys: envoy-a on the
+/// leader, envoy-b on a follower, both falling back to the third replica.
+async fn world() -> Result<(World, usize)> {
+    let pg = Postgres::start().await?;
+    let stable = UpstreamHandle::start("v1", Behavior::default()).await?;
+    let canary = UpstreamHandle::start("v2", Behavior::default()).await?;
+    let port = free_port()?;
+    let state = desired_state(port, stable.addr, canary.addr)?;
+    let first =
+        ControlPlaneProcess::start_with(&state, &NODES, &replica_args(&pg.url(), "r0"), None)
+            .await?;
+    let mut cps = vec![first];
+    for name in ["r1", "r2"] {
+        let certs = cps[0].certs.clone();
+        cps.push(
+            ControlPlaneProcess::start_with(
+                &state,
+                &NODES,
+                &replica_args(&pg.url(), name),
+                Some(&certs),
+            )
+            .await?,
+        );
+    }
+    let leader = wait_leader(&cps, &[], LEASE * 3).await?;
+    let follower = (0..3).find(|i| *i != leader).context("no follower")?;
+    let spare = (0..3)
+        .find(|i| *i != leader && *i != follower)
+        .context("no third replica")?;
+    let certs = cps[0].certs.clone();
+    let a = envoy_on(cps[leader].xds.port(), cps[spare].xds.port(), &certs, NODES[0]).await?;
+    let b = envoy_on(cps[follower].xds.port(), cps[spare].xds.port(), &certs, NODES[1]).await?;
+    let url = format!("http://127.0.0.1:{port}/");
+    stack::wait_listener(&traffic::client(), &url).await?;
+    Ok((
+        World {
+            pg,
+            cps,
+            envoys: vec![a, b],
+            url,
+            _stable: stable,
+            _canary: canary,
+        },
+        leader,
+    ))
+}
+
+/// `/readyz` of replica `i`: (leads, state version), or `None` if it does not answer.
+async fn replica_status(cp: &ControlPlaneProcess) -> Option<(bool, i64)> {
+    let r = cp.get("/readyz").await.ok()?;
+    Some((
+        r["replica"]["leads"].as_bool()?,
+        r["replica"]["state_version"].as_i64()?,
+    ))
+}
+
+/// The one replica (not among `dead`) that leads, once exactly one does.
+async fn wait_leader(cps: &[ControlPlaneProcess], dead: &[usize], deadline: Duration) -> Result<usize> {
+    wait::until("exactly one replica to lead", deadline, || async {
+        let mut leaders = Vec::new();
+        for (i, cp) in cps.iter().enumerate() {
+            if dead.contains(&i) {
+                continue;
+            }
+            if let Some((true, _)) = replica_status(cp).await {
+                leaders.push(i);
+            }
+        }
+        Ok(match leaders.as_slice() {
+            [one] => Some(*one),
+            [] => None,
+            many => bail!("several replicas lead at once: {many:?}"),
+        })
+    })
+    .await
+}
+
+/// Envoy's applied weights for the service, `(stable, canary)`.
+async fn weights(envoy: &Envoy) -> Result<(u64, u64)> {
+    let mut w = (0, 0);
+    for (cluster, weight) in envoy.route_weights().await? {
+        if cluster == format!("{SERVICE}-stable") {
+            w.0 = weight;
+        } else if cluster == format!("{SERVICE}-canary") {
+            w.1 = weight;
+        }
+    }
+    Ok(w)
+}
+
+fn spec(steps: Value) -> Value {
+    json!({
+        "service": SERVICE,
+        "owner": "e2e",
+        "stop_rules": {"max_error_rate_increase_pp": 2.0},
+        "steps": steps,
+        "analysis": {"interval_s": 0.5, "max_staleness_s": 10, "min_requests_per_side": 10}
+    })
+}
+
+/// The audit's transitions as (from, to) labels.
+fn transitions(view: &Value) -> Vec<(String, String)> {
+    view["audit"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["from"] != e["to"])
+        .map(|e| {
+            (
+                e["from"].as_str().unwrap_or_default().to_owned(),
+                e["to"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A rollout runs on three replicas; the leader is SIGKILLed mid-step.
+/// Another replica leads within the lease, the rollout goes on from the
+/// same step with the same step start, no step is skipped or repeated in
+/// the audit, both Envoys end on the final weights, and no client request
+/// fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_the_rollout_goes_on() -> Result<()> {
+    let (mut w, leader) = world().await?;
+    let load = Load::start(&w.url, 4);
+    // A follower refuses a verb and names the leader.
+    let follower = (0..3).find(|i| *i != leader).context("no follower")?;
+    let (status, refused) = w.cps[follower]
+        .post("/v1/rollouts", &spec(json!([{"weight": 100}])))
+        .await?;
+    assert_eq!(status, 503, "{refused}");
+    assert_eq!(refused["error"]["code"], "not_leader", "{refused}");
+    let named = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(named.contains(&format!("r{leader}")), "{named}");
+
+    let (status, created) = w.cps[leader]
+        .post(
+            "/v1/rollouts",
+            &spec(json!([
+                {"weight": 10, "min_duration_s": 2},
+                {"weight": 50, "min_duration_s": 20},
+                {"weight": 100, "min_duration_s": 2}
+            ])),
+        )
+        .await?;
+    ensure!(status == 201, "creating the rollout: {status} {created}");
+    let id = created["id"].as_str().context("no id")?.to_owned();
+    let path = format!("/v1/rollouts/{id}");
+    // Step 2 (index 1), on both Envoys; every replica shows the same.
+    let before = wait::until("the rollout's second step", Duration::from_secs(60), || async {
+        let r = w.cps[leader].get(&path).await?;
+        Ok((r["phase"]["step"] == 1).then_some(r))
+    })
+    .await?;
+    for e in &w.envoys {
+        wait::until("both Envoys at 50/50", Duration::from_secs(20), || async {
+            Ok((weights(e).await? == (50, 50)).then_some(()))
+        })
+        .await?;
+    }
+    // The evidence of both Envoys counts: the fleet's windows include
+    // envoy-b, whose stats reach a follower only.
+    let judged = w.cps[leader].get(&path).await?;
+    for cp in &w.cps {
+        let seen = wait::until("every replica to show the step", Duration::from_secs(10), || async {
+            let r = cp.get(&path).await?;
+            Ok((r["phase"] == before["phase"]).then_some(r))
+        })
+        .await?;
+        assert_eq!(seen["phase_started_ms"], before["phase_started_ms"]);
+    }
+    drop(judged);
+
+    // SIGKILL the leader mid-step.
+    w.cps[leader].sigkill()?;
+    let killed = Instant::now();
+    let next = wait_leader(&w.cps, &[leader], LEASE * 3).await?;
+    let took = killed.elapsed();
+    eprintln!("replica r{next} leads {took:?} after the SIGKILL of r{leader}");
+    // The lease (4 s) plus one try (0.5 s), plus this test's polling.
+    assert!(
+        took <= LEASE + Duration::from_millis(1_500),
+        "a new leader after {took:?}"
+    );
+    let resumed = w.cps[next].get(&path).await?;
+    assert_eq!(resumed["phase"], before["phase"], "{resumed:#}");
+    assert_eq!(resumed["phase_started_ms"], before["phase_started_ms"]);
+
+    let done = wait::until("the rollout to end", Duration::from_secs(90), || async {
+        let r = w.cps[next].get(&path).await?;
+        Ok(r["phase"]["state"]
+            .as_str()
+            .is_some_and(|s| s != "canary" && s != "shadow")
+            .then_some(r))
+    })
+    .await?;
+    assert_eq!(done["phase"]["state"], "succeeded", "{:#}", done["audit"]);
+    // Each step entered once, in order, whoever led.
+    let steps: Vec<String> = transitions(&done).into_iter().map(|(_, to)| to).collect();
+    let expected = ["canary step 1", "canary step 2", "canary step 3", "succeeded"];
+    let entered: Vec<&str> = steps
+        .iter()
+        .map(String::as_str)
+        .filter(|s| s.starts_with("canary") || *s == "succeeded")
+        .collect();
+    assert_eq!(entered, expected, "{:#}", done["audit"]);
+    // Both Envoys end on the final weights (the canary promoted, all on stable).
+    for e in &w.envoys {
+        wait::until("both Envoys on the final weights", Duration::from_secs(20), || async {
+            Ok((weights(e).await? == (100, 0)).then_some(()))
+        })
+        .await?;
+    }
+    let tally = load.stop().await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    assert!(tally.total > 200, "{tally:?}");
+    drop(w.pg);
+    Ok(())
+}
