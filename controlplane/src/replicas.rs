@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use crate::evidence::envoy_stats::MetricsBook;
 use crate::evidence::shared::SharedEvidence;
-use crate::pg::lease::{LeaseTiming, Leadership};
+use crate::pg::lease::{Leadership, LeaseTiming};
 use crate::pg::listen::{self, Change};
 use crate::pg::{Db, Fence, PgError};
 use crate::rollout::engine::{Engine, Leader};

@@ -233,7 +233,8 @@ impl Store {
             Some(path) if path.exists() => load_state_in(path, &mesh)?,
             _ => first_start_state(),
         };
-        let initial = serde_json::to_value(&initial).map_err(|e| StoreError::SharedInvalid(e.to_string()))?;
+        let initial =
+            serde_json::to_value(&initial).map_err(|e| StoreError::SharedInvalid(e.to_string()))?;
         let (version, doc) = postgres::load_or_init(&db, initial)?;
         let state = decode_shared(doc, &mesh)?;
         let key = postgres::probe_key(&db)?;

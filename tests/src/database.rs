@@ -75,7 +75,14 @@ impl Postgres {
             .command("initdb")
             .args(["-D"])
             .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+            ])
             .output()
             .context("running initdb")?;
         if !out.status.success() {
@@ -116,7 +123,10 @@ impl Postgres {
             .args(["-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.dir.path().display()))
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
             .args(["-c", "max_connections=200"])
             .process_group(0)
             .stdin(Stdio::null())
@@ -170,8 +180,8 @@ impl Postgres {
     /// waits until it has exited.
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
-            let pid = rustix::process::Pid::from_raw(i32::try_from(child.id())?)
-                .context("pid 0")?;
+            let pid =
+                rustix::process::Pid::from_raw(i32::try_from(child.id())?).context("pid 0")?;
             rustix::process::kill_process(pid, rustix::process::Signal::INT)?;
             child.wait()?;
         }

@@ -29,8 +29,8 @@
 pub mod bench;
 pub mod browser;
 pub mod controlplane;
-pub mod database;
 pub mod cp_process;
+pub mod database;
 pub mod envoy;
 pub mod k8s;
 pub mod mesh;

@@ -63,6 +63,9 @@ async fn envoy_on(
     health_checks:
     - timeout: 0.5s
       interval: 0.5s
+      # A long ADS stream counts as no traffic to the health checker,
+      # whose default then is one check a minute.
+      no_traffic_interval: 0.5s
       unhealthy_threshold: 1
       healthy_threshold: 1
       tcp_health_check: {{}}
@@ -118,8 +121,20 @@ async fn world() -> Result<(World, usize)> {
         .find(|i| *i != leader && *i != follower)
         .context("no third replica")?;
     let certs = cps[0].certs.clone();
-    let a = envoy_on(cps[leader].xds.port(), cps[spare].xds.port(), &certs, NODES[0]).await?;
-    let b = envoy_on(cps[follower].xds.port(), cps[spare].xds.port(), &certs, NODES[1]).await?;
+    let a = envoy_on(
+        cps[leader].xds.port(),
+        cps[spare].xds.port(),
+        &certs,
+        NODES[0],
+    )
+    .await?;
+    let b = envoy_on(
+        cps[follower].xds.port(),
+        cps[spare].xds.port(),
+        &certs,
+        NODES[1],
+    )
+    .await?;
     let url = format!("http://127.0.0.1:{port}/");
     stack::wait_listener(&traffic::client(), &url).await?;
     Ok((
@@ -135,6 +150,27 @@ async fn world() -> Result<(World, usize)> {
     ))
 }
 
+/// Rows of `sql` (text columns) from the test's own connection, off the
+/// async runtime (the synchronous client runs a runtime of its own).
+async fn db_rows(pg: &Postgres, sql: &str) -> Result<Vec<Vec<String>>> {
+    let (url, sql) = (pg.url(), sql.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls)?;
+        let mut out = Vec::new();
+        for m in c.simple_query(&sql)? {
+            if let postgres::SimpleQueryMessage::Row(r) = m {
+                out.push(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or_default().to_owned())
+                        .collect(),
+                );
+            }
+        }
+        anyhow::Ok(out)
+    })
+    .await?
+}
+
 /// `/readyz` of replica `i`: (leads, state version), or `None` if it does not answer.
 async fn replica_status(cp: &ControlPlaneProcess) -> Option<(bool, i64)> {
     let r = cp.get("/readyz").await.ok()?;
@@ -145,7 +181,11 @@ async fn replica_status(cp: &ControlPlaneProcess) -> Option<(bool, i64)> {
 }
 
 /// The one replica (not among `dead`) that leads, once exactly one does.
-async fn wait_leader(cps: &[ControlPlaneProcess], dead: &[usize], deadline: Duration) -> Result<usize> {
+async fn wait_leader(
+    cps: &[ControlPlaneProcess],
+    dead: &[usize],
+    deadline: Duration,
+) -> Result<usize> {
     wait::until("exactly one replica to lead", deadline, || async {
         let mut leaders = Vec::new();
         for (i, cp) in cps.iter().enumerate() {
@@ -237,10 +277,14 @@ async fn a_killed_leader_is_replaced_and_the_rollout_goes_on() -> Result<()> {
     let id = created["id"].as_str().context("no id")?.to_owned();
     let path = format!("/v1/rollouts/{id}");
     // Step 2 (index 1), on both Envoys; every replica shows the same.
-    let before = wait::until("the rollout's second step", Duration::from_secs(60), || async {
-        let r = w.cps[leader].get(&path).await?;
-        Ok((r["phase"]["step"] == 1).then_some(r))
-    })
+    let before = wait::until(
+        "the rollout's second step",
+        Duration::from_secs(60),
+        || async {
+            let r = w.cps[leader].get(&path).await?;
+            Ok((r["phase"]["step"] == 1).then_some(r))
+        },
+    )
     .await?;
     for e in &w.envoys {
         wait::until("both Envoys at 50/50", Duration::from_secs(20), || async {
@@ -252,10 +296,14 @@ async fn a_killed_leader_is_replaced_and_the_rollout_goes_on() -> Result<()> {
     // envoy-b, whose stats reach a follower only.
     let judged = w.cps[leader].get(&path).await?;
     for cp in &w.cps {
-        let seen = wait::until("every replica to show the step", Duration::from_secs(10), || async {
-            let r = cp.get(&path).await?;
-            Ok((r["phase"] == before["phase"]).then_some(r))
-        })
+        let seen = wait::until(
+            "every replica to show the step",
+            Duration::from_secs(10),
+            || async {
+                let r = cp.get(&path).await?;
+                Ok((r["phase"] == before["phase"]).then_some(r))
+            },
+        )
         .await?;
         assert_eq!(seen["phase_started_ms"], before["phase_started_ms"]);
     }
@@ -287,7 +335,12 @@ async fn a_killed_leader_is_replaced_and_the_rollout_goes_on() -> Result<()> {
     assert_eq!(done["phase"]["state"], "succeeded", "{:#}", done["audit"]);
     // Each step entered once, in order, whoever led.
     let steps: Vec<String> = transitions(&done).into_iter().map(|(_, to)| to).collect();
-    let expected = ["canary step 1", "canary step 2", "canary step 3", "succeeded"];
+    let expected = [
+        "canary step 1",
+        "canary step 2",
+        "canary step 3",
+        "succeeded",
+    ];
     let entered: Vec<&str> = steps
         .iter()
         .map(String::as_str)
@@ -296,14 +349,220 @@ async fn a_killed_leader_is_replaced_and_the_rollout_goes_on() -> Result<()> {
     assert_eq!(entered, expected, "{:#}", done["audit"]);
     // Both Envoys end on the final weights (the canary promoted, all on stable).
     for e in &w.envoys {
-        wait::until("both Envoys on the final weights", Duration::from_secs(20), || async {
-            Ok((weights(e).await? == (100, 0)).then_some(()))
-        })
+        wait::until(
+            "both Envoys on the final weights",
+            Duration::from_secs(20),
+            || async { Ok((weights(e).await? == (100, 0)).then_some(())) },
+        )
         .await?;
     }
     let tally = load.stop().await;
     assert_eq!(tally.failures(), 0, "{tally:?}");
     assert!(tally.total > 200, "{tally:?}");
+
+    // Evidence: each Envoy's flushes were shipped by the replica holding
+    // it (envoy-a by the killed leader, then by its fallback), and every
+    // request envoy-b's canary served is in the database exactly once.
+    let shipped = db_rows(
+        &w.pg,
+        "SELECT replica, node FROM stat_samples GROUP BY replica, node ORDER BY replica, node",
+    )
+    .await?;
+    let spare = (0..3)
+        .find(|i| *i != leader && *i != follower)
+        .context("no spare")?;
+    for want in [
+        [format!("r{leader}"), NODES[0].to_owned()],
+        [format!("r{spare}"), NODES[0].to_owned()],
+        [format!("r{follower}"), NODES[1].to_owned()],
+    ] {
+        assert!(
+            shipped.iter().any(|r| r[..] == want[..]),
+            "{want:?} not in {shipped:?}"
+        );
+    }
+    let b = &w.envoys[1];
+    let canary = format!("cluster.{SERVICE}-canary.upstream_rq_completed");
+    wait::until(
+        "envoy-b's canary requests in the database, each once",
+        Duration::from_secs(15),
+        || async {
+            let served = b.stat(&canary).await?.unwrap_or(0);
+            let rows = db_rows(
+                &w.pg,
+                &format!(
+                    "SELECT coalesce(sum(requests), 0) FROM stat_samples \
+                     WHERE node = '{}' AND cluster = '{SERVICE}-canary'",
+                    NODES[1]
+                ),
+            )
+            .await?;
+            let stored: u64 = rows[0][0].parse()?;
+            ensure!(
+                stored <= served,
+                "{stored} stored > {served} served: counted twice"
+            );
+            Ok((stored == served && served > 0).then_some(()))
+        },
+    )
+    .await?;
     drop(w.pg);
     Ok(())
+}
+
+/// PostgreSQL is stopped for 10 s mid-rollout. Meanwhile the Envoys keep
+/// their last config and serve, no replica leads once its lease has run
+/// out (none writes), a change is refused, and the rollout holds. Then it
+/// resumes under a new term, and nothing accepted before the stop is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_holds_the_rollout_and_loses_nothing() -> Result<()> {
+    let (mut w, leader) = world().await?;
+    let load = Load::start(&w.url, 4);
+    let follower = (0..3).find(|i| *i != leader).context("no follower")?;
+    // An operator's change, accepted by a follower before the outage.
+    let mut extra = w.cps[follower]
+        .get(&format!("/v1/services/{SERVICE}"))
+        .await?;
+    extra["name"] = json!("extra");
+    extra["domains"] = json!(["extra.example"]);
+    let r = w.cps[follower]
+        .http
+        .put(w.cps[follower].api_url("/v1/services/extra"))
+        .json(&extra)
+        .send()
+        .await?;
+    ensure!(
+        r.status() == 200,
+        "PUT extra: {} {}",
+        r.status(),
+        r.text().await?
+    );
+
+    let (status, created) = w.cps[leader]
+        .post(
+            "/v1/rollouts",
+            &spec(json!([
+                {"weight": 20, "min_duration_s": 8},
+                {"weight": 100, "min_duration_s": 1}
+            ])),
+        )
+        .await?;
+    ensure!(status == 201, "creating the rollout: {status} {created}");
+    let id = created["id"].as_str().context("no id")?.to_owned();
+    let path = format!("/v1/rollouts/{id}");
+    for e in &w.envoys {
+        wait::until("both Envoys at 80/20", Duration::from_secs(20), || async {
+            Ok((weights(e).await? == (80, 20)).then_some(()))
+        })
+        .await?;
+    }
+    let before = w.cps[leader].get(&path).await?;
+    let term_before: i64 = db_rows(&w.pg, "SELECT term FROM lease").await?[0][0].parse()?;
+
+    w.pg.stop()?;
+    let stopped_ms = now_ms();
+    let stopped = Instant::now();
+    // Ten seconds without the database, checked all along.
+    let served = load.snapshot().total;
+    let mut refused = false;
+    wait::until("ten seconds of outage", Duration::from_secs(30), || async {
+        for e in &w.envoys {
+            ensure!(weights(e).await? == (80, 20), "an Envoy's weights changed");
+        }
+        for cp in &w.cps {
+            let r = cp.get(&path).await?;
+            ensure!(
+                r["phase"] == before["phase"],
+                "the rollout moved: {:#}",
+                r["phase"]
+            );
+        }
+        Ok((stopped.elapsed() >= Duration::from_secs(10)).then_some(()))
+    })
+    .await?;
+    // By now every lease has run out: no replica leads, and a change is refused.
+    for cp in &w.cps {
+        let r = cp.get("/readyz").await?;
+        assert_eq!(r["replica"]["leads"], false, "{r}");
+        let mut other = extra.clone();
+        other["name"] = json!("during-outage");
+        other["domains"] = json!(["during.example"]);
+        let answer = cp
+            .http
+            .put(cp.api_url("/v1/services/during-outage"))
+            .json(&other)
+            .send()
+            .await?;
+        refused |= answer.status().is_server_error();
+        assert!(
+            !answer.status().is_success(),
+            "a write without the database: {}",
+            answer.status()
+        );
+    }
+    assert!(refused);
+    assert!(
+        load.snapshot().total > served + 100,
+        "Envoy stopped serving"
+    );
+
+    w.pg.restart().await?;
+    let restarted_ms = now_ms();
+    let next = wait_leader(&w.cps, &[], LEASE * 3).await?;
+    let term_after: i64 = db_rows(&w.pg, "SELECT term FROM lease").await?[0][0].parse()?;
+    assert!(
+        term_after > term_before,
+        "terms {term_before} → {term_after}"
+    );
+    let done = wait::until("the rollout to end", Duration::from_secs(60), || async {
+        let r = w.cps[next].get(&path).await?;
+        Ok(r["phase"]["state"]
+            .as_str()
+            .is_some_and(|s| s != "canary" && s != "shadow")
+            .then_some(r))
+    })
+    .await?;
+    assert_eq!(done["phase"]["state"], "succeeded", "{:#}", done["audit"]);
+    // Nothing accepted before the stop is lost: the audit then is a prefix
+    // of the audit now, and the follower's service is on every replica.
+    let then = before["audit"].as_array().context("no audit")?;
+    let now = done["audit"].as_array().context("no audit")?;
+    assert_eq!(&now[..then.len()], &then[..]);
+    // And nothing was written while the database was away.
+    for e in now {
+        let t = e["time_ms"].as_u64().unwrap_or(0);
+        assert!(
+            t < stopped_ms || t >= restarted_ms,
+            "written during the outage: {e}"
+        );
+    }
+    for cp in &w.cps {
+        ensure!(
+            cp.get("/v1/services/during-outage").await.is_err(),
+            "a change refused during the outage was applied"
+        );
+        wait::until(
+            "the service accepted before the outage",
+            Duration::from_secs(10),
+            || async { Ok(cp.get("/v1/services/extra").await.is_ok().then_some(())) },
+        )
+        .await?;
+    }
+    for e in &w.envoys {
+        wait::until(
+            "both Envoys on the final weights",
+            Duration::from_secs(20),
+            || async { Ok((weights(e).await? == (100, 0)).then_some(())) },
+        )
+        .await?;
+    }
+    let tally = load.stop().await;
+    assert_eq!(tally.failures(), 0, "{tally:?}");
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

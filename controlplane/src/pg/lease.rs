@@ -195,7 +195,9 @@ impl Leadership {
                     self.lock().lost();
                 }
                 // Unreachable database: the belief runs out on its own.
-                Err(e) => tracing::warn!(replica = %self.me, error = %e, "could not renew the lease"),
+                Err(e) => {
+                    tracing::warn!(replica = %self.me, error = %e, "could not renew the lease")
+                }
             },
             None => match acquire(&self.db, &self.me, &self.api, self.timing.ttl) {
                 Ok(Some(term)) => {
@@ -207,7 +209,9 @@ impl Leadership {
                     self.lock().granted(term, sent, &self.timing);
                 }
                 Ok(None) => {}
-                Err(e) => tracing::debug!(replica = %self.me, error = %e, "could not try the lease"),
+                Err(e) => {
+                    tracing::debug!(replica = %self.me, error = %e, "could not try the lease")
+                }
             },
         }
     }
@@ -285,7 +289,11 @@ mod tests {
         /// The request reaches the database (it was sent at local time `sent`).
         Arrive { who: usize, sent: u64 },
         /// The answer reaches the replica.
-        Answer { who: usize, sent: u64, said: Option<Term> },
+        Answer {
+            who: usize,
+            sent: u64,
+            said: Option<Term>,
+        },
     }
 
     proptest! {

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use postgres::fallible_iterator::FallibleIterator;
 use postgres::Config;
+use postgres::fallible_iterator::FallibleIterator;
 
 use super::{CHANNEL, dial};
 
@@ -95,7 +95,10 @@ mod tests {
     #[test]
     fn payloads_name_what_changed() {
         assert_eq!(Change::parse("state"), Change::State);
-        assert_eq!(Change::parse("rollout:api-3"), Change::Rollout("api-3".into()));
+        assert_eq!(
+            Change::parse("rollout:api-3"),
+            Change::Rollout("api-3".into())
+        );
         assert_eq!(Change::parse("rollout:a:b"), Change::Rollout("a:b".into()));
         assert_eq!(Change::parse("something else"), Change::Reconcile);
     }

@@ -82,7 +82,8 @@ type Job = Box<dyn FnOnce(&mut Option<Client>, Option<String>) + Send>;
 /// One connection to the database, on its own thread.
 pub struct Db {
     jobs: mpsc::Sender<Job>,
-    config: Config,
+    /// Shared by every connection made from this one (it is large).
+    config: std::sync::Arc<Config>,
 }
 
 impl std::fmt::Debug for Db {
@@ -110,7 +111,7 @@ impl Db {
     /// Connects (the first connection must succeed), runs the schema
     /// migrations, and starts the connection's thread.
     pub fn connect(url: &str, name: &str) -> Result<Self, PgError> {
-        let db = Self::start(config(url)?, name);
+        let db = Self::start(std::sync::Arc::new(config(url)?), name);
         // On the connection's thread: the client must not start its
         // runtime on the caller's (maybe async) thread.
         db.call(migrate)?;
@@ -119,12 +120,12 @@ impl Db {
 
     /// Another connection to the same database (no migrations: [`Db::connect`] ran them).
     pub fn another(&self, name: &str) -> Self {
-        Self::start(self.config.clone(), name)
+        Self::start(std::sync::Arc::clone(&self.config), name)
     }
 
-    fn start(config: Config, name: &str) -> Self {
+    fn start(config: std::sync::Arc<Config>, name: &str) -> Self {
         let (jobs, rx) = mpsc::channel::<Job>();
-        let dial_config = config.clone();
+        let dial_config = std::sync::Arc::clone(&config);
         let spawned = std::thread::Builder::new()
             .name(format!("pg-{name}"))
             .spawn(move || {

@@ -130,6 +130,11 @@ pub struct RolloutView {
     pub stage: String,
     pub weights: Weights,
     pub audit: Vec<AuditEntry>,
+    /// Why `audit` is empty although the rollout has one: its database
+    /// could not be read (replicas: PostgreSQL is away). The rest of the
+    /// view is this replica's copy, so it still answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_unavailable: Option<String>,
     /// The engine's panics and persistence failures (all rollouts).
     pub engine: EngineHealth,
 }
@@ -356,7 +361,10 @@ impl Engine {
         }
         self.recover(t)?;
         self.leading.store(term, Ordering::Release);
-        info!(term, "this replica leads: rollouts resumed from the database");
+        info!(
+            term,
+            "this replica leads: rollouts resumed from the database"
+        );
         Ok(())
     }
 
@@ -1350,7 +1358,13 @@ impl Engine {
         let rollout = self
             .get(id)
             .ok_or_else(|| EngineError::Unknown(id.to_owned()))?;
-        let audit = self.db.audit(id)?;
+        let (audit, audit_unavailable) = match self.db.audit(id) {
+            Ok(audit) => (audit, None),
+            Err(e) => {
+                warn!(rollout = %id, error = %e, "the audit log could not be read");
+                (Vec::new(), Some(e.to_string()))
+            }
+        };
         Ok(RolloutView {
             stage: rollout.phase.label(),
             weights: Weights {
@@ -1359,6 +1373,7 @@ impl Engine {
             },
             rollout,
             audit,
+            audit_unavailable,
             engine: self.health(),
         })
     }

@@ -74,7 +74,10 @@ pub struct RolloutStore {
 enum Backend {
     Redb(Database),
     /// Replicas: PostgreSQL, writes made under `fence`'s lease.
-    Shared { db: Db, fence: Fence },
+    Shared {
+        db: Db,
+        fence: Fence,
+    },
 }
 
 impl std::fmt::Debug for RolloutStore {

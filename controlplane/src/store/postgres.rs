@@ -69,12 +69,7 @@ pub enum CommitError {
 /// lease when it is the engine's), announces it and commits the
 /// transaction [`lock_current`] opened. On any error the transaction is
 /// rolled back.
-pub fn commit(
-    db: &Db,
-    expected: i64,
-    doc: Value,
-    fence: Option<Term>,
-) -> Result<i64, CommitError> {
+pub fn commit(db: &Db, expected: i64, doc: Value, fence: Option<Term>) -> Result<i64, CommitError> {
     db.call(move |c| {
         let out = (|| -> Result<Option<i64>, postgres::Error> {
             if let Some(term) = &fence {
@@ -123,7 +118,8 @@ pub fn probe_key(db: &Db) -> Result<ProbeKey, PgError> {
             "INSERT INTO probe_key (id, key) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
             &[&fresh],
         )?;
-        Ok(c.query_one("SELECT key FROM probe_key WHERE id = 1", &[])?.get(0))
+        Ok(c.query_one("SELECT key FROM probe_key WHERE id = 1", &[])?
+            .get(0))
     })?;
     <[u8; 32]>::try_from(stored.as_slice())
         .map(ProbeKey::from_bytes)
