@@ -566,3 +566,120 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+/// The shared state without Envoy (the cheapest level that proves it):
+/// two stores on one database never lose each other's changes, and a write
+/// made under a lease term that has passed is refused by the database
+/// itself (the fence triggers), for the desired state and for rollouts,
+/// while the current term's writes go through.
+#[test]
+fn the_database_refuses_a_passed_term_and_keeps_every_change() -> Result<()> {
+    use std::sync::Arc;
+    use understudy_controlplane::pg::{Db, Fence, PgError, Term, lease};
+    use understudy_controlplane::rollout::store::{RolloutStore, RolloutStoreError};
+    use understudy_controlplane::store::{ChangeError, Store, StoreError};
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let pg = rt.block_on(Postgres::start())?;
+    let stable = "127.0.0.1:1".parse()?;
+    let canary = "127.0.0.1:2".parse()?;
+    let seed = tempfile::tempdir()?;
+    let seed_file = seed.path().join("state.json");
+    std::fs::write(
+        &seed_file,
+        serde_json::to_vec(&desired_state(free_port()?, stable, canary)?)?,
+    )?;
+    let open = |name: &str| -> Result<Store> {
+        let db = Db::connect(&pg.url(), name)?;
+        Ok(Store::open_shared(
+            db,
+            Some(&seed_file),
+            Default::default(),
+        )?)
+    };
+    let a = open("a")?;
+    let b = open("b")?;
+    // Two replicas' operators change different services: both stay.
+    let mut one = a.service(SERVICE)?;
+    one.name = "one".into();
+    one.domains = vec!["one.example".into()];
+    a.put_service(one.clone())?;
+    let mut two = one.clone();
+    two.name = "two".into();
+    two.domains = vec!["two.example".into()];
+    // `b` has not refreshed: its change still applies to the newest document.
+    b.put_service(two)?;
+    assert!(b.service("one").is_ok(), "b's change lost a's");
+    assert!(a.refresh()?, "a did not see b's change");
+    assert!(a.service("two").is_ok());
+    assert_eq!(a.shared_version(), b.shared_version());
+
+    // Leases: `a` leads under term 1, then its lease passes and `b` takes term 2.
+    let setup = Db::connect(&pg.url(), "setup")?;
+    let t1 = lease::acquire(&setup, "a", "", Duration::from_secs(60))?.context("no term")?;
+    let old = Term {
+        holder: "a".into(),
+        term: t1,
+    };
+    let stale: Fence = Arc::new(move || Some(old.clone()));
+    let weight = |store: &Store, w: i64| {
+        let w = understudy_controlplane::model::Weight::try_from(w).expect("a weight");
+        store.set_canary_weight(SERVICE, w)
+    };
+    weight(&a.fenced(Arc::clone(&stale)), 10)?;
+    let rollouts_a = RolloutStore::shared(setup.another("rollouts-a"), Arc::clone(&stale));
+    rollouts_a.save("r-1", &json!({"step": 0}), &["created"])?;
+    setup.call(|c| {
+        c.execute(
+            "UPDATE lease SET expires_at = clock_timestamp() - interval '1 second'",
+            &[],
+        )?;
+        Ok(())
+    })?;
+    let t2 = lease::acquire(&setup, "b", "", Duration::from_secs(60))?.context("no term")?;
+    assert_eq!(t2, t1 + 1);
+    // `a` still names term 1 (a paused leader that believes): refused by
+    // the database, and nothing changes.
+    let refused = weight(&a.fenced(Arc::clone(&stale)), 50);
+    assert!(
+        matches!(
+            refused,
+            Err(ChangeError::Persist(StoreError::Shared(PgError::Fenced(_))))
+        ),
+        "{refused:?}"
+    );
+    let refused = rollouts_a.save("r-1", &json!({"step": 1}), &["step 2"]);
+    assert!(
+        matches!(refused, Err(RolloutStoreError::Shared(PgError::Fenced(_)))),
+        "{refused:?}"
+    );
+    // A write that names no lease at all is refused too (the trigger, not us).
+    let bare = setup.call(|c| {
+        c.execute(
+            "INSERT INTO rollouts (id, record) VALUES ('r-2', '{}')",
+            &[],
+        )?;
+        Ok(())
+    });
+    assert!(matches!(bare, Err(PgError::Fenced(_))), "{bare:?}");
+    // The current term writes.
+    let current = Term {
+        holder: "b".into(),
+        term: t2,
+    };
+    let fresh: Fence = Arc::new(move || Some(current.clone()));
+    weight(&b.fenced(Arc::clone(&fresh)), 30)?;
+    RolloutStore::shared(setup.another("rollouts-b"), fresh).save(
+        "r-1",
+        &json!({"step": 1}),
+        &["step 2"],
+    )?;
+    assert!(a.refresh()?);
+    assert_eq!(a.service(SERVICE)?.canary_weight.percent(), 30);
+    let log: Vec<String> = rollouts_a.audit("r-1")?;
+    assert_eq!(log, ["created", "step 2"]);
+    let records: Vec<Value> = rollouts_a.load_all()?;
+    assert_eq!(records, [json!({"step": 1})]);
+    drop(rt);
+    Ok(())
+}
