@@ -179,7 +179,8 @@ pub async fn run_with_router(
     let registry = Arc::new(Registry::default());
     let usage = Arc::new(evidence::usage::UsageBook::default());
     let shadow = Arc::new(evidence::shadow::ShadowBook::default());
-    // A replica ships what its Envoys report (a tapped book).
+    // A replica ships what its Envoys report (a tapped book, an outbox).
+    let report_outbox = Arc::new(evidence::usage::ReportOutbox::default());
     let metrics = Arc::new(match options.replicas {
         Some(_) => evidence::envoy_stats::MetricsBook::tapped(),
         None => evidence::envoy_stats::MetricsBook::default(),
@@ -203,7 +204,11 @@ pub async fn run_with_router(
         (None, None) => rollout::engine::Engine::new(store.clone(), rollouts, sources)?,
         (None, Some(replica)) => {
             // Only the lease holder decides; its writes carry its term.
-            let started = replicas::start(replica, Arc::clone(&metrics))?;
+            let started = replicas::start(
+                replica,
+                Arc::clone(&metrics),
+                (Arc::clone(&report_outbox), Arc::clone(&shadow)),
+            )?;
             shadow.follow(store.clone());
             let engine = rollout::engine::Engine::standby(
                 Arc::new(xds::router::AdsRouter::new(
@@ -319,7 +324,13 @@ pub async fn run_with_router(
         ))
         .add_service(ads.into_service())
         // Filters report on the same port they already reach for xDS.
-        .add_service(evidence::usage::Reports::new(usage, shadow).into_service())
+        .add_service(
+            match options.replicas {
+                Some(_) => evidence::usage::Reports::new(usage, shadow).sharing(report_outbox),
+                None => evidence::usage::Reports::new(usage, shadow),
+            }
+            .into_service(),
+        )
         // Envoy's stats sink streams on the same port too (`understudy_xds`).
         .add_service(evidence::envoy_stats::MetricsSink::new(Arc::clone(&metrics)).into_service());
     let xds = async move {

@@ -10,18 +10,20 @@
 //!   the rollout engine; its writes (rollout records, audit, the weights it
 //!   sets) name its term and the database refuses them once it has passed.
 //!   The others refuse verbs with `503 not_leader`, naming the leader.
-//! - **Evidence**: every replica ships its Envoys' stats to the database and
-//!   reads the fleet's back ([`crate::evidence::shared`]); the engine judges
-//!   on the fleet's book.
+//! - **Evidence**: every replica ships its Envoys' stats and the filter's
+//!   shadow batches to the database and reads the others' back
+//!   ([`crate::evidence::shared`]); the engine judges on the fleet's.
 //!
-//! Not shared (yet): the filter's shadow and rate-limit reports stay with
-//! the replica that received them.
+//! Not shared: rate-limit usage reports (each replica shares fleet-wide
+//! limits among the Envoys connected to it).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::evidence::envoy_stats::MetricsBook;
+use crate::evidence::shadow::ShadowBook;
 use crate::evidence::shared::SharedEvidence;
+use crate::evidence::usage::ReportOutbox;
 use crate::pg::lease::{Leadership, LeaseTiming};
 use crate::pg::listen::{self, Change};
 use crate::pg::{Db, Fence, PgError};
@@ -57,7 +59,11 @@ pub(crate) struct Started {
 
 /// Starts the lease and evidence threads. `local` is this replica's own
 /// (tapped) stats book.
-pub(crate) fn start(opts: &ReplicaOptions, local: Arc<MetricsBook>) -> Result<Started, PgError> {
+pub(crate) fn start(
+    opts: &ReplicaOptions,
+    local: Arc<MetricsBook>,
+    (reports, shadow): (Arc<ReportOutbox>, Arc<ShadowBook>),
+) -> Result<Started, PgError> {
     let leadership = Arc::new(Leadership::new(
         opts.db.another("lease"),
         &opts.name,
@@ -87,8 +93,8 @@ pub(crate) fn start(opts: &ReplicaOptions, local: Arc<MetricsBook>) -> Result<St
     let shipper = SharedEvidence::new(
         &opts.name,
         opts.db.another("evidence"),
-        local,
-        Arc::clone(&fleet),
+        (local, Arc::clone(&fleet)),
+        (reports, shadow),
     )?;
     std::thread::Builder::new()
         .name("evidence".to_owned())

@@ -683,3 +683,101 @@ fn the_database_refuses_a_passed_term_and_keeps_every_change() -> Result<()> {
     drop(rt);
     Ok(())
 }
+
+/// The filter's shadow batches two replicas receive, shipped through a real
+/// PostgreSQL: each replica's book ends with both replicas' counts, each
+/// exactly once however often they read, and a replica started later (a
+/// new leader) reads the same totals. (Stats flushes: the SIGKILL test
+/// checks one Envoy's canary requests in the database exactly once.)
+#[test]
+fn shipped_evidence_counts_every_report_exactly_once() -> Result<()> {
+    use std::sync::Arc;
+    use understudy_controlplane::evidence::envoy_stats::MetricsBook;
+    use understudy_controlplane::evidence::shadow::ShadowBook;
+    use understudy_controlplane::evidence::shared::SharedEvidence;
+    use understudy_controlplane::evidence::usage::ReportOutbox;
+    use understudy_controlplane::pg::Db;
+    use understudy_proto::v1::{ReportBatch, RouteCounts};
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let pg = rt.block_on(Postgres::start())?;
+    let setup = Db::connect(&pg.url(), "setup")?;
+    struct Replica {
+        shared: SharedEvidence,
+        outbox: Arc<ReportOutbox>,
+        shadow: Arc<ShadowBook>,
+    }
+    let replica = |name: &str| -> Result<Replica> {
+        let outbox = Arc::new(ReportOutbox::default());
+        let shadow = Arc::new(ShadowBook::default());
+        let shared = SharedEvidence::new(
+            name,
+            setup.another(name),
+            (
+                Arc::new(MetricsBook::tapped()),
+                Arc::new(MetricsBook::default()),
+            ),
+            (Arc::clone(&outbox), Arc::clone(&shadow)),
+        )?;
+        Ok(Replica {
+            shared,
+            outbox,
+            shadow,
+        })
+    };
+    let batch = |node: &str, compared: u64, serious: u64| ReportBatch {
+        node_id: node.to_owned(),
+        routes: vec![RouteCounts {
+            route: "checkout".to_owned(),
+            compared,
+            matched: compared - serious,
+            mismatched_serious: serious,
+            unexpected: serious,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let compared = |r: &Replica| -> (u64, u64) {
+        r.shadow
+            .summaries()
+            .into_iter()
+            .find(|s| s.route == "checkout")
+            .map_or((0, 0), |s| (s.live.compared, s.live.mismatched_serious))
+    };
+    let mut a = replica("a")?;
+    let mut b = replica("b")?;
+    // What the report service does on each replica: ingest, and queue.
+    for (r, report) in [
+        (&a, batch("envoy-a", 10, 2)),
+        (&a, batch("envoy-a", 4, 0)),
+        (&b, batch("envoy-b", 5, 1)),
+    ] {
+        r.shadow
+            .ingest(report.clone(), std::time::SystemTime::now());
+        r.outbox.push(&report, Some(report.node_id.clone()));
+    }
+    let now = now_ms();
+    assert_eq!(a.shared.ship_reports(now)?, 2);
+    assert_eq!(b.shared.ship_reports(now)?, 1);
+    for _ in 0..3 {
+        a.shared.read_reports(now)?;
+        b.shared.read_reports(now)?;
+    }
+    assert_eq!(compared(&a), (19, 3), "replica a");
+    assert_eq!(compared(&b), (19, 3), "replica b");
+    // One more batch on b reaches a once.
+    let more = batch("envoy-b", 1, 1);
+    b.shadow.ingest(more.clone(), std::time::SystemTime::now());
+    b.outbox.push(&more, None);
+    b.shared.ship_reports(now)?;
+    a.shared.read_reports(now)?;
+    a.shared.read_reports(now)?;
+    assert_eq!(compared(&a), (20, 4));
+    // A replica that starts now reads everyone's, once.
+    let mut c = replica("c")?;
+    c.shared.read_reports(now)?;
+    c.shared.read_reports(now)?;
+    assert_eq!(compared(&c), (20, 4), "a late replica");
+    drop(rt);
+    Ok(())
+}

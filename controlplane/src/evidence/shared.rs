@@ -13,6 +13,14 @@
 //! each replica never skips a row and never reads one twice. (A global
 //! serial would not do: two replicas' transactions commit in any order.)
 //!
+//! # The filter's shadow reports
+//! A replica ingests the shadow batches its Envoys push into its own book
+//! at once (as without replicas) and also ships them, as received, to
+//! `report_batches`; it reads the *other* replicas' batches into the same
+//! book. So each book holds every batch once, and the leader's shadow
+//! stage is judged on the whole fleet's pairs. (Rate-limit usage reports
+//! stay local: each replica shares its limits among its own Envoys.)
+//!
 //! # Bounded
 //! A batch is at most [`BATCH`] rows; the outbox keeps [`super::envoy_stats::MAX_OUTBOX`]
 //! flushes while the database is away, then drops the oldest (counted).
@@ -22,8 +30,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prost::Message;
+use understudy_proto::v1::ReportBatch;
+
 use super::envoy_stats::{MetricsBook, NodeId, RETENTION_MS, Sample};
+use super::shadow::{Origin, ShadowBook};
+use super::usage::ReportOutbox;
 use crate::pg::{Db, PgError};
+
+/// Shadow batches shipped or read per round (a batch can be large).
+pub const REPORT_BATCH: usize = 200;
 
 /// Rows shipped or read per round.
 pub const BATCH: usize = 5_000;
@@ -43,6 +59,12 @@ pub struct SharedEvidence {
     /// The last `seq` read of each replica.
     cursors: HashMap<String, i64>,
     last_prune_ms: u64,
+    /// Shadow batches this replica received, to ship.
+    reports: Arc<ReportOutbox>,
+    /// The one shadow book, which this replica's own batches reached already.
+    shadow: Arc<ShadowBook>,
+    next_report_seq: i64,
+    report_cursors: HashMap<String, i64>,
 }
 
 impl std::fmt::Debug for SharedEvidence {
@@ -58,16 +80,17 @@ impl SharedEvidence {
     pub fn new(
         me: &str,
         db: Db,
-        local: Arc<MetricsBook>,
-        fleet: Arc<MetricsBook>,
+        (local, fleet): (Arc<MetricsBook>, Arc<MetricsBook>),
+        (reports, shadow): (Arc<ReportOutbox>, Arc<ShadowBook>),
     ) -> Result<Self, PgError> {
         let name = me.to_owned();
-        let next_seq = db.call(move |c| {
-            Ok(c.query_one(
-                "SELECT coalesce(max(seq) + 1, 0) FROM stat_samples WHERE replica = $1",
+        let (next_seq, next_report_seq) = db.call(move |c| {
+            let row = c.query_one(
+                "SELECT (SELECT coalesce(max(seq) + 1, 0) FROM stat_samples WHERE replica = $1), \
+                        (SELECT coalesce(max(seq) + 1, 0) FROM report_batches WHERE replica = $1)",
                 &[&name],
-            )?
-            .get(0))
+            )?;
+            Ok((row.get(0), row.get(1)))
         })?;
         Ok(Self {
             me: me.to_owned(),
@@ -77,7 +100,92 @@ impl SharedEvidence {
             next_seq,
             cursors: HashMap::new(),
             last_prune_ms: 0,
+            reports,
+            shadow,
+            next_report_seq,
+            report_cursors: HashMap::new(),
         })
+    }
+
+    /// Ships the shadow batches this replica received since the last round.
+    pub fn ship_reports(&mut self, now_ms: u64) -> Result<usize, PgError> {
+        let batch = self.reports.take(REPORT_BATCH);
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let first = self.next_report_seq;
+        let me = self.me.clone();
+        let at = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, Vec<u8>, Option<String>)> = batch
+            .iter()
+            .zip(first..)
+            .map(|((bytes, id), seq)| (seq, bytes.clone(), id.clone()))
+            .collect();
+        let n = rows.len();
+        match self.db.call(move |c| {
+            let mut tx = c.transaction()?;
+            let stmt = tx.prepare(
+                "INSERT INTO report_batches (replica, seq, at_ms, identity, batch) VALUES ($1, $2, $3, $4, $5)",
+            )?;
+            for (seq, bytes, id) in &rows {
+                tx.execute(&stmt, &[&me, seq, &at, id, bytes])?;
+            }
+            tx.commit()?;
+            Ok(())
+        }) {
+            Ok(()) => {
+                self.next_report_seq = first.saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
+                Ok(n)
+            }
+            Err(e) => {
+                self.reports.put_back(batch);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the other replicas' shadow batches after the cursors into the
+    /// shadow book (this replica's own reached it when they arrived).
+    pub fn read_reports(&mut self, now_ms: u64) -> Result<usize, PgError> {
+        let (names, seqs): (Vec<String>, Vec<i64>) = self
+            .report_cursors
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .unzip();
+        let horizon = i64::try_from(now_ms.saturating_sub(RETENTION_MS)).unwrap_or(i64::MAX);
+        let limit = i64::try_from(REPORT_BATCH).unwrap_or(i64::MAX);
+        let me = self.me.clone();
+        let rows: Vec<(String, i64, Option<String>, Vec<u8>)> = self.db.call(move |c| {
+            Ok(c.query(
+                "SELECT b.replica, b.seq, b.identity, b.batch FROM report_batches b \
+                 LEFT JOIN unnest($1::text[], $2::int8[]) AS c(replica, seq) ON c.replica = b.replica \
+                 WHERE b.replica <> $5 AND b.seq > coalesce(c.seq, -1) AND b.at_ms > $3 \
+                 ORDER BY b.replica, b.seq LIMIT $4",
+                &[&names, &seqs, &horizon, &limit, &me],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+        })?;
+        let n = rows.len();
+        for (replica, seq, identity, bytes) in rows {
+            match ReportBatch::decode(bytes.as_slice()) {
+                Ok(batch) => {
+                    let origin = match identity {
+                        Some(identity) => Origin::Verified { identity },
+                        None => Origin::Unverified,
+                    };
+                    self.shadow
+                        .ingest_from(batch, origin, std::time::SystemTime::now());
+                }
+                // One bad row must not stop the fleet's evidence.
+                Err(e) => {
+                    tracing::warn!(replica, seq, error = %e, "a shared report batch does not decode")
+                }
+            }
+            self.report_cursors.insert(replica, seq);
+        }
+        Ok(n)
     }
 
     /// Ships what this replica's book recorded since the last round; on a
@@ -177,6 +285,10 @@ impl SharedEvidence {
                 "DELETE FROM stat_samples WHERE replica = $1 AND at_ms <= $2",
                 &[&me, &horizon],
             )?;
+            c.execute(
+                "DELETE FROM report_batches WHERE replica = $1 AND at_ms <= $2",
+                &[&me, &horizon],
+            )?;
             Ok(())
         })
     }
@@ -191,6 +303,12 @@ impl SharedEvidence {
             }
             if let Err(e) = self.read(now) {
                 tracing::debug!(error = %e, "fleet evidence not read");
+            }
+            if let Err(e) = self.ship_reports(now) {
+                tracing::debug!(error = %e, "shadow reports not shipped yet");
+            }
+            if let Err(e) = self.read_reports(now) {
+                tracing::debug!(error = %e, "other replicas' shadow reports not read");
             }
             if let Err(e) = self.prune(now) {
                 tracing::debug!(error = %e, "old evidence not pruned");

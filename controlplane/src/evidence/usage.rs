@@ -270,16 +270,104 @@ impl UsageBook {
     }
 }
 
+/// Replicas: the shadow batches this replica received, encoded, waiting to
+/// be shipped to the other replicas ([`crate::evidence::shared`]). Bounded
+/// by bytes: when full, the oldest is dropped and counted.
+#[derive(Debug, Default)]
+pub struct ReportOutbox {
+    queue: Mutex<OutboxQueue>,
+}
+
+#[derive(Debug, Default)]
+struct OutboxQueue {
+    /// (encoded `ReportBatch`, the sender's verified identity)
+    items: std::collections::VecDeque<(Vec<u8>, Option<String>)>,
+    bytes: usize,
+    dropped: u64,
+}
+
+/// Bytes of batches an outbox holds (the database away for that long).
+pub const MAX_REPORT_OUTBOX_BYTES: usize = 64 << 20;
+
+impl OutboxQueue {
+    fn make_room(&mut self, n: usize) {
+        while self.bytes.saturating_add(n) > MAX_REPORT_OUTBOX_BYTES {
+            let Some((old, _)) = self.items.pop_front() else {
+                break;
+            };
+            self.bytes = self.bytes.saturating_sub(old.len());
+            self.dropped = self.dropped.saturating_add(1);
+        }
+    }
+}
+
+impl ReportOutbox {
+    fn lock(&self) -> MutexGuard<'_, OutboxQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a batch as received from a sender of `identity` (`None`: unverified).
+    pub fn push(&self, batch: &ReportBatch, identity: Option<String>) {
+        let bytes = prost::Message::encode_to_vec(batch);
+        let mut q = self.lock();
+        q.make_room(bytes.len());
+        q.bytes = q.bytes.saturating_add(bytes.len());
+        q.items.push_back((bytes, identity));
+    }
+
+    /// Up to `max` batches, oldest first.
+    pub fn take(&self, max: usize) -> Vec<(Vec<u8>, Option<String>)> {
+        let mut q = self.lock();
+        let n = q.items.len().min(max);
+        let out: Vec<_> = q.items.drain(..n).collect();
+        let taken: usize = out.iter().map(|(b, _)| b.len()).sum();
+        q.bytes = q.bytes.saturating_sub(taken);
+        out
+    }
+
+    /// Puts batches that could not be shipped back at the front, in order
+    /// (dropping the oldest if they no longer fit).
+    pub fn put_back(&self, batch: Vec<(Vec<u8>, Option<String>)>) {
+        let mut q = self.lock();
+        for item in batch.into_iter().rev() {
+            if q.bytes.saturating_add(item.0.len()) > MAX_REPORT_OUTBOX_BYTES {
+                q.dropped = q.dropped.saturating_add(1);
+                continue;
+            }
+            q.bytes = q.bytes.saturating_add(item.0.len());
+            q.items.push_front(item);
+        }
+    }
+
+    /// Batches dropped since start because the outbox was full.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+}
+
 /// The gRPC service the filters report to.
 #[derive(Clone)]
 pub struct Reports {
     book: Arc<UsageBook>,
     shadow: Arc<ShadowBook>,
+    /// Replicas: every accepted shadow batch is also queued here.
+    outbox: Option<Arc<ReportOutbox>>,
 }
 
 impl Reports {
     pub fn new(book: Arc<UsageBook>, shadow: Arc<ShadowBook>) -> Self {
-        Self { book, shadow }
+        Self {
+            book,
+            shadow,
+            outbox: None,
+        }
+    }
+
+    /// Replicas: shadow batches are ingested here and queued in `outbox`
+    /// for the other replicas.
+    pub fn sharing(mut self, outbox: Arc<ReportOutbox>) -> Self {
+        self.outbox = Some(outbox);
+        self
     }
 
     pub fn into_service(self) -> ReportServiceServer<Self> {
@@ -299,12 +387,16 @@ impl ReportService for Reports {
         let batch = request.into_inner();
         crate::tls::authorize(&peer, &batch.node_id, "shadow report")?;
         let node = batch.node_id.clone();
-        let origin = match peer.verified() {
+        let identity = peer.verified().map(str::to_owned);
+        let origin = match &identity {
             Some(id) => crate::evidence::shadow::Origin::Verified {
-                identity: id.to_owned(),
+                identity: id.clone(),
             },
             None => crate::evidence::shadow::Origin::Unverified,
         };
+        if let Some(outbox) = &self.outbox {
+            outbox.push(&batch, identity);
+        }
         let got = self.shadow.ingest_from(batch, origin, SystemTime::now());
         if got.rejected > 0 {
             tracing::warn!(
