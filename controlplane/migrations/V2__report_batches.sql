@@ -12,3 +12,12 @@ CREATE TABLE report_batches (
     PRIMARY KEY (replica, seq)
 );
 CREATE INDEX report_batches_at ON report_batches (at_ms);
+
+-- How many Envoys each replica serves, so fleet-wide rate limits are
+-- divided among the whole fleet's Envoys, not each replica's. A replica
+-- that stops refreshing its row (dead) drops out after a few seconds.
+CREATE TABLE fleet (
+    replica text        PRIMARY KEY,
+    envoys  bigint      NOT NULL,
+    seen_at timestamptz NOT NULL
+);

@@ -285,6 +285,9 @@ pub async fn run_with_router(
                 fleet_store.set_fleet_size(usage.reporters_since(since));
             }
         });
+    } else if let Some(replica) = &options.replicas {
+        // Every replica's Envoys share the limits, not this replica's alone.
+        replicas::count_fleet(replica, registry.fleet(), fleet_store)?;
     } else {
         let mut fleet = registry.fleet();
         tokio::spawn(async move {

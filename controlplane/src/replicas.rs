@@ -14,8 +14,11 @@
 //!   shadow batches to the database and reads the others' back
 //!   ([`crate::evidence::shared`]); the engine judges on the fleet's.
 //!
-//! Not shared: rate-limit usage reports (each replica shares fleet-wide
-//! limits among the Envoys connected to it).
+//! - **Fleet size**: each replica publishes how many Envoys it serves;
+//!   fleet-wide rate limits are divided among the sum ([`count_fleet`]).
+//!
+//! Not shared: rate-limit usage reports (the top-tenants view of a replica
+//! shows its own Envoys').
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -106,6 +109,58 @@ pub(crate) fn start(
         rollouts: RolloutStore::shared(opts.db.another("rollouts"), fence),
         fleet,
     })
+}
+
+/// How often a replica publishes its Envoy count and reads the fleet's.
+pub const FLEET_PERIOD: Duration = Duration::from_secs(1);
+/// A replica whose count is older than this is counted out (it died).
+pub const FLEET_STALE: Duration = Duration::from_secs(5);
+
+/// Fleet-wide rate limits are divided among every replica's Envoys: each
+/// replica publishes how many it serves, and sets the sum in its store.
+pub(crate) fn count_fleet(
+    opts: &ReplicaOptions,
+    local: tokio::sync::watch::Receiver<usize>,
+    store: Store,
+) -> Result<(), PgError> {
+    let db = opts.db.another("fleet");
+    let me = opts.name.clone();
+    std::thread::Builder::new()
+        .name("fleet".to_owned())
+        .spawn(move || {
+            loop {
+                let started = std::time::Instant::now();
+                let mine = i64::try_from(*local.borrow()).unwrap_or(i64::MAX);
+                let name = me.clone();
+                let stale = FLEET_STALE.as_secs_f64();
+                match db.call(move |c| {
+                    c.execute(
+                        "INSERT INTO fleet (replica, envoys, seen_at) VALUES ($1, $2, clock_timestamp()) \
+                         ON CONFLICT (replica) DO UPDATE SET envoys = EXCLUDED.envoys, seen_at = EXCLUDED.seen_at",
+                        &[&name, &mine],
+                    )?;
+                    let row = c.query_one(
+                        "SELECT coalesce(sum(envoys), 0)::bigint FROM fleet \
+                         WHERE seen_at > clock_timestamp() - make_interval(secs => $1)",
+                        &[&stale],
+                    )?;
+                    Ok(row.get::<_, i64>(0))
+                }) {
+                    Ok(n) => store.set_fleet_size(usize::try_from(n).unwrap_or(usize::MAX)),
+                    // The database away: this replica's own count is the
+                    // best it knows (never zero: set_fleet_size floors at 1).
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fleet size not shared");
+                        store.set_fleet_size(usize::try_from(mine).unwrap_or(usize::MAX));
+                    }
+                }
+                if let Some(rest) = FLEET_PERIOD.checked_sub(started.elapsed()) {
+                    std::thread::park_timeout(rest);
+                }
+            }
+        })
+        .map_err(|e| PgError::Db(format!("could not start the fleet thread: {e}")))?;
+    Ok(())
 }
 
 /// Keeps this replica's copies in step with the database: the desired

@@ -30,7 +30,11 @@ struct TopQuery {
 
 #[derive(Serialize)]
 struct TopTenants {
+    /// Envoys connected to this control plane.
     envoys: usize,
+    /// Envoys fleet-wide limits are divided among (with replicas: every
+    /// replica's).
+    sharing_limits: usize,
     reports: u64,
     dropped_by_filters: u64,
     /// Tenant entries the book refused (names too long, caps reached).
@@ -46,6 +50,7 @@ async fn top_tenants(
     let envoys = *s.registry.fleet().borrow();
     Json(TopTenants {
         envoys,
+        sharing_limits: s.store.fleet(),
         reports,
         dropped_by_filters: dropped,
         refused: s.usage.refused(),
