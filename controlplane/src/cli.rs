@@ -117,10 +117,9 @@ pub enum Command {
         /// Run as one of several replicas on this PostgreSQL database
         /// (`postgres://user@host:port/db`): the desired state, rollouts
         /// and evidence live there, and one replica at a time (the lease
-        /// holder) runs rollouts. Without it: the state file and redb. The
-        /// password, if any, is best passed in `PGPASSWORD`-free form in
-        /// the URL from a secret (the URL is read from the environment
-        /// variable too).
+        /// holder) runs rollouts. Without it: the state file and redb. A
+        /// URL with a password is best given in UNDERSTUDY_DATABASE: the
+        /// command line is visible to every user of the machine.
         #[arg(long, env = "UNDERSTUDY_DATABASE")]
         database: Option<String>,
         /// Replicas: this replica's name, unique among them (it names the

@@ -199,6 +199,8 @@ pub async fn run_with_router(
     };
     // In a mesh, istiod (not our ADS) serves the proxies.
     let in_mesh = router.is_some();
+    // Replicas: the lease, given up on a clean shutdown.
+    let mut leadership = None;
     // Every stored rollout resumes where it was.
     let engine = Arc::new(match (router, &options.replicas) {
         (None, None) => rollout::engine::Engine::new(store.clone(), rollouts, sources)?,
@@ -222,6 +224,7 @@ pub async fn run_with_router(
                 started.rollouts,
             )?;
             let _ = engine.lead_with(started.leader);
+            leadership = Some(started.leadership);
             engine
         }
         (Some(_), Some(_)) => return Err(RunError::ReplicasNeedAds),
@@ -379,6 +382,10 @@ pub async fn run_with_router(
         r = xds => r?,
         r = api => r?,
         () = shutdown => info!("shutting down"),
+    }
+    // A follower takes over at once rather than after the lease.
+    if let Some(leadership) = leadership {
+        leadership.step_down();
     }
     Ok(())
 }

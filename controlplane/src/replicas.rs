@@ -53,6 +53,8 @@ pub struct ReplicaOptions {
 
 /// What [`start`] gives the engine's wiring.
 pub(crate) struct Started {
+    /// This replica's side of the election (to step down on shutdown).
+    pub leadership: Arc<Leadership>,
     pub fence: Fence,
     pub leader: Leader,
     pub rollouts: RolloutStore,
@@ -104,6 +106,7 @@ pub(crate) fn start(
         .spawn(move || shipper.run())
         .map_err(|e| PgError::Db(format!("could not start the evidence thread: {e}")))?;
     Ok(Started {
+        leadership,
         fence: Arc::clone(&fence),
         leader,
         rollouts: RolloutStore::shared(opts.db.another("rollouts"), fence),

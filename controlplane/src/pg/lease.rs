@@ -142,6 +142,8 @@ pub struct Leadership {
     db: Db,
     epoch: Instant,
     belief: Mutex<Belief>,
+    /// Set by [`Leadership::step_down`]: no more rounds.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Leadership {
@@ -162,6 +164,7 @@ impl Leadership {
             db,
             epoch: Instant::now(),
             belief: Mutex::new(Belief::default()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -185,6 +188,9 @@ impl Leadership {
 
     /// One round: renew the held term, or try to take an expired lease.
     pub fn round(&self) {
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let sent = self.now();
         let held = self.term();
         match held {
@@ -235,6 +241,8 @@ impl Leadership {
     /// Gives the lease up if held (a clean shutdown), so a follower takes
     /// over at once instead of after the lease.
     pub fn step_down(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
         let held = self.term();
         self.lock().lost();
         if let Some(term) = held

@@ -226,7 +226,7 @@ pub fn fence_term(fence: &Fence) -> Result<Term, PgError> {
 
 /// Inside a transaction: names the lease its writes are made under, for the
 /// fence triggers (settings local to the transaction).
-pub fn set_fence(tx: &mut postgres::Transaction<'_>, term: &Term) -> Result<(), PgError> {
+pub fn set_fence(tx: &mut impl postgres::GenericClient, term: &Term) -> Result<(), PgError> {
     tx.execute(
         "SELECT set_config('understudy.holder', $1, true), set_config('understudy.term', $2, true)",
         &[&term.holder, &term.term.to_string()],
@@ -239,7 +239,7 @@ pub fn set_fence(tx: &mut postgres::Transaction<'_>, term: &Term) -> Result<(), 
 pub const CHANNEL: &str = "understudy";
 
 /// Inside a transaction: announces `what` to every replica (delivered at commit).
-pub fn notify(tx: &mut postgres::Transaction<'_>, what: &str) -> Result<(), PgError> {
+pub fn notify(tx: &mut impl postgres::GenericClient, what: &str) -> Result<(), PgError> {
     tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &what])?;
     Ok(())
 }

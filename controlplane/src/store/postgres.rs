@@ -71,12 +71,9 @@ pub enum CommitError {
 /// rolled back.
 pub fn commit(db: &Db, expected: i64, doc: Value, fence: Option<Term>) -> Result<i64, CommitError> {
     db.call(move |c| {
-        let out = (|| -> Result<Option<i64>, postgres::Error> {
+        let out = (|| -> Result<Option<i64>, PgError> {
             if let Some(term) = &fence {
-                c.execute(
-                    "SELECT set_config('understudy.holder', $1, true), set_config('understudy.term', $2, true)",
-                    &[&term.holder, &term.term.to_string()],
-                )?;
+                pg::set_fence(c, term)?;
             }
             let n = c.execute(
                 "UPDATE desired_state SET doc = $1, version = version + 1 WHERE id = 1 AND version = $2",
@@ -85,7 +82,7 @@ pub fn commit(db: &Db, expected: i64, doc: Value, fence: Option<Term>) -> Result
             if n == 0 {
                 return Ok(None);
             }
-            c.execute("SELECT pg_notify($1, 'state')", &[&pg::CHANNEL])?;
+            pg::notify(c, "state")?;
             c.batch_execute("COMMIT")?;
             Ok(Some(expected + 1))
         })();
@@ -97,7 +94,7 @@ pub fn commit(db: &Db, expected: i64, doc: Value, fence: Option<Term>) -> Result
             }
             Err(e) => {
                 let _ = c.batch_execute("ROLLBACK");
-                Err(PgError::from(e))
+                Err(e)
             }
         }
     })?
