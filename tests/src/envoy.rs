@@ -199,6 +199,20 @@ impl Envoy {
         Ok(self.http.get(url).send().await?.json().await?)
     }
 
+    /// `service`'s applied weights, `(stable, canary)` (clusters
+    /// `<service>-stable` and `<service>-canary` of [`Envoy::route_weights`]).
+    pub async fn service_weights(&self, service: &str) -> Result<(u64, u64)> {
+        let mut w = (0, 0);
+        for (cluster, weight) in self.route_weights().await? {
+            if cluster == format!("{service}-stable") {
+                w.0 = weight;
+            } else if cluster == format!("{service}-canary") {
+                w.1 = weight;
+            }
+        }
+        Ok(w)
+    }
+
     /// `(cluster, weight)` of the first weighted route in the dynamic route configs.
     pub async fn route_weights(&self) -> Result<Vec<(String, u64)>> {
         let dump = self.config_dump("dynamic_route_configs").await?;

@@ -25,15 +25,7 @@ fn now_ms() -> u64 {
 
 /// Envoy's applied weights for the service, `(stable, canary)`.
 async fn weights(envoy: &Envoy) -> Result<(u64, u64)> {
-    let mut w = (0, 0);
-    for (cluster, weight) in envoy.route_weights().await? {
-        if cluster == format!("{SERVICE}-stable") {
-            w.0 = weight;
-        } else if cluster == format!("{SERVICE}-canary") {
-            w.1 = weight;
-        }
-    }
-    Ok(w)
+    envoy.service_weights(SERVICE).await
 }
 
 async fn wait_weights(envoy: &Envoy, want: (u64, u64), deadline: Duration) -> Result<()> {

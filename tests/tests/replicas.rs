@@ -223,17 +223,34 @@ async fn wait_leader(
     .await
 }
 
+/// Waits until the rollout at `path` ends (neither canary nor shadow); its view.
+async fn wait_end(cp: &ControlPlaneProcess, path: &str, deadline: Duration) -> Result<Value> {
+    wait::until("the rollout to end", deadline, || async {
+        let r = cp.get(path).await?;
+        Ok(r["phase"]["state"]
+            .as_str()
+            .is_some_and(|s| s != "canary" && s != "shadow")
+            .then_some(r))
+    })
+    .await
+}
+
+/// Waits until every Envoy applies `want` (stable, canary).
+async fn wait_weights(envoys: &[Envoy], want: (u64, u64)) -> Result<()> {
+    for e in envoys {
+        wait::until(
+            &format!("every Envoy at {want:?}"),
+            Duration::from_secs(20),
+            || async { Ok((weights(e).await? == want).then_some(())) },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Envoy's applied weights for the service, `(stable, canary)`.
 async fn weights(envoy: &Envoy) -> Result<(u64, u64)> {
-    let mut w = (0, 0);
-    for (cluster, weight) in envoy.route_weights().await? {
-        if cluster == format!("{SERVICE}-stable") {
-            w.0 = weight;
-        } else if cluster == format!("{SERVICE}-canary") {
-            w.1 = weight;
-        }
-    }
-    Ok(w)
+    envoy.service_weights(SERVICE).await
 }
 
 fn spec(steps: Value) -> Value {
@@ -305,12 +322,7 @@ async fn a_killed_leader_is_replaced_and_the_rollout_goes_on() -> Result<()> {
         },
     )
     .await?;
-    for e in &w.envoys {
-        wait::until("both Envoys at 50/50", Duration::from_secs(20), || async {
-            Ok((weights(e).await? == (50, 50)).then_some(()))
-        })
-        .await?;
-    }
+    wait_weights(&w.envoys, (50, 50)).await?;
     // The evidence of both Envoys counts: the fleet's windows include
     // envoy-b, whose stats reach a follower only.
     let judged = w.cps[leader].get(&path).await?;
@@ -343,14 +355,7 @@ async fn a_killed_leader_is_replaced_and_the_rollout_goes_on() -> Result<()> {
     assert_eq!(resumed["phase"], before["phase"], "{resumed:#}");
     assert_eq!(resumed["phase_started_ms"], before["phase_started_ms"]);
 
-    let done = wait::until("the rollout to end", Duration::from_secs(90), || async {
-        let r = w.cps[next].get(&path).await?;
-        Ok(r["phase"]["state"]
-            .as_str()
-            .is_some_and(|s| s != "canary" && s != "shadow")
-            .then_some(r))
-    })
-    .await?;
+    let done = wait_end(&w.cps[next], &path, Duration::from_secs(90)).await?;
     assert_eq!(done["phase"]["state"], "succeeded", "{:#}", done["audit"]);
     // Each step entered once, in order, whoever led.
     let steps: Vec<String> = transitions(&done).into_iter().map(|(_, to)| to).collect();
@@ -367,14 +372,7 @@ async fn a_killed_leader_is_replaced_and_the_rollout_goes_on() -> Result<()> {
         .collect();
     assert_eq!(entered, expected, "{:#}", done["audit"]);
     // Both Envoys end on the final weights (the canary promoted, all on stable).
-    for e in &w.envoys {
-        wait::until(
-            "both Envoys on the final weights",
-            Duration::from_secs(20),
-            || async { Ok((weights(e).await? == (100, 0)).then_some(())) },
-        )
-        .await?;
-    }
+    wait_weights(&w.envoys, (100, 0)).await?;
     let tally = load.stop().await;
     assert_eq!(tally.failures(), 0, "{tally:?}");
     assert!(tally.total > 200, "{tally:?}");
@@ -470,12 +468,7 @@ async fn a_database_outage_holds_the_rollout_and_loses_nothing() -> Result<()> {
     ensure!(status == 201, "creating the rollout: {status} {created}");
     let id = created["id"].as_str().context("no id")?.to_owned();
     let path = format!("/v1/rollouts/{id}");
-    for e in &w.envoys {
-        wait::until("both Envoys at 80/20", Duration::from_secs(20), || async {
-            Ok((weights(e).await? == (80, 20)).then_some(()))
-        })
-        .await?;
-    }
+    wait_weights(&w.envoys, (80, 20)).await?;
     let before = w.cps[leader].get(&path).await?;
     let term_before: i64 = db_rows(&w.pg, "SELECT term FROM lease").await?[0][0].parse()?;
 
@@ -534,14 +527,7 @@ async fn a_database_outage_holds_the_rollout_and_loses_nothing() -> Result<()> {
         term_after > term_before,
         "terms {term_before} → {term_after}"
     );
-    let done = wait::until("the rollout to end", Duration::from_secs(60), || async {
-        let r = w.cps[next].get(&path).await?;
-        Ok(r["phase"]["state"]
-            .as_str()
-            .is_some_and(|s| s != "canary" && s != "shadow")
-            .then_some(r))
-    })
-    .await?;
+    let done = wait_end(&w.cps[next], &path, Duration::from_secs(60)).await?;
     assert_eq!(done["phase"]["state"], "succeeded", "{:#}", done["audit"]);
     // Nothing accepted before the stop is lost: the audit then is a prefix
     // of the audit now, and the follower's service is on every replica.
@@ -568,14 +554,7 @@ async fn a_database_outage_holds_the_rollout_and_loses_nothing() -> Result<()> {
         )
         .await?;
     }
-    for e in &w.envoys {
-        wait::until(
-            "both Envoys on the final weights",
-            Duration::from_secs(20),
-            || async { Ok((weights(e).await? == (100, 0)).then_some(())) },
-        )
-        .await?;
-    }
+    wait_weights(&w.envoys, (100, 0)).await?;
     let tally = load.stop().await;
     assert_eq!(tally.failures(), 0, "{tally:?}");
     Ok(())

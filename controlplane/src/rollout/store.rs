@@ -214,16 +214,7 @@ impl RolloutStore {
         let db = match &self.backend {
             Backend::Redb(db) => db,
             Backend::Shared { db, .. } => {
-                let rows: Vec<serde_json::Value> = db.call(|c| {
-                    Ok(c.query("SELECT record FROM rollouts ORDER BY id", &[])?
-                        .iter()
-                        .map(|r| r.get(0))
-                        .collect())
-                })?;
-                return Ok(rows
-                    .into_iter()
-                    .map(serde_json::from_value)
-                    .collect::<Result<_, _>>()?);
+                return shared_read(db, "SELECT record FROM rollouts ORDER BY id", None);
             }
         };
         let txn = db.begin_read().map_err(db_err)?;
@@ -241,20 +232,11 @@ impl RolloutStore {
         let db = match &self.backend {
             Backend::Redb(db) => db,
             Backend::Shared { db, .. } => {
-                let id = id.to_owned();
-                let rows: Vec<serde_json::Value> = db.call(move |c| {
-                    Ok(c.query(
-                        "SELECT entry FROM audit WHERE rollout = $1 ORDER BY seq",
-                        &[&id],
-                    )?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect())
-                })?;
-                return Ok(rows
-                    .into_iter()
-                    .map(serde_json::from_value)
-                    .collect::<Result<_, _>>()?);
+                return shared_read(
+                    db,
+                    "SELECT entry FROM audit WHERE rollout = $1 ORDER BY seq",
+                    Some(id),
+                );
             }
         };
         let txn = db.begin_read().map_err(db_err)?;
@@ -266,6 +248,26 @@ impl RolloutStore {
         }
         Ok(out)
     }
+}
+
+/// The JSON documents `sql` selects (one column; `$1` is `param` if given), decoded.
+fn shared_read<T: DeserializeOwned>(
+    db: &Db,
+    sql: &'static str,
+    param: Option<&str>,
+) -> Result<Vec<T>, RolloutStoreError> {
+    let param = param.map(str::to_owned);
+    let rows: Vec<serde_json::Value> = db.call(move |c| {
+        let rows = match &param {
+            Some(p) => c.query(sql, &[p])?,
+            None => c.query(sql, &[])?,
+        };
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<Result<_, _>>()?)
 }
 
 /// One fenced transaction: the record (if any) and the audit entries after
