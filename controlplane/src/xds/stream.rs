@@ -17,6 +17,7 @@
 //!   protocol specifies.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::ControlPlane;
@@ -24,6 +25,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use serde::Serialize;
 
 use crate::xds::resources::{Snapshot, type_url};
+use crate::xds::wire::Wire;
 
 /// A rejected config, as Envoy reported it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -50,6 +52,8 @@ pub enum RequestEvent {
     Stale { type_url: String },
     /// A type Understudy does not serve; it gets no response.
     Unknown { type_url: String },
+    /// A request over a bound (too many names, too long a name): the stream ends.
+    Invalid { reason: String },
 }
 
 /// Bookkeeping for one type URL on one stream.
@@ -170,7 +174,7 @@ impl AdsStream {
         &mut self,
         snapshot: &Snapshot,
         control_plane_id: &str,
-    ) -> Vec<DiscoveryResponse> {
+    ) -> Vec<Wire<DiscoveryResponse>> {
         let mut out = Vec::new();
         for i in 0..self.types.len() {
             let (url, st) = &self.types[i];
@@ -198,11 +202,12 @@ impl AdsStream {
             if !due {
                 continue;
             }
+            // Shared bytes, encoded once per snapshot: no per-stream copy.
             let resources = desired
-                .resources
+                .encoded
                 .iter()
                 .filter(|(name, _)| wildcard || names.contains(*name))
-                .map(|(_, any)| any.clone())
+                .map(|(_, enc)| Arc::clone(&enc.any))
                 .collect();
             self.next_nonce += 1;
             let nonce = self.next_nonce.to_string();
@@ -213,16 +218,18 @@ impl AdsStream {
             st.awaiting_reply = true;
             st.force_resend = false;
             st.responses_sent += 1;
-            out.push(DiscoveryResponse {
-                version_info: desired.version.clone(),
+            out.push(Wire::new(
+                DiscoveryResponse {
+                    version_info: desired.version.clone(),
+                    type_url: url.to_owned(),
+                    nonce,
+                    control_plane: Some(ControlPlane {
+                        identifier: control_plane_id.to_owned(),
+                    }),
+                    ..Default::default()
+                },
                 resources,
-                type_url: url.to_owned(),
-                nonce,
-                control_plane: Some(ControlPlane {
-                    identifier: control_plane_id.to_owned(),
-                }),
-                ..Default::default()
-            });
+            ));
             if url == type_url::CLUSTER
                 && let Some((_, eds)) = self
                     .types
