@@ -35,7 +35,9 @@ pub struct Admission<C: Clock = DefaultClock> {
 
 /// The bucket's shape was impossible (a zero rate or burst).
 #[derive(Debug, thiserror::Error)]
-#[error("the ADS admission rate and burst must both be at least 1 (got {per_second}/s, burst {burst})")]
+#[error(
+    "the ADS admission rate and burst must both be at least 1 (got {per_second}/s, burst {burst})"
+)]
 pub struct InvalidAdmission {
     pub per_second: u32,
     pub burst: u32,

@@ -252,9 +252,7 @@ impl DeltaStream {
             let mut resources = Vec::new();
             let mut updated = Vec::new();
             for (name, enc) in &desired.encoded {
-                if st.wants(name)
-                    && (st.resend_all || st.known.get(name) != Some(&enc.version))
-                {
+                if st.wants(name) && (st.resend_all || st.known.get(name) != Some(&enc.version)) {
                     resources.push(Arc::clone(&enc.delta));
                     updated.push((name.clone(), enc.version.clone()));
                 }
@@ -433,7 +431,10 @@ mod tests {
             ["cds", "eds", "lds", "rds", "ecds"]
         );
         assert_eq!(s.node_id(), Some("envoy-1"));
-        assert!(s.pending(&snap, "cp").is_empty(), "nothing more once converged");
+        assert!(
+            s.pending(&snap, "cp").is_empty(),
+            "nothing more once converged"
+        );
         for (url, st) in s.types() {
             assert_eq!(st.responses_sent, 1, "{url}");
             assert_eq!(st.acked_version, st.sent_version);
@@ -505,7 +506,11 @@ mod tests {
         let mut s = DeltaStream::new();
         s.on_request(&sub(type_url::ENDPOINT, &["shop-stable"]), NOW);
         let out = s.pending(&snap, "cp");
-        assert_eq!(names(&out[0]), ["shop-stable"], "EDS is never wildcard by default");
+        assert_eq!(
+            names(&out[0]),
+            ["shop-stable"],
+            "EDS is never wildcard by default"
+        );
         s.on_request(&ack(type_url::ENDPOINT, &out[0].nonce), NOW);
         // Subscribing another name sends just that one.
         s.on_request(&sub(type_url::ENDPOINT, &["shop-canary"]), NOW);
@@ -566,7 +571,13 @@ mod tests {
         let mut first = DeltaStream::new();
         converge(&mut first, &old);
         let have = |url: &str| -> std::collections::HashMap<String, String> {
-            first.type_state(url).unwrap().known.clone().into_iter().collect()
+            first
+                .type_state(url)
+                .unwrap()
+                .known
+                .clone()
+                .into_iter()
+                .collect()
         };
         // The control plane restarted; meanwhile only the weight changed.
         let now = snap(30, 8081, 2);
@@ -613,12 +624,18 @@ mod tests {
         let mut s = DeltaStream::new();
         converge(&mut s, &snap(0, 8081, 1));
         // A new cluster version (as if its connect timeout changed).
-        s.types[0].1.known.insert("shop-stable".into(), "older".into());
+        s.types[0]
+            .1
+            .known
+            .insert("shop-stable".into(), "older".into());
         let snap = snap(0, 8081, 2);
         let out = s.pending(&snap, "cp");
         assert_eq!(out[0].type_url, type_url::CLUSTER);
         assert_eq!(names(&out[0]), ["shop-stable"]);
-        assert!(s.pending(&snap, "cp").is_empty(), "EDS waits for the CDS ACK");
+        assert!(
+            s.pending(&snap, "cp").is_empty(),
+            "EDS waits for the CDS ACK"
+        );
         s.on_request(&ack(type_url::CLUSTER, &out[0].nonce), NOW);
         let out = s.pending(&snap, "cp");
         assert_eq!(out[0].type_url, type_url::ENDPOINT, "EDS follows CDS");
@@ -654,7 +671,12 @@ mod tests {
         let mut s = DeltaStream::new();
         let snap1 = snap(0, 8081, 1);
         converge(&mut s, &snap1);
-        let old = s.type_state(type_url::ROUTE).unwrap().sent_nonce.clone().unwrap();
+        let old = s
+            .type_state(type_url::ROUTE)
+            .unwrap()
+            .sent_nonce
+            .clone()
+            .unwrap();
         let out = s.pending(&snap(10, 8081, 2), "cp");
         assert_eq!(out[0].type_url, type_url::ROUTE);
         let ev = s.on_request(&nack(type_url::ROUTE, &old, "old"), NOW);
@@ -665,7 +687,10 @@ mod tests {
         // A stale request still carries its subscription change.
         let mut req = sub(type_url::EXTENSION_CONFIG, &["another"]);
         req.response_nonce = "12345".into();
-        assert!(matches!(s.on_request(&req, NOW), RequestEvent::Stale { .. }));
+        assert!(matches!(
+            s.on_request(&req, NOW),
+            RequestEvent::Stale { .. }
+        ));
         assert!(
             s.type_state(type_url::EXTENSION_CONFIG)
                 .unwrap()
@@ -680,19 +705,34 @@ mod tests {
         let many: Vec<String> = (0..=MAX_NAMES_PER_TYPE).map(|i| format!("n{i}")).collect();
         let mut req = sub(type_url::ENDPOINT, &[]);
         req.resource_names_subscribe = many.clone();
-        assert!(matches!(s.on_request(&req, NOW), RequestEvent::Invalid { .. }));
+        assert!(matches!(
+            s.on_request(&req, NOW),
+            RequestEvent::Invalid { .. }
+        ));
         // Two requests of half each also cross the bound.
         let (a, b) = many.split_at(many.len() / 2);
         req.resource_names_subscribe = a.to_vec();
-        assert!(matches!(s.on_request(&req, NOW), RequestEvent::Subscribed { .. }));
+        assert!(matches!(
+            s.on_request(&req, NOW),
+            RequestEvent::Subscribed { .. }
+        ));
         req.resource_names_subscribe = b.to_vec();
-        assert!(matches!(s.on_request(&req, NOW), RequestEvent::Invalid { .. }));
+        assert!(matches!(
+            s.on_request(&req, NOW),
+            RequestEvent::Invalid { .. }
+        ));
         let mut s = DeltaStream::new();
         let long = sub(type_url::ROUTE, &[&"x".repeat(MAX_NAME_BYTES + 1)]);
-        assert!(matches!(s.on_request(&long, NOW), RequestEvent::Invalid { .. }));
+        assert!(matches!(
+            s.on_request(&long, NOW),
+            RequestEvent::Invalid { .. }
+        ));
         let mut req = sub(type_url::CLUSTER, &[]);
         req.initial_resource_versions = [("c".into(), "v".repeat(MAX_NAME_BYTES + 1))].into();
-        assert!(matches!(s.on_request(&req, NOW), RequestEvent::Invalid { .. }));
+        assert!(matches!(
+            s.on_request(&req, NOW),
+            RequestEvent::Invalid { .. }
+        ));
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct EnvoyStatus {
     pub node_cluster: Option<String>,
     #[serde(with = "crate::time::serde_unix_ms")]
     pub connected_at: SystemTime,
+    /// The ADS flavour of this stream: `sotw` (state of the world) or `delta`.
+    pub protocol: &'static str,
     /// Keyed by short type name: `cds`, `eds`, `lds`, `rds`, `ecds`.
     pub types: BTreeMap<&'static str, TypeState>,
 }
@@ -113,6 +115,15 @@ impl Drop for StreamGuard {
 
 impl Registry {
     pub fn connect(self: &Arc<Self>, now: SystemTime) -> StreamGuard {
+        self.connect_speaking(now, "sotw")
+    }
+
+    /// Registers a stream of the ADS flavour `protocol` (`sotw`, `delta`).
+    pub fn connect_speaking(
+        self: &Arc<Self>,
+        now: SystemTime,
+        protocol: &'static str,
+    ) -> StreamGuard {
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
@@ -123,6 +134,7 @@ impl Registry {
                 node_id: None,
                 node_cluster: None,
                 connected_at: now,
+                protocol,
                 types: BTreeMap::new(),
             },
         );

@@ -83,9 +83,7 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
 /// The xDS port's transport, sized for many long-lived, mostly idle
 /// connections (see each constant for why).
-pub fn tuned_transport(
-    builder: tonic::transport::Server,
-) -> tonic::transport::Server {
+pub fn tuned_transport(builder: tonic::transport::Server) -> tonic::transport::Server {
     builder
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -245,6 +243,8 @@ trait Protocol: Default + Send + 'static {
     type Head: Message + Default + Send + 'static;
     /// For logs.
     const NAME: &'static str;
+    /// For the API (`GET /v1/envoys`: `protocol`).
+    const SHORT: &'static str;
     fn node(req: &Self::Request) -> Option<&Node>;
     fn on_request(&mut self, req: &Self::Request, now: SystemTime) -> RequestEvent;
     fn pending(&mut self, snapshot: &Snapshot, id: &str) -> Vec<Wire<Self::Head>>;
@@ -260,6 +260,7 @@ impl Protocol for AdsStream {
     type Request = DiscoveryRequest;
     type Head = DiscoveryResponse;
     const NAME: &'static str = "ADS";
+    const SHORT: &'static str = "sotw";
     fn node(req: &DiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
     }
@@ -290,6 +291,7 @@ impl Protocol for DeltaStream {
     type Request = DeltaDiscoveryRequest;
     type Head = DeltaDiscoveryResponse;
     const NAME: &'static str = "delta ADS";
+    const SHORT: &'static str = "delta";
     fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
     }
@@ -325,8 +327,10 @@ pub struct AdsService {
 
 /// The service's gRPC name, as Envoy calls it.
 pub const SERVICE_NAME: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
-const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
-const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+const SOTW_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 impl tonic::server::NamedService for AdsService {
     const NAME: &'static str = SERVICE_NAME;
@@ -363,7 +367,8 @@ where
         let inner = Arc::clone(&self.inner);
         match req.uri().path() {
             SOTW_PATH => Box::pin(async move {
-                let codec = tonic_prost::ProstCodec::<Wire<DiscoveryResponse>, DiscoveryRequest>::default();
+                let codec =
+                    tonic_prost::ProstCodec::<Wire<DiscoveryResponse>, DiscoveryRequest>::default();
                 let method = Method::<AdsStream>(inner, PhantomData);
                 Ok(tonic::server::Grpc::new(codec).streaming(method, req).await)
             }),
@@ -406,7 +411,7 @@ async fn serve_stream<P: Protocol>(
         let _ = tx.send(Err(status)).await;
         return;
     }
-    let guard = registry.connect(SystemTime::now());
+    let guard = registry.connect_speaking(SystemTime::now(), P::SHORT);
     let id = guard.id;
     let mut stream = P::default();
     info!(
