@@ -6,13 +6,22 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
 use serde_json::json;
+use tokio_stream::StreamExt;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use understudy_controlplane::tls::SERVER_NAME;
 use understudy_e2e::envoy::{self, XdsProtocol};
-use understudy_e2e::stack::Stack;
+use understudy_e2e::stack::{NODE_ID, Stack};
 use understudy_e2e::xds_scenarios::{self, wait_stat};
 use understudy_e2e::{paths, traffic};
 
 const DELTA: XdsProtocol = XdsProtocol::Delta;
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_canary_weights_split_traffic() -> Result<()> {
@@ -86,5 +95,116 @@ fn delta_bootstrap_validates() -> Result<()> {
     let path = dir.path().join("bootstrap-delta.yaml");
     std::fs::write(&path, text)?;
     envoy::validate(&path)?;
+    Ok(())
+}
+
+/// A delta ADS client over mutual TLS with `node`'s certificate.
+async fn delta_client(
+    stack: &Stack,
+    node: &str,
+) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
+    let (cert, key) = stack.cp.envoy_cert(node)?;
+    let ca = std::fs::read(stack.cp.certs.ca_cert())?;
+    let tls = ClientTlsConfig::new()
+        .domain_name(SERVER_NAME)
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(
+            std::fs::read(cert)?,
+            std::fs::read(key)?,
+        ));
+    let channel = Endpoint::from_shared(format!("https://{}", stack.cp.xds))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    Ok(AggregatedDiscoveryServiceClient::new(channel))
+}
+
+/// Sends `first` on a delta stream (kept open) and returns how it ends:
+/// the first response, or the error status.
+async fn delta_first(
+    ads: &mut AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+    first: DeltaDiscoveryRequest,
+) -> Result<Result<DeltaDiscoveryResponse, tonic::Status>> {
+    let requests = tokio_stream::iter(vec![first]).chain(tokio_stream::pending());
+    let mut responses = match ads.delta_aggregated_resources(requests).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Ok(Err(status)),
+    };
+    Ok(match responses.message().await {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => anyhow::bail!("delta stream ended without a response or status"),
+        Err(status) => Err(status),
+    })
+}
+
+fn delta_request(node: &str, type_url: &str, names: Vec<String>) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: node.to_owned(),
+            ..Default::default()
+        }),
+        type_url: type_url.to_owned(),
+        resource_names_subscribe: names,
+        ..Default::default()
+    }
+}
+
+/// The delta method keeps state of the world's rules: a certificate binds
+/// the node id (an impostor is refused and never listed), a request over a
+/// bound ends the stream, and a real client gets the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_streams_obey_the_same_auth_and_bounds() -> Result<()> {
+    let stack = Stack::start_speaking(DELTA, |_| {}).await?;
+    // Another node's certificate claiming the real Envoy's node id.
+    let mut impostor = delta_client(&stack, "impostor").await?;
+    let refused = delta_first(&mut impostor, delta_request(NODE_ID, CDS, vec![]))
+        .await?
+        .expect_err("an impostor was sent config");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // Its own node id, but a name over the bound.
+    let mut greedy = delta_client(&stack, "greedy").await?;
+    let long = "x".repeat(understudy_controlplane::xds::delta::MAX_NAME_BYTES + 1);
+    let refused = delta_first(&mut greedy, delta_request("greedy", CDS, vec![long]))
+        .await?
+        .expect_err("an oversized name was accepted");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    // Its own node id, within bounds: the clusters, as delta resources.
+    let mut honest = delta_client(&stack, "honest").await?;
+    let first = delta_first(&mut honest, delta_request("honest", CDS, vec![]))
+        .await?
+        .map_err(|s| anyhow::anyhow!("refused: {s:?}"))?;
+    assert_eq!(first.type_url, CDS);
+    let names: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
+    for want in ["demo-stable", "demo-canary"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    assert!(first.resources.iter().all(|r| !r.version.is_empty()));
+    // Only the real Envoy and the honest client were ever listed.
+    let envoys = stack.api_get("/v1/envoys").await?;
+    let nodes: Vec<&str> = envoys["envoys"]
+        .as_array()
+        .context("envoys")?
+        .iter()
+        .filter_map(|e| e["node_id"].as_str())
+        .collect();
+    assert!(
+        !nodes.contains(&"greedy") && nodes.contains(&NODE_ID),
+        "{nodes:?}"
+    );
+    assert_eq!(
+        nodes.iter().filter(|n| **n == NODE_ID).count(),
+        1,
+        "{nodes:?}"
+    );
+    assert!(
+        stack
+            .api_get("/v1/nacks")
+            .await?
+            .as_array()
+            .context("nacks")?
+            .is_empty()
+    );
     Ok(())
 }

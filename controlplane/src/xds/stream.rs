@@ -252,6 +252,7 @@ mod tests {
     use crate::model::DesiredState;
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::google::rpc::Status;
+    use prost::Message;
 
     fn state(weight: u32, stable_port: u16) -> DesiredState {
         crate::model::fixtures::state(weight, stable_port, true)
@@ -464,6 +465,35 @@ mod tests {
         assert!(matches!(ev, RequestEvent::Stale { .. }));
         assert!(s.type_state(type_url::ROUTE).unwrap().last_nack.is_none());
         assert!(s.type_state(type_url::ROUTE).unwrap().awaiting_reply);
+    }
+
+    #[test]
+    fn every_stream_sends_the_snapshots_own_bytes() {
+        let snap = Snapshot::build(&state(0, 8081), 1, 1);
+        let (mut a, mut b) = (AdsStream::new(), AdsStream::new());
+        for s in [&mut a, &mut b] {
+            s.on_request(&req(type_url::CLUSTER, &[], "", ""), NOW);
+        }
+        let (ra, rb) = (a.pending(&snap, "cp"), b.pending(&snap, "cp"));
+        let cds = snap.get(type_url::CLUSTER).unwrap();
+        assert_eq!(ra[0].resources.len(), cds.encoded.len());
+        for ((x, y), enc) in ra[0]
+            .resources
+            .iter()
+            .zip(&rb[0].resources)
+            .zip(cds.encoded.values())
+        {
+            // One allocation, encoded once, shared by both streams.
+            assert!(Arc::ptr_eq(x, &enc.any) && Arc::ptr_eq(y, &enc.any));
+        }
+        // And Envoy reads the same resources as before.
+        let decoded =
+            DiscoveryResponse::decode(prost::Message::encode_to_vec(&ra[0]).as_slice()).unwrap();
+        assert_eq!(
+            decoded.resources,
+            cds.resources.values().cloned().collect::<Vec<_>>()
+        );
+        assert_eq!(decoded.version_info, cds.version);
     }
 
     #[test]
