@@ -18,7 +18,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tonic::Status;
-use tracing::warn;
+use tracing::debug;
 
 /// New ADS streams admitted per second, sustained. A full initial push is a
 /// few KB and a few hundred microseconds of CPU: 1,000 a second keeps a
@@ -73,7 +73,8 @@ impl<C: Clock> Admission<C> {
     /// (retryable: Envoy backs off and comes back).
     pub fn admit(&self) -> Result<(), Status> {
         self.limiter.check().map_err(|_| {
-            warn!("ADS stream refused: new streams arrive faster than the admission rate");
+            // Debug: a reconnect storm refuses thousands, each retried.
+            debug!("ADS stream refused: new streams arrive faster than the admission rate");
             Status::unavailable("too many new ADS streams at once; retry after a backoff")
         })
     }

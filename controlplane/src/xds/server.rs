@@ -436,7 +436,8 @@ async fn serve_stream<P: Protocol>(
         for response in stream.pending(&snapshot, CONTROL_PLANE_ID) {
             let (url, version, nonce) = P::describe(&response.head);
             let short = type_url::short(url);
-            info!(
+            // Debug, not info: a push to 10,000 Envoys would be 10,000 lines.
+            debug!(
                 connection = id,
                 node = stream.node_id().unwrap_or("?"),
                 protocol = P::NAME,
