@@ -336,6 +336,46 @@ impl tonic::server::NamedService for AdsService {
     const NAME: &'static str = SERVICE_NAME;
 }
 
+/// Initial size of a stream's encode and decode buffers. tonic's default
+/// (8 KiB each) is a fixed 16 KiB per stream, most of a connected Envoy's
+/// cost; its requests are under 1 KiB after the first (which carries the
+/// node) and our responses a few KiB, and both buffers grow when needed.
+pub const CODEC_BUFFER: usize = 1024;
+/// Bytes encoded before a stream yields to others (tonic's default).
+const CODEC_YIELD: usize = 32 * 1024;
+
+/// prost's codec with [`CODEC_BUFFER`]-sized buffers.
+struct SmallBuffers<T, U>(PhantomData<fn() -> (T, U)>);
+
+impl<T, U> Default for SmallBuffers<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for SmallBuffers<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<T, U>::raw_encoder(settings())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<T, U>::raw_decoder(settings())
+    }
+}
+
+fn settings() -> tonic::codec::BufferSettings {
+    tonic::codec::BufferSettings::new(CODEC_BUFFER, CODEC_YIELD)
+}
+
 /// One method: streams of protocol `P`.
 struct Method<P>(Arc<AdsServer>, PhantomData<fn() -> P>);
 
@@ -373,10 +413,8 @@ where
                 Ok(tonic::server::Grpc::new(codec).streaming(method, req).await)
             }),
             DELTA_PATH => Box::pin(async move {
-                let codec = tonic_prost::ProstCodec::<
-                    Wire<DeltaDiscoveryResponse>,
-                    DeltaDiscoveryRequest,
-                >::default();
+                let codec =
+                    SmallBuffers::<Wire<DeltaDiscoveryResponse>, DeltaDiscoveryRequest>::default();
                 let method = Method::<DeltaStream>(inner, PhantomData);
                 Ok(tonic::server::Grpc::new(codec).streaming(method, req).await)
             }),
