@@ -208,3 +208,80 @@ async fn delta_streams_obey_the_same_auth_and_bounds() -> Result<()> {
     );
     Ok(())
 }
+
+/// A burst of new ADS streams over the admission rate: the excess is
+/// refused with `Unavailable` (Envoy retries those after its backoff), on
+/// both methods, and admitted once the bucket refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_streams_over_the_admission_rate_are_refused_retryably() -> Result<()> {
+    use std::sync::Arc;
+    use understudy_controlplane::metrics::Metrics;
+    use understudy_controlplane::xds::admission::Admission;
+    use understudy_controlplane::xds::resources::Snapshot;
+    use understudy_controlplane::xds::{AdsServer, Registry};
+
+    let state =
+        understudy_e2e::stack::desired_state(1, "127.0.0.1:9".parse()?, "127.0.0.1:9".parse()?)?;
+    let (_snapshots, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::build(&state, 1, 1)));
+    // Two at once, then one a second.
+    let server = AdsServer::new(rx, Arc::new(Registry::default()), Arc::new(Metrics::new()?))
+        .with_admission(Admission::new(1, 2)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(
+                understudy_controlplane::tls::peer_interceptor(false, None),
+            ))
+            .add_service(server.into_service())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel);
+    let mut outcomes = Vec::new();
+    for i in 0..4 {
+        let node = format!("burst-{i}");
+        outcomes.push(delta_first(&mut ads, delta_request(&node, CDS, vec![])).await?);
+    }
+    let codes: Vec<tonic::Code> = outcomes
+        .iter()
+        .map(|o| o.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            tonic::Code::Ok,
+            tonic::Code::Ok,
+            tonic::Code::Unavailable,
+            tonic::Code::Unavailable
+        ]
+    );
+    // State of the world shares the bucket; after a second, one more is admitted.
+    let sotw = ads
+        .stream_aggregated_resources(tokio_stream::iter(vec![
+            envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest {
+                type_url: CDS.into(),
+                ..Default::default()
+            },
+        ]))
+        .await;
+    assert_eq!(sotw.err().map(|s| s.code()), Some(tonic::Code::Unavailable));
+    let admitted = understudy_e2e::wait::until(
+        "the bucket to admit a stream again",
+        Duration::from_secs(5),
+        || {
+            let mut ads = ads.clone();
+            async move {
+                Ok(delta_first(&mut ads, delta_request("later", CDS, vec![]))
+                    .await?
+                    .ok())
+            }
+        },
+    )
+    .await?;
+    assert_eq!(admitted.type_url, CDS);
+    Ok(())
+}

@@ -32,7 +32,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -108,6 +108,8 @@ struct Fleet {
     bytes: AtomicU64,
     /// Streams the control plane refused (and that were retried).
     refused: AtomicU64,
+    /// Streams or connections that failed otherwise (and were retried).
+    stream_errors: AtomicU64,
 }
 
 pub(super) async fn xds_scale() -> Result<Value> {
@@ -124,6 +126,7 @@ pub(super) async fn xds_scale() -> Result<Value> {
     let mut initial_bytes = converge.clone();
     let mut connect_s = converge.clone();
     let mut refused = converge.clone();
+    let mut stream_errors = converge.clone();
     for round in 0..rounds {
         for (s, &size) in sizes.iter().enumerate() {
             // Alternate which protocol goes first, so drift hits both alike.
@@ -142,6 +145,7 @@ pub(super) async fn xds_scale() -> Result<Value> {
                 initial_bytes[p][s].push(run.initial_bytes_per_client);
                 connect_s[p][s].push(run.connect_s);
                 refused[p][s].push(run.refused as f64);
+                stream_errors[p][s].push(run.stream_errors as f64);
                 converge[p][s].extend(run.converge_s);
                 cpu[p][s].extend(run.cpu_s);
                 push_bytes[p][s].extend(run.push_bytes_per_client);
@@ -227,6 +231,7 @@ struct FleetRun {
     rss_kb_per_client: f64,
     initial_bytes_per_client: f64,
     refused: u64,
+    stream_errors: u64,
     converge_s: Vec<f64>,
     cpu_s: Vec<f64>,
     push_bytes_per_client: Vec<f64>,
@@ -269,9 +274,10 @@ async fn run_fleet(
     };
     if let Err(e) = waited {
         bail!(
-            "{e:#}: only {} of {size} clients converged ({} streams refused)",
+            "{e:#}: only {} of {size} clients converged ({} streams refused, {} failed)",
             fleet.ready.load(Ordering::Acquire),
-            fleet.refused.load(Ordering::Acquire)
+            fleet.refused.load(Ordering::Acquire),
+            fleet.stream_errors.load(Ordering::Acquire)
         );
     }
     let connect_s = started.elapsed().as_secs_f64();
@@ -282,6 +288,7 @@ async fn run_fleet(
         rss_kb_per_client: rss_after.saturating_sub(rss_before) as f64 / size as f64,
         initial_bytes_per_client: initial_bytes as f64 / size as f64,
         refused: fleet.refused.load(Ordering::Acquire),
+        stream_errors: fleet.stream_errors.load(Ordering::Acquire),
         converge_s: Vec::new(),
         cpu_s: Vec::new(),
         push_bytes_per_client: Vec::new(),
@@ -374,6 +381,8 @@ async fn client(
             }
         }
     };
+    // A retried client counts as ready once, whatever its streams do.
+    let ready = AtomicBool::new(false);
     let node = Node {
         id: format!("bench-{i}"),
         cluster: "bench".into(),
@@ -381,8 +390,8 @@ async fn client(
     };
     loop {
         let outcome = match protocol {
-            XdsProtocol::StateOfTheWorld => sotw(&channel, &node, &fleet, origin).await,
-            XdsProtocol::Delta => delta(&channel, &node, &fleet, origin).await,
+            XdsProtocol::StateOfTheWorld => sotw(&channel, &node, &fleet, &ready, origin).await,
+            XdsProtocol::Delta => delta(&channel, &node, &fleet, &ready, origin).await,
         };
         match outcome {
             // Refused (admission, caps): back off and open the stream again.
@@ -396,8 +405,18 @@ async fn client(
                 tokio::time::sleep(jitter(backoff, i)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
-            Err(status) => bail!("ADS stream failed: {status}"),
-            Ok(()) => return Ok(()),
+            // Anything else (a reset connection in a connect storm, a
+            // stream the server ended): Envoy reconnects, and so do we.
+            Err(_) => {
+                fleet.stream_errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(jitter(backoff, i)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            // The server ended the stream cleanly: reconnect as well.
+            Ok(()) => {
+                fleet.stream_errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(jitter(backoff, i)).await;
+            }
         }
     }
 }
@@ -418,6 +437,7 @@ async fn sotw(
     channel: &Channel,
     node: &Node,
     fleet: &Fleet,
+    ready: &AtomicBool,
     origin: Instant,
 ) -> Result<(), tonic::Status> {
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(16);
@@ -448,7 +468,6 @@ async fn sotw(
     let mut eds_names: Option<Vec<String>> = None;
     let mut lds_seen = false;
     let (routes, filter) = (vec![ROUTES.to_owned()], vec![FILTER.to_owned()]);
-    let mut ready = false;
     while let Some(resp) = responses.message().await? {
         fleet
             .bytes
@@ -490,8 +509,7 @@ async fn sotw(
             }
             ECDS => {
                 send(ack(&filter, &resp)).await?;
-                if !ready {
-                    ready = true;
+                if !ready.swap(true, Ordering::AcqRel) {
                     fleet.ready.fetch_add(1, Ordering::AcqRel);
                 }
             }
@@ -506,6 +524,7 @@ async fn delta(
     channel: &Channel,
     node: &Node,
     fleet: &Fleet,
+    ready: &AtomicBool,
     origin: Instant,
 ) -> Result<(), tonic::Status> {
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
@@ -533,7 +552,7 @@ async fn delta(
         .delta_aggregated_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let (mut cds_seen, mut lds_seen, mut ready) = (false, false, false);
+    let (mut cds_seen, mut lds_seen) = (false, false);
     while let Some(resp) = responses.message().await? {
         fleet
             .bytes
@@ -561,8 +580,7 @@ async fn delta(
                     .fetch_max(now_ns(origin), Ordering::AcqRel);
                 fleet.route_acks.fetch_add(1, Ordering::AcqRel);
             }
-            ECDS if !ready => {
-                ready = true;
+            ECDS if !ready.swap(true, Ordering::AcqRel) => {
                 fleet.ready.fetch_add(1, Ordering::AcqRel);
             }
             _ => {}
