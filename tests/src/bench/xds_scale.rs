@@ -191,6 +191,11 @@ pub(super) async fn xds_scale() -> Result<Value> {
                 &format!("{prefix}_refused_streams"),
                 &refused[p][s],
             );
+            spread(
+                &mut figures,
+                &format!("{prefix}_stream_errors"),
+                &stream_errors[p][s],
+            );
         }
     }
     let big = sizes.iter().copied().max().unwrap_or(0);
