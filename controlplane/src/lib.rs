@@ -310,9 +310,8 @@ pub async fn run_with_router(
         metrics: own_metrics,
     });
     info!(xds = ?xds_listener.local_addr().ok(), api = ?api_listener.local_addr().ok(), xds_mtls = matches!(options.xds_security, tls::XdsSecurity::Mtls(_)), api_tls = options.api_tls.is_some(), "control plane listening");
-    let xds = tonic::transport::Server::builder()
-        // Envoy keeps one long-lived ADS stream; keepalives find dead peers.
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
+    // Windows, stream limits and keepalives sized for many idle Envoys.
+    let xds = crate::xds::server::tuned_transport(tonic::transport::Server::builder());
     // Our own TLS acceptor rather than tonic's: it re-reads a rotated
     // server certificate (tls::acceptor).
     let (tls_config, workloads) = match &options.xds_security {

@@ -11,6 +11,9 @@
 //!
 //! `dashboard` (in its own file) measures the release dashboard's budgets
 //! in headless Chromium on the same stack.
+//!
+//! `xds_scale` (in its own file) measures the control plane's ADS cost with
+//! 1,000 to 10,000 simulated Envoys, state of the world against delta.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +28,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 mod dashboard;
+mod xds_scale;
 
 use understudy_core::compare::{self, CompareConfig, Response};
 use understudy_core::shadow::Skip;
@@ -44,6 +48,7 @@ pub const SCENARIOS: &[&str] = &[
     "shadow_compare",
     "canary_detection",
     "dashboard",
+    "xds_scale",
 ];
 
 pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
@@ -65,6 +70,7 @@ pub async fn run(name: Option<&str>, oha: &Path) -> Result<()> {
             "shadow_compare" => shadow_compare(&oha).await?,
             "canary_detection" => canary_detection().await?,
             "dashboard" => dashboard::dashboard().await?,
+            "xds_scale" => xds_scale::xds_scale().await?,
             _ => unreachable!("checked above"),
         };
         let path = write(scenario, &envoy_version, figures)?;

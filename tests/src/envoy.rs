@@ -32,6 +32,39 @@ pub fn render(name: &str, replacements: &[(&str, String)]) -> Result<String> {
     Ok(text)
 }
 
+/// Which ADS flavour an Envoy bootstrapped from `envoy/bootstrap.yaml`
+/// speaks. The control plane serves both on the same port; the bootstrap's
+/// `ads_config.api_type` alone chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XdsProtocol {
+    /// `api_type: GRPC`, as committed.
+    #[default]
+    StateOfTheWorld,
+    /// `api_type: DELTA_GRPC`: incremental xDS.
+    Delta,
+}
+
+impl XdsProtocol {
+    /// The bootstrap's `api_type` line for this protocol.
+    pub fn api_type_line(self) -> &'static str {
+        match self {
+            Self::StateOfTheWorld => "api_type: GRPC",
+            Self::Delta => "api_type: DELTA_GRPC",
+        }
+    }
+
+    /// Replacements turning the committed bootstrap into this protocol's.
+    pub fn bootstrap_replacements(self) -> Vec<(&'static str, String)> {
+        match self {
+            Self::StateOfTheWorld => vec![],
+            Self::Delta => vec![(
+                Self::StateOfTheWorld.api_type_line(),
+                self.api_type_line().to_owned(),
+            )],
+        }
+    }
+}
+
 /// The certificate paths `envoy/bootstrap.yaml` is committed with (what
 /// `understudy certs init --dir certs --envoy envoy-1` writes).
 pub const BOOTSTRAP_CERT: &str = "certs/envoy-envoy-1.pem";

@@ -22,6 +22,7 @@
 //! - [`wait`]: condition waits with deadlines.
 //! - [`browser`]: headless Chromium over WebDriver, for the dashboard's pages.
 //! - [`k8s`]: the Kubernetes/Istio manifests rendered (kustomize) and validated offline.
+//! - [`xds_scenarios`]: the e2e xDS scenarios, run once per ADS flavour (state of the world, delta).
 //! - [`bench`]: benchmark scenarios (`cargo xtask bench`).
 //!
 //! The `xtask` binary (`cargo xtask ...`) sets up, tests, demos and benchmarks.
@@ -44,3 +45,4 @@ pub mod stack;
 pub mod traffic;
 pub mod upstream;
 pub mod wait;
+pub mod xds_scenarios;

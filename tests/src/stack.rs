@@ -11,7 +11,7 @@ use understudy_controlplane::model::{
 };
 
 use crate::controlplane::{ControlPlane, OPERATOR_TOKEN};
-use crate::envoy::{self, Envoy};
+use crate::envoy::{self, Envoy, XdsProtocol};
 use crate::upstream::{Behavior, UpstreamHandle};
 use crate::{paths, traffic, wait};
 
@@ -51,9 +51,9 @@ pub fn default_filter_config() -> Value {
 
 /// An Envoy bootstrapped from `envoy/bootstrap.yaml` against `cp`, as
 /// `node`, with `node`'s client certificate from `cp`'s CA, ready.
-async fn start_envoy(cp: &ControlPlane, node: &str) -> Result<Envoy> {
+async fn start_envoy(cp: &ControlPlane, node: &str, protocol: XdsProtocol) -> Result<Envoy> {
     cp.envoy_cert(node)?;
-    start_envoy_at(cp.xds.port(), &cp.certs, node).await
+    start_envoy_with(cp.xds.port(), &cp.certs, node, protocol).await
 }
 
 /// An Envoy bootstrapped from `envoy/bootstrap.yaml` against the control
@@ -64,12 +64,23 @@ pub async fn start_envoy_at(
     certs: &understudy_controlplane::tls::CertDir,
     node: &str,
 ) -> Result<Envoy> {
+    start_envoy_with(xds_port, certs, node, XdsProtocol::StateOfTheWorld).await
+}
+
+/// [`start_envoy_at`], speaking `protocol` over ADS.
+pub async fn start_envoy_with(
+    xds_port: u16,
+    certs: &understudy_controlplane::tls::CertDir,
+    node: &str,
+    protocol: XdsProtocol,
+) -> Result<Envoy> {
     let mut replacements = vec![
         ("port_value: 9901", "port_value: 0".to_owned()),
         ("port_value: 18000", format!("port_value: {xds_port}")),
         ("id: envoy-1", format!("id: {node}")),
     ];
     replacements.extend(envoy::bootstrap_cert_replacements(certs, node));
+    replacements.extend(protocol.bootstrap_replacements());
     let config = envoy::render("bootstrap.yaml", &replacements)?;
     let envoy = Envoy::start(&config, &[]).await?;
     envoy.wait_ready().await?;
@@ -145,6 +156,8 @@ pub struct Stack {
     pub http: reqwest::Client,
     /// A client for the control plane's API, carrying the operator token.
     pub api: reqwest::Client,
+    /// The ADS flavour this stack's Envoys speak.
+    pub protocol: XdsProtocol,
 }
 
 impl Stack {
@@ -155,13 +168,21 @@ impl Stack {
     /// [`Stack::start`] from the default desired state as `edit` leaves it
     /// (another wasm path, another first filter config).
     pub async fn start_with(edit: impl FnOnce(&mut DesiredState)) -> Result<Self> {
+        Self::start_speaking(XdsProtocol::StateOfTheWorld, edit).await
+    }
+
+    /// [`Stack::start_with`], its Envoy speaking `protocol` over ADS.
+    pub async fn start_speaking(
+        protocol: XdsProtocol,
+        edit: impl FnOnce(&mut DesiredState),
+    ) -> Result<Self> {
         let stable = UpstreamHandle::start("v1", Behavior::default()).await?;
         let canary = UpstreamHandle::start("v2", Behavior::default()).await?;
         let listener_port = free_port()?;
         let mut state = desired_state(listener_port, stable.addr, canary.addr)?;
         edit(&mut state);
         let cp = ControlPlane::start(&state).await?;
-        let envoy = start_envoy(&cp, NODE_ID).await?;
+        let envoy = start_envoy(&cp, NODE_ID, protocol).await?;
         let stack = Self {
             stable,
             canary,
@@ -170,6 +191,7 @@ impl Stack {
             url: format!("http://127.0.0.1:{listener_port}/"),
             http: traffic::client(),
             api: api_client(OPERATOR_TOKEN)?,
+            protocol,
         };
         wait_listener(&stack.http, &stack.url).await?;
         Ok(stack)
@@ -178,7 +200,7 @@ impl Stack {
     /// Another Envoy on the same control plane (its listener shares the port
     /// through SO_REUSEPORT, which Envoy sets by default).
     pub async fn another_envoy(&self, node: &str) -> Result<Envoy> {
-        start_envoy(&self.cp, node).await
+        start_envoy(&self.cp, node, self.protocol).await
     }
 
     /// `PUT /v1/services/demo/canary-weight`; returns the HTTP status and body.

@@ -4,7 +4,7 @@
 //! A stream registers on connect and is removed when its [`StreamGuard`]
 //! drops, so per-connection state is freed however the stream ends.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -40,6 +40,8 @@ pub struct EnvoyStatus {
     pub node_cluster: Option<String>,
     #[serde(with = "crate::time::serde_unix_ms")]
     pub connected_at: SystemTime,
+    /// The ADS flavour of this stream: `sotw` (state of the world) or `delta`.
+    pub protocol: &'static str,
     /// Keyed by short type name: `cds`, `eds`, `lds`, `rds`, `ecds`.
     pub types: BTreeMap<&'static str, TypeState>,
 }
@@ -71,7 +73,26 @@ impl Default for Registry {
 struct Inner {
     next_id: u64,
     streams: BTreeMap<u64, EnvoyStatus>,
+    /// Streams per node id, kept as streams change so counting the fleet
+    /// costs nothing per update (a scan of 10,000 streams on every ACK of
+    /// every stream would be quadratic in the fleet).
+    nodes: HashMap<String, usize>,
     nacks: VecDeque<NackRecord>,
+}
+
+impl Inner {
+    fn count_node(&mut self, node: Option<&str>, up: bool) {
+        let Some(node) = node else { return };
+        if up {
+            let n = self.nodes.entry(node.to_owned()).or_insert(0);
+            *n = n.saturating_add(1);
+        } else if let Some(n) = self.nodes.get_mut(node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.nodes.remove(node);
+            }
+        }
+    }
 }
 
 /// Removes its stream from the registry when dropped.
@@ -82,13 +103,27 @@ pub struct StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.registry.lock().streams.remove(&self.id);
+        {
+            let mut inner = self.registry.lock();
+            if let Some(gone) = inner.streams.remove(&self.id) {
+                inner.count_node(gone.node_id.as_deref(), false);
+            }
+        }
         self.registry.publish_fleet();
     }
 }
 
 impl Registry {
     pub fn connect(self: &Arc<Self>, now: SystemTime) -> StreamGuard {
+        self.connect_speaking(now, "sotw")
+    }
+
+    /// Registers a stream of the ADS flavour `protocol` (`sotw`, `delta`).
+    pub fn connect_speaking(
+        self: &Arc<Self>,
+        now: SystemTime,
+        protocol: &'static str,
+    ) -> StreamGuard {
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
@@ -99,6 +134,7 @@ impl Registry {
                 node_id: None,
                 node_cluster: None,
                 connected_at: now,
+                protocol,
                 types: BTreeMap::new(),
             },
         );
@@ -110,21 +146,45 @@ impl Registry {
 
     /// Copies a stream's protocol state into its status entry.
     pub fn update(&self, id: u64, stream: &AdsStream) {
-        self.update_status(id, stream);
-        self.publish_fleet();
-    }
-
-    fn update_status(&self, id: u64, stream: &AdsStream) {
-        let mut inner = self.lock();
-        if let Some(status) = inner.streams.get_mut(&id) {
-            status.node_id = stream.node_id().map(str::to_owned);
-            status.node_cluster = stream.node_cluster().map(str::to_owned);
-            status.types = stream
+        self.update_with(
+            id,
+            stream.node_id(),
+            stream.node_cluster(),
+            stream
                 .types()
                 .filter(|(_, st)| st.subscribed)
-                .map(|(url, st)| (type_url::short(url), st.clone()))
-                .collect();
+                .map(|(url, st)| (url, st.clone())),
+        );
+    }
+
+    /// Copies any stream's state (state of the world or delta) into its
+    /// status entry: the node, and each subscribed type's status.
+    pub fn update_with(
+        &self,
+        id: u64,
+        node_id: Option<&str>,
+        node_cluster: Option<&str>,
+        types: impl Iterator<Item = (&'static str, TypeState)>,
+    ) {
+        {
+            let mut inner = self.lock();
+            let mut moved = None;
+            if let Some(status) = inner.streams.get_mut(&id) {
+                if status.node_id.as_deref() != node_id {
+                    moved = Some(std::mem::replace(
+                        &mut status.node_id,
+                        node_id.map(str::to_owned),
+                    ));
+                }
+                status.node_cluster = node_cluster.map(str::to_owned);
+                status.types = types.map(|(url, st)| (type_url::short(url), st)).collect();
+            }
+            if let Some(old) = moved {
+                inner.count_node(old.as_deref(), false);
+                inner.count_node(node_id, true);
+            }
         }
+        self.publish_fleet();
     }
 
     /// Watches the number of distinct connected Envoys.
@@ -133,15 +193,7 @@ impl Registry {
     }
 
     fn publish_fleet(&self) {
-        let n = {
-            let inner = self.lock();
-            let nodes: std::collections::BTreeSet<&str> = inner
-                .streams
-                .values()
-                .filter_map(|s| s.node_id.as_deref())
-                .collect();
-            nodes.len()
-        };
+        let n = self.lock().nodes.len();
         self.fleet
             .send_if_modified(|current| std::mem::replace(current, n) != n);
     }
@@ -204,6 +256,30 @@ mod tests {
         let nacks = r.nacks();
         assert_eq!(nacks.len(), NACK_HISTORY);
         assert_eq!(nacks[0].nack.version, "5", "oldest dropped first");
+    }
+
+    #[test]
+    fn the_fleet_counts_distinct_nodes_as_streams_come_and_go() {
+        let r = Arc::new(Registry::default());
+        let fleet = r.fleet();
+        let update = |id, node: Option<&str>| r.update_with(id, node, None, std::iter::empty());
+        let a1 = r.connect(SystemTime::UNIX_EPOCH);
+        let a2 = r.connect(SystemTime::UNIX_EPOCH);
+        let b = r.connect(SystemTime::UNIX_EPOCH);
+        update(a1.id, Some("a"));
+        update(a2.id, Some("a"));
+        update(b.id, None);
+        assert_eq!(*fleet.borrow(), 1);
+        update(b.id, Some("b"));
+        assert_eq!(*fleet.borrow(), 2);
+        update(b.id, Some("b"));
+        assert_eq!(*fleet.borrow(), 2);
+        drop(a1);
+        assert_eq!(*fleet.borrow(), 2, "a still has a stream");
+        drop(a2);
+        assert_eq!(*fleet.borrow(), 1);
+        drop(b);
+        assert_eq!(*fleet.borrow(), 0);
     }
 
     #[test]

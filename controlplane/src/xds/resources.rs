@@ -4,9 +4,12 @@
 //! A snapshot is built once per change and shared (behind an `Arc`) by every
 //! connected Envoy, so the per-connection cost is only the bookkeeping in
 //! [`crate::xds::stream`]. Each type's version is a hash of its content, so an
-//! unchanged type keeps its version and is not sent again.
+//! unchanged type keeps its version and is not sent again; each resource is
+//! also encoded once here ([`Encoded`]) with its own content version, and
+//! state-of-the-world and delta responses alike are written from those bytes.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
@@ -38,6 +41,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::wasm::v3::{
     FailurePolicy, PluginConfig, ReloadConfig, VmConfig, plugin_config,
 };
+use envoy_types::pb::envoy::service::discovery::v3::Resource;
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, StringValue, UInt32Value};
 use envoy_types::util::pack_any;
@@ -90,20 +94,68 @@ pub const FILTER_NAME: &str = "understudy";
 pub struct TypeSnapshot {
     pub version: String,
     pub resources: BTreeMap<String, Any>,
+    /// Each resource encoded once, for every stream to share (see [`Encoded`]).
+    pub encoded: BTreeMap<String, Encoded>,
+}
+
+/// One resource's wire bytes, made once per snapshot. Every stream's
+/// responses point at these same bytes (an `Arc`), so a push to N Envoys
+/// costs one encoding and N reference counts, not N copies of the config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// The resource's own version: a hash of its encoded bytes, so it
+    /// changes exactly when the resource does (delta xDS sends only these).
+    pub version: String,
+    /// The `google.protobuf.Any`, as an element of `DiscoveryResponse.resources`.
+    pub any: Arc<[u8]>,
+    /// The delta `Resource { name, version, resource }`, as an element of
+    /// `DeltaDiscoveryResponse.resources`.
+    pub delta: Arc<[u8]>,
+}
+
+/// The first 8 bytes of a SHA-256, in hex: a version string.
+fn short_hash(hash: Sha256) -> String {
+    hash.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl TypeSnapshot {
     fn new(resources: BTreeMap<String, Any>) -> Self {
         let mut hash = Sha256::new();
+        let mut encoded = BTreeMap::new();
         for (name, any) in &resources {
             hash.update((name.len() as u64).to_le_bytes());
             hash.update(name.as_bytes());
             hash.update((any.value.len() as u64).to_le_bytes());
             hash.update(&any.value);
+            let any_bytes = any.encode_to_vec();
+            let mut one = Sha256::new();
+            one.update(&any_bytes);
+            let version = short_hash(one);
+            let delta = Resource {
+                name: name.clone(),
+                version: version.clone(),
+                resource: Some(any.clone()),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            encoded.insert(
+                name.clone(),
+                Encoded {
+                    version,
+                    any: any_bytes.into(),
+                    delta: delta.into(),
+                },
+            );
         }
-        let digest = hash.finalize();
-        let version = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        Self { version, resources }
+        Self {
+            version: short_hash(hash),
+            resources,
+            encoded,
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 //!   protocol specifies.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::ControlPlane;
@@ -24,6 +25,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use serde::Serialize;
 
 use crate::xds::resources::{Snapshot, type_url};
+use crate::xds::wire::Wire;
 
 /// A rejected config, as Envoy reported it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -50,6 +52,8 @@ pub enum RequestEvent {
     Stale { type_url: String },
     /// A type Understudy does not serve; it gets no response.
     Unknown { type_url: String },
+    /// A request over a bound (too many names, too long a name): the stream ends.
+    Invalid { reason: String },
 }
 
 /// Bookkeeping for one type URL on one stream.
@@ -170,7 +174,7 @@ impl AdsStream {
         &mut self,
         snapshot: &Snapshot,
         control_plane_id: &str,
-    ) -> Vec<DiscoveryResponse> {
+    ) -> Vec<Wire<DiscoveryResponse>> {
         let mut out = Vec::new();
         for i in 0..self.types.len() {
             let (url, st) = &self.types[i];
@@ -198,11 +202,12 @@ impl AdsStream {
             if !due {
                 continue;
             }
+            // Shared bytes, encoded once per snapshot: no per-stream copy.
             let resources = desired
-                .resources
+                .encoded
                 .iter()
                 .filter(|(name, _)| wildcard || names.contains(*name))
-                .map(|(_, any)| any.clone())
+                .map(|(_, enc)| Arc::clone(&enc.any))
                 .collect();
             self.next_nonce += 1;
             let nonce = self.next_nonce.to_string();
@@ -213,16 +218,18 @@ impl AdsStream {
             st.awaiting_reply = true;
             st.force_resend = false;
             st.responses_sent += 1;
-            out.push(DiscoveryResponse {
-                version_info: desired.version.clone(),
+            out.push(Wire::new(
+                DiscoveryResponse {
+                    version_info: desired.version.clone(),
+                    type_url: url.to_owned(),
+                    nonce,
+                    control_plane: Some(ControlPlane {
+                        identifier: control_plane_id.to_owned(),
+                    }),
+                    ..Default::default()
+                },
                 resources,
-                type_url: url.to_owned(),
-                nonce,
-                control_plane: Some(ControlPlane {
-                    identifier: control_plane_id.to_owned(),
-                }),
-                ..Default::default()
-            });
+            ));
             if url == type_url::CLUSTER
                 && let Some((_, eds)) = self
                     .types
@@ -245,6 +252,7 @@ mod tests {
     use crate::model::DesiredState;
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::google::rpc::Status;
+    use prost::Message;
 
     fn state(weight: u32, stable_port: u16) -> DesiredState {
         crate::model::fixtures::state(weight, stable_port, true)
@@ -457,6 +465,35 @@ mod tests {
         assert!(matches!(ev, RequestEvent::Stale { .. }));
         assert!(s.type_state(type_url::ROUTE).unwrap().last_nack.is_none());
         assert!(s.type_state(type_url::ROUTE).unwrap().awaiting_reply);
+    }
+
+    #[test]
+    fn every_stream_sends_the_snapshots_own_bytes() {
+        let snap = Snapshot::build(&state(0, 8081), 1, 1);
+        let (mut a, mut b) = (AdsStream::new(), AdsStream::new());
+        for s in [&mut a, &mut b] {
+            s.on_request(&req(type_url::CLUSTER, &[], "", ""), NOW);
+        }
+        let (ra, rb) = (a.pending(&snap, "cp"), b.pending(&snap, "cp"));
+        let cds = snap.get(type_url::CLUSTER).unwrap();
+        assert_eq!(ra[0].resources.len(), cds.encoded.len());
+        for ((x, y), enc) in ra[0]
+            .resources
+            .iter()
+            .zip(&rb[0].resources)
+            .zip(cds.encoded.values())
+        {
+            // One allocation, encoded once, shared by both streams.
+            assert!(Arc::ptr_eq(x, &enc.any) && Arc::ptr_eq(y, &enc.any));
+        }
+        // And Envoy reads the same resources as before.
+        let decoded =
+            DiscoveryResponse::decode(prost::Message::encode_to_vec(&ra[0]).as_slice()).unwrap();
+        assert_eq!(
+            decoded.resources,
+            cds.resources.values().cloned().collect::<Vec<_>>()
+        );
+        assert_eq!(decoded.version_info, cds.version);
     }
 
     #[test]
