@@ -135,6 +135,17 @@ pub enum Command {
         /// replaced within it (plus one try, an eighth of it).
         #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(500..=60_000), requires = "database")]
         lease_ms: u64,
+        /// Concurrent ADS streams accepted, all Envoys together (Envoy
+        /// keeps one each; the excess is refused with RESOURCE_EXHAUSTED).
+        #[arg(long, default_value_t = crate::xds::server::DEFAULT_MAX_ADS_STREAMS)]
+        max_ads_streams: usize,
+        /// New ADS streams admitted per second; a reconnect storm beyond
+        /// it is refused with UNAVAILABLE, which Envoy retries with backoff.
+        #[arg(long, default_value_t = crate::xds::admission::DEFAULT_STREAMS_PER_SECOND, value_parser = clap::value_parser!(u32).range(1..))]
+        ads_admission_rate: u32,
+        /// New ADS streams admitted at once before the rate applies.
+        #[arg(long, default_value_t = crate::xds::admission::DEFAULT_BURST, value_parser = clap::value_parser!(u32).range(1..))]
+        ads_admission_burst: u32,
     },
     /// Certificates for mutual TLS between Envoys and the control plane.
     Certs {

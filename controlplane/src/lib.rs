@@ -87,6 +87,8 @@ pub enum RunError {
     Replicas(#[from] pg::PgError),
     #[error("replicas run with our own ADS only, not with --router istio")]
     ReplicasNeedAds,
+    #[error("ADS limits: {0}")]
+    AdsLimits(String),
 }
 
 /// How often the engine looks for rollouts due an evaluation (each
@@ -119,6 +121,17 @@ pub struct Options {
     /// Run as one of several replicas on a shared database (the store must
     /// be [`Store::open_shared`] on it); `None`: alone.
     pub replicas: Option<replicas::ReplicaOptions>,
+    /// The ADS port's stream cap and new-stream rate; `None`: the defaults
+    /// ([`xds::server::DEFAULT_MAX_ADS_STREAMS`], [`xds::admission`]).
+    pub ads_limits: Option<AdsLimits>,
+}
+
+/// `serve --max-ads-streams`, `--ads-admission-rate`, `--ads-admission-burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdsLimits {
+    pub max_streams: usize,
+    pub admission_per_second: u32,
+    pub admission_burst: u32,
 }
 
 impl Default for Options {
@@ -133,6 +146,7 @@ impl Default for Options {
             api_tls: None,
             probe_via: None,
             replicas: None,
+            ads_limits: None,
         }
     }
 }
@@ -267,11 +281,19 @@ pub async fn run_with_router(
     // The control plane's own counters (`GET /metrics`), shared by the xDS
     // server and the API.
     let own_metrics = Arc::new(metrics::Metrics::new()?);
-    let ads = AdsServer::new(
+    let mut ads = AdsServer::new(
         store.subscribe(),
         Arc::clone(&registry),
         Arc::clone(&own_metrics),
     );
+    if let Some(limits) = options.ads_limits {
+        let admission =
+            xds::admission::Admission::new(limits.admission_per_second, limits.admission_burst)
+                .map_err(|e| RunError::AdsLimits(e.to_string()))?;
+        ads = ads
+            .with_caps(limits.max_streams, xds::server::MAX_ADS_STREAMS_PER_NODE)
+            .with_admission(admission);
+    }
     // Fleet-wide limits are shared among the proxies that enforce them:
     // the Envoys connected to our ADS, or in a mesh the sidecars that
     // reported usage lately (every one gets the same WasmPlugin config).

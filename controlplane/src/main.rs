@@ -45,6 +45,9 @@ async fn main() -> anyhow::Result<()> {
             replica_name,
             advertise_api,
             lease_ms,
+            max_ads_streams,
+            ads_admission_rate,
+            ads_admission_burst,
         } => {
             let files = match (&tls_cert, &tls_key, &client_ca) {
                 (Some(c), Some(k), Some(a)) => Some((c.as_path(), k.as_path(), a.as_path())),
@@ -147,6 +150,11 @@ async fn main() -> anyhow::Result<()> {
                 api_tls,
                 probe_via,
                 replicas,
+                ads_limits: Some(understudy_controlplane::AdsLimits {
+                    max_streams: max_ads_streams,
+                    admission_per_second: ads_admission_rate,
+                    admission_burst: ads_admission_burst,
+                }),
             };
             understudy_controlplane::run_with_router(store, options, router, xds, api, shutdown)
                 .await?;

@@ -175,6 +175,7 @@ impl ControlPlane {
                 api_tls: None,
                 probe_via,
                 replicas: None,
+                ads_limits: None,
             };
             understudy_controlplane::run_with(store, options, xds, api, std::future::pending())
                 .await?;
