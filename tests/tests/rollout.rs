@@ -437,8 +437,12 @@ async fn a_tail_that_moved_behind_empty_buckets_is_rolled_back() -> Result<()> {
 /// measures stable's 40 ms sleeps up to 60–100 ms, which puts stable's p99
 /// bound there and the limit at 1.5 × it, up to 150 ms. Envoy records whole
 /// milliseconds, so 150 ms sleeps landed in the (125, 150] bucket, not wholly
-/// above a 150 ms limit, and CI once saw the interpolated test fire first;
-/// 300 ms sleeps land in (250, 300], wholly above any limit up to 250 ms.
+/// above a 150 ms limit, and CI once saw the interpolated test fire first.
+/// With 300 ms sleeps, in (250, 300], CI saw it once more on a busier
+/// machine; the likely cause is the same (a stable bound past 167 ms puts
+/// the limit past 250 ms; that run did not record the bound). 600 ms
+/// sleeps land in (500, 600], wholly above any limit up to 500 ms, that is
+/// a stable bound up to 333 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_tail_at_weight_1_is_rolled_back_before_500_canary_samples() -> Result<()> {
     let stack = Stack::start().await?;
@@ -447,7 +451,7 @@ async fn a_moved_tail_at_weight_1_is_rolled_back_before_500_canary_samples() -> 
         ..Default::default()
     };
     stack.stable.state.set_behavior(tail(40))?;
-    stack.canary.state.set_behavior(tail(300))?;
+    stack.canary.state.set_behavior(tail(600))?;
     let load = Load::start(&stack.url, 8);
     let r = create(
         &stack,
@@ -495,7 +499,7 @@ async fn a_moved_tail_at_weight_1_is_rolled_back_before_500_canary_samples() -> 
     // Stable's p99 bounded at or above its slow mode's bucket, and the
     // canary's slow samples counted above the limit.
     let bound = m["stable_p99_upper_bound_ms"].as_f64().unwrap_or_default();
-    assert!((50.0..=100.0).contains(&bound), "{p99:#}");
+    assert!((50.0..=333.0).contains(&bound), "{p99:#}");
     assert!(m["exact_canary_above_limit"].as_f64().unwrap_or_default() >= 1.0);
     wait::until(
         "Envoy to apply canary weight 0",
