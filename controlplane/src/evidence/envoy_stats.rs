@@ -347,7 +347,7 @@ impl MetricsBook {
         if let Some(out) = inner.outbox.as_mut() {
             for item in batch.into_iter().rev() {
                 if out.len() >= MAX_OUTBOX {
-                    dropped += 1;
+                    dropped = dropped.saturating_add(1);
                     continue;
                 }
                 out.push_front(item);

@@ -41,6 +41,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 
 use super::stream::{Nack, RequestEvent, TypeState};
 use crate::xds::resources::{Snapshot, type_url};
+use crate::xds::table::TypeTable;
 use crate::xds::wire::Wire;
 
 /// Names one stream may subscribe to (or claim to have) per type. Understudy
@@ -98,10 +99,7 @@ impl DeltaTypeState {
 /// One delta ADS stream's protocol state.
 #[derive(Debug, Clone)]
 pub struct DeltaStream {
-    node_id: Option<String>,
-    node_cluster: Option<String>,
-    types: Vec<(&'static str, DeltaTypeState)>,
-    next_nonce: u64,
+    table: TypeTable<DeltaTypeState>,
 }
 
 impl Default for DeltaStream {
@@ -117,42 +115,30 @@ fn too_long(s: &str) -> bool {
 impl DeltaStream {
     pub fn new() -> Self {
         Self {
-            node_id: None,
-            node_cluster: None,
-            types: type_url::ORDER
-                .iter()
-                .map(|t| (*t, DeltaTypeState::default()))
-                .collect(),
-            next_nonce: 0,
+            table: TypeTable::default(),
         }
     }
 
     pub fn node_id(&self) -> Option<&str> {
-        self.node_id.as_deref()
+        self.table.node_id()
     }
 
     pub fn node_cluster(&self) -> Option<&str> {
-        self.node_cluster.as_deref()
+        self.table.node_cluster()
     }
 
     pub fn types(&self) -> impl Iterator<Item = (&'static str, &DeltaTypeState)> {
-        self.types.iter().map(|(t, s)| (*t, s))
+        self.table.iter()
     }
 
     pub fn type_state(&self, type_url: &str) -> Option<&DeltaTypeState> {
-        self.types
-            .iter()
-            .find(|(t, _)| *t == type_url)
-            .map(|(_, s)| s)
+        self.table.get(type_url)
     }
 
     /// Records what a request says: subscription changes, then ACK or NACK.
     pub fn on_request(&mut self, req: &DeltaDiscoveryRequest, now: SystemTime) -> RequestEvent {
-        if let Some(node) = &req.node {
-            self.node_id = Some(node.id.clone());
-            self.node_cluster = Some(node.cluster.clone());
-        }
-        let Some((url, st)) = self.types.iter_mut().find(|(t, _)| *t == req.type_url) else {
+        self.table.note_node(req.node.as_ref());
+        let Some((url, st)) = self.table.get_mut(&req.type_url) else {
             return RequestEvent::Unknown {
                 type_url: req.type_url.clone(),
             };
@@ -237,8 +223,8 @@ impl DeltaStream {
         control_plane_id: &str,
     ) -> Vec<Wire<DeltaDiscoveryResponse>> {
         let mut out = Vec::new();
-        for i in 0..self.types.len() {
-            let (url, st) = &mut self.types[i];
+        for i in 0..self.table.types.len() {
+            let (url, st) = &mut self.table.types[i];
             let url: &'static str = url;
             if st.awaiting_reply {
                 break;
@@ -274,8 +260,8 @@ impl DeltaStream {
             for name in &removed {
                 st.known.remove(name);
             }
-            self.next_nonce = self.next_nonce.wrapping_add(1);
-            let nonce = self.next_nonce.to_string();
+            let nonce = self.table.nonce();
+            let st = &mut self.table.types[i].1;
             st.sent_version = Some(desired.version.clone());
             st.sent_nonce = Some(nonce.clone());
             st.awaiting_reply = true;
@@ -294,12 +280,7 @@ impl DeltaStream {
                 },
                 resources,
             ));
-            if pushed_clusters
-                && let Some((_, eds)) = self
-                    .types
-                    .iter_mut()
-                    .find(|(t, _)| *t == type_url::ENDPOINT)
-            {
+            if pushed_clusters && let Some((_, eds)) = self.table.get_mut(type_url::ENDPOINT) {
                 eds.resend_all = true;
             }
             break;
@@ -624,7 +605,7 @@ mod tests {
         let mut s = DeltaStream::new();
         converge(&mut s, &snap(0, 8081, 1));
         // A new cluster version (as if its connect timeout changed).
-        s.types[0]
+        s.table.types[0]
             .1
             .known
             .insert("shop-stable".into(), "older".into());

@@ -15,6 +15,7 @@ pub mod resources;
 pub mod router;
 pub mod server;
 pub mod stream;
+pub mod table;
 pub mod wire;
 
 pub use registry::Registry;

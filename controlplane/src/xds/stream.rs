@@ -25,6 +25,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use serde::Serialize;
 
 use crate::xds::resources::{Snapshot, type_url};
+use crate::xds::table::TypeTable;
 use crate::xds::wire::Wire;
 
 /// A rejected config, as Envoy reported it.
@@ -79,10 +80,7 @@ pub struct TypeState {
 /// One ADS stream's protocol state.
 #[derive(Debug, Clone)]
 pub struct AdsStream {
-    node_id: Option<String>,
-    node_cluster: Option<String>,
-    types: Vec<(&'static str, TypeState)>,
-    next_nonce: u64,
+    table: TypeTable<TypeState>,
 }
 
 impl Default for AdsStream {
@@ -94,43 +92,31 @@ impl Default for AdsStream {
 impl AdsStream {
     pub fn new() -> Self {
         Self {
-            node_id: None,
-            node_cluster: None,
-            types: type_url::ORDER
-                .iter()
-                .map(|t| (*t, TypeState::default()))
-                .collect(),
-            next_nonce: 0,
+            table: TypeTable::default(),
         }
     }
 
     /// Envoy sends its node only on the first request of a stream.
     pub fn node_id(&self) -> Option<&str> {
-        self.node_id.as_deref()
+        self.table.node_id()
     }
 
     pub fn node_cluster(&self) -> Option<&str> {
-        self.node_cluster.as_deref()
+        self.table.node_cluster()
     }
 
     pub fn types(&self) -> impl Iterator<Item = (&'static str, &TypeState)> {
-        self.types.iter().map(|(t, s)| (*t, s))
+        self.table.iter()
     }
 
     pub fn type_state(&self, type_url: &str) -> Option<&TypeState> {
-        self.types
-            .iter()
-            .find(|(t, _)| *t == type_url)
-            .map(|(_, s)| s)
+        self.table.get(type_url)
     }
 
     /// Records what a request says: subscription, ACK or NACK.
     pub fn on_request(&mut self, req: &DiscoveryRequest, now: SystemTime) -> RequestEvent {
-        if let Some(node) = &req.node {
-            self.node_id = Some(node.id.clone());
-            self.node_cluster = Some(node.cluster.clone());
-        }
-        let Some((_, st)) = self.types.iter_mut().find(|(t, _)| *t == req.type_url) else {
+        self.table.note_node(req.node.as_ref());
+        let Some((_, st)) = self.table.get_mut(&req.type_url) else {
             return RequestEvent::Unknown {
                 type_url: req.type_url.clone(),
             };
@@ -176,8 +162,8 @@ impl AdsStream {
         control_plane_id: &str,
     ) -> Vec<Wire<DiscoveryResponse>> {
         let mut out = Vec::new();
-        for i in 0..self.types.len() {
-            let (url, st) = &self.types[i];
+        for i in 0..self.table.types.len() {
+            let (url, st) = &self.table.types[i];
             let url = *url;
             if st.awaiting_reply {
                 // Make before break: nothing after this type until Envoy answers.
@@ -209,9 +195,8 @@ impl AdsStream {
                 .filter(|(name, _)| wildcard || names.contains(*name))
                 .map(|(_, enc)| Arc::clone(&enc.any))
                 .collect();
-            self.next_nonce += 1;
-            let nonce = self.next_nonce.to_string();
-            let st = &mut self.types[i].1;
+            let nonce = self.table.nonce();
+            let st = &mut self.table.types[i].1;
             st.sent_version = Some(desired.version.clone());
             st.sent_names = names;
             st.sent_nonce = Some(nonce.clone());
@@ -231,10 +216,7 @@ impl AdsStream {
                 resources,
             ));
             if url == type_url::CLUSTER
-                && let Some((_, eds)) = self
-                    .types
-                    .iter_mut()
-                    .find(|(t, _)| *t == type_url::ENDPOINT)
+                && let Some((_, eds)) = self.table.get_mut(type_url::ENDPOINT)
             {
                 eds.force_resend = true;
             }

@@ -156,46 +156,18 @@ pub(super) async fn xds_scale() -> Result<Value> {
     for (p, name) in ["sotw", "delta"].iter().enumerate() {
         for (s, size) in sizes.iter().enumerate() {
             let prefix = format!("{name}_{size}");
-            spread(
-                &mut figures,
-                &format!("{prefix}_converge_s"),
-                &converge[p][s],
-            );
-            spread(
-                &mut figures,
-                &format!("{prefix}_rss_kb_per_client"),
-                &rss[p][s],
-            );
-            spread(
-                &mut figures,
-                &format!("{prefix}_cpu_s_per_push"),
-                &cpu[p][s],
-            );
-            spread(
-                &mut figures,
-                &format!("{prefix}_push_bytes_per_client"),
-                &push_bytes[p][s],
-            );
-            spread(
-                &mut figures,
-                &format!("{prefix}_initial_bytes_per_client"),
-                &initial_bytes[p][s],
-            );
-            spread(
-                &mut figures,
-                &format!("{prefix}_connect_s"),
-                &connect_s[p][s],
-            );
-            spread(
-                &mut figures,
-                &format!("{prefix}_refused_streams"),
-                &refused[p][s],
-            );
-            spread(
-                &mut figures,
-                &format!("{prefix}_stream_errors"),
-                &stream_errors[p][s],
-            );
+            for (figure, values) in [
+                ("converge_s", &converge[p][s]),
+                ("rss_kb_per_client", &rss[p][s]),
+                ("cpu_s_per_push", &cpu[p][s]),
+                ("push_bytes_per_client", &push_bytes[p][s]),
+                ("initial_bytes_per_client", &initial_bytes[p][s]),
+                ("connect_s", &connect_s[p][s]),
+                ("refused_streams", &refused[p][s]),
+                ("stream_errors", &stream_errors[p][s]),
+            ] {
+                spread(&mut figures, &format!("{prefix}_{figure}"), values);
+            }
         }
     }
     let big = sizes.iter().copied().max().unwrap_or(0);
@@ -367,7 +339,10 @@ async fn client(
     connecting: Arc<Semaphore>,
     origin: Instant,
 ) -> Result<()> {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff {
+        next: Duration::from_millis(50),
+        client: i,
+    };
     let channel = loop {
         let permit = connecting.acquire().await?;
         let attempt = Endpoint::from_shared(format!("http://{xds}"))?
@@ -381,8 +356,7 @@ async fn client(
             Ok(c) => break c,
             Err(_) => {
                 fleet.refused.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(jitter(backoff, i)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.wait(true).await;
             }
         }
     };
@@ -407,21 +381,38 @@ async fn client(
                 ) =>
             {
                 fleet.refused.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(jitter(backoff, i)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.wait(true).await;
             }
             // Anything else (a reset connection in a connect storm, a
             // stream the server ended): Envoy reconnects, and so do we.
             Err(_) => {
                 fleet.stream_errors.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(jitter(backoff, i)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.wait(true).await;
             }
             // The server ended the stream cleanly: reconnect as well.
             Ok(()) => {
                 fleet.stream_errors.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(jitter(backoff, i)).await;
+                backoff.wait(false).await;
             }
+        }
+    }
+}
+
+/// Envoy's reconnect backoff, which the simulated clients reproduce: the
+/// pause is the behaviour being simulated (clients that do not retry in
+/// lockstep), not a wait standing in for a condition.
+struct Backoff {
+    next: Duration,
+    client: usize,
+}
+
+impl Backoff {
+    /// Pauses for the current backoff (jittered); with `grow`, the next
+    /// one doubles, up to 2 s.
+    async fn wait(&mut self, grow: bool) {
+        tokio::time::sleep(jitter(self.next, self.client)).await;
+        if grow {
+            self.next = (self.next * 2).min(Duration::from_secs(2));
         }
     }
 }
