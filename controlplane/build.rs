@@ -12,6 +12,9 @@ use std::path::PathBuf;
 const FILES: [&str; 2] = ["understudy_preview_bg.wasm", "understudy_preview.js"];
 
 fn main() {
+    // `refinery::embed_migrations!` reads these at compile time; a new
+    // migration must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default());
     let dir = manifest.join("../target/preview");

@@ -215,6 +215,7 @@ pub async fn run_with_router(
     let in_mesh = router.is_some();
     // Replicas: the lease, given up on a clean shutdown.
     let mut leadership = None;
+    let mut shadow_resets = None;
     // Every stored rollout resumes where it was.
     let engine = Arc::new(match (router, &options.replicas) {
         (None, None) => rollout::engine::Engine::new(store.clone(), rollouts, sources)?,
@@ -239,6 +240,7 @@ pub async fn run_with_router(
             )?;
             let _ = engine.lead_with(started.leader);
             leadership = Some(started.leadership);
+            shadow_resets = Some(started.resets);
             engine
         }
         (Some(_), Some(_)) => return Err(RunError::ReplicasNeedAds),
@@ -327,6 +329,7 @@ pub async fn run_with_router(
         registry,
         usage: Arc::clone(&usage),
         shadow: Arc::clone(&shadow),
+        shadow_resets,
         auth: Arc::new(options.auth),
         engine,
         metrics: own_metrics,

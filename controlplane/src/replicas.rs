@@ -13,6 +13,10 @@
 //! - **Evidence**: every replica ships its Envoys' stats and the filter's
 //!   shadow batches to the database and reads the others' back
 //!   ([`crate::evidence::shared`]); the engine judges on the fleet's.
+//! - **Learned noise**: each replica's share of what calibration taught is
+//!   a row of its own, and every replica sums them; resetting a route's
+//!   noise or live counts on any replica resets it on all
+//!   ([`crate::evidence::shared::ShadowResets`]).
 //!
 //! - **Fleet size**: each replica publishes how many Envoys it serves;
 //!   fleet-wide rate limits are divided among the sum ([`count_fleet`]).
@@ -25,7 +29,7 @@ use std::time::Duration;
 
 use crate::evidence::envoy_stats::MetricsBook;
 use crate::evidence::shadow::ShadowBook;
-use crate::evidence::shared::SharedEvidence;
+use crate::evidence::shared::{ShadowResets, SharedEvidence};
 use crate::evidence::usage::ReportOutbox;
 use crate::pg::lease::{Leadership, LeaseTiming};
 use crate::pg::listen::{self, Change};
@@ -60,6 +64,8 @@ pub(crate) struct Started {
     pub rollouts: RolloutStore,
     /// The fleet's stats, read back from every replica's rows.
     pub fleet: Arc<MetricsBook>,
+    /// Fleet-wide shadow resets, for the API.
+    pub resets: ShadowResets,
 }
 
 /// Starts the lease and evidence threads. `local` is this replica's own
@@ -101,6 +107,7 @@ pub(crate) fn start(
         (local, Arc::clone(&fleet)),
         (reports, shadow),
     )?;
+    let resets = shipper.resets();
     std::thread::Builder::new()
         .name("evidence".to_owned())
         .spawn(move || shipper.run())
@@ -111,6 +118,7 @@ pub(crate) fn start(
         leader,
         rollouts: RolloutStore::shared(opts.db.another("rollouts"), fence),
         fleet,
+        resets,
     })
 }
 

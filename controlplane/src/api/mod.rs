@@ -66,6 +66,8 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     pub usage: Arc<UsageBook>,
     pub shadow: Arc<ShadowBook>,
+    /// With replicas: shadow resets reach every replica through the database.
+    pub shadow_resets: Option<crate::evidence::shared::ShadowResets>,
     pub auth: Arc<Auth>,
     pub engine: Arc<crate::rollout::engine::Engine>,
     /// The control plane's own counters (`GET /metrics`).

@@ -8,6 +8,7 @@ use crate::evidence::replay::{self, ReplayOutcome};
 use crate::evidence::shadow::{
     BookCounts, RecordView, ReplayAudit, RouteDetail, RouteNoise, RouteSegments, RouteSummary,
 };
+use crate::evidence::shared::ResetKind;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -245,20 +246,42 @@ async fn reset_shadow_route(
             ),
         ));
     }
-    if s.shadow.reset_live(&route) {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(unknown_route(&route))
-    }
+    reset(&s, route, ResetKind::Live).await
 }
 
 async fn forget_noise(
     State(s): State<ApiState>,
     Path(route): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if s.shadow.forget_noise(&route) {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(unknown_route(&route))
+    reset(&s, route, ResetKind::Noise).await
+}
+
+/// Resets a route this replica knows: with replicas, for the whole fleet
+/// through the database (refused while it is away, so no replica is left
+/// measuring the old way); alone, in its own book.
+async fn reset(s: &ApiState, route: String, kind: ResetKind) -> Result<StatusCode, ApiError> {
+    if !s.shadow.knows(&route) {
+        return Err(unknown_route(&route));
+    }
+    let Some(resets) = s.shadow_resets.clone() else {
+        match kind {
+            ResetKind::Noise => s.shadow.forget_noise(&route),
+            ResetKind::Live => s.shadow.reset_live(&route),
+        };
+        return Ok(StatusCode::NO_CONTENT);
+    };
+    let name = route.clone();
+    match tokio::task::spawn_blocking(move || resets.reset(&name, kind)).await {
+        Ok(Ok(_)) => Ok(StatusCode::NO_CONTENT),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            format!("the reset of route {route:?} was not recorded for every replica: {e}"),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the reset of route {route:?} did not finish: {e}"),
+        )),
     }
 }

@@ -47,12 +47,15 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use prost::Message;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use understudy_core::segment::SegmentTally;
 use understudy_proto::v1::{MismatchRecord, ReportBatch, RouteCounts, SegmentCounts, difference};
 
 use super::PairCounts;
 use crate::store::Store;
+
+mod learned;
+pub use learned::{Learned, PathCounts};
 
 /// Routes the book remembers; the least recently reported is forgotten first.
 pub const MAX_ROUTES: usize = 256;
@@ -165,7 +168,7 @@ pub struct Stats {
     pub reclassified_as_noise: u64,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Totals {
     compared: u64,
     matched: u64,
@@ -186,7 +189,24 @@ impl Totals {
         self.mismatched_noise = self.mismatched_noise.saturating_add(c.mismatched_noise);
         self.unexpected = self.unexpected.saturating_add(c.unexpected);
         self.latency_gap_us_sum = self.latency_gap_us_sum.saturating_add(c.latency_gap_us_sum);
-        for (reason, n) in &c.skipped {
+        self.add_skipped(&c.skipped);
+    }
+
+    /// Another side's totals (skip reasons capped as [`Totals::add_counts`] caps them).
+    fn add(&mut self, o: &Totals) {
+        self.compared = self.compared.saturating_add(o.compared);
+        self.matched = self.matched.saturating_add(o.matched);
+        self.mismatched_serious = self.mismatched_serious.saturating_add(o.mismatched_serious);
+        self.mismatched_noise = self.mismatched_noise.saturating_add(o.mismatched_noise);
+        self.unexpected = self.unexpected.saturating_add(o.unexpected);
+        self.latency_gap_us_sum = self.latency_gap_us_sum.saturating_add(o.latency_gap_us_sum);
+        self.records = self.records.saturating_add(o.records);
+        self.reclassified = self.reclassified.saturating_add(o.reclassified);
+        self.add_skipped(&o.skipped);
+    }
+
+    fn add_skipped<'a>(&mut self, skipped: impl IntoIterator<Item = (&'a String, &'a u64)>) {
+        for (reason, n) in skipped {
             let key = if self.skipped.contains_key(reason) || self.skipped.len() < MAX_SKIP_REASONS
             {
                 reason.clone()
@@ -348,6 +368,9 @@ struct RouteBook {
     /// Live traffic per traffic segment (capped; see the module docs).
     segments: SegmentTally<SegmentBook>,
     last_report: SystemTime,
+    /// With replicas: what this replica's Envoys taught since it last
+    /// handed it over ([`learned`]); `calibration` above is the fleet's.
+    pending: Option<Box<Learned>>,
 }
 
 /// One traffic segment of a route: its live totals and differing paths.
@@ -366,6 +389,7 @@ impl RouteBook {
             calibration_paths: PathTable::default(),
             segments: SegmentTally::default(),
             last_report: now,
+            pending: None,
         }
     }
 
@@ -833,13 +857,15 @@ struct Book {
     replays: VecDeque<ReplayAudit>,
     /// The policy and the snapshot generation it was built from.
     policy: Option<(u64, RoutePolicy)>,
+    /// Replicas share learned noise ([`ShadowBook::share_learning`]).
+    sharing: bool,
 }
 
 impl Book {
     fn route_entry<'a>(
         routes: &'a mut BTreeMap<String, RouteBook>,
         policy: Option<&RoutePolicy>,
-        name: &str,
+        (name, sharing): (&str, bool),
         now: SystemTime,
     ) -> &'a mut RouteBook {
         if !routes.contains_key(name) && routes.len() >= MAX_ROUTES {
@@ -857,6 +883,9 @@ impl Book {
             .entry(name.to_owned())
             .or_insert_with(|| RouteBook::new(now));
         route.last_report = now;
+        if sharing && route.pending.is_none() {
+            route.pending = Some(Box::default());
+        }
         route
     }
 
@@ -875,7 +904,7 @@ impl Book {
         self.next_id = self.next_id.saturating_add(1);
         let id = self.next_id;
         let policy = self.policy.as_ref().map(|(_, p)| p);
-        let route = Self::route_entry(&mut self.routes, policy, &record.route, now);
+        let route = Self::route_entry(&mut self.routes, policy, (&record.route, self.sharing), now);
         let calibration = record.calibration;
         let learned: Vec<Option<f64>> = record
             .differences
@@ -906,6 +935,9 @@ impl Book {
         let unexpected_learned =
             !calibration && complete && record.unexpected && all_learned(&|d| d.unexpected);
 
+        if calibration && let Some(pending) = route.pending.as_mut() {
+            pending.note_record(&record);
+        }
         let (totals, table) = if calibration {
             (&mut route.calibration, &mut route.calibration_paths)
         } else {
@@ -1067,7 +1099,32 @@ impl ShadowBook {
     /// [`ShadowBook::ingest`] of a batch whose sender the report service
     /// established: records keep `origin`, and only verified ones replay.
     pub fn ingest_from(&self, batch: ReportBatch, origin: Origin, now: SystemTime) -> Ingested {
+        self.ingest_batch(batch, origin, now, true)
+    }
+
+    /// [`ShadowBook::ingest_from`] of a batch another replica received
+    /// (read back from the database): its live part counts here, but its
+    /// calibration is that replica's to learn and share
+    /// ([`ShadowBook::share_learning`]), so it is left out rather than
+    /// counted twice.
+    pub fn ingest_read_back(
+        &self,
+        batch: ReportBatch,
+        origin: Origin,
+        now: SystemTime,
+    ) -> Ingested {
+        self.ingest_batch(batch, origin, now, false)
+    }
+
+    fn ingest_batch(
+        &self,
+        batch: ReportBatch,
+        origin: Origin,
+        now: SystemTime,
+        learn: bool,
+    ) -> Ingested {
         let mut book = self.lock();
+        let sharing = book.sharing;
         self.refresh_policy(&mut book);
         book.batches = book.batches.saturating_add(1);
         book.dropped = book.dropped.saturating_add(batch.dropped);
@@ -1091,9 +1148,20 @@ impl ShadowBook {
             if counts.calibration && !calibration {
                 calibration_refused = calibration_refused.saturating_add(1);
             }
-            let route = Book::route_entry(&mut book.routes, policy.as_ref(), &counts.route, now);
+            if calibration && !learn {
+                continue;
+            }
+            let route = Book::route_entry(
+                &mut book.routes,
+                policy.as_ref(),
+                (&counts.route, sharing),
+                now,
+            );
             if calibration {
                 route.calibration.add_counts(counts);
+                if let Some(pending) = route.pending.as_mut() {
+                    pending.note_counts(counts);
+                }
             } else {
                 route.live.add_counts(counts);
                 for c in &counts.segments {
@@ -1109,6 +1177,9 @@ impl ShadowBook {
             if record.calibration && !calibration_allowed(&record.route) {
                 record.calibration = false;
                 calibration_refused = calibration_refused.saturating_add(1);
+            }
+            if record.calibration && !learn {
+                continue;
             }
             book.add_record(record, &batch.node_id, &origin, now);
             out.accepted = out.accepted.saturating_add(1);
@@ -1266,6 +1337,12 @@ impl ShadowBook {
             .collect()
     }
 
+    /// The book has `route` (some filter reported it, or learned noise
+    /// for it arrived from another replica).
+    pub fn knows(&self, route: &str) -> bool {
+        self.lock().routes.contains_key(route)
+    }
+
     /// Forgets a route's calibration counts and learned noise (after the
     /// new version changed, say). Live counts already reclassified stay as
     /// they are. `false` if the route is unknown.
@@ -1275,6 +1352,9 @@ impl ShadowBook {
             Some(r) => {
                 r.calibration = Totals::default();
                 r.calibration_paths = PathTable::default();
+                if let Some(pending) = r.pending.as_mut() {
+                    **pending = Learned::default();
+                }
                 true
             }
             None => false,
@@ -1297,6 +1377,59 @@ impl ShadowBook {
             }
             None => false,
         }
+    }
+
+    /// Replicas share learned noise from now on: each route keeps what
+    /// this replica's Envoys teach as pending ([`ShadowBook::take_learned`])
+    /// until the fleet's sum comes back ([`ShadowBook::set_learned`]).
+    /// Batches read back from other replicas teach nothing here
+    /// ([`ShadowBook::ingest_read_back`]).
+    pub fn share_learning(&self) {
+        let mut book = self.lock();
+        book.sharing = true;
+        for r in book.routes.values_mut() {
+            r.pending.get_or_insert_with(Box::default);
+        }
+    }
+
+    /// What this replica's Envoys taught since the last call, per route
+    /// (routes that learned nothing are left out). The book's view keeps
+    /// it; the caller adds it to this replica's share.
+    pub fn take_learned(&self) -> Vec<(String, Learned)> {
+        let mut book = self.lock();
+        book.routes
+            .iter_mut()
+            .filter_map(|(name, r)| {
+                let pending = r.pending.as_mut()?;
+                (!pending.is_empty()).then(|| (name.clone(), std::mem::take(&mut **pending)))
+            })
+            .collect()
+    }
+
+    /// A route's calibration is now `fleet` (every replica's share, with
+    /// what this replica took and has not yet shared) plus what is pending
+    /// here. A route the book does not have is added if the filter config
+    /// still has it; `false` if it was not.
+    pub fn set_learned(&self, route: &str, fleet: &Learned, now: SystemTime) -> bool {
+        let mut book = self.lock();
+        self.refresh_policy(&mut book);
+        let known = book.policy.as_ref().is_none_or(|(_, p)| p.knows(route));
+        if !book.routes.contains_key(route) && (fleet.is_empty() || !known || !valid_route(route)) {
+            return false;
+        }
+        let sharing = book.sharing;
+        let policy = book.policy.as_ref().map(|(_, p)| p.clone());
+        let r = match book.routes.get_mut(route) {
+            Some(r) => r,
+            None => Book::route_entry(&mut book.routes, policy.as_ref(), (route, sharing), now),
+        };
+        let mut sum = fleet.clone();
+        if let Some(pending) = r.pending.as_ref() {
+            sum.add(pending);
+        }
+        r.calibration_paths = sum.table(&r.calibration_paths);
+        r.calibration = sum.totals;
+        true
     }
 
     pub fn counts(&self) -> BookCounts {
@@ -1785,6 +1918,85 @@ mod tests {
         let stored = book.counts().records_stored;
         assert!((60..64).contains(&stored), "{stored}");
         assert!(book.record(70).is_some());
+    }
+
+    /// With replicas, a book learns from its own Envoys only and hands the
+    /// learning over; the fleet's sum comes back as its view, samples kept.
+    #[test]
+    fn a_sharing_book_hands_over_its_learning_and_shows_the_fleets() {
+        let book = ShadowBook::default();
+        book.share_learning();
+        let cal = vec![
+            record("api", true, vec![diff("$.at", true, true)]),
+            record(
+                "api",
+                true,
+                vec![diff("$.at", true, true), diff("$.id", true, true)],
+            ),
+        ];
+        book.ingest(batch(vec![counts("api", true, [10, 8, 2, 0, 2])], cal), T0);
+        // Another replica's batch: its live part counts here, its
+        // calibration is that replica's to share.
+        let theirs = batch(
+            vec![
+                counts("api", true, [50, 0, 50, 0, 50]),
+                counts("api", false, [7, 7, 0, 0, 0]),
+            ],
+            vec![record("api", true, vec![diff("$.other", true, true)])],
+        );
+        book.ingest_read_back(theirs, Origin::Unverified, T0);
+        let d = book.route("api").unwrap();
+        assert_eq!(d.summary.calibration.compared, 10);
+        assert_eq!(d.summary.live.compared, 7);
+        assert!(d.calibration_top_paths.iter().all(|p| p.path != "$.other"));
+
+        let taken = book.take_learned();
+        assert_eq!(taken.len(), 1);
+        let (route, mine) = &taken[0];
+        assert_eq!(route, "api");
+        assert_eq!(
+            (mine.compared(), mine.records(), mine.differed_at("$.at")),
+            (10, 2, 2)
+        );
+        assert!(book.take_learned().is_empty(), "handed over once");
+        // Until the sum comes back, the view still has it.
+        assert_eq!(book.noise()[0].calibration_compared, 10);
+
+        // The fleet: this replica's share plus another's 30 pairs, 3 at $.at.
+        let mut other = Learned::default();
+        other.note_counts(&counts("api", true, [30, 27, 3, 0, 3]));
+        for _ in 0..3 {
+            other.note_record(&record("api", true, vec![diff("$.at", true, true)]));
+        }
+        let mut fleet = mine.clone();
+        fleet.add(&other);
+        // Something learned meanwhile is still pending and counts too.
+        book.ingest(
+            batch(vec![counts("api", true, [2, 2, 0, 0, 0])], vec![]),
+            T0,
+        );
+        assert!(book.set_learned("api", &fleet, T0));
+        let noise = &book.noise()[0];
+        assert_eq!(noise.calibration_compared, 42);
+        let at = noise.paths.iter().find(|p| p.path == "$.at").unwrap();
+        assert_eq!(at.records, 5);
+        assert!(close(at.rate, 5.0 / 42.0));
+        // This replica's own samples survive the rebuild.
+        let d = book.route("api").unwrap();
+        let at = d
+            .calibration_top_paths
+            .iter()
+            .find(|p| p.path == "$.at")
+            .unwrap();
+        assert_eq!(at.samples.len(), 2);
+        // Forgetting drops what is pending as well.
+        assert!(book.forget_noise("api"));
+        assert!(book.take_learned().is_empty());
+        assert!(book.noise().is_empty());
+        // A route it never saw arrives with the fleet's learning.
+        assert!(book.set_learned("search", &other, T0));
+        assert!(book.knows("search"));
+        assert!(!book.set_learned("nothing", &Learned::default(), T0));
     }
 
     #[test]

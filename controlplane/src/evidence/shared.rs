@@ -38,6 +38,9 @@ use super::shadow::{Origin, ShadowBook};
 use super::usage::ReportOutbox;
 use crate::pg::{Db, PgError};
 
+mod noise;
+pub use noise::{NoiseSync, ResetKind, ShadowResets};
+
 /// Shadow batches shipped or read per round (a batch can be large).
 pub const REPORT_BATCH: usize = 200;
 
@@ -65,6 +68,9 @@ pub struct SharedEvidence {
     shadow: Arc<ShadowBook>,
     next_report_seq: i64,
     report_cursors: HashMap<String, i64>,
+    /// Learned noise and resets ([`noise`]).
+    noise: NoiseSync,
+    resets: ShadowResets,
 }
 
 impl std::fmt::Debug for SharedEvidence {
@@ -92,8 +98,11 @@ impl SharedEvidence {
             )?;
             Ok((row.get(0), row.get(1)))
         })?;
+        let (noise, resets) = NoiseSync::new(me, Arc::clone(&shadow), db.another("shadow-resets"));
         Ok(Self {
             me: me.to_owned(),
+            noise,
+            resets,
             db,
             local,
             fleet,
@@ -176,7 +185,7 @@ impl SharedEvidence {
                         None => Origin::Unverified,
                     };
                     self.shadow
-                        .ingest_from(batch, origin, std::time::SystemTime::now());
+                        .ingest_read_back(batch, origin, std::time::SystemTime::now());
                 }
                 // One bad row must not stop the fleet's evidence.
                 Err(e) => {
@@ -293,6 +302,17 @@ impl SharedEvidence {
         })
     }
 
+    /// Applies fleet-wide shadow resets, and shares learned noise: this
+    /// replica's written, every replica's read back ([`noise`]).
+    pub fn share_noise(&mut self) -> Result<(), PgError> {
+        self.noise.round(&self.db)
+    }
+
+    /// The API's handle for fleet-wide shadow resets.
+    pub fn resets(&self) -> ShadowResets {
+        self.resets.clone()
+    }
+
     /// Ships and reads every [`PERIOD`] until the process ends.
     pub fn run(mut self) {
         loop {
@@ -309,6 +329,9 @@ impl SharedEvidence {
             }
             if let Err(e) = self.read_reports(now) {
                 tracing::debug!(error = %e, "other replicas' shadow reports not read");
+            }
+            if let Err(e) = self.share_noise() {
+                tracing::debug!(error = %e, "learned noise not shared");
             }
             if let Err(e) = self.prune(now) {
                 tracing::debug!(error = %e, "old evidence not pruned");
