@@ -16,10 +16,13 @@ CREATE TABLE learned_noise (
 -- /v1/shadow/noise/{route}` (kind 'noise': forget learned noise) and
 -- `DELETE /v1/shadow/routes/{route}` (kind 'live': start the live counts
 -- over), on any replica. Each bumps the route's epoch; every replica
--- applies an epoch newer than the last it applied.
+-- applies an epoch newer than the last it applied. `at_ms` (the resetting
+-- replica's clock) is when: shipped batches from before it no longer count
+-- as live evidence for the route, even on a replica that starts later.
 CREATE TABLE shadow_resets (
     route text   NOT NULL,
     kind  text   NOT NULL CHECK (kind IN ('noise', 'live')),
     epoch bigint NOT NULL,
+    at_ms bigint NOT NULL,
     PRIMARY KEY (route, kind)
 );

@@ -240,6 +240,23 @@ impl ControlPlaneProcess {
         Ok((r.status().as_u16(), r.json().await?))
     }
 
+    pub async fn put(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        let r = self
+            .http
+            .put(self.api_url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        Ok((r.status().as_u16(), r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// The status of `DELETE path`, with the body if it has one.
+    pub async fn delete(&self, path: &str) -> Result<(u16, Value)> {
+        let r = self.http.delete(self.api_url(path)).send().await?;
+        Ok((r.status().as_u16(), r.json().await.unwrap_or(Value::Null)))
+    }
+
     /// The desired state as the file on disk has it now.
     pub fn state_on_disk(&self) -> Result<Value> {
         let text = std::fs::read(&self.state_file)

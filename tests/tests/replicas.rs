@@ -35,7 +35,9 @@ struct World {
     cps: Vec<ControlPlaneProcess>,
     envoys: Vec<Envoy>,
     url: String,
-    _stable: UpstreamHandle,
+    /// The replica no Envoy is connected to (both fall back to it).
+    spare: usize,
+    stable: UpstreamHandle,
     _canary: UpstreamHandle,
 }
 
@@ -161,7 +163,8 @@ async fn world() -> Result<(World, usize)> {
             cps,
             envoys: vec![a, b],
             url,
-            _stable: stable,
+            spare,
+            stable,
             _canary: canary,
         },
         leader,
@@ -778,5 +781,306 @@ fn shipped_evidence_counts_every_report_exactly_once() -> Result<()> {
     c.shared.read_reports(now)?;
     assert_eq!(compared(&c), (20, 4), "a late replica");
     drop(rt);
+    Ok(())
+}
+
+/// Learned noise through a real PostgreSQL: what two replicas' Envoys
+/// taught in A/A calibration is summed in both books (and not counted again
+/// through the shipped batches); a restarted replica continues from its
+/// row; a reset on one replica empties every replica's noise or live
+/// counts (a replica started later included), and learning pending from
+/// before a reset is never written after.
+#[test]
+fn learned_noise_is_shared_kept_across_restarts_and_reset_fleet_wide() -> Result<()> {
+    use std::sync::Arc;
+    use understudy_controlplane::evidence::envoy_stats::MetricsBook;
+    use understudy_controlplane::evidence::shadow::ShadowBook;
+    use understudy_controlplane::evidence::shared::{ResetKind, SharedEvidence};
+    use understudy_controlplane::evidence::usage::ReportOutbox;
+    use understudy_controlplane::pg::Db;
+    use understudy_proto::v1::{Difference, MismatchRecord, ReportBatch, RouteCounts};
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let pg = rt.block_on(Postgres::start())?;
+    let setup = Db::connect(&pg.url(), "setup")?;
+    struct Replica {
+        shared: SharedEvidence,
+        outbox: Arc<ReportOutbox>,
+        shadow: Arc<ShadowBook>,
+    }
+    let replica = |name: &str| -> Result<Replica> {
+        let outbox = Arc::new(ReportOutbox::default());
+        let shadow = Arc::new(ShadowBook::default());
+        let shared = SharedEvidence::new(
+            name,
+            setup.another(name),
+            (
+                Arc::new(MetricsBook::tapped()),
+                Arc::new(MetricsBook::default()),
+            ),
+            (Arc::clone(&outbox), Arc::clone(&shadow)),
+        )?;
+        Ok(Replica {
+            shared,
+            outbox,
+            shadow,
+        })
+    };
+    // What the report service does: ingest, and queue to ship.
+    let receive = |r: &Replica, report: ReportBatch| {
+        r.shadow
+            .ingest(report.clone(), std::time::SystemTime::now());
+        r.outbox.push(&report, Some(report.node_id.clone()));
+    };
+    // `compared` pairs, of which `at` differed at $.at (calibration or live).
+    let batch = |node: &str, calibration: bool, compared: u64, at: u64| ReportBatch {
+        node_id: node.to_owned(),
+        routes: vec![RouteCounts {
+            route: "checkout".to_owned(),
+            calibration,
+            compared,
+            matched: compared - at,
+            mismatched_serious: at,
+            unexpected: at,
+            ..Default::default()
+        }],
+        mismatches: (0..at)
+            .map(|i| MismatchRecord {
+                route: "checkout".to_owned(),
+                request_id: format!("{node}-{i}"),
+                calibration,
+                serious: true,
+                unexpected: true,
+                differences: vec![Difference {
+                    path: "$.at".to_owned(),
+                    unexpected: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    // (calibration pairs, records that differed at $.at) in a book.
+    let noise = |r: &Replica| -> (u64, u64) {
+        r.shadow
+            .noise()
+            .into_iter()
+            .find(|n| n.route == "checkout")
+            .map_or((0, 0), |n| {
+                let at = n.paths.iter().find(|p| p.path == "$.at");
+                (n.calibration_compared, at.map_or(0, |p| p.records))
+            })
+    };
+    let live = |r: &Replica| -> u64 {
+        r.shadow
+            .summaries()
+            .into_iter()
+            .find(|s| s.route == "checkout")
+            .map_or(0, |s| s.live.compared)
+    };
+    // Two rounds of each replica's evidence thread, in turn.
+    let rounds = |replicas: &mut [&mut Replica]| -> Result<()> {
+        for _ in 0..2 {
+            for r in replicas.iter_mut() {
+                ensure!(r.shared.round(now_ms()) == 0, "a step failed");
+            }
+        }
+        Ok(())
+    };
+    let rows = |sql: &'static str| -> Result<i64> {
+        Ok(setup.call(move |c| Ok(c.query_one(sql, &[])?.get::<_, i64>(0)))?)
+    };
+
+    let mut a = replica("a")?;
+    let mut b = replica("b")?;
+    receive(&a, batch("envoy-a", true, 10, 4));
+    receive(&b, batch("envoy-b", true, 20, 2));
+    receive(&b, batch("envoy-b", false, 7, 0));
+    rounds(&mut [&mut a, &mut b])?;
+    assert_eq!(
+        noise(&a),
+        (30, 6),
+        "replica a: both replicas' calibration, once"
+    );
+    assert_eq!(noise(&b), (30, 6), "replica b");
+    assert_eq!(live(&a), 7, "live batches still cross replicas");
+
+    // `a` restarts (a fresh book, the same name): it reads the fleet's
+    // noise, and what it learns next is added to its row, not written over it.
+    drop(a);
+    let mut a = replica("a")?;
+    rounds(&mut [&mut a])?;
+    assert_eq!(
+        noise(&a),
+        (30, 6),
+        "a restarted replica keeps learned noise"
+    );
+    receive(&a, batch("envoy-a", true, 5, 1));
+    rounds(&mut [&mut a, &mut b])?;
+    assert_eq!(noise(&a), (35, 7));
+    assert_eq!(noise(&b), (35, 7));
+    assert_eq!(
+        rows(
+            "SELECT (learned->'totals'->>'compared')::bigint FROM learned_noise WHERE replica = 'a'"
+        )?,
+        15
+    );
+
+    // `a` learns something, then `b` forgets the route's noise before `a`
+    // hands it over: it is dropped with the rest, on both.
+    receive(&a, batch("envoy-a", true, 3, 3));
+    b.shared
+        .resets()
+        .reset("checkout", ResetKind::Noise, now_ms())?;
+    assert_eq!(noise(&b), (0, 0), "the replica that reset, at once");
+    rounds(&mut [&mut a, &mut b])?;
+    assert_eq!(noise(&a), (0, 0), "every replica forgets");
+    assert_eq!(noise(&b), (0, 0));
+    assert_eq!(rows("SELECT count(*) FROM learned_noise")?, 0);
+    // Learning after the reset counts, under the new epoch.
+    receive(&a, batch("envoy-a", true, 4, 1));
+    rounds(&mut [&mut a, &mut b])?;
+    assert_eq!(noise(&b), (4, 1));
+    assert_eq!(
+        rows("SELECT count(*) FROM learned_noise WHERE epoch = 1")?,
+        1
+    );
+
+    // Live counts start over on every replica; learned noise stays.
+    assert_eq!(live(&a), 7);
+    b.shared
+        .resets()
+        .reset("checkout", ResetKind::Live, now_ms())?;
+    rounds(&mut [&mut a, &mut b])?;
+    assert_eq!((live(&a), live(&b)), (0, 0));
+    assert_eq!(noise(&a), (4, 1));
+    // A replica that starts now reads the retained batches, but not those
+    // shipped before the reset as live evidence; new ones count.
+    receive(&b, batch("envoy-b", false, 3, 0));
+    let mut c = replica("c")?;
+    rounds(&mut [&mut b, &mut c])?;
+    assert_eq!(live(&c), 3, "the batch before the reset is left out");
+    assert_eq!(noise(&c), (4, 1));
+    drop(rt);
+    Ok(())
+}
+
+/// What one replica shows of the route's learned noise: (calibration pairs,
+/// rate at `$.generated_at`); `(0, None)` when it has none.
+async fn noise_on(cp: &ControlPlaneProcess, route: &str) -> Result<(u64, Option<f64>)> {
+    let n = cp.get("/v1/shadow/noise").await?;
+    let Some(r) = n["routes"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["route"] == route))
+    else {
+        return Ok((0, None));
+    };
+    let rate = r["paths"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["path"] == "$.generated_at"))
+        .and_then(|p| p["rate"].as_f64());
+    Ok((r["calibration_compared"].as_u64().unwrap_or(0), rate))
+}
+
+/// Learned noise through real replicas: the A/A calibration pairs two
+/// Envoys report to two replicas show on all three replicas, each pair
+/// once; a replica killed and restarted shows them again (from the
+/// database); and forgetting the route's noise on the replica that serves
+/// no Envoy forgets it on all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_noise_reaches_every_replica_and_a_reset_on_any_clears_it() -> Result<()> {
+    let _one_at_a_time = HEAVY.lock().await;
+    let (mut w, leader) = world().await?;
+    // A/A: the shadow is the stable version itself; its answers differ
+    // only in a timestamp and a trace id (noise by definition).
+    w.stable.state.set_behavior(Behavior {
+        stamp: true,
+        body: Some(json!({"item": 1})),
+        ..Default::default()
+    })?;
+    let route = "orders";
+    let config = json!({
+        "wasm_path": understudy_e2e::paths::filter_wasm()?.display().to_string(),
+        "config": {"routes": [{"name": route, "path_prefix": "/",
+            "shadow": {"cluster": format!("{SERVICE}-stable"), "calibration": true}}]}
+    });
+    let (status, answer) = w.cps[leader].put("/v1/filter", &config).await?;
+    ensure!(status == 200, "PUT /v1/filter answered {status}: {answer}");
+    let compared = format!("wasmcustom.understudy.shadow.{route}.compared");
+    // Requests until both Envoys (on two replicas) have compared pairs. Both
+    // listen on one port; the kernel spreads new connections between them,
+    // so none is kept for reuse.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    wait::until(
+        "both Envoys to compare calibration pairs",
+        Duration::from_secs(20),
+        || async {
+            for _ in 0..8 {
+                let r = client.get(&w.url).send().await?;
+                ensure!(r.status() == 200, "a client request failed: {}", r.status());
+            }
+            let mut both = true;
+            for e in &w.envoys {
+                both &= e.stat(&compared).await?.unwrap_or(0) > 0;
+            }
+            Ok(both.then_some(()))
+        },
+    )
+    .await?;
+    // Every replica shows the sum of both Envoys' pairs, once. (An
+    // Envoy counts a pair before it reports it: a replica showing more than
+    // the Envoys counted has counted one twice.)
+    let counted = || async {
+        let mut total = 0;
+        for e in &w.envoys {
+            total += e.stat(&compared).await?.unwrap_or(0);
+        }
+        anyhow::Ok(total)
+    };
+    let mut total = 0;
+    for (i, cp) in w.cps.iter().enumerate() {
+        let (n, rate) = wait::until(
+            &format!("replica r{i} to show every calibration pair"),
+            Duration::from_secs(15),
+            || async {
+                let (n, rate) = noise_on(cp, route).await?;
+                let total = counted().await?;
+                ensure!(n <= total, "r{i} shows {n} pairs of {total}: counted twice");
+                Ok((n == total).then_some((n, rate)))
+            },
+        )
+        .await?;
+        assert_eq!(rate, Some(1.0), "r{i}: the stamp's learned rate");
+        total = n;
+    }
+    assert_eq!(total, counted().await?, "no pair arrived late");
+    // The replica with no Envoy restarts and shows the same, from the database.
+    let spare = w.spare;
+    w.cps[spare].sigkill()?;
+    w.cps[spare].restart().await?;
+    wait::until(
+        "the restarted replica to show the learned noise",
+        Duration::from_secs(15),
+        || async { Ok((noise_on(&w.cps[spare], route).await?.0 == total).then_some(())) },
+    )
+    .await?;
+    // Forgotten there, forgotten everywhere.
+    let (status, body) = w.cps[spare]
+        .delete(&format!("/v1/shadow/noise/{route}"))
+        .await?;
+    ensure!(status == 204, "DELETE answered {status}: {body}");
+    for (i, cp) in w.cps.iter().enumerate() {
+        wait::until(
+            &format!("replica r{i} to forget the noise"),
+            Duration::from_secs(10),
+            || async { Ok((noise_on(cp, route).await? == (0, None)).then_some(())) },
+        )
+        .await?;
+    }
+    drop(w.pg);
     Ok(())
 }

@@ -271,7 +271,9 @@ async fn reset(s: &ApiState, route: String, kind: ResetKind) -> Result<StatusCod
         return Ok(StatusCode::NO_CONTENT);
     };
     let name = route.clone();
-    match tokio::task::spawn_blocking(move || resets.reset(&name, kind)).await {
+    match tokio::task::spawn_blocking(move || resets.reset(&name, kind, crate::time::now_unix_ms()))
+        .await
+    {
         Ok(Ok(_)) => Ok(StatusCode::NO_CONTENT),
         Ok(Err(e)) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

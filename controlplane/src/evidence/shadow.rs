@@ -37,6 +37,11 @@
 //! [`MAX_SEGMENT_SAMPLES`] samples. The route's own totals stay the totals.
 //! Calibration is not segmented: noise is learned per route and path.
 //!
+//! **Replicas.** With [`ShadowBook::share_learning`] a book learns noise
+//! from its own Envoys' calibration only and hands it over to be shared
+//! through the database; the fleet's sum comes back as its calibration view
+//! ([`learned`], [`crate::evidence::shared`]).
+//!
 //! Aggregation is keyed by route name only (the book's `routes` map). The
 //! hook for per-rollout aggregation (a later issue) is that key: make it
 //! (route, rollout) and start a fresh live side when a rollout starts; the

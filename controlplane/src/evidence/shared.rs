@@ -18,8 +18,10 @@
 //! at once (as without replicas) and also ships them, as received, to
 //! `report_batches`; it reads the *other* replicas' batches into the same
 //! book. So each book holds every batch once, and the leader's shadow
-//! stage is judged on the whole fleet's pairs. (Rate-limit usage reports
-//! stay local: each replica shares its limits among its own Envoys.)
+//! stage is judged on the whole fleet's pairs. The calibration part of a
+//! batch read back is the exception: learned noise is shared through each
+//! replica's own rows instead ([`noise`]). (Rate-limit usage reports stay
+//! local: a replica's top-tenants view shows its own Envoys'.)
 //!
 //! # Bounded
 //! A batch is at most [`BATCH`] rows; the outbox keeps [`super::envoy_stats::MAX_OUTBOX`]
@@ -164,22 +166,23 @@ impl SharedEvidence {
         let horizon = i64::try_from(now_ms.saturating_sub(RETENTION_MS)).unwrap_or(i64::MAX);
         let limit = i64::try_from(REPORT_BATCH).unwrap_or(i64::MAX);
         let me = self.me.clone();
-        let rows: Vec<(String, i64, Option<String>, Vec<u8>)> = self.db.call(move |c| {
+        let rows: Vec<(String, i64, Option<String>, Vec<u8>, i64)> = self.db.call(move |c| {
             Ok(c.query(
-                "SELECT b.replica, b.seq, b.identity, b.batch FROM report_batches b \
+                "SELECT b.replica, b.seq, b.identity, b.batch, b.at_ms FROM report_batches b \
                  LEFT JOIN unnest($1::text[], $2::int8[]) AS c(replica, seq) ON c.replica = b.replica \
                  WHERE b.replica <> $5 AND b.seq > coalesce(c.seq, -1) AND b.at_ms > $3 \
                  ORDER BY b.replica, b.seq LIMIT $4",
                 &[&names, &seqs, &horizon, &limit, &me],
             )?
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
             .collect())
         })?;
         let n = rows.len();
-        for (replica, seq, identity, bytes) in rows {
+        for (replica, seq, identity, bytes, at_ms) in rows {
             match ReportBatch::decode(bytes.as_slice()) {
-                Ok(batch) => {
+                Ok(mut batch) => {
+                    self.noise.cut_live(&mut batch, at_ms);
                     let origin = match identity {
                         Some(identity) => Origin::Verified { identity },
                         None => Origin::Unverified,
@@ -313,29 +316,43 @@ impl SharedEvidence {
         self.resets.clone()
     }
 
+    /// One round at `now_ms`: every step runs even if one before it
+    /// failed (a step's failure is logged, and retried next round). The
+    /// number of steps that failed.
+    pub fn round(&mut self, now_ms: u64) -> usize {
+        let steps: [(&str, Result<(), PgError>); 6] = [
+            ("evidence not shipped yet", self.ship().map(drop)),
+            ("fleet evidence not read", self.read(now_ms).map(drop)),
+            (
+                "shadow reports not shipped yet",
+                self.ship_reports(now_ms).map(drop),
+            ),
+            // Resets before reading: batches shipped before a live reset
+            // are then left out as they are read (a replica just started
+            // reads them all).
+            ("learned noise not shared", self.share_noise()),
+            (
+                "other replicas' shadow reports not read",
+                self.read_reports(now_ms).map(drop),
+            ),
+            ("old evidence not pruned", self.prune(now_ms)),
+        ];
+        steps
+            .into_iter()
+            .filter(|(what, step)| {
+                if let Err(e) = step {
+                    tracing::debug!(error = %e, "{what}");
+                }
+                step.is_err()
+            })
+            .count()
+    }
+
     /// Ships and reads every [`PERIOD`] until the process ends.
     pub fn run(mut self) {
         loop {
             let started = std::time::Instant::now();
-            let now = crate::time::now_unix_ms();
-            if let Err(e) = self.ship() {
-                tracing::debug!(error = %e, "evidence not shipped yet");
-            }
-            if let Err(e) = self.read(now) {
-                tracing::debug!(error = %e, "fleet evidence not read");
-            }
-            if let Err(e) = self.ship_reports(now) {
-                tracing::debug!(error = %e, "shadow reports not shipped yet");
-            }
-            if let Err(e) = self.read_reports(now) {
-                tracing::debug!(error = %e, "other replicas' shadow reports not read");
-            }
-            if let Err(e) = self.share_noise() {
-                tracing::debug!(error = %e, "learned noise not shared");
-            }
-            if let Err(e) = self.prune(now) {
-                tracing::debug!(error = %e, "old evidence not pruned");
-            }
+            self.round(crate::time::now_unix_ms());
             if let Some(rest) = PERIOD.checked_sub(started.elapsed()) {
                 std::thread::park_timeout(rest);
             }

@@ -22,10 +22,15 @@
 //! book at once; every other replica applies an epoch newer than the last
 //! it applied within a round ([`super::PERIOD`]). Learning still pending
 //! from before the reset is dropped, never written under the new epoch.
+//! Batches shipped before a live reset are left out of that route's live
+//! counts when read later ([`NoiseSync::cut_live`]), so a replica that
+//! starts after the reset does not count them again.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
+
+use understudy_proto::v1::ReportBatch;
 
 use crate::evidence::shadow::{Learned, ShadowBook};
 use crate::pg::{Db, PgError};
@@ -69,6 +74,9 @@ struct Applied {
     /// Learning taken from the book and not yet in this replica's row,
     /// with the noise epoch it was learned under.
     pending: HashMap<String, (i64, Learned)>,
+    /// Per route, when its live counts were last reset: batches shipped
+    /// before then are not live evidence any more.
+    live_cuts: HashMap<String, i64>,
 }
 
 impl Applied {
@@ -79,8 +87,14 @@ impl Applied {
             .unwrap_or(0)
     }
 
-    /// Applies `epoch` to the book if it is newer than the one applied.
-    fn apply(&mut self, shadow: &ShadowBook, route: &str, kind: ResetKind, epoch: i64) -> bool {
+    /// Applies `epoch` (a reset made at `at_ms`) to the book if it is newer
+    /// than the one applied.
+    fn apply(
+        &mut self,
+        shadow: &ShadowBook,
+        (route, kind): (&str, ResetKind),
+        (epoch, at_ms): (i64, i64),
+    ) -> bool {
         if epoch <= self.epoch(route, kind) {
             return false;
         }
@@ -94,6 +108,7 @@ impl Applied {
                 shadow.forget_noise(route);
             }
             ResetKind::Live => {
+                self.live_cuts.insert(route.to_owned(), at_ms);
                 shadow.reset_live(route);
             }
         }
@@ -124,16 +139,18 @@ impl ShadowResets {
     /// Commits a reset of `route` for every replica and applies it here;
     /// the others apply it within a round. Blocks on the database (call it
     /// off the async threads). The new epoch.
-    pub fn reset(&self, route: &str, kind: ResetKind) -> Result<i64, PgError> {
+    pub fn reset(&self, route: &str, kind: ResetKind, now_ms: u64) -> Result<i64, PgError> {
         let name = route.to_owned();
+        let at = i64::try_from(now_ms).unwrap_or(i64::MAX);
         let epoch = self.db.call(move |c| {
             let mut tx = c.transaction()?;
             let epoch: i64 = tx
                 .query_one(
-                    "INSERT INTO shadow_resets (route, kind, epoch) VALUES ($1, $2, 1) \
-                     ON CONFLICT (route, kind) DO UPDATE SET epoch = shadow_resets.epoch + 1 \
+                    "INSERT INTO shadow_resets (route, kind, epoch, at_ms) VALUES ($1, $2, 1, $3) \
+                     ON CONFLICT (route, kind) DO UPDATE \
+                     SET epoch = shadow_resets.epoch + 1, at_ms = EXCLUDED.at_ms \
                      RETURNING epoch",
-                    &[&name, &kind.as_str()],
+                    &[&name, &kind.as_str(), &at],
                 )?
                 .get(0);
             if kind == ResetKind::Noise {
@@ -145,7 +162,7 @@ impl ShadowResets {
             tx.commit()?;
             Ok(epoch)
         })?;
-        lock(&self.applied).apply(&self.shadow, route, kind, epoch);
+        lock(&self.applied).apply(&self.shadow, (route, kind), (epoch, at));
         Ok(epoch)
     }
 }
@@ -201,6 +218,20 @@ impl NoiseSync {
         (sync, resets)
     }
 
+    /// Leaves out of `batch` (shipped at `at_ms` by another replica) the
+    /// live parts of routes whose live counts were reset since.
+    pub fn cut_live(&self, batch: &mut ReportBatch, at_ms: i64) {
+        let applied = lock(&self.applied);
+        if applied.live_cuts.is_empty() {
+            return;
+        }
+        let counts = |route: &str| applied.live_cuts.get(route).is_none_or(|cut| at_ms > *cut);
+        batch.routes.retain(|c| c.calibration || counts(&c.route));
+        batch
+            .mismatches
+            .retain(|m| m.calibration || counts(&m.route));
+    }
+
     /// One round: resets, then every replica's rows, then this replica's
     /// new learning; the book gets the sum of each route that changed.
     pub fn round(&mut self, db: &Db) -> Result<(), PgError> {
@@ -215,22 +246,24 @@ impl NoiseSync {
 
     fn apply_resets(&mut self, db: &Db) -> Result<BTreeSet<String>, PgError> {
         let limit = i64::try_from(MAX_ROWS).unwrap_or(i64::MAX);
-        let rows: Vec<(String, String, i64)> = db.call(move |c| {
+        let rows: Vec<(String, String, i64, i64)> = db.call(move |c| {
             Ok(c.query(
-                "SELECT route, kind, epoch FROM shadow_resets ORDER BY route, kind LIMIT $1",
+                "SELECT route, kind, epoch, at_ms FROM shadow_resets ORDER BY route, kind LIMIT $1",
                 &[&limit],
             )?
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect())
         })?;
         let mut applied = lock(&self.applied);
         let mut changed = BTreeSet::new();
-        for (route, kind, epoch) in rows {
+        for (route, kind, epoch, at_ms) in rows {
             let Some(kind) = ResetKind::parse(&kind) else {
                 continue;
             };
-            if applied.apply(&self.shadow, &route, kind, epoch) && kind == ResetKind::Noise {
+            if applied.apply(&self.shadow, (&route, kind), (epoch, at_ms))
+                && kind == ResetKind::Noise
+            {
                 changed.insert(route);
             }
         }
