@@ -123,6 +123,7 @@ async fn start() -> ControlPlane {
         registry,
         usage: Arc::clone(&usage),
         shadow: Arc::clone(&shadow),
+        shadow_resets: None,
         auth: Arc::new(Auth::disabled()),
         engine,
         metrics: Arc::new(understudy_controlplane::metrics::Metrics::new().unwrap()),

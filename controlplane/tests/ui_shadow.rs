@@ -67,6 +67,7 @@ async fn start() -> Cp {
         registry,
         usage: Arc::new(UsageBook::default()),
         shadow: Arc::clone(&shadow),
+        shadow_resets: None,
         auth: Arc::new(auth),
         engine,
         metrics: Arc::new(understudy_controlplane::metrics::Metrics::new().unwrap()),

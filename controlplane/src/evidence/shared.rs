@@ -166,7 +166,7 @@ impl SharedEvidence {
         let horizon = i64::try_from(now_ms.saturating_sub(RETENTION_MS)).unwrap_or(i64::MAX);
         let limit = i64::try_from(REPORT_BATCH).unwrap_or(i64::MAX);
         let me = self.me.clone();
-        let rows: Vec<(String, i64, Option<String>, Vec<u8>, i64)> = self.db.call(move |c| {
+        let rows: Vec<ShippedBatch> = self.db.call(move |c| {
             Ok(c.query(
                 "SELECT b.replica, b.seq, b.identity, b.batch, b.at_ms FROM report_batches b \
                  LEFT JOIN unnest($1::text[], $2::int8[]) AS c(replica, seq) ON c.replica = b.replica \
@@ -175,11 +175,24 @@ impl SharedEvidence {
                 &[&names, &seqs, &horizon, &limit, &me],
             )?
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .map(|r| ShippedBatch {
+                replica: r.get(0),
+                seq: r.get(1),
+                identity: r.get(2),
+                bytes: r.get(3),
+                at_ms: r.get(4),
+            })
             .collect())
         })?;
         let n = rows.len();
-        for (replica, seq, identity, bytes, at_ms) in rows {
+        for ShippedBatch {
+            replica,
+            seq,
+            identity,
+            bytes,
+            at_ms,
+        } in rows
+        {
             match ReportBatch::decode(bytes.as_slice()) {
                 Ok(mut batch) => {
                     self.noise.cut_live(&mut batch, at_ms);
@@ -358,6 +371,16 @@ impl SharedEvidence {
             }
         }
     }
+}
+
+/// One shadow batch as another replica shipped it.
+struct ShippedBatch {
+    replica: String,
+    seq: i64,
+    /// The verified identity of the Envoy that sent it, if any.
+    identity: Option<String>,
+    bytes: Vec<u8>,
+    at_ms: i64,
 }
 
 /// One flush as stored.
