@@ -82,9 +82,27 @@ pub struct State {
     pub cas_conflicts: u32,
 }
 
+/// Another worker's work, run by the fake host just before this worker's
+/// next shared-data write to a key starting with `prefix`: what Envoy's other
+/// workers may do between one worker's read and its write.
+pub struct Interleave {
+    pub prefix: String,
+    pub run: Box<dyn FnOnce()>,
+}
+
+impl std::fmt::Debug for Interleave {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interleave")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct FakeHost {
     pub state: RefCell<State>,
+    /// Kept apart from `state`: the other worker's calls borrow `state`.
+    pub interleave: RefCell<Option<Interleave>>,
 }
 
 impl FakeHost {
@@ -319,10 +337,25 @@ impl Host for FakeHost {
     }
 
     fn set_shared_data(&self, key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+        let due = self
+            .interleave
+            .borrow()
+            .as_ref()
+            .is_some_and(|i| key.starts_with(&i.prefix));
+        let other = if due {
+            self.interleave.borrow_mut().take()
+        } else {
+            None
+        };
+        if let Some(other) = other {
+            (other.run)();
+        }
         self.with(|s| {
             if s.fail_shared {
                 return Err(Status(11));
             }
+            // Envoy's rule: the CAS token is checked only against a key
+            // that exists; a write to an absent key always succeeds.
             let current = s.shared.get(key).map_or(0, |(_, c)| *c);
             if s.cas_conflicts > 0 {
                 // Another worker wrote between our read and this write.

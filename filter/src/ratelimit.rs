@@ -1,9 +1,10 @@
 //! Rate-limit glue: carries out [`understudy_core::ratelimit`] decisions
 //! against proxy-wasm shared data, so one limit holds for the whole Envoy
 //! process rather than per worker. Every decision (admission with the tier
-//! pool, the verdict, the 429, the per-worker table) is made in the core;
-//! this module reads headers, does the compare-and-swap loops, counts, and
-//! sends usage reports.
+//! pool, each read, claim and compare-and-swap of the shared table, the
+//! verdict, the 429, the per-worker table) is made in the core; this module
+//! reads headers, performs the shared-data steps the core asks for, counts,
+//! and sends usage reports.
 //!
 //! Why shared data with compare-and-swap rather than per-worker shares: a
 //! tenant's requests land on whichever worker its connection is on, often all
@@ -21,7 +22,8 @@ use proxy_wasm::types::{LogLevel, MetricType};
 
 use understudy_core::ratelimit::{
     self, Answer, Bucket, Counted, Enforcement, IdentityInput, LocalTable, PendingAnswers,
-    Placement, RateLimitConfig, Rejection, Seat, Tenant, TenantState, UsageTable, Verdict,
+    Placement, RateLimitConfig, Rejection, Seat, SetResult, TABLE_STEPS, TableAdmit, TableKey,
+    TableStep, Tenant, TenantState, UsageTable, Verdict,
 };
 use understudy_core::report::Schedule;
 use understudy_core::{FilterConfig, stats};
@@ -98,7 +100,7 @@ impl Limiter {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Some(Self {
+        let limiter = Self {
             host: Rc::clone(host),
             prefix: format!("{}/ratelimit", config.stat_prefix()),
             tenants: host.define(MetricType::Gauge, &stats::ratelimit(config, "tenants"))?,
@@ -111,12 +113,39 @@ impl Limiter {
             pending: PendingAnswers::default(),
             tiers,
             cfg,
-        }))
+        };
+        if limiter.cfg.enforcement == Enforcement::Shared {
+            limiter.create_fill_map();
+        }
+        Ok(Some(limiter))
     }
 
     fn slot_keys(&self, tenant: &str) -> [String; 2] {
         ratelimit::candidate_slots(tenant, self.cfg.max_tenants)
-            .map(|s| format!("{}/t/{s}", self.prefix))
+            .map(|s| self.table_key(TableKey::Slot(s)))
+    }
+
+    fn table_key(&self, key: TableKey) -> String {
+        match key {
+            TableKey::Slot(s) => format!("{}/t/{s}", self.prefix),
+            TableKey::Fill(c) => format!("{}/fill/{c}", self.prefix),
+        }
+    }
+
+    /// Creates the fill map's absent chunks before this worker admits
+    /// anyone: a chunk's own first write is unconditional (Envoy checks CAS
+    /// only on existing keys), so it is made here rather than in a race
+    /// with the claims it holds. Failures are left to the admission path,
+    /// which creates a missing chunk itself and reads it back.
+    fn create_fill_map(&self) {
+        for chunk in 0..ratelimit::fill_chunks(self.cfg.max_tenants) {
+            let key = self.table_key(TableKey::Fill(chunk));
+            if let Ok((None, 0)) = self.host.shared_get(&key) {
+                let _ = self
+                    .host
+                    .shared_set(&key, &ratelimit::empty_fill_chunk(), 0);
+            }
+        }
     }
 
     fn read_slot(&self, key: String) -> Result<Slot, Status> {
@@ -209,9 +238,11 @@ impl Limiter {
         None
     }
 
-    /// The tenant's admission: shared (one read-modify-CAS of its slot, the
-    /// tier pool inside it, folding in this worker's held answers) or this
-    /// worker's own table. With it, when an answer may next move the rate.
+    /// The tenant's admission: shared (the core's [`TableAdmit`] steps: read
+    /// its slots, the tier pool, a fill-map claim for a never-written slot,
+    /// the slot's compare-and-swap, folding in this worker's held answers)
+    /// or this worker's own table. With it, when an answer may next move the
+    /// rate.
     fn admit(&mut self, tenant: &Tenant, now_us: u64) -> Option<(ratelimit::Admission, u64)> {
         if self.cfg.enforcement == Enforcement::PerWorker {
             let (a, seat) = self.local.admit(tenant, &self.cfg, now_us);
@@ -222,55 +253,54 @@ impl Limiter {
             }
             return Some((a, u64::MAX));
         }
-        let [k0, k1] = self.slot_keys(&tenant.id);
-        for _ in 0..CAS_RETRIES {
-            // Each shared-data call takes Envoy's process-wide lock: skip the
-            // second slot when the tenant already sits in the first.
-            let first = self.read_slot(k0.clone()).ok()?;
-            let second = if first.state.as_ref().is_some_and(|s| s.tenant == tenant.id) {
-                Slot {
-                    key: k1.clone(),
-                    state: None,
-                    cas: 0,
-                }
-            } else {
-                self.read_slot(k1.clone()).ok()?
-            };
-            let slots = [first, second];
-            let write = ratelimit::admit_in_table(
-                tenant,
-                &self.cfg,
-                [slots[0].state.as_ref(), slots[1].state.as_ref()],
-                now_us,
-                |pool| {
-                    let key = format!("{}/pool/{}", self.prefix, pool.name);
-                    take_shared_bucket(self.host.as_ref(), &key, pool.rate, pool.burst_s, now_us)
-                        .is_none_or(|(taken, _)| taken)
+        let (mut table, mut step) = TableAdmit::start(&tenant.id, self.cfg.max_tenants);
+        // The machine ends within TABLE_STEPS steps (its `Done` included).
+        for _ in 0..TABLE_STEPS {
+            step = match step {
+                TableStep::Get(key) => match self.host.shared_get(&self.table_key(key)) {
+                    Ok((value, cas)) => table.got(&tenant.id, value.as_deref(), cas),
+                    Err(_) => return None,
                 },
-            );
-            let slot = &slots[write.slot];
-            let mut state = write.state;
-            state.observe_all(tenant, &self.cfg, self.pending.of(&tenant.id));
-            match self.host.shared_set(&slot.key, &state.encode(), slot.cas) {
-                Ok(()) => {
+                TableStep::Decide => {
+                    let (host, prefix) = (self.host.as_ref(), &self.prefix);
+                    table.decide(
+                        tenant,
+                        &self.cfg,
+                        self.pending.of(&tenant.id),
+                        now_us,
+                        |pool| {
+                            let key = format!("{prefix}/pool/{}", pool.name);
+                            take_shared_bucket(host, &key, pool.rate, pool.burst_s, now_us)
+                                .is_none_or(|(taken, _)| taken)
+                        },
+                    )
+                }
+                TableStep::Set { key, value, cas } => {
+                    let result = match self.host.shared_set(&self.table_key(key), &value, cas) {
+                        Ok(()) => SetResult::Ok,
+                        Err(SharedSetError::CasMismatch) => SetResult::CasMismatch,
+                        Err(status) => {
+                            self.host.log(
+                                LogLevel::Warn,
+                                &format!("understudy: rate-limit write failed: {status:?}"),
+                            );
+                            SetResult::Failed
+                        }
+                    };
+                    table.set(result)
+                }
+                TableStep::Done(done) => {
+                    let done = done?;
                     self.pending.written(&tenant.id);
-                    let adjust_due_us = state.next_adjust_us(tenant, &self.cfg);
-                    match write.placement {
+                    match done.placement {
                         Placement::Free(_) => self.host.increment(self.tenants, 1),
                         Placement::Evict(_) => self.host.increment(self.evictions, 1),
                         Placement::Found(_) => {}
                     }
-                    return Some((write.admission, adjust_due_us));
+                    let adjust_due_us = done.state.next_adjust_us(tenant, &self.cfg);
+                    return Some((done.admission, adjust_due_us));
                 }
-                Err(SharedSetError::CasMismatch) => continue,
-                Err(status) => {
-                    self.host.log(
-                        LogLevel::Warn,
-                        &format!("understudy: rate-limit write failed: {status:?}"),
-                    );
-                    return None;
-                }
-            }
+            };
         }
         None
     }

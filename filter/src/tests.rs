@@ -253,7 +253,15 @@ fn failing_shared_data_never_blocks_traffic_and_cas_conflicts_are_retried() {
         Some(0),
         "uncounted"
     );
-    assert!(logs(&host).contains("rate-limit write failed") || host.with(|s| s.shared.is_empty()));
+    // Configure wrote the fill map before the host started failing; no
+    // tenant was written since.
+    assert!(
+        logs(&host).contains("rate-limit write failed")
+            || host.with(|s| !s
+                .shared
+                .keys()
+                .any(|k| k.starts_with("understudy/ratelimit/t/")))
+    );
 
     host.with(|s| {
         s.fail_shared = false;
@@ -704,6 +712,77 @@ fn a_hundred_thousand_tenants_stay_within_the_table_through_the_glue() {
         "every newcomer took a free slot or evicted"
     );
     assert!(host.replies().is_empty());
+}
+
+/// Two workers race for a slot never written before (CI once saw the
+/// tenants gauge at 65 for a table of 64). Envoy checks a write's CAS
+/// token only against a key that exists, so two workers that both read
+/// the slot as absent both "succeed": the second write silently replaced
+/// the first tenant, and both counted a new tenant. Here worker 2's whole
+/// request runs just before one of worker 1's writes (the tenant slot,
+/// the tier pool, the fill map): whatever the interleaving, the gauge is
+/// the number of slots holding a tenant, and every counted admission
+/// either took a free slot or counted an eviction.
+#[test]
+fn two_workers_racing_for_a_never_written_slot_count_one_tenant() {
+    for prefix in [
+        "understudy/ratelimit/t/",
+        "understudy/ratelimit/pool/",
+        "understudy/ratelimit/fill/",
+    ] {
+        let host = FakeHost::new();
+        // One slot: every tenant's two candidates are slot 0.
+        let config = rate_limited(json!({
+            "max_tenants": 1,
+            "tiers": {
+                "anonymous": {"initial": 1, "min": 1, "max": 1},
+                "standard": {"initial": 2, "min": 1, "max": 10, "pool_rate": 1e9}
+            }
+        }));
+        let worker1 = configured(&host, config.clone());
+        let worker2 = configured(&host, config);
+        let other = Rc::clone(&host);
+        *host.interleave.borrow_mut() = Some(crate::fake::Interleave {
+            prefix: prefix.to_owned(),
+            run: Box::new(move || {
+                let action = request(&worker2, &other, 3, &[(":path", "/x"), ("x-tenant", "b")]).1;
+                assert_eq!(action, Action::Continue, "{prefix}: b is let in");
+            }),
+        });
+        let (_, action) = request(&worker1, &host, 2, &[(":path", "/x"), ("x-tenant", "a")]);
+        assert_eq!(action, Action::Continue, "{prefix}: a is let in");
+        assert!(
+            host.interleave.borrow().is_none(),
+            "{prefix}: worker 2 ran inside worker 1's admission"
+        );
+        let held: Vec<String> = host.with(|s| {
+            s.shared
+                .iter()
+                .filter(|(k, _)| k.starts_with("understudy/ratelimit/t/"))
+                .filter_map(|(_, (v, _))| understudy_core::ratelimit::TenantState::decode(v))
+                .map(|t| t.tenant)
+                .collect()
+        });
+        let tenants = host.metric("understudy.ratelimit.tenants").unwrap_or(0);
+        let evictions = host.metric("understudy.ratelimit.evictions").unwrap_or(0);
+        let admitted = host
+            .metric("understudy.ratelimit.standard.allowed")
+            .unwrap_or(0);
+        assert_eq!(held.len(), 1, "{prefix}: one slot");
+        assert_eq!(
+            tenants, 1,
+            "{prefix}: the gauge counts the one slot in use, not two writes ({held:?})"
+        );
+        assert_eq!(
+            tenants + evictions,
+            admitted,
+            "{prefix}: each counted newcomer took a free slot or evicted"
+        );
+        assert!(
+            admitted >= 1,
+            "{prefix}: at least one admission was counted"
+        );
+    }
 }
 
 /// `segment_by`: each pair's counts travel in its segment, the record names

@@ -25,6 +25,13 @@
 //! table of `max_tenants` slots. A tenant may sit in one of two slots (two
 //! hashes); a new tenant takes a free one, else evicts the one seen least
 //! recently. An evicted tenant comes back at `initial`.
+//!
+//! Every write to a slot is a compare-and-swap, except that Envoy cannot
+//! compare against a key that does not exist yet: a slot's first write is
+//! claimed beforehand in a fill map (one bit per slot, created at
+//! configure), so only one worker fills each slot and the `tenants` gauge
+//! counts each slot once. [`TableAdmit`] is that protocol, one shared-data
+//! step at a time.
 
 use std::collections::BTreeMap;
 
@@ -1035,6 +1042,407 @@ pub fn admit_in_table(
         slot,
         state,
         admission,
+    }
+}
+
+// === the shared table's protocol ===
+//
+// Envoy's shared data checks a write's CAS token only against a key that
+// exists: a write to an absent key always succeeds, whatever token it
+// carries (proxy-wasm-cpp-host `SharedData::set`). So the first write of a
+// slot cannot be a compare-and-swap. Two workers that both read a slot as
+// absent used to both write it: the second write silently replaced the
+// first tenant, and both counted a new tenant in the `tenants` gauge (CI
+// saw 65 for a table of 64). A slot's first write is therefore claimed
+// first, by compare-and-swap, in a fill map whose keys exist before any
+// slot is written (configure creates them): only the claim's winner writes
+// the absent slot, so each slot is filled, and counted, once.
+//
+// A chunk's own first write is the one unconditional write left (no
+// shared-data call creates a key only if it is absent). Each worker's
+// configure makes an absent chunk before that worker admits anyone, so a
+// claim races with it only inside another worker's configure, between its
+// read and its write of the chunk. If configure's write failed, an
+// admission creates the chunk with its claim and reads both back, which
+// narrows that race but cannot close it.
+
+/// Slots per fill-map chunk: one bit each, one shared-data key per chunk.
+pub const FILL_CHUNK_SLOTS: u32 = 4096;
+const FILL_CHUNK_BYTES: usize = (FILL_CHUNK_SLOTS / 8) as usize;
+
+/// Attempts at one admission into the shared table before giving up on
+/// exactness (the caller then allows the request, uncounted: the limiter
+/// never blocks traffic on its own fault).
+pub const TABLE_ATTEMPTS: u32 = 8;
+
+/// Steps one [`TableAdmit`] takes at most: eight per attempt (two slot
+/// reads, the decision, the claim's read, write and read-back, the slot's
+/// re-read and write), then [`TableStep::Done`].
+pub const TABLE_STEPS: u32 = TABLE_ATTEMPTS * 8 + 1;
+
+/// How many fill-map chunks a table of `slots` slots has.
+pub fn fill_chunks(slots: u32) -> u32 {
+    slots.max(1).div_ceil(FILL_CHUNK_SLOTS)
+}
+
+/// A fill-map chunk with no slot claimed: what configure writes where a
+/// chunk is absent.
+pub fn empty_fill_chunk() -> Vec<u8> {
+    vec![0; FILL_CHUNK_BYTES]
+}
+
+/// The chunk holding `slot`'s claim, the byte within it and the bit's mask.
+fn fill_bit(slot: u32) -> (u32, usize, u8) {
+    let bit = slot % FILL_CHUNK_SLOTS;
+    (slot / FILL_CHUNK_SLOTS, (bit / 8) as usize, 1 << (bit % 8))
+}
+
+/// Whether `slot`'s first write is claimed in `chunk` (a short or garbled
+/// chunk claims nothing it does not hold).
+pub fn fill_claimed(chunk: &[u8], slot: u32) -> bool {
+    let (_, byte, mask) = fill_bit(slot);
+    chunk.get(byte).is_some_and(|b| b & mask != 0)
+}
+
+/// `chunk` with `slot` claimed; `None` when it already is.
+pub fn claim_fill(chunk: &[u8], slot: u32) -> Option<Vec<u8>> {
+    if fill_claimed(chunk, slot) {
+        return None;
+    }
+    let (_, byte, mask) = fill_bit(slot);
+    let mut claimed = chunk.to_vec();
+    claimed.resize(FILL_CHUNK_BYTES, 0);
+    if let Some(b) = claimed.get_mut(byte) {
+        *b |= mask;
+    }
+    Some(claimed)
+}
+
+/// A shared-data key of the table; the glue names it under its prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TableKey {
+    /// A tenant's slot, `0..max_tenants`.
+    Slot(u32),
+    /// A fill-map chunk: the claims on the first writes of
+    /// [`FILL_CHUNK_SLOTS`] slots.
+    Fill(u32),
+}
+
+/// What the glue does next for a [`TableAdmit`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum TableStep {
+    /// Read the key, then call [`TableAdmit::got`].
+    Get(TableKey),
+    /// Admit with what was read: call [`TableAdmit::decide`].
+    Decide,
+    /// Write `value` with `cas` (0: the key was absent), then call
+    /// [`TableAdmit::set`].
+    Set {
+        key: TableKey,
+        value: Vec<u8>,
+        cas: u32,
+    },
+    /// Finished. `None`: shared data failed or kept conflicting, and the
+    /// request is allowed without counting.
+    Done(Option<TableAdmitted>),
+}
+
+/// What a shared-data write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetResult {
+    Ok,
+    CasMismatch,
+    Failed,
+}
+
+/// An admission written to the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableAdmitted {
+    /// `Free`: the tenant filled a slot that held none (the tenants gauge
+    /// goes up); `Evict`: it replaced another tenant; `Found`: it was there.
+    pub placement: Placement,
+    /// What the slot now holds.
+    pub state: TenantState,
+    pub admission: Admission,
+}
+
+/// A slot as read: its tenant (if it holds one that decodes) and its CAS
+/// token (0: the key is absent).
+#[derive(Debug, Clone)]
+struct SlotRead {
+    state: Option<TenantState>,
+    cas: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    ReadFirst,
+    ReadSecond,
+    Decide,
+    /// Reading the fill-map chunk of the absent slot it chose.
+    ClaimRead,
+    /// Writing the claim (`created`: the chunk was absent).
+    ClaimSet {
+        created: bool,
+    },
+    /// Reading back a chunk it created: another worker's creation may have
+    /// replaced it.
+    ClaimVerify,
+    /// Claimed: reading the slot again before its unconditional first write.
+    Recheck,
+    Write,
+    Done,
+}
+
+/// One tenant's admission into the shared table as a sequence of
+/// shared-data reads and writes: read the two candidate slots, decide
+/// ([`admit_in_table`]), claim a never-written slot in the fill map, write
+/// the slot with its CAS token; on a conflict, read again (at most
+/// [`TABLE_ATTEMPTS`] times). The glue performs each [`TableStep`] and
+/// feeds back its result.
+#[derive(Debug, Clone)]
+pub struct TableAdmit {
+    slots: [u32; 2],
+    reads: [Option<SlotRead>; 2],
+    /// Candidates claimed by another worker and still absent: it is writing
+    /// them now, so this admission places the tenant elsewhere.
+    reserved: [bool; 2],
+    write: Option<SlotWrite>,
+    /// The tier pool's answer: a token is taken once per request, however
+    /// many attempts the table takes.
+    pool: Option<bool>,
+    attempts: u32,
+    phase: Phase,
+}
+
+impl TableAdmit {
+    /// Starts the admission of `tenant` into a table of `slots` slots.
+    pub fn start(tenant: &str, slots: u32) -> (Self, TableStep) {
+        let slots = candidate_slots(tenant, slots);
+        let admit = Self {
+            slots,
+            reads: [None, None],
+            reserved: [false; 2],
+            write: None,
+            pool: None,
+            attempts: 0,
+            phase: Phase::ReadFirst,
+        };
+        (admit, TableStep::Get(TableKey::Slot(slots[0])))
+    }
+
+    /// The value and CAS token of the key the last [`TableStep::Get`] named
+    /// (`(None, 0)` when absent; Envoy never gives an existing key token 0).
+    pub fn got(&mut self, tenant: &str, value: Option<&[u8]>, cas: u32) -> TableStep {
+        match self.phase {
+            Phase::ReadFirst => {
+                let read = self.slot_read(0, value, cas);
+                let here = read.state.as_ref().is_some_and(|s| s.tenant == tenant);
+                self.reads[0] = Some(read);
+                if here {
+                    // Each shared-data call takes Envoy's process-wide
+                    // lock: the second slot is not needed (and never
+                    // written: the tenant is found in the first).
+                    self.reads[1] = Some(SlotRead {
+                        state: None,
+                        cas: 0,
+                    });
+                    self.phase = Phase::Decide;
+                    return TableStep::Decide;
+                }
+                self.phase = Phase::ReadSecond;
+                TableStep::Get(TableKey::Slot(self.slots[1]))
+            }
+            Phase::ReadSecond => {
+                self.reads[1] = Some(self.slot_read(1, value, cas));
+                self.phase = Phase::Decide;
+                TableStep::Decide
+            }
+            Phase::ClaimRead => {
+                let Some(slot) = self.chosen_slot() else {
+                    return self.finish(None);
+                };
+                if cas == 0 {
+                    // No chunk yet (configure could not create it): create
+                    // it with the claim, then read it back.
+                    self.phase = Phase::ClaimSet { created: true };
+                    return TableStep::Set {
+                        key: TableKey::Fill(fill_bit(slot).0),
+                        value: claim_fill(&[], slot).unwrap_or_else(empty_fill_chunk),
+                        cas: 0,
+                    };
+                }
+                match claim_fill(value.unwrap_or_default(), slot) {
+                    Some(claimed) => {
+                        self.phase = Phase::ClaimSet { created: false };
+                        TableStep::Set {
+                            key: TableKey::Fill(fill_bit(slot).0),
+                            value: claimed,
+                            cas,
+                        }
+                    }
+                    None => {
+                        // Another worker is filling it (or has, since our read).
+                        self.reserve(slot);
+                        self.retry()
+                    }
+                }
+            }
+            Phase::ClaimVerify => match self.chosen_slot() {
+                Some(slot) if fill_claimed(value.unwrap_or_default(), slot) => {
+                    self.phase = Phase::Recheck;
+                    TableStep::Get(TableKey::Slot(slot))
+                }
+                _ => self.retry(),
+            },
+            Phase::Recheck => {
+                // Written meanwhile: only by a worker whose claim on the same
+                // slot survived a concurrent creation of the chunk. Read again.
+                if cas != 0 {
+                    return self.retry();
+                }
+                match (self.chosen_slot(), &self.write) {
+                    (Some(slot), Some(w)) => {
+                        self.phase = Phase::Write;
+                        TableStep::Set {
+                            key: TableKey::Slot(slot),
+                            value: w.state.encode(),
+                            cas: 0,
+                        }
+                    }
+                    _ => self.finish(None),
+                }
+            }
+            _ => self.finish(None),
+        }
+    }
+
+    /// Admits the tenant with what its candidates hold ([`admit_in_table`]),
+    /// folding in `answers` (this worker's held upstream answers). Takes a
+    /// token from the tier pool through `take_pool` at most once per request.
+    pub fn decide(
+        &mut self,
+        tenant: &Tenant,
+        cfg: &RateLimitConfig,
+        answers: &[Answer],
+        now_us: u64,
+        take_pool: impl FnOnce(Pool<'_>) -> bool,
+    ) -> TableStep {
+        let (Phase::Decide, Some(r0), Some(r1)) = (self.phase, &self.reads[0], &self.reads[1])
+        else {
+            return self.finish(None);
+        };
+        // A reserved candidate is left out: the tenant goes to the other one
+        // (offered twice, so `place` sees only it).
+        let pick = match self.reserved {
+            [false, false] => [0, 1],
+            [false, true] => [0, 0],
+            [true, false] => [1, 1],
+            [true, true] => return self.retry(),
+        };
+        let reads = [r0, r1];
+        let candidates = [reads[pick[0]].state.as_ref(), reads[pick[1]].state.as_ref()];
+        let pool = &mut self.pool;
+        let mut write = admit_in_table(tenant, cfg, candidates, now_us, |p| {
+            *pool.get_or_insert_with(|| take_pool(p))
+        });
+        write.slot = pick[write.slot.min(1)];
+        write.placement = match write.placement {
+            Placement::Found(_) => Placement::Found(write.slot),
+            Placement::Free(_) => Placement::Free(write.slot),
+            Placement::Evict(_) => Placement::Evict(write.slot),
+        };
+        write.state.observe_all(tenant, cfg, answers);
+        let cas = reads[write.slot].cas;
+        let slot = self.slots[write.slot];
+        let found = matches!(write.placement, Placement::Found(_));
+        let value = write.state.encode();
+        self.write = Some(write);
+        if cas == 0 && !found {
+            // Absent: its first write cannot be a compare-and-swap. Claim it.
+            self.phase = Phase::ClaimRead;
+            return TableStep::Get(TableKey::Fill(fill_bit(slot).0));
+        }
+        self.phase = Phase::Write;
+        TableStep::Set {
+            key: TableKey::Slot(slot),
+            value,
+            cas,
+        }
+    }
+
+    /// The result of the last [`TableStep::Set`].
+    pub fn set(&mut self, result: SetResult) -> TableStep {
+        match (self.phase, result) {
+            (_, SetResult::Failed) => self.finish(None),
+            (Phase::ClaimSet { .. } | Phase::Write, SetResult::CasMismatch) => self.retry(),
+            (Phase::ClaimSet { created: true }, SetResult::Ok) => match self.chosen_slot() {
+                Some(slot) => {
+                    self.phase = Phase::ClaimVerify;
+                    TableStep::Get(TableKey::Fill(fill_bit(slot).0))
+                }
+                None => self.finish(None),
+            },
+            (Phase::ClaimSet { created: false }, SetResult::Ok) => match self.chosen_slot() {
+                Some(slot) => {
+                    self.phase = Phase::Recheck;
+                    TableStep::Get(TableKey::Slot(slot))
+                }
+                None => self.finish(None),
+            },
+            (Phase::Write, SetResult::Ok) => {
+                let done = self.write.take().map(|w| TableAdmitted {
+                    placement: w.placement,
+                    state: w.state,
+                    admission: w.admission,
+                });
+                self.finish(done)
+            }
+            _ => self.finish(None),
+        }
+    }
+
+    fn slot_read(&mut self, i: usize, value: Option<&[u8]>, cas: u32) -> SlotRead {
+        if cas != 0 {
+            // It exists now: no longer being filled by anyone.
+            self.reserved[i] = false;
+        }
+        SlotRead {
+            state: value.and_then(TenantState::decode),
+            cas,
+        }
+    }
+
+    fn chosen_slot(&self) -> Option<u32> {
+        self.write
+            .as_ref()
+            .and_then(|w| self.slots.get(w.slot))
+            .copied()
+    }
+
+    /// Both candidates may be the same slot: reserve it in both.
+    fn reserve(&mut self, slot: u32) {
+        for (i, s) in self.slots.iter().enumerate() {
+            if *s == slot {
+                self.reserved[i] = true;
+            }
+        }
+    }
+
+    fn retry(&mut self) -> TableStep {
+        self.attempts += 1;
+        if self.attempts >= TABLE_ATTEMPTS {
+            return self.finish(None);
+        }
+        self.reads = [None, None];
+        self.write = None;
+        self.phase = Phase::ReadFirst;
+        TableStep::Get(TableKey::Slot(self.slots[0]))
+    }
+
+    fn finish(&mut self, done: Option<TableAdmitted>) -> TableStep {
+        self.phase = Phase::Done;
+        TableStep::Done(done)
     }
 }
 
@@ -2132,6 +2540,226 @@ mod tests {
         assert_eq!(TenantState::decode(&[]), None);
         let b = Bucket::full(10.0, 1.0, 5);
         assert_eq!(decode_shared::<Bucket>(&encode_shared(&b)), Some(b));
+    }
+
+    #[test]
+    fn a_fill_claim_is_taken_once_and_garbled_chunks_claim_nothing() {
+        let empty = empty_fill_chunk();
+        assert_eq!(fill_chunks(1), 1);
+        assert_eq!(fill_chunks(FILL_CHUNK_SLOTS), 1);
+        assert_eq!(fill_chunks(FILL_CHUNK_SLOTS + 1), 2);
+        assert_eq!(fill_chunks(1_000_000), 245);
+        let one = claim_fill(&empty, 4097).unwrap_or_default();
+        assert!(fill_claimed(&one, 4097), "the claim is in its chunk");
+        assert!(
+            fill_claimed(&one, 1),
+            "4097 and 1 share bit 1 of their chunks"
+        );
+        assert!(!fill_claimed(&one, 4096));
+        assert_eq!(claim_fill(&one, 4097), None, "a claim is taken once");
+        // A short or garbled chunk is padded; it never panics.
+        assert!(!fill_claimed(&[], 9));
+        assert_eq!(claim_fill(&[0xff], 9).map(|c| c.len()), Some(empty.len()));
+        assert_eq!(claim_fill(&[0xff], 7), None);
+    }
+
+    /// Envoy's shared data as proxy-wasm-cpp-host keeps it (`SharedData`):
+    /// one CAS counter for every key, never 0, and the token checked only
+    /// against a key that exists: a write to an absent key always succeeds.
+    #[derive(Default)]
+    struct EnvoyShared {
+        map: BTreeMap<TableKey, (Vec<u8>, u32)>,
+        cas: u32,
+    }
+
+    impl EnvoyShared {
+        fn get(&self, key: TableKey) -> (Option<Vec<u8>>, u32) {
+            self.map
+                .get(&key)
+                .map_or((None, 0), |(v, c)| (Some(v.clone()), *c))
+        }
+
+        fn set(&mut self, key: TableKey, value: Vec<u8>, cas: u32) -> SetResult {
+            if let Some((_, current)) = self.map.get(&key)
+                && cas != 0
+                && cas != *current
+            {
+                return SetResult::CasMismatch;
+            }
+            self.cas += 1;
+            self.map.insert(key, (value, self.cas));
+            SetResult::Ok
+        }
+
+        /// Slots holding a tenant, and which tenants.
+        fn tenants(&self) -> Vec<String> {
+            self.map
+                .iter()
+                .filter(|(k, _)| matches!(k, TableKey::Slot(_)))
+                .filter_map(|(_, (v, _))| TenantState::decode(v))
+                .map(|s| s.tenant)
+                .collect()
+        }
+    }
+
+    /// One worker: its queue of new tenants, and the admission in progress.
+    struct Worker {
+        queue: Vec<Tenant>,
+        current: Option<(Tenant, TableAdmit, TableStep)>,
+        /// Steps the admission in progress has taken.
+        steps: u32,
+    }
+
+    #[derive(Default)]
+    struct Tally {
+        /// What the tenants gauge adds up to, and the evictions counter.
+        fills: u64,
+        evictions: u64,
+        admitted: u64,
+        /// The most steps any admission took.
+        most_steps: u32,
+    }
+
+    /// Advances `w` by one step: at most one shared-data call, as atomic
+    /// as Envoy's lock makes it. Returns false when the worker is idle.
+    fn step(
+        w: &mut Worker,
+        c: &RateLimitConfig,
+        shared: &mut EnvoyShared,
+        counted: &mut Tally,
+        now_us: u64,
+    ) -> bool {
+        let Some((tenant, mut admit, next)) = w.current.take().or_else(|| {
+            let t = w.queue.pop()?;
+            let (admit, first) = TableAdmit::start(&t.id, c.max_tenants);
+            Some((t, admit, first))
+        }) else {
+            return false;
+        };
+        w.steps += 1;
+        let next = match next {
+            TableStep::Get(k) => {
+                let (v, cas) = shared.get(k);
+                admit.got(&tenant.id, v.as_deref(), cas)
+            }
+            TableStep::Decide => admit.decide(&tenant, c, &[], now_us, |_| true),
+            TableStep::Set { key, value, cas } => admit.set(shared.set(key, value, cas)),
+            TableStep::Done(done) => {
+                counted.most_steps = counted.most_steps.max(w.steps);
+                w.steps = 0;
+                if let Some(d) = done {
+                    counted.admitted += 1;
+                    match d.placement {
+                        Placement::Free(_) => counted.fills += 1,
+                        Placement::Evict(_) => counted.evictions += 1,
+                        Placement::Found(_) => {}
+                    }
+                }
+                return true;
+            }
+        };
+        w.current = Some((tenant, admit, next));
+        true
+    }
+
+    /// Configure could not create the fill map: an admission creates the
+    /// chunk with its claim, reads it back, and fills the slot; later
+    /// admissions claim by compare-and-swap. A tenant already there is
+    /// written back with its slot's token.
+    #[test]
+    fn without_a_fill_map_the_first_admission_creates_it() {
+        let c = cfg(json!({"max_tenants": 3}));
+        let mut shared = EnvoyShared::default();
+        let mut w = Worker {
+            queue: ["a", "b", "c", "d", "a"]
+                .iter()
+                .rev()
+                .map(|id| tenant(&c, id))
+                .collect(),
+            current: None,
+            steps: 0,
+        };
+        let mut counted = Tally::default();
+        let mut steps = 0;
+        while step(&mut w, &c, &mut shared, &mut counted, steps) {
+            steps += 1;
+        }
+        assert!(shared.map.contains_key(&TableKey::Fill(0)));
+        let held = shared.tenants();
+        assert_eq!(counted.admitted, 5, "every admission was written");
+        assert_eq!(counted.fills, held.len() as u64, "{held:?}");
+        // A fresh admission of a tenant in the table: read, decide, write.
+        let found = held.first().cloned().unwrap_or_default();
+        let (mut admit, first) = TableAdmit::start(&found, 3);
+        let TableStep::Get(k) = first else {
+            panic!("starts with a read: {first:?}")
+        };
+        let (v, cas) = shared.get(k);
+        let mut next = admit.got(&found, v.as_deref(), cas);
+        if let TableStep::Get(k) = next {
+            let (v, cas) = shared.get(k);
+            next = admit.got(&found, v.as_deref(), cas);
+        }
+        assert_eq!(next, TableStep::Decide);
+        let next = admit.decide(&tenant(&c, &found), &c, &[], 99, |_| true);
+        assert!(
+            matches!(next, TableStep::Set { cas, .. } if cas != 0),
+            "written back with its token: {next:?}"
+        );
+    }
+
+    proptest::proptest! {
+        /// Workers admitting distinct new tenants into a small table, their
+        /// shared-data calls interleaved in any order (each worker's
+        /// read-decide-write split by the others' steps, as Envoy's workers
+        /// do on their own threads). The fill map exists, as configure
+        /// leaves it. At every step the tenants gauge (slots counted as
+        /// filled) is at most the slots that hold a tenant, never above
+        /// `max_tenants`; at the end it is exactly that, no tenant sits in
+        /// two slots, and every counted admission filled a slot or counted
+        /// an eviction. Without the fill-map claim two workers that both
+        /// read a slot as absent both wrote it and both counted it.
+        #[test]
+        fn interleaved_workers_count_exactly_the_slots_in_use(
+            slots in 1u32..6,
+            workers in 2usize..4,
+            per_worker in 1usize..10,
+            schedule in proptest::collection::vec(0usize..3, 0..800),
+        ) {
+            let c = cfg(json!({"max_tenants": slots}));
+            let mut shared = EnvoyShared::default();
+            for chunk in 0..fill_chunks(slots) {
+                shared.set(TableKey::Fill(chunk), empty_fill_chunk(), 0);
+            }
+            let mut ws: Vec<Worker> = (0..workers)
+                .map(|w| Worker {
+                    queue: (0..per_worker).map(|i| tenant(&c, &format!("w{w}-t{i}"))).collect(),
+                    current: None,
+                    steps: 0,
+                })
+                .collect();
+            let mut counted = Tally::default();
+            let mut now_us = 0;
+            let picks = schedule.into_iter().map(|p| p % workers).chain(
+                // Then every worker to the end, in turn.
+                (0..workers * per_worker * 200).map(|i| i % workers),
+            );
+            for w in picks {
+                now_us += 10;
+                step(&mut ws[w], &c, &mut shared, &mut counted, now_us);
+                let held = shared.tenants().len() as u64;
+                proptest::prop_assert!(counted.fills <= held, "gauge {} above the {} slots in use", counted.fills, held);
+                proptest::prop_assert!(held <= u64::from(slots));
+            }
+            proptest::prop_assert!(ws.iter().all(|w| w.queue.is_empty() && w.current.is_none()), "every admission ended");
+            let mut held = shared.tenants();
+            proptest::prop_assert_eq!(counted.fills, held.len() as u64, "the gauge is the slots in use: {:?}", held);
+            held.sort();
+            held.dedup();
+            proptest::prop_assert_eq!(counted.fills, held.len() as u64, "no tenant in two slots");
+            proptest::prop_assert_eq!(counted.fills + counted.evictions, counted.admitted);
+            proptest::prop_assert!(counted.most_steps <= TABLE_STEPS, "{} steps", counted.most_steps);
+        }
     }
 
     proptest::proptest! {
