@@ -686,6 +686,38 @@ fn the_database_refuses_a_passed_term_and_keeps_every_change() -> Result<()> {
     Ok(())
 }
 
+/// A replica's evidence side without the rest of the binary: its shadow
+/// book, the outbox its report service fills, and the thread's rounds
+/// (called by the test instead of the thread).
+struct Replica {
+    shared: understudy_controlplane::evidence::shared::SharedEvidence,
+    outbox: std::sync::Arc<understudy_controlplane::evidence::usage::ReportOutbox>,
+    shadow: std::sync::Arc<understudy_controlplane::evidence::shadow::ShadowBook>,
+}
+
+impl Replica {
+    fn start(db: &understudy_controlplane::pg::Db, name: &str) -> Result<Self> {
+        use std::sync::Arc;
+        use understudy_controlplane::evidence::envoy_stats::MetricsBook;
+        let outbox = Arc::new(Default::default());
+        let shadow = Arc::new(Default::default());
+        let shared = understudy_controlplane::evidence::shared::SharedEvidence::new(
+            name,
+            db.another(name),
+            (
+                Arc::new(MetricsBook::tapped()),
+                Arc::new(MetricsBook::default()),
+            ),
+            (Arc::clone(&outbox), Arc::clone(&shadow)),
+        )?;
+        Ok(Self {
+            shared,
+            outbox,
+            shadow,
+        })
+    }
+}
+
 /// The filter's shadow batches two replicas receive, shipped through a real
 /// PostgreSQL: each replica's book ends with both replicas' counts, each
 /// exactly once however often they read, and a replica started later (a
@@ -693,40 +725,13 @@ fn the_database_refuses_a_passed_term_and_keeps_every_change() -> Result<()> {
 /// checks one Envoy's canary requests in the database exactly once.)
 #[test]
 fn shipped_evidence_counts_every_report_exactly_once() -> Result<()> {
-    use std::sync::Arc;
-    use understudy_controlplane::evidence::envoy_stats::MetricsBook;
-    use understudy_controlplane::evidence::shadow::ShadowBook;
-    use understudy_controlplane::evidence::shared::SharedEvidence;
-    use understudy_controlplane::evidence::usage::ReportOutbox;
     use understudy_controlplane::pg::Db;
     use understudy_proto::v1::{ReportBatch, RouteCounts};
 
     let rt = tokio::runtime::Runtime::new()?;
     let pg = rt.block_on(Postgres::start())?;
     let setup = Db::connect(&pg.url(), "setup")?;
-    struct Replica {
-        shared: SharedEvidence,
-        outbox: Arc<ReportOutbox>,
-        shadow: Arc<ShadowBook>,
-    }
-    let replica = |name: &str| -> Result<Replica> {
-        let outbox = Arc::new(ReportOutbox::default());
-        let shadow = Arc::new(ShadowBook::default());
-        let shared = SharedEvidence::new(
-            name,
-            setup.another(name),
-            (
-                Arc::new(MetricsBook::tapped()),
-                Arc::new(MetricsBook::default()),
-            ),
-            (Arc::clone(&outbox), Arc::clone(&shadow)),
-        )?;
-        Ok(Replica {
-            shared,
-            outbox,
-            shadow,
-        })
-    };
+    let replica = |name: &str| Replica::start(&setup, name);
     let batch = |node: &str, compared: u64, serious: u64| ReportBatch {
         node_id: node.to_owned(),
         routes: vec![RouteCounts {
@@ -792,40 +797,14 @@ fn shipped_evidence_counts_every_report_exactly_once() -> Result<()> {
 /// before a reset is never written after.
 #[test]
 fn learned_noise_is_shared_kept_across_restarts_and_reset_fleet_wide() -> Result<()> {
-    use std::sync::Arc;
-    use understudy_controlplane::evidence::envoy_stats::MetricsBook;
-    use understudy_controlplane::evidence::shadow::ShadowBook;
-    use understudy_controlplane::evidence::shared::{ResetKind, SharedEvidence};
-    use understudy_controlplane::evidence::usage::ReportOutbox;
+    use understudy_controlplane::evidence::shared::ResetKind;
     use understudy_controlplane::pg::Db;
     use understudy_proto::v1::{Difference, MismatchRecord, ReportBatch, RouteCounts};
 
     let rt = tokio::runtime::Runtime::new()?;
     let pg = rt.block_on(Postgres::start())?;
     let setup = Db::connect(&pg.url(), "setup")?;
-    struct Replica {
-        shared: SharedEvidence,
-        outbox: Arc<ReportOutbox>,
-        shadow: Arc<ShadowBook>,
-    }
-    let replica = |name: &str| -> Result<Replica> {
-        let outbox = Arc::new(ReportOutbox::default());
-        let shadow = Arc::new(ShadowBook::default());
-        let shared = SharedEvidence::new(
-            name,
-            setup.another(name),
-            (
-                Arc::new(MetricsBook::tapped()),
-                Arc::new(MetricsBook::default()),
-            ),
-            (Arc::clone(&outbox), Arc::clone(&shadow)),
-        )?;
-        Ok(Replica {
-            shared,
-            outbox,
-            shadow,
-        })
-    };
+    let replica = |name: &str| Replica::start(&setup, name);
     // What the report service does: ingest, and queue to ship.
     let receive = |r: &Replica, report: ReportBatch| {
         r.shadow
