@@ -132,9 +132,7 @@ async fn main() -> anyhow::Result<()> {
             let router = traffic_router(plan, kubeconfig.as_deref(), &store).await?;
             let xds = tokio::net::TcpListener::bind(xds_addr).await?;
             let api = tokio::net::TcpListener::bind(api_addr).await?;
-            let shutdown = async {
-                let _ = tokio::signal::ctrl_c().await;
-            };
+            let shutdown = shutdown_signal()?;
             // Replicas keep rollouts in the database; the redb file is not opened.
             let rollouts = match replicas {
                 Some(_) => None,
@@ -163,4 +161,18 @@ async fn main() -> anyhow::Result<()> {
         other => client_with_ca(other, cli.token.as_deref(), cli.ca.as_deref()).await?,
     }
     Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM: what a terminal, systemd and
+/// Kubernetes send to stop a process. Either is a clean shutdown, so a
+/// replica that leads gives its lease up rather than letting it run out.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
 }

@@ -170,6 +170,25 @@ impl ControlPlaneProcess {
         Ok(())
     }
 
+    /// Waits up to `deadline` for the process to exit by itself (after a
+    /// SIGTERM, say), reaps it, and gives its exit status.
+    pub async fn wait_exit(
+        &mut self,
+        deadline: std::time::Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let child = self
+            .child
+            .as_mut()
+            .context("the control plane is not running")?;
+        let status = crate::wait::until("the control plane to exit", deadline, || {
+            let exited = child.try_wait().map_err(anyhow::Error::from);
+            async move { exited }
+        })
+        .await?;
+        self.child = None;
+        Ok(status)
+    }
+
     /// Sends `signal` (SIGSTOP to wedge it, SIGCONT to let it go on).
     pub fn signal(&self, signal: Signal) -> Result<()> {
         let pid = self.pid().context("the control plane is not running")?;

@@ -1063,3 +1063,50 @@ async fn learned_noise_reaches_every_replica_and_a_reset_on_any_clears_it() -> R
     drop(w.pg);
     Ok(())
 }
+
+/// A leader stopped the way Kubernetes stops a pod (SIGTERM) gives its
+/// lease up on the way out: the other replica leads long before the lease
+/// would have run out (20 s here, so a lease left to expire could not pass),
+/// and the stopped one exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_by_sigterm_hands_over_at_once() -> Result<()> {
+    use rustix::process::Signal;
+    let pg = Postgres::start().await?;
+    let stable = UpstreamHandle::start("v1", Behavior::default()).await?;
+    let canary = UpstreamHandle::start("v2", Behavior::default()).await?;
+    let state = desired_state(free_port()?, stable.addr, canary.addr)?;
+    let lease = Duration::from_secs(20);
+    let args = |name: &str| {
+        let mut a = replica_args(&pg.url(), name);
+        a.extend(["--lease-ms".to_owned(), lease.as_millis().to_string()]);
+        a
+    };
+    let first = ControlPlaneProcess::start_with(&state, &NODES, &args("r0"), None).await?;
+    let certs = first.certs.clone();
+    let second = ControlPlaneProcess::start_with(&state, &NODES, &args("r1"), Some(&certs)).await?;
+    let mut cps = vec![first, second];
+    let leader = wait_leader(&cps, &[], lease * 2).await?;
+    let other = 1 - leader;
+    // When the leader's lease runs out if nobody gives it up, by the
+    // database's clock (the machine's: PostgreSQL runs here).
+    let expires_ms: f64 = db_rows(
+        &pg,
+        "SELECT extract(epoch FROM expires_at) * 1000 FROM lease",
+    )
+    .await?[0][0]
+        .parse()?;
+    cps[leader].signal(Signal::TERM)?;
+    let status = cps[leader].wait_exit(Duration::from_secs(10)).await?;
+    assert!(status.success(), "the stopped leader exited with {status}");
+    let took_over = wait_leader(&cps, &[leader], lease).await?;
+    assert_eq!(took_over, other);
+    let now_ms = now_ms() as f64;
+    assert!(
+        now_ms < expires_ms,
+        "the other replica led only {:.1} s after the old lease's expiry: it was not given up",
+        (now_ms - expires_ms) / 1000.0
+    );
+    let holder = db_rows(&pg, "SELECT holder FROM lease").await?;
+    assert_eq!(holder[0][0], format!("r{other}"));
+    Ok(())
+}
