@@ -992,7 +992,7 @@ impl Book {
 }
 
 /// Counts `record`'s differing paths in `table` (each path once), keeping
-/// at most `max.0` paths of `max.1` samples each.
+/// at most `max.0` paths of `max.1` samples each (none when `max.1` is 0).
 fn note_paths(
     table: &mut PathTable,
     max: (usize, usize),
@@ -1017,6 +1017,9 @@ fn note_paths(
         }
         if d.unexpected && l.is_none() {
             p.unexpected = p.unexpected.saturating_add(1);
+        }
+        if max.1 == 0 {
+            continue;
         }
         while p.samples.len() >= max.1 {
             p.samples.pop_front();

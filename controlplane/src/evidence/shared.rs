@@ -133,19 +133,14 @@ impl SharedEvidence {
             .map(|((bytes, id), seq)| (seq, bytes.clone(), id.clone()))
             .collect();
         let n = rows.len();
-        match self.db.call(move |c| {
-            let mut tx = c.transaction()?;
-            let stmt = tx.prepare(
-                "INSERT INTO report_batches (replica, seq, at_ms, identity, batch) VALUES ($1, $2, $3, $4, $5)",
-            )?;
-            for (seq, bytes, id) in &rows {
-                tx.execute(&stmt, &[&me, seq, &at, id, bytes])?;
-            }
-            tx.commit()?;
-            Ok(())
-        }) {
+        match insert_all(
+            &self.db,
+            "INSERT INTO report_batches (replica, seq, at_ms, identity, batch) VALUES ($1, $2, $3, $4, $5)",
+            rows,
+            move |tx, stmt, (seq, bytes, id)| tx.execute(stmt, &[&me, seq, &at, id, bytes]),
+        ) {
             Ok(()) => {
-                self.next_report_seq = first.saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
+                self.next_report_seq = after(first, n);
                 Ok(n)
             }
             Err(e) => {
@@ -228,23 +223,29 @@ impl SharedEvidence {
             .collect();
         let me = self.me.clone();
         let n = rows.len();
-        match self.db.call(move |c| {
-            let mut tx = c.transaction()?;
-            let stmt = tx.prepare(
-                "INSERT INTO stat_samples (replica, seq, cluster, node, at_ms, requests, errors, latency) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )?;
-            for r in &rows {
+        match insert_all(
+            &self.db,
+            "INSERT INTO stat_samples (replica, seq, cluster, node, at_ms, requests, errors, latency) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            rows,
+            move |tx, stmt, r: &Row| {
                 tx.execute(
-                    &stmt,
-                    &[&me, &r.seq, &r.cluster, &r.node, &r.at_ms, &r.requests, &r.errors, &r.latency],
-                )?;
-            }
-            tx.commit()?;
-            Ok(())
-        }) {
+                    stmt,
+                    &[
+                        &me,
+                        &r.seq,
+                        &r.cluster,
+                        &r.node,
+                        &r.at_ms,
+                        &r.requests,
+                        &r.errors,
+                        &r.latency,
+                    ],
+                )
+            },
+        ) {
             Ok(()) => {
-                self.next_seq = first.saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
+                self.next_seq = after(first, n);
                 Ok(n)
             }
             Err(e) => {
@@ -371,6 +372,36 @@ impl SharedEvidence {
             }
         }
     }
+}
+
+/// Inserts `rows` with `sql` (each bound by `bind`) in one transaction:
+/// all or none, so a replica's `seq` stays gapless for the readers' cursors.
+fn insert_all<R: Send + 'static>(
+    db: &Db,
+    sql: &'static str,
+    rows: Vec<R>,
+    bind: impl Fn(
+        &mut postgres::Transaction<'_>,
+        &postgres::Statement,
+        &R,
+    ) -> Result<u64, postgres::Error>
+    + Send
+    + 'static,
+) -> Result<(), PgError> {
+    db.call(move |c| {
+        let mut tx = c.transaction()?;
+        let stmt = tx.prepare(sql)?;
+        for row in &rows {
+            bind(&mut tx, &stmt, row)?;
+        }
+        tx.commit()?;
+        Ok(())
+    })
+}
+
+/// The next `seq` after `n` rows shipped from `first`.
+fn after(first: i64, n: usize) -> i64 {
+    first.saturating_add(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 /// One shadow batch as another replica shipped it.

@@ -275,7 +275,7 @@ mod tests {
         fn acquire(&mut self, who: usize, now: u64, ttl: u64) -> Option<i64> {
             (self.expires <= now).then(|| {
                 self.holder = who;
-                self.term += 1;
+                self.term = self.term.saturating_add(1);
                 self.expires = now + ttl;
                 self.term
             })

@@ -16,8 +16,7 @@ use serde::{Deserialize, Serialize};
 use understudy_proto::v1::{MismatchRecord, RouteCounts};
 
 use super::{
-    MAX_PATH_CHARS, MAX_PATHS, MAX_SKIP_REASONS, PathStats, PathTable, ShownBucket, Totals,
-    path_key, shown_bucket,
+    MAX_PATH_CHARS, MAX_PATHS, MAX_SKIP_REASONS, PathStats, PathTable, Totals, note_paths,
 };
 
 /// One path's counts, as [`PathStats`] without samples.
@@ -30,6 +29,15 @@ pub struct PathCounts {
 }
 
 impl PathCounts {
+    fn of(p: &PathStats) -> Self {
+        Self {
+            count: p.count,
+            serious: p.serious,
+            noise: p.noise,
+            unexpected: p.unexpected,
+        }
+    }
+
     fn add(&mut self, o: &PathCounts) {
         self.count = self.count.saturating_add(o.count);
         self.serious = self.serious.saturating_add(o.serious);
@@ -107,29 +115,23 @@ impl Learned {
         self.totals.add_counts(c);
     }
 
-    /// One calibration record: counted once, and once per differing path
-    /// (as the book's own table counts it; calibration has no learned
-    /// rates of its own to apply).
+    /// One calibration record: counted once, and once per differing path,
+    /// by the book's own rule ([`note_paths`]; calibration has no learned
+    /// rates of its own to apply, and samples are not shared).
     pub(super) fn note_record(&mut self, record: &MismatchRecord) {
-        self.totals.add_record(false, false);
-        let mut seen = std::collections::BTreeSet::new();
-        for d in &record.differences {
-            let path = path_key(&d.path);
-            if !seen.insert(path.clone()) {
-                continue;
-            }
-            let p = self.paths.entry(path).or_default();
-            p.count = p.count.saturating_add(1);
-            if shown_bucket(d, None) == ShownBucket::Serious {
-                p.serious = p.serious.saturating_add(1);
-            } else {
-                p.noise = p.noise.saturating_add(1);
-            }
-            if d.unexpected {
-                p.unexpected = p.unexpected.saturating_add(1);
-            }
-        }
-        self.cap();
+        let mut table = PathTable::default();
+        let unlearned = vec![None; record.differences.len()];
+        note_paths(&mut table, (MAX_PATHS, 0), record, &unlearned, 0);
+        let mut one = Learned {
+            totals: Totals::default(),
+            paths: table
+                .paths
+                .iter()
+                .map(|(path, p)| (path.clone(), PathCounts::of(p)))
+                .collect(),
+        };
+        one.totals.add_record(false, false);
+        self.add(&one);
     }
 
     /// The book's table for these counts, keeping the samples `old` has for
